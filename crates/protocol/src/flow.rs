@@ -1,0 +1,337 @@
+//! Credit-based flow control for one stream, shared by both ends.
+//!
+//! [`Inbound`] buffers what the peer sent until a reader takes it and tells
+//! the caller when to return credit; [`Outbound`] makes writers wait for
+//! credit. Neither sends anything itself: the caller owns the channel.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::STREAM_WINDOW;
+
+/// Credit is returned once this many bytes were consumed, so a fast reader
+/// costs one `Credit` frame per quarter window rather than one per read.
+const CREDIT_BATCH: u32 = STREAM_WINDOW / 4;
+
+/// How an inbound stream ended without end-of-file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broken {
+    /// The channel to the peer is gone.
+    Lost,
+    /// The local reader closed the stream.
+    Closed,
+}
+
+/// The peer sent more than the window allowed: a protocol violation.
+#[derive(Debug, thiserror::Error)]
+#[error("peer overran the stream window ({buffered} bytes buffered)")]
+pub struct Overrun {
+    pub buffered: usize,
+}
+
+#[derive(Debug, Default)]
+struct InState {
+    chunks: VecDeque<Vec<u8>>,
+    /// Bytes already taken from the front chunk.
+    offset: usize,
+    buffered: usize,
+    unacked: u32,
+    eof: bool,
+    broken: Option<Broken>,
+}
+
+/// Receive side of a stream: a bounded buffer between the channel reader
+/// and a consumer.
+#[derive(Debug, Default)]
+pub struct Inbound {
+    state: Mutex<InState>,
+    ready: Condvar,
+}
+
+/// Result of [`Inbound::read`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Read {
+    /// Bytes copied into the caller's buffer; 0 means end of file.
+    pub len: usize,
+    /// Credit the caller should now return to the peer (0: none yet).
+    pub credit: u32,
+}
+
+impl Inbound {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, InState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues bytes the peer sent. Data for a closed stream is dropped (its
+    /// credit is irrelevant: the peer was told to stop).
+    pub fn push(&self, bytes: Vec<u8>) -> Result<(), Overrun> {
+        let mut s = self.lock();
+        if s.broken.is_some() || bytes.is_empty() {
+            return Ok(());
+        }
+        s.buffered += bytes.len();
+        if s.buffered > STREAM_WINDOW as usize {
+            return Err(Overrun {
+                buffered: s.buffered,
+            });
+        }
+        s.chunks.push_back(bytes);
+        self.ready.notify_all();
+        Ok(())
+    }
+
+    /// The peer sent end of file.
+    pub fn finish(&self) {
+        self.lock().eof = true;
+        self.ready.notify_all();
+    }
+
+    /// Ends the stream without end of file; pending and later reads fail.
+    /// Buffered data is dropped.
+    pub fn break_off(&self, why: Broken) {
+        let mut s = self.lock();
+        if s.broken.is_none() {
+            s.broken = Some(why);
+            s.chunks.clear();
+            s.buffered = 0;
+        }
+        self.ready.notify_all();
+    }
+
+    /// Whether end of file was both received and fully read.
+    pub fn is_drained(&self) -> bool {
+        let s = self.lock();
+        s.eof && s.buffered == 0
+    }
+
+    /// Blocks until data, end of file, or `deadline`; copies what is there.
+    /// End of file is `len == 0` once all data was read; a timeout is
+    /// `ErrorKind::TimedOut`.
+    pub fn read(&self, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<Read> {
+        let mut s = self.lock();
+        loop {
+            if let Some(why) = s.broken {
+                return Err(broken_error(why));
+            }
+            if s.buffered > 0 || s.eof || buf.is_empty() {
+                break;
+            }
+            s = match deadline {
+                None => self.ready.wait(s).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
+                    self.ready
+                        .wait_timeout(s, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+        let mut len = 0;
+        while len < buf.len() {
+            let offset = s.offset;
+            let Some(front) = s.chunks.front() else { break };
+            let n = (front.len() - offset).min(buf.len() - len);
+            buf[len..len + n].copy_from_slice(&front[offset..offset + n]);
+            len += n;
+            if offset + n == front.len() {
+                s.chunks.pop_front();
+                s.offset = 0;
+            } else {
+                s.offset += n;
+            }
+        }
+        s.buffered -= len;
+        s.unacked += len as u32;
+        let credit = if s.unacked >= CREDIT_BATCH || (s.buffered == 0 && !s.eof && s.unacked > 0) {
+            std::mem::take(&mut s.unacked)
+        } else {
+            0
+        };
+        Ok(Read { len, credit })
+    }
+}
+
+fn broken_error(why: Broken) -> io::Error {
+    match why {
+        Broken::Lost => io::Error::new(io::ErrorKind::ConnectionAborted, "the instance is gone"),
+        Broken::Closed => io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"),
+    }
+}
+
+#[derive(Debug)]
+struct OutState {
+    credit: u32,
+    broken: Option<Broken>,
+}
+
+/// Send side of a stream: writers take credit before sending.
+#[derive(Debug)]
+pub struct Outbound {
+    state: Mutex<OutState>,
+    granted: Condvar,
+}
+
+impl Default for Outbound {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Outbound {
+    /// A stream with a full window of credit.
+    pub fn new() -> Self {
+        Self {
+            state: Mutex::new(OutState {
+                credit: STREAM_WINDOW,
+                broken: None,
+            }),
+            granted: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, OutState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The peer returned credit.
+    pub fn grant(&self, bytes: u32) {
+        let mut s = self.lock();
+        s.credit = s.credit.saturating_add(bytes).min(STREAM_WINDOW);
+        self.granted.notify_all();
+    }
+
+    /// The stream can take no more data; waiting and later writers fail.
+    pub fn break_off(&self, why: Broken) {
+        let mut s = self.lock();
+        s.broken.get_or_insert(why);
+        self.granted.notify_all();
+    }
+
+    /// Blocks until some credit is available, then takes up to `want` bytes
+    /// of it. A `timeout` bounds the wait (`ErrorKind::TimedOut`).
+    pub fn acquire(&self, want: usize, timeout: Option<Duration>) -> io::Result<usize> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut s = self.lock();
+        loop {
+            if let Some(why) = s.broken {
+                return Err(broken_error(why));
+            }
+            if s.credit > 0 || want == 0 {
+                break;
+            }
+            s = match deadline {
+                None => self.granted.wait(s).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
+                    self.granted
+                        .wait_timeout(s, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+        let n = want.min(s.credit as usize);
+        s.credit -= n as u32;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::thread;
+
+    #[test]
+    fn reads_in_order_across_chunks_then_eof() {
+        let s = Inbound::new();
+        s.push(b"hello ".to_vec()).unwrap();
+        s.push(b"world".to_vec()).unwrap();
+        s.finish();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4];
+        loop {
+            let r = s.read(&mut buf, None).unwrap();
+            if r.len == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..r.len]);
+        }
+        assert_eq!(out, b"hello world");
+        assert!(s.is_drained());
+    }
+
+    #[test]
+    fn credit_is_returned_in_batches_and_when_drained() {
+        let s = Inbound::new();
+        s.push(vec![0; CREDIT_BATCH as usize + 10]).unwrap();
+        let mut buf = vec![0u8; CREDIT_BATCH as usize];
+        assert_eq!(
+            s.read(&mut buf, None).unwrap(),
+            Read {
+                len: CREDIT_BATCH as usize,
+                credit: CREDIT_BATCH
+            }
+        );
+        assert_eq!(
+            s.read(&mut buf[..4], None).unwrap(),
+            Read { len: 4, credit: 0 }
+        );
+        assert_eq!(s.read(&mut buf, None).unwrap(), Read { len: 6, credit: 10 });
+    }
+
+    #[test]
+    fn overrunning_the_window_is_an_error() {
+        let s = Inbound::new();
+        s.push(vec![0; STREAM_WINDOW as usize]).unwrap();
+        assert!(s.push(vec![0]).is_err());
+    }
+
+    #[test]
+    fn read_times_out_and_break_wakes_readers() {
+        let s = Arc::new(Inbound::new());
+        let e = s
+            .read(
+                &mut [0u8; 1],
+                Some(Instant::now() + Duration::from_millis(10)),
+            )
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        let s2 = s.clone();
+        let t = thread::spawn(move || s2.read(&mut [0u8; 1], None).unwrap_err().kind());
+        thread::sleep(Duration::from_millis(20));
+        s.break_off(Broken::Lost);
+        assert_eq!(t.join().unwrap(), io::ErrorKind::ConnectionAborted);
+    }
+
+    #[test]
+    fn writers_wait_for_credit() {
+        let o = Arc::new(Outbound::new());
+        assert_eq!(o.acquire(usize::MAX, None).unwrap(), STREAM_WINDOW as usize);
+        let e = o.acquire(1, Some(Duration::from_millis(10))).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        let o2 = o.clone();
+        let t = thread::spawn(move || o2.acquire(100, None).unwrap());
+        thread::sleep(Duration::from_millis(20));
+        o.grant(40);
+        assert_eq!(t.join().unwrap(), 40);
+        o.break_off(Broken::Closed);
+        assert_eq!(
+            o.acquire(1, None).unwrap_err().kind(),
+            io::ErrorKind::BrokenPipe
+        );
+    }
+}

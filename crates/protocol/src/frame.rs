@@ -1,0 +1,197 @@
+//! Length-prefixed frames of postcard-encoded [`Message`]s.
+
+use std::io::{self, Read, Write};
+
+use crate::{Message, MAX_FRAME};
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("channel i/o")]
+    Io(#[from] io::Error),
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("channel closed inside a frame")]
+    Truncated,
+    #[error("undecodable frame")]
+    Decode(#[source] postcard::Error),
+    #[error("unencodable message")]
+    Encode(#[source] postcard::Error),
+}
+
+/// Encodes `msg` as one frame: length prefix plus payload.
+pub fn encode(msg: &Message) -> Result<Vec<u8>, FrameError> {
+    let mut out = postcard::to_extend(msg, vec![0u8; 4]).map_err(FrameError::Encode)?;
+    let len = out.len() - 4;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    out[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(out)
+}
+
+/// Writes `msg` as one frame.
+pub fn write(w: &mut impl Write, msg: &Message) -> Result<(), FrameError> {
+    w.write_all(&encode(msg)?)?;
+    Ok(())
+}
+
+/// Decodes one frame payload (without its length prefix).
+pub fn decode(payload: &[u8]) -> Result<Message, FrameError> {
+    postcard::from_bytes(payload).map_err(FrameError::Decode)
+}
+
+/// Reads one frame. `Ok(None)` is a clean end of the channel between frames.
+pub fn read(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Option<Message>, FrameError> {
+    let mut len = [0u8; 4];
+    match read_full(r, &mut len)? {
+        0 => return Ok(None),
+        4 => {}
+        _ => return Err(FrameError::Truncated),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    buf.resize(len, 0);
+    if read_full(r, buf)? != len {
+        return Err(FrameError::Truncated);
+    }
+    decode(buf).map(Some)
+}
+
+/// Fills `buf` unless the reader ends first; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match r.read(&mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// The version in a `Hello` payload, decoded leniently so that an agent of
+/// any version can be told apart from garbage.
+pub fn hello_version(payload: &[u8]) -> Option<u32> {
+    // Variant 0 (`Hello`) is the byte 0; `version` follows as a varint.
+    let (&variant, rest) = payload.split_first()?;
+    if variant != 0 {
+        return None;
+    }
+    let (version, _) = postcard::take_from_bytes::<u32>(rest).ok()?;
+    Some(version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::*;
+    use serde_bytes::ByteBuf;
+
+    fn sample() -> Vec<Message> {
+        vec![
+            Message::Hello {
+                version: PROTOCOL_VERSION,
+                agent: "cc-agent 0.1".into(),
+            },
+            Message::Request {
+                id: 7,
+                body: Request::Exec(Exec {
+                    process: 3,
+                    argv: vec![
+                        ByteBuf::from(b"echo".to_vec()),
+                        ByteBuf::from(vec![0xff, b'x']),
+                    ],
+                    env: vec![ByteBuf::from(b"A=b".to_vec())],
+                    cwd: Some(ByteBuf::from(b"/tmp".to_vec())),
+                    user: Some("1000:1000".into()),
+                    stdin: Some(1),
+                    stdout: Stdio::Stream(2),
+                    stderr: Stdio::Stdout,
+                }),
+            },
+            Message::Response {
+                id: 7,
+                body: Err(RemoteError {
+                    kind: ErrorKind::NotFound,
+                    message: "nope".into(),
+                    errno: Some(2),
+                }),
+            },
+            Message::Data {
+                stream: 2,
+                bytes: ByteBuf::from(vec![1u8; 100_000]),
+            },
+            Message::Eof { stream: 2 },
+            Message::Credit {
+                stream: 2,
+                bytes: 4096,
+            },
+            Message::Exited {
+                process: 3,
+                status: ExitStatus::Signal(9),
+            },
+        ]
+    }
+
+    #[test]
+    fn round_trip_through_a_stream() {
+        let mut wire = Vec::new();
+        for m in sample() {
+            write(&mut wire, &m).unwrap();
+        }
+        let mut r = &wire[..];
+        let mut buf = Vec::new();
+        for m in sample() {
+            assert_eq!(read(&mut r, &mut buf).unwrap(), Some(m));
+        }
+        assert_eq!(read(&mut r, &mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn truncated_frames_are_errors() {
+        let wire = encode(&sample()[1]).unwrap();
+        for cut in [1, 3, 4, 5, wire.len() - 1] {
+            let mut r = &wire[..cut];
+            assert!(
+                matches!(read(&mut r, &mut Vec::new()), Err(FrameError::Truncated)),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_allocating() {
+        let wire = u32::MAX.to_le_bytes();
+        let mut buf = Vec::new();
+        assert!(matches!(
+            read(&mut &wire[..], &mut buf),
+            Err(FrameError::TooLarge(_))
+        ));
+        assert!(buf.capacity() < 1024);
+    }
+
+    #[test]
+    fn garbage_payload_is_a_decode_error() {
+        let mut wire = 3u32.to_le_bytes().to_vec();
+        wire.extend([0xff, 0xff, 0xff]);
+        assert!(matches!(
+            read(&mut &wire[..], &mut Vec::new()),
+            Err(FrameError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn hello_version_survives_unknown_layouts() {
+        let wire = encode(&sample()[0]).unwrap();
+        assert_eq!(hello_version(&wire[4..]), Some(PROTOCOL_VERSION));
+        // A future agent's Hello with more fields still reports its version.
+        assert_eq!(hello_version(&[0, 0x96, 0x01, 9, 9, 9]), Some(150));
+        assert_eq!(hello_version(&encode(&sample()[4]).unwrap()[4..]), None);
+        assert_eq!(hello_version(&[]), None);
+    }
+}
