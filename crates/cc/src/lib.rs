@@ -1,1 +1,32 @@
+//! crumblecracker's core API: run container root filesystems in lightweight
+//! virtual machines, embedded in your program.
+//!
+//! This crate owns the user-facing model — [`Instance`], [`Command`],
+//! [`Child`] — and how it maps onto the guest agent protocol and the engine.
+//! It must not depend on QEMU: everything about the hypervisor goes through
+//! `cc-engine`'s `Vm` boundary. The C library and the CLI wrap this crate.
+//!
+//! ```no_run
+//! use cc::{Instance, Options, Source};
+//! let inst = Instance::new(&Source::Dir("/path/to/rootfs".into()), Options::default())?;
+//! let out = inst.command("echo").arg("hello").output()?;
+//! assert_eq!(out.stdout, b"hello\n");
+//! inst.close()?;
+//! # Ok::<(), cc::Error>(())
+//! ```
+//!
+//! Threads: each instance has one reader thread for its agent channel and
+//! one supervisor thread for its QEMU process; both end in
+//! [`Instance::close`] (or on drop), which also removes the instance's
+//! runtime directory.
 
+mod channel;
+mod command;
+mod error;
+mod instance;
+mod rootfs;
+
+pub use cc_protocol::PROTOCOL_VERSION as GUEST_PROTOCOL_VERSION;
+pub use command::{Child, ChildOutput, ChildStdin, Command, ExitStatus, Output, Signaller, Stdio};
+pub use error::{Error, ErrorCode, Result};
+pub use instance::{BootTimings, Instance, Options, Source};

@@ -1,1 +1,72 @@
-fn main() {}
+//! `crumble`, the command line of crumblecracker.
+//!
+//! This crate owns argument parsing, terminal I/O, signal forwarding and
+//! exit codes; every capability comes from the `cc` core (and, for
+//! diagnostics and benchmarks of bare QEMU, `cc-engine`). It is the only
+//! crate allowed to end the process.
+
+mod bench;
+mod doctor;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "crumble",
+    version,
+    about = "Run container root filesystems in lightweight VMs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Boot an instance, run one command in it, exit with its status.
+    Run(run::RunArgs),
+    /// Show the accelerator, kernel, QEMU and cache this machine uses.
+    Doctor,
+    /// Measure boot and command latency.
+    Bench {
+        #[command(subcommand)]
+        what: bench::What,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("CC_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Run(args) => run::run(args),
+        Cmd::Doctor => doctor::doctor(),
+        Cmd::Bench { what } => bench::bench(what),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("crumble: {e}");
+            let mut source = std::error::Error::source(&*e);
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            ExitCode::from(125)
+        }
+    }
+}
+
+/// Errors the subcommands report before exiting non-zero.
+pub(crate) type CliResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// A root filesystem directory given on the command line.
+pub(crate) fn rootfs_source(dir: PathBuf) -> cc::Source {
+    cc::Source::Dir(dir)
+}

@@ -1,1 +1,28 @@
+//! The VM engine: everything crumblecracker knows about QEMU.
+//!
+//! This crate owns starting, supervising and ending one guest: choosing the
+//! accelerator, finding the kernel and agent, building the initramfs and the
+//! QEMU command line, the QMP control connection, the serial console log and
+//! the per-instance runtime directory. It hands the core one connected byte
+//! channel to the guest agent and nothing else: it never speaks the agent
+//! protocol, and nothing above it may depend on QEMU. A native engine may
+//! replace this one behind the same [`Vm`]/[`VmSpec`] boundary.
+//!
+//! Ownership: every QEMU process is spawned by its own supervisor thread,
+//! which waits for it and is joined when the [`Vm`] is dropped; QEMU gets
+//! `PR_SET_PDEATHSIG` so it dies with the host process even on `SIGKILL`.
 
+mod accel;
+mod cmdline;
+mod error;
+pub mod initramfs;
+pub mod paths;
+mod qmp;
+mod rundir;
+mod vm;
+
+pub use accel::{detect_accel, Accel, AccelChoice};
+pub use cmdline::qemu_args;
+pub use error::Error;
+pub use rundir::RunDir;
+pub use vm::{qemu_version, Disk, Vm, VmSpec};

@@ -186,6 +186,33 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_bytes_never_panic_or_overallocate() {
+        // Deterministic xorshift: mutated valid frames and plain noise.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let valid: Vec<Vec<u8>> = sample().iter().map(|m| encode(m).unwrap()).collect();
+        for i in 0..5_000 {
+            let mut wire = valid[i % valid.len()].clone();
+            for _ in 0..(next() % 4 + 1) {
+                let at = next() as usize % wire.len();
+                wire[at] = next() as u8;
+            }
+            if i % 3 == 0 {
+                wire.truncate(next() as usize % wire.len());
+            }
+            let mut r = &wire[..];
+            let mut buf = Vec::new();
+            while let Ok(Some(_)) = read(&mut r, &mut buf) {}
+            assert!(buf.capacity() <= MAX_FRAME);
+        }
+    }
+
+    #[test]
     fn hello_version_survives_unknown_layouts() {
         let wire = encode(&sample()[0]).unwrap();
         assert_eq!(hello_version(&wire[4..]), Some(PROTOCOL_VERSION));

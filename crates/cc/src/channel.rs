@@ -1,0 +1,418 @@
+//! The host end of the agent connection: one reader thread demultiplexes
+//! frames into request replies, stream buffers and process exits; callers
+//! write frames under one lock.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use cc_protocol::flow::{Broken, Inbound, Outbound};
+use cc_protocol::{
+    frame, ExitStatus, Message, RemoteError, Request, Response, DATA_CHUNK, PROTOCOL_VERSION,
+};
+use serde_bytes::ByteBuf;
+
+use crate::error::{Error, Result};
+
+type Reply = std::result::Result<Response, RemoteError>;
+
+/// Where a process's exit is delivered.
+#[derive(Debug, Default)]
+pub(crate) struct ExitSlot {
+    status: Mutex<Option<std::result::Result<ExitStatus, String>>>,
+    set: Condvar,
+}
+
+impl ExitSlot {
+    fn fill(&self, value: std::result::Result<ExitStatus, String>) {
+        let mut s = lock(&self.status);
+        if s.is_none() {
+            *s = Some(value);
+        }
+        self.set.notify_all();
+    }
+
+    /// Waits for the exit until `deadline`; `Ok(None)` on timeout.
+    pub(crate) fn wait(&self, deadline: Option<Instant>) -> Result<Option<ExitStatus>> {
+        let mut s = lock(&self.status);
+        loop {
+            match &*s {
+                Some(Ok(status)) => return Ok(Some(*status)),
+                Some(Err(why)) => return Err(Error::NotRunning(why.clone())),
+                None => {}
+            }
+            s = match deadline {
+                None => self.set.wait(s).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    self.set
+                        .wait_timeout(s, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    pending: HashMap<u64, mpsc::SyncSender<Reply>>,
+    inbound: HashMap<u32, Arc<Inbound>>,
+    outbound: HashMap<u32, Arc<Outbound>>,
+    exits: HashMap<u64, Arc<ExitSlot>>,
+    /// Why the connection is gone, once it is.
+    dead: Option<String>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    writer: Mutex<UnixStream>,
+    tables: Mutex<Tables>,
+    next_request: AtomicU64,
+    next_stream: AtomicU32,
+    next_process: AtomicU64,
+}
+
+/// A connected, version-checked agent channel.
+#[derive(Debug)]
+pub(crate) struct Channel {
+    shared: Arc<Shared>,
+    socket: UnixStream,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Channel {
+    /// Waits up to `timeout` for the agent's greeting, checks its version
+    /// and starts the reader thread. Returns the agent's self-description.
+    pub(crate) fn connect(socket: UnixStream, timeout: Duration) -> Result<(Channel, String)> {
+        socket
+            .set_read_timeout(Some(timeout))
+            .map_err(Error::io("configure", "agent channel"))?;
+        let mut reader = BufReader::with_capacity(
+            256 << 10,
+            socket
+                .try_clone()
+                .map_err(Error::io("dup", "agent channel"))?,
+        );
+        let mut buf = Vec::new();
+        let agent = match frame::read(&mut reader, &mut buf) {
+            Ok(Some(Message::Hello { version, agent })) if version == PROTOCOL_VERSION => agent,
+            Ok(Some(Message::Hello { version, .. })) => {
+                return Err(Error::ProtocolMismatch {
+                    guest: version,
+                    host: PROTOCOL_VERSION,
+                })
+            }
+            Ok(Some(other)) => {
+                return Err(Error::Protocol(format!(
+                    "expected a greeting, got {other:?}"
+                )))
+            }
+            Ok(None) => {
+                return Err(Error::NotRunning(
+                    "the guest closed the channel before greeting".into(),
+                ))
+            }
+            Err(frame::FrameError::Decode(_)) => match frame::hello_version(&buf) {
+                Some(version) => {
+                    return Err(Error::ProtocolMismatch {
+                        guest: version,
+                        host: PROTOCOL_VERSION,
+                    })
+                }
+                None => return Err(Error::Protocol("undecodable greeting".into())),
+            },
+            Err(frame::FrameError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(Error::Timeout(format!(
+                    "waiting {} s for the guest agent",
+                    timeout.as_secs()
+                )))
+            }
+            Err(e) => return Err(Error::Protocol(e.to_string())),
+        };
+        socket
+            .set_read_timeout(None)
+            .map_err(Error::io("configure", "agent channel"))?;
+        let writer = socket
+            .try_clone()
+            .map_err(Error::io("dup", "agent channel"))?;
+        let shared = Arc::new(Shared {
+            writer: Mutex::new(writer),
+            tables: Mutex::new(Tables::default()),
+            next_request: AtomicU64::new(1),
+            next_stream: AtomicU32::new(1),
+            next_process: AtomicU64::new(1),
+        });
+        let shared2 = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("cc-agent-reader".into())
+            .spawn(move || read_loop(&shared2, reader))
+            .map_err(Error::io("spawn", "agent reader thread"))?;
+        Ok((
+            Channel {
+                shared,
+                socket,
+                reader: Mutex::new(Some(handle)),
+            },
+            agent,
+        ))
+    }
+
+    /// Why the channel is gone, if it is.
+    pub(crate) fn dead(&self) -> Option<String> {
+        lock(&self.shared.tables).dead.clone()
+    }
+
+    /// Sends `body` and waits up to `timeout` for its reply.
+    pub(crate) fn request(&self, body: Request, timeout: Duration) -> Result<Reply> {
+        let id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::sync_channel(1);
+        {
+            let mut t = lock(&self.shared.tables);
+            if let Some(why) = &t.dead {
+                return Err(Error::NotRunning(why.clone()));
+            }
+            t.pending.insert(id, tx);
+        }
+        self.send(&Message::Request { id, body })?;
+        match rx.recv_timeout(timeout) {
+            Ok(reply) => Ok(reply),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                lock(&self.shared.tables).pending.remove(&id);
+                Err(Error::Timeout("request to the guest agent".into()))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(self.not_running()),
+        }
+    }
+
+    fn not_running(&self) -> Error {
+        Error::NotRunning(
+            self.dead()
+                .unwrap_or_else(|| "the guest agent is gone".into()),
+        )
+    }
+
+    pub(crate) fn send(&self, msg: &Message) -> Result<()> {
+        let bytes = frame::encode(msg).map_err(|e| Error::Protocol(e.to_string()))?;
+        let mut w = lock(&self.shared.writer);
+        io::Write::write_all(&mut *w, &bytes).map_err(|e| {
+            drop(w);
+            mark_dead(&self.shared, format!("writing to the guest agent: {e}"));
+            self.not_running()
+        })
+    }
+
+    pub(crate) fn new_process_id(&self) -> u64 {
+        self.shared.next_process.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn new_stream_id(&self) -> u32 {
+        self.shared.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers where process `id`'s exit goes, before it is started.
+    pub(crate) fn watch_exit(&self, id: u64) -> Arc<ExitSlot> {
+        let slot = Arc::new(ExitSlot::default());
+        let mut t = lock(&self.shared.tables);
+        match &t.dead {
+            Some(why) => slot.fill(Err(why.clone())),
+            None => {
+                t.exits.insert(id, slot.clone());
+            }
+        }
+        slot
+    }
+
+    pub(crate) fn forget_exit(&self, id: u64) {
+        lock(&self.shared.tables).exits.remove(&id);
+    }
+
+    /// A new guest → host stream.
+    pub(crate) fn open_inbound(&self) -> (u32, Arc<Inbound>) {
+        let id = self.new_stream_id();
+        let stream = Arc::new(Inbound::new());
+        let mut t = lock(&self.shared.tables);
+        match &t.dead {
+            Some(_) => stream.break_off(Broken::Lost),
+            None => {
+                t.inbound.insert(id, stream.clone());
+            }
+        }
+        (id, stream)
+    }
+
+    /// A new host → guest stream.
+    pub(crate) fn open_outbound(&self) -> (u32, Arc<Outbound>) {
+        let id = self.new_stream_id();
+        let stream = Arc::new(Outbound::new());
+        let mut t = lock(&self.shared.tables);
+        match &t.dead {
+            Some(_) => stream.break_off(Broken::Lost),
+            None => {
+                t.outbound.insert(id, stream.clone());
+            }
+        }
+        (id, stream)
+    }
+
+    /// Reads from an inbound stream, returning credit to the guest.
+    pub(crate) fn read(
+        &self,
+        id: u32,
+        stream: &Inbound,
+        buf: &mut [u8],
+        deadline: Option<Instant>,
+    ) -> io::Result<usize> {
+        let r = stream.read(buf, deadline)?;
+        if r.credit > 0 {
+            // A lost channel surfaces on the next read; credit is moot then.
+            let _ = self.send(&Message::Credit {
+                stream: id,
+                bytes: r.credit,
+            });
+        }
+        if r.len == 0 && !buf.is_empty() {
+            lock(&self.shared.tables).inbound.remove(&id);
+        }
+        Ok(r.len)
+    }
+
+    /// Stops an inbound stream early; the guest's writer sees a broken pipe.
+    pub(crate) fn close_inbound(&self, id: u32, stream: &Inbound) {
+        if lock(&self.shared.tables).inbound.remove(&id).is_some() && !stream.is_drained() {
+            stream.break_off(Broken::Closed);
+            let _ = self.send(&Message::Reset { stream: id });
+        }
+    }
+
+    /// Writes all of `data` to an outbound stream within its credit.
+    pub(crate) fn write(&self, id: u32, stream: &Outbound, data: &[u8]) -> io::Result<()> {
+        let mut rest = data;
+        while !rest.is_empty() {
+            let n = stream.acquire(rest.len().min(DATA_CHUNK), None)?;
+            let msg = Message::Data {
+                stream: id,
+                bytes: ByteBuf::from(rest[..n].to_vec()),
+            };
+            self.send(&msg)
+                .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()))?;
+            rest = &rest[n..];
+        }
+        Ok(())
+    }
+
+    /// Ends an outbound stream: the guest reader sees end of file.
+    pub(crate) fn close_outbound(&self, id: u32, stream: &Outbound) {
+        stream.break_off(Broken::Closed);
+        if lock(&self.shared.tables).outbound.remove(&id).is_some() {
+            let _ = self.send(&Message::Eof { stream: id });
+        }
+    }
+
+    /// Marks the channel gone, unblocks everyone and joins the reader.
+    pub(crate) fn shut_down(&self, why: &str) {
+        mark_dead(&self.shared, why.to_string());
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        if let Some(reader) = lock(&self.reader).take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        self.shut_down("the instance was closed");
+    }
+}
+
+fn read_loop(shared: &Shared, mut reader: BufReader<UnixStream>) {
+    let mut buf = Vec::new();
+    let why = loop {
+        let msg = match frame::read(&mut reader, &mut buf) {
+            Ok(Some(msg)) => msg,
+            Ok(None) => break "the guest stopped".to_string(),
+            Err(e) => break format!("agent channel failed: {e}"),
+        };
+        if let Err(why) = dispatch(shared, msg) {
+            break why;
+        }
+    };
+    mark_dead(shared, why);
+}
+
+fn dispatch(shared: &Shared, msg: Message) -> std::result::Result<(), String> {
+    let mut t = lock(&shared.tables);
+    match msg {
+        Message::Response { id, body } => {
+            if let Some(tx) = t.pending.remove(&id) {
+                let _ = tx.try_send(body);
+            }
+        }
+        Message::Data { stream, bytes } => {
+            if let Some(s) = t.inbound.get(&stream) {
+                s.push(bytes.into_vec()).map_err(|e| e.to_string())?;
+            }
+        }
+        Message::Eof { stream } => {
+            if let Some(s) = t.inbound.get(&stream) {
+                s.finish();
+            }
+        }
+        Message::Credit { stream, bytes } => {
+            if let Some(s) = t.outbound.get(&stream) {
+                s.grant(bytes);
+            }
+        }
+        Message::Reset { stream } => {
+            if let Some(s) = t.outbound.remove(&stream) {
+                s.break_off(Broken::Closed);
+            }
+        }
+        Message::Exited { process, status } => {
+            if let Some(slot) = t.exits.remove(&process) {
+                slot.fill(Ok(status));
+            }
+        }
+        Message::Hello { .. } | Message::Request { .. } => {
+            return Err("the guest agent sent a message out of turn".into());
+        }
+    }
+    Ok(())
+}
+
+/// Fails everything waiting on the channel with `why`.
+fn mark_dead(shared: &Shared, why: String) {
+    let mut t = lock(&shared.tables);
+    if t.dead.is_some() {
+        return;
+    }
+    tracing::debug!(%why, "agent channel down");
+    t.pending.clear();
+    for (_, s) in t.inbound.drain() {
+        s.break_off(Broken::Lost);
+    }
+    for (_, s) in t.outbound.drain() {
+        s.break_off(Broken::Lost);
+    }
+    for (_, slot) in t.exits.drain() {
+        slot.fill(Err(why.clone()));
+    }
+    t.dead = Some(why);
+}

@@ -1,0 +1,501 @@
+//! Running processes in the guest, in the shape of `std::process`.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cc_protocol::flow::{Inbound, Outbound};
+use cc_protocol::{ErrorKind, Exec, Request, Response};
+use serde_bytes::ByteBuf;
+
+use crate::channel::ExitSlot;
+use crate::error::{Error, Result};
+use crate::instance::{Inner, REQUEST_TIMEOUT};
+
+/// Where a process's standard stream goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stdio {
+    /// `/dev/null`.
+    Null,
+    /// A pipe to the host: [`Child::stdin`], [`Child::stdout`], [`Child::stderr`].
+    Piped,
+    /// stderr only: into the same pipe as stdout, in the order written.
+    MergeIntoStdout,
+}
+
+/// How a guest process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus(cc_protocol::ExitStatus);
+
+impl ExitStatus {
+    /// The exit code, if the process exited normally.
+    pub fn code(&self) -> Option<i32> {
+        match self.0 {
+            cc_protocol::ExitStatus::Code(c) => Some(c),
+            cc_protocol::ExitStatus::Signal(_) => None,
+        }
+    }
+
+    /// The signal that ended the process, if one did.
+    pub fn signal(&self) -> Option<i32> {
+        match self.0 {
+            cc_protocol::ExitStatus::Signal(s) => Some(s),
+            cc_protocol::ExitStatus::Code(_) => None,
+        }
+    }
+
+    pub fn success(&self) -> bool {
+        self.code() == Some(0)
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            cc_protocol::ExitStatus::Code(c) => write!(f, "exit status {c}"),
+            cc_protocol::ExitStatus::Signal(s) => write!(f, "killed by signal {s}"),
+        }
+    }
+}
+
+/// A finished process's status and captured output.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// A process to run in the guest. Defaults: stdin from `/dev/null`, stdout
+/// and stderr piped; environment `PATH`, `HOME` (the user's) and `TERM`
+/// plus whatever [`Command::env`] adds; the instance's default user.
+#[derive(Debug, Clone)]
+pub struct Command {
+    inst: Arc<Inner>,
+    argv: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    cwd: Option<OsString>,
+    user: Option<String>,
+    stdio: [Stdio; 3],
+}
+
+impl Command {
+    pub(crate) fn new(inst: Arc<Inner>, program: impl AsRef<OsStr>) -> Command {
+        let user = inst.default_user.clone();
+        Command {
+            inst,
+            argv: vec![program.as_ref().to_owned()],
+            env: Vec::new(),
+            cwd: None,
+            user,
+            stdio: [Stdio::Null, Stdio::Piped, Stdio::Piped],
+        }
+    }
+
+    pub fn arg(&mut self, arg: impl AsRef<OsStr>) -> &mut Command {
+        self.argv.push(arg.as_ref().to_owned());
+        self
+    }
+
+    pub fn args<I, S>(&mut self, args: I) -> &mut Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.argv
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// Sets `key=value` in the process's environment (over the defaults).
+    pub fn env(&mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> &mut Command {
+        let key = key.as_ref().to_owned();
+        self.env.retain(|(k, _)| *k != key);
+        self.env.push((key, value.as_ref().to_owned()));
+        self
+    }
+
+    /// The value `env` set for `key`, if any.
+    pub fn get_env(&self, key: impl AsRef<OsStr>) -> Option<&OsStr> {
+        self.env
+            .iter()
+            .find(|(k, _)| k == key.as_ref())
+            .map(|(_, v)| v.as_os_str())
+    }
+
+    pub fn current_dir(&mut self, dir: impl AsRef<OsStr>) -> &mut Command {
+        self.cwd = Some(dir.as_ref().to_owned());
+        self
+    }
+
+    /// `name`, `uid`, `uid:gid` or `name:group`.
+    pub fn user(&mut self, user: impl Into<String>) -> &mut Command {
+        self.user = Some(user.into());
+        self
+    }
+
+    pub fn stdin(&mut self, s: Stdio) -> &mut Command {
+        self.stdio[0] = s;
+        self
+    }
+
+    pub fn stdout(&mut self, s: Stdio) -> &mut Command {
+        self.stdio[1] = s;
+        self
+    }
+
+    pub fn stderr(&mut self, s: Stdio) -> &mut Command {
+        self.stdio[2] = s;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        let has_nul = |s: &OsStr| s.as_bytes().contains(&0);
+        if self.argv[0].is_empty() {
+            return Err(Error::InvalidArgument("empty program name".into()));
+        }
+        if let Some(a) = self.argv.iter().find(|a| has_nul(a)) {
+            return Err(Error::InvalidArgument(format!(
+                "argument {a:?} contains a NUL byte"
+            )));
+        }
+        for (k, v) in &self.env {
+            if k.is_empty() || k.as_bytes().contains(&b'=') || has_nul(k) || has_nul(v) {
+                return Err(Error::InvalidArgument(format!(
+                    "bad environment entry {k:?}={v:?}"
+                )));
+            }
+        }
+        if self
+            .cwd
+            .as_deref()
+            .is_some_and(|c| c.is_empty() || has_nul(c))
+        {
+            return Err(Error::InvalidArgument("bad working directory".into()));
+        }
+        if self
+            .user
+            .as_deref()
+            .is_some_and(|u| u.is_empty() || u.contains('\0'))
+        {
+            return Err(Error::InvalidArgument("bad user".into()));
+        }
+        if self.stdio[0] == Stdio::MergeIntoStdout || self.stdio[1] == Stdio::MergeIntoStdout {
+            return Err(Error::InvalidArgument(
+                "only stderr can be merged into stdout".into(),
+            ));
+        }
+        if self.stdio[2] == Stdio::MergeIntoStdout && self.stdio[1] != Stdio::Piped {
+            return Err(Error::InvalidArgument(
+                "stderr can be merged only into a piped stdout".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Starts the process.
+    pub fn spawn(&self) -> Result<Child> {
+        self.validate()?;
+        self.inst.check_running()?;
+        let ch = &self.inst.channel;
+        let process = ch.new_process_id();
+        let exit = ch.watch_exit(process);
+        let stdin = (self.stdio[0] == Stdio::Piped).then(|| ch.open_outbound());
+        let stdout = (self.stdio[1] == Stdio::Piped).then(|| ch.open_inbound());
+        let stderr = (self.stdio[2] == Stdio::Piped).then(|| ch.open_inbound());
+        let to_wire = |s: Stdio, stream: &Option<(u32, Arc<Inbound>)>| match (s, stream) {
+            (Stdio::MergeIntoStdout, _) => cc_protocol::Stdio::Stdout,
+            (_, Some((id, _))) => cc_protocol::Stdio::Stream(*id),
+            _ => cc_protocol::Stdio::Null,
+        };
+        let exec = Exec {
+            process,
+            argv: self
+                .argv
+                .iter()
+                .map(|a| ByteBuf::from(a.as_bytes()))
+                .collect(),
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| ByteBuf::from([k.as_bytes(), b"=", v.as_bytes()].concat()))
+                .collect(),
+            cwd: self.cwd.as_ref().map(|c| ByteBuf::from(c.as_bytes())),
+            user: self.user.clone(),
+            stdin: stdin.as_ref().map(|(id, _)| *id),
+            stdout: to_wire(self.stdio[1], &stdout),
+            stderr: to_wire(self.stdio[2], &stderr),
+        };
+        let mut child = Child {
+            inst: self.inst.clone(),
+            process,
+            pid: 0,
+            exit,
+            stdin: stdin.map(|(id, s)| ChildStdin {
+                inst: self.inst.clone(),
+                id,
+                stream: s,
+            }),
+            stdout: stdout.map(|(id, s)| ChildOutput {
+                inst: self.inst.clone(),
+                id,
+                stream: s,
+                deadline: None,
+            }),
+            stderr: stderr.map(|(id, s)| ChildOutput {
+                inst: self.inst.clone(),
+                id,
+                stream: s,
+                deadline: None,
+            }),
+        };
+        // On error, dropping `child` closes the streams registered above.
+        match ch.request(Request::Exec(exec), REQUEST_TIMEOUT)? {
+            Ok(Response::Started { pid }) => {
+                child.pid = pid;
+                Ok(child)
+            }
+            Ok(other) => Err(Error::Protocol(format!(
+                "unexpected answer to exec: {other:?}"
+            ))),
+            Err(e) => {
+                ch.forget_exit(process);
+                Err(match e.kind {
+                    ErrorKind::NotFound => Error::CommandNotFound(e.message),
+                    ErrorKind::PermissionDenied => Error::PermissionDenied(e.message),
+                    ErrorKind::NoSuchUser => Error::UnknownUser(e.message),
+                    ErrorKind::InvalidArgument => Error::InvalidArgument(e.message),
+                    _ => Error::Guest {
+                        op: "exec".into(),
+                        message: e.message,
+                    },
+                })
+            }
+        }
+    }
+
+    /// Runs the process with stdout and stderr captured; returns when it
+    /// exited and both streams ended.
+    pub fn output(&self) -> Result<Output> {
+        let mut cmd = self.clone();
+        if cmd.stdio[2] != Stdio::MergeIntoStdout {
+            cmd.stdio[2] = Stdio::Piped;
+        }
+        cmd.stdio[1] = Stdio::Piped;
+        cmd.spawn()?.wait_with_output()
+    }
+
+    /// Runs the process with stderr merged into stdout; returns the
+    /// combined output in the order it was written.
+    pub fn combined_output(&self) -> Result<Output> {
+        let mut cmd = self.clone();
+        cmd.stdio[2] = Stdio::MergeIntoStdout;
+        cmd.output()
+    }
+
+    /// Runs the process and returns its exit status. Output not redirected
+    /// elsewhere is discarded.
+    pub fn status(&self) -> Result<ExitStatus> {
+        let mut cmd = self.clone();
+        for s in &mut cmd.stdio {
+            if *s == Stdio::Piped {
+                *s = Stdio::Null;
+            }
+        }
+        cmd.spawn()?.wait()
+    }
+}
+
+/// A started guest process. Dropping it does not kill the process.
+#[derive(Debug)]
+pub struct Child {
+    inst: Arc<Inner>,
+    process: u64,
+    pid: u32,
+    exit: Arc<ExitSlot>,
+    pub stdin: Option<ChildStdin>,
+    pub stdout: Option<ChildOutput>,
+    pub stderr: Option<ChildOutput>,
+}
+
+impl Child {
+    /// The process id inside the guest.
+    pub fn id(&self) -> u32 {
+        self.pid
+    }
+
+    /// Closes stdin (the process sees end of file) and waits for the
+    /// process to exit.
+    pub fn wait(&mut self) -> Result<ExitStatus> {
+        drop(self.stdin.take());
+        Ok(self.wait_deadline(None)?.expect("no deadline"))
+    }
+
+    /// Like [`Child::wait`] but gives up after `timeout` with `Ok(None)`.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        drop(self.stdin.take());
+        self.wait_deadline(Some(Instant::now() + timeout))
+    }
+
+    /// The exit status if the process has exited.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        self.wait_deadline(Some(Instant::now()))
+    }
+
+    fn wait_deadline(&self, deadline: Option<Instant>) -> Result<Option<ExitStatus>> {
+        if let Some(status) = self.exit.wait(Some(Instant::now()))? {
+            return Ok(Some(ExitStatus(status)));
+        }
+        self.inst.check_running()?;
+        Ok(self.exit.wait(deadline)?.map(ExitStatus))
+    }
+
+    /// Sends `signal` to the process's whole process group.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        self.signaller().signal(signal)
+    }
+
+    /// Kills the process and its process group (`SIGKILL`).
+    pub fn kill(&mut self) -> Result<()> {
+        self.signal(libc::SIGKILL)
+    }
+
+    /// A handle that signals this process from another thread.
+    pub fn signaller(&self) -> Signaller {
+        Signaller {
+            inst: self.inst.clone(),
+            process: self.process,
+            exit: self.exit.clone(),
+        }
+    }
+
+    /// Reads stdout and stderr to their ends while waiting for the exit.
+    pub fn wait_with_output(mut self) -> Result<Output> {
+        drop(self.stdin.take());
+        let (stdout, stderr) = (self.stdout.take(), self.stderr.take());
+        let read_all = |s: Option<ChildOutput>| -> io::Result<Vec<u8>> {
+            let mut buf = Vec::new();
+            if let Some(mut s) = s {
+                s.read_to_end(&mut buf)?;
+            }
+            Ok(buf)
+        };
+        let (out, err) = std::thread::scope(|scope| {
+            let err = scope.spawn(|| read_all(stderr));
+            (
+                read_all(stdout),
+                err.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("stderr reader panicked"))),
+            )
+        });
+        let lost = |e: io::Error| match self.inst.check_running() {
+            Err(not_running) => not_running,
+            Ok(()) => Error::Io {
+                op: "read output of".into(),
+                path: "process".into(),
+                source: e,
+            },
+        };
+        let (stdout, stderr) = (out.map_err(lost)?, err.map_err(lost)?);
+        let status = self.wait()?;
+        Ok(Output {
+            status,
+            stdout,
+            stderr,
+        })
+    }
+}
+
+/// Signals one guest process; cheap to clone, usable from any thread.
+#[derive(Debug, Clone)]
+pub struct Signaller {
+    inst: Arc<Inner>,
+    process: u64,
+    exit: Arc<ExitSlot>,
+}
+
+impl Signaller {
+    /// Sends `signal` to the process's whole process group; a process that
+    /// already exited is not an error.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        if self.exit.wait(Some(Instant::now()))?.is_some() {
+            return Ok(());
+        }
+        self.inst.check_running()?;
+        match self.inst.channel.request(
+            Request::Signal {
+                process: self.process,
+                signal,
+            },
+            REQUEST_TIMEOUT,
+        )? {
+            Ok(_) => Ok(()),
+            // It exited between our check and the signal.
+            Err(e) if e.kind == ErrorKind::NoSuchProcess => Ok(()),
+            Err(e) => Err(Error::Guest {
+                op: "signal".into(),
+                message: e.message,
+            }),
+        }
+    }
+}
+
+/// The writable end of a process's stdin. Dropping it sends end of file.
+#[derive(Debug)]
+pub struct ChildStdin {
+    inst: Arc<Inner>,
+    id: u32,
+    stream: Arc<Outbound>,
+}
+
+impl Write for ChildStdin {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inst.channel.write(self.id, &self.stream, buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for ChildStdin {
+    fn drop(&mut self) {
+        self.inst.channel.close_outbound(self.id, &self.stream);
+    }
+}
+
+/// The readable end of a process's stdout or stderr. End of file reads as
+/// 0 bytes. Dropping it early gives the writer a broken pipe.
+#[derive(Debug)]
+pub struct ChildOutput {
+    inst: Arc<Inner>,
+    id: u32,
+    stream: Arc<Inbound>,
+    deadline: Option<Instant>,
+}
+
+impl ChildOutput {
+    /// Bounds later reads: a read with nothing by `deadline` fails with
+    /// `ErrorKind::TimedOut`.
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+    }
+}
+
+impl Read for ChildOutput {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inst
+            .channel
+            .read(self.id, &self.stream, buf, self.deadline)
+    }
+}
+
+impl Drop for ChildOutput {
+    fn drop(&mut self) {
+        self.inst.channel.close_inbound(self.id, &self.stream);
+    }
+}

@@ -1,0 +1,114 @@
+//! The core's error type and the stable codes the C and Python faces map 1:1.
+
+use std::io;
+
+/// Stable error codes; the numbers never change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(i32)]
+pub enum ErrorCode {
+    Ok = 0,
+    InvalidHandle = 1,
+    InvalidArgument = 2,
+    NotRunning = 3,
+    AlreadyClosed = 4,
+    Timeout = 5,
+    HypervisorUnavailable = 6,
+    Io = 7,
+    Network = 8,
+    Cancelled = 9,
+    Unknown = 99,
+}
+
+/// Everything the core can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("instance is not running: {0}")]
+    NotRunning(String),
+    #[error("already closed")]
+    AlreadyClosed,
+    #[error("{0} timed out")]
+    Timeout(String),
+    /// The program does not exist in the guest (or is not in `PATH`).
+    #[error("{0}")]
+    CommandNotFound(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    UnknownUser(String),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: String,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The guest agent reported a failure.
+    #[error("{op}: {message}")]
+    Guest { op: String, message: String },
+    #[error("guest agent speaks protocol v{guest}, this library v{host}: rerun scripts/setup.sh to rebuild the agent")]
+    ProtocolMismatch { guest: u32, host: u32 },
+    #[error("guest agent protocol error: {0}")]
+    Protocol(String),
+    #[error("instance failed to boot: {reason}\n{diagnostics}")]
+    Boot { reason: String, diagnostics: String },
+    #[error(transparent)]
+    Engine(#[from] cc_engine::Error),
+}
+
+impl Error {
+    /// The stable code of this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::InvalidArgument(_) | Error::UnknownUser(_) => ErrorCode::InvalidArgument,
+            Error::NotRunning(_) => ErrorCode::NotRunning,
+            Error::AlreadyClosed => ErrorCode::AlreadyClosed,
+            Error::Timeout(_) => ErrorCode::Timeout,
+            Error::CommandNotFound(_)
+            | Error::PermissionDenied(_)
+            | Error::Io { .. }
+            | Error::Guest { .. } => ErrorCode::Io,
+            Error::Engine(e) => match e {
+                cc_engine::Error::QemuMissing(_)
+                | cc_engine::Error::KvmUnavailable(_)
+                | cc_engine::Error::BadAccel(_) => ErrorCode::HypervisorUnavailable,
+                cc_engine::Error::KernelMissing(_)
+                | cc_engine::Error::AgentMissing(_)
+                | cc_engine::Error::Io { .. } => ErrorCode::Io,
+                _ => ErrorCode::Unknown,
+            },
+            Error::ProtocolMismatch { .. } | Error::Protocol(_) | Error::Boot { .. } => {
+                ErrorCode::Unknown
+            }
+        }
+    }
+
+    /// The operation that failed, where one applies.
+    pub fn op(&self) -> Option<&str> {
+        match self {
+            Error::Io { op, .. } | Error::Guest { op, .. } => Some(op),
+            _ => None,
+        }
+    }
+
+    /// The path involved, where one applies.
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            Error::Io { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn io(
+        op: &str,
+        path: impl AsRef<std::path::Path>,
+    ) -> impl FnOnce(io::Error) -> Error {
+        let (op, path) = (op.to_string(), path.as_ref().display().to_string());
+        move |source| Error::Io { op, path, source }
+    }
+}
+
+/// Results of the core API.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

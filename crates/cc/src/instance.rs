@@ -1,0 +1,344 @@
+//! Instances: boot, identity, lifecycle.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cc_engine::{Disk, RunDir, Vm, VmSpec};
+use cc_protocol::{Request, Response, RootSpec, Setup, UnixTime};
+use serde_bytes::ByteBuf;
+
+use crate::channel::Channel;
+use crate::command::Command;
+use crate::error::{Error, Result};
+use crate::rootfs;
+
+/// Where an instance's root filesystem comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A host directory holding a root filesystem tree. It is never modified:
+    /// the instance writes to its own layer.
+    Dir(PathBuf),
+}
+
+/// How to run an instance.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Guest memory in MiB (default 512; touched pages only cost host memory).
+    pub memory_mb: u32,
+    /// Virtual CPUs (default 1).
+    pub cpus: u32,
+    /// Default user for commands: `name`, `uid`, `uid:gid` or `name:group`.
+    pub user: Option<String>,
+    /// How long the guest may take to become ready (default 60 s).
+    pub boot_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            memory_mb: 512,
+            cpus: 1,
+            user: None,
+            boot_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Options {
+    fn validate(&self) -> Result<()> {
+        if !(64..=1 << 20).contains(&self.memory_mb) {
+            return Err(Error::InvalidArgument(format!(
+                "memory_mb {} is outside 64..=1048576",
+                self.memory_mb
+            )));
+        }
+        if !(1..=64).contains(&self.cpus) {
+            return Err(Error::InvalidArgument(format!(
+                "cpus {} is outside 1..=64",
+                self.cpus
+            )));
+        }
+        if self
+            .user
+            .as_deref()
+            .is_some_and(|u| u.is_empty() || u.contains('\0'))
+        {
+            return Err(Error::InvalidArgument(
+                "user must be a non-empty name or id".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How long the agent gets to sync and power off before QEMU is ended.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long QEMU gets to quit over QMP before it is killed.
+const QUIT_GRACE: Duration = Duration::from_secs(2);
+/// Bound on control requests (exec, signal); data streams are not bounded.
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Time spent in each phase of starting an instance.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootTimings {
+    /// Preparing kernel, initramfs, root image and writable disk.
+    pub prepare: Duration,
+    /// Spawning QEMU.
+    pub spawn: Duration,
+    /// From QEMU running to the agent's greeting (kernel boot).
+    pub kernel: Duration,
+    /// Root filesystem setup in the guest.
+    pub setup: Duration,
+}
+
+#[derive(Debug)]
+struct Live {
+    vm: Vm,
+    run_dir: RunDir,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) id: String,
+    pub(crate) channel: Channel,
+    pub(crate) default_user: Option<String>,
+    /// `None` once closed.
+    live: Mutex<Option<Live>>,
+}
+
+impl Inner {
+    fn live(&self) -> MutexGuard<'_, Option<Live>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fails unless the instance is open and its guest alive.
+    pub(crate) fn check_running(&self) -> Result<()> {
+        if self.live().is_none() {
+            return Err(Error::AlreadyClosed);
+        }
+        match self.channel.dead() {
+            Some(why) => Err(Error::NotRunning(why)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A running virtual machine with its own root filesystem.
+///
+/// Dropping an instance closes it. Commands started from it hold it open
+/// internally but fail with [`Error::AlreadyClosed`] once it is closed.
+#[derive(Debug)]
+pub struct Instance {
+    inner: Arc<Inner>,
+    kernel_release: String,
+    timings: BootTimings,
+}
+
+impl Instance {
+    /// Boots an instance and returns once its agent is ready for commands.
+    pub fn new(source: &Source, options: Options) -> Result<Instance> {
+        options.validate()?;
+        let t0 = Instant::now();
+        let cache = cc_engine::paths::cache_dir();
+        let kernel = cc_engine::paths::kernel()?;
+        let agent = cc_engine::paths::agent()?;
+        let accel = cc_engine::detect_accel()?;
+        let initrd = cc_engine::initramfs::for_agent(&agent, &cache)?;
+        let Source::Dir(dir) = source;
+        let lower = rootfs::image_for_dir(dir, &cache)?;
+
+        let id = random_id();
+        let run_dir = RunDir::create(&cache, &id)?;
+        let upper = run_dir.path().join("upper.img");
+        rootfs::create_upper(&cache, &upper)?;
+        let spec = VmSpec {
+            kernel,
+            initrd,
+            memory_mb: options.memory_mb,
+            cpus: options.cpus,
+            accel: accel.accel,
+            disks: vec![
+                Disk {
+                    path: lower,
+                    serial: "cc-lower".into(),
+                    read_only: true,
+                },
+                Disk {
+                    path: upper,
+                    serial: "cc-upper".into(),
+                    read_only: false,
+                },
+            ],
+            kernel_params: Vec::new(),
+        };
+        let prepare = t0.elapsed();
+        let t1 = Instant::now();
+        let (vm, socket) = Vm::start(&spec, &run_dir)?;
+        let spawn = t1.elapsed();
+        let boot_failed = |vm: &Vm, reason: String| {
+            // Let QEMU finish writing why it died before quoting its logs.
+            vm.wait_timeout(Duration::from_millis(200));
+            Error::Boot {
+                reason,
+                diagnostics: vm.diagnostics(),
+            }
+        };
+        let (channel, agent_name) = match Channel::connect(socket, options.boot_timeout) {
+            Ok(c) => c,
+            Err(e @ Error::ProtocolMismatch { .. }) => return Err(e),
+            Err(e) => return Err(boot_failed(&vm, e.to_string())),
+        };
+        let kernel_time = t1.elapsed() - spawn;
+        tracing::debug!(%id, agent = %agent_name, accel = %accel.accel, "guest agent connected");
+
+        let t2 = Instant::now();
+        let setup = Setup {
+            hostname: format!("cc-{}", &id[..8]),
+            root: Some(RootSpec {
+                lower_serial: "cc-lower".into(),
+                lower_fstype: rootfs::LOWER_FSTYPE.into(),
+                upper_serial: "cc-upper".into(),
+            }),
+            clock: now(),
+            entropy: ByteBuf::from(random_bytes(64)),
+            nameservers: vec!["10.0.2.3".into()],
+            hosts: Vec::new(),
+        };
+        let kernel_release = match channel.request(Request::Setup(setup), options.boot_timeout) {
+            Ok(Ok(Response::Ready { kernel })) => kernel,
+            Ok(Ok(other)) => {
+                return Err(boot_failed(
+                    &vm,
+                    format!("unexpected answer to setup: {other:?}"),
+                ))
+            }
+            Ok(Err(e)) => return Err(boot_failed(&vm, format!("guest setup failed: {e}"))),
+            Err(e) => return Err(boot_failed(&vm, e.to_string())),
+        };
+        let timings = BootTimings {
+            prepare,
+            spawn,
+            kernel: kernel_time,
+            setup: t2.elapsed(),
+        };
+        let inner = Inner {
+            id,
+            channel,
+            default_user: options.user,
+            live: Mutex::new(Some(Live { vm, run_dir })),
+        };
+        Ok(Instance {
+            inner: Arc::new(inner),
+            kernel_release,
+            timings,
+        })
+    }
+
+    /// Unique id of this instance.
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// The guest kernel's release string.
+    pub fn kernel_release(&self) -> &str {
+        &self.kernel_release
+    }
+
+    /// How long each boot phase took.
+    pub fn boot_timings(&self) -> BootTimings {
+        self.timings
+    }
+
+    /// Whether the instance is open and its guest alive.
+    pub fn is_running(&self) -> bool {
+        self.inner.check_running().is_ok()
+    }
+
+    /// A command to run `program` in the guest.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        Command::new(self.inner.clone(), program)
+    }
+
+    /// Measures one round trip to the agent.
+    pub fn ping(&self) -> Result<Duration> {
+        self.inner.check_running()?;
+        let t = Instant::now();
+        match self.inner.channel.request(Request::Ping, REQUEST_TIMEOUT)? {
+            Ok(_) => Ok(t.elapsed()),
+            Err(e) => Err(Error::Guest {
+                op: "ping".into(),
+                message: e.message,
+            }),
+        }
+    }
+
+    /// Host pid of the VM process, while it runs.
+    pub fn vm_pid(&self) -> Option<u32> {
+        self.inner.live().as_ref().map(|l| l.vm.pid())
+    }
+
+    /// The per-instance runtime directory, while open.
+    pub fn run_dir(&self) -> Option<PathBuf> {
+        self.inner
+            .live()
+            .as_ref()
+            .map(|l| l.run_dir.path().to_path_buf())
+    }
+
+    /// Ends the instance: the agent syncs and powers off the guest; QEMU is
+    /// killed if it does not exit in time. Nothing of the instance remains
+    /// afterwards. Closing again does nothing.
+    pub fn close(&self) -> Result<()> {
+        let Some(live) = self.inner.live().take() else {
+            return Ok(());
+        };
+        if self.inner.channel.dead().is_none() {
+            // The agent answers, then powers off; a lost answer is fine.
+            let _ = self
+                .inner
+                .channel
+                .request(Request::Shutdown, SHUTDOWN_GRACE);
+        }
+        if live.vm.wait_timeout(SHUTDOWN_GRACE).is_none() {
+            tracing::warn!(id = %self.inner.id, "guest did not power off; ending QEMU");
+            live.vm.terminate(QUIT_GRACE);
+        }
+        self.inner.channel.shut_down("the instance was closed");
+        drop(live);
+        Ok(())
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+fn now() -> UnixTime {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    UnixTime {
+        secs: d.as_secs() as i64,
+        nanos: d.subsec_nanos(),
+    }
+}
+
+pub(crate) fn random_bytes(n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    let mut filled = 0;
+    while filled < n {
+        // SAFETY: the pointer and length describe the unfilled tail of buf.
+        let r = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), n - filled, 0) };
+        if r > 0 {
+            filled += r as usize;
+        }
+    }
+    buf
+}
+
+fn random_id() -> String {
+    rootfs::hex(&random_bytes(8))
+}

@@ -1,0 +1,282 @@
+//! How an instance gets its root filesystem (BRIEF 3.4), in one place: a
+//! read-only erofs image per source tree, built once and cached by content,
+//! plus a per-instance sparse ext4 disk the guest uses as overlayfs's upper
+//! layer. The source tree and the cached image are never written.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// Filesystem type of the read-only images this module builds.
+pub(crate) const LOWER_FSTYPE: &str = "erofs";
+
+/// Size of the per-instance writable disk. Sparse: only what the guest
+/// writes takes host space.
+const UPPER_SIZE: u64 = 16 << 30;
+
+/// The cached read-only image of `dir`, built if this exact tree (paths,
+/// types, modes, owners, sizes, mtimes, link targets) has none yet.
+pub(crate) fn image_for_dir(dir: &Path, cache: &Path) -> Result<PathBuf> {
+    let meta = fs::metadata(dir).map_err(Error::io("open rootfs", dir))?;
+    if !meta.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "rootfs {} is not a directory",
+            dir.display()
+        )));
+    }
+    let mut hasher = Sha256::new();
+    fingerprint(dir, Path::new(""), &mut hasher)?;
+    let key = hex(&hasher.finalize()[..12]);
+    let images = cache.join("rootfs");
+    let image = images.join(format!("{key}.{LOWER_FSTYPE}"));
+    if image.is_file() {
+        return Ok(image);
+    }
+    fs::create_dir_all(&images).map_err(Error::io("create", &images))?;
+    let tmp = images.join(format!(".{key}.{}.tmp", std::process::id()));
+    let out = Command::new("mkfs.erofs")
+        .arg("--quiet")
+        .arg(&tmp)
+        .arg(dir)
+        .output()
+        .map_err(|e| tool_error("mkfs.erofs", "erofs-utils", e))?;
+    if !out.status.success() {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::Io {
+            op: "build root image from".into(),
+            path: dir.display().to_string(),
+            source: io::Error::other(format!(
+                "mkfs.erofs: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        });
+    }
+    fs::rename(&tmp, &image).map_err(Error::io("rename", &image))?;
+    Ok(image)
+}
+
+/// Feeds every entry's identity under `root/rel` into `h`, in name order.
+fn fingerprint(root: &Path, rel: &Path, h: &mut Sha256) -> Result<()> {
+    let dir = root.join(rel);
+    let mut names: Vec<_> = fs::read_dir(&dir)
+        .map_err(Error::io("read rootfs", &dir))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<io::Result<_>>()
+        .map_err(Error::io("read rootfs", &dir))?;
+    names.sort();
+    for name in names {
+        let rel = rel.join(&name);
+        let path = root.join(&rel);
+        let m = fs::symlink_metadata(&path).map_err(Error::io("stat", &path))?;
+        let line = format!(
+            "{}\0{:o} {} {} {} {} {} {}\n",
+            rel.display(),
+            m.mode(),
+            m.uid(),
+            m.gid(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.rdev()
+        );
+        h.update(line.as_bytes());
+        if m.file_type().is_symlink() {
+            let target = fs::read_link(&path).map_err(Error::io("readlink", &path))?;
+            h.update(target.as_os_str().as_encoded_bytes());
+        } else if m.is_dir() {
+            fingerprint(root, &rel, h)?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates the instance's writable disk at `path`: a copy of a cached,
+/// empty, sparse ext4 image (a reflink where the host filesystem has them).
+pub(crate) fn create_upper(cache: &Path, path: &Path) -> Result<()> {
+    let template = upper_template(cache)?;
+    let src = File::open(&template).map_err(Error::io("open", &template))?;
+    let dst = File::create(path).map_err(Error::io("create", path))?;
+    // SAFETY: FICLONE takes the source fd as its argument; both fds are open.
+    let cloned = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0;
+    if !cloned {
+        sparse_copy(&src, &dst).map_err(Error::io("copy writable disk to", path))?;
+    }
+    Ok(())
+}
+
+fn upper_template(cache: &Path) -> Result<PathBuf> {
+    let dir = cache.join("upper");
+    let template = dir.join(format!("ext4-{}g.img", UPPER_SIZE >> 30));
+    if template.is_file() {
+        return Ok(template);
+    }
+    fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
+    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
+    File::create(&tmp)
+        .and_then(|f| f.set_len(UPPER_SIZE))
+        .map_err(Error::io("create", &tmp))?;
+    // No journal: the layer lives and dies with one instance.
+    let out = Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-O",
+            "^has_journal",
+            "-E",
+            "lazy_itable_init=1",
+            "-L",
+            "ccupper",
+        ])
+        .arg(&tmp)
+        .output()
+        .map_err(|e| tool_error("mkfs.ext4", "e2fsprogs", e))?;
+    if !out.status.success() {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::Io {
+            op: "format".into(),
+            path: tmp.display().to_string(),
+            source: io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        });
+    }
+    fs::rename(&tmp, &template).map_err(Error::io("rename", &template))?;
+    Ok(template)
+}
+
+/// Copies only the data extents of `src`, keeping holes.
+fn sparse_copy(src: &File, dst: &File) -> io::Result<()> {
+    let len = src.metadata()?.len();
+    dst.set_len(len)?;
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on an open fd with a valid whence.
+        let data = unsafe { libc::lseek(src.as_raw_fd(), pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole remains
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let (mut off_in, mut off_out) = (data, data);
+        while off_in < hole {
+            // SAFETY: both fds are open; the offsets point to live locals.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut off_in,
+                    dst.as_raw_fd(),
+                    &mut off_out,
+                    (hole - off_in) as usize,
+                    0,
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        pos = hole;
+    }
+    Ok(())
+}
+
+fn tool_error(tool: &str, package: &str, e: io::Error) -> Error {
+    Error::Io {
+        op: format!("run {tool} (apt-get install {package})"),
+        path: tool.to_string(),
+        source: e,
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("cc-rootfs-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    fn key(dir: &Path) -> String {
+        let mut h = Sha256::new();
+        fingerprint(dir, Path::new(""), &mut h).unwrap();
+        hex(&h.finalize())
+    }
+
+    #[test]
+    fn fingerprint_changes_with_content_metadata_and_links() {
+        let d = scratch("fp");
+        fs::create_dir(d.join("etc")).unwrap();
+        fs::write(d.join("etc/a"), b"1").unwrap();
+        let k0 = key(&d);
+        assert_eq!(k0, key(&d), "stable");
+        fs::write(d.join("etc/a"), b"22").unwrap();
+        let k1 = key(&d);
+        assert_ne!(k0, k1);
+        std::os::unix::fs::symlink("etc/a", d.join("l")).unwrap();
+        let k2 = key(&d);
+        assert_ne!(k1, k2);
+        fs::remove_file(d.join("l")).unwrap();
+        std::os::unix::fs::symlink("etc", d.join("l")).unwrap();
+        assert_ne!(k2, key(&d), "link target counts");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn missing_and_non_directory_roots_are_clear_errors() {
+        let d = scratch("bad");
+        let e = image_for_dir(&d.join("nope"), &d).unwrap_err();
+        assert_eq!(e.code(), crate::ErrorCode::Io);
+        assert!(e.to_string().contains("nope"), "{e}");
+        fs::write(d.join("file"), b"x").unwrap();
+        let e = image_for_dir(&d.join("file"), &d).unwrap_err();
+        assert_eq!(e.code(), crate::ErrorCode::InvalidArgument);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn sparse_copy_keeps_data_and_holes() {
+        let d = scratch("sparse");
+        let src_path = d.join("src");
+        let f = File::create(&src_path).unwrap();
+        f.set_len(64 << 20).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(b"head", 0).unwrap();
+        f.write_all_at(b"tail", (64 << 20) - 4).unwrap();
+        drop(f);
+        let dst_path = d.join("dst");
+        sparse_copy(
+            &File::open(&src_path).unwrap(),
+            &File::create(&dst_path).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(fs::read(&src_path).unwrap(), fs::read(&dst_path).unwrap());
+        assert!(
+            fs::metadata(&dst_path).unwrap().blocks() * 512 < 8 << 20,
+            "holes preserved"
+        );
+        fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1,0 +1,478 @@
+//! VM tests: every test here boots real VMs (QEMU; TCG where there is no
+//! hardware virtualization). They run when `CC_RUN_VM_TESTS=1` and need the
+//! kernel, agent and busybox tree `scripts/setup.sh` provides
+//! (`CC_TEST_ROOTFS` overrides the tree). `cargo test --test vm -- NAME`
+//! runs the tests whose name contains NAME.
+
+use std::io::{Read, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cc::{ErrorCode, Instance, Options, Source, Stdio};
+
+fn rootfs() -> PathBuf {
+    std::env::var_os("CC_TEST_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cc_engine_cache().join("trees/busybox"))
+}
+
+fn cc_engine_cache() -> PathBuf {
+    std::env::var_os("CC_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+                });
+            base.join("crumblecracker")
+        })
+}
+
+fn boot() -> Instance {
+    boot_with(Options::default())
+}
+
+fn boot_with(options: Options) -> Instance {
+    Instance::new(&Source::Dir(rootfs()), options).expect("boot")
+}
+
+fn sh(inst: &Instance, script: &str) -> cc::Output {
+    inst.command("sh")
+        .args(["-c", script])
+        .output()
+        .expect("run sh")
+}
+
+fn stdout(inst: &Instance, script: &str) -> String {
+    let out = sh(inst, script);
+    assert!(
+        out.status.success(),
+        "{script}: {} stderr={}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+// ---- tests on a shared instance ----
+
+fn echo(inst: &Instance) {
+    let out = inst
+        .command("echo")
+        .args(["hello", "world"])
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, b"hello world\n");
+    assert!(out.stderr.is_empty());
+    assert!(out.status.success());
+}
+
+fn exit_codes(inst: &Instance) {
+    for code in [0, 1, 42] {
+        let status = inst
+            .command("sh")
+            .args(["-c", &format!("exit {code}")])
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(code));
+    }
+}
+
+fn signal_status(inst: &Instance) {
+    let status = inst
+        .command("sh")
+        .args(["-c", "kill -TERM $$"])
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), None);
+    assert_eq!(status.signal(), Some(libc::SIGTERM));
+}
+
+fn env_and_defaults(inst: &Instance) {
+    let out = inst
+        .command("sh")
+        .args(["-c", "echo $FOO:$HOME:$TERM; echo $PATH"])
+        .env("FOO", "bar baz")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("bar baz:/root:xterm"));
+    assert!(lines.next().unwrap().contains("/usr/bin:/sbin:/bin"));
+    let out = inst.command("env").env("PATH", "/bin").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l == "PATH=/bin"));
+}
+
+fn working_directory(inst: &Instance) {
+    let out = inst.command("pwd").current_dir("/etc").output().unwrap();
+    assert_eq!(out.stdout, b"/etc\n");
+    let err = inst
+        .command("pwd")
+        .current_dir("/no/such/dir")
+        .output()
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Io, "{err}");
+    assert!(err.to_string().contains("/no/such/dir"), "{err}");
+}
+
+fn users(inst: &Instance) {
+    let id = |user: &str| {
+        let out = inst.command("id").user(user).output().unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(
+        id("alice").starts_with("uid=1000(alice) gid=1000(alice)"),
+        "{}",
+        id("alice")
+    );
+    assert!(
+        id("alice").contains("50(staff)"),
+        "supplementary groups: {}",
+        id("alice")
+    );
+    assert!(id("1000").starts_with("uid=1000(alice)"));
+    assert!(
+        id("1000:50").starts_with("uid=1000(alice) gid=50(staff)"),
+        "{}",
+        id("1000:50")
+    );
+    assert!(id("alice:staff").starts_with("uid=1000(alice) gid=50(staff)"));
+    assert!(id("root").starts_with("uid=0(root) gid=0(root)"));
+    let home = inst
+        .command("sh")
+        .args(["-c", "echo $HOME; pwd"])
+        .user("alice")
+        .output()
+        .unwrap();
+    assert_eq!(home.stdout, b"/home/alice\n/home/alice\n");
+    for bad in ["mallory", "alice:nogroupnamed"] {
+        let err = inst.command("id").user(bad).output().unwrap_err();
+        assert!(matches!(err, cc::Error::UnknownUser(_)), "{bad}: {err:?}");
+        assert_eq!(err.code(), ErrorCode::InvalidArgument);
+    }
+}
+
+fn stdin_to_stdout_1mib(inst: &Instance) {
+    let data: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let mut child = inst.command("cat").stdin(Stdio::Piped).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = data.clone();
+    let writer = std::thread::spawn(move || {
+        stdin.write_all(&input).unwrap();
+    });
+    let mut got = Vec::new();
+    child.stdout.take().unwrap().read_to_end(&mut got).unwrap();
+    writer.join().unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "stdin→stdout bytes differ");
+}
+
+fn stdout_and_stderr_apart(inst: &Instance) {
+    let out = sh(inst, "echo out1; echo err1 >&2; echo out2; echo err2 >&2");
+    assert_eq!(out.stdout, b"out1\nout2\n");
+    assert_eq!(out.stderr, b"err1\nerr2\n");
+    let combined = inst
+        .command("sh")
+        .args(["-c", "echo a; echo b >&2; echo c"])
+        .combined_output()
+        .unwrap();
+    assert_eq!(combined.stdout, b"a\nb\nc\n");
+}
+
+fn concurrent_commands(inst: &Instance) {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..20)
+            .map(|i| s.spawn(move || sh(inst, &format!("sleep 0.2; echo {i}"))))
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            let out = h.join().unwrap();
+            assert_eq!(out.stdout, format!("{i}\n").as_bytes());
+        }
+    });
+}
+
+fn kill_process_group(inst: &Instance) {
+    let mut child = inst
+        .command("sh")
+        .args(["-c", "sleep 1000 & sleep 1000; wait"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(child.try_wait().unwrap(), None);
+    child.kill().unwrap();
+    let status = child
+        .wait_timeout(Duration::from_secs(20))
+        .unwrap()
+        .expect("killed process exits");
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    // The background sleep was in the same group: nothing is left.
+    let left = stdout(inst, "ps -o comm | grep -c '^sleep$' || true");
+    assert_eq!(left.trim(), "0", "sleeps left behind");
+}
+
+fn large_output_with_back_pressure(inst: &Instance) {
+    // 256 MiB through a guest with far less free memory: only flow control
+    // makes this work, and the host must see every byte in order.
+    let mut child = inst
+        .command("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=256"])
+        .stderr(Stdio::Null)
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    std::thread::sleep(Duration::from_millis(500)); // the guest must wait for us
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0usize;
+    loop {
+        let n = stdout.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(buf[..n].iter().all(|&b| b == 0));
+        total += n;
+    }
+    assert_eq!(total, 256 << 20);
+    assert!(child.wait().unwrap().success());
+}
+
+fn stdin_eof_ends_reader(inst: &Instance) {
+    let mut child = inst
+        .command("wc")
+        .arg("-c")
+        .stdin(Stdio::Piped)
+        .spawn()
+        .unwrap();
+    child.stdin.as_mut().unwrap().write_all(b"12345").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "5");
+}
+
+fn command_not_found_or_not_executable(inst: &Instance) {
+    let err = inst.command("no-such-program").output().unwrap_err();
+    assert!(matches!(err, cc::Error::CommandNotFound(_)), "{err:?}");
+    assert!(err.to_string().contains("no-such-program"));
+    let err = inst.command("/no/such/path").output().unwrap_err();
+    assert!(matches!(err, cc::Error::CommandNotFound(_)), "{err:?}");
+    sh(inst, "echo 'echo hi' > /tmp/noexec; chmod 644 /tmp/noexec");
+    let err = inst.command("/tmp/noexec").output().unwrap_err();
+    assert!(matches!(err, cc::Error::PermissionDenied(_)), "{err:?}");
+    assert!(inst.is_running());
+}
+
+fn nul_bytes_are_refused(inst: &Instance) {
+    let err = inst.command("echo").arg("a\0b").output().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument);
+    let err = inst.command("echo").env("A", "x\0y").output().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument);
+    let err = inst.command("echo").env("A=B", "x").output().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument);
+}
+
+fn identity_files(inst: &Instance) {
+    let host = stdout(inst, "hostname");
+    assert!(host.trim().starts_with("cc-"), "{host}");
+    let hosts = stdout(inst, "cat /etc/hosts");
+    assert!(hosts.contains(host.trim()));
+    assert!(stdout(inst, "cat /etc/resolv.conf").contains("nameserver"));
+    let mounts = stdout(inst, "cat /proc/mounts");
+    for m in [
+        " /proc proc",
+        " /sys sysfs",
+        " /dev devtmpfs",
+        " /dev/pts devpts",
+        " /dev/shm tmpfs",
+        " /tmp tmpfs",
+        "overlay / overlay",
+    ] {
+        assert!(mounts.contains(m), "missing mount {m:?} in\n{mounts}");
+    }
+}
+
+fn guest_out_of_memory(inst: &Instance) {
+    // A process that eats all memory is killed by the guest's OOM killer;
+    // the instance survives it.
+    let out = sh(
+        inst,
+        "x=$(head -c 2000000000 /dev/zero | tr '\\0' x); echo survived",
+    );
+    assert!(!out.status.success(), "allocation should have been killed");
+    assert_eq!(stdout(inst, "echo alive"), "alive\n");
+}
+
+// ---- tests that own their instances ----
+
+fn close_leaves_nothing() {
+    let inst = boot();
+    let pid = inst.vm_pid().unwrap();
+    let dir = inst.run_dir().unwrap();
+    assert!(dir.is_dir());
+    inst.close().unwrap();
+    inst.close().unwrap(); // idempotent
+    assert!(
+        !PathBuf::from(format!("/proc/{pid}")).exists(),
+        "QEMU {pid} still running"
+    );
+    assert!(!dir.exists(), "run dir {dir:?} left behind");
+    assert!(!inst.is_running());
+    let err = inst.command("true").status().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::AlreadyClosed);
+    let threads = std::fs::read_dir("/proc/self/task").unwrap().count();
+    let inst = boot();
+    drop(inst);
+    assert_eq!(
+        std::fs::read_dir("/proc/self/task").unwrap().count(),
+        threads,
+        "threads leaked by drop"
+    );
+}
+
+fn independent_writable_layers() {
+    let (a, b) = (boot(), boot());
+    sh(&a, "echo from-a > /etc/marker");
+    assert_eq!(stdout(&a, "cat /etc/marker"), "from-a\n");
+    assert!(
+        !sh(&b, "cat /etc/marker").status.success(),
+        "b sees a's write"
+    );
+    assert!(
+        !rootfs().join("etc/marker").exists(),
+        "the host tree was modified"
+    );
+}
+
+fn crash_is_not_running_and_isolated() {
+    let (victim, bystander) = (boot(), boot());
+    let mut long = victim.command("sleep").arg("1000").spawn().unwrap();
+    let _ = victim
+        .command("sh")
+        .args(["-c", "echo c > /proc/sysrq-trigger"])
+        .status();
+    let err = long.wait_timeout(Duration::from_secs(30)).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NotRunning, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while victim.is_running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!victim.is_running());
+    assert_eq!(
+        victim.command("true").status().unwrap_err().code(),
+        ErrorCode::NotRunning
+    );
+    assert_eq!(stdout(&bystander, "echo fine"), "fine\n");
+    victim.close().unwrap();
+}
+
+fn bad_rootfs_is_a_clear_error() {
+    let err =
+        Instance::new(&Source::Dir("/no/such/rootfs".into()), Options::default()).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Io);
+    assert!(err.to_string().contains("/no/such/rootfs"), "{err}");
+    let err = Instance::new(&Source::Dir("/etc/hostname".into()), Options::default()).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    let err = Instance::new(
+        &Source::Dir(rootfs()),
+        Options {
+            cpus: 0,
+            ..Options::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument);
+}
+
+fn main() {
+    if std::env::var("CC_RUN_VM_TESTS").as_deref() != Ok("1") {
+        println!("VM tests not run: set CC_RUN_VM_TESTS=1 (they boot real VMs)");
+        return;
+    }
+    assert!(
+        rootfs().join("bin/busybox").is_file(),
+        "no busybox tree at {:?}: run scripts/setup.sh",
+        rootfs()
+    );
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let selected =
+        |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+
+    type Shared = fn(&Instance);
+    let shared: &[(&str, Shared)] = &[
+        ("echo", echo),
+        ("exit_codes", exit_codes),
+        ("signal_status", signal_status),
+        ("env_and_defaults", env_and_defaults),
+        ("working_directory", working_directory),
+        ("users", users),
+        ("stdin_to_stdout_1mib", stdin_to_stdout_1mib),
+        ("stdout_and_stderr_apart", stdout_and_stderr_apart),
+        ("concurrent_commands", concurrent_commands),
+        ("kill_process_group", kill_process_group),
+        (
+            "large_output_with_back_pressure",
+            large_output_with_back_pressure,
+        ),
+        ("stdin_eof_ends_reader", stdin_eof_ends_reader),
+        (
+            "command_not_found_or_not_executable",
+            command_not_found_or_not_executable,
+        ),
+        ("nul_bytes_are_refused", nul_bytes_are_refused),
+        ("identity_files", identity_files),
+        ("guest_out_of_memory", guest_out_of_memory),
+    ];
+    let own: &[(&str, fn())] = &[
+        ("close_leaves_nothing", close_leaves_nothing),
+        ("independent_writable_layers", independent_writable_layers),
+        (
+            "crash_is_not_running_and_isolated",
+            crash_is_not_running_and_isolated,
+        ),
+        ("bad_rootfs_is_a_clear_error", bad_rootfs_is_a_clear_error),
+    ];
+
+    let (mut passed, mut failed) = (0, Vec::new());
+    let mut record = |name: &str, result: std::thread::Result<()>, t: Instant| {
+        let ok = result.is_ok();
+        println!(
+            "test vm::{name} ... {} ({:.2}s)",
+            if ok { "ok" } else { "FAILED" },
+            t.elapsed().as_secs_f64()
+        );
+        if ok {
+            passed += 1;
+        } else {
+            failed.push(name.to_string());
+        }
+    };
+    if shared.iter().any(|(n, _)| selected(n)) {
+        // 256 MiB guest: small enough that the OOM and back-pressure tests
+        // exceed its memory.
+        let inst = boot_with(Options {
+            memory_mb: 256,
+            ..Options::default()
+        });
+        for (name, test) in shared.iter().filter(|(n, _)| selected(n)) {
+            let t = Instant::now();
+            record(name, catch_unwind(AssertUnwindSafe(|| test(&inst))), t);
+        }
+        inst.close().unwrap();
+    }
+    for (name, test) in own.iter().filter(|(n, _)| selected(n)) {
+        let t = Instant::now();
+        record(name, catch_unwind(test), t);
+    }
+    println!("\nvm: {passed} passed, {} failed", failed.len());
+    if !failed.is_empty() {
+        println!("failed: {}", failed.join(", "));
+        std::process::exit(1);
+    }
+}

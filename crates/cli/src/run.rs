@@ -1,0 +1,146 @@
+//! `crumble run`: one command in a fresh instance, I/O forwarded live.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::CliResult;
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// Root filesystem directory to boot (never modified).
+    #[arg(long, value_name = "DIR")]
+    rootfs: PathBuf,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MB", default_value_t = 512)]
+    memory: u32,
+    /// Virtual CPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
+    /// Environment variable for the command (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V")]
+    env: Vec<String>,
+    /// Working directory in the guest.
+    #[arg(long, short = 'w', value_name = "DIR")]
+    workdir: Option<OsString>,
+    /// User to run as: name, uid, uid:gid or name:group.
+    #[arg(long, short = 'u')]
+    user: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
+    let mut env = Vec::new();
+    for kv in &args.env {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("--env {kv:?}: expected KEY=VALUE"))?;
+        env.push((k.to_string(), v.to_string()));
+    }
+    // Signals are handled by a thread of ours (forwarded to the guest
+    // process), so block them before any thread exists to inherit the mask.
+    let signals = block_signals();
+    let options = cc::Options {
+        memory_mb: args.memory,
+        cpus: args.cpus,
+        ..Default::default()
+    };
+    let inst = cc::Instance::new(&crate::rootfs_source(args.rootfs), options)?;
+    let mut cmd = inst.command(&args.command[0]);
+    cmd.args(&args.command[1..]).stdin(cc::Stdio::Piped);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if let Some(dir) = args.workdir {
+        cmd.current_dir(dir);
+    }
+    if let Some(user) = args.user {
+        cmd.user(user);
+    }
+    let mut child = cmd.spawn()?;
+    let signaller = child.signaller();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || forward_signals(signals, signaller))?;
+
+    let mut stdin = child.stdin.take();
+    // Host stdin may never end (a terminal): this thread is not joined.
+    std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            let mut host = std::io::stdin().lock();
+            while let (Some(guest), Ok(n)) = (stdin.as_mut(), host.read(&mut buf)) {
+                if n == 0 || guest.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            drop(stdin);
+        })?;
+    let out = child
+        .stdout
+        .take()
+        .map(|s| copy_thread(s, std::io::stdout()));
+    let err = child
+        .stderr
+        .take()
+        .map(|s| copy_thread(s, std::io::stderr()));
+    for t in [out, err].into_iter().flatten() {
+        let _ = t.join();
+    }
+    let status = child.wait()?;
+    inst.close()?;
+    Ok(match (status.code(), status.signal()) {
+        (Some(code), _) => ExitCode::from(code as u8),
+        (None, Some(sig)) => ExitCode::from(128u8.wrapping_add(sig as u8)),
+        _ => ExitCode::FAILURE,
+    })
+}
+
+fn copy_thread(
+    mut from: cc::ChildOutput,
+    mut to: impl Write + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || to.write_all(&buf[..n]).and_then(|_| to.flush()).is_err() {
+                break;
+            }
+        }
+    })
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it
+    // and pthread_sigmask only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Delivers terminal and termination signals to the guest process group,
+/// which then ends and lets `run` close the instance normally.
+fn forward_signals(set: libc::sigset_t, to: cc::Signaller) {
+    loop {
+        let mut sig = 0;
+        // SAFETY: set was initialised by block_signals; sig is a live local.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            return;
+        }
+        if to.signal(sig).is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,40 @@
+use std::io;
+use std::path::PathBuf;
+
+/// Engine failures; each names its cause and, where there is one, the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0} not found: install QEMU (apt-get install qemu-system-x86) or set CC_QEMU")]
+    QemuMissing(String),
+    #[error("guest kernel not found at {}: run scripts/setup.sh, or set CC_KERNEL", .0.display())]
+    KernelMissing(PathBuf),
+    #[error("guest agent not found at {}: run scripts/setup.sh, or set CC_AGENT", .0.display())]
+    AgentMissing(PathBuf),
+    #[error("CC_ACCEL={0}: expected kvm or tcg")]
+    BadAccel(String),
+    #[error("KVM requested by CC_ACCEL=kvm but unusable here: {0}")]
+    KvmUnavailable(String),
+    #[error("QEMU exited before the guest connected ({status})\n{log}")]
+    QemuDied { status: String, log: String },
+    #[error("the guest did not connect within {secs} s\n{log}")]
+    ConnectTimeout { secs: u64, log: String },
+    #[error("QMP: {0}")]
+    Qmp(String),
+    #[error("{op} {}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { op, path, source }
+    }
+}

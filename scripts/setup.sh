@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One-command setup on a fresh Debian/Ubuntu machine: system packages, the
+# `crumble` CLI, the static guest agent, the guest kernel (built once and
+# cached by content hash) and the busybox test root filesystem.
+# Idempotent: a second run checks everything and takes seconds.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+cache="${CC_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/crumblecracker}"
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+packages=(qemu-system-x86 qemu-utils erofs-utils e2fsprogs busybox-static cpio
+          bison flex libelf-dev libssl-dev bc build-essential xz-utils bzip2)
+# Debian 12 ships the 6.1 kernel source the config is written for; elsewhere
+# take the distribution's kernel source unless CC_KERNEL_SRC names one.
+if [ -z "${CC_KERNEL_SRC:-}" ]; then
+    if apt-cache show linux-source-6.1 >/dev/null 2>&1 || dpkg -s linux-source-6.1 >/dev/null 2>&1; then
+        packages+=(linux-source-6.1)
+    else
+        packages+=(linux-source)
+    fi
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    step "installing ${missing[*]}"
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }
+
+if [ -z "${CC_KERNEL_SRC:-}" ] && [ ! -e /usr/src/linux-source-6.1.tar.xz ]; then
+    CC_KERNEL_SRC=$(ls -1 /usr/src/linux-source-*.tar.* 2>/dev/null | sort -V | tail -1)
+    export CC_KERNEL_SRC
+fi
+
+step "building crumble"
+cargo build --release --locked -p crumble --manifest-path "$here/Cargo.toml" >&2
+
+step "building the static guest agent"
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked -p cc-agent \
+    --target x86_64-unknown-linux-gnu --manifest-path "$here/Cargo.toml" >&2
+mkdir -p "$cache/agent"
+agent="$here/target/x86_64-unknown-linux-gnu/release/cc-agent"
+if ! cmp -s "$agent" "$cache/agent/cc-agent"; then
+    cp "$agent" "$cache/agent/.cc-agent.$$"
+    mv "$cache/agent/.cc-agent.$$" "$cache/agent/cc-agent"
+fi
+
+step "guest kernel"
+"$here/scripts/build-kernel.sh" >&2
+
+step "busybox test root filesystem"
+rootfs=$("$here/scripts/make-busybox-rootfs.sh")
+
+cat >&2 <<MSG
+
+Ready. Try:
+  $here/target/release/crumble run --rootfs $rootfs -- uname -a
+  $here/target/release/crumble doctor
+MSG
