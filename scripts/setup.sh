@@ -46,9 +46,11 @@ step "building the static guest agent"
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked -p cc-agent \
     --target x86_64-unknown-linux-gnu --manifest-path "$here/Cargo.toml" >&2
 mkdir -p "$cache/agent"
-agent="$here/target/x86_64-unknown-linux-gnu/release/cc-agent"
-if ! cmp -s "$agent" "$cache/agent/cc-agent"; then
-    cp "$agent" "$cache/agent/.cc-agent.$$"
+# Stripped: every boot loads it from the initramfs (6.7 MB → 1.6 MB).
+strip -o "$cache/agent/.cc-agent.$$" "$here/target/x86_64-unknown-linux-gnu/release/cc-agent"
+if cmp -s "$cache/agent/.cc-agent.$$" "$cache/agent/cc-agent"; then
+    rm "$cache/agent/.cc-agent.$$"
+else
     mv "$cache/agent/.cc-agent.$$" "$cache/agent/cc-agent"
 fi
 

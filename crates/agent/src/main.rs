@@ -1,1 +1,284 @@
-fn main() {}
+//! cc-agent: the guest side of crumblecracker, running as PID 1 (`/init`)
+//! in every instance's VM.
+//!
+//! It owns everything inside the guest: boot (the kernel filesystems and the
+//! console), the root filesystem (an overlay of the host's disks, switched
+//! into), the processes the host starts (spawning, their pipes, reaping
+//! every child), and serving the `cc_protocol` conversation over the
+//! `cc.agent` virtio-serial port.
+//!
+//! It knows nothing of QEMU or of host paths: disks are found by serial and
+//! the port by name, and it trusts only what arrives over the protocol. As
+//! PID 1 it must never exit: errors are answered over the channel or logged
+//! to the console, and a lost connection is reopened.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use cc_protocol::frame::{self, FrameError};
+use cc_protocol::{Message, Request, Response, AGENT_PORT_NAME, PROTOCOL_VERSION};
+
+/// Logs one line to the console.
+macro_rules! log {
+    ($($arg:tt)*) => {
+        $crate::log_line(::std::format_args!($($arg)*))
+    };
+}
+
+mod conn;
+mod environ;
+mod error;
+mod exec;
+mod mounts;
+mod net;
+mod reaper;
+mod setup;
+mod sys;
+mod users;
+
+use conn::{Conn, PortReader, Reply};
+use reaper::Reaper;
+
+fn log_line(args: fmt::Arguments<'_>) {
+    // Nowhere to report a console failure to.
+    let _ = writeln!(io::stderr().lock(), "cc-agent: {args}");
+}
+
+/// Starts a detached thread.
+fn spawn_thread(name: String, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    thread::Builder::new().name(name).spawn(f).map(drop)
+}
+
+/// State shared by all connections.
+#[derive(Debug)]
+struct Agent {
+    reaper: Arc<Reaper>,
+    /// Whether the filesystems are set up.
+    mounted: Mutex<bool>,
+}
+
+fn main() {
+    mounts::boot();
+    attach_console();
+    log!("cc-agent {} starting", env!("CARGO_PKG_VERSION"));
+    let reaper = loop {
+        match Reaper::start() {
+            Ok(r) => break r,
+            Err(e) => {
+                log!("start reaper: {}", error::describe(&e));
+                thread::sleep(Duration::from_secs(1));
+            }
+        }
+    };
+    let agent = Arc::new(Agent {
+        reaper,
+        mounted: Mutex::new(false),
+    });
+    loop {
+        serve(&agent, open_port());
+    }
+}
+
+/// Points stdin at /dev/null and stdout and stderr at the console, whatever
+/// the kernel left there.
+fn attach_console() {
+    let open = |path: &str, write: bool| {
+        OpenOptions::new()
+            .read(!write)
+            .write(write)
+            .custom_flags(libc::O_NOCTTY)
+            .open(path)
+            .map(OwnedFd::from)
+    };
+    for (path, write, targets) in [
+        ("/dev/null", false, &[0][..]),
+        ("/dev/console", true, &[1, 2]),
+    ] {
+        match open(path, write) {
+            Ok(fd) => {
+                for &target in targets {
+                    if let Err(e) = sys::dup2(&fd, target) {
+                        log!("dup {path}: {}", error::describe(&e));
+                    }
+                }
+            }
+            Err(e) => log!("open {path}: {}", error::describe(&e)),
+        }
+    }
+}
+
+/// The device node of the agent port, if it exists yet.
+fn find_port() -> io::Result<Option<String>> {
+    for entry in fs::read_dir("/sys/class/virtio-ports")? {
+        let entry = entry?;
+        let name = fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+        if name.trim() == AGENT_PORT_NAME {
+            return Ok(Some(format!(
+                "/dev/{}",
+                entry.file_name().to_string_lossy()
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// Opens the agent port, waiting for it as long as it takes: quickly at
+/// first (it appears during boot), then slowly and saying so.
+fn open_port() -> File {
+    const QUICK: Duration = Duration::from_secs(5);
+    let start = Instant::now();
+    let mut reported = false;
+    loop {
+        let problem = match find_port() {
+            Ok(Some(path)) => match OpenOptions::new().read(true).write(true).open(&path) {
+                Ok(port) => return port,
+                Err(e) => format!("open {path}: {}", error::describe(&e)),
+            },
+            Ok(None) => format!("no virtio port named {AGENT_PORT_NAME}"),
+            Err(e) => format!("read /sys/class/virtio-ports: {}", error::describe(&e)),
+        };
+        let slow = start.elapsed() > QUICK;
+        if slow && !reported {
+            log!("{problem}; still waiting");
+            reported = true;
+        }
+        thread::sleep(if slow {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(5)
+        });
+    }
+}
+
+/// Serves one connection until it is lost.
+fn serve(agent: &Arc<Agent>, port: File) {
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        agent: format!("cc-agent {}", env!("CARGO_PKG_VERSION")),
+    };
+    // The port is still blocking: this waits until a host is connected.
+    let ready = frame::write(&mut &port, &hello)
+        .map_err(|e| describe_frame_error(&e))
+        .and_then(|()| {
+            sys::set_nonblocking(&port, true).map_err(|e| error::describe(&e))?;
+            port.try_clone().map_err(|e| error::describe(&e))
+        });
+    let writer = match ready {
+        Ok(w) => w,
+        Err(e) => {
+            log!("send hello: {e}");
+            thread::sleep(Duration::from_secs(1));
+            return;
+        }
+    };
+    let conn = Arc::new(Conn::new(writer));
+    let reader = PortReader(port);
+    match panic::catch_unwind(AssertUnwindSafe(|| read_frames(agent, &conn, reader))) {
+        Ok(why) => log!("connection lost: {why}"),
+        Err(_) => log!("connection lost: reader panicked"),
+    }
+    conn.close();
+    agent.reaper.forget(conn.id());
+}
+
+fn describe_frame_error(e: &FrameError) -> String {
+    match e {
+        FrameError::Io(io) => error::describe(io),
+        FrameError::Decode(p) | FrameError::Encode(p) => format!("{e}: {p}"),
+        FrameError::TooLarge(_) | FrameError::Truncated => e.to_string(),
+    }
+}
+
+/// Reads and dispatches frames; returns why the connection ended.
+fn read_frames(agent: &Arc<Agent>, conn: &Arc<Conn>, mut port: PortReader) -> String {
+    let mut buf = Vec::new();
+    loop {
+        match frame::read(&mut port, &mut buf) {
+            Ok(Some(msg)) => dispatch(agent, conn, msg),
+            Ok(None) => return "the host closed the port".into(),
+            Err(e) => return describe_frame_error(&e),
+        }
+    }
+}
+
+/// A request's handling, run on its own thread.
+type Job = Box<dyn FnOnce(&Agent, Reply) + Send>;
+
+/// Handles one message. Stream messages and pings are handled inline;
+/// other requests get a thread each, so a slow one never stalls reading.
+fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
+    let Message::Request { id, body } = msg else {
+        conn.on_stream_message(msg);
+        return;
+    };
+    let reply = conn.reply(id);
+    let job: Job = match body {
+        Request::Ping => return reply.send(Ok(Response::Pong)),
+        Request::Exec(exec) => match exec::Streams::open(conn, &exec) {
+            Ok(streams) => {
+                Box::new(move |agent, reply| exec::run(reply, &agent.reaper, &exec, streams))
+            }
+            Err(e) => return reply.send(Err(e)),
+        },
+        Request::Setup(setup) => Box::new(move |agent, reply| {
+            reply.send(setup::run(&agent.mounted, &setup));
+        }),
+        Request::Signal { process, signal } => Box::new(move |agent, reply| {
+            let key = (reply.conn().id(), process);
+            reply.send(agent.reaper.signal(key, signal).map(|()| Response::Done));
+        }),
+        Request::Shutdown => Box::new(|_, reply| shutdown(reply)),
+    };
+    let agent = agent.clone();
+    // On failure the closure, and with it the reply, is dropped: that
+    // answers with an error.
+    if let Err(e) = spawn_thread(format!("request-{id}"), move || job(&agent, reply)) {
+        log!("start request {id}: {}", error::describe(&e));
+    }
+}
+
+/// Syncs, answers, and powers off. If the host never takes the answer, the
+/// power-off happens anyway after a grace period.
+fn shutdown(reply: Reply) {
+    sys::sync();
+    let grace = spawn_thread("poweroff".into(), || {
+        thread::sleep(Duration::from_secs(1));
+        power_off();
+    });
+    if let Err(e) = grace {
+        log!("start poweroff timer: {}", error::describe(&e));
+    }
+    reply.send_flushed(Ok(Response::Done));
+    power_off();
+}
+
+fn power_off() {
+    // Everything but PID 1 itself.
+    let _ = sys::kill(-1, libc::SIGKILL);
+    sys::sync();
+    let e = sys::reboot();
+    log!("reboot: {}", error::describe(&e));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_errors_read_without_rust_suffixes() {
+        let e = FrameError::Io(io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(describe_frame_error(&e), "Input/output error");
+        let e = FrameError::TooLarge(5 << 20);
+        assert_eq!(
+            describe_frame_error(&e),
+            "frame of 5242880 bytes exceeds the 4194304-byte limit"
+        );
+    }
+}

@@ -1,0 +1,320 @@
+//! One connection to the host over the agent port: frame writes shared by
+//! every thread, and the streams the connection carries.
+//!
+//! The port is non-blocking so that no thread can stay stuck in a write to
+//! a dead connection: such a write would hold the port open (a virtio port
+//! opens only once at a time) and could later leak a stale partial frame
+//! into the next connection.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::Duration;
+
+use cc_protocol::flow::{Broken, Inbound, Outbound};
+use cc_protocol::{frame, ErrorKind, Message, RemoteError, Response};
+
+use crate::{error, sys};
+
+/// How long a blocked writer waits before checking whether the connection
+/// was closed.
+const WRITE_POLL: Duration = Duration::from_millis(100);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A guest → host stream.
+#[derive(Debug)]
+pub struct Output {
+    flow: Outbound,
+    /// Raised when the stream ends early, to wake a pump waiting on its pipe.
+    wake: OwnedFd,
+}
+
+impl Output {
+    fn new() -> io::Result<Self> {
+        Ok(Self {
+            flow: Outbound::new(),
+            wake: sys::eventfd()?,
+        })
+    }
+
+    /// Blocks for credit and takes up to `want` bytes of it; `None` once the
+    /// host reset the stream or the connection is gone.
+    pub fn acquire(&self, want: usize) -> Option<usize> {
+        self.flow.acquire(want, None).ok()
+    }
+
+    /// Returns credit taken but not used.
+    pub fn give_back(&self, bytes: usize) {
+        if bytes > 0 {
+            self.flow.grant(bytes as u32);
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        // Asking for nothing never blocks and fails only on a broken stream.
+        self.flow.acquire(0, None).is_ok()
+    }
+
+    fn end(&self, why: Broken) {
+        self.flow.break_off(why);
+        sys::eventfd_raise(self.wake.as_fd());
+    }
+
+    /// Waits until `pipe` has data or hung up; `false` if the stream ended
+    /// first.
+    pub fn wait_readable(&self, pipe: BorrowedFd<'_>) -> io::Result<bool> {
+        let mut fds = [
+            sys::pollfd(pipe, libc::POLLIN),
+            sys::pollfd(self.wake.as_fd(), libc::POLLIN),
+        ];
+        sys::poll(&mut fds, None)?;
+        Ok(fds[1].revents == 0)
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Debug)]
+pub struct Conn {
+    id: u64,
+    port: Mutex<Option<File>>,
+    closed: AtomicBool,
+    inputs: Mutex<HashMap<u32, Arc<Inbound>>>,
+    outputs: Mutex<HashMap<u32, Arc<Output>>>,
+}
+
+impl Conn {
+    /// Takes the (non-blocking) port for writing.
+    pub fn new(port: File) -> Self {
+        Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            port: Mutex::new(Some(port)),
+            closed: AtomicBool::new(false),
+            inputs: Mutex::default(),
+            outputs: Mutex::default(),
+        }
+    }
+
+    /// Unique among the agent's connections.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn closed_error() -> io::Error {
+        io::Error::new(io::ErrorKind::NotConnected, "connection closed")
+    }
+
+    /// Writes `msg` as one frame; fails once the connection is closed.
+    pub fn send(&self, msg: &Message) -> io::Result<()> {
+        let frame = frame::encode(msg).map_err(io::Error::other)?;
+        let mut port = lock(&self.port);
+        let mut rest = &frame[..];
+        while !rest.is_empty() {
+            if self.closed.load(Ordering::Relaxed) {
+                return Err(Self::closed_error());
+            }
+            let file = port.as_mut().ok_or_else(Self::closed_error)?;
+            match file.write(rest) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut fds = [sys::pollfd(file.as_fd(), libc::POLLOUT)];
+                    sys::poll(&mut fds, Some(WRITE_POLL))?;
+                    if fds[0].revents & libc::POLLOUT == 0 && fds[0].revents != 0 {
+                        // Hung up: poll returns at once, so pace the retries
+                        // until the reader notices and closes the connection.
+                        thread::sleep(WRITE_POLL);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Like [`send`](Self::send), but returns only once the host took the
+    /// frame: a blocking write to a virtio port waits for that.
+    pub fn send_flushed(&self, msg: &Message) -> io::Result<()> {
+        let frame = frame::encode(msg).map_err(io::Error::other)?;
+        let mut port = lock(&self.port);
+        let file = port.as_mut().ok_or_else(Self::closed_error)?;
+        sys::set_nonblocking(&*file, false)?;
+        let result = file.write_all(&frame);
+        sys::set_nonblocking(&*file, true)?;
+        result
+    }
+
+    /// The answer to request `id`, to be sent exactly once.
+    pub fn reply(self: &Arc<Self>, id: u64) -> Reply {
+        Reply {
+            conn: self.clone(),
+            id,
+            sent: false,
+        }
+    }
+
+    fn in_use(stream: u32) -> RemoteError {
+        error::invalid(format!("stream {stream} is already in use"))
+    }
+
+    /// Registers a host → guest stream.
+    pub fn open_input(&self, stream: u32) -> Result<Arc<Inbound>, RemoteError> {
+        let mut inputs = lock(&self.inputs);
+        if inputs.contains_key(&stream) || lock(&self.outputs).contains_key(&stream) {
+            return Err(Self::in_use(stream));
+        }
+        let input = Arc::new(Inbound::new());
+        inputs.insert(stream, input.clone());
+        Ok(input)
+    }
+
+    /// Registers a guest → host stream.
+    pub fn open_output(&self, stream: u32) -> Result<Arc<Output>, RemoteError> {
+        let inputs = lock(&self.inputs);
+        let mut outputs = lock(&self.outputs);
+        if inputs.contains_key(&stream) || outputs.contains_key(&stream) {
+            return Err(Self::in_use(stream));
+        }
+        let output = Arc::new(Output::new().map_err(|e| error::os("create stream wakeup", &e))?);
+        outputs.insert(stream, output.clone());
+        Ok(output)
+    }
+
+    /// Forgets an input stream; later messages for it are ignored.
+    pub fn close_input(&self, stream: u32) {
+        if let Some(input) = lock(&self.inputs).remove(&stream) {
+            input.break_off(Broken::Closed);
+        }
+    }
+
+    /// Forgets an output stream; its pump stops.
+    pub fn close_output(&self, stream: u32) {
+        if let Some(output) = lock(&self.outputs).remove(&stream) {
+            output.end(Broken::Closed);
+        }
+    }
+
+    fn input(&self, stream: u32) -> Option<Arc<Inbound>> {
+        lock(&self.inputs).get(&stream).cloned()
+    }
+
+    fn output(&self, stream: u32) -> Option<Arc<Output>> {
+        lock(&self.outputs).get(&stream).cloned()
+    }
+
+    /// Handles a stream message from the host. Never blocks on a consumer:
+    /// input only goes into the stream's bounded buffer. Messages for
+    /// unknown streams may race with their teardown and are ignored.
+    pub fn on_stream_message(&self, msg: Message) {
+        match msg {
+            Message::Data { stream, bytes } => {
+                let Some(input) = self.input(stream) else {
+                    return;
+                };
+                if let Err(e) = input.push(bytes.into_vec()) {
+                    log!("stream {stream}: {e}; resetting it");
+                    self.close_input(stream);
+                    let _ = self.send(&Message::Reset { stream });
+                }
+            }
+            Message::Eof { stream } => {
+                if let Some(input) = self.input(stream) {
+                    input.finish();
+                }
+            }
+            Message::Credit { stream, bytes } => {
+                if let Some(output) = self.output(stream) {
+                    output.flow.grant(bytes);
+                }
+            }
+            Message::Reset { stream } => self.close_output(stream),
+            other => log!("ignoring unexpected message {other:?}"),
+        }
+    }
+
+    /// Ends the connection: every stream breaks off, later sends fail, and
+    /// the port is released once the current writer gives up.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        for (_, input) in lock(&self.inputs).drain() {
+            input.break_off(Broken::Lost);
+        }
+        for (_, output) in lock(&self.outputs).drain() {
+            output.end(Broken::Lost);
+        }
+        drop(lock(&self.port).take());
+    }
+}
+
+/// The pending answer to one request. Dropping it unanswered (say, when
+/// its handler panicked) answers with an error, so the host never waits in
+/// vain.
+#[derive(Debug)]
+pub struct Reply {
+    conn: Arc<Conn>,
+    id: u64,
+    sent: bool,
+}
+
+impl Reply {
+    pub fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+
+    fn message(&mut self, body: Result<Response, RemoteError>) -> Message {
+        self.sent = true;
+        Message::Response { id: self.id, body }
+    }
+
+    pub fn send(mut self, body: Result<Response, RemoteError>) {
+        let msg = self.message(body);
+        // A failed send means the connection is gone; its reader reports that.
+        let _ = self.conn.send(&msg);
+    }
+
+    /// Sends and waits until the host took the answer.
+    pub fn send_flushed(mut self, body: Result<Response, RemoteError>) {
+        let msg = self.message(body);
+        if let Err(e) = self.conn.send_flushed(&msg) {
+            log!("send response {}: {}", self.id, error::describe(&e));
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if !self.sent {
+            let msg = self.message(Err(error::new(
+                ErrorKind::Io,
+                "the agent failed to handle the request",
+            )));
+            let _ = self.conn.send(&msg);
+        }
+    }
+}
+
+/// The reading half of the non-blocking port, blocking in `poll` instead.
+#[derive(Debug)]
+pub struct PortReader(pub File);
+
+impl Read for PortReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.0.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut fds = [sys::pollfd(self.0.as_fd(), libc::POLLIN)];
+                    sys::poll(&mut fds, None)?;
+                }
+                other => return other,
+            }
+        }
+    }
+}
