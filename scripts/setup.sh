@@ -11,25 +11,26 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 
 packages=(qemu-system-x86 qemu-utils erofs-utils e2fsprogs busybox-static cpio
           bison flex libelf-dev libssl-dev bc build-essential xz-utils bzip2)
+sudo=""
+[ "$(id -u)" = 0 ] || sudo="sudo"
+installed() { dpkg -s "$1" >/dev/null 2>&1; }
+
 # Debian 12 ships the 6.1 kernel source the config is written for; elsewhere
 # take the distribution's kernel source unless CC_KERNEL_SRC names one.
-if [ -z "${CC_KERNEL_SRC:-}" ]; then
-    if apt-cache show linux-source-6.1 >/dev/null 2>&1 || dpkg -s linux-source-6.1 >/dev/null 2>&1; then
-        packages+=(linux-source-6.1)
-    else
-        packages+=(linux-source)
-    fi
+want_kernel_src=""
+if [ -z "${CC_KERNEL_SRC:-}" ] && ! installed linux-source-6.1 && ! ls /usr/src/linux-source-*.tar.* >/dev/null 2>&1; then
+    want_kernel_src=yes
 fi
-
 missing=()
 for p in "${packages[@]}"; do
-    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+    installed "$p" || missing+=("$p")
 done
-if [ ${#missing[@]} -gt 0 ]; then
-    step "installing ${missing[*]}"
-    sudo=""
-    [ "$(id -u)" = 0 ] || sudo="sudo"
+if [ ${#missing[@]} -gt 0 ] || [ -n "$want_kernel_src" ]; then
+    step "installing system packages"
     $sudo apt-get update -qq
+    if [ -n "$want_kernel_src" ]; then
+        if apt-cache show linux-source-6.1 >/dev/null 2>&1; then missing+=(linux-source-6.1); else missing+=(linux-source); fi
+    fi
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }

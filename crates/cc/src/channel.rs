@@ -416,3 +416,64 @@ fn mark_dead(shared: &Shared, why: String) {
     }
     t.dead = Some(why);
 }
+
+#[cfg(test)]
+mod tests {
+    //! Handshake checks against a fake agent on a socketpair (no VM).
+    use super::*;
+    use std::io::Write;
+
+    fn greet(payload: &[u8]) -> Result<(Channel, String)> {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let mut wire = (payload.len() as u32).to_le_bytes().to_vec();
+        wire.extend_from_slice(payload);
+        guest.write_all(&wire).unwrap();
+        let result = Channel::connect(host, Duration::from_millis(500));
+        drop(guest);
+        result
+    }
+
+    fn hello(version: u32) -> Vec<u8> {
+        frame::encode(&Message::Hello {
+            version,
+            agent: "test".into(),
+        })
+        .unwrap()[4..]
+            .to_vec()
+    }
+
+    #[test]
+    fn matching_version_connects() {
+        let (channel, agent) = greet(&hello(PROTOCOL_VERSION)).unwrap();
+        assert_eq!(agent, "test");
+        channel.shut_down("test over");
+    }
+
+    #[test]
+    fn other_versions_are_refused_with_both_numbers() {
+        let err = greet(&hello(PROTOCOL_VERSION + 1)).unwrap_err();
+        assert!(
+            matches!(err, Error::ProtocolMismatch { guest, host } if guest == PROTOCOL_VERSION + 1 && host == PROTOCOL_VERSION)
+        );
+        assert!(err.to_string().contains("scripts/setup.sh"), "{err}");
+        // A future Hello with fields this build cannot decode.
+        let err = greet(&[0, 7, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).unwrap_err();
+        assert!(
+            matches!(err, Error::ProtocolMismatch { guest: 7, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn garbage_silence_and_hangups_are_errors() {
+        assert!(matches!(greet(&[9, 9, 9]).unwrap_err(), Error::Protocol(_)));
+        let eof = greet(&[]).unwrap_err();
+        assert!(
+            matches!(eof, Error::Protocol(_) | Error::NotRunning(_)),
+            "{eof:?}"
+        );
+        let (host, _guest) = UnixStream::pair().unwrap();
+        let err = Channel::connect(host, Duration::from_millis(50)).unwrap_err();
+        assert_eq!(err.code(), crate::ErrorCode::Timeout);
+    }
+}

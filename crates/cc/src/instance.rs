@@ -178,7 +178,10 @@ impl Instance {
         let spawn = t1.elapsed();
         let boot_failed = |vm: &Vm, reason: String| {
             // Let QEMU finish writing why it died before quoting its logs.
-            vm.wait_timeout(Duration::from_millis(200));
+            let reason = match vm.wait_timeout(Duration::from_millis(200)) {
+                Some(status) => format!("QEMU exited ({status}): {reason}"),
+                None => reason,
+            };
             Error::Boot {
                 reason,
                 diagnostics: vm.diagnostics(),

@@ -62,7 +62,22 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
     if let Some(user) = args.user {
         cmd.user(user);
     }
-    let mut child = cmd.spawn()?;
+    // Like a shell: 127 when the program does not exist, 126 when it
+    // cannot be executed.
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e @ (cc::Error::CommandNotFound(_) | cc::Error::PermissionDenied(_))) => {
+            eprintln!("crumble: {e}");
+            let code = if matches!(e, cc::Error::CommandNotFound(_)) {
+                127
+            } else {
+                126
+            };
+            inst.close()?;
+            return Ok(ExitCode::from(code));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let signaller = child.signaller();
     std::thread::Builder::new()
         .name("signals".into())

@@ -234,10 +234,7 @@ impl Vm {
             out.push_str(&qemu);
         }
         let console = tail(&self.console_log, 30);
-        out.push_str(&format!(
-            "--- guest console ({}):\n",
-            self.console_log.display()
-        ));
+        out.push_str("--- guest console:\n");
         out.push_str(if console.is_empty() {
             "(empty)\n"
         } else {

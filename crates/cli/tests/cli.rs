@@ -1,0 +1,284 @@
+//! `crumble` end to end. The tests that boot VMs run when
+//! `CC_RUN_VM_TESTS=1` (see crates/cc/tests/vm.rs for what they need).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn vm_tests() -> bool {
+    std::env::var("CC_RUN_VM_TESTS").as_deref() == Ok("1")
+}
+
+fn cache() -> PathBuf {
+    std::env::var_os("CC_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+                });
+            base.join("crumblecracker")
+        })
+}
+
+fn rootfs() -> PathBuf {
+    std::env::var_os("CC_TEST_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache().join("trees/busybox"))
+}
+
+fn crumble() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_crumble"))
+}
+
+fn run(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = crumble()
+        .arg("run")
+        .arg("--rootfs")
+        .arg(rootfs())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn usage_errors_need_no_vm() {
+    let out = crumble()
+        .args(["run", "--rootfs", "/tmp"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a command is required");
+    let out = crumble().arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for sub in ["run", "doctor", "bench"] {
+        assert!(help.contains(sub), "{help}");
+    }
+}
+
+#[test]
+fn doctor_reports_the_accelerator() {
+    let out = crumble().arg("doctor").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("accelerator"), "{text}");
+    assert!(text.contains("cache dir"), "{text}");
+}
+
+#[test]
+fn run_forwards_output_stdin_and_status() {
+    if !vm_tests() {
+        return;
+    }
+    let out = run(&["--", "echo", "hello"], b"");
+    assert_eq!(out.stdout, b"hello\n");
+    assert_eq!(out.status.code(), Some(0));
+
+    let out = run(
+        &["--", "sh", "-c", "cat; echo err >&2; exit 7"],
+        b"from stdin",
+    );
+    assert_eq!(out.stdout, b"from stdin");
+    assert_eq!(out.stderr, b"err\n");
+    assert_eq!(out.status.code(), Some(7));
+
+    let out = run(&["--", "sh", "-c", "kill -TERM $$"], b"");
+    assert_eq!(out.status.code(), Some(128 + 15));
+}
+
+#[test]
+fn run_applies_env_workdir_user_and_resources() {
+    if !vm_tests() {
+        return;
+    }
+    let out = run(
+        &[
+            "--env",
+            "A=1",
+            "-e",
+            "B=x=y",
+            "--workdir",
+            "/tmp",
+            "--user",
+            "alice",
+            "--memory",
+            "128",
+            "--cpus",
+            "2",
+            "--",
+        ]
+        .into_iter()
+        .chain([
+            "sh",
+            "-c",
+            "echo $A $B; pwd; id -un; nproc; grep MemTotal /proc/meminfo",
+        ])
+        .collect::<Vec<_>>(),
+        b"",
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(&lines[..4], ["1 x=y", "/tmp", "alice", "2"], "{text}");
+    let kib: u64 = lines[4].split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(
+        kib > 64 << 10 && kib <= 128 << 10,
+        "MemTotal {kib} kB for --memory 128"
+    );
+}
+
+#[test]
+fn run_errors_are_clear() {
+    if !vm_tests() {
+        return;
+    }
+    let out = run(&["--", "no-such-program"], b"");
+    assert_eq!(out.status.code(), Some(127));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-program"));
+
+    let out = crumble()
+        .args(["run", "--rootfs", "/no/such/dir", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/dir"));
+
+    let out = run(&["--env", "NOEQUALS", "--", "true"], b"");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KEY=VALUE"));
+}
+
+/// QEMU children of `pid`.
+fn qemu_children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // comm is in parentheses; ppid is the second field after it.
+            let Some((comm, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            comm.contains("qemu") && rest.split_whitespace().nth(1) == Some(&pid.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn killing_the_host_process_ends_qemu_and_the_next_run_sweeps_its_dir() {
+    if !vm_tests() {
+        return;
+    }
+    let mut child = crumble()
+        .arg("run")
+        .arg("--rootfs")
+        .arg(rootfs())
+        .args(["--", "sh", "-c", "echo started; sleep 1000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "started\n");
+    let qemu = qemu_children(child.id());
+    assert_eq!(qemu.len(), 1, "one QEMU under crumble");
+    let run_dirs = || -> Vec<PathBuf> {
+        std::fs::read_dir(cache().join("run"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let prefix = format!("{}-", child.id());
+    let mine = |dirs: Vec<PathBuf>| {
+        dirs.into_iter()
+            .filter(|d| {
+                d.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(&prefix)
+            })
+            .count()
+    };
+    assert_eq!(mine(run_dirs()), 1);
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while PathBuf::from(format!("/proc/{}", qemu[0])).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !PathBuf::from(format!("/proc/{}", qemu[0])).exists(),
+        "QEMU outlived its host process"
+    );
+
+    assert_eq!(run(&["--", "true"], b"").status.code(), Some(0));
+    assert_eq!(
+        mine(run_dirs()),
+        0,
+        "the dead process's run dir was not swept"
+    );
+}
+
+#[test]
+fn missing_pieces_name_the_fix() {
+    let fail = |var: &str, value: &str| {
+        let out = crumble()
+            .env(var, value)
+            .args(["run", "--rootfs"])
+            .arg(rootfs())
+            .args(["--", "true"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(125), "{var}={value}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = fail("CC_QEMU", "/no/qemu-system-x86_64");
+    assert!(e.contains("apt-get install qemu-system-x86"), "{e}");
+    let e = fail("CC_KERNEL", "/no/vmlinux");
+    assert!(
+        e.contains("/no/vmlinux") && e.contains("scripts/setup.sh"),
+        "{e}"
+    );
+    let e = fail("CC_AGENT", "/no/cc-agent");
+    assert!(
+        e.contains("/no/cc-agent") && e.contains("scripts/setup.sh"),
+        "{e}"
+    );
+    let e = fail("CC_ACCEL", "hvf");
+    assert!(
+        e.contains("CC_ACCEL=hvf") && e.contains("kvm or tcg"),
+        "{e}"
+    );
+}
+
+#[test]
+fn qemu_dying_at_boot_is_reported_with_its_logs() {
+    if !vm_tests() {
+        return;
+    }
+    // Not a kernel: QEMU refuses it and exits at once.
+    let bogus = std::env::temp_dir().join(format!("cc-bogus-kernel-{}", std::process::id()));
+    std::fs::write(&bogus, b"not a kernel").unwrap();
+    let out = crumble()
+        .env("CC_KERNEL", &bogus)
+        .args(["run", "--rootfs"])
+        .arg(rootfs())
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    std::fs::remove_file(&bogus).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("failed to boot") && err.contains("--- qemu:"),
+        "{err}"
+    );
+}
