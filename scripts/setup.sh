@@ -10,7 +10,9 @@ cache="${CC_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/crumblecracker}"
 step() { printf '\n==> %s\n' "$*" >&2; }
 
 packages=(qemu-system-x86 qemu-utils erofs-utils e2fsprogs busybox-static cpio
-          bison flex libelf-dev libssl-dev bc build-essential xz-utils bzip2)
+          bison flex libelf-dev libssl-dev bc build-essential xz-utils bzip2
+          # tests: a real registry, image tools, the Debian test image
+          docker-registry skopeo apache2-utils zstd debootstrap python3)
 sudo=""
 [ "$(id -u)" = 0 ] || sudo="sudo"
 installed() { dpkg -s "$1" >/dev/null 2>&1; }

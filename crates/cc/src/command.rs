@@ -70,8 +70,9 @@ pub struct Output {
 }
 
 /// A process to run in the guest. Defaults: stdin from `/dev/null`, stdout
-/// and stderr piped; environment `PATH`, `HOME` (the user's) and `TERM`
-/// plus whatever [`Command::env`] adds; the instance's default user.
+/// and stderr piped; environment `PATH`, `HOME` (the user's) and `TERM`,
+/// then the image's `Env`, then whatever [`Command::env`] adds; the image's
+/// working directory; the instance's user, else the image's.
 #[derive(Debug, Clone)]
 pub struct Command {
     inst: Arc<Inner>,
@@ -85,11 +86,22 @@ pub struct Command {
 impl Command {
     pub(crate) fn new(inst: Arc<Inner>, program: impl AsRef<OsStr>) -> Command {
         let user = inst.default_user.clone();
+        let (env, cwd) = match &inst.image_config {
+            Some(c) => (
+                c.env
+                    .iter()
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+                    .collect(),
+                c.working_dir.as_ref().map(OsString::from),
+            ),
+            None => (Vec::new(), None),
+        };
         Command {
             inst,
             argv: vec![program.as_ref().to_owned()],
-            env: Vec::new(),
-            cwd: None,
+            env,
+            cwd,
             user,
             stdio: [Stdio::Null, Stdio::Piped, Stdio::Piped],
         }

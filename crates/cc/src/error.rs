@@ -56,6 +56,8 @@ pub enum Error {
     Boot { reason: String, diagnostics: String },
     #[error(transparent)]
     Engine(#[from] cc_engine::Error),
+    #[error(transparent)]
+    Image(#[from] cc_image::Error),
 }
 
 impl Error {
@@ -82,6 +84,14 @@ impl Error {
             Error::ProtocolMismatch { .. } | Error::Protocol(_) | Error::Boot { .. } => {
                 ErrorCode::Unknown
             }
+            Error::Image(e) => match e {
+                cc_image::Error::Registry { .. } => ErrorCode::Network,
+                cc_image::Error::Cancelled => ErrorCode::Cancelled,
+                cc_image::Error::BadReference(_)
+                | cc_image::Error::BadPlatform(_)
+                | cc_image::Error::BadDigest(_) => ErrorCode::InvalidArgument,
+                _ => ErrorCode::Io,
+            },
         }
     }
 
@@ -89,6 +99,7 @@ impl Error {
     pub fn op(&self) -> Option<&str> {
         match self {
             Error::Io { op, .. } | Error::Guest { op, .. } => Some(op),
+            Error::Image(cc_image::Error::Io { op, .. }) => Some(op),
             _ => None,
         }
     }
@@ -96,7 +107,7 @@ impl Error {
     /// The path involved, where one applies.
     pub fn path(&self) -> Option<&str> {
         match self {
-            Error::Io { path, .. } => Some(path),
+            Error::Io { path, .. } | Error::Image(cc_image::Error::Io { path, .. }) => Some(path),
             _ => None,
         }
     }

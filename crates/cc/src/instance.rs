@@ -19,6 +19,15 @@ pub enum Source {
     /// A host directory holding a root filesystem tree. It is never modified:
     /// the instance writes to its own layer.
     Dir(PathBuf),
+    /// An OCI image from the store; its config supplies the defaults of
+    /// every command (environment, working directory, user, entrypoint).
+    Image(Box<cc_image::Image>),
+}
+
+impl From<cc_image::Image> for Source {
+    fn from(image: cc_image::Image) -> Source {
+        Source::Image(Box::new(image))
+    }
 }
 
 /// How to run an instance.
@@ -103,6 +112,8 @@ pub(crate) struct Inner {
     pub(crate) id: String,
     pub(crate) channel: Channel,
     pub(crate) default_user: Option<String>,
+    /// The image's config, when booted from an image.
+    pub(crate) image_config: Option<cc_image::ImageConfig>,
     /// `None` once closed.
     live: Mutex<Option<Live>>,
 }
@@ -145,8 +156,13 @@ impl Instance {
         let agent = cc_engine::paths::agent()?;
         let accel = cc_engine::detect_accel()?;
         let initrd = cc_engine::initramfs::for_agent(&agent, &cache)?;
-        let Source::Dir(dir) = source;
-        let lower = rootfs::image_for_dir(dir, &cache)?;
+        let (lower, image_config) = match source {
+            Source::Dir(dir) => (rootfs::image_for_dir(dir, &cache)?, None),
+            Source::Image(image) => (
+                image.rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES)?,
+                Some(image.config()),
+            ),
+        };
 
         let id = random_id();
         let run_dir = RunDir::create(&cache, &id)?;
@@ -228,7 +244,10 @@ impl Instance {
         let inner = Inner {
             id,
             channel,
-            default_user: options.user,
+            default_user: options
+                .user
+                .or_else(|| image_config.as_ref().and_then(|c| c.user.clone())),
+            image_config,
             live: Mutex::new(Some(Live { vm, run_dir })),
         };
         Ok(Instance {
@@ -261,6 +280,31 @@ impl Instance {
     /// A command to run `program` in the guest.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         Command::new(self.inner.clone(), program)
+    }
+
+    /// A command running the image's entrypoint: `Entrypoint + args`, or
+    /// `Entrypoint + Cmd` without args.
+    pub fn entrypoint_command<S: AsRef<str>>(&self, args: &[S]) -> Result<Command> {
+        let args: Vec<String> = args.iter().map(|a| a.as_ref().to_string()).collect();
+        let argv = self
+            .inner
+            .image_config
+            .as_ref()
+            .map(|c| c.entrypoint_argv(&args))
+            .unwrap_or(args);
+        let Some((program, rest)) = argv.split_first() else {
+            return Err(Error::InvalidArgument(
+                "the image has no entrypoint or cmd, and no command was given".into(),
+            ));
+        };
+        let mut cmd = self.command(program);
+        cmd.args(rest);
+        Ok(cmd)
+    }
+
+    /// The config of the image this instance booted from.
+    pub fn image_config(&self) -> Option<&cc_image::ImageConfig> {
+        self.inner.image_config.as_ref()
     }
 
     /// Measures one round trip to the agent.

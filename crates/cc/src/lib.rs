@@ -24,9 +24,11 @@ mod channel;
 mod command;
 mod error;
 mod instance;
+mod oci;
 mod rootfs;
 
 pub use cc_protocol::PROTOCOL_VERSION as GUEST_PROTOCOL_VERSION;
 pub use command::{Child, ChildOutput, ChildStdin, Command, ExitStatus, Output, Signaller, Stdio};
 pub use error::{Error, ErrorCode, Result};
 pub use instance::{BootTimings, Instance, Options, Source};
+pub use oci::*;

@@ -70,7 +70,7 @@ fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> CliResult<Ex
         disks: Vec::new(),
         kernel_params: Vec::new(),
     };
-    let source = crate::rootfs_source(rootfs.to_path_buf());
+    let source = cc::Source::Dir(rootfs.to_path_buf());
     let options = cc::Options {
         memory_mb: memory,
         ..Default::default()

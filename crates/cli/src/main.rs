@@ -7,9 +7,9 @@
 
 mod bench;
 mod doctor;
+mod images;
 mod run;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +29,16 @@ struct Cli {
 enum Cmd {
     /// Boot an instance, run one command in it, exit with its status.
     Run(run::RunArgs),
+    /// Pull an image from a registry into the local store.
+    Pull(images::PullArgs),
+    /// List stored images.
+    Images,
+    /// Remove image names, then the content no image uses.
+    Rmi(images::RmiArgs),
+    /// Load a `docker save` archive or an OCI layout (archive or directory).
+    Load(images::LoadArgs),
+    /// Write a stored image as an OCI layout directory.
+    Export(images::ExportArgs),
     /// Show the accelerator, kernel, QEMU and cache this machine uses.
     Doctor,
     /// Measure boot and command latency.
@@ -46,6 +56,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Run(args) => run::run(args),
+        Cmd::Pull(args) => images::pull(args),
+        Cmd::Images => images::images(),
+        Cmd::Rmi(args) => images::rmi(args),
+        Cmd::Load(args) => images::load(args),
+        Cmd::Export(args) => images::export(args),
         Cmd::Doctor => doctor::doctor(),
         Cmd::Bench { what } => bench::bench(what),
     };
@@ -65,8 +80,3 @@ fn main() -> ExitCode {
 
 /// Errors the subcommands report before exiting non-zero.
 pub(crate) type CliResult<T> = Result<T, Box<dyn std::error::Error>>;
-
-/// A root filesystem directory given on the command line.
-pub(crate) fn rootfs_source(dir: PathBuf) -> cc::Source {
-    cc::Source::Dir(dir)
-}

@@ -11,9 +11,14 @@ use crate::CliResult;
 
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
-    /// Root filesystem directory to boot (never modified).
+    /// Image to boot (pulled if not stored); or use --rootfs.
+    #[arg(required_unless_present = "rootfs", conflicts_with = "rootfs")]
+    image: Option<String>,
+    /// Root filesystem directory to boot instead of an image (never modified).
     #[arg(long, value_name = "DIR")]
-    rootfs: PathBuf,
+    rootfs: Option<PathBuf>,
+    #[command(flatten)]
+    pull: crate::images::PullFlags,
     /// Guest memory in MiB.
     #[arg(long, value_name = "MB", default_value_t = 512)]
     memory: u32,
@@ -29,8 +34,9 @@ pub(crate) struct RunArgs {
     /// User to run as: name, uid, uid:gid or name:group.
     #[arg(long, short = 'u')]
     user: Option<String>,
-    /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// The command and its arguments; without one, an image's entrypoint
+    /// runs (Entrypoint + Cmd).
+    #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
 }
 
@@ -45,14 +51,31 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
     // Signals are handled by a thread of ours (forwarded to the guest
     // process), so block them before any thread exists to inherit the mask.
     let signals = block_signals();
+    let source = match (args.rootfs, &args.image) {
+        (Some(dir), _) => cc::Source::Dir(dir),
+        (None, Some(reference)) => {
+            let client = cc::OciClient::new(None)?;
+            cc::Source::from(crate::images::pull_with_progress(
+                &client, reference, &args.pull,
+            )?)
+        }
+        (None, None) => return Err("give an IMAGE or --rootfs DIR".into()),
+    };
     let options = cc::Options {
         memory_mb: args.memory,
         cpus: args.cpus,
         ..Default::default()
     };
-    let inst = cc::Instance::new(&crate::rootfs_source(args.rootfs), options)?;
-    let mut cmd = inst.command(&args.command[0]);
-    cmd.args(&args.command[1..]).stdin(cc::Stdio::Piped);
+    let inst = cc::Instance::new(&source, options)?;
+    let mut cmd = match args.command.split_first() {
+        Some((program, rest)) => {
+            let mut cmd = inst.command(program);
+            cmd.args(rest);
+            cmd
+        }
+        None => inst.entrypoint_command::<&str>(&[])?,
+    };
+    cmd.stdin(cc::Stdio::Piped);
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -1,0 +1,79 @@
+//! OCI images for instances: the store, pulls, loads and exports.
+
+use std::path::{Path, PathBuf};
+
+pub use cc_image::{
+    Auth, CancelToken, Digest, Image, ImageConfig, ImageSummary, Platform, Progress, PruneStats,
+    PullOptions, PullPolicy,
+};
+
+use crate::error::Result;
+
+/// The image store a program pulls into and boots from.
+#[derive(Debug, Clone)]
+pub struct OciClient {
+    inner: cc_image::Client,
+}
+
+impl OciClient {
+    /// Opens the store under `cache_dir`, or the per-user default
+    /// (`<cache>/oci`, see `CC_CACHE_DIR`).
+    pub fn new(cache_dir: Option<&Path>) -> Result<OciClient> {
+        let root: PathBuf = match cache_dir {
+            Some(dir) => dir.to_path_buf(),
+            None => cc_engine::paths::cache_dir().join("oci"),
+        };
+        Ok(OciClient {
+            inner: cc_image::Client::open(root)?,
+        })
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        self.inner.store().root()
+    }
+
+    /// Pulls `reference`; `progress` sees every chunk, `cancel` stops it.
+    pub fn pull(
+        &self,
+        reference: &str,
+        options: &PullOptions,
+        progress: &mut dyn FnMut(&Progress),
+        cancel: &CancelToken,
+    ) -> Result<Image> {
+        Ok(self.inner.pull(reference, options, progress, cancel)?)
+    }
+
+    /// Loads a `docker save` archive or an OCI layout archive.
+    pub fn load_tar(&self, path: &Path) -> Result<Image> {
+        Ok(self.inner.load_tar(path, None)?)
+    }
+
+    /// Loads an OCI image layout directory.
+    pub fn load_dir(&self, dir: &Path) -> Result<Image> {
+        Ok(self.inner.load_dir(dir, None)?)
+    }
+
+    /// Writes `image` as an OCI image layout directory.
+    pub fn export_dir(&self, image: &Image, dir: &Path) -> Result<()> {
+        Ok(self.inner.export_dir(image, dir)?)
+    }
+
+    /// A stored image by name or manifest digest.
+    pub fn image(&self, name_or_digest: &str) -> Result<Image> {
+        Ok(self.inner.image(name_or_digest)?)
+    }
+
+    pub fn images(&self) -> Result<Vec<ImageSummary>> {
+        Ok(self.inner.images()?)
+    }
+
+    /// Forgets a name; [`OciClient::prune`] then frees what nothing uses.
+    pub fn remove(&self, name: &str) -> Result<bool> {
+        Ok(self.inner.remove(name)?)
+    }
+
+    pub fn prune(&self) -> Result<PruneStats> {
+        Ok(self.inner.prune()?)
+    }
+}

@@ -1,0 +1,312 @@
+//! OCI image layouts (directories and archives) and `docker save` archives,
+//! in and out of the store.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
+use serde_json::json;
+
+use crate::image::parse;
+use crate::platform::{host_platform, select, Platform};
+use crate::store::MAX_DOCUMENT;
+use crate::{normalize_name, Digest, Error, Image, Result, Store};
+
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+const FULL_NAME: &str = "io.containerd.image.name";
+const MANIFEST_OCI: &str = "application/vnd.oci.image.manifest.v1+json";
+const INDEX_OCI: &str = "application/vnd.oci.image.index.v1+json";
+const MANIFEST_LIST_DOCKER: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Where layout blobs come from: a directory, or what an archive already
+/// put into the store.
+enum BlobSource<'a> {
+    Dir(&'a Path),
+    Stored,
+}
+
+impl BlobSource<'_> {
+    fn ensure(&self, store: &Store, d: &Descriptor) -> Result<Digest> {
+        let digest: Digest = d.digest().to_string().parse()?;
+        if store.has_blob(&digest) {
+            return Ok(digest);
+        }
+        match self {
+            BlobSource::Dir(dir) => {
+                let path = dir.join("blobs/sha256").join(digest.hex());
+                let file = File::open(&path).map_err(|e| match e.kind() {
+                    io::ErrorKind::NotFound => Error::MissingBlob(digest.to_string()),
+                    _ => Error::io("open", &path)(e),
+                })?;
+                store.write_blob(Some(&digest), file.take(d.size()), |_| true)?;
+                Ok(digest)
+            }
+            BlobSource::Stored => Err(Error::MissingBlob(digest.to_string())),
+        }
+    }
+}
+
+/// Loads the image an OCI layout directory holds (the host platform's,
+/// when it holds several).
+pub(crate) fn load_dir(store: &Store, dir: &Path, platform: Option<&Platform>) -> Result<Image> {
+    let index_path = dir.join("index.json");
+    let index = read_bounded(&index_path)?;
+    load_index(store, &index, &BlobSource::Dir(dir), dir, platform)
+}
+
+fn read_bounded(path: &Path) -> Result<Vec<u8>> {
+    let file = File::open(path).map_err(Error::io("open", path))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_DOCUMENT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(Error::io("read", path))?;
+    if bytes.len() as u64 > MAX_DOCUMENT {
+        return Err(Error::BadDocument(format!(
+            "{} is too large",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+fn load_index(
+    store: &Store,
+    index: &[u8],
+    blobs: &BlobSource<'_>,
+    origin: &Path,
+    platform: Option<&Platform>,
+) -> Result<Image> {
+    let index: ImageIndex = parse(index, "index.json")?;
+    let wanted = platform.cloned().unwrap_or_else(host_platform);
+    let entry = match index.manifests().as_slice() {
+        [] => return Err(Error::BadDocument("index.json lists no image".into())),
+        [only] => only,
+        many => select(many, &wanted, &origin.display().to_string())?,
+    };
+    let name = entry.annotations().as_ref().and_then(|a| {
+        a.get(FULL_NAME).cloned().or_else(|| {
+            a.get(REF_NAME).map(|tag| match tag.contains(['/', ':']) {
+                true => tag.clone(),
+                false => format!(
+                    "localhost/{}:{tag}",
+                    origin
+                        .file_stem()
+                        .and_then(|s| s.to_str())
+                        .unwrap_or("image")
+                ),
+            })
+        })
+    });
+    let mut digest = blobs.ensure(store, entry)?;
+    let media = entry.media_type().to_string();
+    if media == INDEX_OCI || media == MANIFEST_LIST_DOCKER {
+        let nested: ImageIndex = parse(&store.read_document(&digest)?, "index")?;
+        let chosen = select(nested.manifests(), &wanted, &origin.display().to_string())?;
+        digest = blobs.ensure(store, chosen)?;
+    }
+    let manifest: ImageManifest = parse(&store.read_document(&digest)?, "manifest")?;
+    blobs.ensure(store, manifest.config())?;
+    for layer in manifest.layers() {
+        blobs.ensure(store, layer)?;
+    }
+    let name = name.map(|n| normalize_name(&n)).transpose()?;
+    if let Some(name) = &name {
+        store.set_ref(name, &digest)?;
+    }
+    Image::open(store, name, digest)
+}
+
+/// Loads an OCI layout archive or a `docker save` archive.
+pub(crate) fn load_tar(store: &Store, path: &Path, platform: Option<&Platform>) -> Result<Image> {
+    let file = File::open(path).map_err(Error::io("open", path))?;
+    let mut archive = tar::Archive::new(io::BufReader::new(file));
+    let mut documents: HashMap<String, Vec<u8>> = HashMap::new();
+    // Archive paths of non-blob files (docker save) and their digests.
+    let mut by_path: HashMap<String, (Digest, u64)> = HashMap::new();
+    let mut aliases: HashMap<String, String> = HashMap::new();
+    for entry in archive.entries().map_err(Error::io("read", path))? {
+        let mut entry = entry.map_err(Error::io("read", path))?;
+        let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let name = raw.trim_start_matches("./").to_string();
+        match entry.header().entry_type() {
+            tar::EntryType::Regular | tar::EntryType::Continuous => {}
+            tar::EntryType::Symlink => {
+                if let Some(target) = entry.link_name_bytes() {
+                    let target = String::from_utf8_lossy(&target).into_owned();
+                    let base = Path::new(&name)
+                        .parent()
+                        .unwrap_or(Path::new(""))
+                        .join(target);
+                    aliases.insert(name, normalize_archive_path(&base));
+                }
+                continue;
+            }
+            _ => continue,
+        }
+        if matches!(name.as_str(), "index.json" | "manifest.json" | "oci-layout") {
+            let mut bytes = Vec::new();
+            (&mut entry)
+                .take(MAX_DOCUMENT + 1)
+                .read_to_end(&mut bytes)
+                .map_err(Error::io("read", path))?;
+            if bytes.len() as u64 > MAX_DOCUMENT {
+                return Err(Error::BadDocument(format!(
+                    "{name} in {} is too large",
+                    path.display()
+                )));
+            }
+            documents.insert(name, bytes);
+        } else if let Some(hex) = name.strip_prefix("blobs/sha256/") {
+            let expected: Digest = format!("sha256:{hex}").parse()?;
+            let (digest, size) = store.write_blob(Some(&expected), &mut entry, |_| true)?;
+            by_path.insert(name, (digest, size));
+        } else if name.ends_with(".tar") || name.ends_with(".json") {
+            let (digest, size) = store.write_blob(None, &mut entry, |_| true)?;
+            by_path.insert(name, (digest, size));
+        }
+    }
+    if let Some(index) = documents.get("index.json") {
+        return load_index(store, index, &BlobSource::Stored, path, platform);
+    }
+    let manifest = documents.get("manifest.json").ok_or_else(|| {
+        Error::BadDocument(format!(
+            "{} is neither an OCI layout archive nor a docker save archive",
+            path.display()
+        ))
+    })?;
+    let resolve = |p: &str| -> Result<(Digest, u64)> {
+        let p = p.trim_start_matches("./");
+        let p = aliases.get(p).map(String::as_str).unwrap_or(p);
+        by_path
+            .get(p)
+            .cloned()
+            .ok_or_else(|| Error::MissingBlob(p.to_string()))
+    };
+    load_docker_save(store, manifest, resolve)
+}
+
+fn normalize_archive_path(p: &Path) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::Normal(s) => out.push(s.to_string_lossy().into_owned()),
+            _ => {}
+        }
+    }
+    out.join("/")
+}
+
+/// `docker save`'s `manifest.json`: an OCI manifest is made for its first
+/// image from the config and the (uncompressed) layer tars.
+fn load_docker_save(
+    store: &Store,
+    manifest: &[u8],
+    resolve: impl Fn(&str) -> Result<(Digest, u64)>,
+) -> Result<Image> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Entry {
+        config: String,
+        #[serde(default)]
+        repo_tags: Option<Vec<String>>,
+        layers: Vec<String>,
+    }
+    let entries: Vec<Entry> = parse(manifest, "manifest.json")?;
+    let first = entries
+        .first()
+        .ok_or_else(|| Error::BadDocument("manifest.json lists no image".into()))?;
+    let (config, config_size) = resolve(&first.config)?;
+    let mut layers = Vec::new();
+    for l in &first.layers {
+        let (digest, size) = resolve(l)?;
+        layers.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest.to_string(), "size": size}));
+    }
+    let doc = json!({
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_OCI,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.to_string(), "size": config_size},
+        "layers": layers,
+    });
+    let digest = store
+        .put_document(&serde_json::to_vec(&doc).map_err(|e| Error::BadDocument(e.to_string()))?)?;
+    let name = first
+        .repo_tags
+        .as_ref()
+        .and_then(|t| t.first())
+        .map(|n| normalize_name(n))
+        .transpose()?;
+    if let Some(name) = &name {
+        store.set_ref(name, &digest)?;
+    }
+    Image::open(store, name, digest)
+}
+
+/// Writes `image` as an OCI layout at `dir` (created; must be empty if it
+/// exists), readable by `load_dir`, skopeo and other OCI tools.
+pub(crate) fn export_dir(store: &Store, image: &Image, dir: &Path) -> Result<()> {
+    if dir.exists()
+        && fs::read_dir(dir)
+            .map_err(Error::io("read", dir))?
+            .next()
+            .is_some()
+    {
+        return Err(Error::Io {
+            op: "export to".into(),
+            path: dir.display().to_string(),
+            source: io::Error::new(io::ErrorKind::AlreadyExists, "directory is not empty"),
+        });
+    }
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).map_err(Error::io("create", &blobs))?;
+    let manifest = image.manifest();
+    let mut wanted: Vec<Digest> = vec![
+        image.digest().clone(),
+        manifest.config().digest().to_string().parse()?,
+    ];
+    wanted.extend(image.layers()?);
+    for digest in &wanted {
+        let from = store.blob_path(digest);
+        let to: PathBuf = blobs.join(digest.hex());
+        if fs::hard_link(&from, &to).is_err() {
+            fs::copy(&from, &to).map_err(Error::io("copy", &from))?;
+        }
+    }
+    let manifest_bytes = store.read_document(image.digest())?;
+    let media = manifest
+        .media_type()
+        .as_ref()
+        .map(|m| m.to_string())
+        .unwrap_or_else(|| MANIFEST_OCI.to_string());
+    let mut annotations = serde_json::Map::new();
+    if let Some(name) = image.name() {
+        let tag = name
+            .rsplit_once(':')
+            .filter(|(repo, _)| !repo.contains('@'))
+            .map(|(_, t)| t)
+            .unwrap_or("latest");
+        annotations.insert(REF_NAME.into(), tag.into());
+        annotations.insert(FULL_NAME.into(), name.into());
+    }
+    let index = json!({
+        "schemaVersion": 2,
+        "mediaType": INDEX_OCI,
+        "manifests": [{
+            "mediaType": media,
+            "digest": image.digest().to_string(),
+            "size": manifest_bytes.len(),
+            "annotations": annotations,
+        }],
+    });
+    let write = |name: &str, value: &serde_json::Value| {
+        let path = dir.join(name);
+        fs::write(&path, serde_json::to_vec_pretty(value).unwrap_or_default())
+            .map_err(Error::io("write", &path))
+    };
+    write("oci-layout", &json!({"imageLayoutVersion": "1.0.0"}))?;
+    write("index.json", &index)
+}

@@ -1,0 +1,390 @@
+//! Pulling from registries with `oci-client`, into the store.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use futures_util::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
+use oci_client::Reference;
+use oci_spec::image::{ImageIndex, ImageManifest};
+
+use crate::image::parse;
+use crate::platform::{host_platform, select, Platform};
+use crate::store::MAX_DOCUMENT;
+use crate::{Digest, Error, Image, Result, Store};
+
+/// When to contact the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    /// Use the stored image if the name is known, else pull.
+    #[default]
+    IfNotPresent,
+    /// Always ask the registry (layers already stored are not downloaded).
+    Always,
+    /// Never contact the registry: a missing image is an error.
+    Never,
+}
+
+/// Registry credentials.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Auth {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How to pull.
+#[derive(Debug, Clone, Default)]
+pub struct PullOptions {
+    /// Platform to select from a multi-platform image (default: the host's).
+    pub platform: Option<Platform>,
+    /// Credentials; without them, `~/.docker/config.json` is consulted.
+    pub auth: Option<Auth>,
+    pub policy: PullPolicy,
+}
+
+/// Where a pull is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// Bytes downloaded so far, all blobs.
+    pub current: u64,
+    /// Bytes to download in all, all blobs (0 until known).
+    pub total: u64,
+    /// The blob being downloaded (its digest).
+    pub blob: String,
+    /// Index of that blob (0-based) among `blob_count`.
+    pub blob_index: usize,
+    pub blob_count: usize,
+    pub bytes_per_second: f64,
+    pub eta: Option<Duration>,
+}
+
+/// Cancels a pull from another thread (or from the progress callback).
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+const ACCEPT: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+fn is_loopback(registry: &str) -> bool {
+    let host = registry
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(registry);
+    matches!(host, "localhost" | "[::1]" | "::1") || host.starts_with("127.")
+}
+
+pub(crate) fn pull(
+    store: &Store,
+    reference: &str,
+    options: &PullOptions,
+    progress: &mut dyn FnMut(&Progress),
+    cancel: &CancelToken,
+) -> Result<Image> {
+    let r: Reference = reference
+        .parse()
+        .map_err(|_| Error::BadReference(reference.to_string()))?;
+    let name = r.whole();
+    if options.policy != PullPolicy::Always {
+        let known = store.get_ref(&name).or_else(|| {
+            r.digest()
+                .and_then(|d| d.parse().ok())
+                .filter(|d| store.has_blob(d))
+        });
+        match known.map(|d| Image::open(store, Some(name.clone()), d)) {
+            Some(Ok(image)) if image.layers()?.iter().all(|l| store.has_blob(l)) => {
+                return Ok(image)
+            }
+            _ if options.policy == PullPolicy::Never => {
+                return Err(Error::NotFound(format!("{name} (pull policy NEVER)")));
+            }
+            _ => {}
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::io("start", "pull runtime"))?;
+    let digest = runtime.block_on(Puller::new(store, &r, options, cancel).run(progress))?;
+    store.set_ref(&name, &digest)?;
+    Image::open(store, Some(name), digest)
+}
+
+struct Puller<'a> {
+    store: &'a Store,
+    reference: &'a Reference,
+    client: oci_client::Client,
+    auth: RegistryAuth,
+    platform: Platform,
+    cancel: &'a CancelToken,
+}
+
+impl<'a> Puller<'a> {
+    fn new(
+        store: &'a Store,
+        reference: &'a Reference,
+        options: &PullOptions,
+        cancel: &'a CancelToken,
+    ) -> Self {
+        let registry = reference.resolve_registry().to_string();
+        let protocol = if is_loopback(&registry) {
+            // Registries on this machine speak plain HTTP, as docker assumes.
+            ClientProtocol::HttpsExcept(vec![registry.clone()])
+        } else {
+            ClientProtocol::Https
+        };
+        let config = ClientConfig {
+            protocol,
+            platform_resolver: None,
+            connect_timeout: Some(Duration::from_secs(30)),
+            read_timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        let auth = match &options.auth {
+            Some(a) => RegistryAuth::Basic(a.username.clone(), a.password.clone()),
+            None => docker_config_auth(reference.registry()).unwrap_or(RegistryAuth::Anonymous),
+        };
+        Puller {
+            store,
+            reference,
+            client: oci_client::Client::new(config),
+            auth,
+            platform: options.platform.clone().unwrap_or_else(host_platform),
+            cancel,
+        }
+    }
+
+    fn registry_error(&self, e: impl std::fmt::Display) -> Error {
+        Error::Registry {
+            registry: self.reference.registry().to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Fetches, verifies and stores a manifest or index.
+    async fn document(&self, r: &Reference) -> Result<(Digest, Vec<u8>)> {
+        let (bytes, _) = self
+            .client
+            .pull_manifest_raw(r, &self.auth, ACCEPT)
+            .await
+            .map_err(|e| self.registry_error(e))?;
+        if bytes.len() as u64 > MAX_DOCUMENT {
+            return Err(Error::BadDocument(format!(
+                "manifest of {} is too large",
+                r.whole()
+            )));
+        }
+        let digest = Digest::of(&bytes);
+        if let Some(expected) = r.digest() {
+            if expected != digest.to_string() {
+                return Err(Error::DigestMismatch {
+                    expected: expected.to_string(),
+                    actual: digest.to_string(),
+                });
+            }
+        }
+        self.store.put_document(&bytes)?;
+        Ok((digest, bytes.to_vec()))
+    }
+
+    async fn run(self, progress: &mut dyn FnMut(&Progress)) -> Result<Digest> {
+        let (mut digest, mut bytes) = self.document(self.reference).await?;
+        let kind: serde_json::Value = parse(&bytes, "manifest")?;
+        if kind.get("manifests").is_some() {
+            let index: ImageIndex = parse(&bytes, "index")?;
+            let chosen = select(index.manifests(), &self.platform, &self.reference.whole())?;
+            let by_digest = self
+                .reference
+                .clone_with_digest(chosen.digest().to_string());
+            (digest, bytes) = self.document(&by_digest).await?;
+        }
+        let manifest: ImageManifest = parse(&bytes, "manifest")?;
+        let blobs: Vec<OciDescriptor> = std::iter::once(manifest.config())
+            .chain(manifest.layers())
+            .map(|d| OciDescriptor {
+                media_type: d.media_type().to_string(),
+                digest: d.digest().to_string(),
+                size: d.size() as i64,
+                ..Default::default()
+            })
+            .collect();
+        let missing: Vec<&OciDescriptor> = blobs
+            .iter()
+            .filter(|d| {
+                d.digest
+                    .parse()
+                    .map(|d| !self.store.has_blob(&d))
+                    .unwrap_or(true)
+            })
+            .collect();
+        let mut state = Progress {
+            current: 0,
+            total: missing.iter().map(|d| d.size.max(0) as u64).sum(),
+            blob: String::new(),
+            blob_index: 0,
+            blob_count: missing.len(),
+            bytes_per_second: 0.0,
+            eta: None,
+        };
+        let started = Instant::now();
+        for (i, blob) in missing.iter().enumerate() {
+            state.blob = blob.digest.clone();
+            state.blob_index = i;
+            progress(&state);
+            self.blob(blob, &mut state, started, progress).await?;
+        }
+        Ok(digest)
+    }
+
+    async fn blob(
+        &self,
+        d: &OciDescriptor,
+        state: &mut Progress,
+        started: Instant,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<()> {
+        let expected: Digest = d.digest.parse()?;
+        let mut stream = self
+            .client
+            .pull_blob_stream(self.reference, d)
+            .await
+            .map_err(|e| self.registry_error(e))?;
+        let mut writer = self.store.blob_writer(Some(&expected))?;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            // Wake regularly so cancellation is prompt even on a stalled download.
+            let chunk = tokio::select! {
+                chunk = stream.stream.next() => chunk,
+                _ = tick.tick() => {
+                    if self.cancel.is_cancelled() {
+                        return Err(Error::Cancelled);
+                    }
+                    continue;
+                }
+            };
+            let Some(chunk) = chunk else { break };
+            let chunk = chunk.map_err(|e| self.registry_error(e))?;
+            if self.cancel.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
+            writer.write(&chunk)?;
+            state.current += chunk.len() as u64;
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            state.bytes_per_second = state.current as f64 / secs;
+            state.eta = (state.bytes_per_second > 0.0).then(|| {
+                Duration::from_secs_f64(
+                    state.total.saturating_sub(state.current) as f64 / state.bytes_per_second,
+                )
+            });
+            progress(state);
+        }
+        writer.finish()?;
+        Ok(())
+    }
+}
+
+/// Credentials for `registry` from the docker client's config, if any.
+fn docker_config_auth(registry: &str) -> Option<RegistryAuth> {
+    let path = std::env::var_os("DOCKER_CONFIG")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".docker")))?
+        .join("config.json");
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    let auths = config.get("auths")?.as_object()?;
+    let keys: Vec<String> = match registry {
+        "docker.io" | "index.docker.io" | "registry-1.docker.io" => {
+            vec![
+                "https://index.docker.io/v1/".into(),
+                "docker.io".into(),
+                "index.docker.io".into(),
+            ]
+        }
+        r => vec![r.to_string(), format!("https://{r}"), format!("http://{r}")],
+    };
+    let entry = keys.iter().find_map(|k| auths.get(k))?;
+    if let (Some(u), Some(p)) = (
+        entry.get("username").and_then(|v| v.as_str()),
+        entry.get("password").and_then(|v| v.as_str()),
+    ) {
+        return Some(RegistryAuth::Basic(u.into(), p.into()));
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(entry.get("auth")?.as_str()?)
+        .ok()?;
+    let (u, p) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some(RegistryAuth::Basic(u.into(), p.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_registries_use_plain_http() {
+        for r in [
+            "127.0.0.1:5000",
+            "localhost:5000",
+            "localhost",
+            "[::1]:5000",
+            "127.1.2.3",
+        ] {
+            assert!(is_loopback(r), "{r}");
+        }
+        for r in [
+            "docker.io",
+            "ghcr.io",
+            "10.0.0.1:5000",
+            "localhost.example.com",
+        ] {
+            assert!(!is_loopback(r), "{r}");
+        }
+    }
+
+    #[test]
+    fn docker_config_credentials() {
+        let dir = std::env::temp_dir().join(format!("cc-dockercfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"auths":{"127.0.0.1:5000":{"auth":"dXNlcjpwYTpzcw=="},"https://index.docker.io/v1/":{"username":"hub","password":"pw"}}}"#,
+        )
+        .unwrap();
+        std::env::set_var("DOCKER_CONFIG", &dir);
+        assert!(
+            matches!(docker_config_auth("127.0.0.1:5000"), Some(RegistryAuth::Basic(u, p)) if u == "user" && p == "pa:ss")
+        );
+        assert!(
+            matches!(docker_config_auth("docker.io"), Some(RegistryAuth::Basic(u, _)) if u == "hub")
+        );
+        assert!(docker_config_auth("ghcr.io").is_none());
+        std::env::remove_var("DOCKER_CONFIG");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

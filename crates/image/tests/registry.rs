@@ -1,0 +1,427 @@
+//! The image store against a real registry (Distribution from Debian's
+//! `docker-registry`, on loopback) and real layouts and archives. No VMs:
+//! booting these images is covered by the core's VM tests.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use cc_image::{Auth, CancelToken, Client, Error, Progress, PullOptions, PullPolicy};
+use cc_testsupport::{test_images, Auth as RegistryAuth, Registry};
+
+fn store(name: &str) -> (Client, PathBuf) {
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    let root = std::env::temp_dir().join(format!(
+        "cc-image-test-{name}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = fs::remove_dir_all(&root);
+    (Client::open(&root).unwrap(), root)
+}
+
+fn pull(
+    client: &Client,
+    reference: &str,
+    options: &PullOptions,
+) -> Result<(cc_image::Image, Vec<Progress>), Error> {
+    let mut events = Vec::new();
+    let image = client.pull(
+        reference,
+        options,
+        &mut |p| events.push(p.clone()),
+        &CancelToken::new(),
+    )?;
+    Ok((image, events))
+}
+
+fn temp_files(root: &Path) -> usize {
+    fs::read_dir(root.join("tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn pull_by_tag_and_digest_with_monotonic_progress() {
+    let images = test_images();
+    let registry = Registry::start(RegistryAuth::Anonymous);
+    registry.push(&images.busybox_layers, "latest", "test/layers:v1");
+    let (client, root) = store("tag");
+    let reference = format!("{}/test/layers:v1", registry.addr());
+    let (image, events) = pull(&client, &reference, &PullOptions::default()).unwrap();
+    assert_eq!(image.name(), Some(reference.as_str()));
+    assert_eq!(
+        image.digest().to_string(),
+        registry.digest("test/layers:v1")
+    );
+    assert_eq!(
+        image.layers().unwrap().len(),
+        3,
+        "gzip, zstd and plain layers"
+    );
+
+    let last = events.last().expect("progress events");
+    assert!(
+        last.total > 0 && last.current == last.total,
+        "ends at total: {last:?}"
+    );
+    assert!(
+        events.windows(2).all(|w| w[0].current <= w[1].current),
+        "monotonic"
+    );
+    assert_eq!(last.blob_count, 4, "config and three layers");
+    assert!(events
+        .iter()
+        .all(|e| e.blob_index < e.blob_count && e.blob.starts_with("sha256:")));
+
+    let config = image.config();
+    assert_eq!(config.entrypoint, ["/bin/echo", "entry:"]);
+    assert_eq!(config.user.as_deref(), Some("alice"));
+    let rootfs = image.rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES).unwrap();
+    assert!(fs::metadata(&rootfs).unwrap().len() > 1 << 20);
+    let again = image.rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES).unwrap();
+    assert_eq!(rootfs, again, "converted once per image");
+
+    let by_digest = format!("{}/test/layers@{}", registry.addr(), image.digest());
+    let (same, events) = pull(&client, &by_digest, &PullOptions::default()).unwrap();
+    assert_eq!(same.digest(), image.digest());
+    assert!(events.is_empty(), "nothing downloaded again: {events:?}");
+    assert_eq!(temp_files(&root), 0);
+    fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn multi_arch_index_selects_host_or_requested_platform() {
+    let images = test_images();
+    let registry = Registry::start(RegistryAuth::Anonymous);
+    registry.push(&images.multiarch, "latest", "test/multi:latest");
+    let (client, root) = store("multi");
+    let reference = format!("{}/test/multi:latest", registry.addr());
+    let (host, _) = pull(&client, &reference, &PullOptions::default()).unwrap();
+    assert_eq!(host.config().architecture, "amd64");
+    let arm = PullOptions {
+        platform: Some("linux/arm64".parse().unwrap()),
+        policy: PullPolicy::Always,
+        ..Default::default()
+    };
+    let (arm, _) = pull(&client, &reference, &arm).unwrap();
+    assert_eq!(arm.config().architecture, "arm64");
+    let none = PullOptions {
+        platform: Some("linux/s390x".parse().unwrap()),
+        policy: PullPolicy::Always,
+        ..Default::default()
+    };
+    let err = pull(&client, &reference, &none).unwrap_err();
+    assert!(matches!(err, Error::NoPlatform { .. }), "{err}");
+    assert!(err.to_string().contains("linux/arm64/v8"), "{err}");
+    fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn authentication_success_and_failure() {
+    let images = test_images();
+    let registry = Registry::start(RegistryAuth::htpasswd("tester", "s3cret"));
+    registry.push(&images.busybox, "latest", "private/busybox:1");
+    let reference = format!("{}/private/busybox:1", registry.addr());
+    let (client, root) = store("auth");
+
+    let err = pull(&client, &reference, &PullOptions::default()).unwrap_err();
+    assert!(err.is_network(), "anonymous: {err}");
+    let wrong = PullOptions {
+        auth: Some(Auth {
+            username: "tester".into(),
+            password: "nope".into(),
+        }),
+        ..Default::default()
+    };
+    assert!(pull(&client, &reference, &wrong).unwrap_err().is_network());
+    assert_eq!(temp_files(&root), 0);
+
+    let right = PullOptions {
+        auth: Some(Auth {
+            username: "tester".into(),
+            password: "s3cret".into(),
+        }),
+        ..Default::default()
+    };
+    pull(&client, &reference, &right).unwrap();
+
+    // Credentials from the docker client's config file.
+    let config_dir = root.join("docker-config");
+    fs::create_dir_all(&config_dir).unwrap();
+    fs::write(
+        config_dir.join("config.json"),
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"dGVzdGVyOnMzY3JldA=="}}}}}}"#,
+            registry.addr()
+        ),
+    )
+    .unwrap();
+    std::env::set_var("DOCKER_CONFIG", &config_dir);
+    let (fresh, fresh_root) = store("auth-config");
+    let result = pull(&fresh, &reference, &PullOptions::default());
+    std::env::remove_var("DOCKER_CONFIG");
+    result.unwrap();
+    fs::remove_dir_all(root).unwrap();
+    fs::remove_dir_all(fresh_root).unwrap();
+}
+
+#[test]
+fn pull_policies() {
+    let images = test_images();
+    let (client, root) = store("policy");
+    let reference;
+    {
+        let registry = Registry::start(RegistryAuth::Anonymous);
+        registry.push(&images.busybox, "latest", "test/policy:1");
+        reference = format!("{}/test/policy:1", registry.addr());
+        let never = PullOptions {
+            policy: PullPolicy::Never,
+            ..Default::default()
+        };
+        let err = pull(&client, &reference, &never).unwrap_err();
+        assert!(matches!(err, Error::NotFound(_)), "{err}");
+        assert!(err.to_string().contains("NEVER"), "{err}");
+        pull(&client, &reference, &PullOptions::default()).unwrap();
+    }
+    // The registry is gone: only the store can answer now.
+    let (image, events) = pull(&client, &reference, &PullOptions::default()).unwrap();
+    assert!(events.is_empty());
+    let never = PullOptions {
+        policy: PullPolicy::Never,
+        ..Default::default()
+    };
+    assert_eq!(
+        pull(&client, &reference, &never).unwrap().0.digest(),
+        image.digest()
+    );
+    let always = PullOptions {
+        policy: PullPolicy::Always,
+        ..Default::default()
+    };
+    let err = pull(&client, &reference, &always).unwrap_err();
+    assert!(err.is_network(), "{err}");
+    fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn cancel_leaves_the_store_clean() {
+    let images = test_images();
+    let registry = Registry::start(RegistryAuth::Anonymous);
+    registry.push(&images.busybox, "latest", "test/cancel:1");
+    let (client, root) = store("cancel");
+    let cancel = CancelToken::new();
+    let reference = format!("{}/test/cancel:1", registry.addr());
+    let mut calls = 0;
+    let err = client
+        .pull(
+            &reference,
+            &PullOptions::default(),
+            &mut |p| {
+                calls += 1;
+                if p.current > 0 {
+                    cancel.cancel();
+                }
+            },
+            &cancel,
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::Cancelled), "{err}");
+    assert!(calls > 0);
+    assert_eq!(temp_files(&root), 0, "half-written blob left");
+    assert!(client.images().unwrap().is_empty());
+    fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn corrupt_blob_is_rejected_and_not_stored() {
+    let images = test_images();
+    let registry = Registry::start(RegistryAuth::Anonymous);
+    registry.push(&images.busybox, "latest", "test/corrupt:1");
+    // Flip a byte of the layer in the registry's own storage.
+    let layer = find_largest_file(registry.dir());
+    let mut bytes = fs::read(&layer).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&layer, bytes).unwrap();
+    let (client, root) = store("corrupt");
+    let err = pull(
+        &client,
+        &format!("{}/test/corrupt:1", registry.addr()),
+        &PullOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::DigestMismatch { .. }) || err.is_network(),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("digest") || err.to_string().contains("Digest"),
+        "{err}"
+    );
+    assert_eq!(temp_files(&root), 0);
+    let layer_digest = layer
+        .parent()
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        !root.join("blobs/sha256").join(layer_digest).exists(),
+        "corrupt blob stored"
+    );
+    fs::remove_dir_all(root).unwrap();
+}
+
+fn find_largest_file(dir: &Path) -> PathBuf {
+    let mut best: Option<(u64, PathBuf)> = None;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(d).unwrap().flatten() {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if best.as_ref().is_none_or(|(size, _)| m.len() > *size) {
+                best = Some((m.len(), e.path()));
+            }
+        }
+    }
+    best.unwrap().1
+}
+
+#[test]
+fn load_both_archive_kinds_and_round_trip_through_export() {
+    let images = test_images();
+    let (client, root) = store("load");
+    let from_dir = client.load_dir(&images.busybox, None).unwrap();
+    let oci = client.load_tar(&images.busybox_oci_tar, None).unwrap();
+    assert_eq!(oci.digest(), from_dir.digest(), "same image either way");
+    let docker = client.load_tar(&images.busybox_docker_tar, None).unwrap();
+    assert_eq!(docker.name(), Some("docker.io/library/busybox:latest"));
+    assert_eq!(docker.config(), from_dir.config());
+    let docker_root = docker.rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES).unwrap();
+    assert!(docker_root.is_file());
+
+    let out = root.join("exported");
+    client.export_dir(&docker, &out).unwrap();
+    let err = client.export_dir(&docker, &out).unwrap_err();
+    assert!(err.to_string().contains("not empty"), "{err}");
+    let (other, other_root) = store("reload");
+    let back = other.load_dir(&out, None).unwrap();
+    assert_eq!(back.digest(), docker.digest());
+    assert_eq!(back.name(), docker.name());
+    // skopeo reads what we wrote.
+    let inspect = std::process::Command::new("skopeo")
+        .args(["inspect", "--raw"])
+        .arg(format!("oci:{}:latest", out.display()))
+        .output()
+        .expect("skopeo (apt-get install skopeo)");
+    assert!(
+        inspect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    assert_eq!(cc_image::Digest::of(&inspect.stdout), *docker.digest());
+    fs::remove_dir_all(root).unwrap();
+    fs::remove_dir_all(other_root).unwrap();
+}
+
+#[test]
+fn hostile_layouts_are_clear_errors_and_write_nothing() {
+    let images = test_images();
+    let (client, root) = store("hostile");
+    let bad = root.join("bad-layout");
+    fs::create_dir_all(&bad).unwrap();
+    fs::write(bad.join("index.json"), b"not json").unwrap();
+    assert!(matches!(
+        client.load_dir(&bad, None).unwrap_err(),
+        Error::BadDocument(_)
+    ));
+    // An index naming a blob the layout lacks.
+    fs::write(
+        bad.join("index.json"),
+        format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{}","size":10}}]}}"#, "0".repeat(64)),
+    )
+    .unwrap();
+    assert!(matches!(
+        client.load_dir(&bad, None).unwrap_err(),
+        Error::MissingBlob(_)
+    ));
+    // A digest that tries to walk out of blobs/.
+    fs::write(
+        bad.join("index.json"),
+        r#"{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:../../../etc/passwd","size":10}]}"#,
+    )
+    .unwrap();
+    assert!(client.load_dir(&bad, None).is_err());
+    // A layer blob whose bytes do not match its digest.
+    let copy = root.join("tampered");
+    copy_dir(&images.busybox, &copy);
+    let layer = find_largest_file(&copy.join("blobs"));
+    fs::write(&layer, b"garbage").unwrap();
+    assert!(matches!(
+        client.load_dir(&copy, None).unwrap_err(),
+        Error::DigestMismatch { .. }
+    ));
+    assert_eq!(temp_files(&root), 0);
+    assert!(client.images().unwrap().is_empty());
+    fs::remove_dir_all(root).unwrap();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn decompression_bombs_are_bounded() {
+    let images = test_images();
+    let (mut client, root) = store("bomb");
+    let image = client.load_dir(&images.busybox, None).unwrap();
+    client.set_max_layer_bytes(1 << 20);
+    let limited = client.image(&image.digest().to_string()).unwrap();
+    let err = limited.rootfs(client.max_layer_bytes()).unwrap_err();
+    assert!(err.to_string().contains("limit"), "{err}");
+    assert!(
+        !root.join("rootfs").read_dir().unwrap().any(|_| true),
+        "no partial root image"
+    );
+    assert_eq!(temp_files(&root), 0);
+    fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn images_listing_removal_and_prune() {
+    let images = test_images();
+    let (client, root) = store("prune");
+    let a = client.load_dir(&images.busybox, None).unwrap();
+    let b = client.load_dir(&images.busybox_layers, None).unwrap();
+    a.rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES).unwrap();
+    b.rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES).unwrap();
+    let names: Vec<String> = client
+        .images()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(client.remove(b.name().unwrap()).unwrap());
+    let stats = client.prune().unwrap();
+    assert!(stats.blobs >= 3 && stats.root_images == 1, "{stats:?}");
+    // What a still-named image uses stays.
+    assert!(client
+        .image(a.name().unwrap())
+        .unwrap()
+        .rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES)
+        .is_ok());
+    assert_eq!(client.prune().unwrap(), cc_image::PruneStats::default());
+    fs::remove_dir_all(root).unwrap();
+}
