@@ -400,6 +400,120 @@ fn bad_rootfs_is_a_clear_error() {
     assert_eq!(err.code(), ErrorCode::InvalidArgument);
 }
 
+// ---- instances from OCI images ----
+
+fn image_store(name: &str) -> (cc::OciClient, PathBuf) {
+    let root = std::env::temp_dir().join(format!("cc-vm-images-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    (cc::OciClient::new(Some(&root)).unwrap(), root)
+}
+
+fn image_pulled_from_a_registry_boots() {
+    let images = cc_testsupport::test_images();
+    let registry = cc_testsupport::Registry::start(cc_testsupport::Auth::Anonymous);
+    registry.push(&images.busybox, "latest", "vm/busybox:1");
+    let (client, root) = image_store("pull");
+    let reference = format!("{}/vm/busybox:1", registry.addr());
+    let image = client
+        .pull(
+            &reference,
+            &cc::PullOptions::default(),
+            &mut |_| {},
+            &cc::CancelToken::new(),
+        )
+        .unwrap();
+    let inst = Instance::new(&image.into(), Options::default()).unwrap();
+    assert_eq!(
+        stdout(&inst, "echo $CC_IMAGE"),
+        "busybox\n",
+        "image Env applies"
+    );
+    let out = inst.command("busybox").arg("true").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        inst.entrypoint_command::<&str>(&[])
+            .unwrap()
+            .output()
+            .unwrap()
+            .status
+            .code(),
+        Some(0)
+    );
+    inst.close().unwrap();
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+fn image_config_and_layers_apply() {
+    let images = cc_testsupport::test_images();
+    let (client, root) = image_store("layers");
+    let image = client.load_dir(&images.busybox_layers).unwrap();
+    let inst = Instance::new(&image.into(), Options::default()).unwrap();
+    let entry = inst
+        .entrypoint_command::<&str>(&[])
+        .unwrap()
+        .output()
+        .unwrap();
+    assert_eq!(entry.stdout, b"entry: default-arg\n");
+    let entry = inst
+        .entrypoint_command(&["given", "args"])
+        .unwrap()
+        .output()
+        .unwrap();
+    assert_eq!(entry.stdout, b"entry: given args\n");
+    assert_eq!(
+        stdout(&inst, "id -un; pwd; echo $CC_IMAGE"),
+        "alice\n/data\nbusybox-layers\n"
+    );
+    let root_user = inst.command("id").arg("-u").user("root").output().unwrap();
+    assert_eq!(
+        root_user.stdout, b"0\n",
+        "a command's user overrides the image's"
+    );
+    assert_eq!(
+        stdout(&inst, "ls /data/opaque"),
+        "new-file\n",
+        "opaque directory hides lower entries"
+    );
+    assert!(
+        !sh(&inst, "test -e /data/remove-me").status.success(),
+        "whiteout deletes"
+    );
+    assert_eq!(
+        stdout(&inst, "cat /data/keep /data/layer3 | wc -l").trim(),
+        "2"
+    );
+    let owned = stdout(
+        &inst,
+        "stat -c '%u:%g %a' /data/owned; stat -c '%a' /data/setuid; stat -c '%t,%T %F' /data/null",
+    );
+    assert_eq!(owned, "1234:5678 640\n4755\n1,3 character special file\n");
+    let inodes = stdout(&inst, "stat -c %i /data/hardlink-a /data/hardlink-b");
+    let inodes: Vec<&str> = inodes.lines().collect();
+    assert_eq!(inodes[0], inodes[1], "hard links share an inode");
+    assert_eq!(stdout(&inst, "readlink /data/symlink"), "keep\n");
+    inst.close().unwrap();
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+fn debian_image_boots() {
+    let layout = cc_testsupport::debian_image();
+    let (client, root) = image_store("debian");
+    let image = client.load_dir(&layout).unwrap();
+    let inst = Instance::new(&image.into(), Options::default()).unwrap();
+    let release = stdout(&inst, "cat /etc/os-release");
+    assert!(release.contains("Debian GNU/Linux"), "{release}");
+    let out = inst
+        .command("bash")
+        .args(["-c", "echo $BASH_VERSION; dpkg -l | grep -c '^ii'"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let packages: usize = text.lines().nth(1).unwrap().parse().unwrap();
+    assert!(packages > 50, "{text}");
+    inst.close().unwrap();
+    std::fs::remove_dir_all(root).unwrap();
+}
+
 fn main() {
     if std::env::var("CC_RUN_VM_TESTS").as_deref() != Ok("1") {
         println!("VM tests not run: set CC_RUN_VM_TESTS=1 (they boot real VMs)");
@@ -450,6 +564,15 @@ fn main() {
             crash_is_not_running_and_isolated,
         ),
         ("bad_rootfs_is_a_clear_error", bad_rootfs_is_a_clear_error),
+        (
+            "image_pulled_from_a_registry_boots",
+            image_pulled_from_a_registry_boots,
+        ),
+        (
+            "image_config_and_layers_apply",
+            image_config_and_layers_apply,
+        ),
+        ("debian_image_boots", debian_image_boots),
     ];
 
     let (mut passed, mut failed) = (0, Vec::new());

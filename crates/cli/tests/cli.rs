@@ -282,3 +282,92 @@ fn qemu_dying_at_boot_is_reported_with_its_logs() {
         "{err}"
     );
 }
+
+/// `crumble` with a fresh, empty image store but the real kernel and agent.
+fn crumble_in(store_cache: &std::path::Path) -> Command {
+    let mut cmd = crumble();
+    cmd.env("CC_CACHE_DIR", store_cache)
+        .env("CC_KERNEL", cache_kernel())
+        .env("CC_AGENT", cache().join("agent/cc-agent"));
+    cmd
+}
+
+fn cache_kernel() -> PathBuf {
+    std::env::var_os("CC_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache().join("kernel/current/vmlinux"))
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn image_commands_end_to_end() {
+    if !vm_tests() {
+        return;
+    }
+    let images = cc_testsupport::test_images();
+    let registry = cc_testsupport::Registry::start(cc_testsupport::Auth::Anonymous);
+    registry.push(&images.busybox, "latest", "cli/busybox:1");
+    let cache = std::env::temp_dir().join(format!("cc-cli-images-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let reference = format!("{}/cli/busybox:1", registry.addr());
+
+    let out = crumble_in(&cache)
+        .args(["pull", &reference])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&registry.digest("cli/busybox:1")));
+    assert!(ok(crumble_in(&cache).arg("images")).contains(&reference));
+    assert_eq!(
+        ok(crumble_in(&cache).args(["run", &reference, "--", "sh", "-c", "echo $CC_IMAGE"])),
+        "busybox\n"
+    );
+
+    let exported = cache.join("exported");
+    ok(crumble_in(&cache)
+        .args(["export", &reference])
+        .arg(&exported));
+    assert!(exported.join("index.json").is_file());
+    let removed = ok(crumble_in(&cache).args(["rmi", &reference]));
+    assert!(
+        removed.contains("untagged") && removed.contains("removed"),
+        "{removed}"
+    );
+    assert!(!ok(crumble_in(&cache).arg("images")).contains(&reference));
+    let out = crumble_in(&cache)
+        .args(["run", "--pull", "never", &reference, "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NEVER"));
+
+    assert!(
+        ok(crumble_in(&cache).arg("load").arg(&exported)).contains(&reference),
+        "export → load keeps the name"
+    );
+    assert!(ok(crumble_in(&cache)
+        .arg("load")
+        .arg(&images.busybox_docker_tar))
+    .contains("docker.io/library/busybox:latest"));
+    ok(crumble_in(&cache).arg("load").arg(&images.busybox_layers));
+    let entry =
+        ok(crumble_in(&cache).args(["run", "--pull", "never", "localhost/busybox-layers:latest"]));
+    assert_eq!(
+        entry, "entry: default-arg\n",
+        "no command runs the entrypoint"
+    );
+    std::fs::remove_dir_all(&cache).unwrap();
+}

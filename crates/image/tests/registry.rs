@@ -425,3 +425,36 @@ fn images_listing_removal_and_prune() {
     assert_eq!(client.prune().unwrap(), cc_image::PruneStats::default());
     fs::remove_dir_all(root).unwrap();
 }
+
+#[test]
+fn concurrent_pulls_of_one_image_into_one_store() {
+    let images = test_images();
+    let registry = Registry::start(RegistryAuth::Anonymous);
+    registry.push(&images.busybox_layers, "latest", "test/race:1");
+    let (_, root) = store("race");
+    let reference = format!("{}/test/race:1", registry.addr());
+    let digests: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let (root, reference) = (root.clone(), reference.clone());
+                s.spawn(move || {
+                    // Separate clients, as separate processes would have.
+                    let client = Client::open(&root).unwrap();
+                    let (image, _) = pull(&client, &reference, &PullOptions::default()).unwrap();
+                    image.rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES).unwrap();
+                    image.digest().to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(digests.windows(2).all(|w| w[0] == w[1]));
+    let client = Client::open(&root).unwrap();
+    let image = client.image(&reference).unwrap();
+    for layer in image.layers().unwrap() {
+        let bytes = fs::read(client.store().blob_path(&layer)).unwrap();
+        assert_eq!(cc_image::Digest::of(&bytes), layer, "stored blob intact");
+    }
+    assert_eq!(temp_files(&root), 0);
+    fs::remove_dir_all(root).unwrap();
+}
