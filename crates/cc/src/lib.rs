@@ -32,3 +32,8 @@ pub use command::{Child, ChildOutput, ChildStdin, Command, ExitStatus, Output, S
 pub use error::{Error, ErrorCode, Result};
 pub use instance::{BootTimings, Instance, Options, Source};
 pub use oci::*;
+
+/// The README's Rust examples, compiled as doctests so they stay true.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

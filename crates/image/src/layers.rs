@@ -492,15 +492,25 @@ mod tests {
     #[test]
     fn truncated_gzip_is_an_error_not_a_short_layer() {
         use std::io::Write as _;
-        let tar = Layer::new().file("a", &[1u8; 100_000]).file("b", b"x").bytes();
+        let tar = Layer::new()
+            .file("a", &[1u8; 100_000])
+            .file("b", b"x")
+            .bytes();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&tar).unwrap();
         let gz = gz.finish().unwrap();
         let cut = &gz[..gz.len() / 2];
         let mut tree = Tree::new(Metadata::default());
         let mut image = Builder::new(Cursor::new(Vec::new())).unwrap();
-        let result = apply_layer(&mut tree, &mut image, flate2::read::MultiGzDecoder::new(cut));
-        assert!(result.is_err(), "a truncated layer must not apply as a partial one");
+        let result = apply_layer(
+            &mut tree,
+            &mut image,
+            flate2::read::MultiGzDecoder::new(cut),
+        );
+        assert!(
+            result.is_err(),
+            "a truncated layer must not apply as a partial one"
+        );
     }
 
     #[test]

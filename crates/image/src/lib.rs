@@ -213,14 +213,29 @@ mod tests {
 
     #[test]
     fn docker_hub_short_names_are_normalized() {
-        assert_eq!(normalize_name("alpine").unwrap(), "docker.io/library/alpine:latest");
-        assert_eq!(normalize_name("alpine:3.19").unwrap(), "docker.io/library/alpine:3.19");
-        assert_eq!(normalize_name("user/app").unwrap(), "docker.io/user/app:latest");
-        assert_eq!(normalize_name("127.0.0.1:5000/a/b:c").unwrap(), "127.0.0.1:5000/a/b:c");
+        assert_eq!(
+            normalize_name("alpine").unwrap(),
+            "docker.io/library/alpine:latest"
+        );
+        assert_eq!(
+            normalize_name("alpine:3.19").unwrap(),
+            "docker.io/library/alpine:3.19"
+        );
+        assert_eq!(
+            normalize_name("user/app").unwrap(),
+            "docker.io/user/app:latest"
+        );
+        assert_eq!(
+            normalize_name("127.0.0.1:5000/a/b:c").unwrap(),
+            "127.0.0.1:5000/a/b:c"
+        );
         let pinned = format!("ghcr.io/x/y@sha256:{}", "a".repeat(64));
         assert_eq!(normalize_name(&pinned).unwrap(), pinned);
         for bad in ["", "library/UPPER", "a b", "x:y:z"] {
-            assert!(matches!(normalize_name(bad), Err(Error::BadReference(_))), "{bad}");
+            assert!(
+                matches!(normalize_name(bad), Err(Error::BadReference(_))),
+                "{bad}"
+            );
         }
     }
 }

@@ -458,3 +458,35 @@ fn concurrent_pulls_of_one_image_into_one_store() {
     assert_eq!(temp_files(&root), 0);
     fs::remove_dir_all(root).unwrap();
 }
+
+#[test]
+fn docker_schema2_images_pull_and_convert() {
+    let images = test_images();
+    let registry = Registry::start(RegistryAuth::Anonymous);
+    registry.push_docker_v2(&images.busybox, "latest", "test/docker:v2");
+    let (client, root) = store("docker-v2");
+    let (image, _) = pull(
+        &client,
+        &format!("{}/test/docker:v2", registry.addr()),
+        &PullOptions::default(),
+    )
+    .unwrap();
+    let manifest = fs::read_to_string(client.store().blob_path(image.digest())).unwrap();
+    assert!(
+        manifest.contains("application/vnd.docker.distribution.manifest.v2+json"),
+        "{manifest}"
+    );
+    assert!(
+        manifest.contains("application/vnd.docker.image.rootfs.diff.tar.gzip"),
+        "{manifest}"
+    );
+    assert_eq!(
+        image.config().env,
+        client.load_dir(&images.busybox, None).unwrap().config().env
+    );
+    assert!(image
+        .rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES)
+        .unwrap()
+        .is_file());
+    fs::remove_dir_all(root).unwrap();
+}

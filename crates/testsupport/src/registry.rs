@@ -214,21 +214,33 @@ impl Registry {
         fs::read_to_string(self.dir.join("registry.log")).unwrap_or_default()
     }
 
-    /// Pushes the image tagged TAG_IN_LAYOUT in the OCI layout LAYOUT as
-    /// REPO_AND_TAG (`repo:tag`) with `skopeo copy --all --preserve-digests`:
-    /// an image index is pushed whole, and digests stay those of the layout.
-    /// Panics with skopeo's output if it fails, or if skopeo is not installed.
+    /// Pushes the OCI layout's TAG_IN_LAYOUT to REPO_AND_TAG unchanged (an
+    /// index with all its platforms, digests preserved).
     pub fn push(&self, layout: &Path, tag_in_layout: &str, repo_and_tag: &str) {
+        self.copy(
+            layout,
+            tag_in_layout,
+            repo_and_tag,
+            &["--all", "--preserve-digests"],
+        );
+    }
+
+    /// Pushes the image converted to Docker's schema 2 media types (new
+    /// digests), as registries serving older clients hold them.
+    pub fn push_docker_v2(&self, layout: &Path, tag_in_layout: &str, repo_and_tag: &str) {
+        self.copy(layout, tag_in_layout, repo_and_tag, &["--format", "v2s2"]);
+    }
+
+    fn copy(&self, layout: &Path, tag_in_layout: &str, repo_and_tag: &str, extra: &[&str]) {
         let skopeo = find_tool("skopeo", "skopeo");
         let mut cmd = Command::new(skopeo);
         cmd.args([
             "--insecure-policy",
             "copy",
             "--quiet",
-            "--all",
-            "--preserve-digests",
             "--dest-tls-verify=false",
         ]);
+        cmd.args(extra);
         match self.auth.credentials() {
             Some(creds) => cmd.arg(format!("--dest-creds={creds}")),
             None => cmd.arg("--dest-no-creds"),
