@@ -1,5 +1,5 @@
 //! One connection to the host over the agent port: frame writes shared by
-//! every thread, and the streams the connection carries.
+//! every thread, and the streams and open files the connection carries.
 //!
 //! The port is non-blocking so that no thread can stay stuck in a write to
 //! a dead connection: such a write would hold the port open (a virtio port
@@ -18,6 +18,7 @@ use std::time::Duration;
 use cc_protocol::flow::{Broken, Inbound, Outbound};
 use cc_protocol::{frame, ErrorKind, Message, RemoteError, Response};
 
+use crate::fs::Handles;
 use crate::{error, sys};
 
 /// How long a blocked writer waits before checking whether the connection
@@ -88,6 +89,8 @@ pub struct Conn {
     closed: AtomicBool,
     inputs: Mutex<HashMap<u32, Arc<Inbound>>>,
     outputs: Mutex<HashMap<u32, Arc<Output>>>,
+    /// Files the host opened; closed with the connection.
+    handles: Handles,
 }
 
 impl Conn {
@@ -99,12 +102,17 @@ impl Conn {
             closed: AtomicBool::new(false),
             inputs: Mutex::default(),
             outputs: Mutex::default(),
+            handles: Handles::default(),
         }
     }
 
     /// Unique among the agent's connections.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    pub fn handles(&self) -> &Handles {
+        &self.handles
     }
 
     fn closed_error() -> io::Error {
@@ -202,6 +210,27 @@ impl Conn {
         }
     }
 
+    /// Like [`close_input`](Self::close_input), but only while `stream` is
+    /// still `input`: once the host saw the stream end it may reuse the id,
+    /// and a late release must not close the new stream.
+    pub fn release_input(&self, stream: u32, input: &Arc<Inbound>) {
+        let mut inputs = lock(&self.inputs);
+        if inputs.get(&stream).is_some_and(|i| Arc::ptr_eq(i, input)) {
+            inputs.remove(&stream);
+        }
+        input.break_off(Broken::Closed);
+    }
+
+    /// Like [`close_output`](Self::close_output), but only while `stream`
+    /// is still `output` (see [`release_input`](Self::release_input)).
+    pub fn release_output(&self, stream: u32, output: &Arc<Output>) {
+        let mut outputs = lock(&self.outputs);
+        if outputs.get(&stream).is_some_and(|o| Arc::ptr_eq(o, output)) {
+            outputs.remove(&stream);
+        }
+        output.end(Broken::Closed);
+    }
+
     fn input(&self, stream: u32) -> Option<Arc<Inbound>> {
         lock(&self.inputs).get(&stream).cloned()
     }
@@ -235,7 +264,13 @@ impl Conn {
                     output.flow.grant(bytes);
                 }
             }
-            Message::Reset { stream } => self.close_output(stream),
+            // From the host's reader: stop sending. On a stream the host
+            // sends, it aborts the transfer: its consumer sees a broken
+            // stream instead of an end of file.
+            Message::Reset { stream } => {
+                self.close_output(stream);
+                self.close_input(stream);
+            }
             other => log!("ignoring unexpected message {other:?}"),
         }
     }
@@ -250,6 +285,7 @@ impl Conn {
         for (_, output) in lock(&self.outputs).drain() {
             output.end(Broken::Lost);
         }
+        self.handles.close_all();
         drop(lock(&self.port).take());
     }
 }

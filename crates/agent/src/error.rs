@@ -35,6 +35,40 @@ pub fn os(context: impl Display, err: &io::Error) -> RemoteError {
     }
 }
 
+/// The class of a filesystem `errno`, as file requests report it.
+pub fn errno_kind(errno: i32) -> ErrorKind {
+    match errno {
+        libc::ENOENT => ErrorKind::NotFound,
+        libc::EACCES | libc::EPERM => ErrorKind::PermissionDenied,
+        libc::EINVAL => ErrorKind::InvalidArgument,
+        _ => ErrorKind::Io,
+    }
+}
+
+/// `"{op} {path}: {reason}"` for a failed file operation. It always carries
+/// an errno, so the host can rebuild the guest's error exactly: input the
+/// agent refused itself (a NUL in a path) counts as `EINVAL`.
+pub fn fs(op: &str, path: &[u8], err: &io::Error) -> RemoteError {
+    let errno = err.raw_os_error().unwrap_or(match err.kind() {
+        io::ErrorKind::InvalidInput => libc::EINVAL,
+        _ => libc::EIO,
+    });
+    RemoteError {
+        kind: errno_kind(errno),
+        message: format!("{op} {}: {}", String::from_utf8_lossy(path), describe(err)),
+        errno: Some(errno),
+    }
+}
+
+/// A file request the agent refuses as malformed: `EINVAL`.
+pub fn fs_invalid(op: &str, path: &[u8], reason: &str) -> RemoteError {
+    fs(
+        op,
+        path,
+        &io::Error::new(io::ErrorKind::InvalidInput, reason),
+    )
+}
+
 /// The reason in `err` without Rust's "(os error N)" suffix.
 pub fn describe(err: &io::Error) -> String {
     match err.raw_os_error() {
@@ -64,5 +98,36 @@ mod tests {
         let e = os("x", &sys::cstring(&b"a\0b"[..]).unwrap_err());
         assert_eq!(e.kind, ErrorKind::InvalidArgument);
         assert_eq!(e.message, "x: contains a NUL byte");
+    }
+
+    #[test]
+    fn file_errors_carry_errno_and_op_path_reason() {
+        for (errno, kind) in [
+            (libc::ENOENT, ErrorKind::NotFound),
+            (libc::EACCES, ErrorKind::PermissionDenied),
+            (libc::EPERM, ErrorKind::PermissionDenied),
+            (libc::EINVAL, ErrorKind::InvalidArgument),
+            (libc::ENOTDIR, ErrorKind::Io),
+            (libc::EEXIST, ErrorKind::Io),
+            (libc::ENOSPC, ErrorKind::Io),
+        ] {
+            assert_eq!(errno_kind(errno), kind, "errno {errno}");
+        }
+        let e = fs(
+            "stat",
+            b"/no/such",
+            &io::Error::from_raw_os_error(libc::ENOENT),
+        );
+        assert_eq!(e.message, "stat /no/such: No such file or directory");
+        assert_eq!((e.kind, e.errno), (ErrorKind::NotFound, Some(libc::ENOENT)));
+        let e = fs_invalid("open", b"/x", "invalid access mode 3");
+        assert_eq!(e.message, "open /x: invalid access mode 3");
+        assert_eq!(
+            (e.kind, e.errno),
+            (ErrorKind::InvalidArgument, Some(libc::EINVAL))
+        );
+        let e = fs("read", b"/\xff", &io::Error::other("odd"));
+        assert_eq!((e.kind, e.errno), (ErrorKind::Io, Some(libc::EIO)));
+        assert_eq!(e.message, "read /\u{fffd}: odd");
     }
 }

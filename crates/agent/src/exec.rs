@@ -3,8 +3,7 @@
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -12,25 +11,27 @@ use std::path::{Path, PathBuf};
 use std::process::{self, Command};
 use std::sync::Arc;
 
-use cc_protocol::flow::Inbound;
-use cc_protocol::{ErrorKind, Exec, Message, RemoteError, Response, Stdio, DATA_CHUNK};
-use serde_bytes::ByteBuf;
+use cc_protocol::{ErrorKind, Exec, Message, RemoteError, Response, Stdio};
 
-use crate::conn::{Conn, Output, Reply};
+use crate::conn::{Conn, Reply};
 use crate::environ::{self, Env, Probe, SearchError};
 use crate::reaper::Reaper;
+use crate::stream::{DrainError, Receiver, Sender};
 use crate::users::{self, Identity, UserError};
 use crate::{error, spawn_thread, sys};
 
+/// The conventional mask for processes: the agent itself runs with none, so
+/// that file requests set modes exactly.
+const PROCESS_UMASK: u32 = 0o022;
+
 /// The streams of one `Exec`, registered before the process exists so that
 /// input the host sends right behind the request is kept. Those not handed
-/// to a pump when this is dropped are released.
+/// to a pump are released when this is dropped.
 #[derive(Debug)]
 pub struct Streams {
-    conn: Arc<Conn>,
-    stdin: Option<(u32, Arc<Inbound>)>,
-    stdout: Option<(u32, Arc<Output>)>,
-    stderr: Option<(u32, Arc<Output>)>,
+    stdin: Option<Receiver>,
+    stdout: Option<Sender>,
+    stderr: Option<Sender>,
 }
 
 impl Streams {
@@ -38,33 +39,16 @@ impl Streams {
         if exec.stdout == Stdio::Stdout {
             return Err(error::invalid("stdout cannot be redirected to itself"));
         }
-        let mut streams = Self {
-            conn: conn.clone(),
-            stdin: None,
-            stdout: None,
-            stderr: None,
+        let stdin = exec.stdin.map(|id| Receiver::open(conn, id)).transpose()?;
+        let output = |stdio| match stdio {
+            Stdio::Stream(id) => Sender::open(conn, id).map(Some),
+            Stdio::Null | Stdio::Stdout => Ok(None),
         };
-        if let Some(id) = exec.stdin {
-            streams.stdin = Some((id, conn.open_input(id)?));
-        }
-        if let Stdio::Stream(id) = exec.stdout {
-            streams.stdout = Some((id, conn.open_output(id)?));
-        }
-        if let Stdio::Stream(id) = exec.stderr {
-            streams.stderr = Some((id, conn.open_output(id)?));
-        }
-        Ok(streams)
-    }
-}
-
-impl Drop for Streams {
-    fn drop(&mut self) {
-        if let Some((id, _)) = self.stdin.take() {
-            self.conn.close_input(id);
-        }
-        for (id, _) in self.stdout.take().into_iter().chain(self.stderr.take()) {
-            self.conn.close_output(id);
-        }
+        Ok(Self {
+            stdin,
+            stdout: output(exec.stdout)?,
+            stderr: output(exec.stderr)?,
+        })
     }
 }
 
@@ -94,27 +78,23 @@ pub fn run(reply: Reply, reaper: &Reaper, exec: &Exec, mut streams: Streams) {
             let _ = c.send(&Message::Exited { process, status });
         }),
     );
-    if let (Some((stream, input)), Some(pipe)) = (streams.stdin.take(), spawned.stdin) {
-        let c = conn.clone();
-        if let Err(e) = spawn_thread(format!("stdin-{stream}"), move || {
-            feed(&c, stream, &input, pipe)
-        }) {
+    // A thread that fails to start drops its stream, which releases it;
+    // the host is then told the stream is over.
+    if let (Some(input), Some(pipe)) = (streams.stdin.take(), spawned.stdin) {
+        let stream = input.id();
+        if let Err(e) = spawn_thread(format!("stdin-{stream}"), move || feed(&input, pipe)) {
             log!("stream {stream}: start writer: {}", error::describe(&e));
-            conn.close_input(stream);
             let _ = conn.send(&Message::Reset { stream });
         }
     }
-    for (stream, pipe) in [
+    for (output, pipe) in [
         (streams.stdout.take(), spawned.stdout),
         (streams.stderr.take(), spawned.stderr),
     ] {
-        if let (Some((stream, output)), Some(pipe)) = (stream, pipe) {
-            let c = conn.clone();
-            if let Err(e) = spawn_thread(format!("output-{stream}"), move || {
-                pump(&c, stream, &output, pipe)
-            }) {
+        if let (Some(output), Some(pipe)) = (output, pipe) {
+            let stream = output.id();
+            if let Err(e) = spawn_thread(format!("output-{stream}"), move || output.pump(pipe)) {
                 log!("stream {stream}: start pump: {}", error::describe(&e));
-                conn.close_output(stream);
                 let _ = conn.send(&Message::Eof { stream });
             }
         }
@@ -189,13 +169,18 @@ fn spawn(
     let Identity {
         uid, gid, groups, ..
     } = who;
+    // The agent blocks the power-off signals in all its threads, and std
+    // passes the mask on to children: they must start with none blocked.
+    let no_signals = sys::signal_set(&[]).map_err(|e| error::os("create signal set", &e))?;
     // SAFETY: the hook runs in the forked child before exec, where only
-    // async-signal-safe calls are allowed: it makes four syscalls and does
-    // not allocate (`groups` was allocated before the fork). The ids are
-    // set here rather than with `CommandExt::uid`, because std would drop
-    // root before this hook could set the supplementary groups.
+    // async-signal-safe calls are allowed: it makes six syscalls and does
+    // not allocate (`groups` and `no_signals` were made before the fork).
+    // The ids are set here rather than with `CommandExt::uid`, because std
+    // would drop root before this hook could set the supplementary groups.
     unsafe {
         cmd.pre_exec(move || {
+            sys::umask(PROCESS_UMASK);
+            sys::set_signal_mask(&no_signals)?;
             // Its own session and process group, so signals reach the
             // whole tree it starts.
             sys::setsid()?;
@@ -290,73 +275,15 @@ fn probe(path: &Path) -> Probe {
     }
 }
 
-/// Copies `pipe` to the host as `stream`, reading only as much as the
-/// host's credit allows, so a slow host reader stalls the process rather
-/// than the agent's memory.
-fn pump(conn: &Conn, stream: u32, output: &Output, mut pipe: File) {
-    let mut buf = vec![0; DATA_CHUNK];
-    while let Some(credit) = output.acquire(DATA_CHUNK) {
-        match output.wait_readable(pipe.as_fd()) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(e) => {
-                log!("stream {stream}: poll: {}", error::describe(&e));
-                break;
-            }
+/// Copies the host's stdin stream into the process's stdin pipe.
+fn feed(input: &Receiver, mut pipe: File) {
+    match input.drain(|bytes| pipe.write_all(bytes)) {
+        // The process closed its stdin; the host was told to stop sending.
+        Err(DrainError::Sink(e)) if e.kind() == io::ErrorKind::BrokenPipe => {}
+        Err(DrainError::Sink(e)) => {
+            log!("stream {}: write: {}", input.id(), error::describe(&e));
         }
-        let got = loop {
-            match pipe.read(&mut buf[..credit]) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    log!("stream {stream}: read: {}", error::describe(&e));
-                    break 0;
-                }
-                Ok(n) => break n,
-            }
-        };
-        output.give_back(credit - got);
-        if !output.is_open() {
-            break;
-        }
-        let msg = if got == 0 {
-            Message::Eof { stream }
-        } else {
-            Message::Data {
-                stream,
-                bytes: ByteBuf::from(buf[..got].to_vec()),
-            }
-        };
-        if conn.send(&msg).is_err() || got == 0 {
-            break;
-        }
+        // Closing the pipe below gives the process its end of file.
+        Ok(()) | Err(DrainError::Broken) => {}
     }
-    // Closing the read end here is what gives the writer EPIPE after a reset.
-    conn.close_output(stream);
-}
-
-/// Copies host stream `stream` into the process's stdin pipe, returning
-/// credit as the data is taken.
-fn feed(conn: &Conn, stream: u32, input: &Inbound, mut pipe: File) {
-    let mut buf = vec![0; DATA_CHUNK];
-    while let Ok(r) = input.read(&mut buf, None) {
-        if r.credit > 0 {
-            let _ = conn.send(&Message::Credit {
-                stream,
-                bytes: r.credit,
-            });
-        }
-        if r.len == 0 {
-            break;
-        }
-        if let Err(e) = pipe.write_all(&buf[..r.len]) {
-            if e.kind() != io::ErrorKind::BrokenPipe {
-                log!("stream {stream}: write: {}", error::describe(&e));
-            }
-            // The process closed its stdin: tell the host to stop sending.
-            conn.close_input(stream);
-            let _ = conn.send(&Message::Reset { stream });
-            return;
-        }
-    }
-    conn.close_input(stream);
 }

@@ -10,15 +10,16 @@
 //! It knows nothing of QEMU or of host paths: disks are found by serial and
 //! the port by name, and it trusts only what arrives over the protocol. As
 //! PID 1 it must never exit: errors are answered over the channel or logged
-//! to the console, and a lost connection is reopened.
+//! to the console, and a lost connection is reopened. A power-off asked for
+//! inside the guest (busybox `poweroff`) ends the VM like `Shutdown`.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -36,15 +37,22 @@ mod conn;
 mod environ;
 mod error;
 mod exec;
+mod fs;
+mod glob;
 mod mounts;
 mod net;
 mod reaper;
 mod setup;
+mod signals;
+mod snapshot;
+mod stream;
 mod sys;
+mod transfer;
 mod users;
 
 use conn::{Conn, PortReader, Reply};
 use reaper::Reaper;
+use stream::{Receiver, Sender};
 
 fn log_line(args: fmt::Arguments<'_>) {
     // Nowhere to report a console failure to.
@@ -60,14 +68,24 @@ fn spawn_thread(name: String, f: impl FnOnce() + Send + 'static) -> io::Result<(
 #[derive(Debug)]
 struct Agent {
     reaper: Arc<Reaper>,
-    /// Whether the filesystems are set up.
-    mounted: Mutex<bool>,
+    /// How far the filesystems are set up.
+    mounted: Mutex<setup::Mounted>,
+    /// The root overlay's upper directory, once there is one.
+    upper: OnceLock<OwnedFd>,
 }
 
 fn main() {
+    // Before any thread exists, so that all of them inherit the mask.
+    let blocked = signals::block();
+    // File requests create files with exactly the modes asked for; the
+    // processes the agent starts get the usual 022 back.
+    sys::umask(0);
     mounts::boot();
     attach_console();
     log!("cc-agent {} starting", env!("CARGO_PKG_VERSION"));
+    if let Err(e) = blocked.and_then(|()| signals::watch()) {
+        log!("watch for power-off signals: {}", error::describe(&e));
+    }
     let reaper = loop {
         match Reaper::start() {
             Ok(r) => break r,
@@ -79,7 +97,8 @@ fn main() {
     };
     let agent = Arc::new(Agent {
         reaper,
-        mounted: Mutex::new(false),
+        mounted: Mutex::default(),
+        upper: OnceLock::new(),
     });
     loop {
         serve(&agent, open_port());
@@ -116,9 +135,9 @@ fn attach_console() {
 
 /// The device node of the agent port, if it exists yet.
 fn find_port() -> io::Result<Option<String>> {
-    for entry in fs::read_dir("/sys/class/virtio-ports")? {
+    for entry in std::fs::read_dir("/sys/class/virtio-ports")? {
         let entry = entry?;
-        let name = fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+        let name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
         if name.trim() == AGENT_PORT_NAME {
             return Ok(Some(format!(
                 "/dev/{}",
@@ -213,6 +232,8 @@ type Job = Box<dyn FnOnce(&Agent, Reply) + Send>;
 
 /// Handles one message. Stream messages and pings are handled inline;
 /// other requests get a thread each, so a slow one never stalls reading.
+/// Streams are registered here, before the next frame is read, so data the
+/// host sends right behind a request is kept.
 fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
     let Message::Request { id, body } = msg else {
         conn.on_stream_message(msg);
@@ -228,13 +249,35 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
             Err(e) => return reply.send(Err(e)),
         },
         Request::Setup(setup) => Box::new(move |agent, reply| {
-            reply.send(setup::run(&agent.mounted, &setup));
+            reply.send(setup::run(&agent.mounted, &agent.upper, &setup));
         }),
         Request::Signal { process, signal } => Box::new(move |agent, reply| {
             let key = (reply.conn().id(), process);
             reply.send(agent.reaper.signal(key, signal).map(|()| Response::Done));
         }),
         Request::Shutdown => Box::new(|_, reply| shutdown(reply)),
+        Request::Fs(request) => Box::new(move |_, reply| {
+            let result = fs::handle(reply.conn().handles(), request);
+            reply.send(result);
+        }),
+        Request::ReadFile { path, stream } => match Sender::open(conn, stream) {
+            Ok(sender) => Box::new(move |_, reply| transfer::read_file(reply, &path, sender)),
+            Err(e) => return reply.send(Err(e)),
+        },
+        Request::WriteFile { path, mode, stream } => match Receiver::open(conn, stream) {
+            Ok(receiver) => {
+                Box::new(move |_, reply| transfer::write_file(reply, &path, mode, receiver))
+            }
+            // The stream is someone else's: resetting it would break theirs.
+            Err(e) => return reply.send(Err(e)),
+        },
+        Request::SnapshotUpper { stream, exclude } => match Sender::open(conn, stream) {
+            Ok(sender) => Box::new(move |agent, reply| {
+                let upper = agent.upper.get().map(|fd| fd.as_fd());
+                snapshot::run(reply, upper, &exclude, sender);
+            }),
+            Err(e) => return reply.send(Err(e)),
+        },
     };
     let agent = agent.clone();
     // On failure the closure, and with it the reply, is dropped: that
@@ -259,7 +302,10 @@ fn shutdown(reply: Reply) {
     power_off();
 }
 
+/// Ends the VM: syncs, kills every process, and reboots, which with
+/// `reboot=t` and QEMU's `-no-reboot` stops QEMU.
 fn power_off() {
+    sys::sync();
     // Everything but PID 1 itself.
     let _ = sys::kill(-1, libc::SIGKILL);
     sys::sync();

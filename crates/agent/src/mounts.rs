@@ -1,19 +1,26 @@
-//! Filesystems: the basics at boot, the overlay root the host asks for, and
-//! the runtime mounts every root gets.
+//! Filesystems: the basics at boot, the overlay root the host asks for, the
+//! runtime mounts every root gets, and the host directories shared in.
 
-use std::fs;
+use std::fs::{self, DirBuilder, OpenOptions};
 use std::io;
-use std::os::unix::fs::symlink;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
-use cc_protocol::{ErrorKind, RemoteError, RootSpec};
+use cc_protocol::{ErrorKind, Mount, RemoteError, RootSpec};
 
 use crate::{error, sys};
 
-/// Where the root's parts are assembled, in the initramfs.
+/// Where the root's parts are assembled, in the initramfs: each lower layer
+/// at `LOWER/<index>`, the upper disk at `UPPER`.
 const LOWER: &str = "/cc/lower";
 const UPPER: &str = "/cc/upper";
 const ROOT: &str = "/cc/root";
+
+/// Options of every host directory mount. `cache=none` keeps the guest's
+/// view current with changes the host makes; the large `msize` makes bulk
+/// reads and writes cheaper.
+const NINEP_OPTIONS: &str = "trans=virtio,version=9p2000.L,msize=524288,cache=none";
 
 /// Filesystems carried over from the initramfs into the new root.
 const KERNEL_FS: [&str; 3] = ["/dev", "/proc", "/sys"];
@@ -21,8 +28,13 @@ const KERNEL_FS: [&str; 3] = ["/dev", "/proc", "/sys"];
 /// virtio-blk serials are cut to this many bytes.
 const SERIAL_MAX: usize = 20;
 
+/// `mkdir -p`, mode 0755 (the agent's umask is 0).
+fn make_dirs(path: &str) -> io::Result<()> {
+    DirBuilder::new().recursive(true).mode(0o755).create(path)
+}
+
 fn mkdir(path: &str) -> Result<(), RemoteError> {
-    fs::create_dir_all(path).map_err(|e| error::os(format_args!("mkdir {path}"), &e))
+    make_dirs(path).map_err(|e| error::os(format_args!("mkdir {path}"), &e))
 }
 
 fn mount(
@@ -86,17 +98,37 @@ fn find_disk(serial: &str) -> Result<String, RemoteError> {
 
 /// Builds the overlay of `spec` and makes it the root, like switch_root:
 /// the initramfs stays underneath, unreachable, and so do the lower and
-/// upper mounts the overlay keeps using.
-pub fn switch_root(spec: &RootSpec) -> Result<(), RemoteError> {
-    let lower = find_disk(&spec.lower_serial)?;
+/// upper mounts the overlay keeps using. Returns a descriptor of the upper
+/// directory, the only way to reach the writable layer afterwards.
+pub fn switch_root(spec: &RootSpec) -> Result<OwnedFd, RemoteError> {
+    if spec.lowers.is_empty() {
+        return Err(error::invalid("the root has no lower layers"));
+    }
     let upper = find_disk(&spec.upper_serial)?;
-    mount(&lower, LOWER, &spec.lower_fstype, libc::MS_RDONLY, None)?;
+    let mut lowerdirs = Vec::with_capacity(spec.lowers.len());
+    for (i, lower) in spec.lowers.iter().enumerate() {
+        let disk = find_disk(&lower.serial)?;
+        let target = format!("{LOWER}/{i}");
+        mount(&disk, &target, &lower.fstype, libc::MS_RDONLY, None)?;
+        lowerdirs.push(target);
+    }
     mount(&upper, UPPER, "ext4", 0, None)?;
     // The upper disk may hold a previous run's layer: reuse its directories.
-    mkdir(&format!("{UPPER}/upper"))?;
+    let upper_dir = format!("{UPPER}/upper");
+    mkdir(&upper_dir)?;
     mkdir(&format!("{UPPER}/work"))?;
-    let options = format!("lowerdir={LOWER},upperdir={UPPER}/upper,workdir={UPPER}/work");
+    // Both overlayfs and the list are uppermost first.
+    let options = format!(
+        "lowerdir={},upperdir={upper_dir},workdir={UPPER}/work",
+        lowerdirs.join(":")
+    );
     mount("overlay", ROOT, "overlay", 0, Some(&options))?;
+    let upper_fd = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(&upper_dir)
+        .map(OwnedFd::from)
+        .map_err(|e| error::os(format_args!("open {upper_dir}"), &e))?;
     for fs in KERNEL_FS {
         let target = format!("{ROOT}{fs}");
         mkdir(&target)?;
@@ -109,7 +141,8 @@ pub fn switch_root(spec: &RootSpec) -> Result<(), RemoteError> {
         sys::chroot(".")?;
         std::env::set_current_dir("/")
     };
-    switch().map_err(|e| error::os(format_args!("switch root to {ROOT}"), &e))
+    switch().map_err(|e| error::os(format_args!("switch root to {ROOT}"), &e))?;
+    Ok(upper_fd)
 }
 
 /// Mounts /dev/pts, /dev/shm, /tmp and /run, and adds the /dev links
@@ -140,6 +173,38 @@ pub fn runtime() -> Result<(), RemoteError> {
     Ok(())
 }
 
+/// Why `guest_path` cannot be a mount point, if it cannot.
+pub fn check_mount_path(guest_path: &str) -> Option<&'static str> {
+    if !guest_path.starts_with('/') {
+        Some("not an absolute path")
+    } else if guest_path.split('/').any(|c| c == "..") {
+        Some("contains ..")
+    } else if guest_path.contains('\0') {
+        Some("contains a NUL byte")
+    } else if guest_path.split('/').all(|c| c.is_empty() || c == ".") {
+        Some("would hide the root")
+    } else {
+        None
+    }
+}
+
+/// Mounts host directory `m` (checked by the caller). The host enforces
+/// read-only mounts too; mounting them read-only here makes writes fail
+/// with EROFS rather than EACCES.
+pub fn host_dir(m: &Mount) -> Result<(), RemoteError> {
+    let context = format!("mount 9p tag {:?} on {}", m.tag, m.guest_path);
+    make_dirs(&m.guest_path).map_err(|e| error::os(format_args!("{context}: mkdir"), &e))?;
+    let flags = if m.read_only { libc::MS_RDONLY } else { 0 };
+    sys::mount(
+        &m.tag,
+        &m.guest_path,
+        Some("9p"),
+        flags,
+        Some(NINEP_OPTIONS),
+    )
+    .map_err(|e| error::os(&context, &e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,5 +217,19 @@ mod tests {
         let long = "cc-0123456789abcdef-lower";
         assert!(serial_matches(&long[..SERIAL_MAX], long));
         assert!(!serial_matches(&long[..SERIAL_MAX - 1], long));
+    }
+
+    #[test]
+    fn mount_points_must_be_absolute_and_stay_put() {
+        assert_eq!(check_mount_path("/data"), None);
+        assert_eq!(check_mount_path("/srv/a/b/"), None);
+        assert_eq!(check_mount_path("/a..b"), None);
+        assert_eq!(check_mount_path("data"), Some("not an absolute path"));
+        assert_eq!(check_mount_path(""), Some("not an absolute path"));
+        assert_eq!(check_mount_path("/data/../etc"), Some("contains .."));
+        assert_eq!(check_mount_path("/.."), Some("contains .."));
+        assert_eq!(check_mount_path("/a\0b"), Some("contains a NUL byte"));
+        assert_eq!(check_mount_path("/"), Some("would hide the root"));
+        assert_eq!(check_mount_path("//./"), Some("would hide the root"));
     }
 }

@@ -1,35 +1,63 @@
-//! The `Setup` request: clock, entropy, root filesystem, name resolution
-//! files and loopback.
+//! The `Setup` request: clock, entropy, root filesystem, host directories,
+//! name resolution files and loopback.
 
-use std::fs::{self, OpenOptions};
+use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::Write;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use cc_protocol::{RemoteError, Response, Setup};
 
 use crate::{error, mounts, net, sys};
 
-/// Performs `setup`. Filesystems are set up by the first successful Setup
-/// only (`mounted` records it); a later one, after the host reconnected,
-/// refreshes the clock, entropy and identity.
-pub fn run(mounted: &Mutex<bool>, setup: &Setup) -> Result<Response, RemoteError> {
+/// How far the filesystems got. Each step is done once: a Setup retried
+/// after a failure resumes at the step that failed (never switching the
+/// root twice), and one after the host reconnected skips them all.
+#[derive(Debug, Default)]
+pub struct Mounted {
+    root: bool,
+    runtime: bool,
+    /// How many of the host directories are mounted, in order.
+    host_dirs: usize,
+}
+
+/// Performs `setup`: filesystems as far as `mounted` says they are not yet
+/// (`upper` keeps the overlay's writable layer), then the clock, entropy
+/// and identity, which every Setup refreshes.
+pub fn run(
+    mounted: &Mutex<Mounted>,
+    upper: &OnceLock<OwnedFd>,
+    setup: &Setup,
+) -> Result<Response, RemoteError> {
     check(setup)?;
     let mut mounted = mounted.lock().unwrap_or_else(|e| e.into_inner());
     sys::set_realtime_clock(setup.clock.secs, setup.clock.nanos)
         .map_err(|e| error::os("set clock", &e))?;
     add_entropy(&setup.entropy);
-    if !*mounted {
+    if !mounted.root {
         if let Some(root) = &setup.root {
-            mounts::switch_root(root)?;
+            // Set only here, and this runs once.
+            let _ = upper.set(mounts::switch_root(root)?);
         }
+        mounted.root = true;
+    }
+    if !mounted.runtime {
         mounts::runtime()?;
-        *mounted = true;
+        mounted.runtime = true;
+    }
+    for m in setup.mounts.iter().skip(mounted.host_dirs) {
+        mounts::host_dir(m)?;
+        mounted.host_dirs += 1;
     }
     sys::sethostname(&setup.hostname)
         .map_err(|e| error::os(format_args!("set hostname {:?}", setup.hostname), &e))?;
-    fs::create_dir_all("/etc").map_err(|e| error::os("mkdir /etc", &e))?;
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create("/etc")
+        .map_err(|e| error::os("mkdir /etc", &e))?;
     write_config("/etc/hostname", &format!("{}\n", setup.hostname))?;
     write_config("/etc/hosts", &hosts_file(&setup.hostname, &setup.hosts))?;
     if !setup.nameservers.is_empty() {
@@ -71,7 +99,17 @@ fn write_config(path: &str, contents: &str) -> Result<(), RemoteError> {
     {
         fs::remove_file(p).map_err(|e| error::os(format_args!("remove {path}"), &e))?;
     }
-    fs::write(p, contents).map_err(|e| error::os(format_args!("write {path}"), &e))
+    let write = || {
+        // Explicit, as the agent's umask is 0.
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(p)?;
+        file.write_all(contents.as_bytes())
+    };
+    write().map_err(|e| error::os(format_args!("write {path}"), &e))
 }
 
 /// A word that may go into a generated file: no whitespace or controls,
@@ -97,6 +135,17 @@ fn check(setup: &Setup) -> Result<(), RemoteError> {
             )));
         }
     }
+    for m in &setup.mounts {
+        if let Some(why) = mounts::check_mount_path(&m.guest_path) {
+            return Err(error::invalid(format!(
+                "mount 9p tag {:?} on {}: {why}",
+                m.tag, m.guest_path
+            )));
+        }
+        if m.tag.is_empty() || m.tag.contains('\0') {
+            return Err(error::invalid(format!("invalid mount tag {:?}", m.tag)));
+        }
+    }
     Ok(())
 }
 
@@ -118,7 +167,7 @@ fn resolv_conf(nameservers: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cc_protocol::UnixTime;
+    use cc_protocol::{Mount, UnixTime};
     use serde_bytes::ByteBuf;
 
     fn sample() -> Setup {
@@ -129,6 +178,11 @@ mod tests {
             entropy: ByteBuf::new(),
             nameservers: vec!["10.0.2.3".into()],
             hosts: vec![("10.0.0.5".into(), "db db.local".into())],
+            mounts: vec![Mount {
+                tag: "m0".into(),
+                guest_path: "/data".into(),
+                read_only: true,
+            }],
         }
     }
 
@@ -166,6 +220,24 @@ mod tests {
         assert!(check(&s).is_err());
         let mut s = sample();
         s.hosts.push(("1.2.3.4".into(), " ".into()));
+        assert!(check(&s).is_err());
+    }
+
+    #[test]
+    fn mounts_need_a_tag_and_a_plain_absolute_path() {
+        let mut s = sample();
+        s.mounts[0].guest_path = "data".into();
+        let e = check(&s).unwrap_err();
+        assert_eq!(e.kind, cc_protocol::ErrorKind::InvalidArgument);
+        assert_eq!(
+            e.message,
+            "mount 9p tag \"m0\" on data: not an absolute path"
+        );
+        let mut s = sample();
+        s.mounts[0].guest_path = "/data/../etc".into();
+        assert!(check(&s).is_err());
+        let mut s = sample();
+        s.mounts[0].tag = String::new();
         assert!(check(&s).is_err());
     }
 }

@@ -3,7 +3,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -237,6 +237,232 @@ pub fn reap(pid: u32) -> io::Result<Option<libc::c_int>> {
         Ok(_) => Ok(Some(status)),
         Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+/// Sets the file mode creation mask; returns the previous one.
+/// Async-signal-safe: used between fork and exec.
+pub fn umask(mask: u32) -> u32 {
+    // SAFETY: umask(2) takes no pointers and cannot fail.
+    unsafe { libc::umask(mask) }
+}
+
+/// `openat(2)` relative to `dir`, or to the working directory for `None`.
+/// `mode` applies when `flags` create a file.
+pub fn openat(
+    dir: Option<BorrowedFd<'_>>,
+    name: &CStr,
+    flags: libc::c_int,
+    mode: u32,
+) -> io::Result<OwnedFd> {
+    let dir = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
+    // SAFETY: `name` is NUL-terminated and outlives the call; `mode` is the
+    // variadic argument openat(2) reads when creating.
+    let fd = check(unsafe { libc::openat(dir, name.as_ptr(), flags, mode as libc::c_uint) })?;
+    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `unlinkat(2)`: removes `name` in `dir`, a directory with `AT_REMOVEDIR`.
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: `name` is NUL-terminated and outlives the call.
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) })?;
+    Ok(())
+}
+
+/// The target of the symlink `fd` refers to (opened with
+/// `O_PATH | O_NOFOLLOW`).
+pub fn readlink_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        // SAFETY: the pointer and length describe `buf`; an empty name makes
+        // readlinkat(2) read the link `fd` itself refers to.
+        let n = unsafe {
+            libc::readlinkat(
+                fd.as_raw_fd(),
+                c"".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        // A full buffer may mean a cut-off target: retry with more room.
+        if n < buf.len() {
+            buf.truncate(n);
+            return Ok(buf);
+        }
+        buf.resize(buf.len() * 2, 0);
+    }
+}
+
+/// A directory stream, closed (with its descriptor) on drop.
+struct DirStream(std::ptr::NonNull<libc::DIR>);
+
+impl Drop for DirStream {
+    fn drop(&mut self) {
+        // SAFETY: the stream came from fdopendir and is closed only here.
+        unsafe { libc::closedir(self.0.as_ptr()) };
+    }
+}
+
+/// The names in directory `dir`, without `.` and `..`, in directory order.
+/// Reads through a descriptor of its own, so `dir`'s offset is untouched.
+pub fn read_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
+    let own = openat(
+        Some(dir),
+        c".",
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        0,
+    )?;
+    // SAFETY: `own` is an open directory descriptor.
+    let stream = unsafe { libc::fdopendir(own.as_raw_fd()) };
+    let stream = DirStream(std::ptr::NonNull::new(stream).ok_or_else(io::Error::last_os_error)?);
+    // The stream owns the descriptor now and closes it.
+    let _ = own.into_raw_fd();
+    let mut names = Vec::new();
+    loop {
+        // readdir(3) reports errors only through errno, so clear it first.
+        // SAFETY: __errno_location returns this thread's errno, always valid.
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: the stream is open; the returned entry stays valid until
+        // the next readdir on it, and is copied out before that.
+        let entry = unsafe { libc::readdir(stream.0.as_ptr()) };
+        if entry.is_null() {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(0) => Ok(names),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: d_name of a returned entry is a NUL-terminated string.
+        let name = unsafe { CStr::from_ptr((*entry).d_name.as_ptr()) }.to_bytes();
+        if name != b"." && name != b".." {
+            names.push(name.to_vec());
+        }
+    }
+}
+
+/// Calls `fill(buf)` as listxattr(2)/getxattr(2) are called, growing the
+/// buffer while the value grows under it (`ERANGE`).
+fn xattr_buffer(mut fill: impl FnMut(&mut [u8]) -> libc::ssize_t) -> io::Result<Vec<u8>> {
+    loop {
+        let size = usize::try_from(fill(&mut [])).map_err(|_| io::Error::last_os_error())?;
+        let mut buf = vec![0u8; size];
+        match usize::try_from(fill(&mut buf)) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(_) if io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE) => {}
+            Err(_) => return Err(io::Error::last_os_error()),
+        }
+    }
+}
+
+/// The extended attributes of the file `fd` refers to, as (name, value).
+///
+/// Goes through `/proc/self/fd`, which reaches the file itself even when
+/// `fd` is an `O_PATH` descriptor of a symlink or device, where the `f*xattr`
+/// calls fail (`EBADF`). A filesystem without xattrs has none.
+pub fn xattrs(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let path = cstring(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    let list = xattr_buffer(|buf| {
+        // SAFETY: `path` is NUL-terminated; the pointer and length describe
+        // `buf` (a zero length only asks for the size).
+        unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }
+    });
+    let list = match list {
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(Vec::new()),
+        other => other?,
+    };
+    let mut out = Vec::new();
+    for name in list.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let cname = cstring(name)?;
+        let value = xattr_buffer(|buf| {
+            // SAFETY: as above, with `cname` NUL-terminated too.
+            unsafe {
+                libc::getxattr(
+                    path.as_ptr(),
+                    cname.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            }
+        });
+        match value {
+            Ok(value) => out.push((name.to_vec(), value)),
+            // Removed since it was listed.
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Sets access and modification times of `path`, following symlinks.
+pub fn utimens(path: &CStr, atime: (i64, u32), mtime: (i64, u32)) -> io::Result<()> {
+    let ts = |(secs, nanos): (i64, u32)| libc::timespec {
+        tv_sec: secs,
+        tv_nsec: nanos.into(),
+    };
+    let times = [ts(atime), ts(mtime)];
+    // SAFETY: `path` is NUL-terminated and `times` holds the two timespecs
+    // utimensat(2) reads; both outlive the call.
+    check(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) })?;
+    Ok(())
+}
+
+/// `lseek(2)`; returns the new offset.
+pub fn lseek(fd: BorrowedFd<'_>, offset: i64, whence: libc::c_int) -> io::Result<u64> {
+    // SAFETY: lseek(2) takes no pointers.
+    let at = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };
+    u64::try_from(at).map_err(|_| io::Error::last_os_error())
+}
+
+/// The set of `signals`.
+pub fn signal_set(signals: &[libc::c_int]) -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain old data; sigemptyset initializes it below.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, writable sigset_t.
+    check(unsafe { libc::sigemptyset(&mut set) })?;
+    for &signal in signals {
+        // SAFETY: `set` is an initialized sigset_t.
+        check(unsafe { libc::sigaddset(&mut set, signal) })?;
+    }
+    Ok(set)
+}
+
+/// Blocks `set` in the calling thread, and so in the threads it starts.
+pub fn block_signals(set: &libc::sigset_t) -> io::Result<()> {
+    // SAFETY: `set` is an initialized sigset_t; the old mask is not wanted.
+    match unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, set, std::ptr::null_mut()) } {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// Makes `set` the calling process's signal mask. Async-signal-safe (it
+/// is sigprocmask): used between fork and exec.
+pub fn set_signal_mask(set: &libc::sigset_t) -> io::Result<()> {
+    // SAFETY: `set` is an initialized sigset_t; the old mask is not wanted.
+    check(unsafe { libc::sigprocmask(libc::SIG_SETMASK, set, std::ptr::null_mut()) })?;
+    Ok(())
+}
+
+/// Waits for one of the (blocked) signals in `set`; returns it and the pid
+/// of its sender.
+pub fn wait_signal(set: &libc::sigset_t) -> io::Result<(libc::c_int, i32)> {
+    // SAFETY: siginfo_t is plain old data; all-zero bytes are a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: `set` is initialized and `info` is writable.
+        match check(unsafe { libc::sigwaitinfo(set, &mut info) }) {
+            // SAFETY: sigwaitinfo filled `info`; for signals sent with
+            // kill(2) the sender's pid is set (0 for the kernel's own).
+            Ok(signal) => return Ok((signal, unsafe { info.si_pid() })),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
 }
 

@@ -81,6 +81,26 @@ struct Shared {
     next_process: AtomicU64,
 }
 
+/// A request sent and not yet answered.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    id: u64,
+    rx: mpsc::Receiver<Reply>,
+}
+
+impl Pending {
+    pub(crate) fn wait(self, channel: &Channel, timeout: Duration) -> Result<Reply> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(reply) => Ok(reply),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                lock(&channel.shared.tables).pending.remove(&self.id);
+                Err(Error::Timeout("request to the guest agent".into()))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(channel.not_running()),
+        }
+    }
+}
+
 /// A connected, version-checked agent channel.
 #[derive(Debug)]
 pub(crate) struct Channel {
@@ -182,6 +202,12 @@ impl Channel {
 
     /// Sends `body` and waits up to `timeout` for its reply.
     pub(crate) fn request(&self, body: Request, timeout: Duration) -> Result<Reply> {
+        self.begin(body)?.wait(self, timeout)
+    }
+
+    /// Sends `body` without waiting: for requests whose answer comes after
+    /// stream traffic (`WriteFile`).
+    pub(crate) fn begin(&self, body: Request) -> Result<Pending> {
         let id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(1);
         {
@@ -192,14 +218,7 @@ impl Channel {
             t.pending.insert(id, tx);
         }
         self.send(&Message::Request { id, body })?;
-        match rx.recv_timeout(timeout) {
-            Ok(reply) => Ok(reply),
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                lock(&self.shared.tables).pending.remove(&id);
-                Err(Error::Timeout("request to the guest agent".into()))
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(self.not_running()),
-        }
+        Ok(Pending { id, rx })
     }
 
     fn not_running(&self) -> Error {

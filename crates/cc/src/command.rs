@@ -81,6 +81,7 @@ pub struct Command {
     cwd: Option<OsString>,
     user: Option<String>,
     stdio: [Stdio; 3],
+    timeout: Option<Duration>,
 }
 
 impl Command {
@@ -104,6 +105,7 @@ impl Command {
             cwd,
             user,
             stdio: [Stdio::Null, Stdio::Piped, Stdio::Piped],
+            timeout: None,
         }
     }
 
@@ -147,6 +149,28 @@ impl Command {
     pub fn user(&mut self, user: impl Into<String>) -> &mut Command {
         self.user = Some(user.into());
         self
+    }
+
+    /// Kills the process if it has not exited `limit` after it started;
+    /// waiting for it then fails with [`Error::Timeout`].
+    pub fn timeout(&mut self, limit: Duration) -> &mut Command {
+        self.timeout = Some(limit);
+        self
+    }
+
+    /// The environment set on this command (the image's `Env`, then
+    /// [`Command::env`]'s), as `KEY=VALUE` entries; the guest adds `PATH`,
+    /// `HOME` and `TERM` where missing.
+    pub fn environ(&self) -> Vec<OsString> {
+        self.env
+            .iter()
+            .map(|(k, v)| {
+                let mut kv = k.clone();
+                kv.push("=");
+                kv.push(v);
+                kv
+            })
+            .collect()
     }
 
     pub fn stdin(&mut self, s: Stdio) -> &mut Command {
@@ -246,6 +270,8 @@ impl Command {
             process,
             pid: 0,
             exit,
+            limit: self.timeout,
+            deadline: self.timeout.map(|t| Instant::now() + t),
             stdin: stdin.map(|(id, s)| ChildStdin {
                 inst: self.inst.clone(),
                 id,
@@ -328,6 +354,9 @@ pub struct Child {
     process: u64,
     pid: u32,
     exit: Arc<ExitSlot>,
+    /// The command's time limit and when it runs out.
+    limit: Option<Duration>,
+    deadline: Option<Instant>,
     pub stdin: Option<ChildStdin>,
     pub stdout: Option<ChildOutput>,
     pub stderr: Option<ChildOutput>,
@@ -362,7 +391,27 @@ impl Child {
             return Ok(Some(ExitStatus(status)));
         }
         self.inst.check_running()?;
-        Ok(self.exit.wait(deadline)?.map(ExitStatus))
+        let until = match (deadline, self.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match self.exit.wait(until)? {
+            Some(status) => Ok(Some(ExitStatus(status))),
+            None if self.deadline.is_some_and(|d| Instant::now() >= d) => Err(self.expire()),
+            None => Ok(None),
+        }
+    }
+
+    /// The command ran out of time: kill it (and its group) and say so.
+    fn expire(&self) -> Error {
+        let _ = self.signal(libc::SIGKILL);
+        let _ = self.exit.wait(Some(Instant::now() + REQUEST_TIMEOUT));
+        let limit = self.limit.unwrap_or_default();
+        Error::Timeout(format!(
+            "command (guest pid {}) after {:.3} s; it was killed",
+            self.pid,
+            limit.as_secs_f64()
+        ))
     }
 
     /// Sends `signal` to the process's whole process group.
@@ -388,9 +437,11 @@ impl Child {
     pub fn wait_with_output(mut self) -> Result<Output> {
         drop(self.stdin.take());
         let (stdout, stderr) = (self.stdout.take(), self.stderr.take());
+        let deadline = self.deadline;
         let read_all = |s: Option<ChildOutput>| -> io::Result<Vec<u8>> {
             let mut buf = Vec::new();
             if let Some(mut s) = s {
+                s.set_deadline(deadline);
                 s.read_to_end(&mut buf)?;
             }
             Ok(buf)
@@ -405,6 +456,7 @@ impl Child {
         });
         let lost = |e: io::Error| match self.inst.check_running() {
             Err(not_running) => not_running,
+            Ok(()) if e.kind() == io::ErrorKind::TimedOut => self.expire(),
             Ok(()) => Error::Io {
                 op: "read output of".into(),
                 path: "process".into(),
@@ -491,6 +543,15 @@ pub struct ChildOutput {
 }
 
 impl ChildOutput {
+    pub(crate) fn new(inst: Arc<Inner>, id: u32, stream: Arc<Inbound>) -> ChildOutput {
+        ChildOutput {
+            inst,
+            id,
+            stream,
+            deadline: None,
+        }
+    }
+
     /// Bounds later reads: a read with nothing by `deadline` fails with
     /// `ErrorKind::TimedOut`.
     pub fn set_deadline(&mut self, deadline: Option<Instant>) {

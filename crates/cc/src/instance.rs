@@ -1,17 +1,22 @@
 //! Instances: boot, identity, lifecycle.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::AtomicU64;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cc_engine::{Disk, RunDir, Vm, VmSpec};
-use cc_protocol::{Request, Response, RootSpec, Setup, UnixTime};
+use cc_engine::{Disk, RunDir, Share, Vm, VmSpec};
+use cc_protocol::{Lower, Request, Response, RootSpec, Setup, UnixTime};
 use serde_bytes::ByteBuf;
 
 use crate::channel::Channel;
+use crate::cmd::Cmd;
 use crate::command::Command;
 use crate::error::{Error, Result};
+use crate::oci::CancelToken;
 use crate::rootfs;
+use crate::snapshot::{Origin, Snapshot};
 
 /// Where an instance's root filesystem comes from.
 #[derive(Debug, Clone)]
@@ -22,6 +27,14 @@ pub enum Source {
     /// An OCI image from the store; its config supplies the defaults of
     /// every command (environment, working directory, user, entrypoint).
     Image(Box<cc_image::Image>),
+    /// A filesystem snapshot of another instance.
+    Snapshot(Box<Snapshot>),
+}
+
+impl From<Snapshot> for Source {
+    fn from(snapshot: Snapshot) -> Source {
+        Source::Snapshot(Box::new(snapshot))
+    }
 }
 
 impl From<cc_image::Image> for Source {
@@ -41,6 +54,59 @@ pub struct Options {
     pub user: Option<String>,
     /// How long the guest may take to become ready (default 60 s).
     pub boot_timeout: Duration,
+    /// Ends the instance this long after it was created; later calls fail
+    /// with [`Error::NotRunning`]. `None` (the default) never ends it.
+    pub timeout: Option<Duration>,
+    /// Host directories shared into the guest.
+    pub mounts: Vec<Mount>,
+}
+
+/// A host directory shared into the guest at `guest_path`. Read-only
+/// unless `writable` (enforced by the host, not just the guest); writes
+/// through a writable mount land in the host directory at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub host_path: PathBuf,
+    pub guest_path: String,
+    pub writable: bool,
+}
+
+impl Mount {
+    /// A read-only mount.
+    pub fn read_only(host_path: impl Into<PathBuf>, guest_path: impl Into<String>) -> Mount {
+        Mount {
+            host_path: host_path.into(),
+            guest_path: guest_path.into(),
+            writable: false,
+        }
+    }
+
+    /// A writable mount.
+    pub fn writable(host_path: impl Into<PathBuf>, guest_path: impl Into<String>) -> Mount {
+        Mount {
+            host_path: host_path.into(),
+            guest_path: guest_path.into(),
+            writable: true,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let meta =
+            std::fs::metadata(&self.host_path).map_err(Error::io("mount", &self.host_path))?;
+        if !meta.is_dir() {
+            return Err(Error::InvalidArgument(format!(
+                "mount source {} is not a directory",
+                self.host_path.display()
+            )));
+        }
+        let g = &self.guest_path;
+        if !g.starts_with('/') || g == "/" || g.split('/').any(|c| c == "..") || g.contains('\0') {
+            return Err(Error::InvalidArgument(format!(
+                "mount target {g:?} must be an absolute guest path other than /"
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Options {
@@ -50,6 +116,8 @@ impl Default for Options {
             cpus: 1,
             user: None,
             boot_timeout: Duration::from_secs(60),
+            timeout: None,
+            mounts: Vec::new(),
         }
     }
 }
@@ -77,6 +145,12 @@ impl Options {
                 "user must be a non-empty name or id".into(),
             ));
         }
+        if self.timeout.is_some_and(|t| t.is_zero()) {
+            return Err(Error::InvalidArgument("timeout must be positive".into()));
+        }
+        for m in &self.mounts {
+            m.validate()?;
+        }
         Ok(())
     }
 }
@@ -103,8 +177,10 @@ pub struct BootTimings {
 
 #[derive(Debug)]
 struct Live {
-    vm: Vm,
+    vm: Arc<Vm>,
     run_dir: RunDir,
+    /// Ends the timeout watchdog early (by being dropped) when closing.
+    watchdog: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
 #[derive(Debug)]
@@ -114,6 +190,10 @@ pub(crate) struct Inner {
     pub(crate) default_user: Option<String>,
     /// The image's config, when booted from an image.
     pub(crate) image_config: Option<cc_image::ImageConfig>,
+    /// What it booted from, for snapshots.
+    pub(crate) origin: Origin,
+    /// File handle ids, unique on the connection.
+    pub(crate) next_handle: AtomicU64,
     /// `None` once closed.
     live: Mutex<Option<Live>>,
 }
@@ -156,11 +236,21 @@ impl Instance {
         let agent = cc_engine::paths::agent()?;
         let accel = cc_engine::detect_accel()?;
         let initrd = cc_engine::initramfs::for_agent(&agent, &cache)?;
-        let (lower, image_config) = match source {
-            Source::Dir(dir) => (rootfs::image_for_dir(dir, &cache)?, None),
+        let (lowers, image_config, origin) = match source {
+            Source::Dir(dir) => (
+                vec![rootfs::image_for_dir(dir, &cache)?],
+                None,
+                Origin::Dir(dir.clone()),
+            ),
             Source::Image(image) => (
-                image.rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES)?,
+                vec![image.rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES)?],
                 Some(image.config()),
+                Origin::Image(image.clone()),
+            ),
+            Source::Snapshot(s) => (
+                s.lowers(cc_image::DEFAULT_MAX_LAYER_BYTES)?,
+                Some(s.image().config()),
+                Origin::Snapshot(s.clone()),
             ),
         };
 
@@ -174,18 +264,30 @@ impl Instance {
             memory_mb: options.memory_mb,
             cpus: options.cpus,
             accel: accel.accel,
-            disks: vec![
-                Disk {
-                    path: lower,
-                    serial: "cc-lower".into(),
+            disks: lowers
+                .iter()
+                .enumerate()
+                .map(|(i, path)| Disk {
+                    path: path.clone(),
+                    serial: format!("cc-lower{i}"),
                     read_only: true,
-                },
-                Disk {
+                })
+                .chain([Disk {
                     path: upper,
                     serial: "cc-upper".into(),
                     read_only: false,
-                },
-            ],
+                }])
+                .collect(),
+            shares: options
+                .mounts
+                .iter()
+                .enumerate()
+                .map(|(i, m)| Share {
+                    tag: format!("ccm{i}"),
+                    path: m.host_path.clone(),
+                    read_only: !m.writable,
+                })
+                .collect(),
             kernel_params: Vec::new(),
         };
         let prepare = t0.elapsed();
@@ -215,14 +317,28 @@ impl Instance {
         let setup = Setup {
             hostname: format!("cc-{}", &id[..8]),
             root: Some(RootSpec {
-                lower_serial: "cc-lower".into(),
-                lower_fstype: rootfs::LOWER_FSTYPE.into(),
+                lowers: (0..lowers.len())
+                    .map(|i| Lower {
+                        serial: format!("cc-lower{i}"),
+                        fstype: rootfs::LOWER_FSTYPE.into(),
+                    })
+                    .collect(),
                 upper_serial: "cc-upper".into(),
             }),
             clock: now(),
             entropy: ByteBuf::from(random_bytes(64)),
             nameservers: vec!["10.0.2.3".into()],
             hosts: Vec::new(),
+            mounts: options
+                .mounts
+                .iter()
+                .enumerate()
+                .map(|(i, m)| cc_protocol::Mount {
+                    tag: format!("ccm{i}"),
+                    guest_path: m.guest_path.clone(),
+                    read_only: !m.writable,
+                })
+                .collect(),
         };
         let kernel_release = match channel.request(Request::Setup(setup), options.boot_timeout) {
             Ok(Ok(Response::Ready { kernel })) => kernel,
@@ -241,20 +357,41 @@ impl Instance {
             kernel: kernel_time,
             setup: t2.elapsed(),
         };
-        let inner = Inner {
+        let vm = Arc::new(vm);
+        let inner = Arc::new(Inner {
             id,
             channel,
             default_user: options
                 .user
                 .or_else(|| image_config.as_ref().and_then(|c| c.user.clone())),
             image_config,
-            live: Mutex::new(Some(Live { vm, run_dir })),
+            origin,
+            next_handle: AtomicU64::new(1),
+            live: Mutex::new(None),
+        });
+        let watchdog = match options.timeout {
+            Some(limit) => Some(start_watchdog(
+                &inner,
+                &vm,
+                (t0 + limit).saturating_duration_since(Instant::now()),
+                limit,
+            )?),
+            None => None,
         };
+        *inner.live() = Some(Live {
+            vm,
+            run_dir,
+            watchdog,
+        });
         Ok(Instance {
-            inner: Arc::new(inner),
+            inner,
             kernel_release,
             timings,
         })
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
     }
 
     /// Unique id of this instance.
@@ -280,6 +417,14 @@ impl Instance {
     /// A command to run `program` in the guest.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         Command::new(self.inner.clone(), program)
+    }
+
+    /// A [`Cmd`]: a command as one stateful object, as the C and Python
+    /// faces use it.
+    pub fn cmd(&self, program: &str, args: &[&str]) -> Cmd {
+        let mut command = self.command(program);
+        command.args(args);
+        Cmd::new(command)
     }
 
     /// A command running the image's entrypoint: `Entrypoint + args`, or
@@ -320,6 +465,27 @@ impl Instance {
         }
     }
 
+    /// Waits until the guest ends (it powered off, crashed or timed out).
+    /// `cancel` stops the wait with [`Error::Cancelled`]; closing the
+    /// instance from another thread ends it with [`Error::AlreadyClosed`].
+    pub fn wait(&self, cancel: Option<&CancelToken>) -> Result<()> {
+        let vm = match self.inner.live().as_ref() {
+            Some(live) => live.vm.clone(),
+            None => return Err(Error::AlreadyClosed),
+        };
+        loop {
+            if vm.wait_timeout(Duration::from_millis(50)).is_some() {
+                return Ok(());
+            }
+            if cancel.is_some_and(|c| c.is_cancelled()) {
+                return Err(Error::Image(cc_image::Error::Cancelled));
+            }
+            if self.inner.live().is_none() {
+                return Err(Error::AlreadyClosed);
+            }
+        }
+    }
+
     /// Host pid of the VM process, while it runs.
     pub fn vm_pid(&self) -> Option<u32> {
         self.inner.live().as_ref().map(|l| l.vm.pid())
@@ -337,9 +503,13 @@ impl Instance {
     /// killed if it does not exit in time. Nothing of the instance remains
     /// afterwards. Closing again does nothing.
     pub fn close(&self) -> Result<()> {
-        let Some(live) = self.inner.live().take() else {
+        let Some(mut live) = self.inner.live().take() else {
             return Ok(());
         };
+        if let Some((stop, thread)) = live.watchdog.take() {
+            drop(stop);
+            let _ = thread.join();
+        }
         if self.inner.channel.dead().is_none() {
             // The agent answers, then powers off; a lost answer is fine.
             let _ = self
@@ -361,6 +531,35 @@ impl Drop for Instance {
     fn drop(&mut self) {
         let _ = self.close();
     }
+}
+
+/// Ends the instance when its time is up, unless closed first (which drops
+/// the sender and wakes the watchdog).
+fn start_watchdog(
+    inner: &Arc<Inner>,
+    vm: &Arc<Vm>,
+    left: Duration,
+    limit: Duration,
+) -> Result<(mpsc::Sender<()>, JoinHandle<()>)> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let (inner, vm) = (Arc::downgrade(inner), vm.clone());
+    let thread = std::thread::Builder::new()
+        .name("cc-timeout".into())
+        .spawn(move || {
+            if stopped.recv_timeout(left) != Err(mpsc::RecvTimeoutError::Timeout) {
+                return;
+            }
+            if let Some(inner) = inner.upgrade() {
+                tracing::info!(id = %inner.id, "instance timed out after {limit:?}");
+                inner.channel.shut_down(&format!(
+                    "the instance timed out after {} s",
+                    limit.as_secs_f64()
+                ));
+            }
+            vm.terminate(QUIT_GRACE);
+        })
+        .map_err(Error::io("spawn", "timeout watchdog"))?;
+    Ok((stop, thread))
 }
 
 fn now() -> UnixTime {

@@ -21,17 +21,26 @@
 //! runtime directory.
 
 mod channel;
+mod cmd;
 mod command;
 mod error;
+mod fs;
 mod instance;
 mod oci;
 mod rootfs;
+mod snapshot;
 
 pub use cc_protocol::PROTOCOL_VERSION as GUEST_PROTOCOL_VERSION;
+pub use cmd::{Cmd, Conn};
 pub use command::{Child, ChildOutput, ChildStdin, Command, ExitStatus, Output, Signaller, Stdio};
 pub use error::{Error, ErrorCode, Result};
-pub use instance::{BootTimings, Instance, Options, Source};
+pub use fs::{
+    DirEntry, File, FileInfo, Whence, O_APPEND, O_CREATE, O_EXCL, O_RDONLY, O_RDWR, O_TRUNC,
+    O_WRONLY,
+};
+pub use instance::{BootTimings, Instance, Mount, Options, Source};
 pub use oci::*;
+pub use snapshot::Snapshot;
 
 /// The README's Rust examples, compiled as doctests so they stay true.
 #[doc = include_str!("../../../README.md")]

@@ -28,6 +28,10 @@ impl OciClient {
         })
     }
 
+    pub(crate) fn inner(&self) -> &cc_image::Client {
+        &self.inner
+    }
+
     /// The store's root directory.
     pub fn root(&self) -> &Path {
         self.inner.store().root()

@@ -4,7 +4,7 @@
 //! (`CC_TEST_ROOTFS` overrides the tree). `cargo test --test vm -- NAME`
 //! runs the tests whose name contains NAME.
 
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -514,6 +514,519 @@ fn debian_image_boots() {
     std::fs::remove_dir_all(root).unwrap();
 }
 
+// ---- files, through the agent ----
+
+fn files_round_trip_with_metadata(inst: &Instance) {
+    inst.write_file("/tmp/f.txt", b"Hello, World!", 0o600)
+        .unwrap();
+    assert_eq!(inst.read_file("/tmp/f.txt").unwrap(), b"Hello, World!");
+    let info = inst.stat("/tmp/f.txt").unwrap();
+    assert_eq!(
+        (info.name.as_str(), info.size, info.permissions()),
+        ("f.txt", 13, 0o600)
+    );
+    assert!(!info.is_dir && !info.is_symlink);
+    assert_eq!(
+        stdout(inst, "cat /tmp/f.txt; stat -c %a /tmp/f.txt"),
+        "Hello, World!600\n"
+    );
+    // What guest processes write, the file API reads, and /proc is there.
+    sh(inst, "echo from-guest > /tmp/g");
+    assert_eq!(inst.read_file("/tmp/g").unwrap(), b"from-guest\n");
+    assert!(String::from_utf8(inst.read_file("/proc/version").unwrap())
+        .unwrap()
+        .starts_with("Linux"));
+    let empty = inst.read_file("/dev/null").unwrap();
+    assert!(empty.is_empty());
+}
+
+fn missing_paths_are_io_errors_with_op_and_path(inst: &Instance) {
+    let err = inst.read_file("/no/such/file").unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Io, "{err}");
+    assert_eq!(
+        (err.op(), err.path()),
+        (Some("read_file"), Some("/no/such/file"))
+    );
+    assert!(
+        matches!(&err, cc::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+        "{err:?}"
+    );
+    for err in [
+        inst.stat("/no/such").unwrap_err(),
+        inst.remove("/no/such").unwrap_err(),
+        inst.read_dir("/no/such").unwrap_err(),
+        inst.open("/no/such").map(drop).unwrap_err(),
+        inst.write_file("/no/such/dir/f", b"x", 0o644).unwrap_err(),
+    ] {
+        assert_eq!(err.code(), ErrorCode::Io, "{err}");
+        assert!(err.path().unwrap().starts_with("/no/such"), "{err}");
+    }
+}
+
+fn large_files_stream_both_ways(inst: &Instance) {
+    // 256 MiB through a 256 MiB guest: neither side may hold it whole.
+    const LEN: u64 = 256 << 20;
+    let mut source = Pattern { at: 0, len: LEN };
+    assert_eq!(
+        inst.write_file_from("/var/big", &mut source, 0o644)
+            .unwrap(),
+        LEN
+    );
+    assert_eq!(stdout(inst, "stat -c %s /var/big").trim(), LEN.to_string());
+    let mut check = PatternCheck { at: 0 };
+    assert_eq!(inst.read_file_to("/var/big", &mut check).unwrap(), LEN);
+    assert_eq!(check.at, LEN);
+    inst.remove("/var/big").unwrap();
+}
+
+/// A deterministic byte stream (the byte at offset i is a hash of i).
+struct Pattern {
+    at: u64,
+    len: u64,
+}
+
+fn pattern_byte(i: u64) -> u8 {
+    (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
+}
+
+impl Read for Pattern {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min((self.len - self.at) as usize);
+        for (j, b) in buf[..n].iter_mut().enumerate() {
+            *b = pattern_byte(self.at + j as u64);
+        }
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+struct PatternCheck {
+    at: u64,
+}
+
+impl Write for PatternCheck {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for (j, &b) in buf.iter().enumerate() {
+            assert_eq!(
+                b,
+                pattern_byte(self.at + j as u64),
+                "byte {} differs",
+                self.at + j as u64
+            );
+        }
+        self.at += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn directories_links_and_metadata(inst: &Instance) {
+    inst.remove_all("/tmp/d").unwrap();
+    inst.mkdir("/tmp/d", 0o750).unwrap();
+    assert_eq!(inst.stat("/tmp/d").unwrap().permissions(), 0o750);
+    assert!(inst.mkdir("/tmp/d", 0o755).is_err(), "exists");
+    inst.mkdir_all("/tmp/d/a/b/c", 0o755).unwrap();
+    inst.mkdir_all("/tmp/d/a/b/c", 0o755).unwrap();
+    inst.write_file("/tmp/d/file", b"1", 0o644).unwrap();
+    let names: Vec<(String, bool)> = inst
+        .read_dir("/tmp/d")
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name, e.is_dir))
+        .collect();
+    assert_eq!(
+        names,
+        [("a".to_string(), true), ("file".to_string(), false)]
+    );
+    assert!(inst.remove("/tmp/d/a").is_err(), "not empty");
+    inst.rename("/tmp/d/file", "/tmp/d/renamed").unwrap();
+    inst.symlink("renamed", "/tmp/d/link").unwrap();
+    assert_eq!(inst.readlink("/tmp/d/link").unwrap(), "renamed");
+    assert!(inst.lstat("/tmp/d/link").unwrap().is_symlink);
+    assert!(!inst.stat("/tmp/d/link").unwrap().is_symlink);
+    // chown clears setuid, as on any Linux: change owners first.
+    inst.chown("/tmp/d/renamed", Some(1000), Some(50)).unwrap();
+    inst.chmod("/tmp/d/renamed", 0o4711).unwrap();
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(1_234_567_890);
+    inst.chtimes("/tmp/d/renamed", t, t).unwrap();
+    let info = inst.stat("/tmp/d/renamed").unwrap();
+    assert_eq!(
+        (info.permissions(), info.uid, info.gid, info.mtime),
+        (0o4711, 1000, 50, t)
+    );
+    assert_eq!(
+        stdout(inst, "stat -c '%a %U %G %Y' /tmp/d/renamed"),
+        "4711 alice staff 1234567890\n"
+    );
+    inst.remove_all("/tmp/d").unwrap();
+    inst.remove_all("/tmp/d").unwrap();
+    assert!(inst.stat("/tmp/d").is_err());
+}
+
+fn file_handles(inst: &Instance) {
+    let mut f = inst.create("/tmp/h").unwrap();
+    f.write_all(b"0123456789").unwrap();
+    assert_eq!(f.seek(std::io::SeekFrom::Start(2)).unwrap(), 2);
+    let mut buf = [0u8; 4];
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"2345");
+    assert_eq!(f.seek(std::io::SeekFrom::End(-1)).unwrap(), 9);
+    assert_eq!(f.read_all().unwrap(), b"9");
+    assert_eq!(
+        f.read_some(&mut buf).unwrap(),
+        0,
+        "end of file is 0 bytes, not an error"
+    );
+    assert_eq!(f.stat().unwrap().size, 10);
+    f.truncate(4).unwrap();
+    f.sync().unwrap();
+    f.close().unwrap();
+    f.close().unwrap();
+    assert_eq!(f.read_all().unwrap_err().code(), ErrorCode::AlreadyClosed);
+    assert_eq!(inst.read_file("/tmp/h").unwrap(), b"0123");
+
+    let appender = inst
+        .open_file("/tmp/h", cc::O_WRONLY | cc::O_APPEND, 0)
+        .unwrap();
+    appender.write_all_bytes(b"+").unwrap();
+    drop(appender);
+    assert_eq!(inst.read_file("/tmp/h").unwrap(), b"0123+");
+    let err = inst
+        .open_file("/tmp/h", cc::O_WRONLY | cc::O_CREATE | cc::O_EXCL, 0o600)
+        .unwrap_err();
+    assert!(
+        matches!(&err, cc::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists),
+        "{err:?}"
+    );
+    assert_eq!(
+        inst.open_file("/tmp/h", 0xffff_0000, 0).unwrap_err().code(),
+        ErrorCode::InvalidArgument
+    );
+    let ro = inst.open("/tmp/h").unwrap();
+    assert!(ro.write_all_bytes(b"x").is_err(), "read-only handle");
+
+    // Many handles at once.
+    let handles: Vec<cc::File> = (0..64)
+        .map(|i| {
+            let f = inst.create(&format!("/tmp/many-{i}")).unwrap();
+            f.write_all_bytes(format!("{i}").as_bytes()).unwrap();
+            f
+        })
+        .collect();
+    for (i, f) in handles.iter().enumerate() {
+        f.seek_to(std::io::SeekFrom::Start(0)).unwrap();
+        assert_eq!(f.read_all().unwrap(), format!("{i}").as_bytes());
+    }
+    drop(handles);
+    sh(inst, "rm -f /tmp/many-*");
+}
+
+// ---- Cmd, the stateful command ----
+
+fn cmd_lifecycle_pipes_and_misuse(inst: &Instance) {
+    let cmd = inst.cmd("sh", &["-c", "echo $MY_VAR; pwd; exit 3"]);
+    cmd.set_dir("/tmp").unwrap();
+    cmd.set_env("MY_VAR", "value").unwrap();
+    assert_eq!(cmd.get_env("MY_VAR").as_deref(), Some("value"));
+    assert!(cmd.environ().contains(&"MY_VAR=value".to_string()));
+    assert_eq!(cmd.output().unwrap(), b"value\n/tmp\n");
+    assert_eq!(
+        cmd.exit_code(),
+        Some(3),
+        "non-zero exit is a value, not an error"
+    );
+    assert_eq!(
+        cmd.start().unwrap_err().code(),
+        ErrorCode::InvalidArgument,
+        "start twice"
+    );
+    assert_eq!(
+        cmd.set_env("A", "b").unwrap_err().code(),
+        ErrorCode::InvalidArgument
+    );
+
+    assert_eq!(inst.cmd("sh", &["-c", "exit 7"]).run().unwrap(), 7);
+    let combined = inst
+        .cmd("sh", &["-c", "echo a; echo b >&2; echo c"])
+        .combined_output()
+        .unwrap();
+    assert_eq!(combined, b"a\nb\nc\n");
+
+    let cat = inst.cmd("cat", &[]);
+    let (stdin, stdout) = (cat.stdin_pipe().unwrap(), cat.stdout_pipe().unwrap());
+    assert_eq!(
+        cat.stdin_pipe().unwrap_err().code(),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        stdout.read(10).unwrap_err().code(),
+        ErrorCode::InvalidArgument,
+        "read before start"
+    );
+    assert_eq!(
+        cat.wait().unwrap_err().code(),
+        ErrorCode::InvalidArgument,
+        "wait before start"
+    );
+    assert_eq!(
+        cat.kill().unwrap_err().code(),
+        ErrorCode::InvalidArgument,
+        "kill before start"
+    );
+    cat.start().unwrap();
+    assert_eq!(
+        cat.stderr_pipe().unwrap_err().code(),
+        ErrorCode::InvalidArgument,
+        "pipe after start"
+    );
+    stdin.write(b"hello").unwrap();
+    stdin.close();
+    let mut got = Vec::new();
+    loop {
+        let chunk = stdout.read(256).unwrap();
+        if chunk.is_empty() {
+            break;
+        }
+        got.extend(chunk);
+    }
+    assert_eq!(got, b"hello");
+    stdout.close();
+    assert_eq!(cat.wait().unwrap(), 0);
+    assert_eq!(cat.wait().unwrap(), 0, "wait again returns the same");
+
+    let sleeper = inst.cmd("sleep", &["1000"]);
+    sleeper.start().unwrap();
+    sleeper.kill().unwrap();
+    assert_eq!(sleeper.wait().unwrap(), -9, "killed by SIGKILL");
+}
+
+fn command_timeout_kills(inst: &Instance) {
+    let err = inst
+        .command("sh")
+        .args(["-c", "sleep 1000"])
+        .timeout(Duration::from_millis(500))
+        .output()
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Timeout, "{err}");
+    assert_eq!(
+        stdout(inst, "ps -o comm | grep -c '^sleep$' || true").trim(),
+        "0",
+        "timed-out process left running"
+    );
+    let cmd = inst.cmd("sleep", &["1000"]);
+    cmd.set_timeout(Duration::from_millis(300)).unwrap();
+    assert_eq!(cmd.run().unwrap_err().code(), ErrorCode::Timeout);
+    let quick = inst
+        .command("true")
+        .timeout(Duration::from_secs(30))
+        .status()
+        .unwrap();
+    assert!(quick.success());
+}
+
+// ---- lifecycle: wait, timeout, mounts ----
+
+fn wait_returns_when_the_guest_powers_off() {
+    let inst = boot();
+    let token = cc::CancelToken::new();
+    token.cancel();
+    assert_eq!(
+        inst.wait(Some(&token)).unwrap_err().code(),
+        ErrorCode::Cancelled
+    );
+    let _ = inst.command("poweroff").status();
+    inst.wait(None).unwrap();
+    assert!(!inst.is_running());
+    assert_eq!(
+        inst.command("true").status().unwrap_err().code(),
+        ErrorCode::NotRunning
+    );
+    inst.close().unwrap();
+    assert_eq!(
+        inst.wait(None).unwrap_err().code(),
+        ErrorCode::AlreadyClosed
+    );
+}
+
+fn instance_timeout_ends_it() {
+    let inst = boot_with(Options {
+        timeout: Some(Duration::from_secs(3)),
+        ..Options::default()
+    });
+    assert!(inst.is_running());
+    let started = Instant::now();
+    inst.wait(None).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let err = inst.read_file("/etc/passwd").unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NotRunning, "{err}");
+    assert!(err.to_string().contains("timed out"), "{err}");
+    inst.close().unwrap();
+}
+
+fn mounts_read_only_and_writable() {
+    let base = std::env::temp_dir().join(format!("cc-vm-mounts-{}", std::process::id()));
+    let (ro, rw) = (base.join("ro"), base.join("rw"));
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::write(ro.join("hello.txt"), b"from the host").unwrap();
+    let options = Options {
+        mounts: vec![
+            cc::Mount::read_only(&ro, "/mnt/ro"),
+            cc::Mount::writable(&rw, "/data/rw"),
+        ],
+        ..Options::default()
+    };
+    let inst = boot_with(options);
+    assert_eq!(stdout(&inst, "cat /mnt/ro/hello.txt"), "from the host");
+    assert_eq!(
+        inst.read_file("/mnt/ro/hello.txt").unwrap(),
+        b"from the host"
+    );
+    let denied = sh(&inst, "echo x > /mnt/ro/new");
+    assert!(!denied.status.success(), "read-only mount accepted a write");
+    assert!(inst.write_file("/mnt/ro/new2", b"x", 0o644).is_err());
+    assert!(!ro.join("new").exists() && !ro.join("new2").exists());
+    sh(
+        &inst,
+        "echo guest-wrote > /data/rw/out.txt; mkdir /data/rw/sub",
+    );
+    inst.write_file("/data/rw/api.txt", b"api", 0o644).unwrap();
+    assert_eq!(std::fs::read(rw.join("out.txt")).unwrap(), b"guest-wrote\n");
+    assert_eq!(std::fs::read(rw.join("api.txt")).unwrap(), b"api");
+    assert!(rw.join("sub").is_dir());
+    std::fs::write(rw.join("host-later.txt"), b"live").unwrap();
+    assert_eq!(
+        stdout(&inst, "cat /data/rw/host-later.txt"),
+        "live",
+        "host writes show up live"
+    );
+    inst.close().unwrap();
+
+    for bad in [
+        cc::Mount::read_only(base.join("missing"), "/mnt/x"),
+        cc::Mount::read_only(ro.join("hello.txt"), "/mnt/x"),
+        cc::Mount::read_only(&ro, "relative/path"),
+        cc::Mount::read_only(&ro, "/"),
+        cc::Mount::read_only(&ro, "/mnt/../etc"),
+    ] {
+        let err = Instance::new(
+            &Source::Dir(rootfs()),
+            Options {
+                mounts: vec![bad.clone()],
+                ..Options::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err.code(), ErrorCode::InvalidArgument | ErrorCode::Io),
+            "{bad:?}: {err}"
+        );
+    }
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+// ---- filesystem snapshots ----
+
+fn snapshots_chain_exclude_and_export() {
+    let images = cc_testsupport::test_images();
+    let (client, root) = image_store("snapshots");
+    let image = client.load_dir(&images.busybox).unwrap();
+    let first = Instance::new(&image.into(), Options::default()).unwrap();
+    let mut background = first.command("sleep").arg("1000").spawn().unwrap();
+    sh(&first, "echo one > /etc/marker; mkdir -p /data/keep /data/skip; echo k > /data/keep/f; echo s > /data/skip/f; echo x > /var/log.txt; rm /etc/group");
+    let snap1 = first
+        .snapshot_filesystem(&["/data/skip/**", "/data/skip", "*.txt"])
+        .unwrap();
+    assert!(first.is_running(), "taken without stopping the instance");
+    assert_eq!(
+        background.try_wait().unwrap(),
+        None,
+        "its processes keep running"
+    );
+    first.close().unwrap();
+
+    // The snapshot outlives its instance and boots.
+    let second = Instance::new(&snap1.as_source(), Options::default()).unwrap();
+    assert_eq!(stdout(&second, "cat /etc/marker /data/keep/f"), "one\nk\n");
+    assert!(
+        !sh(&second, "test -e /etc/group").status.success(),
+        "deletions carry over"
+    );
+    assert!(
+        !sh(&second, "test -e /data/skip").status.success(),
+        "excluded directory"
+    );
+    assert!(
+        !sh(&second, "test -e /var/log.txt").status.success(),
+        "excluded by a pattern at any depth"
+    );
+    assert_eq!(
+        stdout(&second, "echo $CC_IMAGE"),
+        "busybox\n",
+        "the image config carries over"
+    );
+    sh(&second, "echo two >> /etc/marker");
+    let snap2 = second.snapshot_filesystem(&[]).unwrap();
+    second.close().unwrap();
+    assert_eq!(
+        snap2.image().layers().unwrap().len(),
+        3,
+        "base + one layer per snapshot"
+    );
+
+    let third = Instance::new(&Source::from(snap2.clone()), Options::default()).unwrap();
+    assert_eq!(stdout(&third, "cat /etc/marker"), "one\ntwo\n");
+    third.close().unwrap();
+
+    // Export, then load into another store and boot.
+    let out = root.join("exported");
+    snap2.export_dir(&out).unwrap();
+    let (other, other_root) = image_store("snapshots-reload");
+    let loaded = other.load_dir(&out).unwrap();
+    let fourth = Instance::new(&loaded.into(), Options::default()).unwrap();
+    assert_eq!(stdout(&fourth, "cat /etc/marker"), "one\ntwo\n");
+    assert!(!sh(&fourth, "test -e /etc/group").status.success());
+    fourth.close().unwrap();
+    let inspect = std::process::Command::new("skopeo")
+        .args(["inspect", "--config"])
+        .arg(format!(
+            "oci:{}:{}",
+            out.display(),
+            snap2.name().rsplit(':').next().unwrap()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        inspect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    std::fs::remove_dir_all(root).unwrap();
+    std::fs::remove_dir_all(other_root).unwrap();
+}
+
+fn snapshot_of_a_directory_instance() {
+    let inst = boot();
+    sh(&inst, "echo dir-based > /root/note");
+    let snap = inst.snapshot_filesystem(&[]).unwrap();
+    inst.close().unwrap();
+    let again = Instance::new(&snap.as_source(), Options::default()).unwrap();
+    assert_eq!(
+        stdout(&again, "cat /root/note; id -un alice"),
+        "dir-based\nalice\n"
+    );
+    again.close().unwrap();
+}
+
+/// `[(name, function), ...]` from function names.
+macro_rules! named {
+    ($($test:ident),* $(,)?) => {
+        &[$((stringify!($test), $test as _)),*]
+    };
+}
+
 fn main() {
     if std::env::var("CC_RUN_VM_TESTS").as_deref() != Ok("1") {
         println!("VM tests not run: set CC_RUN_VM_TESTS=1 (they boot real VMs)");
@@ -532,47 +1045,44 @@ fn main() {
         |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
 
     type Shared = fn(&Instance);
-    let shared: &[(&str, Shared)] = &[
-        ("echo", echo),
-        ("exit_codes", exit_codes),
-        ("signal_status", signal_status),
-        ("env_and_defaults", env_and_defaults),
-        ("working_directory", working_directory),
-        ("users", users),
-        ("stdin_to_stdout_1mib", stdin_to_stdout_1mib),
-        ("stdout_and_stderr_apart", stdout_and_stderr_apart),
-        ("concurrent_commands", concurrent_commands),
-        ("kill_process_group", kill_process_group),
-        (
-            "large_output_with_back_pressure",
-            large_output_with_back_pressure,
-        ),
-        ("stdin_eof_ends_reader", stdin_eof_ends_reader),
-        (
-            "command_not_found_or_not_executable",
-            command_not_found_or_not_executable,
-        ),
-        ("nul_bytes_are_refused", nul_bytes_are_refused),
-        ("identity_files", identity_files),
-        ("guest_out_of_memory", guest_out_of_memory),
+    let shared: &[(&str, Shared)] = named![
+        echo,
+        exit_codes,
+        signal_status,
+        env_and_defaults,
+        working_directory,
+        users,
+        stdin_to_stdout_1mib,
+        stdout_and_stderr_apart,
+        concurrent_commands,
+        kill_process_group,
+        large_output_with_back_pressure,
+        stdin_eof_ends_reader,
+        command_not_found_or_not_executable,
+        nul_bytes_are_refused,
+        identity_files,
+        guest_out_of_memory,
+        files_round_trip_with_metadata,
+        missing_paths_are_io_errors_with_op_and_path,
+        large_files_stream_both_ways,
+        directories_links_and_metadata,
+        file_handles,
+        cmd_lifecycle_pipes_and_misuse,
+        command_timeout_kills,
     ];
-    let own: &[(&str, fn())] = &[
-        ("close_leaves_nothing", close_leaves_nothing),
-        ("independent_writable_layers", independent_writable_layers),
-        (
-            "crash_is_not_running_and_isolated",
-            crash_is_not_running_and_isolated,
-        ),
-        ("bad_rootfs_is_a_clear_error", bad_rootfs_is_a_clear_error),
-        (
-            "image_pulled_from_a_registry_boots",
-            image_pulled_from_a_registry_boots,
-        ),
-        (
-            "image_config_and_layers_apply",
-            image_config_and_layers_apply,
-        ),
-        ("debian_image_boots", debian_image_boots),
+    let own: &[(&str, fn())] = named![
+        close_leaves_nothing,
+        independent_writable_layers,
+        crash_is_not_running_and_isolated,
+        bad_rootfs_is_a_clear_error,
+        image_pulled_from_a_registry_boots,
+        image_config_and_layers_apply,
+        debian_image_boots,
+        wait_returns_when_the_guest_powers_off,
+        instance_timeout_ends_it,
+        mounts_read_only_and_writable,
+        snapshots_chain_exclude_and_export,
+        snapshot_of_a_directory_instance,
     ];
 
     let (mut passed, mut failed) = (0, Vec::new());

@@ -68,6 +68,7 @@ fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> CliResult<Ex
         cpus: 1,
         accel: accel.accel,
         disks: Vec::new(),
+        shares: Vec::new(),
         kernel_params: Vec::new(),
     };
     let source = cc::Source::Dir(rootfs.to_path_buf());

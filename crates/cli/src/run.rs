@@ -52,6 +52,10 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
     // process), so block them before any thread exists to inherit the mask.
     let signals = block_signals();
     let source = match (args.rootfs, &args.image) {
+        // A directory has no entrypoint: say so before building anything.
+        (Some(_), _) if args.command.is_empty() => {
+            return Err("--rootfs needs a command after --".into())
+        }
         (Some(dir), _) => cc::Source::Dir(dir),
         (None, Some(reference)) => {
             let client = cc::OciClient::new(None)?;

@@ -51,10 +51,17 @@ fn run(args: &[&str], stdin: &[u8]) -> Output {
 #[test]
 fn usage_errors_need_no_vm() {
     let out = crumble()
-        .args(["run", "--rootfs", "/tmp"])
+        .args(["run", "--rootfs", "/no/such/dir"])
         .output()
         .unwrap();
-    assert!(!out.status.success(), "a command is required");
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("needs a command"),
+        "a directory has no entrypoint: {err}"
+    );
+    let out = crumble().arg("run").output().unwrap();
+    assert!(!out.status.success(), "an image or --rootfs is required");
     let out = crumble().arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     for sub in ["run", "doctor", "bench"] {

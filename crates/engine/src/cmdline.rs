@@ -116,6 +116,31 @@ pub fn qemu_args(spec: &VmSpec, agent_fd: i32, qmp_fd: i32, console_log: &Path) 
             ],
         );
     }
+    for (i, share) in spec.shares.iter().enumerate() {
+        // security_model=none: files keep the host's ownership and the guest
+        // cannot change it, which is what sharing a user's directory means.
+        let ro = if share.read_only { ",readonly=on" } else { "" };
+        push(
+            &mut a,
+            &[
+                "-fsdev",
+                &format!(
+                    "local,id=fs{i},path={},security_model=none{ro}",
+                    opt_path(&share.path)
+                ),
+            ],
+        );
+        push(
+            &mut a,
+            &[
+                "-device",
+                &format!(
+                    "virtio-9p-device,fsdev=fs{i},mount_tag={}",
+                    opt_value(&share.tag)
+                ),
+            ],
+        );
+    }
     a
 }
 
@@ -135,7 +160,7 @@ fn opt_value(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Disk;
+    use crate::{Disk, Share};
     use std::path::PathBuf;
 
     fn spec() -> VmSpec {
@@ -157,6 +182,11 @@ mod tests {
                     read_only: false,
                 },
             ],
+            shares: vec![Share {
+                tag: "ccm0".into(),
+                path: PathBuf::from("/h/data"),
+                read_only: true,
+            }],
             kernel_params: vec!["cc.debug=1".into()],
         }
     }
@@ -189,6 +219,19 @@ mod tests {
         assert!(cmd.contains("file=/c/ro,,ot.erofs,format=raw,if=none,readonly=on"));
         assert!(cmd.contains("virtio-blk-device,drive=d1,serial=ccupper"));
         assert!(cmd.contains("-serial file:/r/console.log"));
+    }
+
+    #[test]
+    fn shares_are_9p_devices_read_only_on_the_host() {
+        let cmd = joined(&spec());
+        assert!(
+            cmd.contains("-fsdev local,id=fs0,path=/h/data,security_model=none,readonly=on"),
+            "{cmd}"
+        );
+        assert!(
+            cmd.contains("-device virtio-9p-device,fsdev=fs0,mount_tag=ccm0"),
+            "{cmd}"
+        );
     }
 
     #[test]

@@ -25,4 +25,4 @@ pub use accel::{detect_accel, Accel, AccelChoice};
 pub use cmdline::qemu_args;
 pub use error::Error;
 pub use rundir::RunDir;
-pub use vm::{qemu_version, Disk, Vm, VmSpec};
+pub use vm::{qemu_version, Disk, Share, Vm, VmSpec};

@@ -23,6 +23,8 @@ pub struct VmSpec {
     pub accel: Accel,
     /// Block devices, found by the guest through their serial.
     pub disks: Vec<Disk>,
+    /// Host directories served to the guest over virtio 9p.
+    pub shares: Vec<Share>,
     /// Extra kernel command line parameters.
     pub kernel_params: Vec<String>,
 }
@@ -32,6 +34,16 @@ pub struct VmSpec {
 pub struct Disk {
     pub path: PathBuf,
     pub serial: String,
+    pub read_only: bool,
+}
+
+/// A host directory the guest mounts by `tag`. QEMU serves it itself (no
+/// helper daemon) and refuses writes to a read-only share, whatever the
+/// guest does.
+#[derive(Debug, Clone)]
+pub struct Share {
+    pub tag: String,
+    pub path: PathBuf,
     pub read_only: bool,
 }
 
@@ -83,7 +95,7 @@ impl Vm {
         let fds = [agent_guest.as_raw_fd(), qmp_guest.as_raw_fd()];
         let parent = std::process::id();
         // SAFETY: the closure runs between fork and exec and calls only
-        // async-signal-safe functions (prctl, getppid, dup2, fcntl).
+        // async-signal-safe functions (prctl, getppid, sigprocmask, dup2, fcntl).
         unsafe {
             cmd.pre_exec(move || child_setup(parent, fds));
         }
@@ -258,8 +270,8 @@ impl Drop for Vm {
 /// In the forked child: die with the parent, move the channel sockets to
 /// fixed descriptor numbers without close-on-exec.
 fn child_setup(parent: u32, fds: [RawFd; 2]) -> std::io::Result<()> {
-    // SAFETY: prctl/getppid/dup2/fcntl are async-signal-safe and take no
-    // pointers; the fds are open in the child (inherited from the parent).
+    // SAFETY: prctl/getppid/sigprocmask/dup2/fcntl are async-signal-safe;
+    // the sigset is a live local; the fds are open in the child (inherited).
     unsafe {
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
             return Err(std::io::Error::last_os_error());
@@ -268,6 +280,11 @@ fn child_setup(parent: u32, fds: [RawFd; 2]) -> std::io::Result<()> {
         if libc::getppid() as u32 != parent {
             return Err(std::io::Error::other("parent exited"));
         }
+        // A host program may block signals it handles in a thread (the CLI
+        // does); QEMU must not inherit that mask.
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         // Move both out of the way of the target numbers first.
         let high: Vec<RawFd> = fds
             .iter()

@@ -34,6 +34,7 @@ fn bad(path: &[u8], why: impl Into<String>) -> LayerError {
 
 const WHITEOUT: &[u8] = b".wh.";
 const OPAQUE: &[u8] = b".wh..wh..opq";
+const OVERLAY_OPAQUE: &[u8] = b"trusted.overlay.opaque";
 
 /// Bytes read through it, failing once `limit` is passed: a bound on what
 /// a compressed layer may expand to.
@@ -85,12 +86,33 @@ fn components(path: &[u8]) -> Result<Vec<&[u8]>, LayerError> {
     Ok(out)
 }
 
+/// What to do with a layer's whiteouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whiteouts {
+    /// Delete what they name from the tree (flattening layers into one).
+    Apply,
+    /// Keep them in overlayfs's own form, for an image mounted as an
+    /// overlay layer above others: a `.wh.NAME` becomes a 0:0 character
+    /// device `NAME`, an opaque marker the `trusted.overlay.opaque` xattr.
+    Overlay,
+}
+
 /// Applies one uncompressed layer tarball from `input` to `tree`, copying
 /// file contents into `image`.
 pub fn apply_layer<W: Write + Seek>(
     tree: &mut Tree,
     image: &mut Builder<W>,
     input: impl Read,
+) -> Result<(), LayerError> {
+    apply_layer_with(tree, image, input, Whiteouts::Apply)
+}
+
+/// [`apply_layer`] with a choice of what whiteouts become.
+pub fn apply_layer_with<W: Write + Seek>(
+    tree: &mut Tree,
+    image: &mut Builder<W>,
+    input: impl Read,
+    whiteouts: Whiteouts,
 ) -> Result<(), LayerError> {
     let mut archive = tar::Archive::new(input);
     // Nodes this layer created: an opaque marker hides only lower layers.
@@ -108,6 +130,12 @@ pub fn apply_layer<W: Write + Seek>(
         };
         let dir = ensure_dirs(tree, parents, &path, &mut ours)?;
 
+        if name == OPAQUE && whiteouts == Whiteouts::Overlay {
+            let xattrs = &mut tree.node_mut(dir).meta.xattrs;
+            xattrs.retain(|(k, _)| k != OVERLAY_OPAQUE);
+            xattrs.push((OVERLAY_OPAQUE.to_vec(), b"y".to_vec()));
+            continue;
+        }
         if name == OPAQUE {
             let keep: Vec<(Vec<u8>, NodeId)> = tree
                 .children(dir)
@@ -123,8 +151,19 @@ pub fn apply_layer<W: Write + Seek>(
         }
         if let Some(hidden) = name.strip_prefix(WHITEOUT) {
             cc_erofs::check_name(hidden).map_err(|e| bad(&path, e.to_string()))?;
-            tree.unlink(dir, hidden)
-                .map_err(|e| bad(&path, e.to_string()))?;
+            if whiteouts == Whiteouts::Overlay {
+                let node = Node {
+                    kind: Kind::CharDev { major: 0, minor: 0 },
+                    meta: Metadata::default(),
+                };
+                let id = tree.add(node);
+                ours.insert(id);
+                tree.link(dir, hidden, id)
+                    .map_err(|e| bad(&path, e.to_string()))?;
+            } else {
+                tree.unlink(dir, hidden)
+                    .map_err(|e| bad(&path, e.to_string()))?;
+            }
             continue;
         }
         cc_erofs::check_name(name).map_err(|e| bad(&path, e.to_string()))?;
@@ -402,6 +441,30 @@ mod tests {
             tree.node(a).kind,
             Kind::File(DataRef { len: 2, .. })
         ));
+    }
+
+    #[test]
+    fn overlay_mode_keeps_whiteouts_for_overlayfs() {
+        let l = Layer::new()
+            .dir("d")
+            .file("d/.wh.gone", b"")
+            .file("d/.wh..wh..opq", b"")
+            .file("d/new", b"n")
+            .bytes();
+        let mut tree = Tree::new(Metadata {
+            mode: 0o755,
+            ..Default::default()
+        });
+        let mut image = Builder::new(Cursor::new(Vec::new())).unwrap();
+        apply_layer_with(&mut tree, &mut image, &l[..], Whiteouts::Overlay).unwrap();
+        assert_eq!(names(&tree, "d"), ["gone", "new"]);
+        let gone = tree.node(resolve(&tree, b"d/gone").unwrap());
+        assert_eq!(gone.kind, Kind::CharDev { major: 0, minor: 0 });
+        let d = tree.node(resolve(&tree, b"d").unwrap());
+        assert_eq!(
+            d.meta.xattrs,
+            vec![(b"trusted.overlay.opaque".to_vec(), b"y".to_vec())]
+        );
     }
 
     #[test]

@@ -78,6 +78,13 @@ impl Client {
         })
     }
 
+    pub(crate) fn from_store(store: Store) -> Client {
+        Client {
+            store,
+            max_layer_bytes: DEFAULT_MAX_LAYER_BYTES,
+        }
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -156,6 +163,109 @@ impl Client {
         self.store.remove_ref(&normalize_name(name)?)
     }
 
+    /// Stores an uncompressed layer tarball; returns its digest and size.
+    pub fn put_layer(&self, input: impl std::io::Read) -> Result<(Digest, u64)> {
+        self.store.write_blob(None, input, |_| true)
+    }
+
+    /// Stores a host directory tree as a layer tarball (owners and modes as
+    /// the host has them; symlinks stored, never followed).
+    pub fn put_dir_layer(&self, dir: &Path) -> Result<(Digest, u64)> {
+        let mut temp = self.store.temp()?;
+        {
+            let mut tar = tar::Builder::new(temp.file());
+            tar.follow_symlinks(false);
+            tar.mode(tar::HeaderMode::Complete);
+            tar.append_dir_all(".", dir)
+                .map_err(Error::io("archive", dir))?;
+            tar.finish().map_err(Error::io("archive", dir))?;
+        }
+        let path = temp.path.clone();
+        let file = fs::File::open(&path).map_err(Error::io("open", &path))?;
+        let stored = self.store.write_blob(None, file, |_| true);
+        drop(temp);
+        stored
+    }
+
+    /// The erofs image of one layer in overlayfs form (whiteouts kept as
+    /// overlayfs expects them), to stack above other layers; built once.
+    pub fn overlay_rootfs(&self, layer: &Digest) -> Result<std::path::PathBuf> {
+        let path = self.store.rootfs_path(&image::overlay_key(layer));
+        image::build_erofs(
+            &self.store,
+            &path,
+            std::slice::from_ref(layer),
+            &[],
+            layers::Whiteouts::Overlay,
+            self.max_layer_bytes,
+        )?;
+        Ok(path)
+    }
+
+    /// A new image: `base` (or nothing) with the stored uncompressed layer
+    /// tarballs `extra` on top, recorded under `name` when given.
+    pub fn derive_image(
+        &self,
+        base: Option<&Image>,
+        extra: &[Digest],
+        name: Option<&str>,
+    ) -> Result<Image> {
+        let (mut config, mut layers) = match base {
+            Some(b) => {
+                let manifest: serde_json::Value =
+                    image::parse(&self.store.read_document(b.digest())?, "manifest")?;
+                let config_digest: Digest = b.manifest().config().digest().to_string().parse()?;
+                let config: serde_json::Value =
+                    image::parse(&self.store.read_document(&config_digest)?, "config")?;
+                (
+                    config,
+                    manifest["layers"].as_array().cloned().unwrap_or_default(),
+                )
+            }
+            None => {
+                let p = host_platform();
+                let config = serde_json::json!({
+                    "architecture": p.architecture, "os": p.os, "config": {},
+                    "rootfs": {"type": "layers", "diff_ids": []}, "history": [],
+                });
+                (config, Vec::new())
+            }
+        };
+        for layer in extra {
+            let size = fs::metadata(self.store.blob_path(layer))
+                .map_err(Error::io("stat", self.store.blob_path(layer)))?
+                .len();
+            layers.push(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer.to_string(), "size": size,
+            }));
+            push_array(
+                &mut config["rootfs"]["diff_ids"],
+                serde_json::json!(layer.to_string()),
+            );
+            push_array(
+                &mut config["history"],
+                serde_json::json!({"created_by": "crumblecracker snapshot_filesystem"}),
+            );
+        }
+        let config_bytes =
+            serde_json::to_vec(&config).map_err(|e| Error::BadDocument(e.to_string()))?;
+        let config_digest = self.store.put_document(&config_bytes)?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest.to_string(), "size": config_bytes.len()},
+            "layers": layers,
+        });
+        let digest = self.store.put_document(
+            &serde_json::to_vec(&manifest).map_err(|e| Error::BadDocument(e.to_string()))?,
+        )?;
+        let name = name.map(normalize_name).transpose()?;
+        if let Some(name) = &name {
+            self.store.set_ref(name, &digest)?;
+        }
+        Image::open(&self.store, name, digest)
+    }
+
     /// Removes blobs and root images no named image uses.
     pub fn prune(&self) -> Result<PruneStats> {
         let mut keep_blobs = HashSet::new();
@@ -178,7 +288,12 @@ impl Client {
             for l in image.layers()? {
                 keep_blobs.insert(l.hex().to_string());
             }
-            keep_roots.insert(format!("{}.erofs", image.rootfs_key()?));
+            keep_roots.extend(
+                image
+                    .rootfs_keys()?
+                    .into_iter()
+                    .map(|k| format!("{k}.erofs")),
+            );
         }
         let mut stats = PruneStats::default();
         for (dir, keep, is_blob) in [
@@ -204,6 +319,13 @@ impl Client {
             }
         }
         Ok(stats)
+    }
+}
+
+fn push_array(slot: &mut serde_json::Value, item: serde_json::Value) {
+    match slot.as_array_mut() {
+        Some(items) => items.push(item),
+        None => *slot = serde_json::Value::Array(vec![item]),
     }
 }
 

@@ -47,6 +47,162 @@ pub enum Request {
     Ping,
     /// Sync filesystems and power off; answered by `Done` just before.
     Shutdown,
+    /// A filesystem operation on a guest path or open handle.
+    Fs(FsRequest),
+    /// Stream the file at `path` to the host on guest → host stream
+    /// `stream`; answered by `Size` once the file is open, then the bytes
+    /// follow on the stream, ended by `Eof` (or `Reset` on a read error).
+    ReadFile { path: ByteBuf, stream: u32 },
+    /// Create or truncate the file at `path` (permissions `mode` when
+    /// created) and fill it with what the host sends on host → guest stream
+    /// `stream` until `Eof`; answered by `Done` once written and closed. An
+    /// error answers at once and resets the stream.
+    WriteFile {
+        path: ByteBuf,
+        mode: u32,
+        stream: u32,
+    },
+    /// Sync, then stream the root's writable layer to the host on guest →
+    /// host stream `stream` as an OCI layer tarball (deletions as `.wh.`
+    /// whiteouts, replaced directories as opaque markers), leaving out
+    /// paths matching any of `exclude` (globs on guest paths: `*`, `?`,
+    /// `**`). Answered by `Done` when the stream has started; the stream
+    /// ends with `Eof` (or `Reset` on an error).
+    SnapshotUpper { stream: u32, exclude: Vec<String> },
+}
+
+/// Filesystem operations. Paths are absolute guest paths (bytes). Errors
+/// carry the guest `errno`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FsRequest {
+    /// `Stat`; `follow: false` is `lstat`.
+    Stat {
+        path: ByteBuf,
+        follow: bool,
+    },
+    /// `Entries`, sorted by name, without `.` and `..`.
+    ReadDir {
+        path: ByteBuf,
+    },
+    /// `Done`; `all` creates missing parents and accepts an existing directory.
+    Mkdir {
+        path: ByteBuf,
+        mode: u32,
+        all: bool,
+    },
+    /// `Done`; `all` removes a directory tree and accepts a missing path.
+    Remove {
+        path: ByteBuf,
+        all: bool,
+    },
+    Rename {
+        from: ByteBuf,
+        to: ByteBuf,
+    },
+    /// Creates `link` pointing at `target`.
+    Symlink {
+        target: ByteBuf,
+        link: ByteBuf,
+    },
+    /// `Link`.
+    Readlink {
+        path: ByteBuf,
+    },
+    /// Permission bits (`0o7777`).
+    Chmod {
+        path: ByteBuf,
+        mode: u32,
+    },
+    /// `None` leaves that id unchanged; never follows a final symlink.
+    Chown {
+        path: ByteBuf,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    },
+    Chtimes {
+        path: ByteBuf,
+        atime: UnixTime,
+        mtime: UnixTime,
+    },
+    /// Opens `path` as handle `handle` (chosen by the host); `flags` use
+    /// the `O_*` numbering of this crate. `Stat` of the opened file.
+    Open {
+        handle: u64,
+        path: ByteBuf,
+        flags: u32,
+        mode: u32,
+    },
+    Close {
+        handle: u64,
+    },
+    /// `Data` with at most `len` (≤ `DATA_CHUNK`) bytes; empty at end of file.
+    Read {
+        handle: u64,
+        len: u32,
+    },
+    /// `Written`.
+    Write {
+        handle: u64,
+        data: ByteBuf,
+    },
+    /// `Offset`; `whence` 0 = start, 1 = current, 2 = end.
+    Seek {
+        handle: u64,
+        offset: i64,
+        whence: u8,
+    },
+    Fstat {
+        handle: u64,
+    },
+    Truncate {
+        handle: u64,
+        len: u64,
+    },
+    Sync {
+        handle: u64,
+    },
+}
+
+/// Open flags, in this protocol's own numbering (the agent translates them
+/// to the guest's). Access mode is the low two bits.
+pub mod open_flags {
+    pub const O_RDONLY: u32 = 0;
+    pub const O_WRONLY: u32 = 1;
+    pub const O_RDWR: u32 = 2;
+    pub const O_APPEND: u32 = 0x8;
+    pub const O_CREATE: u32 = 0x200;
+    pub const O_TRUNC: u32 = 0x400;
+    pub const O_EXCL: u32 = 0x800;
+    /// Every flag this protocol knows.
+    pub const ALL: u32 = O_WRONLY | O_RDWR | O_APPEND | O_CREATE | O_TRUNC | O_EXCL;
+}
+
+/// What `stat` says of a guest file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStat {
+    /// Type and permission bits, as `st_mode`.
+    pub mode: u32,
+    pub size: u64,
+    pub mtime: UnixTime,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// One directory entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: ByteBuf,
+    /// Type and permission bits of the entry itself (not followed).
+    pub mode: u32,
+}
+
+/// A host directory shared into the guest (virtio 9p, tag `tag`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    pub tag: String,
+    /// Absolute guest path; created if missing.
+    pub guest_path: String,
+    pub read_only: bool,
 }
 
 /// Guest → host answers.
@@ -62,6 +218,14 @@ pub enum Response {
     },
     Done,
     Pong,
+    Stat(FileStat),
+    Entries(Vec<DirEntry>),
+    Link(ByteBuf),
+    Data(ByteBuf),
+    Written(u32),
+    Offset(u64),
+    /// `ReadFile`: the file is open and this long.
+    Size(u64),
 }
 
 /// What the guest is told at boot.
@@ -78,6 +242,9 @@ pub struct Setup {
     pub nameservers: Vec<String>,
     /// Extra `/etc/hosts` lines: (address, names).
     pub hosts: Vec<(String, String)>,
+    /// Host directories to mount, in order (a later one may sit inside an
+    /// earlier one).
+    pub mounts: Vec<Mount>,
 }
 
 /// Seconds and nanoseconds since the Unix epoch.
@@ -87,14 +254,22 @@ pub struct UnixTime {
     pub nanos: u32,
 }
 
-/// A read-only lower block device plus a writable upper block device,
+/// Read-only lower block devices plus a writable upper block device,
 /// combined by overlayfs into the root. Devices are found by virtio serial.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootSpec {
-    pub lower_serial: String,
-    /// Filesystem type of the lower device (`erofs`, `ext4`).
-    pub lower_fstype: String,
+    /// Lower layers, uppermost first (a filesystem snapshot's layer sits
+    /// above the image it was taken from).
+    pub lowers: Vec<Lower>,
     pub upper_serial: String,
+}
+
+/// One read-only layer of the root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lower {
+    pub serial: String,
+    /// Filesystem type (`erofs`, `ext4`).
+    pub fstype: String,
 }
 
 /// A process to start.

@@ -1,0 +1,210 @@
+//! Moving bytes between local files and the connection's streams, with the
+//! streams' flow control: process pipes, file transfers and snapshots all
+//! go through here.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use cc_protocol::flow::Inbound;
+use cc_protocol::{Message, RemoteError, DATA_CHUNK};
+use serde_bytes::ByteBuf;
+
+use crate::conn::{Conn, Output};
+use crate::error;
+
+/// A registered guest → host stream. Dropping it unregisters the stream, so
+/// one that is never pumped (its request failed) is released too.
+#[derive(Debug)]
+pub struct Sender {
+    conn: Arc<Conn>,
+    id: u32,
+    output: Arc<Output>,
+}
+
+impl Sender {
+    pub fn open(conn: &Arc<Conn>, id: u32) -> Result<Self, RemoteError> {
+        Ok(Self {
+            conn: conn.clone(),
+            id,
+            output: conn.open_output(id)?,
+        })
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Copies `source` to the host until its end of file, then sends `Eof`.
+    /// Reads only as much as the host's credit allows, so a slow host reader
+    /// stalls the source (a process writing a pipe) rather than growing the
+    /// agent's memory. A read error resets the stream; a reset from the host
+    /// stops the copy and closes `source` (a pipe's writer then gets EPIPE).
+    pub fn pump(self, mut source: File) {
+        let stream = self.id;
+        let mut buf = vec![0; DATA_CHUNK];
+        while let Some(credit) = self.output.acquire(DATA_CHUNK) {
+            // Waiting here rather than in read lets a reset interrupt an idle
+            // pipe; regular files are always ready.
+            match self.output.wait_readable(source.as_fd()) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    log!("stream {stream}: poll: {}", error::describe(&e));
+                    break;
+                }
+            }
+            let got = loop {
+                match source.read(&mut buf[..credit]) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    other => break other,
+                }
+            };
+            let got = match got {
+                Ok(n) => n,
+                Err(e) => {
+                    log!("stream {stream}: read: {}", error::describe(&e));
+                    self.reset();
+                    break;
+                }
+            };
+            self.output.give_back(credit - got);
+            if !self.output.is_open() {
+                break;
+            }
+            if got == 0 {
+                self.finish();
+                break;
+            }
+            let msg = Message::Data {
+                stream,
+                bytes: ByteBuf::from(buf[..got].to_vec()),
+            };
+            if self.conn.send(&msg).is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Whether the host still takes data (it has not reset the stream).
+    pub fn is_open(&self) -> bool {
+        self.output.is_open()
+    }
+
+    /// Ends the stream with `Eof`, unless the host already reset it.
+    pub fn finish(&self) {
+        if self.output.is_open() {
+            let _ = self.conn.send(&Message::Eof { stream: self.id });
+        }
+        self.conn.release_output(self.id, &self.output);
+    }
+
+    /// Aborts the stream: the host sees `Reset` instead of an end of file,
+    /// and later writes fail.
+    pub fn reset(&self) {
+        if self.output.is_open() {
+            let _ = self.conn.send(&Message::Reset { stream: self.id });
+        }
+        self.conn.release_output(self.id, &self.output);
+    }
+}
+
+/// Sends what is written as `Data` frames of at most [`DATA_CHUNK`] bytes,
+/// blocking for credit. Wrap it in a buffer: every write is a frame.
+impl Write for &Sender {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let n = self
+            .output
+            .acquire(buf.len().min(DATA_CHUNK))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"))?;
+        self.conn.send(&Message::Data {
+            stream: self.id,
+            bytes: ByteBuf::from(buf[..n].to_vec()),
+        })?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.conn.release_output(self.id, &self.output);
+    }
+}
+
+/// Why [`Receiver::drain`] stopped before the end of the stream.
+#[derive(Debug)]
+pub enum DrainError {
+    /// Writing the data failed; the stream was reset.
+    Sink(io::Error),
+    /// The stream broke off: the host reset it or the connection is gone.
+    Broken,
+}
+
+/// A registered host → guest stream; dropping it unregisters the stream.
+#[derive(Debug)]
+pub struct Receiver {
+    conn: Arc<Conn>,
+    id: u32,
+    input: Arc<Inbound>,
+}
+
+impl Receiver {
+    pub fn open(conn: &Arc<Conn>, id: u32) -> Result<Self, RemoteError> {
+        Ok(Self {
+            conn: conn.clone(),
+            id,
+            input: conn.open_input(id)?,
+        })
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Hands everything the host sends to `sink` until its end of file,
+    /// returning credit as the data is taken, so no more than the stream
+    /// window is ever buffered.
+    pub fn drain(&self, mut sink: impl FnMut(&[u8]) -> io::Result<()>) -> Result<(), DrainError> {
+        let stream = self.id;
+        let mut buf = vec![0; DATA_CHUNK];
+        loop {
+            let r = self
+                .input
+                .read(&mut buf, None)
+                .map_err(|_| DrainError::Broken)?;
+            if r.credit > 0 {
+                let _ = self.conn.send(&Message::Credit {
+                    stream,
+                    bytes: r.credit,
+                });
+            }
+            if r.len == 0 {
+                return Ok(());
+            }
+            if let Err(e) = sink(&buf[..r.len]) {
+                self.reset();
+                return Err(DrainError::Sink(e));
+            }
+        }
+    }
+
+    /// Tells the host to stop sending, and drops what it still sends.
+    pub fn reset(&self) {
+        self.conn.release_input(self.id, &self.input);
+        let _ = self.conn.send(&Message::Reset { stream: self.id });
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.conn.release_input(self.id, &self.input);
+    }
+}

@@ -1,0 +1,102 @@
+//! `ReadFile` and `WriteFile`: whole files streamed to or from the host
+//! with the streams' flow control, never held in memory.
+
+use std::fs::{File, Permissions};
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+
+use cc_protocol::{ErrorKind, RemoteError, Response};
+
+use crate::conn::Reply;
+use crate::fs::guest_path;
+use crate::stream::{DrainError, Receiver, Sender};
+use crate::{error, sys};
+
+/// Opens `path`, answers its size, then streams it on `sender`. Nothing is
+/// sent on the stream if it cannot be opened.
+pub fn read_file(reply: Reply, path: &[u8], sender: Sender) {
+    let opened = guest_path("open", path).and_then(|p| {
+        let fail = |e: &io::Error| error::fs("open", path, e);
+        let file = File::open(p).map_err(|e| fail(&e))?;
+        let meta = file.metadata().map_err(|e| fail(&e))?;
+        // A directory opens, but reading it would only fail later.
+        if meta.is_dir() {
+            return Err(fail(&io::Error::from_raw_os_error(libc::EISDIR)));
+        }
+        Ok((file, meta.len()))
+    });
+    match opened {
+        Ok((file, size)) => {
+            reply.send(Ok(Response::Size(size)));
+            sender.pump(file);
+        }
+        Err(e) => reply.send(Err(e)),
+    }
+}
+
+/// Creates or truncates `path` with permissions `mode`, fills it with what
+/// the host sends on `receiver`, and answers once it is closed.
+pub fn write_file(reply: Reply, path: &[u8], mode: u32, receiver: Receiver) {
+    let file = match create(path, mode) {
+        Ok(file) => file,
+        // Reset first, as on a write error below: by the time the host reads
+        // the answer, its writer has been told to stop.
+        Err(e) => {
+            receiver.reset();
+            return reply.send(Err(e));
+        }
+    };
+    match receiver.drain(|bytes| (&file).write_all(bytes)) {
+        Ok(()) => {
+            drop(file);
+            reply.send(Ok(Response::Done));
+        }
+        // The stream was reset: the host stops sending, later data drops.
+        Err(DrainError::Sink(e)) => reply.send(Err(error::fs("write", path, &e))),
+        Err(DrainError::Broken) => reply.send(Err(error::new(
+            ErrorKind::Io,
+            format!(
+                "write {}: the transfer was aborted",
+                String::from_utf8_lossy(path)
+            ),
+        ))),
+    }
+}
+
+fn create(raw: &[u8], mode: u32) -> Result<File, RemoteError> {
+    guest_path("open", raw)?;
+    let fail = |e: &io::Error| error::fs("open", raw, e);
+    let path = sys::cstring(raw).map_err(|e| fail(&e))?;
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC | libc::O_NOCTTY;
+    let mode = mode & 0o7777;
+    let file = File::from(sys::openat(None, &path, flags, mode).map_err(|e| fail(&e))?);
+    // open(2) applies the mode only when it creates the file.
+    file.set_permissions(Permissions::from_mode(mode))
+        .map_err(|e| error::fs("chmod", raw, &e))?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::tests::Scratch;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn created_files_get_the_mode_even_when_they_existed() {
+        let s = Scratch::new();
+        let path = s.path("f");
+        std::fs::write(s.0.join("f"), b"old contents").unwrap();
+        let mut file = create(&path, 0o640).unwrap();
+        file.write_all(b"new").unwrap();
+        drop(file);
+        let meta = std::fs::metadata(s.0.join("f")).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o640);
+        assert_eq!(std::fs::read(s.0.join("f")).unwrap(), b"new");
+        let e = create(&s.path("missing/f"), 0o600).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        assert!(e.message.starts_with("open /"), "{}", e.message);
+        let e = create(&s.path(""), 0o600).unwrap_err();
+        assert_eq!(e.errno, Some(libc::EISDIR));
+    }
+}

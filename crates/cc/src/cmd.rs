@@ -1,0 +1,348 @@
+//! `Cmd`: a command as one stateful object (configure, start, wait), the
+//! shape the C and Python faces expose. It wraps [`Command`] and
+//! [`Child`]; misuse (starting twice, a pipe after start, waiting before
+//! start) is [`Error::InvalidArgument`].
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::command::{Child, ChildOutput, ChildStdin, Command, ExitStatus, Signaller, Stdio};
+use crate::error::{Error, Result};
+
+/// The exit code a [`Cmd`] reports: the process's status, or minus the
+/// signal that ended it (as Python's `subprocess` does).
+fn code_of(status: ExitStatus) -> i32 {
+    status
+        .code()
+        .unwrap_or_else(|| -status.signal().unwrap_or(0))
+}
+
+#[derive(Debug)]
+enum Stage {
+    Ready(Box<Command>),
+    Running { signaller: Signaller },
+    Done(ExitStatus),
+}
+
+#[derive(Debug)]
+struct State {
+    stage: Stage,
+    pipes: [Option<Conn>; 3],
+}
+
+/// A command in a guest, configured then started once.
+#[derive(Debug)]
+pub struct Cmd {
+    state: Mutex<State>,
+    /// Held only by `wait`, so `kill` and the pipes work while it blocks.
+    child: Mutex<Option<Child>>,
+}
+
+fn misuse(what: &str) -> Error {
+    Error::InvalidArgument(what.to_string())
+}
+
+impl Cmd {
+    pub(crate) fn new(command: Command) -> Cmd {
+        Cmd {
+            state: Mutex::new(State {
+                stage: Stage::Ready(Box::new(command)),
+                pipes: [None, None, None],
+            }),
+            child: Mutex::new(None),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn configure(&self, f: impl FnOnce(&mut Command)) -> Result<()> {
+        match &mut self.state().stage {
+            Stage::Ready(cmd) => {
+                f(cmd);
+                Ok(())
+            }
+            _ => Err(misuse("the command was already started")),
+        }
+    }
+
+    /// Sets the working directory.
+    pub fn set_dir(&self, dir: &str) -> Result<()> {
+        self.configure(|c| {
+            c.current_dir(dir);
+        })
+    }
+
+    pub fn set_env(&self, key: &str, value: &str) -> Result<()> {
+        if key.is_empty() || key.contains('=') || key.contains('\0') || value.contains('\0') {
+            return Err(misuse(&format!("bad environment entry {key:?}")));
+        }
+        self.configure(|c| {
+            c.env(key, value);
+        })
+    }
+
+    /// The value set for `key` (by the image or [`Cmd::set_env`]).
+    pub fn get_env(&self, key: &str) -> Option<String> {
+        match &self.state().stage {
+            Stage::Ready(c) => c.get_env(key).map(|v| v.to_string_lossy().into_owned()),
+            _ => None,
+        }
+    }
+
+    /// The environment set on the command, as `KEY=VALUE` entries.
+    pub fn environ(&self) -> Vec<String> {
+        match &self.state().stage {
+            Stage::Ready(c) => c
+                .environ()
+                .into_iter()
+                .map(|e: OsString| e.to_string_lossy().into_owned())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn set_user(&self, user: &str) -> Result<()> {
+        self.configure(|c| {
+            c.user(user);
+        })
+    }
+
+    /// Kills the process if it runs longer than `limit`; waiting then
+    /// fails with [`Error::Timeout`].
+    pub fn set_timeout(&self, limit: Duration) -> Result<()> {
+        self.configure(|c| {
+            c.timeout(limit);
+        })
+    }
+
+    fn pipe(&self, fd: usize) -> Result<Conn> {
+        let mut state = self.state();
+        if !matches!(state.stage, Stage::Ready(_)) {
+            return Err(misuse("pipes must be requested before start"));
+        }
+        if state.pipes[fd].is_some() {
+            return Err(misuse("that pipe was already requested"));
+        }
+        let conn = Conn::unbound(fd);
+        state.pipes[fd] = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// The process's stdin, writable once started; closing it sends EOF.
+    pub fn stdin_pipe(&self) -> Result<Conn> {
+        self.pipe(0)
+    }
+
+    /// The process's stdout, readable once started.
+    pub fn stdout_pipe(&self) -> Result<Conn> {
+        self.pipe(1)
+    }
+
+    pub fn stderr_pipe(&self) -> Result<Conn> {
+        self.pipe(2)
+    }
+
+    /// Starts the process. Output not taken as a pipe is discarded.
+    pub fn start(&self) -> Result<()> {
+        self.start_with(|_| {})
+    }
+
+    fn start_with(&self, adjust: impl FnOnce(&mut Command)) -> Result<()> {
+        let mut state = self.state();
+        let Stage::Ready(cmd) = &mut state.stage else {
+            return Err(misuse("the command was already started"));
+        };
+        let mut cmd = (**cmd).clone();
+        for (fd, pipe) in state.pipes.iter().enumerate() {
+            let s = if pipe.is_some() {
+                Stdio::Piped
+            } else {
+                Stdio::Null
+            };
+            match fd {
+                0 => cmd.stdin(s),
+                1 => cmd.stdout(s),
+                _ => cmd.stderr(s),
+            };
+        }
+        adjust(&mut cmd);
+        let mut child = cmd.spawn()?;
+        for pipe in state.pipes.iter().flatten() {
+            pipe.bind(&mut child);
+        }
+        state.stage = Stage::Running {
+            signaller: child.signaller(),
+        };
+        *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
+        Ok(())
+    }
+
+    /// Waits for the started process; returns its exit code (minus the
+    /// signal number if a signal ended it). Waiting again returns the same.
+    pub fn wait(&self) -> Result<i32> {
+        if let Stage::Done(status) = self.state().stage {
+            return Ok(code_of(status));
+        }
+        let mut slot = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        if let Stage::Done(status) = self.state().stage {
+            return Ok(code_of(status));
+        }
+        let child = slot
+            .as_mut()
+            .ok_or_else(|| misuse("the command was not started"))?;
+        // A stdin pipe was moved into its Conn at start: the caller decides
+        // when it ends, not this wait.
+        let status = child.wait()?;
+        self.state().stage = Stage::Done(status);
+        Ok(code_of(status))
+    }
+
+    /// Starts the process and waits for it.
+    pub fn run(&self) -> Result<i32> {
+        self.start()?;
+        self.wait()
+    }
+
+    /// Runs the process and returns its stdout (a non-zero exit is not an
+    /// error: see [`Cmd::exit_code`]).
+    pub fn output(&self) -> Result<Vec<u8>> {
+        self.capture(false)
+    }
+
+    /// Runs the process and returns stdout and stderr interleaved in the
+    /// order written.
+    pub fn combined_output(&self) -> Result<Vec<u8>> {
+        self.capture(true)
+    }
+
+    fn capture(&self, merged: bool) -> Result<Vec<u8>> {
+        if self.state().pipes[1].is_some() || (merged && self.state().pipes[2].is_some()) {
+            return Err(misuse("output is already taken by a pipe"));
+        }
+        self.start_with(|c| {
+            c.stdout(Stdio::Piped);
+            if merged {
+                c.stderr(Stdio::MergeIntoStdout);
+            }
+        })?;
+        let mut stdout = {
+            let mut slot = self.child.lock().unwrap_or_else(|e| e.into_inner());
+            slot.as_mut().and_then(|c| c.stdout.take())
+        };
+        let mut out = Vec::new();
+        if let Some(s) = stdout.as_mut() {
+            let read = s.read_to_end(&mut out);
+            drop(stdout);
+            if let Err(e) = read {
+                self.wait()?;
+                return Err(Error::Io {
+                    op: "read output".into(),
+                    path: "command".into(),
+                    source: e,
+                });
+            }
+        }
+        self.wait()?;
+        Ok(out)
+    }
+
+    /// Kills the process and its process group.
+    pub fn kill(&self) -> Result<()> {
+        match &self.state().stage {
+            Stage::Ready(_) => Err(misuse("the command was not started")),
+            Stage::Running { signaller } => signaller.signal(libc::SIGKILL),
+            Stage::Done(_) => Ok(()),
+        }
+    }
+
+    /// The exit code once [`Cmd::wait`] has returned.
+    pub fn exit_code(&self) -> Option<i32> {
+        match self.state().stage {
+            Stage::Done(status) => Some(code_of(status)),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum ConnState {
+    /// Requested before start; `fd` says which end it will be.
+    Unbound(usize),
+    Writer(ChildStdin),
+    Reader(ChildOutput),
+    Closed,
+}
+
+/// One end of a byte stream to the guest: a command's pipe.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    state: Arc<Mutex<ConnState>>,
+}
+
+impl Conn {
+    fn unbound(fd: usize) -> Conn {
+        Conn {
+            state: Arc::new(Mutex::new(ConnState::Unbound(fd))),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ConnState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bind(&self, child: &mut Child) {
+        let mut state = self.lock();
+        *state = match *state {
+            ConnState::Unbound(0) => child.stdin.take().map(ConnState::Writer),
+            ConnState::Unbound(1) => child.stdout.take().map(ConnState::Reader),
+            ConnState::Unbound(_) => child.stderr.take().map(ConnState::Reader),
+            _ => None,
+        }
+        .unwrap_or(ConnState::Closed);
+    }
+
+    /// Reads up to `max` bytes; an empty result is end of stream.
+    pub fn read(&self, max: usize) -> Result<Vec<u8>> {
+        let mut state = self.lock();
+        match &mut *state {
+            ConnState::Reader(r) => {
+                let mut buf = vec![0u8; max.min(1 << 20)];
+                let n = r.read(&mut buf).map_err(|e| Error::Io {
+                    op: "read".into(),
+                    path: "pipe".into(),
+                    source: e,
+                })?;
+                buf.truncate(n);
+                Ok(buf)
+            }
+            ConnState::Unbound(_) => Err(misuse("the command was not started")),
+            ConnState::Writer(_) => Err(misuse("this end is not readable")),
+            ConnState::Closed => Err(Error::AlreadyClosed),
+        }
+    }
+
+    /// Writes all of `data`.
+    pub fn write(&self, data: &[u8]) -> Result<()> {
+        let mut state = self.lock();
+        match &mut *state {
+            ConnState::Writer(w) => w.write_all(data).map_err(|e| Error::Io {
+                op: "write".into(),
+                path: "pipe".into(),
+                source: e,
+            }),
+            ConnState::Unbound(_) => Err(misuse("the command was not started")),
+            ConnState::Reader(_) => Err(misuse("this end is not writable")),
+            ConnState::Closed => Err(Error::AlreadyClosed),
+        }
+    }
+
+    /// Closes this end: a writer sends end of file, a reader stops the
+    /// stream. Closing again does nothing.
+    pub fn close(&self) {
+        *self.lock() = ConnState::Closed;
+    }
+}

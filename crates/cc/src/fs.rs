@@ -1,0 +1,727 @@
+//! The guest's filesystem, through the agent: what guest processes see
+//! (/proc, tmpfs, mounts included), with no host-side cache to go stale.
+
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cc_protocol::{FsRequest, Request, Response, UnixTime, DATA_CHUNK};
+use serde_bytes::ByteBuf;
+
+pub use cc_protocol::open_flags::{
+    O_APPEND, O_CREATE, O_EXCL, O_RDONLY, O_RDWR, O_TRUNC, O_WRONLY,
+};
+
+use crate::error::{Error, Result};
+use crate::instance::{Inner, Instance, REQUEST_TIMEOUT};
+
+const S_IFMT: u32 = 0o170000;
+const S_IFDIR: u32 = 0o040000;
+const S_IFLNK: u32 = 0o120000;
+
+/// What `stat` tells of a guest file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileInfo {
+    /// The last component of the path.
+    pub name: String,
+    pub size: u64,
+    /// Type and permission bits (`st_mode`).
+    pub mode: u32,
+    pub mtime: SystemTime,
+    pub uid: u32,
+    pub gid: u32,
+    pub is_dir: bool,
+    pub is_symlink: bool,
+}
+
+impl FileInfo {
+    fn new(path: &str, st: cc_protocol::FileStat) -> FileInfo {
+        let name = path
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .filter(|n| !n.is_empty())
+            .unwrap_or("/");
+        FileInfo {
+            name: name.to_string(),
+            size: st.size,
+            mode: st.mode,
+            mtime: to_system_time(st.mtime),
+            uid: st.uid,
+            gid: st.gid,
+            is_dir: st.mode & S_IFMT == S_IFDIR,
+            is_symlink: st.mode & S_IFMT == S_IFLNK,
+        }
+    }
+
+    /// The permission bits alone (`0o7777`).
+    pub fn permissions(&self) -> u32 {
+        self.mode & 0o7777
+    }
+}
+
+/// One entry of a guest directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: String,
+    pub is_dir: bool,
+    /// Type and permission bits of the entry itself (symlinks not followed).
+    pub mode: u32,
+}
+
+/// Where [`File::seek`] counts from.
+pub use std::io::SeekFrom as Whence;
+
+fn to_system_time(t: UnixTime) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
+            + Duration::from_nanos(u64::from(t.nanos))
+    }
+}
+
+fn to_unix(t: SystemTime) -> UnixTime {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => UnixTime {
+            secs: d.as_secs() as i64,
+            nanos: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let (secs, nanos) = if d.subsec_nanos() == 0 {
+                (-(d.as_secs() as i64), 0)
+            } else {
+                (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
+            };
+            UnixTime { secs, nanos }
+        }
+    }
+}
+
+/// An absolute guest path (relative ones are taken from `/`), as sent.
+fn guest_path(path: &str) -> Result<ByteBuf> {
+    if path.is_empty() || path.contains('\0') {
+        return Err(Error::InvalidArgument(format!(
+            "invalid guest path {path:?}"
+        )));
+    }
+    Ok(ByteBuf::from(if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/{path}")
+    }))
+}
+
+/// Maps an agent error for `op` on `path` to an I/O error carrying both.
+fn remote(op: &str, path: &str, e: cc_protocol::RemoteError) -> Error {
+    let source = match e.errno {
+        Some(errno) => io::Error::from_raw_os_error(errno),
+        None => io::Error::other(e.message),
+    };
+    Error::Io {
+        op: op.to_string(),
+        path: path.to_string(),
+        source,
+    }
+}
+
+impl Inner {
+    /// One filesystem request, answered within [`REQUEST_TIMEOUT`].
+    fn fs(&self, op: &str, path: &str, req: FsRequest) -> Result<Response> {
+        self.check_running()?;
+        self.channel
+            .request(Request::Fs(req), REQUEST_TIMEOUT)?
+            .map_err(|e| remote(op, path, e))
+    }
+
+    fn fs_done(&self, op: &str, path: &str, req: FsRequest) -> Result<()> {
+        match self.fs(op, path, req)? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(op, other)),
+        }
+    }
+
+    fn fs_stat(&self, op: &str, path: &str, req: FsRequest) -> Result<FileInfo> {
+        match self.fs(op, path, req)? {
+            Response::Stat(st) => Ok(FileInfo::new(path, st)),
+            other => Err(unexpected(op, other)),
+        }
+    }
+}
+
+fn unexpected(op: &str, r: Response) -> Error {
+    Error::Protocol(format!("unexpected answer to {op}: {r:?}"))
+}
+
+impl Instance {
+    /// The whole contents of a guest file.
+    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.read_file_to(path, &mut out)?;
+        Ok(out)
+    }
+
+    /// Streams a guest file into `out` in chunks (any size, bounded
+    /// memory); returns the bytes copied.
+    pub fn read_file_to(&self, path: &str, out: &mut impl Write) -> Result<u64> {
+        let inner = self.inner();
+        inner.check_running()?;
+        let wire = guest_path(path)?;
+        let (id, stream) = inner.channel.open_inbound();
+        let reply = inner.channel.request(
+            Request::ReadFile {
+                path: wire,
+                stream: id,
+            },
+            REQUEST_TIMEOUT,
+        );
+        let size = match reply {
+            Ok(Ok(Response::Size(size))) => size,
+            Ok(Ok(other)) => return Err(unexpected("read_file", other)),
+            Ok(Err(e)) => {
+                inner.channel.close_inbound(id, &stream);
+                return Err(remote("read_file", path, e));
+            }
+            Err(e) => {
+                inner.channel.close_inbound(id, &stream);
+                return Err(e);
+            }
+        };
+        let mut buf = vec![0u8; DATA_CHUNK.min(size.max(1) as usize)];
+        let mut total = 0u64;
+        loop {
+            let n = match inner.channel.read(id, &stream, &mut buf, None) {
+                Ok(n) => n,
+                Err(e) => {
+                    inner.channel.close_inbound(id, &stream);
+                    return Err(match inner.check_running() {
+                        Err(not_running) => not_running,
+                        Ok(()) => Error::Io {
+                            op: "read_file".into(),
+                            path: path.into(),
+                            source: e,
+                        },
+                    });
+                }
+            };
+            if n == 0 {
+                return Ok(total);
+            }
+            out.write_all(&buf[..n]).map_err(|e| {
+                inner.channel.close_inbound(id, &stream);
+                Error::Io {
+                    op: "read_file (writing the copy)".into(),
+                    path: path.into(),
+                    source: e,
+                }
+            })?;
+            total += n as u64;
+        }
+    }
+
+    /// Creates or replaces a guest file with `data`, permissions `mode`.
+    pub fn write_file(&self, path: &str, data: &[u8], mode: u32) -> Result<()> {
+        self.write_file_from(path, &mut &data[..], mode).map(drop)
+    }
+
+    /// Creates or replaces a guest file with everything `input` yields,
+    /// streamed in chunks; returns the bytes written.
+    pub fn write_file_from(&self, path: &str, input: &mut impl Read, mode: u32) -> Result<u64> {
+        let inner = self.inner();
+        inner.check_running()?;
+        let wire = guest_path(path)?;
+        let (id, stream) = inner.channel.open_outbound();
+        let pending = inner.channel.begin(Request::WriteFile {
+            path: wire,
+            mode: mode & 0o7777,
+            stream: id,
+        })?;
+        let mut buf = vec![0u8; DATA_CHUNK];
+        let mut total = 0u64;
+        let mut local_error = None;
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    local_error = Some(e);
+                    break;
+                }
+            };
+            // A refused write shows as a broken pipe; the answer says why.
+            if inner.channel.write(id, &stream, &buf[..n]).is_err() {
+                break;
+            }
+            total += n as u64;
+        }
+        if let Some(e) = local_error {
+            // Without Eof the guest would keep the file half-written and
+            // waiting: end the stream, then report the host-side failure.
+            inner.channel.close_outbound(id, &stream);
+            let _ = pending.wait(&inner.channel, REQUEST_TIMEOUT);
+            return Err(Error::Io {
+                op: "write_file (reading the source)".into(),
+                path: path.into(),
+                source: e,
+            });
+        }
+        inner.channel.close_outbound(id, &stream);
+        match pending.wait(&inner.channel, REQUEST_TIMEOUT)? {
+            Ok(Response::Done) => Ok(total),
+            Ok(other) => Err(unexpected("write_file", other)),
+            Err(e) => Err(remote("write_file", path, e)),
+        }
+    }
+
+    /// Metadata of `path`, following a final symlink.
+    pub fn stat(&self, path: &str) -> Result<FileInfo> {
+        self.inner().fs_stat(
+            "stat",
+            path,
+            FsRequest::Stat {
+                path: guest_path(path)?,
+                follow: true,
+            },
+        )
+    }
+
+    /// Metadata of `path` itself, not following a final symlink.
+    pub fn lstat(&self, path: &str) -> Result<FileInfo> {
+        self.inner().fs_stat(
+            "lstat",
+            path,
+            FsRequest::Stat {
+                path: guest_path(path)?,
+                follow: false,
+            },
+        )
+    }
+
+    /// Creates a directory with permissions `mode`; its parent must exist.
+    pub fn mkdir(&self, path: &str, mode: u32) -> Result<()> {
+        self.inner().fs_done(
+            "mkdir",
+            path,
+            FsRequest::Mkdir {
+                path: guest_path(path)?,
+                mode,
+                all: false,
+            },
+        )
+    }
+
+    /// Creates a directory and any missing parents; an existing directory
+    /// is fine.
+    pub fn mkdir_all(&self, path: &str, mode: u32) -> Result<()> {
+        self.inner().fs_done(
+            "mkdir_all",
+            path,
+            FsRequest::Mkdir {
+                path: guest_path(path)?,
+                mode,
+                all: true,
+            },
+        )
+    }
+
+    /// Removes a file, symlink or empty directory.
+    pub fn remove(&self, path: &str) -> Result<()> {
+        self.inner().fs_done(
+            "remove",
+            path,
+            FsRequest::Remove {
+                path: guest_path(path)?,
+                all: false,
+            },
+        )
+    }
+
+    /// Removes a path and everything under it (never following symlinks);
+    /// a missing path is fine.
+    pub fn remove_all(&self, path: &str) -> Result<()> {
+        self.inner().fs_done(
+            "remove_all",
+            path,
+            FsRequest::Remove {
+                path: guest_path(path)?,
+                all: true,
+            },
+        )
+    }
+
+    /// The entries of a directory, sorted by name.
+    pub fn read_dir(&self, path: &str) -> Result<Vec<DirEntry>> {
+        match self.inner().fs(
+            "read_dir",
+            path,
+            FsRequest::ReadDir {
+                path: guest_path(path)?,
+            },
+        )? {
+            Response::Entries(entries) => Ok(entries
+                .into_iter()
+                .map(|e| DirEntry {
+                    name: String::from_utf8_lossy(&e.name).into_owned(),
+                    is_dir: e.mode & S_IFMT == S_IFDIR,
+                    mode: e.mode,
+                })
+                .collect()),
+            other => Err(unexpected("read_dir", other)),
+        }
+    }
+
+    pub fn rename(&self, from: &str, to: &str) -> Result<()> {
+        let req = FsRequest::Rename {
+            from: guest_path(from)?,
+            to: guest_path(to)?,
+        };
+        self.inner().fs_done("rename", from, req)
+    }
+
+    /// Creates `link` as a symlink to `target` (stored as given).
+    pub fn symlink(&self, target: &str, link: &str) -> Result<()> {
+        if target.is_empty() || target.contains('\0') {
+            return Err(Error::InvalidArgument(format!(
+                "invalid symlink target {target:?}"
+            )));
+        }
+        let req = FsRequest::Symlink {
+            target: ByteBuf::from(target.as_bytes()),
+            link: guest_path(link)?,
+        };
+        self.inner().fs_done("symlink", link, req)
+    }
+
+    pub fn readlink(&self, path: &str) -> Result<String> {
+        match self.inner().fs(
+            "readlink",
+            path,
+            FsRequest::Readlink {
+                path: guest_path(path)?,
+            },
+        )? {
+            Response::Link(target) => Ok(String::from_utf8_lossy(&target).into_owned()),
+            other => Err(unexpected("readlink", other)),
+        }
+    }
+
+    /// Sets the permission bits (`0o7777`).
+    pub fn chmod(&self, path: &str, mode: u32) -> Result<()> {
+        self.inner().fs_done(
+            "chmod",
+            path,
+            FsRequest::Chmod {
+                path: guest_path(path)?,
+                mode: mode & 0o7777,
+            },
+        )
+    }
+
+    /// Sets owner and/or group; `None` leaves one unchanged.
+    pub fn chown(&self, path: &str, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
+        self.inner().fs_done(
+            "chown",
+            path,
+            FsRequest::Chown {
+                path: guest_path(path)?,
+                uid,
+                gid,
+            },
+        )
+    }
+
+    /// Sets access and modification times.
+    pub fn chtimes(&self, path: &str, atime: SystemTime, mtime: SystemTime) -> Result<()> {
+        let req = FsRequest::Chtimes {
+            path: guest_path(path)?,
+            atime: to_unix(atime),
+            mtime: to_unix(mtime),
+        };
+        self.inner().fs_done("chtimes", path, req)
+    }
+
+    /// Opens a guest file for reading.
+    pub fn open(&self, path: &str) -> Result<File> {
+        self.open_file(path, O_RDONLY, 0)
+    }
+
+    /// Creates (or truncates) a guest file for reading and writing, 0o666.
+    pub fn create(&self, path: &str) -> Result<File> {
+        self.open_file(path, O_RDWR | O_CREATE | O_TRUNC, 0o666)
+    }
+
+    /// Opens a guest file with `O_*` flags (this crate's numbering) and,
+    /// when created, permissions `mode`.
+    pub fn open_file(&self, path: &str, flags: u32, mode: u32) -> Result<File> {
+        if flags & !cc_protocol::open_flags::ALL != 0 || flags & 3 == 3 {
+            return Err(Error::InvalidArgument(format!(
+                "invalid open flags {flags:#x}"
+            )));
+        }
+        let inner = self.inner();
+        let handle = inner.next_handle.fetch_add(1, Ordering::Relaxed);
+        let req = FsRequest::Open {
+            handle,
+            path: guest_path(path)?,
+            flags,
+            mode: mode & 0o7777,
+        };
+        inner.fs_stat("open", path, req)?;
+        Ok(File {
+            inner: inner.clone(),
+            handle,
+            path: path.to_string(),
+            open: Mutex::new(true),
+        })
+    }
+}
+
+/// An open guest file. Reads at end of file return 0 bytes. Closing is
+/// idempotent; dropping closes it.
+#[derive(Debug)]
+pub struct File {
+    inner: Arc<Inner>,
+    handle: u64,
+    path: String,
+    open: Mutex<bool>,
+}
+
+impl File {
+    /// The path it was opened with.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if *self.open.lock().unwrap_or_else(|e| e.into_inner()) {
+            Ok(())
+        } else {
+            Err(Error::AlreadyClosed)
+        }
+    }
+
+    fn call(&self, op: &str, req: FsRequest) -> Result<Response> {
+        self.check_open()?;
+        self.inner.fs(op, &self.path, req)
+    }
+
+    /// Reads up to `buf.len()` bytes at the file offset; 0 at end of file.
+    pub fn read_some(&self, buf: &mut [u8]) -> Result<usize> {
+        let len = buf.len().min(DATA_CHUNK) as u32;
+        match self.call(
+            "read",
+            FsRequest::Read {
+                handle: self.handle,
+                len,
+            },
+        )? {
+            Response::Data(data) => {
+                let n = data.len().min(buf.len());
+                buf[..n].copy_from_slice(&data[..n]);
+                Ok(n)
+            }
+            other => Err(unexpected("read", other)),
+        }
+    }
+
+    /// Everything from the file offset to the end.
+    pub fn read_all(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; DATA_CHUNK];
+        loop {
+            match self.read_some(&mut buf)? {
+                0 => return Ok(out),
+                n => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    /// Writes all of `data` at the file offset (the end, with `O_APPEND`).
+    pub fn write_all_bytes(&self, data: &[u8]) -> Result<()> {
+        for chunk in data.chunks(DATA_CHUNK) {
+            match self.call(
+                "write",
+                FsRequest::Write {
+                    handle: self.handle,
+                    data: ByteBuf::from(chunk),
+                },
+            )? {
+                Response::Written(n) if n as usize == chunk.len() => {}
+                other => return Err(unexpected("write", other)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the file offset; returns the new one.
+    pub fn seek_to(&self, pos: SeekFrom) -> Result<u64> {
+        let (offset, whence) = match pos {
+            SeekFrom::Start(o) => (
+                i64::try_from(o).map_err(|_| Error::InvalidArgument("offset too large".into()))?,
+                0,
+            ),
+            SeekFrom::Current(o) => (o, 1),
+            SeekFrom::End(o) => (o, 2),
+        };
+        match self.call(
+            "seek",
+            FsRequest::Seek {
+                handle: self.handle,
+                offset,
+                whence,
+            },
+        )? {
+            Response::Offset(o) => Ok(o),
+            other => Err(unexpected("seek", other)),
+        }
+    }
+
+    pub fn stat(&self) -> Result<FileInfo> {
+        match self.call(
+            "stat",
+            FsRequest::Fstat {
+                handle: self.handle,
+            },
+        )? {
+            Response::Stat(st) => Ok(FileInfo::new(&self.path, st)),
+            other => Err(unexpected("stat", other)),
+        }
+    }
+
+    /// Sets the file's length.
+    pub fn truncate(&self, len: u64) -> Result<()> {
+        match self.call(
+            "truncate",
+            FsRequest::Truncate {
+                handle: self.handle,
+                len,
+            },
+        )? {
+            Response::Done => Ok(()),
+            other => Err(unexpected("truncate", other)),
+        }
+    }
+
+    /// Flushes the file to the guest's disk.
+    pub fn sync(&self) -> Result<()> {
+        match self.call(
+            "sync",
+            FsRequest::Sync {
+                handle: self.handle,
+            },
+        )? {
+            Response::Done => Ok(()),
+            other => Err(unexpected("sync", other)),
+        }
+    }
+
+    /// Closes the handle; closing again does nothing.
+    pub fn close(&self) -> Result<()> {
+        {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            if !*open {
+                return Ok(());
+            }
+            *open = false;
+        }
+        // A guest that is gone has closed it already.
+        if self.inner.check_running().is_err() {
+            return Ok(());
+        }
+        match self.inner.channel.request(
+            Request::Fs(FsRequest::Close {
+                handle: self.handle,
+            }),
+            REQUEST_TIMEOUT,
+        )? {
+            Ok(_) => Ok(()),
+            Err(e) => Err(remote("close", &self.path, e)),
+        }
+    }
+}
+
+fn to_io(e: Error) -> io::Error {
+    match e {
+        Error::Io { source, .. } => source,
+        other => io::Error::other(other),
+    }
+}
+
+impl Read for File {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_some(buf).map_err(to_io)
+    }
+}
+
+impl Write for File {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let chunk = &buf[..buf.len().min(DATA_CHUNK)];
+        self.write_all_bytes(chunk).map_err(to_io)?;
+        Ok(chunk.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Seek for File {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.seek_to(pos).map_err(to_io)
+    }
+}
+
+impl Drop for File {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip_including_before_the_epoch() {
+        for t in [
+            UNIX_EPOCH,
+            UNIX_EPOCH + Duration::new(1_700_000_000, 5),
+            UNIX_EPOCH - Duration::new(10, 250),
+        ] {
+            assert_eq!(to_system_time(to_unix(t)), t);
+        }
+    }
+
+    #[test]
+    fn paths_are_absolute_and_clean_of_nul() {
+        assert_eq!(&guest_path("/a/b").unwrap()[..], b"/a/b");
+        assert_eq!(&guest_path("a/b").unwrap()[..], b"/a/b");
+        assert!(guest_path("").is_err());
+        assert!(guest_path("/a\0b").is_err());
+    }
+
+    #[test]
+    fn file_info_names_and_types() {
+        let st = cc_protocol::FileStat {
+            mode: 0o040755,
+            size: 0,
+            mtime: UnixTime { secs: 0, nanos: 0 },
+            uid: 0,
+            gid: 0,
+        };
+        let info = FileInfo::new("/tmp/dir/", st);
+        assert_eq!(
+            (
+                info.name.as_str(),
+                info.is_dir,
+                info.is_symlink,
+                info.permissions()
+            ),
+            ("dir", true, false, 0o755)
+        );
+        assert_eq!(FileInfo::new("/", st).name, "/");
+    }
+}

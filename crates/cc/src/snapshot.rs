@@ -1,0 +1,133 @@
+//! Filesystem snapshots: an instance's writable layer captured as an OCI
+//! layer on top of what it booted from, usable as the source of new
+//! instances and exportable as an image.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cc_protocol::{Request, Response};
+
+use crate::command::ChildOutput;
+use crate::error::{Error, Result};
+use crate::instance::{Instance, Source, REQUEST_TIMEOUT};
+use crate::oci::{Image, OciClient};
+
+/// A captured filesystem. It lives in the image store under its
+/// [`Snapshot::name`] (listed by `crumble images`, removed by `crumble
+/// rmi`), independent of the instance it was taken from.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    image: Image,
+    /// How many of the image's layers are the base the snapshot layers sit
+    /// on; the rest are snapshot layers, one per snapshot in the chain.
+    base_layers: usize,
+}
+
+impl Snapshot {
+    /// The image: base layers plus one layer per snapshot in the chain.
+    pub fn image(&self) -> &Image {
+        &self.image
+    }
+
+    /// The store name, `localhost/cc-snapshots:<instance>-<n>`.
+    pub fn name(&self) -> &str {
+        self.image.name().unwrap_or_default()
+    }
+
+    /// A source for [`Instance::new`].
+    pub fn as_source(&self) -> Source {
+        Source::Snapshot(Box::new(self.clone()))
+    }
+
+    /// Writes the snapshot as an OCI image layout (readable by skopeo,
+    /// docker and [`OciClient::load_dir`]).
+    pub fn export_dir(&self, dir: &Path) -> Result<()> {
+        Ok(self.image.client().export_dir(&self.image, dir)?)
+    }
+
+    /// Read-only root layers to boot from, uppermost first: each snapshot
+    /// layer on its own, then the base. Booting needs no flattening copy.
+    pub(crate) fn lowers(&self, max_layer_bytes: u64) -> Result<Vec<PathBuf>> {
+        let client = self.image.client();
+        let layers = self.image.layers()?;
+        let mut lowers = Vec::new();
+        for layer in layers[self.base_layers..].iter().rev() {
+            lowers.push(client.overlay_rootfs(layer)?);
+        }
+        lowers.push(
+            self.image
+                .rootfs_prefix(self.base_layers, max_layer_bytes)?,
+        );
+        Ok(lowers)
+    }
+}
+
+/// What an instance booted from, for its snapshots.
+#[derive(Debug, Clone)]
+pub(crate) enum Origin {
+    Dir(PathBuf),
+    Image(Box<Image>),
+    Snapshot(Box<Snapshot>),
+}
+
+static SNAPSHOT_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl Instance {
+    /// Captures the instance's whole filesystem without stopping it: its
+    /// writable layer becomes one new layer over what it booted from (no
+    /// full copy). Paths matching `exclude` globs (`*`, `?`, `**`; without
+    /// a leading `/` they match at any depth) are left out.
+    pub fn snapshot_filesystem(&self, exclude: &[&str]) -> Result<Snapshot> {
+        let inner = self.inner();
+        inner.check_running()?;
+        let (base, base_layers) = match &inner.origin {
+            Origin::Image(image) => (image.as_ref().clone(), image.layers()?.len()),
+            Origin::Snapshot(s) => (s.image.clone(), s.base_layers),
+            Origin::Dir(dir) => {
+                // A directory is not in the store yet: archive it once as
+                // the base layer, so the snapshot stands on its own.
+                let client = OciClient::new(None)?;
+                let (layer, _) = client.inner().put_dir_layer(dir)?;
+                (client.inner().derive_image(None, &[layer], None)?, 1)
+            }
+        };
+        let (id, stream) = inner.channel.open_inbound();
+        let request = Request::SnapshotUpper {
+            stream: id,
+            exclude: exclude.iter().map(|e| e.to_string()).collect(),
+        };
+        match inner.channel.request(request, REQUEST_TIMEOUT) {
+            Ok(Ok(Response::Done)) => {}
+            Ok(Ok(other)) => {
+                inner.channel.close_inbound(id, &stream);
+                return Err(Error::Protocol(format!(
+                    "unexpected answer to snapshot: {other:?}"
+                )));
+            }
+            Ok(Err(e)) => {
+                inner.channel.close_inbound(id, &stream);
+                return Err(Error::Guest {
+                    op: "snapshot_filesystem".into(),
+                    message: e.message,
+                });
+            }
+            Err(e) => {
+                inner.channel.close_inbound(id, &stream);
+                return Err(e);
+            }
+        }
+        let client = base.client();
+        let layer = client.put_layer(ChildOutput::new(inner.clone(), id, stream));
+        let (layer, _) = match layer {
+            Ok(l) => l,
+            Err(e) => return Err(inner.check_running().err().unwrap_or(Error::Image(e))),
+        };
+        let name = format!(
+            "localhost/cc-snapshots:{}-{}",
+            inner.id,
+            SNAPSHOT_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let image = client.derive_image(Some(&base), &[layer], Some(&name))?;
+        Ok(Snapshot { image, base_layers })
+    }
+}
