@@ -3,7 +3,7 @@
 
 use std::fs::{File, Permissions};
 use std::io::{self, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
 use cc_protocol::{ErrorKind, RemoteError, Response};
 
@@ -17,11 +17,20 @@ use crate::{error, sys};
 pub fn read_file(reply: Reply, path: &[u8], sender: Sender) {
     let opened = guest_path("open", path).and_then(|p| {
         let fail = |e: &io::Error| error::fs("open", path, e);
-        let file = File::open(p).map_err(|e| fail(&e))?;
+        // Non-blocking, so a FIFO without a writer cannot hang the open.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(p)
+            .map_err(|e| fail(&e))?;
         let meta = file.metadata().map_err(|e| fail(&e))?;
-        // A directory opens, but reading it would only fail later.
+        // Only regular files have an end: a directory fails later, a device
+        // or FIFO may never end.
         if meta.is_dir() {
             return Err(fail(&io::Error::from_raw_os_error(libc::EISDIR)));
+        }
+        if !meta.is_file() {
+            return Err(error::fs_invalid("open", path, "not a regular file"));
         }
         Ok((file, meta.len()))
     });

@@ -100,25 +100,35 @@ fn to_unix(t: SystemTime) -> UnixTime {
     }
 }
 
-/// An absolute guest path (relative ones are taken from `/`), as sent.
+/// A guest path as sent: absolute, without NUL bytes. Relative paths are
+/// refused rather than guessed at (the agent has no working directory).
 fn guest_path(path: &str) -> Result<ByteBuf> {
-    if path.is_empty() || path.contains('\0') {
+    if !path.starts_with('/') || path.contains('\0') {
         return Err(Error::InvalidArgument(format!(
-            "invalid guest path {path:?}"
+            "guest path {path:?} must be absolute and free of NUL bytes"
         )));
     }
-    Ok(ByteBuf::from(if path.starts_with('/') {
-        path.to_string()
-    } else {
-        format!("/{path}")
-    }))
+    Ok(ByteBuf::from(path.as_bytes()))
 }
 
 /// Maps an agent error for `op` on `path` to an I/O error carrying both.
 fn remote(op: &str, path: &str, e: cc_protocol::RemoteError) -> Error {
+    // The agent words errors "op path: reason"; keep its reason when it
+    // says more than the errno does ("not a regular file").
+    let reason = e
+        .message
+        .rsplit_once(": ")
+        .map_or(e.message.as_str(), |(_, r)| r);
     let source = match e.errno {
-        Some(errno) => io::Error::from_raw_os_error(errno),
-        None => io::Error::other(e.message),
+        Some(errno) => {
+            let os = io::Error::from_raw_os_error(errno);
+            if os.to_string().starts_with(reason) {
+                os
+            } else {
+                io::Error::new(os.kind(), reason.to_string())
+            }
+        }
+        None => io::Error::other(reason.to_string()),
     };
     Error::Io {
         op: op.to_string(),
@@ -696,9 +706,9 @@ mod tests {
     }
 
     #[test]
-    fn paths_are_absolute_and_clean_of_nul() {
+    fn paths_must_be_absolute_and_free_of_nul() {
         assert_eq!(&guest_path("/a/b").unwrap()[..], b"/a/b");
-        assert_eq!(&guest_path("a/b").unwrap()[..], b"/a/b");
+        assert!(guest_path("a/b").is_err());
         assert!(guest_path("").is_err());
         assert!(guest_path("/a\0b").is_err());
     }

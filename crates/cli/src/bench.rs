@@ -29,6 +29,25 @@ pub(crate) enum What {
         #[arg(long, default_value = "/bin/busybox")]
         busybox: PathBuf,
     },
+    /// Round trip of `true` in a running instance, against a shell loop on
+    /// the serial console of a bare guest running `/bin/sh -c true`.
+    Exec {
+        #[arg(long, value_name = "DIR")]
+        rootfs: PathBuf,
+        /// Commands of each kind.
+        #[arg(long, default_value_t = 200)]
+        runs: usize,
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+    },
+    /// write_file and read_file of 64 MiB, in MiB/s.
+    Files {
+        #[arg(long, value_name = "DIR")]
+        rootfs: PathBuf,
+        /// Transfers of each kind.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
 }
 
 pub(crate) fn bench(what: What) -> CliResult<ExitCode> {
@@ -39,6 +58,12 @@ pub(crate) fn bench(what: What) -> CliResult<ExitCode> {
             memory,
             busybox,
         } => boot(&rootfs, runs.max(5), memory, &busybox),
+        What::Exec {
+            rootfs,
+            runs,
+            busybox,
+        } => exec(&rootfs, runs.max(10), &busybox),
+        What::Files { rootfs, runs } => files(&rootfs, runs.max(3)),
     }
 }
 
@@ -162,15 +187,15 @@ fn bare_boot(spec: &cc_engine::VmSpec, cache: &Path) -> CliResult<(Duration, Dur
     Ok((spawn, total))
 }
 
-/// An initramfs whose `/init` echoes a marker and powers off at once.
-fn bare_initramfs(busybox: &Path, cache: &Path) -> CliResult<PathBuf> {
+/// An initramfs of static busybox (also as `/bin/sh`) whose `/init` is
+/// `init`, cached as `<cache>/bench/<name>.cpio`.
+fn busybox_initramfs(busybox: &Path, cache: &Path, name: &str, init: &[u8]) -> CliResult<PathBuf> {
     let bin = std::fs::read(busybox).map_err(|e| {
         format!(
             "{}: {e} (apt-get install busybox-static)",
             busybox.display()
         )
     })?;
-    let init = b"#!/bin/busybox sh\n/bin/busybox echo cc-bare-ready\n/bin/busybox reboot -f\n";
     let mut archive = Vec::new();
     write_newc(
         &mut archive,
@@ -179,13 +204,177 @@ fn bare_initramfs(busybox: &Path, cache: &Path) -> CliResult<PathBuf> {
             Entry::char_dev("dev/console", 0o600, 5, 1),
             Entry::dir("bin"),
             Entry::file("bin/busybox", 0o755, &bin),
+            Entry::file("bin/sh", 0o755, &bin),
             Entry::file("init", 0o755, init),
         ],
     )?;
-    let path = cache.join("bench").join("bare.cpio");
+    let path = cache.join("bench").join(format!("{name}.cpio"));
     std::fs::create_dir_all(path.parent().unwrap_or(cache))?;
     std::fs::write(&path, archive)?;
     Ok(path)
+}
+
+/// An initramfs whose `/init` echoes a marker and powers off at once.
+fn bare_initramfs(busybox: &Path, cache: &Path) -> CliResult<PathBuf> {
+    let init = b"#!/bin/busybox sh\n/bin/busybox echo cc-bare-ready\n/bin/busybox reboot -f\n";
+    busybox_initramfs(busybox, cache, "bare", init)
+}
+
+fn exec(rootfs: &Path, runs: usize, busybox: &Path) -> CliResult<ExitCode> {
+    let cache = cc_engine::paths::cache_dir();
+    let accel = cc_engine::detect_accel()?;
+    println!(
+        "accelerator: {} ({}); {runs} commands of each kind",
+        accel.accel, accel.reason
+    );
+    let serial = serial_shell_loop(busybox, &cache, runs)?;
+
+    let inst = cc::Instance::new(
+        &cc::Source::Dir(rootfs.to_path_buf()),
+        cc::Options::default(),
+    )?;
+    let cmd = inst.command("true");
+    for _ in 0..5 {
+        cmd.status()?; // warm the page cache and the agent's paths
+    }
+    let mut ours = Samples::default();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let status = cmd.status()?;
+        ours.0.push(t.elapsed());
+        if !status.success() {
+            return Err(format!("`true` exited with {status}").into());
+        }
+    }
+    let mut ping = Samples::default();
+    for _ in 0..runs {
+        ping.0.push(inst.ping()?);
+    }
+    inst.close()?;
+    println!("\n{:<44} {:>9}", "median", "ms");
+    println!(
+        "{:<44} {:>9.3}",
+        "exec `true` through the agent",
+        ms(ours.median())
+    );
+    println!(
+        "{:<44} {:>9.3}",
+        "agent ping (channel round trip)",
+        ms(ping.median())
+    );
+    println!(
+        "{:<44} {:>9.3}",
+        "serial console: /bin/sh -c true (baseline)",
+        ms(serial.median())
+    );
+    let ratio = ours.median().as_secs_f64() / serial.median().as_secs_f64();
+    println!("\nexec / serial shell loop = {ratio:.2}x (target ≤ 0.85x)");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Per-command time of a shell loop on the serial console of a bare guest:
+/// the host sends a line, the guest runs `/bin/sh -c true` and answers.
+fn serial_shell_loop(busybox: &Path, cache: &Path, runs: usize) -> CliResult<Samples> {
+    use std::io::Write;
+    let init = b"#!/bin/busybox sh\n/bin/busybox stty -echo\necho cc-shell-ready\nwhile read line; do /bin/sh -c true; echo M; done\n";
+    let initrd = busybox_initramfs(busybox, cache, "serial-shell", init)?;
+    let accel = cc_engine::detect_accel()?;
+    let mut qemu = std::process::Command::new(cc_engine::paths::qemu()?)
+        .args([
+            "-accel",
+            &accel.accel.to_string(),
+            "-M",
+            "microvm,acpi=off",
+            "-m",
+            "256",
+            "-smp",
+            "1",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-kernel")
+        .arg(cc_engine::paths::kernel()?)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 quiet reboot=t panic=-1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let result = (|| -> CliResult<Samples> {
+        let mut input = qemu.stdin.take().ok_or("no stdin")?;
+        let mut output = qemu.stdout.take().ok_or("no stdout")?;
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        while !seen.ends_with(b"cc-shell-ready") {
+            if output.read(&mut byte)? == 0 {
+                return Err("the serial-console guest ended before its shell started".into());
+            }
+            seen.push(byte[0]);
+        }
+        let mut samples = Samples::default();
+        for i in 0..runs + 5 {
+            let t = Instant::now();
+            input.write_all(b"x\n")?;
+            input.flush()?;
+            loop {
+                if output.read(&mut byte)? == 0 {
+                    return Err("the serial-console guest ended".into());
+                }
+                if byte[0] == b'M' {
+                    break;
+                }
+            }
+            if i >= 5 {
+                samples.0.push(t.elapsed());
+            }
+        }
+        Ok(samples)
+    })();
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    result
+}
+
+fn files(rootfs: &Path, runs: usize) -> CliResult<ExitCode> {
+    const LEN: usize = 64 << 20;
+    let inst = cc::Instance::new(
+        &cc::Source::Dir(rootfs.to_path_buf()),
+        cc::Options::default(),
+    )?;
+    let data: Vec<u8> = (0..LEN)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let (mut write, mut read) = (Samples::default(), Samples::default());
+    for _ in 0..runs {
+        let t = Instant::now();
+        inst.write_file("/var/bench.bin", &data, 0o644)?;
+        write.0.push(t.elapsed());
+        let t = Instant::now();
+        let back = inst.read_file("/var/bench.bin")?;
+        read.0.push(t.elapsed());
+        if back.len() != LEN {
+            return Err("read back a different length".into());
+        }
+    }
+    inst.close()?;
+    let mib_s = |d: Duration| (LEN as f64 / (1 << 20) as f64) / d.as_secs_f64();
+    println!("64 MiB transfers, median of {runs}");
+    println!(
+        "write_file: {:>8.1} MiB/s (target ≥ 400; channel ≈ 670)",
+        mib_s(write.median())
+    );
+    println!(
+        "read_file:  {:>8.1} MiB/s (target ≥ 800; channel ≈ 1400)",
+        mib_s(read.median())
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn ms(d: Duration) -> f64 {

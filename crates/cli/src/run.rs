@@ -34,6 +34,12 @@ pub(crate) struct RunArgs {
     /// User to run as: name, uid, uid:gid or name:group.
     #[arg(long, short = 'u')]
     user: Option<String>,
+    /// Share a host directory: HOST:GUEST (read-only) or HOST:GUEST:rw (repeatable).
+    #[arg(long = "mount", short = 'v', value_name = "HOST:GUEST[:rw]", value_parser = parse_mount)]
+    mounts: Vec<cc::Mount>,
+    /// End the instance after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
     /// The command and its arguments; without one, an image's entrypoint
     /// runs (Entrypoint + Cmd).
     #[arg(last = true, value_name = "CMD")]
@@ -65,9 +71,18 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
         }
         (None, None) => return Err("give an IMAGE or --rootfs DIR".into()),
     };
+    let timeout = match args.timeout {
+        Some(t) if t.is_finite() && t > 0.0 => Some(std::time::Duration::from_secs_f64(t)),
+        Some(t) => {
+            return Err(format!("--timeout {t}: expected a positive number of seconds").into())
+        }
+        None => None,
+    };
     let options = cc::Options {
         memory_mb: args.memory,
         cpus: args.cpus,
+        timeout,
+        mounts: args.mounts,
         ..Default::default()
     };
     let inst = cc::Instance::new(&source, options)?;
@@ -141,6 +156,24 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
         (Some(code), _) => ExitCode::from(code as u8),
         (None, Some(sig)) => ExitCode::from(128u8.wrapping_add(sig as u8)),
         _ => ExitCode::FAILURE,
+    })
+}
+
+fn parse_mount(spec: &str) -> Result<cc::Mount, String> {
+    let (host, rest) = spec.split_once(':').ok_or("expected HOST:GUEST[:rw]")?;
+    let (guest, writable) = match rest.rsplit_once(':') {
+        Some((guest, "rw")) => (guest, true),
+        Some((guest, "ro")) => (guest, false),
+        _ => (rest, false),
+    };
+    if host.is_empty() || guest.is_empty() {
+        return Err("expected HOST:GUEST[:rw]".into());
+    }
+    let host = std::fs::canonicalize(host).map_err(|e| format!("{host}: {e}"))?;
+    Ok(cc::Mount {
+        host_path: host,
+        guest_path: guest.to_string(),
+        writable,
     })
 }
 

@@ -378,3 +378,55 @@ fn image_commands_end_to_end() {
     );
     std::fs::remove_dir_all(&cache).unwrap();
 }
+
+#[test]
+fn run_mounts_and_timeout() {
+    if !vm_tests() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cc-cli-mount-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("in.txt"), b"host data").unwrap();
+    let ro = format!("{}:/mnt/in", dir.display());
+    let rw = format!("{}:/mnt/out:rw", dir.display());
+    let out = run(
+        &[
+            "--mount",
+            &ro,
+            "-v",
+            &rw,
+            "--",
+            "sh",
+            "-c",
+            "cat /mnt/in/in.txt; echo made > /mnt/out/made.txt; echo x > /mnt/in/no",
+        ],
+        b"",
+    );
+    assert_eq!(out.stdout, b"host data");
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "the read-only mount refused the last write"
+    );
+    assert_eq!(std::fs::read(dir.join("made.txt")).unwrap(), b"made\n");
+    assert!(!dir.join("no").exists());
+
+    let started = Instant::now();
+    let out = run(&["--timeout", "2", "--", "sleep", "100"], b"");
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("timed out"));
+    assert!(started.elapsed() < Duration::from_secs(60));
+
+    let out = run(&["--mount", "/no/such/dir:/x", "--", "true"], b"");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "clap rejects a missing mount source"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
