@@ -122,8 +122,13 @@ impl Conn {
     /// Writes `msg` as one frame; fails once the connection is closed.
     pub fn send(&self, msg: &Message) -> io::Result<()> {
         let frame = frame::encode(msg).map_err(io::Error::other)?;
+        self.send_frame(&frame)
+    }
+
+    /// Writes one already-encoded frame.
+    pub fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
         let mut port = lock(&self.port);
-        let mut rest = &frame[..];
+        let mut rest = frame;
         while !rest.is_empty() {
             if self.closed.load(Ordering::Relaxed) {
                 return Err(Self::closed_error());

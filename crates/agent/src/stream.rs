@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use cc_protocol::flow::Inbound;
-use cc_protocol::{Message, RemoteError, DATA_CHUNK};
+use cc_protocol::{frame, Message, RemoteError, DATA_CHUNK};
 use serde_bytes::ByteBuf;
 
 use crate::conn::{Conn, Output};
@@ -43,7 +43,10 @@ impl Sender {
     /// stops the copy and closes `source` (a pipe's writer then gets EPIPE).
     pub fn pump(self, mut source: File) {
         let stream = self.id;
-        let mut buf = vec![0; DATA_CHUNK];
+        // The payload is read right after room for the frame header, so
+        // each chunk is copied once (from the source) before it is sent.
+        const ROOM: usize = frame::DATA_HEADER_MAX;
+        let mut frame_buf = vec![0; ROOM + DATA_CHUNK];
         while let Some(credit) = self.output.acquire(DATA_CHUNK) {
             // Waiting here rather than in read lets a reset interrupt an idle
             // pipe; regular files are always ready.
@@ -56,7 +59,7 @@ impl Sender {
                 }
             }
             let got = loop {
-                match source.read(&mut buf[..credit]) {
+                match source.read(&mut frame_buf[ROOM..ROOM + credit]) {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     other => break other,
                 }
@@ -77,11 +80,14 @@ impl Sender {
                 self.finish();
                 break;
             }
-            let msg = Message::Data {
-                stream,
-                bytes: ByteBuf::from(buf[..got].to_vec()),
-            };
-            if self.conn.send(&msg).is_err() {
+            let mut header = [0u8; ROOM];
+            let len = frame::data_header(stream, got, &mut header);
+            frame_buf[ROOM - len..ROOM].copy_from_slice(&header[ROOM - len..]);
+            if self
+                .conn
+                .send_frame(&frame_buf[ROOM - len..ROOM + got])
+                .is_err()
+            {
                 break;
             }
         }

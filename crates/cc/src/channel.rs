@@ -14,7 +14,6 @@ use cc_protocol::flow::{Broken, Inbound, Outbound};
 use cc_protocol::{
     frame, ExitStatus, Message, RemoteError, Request, Response, DATA_CHUNK, PROTOCOL_VERSION,
 };
-use serde_bytes::ByteBuf;
 
 use crate::error::{Error, Result};
 
@@ -230,8 +229,12 @@ impl Channel {
 
     pub(crate) fn send(&self, msg: &Message) -> Result<()> {
         let bytes = frame::encode(msg).map_err(|e| Error::Protocol(e.to_string()))?;
+        self.send_frame(&bytes)
+    }
+
+    fn send_frame(&self, bytes: &[u8]) -> Result<()> {
         let mut w = lock(&self.shared.writer);
-        io::Write::write_all(&mut *w, &bytes).map_err(|e| {
+        io::Write::write_all(&mut *w, bytes).map_err(|e| {
             drop(w);
             mark_dead(&self.shared, format!("writing to the guest agent: {e}"));
             self.not_running()
@@ -326,11 +329,13 @@ impl Channel {
         let mut rest = data;
         while !rest.is_empty() {
             let n = stream.acquire(rest.len().min(DATA_CHUNK), None)?;
-            let msg = Message::Data {
-                stream: id,
-                bytes: ByteBuf::from(rest[..n].to_vec()),
-            };
-            self.send(&msg)
+            // Header and payload in one buffer: one copy, one write.
+            let mut header = [0u8; frame::DATA_HEADER_MAX];
+            let len = frame::data_header(id, n, &mut header);
+            let mut bytes = Vec::with_capacity(len + n);
+            bytes.extend_from_slice(&header[frame::DATA_HEADER_MAX - len..]);
+            bytes.extend_from_slice(&rest[..n]);
+            self.send_frame(&bytes)
                 .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()))?;
             rest = &rest[n..];
         }

@@ -30,6 +30,44 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, FrameError> {
     Ok(out)
 }
 
+/// Room [`data_header`] needs before a `Data` payload: length prefix,
+/// variant, stream id and payload length as varints.
+pub const DATA_HEADER_MAX: usize = 4 + 1 + 5 + 5;
+
+/// The bytes that precede `len` payload bytes in the frame of
+/// `Message::Data { stream, .. }`, written right-aligned at the end of
+/// `out`; returns how many. A sender can read the payload straight into a
+/// buffer after [`DATA_HEADER_MAX`] bytes and send the frame without
+/// copying it again.
+pub fn data_header(stream: u32, len: usize, out: &mut [u8; DATA_HEADER_MAX]) -> usize {
+    let mut body = [0u8; DATA_HEADER_MAX - 4];
+    // `Data` is variant 3 of `Message`; postcard writes it, then the
+    // stream id and the byte string's length, as varints.
+    let mut n = 0;
+    for value in [3u32, stream, len as u32] {
+        n += varint(value, &mut body[n..]);
+    }
+    let total = 4 + n;
+    let start = DATA_HEADER_MAX - total;
+    out[start..start + 4].copy_from_slice(&((n + len) as u32).to_le_bytes());
+    out[start + 4..].copy_from_slice(&body[..n]);
+    total
+}
+
+fn varint(mut v: u32, out: &mut [u8]) -> usize {
+    let mut i = 0;
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out[i] = byte;
+            return i + 1;
+        }
+        out[i] = byte | 0x80;
+        i += 1;
+    }
+}
+
 /// Writes `msg` as one frame.
 pub fn write(w: &mut impl Write, msg: &Message) -> Result<(), FrameError> {
     w.write_all(&encode(msg)?)?;
@@ -183,6 +221,29 @@ mod tests {
             read(&mut &wire[..], &mut Vec::new()),
             Err(FrameError::Decode(_))
         ));
+    }
+
+    #[test]
+    fn data_header_matches_the_encoder() {
+        for (stream, len) in [
+            (0u32, 0usize),
+            (1, 1),
+            (300, 127),
+            (1 << 31, 128),
+            (u32::MAX, DATA_CHUNK),
+        ] {
+            let payload = vec![7u8; len];
+            let expected = encode(&Message::Data {
+                stream,
+                bytes: ByteBuf::from(payload.clone()),
+            })
+            .unwrap();
+            let mut header = [0u8; DATA_HEADER_MAX];
+            let n = data_header(stream, len, &mut header);
+            let mut frame = header[DATA_HEADER_MAX - n..].to_vec();
+            frame.extend_from_slice(&payload);
+            assert_eq!(frame, expected, "stream {stream}, {len} bytes");
+        }
     }
 
     #[test]
