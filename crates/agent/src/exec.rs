@@ -238,13 +238,16 @@ fn working_dir(cwd: Option<&[u8]>, home: &str) -> Result<PathBuf, RemoteError> {
         return Err(error::invalid(format!("{context} contains a NUL byte")));
     }
     let path = PathBuf::from(OsStr::from_bytes(cwd));
+    // Kind Io, not NotFound: the host reads NotFound on Exec as "no such
+    // program", which a missing directory is not.
+    let fail = |e: &io::Error| RemoteError {
+        kind: ErrorKind::Io,
+        ..error::os(&context, e)
+    };
     match fs::metadata(&path) {
         Ok(m) if m.is_dir() => Ok(path),
-        Ok(_) => Err(error::os(
-            context,
-            &io::Error::from_raw_os_error(libc::ENOTDIR),
-        )),
-        Err(e) => Err(error::os(context, &e)),
+        Ok(_) => Err(fail(&io::Error::from_raw_os_error(libc::ENOTDIR))),
+        Err(e) => Err(fail(&e)),
     }
 }
 

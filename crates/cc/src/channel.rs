@@ -19,6 +19,8 @@ use crate::error::{Error, Result};
 
 type Reply = std::result::Result<Response, RemoteError>;
 
+const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Where a process's exit is delivered.
 #[derive(Debug, Default)]
 pub(crate) struct ExitSlot {
@@ -172,6 +174,12 @@ impl Channel {
         let writer = socket
             .try_clone()
             .map_err(Error::io("dup", "agent channel"))?;
+        // The agent always drains the channel (flow control bounds what it
+        // buffers), so a write blocked this long means the guest is wedged:
+        // fail it rather than hang closes and drops behind the writer lock.
+        writer
+            .set_write_timeout(Some(WRITE_TIMEOUT))
+            .map_err(Error::io("configure", "agent channel"))?;
         let shared = Arc::new(Shared {
             writer: Mutex::new(writer),
             tables: Mutex::new(Tables::default()),

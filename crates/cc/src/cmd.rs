@@ -231,13 +231,21 @@ impl Cmd {
         })?;
         let mut stdout = {
             let mut slot = self.child.lock().unwrap_or_else(|e| e.into_inner());
-            slot.as_mut().and_then(|c| c.stdout.take())
+            slot.as_mut().and_then(|c| {
+                let deadline = c.deadline();
+                c.stdout.take().map(|mut s| {
+                    // The command's time limit bounds reading its output too.
+                    s.set_deadline(deadline);
+                    s
+                })
+            })
         };
         let mut out = Vec::new();
         if let Some(s) = stdout.as_mut() {
             let read = s.read_to_end(&mut out);
             drop(stdout);
             if let Err(e) = read {
+                // Past the deadline, wait kills the process and reports it.
                 self.wait()?;
                 return Err(Error::Io {
                     op: "read output".into(),

@@ -387,7 +387,11 @@ impl Child {
     }
 
     fn wait_deadline(&self, deadline: Option<Instant>) -> Result<Option<ExitStatus>> {
-        if let Some(status) = self.exit.wait(Some(Instant::now()))? {
+        // A closed instance says so (AlreadyClosed) rather than NotRunning.
+        if let Some(status) = self.exit.wait(Some(Instant::now())).or_else(|e| {
+            self.inst.check_running()?;
+            Err(e)
+        })? {
             return Ok(Some(ExitStatus(status)));
         }
         self.inst.check_running()?;
@@ -422,6 +426,11 @@ impl Child {
     /// Kills the process and its process group (`SIGKILL`).
     pub fn kill(&mut self) -> Result<()> {
         self.signal(libc::SIGKILL)
+    }
+
+    /// When the command's time limit runs out, if it has one.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadline
     }
 
     /// A handle that signals this process from another thread.
@@ -485,7 +494,11 @@ impl Signaller {
     /// Sends `signal` to the process's whole process group; a process that
     /// already exited is not an error.
     pub fn signal(&self, signal: i32) -> Result<()> {
-        if self.exit.wait(Some(Instant::now()))?.is_some() {
+        let exited = self.exit.wait(Some(Instant::now())).or_else(|e| {
+            self.inst.check_running()?;
+            Err(e)
+        })?;
+        if exited.is_some() {
             return Ok(());
         }
         self.inst.check_running()?;

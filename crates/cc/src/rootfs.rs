@@ -40,7 +40,7 @@ pub(crate) fn image_for_dir(dir: &Path, cache: &Path) -> Result<PathBuf> {
         return Ok(image);
     }
     fs::create_dir_all(&images).map_err(Error::io("create", &images))?;
-    let tmp = images.join(format!(".{key}.{}.tmp", std::process::id()));
+    let tmp = images.join(cc_engine::paths::temp_name(&key));
     let out = Command::new("mkfs.erofs")
         .arg("--quiet")
         .arg(&tmp)
@@ -118,7 +118,7 @@ fn upper_template(cache: &Path) -> Result<PathBuf> {
         return Ok(template);
     }
     fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
-    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
+    let tmp = dir.join(cc_engine::paths::temp_name("ext4"));
     File::create(&tmp)
         .and_then(|f| f.set_len(UPPER_SIZE))
         .map_err(Error::io("create", &tmp))?;

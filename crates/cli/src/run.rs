@@ -4,6 +4,7 @@ use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
 use clap::Args;
 
@@ -57,6 +58,13 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
     // Signals are handled by a thread of ours (forwarded to the guest
     // process), so block them before any thread exists to inherit the mask.
     let signals = block_signals();
+    // Until the command runs, a signal ends crumble (QEMU dies with it);
+    // after, it goes to the command's process group.
+    let target: Arc<Mutex<Option<cc::Signaller>>> = Arc::default();
+    let forward_to = target.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || forward_signals(signals, &forward_to))?;
     let source = match (args.rootfs, &args.image) {
         // A directory has no entrypoint: say so before building anything.
         (Some(_), _) if args.command.is_empty() => {
@@ -120,10 +128,7 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
         }
         Err(e) => return Err(e.into()),
     };
-    let signaller = child.signaller();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || forward_signals(signals, signaller))?;
+    *lock(&target) = Some(child.signaller());
 
     let mut stdin = child.stdin.take();
     // Host stdin may never end (a terminal): this thread is not joined.
@@ -139,19 +144,36 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
             }
             drop(stdin);
         })?;
-    let out = child
-        .stdout
-        .take()
-        .map(|s| copy_thread(s, std::io::stdout()));
-    let err = child
-        .stderr
-        .take()
-        .map(|s| copy_thread(s, std::io::stderr()));
-    for t in [out, err].into_iter().flatten() {
-        let _ = t.join();
-    }
+    let (done, drained) = std::sync::mpsc::channel();
+    let copies: Vec<_> = [
+        child
+            .stdout
+            .take()
+            .map(|s| copy_thread(s, std::io::stdout(), done.clone())),
+        child
+            .stderr
+            .take()
+            .map(|s| copy_thread(s, std::io::stderr(), done.clone())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    // The run ends when the command exits, as with containers: background
+    // processes still holding its output get a moment to flush, no more.
     let status = child.wait()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    for _ in 0..copies.len() {
+        if drained
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .is_err()
+        {
+            break;
+        }
+    }
     inst.close()?;
+    for copy in copies {
+        let _ = copy.join();
+    }
     Ok(match (status.code(), status.signal()) {
         (Some(code), _) => ExitCode::from(code as u8),
         (None, Some(sig)) => ExitCode::from(128u8.wrapping_add(sig as u8)),
@@ -180,6 +202,7 @@ fn parse_mount(spec: &str) -> Result<cc::Mount, String> {
 fn copy_thread(
     mut from: cc::ChildOutput,
     mut to: impl Write + Send + 'static,
+    done: std::sync::mpsc::Sender<()>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 << 10];
@@ -188,6 +211,7 @@ fn copy_thread(
                 break;
             }
         }
+        let _ = done.send(());
     })
 }
 
@@ -206,16 +230,34 @@ fn block_signals() -> libc::sigset_t {
 }
 
 /// Delivers terminal and termination signals to the guest process group,
-/// which then ends and lets `run` close the instance normally.
-fn forward_signals(set: libc::sigset_t, to: cc::Signaller) {
+/// which then ends and lets `run` close the instance normally. Before there
+/// is a process (pulling, booting) a signal ends crumble itself.
+fn forward_signals(set: libc::sigset_t, to: &Mutex<Option<cc::Signaller>>) {
     loop {
         let mut sig = 0;
         // SAFETY: set was initialised by block_signals; sig is a live local.
         if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
             return;
         }
-        if to.signal(sig).is_err() {
-            return;
+        let signaller = lock(to).clone();
+        match signaller {
+            Some(s) => {
+                if s.signal(sig).is_err() {
+                    return;
+                }
+            }
+            None => {
+                eprintln!("crumble: interrupted");
+                // The CLI is the one crate that may end the process; QEMU
+                // goes with it (PR_SET_PDEATHSIG) and the next run sweeps
+                // its run directory.
+                #[allow(clippy::exit)]
+                std::process::exit(128 + sig);
+            }
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

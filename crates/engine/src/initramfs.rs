@@ -114,7 +114,7 @@ pub fn for_agent(agent: &Path, cache: &Path) -> Result<PathBuf, Error> {
     ];
     write_newc(&mut archive, &entries).map_err(Error::io("build initramfs", &path))?;
     // Publish atomically: concurrent builders race to the same content.
-    let tmp = dir.join(format!(".{hash}.{}.tmp", std::process::id()));
+    let tmp = dir.join(crate::paths::temp_name(&hash));
     fs::write(&tmp, &archive).map_err(Error::io("write", &tmp))?;
     fs::rename(&tmp, &path).map_err(Error::io("rename", &path))?;
     Ok(path)

@@ -71,3 +71,12 @@ fn existing(path: PathBuf, missing: impl FnOnce(PathBuf) -> Error) -> Result<Pat
         Err(missing(path))
     }
 }
+
+/// A file name for an in-flight write next to its final place: unique per
+/// process and call, so concurrent builders (threads or processes) never
+/// write the same temporary file.
+pub fn temp_name(stem: &str) -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!(".{stem}.{}-{n}.tmp", std::process::id())
+}

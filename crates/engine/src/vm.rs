@@ -117,8 +117,17 @@ impl Vm {
                         return;
                     }
                 };
-                let pidfd = pidfd_open(child.id());
-                let _ = tx.send(pidfd.map(|fd| (child.id(), fd)));
+                let pidfd = match pidfd_open(child.id()) {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        // Without a pidfd nobody could end it: do it now.
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = tx.send(Ok((child.id(), pidfd)));
                 let status = child.wait();
                 let mut slot = exit2.status.lock().unwrap_or_else(|e| e.into_inner());
                 *slot = Some(status.unwrap_or_else(|_| ExitStatus::default()));
