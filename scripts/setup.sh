@@ -11,8 +11,10 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 
 packages=(qemu-system-x86 qemu-utils erofs-utils e2fsprogs busybox-static cpio
           bison flex libelf-dev libssl-dev bc build-essential xz-utils bzip2
-          # tests: a real registry, image tools, the Debian test image
-          docker-registry skopeo apache2-utils zstd debootstrap python3)
+          # tests: a real registry, image tools, the Debian test image,
+          # leak checks of the C library, the Python package's venv
+          docker-registry skopeo apache2-utils zstd debootstrap valgrind
+          python3 python3-venv)
 sudo=""
 [ "$(id -u)" = 0 ] || sudo="sudo"
 installed() { dpkg -s "$1" >/dev/null 2>&1; }

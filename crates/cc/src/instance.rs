@@ -205,12 +205,18 @@ impl Inner {
 
     /// Fails unless the instance is open and its guest alive.
     pub(crate) fn check_running(&self) -> Result<()> {
-        if self.live().is_none() {
-            return Err(Error::AlreadyClosed);
-        }
-        match self.channel.dead() {
-            Some(why) => Err(Error::NotRunning(why)),
-            None => Ok(()),
+        let exited = match self.live().as_ref() {
+            None => return Err(Error::AlreadyClosed),
+            Some(live) => live.vm.exit_status(),
+        };
+        match (self.channel.dead(), exited) {
+            (Some(why), _) => Err(Error::NotRunning(why)),
+            // QEMU's exit is known a moment before the channel's reader
+            // sees the socket close: report it as soon as either knows.
+            (None, Some(status)) => Err(Error::NotRunning(format!(
+                "the guest stopped (QEMU {status})"
+            ))),
+            (None, None) => Ok(()),
         }
     }
 }

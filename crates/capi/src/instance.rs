@@ -1,0 +1,202 @@
+//! Instances: boot, identity, lifecycle.
+
+use std::ffi::c_char;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::alloc;
+use crate::cancel::cc_cancel_token;
+use crate::error::{cc_error, cc_error_code, Failure};
+use crate::ffi::{cstr, entry, guard, opt_cstr, slice, Out};
+use crate::handles;
+use crate::objects::{Cancel, Instance};
+use crate::oci::cc_source;
+
+/// A running virtual machine with its own root filesystem. Usable from any
+/// thread, also concurrently (commands, file calls and waits in parallel).
+pub type cc_instance = u64;
+
+/// A host directory shared into the guest.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct cc_mount {
+    /// An existing host directory.
+    pub host_path: *const c_char,
+    /// Where it appears in the guest: an absolute path other than `/`.
+    pub guest_path: *const c_char,
+    /// Writable (writes land in the host directory at once); read-only
+    /// otherwise, enforced by the host.
+    pub writable: bool,
+}
+
+/// How to run an instance. A zeroed struct means every default.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct cc_instance_options {
+    /// Guest memory in MiB; 0 for the default (512).
+    pub memory_mb: u32,
+    /// Virtual CPUs; 0 for the default (1).
+    pub cpus: u32,
+    /// Ends the instance this many seconds after it was created (later
+    /// calls fail with `CC_ERR_NOT_RUNNING`); 0 for never.
+    pub timeout_seconds: f64,
+    /// Default user of commands (`name`, `uid`, `uid:gid`, `name:group`);
+    /// NULL for the image's.
+    pub user: *const c_char,
+    /// `mount_count` host directories to share; NULL when 0.
+    pub mounts: *const cc_mount,
+    pub mount_count: usize,
+}
+
+fn options(o: Option<&cc_instance_options>) -> Result<cc::Options, Failure> {
+    let mut out = cc::Options::default();
+    let Some(o) = o else { return Ok(out) };
+    if o.memory_mb != 0 {
+        out.memory_mb = o.memory_mb;
+    }
+    if o.cpus != 0 {
+        out.cpus = o.cpus;
+    }
+    if o.timeout_seconds != 0.0 {
+        out.timeout = Some(
+            Duration::try_from_secs_f64(o.timeout_seconds)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    Failure::invalid(format!(
+                        "timeout_seconds {} is not a positive number of seconds",
+                        o.timeout_seconds
+                    ))
+                })?,
+        );
+    }
+    // SAFETY: documented at cc_instance_new: `user` is NULL or a string,
+    // `mounts` NULL or `mount_count` mounts with string paths.
+    unsafe {
+        out.user = opt_cstr(o.user, "options->user")?.map(str::to_string);
+        for (i, m) in slice(o.mounts, o.mount_count, "options->mounts")?
+            .iter()
+            .enumerate()
+        {
+            let host = cstr(m.host_path, &format!("options->mounts[{i}].host_path"))?;
+            let guest = cstr(m.guest_path, &format!("options->mounts[{i}].guest_path"))?;
+            out.mounts.push(if m.writable {
+                cc::Mount::writable(host, guest)
+            } else {
+                cc::Mount::read_only(host, guest)
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Boots an instance from `source` and returns once it is ready for
+/// commands (about a second under software emulation). `options` may be
+/// NULL for the defaults.
+///
+/// # Safety
+/// `options` is NULL or a valid `cc_instance_options` (its strings NULL or
+/// NUL-terminated, `mounts` valid for `mount_count` entries); `out` is NULL
+/// or valid for writing; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_new(
+    source: cc_source,
+    options: *const cc_instance_options,
+    out: *mut cc_instance,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes NULL or valid options, and NULL or a
+        // writable slot.
+        let (opts, out) = unsafe { (options.as_ref(), Out::new(out, "out")?) };
+        let opts = self::options(opts)?;
+        let source = handles::get::<cc::Source>(source)?;
+        let inst = cc::Instance::new(&source, opts)?;
+        out.write(handles::insert(Arc::new(Instance::new(inst)))?);
+        Ok(())
+    })
+}
+
+/// The instance's unique id, a string to free with `cc_string_free`. Also
+/// works on a closed instance.
+///
+/// # Safety
+/// `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_id(
+    inst: cc_instance,
+    out: *mut *mut c_char,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes NULL or a writable pointer slot.
+        let out = unsafe { Out::new(out, "out") }?;
+        let inst = handles::get::<Instance>(inst)?;
+        out.write(alloc::string(inst.any().id())?);
+        Ok(())
+    })
+}
+
+/// Whether the instance is open and its guest alive (false once closed,
+/// timed out or crashed).
+///
+/// # Safety
+/// `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_is_running(
+    inst: cc_instance,
+    out: *mut bool,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes NULL or a writable bool.
+        let out = unsafe { Out::new(out, "out") }?;
+        let inst = handles::get::<Instance>(inst)?;
+        out.write(inst.get().is_ok_and(|i| i.is_running()));
+        Ok(())
+    })
+}
+
+/// Waits until the guest ends (powers off, crashes or times out): `CC_OK`.
+/// `cancel` (0 for none) stops the wait with `CC_ERR_CANCELLED`; closing
+/// the instance meanwhile ends it with `CC_ERR_ALREADY_CLOSED`.
+///
+/// # Safety
+/// `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_wait(
+    inst: cc_instance,
+    cancel: cc_cancel_token,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        let inst = handles::get::<Instance>(inst)?;
+        let cancel = handles::get_opt::<Cancel>(cancel)?;
+        inst.get()?.wait(cancel.as_ref().map(|c| c.token()))?;
+        Ok(())
+    })
+}
+
+/// Closes the instance: the guest syncs and powers off, nothing of it
+/// remains. Closing again is `CC_OK`; other calls on a closed instance
+/// (except `cc_instance_id`, `cc_instance_is_running` and the free) fail
+/// with `CC_ERR_ALREADY_CLOSED`, as do its files and commands.
+///
+/// # Safety
+/// `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_close(inst: cc_instance, err: *mut cc_error) -> cc_error_code {
+    entry(err, || handles::get::<Instance>(inst)?.close())
+}
+
+/// Closes the instance if needed and releases the handle (0, and handles
+/// released by `cc_shutdown`, are fine).
+#[no_mangle]
+pub extern "C" fn cc_instance_free(inst: cc_instance) -> cc_error_code {
+    guard(std::ptr::null_mut(), || {
+        match handles::remove::<Instance>(inst)? {
+            Some(i) => i.close(),
+            None => Ok(()),
+        }
+    })
+}

@@ -1,0 +1,159 @@
+//! The library as a whole: init and shutdown, versions, capabilities.
+
+use std::ffi::c_char;
+
+use crate::error::{cc_error, cc_error_code, Failure, CC_ERR_HYPERVISOR_UNAVAILABLE};
+use crate::ffi::{entry, guard, shielded, Out};
+use crate::handles::{self, Object};
+
+/// The C API's version, `MAJOR.MINOR.PATCH` (see `cc_api_version`).
+pub const CC_API_VERSION_MAJOR: u32 = 0;
+/// See `CC_API_VERSION_MAJOR`.
+pub const CC_API_VERSION_MINOR: u32 = 1;
+/// See `CC_API_VERSION_MAJOR`.
+pub const CC_API_VERSION_PATCH: u32 = 0;
+
+/// `cc_api_version()`: the three numbers above (a test keeps them equal).
+const API_VERSION: &[u8] = b"0.1.0\0";
+
+/// Initializes the library. Call it before anything else; calling it again
+/// does nothing. After `cc_shutdown`, it initializes the library anew.
+///
+/// # Safety
+/// `err` is NULL or valid for writing a `cc_error`.
+#[no_mangle]
+pub unsafe extern "C" fn cc_init(err: *mut cc_error) -> cc_error_code {
+    guard(err, || {
+        handles::initialize();
+        Ok(())
+    })
+}
+
+/// Shuts the library down: closes every instance (in parallel), client and
+/// other object still open, cancels pulls in flight, and releases every
+/// handle. Afterwards every call except `cc_init`, the version queries,
+/// `cc_supports_hypervisor` and the free functions fails with
+/// `CC_ERR_INVALID_ARGUMENT` ("library not initialized: call cc_init")
+/// until `cc_init` is called again. Calls blocked in other threads return
+/// (a wait ends with `CC_ERR_ALREADY_CLOSED`, a pull with
+/// `CC_ERR_CANCELLED`). Shutting down a library that is not initialized
+/// does nothing. Reports the first failure to close an instance, after
+/// closing all the others.
+///
+/// # Safety
+/// `err` is NULL or valid for writing a `cc_error`.
+#[no_mangle]
+pub unsafe extern "C" fn cc_shutdown(err: *mut cc_error) -> cc_error_code {
+    guard(err, || {
+        let objects = handles::shut_down();
+        let mut instances = Vec::new();
+        for object in &objects {
+            match object {
+                Object::Client(c) => c.close(),
+                Object::Instance(i) => instances.push(i.clone()),
+                Object::Snapshot(s) => s.close(),
+                _ => {}
+            }
+        }
+        // Close instances in parallel: each may take a moment to power off.
+        let results: Vec<Result<(), Failure>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = instances
+                .iter()
+                .map(|inst| {
+                    std::thread::Builder::new()
+                        .name("cc-shutdown".into())
+                        .spawn_scoped(scope, || inst.close())
+                        .map_err(|_| inst)
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| match w {
+                    Ok(thread) => thread.join().unwrap_or_else(|p| Err(Failure::panic(p))),
+                    Err(inst) => inst.close(),
+                })
+                .collect()
+        });
+        drop(objects);
+        results.into_iter().collect()
+    })
+}
+
+/// The C API version, `"MAJOR.MINOR.PATCH"`: a static string (do not free
+/// it). Works whether or not the library is initialized.
+#[no_mangle]
+pub extern "C" fn cc_api_version() -> *const c_char {
+    API_VERSION.as_ptr().cast()
+}
+
+/// Whether a program written against API version `major.minor` can use
+/// this library: `major` equals `CC_API_VERSION_MAJOR` and `minor` is at
+/// most `CC_API_VERSION_MINOR`. Minor versions only add to the API;
+/// anything incompatible changes the major version (also while it is 0).
+/// Works whether or not the library is initialized.
+#[no_mangle]
+pub extern "C" fn cc_api_version_compatible(major: u32, minor: u32) -> bool {
+    major == CC_API_VERSION_MAJOR && minor <= CC_API_VERSION_MINOR
+}
+
+/// The version of the host-guest agent protocol this library speaks.
+/// Works whether or not the library is initialized.
+#[no_mangle]
+pub extern "C" fn cc_guest_protocol_version() -> u32 {
+    cc::GUEST_PROTOCOL_VERSION
+}
+
+/// Whether hardware-accelerated virtualization (KVM) is usable, i.e.
+/// whether instances run under KVM rather than QEMU's slower software
+/// emulation (TCG); `CC_ACCEL=kvm|tcg` forces the choice. Instances run
+/// either way. Works whether or not the library is initialized.
+#[no_mangle]
+pub extern "C" fn cc_supports_hypervisor() -> bool {
+    shielded(|| cc_engine::detect_accel().is_ok_and(|a| matches!(a.accel, cc_engine::Accel::Kvm)))
+        .unwrap_or(false)
+}
+
+/// What this host offers. All strings are static (do not free them).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct cc_capabilities {
+    /// The host architecture guests run as: `"x86_64"`.
+    pub architecture: *const c_char,
+    /// Whether hardware-accelerated virtualization is usable (as
+    /// `cc_supports_hypervisor`).
+    pub hypervisor_available: bool,
+    /// The accelerator instances will use: `"kvm"` or `"tcg"`.
+    pub accelerator: *const c_char,
+}
+
+/// Fills `out` with the host's capabilities. Fails with
+/// `CC_ERR_HYPERVISOR_UNAVAILABLE` when `CC_ACCEL` asks for an accelerator
+/// the host cannot provide.
+///
+/// # Safety
+/// `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_query_capabilities(
+    out: *mut cc_capabilities,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes NULL or a writable `cc_capabilities`.
+        let out = unsafe { Out::new(out, "out") }?;
+        let choice = cc_engine::detect_accel()
+            .map_err(|e| Failure::new(CC_ERR_HYPERVISOR_UNAVAILABLE, e.to_string()))?;
+        let kvm = matches!(choice.accel, cc_engine::Accel::Kvm);
+        let static_str = |s: &'static [u8]| s.as_ptr().cast::<c_char>();
+        let arch: &'static [u8] = match std::env::consts::ARCH {
+            "x86_64" => b"x86_64\0",
+            "aarch64" => b"aarch64\0",
+            _ => b"unknown\0",
+        };
+        out.write(cc_capabilities {
+            architecture: static_str(arch),
+            hypervisor_available: kvm,
+            accelerator: static_str(if kvm { b"kvm\0" } else { b"tcg\0" }),
+        });
+        Ok(())
+    })
+}

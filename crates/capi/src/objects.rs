@@ -1,0 +1,202 @@
+//! The library's own state around core objects: closed flags and the links
+//! that let cancel tokens, client closes and `cc_shutdown` stop pulls.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::error::Failure;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
+
+/// Tokens to cancel along with something else, removable again.
+#[derive(Debug, Default)]
+struct Links {
+    /// Once set, every token linked later is cancelled at once.
+    fired: bool,
+    tokens: Vec<(u64, cc::CancelToken)>,
+}
+
+impl Links {
+    fn add(&mut self, token: &cc::CancelToken) -> u64 {
+        if self.fired {
+            token.cancel();
+        }
+        let id = NEXT_LINK.fetch_add(1, Ordering::Relaxed);
+        self.tokens.push((id, token.clone()));
+        id
+    }
+
+    fn fire(&mut self) {
+        self.fired = true;
+        for (_, t) in &self.tokens {
+            t.cancel();
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.tokens.retain(|(i, _)| *i != id);
+    }
+}
+
+/// A `cc_cancel_token`: a core token plus the per-call tokens of the pulls
+/// that wait on it.
+#[derive(Debug, Default)]
+pub(crate) struct Cancel {
+    token: cc::CancelToken,
+    links: Mutex<Links>,
+}
+
+impl Cancel {
+    pub(crate) fn cancel(&self) {
+        self.token.cancel();
+        lock(&self.links).fire();
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// The core token itself, for calls that only poll it.
+    pub(crate) fn token(&self) -> &cc::CancelToken {
+        &self.token
+    }
+
+    /// Cancels `token` when this is cancelled (now, if it already is),
+    /// until the returned guard is dropped.
+    pub(crate) fn link<'a>(&'a self, token: &cc::CancelToken) -> LinkGuard<'a> {
+        let mut links = lock(&self.links);
+        if self.token.is_cancelled() {
+            token.cancel();
+        }
+        LinkGuard {
+            links: &self.links,
+            id: links.add(token),
+        }
+    }
+}
+
+/// Unlinks a token when dropped.
+#[derive(Debug)]
+pub(crate) struct LinkGuard<'a> {
+    links: &'a Mutex<Links>,
+    id: u64,
+}
+
+impl Drop for LinkGuard<'_> {
+    fn drop(&mut self) {
+        lock(self.links).remove(self.id);
+    }
+}
+
+/// A `cc_oci_client`: the image store, closable, with its pulls in flight.
+#[derive(Debug)]
+pub(crate) struct Client {
+    client: cc::OciClient,
+    closed: AtomicBool,
+    pulls: Mutex<Links>,
+}
+
+impl Client {
+    pub(crate) fn new(client: cc::OciClient) -> Client {
+        Client {
+            client,
+            closed: AtomicBool::new(false),
+            pulls: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn get(&self) -> Result<&cc::OciClient, Failure> {
+        if self.closed.load(Ordering::SeqCst) {
+            Err(Failure::already_closed("OCI client"))
+        } else {
+            Ok(&self.client)
+        }
+    }
+
+    /// Registers a pull's token so that closing the client cancels it.
+    pub(crate) fn track_pull(&self, token: &cc::CancelToken) -> Result<LinkGuard<'_>, Failure> {
+        let mut pulls = lock(&self.pulls);
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Failure::already_closed("OCI client"));
+        }
+        Ok(LinkGuard {
+            links: &self.pulls,
+            id: pulls.add(token),
+        })
+    }
+
+    /// Closes the client and cancels its pulls in flight. Idempotent.
+    pub(crate) fn close(&self) {
+        let mut pulls = lock(&self.pulls);
+        self.closed.store(true, Ordering::SeqCst);
+        pulls.fire();
+    }
+}
+
+/// A `cc_instance`: the core instance plus whether the caller closed it.
+#[derive(Debug)]
+pub(crate) struct Instance {
+    inst: cc::Instance,
+    closed: AtomicBool,
+}
+
+impl Instance {
+    pub(crate) fn new(inst: cc::Instance) -> Instance {
+        Instance {
+            inst,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// The instance, unless closed.
+    pub(crate) fn get(&self) -> Result<&cc::Instance, Failure> {
+        if self.closed.load(Ordering::SeqCst) {
+            Err(Failure::already_closed("instance"))
+        } else {
+            Ok(&self.inst)
+        }
+    }
+
+    /// The instance, closed or not (for its id and state).
+    pub(crate) fn any(&self) -> &cc::Instance {
+        &self.inst
+    }
+
+    /// Closes the instance. Idempotent.
+    pub(crate) fn close(&self) -> Result<(), Failure> {
+        self.closed.store(true, Ordering::SeqCst);
+        self.inst.close().map_err(Failure::from)
+    }
+}
+
+/// A `cc_snapshot`: the core snapshot plus whether the caller closed it.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    snap: cc::Snapshot,
+    closed: AtomicBool,
+}
+
+impl Snapshot {
+    pub(crate) fn new(snap: cc::Snapshot) -> Snapshot {
+        Snapshot {
+            snap,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn get(&self) -> Result<&cc::Snapshot, Failure> {
+        if self.closed.load(Ordering::SeqCst) {
+            Err(Failure::already_closed("snapshot"))
+        } else {
+            Ok(&self.snap)
+        }
+    }
+
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+}

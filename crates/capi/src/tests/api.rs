@@ -1,0 +1,537 @@
+//! The library calls, errors, NULL arguments, panics and shutdown.
+
+use std::ffi::{c_char, c_void, CStr};
+use std::ptr;
+
+use super::{exclusive, shared};
+use crate::alloc::*;
+use crate::cancel::*;
+use crate::cmd::*;
+use crate::error::*;
+use crate::ffi::{entry, guard};
+use crate::fs::*;
+use crate::instance::*;
+use crate::library::*;
+use crate::oci::*;
+use crate::snapshot::*;
+
+fn zeroed_error() -> cc_error {
+    cc_error {
+        code: CC_OK,
+        message: ptr::null_mut(),
+        op: ptr::null_mut(),
+        path: ptr::null_mut(),
+    }
+}
+
+fn text(p: *const c_char) -> Option<String> {
+    // SAFETY: the library's strings are NUL-terminated.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+/// Runs `call` with an error struct; returns its code and the error's
+/// fields (freed).
+fn failing(call: impl FnOnce(*mut cc_error) -> cc_error_code) -> (cc_error_code, Error) {
+    let mut err = zeroed_error();
+    let code = call(&mut err);
+    let seen = Error {
+        code: err.code,
+        message: text(err.message).unwrap_or_default(),
+        op: text(err.op),
+        path: text(err.path),
+    };
+    // SAFETY: filled by the library (or still zeroed).
+    unsafe { cc_error_free(&mut err) };
+    assert!(err.message.is_null() && err.op.is_null() && err.path.is_null());
+    (code, seen)
+}
+
+#[derive(Debug)]
+struct Error {
+    code: cc_error_code,
+    message: String,
+    op: Option<String>,
+    path: Option<String>,
+}
+
+#[test]
+fn versions() {
+    // Version queries work without cc_init.
+    // SAFETY: a static NUL-terminated string.
+    let v = unsafe { CStr::from_ptr(cc_api_version()) }
+        .to_str()
+        .unwrap();
+    assert_eq!(
+        v,
+        format!("{CC_API_VERSION_MAJOR}.{CC_API_VERSION_MINOR}.{CC_API_VERSION_PATCH}")
+    );
+    assert!(cc_api_version_compatible(0, 0));
+    assert!(cc_api_version_compatible(0, 1));
+    assert!(!cc_api_version_compatible(0, 2));
+    assert!(!cc_api_version_compatible(1, 0));
+    assert_eq!(cc_guest_protocol_version(), cc::GUEST_PROTOCOL_VERSION);
+}
+
+#[test]
+fn error_codes_equal_the_core_numbers() {
+    use cc::ErrorCode as E;
+    for (ours, core) in [
+        (CC_OK, E::Ok),
+        (CC_ERR_INVALID_HANDLE, E::InvalidHandle),
+        (CC_ERR_INVALID_ARGUMENT, E::InvalidArgument),
+        (CC_ERR_NOT_RUNNING, E::NotRunning),
+        (CC_ERR_ALREADY_CLOSED, E::AlreadyClosed),
+        (CC_ERR_TIMEOUT, E::Timeout),
+        (CC_ERR_HYPERVISOR_UNAVAILABLE, E::HypervisorUnavailable),
+        (CC_ERR_IO, E::Io),
+        (CC_ERR_NETWORK, E::Network),
+        (CC_ERR_CANCELLED, E::Cancelled),
+        (CC_ERR_UNKNOWN, E::Unknown),
+    ] {
+        assert_eq!(ours as i32, core as i32, "{ours:?}");
+        assert_eq!(cc_error_code::from(core), ours);
+    }
+    assert_eq!(
+        [
+            CC_O_RDONLY,
+            CC_O_WRONLY,
+            CC_O_RDWR,
+            CC_O_APPEND,
+            CC_O_CREATE,
+            CC_O_TRUNC,
+            CC_O_EXCL
+        ],
+        [
+            cc::O_RDONLY,
+            cc::O_WRONLY,
+            cc::O_RDWR,
+            cc::O_APPEND,
+            cc::O_CREATE,
+            cc::O_TRUNC,
+            cc::O_EXCL
+        ]
+    );
+}
+
+#[test]
+fn core_errors_keep_code_op_and_path() {
+    let e = cc::Error::Io {
+        op: "remove".into(),
+        path: "/no/such".into(),
+        source: std::io::Error::from_raw_os_error(libc::ENOENT),
+    };
+    let f = Failure::from(e);
+    assert_eq!(f.code, CC_ERR_IO);
+    assert_eq!(
+        (f.op.as_deref(), f.path.as_deref()),
+        (Some("remove"), Some("/no/such"))
+    );
+    assert!(f.message.contains("No such file"), "{}", f.message);
+    let f = Failure::from(cc::Error::AlreadyClosed);
+    assert_eq!((f.code, f.op, f.path), (CC_ERR_ALREADY_CLOSED, None, None));
+}
+
+#[test]
+fn errors_fill_only_on_failure_and_free_cleanly() {
+    let _g = shared();
+    // A failure fills every field.
+    let (code, e) = failing(|err| {
+        guard(err, || {
+            Err(Failure {
+                code: CC_ERR_IO,
+                message: "stat /x: gone".into(),
+                op: Some("stat".into()),
+                path: Some("/x".into()),
+            })
+        })
+    });
+    assert_eq!((code, e.code), (CC_ERR_IO, CC_ERR_IO));
+    assert_eq!(e.message, "stat /x: gone");
+    assert_eq!(
+        (e.op.as_deref(), e.path.as_deref()),
+        (Some("stat"), Some("/x"))
+    );
+
+    // Success leaves the struct alone (here: a marker code).
+    let mut err = zeroed_error();
+    err.code = CC_ERR_TIMEOUT;
+    assert_eq!(guard(&mut err, || Ok(())), CC_OK);
+    assert_eq!(err.code, CC_ERR_TIMEOUT);
+    assert!(err.message.is_null());
+
+    // NULL `err` is fine, as are freeing NULL and freeing twice.
+    assert_eq!(
+        guard(ptr::null_mut(), || Err(Failure::invalid("x"))),
+        CC_ERR_INVALID_ARGUMENT
+    );
+    // SAFETY: NULL and a zeroed struct are both allowed.
+    unsafe {
+        cc_error_free(ptr::null_mut());
+        let mut err = zeroed_error();
+        cc_error_free(&mut err);
+        cc_error_free(&mut err);
+    }
+    // A NUL inside a message does not truncate it silently.
+    let (_, e) = failing(|err| guard(err, || Err(Failure::invalid("a\0b"))));
+    assert_eq!(e.message, "a\\0b");
+}
+
+#[test]
+fn panics_become_unknown_errors() {
+    let _g = shared();
+    let (code, e) = failing(|err| entry(err, || panic!("boom {}", 42)));
+    assert_eq!(code, CC_ERR_UNKNOWN);
+    assert!(e.message.contains("boom 42"), "{}", e.message);
+    let (code, e) = failing(|err| guard(err, || std::panic::panic_any(7u8)));
+    assert_eq!(code, CC_ERR_UNKNOWN);
+    assert!(e.message.contains("unknown panic payload"), "{}", e.message);
+}
+
+#[test]
+fn a_sigpipe_raised_during_a_call_is_swallowed() {
+    let _g = shared();
+    // Writing to a socket whose peer is gone raises SIGPIPE, which would
+    // end a C program; inside a call it is blocked and consumed.
+    let code = guard(ptr::null_mut(), || {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(b);
+        let r = std::io::Write::write(&mut &a, b"x");
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::BrokenPipe);
+        // SAFETY: raise() on this thread; SIGPIPE is blocked here.
+        unsafe { libc::raise(libc::SIGPIPE) };
+        Ok(())
+    });
+    assert_eq!(code, CC_OK);
+    // SAFETY: queries this thread's mask and pending set.
+    unsafe {
+        let mut pending: libc::sigset_t = std::mem::zeroed();
+        libc::sigpending(&mut pending);
+        assert_eq!(libc::sigismember(&pending, libc::SIGPIPE), 0);
+        let mut mask: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, ptr::null(), &mut mask);
+        assert_eq!(libc::sigismember(&mask, libc::SIGPIPE), 0, "mask restored");
+    }
+}
+
+#[test]
+fn null_and_bad_arguments_are_invalid_arguments() {
+    let _g = shared();
+    // SAFETY: every pointer is NULL or valid; that is the point.
+    unsafe {
+        let (code, e) = failing(|err| cc_query_capabilities(ptr::null_mut(), err));
+        assert_eq!(code, CC_ERR_INVALID_ARGUMENT);
+        assert_eq!(e.message, "`out` is NULL");
+        let (code, e) = failing(|err| cc_source_from_dir(ptr::null(), &mut 0, err));
+        assert_eq!(
+            (code, e.message.as_str()),
+            (CC_ERR_INVALID_ARGUMENT, "`path` is NULL")
+        );
+        let bad = [0xffu8, 0xfe, 0];
+        let (code, e) = failing(|err| cc_source_from_dir(bad.as_ptr().cast(), &mut 0, err));
+        assert_eq!(
+            (code, e.message.as_str()),
+            (CC_ERR_INVALID_ARGUMENT, "`path` is not valid UTF-8")
+        );
+        let (code, _) = failing(|err| cc_cancel_token_new(ptr::null_mut(), err));
+        assert_eq!(code, CC_ERR_INVALID_ARGUMENT);
+
+        // Arrays: NULL with a count, and a NULL element.
+        let args = [c"a".as_ptr(), ptr::null()];
+        let (code, e) =
+            failing(|err| cc_instance_command(1, c"echo".as_ptr(), args.as_ptr(), 2, &mut 0, err));
+        assert_eq!(
+            (code, e.message.as_str()),
+            (CC_ERR_INVALID_ARGUMENT, "`args[1]` is NULL")
+        );
+        let (code, e) =
+            failing(|err| cc_instance_command(1, c"echo".as_ptr(), ptr::null(), 3, &mut 0, err));
+        assert_eq!(
+            (code, e.message.as_str()),
+            (CC_ERR_INVALID_ARGUMENT, "`args` is NULL")
+        );
+        // Arguments are checked before handles.
+        let (code, _) = failing(|err| cc_instance_stat(0, ptr::null(), ptr::null_mut(), err));
+        assert_eq!(code, CC_ERR_INVALID_ARGUMENT);
+        let (code, _) = failing(|err| cc_instance_stat(0, c"/".as_ptr(), &mut fake_info(), err));
+        assert_eq!(code, CC_ERR_INVALID_HANDLE);
+
+        // Options: zero means default, nonsense is refused before booting.
+        let mut source = 0;
+        assert_eq!(
+            cc_source_from_dir(c"/nonexistent".as_ptr(), &mut source, ptr::null_mut()),
+            CC_OK
+        );
+        let opts = cc_instance_options {
+            memory_mb: 0,
+            cpus: 0,
+            timeout_seconds: -1.0,
+            user: ptr::null(),
+            mounts: ptr::null(),
+            mount_count: 0,
+        };
+        let (code, e) = failing(|err| cc_instance_new(source, &opts, &mut 0, err));
+        assert_eq!(code, CC_ERR_INVALID_ARGUMENT, "{}", e.message);
+        let opts = cc_instance_options {
+            timeout_seconds: 0.0,
+            mount_count: 1,
+            ..opts
+        };
+        let (code, e) = failing(|err| cc_instance_new(source, &opts, &mut 0, err));
+        assert_eq!(
+            (code, e.message.as_str()),
+            (CC_ERR_INVALID_ARGUMENT, "`options->mounts` is NULL")
+        );
+        let mount = cc_mount {
+            host_path: c"/nonexistent/host/dir".as_ptr(),
+            guest_path: c"/mnt".as_ptr(),
+            writable: false,
+        };
+        let opts = cc_instance_options {
+            mounts: &mount,
+            ..opts
+        };
+        let (code, e) = failing(|err| cc_instance_new(source, &opts, &mut 0, err));
+        assert_eq!(code, CC_ERR_IO, "a missing mount source: {e:?}");
+        assert_eq!(e.path.as_deref(), Some("/nonexistent/host/dir"));
+        let (code, _) = failing(|err| cc_source_image_config(source, &mut ptr::null_mut(), err));
+        assert_eq!(
+            code, CC_ERR_INVALID_ARGUMENT,
+            "a directory has no image config"
+        );
+        assert_eq!(cc_source_free(source), CC_OK);
+
+        // Pull options.
+        let mut client = 0;
+        let dir = std::env::temp_dir().join(format!("cc-capi-api-{}", std::process::id()));
+        let dir_c = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
+        assert_eq!(
+            cc_oci_client_new(dir_c.as_ptr(), &mut client, ptr::null_mut()),
+            CC_OK
+        );
+        let opts = cc_pull_options {
+            platform: ptr::null(),
+            username: ptr::null(),
+            password: ptr::null(),
+            policy: 7,
+        };
+        let pull = |opts: &cc_pull_options, err| {
+            cc_oci_pull(
+                client,
+                c"x".as_ptr(),
+                opts,
+                None,
+                ptr::null_mut(),
+                0,
+                &mut 0,
+                err,
+            )
+        };
+        let (code, e) = failing(|err| pull(&opts, err));
+        assert_eq!(
+            (code, e.message.as_str()),
+            (CC_ERR_INVALID_ARGUMENT, "unknown pull policy 7")
+        );
+        let opts = cc_pull_options {
+            policy: CC_PULL_NEVER,
+            username: c"u".as_ptr(),
+            ..opts
+        };
+        let (code, e) = failing(|err| pull(&opts, err));
+        assert_eq!(
+            (code, e.message.as_str()),
+            (CC_ERR_INVALID_ARGUMENT, "`options->password` is NULL")
+        );
+        let opts = cc_pull_options {
+            username: ptr::null(),
+            platform: c"not a platform".as_ptr(),
+            ..opts
+        };
+        assert_eq!(failing(|err| pull(&opts, err)).0, CC_ERR_INVALID_ARGUMENT);
+        // Policy NEVER and an empty store: not found, without the network.
+        let opts = cc_pull_options {
+            platform: ptr::null(),
+            ..opts
+        };
+        let (code, e) = failing(|err| pull(&opts, err));
+        assert_ne!(code, CC_OK, "{e:?}");
+
+        // A cancelled token stops a pull before it starts.
+        let mut token = 0;
+        assert_eq!(cc_cancel_token_new(&mut token, ptr::null_mut()), CC_OK);
+        assert_eq!(cc_cancel_token_cancel(token, ptr::null_mut()), CC_OK);
+        let (code, _) = failing(|err| {
+            cc_oci_pull(
+                client,
+                c"127.0.0.1:1/x:1".as_ptr(),
+                ptr::null(),
+                None,
+                ptr::null_mut(),
+                token,
+                &mut 0,
+                err,
+            )
+        });
+        assert_eq!(code, CC_ERR_CANCELLED);
+        assert_eq!(cc_cancel_token_free(token), CC_OK);
+
+        // A closed client.
+        assert_eq!(cc_oci_client_close(client, ptr::null_mut()), CC_OK);
+        assert_eq!(
+            cc_oci_client_close(client, ptr::null_mut()),
+            CC_OK,
+            "idempotent"
+        );
+        let (code, _) =
+            failing(|err| cc_oci_load_dir(client, c"/nonexistent".as_ptr(), &mut 0, err));
+        assert_eq!(code, CC_ERR_ALREADY_CLOSED);
+        assert_eq!(cc_oci_client_free(client), CC_OK);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+fn fake_info() -> cc_file_info {
+    cc_file_info {
+        name: ptr::null_mut(),
+        size: 0,
+        mode: 0,
+        uid: 0,
+        gid: 0,
+        mtime_unix: 0,
+        mtime_nsec: 0,
+        is_dir: false,
+        is_symlink: false,
+    }
+}
+
+#[test]
+fn loading_a_missing_layout_is_an_io_error_with_the_path() {
+    let _g = shared();
+    let dir = std::env::temp_dir().join(format!("cc-capi-load-{}", std::process::id()));
+    let dir_c = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
+    // SAFETY: valid strings and slots.
+    unsafe {
+        let mut client = 0;
+        assert_eq!(
+            cc_oci_client_new(dir_c.as_ptr(), &mut client, ptr::null_mut()),
+            CC_OK
+        );
+        let mut source = 0;
+        let (code, e) = failing(|err| {
+            cc_oci_load_dir(client, c"/nonexistent/layout".as_ptr(), &mut source, err)
+        });
+        assert_eq!(code, CC_ERR_IO, "{e:?}");
+        assert_eq!(source, 0);
+        assert!(e.message.contains("/nonexistent/layout"), "{e:?}");
+        assert_eq!(cc_oci_client_free(client), CC_OK);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn capabilities_and_hypervisor_agree() {
+    let _g = shared();
+    let mut caps = cc_capabilities {
+        architecture: ptr::null(),
+        hypervisor_available: false,
+        accelerator: ptr::null(),
+    };
+    // SAFETY: a writable struct.
+    let code = unsafe { cc_query_capabilities(&mut caps, ptr::null_mut()) };
+    if code != CC_OK {
+        // Only when CC_ACCEL asks for what the host lacks.
+        assert_eq!(code, CC_ERR_HYPERVISOR_UNAVAILABLE);
+        return;
+    }
+    assert_eq!(text(caps.architecture).unwrap(), std::env::consts::ARCH);
+    let accel = text(caps.accelerator).unwrap();
+    assert!(accel == "kvm" || accel == "tcg", "{accel}");
+    assert_eq!(caps.hypervisor_available, accel == "kvm");
+    assert_eq!(cc_supports_hypervisor(), caps.hypervisor_available);
+}
+
+extern "C" fn never_called(_: *const cc_pull_progress, _: *mut c_void) -> i32 {
+    unreachable!()
+}
+
+#[test]
+fn shutdown_releases_everything_and_blocks_calls_until_init() {
+    let _g = exclusive();
+    // SAFETY: valid slots and strings throughout.
+    unsafe {
+        assert_eq!(cc_init(ptr::null_mut()), CC_OK);
+        assert_eq!(cc_init(ptr::null_mut()), CC_OK, "init twice is fine");
+        let mut token = 0;
+        assert_eq!(cc_cancel_token_new(&mut token, ptr::null_mut()), CC_OK);
+        let mut source = 0;
+        assert_eq!(
+            cc_source_from_dir(c"/x".as_ptr(), &mut source, ptr::null_mut()),
+            CC_OK
+        );
+        let dir = std::env::temp_dir().join(format!("cc-capi-shutdown-{}", std::process::id()));
+        let dir_c = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
+        let mut client = 0;
+        assert_eq!(
+            cc_oci_client_new(dir_c.as_ptr(), &mut client, ptr::null_mut()),
+            CC_OK
+        );
+        assert!(crate::handles::len() >= 3);
+
+        assert_eq!(cc_shutdown(ptr::null_mut()), CC_OK);
+        assert_eq!(crate::handles::len(), 0, "every object released");
+        assert_eq!(
+            cc_shutdown(ptr::null_mut()),
+            CC_OK,
+            "shutting down twice is fine"
+        );
+
+        // Calls fail with a clear error...
+        let not_init = |(code, e): (cc_error_code, Error)| {
+            assert_eq!(code, CC_ERR_INVALID_ARGUMENT);
+            assert_eq!(e.message, "library not initialized: call cc_init");
+        };
+        not_init(failing(|err| cc_cancel_token_new(&mut 0, err)));
+        not_init(failing(|err| cc_cancel_token_cancel(token, err)));
+        not_init(failing(|err| {
+            cc_source_from_dir(c"/x".as_ptr(), &mut 0, err)
+        }));
+        not_init(failing(|err| {
+            cc_query_capabilities(&mut std::mem::zeroed(), err)
+        }));
+        not_init(failing(|err| {
+            cc_oci_pull(
+                client,
+                c"x".as_ptr(),
+                ptr::null(),
+                Some(never_called),
+                ptr::null_mut(),
+                0,
+                &mut 0,
+                err,
+            )
+        }));
+        not_init(failing(|err| cc_instance_close(1, err)));
+        not_init(failing(|err| cc_cmd_start(1, err)));
+        not_init(failing(|err| cc_snapshot_close(1, err)));
+        not_init(failing(|err| cc_file_sync(1, err)));
+        // ... except versions and frees.
+        assert!(cc_api_version_compatible(0, 1));
+        assert_eq!(cc_cancel_token_free(token), CC_OK);
+        assert_eq!(cc_source_free(source), CC_OK);
+        assert_eq!(cc_oci_client_free(client), CC_OK);
+        cc_string_free(ptr::null_mut());
+
+        // After init again, old handles are gone for good but freeing them
+        // stays harmless; new handles never repeat old ones.
+        assert_eq!(cc_init(ptr::null_mut()), CC_OK);
+        let mut cancelled = false;
+        let (code, _) = failing(|err| cc_cancel_token_is_cancelled(token, &mut cancelled, err));
+        assert_eq!(code, CC_ERR_INVALID_HANDLE);
+        assert_eq!(cc_cancel_token_free(token), CC_OK);
+        let mut fresh = 0;
+        assert_eq!(cc_cancel_token_new(&mut fresh, ptr::null_mut()), CC_OK);
+        assert!(fresh > client.max(source).max(token));
+        assert_eq!(cc_cancel_token_free(fresh), CC_OK);
+        assert_eq!(cc_cancel_token_free(fresh), CC_ERR_INVALID_HANDLE);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,883 @@
+/*
+ * api_test.c: walks libcc's whole C API as a C program would, under
+ * valgrind when the Rust harness (crates/capi/tests/c_api.rs) finds it.
+ *
+ *   api_test                       library, errors, handles, NULL arguments
+ *   api_test --vm REF CACHE [--mounts]
+ *                                  ... plus real VMs: pull REF (from the test
+ *                                  registry), boot, commands, pipes, files,
+ *                                  snapshots, shutdown. CACHE is the cache
+ *                                  directory (to check run dirs go away).
+ *
+ * Prints one line per failed check and exits non-zero if any failed.
+ */
+#define _GNU_SOURCE
+#include <cc.h>
+
+#include <dirent.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+static int failures = 0;
+static int checks = 0;
+
+#define CHECK(cond, ...)                                                                           \
+    do {                                                                                           \
+        checks++;                                                                                  \
+        if (!(cond)) {                                                                             \
+            failures++;                                                                            \
+            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                        \
+            fprintf(stderr, __VA_ARGS__);                                                          \
+            fprintf(stderr, "\n");                                                                 \
+        }                                                                                          \
+    } while (0)
+
+/* Checks that `call` returned `want`; on a mismatch prints the error. Frees
+ * the error either way. */
+#define EXPECT(want, call) expect_code(__LINE__, #call, (call), (want), &err)
+
+static cc_error err; /* zero-initialized; freed after every failing call */
+
+static const char *str_or(const char *s, const char *dflt) { return s ? s : dflt; }
+
+/* Frees and forgets a buffer (a failed call leaves the pointer alone). */
+static void free_bytes(uint8_t **p) {
+    cc_bytes_free(*p);
+    *p = NULL;
+}
+
+static int expect_code(int line, const char *what, cc_error_code got, cc_error_code want,
+                       cc_error *e) {
+    checks++;
+    if (got != want) {
+        failures++;
+        fprintf(stderr, "FAIL %s:%d: %s returned %d, want %d (%s; op %s, path %s)\n", __FILE__,
+                line, what, (int)got, (int)want, got ? str_or(e->message, "no message") : "ok",
+                got ? str_or(e->op, "-") : "-", got ? str_or(e->path, "-") : "-");
+    } else if (got != CC_OK && e->code != got) {
+        failures++;
+        fprintf(stderr, "FAIL %s:%d: %s: err.code %d differs from the result %d\n", __FILE__,
+                line, what, (int)e->code, (int)got);
+    }
+    if (got != CC_OK)
+        cc_error_free(e);
+    return got == want;
+}
+
+/* A failing call whose error must carry `code`, `op` and `path`. */
+static void expect_io(int line, cc_error_code got, const char *op, const char *path) {
+    checks++;
+    if (got != CC_ERR_IO || err.code != CC_ERR_IO || !err.op || !err.path ||
+        strcmp(err.op, op) != 0 || strcmp(err.path, path) != 0 || !err.message) {
+        failures++;
+        fprintf(stderr, "FAIL %s:%d: want CC_ERR_IO op %s path %s; got %d op %s path %s (%s)\n",
+                __FILE__, line, op, path, (int)got, str_or(err.op, "NULL"),
+                str_or(err.path, "NULL"), str_or(err.message, "NULL"));
+    }
+    cc_error_free(&err);
+}
+
+static void expect_message(int line, cc_error_code got, cc_error_code want, const char *text) {
+    checks++;
+    if (got != want || !err.message || !strstr(err.message, text)) {
+        failures++;
+        fprintf(stderr, "FAIL %s:%d: want %d with \"%s\", got %d: %s\n", __FILE__, line, (int)want,
+                text, (int)got, str_or(err.message, "NULL"));
+    }
+    cc_error_free(&err);
+}
+
+static char *make_temp_dir(const char *tag) {
+    char *path = NULL;
+    if (asprintf(&path, "/tmp/cc-capi-%s-%d-XXXXXX", tag, (int)getpid()) < 0)
+        abort();
+    if (!mkdtemp(path))
+        abort();
+    return path;
+}
+
+static void remove_tree(const char *path) {
+    char *cmd = NULL;
+    if (asprintf(&cmd, "rm -rf '%s'", path) < 0)
+        abort();
+    if (system(cmd) != 0)
+        fprintf(stderr, "warning: could not remove %s\n", path);
+    free(cmd);
+}
+
+static int path_exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+/* ---- without VMs ---- */
+
+static void test_before_init(void) {
+    expect_message(__LINE__, cc_cancel_token_new(&(cc_cancel_token){0}, &err),
+                   CC_ERR_INVALID_ARGUMENT, "library not initialized: call cc_init");
+    CHECK(strcmp(cc_api_version(), "0.1.0") == 0, "version %s", cc_api_version());
+    CHECK(cc_api_version_compatible(CC_API_VERSION_MAJOR, CC_API_VERSION_MINOR), "own version");
+    CHECK(cc_api_version_compatible(0, 0), "0.0");
+    CHECK(!cc_api_version_compatible(0, CC_API_VERSION_MINOR + 1), "a newer minor");
+    CHECK(!cc_api_version_compatible(CC_API_VERSION_MAJOR + 1, 0), "another major");
+    CHECK(cc_guest_protocol_version() >= 1, "protocol %u", cc_guest_protocol_version());
+}
+
+static void test_library(void) {
+    EXPECT(CC_OK, cc_init(&err));
+    EXPECT(CC_OK, cc_init(NULL)); /* idempotent */
+    cc_capabilities caps;
+    if (EXPECT(CC_OK, cc_query_capabilities(&caps, &err))) {
+        CHECK(strcmp(caps.architecture, "x86_64") == 0, "arch %s", caps.architecture);
+        CHECK(strcmp(caps.accelerator, caps.hypervisor_available ? "kvm" : "tcg") == 0, "accel %s",
+              caps.accelerator);
+        CHECK(caps.hypervisor_available == cc_supports_hypervisor(), "agree");
+    }
+}
+
+static void test_null_arguments(void) {
+    cc_source src = 0;
+    expect_message(__LINE__, cc_source_from_dir(NULL, &src, &err), CC_ERR_INVALID_ARGUMENT,
+                   "`path` is NULL");
+    expect_message(__LINE__, cc_source_from_dir("/x", NULL, &err), CC_ERR_INVALID_ARGUMENT,
+                   "`out` is NULL");
+    expect_message(__LINE__, cc_query_capabilities(NULL, &err), CC_ERR_INVALID_ARGUMENT,
+                   "`out` is NULL");
+    expect_message(__LINE__, cc_instance_command(0, NULL, NULL, 0, NULL, &err),
+                   CC_ERR_INVALID_ARGUMENT, "is NULL");
+    expect_message(__LINE__, cc_oci_pull(0, NULL, NULL, NULL, NULL, 0, &src, &err),
+                   CC_ERR_INVALID_ARGUMENT, "`reference` is NULL");
+    const char *args[] = {"ok", NULL};
+    expect_message(__LINE__, cc_instance_command(1, "echo", args, 2, &(cc_cmd){0}, &err),
+                   CC_ERR_INVALID_ARGUMENT, "`args[1]` is NULL");
+    expect_message(__LINE__, cc_source_from_dir("\xff\xfe", &src, &err), CC_ERR_INVALID_ARGUMENT,
+                   "not valid UTF-8");
+    CHECK(src == 0, "outputs untouched on failure");
+    /* NULL `err` is always fine, and every free function takes NULL. */
+    CHECK(cc_source_from_dir(NULL, &src, NULL) == CC_ERR_INVALID_ARGUMENT, "NULL err");
+    cc_error_free(NULL);
+    cc_string_free(NULL);
+    cc_bytes_free(NULL);
+    cc_strings_free(NULL, 0);
+    cc_dir_entries_free(NULL, 0);
+    cc_file_info_free(NULL);
+    cc_image_config_free(NULL);
+    cc_error zero = {0};
+    cc_error_free(&zero);
+}
+
+static void test_handles(void) {
+    /* 0, never issued, freed, wrong kind. */
+    expect_message(__LINE__, cc_instance_close(0, &err), CC_ERR_INVALID_HANDLE,
+                   "0 is never a valid handle");
+    expect_message(__LINE__, cc_instance_close(0x7fffffffffffULL, &err), CC_ERR_INVALID_HANDLE,
+                   "freed or never issued");
+    cc_cancel_token tok = 0;
+    EXPECT(CC_OK, cc_cancel_token_new(&tok, &err));
+    CHECK(tok != 0, "a handle");
+    bool b = true;
+    expect_message(__LINE__, cc_instance_is_running(tok, &b, &err), CC_ERR_INVALID_HANDLE,
+                   "it is a cc_cancel_token");
+    EXPECT(CC_ERR_INVALID_HANDLE, cc_cmd_start(tok, &err));
+    EXPECT(CC_ERR_INVALID_HANDLE, cc_file_close(tok, &err));
+    EXPECT(CC_ERR_INVALID_HANDLE, cc_conn_close(tok, &err));
+    EXPECT(CC_ERR_INVALID_HANDLE, cc_snapshot_close(tok, &err));
+    EXPECT(CC_ERR_INVALID_HANDLE, cc_oci_client_close(tok, &err));
+    CHECK(cc_instance_free(tok) == CC_ERR_INVALID_HANDLE, "wrong-kind free");
+    CHECK(cc_source_free(tok) == CC_ERR_INVALID_HANDLE, "wrong-kind free");
+    /* The token survived all that. */
+    EXPECT(CC_OK, cc_cancel_token_is_cancelled(tok, &b, &err));
+    CHECK(!b, "not cancelled");
+    EXPECT(CC_OK, cc_cancel_token_cancel(tok, &err));
+    EXPECT(CC_OK, cc_cancel_token_cancel(tok, &err));
+    EXPECT(CC_OK, cc_cancel_token_is_cancelled(tok, &b, &err));
+    CHECK(b, "cancelled");
+    CHECK(cc_cancel_token_free(tok) == CC_OK, "free");
+    CHECK(cc_cancel_token_free(tok) == CC_ERR_INVALID_HANDLE, "double free");
+    CHECK(cc_cancel_token_free(0) == CC_OK, "free 0");
+    EXPECT(CC_ERR_INVALID_HANDLE, cc_cancel_token_cancel(tok, &err));
+}
+
+static void test_sources_and_clients(void) {
+    char *store = make_temp_dir("store");
+    cc_oci_client client = 0;
+    EXPECT(CC_OK, cc_oci_client_new(store, &client, &err));
+    cc_source src = 0;
+    cc_error_code code = cc_oci_load_dir(client, "/nonexistent/layout", &src, &err);
+    CHECK(code == CC_ERR_IO && err.message && strstr(err.message, "/nonexistent/layout"),
+          "load_dir of a missing layout: %d %s", (int)code, str_or(err.message, "NULL"));
+    cc_error_free(&err);
+    code = cc_oci_load_tar(client, "/nonexistent/image.tar", &src, &err);
+    CHECK(code == CC_ERR_IO, "load_tar of a missing file: %d %s", (int)code,
+          str_or(err.message, "NULL"));
+    cc_error_free(&err);
+    /* Nothing listens on port 1: a registry failure is CC_ERR_NETWORK. */
+    EXPECT(CC_ERR_NETWORK,
+           cc_oci_pull(client, "127.0.0.1:1/nothing:1", NULL, NULL, NULL, 0, &src, &err));
+    cc_pull_options opts = {0};
+    opts.policy = 42;
+    EXPECT(CC_ERR_INVALID_ARGUMENT,
+           cc_oci_pull(client, "127.0.0.1:1/nothing:1", &opts, NULL, NULL, 0, &src, &err));
+    opts.policy = CC_PULL_NEVER;
+    opts.username = "user";
+    expect_message(__LINE__,
+                   cc_oci_pull(client, "127.0.0.1:1/x:1", &opts, NULL, NULL, 0, &src, &err),
+                   CC_ERR_INVALID_ARGUMENT, "`options->password` is NULL");
+    cc_cancel_token tok = 0;
+    EXPECT(CC_OK, cc_cancel_token_new(&tok, &err));
+    EXPECT(CC_OK, cc_cancel_token_cancel(tok, &err));
+    EXPECT(CC_ERR_CANCELLED,
+           cc_oci_pull(client, "127.0.0.1:1/nothing:1", NULL, NULL, NULL, tok, &src, &err));
+    cc_cancel_token_free(tok);
+    EXPECT(CC_OK, cc_oci_client_close(client, &err));
+    EXPECT(CC_OK, cc_oci_client_close(client, &err)); /* double close */
+    EXPECT(CC_ERR_ALREADY_CLOSED, cc_oci_load_dir(client, "/x", &src, &err));
+    CHECK(cc_oci_client_free(client) == CC_OK, "free client");
+    CHECK(cc_oci_client_free(client) == CC_ERR_INVALID_HANDLE, "double free");
+
+    /* A directory source has no image config; a missing mount source is an
+     * I/O error found before anything boots. */
+    EXPECT(CC_OK, cc_source_from_dir("/nonexistent/rootfs", &src, &err));
+    cc_image_config *config = NULL;
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_source_image_config(src, &config, &err));
+    CHECK(config == NULL, "untouched");
+    cc_mount mount = {"/nonexistent/host/dir", "/mnt", false};
+    cc_instance_options io = {0};
+    io.mounts = &mount;
+    io.mount_count = 1;
+    cc_instance inst = 0;
+    code = cc_instance_new(src, &io, &inst, &err);
+    CHECK(code == CC_ERR_IO && err.path && strcmp(err.path, "/nonexistent/host/dir") == 0,
+          "missing mount source: %d %s", (int)code, str_or(err.message, "NULL"));
+    cc_error_free(&err);
+    io.mount_count = 0;
+    io.timeout_seconds = -1;
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_new(src, &io, &inst, &err));
+    io.timeout_seconds = 0;
+    io.memory_mb = 1;
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_new(src, &io, &inst, &err));
+    CHECK(inst == 0, "no instance");
+    CHECK(cc_source_free(src) == CC_OK, "free source");
+    remove_tree(store);
+    free(store);
+}
+
+/* ---- with VMs ---- */
+
+struct progress_seen {
+    int calls;
+    uint64_t last_current;
+    uint64_t total;
+    int monotonic;
+    int blobs_ok;
+    int cancel_after; /* return non-zero on this call (0 = never) */
+};
+
+static int on_progress(const cc_pull_progress *p, void *user_data) {
+    struct progress_seen *s = user_data;
+    s->calls++;
+    if (p->current < s->last_current)
+        s->monotonic = 0;
+    if (!p->blob || strncmp(p->blob, "sha256:", 7) != 0 || p->blob_index >= p->blob_count)
+        s->blobs_ok = 0;
+    s->last_current = p->current;
+    s->total = p->total;
+    return s->cancel_after && s->calls >= s->cancel_after;
+}
+
+static int strings_contain(char **strings, size_t n, const char *want) {
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(strings[i], want) == 0)
+            return 1;
+    return 0;
+}
+
+static cc_source pull_image(const char *ref, char *store) {
+    cc_oci_client client = 0;
+    cc_source src = 0;
+    EXPECT(CC_OK, cc_oci_client_new(store, &client, &err));
+
+    /* A callback returning non-zero cancels. */
+    struct progress_seen cancel = {0, 0, 0, 1, 1, 1};
+    EXPECT(CC_ERR_CANCELLED, cc_oci_pull(client, ref, NULL, on_progress, &cancel, 0, &src, &err));
+    CHECK(cancel.calls == 1, "no calls after cancelling: %d", cancel.calls);
+
+    struct progress_seen seen = {0, 0, 0, 1, 1, 0};
+    cc_pull_options opts = {0};
+    opts.policy = CC_PULL_ALWAYS;
+    opts.platform = "linux/amd64";
+    EXPECT(CC_OK, cc_oci_pull(client, ref, &opts, on_progress, &seen, 0, &src, &err));
+    CHECK(seen.calls > 0, "progress reported");
+    CHECK(seen.monotonic, "progress is monotonic");
+    CHECK(seen.blobs_ok, "blob digests and indexes");
+    CHECK(seen.total > 0 && seen.last_current == seen.total, "ends complete: %llu/%llu",
+          (unsigned long long)seen.last_current, (unsigned long long)seen.total);
+
+    cc_image_config *c = NULL;
+    if (EXPECT(CC_OK, cc_source_image_config(src, &c, &err))) {
+        CHECK(strcmp(c->architecture, "amd64") == 0, "arch %s", c->architecture);
+        CHECK(strcmp(c->os, "linux") == 0, "os %s", c->os);
+        CHECK(strings_contain(c->env, c->env_count, "CC_IMAGE=busybox"), "image env");
+        CHECK(c->env[c->env_count] == NULL, "NULL-terminated");
+        CHECK(c->cmd_count == 1 && strcmp(c->cmd[0], "sh") == 0, "cmd");
+        CHECK(c->entrypoint_count == 0, "no entrypoint");
+        CHECK(c->label_count == 0 || c->label_keys[0] != NULL, "labels");
+        cc_image_config_free(c);
+    }
+
+    char *out = make_temp_dir("export");
+    EXPECT(CC_OK, cc_oci_export_dir(client, src, out, &err));
+    char *index = NULL;
+    if (asprintf(&index, "%s/index.json", out) < 0)
+        abort();
+    CHECK(path_exists(index), "exported %s", index);
+    free(index);
+    remove_tree(out);
+    free(out);
+
+    /* The client goes away; the source stays usable. */
+    CHECK(cc_oci_client_free(client) == CC_OK, "free client");
+    return src;
+}
+
+static void test_commands(cc_instance inst) {
+    cc_cmd cmd = 0;
+    uint8_t *data = NULL;
+    size_t len = 0;
+    int code = -100;
+
+    const char *hello[] = {"hello"};
+    EXPECT(CC_OK, cc_instance_command(inst, "echo", hello, 1, &cmd, &err));
+    EXPECT(CC_OK, cc_cmd_output(cmd, &data, &len, &code, &err));
+    CHECK(len == 6 && memcmp(data, "hello\n", 6) == 0 && code == 0, "echo: %.*s %d", (int)len,
+          (char *)data, code);
+    free_bytes(&data);
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_cmd_start(cmd, &err)); /* started already */
+    bool exited = false;
+    EXPECT(CC_OK, cc_cmd_exit_code(cmd, &code, &exited, &err));
+    CHECK(exited && code == 0, "exit code after output");
+    cc_cmd_free(cmd);
+
+    /* A non-zero status is CC_OK with the code. */
+    const char *exit3[] = {"-c", "exit 3"};
+    EXPECT(CC_OK, cc_instance_command(inst, "sh", exit3, 2, &cmd, &err));
+    EXPECT(CC_OK, cc_cmd_run(cmd, &code, &err));
+    CHECK(code == 3, "exit 3: %d", code);
+    cc_cmd_free(cmd);
+
+    const char *both[] = {"-c", "echo out; echo err >&2"};
+    EXPECT(CC_OK, cc_instance_command(inst, "sh", both, 2, &cmd, &err));
+    EXPECT(CC_OK, cc_cmd_combined_output(cmd, &data, &len, NULL, &err));
+    CHECK(len == 8 && memcmp(data, "out\nerr\n", 8) == 0, "combined: %.*s", (int)len, (char *)data);
+    free_bytes(&data);
+    cc_cmd_free(cmd);
+
+    /* Environment, directory, user. */
+    const char *show[] = {"-c", "echo $FOO $CC_IMAGE; pwd; id -u"};
+    EXPECT(CC_OK, cc_instance_command(inst, "sh", show, 2, &cmd, &err));
+    EXPECT(CC_OK, cc_cmd_set_env(cmd, "FOO", "bar", &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_cmd_set_env(cmd, "A=B", "x", &err));
+    EXPECT(CC_OK, cc_cmd_set_dir(cmd, "/tmp", &err));
+    EXPECT(CC_OK, cc_cmd_set_user(cmd, "alice", &err));
+    char *value = NULL;
+    EXPECT(CC_OK, cc_cmd_get_env(cmd, "FOO", &value, &err));
+    CHECK(value && strcmp(value, "bar") == 0, "get_env FOO");
+    cc_string_free(value);
+    EXPECT(CC_OK, cc_cmd_get_env(cmd, "NOPE", &value, &err));
+    CHECK(value == NULL, "unset is NULL");
+    char **env = NULL;
+    size_t n = 0;
+    EXPECT(CC_OK, cc_cmd_environ(cmd, &env, &n, &err));
+    CHECK(strings_contain(env, n, "FOO=bar") && strings_contain(env, n, "CC_IMAGE=busybox"),
+          "environ has the image's and ours (%zu entries)", n);
+    cc_strings_free(env, n);
+    EXPECT(CC_OK, cc_cmd_output(cmd, &data, &len, &code, &err));
+    CHECK(len == 22 && memcmp(data, "bar busybox\n/tmp\n1000\n", 22) == 0,
+          "env, dir, user: %.*s", (int)len, (char *)data);
+    free_bytes(&data);
+    cc_cmd_free(cmd);
+
+    /* A program that is not there is an I/O error. */
+    EXPECT(CC_OK, cc_instance_command(inst, "no-such-program", NULL, 0, &cmd, &err));
+    EXPECT(CC_ERR_IO, cc_cmd_run(cmd, &code, &err));
+    cc_cmd_free(cmd);
+
+    /* The image has no entrypoint: arguments replace its Cmd ["sh"]. */
+    const char *ep[] = {"sh", "-c", "echo from-entrypoint"};
+    EXPECT(CC_OK, cc_instance_entrypoint_command(inst, ep, 3, &cmd, &err));
+    EXPECT(CC_OK, cc_cmd_output(cmd, &data, &len, &code, &err));
+    CHECK(len == 16 && memcmp(data, "from-entrypoint\n", 16) == 0, "entrypoint: %.*s", (int)len,
+          (char *)data);
+    free_bytes(&data);
+    cc_cmd_free(cmd);
+    EXPECT(CC_OK, cc_instance_entrypoint_command(inst, NULL, 0, &cmd, &err)); /* sh, no input */
+    EXPECT(CC_OK, cc_cmd_run(cmd, &code, &err));
+    CHECK(code == 0, "the image's Cmd: %d", code);
+    cc_cmd_free(cmd);
+
+    /* Time limit. */
+    const char *ten[] = {"10"};
+    EXPECT(CC_OK, cc_instance_command(inst, "sleep", ten, 1, &cmd, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_cmd_set_timeout(cmd, -1, &err));
+    EXPECT(CC_OK, cc_cmd_set_timeout(cmd, 0.5, &err));
+    EXPECT(CC_ERR_TIMEOUT, cc_cmd_run(cmd, &code, &err));
+    cc_cmd_free(cmd);
+}
+
+static void test_pipes_and_kill(cc_instance inst) {
+    cc_cmd cmd = 0;
+    cc_conn in = 0, out = 0;
+    int code = -100;
+    size_t n = 0;
+
+    EXPECT(CC_OK, cc_instance_command(inst, "cat", NULL, 0, &cmd, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_cmd_wait(cmd, &code, &err)); /* not started */
+    EXPECT(CC_OK, cc_cmd_stdin_pipe(cmd, &in, &err));
+    EXPECT(CC_OK, cc_cmd_stdout_pipe(cmd, &out, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_cmd_stdout_pipe(cmd, &out, &err)); /* twice */
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_conn_write(in, (const uint8_t *)"x", 1, &err));
+    EXPECT(CC_OK, cc_cmd_start(cmd, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_conn_read(in, (uint8_t[4]){0}, 4, &n, &err));
+    EXPECT(CC_OK, cc_conn_write(in, (const uint8_t *)"ping", 4, &err));
+    EXPECT(CC_OK, cc_conn_write(in, (const uint8_t *)"-pong", 5, &err));
+    EXPECT(CC_OK, cc_conn_close(in, &err)); /* end of file for cat */
+    EXPECT(CC_OK, cc_conn_close(in, &err)); /* twice is fine */
+    EXPECT(CC_ERR_ALREADY_CLOSED, cc_conn_write(in, (const uint8_t *)"x", 1, &err));
+    char got[64];
+    size_t total = 0;
+    for (;;) {
+        if (!EXPECT(CC_OK, cc_conn_read(out, (uint8_t *)got + total, sizeof got - total, &n, &err)))
+            break;
+        if (n == 0)
+            break; /* end of stream is CC_OK with 0 bytes */
+        total += n;
+    }
+    CHECK(total == 9 && memcmp(got, "ping-pong", 9) == 0, "cat echoed %.*s", (int)total, got);
+    EXPECT(CC_OK, cc_conn_read(out, (uint8_t *)got, sizeof got, &n, &err));
+    CHECK(n == 0, "still at the end");
+    EXPECT(CC_OK, cc_conn_read(out, NULL, 0, &n, &err));
+    EXPECT(CC_OK, cc_cmd_wait(cmd, &code, &err));
+    CHECK(code == 0, "cat exit %d", code);
+    EXPECT(CC_OK, cc_cmd_wait(cmd, &code, &err)); /* again: same */
+    CHECK(code == 0, "second wait");
+    CHECK(cc_conn_free(in) == CC_OK && cc_conn_free(out) == CC_OK, "free conns");
+    CHECK(cc_conn_free(in) == CC_ERR_INVALID_HANDLE, "double free");
+    cc_cmd_free(cmd);
+
+    /* stderr alone. */
+    const char *oops[] = {"-c", "echo oops >&2"};
+    cc_conn errpipe = 0;
+    EXPECT(CC_OK, cc_instance_command(inst, "sh", oops, 2, &cmd, &err));
+    EXPECT(CC_OK, cc_cmd_stderr_pipe(cmd, &errpipe, &err));
+    EXPECT(CC_OK, cc_cmd_start(cmd, &err));
+    total = 0;
+    do {
+        n = 0;
+        if (!EXPECT(CC_OK, cc_conn_read(errpipe, (uint8_t *)got + total, sizeof got - total, &n,
+                                        &err)))
+            break;
+        total += n;
+    } while (n > 0);
+    CHECK(total == 5 && memcmp(got, "oops\n", 5) == 0, "stderr %.*s", (int)total, got);
+    EXPECT(CC_OK, cc_cmd_wait(cmd, &code, &err));
+    cc_conn_free(errpipe);
+    cc_cmd_free(cmd);
+
+    /* Kill. */
+    const char *hundred[] = {"100"};
+    bool exited = true;
+    EXPECT(CC_OK, cc_instance_command(inst, "sleep", hundred, 1, &cmd, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_cmd_kill(cmd, &err)); /* not started */
+    EXPECT(CC_OK, cc_cmd_exit_code(cmd, &code, &exited, &err));
+    CHECK(!exited, "not exited before start");
+    EXPECT(CC_OK, cc_cmd_start(cmd, &err));
+    EXPECT(CC_OK, cc_cmd_kill(cmd, &err));
+    EXPECT(CC_OK, cc_cmd_wait(cmd, &code, &err));
+    CHECK(code == -9, "killed: %d", code);
+    EXPECT(CC_OK, cc_cmd_exit_code(cmd, &code, &exited, &err));
+    CHECK(exited && code == -9, "exit code -9");
+    EXPECT(CC_OK, cc_cmd_kill(cmd, &err)); /* ended: fine */
+    cc_cmd_free(cmd);
+}
+
+static void test_files(cc_instance inst) {
+    const char *text = "hello file";
+    uint8_t *data = NULL;
+    size_t len = 0;
+    cc_file_info info;
+
+    EXPECT(CC_OK, cc_instance_write_file(inst, "/tmp/hello.txt", (const uint8_t *)text, 10, 0640,
+                                         &err));
+    EXPECT(CC_OK, cc_instance_read_file(inst, "/tmp/hello.txt", &data, &len, &err));
+    CHECK(len == 10 && memcmp(data, text, 10) == 0, "round trip");
+    free_bytes(&data);
+    EXPECT(CC_OK, cc_instance_write_file(inst, "/tmp/empty", NULL, 0, 0600, &err));
+    EXPECT(CC_OK, cc_instance_read_file(inst, "/tmp/empty", &data, &len, &err));
+    CHECK(len == 0 && data != NULL, "empty file: non-NULL buffer");
+    free_bytes(&data);
+
+    if (EXPECT(CC_OK, cc_instance_stat(inst, "/tmp/hello.txt", &info, &err))) {
+        CHECK(strcmp(info.name, "hello.txt") == 0 && info.size == 10 &&
+                  (info.mode & 0777) == 0640 && !info.is_dir && !info.is_symlink &&
+                  info.mtime_unix > 1600000000 && info.mtime_nsec < 1000000000,
+              "stat: %s %llu %o", info.name, (unsigned long long)info.size, info.mode);
+        cc_file_info_free(&info);
+        CHECK(info.name == NULL, "name freed");
+        cc_file_info_free(&info); /* twice is fine */
+    }
+
+    EXPECT(CC_OK, cc_instance_mkdir(inst, "/tmp/d", 0755, &err));
+    EXPECT(CC_ERR_IO, cc_instance_mkdir(inst, "/tmp/d", 0755, &err)); /* exists */
+    EXPECT(CC_OK, cc_instance_mkdir_all(inst, "/tmp/d/e/f", 0755, &err));
+    EXPECT(CC_OK, cc_instance_rename(inst, "/tmp/hello.txt", "/tmp/d/h.txt", &err));
+    EXPECT(CC_OK, cc_instance_symlink(inst, "h.txt", "/tmp/d/link", &err));
+    char *target = NULL;
+    EXPECT(CC_OK, cc_instance_readlink(inst, "/tmp/d/link", &target, &err));
+    CHECK(target && strcmp(target, "h.txt") == 0, "readlink %s", str_or(target, "NULL"));
+    cc_string_free(target);
+    if (EXPECT(CC_OK, cc_instance_lstat(inst, "/tmp/d/link", &info, &err))) {
+        CHECK(info.is_symlink, "lstat sees the link");
+        cc_file_info_free(&info);
+    }
+    if (EXPECT(CC_OK, cc_instance_stat(inst, "/tmp/d/link", &info, &err))) {
+        CHECK(!info.is_symlink && info.size == 10, "stat follows it");
+        cc_file_info_free(&info);
+    }
+    EXPECT(CC_OK, cc_instance_chmod(inst, "/tmp/d/h.txt", 0600, &err));
+    EXPECT(CC_OK, cc_instance_chown(inst, "/tmp/d/h.txt", 1000, -1, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_chown(inst, "/tmp/d/h.txt", -2, -1, &err));
+    EXPECT(CC_OK, cc_instance_chtimes(inst, "/tmp/d/h.txt", 1000000000, 0, 1234567890, 500, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT,
+           cc_instance_chtimes(inst, "/tmp/d/h.txt", 0, 1000000000, 0, 0, &err));
+    if (EXPECT(CC_OK, cc_instance_stat(inst, "/tmp/d/h.txt", &info, &err))) {
+        CHECK((info.mode & 0777) == 0600 && info.uid == 1000 && info.gid == 0 &&
+                  info.mtime_unix == 1234567890 && info.mtime_nsec == 500,
+              "metadata: %o %u:%u %lld.%u", info.mode, info.uid, info.gid,
+              (long long)info.mtime_unix, info.mtime_nsec);
+        cc_file_info_free(&info);
+    }
+
+    cc_dir_entry *entries = NULL;
+    size_t count = 0;
+    if (EXPECT(CC_OK, cc_instance_read_dir(inst, "/tmp/d", &entries, &count, &err))) {
+        CHECK(count == 3 && strcmp(entries[0].name, "e") == 0 && entries[0].is_dir &&
+                  strcmp(entries[1].name, "h.txt") == 0 && !entries[1].is_dir &&
+                  strcmp(entries[2].name, "link") == 0 && (entries[2].mode & 0170000) == 0120000,
+              "read_dir: %zu entries", count);
+        cc_dir_entries_free(entries, count);
+    }
+
+    /* The error path: missing files are CC_ERR_IO with op and path. */
+    expect_io(__LINE__, cc_instance_remove(inst, "/tmp/nope", &err), "remove", "/tmp/nope");
+    expect_io(__LINE__, cc_instance_stat(inst, "/tmp/nope", &info, &err), "stat", "/tmp/nope");
+    expect_io(__LINE__, cc_instance_read_file(inst, "/tmp/nope", &data, &len, &err), "read_file",
+              "/tmp/nope");
+    expect_io(__LINE__, cc_instance_read_dir(inst, "/tmp/nope", &entries, &count, &err),
+              "read_dir", "/tmp/nope");
+    EXPECT(CC_ERR_IO, cc_instance_remove(inst, "/tmp/d", &err)); /* not empty */
+    EXPECT(CC_OK, cc_instance_remove(inst, "/tmp/d/link", &err));
+    EXPECT(CC_OK, cc_instance_remove_all(inst, "/tmp/d", &err));
+    EXPECT(CC_OK, cc_instance_remove_all(inst, "/tmp/d", &err)); /* missing is fine */
+    EXPECT(CC_ERR_IO, cc_instance_stat(inst, "/tmp/d", &info, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_stat(inst, "", &info, &err));
+}
+
+static void test_file_handles(cc_instance inst) {
+    cc_file f = 0;
+    size_t n = 0;
+    uint64_t off = 99;
+    char buf[16];
+    cc_file_info info;
+
+    EXPECT(CC_OK, cc_instance_create(inst, "/tmp/f.bin", &f, &err));
+    EXPECT(CC_OK, cc_file_write(f, (const uint8_t *)"0123456789", 10, &n, &err));
+    CHECK(n == 10, "written %zu", n);
+    EXPECT(CC_OK, cc_file_seek(f, 0, CC_SEEK_SET, &off, &err));
+    CHECK(off == 0, "seek set");
+    EXPECT(CC_OK, cc_file_read(f, (uint8_t *)buf, 4, &n, &err));
+    CHECK(n == 4 && memcmp(buf, "0123", 4) == 0, "read 4");
+    EXPECT(CC_OK, cc_file_seek(f, -2, CC_SEEK_END, &off, &err));
+    CHECK(off == 8, "seek end: %llu", (unsigned long long)off);
+    EXPECT(CC_OK, cc_file_read(f, (uint8_t *)buf, sizeof buf, &n, &err));
+    CHECK(n == 2 && memcmp(buf, "89", 2) == 0, "read tail");
+    EXPECT(CC_OK, cc_file_read(f, (uint8_t *)buf, sizeof buf, &n, &err));
+    CHECK(n == 0, "EOF is CC_OK with 0 bytes");
+    EXPECT(CC_OK, cc_file_seek(f, -3, CC_SEEK_CUR, NULL, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_file_seek(f, 0, 7, NULL, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_file_seek(f, -1, CC_SEEK_SET, NULL, &err));
+    if (EXPECT(CC_OK, cc_file_stat(f, &info, &err))) {
+        CHECK(info.size == 10 && strcmp(info.name, "f.bin") == 0, "fstat");
+        cc_file_info_free(&info);
+    }
+    EXPECT(CC_OK, cc_file_truncate(f, 5, &err));
+    EXPECT(CC_OK, cc_file_sync(f, &err));
+    EXPECT(CC_OK, cc_file_close(f, &err));
+    EXPECT(CC_OK, cc_file_close(f, &err)); /* double close */
+    EXPECT(CC_ERR_ALREADY_CLOSED, cc_file_read(f, (uint8_t *)buf, sizeof buf, &n, &err));
+    CHECK(cc_file_free(f) == CC_OK, "free");
+    CHECK(cc_file_free(f) == CC_ERR_INVALID_HANDLE, "double free");
+
+    EXPECT(CC_OK, cc_instance_open_file(inst, "/tmp/f.bin", CC_O_WRONLY | CC_O_APPEND, 0, &f, &err));
+    EXPECT(CC_OK, cc_file_write(f, (const uint8_t *)"XY", 2, NULL, &err));
+    cc_file_free(f); /* closes */
+    uint8_t *data = NULL;
+    size_t len = 0;
+    EXPECT(CC_OK, cc_instance_read_file(inst, "/tmp/f.bin", &data, &len, &err));
+    CHECK(len == 7 && memcmp(data, "01234XY", 7) == 0, "append: %.*s", (int)len, (char *)data);
+    free_bytes(&data);
+
+    EXPECT(CC_OK, cc_instance_open(inst, "/tmp/f.bin", &f, &err));
+    EXPECT(CC_ERR_IO, cc_file_write(f, (const uint8_t *)"no", 2, NULL, &err)); /* read-only */
+    cc_file_free(f);
+    expect_io(__LINE__, cc_instance_open(inst, "/tmp/missing", &f, &err), "open", "/tmp/missing");
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_open_file(inst, "/tmp/x", 3, 0, &f, &err));
+    EXPECT(CC_ERR_IO, cc_instance_open_file(inst, "/tmp/f.bin", CC_O_CREATE | CC_O_EXCL | CC_O_RDWR,
+                                            0600, &f, &err));
+}
+
+struct canceller {
+    cc_cancel_token token;
+};
+
+static void *cancel_later(void *arg) {
+    struct canceller *c = arg;
+    struct timespec ts = {0, 300 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+    cc_cancel_token_cancel(c->token, NULL);
+    return NULL;
+}
+
+static cc_error_code shutdown_result = CC_ERR_UNKNOWN;
+
+static void *shutdown_later(void *arg) {
+    (void)arg;
+    struct timespec ts = {0, 300 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+    shutdown_result = cc_shutdown(NULL);
+    return NULL;
+}
+
+static void test_wait_cancel(cc_instance inst) {
+    struct canceller c = {0};
+    EXPECT(CC_OK, cc_cancel_token_new(&c.token, &err));
+    pthread_t thread;
+    pthread_create(&thread, NULL, cancel_later, &c);
+    EXPECT(CC_ERR_CANCELLED, cc_instance_wait(inst, c.token, &err));
+    pthread_join(thread, NULL);
+    cc_cancel_token_free(c.token);
+}
+
+static void test_snapshot(cc_instance inst, const char *cache) {
+    (void)cache;
+    EXPECT(CC_OK, cc_instance_write_file(inst, "/root/snap.txt", (const uint8_t *)"snap", 4, 0644,
+                                         &err));
+    EXPECT(CC_OK, cc_instance_write_file(inst, "/root/skip.log", (const uint8_t *)"x", 1, 0644,
+                                         &err));
+    const char *excludes[] = {"*.log"};
+    cc_snapshot snap = 0;
+    EXPECT(CC_OK, cc_instance_snapshot(inst, excludes, 1, &snap, &err));
+    char *name = NULL;
+    EXPECT(CC_OK, cc_snapshot_name(snap, &name, &err));
+    CHECK(name && strncmp(name, "localhost/cc-snapshots:", 23) == 0, "name %s",
+          str_or(name, "NULL"));
+    cc_string_free(name);
+    cc_source src = 0;
+    EXPECT(CC_OK, cc_snapshot_as_source(snap, &src, &err));
+    char *out = make_temp_dir("snapshot");
+    EXPECT(CC_OK, cc_snapshot_export_dir(snap, out, &err));
+    remove_tree(out);
+    free(out);
+    EXPECT(CC_OK, cc_snapshot_close(snap, &err));
+    EXPECT(CC_OK, cc_snapshot_close(snap, &err)); /* double close */
+    EXPECT(CC_ERR_ALREADY_CLOSED, cc_snapshot_as_source(snap, &src, &err));
+    CHECK(cc_snapshot_free(snap) == CC_OK, "free");
+    CHECK(cc_snapshot_free(snap) == CC_ERR_INVALID_HANDLE, "double free");
+
+    /* A new instance from the snapshot has the file (and not the excluded
+     * one); it ends when its guest powers off. */
+    cc_instance_options opts = {0};
+    opts.memory_mb = 256;
+    opts.timeout_seconds = 300;
+    cc_instance second = 0;
+    if (!EXPECT(CC_OK, cc_instance_new(src, &opts, &second, &err))) {
+        cc_source_free(src);
+        return;
+    }
+    cc_source_free(src);
+    uint8_t *data = NULL;
+    size_t len = 0;
+    EXPECT(CC_OK, cc_instance_read_file(second, "/root/snap.txt", &data, &len, &err));
+    CHECK(len == 4 && memcmp(data, "snap", 4) == 0, "the snapshot has the file");
+    free_bytes(&data);
+    EXPECT(CC_ERR_IO, cc_instance_read_file(second, "/root/skip.log", &data, &len, &err));
+
+    cc_cmd cmd = 0;
+    EXPECT(CC_OK, cc_instance_command(second, "poweroff", NULL, 0, &cmd, &err));
+    cc_cmd_start(cmd, NULL); /* the guest may go before answering */
+    cc_cmd_free(cmd);
+    EXPECT(CC_OK, cc_instance_wait(second, 0, &err));
+    /* QEMU has exited; the instance notices when its channel closes, a
+     * moment later at most. */
+    bool running = true;
+    for (int i = 0; i < 100 && running; i++) {
+        EXPECT(CC_OK, cc_instance_is_running(second, &running, &err));
+        if (running)
+            nanosleep(&(struct timespec){0, 50 * 1000 * 1000}, NULL);
+    }
+    CHECK(!running, "powered off");
+    EXPECT(CC_OK, cc_instance_command(second, "true", NULL, 0, &cmd, &err));
+    EXPECT(CC_ERR_NOT_RUNNING, cc_cmd_run(cmd, NULL, &err));
+    cc_cmd_free(cmd);
+
+    EXPECT(CC_OK, cc_instance_close(second, &err));
+    EXPECT(CC_OK, cc_instance_close(second, &err)); /* double close */
+    EXPECT(CC_ERR_ALREADY_CLOSED, cc_instance_wait(second, 0, &err));
+    EXPECT(CC_ERR_ALREADY_CLOSED, cc_instance_read_file(second, "/x", &data, &len, &err));
+    EXPECT(CC_ERR_ALREADY_CLOSED, cc_instance_command(second, "true", NULL, 0, &cmd, &err));
+    char *id = NULL;
+    EXPECT(CC_OK, cc_instance_id(second, &id, &err)); /* still has its id */
+    cc_string_free(id);
+    CHECK(cc_instance_free(second) == CC_OK, "free");
+    CHECK(cc_instance_free(second) == CC_ERR_INVALID_HANDLE, "double free");
+}
+
+static void test_mounts(cc_source src) {
+    char *host = make_temp_dir("mount");
+    char *file = NULL;
+    if (asprintf(&file, "%s/hello.txt", host) < 0)
+        abort();
+    FILE *f = fopen(file, "w");
+    fputs("from the host", f);
+    fclose(f);
+    cc_mount mount = {host, "/mnt/host", false};
+    cc_instance_options opts = {0};
+    opts.memory_mb = 256;
+    opts.mounts = &mount;
+    opts.mount_count = 1;
+    cc_instance inst = 0;
+    if (EXPECT(CC_OK, cc_instance_new(src, &opts, &inst, &err))) {
+        uint8_t *data = NULL;
+        size_t len = 0;
+        EXPECT(CC_OK, cc_instance_read_file(inst, "/mnt/host/hello.txt", &data, &len, &err));
+        CHECK(len == 13 && memcmp(data, "from the host", 13) == 0, "mounted file");
+        free_bytes(&data);
+        EXPECT(CC_ERR_IO, cc_instance_write_file(inst, "/mnt/host/new", (const uint8_t *)"x", 1,
+                                                 0644, &err)); /* read-only */
+        cc_instance_free(inst);
+    }
+    remove_tree(host);
+    free(host);
+    free(file);
+}
+
+static void test_vm_in(const char *ref, const char *cache, int mounts, char *store);
+
+static void test_vm(const char *ref, const char *cache, int mounts) {
+    /* The image store (and the snapshots in it) lives until the end. */
+    char *store = make_temp_dir("store");
+    test_vm_in(ref, cache, mounts, store);
+    remove_tree(store);
+    free(store);
+}
+
+static void test_vm_in(const char *ref, const char *cache, int mounts, char *store) {
+    cc_source src = pull_image(ref, store);
+    if (!src)
+        return;
+    cc_instance_options opts = {0};
+    opts.memory_mb = 256;
+    opts.cpus = 1;
+    cc_instance inst = 0;
+    if (!EXPECT(CC_OK, cc_instance_new(src, &opts, &inst, &err))) {
+        cc_source_free(src);
+        return;
+    }
+    char *id = NULL;
+    EXPECT(CC_OK, cc_instance_id(inst, &id, &err));
+    CHECK(id && strlen(id) > 0, "instance id");
+    bool running = false;
+    EXPECT(CC_OK, cc_instance_is_running(inst, &running, &err));
+    CHECK(running, "running");
+
+    test_commands(inst);
+    test_pipes_and_kill(inst);
+    test_files(inst);
+    test_file_handles(inst);
+    test_wait_cancel(inst);
+    test_snapshot(inst, cache);
+    if (mounts)
+        test_mounts(src);
+    else
+        printf("api_test: host mounts not tested (the guest kernel has no 9p)\n");
+
+    /* cc_shutdown from another thread closes what is still open (the
+     * instance's run dir goes) and ends calls blocked on it. */
+    char *run_dir = NULL;
+    if (asprintf(&run_dir, "%s/run/%d-%s", cache, (int)getpid(), str_or(id, "?")) < 0)
+        abort();
+    CHECK(path_exists(run_dir), "run dir %s exists while running", run_dir);
+    cc_cmd open_cmd = 0, sleeper = 0;
+    EXPECT(CC_OK, cc_instance_command(inst, "true", NULL, 0, &open_cmd, &err));
+    const char *hundred[] = {"100"};
+    EXPECT(CC_OK, cc_instance_command(inst, "sleep", hundred, 1, &sleeper, &err));
+    EXPECT(CC_OK, cc_cmd_start(sleeper, &err));
+    pthread_t thread;
+    pthread_create(&thread, NULL, shutdown_later, NULL);
+    int code = 0;
+    cc_error_code got = cc_cmd_wait(sleeper, &code, &err);
+    /* Killed as the guest shuts down, or cut off with it. */
+    CHECK((got == CC_OK && code < 0) || got == CC_ERR_NOT_RUNNING || got == CC_ERR_ALREADY_CLOSED,
+          "a wait blocked during cc_shutdown ends: %d (exit code %d) %s", (int)got, code,
+          got ? str_or(err.message, "") : "");
+    if (got != CC_OK)
+        cc_error_free(&err);
+    pthread_join(thread, NULL);
+    CHECK(shutdown_result == CC_OK, "cc_shutdown: %d", (int)shutdown_result);
+    CHECK(!path_exists(run_dir), "run dir %s removed by cc_shutdown", run_dir);
+    expect_message(__LINE__, cc_instance_is_running(inst, &running, &err), CC_ERR_INVALID_ARGUMENT,
+                   "library not initialized: call cc_init");
+    expect_message(__LINE__, cc_cmd_run(open_cmd, NULL, &err), CC_ERR_INVALID_ARGUMENT,
+                   "library not initialized");
+    CHECK(cc_instance_free(inst) == CC_OK, "freeing after shutdown is fine");
+    CHECK(cc_cmd_free(open_cmd) == CC_OK && cc_cmd_free(sleeper) == CC_OK,
+          "freeing after shutdown is fine");
+    CHECK(cc_source_free(src) == CC_OK, "freeing after shutdown is fine");
+    EXPECT(CC_OK, cc_init(&err));
+    EXPECT(CC_ERR_INVALID_HANDLE, cc_instance_close(inst, &err));
+    free(run_dir);
+    cc_string_free(id);
+}
+
+int main(int argc, char **argv) {
+    const char *ref = NULL, *cache = NULL;
+    int mounts = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--vm") == 0 && i + 2 < argc) {
+            ref = argv[++i];
+            cache = argv[++i];
+        } else if (strcmp(argv[i], "--mounts") == 0) {
+            mounts = 1;
+        } else {
+            fprintf(stderr, "usage: %s [--vm REF CACHE_DIR [--mounts]]\n", argv[0]);
+            return 2;
+        }
+    }
+    test_before_init();
+    test_library();
+    test_null_arguments();
+    test_handles();
+    test_sources_and_clients();
+    if (ref)
+        test_vm(ref, cache, mounts);
+    EXPECT(CC_OK, cc_shutdown(&err));
+    EXPECT(CC_OK, cc_shutdown(NULL)); /* twice is fine */
+    printf("api_test: %d checks, %d failed%s\n", checks, failures, ref ? " (with VMs)" : "");
+    return failures ? 1 : 0;
+}

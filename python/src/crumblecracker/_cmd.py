@@ -1,0 +1,312 @@
+"""Commands in a guest and the pipes to their standard streams."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import time
+from ctypes import byref, c_bool, c_int32, c_size_t, c_uint64, c_void_p
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from . import _lib
+from ._call import SETTLE_SECONDS, Call, Handle, Stream, cancel_then_settle, interruptible
+from ._errors import AlreadyClosedError, CCError, InvalidArgumentError
+from ._file import Data, as_bytes
+
+if TYPE_CHECKING:
+    from ._instance import Instance
+
+__all__ = ["Cmd", "Conn"]
+
+# Largest read asked of the library at once for Conn.read(-1).
+_CHUNK = 1 << 20
+
+
+class Conn(Stream):
+    """One end of a byte stream to the guest: a command's stdin (writable)
+    or its stdout/stderr (readable).
+
+    ``read`` returns what is available (up to N bytes, blocking until some
+    arrive) and ``b""`` at end of stream; ``write`` blocks while the reader
+    is behind. Closing stdin sends end of file. A context manager;
+    ``close()`` is idempotent. Use it from one thread at a time.
+    """
+
+    _kind = "connection"
+    _free_fn = "cc_conn_free"
+
+    def __init__(self, handle: int, instance: Instance, label: str) -> None:
+        super().__init__(handle)
+        self._instance = instance  # keeps the instance open while the pipe is
+        self._label = label
+
+    def read(self, n: int = 65536) -> bytes:
+        """Reads up to N bytes, blocking until some arrive; ``b""`` at end of
+        stream. A negative N reads everything until end of stream."""
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n must be an int, not {type(n).__name__}")
+        handle = self._h("read")
+        self._settle()
+        if self._leftover:
+            if n >= 0:
+                return self._take_leftover(n)
+            head = self._take_leftover(-1)
+        else:
+            head = b""
+        if n == 0:
+            return b""
+        lib = _lib.native()
+
+        def run() -> bytes:
+            cap = _CHUNK if n < 0 else n
+            buf = ctypes.create_string_buffer(cap)
+            count = c_size_t()
+            parts: list[bytes] = []
+            while True:
+                _lib.call(lib.cc_conn_read, handle, buf, cap, byref(count))
+                if count.value == 0:
+                    break
+                parts.append(buf.raw[: count.value])
+                if n >= 0:
+                    break
+            return b"".join(parts)
+
+        return head + self._blocking(run, "conn-read")
+
+    def write(self, data: Data) -> int:
+        """Writes all of DATA (bytes, or str encoded UTF-8); returns how many
+        bytes."""
+        raw = as_bytes(data)
+        handle = self._h("write")
+        lib = _lib.native()
+
+        def run() -> int:
+            _lib.call(lib.cc_conn_write, handle, raw, len(raw))
+            return len(raw)
+
+        return self._blocking(run, "conn-write")
+
+    def close(self) -> None:
+        """Closes this end: a writer sends end of file, a reader stops the
+        stream. Closing again does nothing."""
+        if self._closed:
+            return
+        lib = _lib.native()
+        handle = self._handle
+        if self._close_after_pending(lambda: _lib.call(lib.cc_conn_close, handle)):
+            return
+        self._closed = True
+        try:
+            _lib.call(lib.cc_conn_close, handle)
+        except AlreadyClosedError:
+            pass
+        finally:
+            self._release()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Conn {self._label} {state}>"
+
+
+def _check_str(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    return value
+
+
+class Cmd(Handle):
+    """A command in a guest (``Instance.command``): configured, then
+    started once.
+
+    ``run()`` returns the exit status; ``output()``/``combined_output()``
+    return the captured bytes (the status is then in ``exit_code``). A
+    non-zero status is never an exception; a process killed by signal N
+    reports ``-N``. Misuse (starting twice, a pipe after start, waiting
+    before start) raises ``InvalidArgumentError``. Ctrl-C while waiting
+    kills the process and raises ``KeyboardInterrupt``.
+
+    ``close()`` releases the handle; a process still running keeps running
+    and its pipes stay usable.
+    """
+
+    _kind = "command"
+    _free_fn = "cc_cmd_free"
+
+    def __init__(self, handle: int, instance: Instance, argv: list[str]) -> None:
+        super().__init__(handle)
+        self._instance = instance  # keeps the instance open while the command is
+        self._argv = argv
+        self._exit_code: Optional[int] = None
+
+    @property
+    def args(self) -> list[str]:
+        """The program and its arguments (for an entrypoint command, the
+        arguments given)."""
+        return list(self._argv)
+
+    # -- configuration ---------------------------------------------------------
+
+    def set_dir(self, dir: str) -> Cmd:
+        """Sets the working directory (before start). Returns the command."""
+        raw = _lib.encode_str(_check_str("dir", dir), "dir")
+        _lib.call(_lib.native().cc_cmd_set_dir, self._h("set_dir"), raw)
+        return self
+
+    def set_env(self, key: str, value: str) -> Cmd:
+        """Sets an environment variable (before start). Returns the command."""
+        k = _lib.encode_str(_check_str("key", key), "key")
+        v = _lib.encode_str(_check_str("value", value), "value")
+        _lib.call(_lib.native().cc_cmd_set_env, self._h("set_env"), k, v)
+        return self
+
+    def set_user(self, user: str) -> Cmd:
+        """Sets the user to run as (``name``, ``uid``, ``uid:gid``,
+        ``name:group``), before start. Returns the command."""
+        raw = _lib.encode_str(_check_str("user", user), "user")
+        _lib.call(_lib.native().cc_cmd_set_user, self._h("set_user"), raw)
+        return self
+
+    def set_timeout(self, seconds: float) -> Cmd:
+        """Kills the process if it runs longer than SECONDS (before start);
+        waiting then raises ``TimeoutError``. Returns the command."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise TypeError(f"seconds must be a number, not {type(seconds).__name__}")
+        if not seconds > 0 or math.isinf(seconds):
+            raise InvalidArgumentError(
+                f"timeout must be a positive number of seconds, not {seconds}", op="set_timeout"
+            )
+        _lib.call(_lib.native().cc_cmd_set_timeout, self._h("set_timeout"), float(seconds))
+        return self
+
+    def get_env(self, key: str) -> Optional[str]:
+        """The value of KEY in the command's environment (the image's or
+        set), or None when unset."""
+        raw = _lib.encode_str(_check_str("key", key), "key")
+        out = c_void_p()
+        _lib.call(_lib.native().cc_cmd_get_env, self._h("get_env"), raw, byref(out))
+        return None if not out.value else _lib.take_string(out)
+
+    def environ(self) -> list[str]:
+        """The command's environment as ``KEY=VALUE`` strings."""
+        lib = _lib.native()
+        arr = ctypes.POINTER(ctypes.c_char_p)()
+        count = c_size_t()
+        _lib.call(lib.cc_cmd_environ, self._h("environ"), byref(arr), byref(count))
+        try:
+            return [_lib.decode(arr[i]) for i in range(count.value)]
+        finally:
+            lib.cc_strings_free(arr, count.value)
+
+    # -- pipes -----------------------------------------------------------------
+
+    def _pipe(self, fn: str, op: str, label: str) -> Conn:
+        out = c_uint64()
+        _lib.call(getattr(_lib.native(), fn), self._h(op), byref(out))
+        return Conn(out.value, self._instance, f"{label} of {self._argv!r}")
+
+    def stdin_pipe(self) -> Conn:
+        """The process's stdin as a writable ``Conn`` (before start);
+        closing it sends end of file."""
+        return self._pipe("cc_cmd_stdin_pipe", "stdin_pipe", "stdin")
+
+    def stdout_pipe(self) -> Conn:
+        """The process's stdout as a readable ``Conn`` (before start)."""
+        return self._pipe("cc_cmd_stdout_pipe", "stdout_pipe", "stdout")
+
+    def stderr_pipe(self) -> Conn:
+        """The process's stderr as a readable ``Conn`` (before start)."""
+        return self._pipe("cc_cmd_stderr_pipe", "stderr_pipe", "stderr")
+
+    # -- running ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts the process; output not taken by a pipe is discarded."""
+        _lib.call(_lib.native().cc_cmd_start, self._h("start"))
+
+    def _killer(self, handle: int) -> Callable[[Call[Any]], None]:
+        lib = _lib.native()
+
+        def kill_until_done(call: Call[Any]) -> None:
+            # Until the process ends: a kill before the helper thread
+            # started it fails, so try again.
+            deadline = time.monotonic() + SETTLE_SECONDS
+            while not call.done() and time.monotonic() < deadline:
+                try:
+                    _lib.call(lib.cc_cmd_kill, handle)
+                except CCError:
+                    pass
+                call.wait(0.2)
+
+        return cancel_then_settle(kill_until_done)
+
+    def _status(self, fn: str, op: str) -> int:
+        handle = self._h(op)
+        lib = _lib.native()
+
+        def run() -> int:
+            code = c_int32()
+            _lib.call(getattr(lib, fn), handle, byref(code))
+            return int(code.value)
+
+        code: int = interruptible(run, self._killer(handle), op)
+        self._exit_code = code
+        return code
+
+    def wait(self) -> int:
+        """Waits for the started process; returns its exit status."""
+        return self._status("cc_cmd_wait", "wait")
+
+    def run(self) -> int:
+        """Starts the process and waits for it; returns its exit status."""
+        return self._status("cc_cmd_run", "run")
+
+    def _capture(self, fn: str, op: str) -> bytes:
+        handle = self._h(op)
+        lib = _lib.native()
+
+        def run() -> tuple[bytes, int]:
+            data = c_void_p()
+            length = c_size_t()
+            code = c_int32()
+            _lib.call(getattr(lib, fn), handle, byref(data), byref(length), byref(code))
+            return _lib.take_bytes(data, length.value), int(code.value)
+
+        result: tuple[bytes, int] = interruptible(run, self._killer(handle), op)
+        out, code = result
+        self._exit_code = code
+        return out
+
+    def output(self) -> bytes:
+        """Runs the process and returns its stdout (the exit status is then
+        in ``exit_code``)."""
+        return self._capture("cc_cmd_output", "output")
+
+    def combined_output(self) -> bytes:
+        """Runs the process and returns its stdout and stderr interleaved in
+        the order written."""
+        return self._capture("cc_cmd_combined_output", "combined_output")
+
+    def kill(self) -> None:
+        """Kills the started process and its process group (SIGKILL); a
+        process that has ended is fine."""
+        _lib.call(_lib.native().cc_cmd_kill, self._h("kill"))
+
+    @property
+    def exit_code(self) -> Optional[int]:
+        """The exit status once a wait returned, else None."""
+        if self._closed:
+            return self._exit_code
+        code = c_int32()
+        exited = c_bool()
+        _lib.call(_lib.native().cc_cmd_exit_code, self._handle, byref(code), byref(exited))
+        if exited.value:
+            self._exit_code = int(code.value)
+        return self._exit_code
+
+    def close(self) -> None:
+        """Releases the command handle. Closing again does nothing."""
+        self._release()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"exit_code={self._exit_code}"
+        return f"<Cmd {self._argv!r} {state}>"

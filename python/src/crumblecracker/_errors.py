@@ -1,0 +1,188 @@
+"""The exception tree: ``CCError`` and one subclass per stable error code.
+
+Every failure reported by ``libcc.so`` becomes an instance of the class for
+its code, carrying the code, the library's message, and the operation and
+path involved where they apply. ``IOError`` and ``TimeoutError`` are this
+package's own classes (named as the seed README names them); they shadow
+the builtins only inside this package's namespace and subclass ``CCError``
+alone, so ``except cc.IOError`` catches exactly what the library reports.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar, Optional
+
+__all__ = [
+    "AlreadyClosedError",
+    "CCError",
+    "CancelledError",
+    "ErrorCode",
+    "HypervisorUnavailableError",
+    "IOError",
+    "InvalidArgumentError",
+    "InvalidHandleError",
+    "NetworkError",
+    "NotRunningError",
+    "TimeoutError",
+    "error_for_code",
+]
+
+
+class ErrorCode(enum.IntEnum):
+    """The C API's stable error codes (``cc_error_code`` in ``cc.h``)."""
+
+    OK = 0
+    INVALID_HANDLE = 1
+    INVALID_ARGUMENT = 2
+    NOT_RUNNING = 3
+    ALREADY_CLOSED = 4
+    TIMEOUT = 5
+    HYPERVISOR_UNAVAILABLE = 6
+    IO = 7
+    NETWORK = 8
+    CANCELLED = 9
+    UNKNOWN = 99
+
+    def __str__(self) -> str:
+        # The number, on every Python version (3.11 changed IntEnum's str).
+        return str(self.value)
+
+
+def _as_code(code: int) -> int:
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return int(code)
+
+
+class CCError(Exception):
+    """Base class of every error crumblecracker reports.
+
+    Attributes:
+        code: the stable error code (an ``ErrorCode`` when known).
+        message: what went wrong, for people.
+        op: the operation that failed (``"stat"``, ``"remove"``, ...), or None.
+        path: the path involved, or None.
+    """
+
+    default_code: ClassVar[int] = ErrorCode.UNKNOWN
+
+    code: int
+    message: str
+    op: Optional[str]
+    path: Optional[str]
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: Optional[int] = None,
+        op: Optional[str] = None,
+        path: Optional[str] = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = _as_code(self.default_code if code is None else code)
+        self.message = message
+        self.op = op
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        parts = [repr(self.message), f"code={int(self.code)}"]
+        if self.op is not None:
+            parts.append(f"op={self.op!r}")
+        if self.path is not None:
+            parts.append(f"path={self.path!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only arguments: rebuild through a helper so pickling
+        # (multiprocessing, concurrent.futures) keeps every attribute.
+        return (_rebuild, (type(self), self.message, int(self.code), self.op, self.path))
+
+
+def _rebuild(
+    cls: type[CCError], message: str, code: int, op: Optional[str], path: Optional[str]
+) -> CCError:
+    return cls(message, code=code, op=op, path=path)
+
+
+class InvalidHandleError(CCError):
+    """A handle that is invalid or was freed (a bug in the caller or here)."""
+
+    default_code = ErrorCode.INVALID_HANDLE
+
+
+class InvalidArgumentError(CCError):
+    """A bad argument: out of range, misuse of a command, not initialized."""
+
+    default_code = ErrorCode.INVALID_ARGUMENT
+
+
+class NotRunningError(CCError):
+    """The instance's guest has ended (timed out, crashed, powered off)."""
+
+    default_code = ErrorCode.NOT_RUNNING
+
+
+class AlreadyClosedError(CCError):
+    """The object (or the instance it belongs to) was closed."""
+
+    default_code = ErrorCode.ALREADY_CLOSED
+
+
+class TimeoutError(CCError):  # the seed README's name (shadows the builtin here only)
+    """An operation took longer than allowed (a command's own timeout)."""
+
+    default_code = ErrorCode.TIMEOUT
+
+
+class HypervisorUnavailableError(CCError):
+    """QEMU is missing or the requested accelerator is unusable."""
+
+    default_code = ErrorCode.HYPERVISOR_UNAVAILABLE
+
+
+class IOError(CCError):  # the seed README's name (shadows the builtin here only)
+    """A file, directory or process failed, on the host or in the guest.
+
+    A missing guest file is an ``IOError`` whose ``path`` names it.
+    """
+
+    default_code = ErrorCode.IO
+
+
+class NetworkError(CCError):
+    """A registry could not be reached or refused the request."""
+
+    default_code = ErrorCode.NETWORK
+
+
+class CancelledError(CCError):
+    """The operation was cancelled."""
+
+    default_code = ErrorCode.CANCELLED
+
+
+_BY_CODE: dict[int, type[CCError]] = {
+    cls.default_code: cls
+    for cls in (
+        InvalidHandleError,
+        InvalidArgumentError,
+        NotRunningError,
+        AlreadyClosedError,
+        TimeoutError,
+        HypervisorUnavailableError,
+        IOError,
+        NetworkError,
+        CancelledError,
+    )
+}
+
+
+def error_for_code(code: int) -> type[CCError]:
+    """The exception class for an error code (``CCError`` for unknown codes)."""
+    return _BY_CODE.get(int(code), CCError)

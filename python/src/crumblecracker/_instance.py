@@ -1,0 +1,459 @@
+"""Instances (running VMs), their filesystem, and snapshots."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from collections.abc import Sequence
+from ctypes import byref, c_bool, c_size_t, c_uint64, c_void_p
+from typing import Optional, Union
+
+from . import _lib
+from ._call import Call, Handle, cancel_then_settle, interruptible
+from ._cmd import Cmd
+from ._errors import AlreadyClosedError, CCError, ErrorCode, InvalidArgumentError
+from ._file import Data, File, as_bytes, file_info
+from ._oci import ImageSource
+from ._types import (
+    O_CREATE,
+    O_RDONLY,
+    O_RDWR,
+    O_TRUNC,
+    DirEntry,
+    FileInfo,
+    InstanceOptions,
+)
+
+__all__ = ["Instance", "Snapshot"]
+
+GuestPath = Union[str, "os.PathLike[str]"]
+
+
+def _guest(path: GuestPath, what: str = "path") -> bytes:
+    return _lib.encode_path(path, what)
+
+
+def _mode(mode: int, what: str = "mode") -> int:
+    if isinstance(mode, bool) or not isinstance(mode, int):
+        raise TypeError(f"{what} must be an int, not {type(mode).__name__}")
+    if not 0 <= mode <= 0o7777:
+        raise InvalidArgumentError(f"{what} must be between 0 and 0o7777, not {oct(mode)}")
+    return mode
+
+
+def _split_time(t: float, what: str) -> tuple[int, int]:
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds, not {type(t).__name__}")
+    if isinstance(t, int):
+        return t, 0
+    if not math.isfinite(t):
+        raise InvalidArgumentError(f"{what} must be finite, not {t}")
+    secs = math.floor(t)
+    nsec = min(round((t - secs) * 1e9), 999_999_999)
+    return secs, nsec
+
+
+class Snapshot(Handle):
+    """A captured instance filesystem, stored in the image store
+    independently of the instance: boot new instances from it
+    (``Instance(snapshot, options)`` or ``as_source()``) or export it.
+
+    A context manager; ``close()`` is idempotent. Sources made from it and
+    the stored image outlive it.
+    """
+
+    _kind = "snapshot"
+    _free_fn = "cc_snapshot_free"
+
+    def __init__(self, handle: int, name: str) -> None:
+        super().__init__(handle)
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        """The snapshot's name in the image store
+        (``localhost/cc-snapshots:<instance>-<n>``)."""
+        return self._name
+
+    def as_source(self) -> ImageSource:
+        """A source booting from the snapshot."""
+        out = c_uint64()
+        _lib.call(_lib.native().cc_snapshot_as_source, self._h("as_source"), byref(out))
+        return ImageSource(out.value, self._name)
+
+    def export_dir(self, path: _lib.PathArg) -> None:
+        """Writes the snapshot as an OCI image layout directory (readable by
+        skopeo, docker and ``OCIClient.load_dir``)."""
+        raw = _lib.encode_path(path, "path")
+        _lib.call(_lib.native().cc_snapshot_export_dir, self._h("export_dir"), raw)
+
+    def close(self) -> None:
+        """Closes the snapshot. Closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            _lib.call(_lib.native().cc_snapshot_close, self._handle)
+        finally:
+            self._release()
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return f"<Snapshot {self._name!r}{state}>"
+
+
+class Instance(Handle):
+    """A running virtual machine booted from an image or a snapshot.
+
+    ``Instance(source, options)`` boots it and returns once it is ready for
+    commands. A context manager: leaving the block (or ``close()``) powers
+    the guest off, and nothing of it remains; ``close()`` is idempotent and
+    every other call afterwards raises ``AlreadyClosedError``. After the
+    guest ended (``timeout_seconds``, a crash), calls raise
+    ``NotRunningError``. Usable from several threads at once.
+    """
+
+    _kind = "instance"
+    _free_fn = "cc_instance_free"
+
+    def __init__(
+        self,
+        source: Union[ImageSource, Snapshot],
+        options: Optional[InstanceOptions] = None,
+    ) -> None:
+        if options is None:
+            options = InstanceOptions()
+        elif not isinstance(options, InstanceOptions):
+            raise TypeError(
+                f"options must be an InstanceOptions or None, not {type(options).__name__}"
+            )
+        c_opts, keep = options._to_c()
+        lib = _lib.native()
+        if isinstance(source, Snapshot):
+            with source.as_source() as src:
+                handle = self._boot(lib, src, c_opts, keep)
+        elif isinstance(source, ImageSource):
+            handle = self._boot(lib, source, c_opts, keep)
+        else:
+            raise TypeError(
+                f"source must be an ImageSource or a Snapshot, not {type(source).__name__}"
+            )
+        super().__init__(handle)
+        self._options = options
+        try:
+            out = c_void_p()
+            _lib.call(lib.cc_instance_id, handle, byref(out))
+            self._id = _lib.take_string(out)
+        except BaseException:
+            self._release()
+            raise
+
+    @staticmethod
+    def _boot(
+        lib: ctypes.CDLL, source: ImageSource, c_opts: _lib.CInstanceOptions, keep: object
+    ) -> int:
+        src = source._h("Instance")
+
+        def run() -> int:
+            _ = keep  # the option strings stay alive for the call
+            out = c_uint64()
+            _lib.call(lib.cc_instance_new, src, byref(c_opts), byref(out))
+            return int(out.value)
+
+        def let_boot_end(_call: Call[int]) -> None:
+            pass  # booting cannot be cancelled: wait, then close what booted
+
+        def discard(handle: int) -> None:
+            _lib.free("cc_instance_free", handle)
+
+        return interruptible(run, cancel_then_settle(let_boot_end, discard), "boot")
+
+    # -- identity and lifecycle ------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        """The instance's unique id."""
+        return self._id
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the instance is open and its guest alive (False once
+        closed, timed out or crashed)."""
+        if self._closed:
+            return False
+        out = c_bool()
+        _lib.call(_lib.native().cc_instance_is_running, self._handle, byref(out))
+        return bool(out.value)
+
+    def wait(self) -> None:
+        """Waits until the guest ends (powers off, crashes or times out).
+        Ctrl-C stops waiting (the instance keeps running) and raises
+        ``KeyboardInterrupt``; closing the instance from another thread
+        ends the wait with ``AlreadyClosedError``."""
+        handle = self._h("wait")
+        lib = _lib.native()
+        token = c_uint64()
+        _lib.call(lib.cc_cancel_token_new, byref(token))
+
+        def run() -> None:
+            _lib.call(lib.cc_instance_wait, handle, token.value)
+
+        def cancel(_call: Call[None]) -> None:
+            _lib.call(lib.cc_cancel_token_cancel, token.value)
+
+        try:
+            interruptible(run, cancel_then_settle(cancel), "wait")
+        except CCError as e:
+            if self._closed and e.code == ErrorCode.INVALID_HANDLE:
+                raise AlreadyClosedError("the instance is closed", op="wait") from None
+            raise
+        finally:
+            _lib.free("cc_cancel_token_free", token.value)
+
+    def close(self) -> None:
+        """Closes the instance: the guest syncs and powers off. Closing again
+        does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            _lib.call(_lib.native().cc_instance_close, self._handle)
+        finally:
+            self._release()
+
+    # -- filesystem ------------------------------------------------------------
+
+    def read_file(self, path: GuestPath) -> bytes:
+        """The whole contents of a guest file."""
+        data = c_void_p()
+        length = c_size_t()
+        _lib.call(
+            _lib.native().cc_instance_read_file,
+            self._h("read_file"),
+            _guest(path),
+            byref(data),
+            byref(length),
+        )
+        return _lib.take_bytes(data, length.value)
+
+    def write_file(self, path: GuestPath, data: Data, mode: int = 0o644) -> None:
+        """Creates or replaces a guest file with DATA (bytes, or str encoded
+        UTF-8) and permission bits MODE."""
+        raw = as_bytes(data)
+        _lib.call(
+            _lib.native().cc_instance_write_file,
+            self._h("write_file"),
+            _guest(path),
+            raw,
+            len(raw),
+            _mode(mode),
+        )
+
+    def _stat(self, fn: str, op: str, path: GuestPath) -> FileInfo:
+        info = _lib.CFileInfo()
+        _lib.call(getattr(_lib.native(), fn), self._h(op), _guest(path), byref(info))
+        return file_info(info)
+
+    def stat(self, path: GuestPath) -> FileInfo:
+        """Metadata of PATH, following a final symlink."""
+        return self._stat("cc_instance_stat", "stat", path)
+
+    def lstat(self, path: GuestPath) -> FileInfo:
+        """Metadata of PATH itself, not following a final symlink."""
+        return self._stat("cc_instance_lstat", "lstat", path)
+
+    def mkdir(self, path: GuestPath, mode: int = 0o755) -> None:
+        """Creates a directory; its parent must exist."""
+        _lib.call(_lib.native().cc_instance_mkdir, self._h("mkdir"), _guest(path), _mode(mode))
+
+    def mkdir_all(self, path: GuestPath, mode: int = 0o755) -> None:
+        """Creates a directory and any missing parents; an existing
+        directory is fine."""
+        _lib.call(
+            _lib.native().cc_instance_mkdir_all, self._h("mkdir_all"), _guest(path), _mode(mode)
+        )
+
+    def remove(self, path: GuestPath) -> None:
+        """Removes a file, symlink or empty directory."""
+        _lib.call(_lib.native().cc_instance_remove, self._h("remove"), _guest(path))
+
+    def remove_all(self, path: GuestPath) -> None:
+        """Removes PATH and everything under it (never following symlinks);
+        a missing path is fine."""
+        _lib.call(_lib.native().cc_instance_remove_all, self._h("remove_all"), _guest(path))
+
+    def read_dir(self, path: GuestPath) -> list[DirEntry]:
+        """The entries of a directory, sorted by name."""
+        lib = _lib.native()
+        entries = ctypes.POINTER(_lib.CDirEntry)()
+        count = c_size_t()
+        _lib.call(
+            lib.cc_instance_read_dir,
+            self._h("read_dir"),
+            _guest(path),
+            byref(entries),
+            byref(count),
+        )
+        try:
+            return [
+                DirEntry(
+                    name=_lib.decode(entries[i].name),
+                    is_dir=bool(entries[i].is_dir),
+                    mode=int(entries[i].mode),
+                )
+                for i in range(count.value)
+            ]
+        finally:
+            lib.cc_dir_entries_free(entries, count.value)
+
+    def rename(self, src: GuestPath, dst: GuestPath) -> None:
+        """Renames (moves) SRC to DST."""
+        _lib.call(
+            _lib.native().cc_instance_rename,
+            self._h("rename"),
+            _guest(src, "src"),
+            _guest(dst, "dst"),
+        )
+
+    def symlink(self, target: GuestPath, link: GuestPath) -> None:
+        """Creates LINK as a symlink to TARGET (stored as given)."""
+        _lib.call(
+            _lib.native().cc_instance_symlink,
+            self._h("symlink"),
+            _guest(target, "target"),
+            _guest(link, "link"),
+        )
+
+    def readlink(self, path: GuestPath) -> str:
+        """The target of a symlink."""
+        out = c_void_p()
+        _lib.call(_lib.native().cc_instance_readlink, self._h("readlink"), _guest(path), byref(out))
+        return _lib.take_string(out)
+
+    def chmod(self, path: GuestPath, mode: int) -> None:
+        """Sets the permission bits (``0o7777``)."""
+        _lib.call(_lib.native().cc_instance_chmod, self._h("chmod"), _guest(path), _mode(mode))
+
+    def chown(self, path: GuestPath, uid: int, gid: int) -> None:
+        """Sets the owner and group; -1 leaves one unchanged."""
+        for name, value in (("uid", uid), ("gid", gid)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+            if not -1 <= value < 2**32:
+                raise InvalidArgumentError(f"{name} out of range: {value}", op="chown")
+        _lib.call(_lib.native().cc_instance_chown, self._h("chown"), _guest(path), uid, gid)
+
+    def chtimes(self, path: GuestPath, atime: float, mtime: float) -> None:
+        """Sets the access and modification times (seconds since the epoch,
+        as ``time.time()`` gives)."""
+        a_sec, a_nsec = _split_time(atime, "atime")
+        m_sec, m_nsec = _split_time(mtime, "mtime")
+        _lib.call(
+            _lib.native().cc_instance_chtimes,
+            self._h("chtimes"),
+            _guest(path),
+            a_sec,
+            a_nsec,
+            m_sec,
+            m_nsec,
+        )
+
+    # -- file handles ----------------------------------------------------------
+
+    def open(self, path: GuestPath) -> File:
+        """Opens a guest file for reading."""
+        return self._open("cc_instance_open", "open", path, O_RDONLY)
+
+    def create(self, path: GuestPath) -> File:
+        """Creates (or truncates) a guest file for reading and writing
+        (mode 0666)."""
+        return self._open("cc_instance_create", "create", path, O_RDWR | O_CREATE | O_TRUNC)
+
+    def open_file(self, path: GuestPath, flags: int = O_RDONLY, mode: int = 0o644) -> File:
+        """Opens a guest file with ``O_*`` flags (``cc.O_RDWR | cc.O_CREATE``,
+        ...) and, when it is created, permission bits MODE."""
+        if isinstance(flags, bool) or not isinstance(flags, int):
+            raise TypeError(f"flags must be an int, not {type(flags).__name__}")
+        if not 0 <= flags < 2**32:
+            raise InvalidArgumentError(f"unknown flags {flags}", op="open_file")
+        raw = _guest(path)
+        out = c_uint64()
+        _lib.call(
+            _lib.native().cc_instance_open_file,
+            self._h("open_file"),
+            raw,
+            flags,
+            _mode(mode),
+            byref(out),
+        )
+        return File(out.value, self, _lib.decode(raw), flags)
+
+    def _open(self, fn: str, op: str, path: GuestPath, flags: int) -> File:
+        raw = _guest(path)
+        out = c_uint64()
+        _lib.call(getattr(_lib.native(), fn), self._h(op), raw, byref(out))
+        return File(out.value, self, _lib.decode(raw), flags)
+
+    # -- commands --------------------------------------------------------------
+
+    def command(self, program: str, *args: str) -> Cmd:
+        """A command running PROGRAM (looked up in the guest's ``PATH``)
+        with ARGS. The image's environment, working directory and user apply
+        unless set on the command."""
+        raw_program = _lib.encode_str(program, "program")
+        raw_args = [_lib.encode_str(a, f"argument {i + 1}") for i, a in enumerate(args)]
+        arr = _lib.string_array(raw_args)
+        out = c_uint64()
+        _lib.call(
+            _lib.native().cc_instance_command,
+            self._h("command"),
+            raw_program,
+            arr,
+            len(raw_args),
+            byref(out),
+        )
+        return Cmd(out.value, self, [program, *args])
+
+    def entrypoint_command(self, *args: str) -> Cmd:
+        """A command running the image's entrypoint: ``Entrypoint`` + ARGS,
+        or ``Entrypoint`` + ``Cmd`` without ARGS."""
+        raw_args = [_lib.encode_str(a, f"argument {i + 1}") for i, a in enumerate(args)]
+        arr = _lib.string_array(raw_args)
+        out = c_uint64()
+        _lib.call(
+            _lib.native().cc_instance_entrypoint_command,
+            self._h("entrypoint_command"),
+            arr,
+            len(raw_args),
+            byref(out),
+        )
+        return Cmd(out.value, self, ["<entrypoint>", *args])
+
+    # -- snapshots -------------------------------------------------------------
+
+    def snapshot_filesystem(self, excludes: Optional[Sequence[str]] = None) -> Snapshot:
+        """Captures the whole filesystem without stopping the instance,
+        leaving out paths matching the EXCLUDES globs (``*``, ``?``, ``**``;
+        without a leading ``/`` they match at any depth)."""
+        if isinstance(excludes, (str, bytes)):
+            raise TypeError("excludes must be a sequence of glob strings, not a single string")
+        raw = [_lib.encode_str(e, "exclude") for e in excludes or []]
+        arr = _lib.string_array(raw)
+        lib = _lib.native()
+        out = c_uint64()
+        _lib.call(
+            lib.cc_instance_snapshot, self._h("snapshot_filesystem"), arr, len(raw), byref(out)
+        )
+        handle = out.value
+        name = c_void_p()
+        try:
+            _lib.call(lib.cc_snapshot_name, handle, byref(name))
+        except BaseException:
+            _lib.free("cc_snapshot_free", handle)
+            raise
+        return Snapshot(handle, _lib.take_string(name))
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Instance {self._id!r} {state}>"

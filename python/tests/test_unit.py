@@ -1,0 +1,526 @@
+"""Tests that need no VM: loading, versions, capabilities, types, options,
+errors, and closed or bad objects."""
+
+from __future__ import annotations
+
+import builtins
+import os
+import pickle
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import crumblecracker as cc
+from crumblecracker import _lib
+
+from .conftest import PYTHON_DIR, WORKSPACE
+
+HEADER = WORKSPACE / "include" / "cc.h"
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Runs CODE in a fresh interpreter with ENV added (empty values unset)."""
+    full = dict(os.environ)
+    for k, v in env.items():
+        if v:
+            full[k] = v
+        else:
+            full.pop(k, None)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+# -- loading -------------------------------------------------------------------
+
+
+def test_import_works_without_the_library() -> None:
+    r = run_python(
+        """
+        import crumblecracker as cc
+        print(cc.__version__, cc.IOError.__name__, cc.O_CREATE)
+        try:
+            cc.api_version()
+        except cc.LibraryLoadError as e:
+            assert isinstance(e, RuntimeError)
+            print("ERROR:", e)
+        """,
+        LIBCC_PATH="/nonexistent/libcc.so",
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("0.1.0 IOError 512\n")
+    err = r.stdout.split("ERROR: ", 1)[1]
+    assert "LIBCC_PATH=/nonexistent/libcc.so" in err
+    assert "does not exist" in err
+    assert "cargo build --release -p cc-capi" in err
+    assert "pip install ./python" in err
+
+
+def test_libcc_path_not_a_library(tmp_path: Path) -> None:
+    bogus = tmp_path / "libcc.so"
+    bogus.write_text("not an ELF file\n")
+    r = run_python(
+        """
+        import crumblecracker as cc
+        try:
+            cc.init()
+        except cc.LibraryLoadError as e:
+            print("ERROR:", e)
+        """,
+        LIBCC_PATH=str(bogus),
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"LIBCC_PATH={bogus}: cannot load" in r.stdout
+    assert "LIBCC_PATH=/path/to/libcc.so" in r.stdout
+
+
+def test_libcc_path_another_library() -> None:
+    libc = "/lib/x86_64-linux-gnu/libc.so.6"
+    if not Path(libc).exists():
+        pytest.skip(f"{libc} not found")
+    r = run_python(
+        """
+        import crumblecracker as cc
+        try:
+            cc.api_version()
+        except cc.LibraryLoadError as e:
+            print("ERROR:", e)
+        """,
+        LIBCC_PATH=libc,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "is not a compatible libcc.so: it lacks cc_init" in r.stdout
+
+
+def test_libcc_path_directory() -> None:
+    path = Path(_lib.library_path())
+    r = run_python(
+        "import crumblecracker as cc; print(cc.library_path(), cc.api_version())",
+        LIBCC_PATH=str(path.parent),
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(path.parent / "libcc.so"), cc.api_version()]
+
+
+def test_development_fallback_without_libcc_path() -> None:
+    # An editable install finds the workspace's build (or a bundled copy).
+    r = run_python(
+        "import crumblecracker as cc; print(cc.library_path())",
+        LIBCC_PATH="",
+    )
+    if r.returncode != 0 and "libcc.so not found" in r.stderr:
+        pytest.skip("no bundled copy and no development build in the workspace")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("libcc.so")
+
+
+# -- versions and capabilities ---------------------------------------------------
+
+
+def header_defines() -> dict[str, int]:
+    if not HEADER.exists():
+        pytest.skip(f"{HEADER} not found")
+    text = HEADER.read_text()
+    defines = {m[0]: int(m[1], 0) for m in re.findall(r"#define (CC_\w+) (\d+)", text)}
+    enum = {m[0]: int(m[1]) for m in re.findall(r"\b(CC_(?:OK|ERR_\w+)) = (\d+)", text)}
+    return {**defines, **enum}
+
+
+def test_api_version() -> None:
+    d = header_defines()
+    want = f"{d['CC_API_VERSION_MAJOR']}.{d['CC_API_VERSION_MINOR']}.{d['CC_API_VERSION_PATCH']}"
+    assert cc.api_version() == want
+    major, minor = d["CC_API_VERSION_MAJOR"], d["CC_API_VERSION_MINOR"]
+    assert cc.api_version_compatible(major, minor)
+    assert cc.api_version_compatible(major, 0)
+    assert not cc.api_version_compatible(major, minor + 1)
+    assert not cc.api_version_compatible(major + 1, 0)
+    assert not cc.api_version_compatible(-1, 0)
+    with pytest.raises(TypeError):
+        cc.api_version_compatible("0", 1)  # type: ignore[arg-type]
+
+
+def test_guest_protocol_version() -> None:
+    v = cc.guest_protocol_version()
+    assert isinstance(v, int) and v >= 1
+
+
+def test_supports_hypervisor_and_capabilities(lib: None) -> None:
+    caps = cc.query_capabilities()
+    assert isinstance(caps, cc.Capabilities)
+    assert caps.architecture == "x86_64"
+    assert caps.accelerator in ("kvm", "tcg")
+    assert caps.hypervisor_available is cc.supports_hypervisor()
+    assert (caps.accelerator == "kvm") == caps.hypervisor_available
+    assert repr(caps).startswith("Capabilities(architecture='x86_64'")
+
+
+def test_capabilities_with_an_unusable_accelerator() -> None:
+    if cc.supports_hypervisor():
+        pytest.skip("this host has KVM")
+    r = run_python(
+        """
+        import crumblecracker as cc
+        cc.init()
+        try:
+            cc.query_capabilities()
+        except cc.HypervisorUnavailableError as e:
+            print("ERROR", e.code)
+        """,
+        CC_ACCEL="kvm",
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ERROR 6"
+
+
+def test_not_initialized() -> None:
+    r = run_python(
+        """
+        import crumblecracker as cc
+        print(cc.api_version())  # works without init
+        try:
+            cc.OCIClient()
+        except cc.InvalidArgumentError as e:
+            print("ERROR", e)
+        cc.init()
+        cc.init()  # again: fine
+        cc.OCIClient().close()
+        cc.shutdown()
+        cc.shutdown()  # again: fine
+        try:
+            cc.OCIClient()
+        except cc.InvalidArgumentError as e:
+            print("ERROR", e)
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[1:] == ["ERROR library not initialized: call crumblecracker.init() first"] * 2
+
+
+# -- the C API as declared here ------------------------------------------------
+
+
+def test_prototypes_cover_the_header() -> None:
+    if not HEADER.exists():
+        pytest.skip(f"{HEADER} not found")
+    text = re.sub(r"/\*.*?\*/", "", HEADER.read_text(), flags=re.S)
+    declared = set(re.findall(r"\b(cc_\w+)\(", text))
+    assert declared == set(_lib.PROTOTYPES), (
+        f"missing here: {sorted(declared - set(_lib.PROTOTYPES))}; "
+        f"not in the header: {sorted(set(_lib.PROTOTYPES) - declared)}"
+    )
+
+
+def test_argument_counts_match_the_header() -> None:
+    if not HEADER.exists():
+        pytest.skip(f"{HEADER} not found")
+    text = re.sub(r"/\*.*?\*/", "", HEADER.read_text(), flags=re.S)
+    for name, params in re.findall(r"\b(cc_\w+)\(([^)]*)\);", text):
+        params = params.strip()
+        count = 0 if params in ("", "void") else params.count(",") + 1
+        assert len(_lib.PROTOTYPES[name][1]) == count, name
+
+
+def test_constants_match_the_header() -> None:
+    d = header_defines()
+    for name in ("O_RDONLY", "O_WRONLY", "O_RDWR", "O_APPEND", "O_CREATE", "O_TRUNC", "O_EXCL"):
+        assert getattr(cc, name) == d[f"CC_{name}"], name
+    for p in cc.PullPolicy:
+        assert p.value == d[f"CC_PULL_{p.name}"]
+    for w in cc.SeekWhence:
+        assert w.value == d[f"CC_SEEK_{w.name}"]
+    for code in cc.ErrorCode:
+        key = "CC_OK" if code.name == "OK" else f"CC_ERR_{code.name}"
+        assert code.value == d[key], code
+
+
+def test_loaded_library_declares_everything() -> None:
+    lib = _lib.native()
+    for name, (restype, argtypes) in _lib.PROTOTYPES.items():
+        fn = getattr(lib, name)
+        assert fn.restype is restype and fn.argtypes == argtypes, name
+
+
+# -- exceptions ----------------------------------------------------------------
+
+ERRORS = [
+    (cc.InvalidHandleError, 1),
+    (cc.InvalidArgumentError, 2),
+    (cc.NotRunningError, 3),
+    (cc.AlreadyClosedError, 4),
+    (cc.TimeoutError, 5),
+    (cc.HypervisorUnavailableError, 6),
+    (cc.IOError, 7),
+    (cc.NetworkError, 8),
+    (cc.CancelledError, 9),
+]
+
+
+@pytest.mark.parametrize(("cls", "code"), ERRORS)
+def test_exception_tree(cls: type[cc.CCError], code: int) -> None:
+    assert issubclass(cls, cc.CCError) and issubclass(cc.CCError, Exception)
+    e = cls("it failed", op="stat", path="/x")
+    assert (e.code, e.message, e.op, e.path, str(e)) == (
+        code,
+        "it failed",
+        "stat",
+        "/x",
+        "it failed",
+    )
+    assert e.code == cc.ErrorCode(code)
+    assert repr(e) == f"{cls.__name__}('it failed', code={code}, op='stat', path='/x')"
+    back = pickle.loads(pickle.dumps(e))
+    assert (type(back), back.code, back.op, back.path) == (cls, code, "stat", "/x")
+    assert cc._errors.error_for_code(code) is cls
+
+
+def test_exception_defaults() -> None:
+    e = cc.CCError("boom")
+    assert (e.code, e.op, e.path) == (cc.ErrorCode.UNKNOWN, None, None)
+    assert repr(e) == "CCError('boom', code=99)"
+    assert cc._errors.error_for_code(12345) is cc.CCError
+    # The package's IOError and TimeoutError are its own.
+    assert not issubclass(cc.IOError, OSError)
+    assert not issubclass(cc.TimeoutError, builtins.TimeoutError)
+
+
+def test_invalid_handle_maps_to_invalid_handle_error(lib: None) -> None:
+    bogus = cc.ImageSource(0xDEAD_BEEF, "bogus")
+    with pytest.raises(cc.InvalidHandleError) as info:
+        bogus.get_config()
+    assert info.value.code == 1
+    bogus.close()
+    bogus.close()
+
+
+def test_errors_carry_the_library_message(lib: None, tmp_path: Path) -> None:
+    with cc.OCIClient(tmp_path / "store") as client:
+        with pytest.raises(cc.IOError) as info:
+            client.load_tar(tmp_path / "missing.tar")
+        assert "missing.tar" in str(info.value)
+        with pytest.raises(cc.NetworkError):
+            client.pull("127.0.0.1:1/nothing:latest")
+
+
+# -- closed objects ------------------------------------------------------------
+
+
+def test_closed_client(lib: None, tmp_path: Path) -> None:
+    client = cc.OCIClient(tmp_path)
+    assert repr(client) == f"<OCIClient {str(tmp_path)!r}>"
+    with client as c:
+        assert c is client and not c.closed
+    assert client.closed
+    client.close()  # idempotent
+    assert repr(client).endswith(" closed>")
+    calls: list[Callable[[], object]] = [
+        lambda: client.pull("x"),
+        lambda: client.load_dir("/x"),
+        lambda: client.load_tar("/x"),
+    ]
+    for call in calls:
+        with pytest.raises(cc.AlreadyClosedError) as info:
+            call()
+        assert info.value.code == 4
+    assert info.value.op == "load_tar"
+
+
+def test_default_client_repr(lib: None) -> None:
+    with cc.OCIClient() as c:
+        assert repr(c) == "<OCIClient 'default store'>"
+
+
+def test_strings_with_nul_are_refused(lib: None, tmp_path: Path) -> None:
+    with cc.OCIClient(tmp_path) as client:
+        with pytest.raises(cc.InvalidArgumentError, match="NUL"):
+            client.pull("alpine\0:latest")
+        with pytest.raises(TypeError):
+            client.pull(42)  # type: ignore[arg-type]
+
+
+# -- options and value types -----------------------------------------------------
+
+
+def test_instance_options_defaults() -> None:
+    o = cc.InstanceOptions()
+    assert (o.memory_mb, o.cpus, o.timeout_seconds, o.user, o.mounts) == (512, 1, None, None, None)
+    assert repr(o) == (
+        "InstanceOptions(memory_mb=512, cpus=1, timeout_seconds=None, user=None, mounts=None)"
+    )
+    c, _ = o._to_c()
+    assert (c.memory_mb, c.cpus, c.timeout_seconds, c.user, c.mount_count) == (512, 1, 0.0, None, 0)
+
+
+def test_instance_options_mounts() -> None:
+    o = cc.InstanceOptions(
+        memory_mb=256,
+        cpus=2,
+        timeout_seconds=1.5,
+        user="nobody",
+        mounts=[cc.Mount("/a", "/mnt/a"), ("/b", "/mnt/b"), (Path("/c"), "/mnt/c", True)],  # type: ignore[list-item]
+    )
+    assert o.mounts == [
+        cc.Mount("/a", "/mnt/a", False),
+        cc.Mount("/b", "/mnt/b", False),
+        cc.Mount("/c", "/mnt/c", True),
+    ]
+    c, keep = o._to_c()
+    assert (c.memory_mb, c.cpus, c.timeout_seconds, c.user, c.mount_count) == (
+        256,
+        2,
+        1.5,
+        b"nobody",
+        3,
+    )
+    assert [
+        (c.mounts[i].host_path, c.mounts[i].guest_path, c.mounts[i].writable) for i in range(3)
+    ] == [
+        (b"/a", b"/mnt/a", False),
+        (b"/b", b"/mnt/b", False),
+        (b"/c", b"/mnt/c", True),
+    ]
+    assert keep
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"memory_mb": 0}, cc.InvalidArgumentError),
+        ({"memory_mb": -1}, cc.InvalidArgumentError),
+        ({"memory_mb": 2**32}, cc.InvalidArgumentError),
+        ({"memory_mb": "512"}, TypeError),
+        ({"memory_mb": True}, TypeError),
+        ({"cpus": 0}, cc.InvalidArgumentError),
+        ({"cpus": 1.5}, TypeError),
+        ({"timeout_seconds": 0}, cc.InvalidArgumentError),
+        ({"timeout_seconds": -3.0}, cc.InvalidArgumentError),
+        ({"timeout_seconds": float("nan")}, cc.InvalidArgumentError),
+        ({"timeout_seconds": "5"}, TypeError),
+        ({"user": 0}, TypeError),
+        ({"mounts": "/a:/b"}, TypeError),
+        ({"mounts": [("/a",)]}, TypeError),
+        ({"mounts": [("/a", "relative")]}, cc.InvalidArgumentError),
+        ({"mounts": [("/a", "/")]}, cc.InvalidArgumentError),
+        ({"mounts": [("", "/mnt")]}, cc.InvalidArgumentError),
+    ],
+)
+def test_instance_options_validation(kwargs: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        cc.InstanceOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def test_options_are_checked_again_when_used() -> None:
+    o = cc.InstanceOptions()
+    o.memory_mb = 0
+    with pytest.raises(cc.InvalidArgumentError):
+        o._to_c()
+
+
+def test_pull_options() -> None:
+    o = cc.PullOptions()
+    assert (o.platform, o.auth, o.policy) == (None, None, cc.PullPolicy.IF_NOT_PRESENT)
+    o = cc.PullOptions(platform="linux/amd64", auth=("user", "s3cret"), policy=1)  # type: ignore[arg-type]
+    assert o.auth == cc.Auth("user", "s3cret")
+    assert o.policy is cc.PullPolicy.ALWAYS
+    assert "s3cret" not in repr(o) and "s3cret" not in repr(o.auth)
+    c, _ = o._to_c()
+    assert (c.platform, c.username, c.password, c.policy) == (b"linux/amd64", b"user", b"s3cret", 1)
+    o = cc.PullOptions(auth=cc.Auth("u", "p"), policy=cc.PullPolicy.NEVER)
+    assert o._to_c()[0].policy == 2
+    with pytest.raises(cc.InvalidArgumentError):
+        cc.PullOptions(policy=7)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        cc.PullOptions(auth=("only-user",))  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        cc.PullOptions(auth="user:pass")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        cc.PullOptions(platform=3)  # type: ignore[arg-type]
+
+
+def test_enums_and_flags() -> None:
+    assert [p.name for p in cc.PullPolicy] == ["IF_NOT_PRESENT", "ALWAYS", "NEVER"]
+    assert [w.name for w in cc.SeekWhence] == ["SET", "CUR", "END"]
+    assert int(cc.SeekWhence.SET) == 0 and int(cc.SeekWhence.END) == 2
+    assert cc.O_RDONLY == 0 and cc.O_RDWR | cc.O_CREATE | cc.O_TRUNC == 2 | 512 | 1024
+
+
+def test_value_type_reprs() -> None:
+    info = cc.FileInfo("a.txt", 3, 0o100644, 1.5, False, False, 1000, 1000)
+    assert info.permissions == 0o644
+    assert repr(info) == (
+        "FileInfo(name='a.txt', size=3, mode=33188, mtime=1.5, is_dir=False, "
+        "is_symlink=False, uid=1000, gid=1000)"
+    )
+    assert (
+        repr(cc.DirEntry("bin", True, 0o40755)) == "DirEntry(name='bin', is_dir=True, mode=16877)"
+    )
+    cfg = cc.ImageConfig("amd64", "linux", ["A=b"], None, [], ["sh"], None, {"k": "v"})
+    assert repr(cfg).startswith("ImageConfig(architecture='amd64', os='linux', env=['A=b']")
+    p = cc.PullProgress(1, 2, "sha256:x", 0, 1, 10.0, None)
+    assert "current=1, total=2" in repr(p)
+    assert repr(cc.Mount("/h", "/g")) == "Mount(host_path='/h', guest_path='/g', writable=False)"
+
+
+def test_public_names() -> None:
+    # Every name the seed README uses (listen/Listener come with networking).
+    for name in [
+        "init", "shutdown", "api_version", "api_version_compatible", "supports_hypervisor",
+        "query_capabilities", "guest_protocol_version", "OCIClient", "Instance", "Cmd", "File",
+        "Conn", "InstanceOptions", "PullOptions", "PullPolicy", "FileInfo", "DirEntry",
+        "ImageConfig", "Capabilities", "SeekWhence", "O_RDONLY", "O_WRONLY", "O_RDWR",
+        "O_APPEND", "O_CREATE", "O_TRUNC", "O_EXCL", "CCError", "InvalidHandleError",
+        "InvalidArgumentError", "NotRunningError", "AlreadyClosedError", "TimeoutError",
+        "HypervisorUnavailableError", "IOError", "NetworkError", "CancelledError",
+        "Snapshot", "ImageSource", "Mount", "Auth", "PullProgress",
+    ]:  # fmt: skip
+        assert hasattr(cc, name), name
+    assert sorted(cc.__all__) == sorted(set(cc.__all__))
+    for name in cc.__all__:
+        assert hasattr(cc, name), name
+    for method in [
+        "wait", "close", "read_file", "write_file", "stat", "lstat", "mkdir", "mkdir_all",
+        "remove", "remove_all", "read_dir", "rename", "symlink", "readlink", "chmod", "chown",
+        "chtimes", "open", "create", "open_file", "command", "entrypoint_command",
+        "snapshot_filesystem",
+    ]:  # fmt: skip
+        assert callable(getattr(cc.Instance, method)), method
+    for method in [
+        "set_dir", "set_env", "get_env", "environ", "run", "output", "combined_output",
+        "start", "wait", "stdin_pipe", "stdout_pipe", "stderr_pipe", "kill", "close",
+    ]:  # fmt: skip
+        assert callable(getattr(cc.Cmd, method)), method
+    for method in ["read", "write", "seek", "stat", "truncate", "sync", "close"]:
+        assert callable(getattr(cc.File, method)), method
+
+
+def test_package_is_typed() -> None:
+    assert (Path(cc.__file__).parent / "py.typed").exists()
+
+
+def test_readme_quick_start_is_the_offline_example() -> None:
+    readme = (PYTHON_DIR / "README.md").read_text()
+    start = readme.index("## Quick Start")
+    block = readme[start:].split("```python\n", 1)[1].split("```", 1)[0]
+    example = (PYTHON_DIR / "examples" / "quickstart_offline.py").read_text()
+    body = example.split("# --- the Quick Start", 1)[1].split("\n", 1)[1].lstrip("\n")
+    header = "import crumblecracker as cc\n\n"
+    assert block.startswith(header)
+    assert (
+        body.replace("client.pull(IMAGE,", 'client.pull("alpine:latest",') == block[len(header) :]
+    )
+    seed = WORKSPACE.parent / "shared" / "seed" / "crumblecracker-python-README.md"
+    if seed.exists():
+        seed_text = seed.read_text()
+        seed_block = seed_text[seed_text.index("## Quick Start") :]
+        seed_block = seed_block.split("```python\n", 1)[1].split("```", 1)[0]
+        assert block == seed_block

@@ -1,0 +1,587 @@
+"""VM tests: real instances booted from the busybox test image pulled from a
+local registry. Run only with CC_RUN_VM_TESTS=1 (see conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import crumblecracker as cc
+
+from .conftest import kernel_has_9p
+
+pytestmark = pytest.mark.vm
+
+
+class Interrupt:
+    """Sends SIGINT to this process after DELAY seconds (as Ctrl-C does)."""
+
+    def __init__(self, delay: float) -> None:
+        self.sent_at = 0.0
+        self.timer = threading.Timer(delay, self._fire)
+
+    def _fire(self) -> None:
+        self.sent_at = time.monotonic()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def __enter__(self) -> Interrupt:
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.cancel()
+
+
+def running_processes(inst: cc.Instance, pattern: str) -> list[str]:
+    out = inst.command("ps", "-o", "pid,args").output().decode()
+    return [line for line in out.splitlines() if pattern in line and "ps -o" not in line]
+
+
+# -- identity and lifecycle ----------------------------------------------------
+
+
+def test_instance_identity(inst: cc.Instance) -> None:
+    assert isinstance(inst.id, str) and inst.id
+    assert inst.is_running
+    assert repr(inst) == f"<Instance {inst.id!r} open>"
+
+
+def test_close_is_idempotent_and_later_calls_fail(fresh: cc.Instance) -> None:
+    inst_id = fresh.id
+    f = fresh.create("/tmp/open-at-close")
+    cmd = fresh.command("true")
+    fresh.close()
+    fresh.close()
+    assert fresh.closed and not fresh.is_running
+    assert fresh.id == inst_id
+    assert repr(fresh) == f"<Instance {inst_id!r} closed>"
+    calls: list[tuple[str, Callable[[], object]]] = [
+        ("read_file", lambda: fresh.read_file("/etc/passwd")),
+        ("command", lambda: fresh.command("true")),
+        ("stat", lambda: fresh.stat("/")),
+        ("wait", fresh.wait),
+        ("snapshot_filesystem", fresh.snapshot_filesystem),
+    ]
+    for op, call in calls:
+        with pytest.raises(cc.AlreadyClosedError) as info:
+            call()
+        assert info.value.op == op and info.value.code == 4
+    # Objects of a closed instance report it too.
+    with pytest.raises(cc.AlreadyClosedError):
+        f.write(b"x")
+    with pytest.raises(cc.AlreadyClosedError):
+        cmd.run()
+    f.close()
+    f.close()
+    cmd.close()
+
+
+def test_timeout_ends_the_instance(source: cc.ImageSource) -> None:
+    with cc.Instance(source, cc.InstanceOptions(memory_mb=256, timeout_seconds=2)) as inst:
+        assert inst.command("true").run() == 0
+        start = time.monotonic()
+        inst.wait()
+        assert time.monotonic() - start < 10
+        assert not inst.is_running
+        with pytest.raises(cc.NotRunningError) as info:
+            inst.read_file("/etc/passwd")
+        assert info.value.code == 3
+        with pytest.raises(cc.NotRunningError):
+            inst.command("true").run()
+
+
+def test_close_from_another_thread_ends_wait(fresh: cc.Instance) -> None:
+    threading.Timer(0.5, fresh.close).start()
+    start = time.monotonic()
+    with pytest.raises(cc.AlreadyClosedError):
+        fresh.wait()
+    assert time.monotonic() - start < 10
+
+
+def test_instance_accepts_only_sources(lib: None) -> None:
+    with pytest.raises(TypeError):
+        cc.Instance("alpine:latest")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        cc.Instance(None)  # type: ignore[arg-type]
+
+
+# -- filesystem ----------------------------------------------------------------
+
+
+def test_write_and_read_files(inst: cc.Instance, guest_dir: str) -> None:
+    p = f"{guest_dir}/hello.txt"
+    inst.write_file(p, b"Hello, World!")
+    assert inst.read_file(p) == b"Hello, World!"
+    inst.write_file(p, "héllo\n")  # str: UTF-8
+    assert inst.read_file(p) == "héllo\n".encode()
+    inst.write_file(p, bytearray(b"\x00\x01\xff"), mode=0o600)
+    assert inst.read_file(p) == b"\x00\x01\xff"
+    info = inst.stat(p)
+    assert (info.name, info.size, info.permissions, info.is_dir, info.is_symlink) == (
+        "hello.txt",
+        3,
+        0o600,
+        False,
+        False,
+    )
+    assert isinstance(info.mtime, float)
+    inst.write_file(f"{guest_dir}/empty", b"")
+    assert inst.read_file(f"{guest_dir}/empty") == b""
+    with pytest.raises(TypeError):
+        inst.write_file(p, 42)  # type: ignore[arg-type]
+
+
+def test_large_file_round_trip(inst: cc.Instance, guest_dir: str) -> None:
+    data = os.urandom(8 << 20)
+    p = f"{guest_dir}/big"
+    inst.write_file(p, data)
+    assert inst.stat(p).size == len(data)
+    assert inst.read_file(p) == data
+    with inst.open(p) as f:
+        assert f.read() == data
+
+
+def test_directories(inst: cc.Instance, guest_dir: str) -> None:
+    inst.mkdir(f"{guest_dir}/d", 0o700)
+    assert inst.stat(f"{guest_dir}/d").is_dir
+    assert inst.stat(f"{guest_dir}/d").permissions == 0o700
+    inst.mkdir_all(f"{guest_dir}/a/b/c")
+    inst.mkdir_all(f"{guest_dir}/a/b/c")  # existing: fine
+    inst.write_file(f"{guest_dir}/a/b/file", b"x")
+    entries = inst.read_dir(guest_dir)
+    assert [(e.name, e.is_dir) for e in entries] == [("a", True), ("d", True)]
+    assert all(isinstance(e, cc.DirEntry) for e in entries)
+    assert [e.name for e in inst.read_dir(f"{guest_dir}/a/b")] == ["c", "file"]
+    inst.remove(f"{guest_dir}/d")
+    with pytest.raises(cc.IOError):
+        inst.remove(f"{guest_dir}/a")  # not empty
+    inst.remove_all(f"{guest_dir}/a")
+    inst.remove_all(f"{guest_dir}/a")  # missing: fine
+    assert inst.read_dir(guest_dir) == []
+    with pytest.raises(cc.IOError):
+        inst.mkdir(f"{guest_dir}/no/parent")
+
+
+def test_rename_symlink_readlink_lstat(inst: cc.Instance, guest_dir: str) -> None:
+    inst.write_file(f"{guest_dir}/a", b"data")
+    inst.rename(f"{guest_dir}/a", f"{guest_dir}/b")
+    assert inst.read_file(f"{guest_dir}/b") == b"data"
+    inst.symlink("b", f"{guest_dir}/link")
+    assert inst.readlink(f"{guest_dir}/link") == "b"
+    assert inst.read_file(f"{guest_dir}/link") == b"data"
+    assert inst.stat(f"{guest_dir}/link").is_symlink is False
+    assert inst.stat(f"{guest_dir}/link").size == 4
+    link = inst.lstat(f"{guest_dir}/link")
+    assert link.is_symlink and link.name == "link"
+    entries = {e.name: e for e in inst.read_dir(guest_dir)}
+    assert entries["link"].mode & 0o170000 == 0o120000
+    with pytest.raises(cc.IOError):
+        inst.readlink(f"{guest_dir}/b")  # not a link
+
+
+def test_chmod_chown_chtimes(inst: cc.Instance, guest_dir: str) -> None:
+    p = f"{guest_dir}/f"
+    inst.write_file(p, b"x")
+    inst.chmod(p, 0o640)
+    assert inst.stat(p).permissions == 0o640
+    inst.chown(p, 1000, 1000)
+    info = inst.stat(p)
+    assert (info.uid, info.gid) == (1000, 1000)
+    inst.chown(p, -1, 0)
+    info = inst.stat(p)
+    assert (info.uid, info.gid) == (1000, 0)
+    inst.chtimes(p, 1_600_000_000, 1_700_000_000.25)
+    assert inst.stat(p).mtime == pytest.approx(1_700_000_000.25, abs=1e-6)
+    with pytest.raises(cc.InvalidArgumentError):
+        inst.chmod(p, 0o10000)
+
+
+def test_missing_file_is_io_error_with_path(inst: cc.Instance) -> None:
+    with pytest.raises(cc.IOError) as info:
+        inst.stat("/no/such/file")
+    e = info.value
+    assert (e.code, e.op, e.path) == (cc.ErrorCode.IO, "stat", "/no/such/file")
+    assert "No such file" in e.message
+    with pytest.raises(cc.IOError) as info:
+        inst.read_file("/no/such/file")
+    assert info.value.path == "/no/such/file"
+    with pytest.raises(cc.IOError) as info:
+        inst.remove("/no/such/file")
+    assert (info.value.op, info.value.path) == ("remove", "/no/such/file")
+
+
+def test_guest_paths_accept_pathlike(inst: cc.Instance, guest_dir: str) -> None:
+    from pathlib import PurePosixPath
+
+    p = PurePosixPath(guest_dir) / "pathlike"
+    inst.write_file(p, b"ok")
+    assert inst.read_file(str(p)) == b"ok"
+    with pytest.raises(cc.InvalidArgumentError):
+        inst.read_file("/tmp/nul\0byte")
+
+
+# -- file handles --------------------------------------------------------------
+
+
+def test_file_handles(inst: cc.Instance, guest_dir: str) -> None:
+    p = f"{guest_dir}/handle"
+    with inst.create(p) as f:
+        assert repr(f) == f"<File {p!r} open>"
+        assert f.name == p
+        assert f.write(b"0123456789") == 10
+        assert f.write("abc") == 3
+        assert f.tell() == 13
+        assert f.seek(0) == 0
+        assert f.read(4) == b"0123"
+        assert f.seek(2, cc.SeekWhence.CUR) == 6
+        assert f.read() == b"6789abc"
+        assert f.read() == b""  # end of file
+        assert f.seek(-3, cc.SeekWhence.END) == 10
+        assert f.read(100) == b"abc"
+        f.truncate(5)
+        f.sync()
+        info = f.stat()
+        assert (info.size, info.name) == (5, "handle")
+    assert repr(f) == f"<File {p!r} closed>"
+    f.close()
+    with pytest.raises(cc.AlreadyClosedError) as e:
+        f.read()
+    assert e.value.op == "read"
+    assert inst.read_file(p) == b"01234"
+    with inst.open(p) as r:
+        assert r.read(2) == b"01"
+        assert r.read(0) == b""
+        assert r.read() == b"234"
+        with pytest.raises(cc.CCError):
+            r.write(b"read-only")
+    with pytest.raises(cc.IOError):
+        inst.open(f"{guest_dir}/missing")
+
+
+def test_open_file_flags(inst: cc.Instance, guest_dir: str) -> None:
+    p = f"{guest_dir}/flags"
+    with inst.open_file(p, cc.O_WRONLY | cc.O_CREATE | cc.O_EXCL, 0o600) as f:
+        f.write(b"one\n")
+    assert inst.stat(p).permissions == 0o600
+    with pytest.raises(cc.IOError):
+        inst.open_file(p, cc.O_WRONLY | cc.O_CREATE | cc.O_EXCL)
+    with inst.open_file(p, cc.O_WRONLY | cc.O_APPEND) as f:
+        f.write(b"two\n")
+    assert inst.read_file(p) == b"one\ntwo\n"
+    with inst.open_file(p, cc.O_RDWR | cc.O_TRUNC) as f:
+        assert f.read() == b""
+        f.write(b"new")
+    assert inst.read_file(p) == b"new"
+    with pytest.raises(cc.InvalidArgumentError):
+        inst.open_file(p, -1)
+    with pytest.raises(cc.InvalidArgumentError):
+        with inst.open(p) as f:
+            f.seek(0, 7)
+
+
+# -- commands ------------------------------------------------------------------
+
+
+def test_output_and_run(inst: cc.Instance) -> None:
+    assert inst.command("echo", "hello").output() == b"hello\n"
+    assert inst.command("sh", "-c", "exit 3").run() == 3
+    cmd = inst.command("sh", "-c", "echo out; echo err >&2; exit 5")
+    assert cmd.exit_code is None
+    assert cmd.output() == b"out\n"
+    assert cmd.exit_code == 5
+    cmd = inst.command("sh", "-c", "echo out; echo err >&2")
+    assert cmd.combined_output() == b"out\nerr\n"
+    assert cmd.exit_code == 0
+    assert repr(cmd) == "<Cmd ['sh', '-c', 'echo out; echo err >&2'] exit_code=0>"
+    assert inst.command("sh", "-c", "kill -9 $$").run() == -9
+
+
+def test_dir_env_user(inst: cc.Instance) -> None:
+    cmd = inst.command("sh", "-c", "pwd; echo $MY_VAR")
+    assert cmd.set_dir("/tmp") is cmd
+    assert cmd.set_env("MY_VAR", "value") is cmd
+    assert cmd.get_env("MY_VAR") == "value"
+    assert cmd.get_env("CC_IMAGE") == "busybox"  # the image's Env
+    assert cmd.get_env("NOT_SET") is None
+    env = cmd.environ()
+    assert "MY_VAR=value" in env and "CC_IMAGE=busybox" in env
+    assert any(e.startswith("PATH=") for e in env)
+    assert cmd.output() == b"/tmp\nvalue\n"
+    assert inst.command("id", "-u").set_user("nobody").output().strip() != b"0"
+    assert inst.command("id", "-u").output() == b"0\n"
+
+
+def test_start_wait_and_pipes(inst: cc.Instance) -> None:
+    cmd = inst.command("cat")
+    stdin = cmd.stdin_pipe()
+    stdout = cmd.stdout_pipe()
+    stderr = cmd.stderr_pipe()
+    assert "stdin of ['cat']" in repr(stdin)
+    cmd.start()
+    assert stdin.write(b"hello") == 5
+    stdin.write(" world")
+    stdin.close()
+    stdin.close()
+    data = b""
+    while chunk := stdout.read(256):
+        data += chunk
+    assert data == b"hello world"
+    assert stdout.read() == b""
+    assert stderr.read(-1) == b""
+    assert cmd.wait() == 0
+    assert cmd.wait() == 0  # again: same code
+    assert cmd.exit_code == 0
+    stdout.close()
+    with pytest.raises(cc.AlreadyClosedError):
+        stdout.read()
+    with pytest.raises(cc.AlreadyClosedError):
+        stdin.write(b"late")
+
+
+def test_stderr_pipe(inst: cc.Instance) -> None:
+    cmd = inst.command("sh", "-c", "echo oops >&2; exit 1")
+    with cmd.stderr_pipe() as err:
+        cmd.start()
+        assert err.read(-1) == b"oops\n"
+    assert cmd.wait() == 1
+
+
+def test_kill(inst: cc.Instance) -> None:
+    cmd = inst.command("sleep", "100")
+    cmd.start()
+    cmd.kill()
+    assert cmd.wait() == -9
+    cmd.kill()  # ended: fine
+
+
+def test_command_misuse(inst: cc.Instance) -> None:
+    cmd = inst.command("true")
+    with pytest.raises(cc.InvalidArgumentError):
+        cmd.wait()  # before start
+    cmd.start()
+    with pytest.raises(cc.InvalidArgumentError):
+        cmd.start()  # twice
+    with pytest.raises(cc.InvalidArgumentError):
+        cmd.stdout_pipe()  # after start
+    assert cmd.wait() == 0
+    with pytest.raises(cc.InvalidArgumentError):
+        cmd.run()
+    with pytest.raises(cc.IOError):
+        inst.command("no-such-program").run()
+    with pytest.raises(cc.InvalidArgumentError):
+        inst.command("")
+    with pytest.raises(TypeError):
+        inst.command("echo", 1)  # type: ignore[arg-type]
+    cmd.close()
+    cmd.close()
+    with pytest.raises(cc.AlreadyClosedError):
+        cmd.kill()
+    assert cmd.exit_code == 0
+
+
+def test_command_timeout(inst: cc.Instance) -> None:
+    cmd = inst.command("sleep", "30").set_timeout(0.5)
+    start = time.monotonic()
+    with pytest.raises(cc.TimeoutError) as info:
+        cmd.run()
+    assert info.value.code == 5
+    assert time.monotonic() - start < 10
+    with pytest.raises(cc.InvalidArgumentError):
+        inst.command("true").set_timeout(0)
+
+
+def test_entrypoint_and_load_dir(client: cc.OCIClient, test_images: dict[str, Path]) -> None:
+    with client.load_dir(test_images["busybox-layers"]) as src:
+        config = src.get_config()
+        assert config.entrypoint == ["/bin/echo", "entry:"]
+        assert config.cmd == ["default-arg"]
+        assert (config.user, config.working_dir) == ("alice", "/data")
+        with cc.Instance(src, cc.InstanceOptions(memory_mb=256)) as inst:
+            assert inst.entrypoint_command().output() == b"entry: default-arg\n"
+            assert inst.entrypoint_command("x", "y").output() == b"entry: x y\n"
+            assert inst.command("pwd").output() == b"/data\n"
+            assert inst.command("id", "-un").output() == b"alice\n"
+
+
+def test_load_tar(client: cc.OCIClient, test_images: dict[str, Path]) -> None:
+    tar = test_images.get("busybox-docker")
+    assert tar is not None
+    with client.load_tar(tar) as src:
+        assert src.get_config().cmd == ["sh"]
+        assert repr(src) == f"<ImageSource {str(tar)!r}>"
+    assert repr(src) == f"<ImageSource {str(tar)!r} closed>"
+    with pytest.raises(cc.AlreadyClosedError):
+        src.get_config()
+
+
+# -- Ctrl-C and threads ----------------------------------------------------------
+
+
+def test_ctrl_c_during_run_kills_the_command(inst: cc.Instance) -> None:
+    start = time.monotonic()
+    with Interrupt(1.0) as intr, pytest.raises(KeyboardInterrupt):
+        inst.command("sleep", "100").run()
+    took = time.monotonic() - intr.sent_at
+    assert intr.sent_at and took < 3, f"KeyboardInterrupt came {took:.1f}s after SIGINT"
+    assert time.monotonic() - start < 5
+    assert running_processes(inst, "sleep 100") == []
+
+
+def test_ctrl_c_during_output_and_wait(inst: cc.Instance) -> None:
+    with Interrupt(0.5) as intr, pytest.raises(KeyboardInterrupt):
+        inst.command("sh", "-c", "sleep 101; echo never").output()
+    assert time.monotonic() - intr.sent_at < 3
+    cmd = inst.command("sleep", "102")
+    cmd.start()
+    with Interrupt(0.5) as intr, pytest.raises(KeyboardInterrupt):
+        cmd.wait()
+    assert time.monotonic() - intr.sent_at < 3
+    assert cmd.exit_code == -9
+    assert running_processes(inst, "sleep 10") == []
+
+
+def test_ctrl_c_during_instance_wait(inst: cc.Instance) -> None:
+    with Interrupt(0.5) as intr, pytest.raises(KeyboardInterrupt):
+        inst.wait()
+    assert time.monotonic() - intr.sent_at < 3
+    assert inst.is_running  # only the wait stopped
+
+
+def test_ctrl_c_during_conn_read_loses_nothing(inst: cc.Instance) -> None:
+    cmd = inst.command("cat")
+    stdin, stdout = cmd.stdin_pipe(), cmd.stdout_pipe()
+    cmd.start()
+    with Interrupt(0.5) as intr, pytest.raises(KeyboardInterrupt):
+        stdout.read()
+    assert time.monotonic() - intr.sent_at < 3
+    stdin.write(b"after the interrupt")
+    stdin.close()
+    assert stdout.read(-1) == b"after the interrupt"
+    assert cmd.wait() == 0
+
+
+def test_other_threads_run_during_wait(inst: cc.Instance) -> None:
+    counter = [0]
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            counter[0] += 1
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        cmd = inst.command("sleep", "1")
+        cmd.start()
+        before = counter[0]
+        cmd.wait()
+        during_main = counter[0] - before
+
+        # Off the main thread the call is made directly: still no GIL held.
+        result: list[int] = []
+        cmd2 = inst.command("sleep", "1")
+        cmd2.start()
+        waiter = threading.Thread(target=lambda: result.append(cmd2.wait()))
+        before = counter[0]
+        waiter.start()
+        waiter.join()
+        during_thread = counter[0] - before
+    finally:
+        stop.set()
+        t.join()
+    assert result == [0]
+    assert during_main > 10_000 and during_thread > 10_000, (during_main, during_thread)
+
+
+def test_parallel_commands_from_threads(inst: cc.Instance) -> None:
+    outputs: dict[int, bytes] = {}
+
+    def run(i: int) -> None:
+        outputs[i] = inst.command("sh", "-c", f"sleep 0.3; echo {i}").output()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outputs == {i: f"{i}\n".encode() for i in range(4)}
+
+
+# -- mounts --------------------------------------------------------------------
+
+needs_9p = pytest.mark.skipif(
+    not kernel_has_9p(), reason="the guest kernel lacks 9p (CONFIG_9P_FS): rebuild it with setup"
+)
+
+
+@needs_9p
+def test_mounts(source: cc.ImageSource, tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    rw = tmp_path / "rw"
+    ro.mkdir()
+    rw.mkdir()
+    (ro / "from-host.txt").write_text("host data")
+    options = cc.InstanceOptions(
+        memory_mb=256, mounts=[cc.Mount(str(ro), "/mnt/ro"), (str(rw), "/mnt/rw", True)]
+    )
+    with cc.Instance(source, options) as inst:
+        assert inst.read_file("/mnt/ro/from-host.txt") == b"host data"
+        with pytest.raises(cc.IOError):
+            inst.write_file("/mnt/ro/new.txt", b"refused")
+        assert inst.command("sh", "-c", "echo x > /mnt/ro/new2.txt").run() != 0
+        assert not (ro / "new.txt").exists() and not (ro / "new2.txt").exists()
+        inst.write_file("/mnt/rw/from-guest.txt", b"guest data")
+        assert (rw / "from-guest.txt").read_bytes() == b"guest data"
+        assert inst.command("sh", "-c", "echo cmd > /mnt/rw/cmd.txt").run() == 0
+        assert (rw / "cmd.txt").read_text() == "cmd\n"
+
+
+# -- snapshots -----------------------------------------------------------------
+
+
+@pytest.fixture
+def snapshot(fresh: cc.Instance) -> Iterator[cc.Snapshot]:
+    fresh.write_file("/root/kept.txt", b"in the snapshot")
+    fresh.mkdir_all("/var/scratch")
+    fresh.write_file("/var/scratch/dropped.txt", b"excluded")
+    with fresh.snapshot_filesystem(excludes=["/var/scratch/**"]) as snap:
+        yield snap
+
+
+def test_snapshot_boots_new_instances(snapshot: cc.Snapshot) -> None:
+    assert snapshot.name.startswith("localhost/cc-snapshots:")
+    assert repr(snapshot) == f"<Snapshot {snapshot.name!r}>"
+    with cc.Instance(snapshot, cc.InstanceOptions(memory_mb=256)) as clone:
+        assert clone.read_file("/root/kept.txt") == b"in the snapshot"
+        with pytest.raises(cc.IOError):
+            clone.stat("/var/scratch/dropped.txt")
+    with snapshot.as_source() as src, cc.Instance(src, cc.InstanceOptions(memory_mb=256)) as c2:
+        assert c2.read_file("/root/kept.txt") == b"in the snapshot"
+
+
+def test_snapshot_export(
+    snapshot: cc.Snapshot, client: cc.OCIClient, source: cc.ImageSource, tmp_path: Path
+) -> None:
+    snapshot.export_dir(tmp_path / "snap")
+    assert (tmp_path / "snap" / "index.json").exists()
+    assert (tmp_path / "snap" / "oci-layout").exists()
+    client.export_dir(snapshot, tmp_path / "snap2")
+    assert (tmp_path / "snap2" / "index.json").exists()
+    client.export_dir(source, tmp_path / "image")
+    assert (tmp_path / "image" / "index.json").exists()
+    with client.load_dir(tmp_path / "snap") as loaded:
+        assert loaded.get_config().cmd == ["sh"]
+        with cc.Instance(loaded, cc.InstanceOptions(memory_mb=256)) as inst:
+            assert inst.read_file("/root/kept.txt") == b"in the snapshot"
+    snapshot.close()
+    snapshot.close()
+    with pytest.raises(cc.AlreadyClosedError):
+        snapshot.as_source()
+    with pytest.raises(cc.AlreadyClosedError):
+        snapshot.export_dir(tmp_path / "again")
