@@ -14,20 +14,7 @@ use cc::{ErrorCode, Instance, Options, Source, Stdio};
 fn rootfs() -> PathBuf {
     std::env::var_os("CC_TEST_ROOTFS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| cc_engine_cache().join("trees/busybox"))
-}
-
-fn cc_engine_cache() -> PathBuf {
-    std::env::var_os("CC_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let base = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
-                });
-            base.join("crumblecracker")
-        })
+        .unwrap_or_else(|| cc_testsupport::cache_dir().join("trees/busybox"))
 }
 
 fn boot() -> Instance {

@@ -11,16 +11,7 @@ fn vm_tests() -> bool {
 }
 
 fn cache() -> PathBuf {
-    std::env::var_os("CC_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let base = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
-                });
-            base.join("crumblecracker")
-        })
+    cc_testsupport::cache_dir()
 }
 
 fn rootfs() -> PathBuf {
