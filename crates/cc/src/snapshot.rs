@@ -80,15 +80,22 @@ impl Instance {
     pub fn snapshot_filesystem(&self, exclude: &[&str]) -> Result<Snapshot> {
         let inner = self.inner();
         inner.check_running()?;
+        let client = match &inner.origin {
+            Origin::Image(image) => image.client(),
+            Origin::Snapshot(s) => s.image.client(),
+            Origin::Dir(_) => OciClient::new(None)?.inner().clone(),
+        };
+        // Everything below is stored, then named: a prune in between (in
+        // any process) must not take it.
+        let _lock = client.write_lock()?;
         let (base, base_layers) = match &inner.origin {
             Origin::Image(image) => (image.as_ref().clone(), image.layers()?.len()),
             Origin::Snapshot(s) => (s.image.clone(), s.base_layers),
             Origin::Dir(dir) => {
                 // A directory is not in the store yet: archive it once as
                 // the base layer, so the snapshot stands on its own.
-                let client = OciClient::new(None)?;
-                let (layer, _) = client.inner().put_dir_layer(dir)?;
-                (client.inner().derive_image(None, &[layer], None)?, 1)
+                let (layer, _) = client.put_dir_layer(dir)?;
+                (client.derive_image(None, &[layer], None)?, 1)
             }
         };
         let (id, stream) = inner.channel.open_inbound();
@@ -116,7 +123,6 @@ impl Instance {
                 return Err(e);
             }
         }
-        let client = base.client();
         let layer = client.put_layer(ChildOutput::new(inner.clone(), id, stream));
         let (layer, _) = match layer {
             Ok(l) => l,

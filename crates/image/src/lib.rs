@@ -32,7 +32,7 @@ pub use error::{Error, Result};
 pub use image::Image;
 pub use platform::{host_platform, Platform};
 pub use registry::{Auth, CancelToken, Progress, PullOptions, PullPolicy};
-pub use store::{RefRecord, Store};
+pub use store::{RefRecord, Store, StoreLock};
 
 /// Default bound on how far one layer may expand when decompressed.
 pub const DEFAULT_MAX_LAYER_BYTES: u64 = 64 << 30;
@@ -108,16 +108,19 @@ impl Client {
         progress: &mut dyn FnMut(&Progress),
         cancel: &CancelToken,
     ) -> Result<Image> {
+        let _lock = self.store.lock(false)?;
         registry::pull(&self.store, reference, options, progress, cancel)
     }
 
     /// Loads the image an OCI layout directory holds.
     pub fn load_dir(&self, dir: &Path, platform: Option<&Platform>) -> Result<Image> {
+        let _lock = self.store.lock(false)?;
         layout::load_dir(&self.store, dir, platform)
     }
 
     /// Loads an OCI layout archive or a `docker save` archive.
     pub fn load_tar(&self, path: &Path, platform: Option<&Platform>) -> Result<Image> {
+        let _lock = self.store.lock(false)?;
         layout::load_tar(&self.store, path, platform)
     }
 
@@ -161,6 +164,12 @@ impl Client {
     /// Forgets the name `name`; its content stays until [`Client::prune`].
     pub fn remove(&self, name: &str) -> Result<bool> {
         self.store.remove_ref(&normalize_name(name)?)
+    }
+
+    /// Holds off [`Client::prune`] (in any process) until dropped: take it
+    /// around several calls that store content and then name it.
+    pub fn write_lock(&self) -> Result<store::StoreLock> {
+        self.store.lock(false)
     }
 
     /// Stores an uncompressed layer tarball; returns its digest and size.
@@ -268,6 +277,7 @@ impl Client {
 
     /// Removes blobs and root images no named image uses.
     pub fn prune(&self) -> Result<PruneStats> {
+        let _lock = self.store.lock(true)?;
         let mut keep_blobs = HashSet::new();
         let mut keep_roots = HashSet::new();
         for r in self.store.refs()? {

@@ -277,6 +277,7 @@ impl<'a> Puller<'a> {
             .await
             .map_err(|e| self.registry_error(e))?;
         let mut writer = self.store.blob_writer(Some(&expected))?;
+        let mut written = 0u64;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {
             // Wake regularly so cancellation is prompt even on a stalled download.
@@ -293,6 +294,15 @@ impl<'a> Puller<'a> {
             let chunk = chunk.map_err(|e| self.registry_error(e))?;
             if self.cancel.is_cancelled() {
                 return Err(Error::Cancelled);
+            }
+            written += chunk.len() as u64;
+            if written > d.size.max(0) as u64 {
+                // The digest check would fail anyway; stop before the
+                // registry fills the disk.
+                return Err(self.registry_error(format!(
+                    "blob {} is larger than its declared {} bytes",
+                    d.digest, d.size
+                )));
             }
             writer.write(&chunk)?;
             state.current += chunk.len() as u64;

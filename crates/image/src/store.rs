@@ -220,9 +220,43 @@ impl Store {
         Ok(out)
     }
 
+    /// Holds the store's lock until dropped: shared by writers (pulls,
+    /// loads), exclusive for pruning, so a prune never deletes what a
+    /// write in flight (in any process) has stored but not yet named.
+    pub(crate) fn lock(&self, exclusive: bool) -> Result<StoreLock> {
+        let path = self.root.join("lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(Error::io("open", &path))?;
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        loop {
+            // SAFETY: flock on a file descriptor we own; no pointers.
+            if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), op) } == 0 {
+                return Ok(StoreLock { _file: file });
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(Error::io("lock", &path)(e));
+            }
+        }
+    }
+
     pub(crate) fn rootfs_path(&self, key: &str) -> PathBuf {
         self.root.join("rootfs").join(format!("{key}.erofs"))
     }
+}
+
+/// The store lock; released when dropped (the descriptor closes).
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: File,
 }
 
 /// A blob being written: hashed as it goes, published under its digest by
