@@ -368,6 +368,10 @@ typedef struct cc_instance_options {
      */
     const struct cc_mount *mounts;
     size_t mount_count;
+    /**
+     * No network interface (egress is on by default, so false keeps it).
+     */
+    bool no_network;
 } cc_instance_options;
 
 /**
@@ -1175,6 +1179,16 @@ cc_error_code cc_instance_is_running(cc_instance inst, bool *out, struct cc_erro
  * `err` is NULL or valid for writing.
  */
 cc_error_code cc_instance_wait(cc_instance inst, cc_cancel_token cancel, struct cc_error *err);
+
+/**
+ * Connects (`enabled`) or disconnects the guest's network interface; while
+ * disconnected no packet leaves the guest. `CC_ERR_INVALID_ARGUMENT` for
+ * an instance created with `no_network`.
+ *
+ * # Safety
+ * `err` is NULL or valid for writing.
+ */
+cc_error_code cc_instance_set_network_enabled(cc_instance inst, bool enabled, struct cc_error *err);
 
 /**
  * Closes the instance: the guest syncs and powers off, nothing of it

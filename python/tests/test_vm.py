@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -94,6 +95,45 @@ def test_timeout_ends_the_instance(source: cc.ImageSource) -> None:
         assert info.value.code == 3
         with pytest.raises(cc.NotRunningError):
             inst.command("true").run()
+
+
+def test_network_switch(source: cc.ImageSource) -> None:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.2)
+    port = server.getsockname()[1]
+    received: list[bytes] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                received.append(conn.recv(16))
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    probe = f"echo hi | nc -w 3 10.0.2.2 {port}; true"
+    try:
+        with cc.Instance(source, cc.InstanceOptions(memory_mb=256)) as inst:
+            inst.command("sh", "-c", probe).run()
+            time.sleep(0.5)
+            assert received == [b"hi\n"]
+            inst.set_network_enabled(False)
+            inst.command("sh", "-c", probe).run()
+            time.sleep(0.5)
+            assert received == [b"hi\n"], "a connection left with the network off"
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+    with cc.Instance(source, cc.InstanceOptions(memory_mb=256, network=False)) as inst:
+        with pytest.raises(cc.InvalidArgumentError):
+            inst.set_network_enabled(True)
 
 
 def test_close_from_another_thread_ends_wait(fresh: cc.Instance) -> None:

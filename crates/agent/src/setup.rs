@@ -64,6 +64,22 @@ pub fn run(
         write_config("/etc/resolv.conf", &resolv_conf(&setup.nameservers))?;
     }
     net::up("lo").map_err(|e| error::os("bring up lo", &e))?;
+    if let Some(n) = &setup.network {
+        let parse = |what: &str, v: &str| {
+            v.parse::<std::net::Ipv4Addr>()
+                .map_err(|_| error::invalid(format!("network {what} {v:?} is not an IPv4 address")))
+        };
+        let (address, gateway) = (parse("address", &n.address)?, parse("gateway", &n.gateway)?);
+        net::configure(&n.interface, address, n.prefix_len, gateway).map_err(|e| {
+            error::os(
+                format_args!(
+                    "configure {} as {}/{}",
+                    n.interface, n.address, n.prefix_len
+                ),
+                &e,
+            )
+        })?;
+    }
     let kernel = sys::kernel_release().map_err(|e| error::os("uname", &e))?;
     Ok(Response::Ready { kernel })
 }
@@ -183,6 +199,7 @@ mod tests {
                 guest_path: "/data".into(),
                 read_only: true,
             }],
+            network: None,
         }
     }
 

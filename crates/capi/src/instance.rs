@@ -46,11 +46,14 @@ pub struct cc_instance_options {
     /// `mount_count` host directories to share; NULL when 0.
     pub mounts: *const cc_mount,
     pub mount_count: usize,
+    /// No network interface (egress is on by default, so false keeps it).
+    pub no_network: bool,
 }
 
 fn options(o: Option<&cc_instance_options>) -> Result<cc::Options, Failure> {
     let mut out = cc::Options::default();
     let Some(o) = o else { return Ok(out) };
+    out.network = !o.no_network;
     if o.memory_mb != 0 {
         out.memory_mb = o.memory_mb;
     }
@@ -174,6 +177,25 @@ pub unsafe extern "C" fn cc_instance_wait(
         let cancel = handles::get_opt::<Cancel>(cancel)?;
         inst.get()?.wait(cancel.as_ref().map(|c| c.token()))?;
         Ok(())
+    })
+}
+
+/// Connects (`enabled`) or disconnects the guest's network interface; while
+/// disconnected no packet leaves the guest. `CC_ERR_INVALID_ARGUMENT` for
+/// an instance created with `no_network`.
+///
+/// # Safety
+/// `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_set_network_enabled(
+    inst: cc_instance,
+    enabled: bool,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        Ok(handles::get::<Instance>(inst)?
+            .get()?
+            .set_network_enabled(enabled)?)
     })
 }
 

@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cc_engine::{Disk, RunDir, Share, Vm, VmSpec};
-use cc_protocol::{Lower, Request, Response, RootSpec, Setup, UnixTime};
+use cc_protocol::{Lower, NetConfig, Request, Response, RootSpec, Setup, UnixTime};
 use serde_bytes::ByteBuf;
 
 use crate::channel::Channel;
@@ -59,6 +59,10 @@ pub struct Options {
     pub timeout: Option<Duration>,
     /// Host directories shared into the guest.
     pub mounts: Vec<Mount>,
+    /// Whether the guest can reach the network (default on): through a
+    /// user-mode stack on the host, no root or TAP device needed. Switch it
+    /// at run time with [`Instance::set_network_enabled`].
+    pub network: bool,
 }
 
 /// A host directory shared into the guest at `guest_path`. Read-only
@@ -118,6 +122,7 @@ impl Default for Options {
             boot_timeout: Duration::from_secs(60),
             timeout: None,
             mounts: Vec::new(),
+            network: true,
         }
     }
 }
@@ -192,6 +197,8 @@ pub(crate) struct Inner {
     pub(crate) image_config: Option<cc_image::ImageConfig>,
     /// What it booted from, for snapshots.
     pub(crate) origin: Origin,
+    /// Whether it has a network interface.
+    network: bool,
     /// File handle ids, unique on the connection.
     pub(crate) next_handle: AtomicU64,
     /// `None` once closed.
@@ -294,6 +301,7 @@ impl Instance {
                     read_only: !m.writable,
                 })
                 .collect(),
+            network: options.network,
             kernel_params: Vec::new(),
         };
         let prepare = t0.elapsed();
@@ -345,18 +353,25 @@ impl Instance {
                     read_only: !m.writable,
                 })
                 .collect(),
+            network: options.network.then(|| NetConfig {
+                interface: "eth0".into(),
+                address: "10.0.2.15".into(),
+                prefix_len: 24,
+                gateway: "10.0.2.2".into(),
+            }),
         };
-        let kernel_release = match channel.request(Request::Setup(setup), options.boot_timeout) {
-            Ok(Ok(Response::Ready { kernel })) => kernel,
-            Ok(Ok(other)) => {
-                return Err(boot_failed(
-                    &vm,
-                    format!("unexpected answer to setup: {other:?}"),
-                ))
-            }
-            Ok(Err(e)) => return Err(boot_failed(&vm, format!("guest setup failed: {e}"))),
-            Err(e) => return Err(boot_failed(&vm, e.to_string())),
-        };
+        let kernel_release =
+            match channel.request(Request::Setup(Box::new(setup)), options.boot_timeout) {
+                Ok(Ok(Response::Ready { kernel })) => kernel,
+                Ok(Ok(other)) => {
+                    return Err(boot_failed(
+                        &vm,
+                        format!("unexpected answer to setup: {other:?}"),
+                    ))
+                }
+                Ok(Err(e)) => return Err(boot_failed(&vm, format!("guest setup failed: {e}"))),
+                Err(e) => return Err(boot_failed(&vm, e.to_string())),
+            };
         let timings = BootTimings {
             prepare,
             spawn,
@@ -372,6 +387,7 @@ impl Instance {
                 .or_else(|| image_config.as_ref().and_then(|c| c.user.clone())),
             image_config,
             origin,
+            network: options.network,
             next_handle: AtomicU64::new(1),
             live: Mutex::new(None),
         });
@@ -490,6 +506,23 @@ impl Instance {
                 return Err(Error::AlreadyClosed);
             }
         }
+    }
+
+    /// Connects or disconnects the guest from the network at run time; while
+    /// disconnected no packet leaves it. Fails for an instance created with
+    /// `network: false`.
+    pub fn set_network_enabled(&self, enabled: bool) -> Result<()> {
+        self.inner.check_running()?;
+        if !self.inner.network {
+            return Err(Error::InvalidArgument(
+                "the instance was created without a network".into(),
+            ));
+        }
+        let vm = match self.inner.live().as_ref() {
+            Some(live) => live.vm.clone(),
+            None => return Err(Error::AlreadyClosed),
+        };
+        Ok(vm.set_network_link(enabled)?)
     }
 
     /// Host pid of the VM process, while it runs.

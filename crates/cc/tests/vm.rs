@@ -1164,6 +1164,67 @@ fn snapshot_leaves_the_original_independent() {
     inst.close().unwrap();
 }
 
+// ---- network ----
+
+fn network_egress_and_switching_it_off(inst: &Instance) {
+    // A host-loopback HTTP server the guest reaches through the user-mode
+    // stack's gateway (10.0.2.2 is the host's 127.0.0.1).
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    server.set_nonblocking(true).unwrap();
+    let port = server.local_addr().unwrap().port();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (stopped, counter) = (stop.clone(), accepted.clone());
+    let serving = std::thread::spawn(move || {
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            match server.accept() {
+                Ok((mut conn, _)) => {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    conn.set_nonblocking(false).unwrap();
+                    let mut request = [0u8; 1024];
+                    let _ = conn.read(&mut request);
+                    let _ = conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello");
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
+    // busybox-static's wget crashes in glibc's static resolver; nc speaks
+    // plain HTTP just as well.
+    let fetch = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 10.0.2.2 {port}");
+    let got = |out: &cc::Output| String::from_utf8_lossy(&out.stdout).ends_with("\r\n\r\nhello");
+    assert!(got(&sh(inst, &fetch)), "no egress");
+    inst.set_network_enabled(false).unwrap();
+    assert!(
+        !got(&sh(inst, &fetch)),
+        "a request went through with the network off"
+    );
+    inst.set_network_enabled(true).unwrap();
+    // The guest notices the carrier coming back within moments.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !got(&sh(inst, &fetch)) {
+        assert!(
+            Instant::now() < deadline,
+            "no egress after switching it back on"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    serving.join().unwrap();
+    assert!(stdout(inst, "cat /etc/resolv.conf").contains("nameserver 10.0.2.3"));
+}
+
+fn no_network_means_no_interface() {
+    let inst = boot_with(Options {
+        network: false,
+        ..Options::default()
+    });
+    assert!(!sh(&inst, "test -e /sys/class/net/eth0").status.success());
+    let err = inst.set_network_enabled(true).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument);
+    inst.close().unwrap();
+}
+
 /// `[(name, function), ...]` from function names.
 macro_rules! named {
     ($($test:ident),* $(,)?) => {
@@ -1213,6 +1274,7 @@ fn main() {
         file_handles,
         cmd_lifecycle_pipes_and_misuse,
         command_timeout_kills,
+        network_egress_and_switching_it_off,
         file_sizes_binary_and_unicode_names,
         read_dir_of_ten_thousand_entries,
         seek_and_truncate_match_the_guest,
@@ -1233,6 +1295,7 @@ fn main() {
         snapshots_chain_exclude_and_export,
         snapshot_of_a_directory_instance,
         snapshot_leaves_the_original_independent,
+        no_network_means_no_interface,
     ];
 
     let (mut passed, mut failed) = (0, Vec::new());

@@ -94,6 +94,7 @@ fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> CliResult<Ex
         accel: accel.accel,
         disks: Vec::new(),
         shares: Vec::new(),
+        network: false,
         kernel_params: Vec::new(),
     };
     let source = cc::Source::Dir(rootfs.to_path_buf());

@@ -38,6 +38,9 @@ pub(crate) struct RunArgs {
     /// Share a host directory: HOST:GUEST (read-only) or HOST:GUEST:rw (repeatable).
     #[arg(long = "mount", short = 'v', value_name = "HOST:GUEST[:rw]", value_parser = parse_mount)]
     mounts: Vec<cc::Mount>,
+    /// No network interface (egress is on by default).
+    #[arg(long)]
+    no_network: bool,
     /// End the instance after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<f64>,
@@ -91,6 +94,7 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
         cpus: args.cpus,
         timeout,
         mounts: args.mounts,
+        network: !args.no_network,
         ..Default::default()
     };
     let inst = cc::Instance::new(&source, options)?;

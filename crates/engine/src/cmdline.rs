@@ -116,6 +116,14 @@ pub fn qemu_args(spec: &VmSpec, agent_fd: i32, qmp_fd: i32, console_log: &Path) 
             ],
         );
     }
+    if spec.network {
+        let netdev = crate::vm::NETDEV_ID;
+        push(&mut a, &["-netdev", &format!("user,id={netdev}")]);
+        push(
+            &mut a,
+            &["-device", &format!("virtio-net-device,netdev={netdev}")],
+        );
+    }
     for (i, share) in spec.shares.iter().enumerate() {
         // security_model=none: files keep the host's ownership and the guest
         // cannot change it, which is what sharing a user's directory means.
@@ -187,6 +195,7 @@ mod tests {
                 path: PathBuf::from("/h/data"),
                 read_only: true,
             }],
+            network: true,
             kernel_params: vec!["cc.debug=1".into()],
         }
     }
@@ -232,6 +241,18 @@ mod tests {
             cmd.contains("-device virtio-9p-device,fsdev=fs0,mount_tag=ccm0"),
             "{cmd}"
         );
+    }
+
+    #[test]
+    fn network_is_a_user_mode_stack_on_virtio_net() {
+        let cmd = joined(&spec());
+        assert!(
+            cmd.contains("-netdev user,id=net0 -device virtio-net-device,netdev=net0"),
+            "{cmd}"
+        );
+        let mut s = spec();
+        s.network = false;
+        assert!(!joined(&s).contains("-netdev"));
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub struct VmSpec {
     pub disks: Vec<Disk>,
     /// Host directories served to the guest over virtio 9p.
     pub shares: Vec<Share>,
+    /// A network interface behind a user-mode network stack (no root, no
+    /// TAP): the guest reaches out through the host's own connections.
+    pub network: bool,
     /// Extra kernel command line parameters.
     pub kernel_params: Vec<String>,
 }
@@ -65,6 +68,9 @@ pub struct Vm {
     console_log: PathBuf,
     qemu_log: PathBuf,
 }
+
+/// QEMU's id of the guest's network backend.
+pub(crate) const NETDEV_ID: &str = "net0";
 
 /// The file descriptor numbers QEMU sees its two channels on.
 const AGENT_FD: RawFd = 3;
@@ -244,6 +250,16 @@ impl Vm {
             args,
             Duration::from_secs(10),
         )
+    }
+
+    /// Connects or disconnects the guest's network interface: while
+    /// disconnected, no packet leaves or arrives.
+    pub fn set_network_link(&self, up: bool) -> Result<(), Error> {
+        self.qmp(
+            "set_link",
+            Some(serde_json::json!({ "name": NETDEV_ID, "up": up })),
+        )
+        .map(drop)
     }
 
     /// QEMU's own messages and the tail of the guest console, for errors.

@@ -38,7 +38,7 @@ pub enum Message {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// Build the root filesystem and identity; answered by `Ready`.
-    Setup(Setup),
+    Setup(Box<Setup>),
     /// Start a process; answered by `Started` or an error.
     Exec(Exec),
     /// Send `signal` to the process group of `process`; answered by `Done`.
@@ -245,6 +245,21 @@ pub struct Setup {
     /// Host directories to mount, in order (a later one may sit inside an
     /// earlier one).
     pub mounts: Vec<Mount>,
+    /// The guest's network interface, when it has one.
+    pub network: Option<NetConfig>,
+}
+
+/// Static configuration of the guest's one network interface (the host's
+/// user-mode network stack answers on `gateway` and forwards out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// Interface name in the guest (`eth0`).
+    pub interface: String,
+    /// IPv4 address, e.g. `10.0.2.15`.
+    pub address: String,
+    pub prefix_len: u8,
+    /// Default route, e.g. `10.0.2.2`.
+    pub gateway: String,
 }
 
 /// Seconds and nanoseconds since the Unix epoch.

@@ -211,6 +211,15 @@ class Instance(Handle):
         finally:
             _lib.free("cc_cancel_token_free", token.value)
 
+    def set_network_enabled(self, enabled: bool) -> None:
+        """Connects or disconnects the guest's network interface; while
+        disconnected no packet leaves the guest."""
+        _lib.call(
+            _lib.native().cc_instance_set_network_enabled,
+            self._h("set_network_enabled"),
+            bool(enabled),
+        )
+
     def close(self) -> None:
         """Closes the instance: the guest syncs and powers off. Closing again
         does nothing."""

@@ -178,6 +178,7 @@ class CInstanceOptions(Structure):
         ("user", c_char_p),
         ("mounts", POINTER(CMount)),
         ("mount_count", c_size_t),
+        ("no_network", c_bool),
     ]
 
 
@@ -257,6 +258,7 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_instance_is_running": (_CODE, [_H, POINTER(c_bool), _ERR]),
     "cc_instance_wait": (_CODE, [_H, _H, _ERR]),
     "cc_instance_close": (_CODE, [_H, _ERR]),
+    "cc_instance_set_network_enabled": (_CODE, [_H, c_bool, _ERR]),
     "cc_instance_free": (_CODE, [_H]),
     # filesystem
     "cc_file_info_free": (None, [POINTER(CFileInfo)]),

@@ -128,6 +128,8 @@ class InstanceOptions:
         mounts: host directories to share: ``Mount`` objects or
             ``(host_path, guest_path)`` / ``(host_path, guest_path, writable)``
             tuples.
+        network: give the guest a network interface (egress through the
+            host; switch it with ``Instance.set_network_enabled``).
     """
 
     memory_mb: int = 512
@@ -135,6 +137,7 @@ class InstanceOptions:
     timeout_seconds: Optional[float] = None
     user: Optional[str] = None
     mounts: Optional[Sequence[MountLike]] = None
+    network: bool = True
 
     def __post_init__(self) -> None:
         self._validate()
@@ -166,6 +169,7 @@ class InstanceOptions:
         opts.memory_mb = self.memory_mb
         opts.cpus = self.cpus
         opts.timeout_seconds = float(self.timeout_seconds or 0.0)
+        opts.no_network = not self.network
         if self.user is not None:
             user = _lib.encode_str(self.user, "user")
             keep.append(user)
