@@ -353,9 +353,17 @@ def test_strings_with_nul_are_refused(lib: None, tmp_path: Path) -> None:
 
 def test_instance_options_defaults() -> None:
     o = cc.InstanceOptions()
-    assert (o.memory_mb, o.cpus, o.timeout_seconds, o.user, o.mounts) == (512, 1, None, None, None)
+    assert (o.memory_mb, o.cpus, o.timeout_seconds, o.user, o.mounts, o.network) == (
+        512,
+        1,
+        None,
+        None,
+        None,
+        True,
+    )
     assert repr(o) == (
-        "InstanceOptions(memory_mb=512, cpus=1, timeout_seconds=None, user=None, mounts=None)"
+        "InstanceOptions(memory_mb=512, cpus=1, timeout_seconds=None, user=None, mounts=None, "
+        "network=True)"
     )
     c, _ = o._to_c()
     assert (c.memory_mb, c.cpus, c.timeout_seconds, c.user, c.mount_count) == (512, 1, 0.0, None, 0)
