@@ -266,8 +266,9 @@ typedef uint64_t cc_cmd;
 
 /**
  * One end of a byte stream to the guest: a command's stdin (writable) or
- * stdout/stderr (readable). Its calls are serialized; use it from one
- * thread at a time.
+ * stdout/stderr (readable), or a TCP connection (both). A read and a write
+ * may run in two threads at once; `cc_conn_close` from any thread ends
+ * both.
  */
 typedef uint64_t cc_conn;
 
@@ -392,6 +393,17 @@ typedef struct cc_capabilities {
      */
     const char *accelerator;
 } cc_capabilities;
+
+/**
+ * A listener for guest connections. Usable from any thread; closing it
+ * ends an accept blocked in another thread.
+ */
+typedef uint64_t cc_listener;
+
+/**
+ * A guest port published on the host's loopback. Usable from any thread.
+ */
+typedef uint64_t cc_exposed;
 
 /**
  * An image store: pulls, loads and exports images. Usable from any
@@ -795,6 +807,27 @@ cc_error_code cc_conn_write(cc_conn conn, const uint8_t *data, size_t len, struc
  * `err` is NULL or valid for writing.
  */
 cc_error_code cc_conn_close(cc_conn conn, struct cc_error *err);
+
+/**
+ * Ends the writing direction only (a TCP half close): the guest reads end
+ * of file, and this end can still read. On a stdin pipe it is
+ * `cc_conn_close`; on an output pipe it does nothing.
+ *
+ * # Safety
+ * `err` is NULL or valid for writing.
+ */
+cc_error_code cc_conn_close_write(cc_conn conn, struct cc_error *err);
+
+/**
+ * The local and remote addresses (`"IP:PORT"`) of a TCP connection, as
+ * strings to free with `cc_string_free`; NULL for a pipe. Either output
+ * may be NULL.
+ *
+ * # Safety
+ * `local` and `remote` are NULL or valid for writing; `err` is NULL or
+ * valid for writing.
+ */
+cc_error_code cc_conn_addrs(cc_conn conn, char **local, char **remote, struct cc_error *err);
 
 /**
  * Closes the connection and releases the handle (0, and handles released
@@ -1271,6 +1304,123 @@ bool cc_supports_hypervisor(void);
  * `out` is NULL or valid for writing; `err` is NULL or valid for writing.
  */
 cc_error_code cc_query_capabilities(struct cc_capabilities *out, struct cc_error *err);
+
+/**
+ * Listens for guest connections: guest programs connect to
+ * `host.internal` (in the guest's `/etc/hosts`) at the port. `network` is
+ * `"tcp"` or `"tcp4"`; `address` is `":PORT"` or `"host.internal:PORT"`
+ * (an IPv4 host such as `"0.0.0.0:PORT"` listens on that guest address
+ * instead); port 0 picks a free port (`cc_listener_addr`). Works with the
+ * network off. Bad input is `CC_ERR_INVALID_ARGUMENT`; a port taken in the
+ * guest is `CC_ERR_NETWORK`.
+ *
+ * # Safety
+ * `network` and `address` are NUL-terminated strings; `out` is NULL or
+ * valid for writing; `err` is NULL or valid for writing.
+ */
+cc_error_code cc_instance_listen(cc_instance inst,
+                                 const char *network,
+                                 const char *address,
+                                 cc_listener *out,
+                                 struct cc_error *err);
+
+/**
+ * Waits for the next guest connection and returns it as a readable and
+ * writable `cc_conn`. `cancel` (0 for none) stops the wait with
+ * `CC_ERR_CANCELLED`; closing the listener meanwhile ends it with
+ * `CC_ERR_ALREADY_CLOSED`, the instance ending with `CC_ERR_NOT_RUNNING`.
+ *
+ * # Safety
+ * `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+ */
+cc_error_code cc_listener_accept(cc_listener listener,
+                                 cc_cancel_token cancel,
+                                 cc_conn *out,
+                                 struct cc_error *err);
+
+/**
+ * The address guest programs connect to, `"host.internal:PORT"`, as a
+ * string to free with `cc_string_free`; `port` (may be NULL) gets the
+ * port alone.
+ *
+ * # Safety
+ * `out` and `port` are NULL or valid for writing; `err` is NULL or valid
+ * for writing.
+ */
+cc_error_code cc_listener_addr(cc_listener listener,
+                               char **out,
+                               uint16_t *port,
+                               struct cc_error *err);
+
+/**
+ * Stops listening; connections already accepted stay open. Closing again
+ * is `CC_OK`.
+ *
+ * # Safety
+ * `err` is NULL or valid for writing.
+ */
+cc_error_code cc_listener_close(cc_listener listener, struct cc_error *err);
+
+/**
+ * Closes the listener and releases the handle (0, and handles released by
+ * `cc_shutdown`, are fine).
+ */
+cc_error_code cc_listener_free(cc_listener listener);
+
+/**
+ * Connects to a TCP service inside the guest: `address` is `"IP:PORT"` as
+ * the guest sees it (`"127.0.0.1:8080"`; `":8080"` is the guest's
+ * loopback). Nothing listening there is `CC_ERR_NETWORK`.
+ *
+ * # Safety
+ * `network` and `address` are NUL-terminated strings; `out` is NULL or
+ * valid for writing; `err` is NULL or valid for writing.
+ */
+cc_error_code cc_instance_dial(cc_instance inst,
+                               const char *network,
+                               const char *address,
+                               cc_conn *out,
+                               struct cc_error *err);
+
+/**
+ * Publishes the guest's TCP port `guest_port` at `127.0.0.1:host_port` on
+ * the host (`host_port` 0 picks a free port); `port` (may be NULL) gets the
+ * bound host port. Exposing a guest port twice is
+ * `CC_ERR_INVALID_ARGUMENT`; a host port in use is `CC_ERR_NETWORK`.
+ *
+ * # Safety
+ * `out` and `port` are NULL or valid for writing; `err` is NULL or valid
+ * for writing.
+ */
+cc_error_code cc_instance_expose(cc_instance inst,
+                                 uint16_t guest_port,
+                                 uint16_t host_port,
+                                 cc_exposed *out,
+                                 uint16_t *port,
+                                 struct cc_error *err);
+
+/**
+ * The host port (on `127.0.0.1`) that reaches the guest port.
+ *
+ * # Safety
+ * `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+ */
+cc_error_code cc_exposed_port(cc_exposed exposed, uint16_t *out, struct cc_error *err);
+
+/**
+ * Unpublishes the port and closes its connections. Closing again is
+ * `CC_OK`.
+ *
+ * # Safety
+ * `err` is NULL or valid for writing.
+ */
+cc_error_code cc_exposed_close(cc_exposed exposed, struct cc_error *err);
+
+/**
+ * Unpublishes the port and releases the handle (0, and handles released
+ * by `cc_shutdown`, are fine).
+ */
+cc_error_code cc_exposed_free(cc_exposed exposed);
 
 /**
  * Opens the image store in `cache_dir`, or, when NULL, the per-user store

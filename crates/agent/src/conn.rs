@@ -10,13 +10,13 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
 use cc_protocol::flow::{Broken, Inbound, Outbound};
-use cc_protocol::{frame, ErrorKind, Message, RemoteError, Response};
+use cc_protocol::{frame, ErrorKind, Message, RemoteError, Response, GUEST_STREAM_BASE};
 
 use crate::fs::Handles;
 use crate::{error, sys};
@@ -91,6 +91,10 @@ pub struct Conn {
     outputs: Mutex<HashMap<u32, Arc<Output>>>,
     /// Files the host opened; closed with the connection.
     handles: Handles,
+    /// The host's listeners, by host-chosen id: a second handle on each
+    /// listening socket, to shut it down from another thread.
+    listeners: Mutex<HashMap<u64, OwnedFd>>,
+    next_stream: AtomicU32,
 }
 
 impl Conn {
@@ -103,7 +107,43 @@ impl Conn {
             inputs: Mutex::default(),
             outputs: Mutex::default(),
             handles: Handles::default(),
+            listeners: Mutex::default(),
+            next_stream: AtomicU32::new(GUEST_STREAM_BASE),
         }
+    }
+
+    /// A stream id of the guest's own numbering, for streams the guest opens.
+    pub fn new_stream_id(&self) -> u32 {
+        // Wrapping past u32::MAX would need two billion connections on one
+        // channel; stay in the guest's half regardless.
+        self.next_stream.fetch_add(1, Ordering::Relaxed) | GUEST_STREAM_BASE
+    }
+
+    /// Registers listener `id`, whose socket `stop` shuts down.
+    pub fn add_listener(&self, id: u64, stop: OwnedFd) -> Result<(), RemoteError> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(error::new(ErrorKind::Io, "connection closed"));
+        }
+        let mut listeners = lock(&self.listeners);
+        if listeners.contains_key(&id) {
+            return Err(error::invalid(format!("listener {id} already exists")));
+        }
+        listeners.insert(id, stop);
+        Ok(())
+    }
+
+    pub fn has_listener(&self, id: u64) -> bool {
+        lock(&self.listeners).contains_key(&id)
+    }
+
+    /// Stops listener `id`: its accept loop wakes and ends. `false` if there
+    /// was no such listener.
+    pub fn remove_listener(&self, id: u64) -> bool {
+        let stop = lock(&self.listeners).remove(&id);
+        if let Some(fd) = &stop {
+            sys::shutdown_socket(fd.as_fd());
+        }
+        stop.is_some()
     }
 
     /// Unique among the agent's connections.
@@ -291,6 +331,9 @@ impl Conn {
             output.end(Broken::Lost);
         }
         self.handles.close_all();
+        for (_, fd) in lock(&self.listeners).drain() {
+            sys::shutdown_socket(fd.as_fd());
+        }
         drop(lock(&self.port).take());
     }
 }

@@ -37,6 +37,7 @@ mod conn;
 mod environ;
 mod error;
 mod exec;
+mod forward;
 mod fs;
 mod glob;
 mod mounts;
@@ -278,6 +279,31 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
             }),
             Err(e) => return reply.send(Err(e)),
         },
+        Request::Dial {
+            address,
+            port,
+            to_guest,
+            from_guest,
+        } => match Sender::open(conn, from_guest)
+            .and_then(|s| Ok((s, Receiver::open(conn, to_guest)?)))
+        {
+            Ok((sender, receiver)) => Box::new(move |_, reply| {
+                forward::dial(reply, &address, port, sender, receiver);
+            }),
+            Err(e) => return reply.send(Err(e)),
+        },
+        Request::Listen {
+            listener,
+            address,
+            port,
+        } => Box::new(move |_, reply| forward::listen(reply, listener, &address, port)),
+        Request::Unlisten { listener } => {
+            return reply.send(if conn.remove_listener(listener) {
+                Ok(Response::Done)
+            } else {
+                Err(error::invalid(format!("no listener {listener}")))
+            });
+        }
     };
     let agent = agent.clone();
     // On failure the closure, and with it the reply, is dropped: that

@@ -187,6 +187,14 @@ pub fn pollfd(fd: BorrowedFd<'_>, events: libc::c_short) -> libc::pollfd {
     }
 }
 
+/// Shuts a socket down in both directions; on a listening socket this
+/// wakes a thread blocked in `accept`.
+pub fn shutdown_socket(fd: BorrowedFd<'_>) {
+    // SAFETY: shutdown(2) takes no pointers; the descriptor is borrowed and
+    // stays open. Failure (not a socket, already shut) leaves nothing to do.
+    unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+}
+
 /// Makes `target` a copy of `fd` (clearing close-on-exec on it).
 pub fn dup2(fd: impl AsFd, target: RawFd) -> io::Result<()> {
     // SAFETY: dup2(2) takes no pointers; replacing `target` is the intent,

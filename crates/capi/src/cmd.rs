@@ -18,8 +18,9 @@ use crate::objects::Instance;
 pub type cc_cmd = u64;
 
 /// One end of a byte stream to the guest: a command's stdin (writable) or
-/// stdout/stderr (readable). Its calls are serialized; use it from one
-/// thread at a time.
+/// stdout/stderr (readable), or a TCP connection (both). A read and a write
+/// may run in two threads at once; `cc_conn_close` from any thread ends
+/// both.
 pub type cc_conn = u64;
 
 fn new_cmd(out: Out<cc_cmd>, cmd: cc::Cmd) -> Result<(), Failure> {
@@ -511,6 +512,45 @@ pub unsafe extern "C" fn cc_conn_write(
 pub unsafe extern "C" fn cc_conn_close(conn: cc_conn, err: *mut cc_error) -> cc_error_code {
     entry(err, || {
         handles::get::<cc::Conn>(conn)?.close();
+        Ok(())
+    })
+}
+
+/// Ends the writing direction only (a TCP half close): the guest reads end
+/// of file, and this end can still read. On a stdin pipe it is
+/// `cc_conn_close`; on an output pipe it does nothing.
+///
+/// # Safety
+/// `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_conn_close_write(conn: cc_conn, err: *mut cc_error) -> cc_error_code {
+    entry(err, || {
+        handles::get::<cc::Conn>(conn)?.close_write();
+        Ok(())
+    })
+}
+
+/// The local and remote addresses (`"IP:PORT"`) of a TCP connection, as
+/// strings to free with `cc_string_free`; NULL for a pipe. Either output
+/// may be NULL.
+///
+/// # Safety
+/// `local` and `remote` are NULL or valid for writing; `err` is NULL or
+/// valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_conn_addrs(
+    conn: cc_conn,
+    local: *mut *mut c_char,
+    remote: *mut *mut c_char,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes NULL or writable slots.
+        let (local, remote) = unsafe { (Out::opt(local), Out::opt(remote)) };
+        let conn = handles::get::<cc::Conn>(conn)?;
+        let text = |s: Option<&str>| s.map_or(Ok(ptr::null_mut()), alloc::string);
+        put(local, text(conn.local_addr())?);
+        put(remote, text(conn.remote_addr())?);
         Ok(())
     })
 }

@@ -19,6 +19,8 @@ pub(crate) enum Object {
     File(Arc<cc::File>),
     Cmd(Arc<cc::Cmd>),
     Conn(Arc<cc::Conn>),
+    Listener(Arc<cc::Listener>),
+    Exposed(Arc<cc::Exposed>),
     Snapshot(Arc<Snapshot>),
     Cancel(Arc<Cancel>),
 }
@@ -32,6 +34,8 @@ impl Object {
             Object::File(_) => cc::File::KIND,
             Object::Cmd(_) => cc::Cmd::KIND,
             Object::Conn(_) => cc::Conn::KIND,
+            Object::Listener(_) => cc::Listener::KIND,
+            Object::Exposed(_) => cc::Exposed::KIND,
             Object::Snapshot(_) => Snapshot::KIND,
             Object::Cancel(_) => Cancel::KIND,
         }
@@ -70,6 +74,8 @@ kinds! {
     File(cc::File) = "cc_file",
     Cmd(cc::Cmd) = "cc_cmd",
     Conn(cc::Conn) = "cc_conn",
+    Listener(cc::Listener) = "cc_listener",
+    Exposed(cc::Exposed) = "cc_exposed",
     Snapshot(Snapshot) = "cc_snapshot",
     Cancel(Cancel) = "cc_cancel_token",
 }

@@ -7,9 +7,6 @@
 //! SIGPIPE from killing the caller, and turns every failure into a stable
 //! error code plus an optional caller-owned `cc_error`. The ABI rules are
 //! written at the top of the header (`cbindgen.toml`).
-//!
-//! Listeners and connections into the guest's network (`inst.listen`) are
-//! not here: the core does not offer them yet.
 
 #![allow(non_camel_case_types)]
 
@@ -21,6 +18,7 @@ pub mod error;
 pub mod fs;
 pub mod instance;
 pub mod library;
+pub mod net;
 pub mod oci;
 pub mod snapshot;
 

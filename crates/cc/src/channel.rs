@@ -2,7 +2,7 @@
 //! frames into request replies, stream buffers and process exits; callers
 //! write frames under one lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufReader};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use cc_protocol::flow::{Broken, Inbound, Outbound};
 use cc_protocol::{
-    frame, ExitStatus, Message, RemoteError, Request, Response, DATA_CHUNK, PROTOCOL_VERSION,
+    frame, ExitStatus, Message, RemoteError, Request, Response, DATA_CHUNK, GUEST_STREAM_BASE,
+    PROTOCOL_VERSION,
 };
 
 use crate::error::{Error, Result};
@@ -63,12 +64,87 @@ impl ExitSlot {
     }
 }
 
+/// A connection a guest program made to one of the host's listeners, its
+/// streams already registered.
+#[derive(Debug)]
+pub(crate) struct Accepted {
+    pub(crate) peer: String,
+    pub(crate) to_guest: (u32, Arc<Outbound>),
+    pub(crate) from_guest: (u32, Arc<Inbound>),
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    waiting: VecDeque<Accepted>,
+    /// Why no more connections will come, once that is so.
+    ended: Option<Ended>,
+}
+
+/// Why a listener's queue ended.
+#[derive(Debug, Clone)]
+pub(crate) enum Ended {
+    /// The listener was closed.
+    Closed,
+    /// The channel went down for this reason.
+    Lost(String),
+}
+
+/// Connections accepted in the guest for one host listener, waiting for
+/// the host's `accept`.
+#[derive(Debug, Default)]
+pub(crate) struct AcceptQueue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+}
+
+impl AcceptQueue {
+    fn push(&self, conn: Accepted) {
+        lock(&self.state).waiting.push_back(conn);
+        self.ready.notify_all();
+    }
+
+    fn end(&self, why: Ended) -> VecDeque<Accepted> {
+        let mut s = lock(&self.state);
+        s.ended.get_or_insert(why);
+        self.ready.notify_all();
+        std::mem::take(&mut s.waiting)
+    }
+
+    /// The next connection, waiting until `deadline`: `Ok(None)` on timeout,
+    /// `Err` once the queue ended (connections already queued still come
+    /// first unless the listener was closed).
+    pub(crate) fn pop(&self, deadline: Instant) -> std::result::Result<Option<Accepted>, Ended> {
+        let mut s = lock(&self.state);
+        loop {
+            if let Some(Ended::Closed) = s.ended {
+                return Err(Ended::Closed);
+            }
+            if let Some(conn) = s.waiting.pop_front() {
+                return Ok(Some(conn));
+            }
+            if let Some(why) = &s.ended {
+                return Err(why.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            s = self
+                .ready
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Tables {
     pending: HashMap<u64, mpsc::SyncSender<Reply>>,
     inbound: HashMap<u32, Arc<Inbound>>,
     outbound: HashMap<u32, Arc<Outbound>>,
     exits: HashMap<u64, Arc<ExitSlot>>,
+    listeners: HashMap<u64, Arc<AcceptQueue>>,
     /// Why the connection is gone, once it is.
     dead: Option<String>,
 }
@@ -80,6 +156,7 @@ struct Shared {
     next_request: AtomicU64,
     next_stream: AtomicU32,
     next_process: AtomicU64,
+    next_listener: AtomicU64,
 }
 
 /// A request sent and not yet answered.
@@ -186,6 +263,7 @@ impl Channel {
             next_request: AtomicU64::new(1),
             next_stream: AtomicU32::new(1),
             next_process: AtomicU64::new(1),
+            next_listener: AtomicU64::new(1),
         });
         let shared2 = shared.clone();
         let handle = std::thread::Builder::new()
@@ -241,12 +319,7 @@ impl Channel {
     }
 
     fn send_frame(&self, bytes: &[u8]) -> Result<()> {
-        let mut w = lock(&self.shared.writer);
-        io::Write::write_all(&mut *w, bytes).map_err(|e| {
-            drop(w);
-            mark_dead(&self.shared, format!("writing to the guest agent: {e}"));
-            self.not_running()
-        })
+        send_frame(&self.shared, bytes).map_err(|()| self.not_running())
     }
 
     pub(crate) fn new_process_id(&self) -> u64 {
@@ -272,6 +345,40 @@ impl Channel {
 
     pub(crate) fn forget_exit(&self, id: u64) {
         lock(&self.shared.tables).exits.remove(&id);
+    }
+
+    /// Registers a new listener; connections accepted for it queue up in
+    /// the returned queue. Returns its id.
+    pub(crate) fn open_listener(&self) -> (u64, Arc<AcceptQueue>) {
+        let id = self.shared.next_listener.fetch_add(1, Ordering::Relaxed);
+        let queue = Arc::new(AcceptQueue::default());
+        let mut t = lock(&self.shared.tables);
+        match &t.dead {
+            Some(why) => {
+                queue.end(Ended::Lost(why.clone()));
+            }
+            None => {
+                t.listeners.insert(id, queue.clone());
+            }
+        }
+        (id, queue)
+    }
+
+    /// Forgets listener `id`: its queue ends, and connections still waiting
+    /// in it are aborted (their guest peers see the connection close).
+    pub(crate) fn close_listener(&self, id: u64) {
+        let queue = lock(&self.shared.tables).listeners.remove(&id);
+        if let Some(queue) = queue {
+            for conn in queue.end(Ended::Closed) {
+                self.abort_accepted(&conn);
+            }
+        }
+    }
+
+    /// Closes both streams of a connection nobody will take.
+    pub(crate) fn abort_accepted(&self, conn: &Accepted) {
+        self.close_inbound(conn.from_guest.0, &conn.from_guest.1);
+        self.close_outbound(conn.to_guest.0, &conn.to_guest.1);
     }
 
     /// A new guest → host stream.
@@ -412,10 +519,52 @@ fn dispatch(shared: &Shared, msg: Message) -> std::result::Result<(), String> {
                 s.grant(bytes);
             }
         }
+        // The guest stops reading a stream we send, or aborts one it sends
+        // (a read error, a connection reset): either way it is over.
         Message::Reset { stream } => {
             if let Some(s) = t.outbound.remove(&stream) {
                 s.break_off(Broken::Closed);
             }
+            if let Some(s) = t.inbound.remove(&stream) {
+                s.break_off(Broken::Closed);
+            }
+        }
+        Message::Accepted {
+            listener,
+            peer,
+            to_guest,
+            from_guest,
+        } => {
+            let known = |id: u32| t.inbound.contains_key(&id) || t.outbound.contains_key(&id);
+            if to_guest < GUEST_STREAM_BASE
+                || from_guest < GUEST_STREAM_BASE
+                || to_guest == from_guest
+                || known(to_guest)
+                || known(from_guest)
+            {
+                return Err(format!(
+                    "the guest agent accepted a connection on bad streams {to_guest}/{from_guest}"
+                ));
+            }
+            let Some(queue) = t.listeners.get(&listener).cloned() else {
+                // Closed meanwhile: abort the guest's connection.
+                drop(t);
+                for stream in [to_guest, from_guest] {
+                    let frame =
+                        frame::encode(&Message::Reset { stream }).map_err(|e| e.to_string())?;
+                    send_frame(shared, &frame).map_err(|()| "writing to the guest agent failed")?;
+                }
+                return Ok(());
+            };
+            let inbound = Arc::new(Inbound::new());
+            let outbound = Arc::new(Outbound::new());
+            t.inbound.insert(from_guest, inbound.clone());
+            t.outbound.insert(to_guest, outbound.clone());
+            queue.push(Accepted {
+                peer,
+                to_guest: (to_guest, outbound),
+                from_guest: (from_guest, inbound),
+            });
         }
         Message::Exited { process, status } => {
             if let Some(slot) = t.exits.remove(&process) {
@@ -427,6 +576,15 @@ fn dispatch(shared: &Shared, msg: Message) -> std::result::Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Writes one frame; on failure the channel is marked dead.
+fn send_frame(shared: &Shared, bytes: &[u8]) -> std::result::Result<(), ()> {
+    let mut w = lock(&shared.writer);
+    io::Write::write_all(&mut *w, bytes).map_err(|e| {
+        drop(w);
+        mark_dead(shared, format!("writing to the guest agent: {e}"));
+    })
 }
 
 /// Fails everything waiting on the channel with `why`.
@@ -445,6 +603,10 @@ fn mark_dead(shared: &Shared, why: String) {
     }
     for (_, slot) in t.exits.drain() {
         slot.fill(Err(why.clone()));
+    }
+    for (_, queue) in t.listeners.drain() {
+        // Their streams were broken off above.
+        queue.end(Ended::Lost(why.clone()));
     }
     t.dead = Some(why);
 }

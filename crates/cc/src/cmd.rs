@@ -4,11 +4,12 @@
 //! start) is [`Error::InvalidArgument`].
 
 use std::ffi::OsString;
-use std::io::{Read, Write};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::io::Read;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::command::{Child, ChildOutput, ChildStdin, Command, ExitStatus, Signaller, Stdio};
+use crate::command::{Child, Command, ExitStatus, Signaller, Stdio};
+use crate::conn::Conn;
 use crate::error::{Error, Result};
 
 /// The exit code a [`Cmd`] reports: the process's status, or minus the
@@ -40,7 +41,7 @@ pub struct Cmd {
     child: Mutex<Option<Child>>,
 }
 
-fn misuse(what: &str) -> Error {
+pub(crate) fn misuse(what: &str) -> Error {
     Error::InvalidArgument(what.to_string())
 }
 
@@ -273,84 +274,5 @@ impl Cmd {
             Stage::Done(status) => Some(code_of(status)),
             _ => None,
         }
-    }
-}
-
-#[derive(Debug)]
-enum ConnState {
-    /// Requested before start; `fd` says which end it will be.
-    Unbound(usize),
-    Writer(ChildStdin),
-    Reader(ChildOutput),
-    Closed,
-}
-
-/// One end of a byte stream to the guest: a command's pipe.
-#[derive(Debug, Clone)]
-pub struct Conn {
-    state: Arc<Mutex<ConnState>>,
-}
-
-impl Conn {
-    fn unbound(fd: usize) -> Conn {
-        Conn {
-            state: Arc::new(Mutex::new(ConnState::Unbound(fd))),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, ConnState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn bind(&self, child: &mut Child) {
-        let mut state = self.lock();
-        *state = match *state {
-            ConnState::Unbound(0) => child.stdin.take().map(ConnState::Writer),
-            ConnState::Unbound(1) => child.stdout.take().map(ConnState::Reader),
-            ConnState::Unbound(_) => child.stderr.take().map(ConnState::Reader),
-            _ => None,
-        }
-        .unwrap_or(ConnState::Closed);
-    }
-
-    /// Reads up to `max` bytes; an empty result is end of stream.
-    pub fn read(&self, max: usize) -> Result<Vec<u8>> {
-        let mut state = self.lock();
-        match &mut *state {
-            ConnState::Reader(r) => {
-                let mut buf = vec![0u8; max.min(1 << 20)];
-                let n = r.read(&mut buf).map_err(|e| Error::Io {
-                    op: "read".into(),
-                    path: "pipe".into(),
-                    source: e,
-                })?;
-                buf.truncate(n);
-                Ok(buf)
-            }
-            ConnState::Unbound(_) => Err(misuse("the command was not started")),
-            ConnState::Writer(_) => Err(misuse("this end is not readable")),
-            ConnState::Closed => Err(Error::AlreadyClosed),
-        }
-    }
-
-    /// Writes all of `data`.
-    pub fn write(&self, data: &[u8]) -> Result<()> {
-        let mut state = self.lock();
-        match &mut *state {
-            ConnState::Writer(w) => w.write_all(data).map_err(|e| Error::Io {
-                op: "write".into(),
-                path: "pipe".into(),
-                source: e,
-            }),
-            ConnState::Unbound(_) => Err(misuse("the command was not started")),
-            ConnState::Reader(_) => Err(misuse("this end is not writable")),
-            ConnState::Closed => Err(Error::AlreadyClosed),
-        }
-    }
-
-    /// Closes this end: a writer sends end of file, a reader stops the
-    /// stream. Closing again does nothing.
-    pub fn close(&self) {
-        *self.lock() = ConnState::Closed;
     }
 }

@@ -528,9 +528,26 @@ pub struct ChildStdin {
     stream: Arc<Outbound>,
 }
 
+impl ChildStdin {
+    pub(crate) fn new(inst: Arc<Inner>, id: u32, stream: Arc<Outbound>) -> ChildStdin {
+        ChildStdin { inst, id, stream }
+    }
+
+    /// Writes all of `data`, waiting for the guest to make room.
+    pub(crate) fn send(&self, data: &[u8]) -> io::Result<()> {
+        self.inst.channel.write(self.id, &self.stream, data)
+    }
+
+    /// Sends end of file now; a write blocked in another thread and later
+    /// writes fail. Idempotent.
+    pub(crate) fn finish(&self) {
+        self.inst.channel.close_outbound(self.id, &self.stream);
+    }
+}
+
 impl Write for ChildStdin {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.inst.channel.write(self.id, &self.stream, buf)?;
+        self.send(buf)?;
         Ok(buf.len())
     }
 
@@ -541,7 +558,7 @@ impl Write for ChildStdin {
 
 impl Drop for ChildStdin {
     fn drop(&mut self) {
-        self.inst.channel.close_outbound(self.id, &self.stream);
+        self.finish();
     }
 }
 
@@ -570,18 +587,29 @@ impl ChildOutput {
     pub fn set_deadline(&mut self, deadline: Option<Instant>) {
         self.deadline = deadline;
     }
+
+    /// Reads what is there (0 bytes at end of file), waiting for some.
+    pub(crate) fn receive(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inst
+            .channel
+            .read(self.id, &self.stream, buf, self.deadline)
+    }
+
+    /// Stops the stream: a read blocked in another thread and later reads
+    /// fail, and the guest's writer sees a broken pipe. Idempotent.
+    pub(crate) fn stop(&self) {
+        self.inst.channel.close_inbound(self.id, &self.stream);
+    }
 }
 
 impl Read for ChildOutput {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inst
-            .channel
-            .read(self.id, &self.stream, buf, self.deadline)
+        self.receive(buf)
     }
 }
 
 impl Drop for ChildOutput {
     fn drop(&mut self) {
-        self.inst.channel.close_inbound(self.id, &self.stream);
+        self.stop();
     }
 }

@@ -45,6 +45,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A connection or listener failed; `addr` is the address involved.
+    #[error("{op} {addr}: {source}")]
+    Net {
+        op: String,
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
     /// The guest agent reported a failure.
     #[error("{op}: {message}")]
     Guest { op: String, message: String },
@@ -66,6 +74,7 @@ impl Error {
         match self {
             Error::InvalidArgument(_) | Error::UnknownUser(_) => ErrorCode::InvalidArgument,
             Error::NotRunning(_) => ErrorCode::NotRunning,
+            Error::Net { .. } => ErrorCode::Network,
             Error::AlreadyClosed => ErrorCode::AlreadyClosed,
             Error::Timeout(_) => ErrorCode::Timeout,
             Error::CommandNotFound(_)
@@ -98,7 +107,7 @@ impl Error {
     /// The operation that failed, where one applies.
     pub fn op(&self) -> Option<&str> {
         match self {
-            Error::Io { op, .. } | Error::Guest { op, .. } => Some(op),
+            Error::Io { op, .. } | Error::Guest { op, .. } | Error::Net { op, .. } => Some(op),
             Error::Image(cc_image::Error::Io { op, .. }) => Some(op),
             _ => None,
         }
@@ -107,7 +116,9 @@ impl Error {
     /// The path involved, where one applies.
     pub fn path(&self) -> Option<&str> {
         match self {
-            Error::Io { path, .. } | Error::Image(cc_image::Error::Io { path, .. }) => Some(path),
+            Error::Io { path, .. }
+            | Error::Net { addr: path, .. }
+            | Error::Image(cc_image::Error::Io { path, .. }) => Some(path),
             _ => None,
         }
     }

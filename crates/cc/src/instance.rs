@@ -7,13 +7,17 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cc_engine::{Disk, RunDir, Share, Vm, VmSpec};
-use cc_protocol::{Lower, NetConfig, Request, Response, RootSpec, Setup, UnixTime};
+use cc_protocol::{
+    Lower, NetConfig, Request, Response, RootSpec, Setup, UnixTime, HOST_INTERNAL_ADDR,
+    HOST_INTERNAL_NAME,
+};
 use serde_bytes::ByteBuf;
 
 use crate::channel::Channel;
 use crate::cmd::Cmd;
 use crate::command::Command;
 use crate::error::{Error, Result};
+use crate::net::ExposeShared;
 use crate::oci::CancelToken;
 use crate::rootfs;
 use crate::snapshot::{Origin, Snapshot};
@@ -201,6 +205,8 @@ pub(crate) struct Inner {
     network: bool,
     /// File handle ids, unique on the connection.
     pub(crate) next_handle: AtomicU64,
+    /// Guest ports published on the host, stopped on close.
+    exposed: Mutex<Vec<Arc<ExposeShared>>>,
     /// `None` once closed.
     live: Mutex<Option<Live>>,
 }
@@ -208,6 +214,10 @@ pub(crate) struct Inner {
 impl Inner {
     fn live(&self) -> MutexGuard<'_, Option<Live>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn exposed(&self) -> MutexGuard<'_, Vec<Arc<ExposeShared>>> {
+        self.exposed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Fails unless the instance is open and its guest alive.
@@ -342,7 +352,7 @@ impl Instance {
             clock: now(),
             entropy: ByteBuf::from(random_bytes(64)),
             nameservers: vec!["10.0.2.3".into()],
-            hosts: Vec::new(),
+            hosts: vec![(HOST_INTERNAL_ADDR.into(), HOST_INTERNAL_NAME.into())],
             mounts: options
                 .mounts
                 .iter()
@@ -389,6 +399,7 @@ impl Instance {
             origin,
             network: options.network,
             next_handle: AtomicU64::new(1),
+            exposed: Mutex::default(),
             live: Mutex::new(None),
         });
         let watchdog = match options.timeout {
@@ -548,6 +559,10 @@ impl Instance {
         if let Some((stop, thread)) = live.watchdog.take() {
             drop(stop);
             let _ = thread.join();
+        }
+        let exposed = std::mem::take(&mut *self.inner.exposed());
+        for e in exposed {
+            e.stop();
         }
         if self.inner.channel.dead().is_none() {
             // The agent answers, then powers off; a lost answer is fine.

@@ -23,22 +23,26 @@
 mod channel;
 mod cmd;
 mod command;
+mod conn;
 mod error;
 mod fs;
 mod instance;
+mod net;
 mod oci;
 mod rootfs;
 mod snapshot;
 
 pub use cc_protocol::PROTOCOL_VERSION as GUEST_PROTOCOL_VERSION;
-pub use cmd::{Cmd, Conn};
+pub use cmd::Cmd;
 pub use command::{Child, ChildOutput, ChildStdin, Command, ExitStatus, Output, Signaller, Stdio};
+pub use conn::Conn;
 pub use error::{Error, ErrorCode, Result};
 pub use fs::{
     DirEntry, File, FileInfo, Whence, O_APPEND, O_CREATE, O_EXCL, O_RDONLY, O_RDWR, O_TRUNC,
     O_WRONLY,
 };
 pub use instance::{BootTimings, Instance, Mount, Options, Source};
+pub use net::{Exposed, Listener};
 pub use oci::*;
 pub use snapshot::Snapshot;
 

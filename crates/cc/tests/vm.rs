@@ -1225,6 +1225,348 @@ fn no_network_means_no_interface() {
     inst.close().unwrap();
 }
 
+/// Reads a connection to its end, returning everything.
+fn read_all(conn: &cc::Conn) -> Vec<u8> {
+    let mut all = Vec::new();
+    loop {
+        let chunk = conn.read(1 << 20).unwrap();
+        if chunk.is_empty() {
+            return all;
+        }
+        all.extend_from_slice(&chunk);
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Host and guest-agent descriptors and threads, to compare before and
+/// after many connections.
+fn resources(inst: &Instance) -> [usize; 4] {
+    let count = |dir: &str| std::fs::read_dir(dir).unwrap().count();
+    let guest: Vec<usize> = stdout(inst, "ls /proc/1/fd | wc -l; ls /proc/1/task | wc -l")
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    [
+        count("/proc/self/fd"),
+        count("/proc/self/task"),
+        guest[0],
+        guest[1],
+    ]
+}
+
+/// Waits for resources to settle back to `before` (threads end a moment
+/// after their connection).
+fn assert_no_leaks(inst: &Instance, before: [usize; 4]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = resources(inst);
+        if now.iter().zip(before).all(|(n, b)| *n <= b) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leaked: [host fds, host threads, agent fds, agent threads] {before:?} -> {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn listen_sixteen_mib_each_way_via_host_internal(inst: &Instance) {
+    const LEN: usize = 16 << 20;
+    let listener = inst.listen("tcp", ":0").unwrap();
+    assert!(listener.port() > 0);
+    assert_eq!(
+        listener.addr(),
+        format!("host.internal:{}", listener.port())
+    );
+    assert!(stdout(inst, "cat /etc/hosts").contains("127.0.0.254\thost.internal"));
+    let up_sum = stdout(
+        inst,
+        "dd if=/dev/urandom of=/tmp/up bs=1M count=16 2>/dev/null && sha256sum /tmp/up",
+    );
+    let nc = inst.cmd(
+        "sh",
+        &[
+            "-c",
+            &format!("nc host.internal {} < /tmp/up > /tmp/down", listener.port()),
+        ],
+    );
+    nc.start().unwrap();
+    let conn = listener.accept(None).unwrap();
+    assert_eq!(
+        conn.local_addr(),
+        Some(&*format!("127.0.0.254:{}", listener.port()))
+    );
+    assert!(
+        conn.remote_addr().unwrap().starts_with("127."),
+        "{:?}",
+        conn.remote_addr()
+    );
+    let down: Vec<u8> = (0..LEN).map(|i| pattern_byte(i as u64)).collect();
+    let down_sum = sha256_hex(&down);
+    let writer = {
+        let conn = conn.clone();
+        std::thread::spawn(move || {
+            for chunk in down.chunks(1 << 20) {
+                conn.write(chunk).unwrap();
+            }
+            conn.close_write();
+        })
+    };
+    let up = read_all(&conn);
+    writer.join().unwrap();
+    assert_eq!(nc.wait().unwrap(), 0);
+    conn.close();
+    assert_eq!(up.len(), LEN);
+    assert!(up_sum.starts_with(&sha256_hex(&up)), "upload corrupted");
+    assert!(stdout(inst, "sha256sum /tmp/down").starts_with(&down_sum));
+    assert_eq!(conn.read(1).unwrap_err().code(), ErrorCode::AlreadyClosed);
+    sh(inst, "rm -f /tmp/up /tmp/down");
+
+    // A closed listener refuses connections and ends a blocked accept.
+    let blocked = {
+        let listener = std::sync::Arc::new(listener);
+        let l2 = listener.clone();
+        let t = std::thread::spawn(move || l2.accept(None).map(drop));
+        std::thread::sleep(Duration::from_millis(200));
+        listener.close().unwrap();
+        listener.close().unwrap();
+        let port = listener.port();
+        (t.join().unwrap(), port)
+    };
+    assert_eq!(blocked.0.unwrap_err().code(), ErrorCode::AlreadyClosed);
+    let refused = sh(inst, &format!("echo x | nc host.internal {}", blocked.1));
+    assert!(!refused.status.success(), "connected to a closed listener");
+}
+
+fn listen_bad_input_and_many_short_connections(inst: &Instance) {
+    for (network, address) in [
+        ("udp", ":80"),
+        ("tcp6", ":80"),
+        ("tcp", "80"),
+        ("tcp", ":65536"),
+        ("tcp", ":port"),
+        ("tcp", "example.com:80"),
+    ] {
+        let err = inst.listen(network, address).unwrap_err();
+        assert_eq!(
+            err.code(),
+            ErrorCode::InvalidArgument,
+            "{network} {address}: {err}"
+        );
+        let err = inst.dial(network, address).unwrap_err();
+        assert_eq!(
+            err.code(),
+            ErrorCode::InvalidArgument,
+            "{network} {address}: {err}"
+        );
+    }
+    // A port taken in the guest is a network error naming the address.
+    let first = inst.listen("tcp4", "host.internal:0").unwrap();
+    let err = inst
+        .listen("tcp", &format!(":{}", first.port()))
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Network, "{err}");
+    assert!(err.to_string().contains("in use"), "{err}");
+    drop(first);
+
+    let listener = inst.listen("tcp", ":0").unwrap();
+    let port = listener.port();
+    let before = resources(inst);
+    let server = std::thread::spawn(move || {
+        for i in 0..1000 {
+            let conn = listener.accept(None).unwrap();
+            let got = read_all(&conn);
+            assert_eq!(got, format!("{i}\n").as_bytes());
+            conn.write(b"ok").unwrap();
+            conn.close();
+        }
+    });
+    let out = stdout(
+        inst,
+        &format!("i=0; while [ $i -lt 1000 ]; do echo $i | nc 127.0.0.254 {port} || exit 1; i=$((i+1)); done | wc -c"),
+    );
+    server.join().unwrap();
+    assert_eq!(out.trim(), "2000");
+    assert_no_leaks(inst, before);
+}
+
+fn dial_into_a_guest_service(inst: &Instance) {
+    let server = inst.cmd("sh", &["-c", "echo hi-from-guest | nc -l -p 7000"]);
+    let received = server.stdout_pipe().unwrap();
+    server.start().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let conn = loop {
+        match inst.dial("tcp", "127.0.0.1:7000") {
+            Ok(conn) => break conn,
+            Err(e) => {
+                assert_eq!(e.code(), ErrorCode::Network, "{e}");
+                assert!(Instant::now() < deadline, "guest nc never listened: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    assert_eq!(conn.remote_addr(), Some("127.0.0.1:7000"));
+    conn.write(b"hello from the host\n").unwrap();
+    conn.close_write();
+    assert_eq!(read_all(&conn), b"hi-from-guest\n");
+    assert_eq!(
+        conn.write(b"more").unwrap_err().code(),
+        ErrorCode::AlreadyClosed
+    );
+    assert_eq!(server.wait().unwrap(), 0);
+    let mut said = Vec::new();
+    loop {
+        let chunk = received.read(4096).unwrap();
+        if chunk.is_empty() {
+            break;
+        }
+        said.extend_from_slice(&chunk);
+    }
+    assert_eq!(said, b"hello from the host\n");
+    conn.close();
+    // Nothing listens now.
+    let err = inst.dial("tcp", ":7000").unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Network);
+    assert!(err.to_string().contains("127.0.0.1:7000"), "{err}");
+    assert_eq!(err.path(), Some("127.0.0.1:7000"));
+}
+
+fn http_get(port: u16) -> std::io::Result<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+fn expose_a_guest_httpd(inst: &Instance) {
+    let httpd = inst.cmd(
+        "sh",
+        &[
+            "-c",
+            "mkdir -p /tmp/www && echo served-by-guest > /tmp/www/index.html && exec httpd -f -p 127.0.0.1:8081 -h /tmp/www",
+        ],
+    );
+    httpd.start().unwrap();
+    let exposed = inst.expose(8081, 0).unwrap();
+    let port = exposed.host_port();
+    assert!(port > 0);
+    assert_eq!(exposed.guest_port(), 8081);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match http_get(port) {
+            Ok(page) if page.ends_with("served-by-guest\n") => break,
+            other => {
+                assert!(Instant::now() < deadline, "no page: {other:?}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    // Bad input: the same guest port again, a host port in use, port 0.
+    let err = inst.expose(8081, 0).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument);
+    assert!(err.to_string().contains("already exposed"), "{err}");
+    let err = inst.expose(8082, port).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Network, "{err}");
+    assert_eq!(
+        inst.expose(0, 0).unwrap_err().code(),
+        ErrorCode::InvalidArgument
+    );
+
+    let before = resources(inst);
+    for _ in 0..1000 {
+        assert!(http_get(port).unwrap().ends_with("served-by-guest\n"));
+    }
+    assert_no_leaks(inst, before);
+
+    exposed.close();
+    exposed.close();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    // Unpublished, the guest port can be exposed again.
+    inst.expose(8081, 0).unwrap().close();
+    httpd.kill().unwrap();
+    httpd.wait().unwrap();
+}
+
+fn two_instances_listen_on_one_port_and_close_ends_connections() {
+    let a = boot();
+    // Without a network device: listeners travel over the agent channel.
+    let b = boot_with(Options {
+        network: false,
+        ..Options::default()
+    });
+    let la = a.listen("tcp", ":9000").unwrap();
+    let lb = b.listen("tcp", ":9000").unwrap();
+    for (inst, listener, name) in [(&a, &la, "a"), (&b, &lb, "b")] {
+        let nc = inst.cmd(
+            "sh",
+            &["-c", &format!("echo from-{name} | nc host.internal 9000")],
+        );
+        nc.start().unwrap();
+        let conn = listener.accept(None).unwrap();
+        assert_eq!(read_all(&conn), format!("from-{name}\n").as_bytes());
+        conn.close();
+        assert_eq!(nc.wait().unwrap(), 0);
+    }
+    // Closing an instance ends its listener, its accepted connections and
+    // the host clients of its exposed ports.
+    let nc = b.cmd("sh", &["-c", "nc host.internal 9000"]);
+    nc.start().unwrap();
+    let accepted = lb.accept(None).unwrap();
+    let server = b.cmd("sh", &["-c", "nc -l -p 7001"]);
+    // An open stdin, so nc keeps its side of the connection open.
+    let _server_stdin = server.stdin_pipe().unwrap();
+    server.start().unwrap();
+    let exposed = b.expose(7001, 0).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut client = loop {
+        let mut s = std::net::TcpStream::connect(exposed.addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(b"ping\n").unwrap();
+        // The guest nc is listening once the connection stays open.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut probe = [0u8; 1];
+        s.set_nonblocking(true).unwrap();
+        let open =
+            matches!(s.read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        s.set_nonblocking(false).unwrap();
+        if open {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "guest nc never listened");
+    };
+    b.close().unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(client.read_to_end(&mut rest).unwrap(), 0, "peer saw no EOF");
+    let err = accepted.read(16).unwrap_err();
+    assert!(
+        matches!(err.code(), ErrorCode::NotRunning | ErrorCode::AlreadyClosed),
+        "{err}"
+    );
+    let err = lb.accept(None).unwrap_err();
+    assert!(
+        matches!(err.code(), ErrorCode::NotRunning | ErrorCode::AlreadyClosed),
+        "{err}"
+    );
+    assert!(b.listen("tcp", ":9001").is_err());
+    drop(exposed);
+    // The other instance's listener is untouched.
+    let nc = a.cmd("sh", &["-c", "echo still-here | nc host.internal 9000"]);
+    nc.start().unwrap();
+    assert_eq!(read_all(&la.accept(None).unwrap()), b"still-here\n");
+    assert_eq!(nc.wait().unwrap(), 0);
+    a.close().unwrap();
+}
+
 /// `[(name, function), ...]` from function names.
 macro_rules! named {
     ($($test:ident),* $(,)?) => {
@@ -1280,6 +1622,10 @@ fn main() {
         seek_and_truncate_match_the_guest,
         pipes_sixteen_mib_each_way_at_once,
         bad_file_input_is_a_clear_error_and_the_instance_keeps_serving,
+        listen_sixteen_mib_each_way_via_host_internal,
+        listen_bad_input_and_many_short_connections,
+        dial_into_a_guest_service,
+        expose_a_guest_httpd,
     ];
     let own: &[(&str, fn())] = named![
         close_leaves_nothing,
@@ -1296,6 +1642,7 @@ fn main() {
         snapshot_of_a_directory_instance,
         snapshot_leaves_the_original_independent,
         no_network_means_no_interface,
+        two_instances_listen_on_one_port_and_close_ends_connections,
     ];
 
     let (mut passed, mut failed) = (0, Vec::new());

@@ -22,7 +22,8 @@
 //!    interleave freely: many commands and streams share the channel.
 //!
 //! # Streams and back-pressure
-//! Byte streams (a process's stdin, stdout, stderr) are numbered by the host;
+//! Byte streams (a process's stdin, stdout, stderr, a forwarded connection)
+//! are numbered by whoever opens them;
 //! ids below [`GUEST_STREAM_BASE`] are the host's, ids from it up are the
 //! guest's. A sender may have at most [`STREAM_WINDOW`] bytes in flight per
 //! stream: the receiver returns credit with [`Message::Credit`] as its reader
@@ -37,7 +38,7 @@ pub use message::*;
 
 /// Version of this protocol. Bumped on any incompatible change; the host
 /// refuses an agent that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame payload either side accepts.
 pub const MAX_FRAME: usize = 4 << 20;
@@ -53,3 +54,12 @@ pub const GUEST_STREAM_BASE: u32 = 1 << 31;
 
 /// Name of the virtio-serial port the agent serves on.
 pub const AGENT_PORT_NAME: &str = "cc.agent";
+
+/// The guest address of the host's listeners, named `host.internal` in the
+/// guest's `/etc/hosts`. A loopback address, so it works without a network
+/// device and with egress off: the agent listens on it and forwards over
+/// the channel.
+pub const HOST_INTERNAL_ADDR: &str = "127.0.0.254";
+
+/// The name guest programs use to reach the host's listeners.
+pub const HOST_INTERNAL_NAME: &str = "host.internal";

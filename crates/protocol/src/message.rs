@@ -32,6 +32,17 @@ pub enum Message {
     /// Guest → host: process `process` ended. Sent after its exit was reaped,
     /// independent of its output streams, which end with their own `Eof`.
     Exited { process: u64, status: ExitStatus },
+    /// Guest → host: listener `listener` accepted a connection from `peer`
+    /// (`address:port`). Its bytes flow on the guest-numbered streams
+    /// `from_guest` (guest → host) and `to_guest` (host → guest), already
+    /// open with full windows. A host that no longer has the listener
+    /// resets both.
+    Accepted {
+        listener: u64,
+        peer: String,
+        to_guest: u32,
+        from_guest: u32,
+    },
 }
 
 /// Host → guest requests.
@@ -69,6 +80,28 @@ pub enum Request {
     /// `**`). Answered by `Done` when the stream has started; the stream
     /// ends with `Eof` (or `Reset` on an error).
     SnapshotUpper { stream: u32, exclude: Vec<String> },
+    /// Connect to the IPv4 `address` and `port` inside the guest; answered
+    /// by `Done` once connected. Bytes then flow on `from_guest` (guest →
+    /// host) and `to_guest` (host → guest); `Eof` on either is a half
+    /// close, `Reset` aborts the connection.
+    Dial {
+        address: String,
+        port: u16,
+        to_guest: u32,
+        from_guest: u32,
+    },
+    /// Listen on the IPv4 `address` and `port` inside the guest (port 0
+    /// picks a free one) as host-numbered listener `listener`; answered by
+    /// `Bound` with the port, then each connection arrives as
+    /// [`Message::Accepted`].
+    Listen {
+        listener: u64,
+        address: String,
+        port: u16,
+    },
+    /// Stop listener `listener`; answered by `Done`. Connections it
+    /// accepted stay open.
+    Unlisten { listener: u64 },
 }
 
 /// Filesystem operations. Paths are absolute guest paths (bytes). Errors
@@ -226,6 +259,10 @@ pub enum Response {
     Offset(u64),
     /// `ReadFile`: the file is open and this long.
     Size(u64),
+    /// `Listen`: listening on this port.
+    Bound {
+        port: u16,
+    },
 }
 
 /// What the guest is told at boot.

@@ -6,6 +6,7 @@
  *   api_test --vm REF CACHE [--mounts]
  *                                  ... plus real VMs: pull REF (from the test
  *                                  registry), boot, commands, pipes, files,
+ *                                  listeners, dial, expose,
  *                                  snapshots, shutdown. CACHE is the cache
  *                                  directory (to check run dirs go away).
  *
@@ -14,6 +15,7 @@
 #define _GNU_SOURCE
 #include <cc.h>
 
+#include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
 #include <pthread.h>
@@ -21,6 +23,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -777,6 +781,132 @@ static void test_mounts(cc_source src) {
     free(file);
 }
 
+/* Reads `c` to its end into `buf` (NUL-terminated); returns the length. */
+static size_t read_conn(cc_conn c, char *buf, size_t cap) {
+    size_t total = 0, n = 0;
+    do {
+        n = 0;
+        if (!EXPECT(CC_OK, cc_conn_read(c, (uint8_t *)buf + total, cap - 1 - total, &n, &err)))
+            break;
+        total += n;
+    } while (n > 0 && total < cap - 1);
+    buf[total] = 0;
+    return total;
+}
+
+/* Starts `sh -c script` in the guest. */
+static cc_cmd start_sh(cc_instance inst, const char *script) {
+    const char *args[] = {"-c", script};
+    cc_cmd cmd = 0;
+    EXPECT(CC_OK, cc_instance_command(inst, "sh", args, 2, &cmd, &err));
+    EXPECT(CC_OK, cc_cmd_start(cmd, &err));
+    return cmd;
+}
+
+static void test_network(cc_instance inst) {
+    cc_listener l = 0;
+    cc_conn c = 0;
+    int code = -1;
+    char buf[256];
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_listen(inst, "udp", ":80", &l, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_listen(inst, "tcp", ":65536", &l, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_listen(inst, "tcp", "nowhere", &l, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_listen(inst, "tcp", NULL, &l, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_listen(inst, "tcp", ":0", NULL, &err));
+    EXPECT(CC_ERR_INVALID_HANDLE, cc_listener_accept(inst, 0, &c, &err)); /* wrong kind */
+
+    /* A guest program connects to host.internal. */
+    EXPECT(CC_OK, cc_instance_listen(inst, "tcp", ":0", &l, &err));
+    char *addr = NULL;
+    uint16_t port = 0;
+    EXPECT(CC_OK, cc_listener_addr(l, &addr, &port, &err));
+    CHECK(port > 0 && addr && strncmp(addr, "host.internal:", 14) == 0, "listener addr %s",
+          str_or(addr, "NULL"));
+    cc_string_free(addr);
+    char script[128];
+    snprintf(script, sizeof script, "echo from-guest | nc host.internal %u", (unsigned)port);
+    cc_cmd nc = start_sh(inst, script);
+    EXPECT(CC_OK, cc_listener_accept(l, 0, &c, &err));
+    char *local = NULL, *remote = NULL;
+    EXPECT(CC_OK, cc_conn_addrs(c, &local, &remote, &err));
+    CHECK(local && remote && strncmp(local, "127.0.0.254:", 12) == 0, "addrs %s %s",
+          str_or(local, "NULL"), str_or(remote, "NULL"));
+    cc_string_free(local);
+    cc_string_free(remote);
+    CHECK(read_conn(c, buf, sizeof buf) == 11 && strcmp(buf, "from-guest\n") == 0, "got %s", buf);
+    EXPECT(CC_OK, cc_conn_write(c, (const uint8_t *)"bye", 3, &err));
+    EXPECT(CC_OK, cc_conn_close_write(c, &err));
+    EXPECT(CC_ERR_ALREADY_CLOSED, cc_conn_write(c, (const uint8_t *)"x", 1, &err));
+    EXPECT(CC_OK, cc_cmd_wait(nc, &code, &err));
+    CHECK(code == 0, "guest nc exit %d", code);
+    cc_cmd_free(nc);
+    CHECK(cc_conn_free(c) == CC_OK, "free conn");
+
+    /* A cancelled accept, then a closed listener. */
+    cc_cancel_token token = 0;
+    EXPECT(CC_OK, cc_cancel_token_new(&token, &err));
+    EXPECT(CC_OK, cc_cancel_token_cancel(token, &err));
+    EXPECT(CC_ERR_CANCELLED, cc_listener_accept(l, token, &c, &err));
+    cc_cancel_token_free(token);
+    EXPECT(CC_OK, cc_listener_close(l, &err));
+    EXPECT(CC_OK, cc_listener_close(l, &err));
+    EXPECT(CC_ERR_ALREADY_CLOSED, cc_listener_accept(l, 0, &c, &err));
+    CHECK(cc_listener_free(l) == CC_OK && cc_listener_free(l) == CC_ERR_INVALID_HANDLE,
+          "free listener");
+
+    /* Dial a guest service; a pipe has no addresses. */
+    nc = start_sh(inst, "echo hi | nc -l -p 7100");
+    cc_error_code got = CC_ERR_NETWORK;
+    for (int i = 0; i < 400 && got == CC_ERR_NETWORK; i++) {
+        got = cc_instance_dial(inst, "tcp", "127.0.0.1:7100", &c, &err);
+        if (got == CC_ERR_NETWORK) {
+            cc_error_free(&err);
+            usleep(50000);
+        }
+    }
+    if (EXPECT(CC_OK, got)) {
+        CHECK(read_conn(c, buf, sizeof buf) == 3 && strcmp(buf, "hi\n") == 0, "dial got %s", buf);
+        cc_conn_free(c);
+    }
+    EXPECT(CC_OK, cc_cmd_wait(nc, &code, &err));
+    cc_cmd_free(nc);
+    expect_message(__LINE__, cc_instance_dial(inst, "tcp", ":7100", &c, &err), CC_ERR_NETWORK,
+                   "127.0.0.1:7100");
+
+    /* Expose a guest port on the host's loopback. */
+    nc = start_sh(inst, "echo exposed | nc -l -p 7101");
+    cc_exposed e = 0;
+    uint16_t host_port = 0, again = 0;
+    EXPECT(CC_OK, cc_instance_expose(inst, 7101, 0, &e, &host_port, &err));
+    EXPECT(CC_OK, cc_exposed_port(e, &again, &err));
+    CHECK(host_port > 0 && again == host_port, "exposed at %u", (unsigned)host_port);
+    cc_exposed other = 0;
+    expect_message(__LINE__, cc_instance_expose(inst, 7101, 0, &other, NULL, &err),
+                   CC_ERR_INVALID_ARGUMENT, "already exposed");
+    size_t total = 0;
+    for (int i = 0; i < 400 && total == 0; i++) {
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(host_port)};
+        sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (connect(s, (struct sockaddr *)&sa, sizeof sa) == 0) {
+            ssize_t r;
+            while ((r = read(s, buf + total, sizeof buf - 1 - total)) > 0)
+                total += (size_t)r;
+        }
+        close(s);
+        if (total == 0)
+            usleep(50000); /* nc not listening yet */
+    }
+    buf[total] = 0;
+    CHECK(strcmp(buf, "exposed\n") == 0, "host client got %s", buf);
+    EXPECT(CC_OK, cc_cmd_wait(nc, &code, &err));
+    cc_cmd_free(nc);
+    EXPECT(CC_OK, cc_exposed_close(e, &err));
+    EXPECT(CC_OK, cc_exposed_close(e, &err));
+    CHECK(cc_exposed_free(e) == CC_OK && cc_exposed_free(e) == CC_ERR_INVALID_HANDLE,
+          "free exposed");
+}
+
 static void test_vm_in(const char *ref, const char *cache, int mounts, char *store);
 
 static void test_vm(const char *ref, const char *cache, int mounts) {
@@ -811,6 +941,7 @@ static void test_vm_in(const char *ref, const char *cache, int mounts, char *sto
     test_files(inst);
     test_file_handles(inst);
     test_wait_cancel(inst);
+    test_network(inst);
     test_snapshot(inst, cache);
     if (mounts)
         test_mounts(src);

@@ -1,0 +1,198 @@
+//! [`Conn`]: one end of a byte stream to the guest — a command's pipe, or a
+//! TCP connection from [`Instance::dial`](crate::Instance::dial) or
+//! [`Listener::accept`](crate::Listener::accept).
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::cmd::misuse;
+use crate::command::{Child, ChildOutput, ChildStdin};
+use crate::error::{Error, Result};
+
+#[derive(Debug)]
+enum State {
+    /// A pipe requested before its command started; `fd` says which end
+    /// it will be.
+    Unbound(usize),
+    /// `None` halves were closed or never existed (a pipe has one).
+    Open {
+        reader: Option<Arc<ChildOutput>>,
+        writer: Option<Arc<ChildStdin>>,
+    },
+    Closed,
+}
+
+/// Addresses of a TCP connection, as `ip:port`.
+#[derive(Debug, Clone)]
+struct Addrs {
+    local: String,
+    remote: String,
+}
+
+/// One end of a byte stream to the guest: a command's stdin, stdout or
+/// stderr pipe, or a TCP connection (readable and writable).
+///
+/// Reads and writes may run in different threads at once; [`Conn::close`]
+/// from any thread ends both, waking a blocked read or write. Clones share
+/// the stream.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    state: Arc<Mutex<State>>,
+    addrs: Option<Arc<Addrs>>,
+}
+
+impl Conn {
+    pub(crate) fn unbound(fd: usize) -> Conn {
+        Conn {
+            state: Arc::new(Mutex::new(State::Unbound(fd))),
+            addrs: None,
+        }
+    }
+
+    /// A TCP connection carried by a stream pair.
+    pub(crate) fn socket(
+        reader: ChildOutput,
+        writer: ChildStdin,
+        local: String,
+        remote: String,
+    ) -> Conn {
+        Conn {
+            state: Arc::new(Mutex::new(State::Open {
+                reader: Some(Arc::new(reader)),
+                writer: Some(Arc::new(writer)),
+            })),
+            addrs: Some(Arc::new(Addrs { local, remote })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Binds a pipe to the started `child`'s matching end.
+    pub(crate) fn bind(&self, child: &mut Child) {
+        let mut state = self.lock();
+        *state = match *state {
+            State::Unbound(0) => child.stdin.take().map(|w| State::Open {
+                reader: None,
+                writer: Some(Arc::new(w)),
+            }),
+            State::Unbound(fd) => {
+                let out = if fd == 1 {
+                    child.stdout.take()
+                } else {
+                    child.stderr.take()
+                };
+                out.map(|r| State::Open {
+                    reader: Some(Arc::new(r)),
+                    writer: None,
+                })
+            }
+            _ => None,
+        }
+        .unwrap_or(State::Closed);
+    }
+
+    /// What errors name as the stream: the peer's address, or "pipe".
+    fn name(&self) -> String {
+        self.addrs
+            .as_ref()
+            .map_or_else(|| "pipe".to_string(), |a| a.remote.clone())
+    }
+
+    fn io_error(&self, op: &str, e: io::Error) -> Error {
+        if self.is_closed() {
+            return Error::AlreadyClosed;
+        }
+        match e.kind() {
+            io::ErrorKind::ConnectionAborted => Error::NotRunning(e.to_string()),
+            _ => Error::Io {
+                op: op.into(),
+                path: self.name(),
+                source: e,
+            },
+        }
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        matches!(*self.lock(), State::Closed)
+    }
+
+    /// Reads up to `max` bytes, waiting for some; an empty result is end of
+    /// stream.
+    pub fn read(&self, max: usize) -> Result<Vec<u8>> {
+        let reader = match &*self.lock() {
+            State::Open {
+                reader: Some(r), ..
+            } => r.clone(),
+            State::Open { reader: None, .. } if self.addrs.is_none() => {
+                return Err(misuse("this end is not readable"))
+            }
+            State::Open { reader: None, .. } | State::Closed => return Err(Error::AlreadyClosed),
+            State::Unbound(_) => return Err(misuse("the command was not started")),
+        };
+        let mut buf = vec![0u8; max.min(1 << 20)];
+        let n = reader
+            .receive(&mut buf)
+            .map_err(|e| self.io_error("read", e))?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Writes all of `data`, waiting while the guest catches up.
+    pub fn write(&self, data: &[u8]) -> Result<()> {
+        let writer = match &*self.lock() {
+            State::Open {
+                writer: Some(w), ..
+            } => w.clone(),
+            State::Open { writer: None, .. } if self.addrs.is_none() => {
+                return Err(misuse("this end is not writable"))
+            }
+            State::Open { writer: None, .. } | State::Closed => return Err(Error::AlreadyClosed),
+            State::Unbound(_) => return Err(misuse("the command was not started")),
+        };
+        writer.send(data).map_err(|e| self.io_error("write", e))
+    }
+
+    /// Ends the writing direction only: the guest reads end of file, and
+    /// this end can still read its answer (a TCP half close). On a pipe it
+    /// is `close` for stdin and does nothing for output.
+    pub fn close_write(&self) {
+        let writer = match &mut *self.lock() {
+            State::Open { writer, .. } => writer.take(),
+            _ => None,
+        };
+        if let Some(w) = writer {
+            w.finish();
+        }
+    }
+
+    /// Closes this end: the guest reads end of file from what this end
+    /// wrote, and its writes to this end fail (a TCP peer sees the
+    /// connection close). A read or write blocked in another thread ends
+    /// with [`Error::AlreadyClosed`]. Closing again does nothing.
+    pub fn close(&self) {
+        let old = std::mem::replace(&mut *self.lock(), State::Closed);
+        if let State::Open { reader, writer } = old {
+            if let Some(r) = reader {
+                r.stop();
+            }
+            if let Some(w) = writer {
+                w.finish();
+            }
+        }
+    }
+
+    /// This end's address (`ip:port`) for a TCP connection; `None` for a
+    /// pipe.
+    pub fn local_addr(&self) -> Option<&str> {
+        self.addrs.as_deref().map(|a| a.local.as_str())
+    }
+
+    /// The peer's address (`ip:port`) for a TCP connection; `None` for a
+    /// pipe.
+    pub fn remote_addr(&self) -> Option<&str> {
+        self.addrs.as_deref().map(|a| a.remote.as_str())
+    }
+}
