@@ -104,6 +104,9 @@ fn add_entropy(bytes: &[u8]) {
             log!("write /dev/urandom: {}", error::describe(&e));
         }
     }
+    if let Err(e) = sys::reseed_crng(random.as_fd()) {
+        log!("reseed the CRNG: {}", error::describe(&e));
+    }
 }
 
 /// Writes a generated file, replacing a symlink rather than writing through

@@ -477,6 +477,19 @@ pub fn wait_signal(set: &libc::sigset_t) -> io::Result<(libc::c_int, i32)> {
 /// `_IOW('R', 0x03, int[2])` from <linux/random.h>.
 const RNDADDENTROPY: libc::Ioctl = 0x4008_5203;
 
+/// `_IO('R', 0x07)` from <linux/random.h>.
+const RNDRESEEDCRNG: libc::Ioctl = 0x5207;
+
+/// Reseeds the kernel's CRNG from its input pool now, rather than at its
+/// next scheduled reseed: what [`add_entropy`] added reaches the very next
+/// read. Matters after a restore from a template, when every clone starts
+/// with the same CRNG state.
+pub fn reseed_crng(random: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: this ioctl takes no argument.
+    check(unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) })?;
+    Ok(())
+}
+
 /// Mixes `bytes` into the kernel RNG, crediting each bit as entropy.
 pub fn add_entropy(random: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
     let len = libc::c_int::try_from(bytes.len())

@@ -6,6 +6,7 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use cc_engine::template::StartKind;
 use cc_engine::{Disk, RunDir, Share, Vm, VmSpec};
 use cc_protocol::{
     Lower, NetConfig, Request, Response, RootSpec, Setup, UnixTime, HOST_INTERNAL_ADDR,
@@ -67,6 +68,12 @@ pub struct Options {
     /// user-mode stack on the host, no root or TAP device needed. Switch it
     /// at run time with [`Instance::set_network_enabled`].
     pub network: bool,
+    /// Start from a template of an already booted guest when there is one
+    /// for this configuration, building it on the first start (default
+    /// on). A warm instance is indistinguishable from a cold one: identity,
+    /// clock, entropy, disks, mounts and network are set up after the
+    /// restore. [`Instance::start_kind`] says which happened.
+    pub warm_start: bool,
 }
 
 /// A host directory shared into the guest at `guest_path`. Read-only
@@ -127,6 +134,7 @@ impl Default for Options {
             timeout: None,
             mounts: Vec::new(),
             network: true,
+            warm_start: true,
         }
     }
 }
@@ -247,6 +255,7 @@ pub struct Instance {
     inner: Arc<Inner>,
     kernel_release: String,
     timings: BootTimings,
+    start_kind: StartKind,
 }
 
 impl Instance {
@@ -313,10 +322,13 @@ impl Instance {
                 .collect(),
             network: options.network,
             kernel_params: Vec::new(),
+            memory_file: None,
+            incoming: false,
         };
         let prepare = t0.elapsed();
         let t1 = Instant::now();
-        let (vm, socket) = Vm::start(&spec, &run_dir)?;
+        let (vm, socket, start_kind) =
+            cc_engine::template::start(&spec, &run_dir, &cache, options.warm_start)?;
         let spawn = t1.elapsed();
         let boot_failed = |vm: &Vm, reason: String| {
             // Let QEMU finish writing why it died before quoting its logs.
@@ -420,11 +432,17 @@ impl Instance {
             inner,
             kernel_release,
             timings,
+            start_kind,
         })
     }
 
     pub(crate) fn inner(&self) -> &Arc<Inner> {
         &self.inner
+    }
+
+    /// Whether the guest booted cold or was restored from a template.
+    pub fn start_kind(&self) -> StartKind {
+        self.start_kind
     }
 
     /// Unique id of this instance.

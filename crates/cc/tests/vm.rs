@@ -1567,6 +1567,172 @@ fn two_instances_listen_on_one_port_and_close_ends_connections() {
     a.close().unwrap();
 }
 
+// ---- warm start ----
+
+fn starts(options: &Options, n: usize) -> Vec<Instance> {
+    (0..n).map(|_| boot_with(options.clone())).collect()
+}
+
+fn templates_with_memory(memory_mb: u32) -> Vec<cc::templates::TemplateInfo> {
+    cc::templates::list()
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.meta.memory_mb == memory_mb)
+        .collect()
+}
+
+fn random_hex(inst: &Instance) -> String {
+    stdout(inst, "head -c 32 /dev/urandom | od -An -tx1")
+}
+
+fn warm_instances_are_independent_and_fresh() {
+    let options = Options {
+        memory_mb: 448,
+        ..Options::default()
+    };
+    let first = boot_with(options.clone());
+    assert_ne!(first.start_kind(), cc::StartKind::Cold);
+    first.close().unwrap();
+    let [a, b] = <[Instance; 2]>::try_from(starts(&options, 2)).unwrap();
+    for inst in [&a, &b] {
+        assert_eq!(
+            inst.start_kind(),
+            cc::StartKind::Warm,
+            "second start is warm"
+        );
+    }
+    // Their own writable layers, identities and randomness.
+    a.write_file("/root/who", b"a", 0o644).unwrap();
+    b.write_file("/root/who", b"b", 0o644).unwrap();
+    assert_eq!(a.read_file("/root/who").unwrap(), b"a");
+    assert_eq!(b.read_file("/root/who").unwrap(), b"b");
+    assert_ne!(a.id(), b.id());
+    assert_ne!(stdout(&a, "hostname"), stdout(&b, "hostname"));
+    assert_ne!(random_hex(&a), random_hex(&b), "clones share their RNG");
+    // The wall clock is the host's, not the template's.
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let guest: i64 = stdout(&a, "date +%s").trim().parse().unwrap();
+    assert!(
+        (guest - host).abs() <= 2,
+        "guest clock {guest}, host {host}"
+    );
+    // Per-instance options apply after the restore.
+    assert!(stdout(&a, "cat /etc/hosts").contains("host.internal"));
+    a.close().unwrap();
+    b.close().unwrap();
+    let cold = boot_with(Options {
+        warm_start: false,
+        ..options
+    });
+    assert_eq!(cold.start_kind(), cc::StartKind::Cold);
+    cold.close().unwrap();
+}
+
+fn templates_follow_their_key_and_broken_ones_are_rebuilt() {
+    let options = Options {
+        memory_mb: 384,
+        ..Options::default()
+    };
+    for t in templates_with_memory(384) {
+        cc::templates::remove(&t.meta.key).unwrap();
+    }
+    let first = boot_with(options.clone());
+    assert_eq!(first.start_kind(), cc::StartKind::Built, "a new key builds");
+    first.close().unwrap();
+    let made = templates_with_memory(384);
+    assert_eq!(made.len(), 1, "one template for the new memory size");
+    assert!(!made[0].stale);
+    // A corrupt template is removed and built again; the start succeeds.
+    std::fs::write(made[0].dir.join("state"), b"not a migration stream").unwrap();
+    let again = boot_with(options.clone());
+    assert_eq!(again.start_kind(), cc::StartKind::Built);
+    assert_eq!(stdout(&again, "echo ok"), "ok\n");
+    again.close().unwrap();
+    let warm = boot_with(options);
+    assert_eq!(warm.start_kind(), cc::StartKind::Warm);
+    warm.close().unwrap();
+    assert!(cc::templates::remove(&made[0].meta.key).unwrap());
+    assert!(!cc::templates::remove(&made[0].meta.key).unwrap());
+    assert!(templates_with_memory(384).is_empty());
+}
+
+fn template_of_a_removed_image_is_not_used() {
+    let images = cc_testsupport::test_images();
+    let (client, root) = image_store("template");
+    let options = Options {
+        memory_mb: 320,
+        ..Options::default()
+    };
+    let image = client.load_dir(&images.busybox).unwrap();
+    let name = image.name().unwrap_or_default().to_string();
+    for _ in 0..2 {
+        let inst = Instance::new(&image.clone().into(), options.clone()).unwrap();
+        assert_eq!(stdout(&inst, "echo $CC_IMAGE"), "busybox\n");
+        inst.close().unwrap();
+    }
+    let inst = Instance::new(&image.clone().into(), options.clone()).unwrap();
+    assert_eq!(inst.start_kind(), cc::StartKind::Warm);
+    inst.close().unwrap();
+    assert!(client.remove(&name).unwrap(), "remove {name}");
+    client.prune().unwrap();
+    assert!(
+        templates_with_memory(320).iter().any(|t| t.stale),
+        "its template is stale once the image is gone"
+    );
+    let image = client.load_dir(&images.busybox).unwrap();
+    let inst = Instance::new(&image.into(), options).unwrap();
+    assert_ne!(
+        inst.start_kind(),
+        cc::StartKind::Warm,
+        "the image was replaced"
+    );
+    assert_eq!(stdout(&inst, "echo $CC_IMAGE"), "busybox\n");
+    inst.close().unwrap();
+    assert!(cc::templates::prune().unwrap() >= 1);
+    assert!(templates_with_memory(320).iter().all(|t| !t.stale));
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+fn ten_warm_instances_in_parallel() {
+    let options = Options {
+        memory_mb: 256,
+        ..Options::default()
+    };
+    boot_with(options.clone()).close().unwrap();
+    let threads = std::fs::read_dir("/proc/self/task").unwrap().count();
+    let workers: Vec<_> = (0..10)
+        .map(|i| {
+            let options = options.clone();
+            std::thread::spawn(move || {
+                let inst = boot_with(options);
+                let kind = inst.start_kind();
+                let said = stdout(&inst, &format!("echo {i}"));
+                let (pid, dir) = (inst.vm_pid().unwrap(), inst.run_dir().unwrap());
+                inst.close().unwrap();
+                (kind, said, pid, dir)
+            })
+        })
+        .collect();
+    for (i, w) in workers.into_iter().enumerate() {
+        let (kind, said, pid, dir) = w.join().unwrap();
+        assert_eq!(kind, cc::StartKind::Warm);
+        assert_eq!(said, format!("{i}\n"));
+        assert!(
+            !PathBuf::from(format!("/proc/{pid}")).exists(),
+            "QEMU {pid} left"
+        );
+        assert!(!dir.exists(), "run dir {dir:?} left");
+    }
+    assert_eq!(
+        std::fs::read_dir("/proc/self/task").unwrap().count(),
+        threads,
+        "threads leaked"
+    );
+}
+
 /// `[(name, function), ...]` from function names.
 macro_rules! named {
     ($($test:ident),* $(,)?) => {
@@ -1643,6 +1809,10 @@ fn main() {
         snapshot_leaves_the_original_independent,
         no_network_means_no_interface,
         two_instances_listen_on_one_port_and_close_ends_connections,
+        warm_instances_are_independent_and_fresh,
+        templates_follow_their_key_and_broken_ones_are_rebuilt,
+        template_of_a_removed_image_is_not_used,
+        ten_warm_instances_in_parallel,
     ];
 
     let (mut passed, mut failed) = (0, Vec::new());

@@ -26,19 +26,32 @@ pub fn qemu_args(spec: &VmSpec, agent_fd: i32, qmp_fd: i32, console_log: &Path) 
         append.push(' ');
         append.push_str(extra);
     }
+    let machine = match &spec.memory_file {
+        None => "microvm,acpi=off".to_string(),
+        Some(file) => {
+            // RAM in a file: a template's source shares it (its pages are
+            // the template), a restore maps it privately (never written).
+            push(
+                &mut a,
+                &[
+                    "-object",
+                    &format!(
+                        "memory-backend-file,id=mem,size={memory}M,share={},mem-path={}",
+                        if file.shared { "on" } else { "off" },
+                        opt_path(&file.path)
+                    ),
+                ],
+            );
+            "microvm,acpi=off,memory-backend=mem".to_string()
+        }
+    };
     push(
         &mut a,
-        &[
-            "-accel",
-            accel,
-            "-cpu",
-            cpu,
-            "-M",
-            "microvm,acpi=off",
-            "-m",
-            &memory,
-        ],
+        &["-accel", accel, "-cpu", cpu, "-M", &machine, "-m", &memory],
     );
+    if spec.incoming {
+        push(&mut a, &["-incoming", "defer"]);
+    }
     push(
         &mut a,
         &[
@@ -80,7 +93,8 @@ pub fn qemu_args(spec: &VmSpec, agent_fd: i32, qmp_fd: i32, console_log: &Path) 
         &[
             "-device",
             &format!(
-                "virtserialport,chardev=agent,name={}",
+                "virtserialport,chardev=agent,id={},name={}",
+                crate::vm::AGENT_PORT_ID,
                 cc_protocol::AGENT_PORT_NAME
             ),
         ],
@@ -197,6 +211,8 @@ mod tests {
             }],
             network: true,
             kernel_params: vec!["cc.debug=1".into()],
+            memory_file: None,
+            incoming: false,
         }
     }
 
@@ -224,7 +240,8 @@ mod tests {
             !cmd.contains("server"),
             "QEMU must use the connected sockets: {cmd}"
         );
-        assert!(cmd.contains("virtserialport,chardev=agent,name=cc.agent"));
+        assert!(cmd.contains("virtserialport,chardev=agent,id=agentport,name=cc.agent"));
+        assert!(!cmd.contains("-incoming") && !cmd.contains("memory-backend"));
         assert!(cmd.contains("file=/c/ro,,ot.erofs,format=raw,if=none,readonly=on"));
         assert!(cmd.contains("virtio-blk-device,drive=d1,serial=ccupper"));
         assert!(cmd.contains("-serial file:/r/console.log"));
@@ -260,6 +277,28 @@ mod tests {
         let cmd = joined(&spec());
         assert!(cmd.contains("file=/c/ro,,ot.erofs,"), "{cmd}");
         assert!(cmd.contains("-initrd /k/initrd.cpio"));
+    }
+
+    #[test]
+    fn templates_put_ram_in_a_file_and_restores_wait_for_state() {
+        let mut s = spec();
+        s.memory_file = Some(crate::MemoryFile {
+            path: PathBuf::from("/t/k,1/ram"),
+            shared: true,
+        });
+        let cmd = joined(&s);
+        assert!(
+            cmd.starts_with(
+                "-object memory-backend-file,id=mem,size=256M,share=on,mem-path=/t/k,,1/ram \
+                 -accel tcg -cpu max -M microvm,acpi=off,memory-backend=mem -m 256"
+            ),
+            "{cmd}"
+        );
+        s.memory_file.as_mut().unwrap().shared = false;
+        s.incoming = true;
+        let cmd = joined(&s);
+        assert!(cmd.contains("share=off,"), "{cmd}");
+        assert!(cmd.contains("-m 256 -incoming defer"), "{cmd}");
     }
 
     #[test]

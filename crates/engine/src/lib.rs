@@ -19,10 +19,11 @@ pub mod initramfs;
 pub mod paths;
 mod qmp;
 mod rundir;
+pub mod template;
 mod vm;
 
 pub use accel::{detect_accel, Accel, AccelChoice};
 pub use cmdline::qemu_args;
 pub use error::Error;
 pub use rundir::RunDir;
-pub use vm::{qemu_version, Disk, Share, Vm, VmSpec};
+pub use vm::{qemu_version, Disk, MemoryFile, Share, Vm, VmSpec};

@@ -10,6 +10,8 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use serde_json::json;
+
 use crate::qmp::Qmp;
 use crate::{paths, qemu_args, Accel, Error, RunDir};
 
@@ -30,6 +32,19 @@ pub struct VmSpec {
     pub network: bool,
     /// Extra kernel command line parameters.
     pub kernel_params: Vec<String>,
+    /// Guest RAM in a file instead of anonymous memory (templates).
+    pub memory_file: Option<MemoryFile>,
+    /// Start paused, waiting for [`Vm::restore`] to load a saved state.
+    pub incoming: bool,
+}
+
+/// Guest RAM backed by a file.
+#[derive(Debug, Clone)]
+pub struct MemoryFile {
+    pub path: PathBuf,
+    /// Writes go to the file (`true`, to save a template) or stay private
+    /// to this VM (`false`, to restore one: the file never changes).
+    pub shared: bool,
 }
 
 /// A raw disk image attached as a virtio block device.
@@ -71,6 +86,9 @@ pub struct Vm {
 
 /// QEMU's id of the guest's network backend.
 pub(crate) const NETDEV_ID: &str = "net0";
+
+/// QEMU's id of the agent's virtio-serial port (named in its events).
+pub(crate) const AGENT_PORT_ID: &str = "agentport";
 
 /// The file descriptor numbers QEMU sees its two channels on.
 const AGENT_FD: RawFd = 3;
@@ -262,6 +280,62 @@ impl Vm {
         .map(drop)
     }
 
+    /// Saves this booted guest as a template, then ends QEMU. Its RAM must
+    /// be a shared [`MemoryFile`] (which then holds the template's memory);
+    /// the device state goes to `state`. The host end of the agent channel
+    /// is closed first and the guest seen to re-open its port, so that a
+    /// restored guest greets its new host with nothing in flight.
+    pub fn save_template(&self, agent: UnixStream, state: &Path) -> Result<(), Error> {
+        let mut qmp = self.qmp.lock().unwrap_or_else(|e| e.into_inner());
+        // Negotiated before the events we wait for.
+        qmp.execute("query-status", None, QMP_TIMEOUT)?;
+        let _ = agent.shutdown(std::net::Shutdown::Both);
+        drop(agent);
+        // The guest closes its port on the hang-up and opens it again. QEMU
+        // throttles these events (one a second per port, the latest state
+        // winning), so the close may never be reported: the open is what
+        // says the agent is back, waiting to greet.
+        qmp.wait_event(
+            "VSERPORT_CHANGE",
+            |d| d["id"] == AGENT_PORT_ID && d["open"] == true,
+            QMP_TIMEOUT,
+        )?;
+        ignore_shared_ram(&mut qmp)?;
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": 100u64 << 30, "downtime-limit": 5000 })),
+            QMP_TIMEOUT,
+        )?;
+        qmp.execute("stop", None, QMP_TIMEOUT)?;
+        let uri = format!("exec:cat > {}", shell_quote(state));
+        qmp.execute("migrate", Some(json!({ "uri": uri })), QMP_TIMEOUT)?;
+        wait_migrated(&mut qmp)?;
+        // QEMU may close QMP before answering `quit`.
+        let _ = qmp.execute("quit", None, QMP_TIMEOUT);
+        drop(qmp);
+        if self.wait_timeout(QMP_TIMEOUT).is_none() {
+            self.kill();
+        }
+        Ok(())
+    }
+
+    /// Loads a template's device state from `state` into this VM, started
+    /// with `incoming` and the template's RAM file mapped privately, and
+    /// lets it run.
+    pub fn restore(&self, state: &Path) -> Result<(), Error> {
+        let mut qmp = self.qmp.lock().unwrap_or_else(|e| e.into_inner());
+        ignore_shared_ram(&mut qmp)?;
+        let uri = format!("exec:cat {}", shell_quote(state));
+        qmp.execute("migrate-incoming", Some(json!({ "uri": uri })), QMP_TIMEOUT)?;
+        wait_migrated(&mut qmp)?;
+        // The template was saved stopped, so the guest arrives paused.
+        let status = qmp.execute("query-status", None, QMP_TIMEOUT)?;
+        if status["status"] != "running" {
+            qmp.execute("cont", None, QMP_TIMEOUT)?;
+        }
+        Ok(())
+    }
+
     /// QEMU's own messages and the tail of the guest console, for errors.
     pub fn diagnostics(&self) -> String {
         let mut out = String::new();
@@ -332,6 +406,43 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: the syscall returned a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// How long one QMP step of saving or restoring may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Skips the shared RAM file in the migration stream: it is the template's
+/// memory, on both sides.
+fn ignore_shared_ram(qmp: &mut Qmp) -> Result<(), Error> {
+    let caps = json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] });
+    qmp.execute("migrate-set-capabilities", Some(caps), QMP_TIMEOUT)
+        .map(drop)
+}
+
+/// Polls `query-migrate` until the migration completed.
+fn wait_migrated(qmp: &mut Qmp) -> Result<(), Error> {
+    let deadline = Instant::now() + QMP_TIMEOUT;
+    loop {
+        let info = qmp.execute("query-migrate", None, QMP_TIMEOUT)?;
+        match info["status"].as_str() {
+            Some("completed") => return Ok(()),
+            Some("failed" | "cancelled") => {
+                return Err(Error::Qmp(format!(
+                    "migration failed: {}",
+                    info["error-desc"].as_str().unwrap_or("no reason given")
+                )))
+            }
+            _ if Instant::now() > deadline => {
+                return Err(Error::Qmp("migration did not finish in time".into()))
+            }
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+/// `path` as one word for `/bin/sh` (QEMU runs `exec:` URIs with it).
+fn shell_quote(path: &Path) -> String {
+    format!("'{}'", path.to_string_lossy().replace('\'', "'\\''"))
 }
 
 /// The last `lines` lines of a log file (lossy UTF-8).

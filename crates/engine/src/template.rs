@@ -1,0 +1,521 @@
+//! Warm start: a booted, idle guest saved once per configuration — its RAM
+//! in a file plus QEMU's device state — and restored by later VMs with the
+//! same configuration in a fraction of a boot.
+//!
+//! A template is taken before the guest is told anything (no root
+//! filesystem, no mounts, no identity), so it never holds a user's data.
+//! Templates live in `<cache>/templates/<key>/`, where the key hashes
+//! everything that shapes the guest's memory and devices: the QEMU binary,
+//! kernel and initramfs (by file identity), accelerator, memory, CPUs, the
+//! read-only disks (by file identity), the number and kinds of the other
+//! devices. A change to any of them is another key. Restores map the RAM
+//! file privately, so it is never written and its pages are shared by
+//! every instance restored from it.
+//!
+//! Several processes may build the same template at once: each builds in a
+//! private directory and publishes it with one atomic rename; the first
+//! wins. A template that fails to restore is removed, and the caller boots
+//! cold (and builds it again).
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{paths, Error, MemoryFile, RunDir, Vm, VmSpec};
+
+/// Bumped when what a template holds or how it is used changes.
+const FORMAT: u32 = 1;
+
+/// How long a guest may take from restore to its agent's greeting before
+/// the template is considered broken.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How a VM came to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartKind {
+    /// Booted from scratch (warm start off, or no template could be used).
+    Cold,
+    /// Booted from scratch to build the template, then restored from it.
+    Built,
+    /// Restored from an existing template.
+    Warm,
+}
+
+/// What a template was made from, kept next to it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateMeta {
+    pub key: String,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    pub memory_mb: u32,
+    pub cpus: u32,
+    pub network: bool,
+    pub shares: usize,
+    /// The files it depends on with their identities at build time.
+    pub files: Vec<(PathBuf, String)>,
+}
+
+/// One template on disk, as `crumble templates` lists it.
+#[derive(Debug, Clone)]
+pub struct TemplateInfo {
+    pub meta: TemplateMeta,
+    pub dir: PathBuf,
+    /// Disk space it takes (allocated, not apparent).
+    pub bytes: u64,
+    /// A file it depends on changed or is gone: it can never be used again.
+    pub stale: bool,
+}
+
+/// A file's identity: changes whenever the file is replaced or rewritten.
+fn identity(path: &Path) -> String {
+    match fs::metadata(path) {
+        Ok(m) => format!(
+            "{}:{}:{}:{}.{}",
+            m.dev(),
+            m.ino(),
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec()
+        ),
+        Err(_) => "missing".into(),
+    }
+}
+
+/// The files whose contents a template depends on.
+fn files_of(spec: &VmSpec, qemu: PathBuf) -> Vec<PathBuf> {
+    let mut files = vec![qemu, spec.kernel.clone(), spec.initrd.clone()];
+    files.extend(
+        spec.disks
+            .iter()
+            .filter(|d| d.read_only)
+            .map(|d| d.path.clone()),
+    );
+    files
+}
+
+/// The template key of `spec` and the meta a template built for it keeps.
+pub fn key(spec: &VmSpec) -> Result<TemplateMeta, Error> {
+    Ok(key_with(spec, paths::qemu()?))
+}
+
+fn key_with(spec: &VmSpec, qemu: PathBuf) -> TemplateMeta {
+    let files: Vec<(PathBuf, String)> = files_of(spec, qemu)
+        .into_iter()
+        .map(|f| {
+            let id = identity(&f);
+            (f, id)
+        })
+        .collect();
+    let mut h = Sha256::new();
+    h.update(format!(
+        "format {FORMAT}\naccel {:?}\nmemory {}\ncpus {}\nnetwork {}\nparams {:?}\n",
+        spec.accel, spec.memory_mb, spec.cpus, spec.network, spec.kernel_params
+    ));
+    for (path, id) in &files {
+        h.update(format!("file {} {id}\n", path.display()));
+    }
+    for d in &spec.disks {
+        // Writable disks are per instance: only their size and place count.
+        let size = if d.read_only {
+            0
+        } else {
+            fs::metadata(&d.path).map(|m| m.len()).unwrap_or(0)
+        };
+        h.update(format!("disk {} {} {size}\n", d.serial, d.read_only));
+    }
+    for s in &spec.shares {
+        h.update(format!("share {} {}\n", s.tag, s.read_only));
+    }
+    let key: String = h.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    TemplateMeta {
+        key,
+        created: 0,
+        memory_mb: spec.memory_mb,
+        cpus: spec.cpus,
+        network: spec.network,
+        shares: spec.shares.len(),
+        files,
+    }
+}
+
+/// Where templates live.
+pub fn dir(cache: &Path) -> PathBuf {
+    cache.join("templates")
+}
+
+fn ram(dir: &Path) -> PathBuf {
+    dir.join("ram")
+}
+
+fn state(dir: &Path) -> PathBuf {
+    dir.join("state")
+}
+
+fn meta_path(dir: &Path) -> PathBuf {
+    dir.join("meta.json")
+}
+
+/// The complete template for `key`, if there is one.
+fn find(cache: &Path, key: &str) -> Option<PathBuf> {
+    let d = dir(cache).join(key);
+    [ram(&d), state(&d), meta_path(&d)]
+        .iter()
+        .all(|f| f.is_file())
+        .then_some(d)
+}
+
+/// Every template, newest first.
+pub fn list(cache: &Path) -> Result<Vec<TemplateInfo>, Error> {
+    let base = dir(cache);
+    let entries = match fs::read_dir(&base) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("read", &base)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let d = entry.path();
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let Some(meta) = fs::read(meta_path(&d))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<TemplateMeta>(&b).ok())
+        else {
+            continue;
+        };
+        let stale = meta.files.iter().any(|(f, id)| identity(f) != *id);
+        let bytes = [ram(&d), state(&d), meta_path(&d)]
+            .iter()
+            .filter_map(|f| fs::metadata(f).ok())
+            .map(|m| m.blocks() * 512)
+            .sum();
+        out.push(TemplateInfo {
+            meta,
+            dir: d,
+            bytes,
+            stale,
+        });
+    }
+    out.sort_by_key(|t| std::cmp::Reverse(t.meta.created));
+    Ok(out)
+}
+
+/// Removes the template `key`; `false` if there was none. A VM restored
+/// from it keeps running (it holds the files open).
+pub fn remove(cache: &Path, key: &str) -> Result<bool, Error> {
+    if key.is_empty() || key.contains('/') || key.starts_with('.') {
+        return Ok(false);
+    }
+    let d = dir(cache).join(key);
+    // Renamed away first, so nobody finds it half removed.
+    let trash = dir(cache).join(paths::temp_name("trash"));
+    match fs::rename(&d, &trash) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io("remove", &d)(e)),
+    }
+    fs::remove_dir_all(&trash).map_err(Error::io("remove", &trash))?;
+    Ok(true)
+}
+
+/// A template being built in a private directory; removed unless published.
+#[derive(Debug)]
+struct Building {
+    tmp: PathBuf,
+}
+
+impl Building {
+    fn start(cache: &Path) -> Result<Building, Error> {
+        let base = dir(cache);
+        fs::create_dir_all(&base).map_err(Error::io("create", &base))?;
+        sweep_abandoned(&base);
+        let tmp = base.join(paths::temp_name("build"));
+        fs::create_dir(&tmp).map_err(Error::io("create", &tmp))?;
+        Ok(Building { tmp })
+    }
+
+    /// Moves the template into place under its key; if another process was
+    /// first, theirs stays and this one is dropped.
+    fn publish(self, cache: &Path, mut meta: TemplateMeta) -> Result<PathBuf, Error> {
+        meta.created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let json = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Io {
+            op: "encode",
+            path: meta_path(&self.tmp),
+            source: io::Error::other(e),
+        })?;
+        let m = meta_path(&self.tmp);
+        fs::write(&m, json).map_err(Error::io("write", &m))?;
+        let target = dir(cache).join(&meta.key);
+        match fs::rename(&self.tmp, &target) {
+            Ok(()) => {}
+            // Someone else published the same key first.
+            Err(_) if find(cache, &meta.key).is_some() => {}
+            Err(e) => return Err(Error::io("publish", &target)(e)),
+        }
+        Ok(target)
+    }
+}
+
+impl Drop for Building {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.tmp);
+    }
+}
+
+/// Removes build directories of processes that died while building.
+fn sweep_abandoned(base: &Path) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix(".build.")
+            .or_else(|| name.strip_prefix(".trash."))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<i32>().ok());
+        if let Some(pid) = pid {
+            // SAFETY: kill with signal 0 only checks that `pid` exists.
+            let gone = unsafe { libc::kill(pid, 0) } != 0
+                && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+            if gone {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+/// Waits until the guest has something to say on the agent channel (its
+/// greeting), without reading it.
+fn wait_greeting(vm: &Vm, socket: &UnixStream, timeout: Duration) -> Result<(), Error> {
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let mut fds = [libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd, which outlives the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 50) };
+        if n > 0 && fds[0].revents & libc::POLLIN != 0 {
+            return Ok(());
+        }
+        if n > 0 || vm.exit_status().is_some() {
+            return Err(Error::Qmp(
+                "the guest ended before its agent greeted".into(),
+            ));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Error::ConnectTimeout {
+                secs: timeout.as_secs(),
+                log: vm.diagnostics(),
+            });
+        }
+    }
+}
+
+/// Boots `spec` in `run`, from a template when `warm` (building it first
+/// if there is none), and returns the VM, the host end of its agent
+/// channel (the agent greets first) and how it started. Any trouble with a
+/// template falls back to a cold boot; only a cold boot's own failure is
+/// an error.
+pub fn start(
+    spec: &VmSpec,
+    run: &RunDir,
+    cache: &Path,
+    warm: bool,
+) -> Result<(Vm, UnixStream, StartKind), Error> {
+    if warm && spec.memory_file.is_none() && !spec.incoming {
+        match start_warm(spec, run, cache) {
+            Ok(started) => return Ok(started),
+            Err(e) => tracing::warn!("warm start failed, booting cold: {e}"),
+        }
+    }
+    let (vm, socket) = Vm::start(spec, run)?;
+    Ok((vm, socket, StartKind::Cold))
+}
+
+fn start_warm(
+    spec: &VmSpec,
+    run: &RunDir,
+    cache: &Path,
+) -> Result<(Vm, UnixStream, StartKind), Error> {
+    let meta = key(spec)?;
+    if let Some(t) = find(cache, &meta.key) {
+        match restore(spec, run, &t) {
+            Ok((vm, socket)) => return Ok((vm, socket, StartKind::Warm)),
+            Err(e) => {
+                tracing::warn!(template = %meta.key, "removing a template that failed to restore: {e}");
+                remove(cache, &meta.key)?;
+            }
+        }
+    }
+    let t = build(spec, run, cache, meta)?;
+    match restore(spec, run, &t) {
+        Ok((vm, socket)) => Ok((vm, socket, StartKind::Built)),
+        Err(e) => {
+            let _ = remove(cache, t.file_name().and_then(|n| n.to_str()).unwrap_or(""));
+            Err(e)
+        }
+    }
+}
+
+/// Boots `spec` with its RAM in a new template's file, waits for the
+/// agent, and saves the template.
+fn build(spec: &VmSpec, run: &RunDir, cache: &Path, meta: TemplateMeta) -> Result<PathBuf, Error> {
+    let building = Building::start(cache)?;
+    let mut source = spec.clone();
+    source.memory_file = Some(MemoryFile {
+        path: ram(&building.tmp),
+        shared: true,
+    });
+    let (vm, socket) = Vm::start(&source, run)?;
+    wait_greeting(&vm, &socket, GREETING_TIMEOUT)?;
+    vm.save_template(socket, &state(&building.tmp))?;
+    drop(vm);
+    building.publish(cache, meta)
+}
+
+/// Starts `spec` from the template in `t` and waits for the agent.
+fn restore(spec: &VmSpec, run: &RunDir, t: &Path) -> Result<(Vm, UnixStream), Error> {
+    let mut target = spec.clone();
+    target.memory_file = Some(MemoryFile {
+        path: ram(t),
+        shared: false,
+    });
+    target.incoming = true;
+    let (vm, socket) = Vm::start(&target, run)?;
+    vm.restore(&state(t))?;
+    wait_greeting(&vm, &socket, GREETING_TIMEOUT)?;
+    Ok((vm, socket))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Keys and the directory life cycle (no QEMU: a plain file stands in
+    //! for its binary).
+    use super::*;
+    use crate::{Accel, Disk, Share};
+
+    fn spec(dir: &Path) -> VmSpec {
+        let file = |name: &str| {
+            let p = dir.join(name);
+            fs::write(&p, name).unwrap();
+            p
+        };
+        VmSpec {
+            kernel: file("vmlinux"),
+            initrd: file("initrd"),
+            memory_mb: 256,
+            cpus: 1,
+            accel: Accel::Tcg,
+            disks: vec![
+                Disk {
+                    path: file("lower.erofs"),
+                    serial: "cc-lower0".into(),
+                    read_only: true,
+                },
+                Disk {
+                    path: file("upper.img"),
+                    serial: "cc-upper".into(),
+                    read_only: false,
+                },
+            ],
+            shares: vec![Share {
+                tag: "ccm0".into(),
+                path: dir.to_path_buf(),
+                read_only: true,
+            }],
+            network: true,
+            kernel_params: Vec::new(),
+            memory_file: None,
+            incoming: false,
+        }
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("cc-template-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn keys_follow_what_shapes_the_guest() {
+        let d = scratch("keys");
+        let s = spec(&d);
+        let key = |s: &VmSpec| key_with(s, d.join("vmlinux"));
+        let k = key(&s).key;
+        assert_eq!(key(&s).key, k, "stable");
+        // Per-instance parts do not change the key.
+        let mut other = s.clone();
+        other.shares[0].path = PathBuf::from("/elsewhere");
+        other.disks[1].path = d.join("upper.img");
+        assert_eq!(key(&other).key, k);
+        // Everything else does.
+        let changed = |f: &dyn Fn(&mut VmSpec)| {
+            let mut c = s.clone();
+            f(&mut c);
+            key(&c).key
+        };
+        assert_ne!(changed(&|c| c.memory_mb = 512), k);
+        assert_ne!(changed(&|c| c.cpus = 2), k);
+        assert_ne!(changed(&|c| c.network = false), k);
+        assert_ne!(changed(&|c| c.shares.clear()), k);
+        assert_ne!(changed(&|c| c.shares[0].read_only = false), k);
+        assert_ne!(
+            changed(&|c| {
+                c.disks.remove(0);
+            }),
+            k
+        );
+        // A rewritten lower disk is another template.
+        std::thread::sleep(Duration::from_millis(10));
+        fs::write(&s.disks[0].path, "new contents").unwrap();
+        assert_ne!(key(&s).key, k);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn publish_list_stale_and_remove() {
+        let d = scratch("life");
+        let cache = d.join("cache");
+        let s = spec(&d);
+        let meta = key_with(&s, d.join("vmlinux"));
+        let publish = || {
+            let b = Building::start(&cache).unwrap();
+            fs::write(ram(&b.tmp), "ram").unwrap();
+            fs::write(state(&b.tmp), "state").unwrap();
+            b.publish(&cache, meta.clone()).unwrap()
+        };
+        let first = publish();
+        // A second builder of the same key loses quietly.
+        assert_eq!(publish(), first);
+        assert_eq!(find(&cache, &meta.key), Some(first.clone()));
+        let listed = list(&cache).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert!(!listed[0].stale);
+        // No build directories are left behind.
+        assert_eq!(fs::read_dir(dir(&cache)).unwrap().count(), 1);
+        fs::write(&s.disks[0].path, "rewritten").unwrap();
+        assert!(list(&cache).unwrap()[0].stale);
+        assert!(remove(&cache, &meta.key).unwrap());
+        assert!(!remove(&cache, &meta.key).unwrap());
+        assert!(!remove(&cache, "../escape").unwrap());
+        assert!(list(&cache).unwrap().is_empty());
+        fs::remove_dir_all(&d).unwrap();
+    }
+}
