@@ -219,6 +219,25 @@ typedef int32_t cc_error_code;
 #endif // __cplusplus
 
 /**
+ * How an instance's guest came to run.
+ */
+typedef enum cc_start_kind {
+    /**
+     * Booted from scratch (warm start off, or no template usable).
+     */
+    CC_START_COLD = 0,
+    /**
+     * Booted from scratch to build this configuration's template, then
+     * restored from it (the first start of a configuration).
+     */
+    CC_START_BUILT = 1,
+    /**
+     * Restored from an existing template.
+     */
+    CC_START_WARM = 2,
+} cc_start_kind;
+
+/**
  * A cancel token: set once (from any thread, or from a progress
  * callback), it stops the pulls and waits it was given to with
  * `CC_ERR_CANCELLED`. It stays set. 0 means "no token" where one is
@@ -373,6 +392,11 @@ typedef struct cc_instance_options {
      * No network interface (egress is on by default, so false keeps it).
      */
     bool no_network;
+    /**
+     * Always boot cold, never from a template (warm start is on by
+     * default, so false keeps it).
+     */
+    bool no_warm_start;
 } cc_instance_options;
 
 /**
@@ -1193,6 +1217,17 @@ cc_error_code cc_instance_new(cc_source source,
  * `out` is NULL or valid for writing; `err` is NULL or valid for writing.
  */
 cc_error_code cc_instance_id(cc_instance inst, char **out, struct cc_error *err);
+
+/**
+ * Whether the instance booted cold or was restored from a template. Also
+ * works on a closed instance.
+ *
+ * # Safety
+ * `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+ */
+cc_error_code cc_instance_start_kind(cc_instance inst,
+                                     enum cc_start_kind *out,
+                                     struct cc_error *err);
 
 /**
  * Whether the instance is open and its guest alive (false once closed,

@@ -48,12 +48,29 @@ pub struct cc_instance_options {
     pub mount_count: usize,
     /// No network interface (egress is on by default, so false keeps it).
     pub no_network: bool,
+    /// Always boot cold, never from a template (warm start is on by
+    /// default, so false keeps it).
+    pub no_warm_start: bool,
+}
+
+/// How an instance's guest came to run.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum cc_start_kind {
+    /// Booted from scratch (warm start off, or no template usable).
+    CC_START_COLD = 0,
+    /// Booted from scratch to build this configuration's template, then
+    /// restored from it (the first start of a configuration).
+    CC_START_BUILT = 1,
+    /// Restored from an existing template.
+    CC_START_WARM = 2,
 }
 
 fn options(o: Option<&cc_instance_options>) -> Result<cc::Options, Failure> {
     let mut out = cc::Options::default();
     let Some(o) = o else { return Ok(out) };
     out.network = !o.no_network;
+    out.warm_start = !o.no_warm_start;
     if o.memory_mb != 0 {
         out.memory_mb = o.memory_mb;
     }
@@ -136,6 +153,29 @@ pub unsafe extern "C" fn cc_instance_id(
         let out = unsafe { Out::new(out, "out") }?;
         let inst = handles::get::<Instance>(inst)?;
         out.write(alloc::string(inst.any().id())?);
+        Ok(())
+    })
+}
+
+/// Whether the instance booted cold or was restored from a template. Also
+/// works on a closed instance.
+///
+/// # Safety
+/// `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_start_kind(
+    inst: cc_instance,
+    out: *mut cc_start_kind,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes NULL or a writable slot.
+        let out = unsafe { Out::new(out, "out") }?;
+        out.write(match handles::get::<Instance>(inst)?.any().start_kind() {
+            cc::StartKind::Cold => cc_start_kind::CC_START_COLD,
+            cc::StartKind::Built => cc_start_kind::CC_START_BUILT,
+            cc::StartKind::Warm => cc_start_kind::CC_START_WARM,
+        });
         Ok(())
     })
 }

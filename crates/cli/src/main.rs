@@ -9,6 +9,7 @@ mod bench;
 mod doctor;
 mod images;
 mod run;
+mod templates;
 
 use std::process::ExitCode;
 
@@ -41,6 +42,12 @@ enum Cmd {
     Export(images::ExportArgs),
     /// Show the accelerator, kernel, QEMU and cache this machine uses.
     Doctor,
+    /// List or remove warm-start templates (booted guests saved per
+    /// configuration, restored by later starts).
+    Templates {
+        #[command(subcommand)]
+        cmd: Option<templates::TemplatesCmd>,
+    },
     /// Measure boot and command latency.
     Bench {
         #[command(subcommand)]
@@ -62,6 +69,7 @@ fn main() -> ExitCode {
         Cmd::Load(args) => images::load(args),
         Cmd::Export(args) => images::export(args),
         Cmd::Doctor => doctor::doctor(),
+        Cmd::Templates { cmd } => templates::templates(cmd),
         Cmd::Bench { what } => bench::bench(what),
     };
     match result {

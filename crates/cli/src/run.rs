@@ -41,6 +41,9 @@ pub(crate) struct RunArgs {
     /// No network interface (egress is on by default).
     #[arg(long)]
     no_network: bool,
+    /// Boot cold, not from a warm-start template.
+    #[arg(long)]
+    cold: bool,
     /// End the instance after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<f64>,
@@ -95,6 +98,7 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
         timeout,
         mounts: args.mounts,
         network: !args.no_network,
+        warm_start: !args.cold,
         ..Default::default()
     };
     let inst = cc::Instance::new(&source, options)?;

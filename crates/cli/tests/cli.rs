@@ -421,3 +421,46 @@ fn run_mounts_and_timeout() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn templates_are_built_listed_used_and_removed() {
+    if !vm_tests() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cc-cli-templates-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let echo = |extra: &[&str]| {
+        let root = rootfs();
+        let mut cmd = crumble_in(&dir);
+        cmd.args(["run", "--rootfs"])
+            .arg(root)
+            .args(extra)
+            .args(["--", "echo", "hi"]);
+        assert_eq!(ok(&mut cmd), "hi\n");
+    };
+    echo(&["--cold"]);
+    let listed = ok(crumble_in(&dir).arg("templates"));
+    assert_eq!(
+        listed.lines().count(),
+        1,
+        "a cold run builds none: {listed}"
+    );
+    echo(&[]);
+    echo(&[]);
+    let listed = ok(crumble_in(&dir).args(["templates", "ls"]));
+    let rows: Vec<&str> = listed.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{listed}");
+    assert!(rows[0].contains(" ok "), "{listed}");
+    let key = rows[0].split_whitespace().next().unwrap();
+    assert!(ok(crumble_in(&dir).args(["templates", "rm", key])).contains(key));
+    let out = crumble_in(&dir)
+        .args(["templates", "rm", key])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no template"));
+    echo(&[]);
+    assert!(ok(crumble_in(&dir).args(["templates", "clear"])).contains("removed 1 templates"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -32,6 +32,9 @@ use crate::{paths, Error, MemoryFile, RunDir, Vm, VmSpec};
 /// Bumped when what a template holds or how it is used changes.
 const FORMAT: u32 = 1;
 
+/// Templates kept at most; building one more removes the oldest.
+const MAX_TEMPLATES: usize = 16;
+
 /// How long a guest may take from restore to its agent's greeting before
 /// the template is considered broken.
 const GREETING_TIMEOUT: Duration = Duration::from_secs(15);
@@ -70,6 +73,8 @@ pub struct TemplateInfo {
     pub bytes: u64,
     /// A file it depends on changed or is gone: it can never be used again.
     pub stale: bool,
+    /// When an instance last started from it.
+    pub last_used: SystemTime,
 }
 
 /// A file's identity: changes whenever the file is replaced or rewritten.
@@ -199,11 +204,15 @@ pub fn list(cache: &Path) -> Result<Vec<TemplateInfo>, Error> {
             .filter_map(|f| fs::metadata(f).ok())
             .map(|m| m.blocks() * 512)
             .sum();
+        let last_used = fs::metadata(meta_path(&d))
+            .and_then(|m| m.modified())
+            .unwrap_or(UNIX_EPOCH);
         out.push(TemplateInfo {
             meta,
             dir: d,
             bytes,
             stale,
+            last_used,
         });
     }
     out.sort_by_key(|t| std::cmp::Reverse(t.meta.created));
@@ -386,7 +395,23 @@ fn build(spec: &VmSpec, run: &RunDir, cache: &Path, meta: TemplateMeta) -> Resul
     wait_greeting(&vm, &socket, GREETING_TIMEOUT)?;
     vm.save_template(socket, &state(&building.tmp))?;
     drop(vm);
-    building.publish(cache, meta)
+    let published = building.publish(cache, meta)?;
+    tidy(cache);
+    Ok(published)
+}
+
+/// Removes templates that can never be used again, and the least recently
+/// used beyond [`MAX_TEMPLATES`]: each holds tens of MiB of disk.
+fn tidy(cache: &Path) {
+    let Ok(mut all) = list(cache) else { return };
+    all.sort_by_key(|t| std::cmp::Reverse(t.last_used));
+    for (i, t) in all.iter().enumerate() {
+        if t.stale || i >= MAX_TEMPLATES {
+            if let Err(e) = remove(cache, &t.meta.key) {
+                tracing::warn!(template = %t.meta.key, "could not remove: {e}");
+            }
+        }
+    }
 }
 
 /// Starts `spec` from the template in `t` and waits for the agent.
@@ -400,6 +425,10 @@ fn restore(spec: &VmSpec, run: &RunDir, t: &Path) -> Result<(Vm, UnixStream), Er
     let (vm, socket) = Vm::start(&target, run)?;
     vm.restore(&state(t))?;
     wait_greeting(&vm, &socket, GREETING_TIMEOUT)?;
+    // Its meta file's time says when it was last used, for tidying.
+    if let Ok(f) = fs::File::options().append(true).open(meta_path(t)) {
+        let _ = f.set_modified(SystemTime::now());
+    }
     Ok((vm, socket))
 }
 

@@ -907,6 +907,24 @@ static void test_network(cc_instance inst) {
           "free exposed");
 }
 
+/* A second start of the same configuration is warm; no_warm_start is cold. */
+static void test_warm_start(cc_source src, cc_instance_options opts) {
+    for (int cold = 0; cold < 2; cold++) {
+        opts.no_warm_start = cold;
+        cc_instance inst = 0;
+        if (!EXPECT(CC_OK, cc_instance_new(src, &opts, &inst, &err)))
+            continue;
+        cc_start_kind kind = (cc_start_kind)99;
+        EXPECT(CC_OK, cc_instance_start_kind(inst, &kind, &err));
+        CHECK(kind == (cold ? CC_START_COLD : CC_START_WARM), "start kind %d (cold %d)", (int)kind,
+              cold);
+        EXPECT(CC_OK, cc_instance_close(inst, &err));
+        EXPECT(CC_OK, cc_instance_start_kind(inst, &kind, &err)); /* closed: still known */
+        cc_instance_free(inst);
+    }
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_start_kind(src, NULL, &err));
+}
+
 static void test_vm_in(const char *ref, const char *cache, int mounts, char *store);
 
 static void test_vm(const char *ref, const char *cache, int mounts) {
@@ -942,6 +960,7 @@ static void test_vm_in(const char *ref, const char *cache, int mounts, char *sto
     test_file_handles(inst);
     test_wait_cancel(inst);
     test_network(inst);
+    test_warm_start(src, opts);
     test_snapshot(inst, cache);
     if (mounts)
         test_mounts(src);
