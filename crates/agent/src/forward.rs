@@ -42,7 +42,10 @@ pub fn dial(reply: Reply, address: &str, port: u16, sender: Sender, receiver: Re
         Ok(s) => s,
         Err(e) => return reply.send(Err(error::os(format!("connect to {addr}"), &e))),
     };
-    reply.send(Ok(Response::Done));
+    let local = socket
+        .local_addr()
+        .map_or_else(|_| "0.0.0.0:0".into(), |a| a.to_string());
+    reply.send(Ok(Response::Connected { local }));
     bridge(socket, sender, receiver);
 }
 

@@ -252,6 +252,9 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
         Request::Setup(setup) => Box::new(move |agent, reply| {
             reply.send(setup::run(&agent.mounted, &agent.upper, &setup));
         }),
+        Request::Prepare { root } => Box::new(move |agent, reply| {
+            reply.send(setup::prepare(&agent.mounted, &agent.upper, &root));
+        }),
         Request::Signal { process, signal } => Box::new(move |agent, reply| {
             let key = (reply.conn().id(), process);
             reply.send(agent.reaper.signal(key, signal).map(|()| Response::Done));

@@ -8,7 +8,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
-use cc_protocol::{RemoteError, Response, Setup};
+use cc_protocol::{RemoteError, Response, RootSpec, Setup};
 
 use crate::{error, mounts, net, sys};
 
@@ -36,17 +36,7 @@ pub fn run(
     sys::set_realtime_clock(setup.clock.secs, setup.clock.nanos)
         .map_err(|e| error::os("set clock", &e))?;
     add_entropy(&setup.entropy);
-    if !mounted.root {
-        if let Some(root) = &setup.root {
-            // Set only here, and this runs once.
-            let _ = upper.set(mounts::switch_root(root)?);
-        }
-        mounted.root = true;
-    }
-    if !mounted.runtime {
-        mounts::runtime()?;
-        mounted.runtime = true;
-    }
+    mount_root(&mut mounted, upper, setup.root.as_ref())?;
     for m in setup.mounts.iter().skip(mounted.host_dirs) {
         mounts::host_dir(m)?;
         mounted.host_dirs += 1;
@@ -82,6 +72,39 @@ pub fn run(
     }
     let kernel = sys::kernel_release().map_err(|e| error::os("uname", &e))?;
     Ok(Response::Ready { kernel })
+}
+
+/// The `Prepare` request: the root and runtime filesystems, ahead of the
+/// `Setup` that a restored template gets.
+pub fn prepare(
+    mounted: &Mutex<Mounted>,
+    upper: &OnceLock<OwnedFd>,
+    root: &RootSpec,
+) -> Result<Response, RemoteError> {
+    let mut mounted = mounted.lock().unwrap_or_else(|e| e.into_inner());
+    mount_root(&mut mounted, upper, Some(root))?;
+    Ok(Response::Done)
+}
+
+/// Switches to `root` (unless `None`) and mounts the runtime filesystems,
+/// each once.
+fn mount_root(
+    mounted: &mut Mounted,
+    upper: &OnceLock<OwnedFd>,
+    root: Option<&RootSpec>,
+) -> Result<(), RemoteError> {
+    if !mounted.root {
+        if let Some(root) = root {
+            // Set only here, and this runs once.
+            let _ = upper.set(mounts::switch_root(root)?);
+        }
+        mounted.root = true;
+    }
+    if !mounted.runtime {
+        mounts::runtime()?;
+        mounted.runtime = true;
+    }
+    Ok(())
 }
 
 /// Credits `bytes` to the kernel RNG. Failure is not fatal (the guest has

@@ -184,8 +184,9 @@ impl Conn {
         }
     }
 
-    /// This end's address (`ip:port`) for a TCP connection; `None` for a
-    /// pipe.
+    /// This end's address (`ip:port`) for a TCP connection, as the guest
+    /// sees it (for a dialed connection, the guest address it comes from;
+    /// for an accepted one, the listener's); `None` for a pipe.
     pub fn local_addr(&self) -> Option<&str> {
         self.addrs.as_deref().map(|a| a.local.as_str())
     }

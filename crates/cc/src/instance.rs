@@ -325,10 +325,27 @@ impl Instance {
             memory_file: None,
             incoming: false,
         };
+        let root = RootSpec {
+            lowers: (0..lowers.len())
+                .map(|i| Lower {
+                    serial: format!("cc-lower{i}"),
+                    fstype: rootfs::LOWER_FSTYPE.into(),
+                })
+                .collect(),
+            upper_serial: "cc-upper".into(),
+        };
         let prepare = t0.elapsed();
         let t1 = Instant::now();
-        let (vm, socket, start_kind) =
-            cc_engine::template::start(&spec, &run_dir, &cache, options.warm_start)?;
+        // Before a template is saved, its guest mounts the image's root
+        // (nothing else: identity, clock and the rest are per instance).
+        let mut prepare_template = |socket| prepare_root(socket, &root, options.boot_timeout);
+        let (vm, socket, start_kind) = cc_engine::template::start(
+            &spec,
+            &run_dir,
+            &cache,
+            options.warm_start,
+            &mut prepare_template,
+        )?;
         let spawn = t1.elapsed();
         let boot_failed = |vm: &Vm, reason: String| {
             // Let QEMU finish writing why it died before quoting its logs.
@@ -352,15 +369,7 @@ impl Instance {
         let t2 = Instant::now();
         let setup = Setup {
             hostname: format!("cc-{}", &id[..8]),
-            root: Some(RootSpec {
-                lowers: (0..lowers.len())
-                    .map(|i| Lower {
-                        serial: format!("cc-lower{i}"),
-                        fstype: rootfs::LOWER_FSTYPE.into(),
-                    })
-                    .collect(),
-                upper_serial: "cc-upper".into(),
-            }),
+            root: Some(root),
             clock: now(),
             entropy: ByteBuf::from(random_bytes(64)),
             nameservers: vec!["10.0.2.3".into()],
@@ -602,6 +611,23 @@ impl Instance {
 impl Drop for Instance {
     fn drop(&mut self) {
         let _ = self.close();
+    }
+}
+
+/// A template's last step: the agent mounts `root`, then the channel is
+/// closed (the guest is saved waiting to greet its next host).
+fn prepare_root(
+    socket: std::os::unix::net::UnixStream,
+    root: &RootSpec,
+    timeout: Duration,
+) -> std::result::Result<(), String> {
+    let (channel, _) = Channel::connect(socket, timeout).map_err(|e| e.to_string())?;
+    let answer = channel.request(Request::Prepare { root: root.clone() }, timeout);
+    channel.shut_down("the template is saved");
+    match answer.map_err(|e| e.to_string())? {
+        Ok(Response::Done) => Ok(()),
+        Ok(other) => Err(format!("unexpected answer to prepare: {other:?}")),
+        Err(e) => Err(format!("the guest could not mount its root: {e}")),
     }
 }
 

@@ -140,7 +140,7 @@ impl Inner {
         )?;
         match reply {
             // Dropping the halves on failure closes the streams.
-            Ok(Response::Done) => Ok(Conn::socket(reader, writer, "host".into(), target)),
+            Ok(Response::Connected { local }) => Ok(Conn::socket(reader, writer, local, target)),
             Ok(other) => Err(Error::Protocol(format!(
                 "unexpected answer to dial: {other:?}"
             ))),

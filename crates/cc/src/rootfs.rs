@@ -5,7 +5,6 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -101,14 +100,7 @@ fn fingerprint(root: &Path, rel: &Path, h: &mut Sha256) -> Result<()> {
 /// empty, sparse ext4 image (a reflink where the host filesystem has them).
 pub(crate) fn create_upper(cache: &Path, path: &Path) -> Result<()> {
     let template = upper_template(cache)?;
-    let src = File::open(&template).map_err(Error::io("open", &template))?;
-    let dst = File::create(path).map_err(Error::io("create", path))?;
-    // SAFETY: FICLONE takes the source fd as its argument; both fds are open.
-    let cloned = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0;
-    if !cloned {
-        sparse_copy(&src, &dst).map_err(Error::io("copy writable disk to", path))?;
-    }
-    Ok(())
+    cc_engine::files::clone_file(&template, path).map_err(Error::io("copy writable disk to", path))
 }
 
 fn upper_template(cache: &Path) -> Result<PathBuf> {
@@ -152,50 +144,6 @@ fn upper_template(cache: &Path) -> Result<PathBuf> {
 }
 
 /// Copies only the data extents of `src`, keeping holes.
-fn sparse_copy(src: &File, dst: &File) -> io::Result<()> {
-    let len = src.metadata()?.len();
-    dst.set_len(len)?;
-    let mut pos: i64 = 0;
-    while (pos as u64) < len {
-        // SAFETY: lseek on an open fd with a valid whence.
-        let data = unsafe { libc::lseek(src.as_raw_fd(), pos, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // only a hole remains
-            }
-            return Err(e);
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let (mut off_in, mut off_out) = (data, data);
-        while off_in < hole {
-            // SAFETY: both fds are open; the offsets point to live locals.
-            let n = unsafe {
-                libc::copy_file_range(
-                    src.as_raw_fd(),
-                    &mut off_in,
-                    dst.as_raw_fd(),
-                    &mut off_out,
-                    (hole - off_in) as usize,
-                    0,
-                )
-            };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-        }
-        pos = hole;
-    }
-    Ok(())
-}
-
 fn tool_error(tool: &str, package: &str, e: io::Error) -> Error {
     Error::Io {
         op: format!("run {tool} (apt-get install {package})"),
@@ -253,30 +201,6 @@ mod tests {
         fs::write(d.join("file"), b"x").unwrap();
         let e = image_for_dir(&d.join("file"), &d).unwrap_err();
         assert_eq!(e.code(), crate::ErrorCode::InvalidArgument);
-        fs::remove_dir_all(&d).unwrap();
-    }
-
-    #[test]
-    fn sparse_copy_keeps_data_and_holes() {
-        let d = scratch("sparse");
-        let src_path = d.join("src");
-        let f = File::create(&src_path).unwrap();
-        f.set_len(64 << 20).unwrap();
-        use std::os::unix::fs::FileExt;
-        f.write_all_at(b"head", 0).unwrap();
-        f.write_all_at(b"tail", (64 << 20) - 4).unwrap();
-        drop(f);
-        let dst_path = d.join("dst");
-        sparse_copy(
-            &File::open(&src_path).unwrap(),
-            &File::create(&dst_path).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(fs::read(&src_path).unwrap(), fs::read(&dst_path).unwrap());
-        assert!(
-            fs::metadata(&dst_path).unwrap().blocks() * 512 < 8 << 20,
-            "holes preserved"
-        );
         fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -14,13 +14,14 @@ use crate::CliResult;
 #[derive(Debug, Subcommand)]
 pub(crate) enum What {
     /// Cold start, phase by phase, against a bare QEMU boot of the same
-    /// kernel into an initramfs that only echoes and powers off.
+    /// kernel into an initramfs that only echoes and powers off; warm start
+    /// (from a template) against the cold start; idle memory of each.
     Boot {
         /// Root filesystem directory to boot.
         #[arg(long, value_name = "DIR")]
         rootfs: PathBuf,
         /// Boots of each kind (at least 5).
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 10)]
         runs: usize,
         /// Guest memory in MiB, for both kinds.
         #[arg(long, default_value_t = 256)]
@@ -111,12 +112,19 @@ fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> CliResult<Ex
         incoming: false,
     };
     let source = cc::Source::Dir(rootfs.to_path_buf());
-    let options = cc::Options {
+    let cold = cc::Options {
         memory_mb: memory,
+        warm_start: false,
         ..Default::default()
     };
-    // One unmeasured boot builds the cached root image and warms caches.
-    cc::Instance::new(&source, options.clone())?.close()?;
+    let warm = cc::Options {
+        warm_start: true,
+        ..cold.clone()
+    };
+    // Unmeasured: builds the cached root image and the template, and warms
+    // the host's caches.
+    cc::Instance::new(&source, cold.clone())?.close()?;
+    cc::Instance::new(&source, warm.clone())?.close()?;
 
     let names = [
         "prepare",
@@ -126,6 +134,10 @@ fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> CliResult<Ex
         "exec → first output",
         "cold start",
         "close",
+        "warm: restore",
+        "warm: root setup",
+        "warm: exec → first output",
+        "warm start",
     ];
     let mut ours: Vec<Samples> = names.iter().map(|_| Samples::default()).collect();
     let (mut bare_spawn, mut bare_total) = (Samples::default(), Samples::default());
@@ -134,51 +146,111 @@ fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> CliResult<Ex
         bare_spawn.0.push(spawn);
         bare_total.0.push(total);
 
-        let t0 = Instant::now();
-        let inst = cc::Instance::new(&source, options.clone())?;
+        let (inst, started, first_output) = start_and_echo(&source, &cold)?;
         let t = inst.boot_timings();
-        let t1 = Instant::now();
-        let mut child = inst.command("echo").arg("ready").spawn()?;
-        let mut first = [0u8; 1];
-        child
-            .stdout
-            .as_mut()
-            .ok_or("no stdout")?
-            .read_exact(&mut first)?;
-        let cold = t0.elapsed();
-        let first_output = t1.elapsed();
-        child.wait()?;
         let t2 = Instant::now();
         inst.close()?;
+        let closed = t2.elapsed();
+
+        let (w, warm_started, warm_output) = start_and_echo(&source, &warm)?;
+        if w.start_kind() != cc::StartKind::Warm {
+            return Err(format!("a warm start was {:?}", w.start_kind()).into());
+        }
+        let wt = w.boot_timings();
+        w.close()?;
         for (s, d) in ours.iter_mut().zip([
             t.prepare,
             t.spawn,
             t.kernel,
             t.setup,
             first_output,
-            cold,
-            t2.elapsed(),
+            started,
+            closed,
+            wt.spawn + wt.kernel,
+            wt.setup,
+            warm_output,
+            warm_started,
         ]) {
             s.0.push(d);
         }
     }
-    println!("\n{:<24} {:>10}", "phase (median)", "ms");
+    println!("\n{:<26} {:>10}", "phase (median)", "ms");
     for (name, s) in names.iter().zip(&ours) {
-        println!("{name:<24} {:>10.1}", ms(s.median()));
+        println!("{name:<26} {:>10.1}", ms(s.median()));
     }
     println!(
-        "{:<24} {:>10.1}",
+        "{:<26} {:>10.1}",
         "bare: qemu spawn",
         ms(bare_spawn.median())
     );
     println!(
-        "{:<24} {:>10.1}",
+        "{:<26} {:>10.1}",
         "bare: spawn → exit",
         ms(bare_total.median())
     );
-    let ratio = ours[5].median().as_secs_f64() / bare_total.median().as_secs_f64();
-    println!("\ncold start / bare boot = {ratio:.2}x (target ≤ 1.2x)");
+    let (cold_pss, warm_pss) = (idle_pss(&source, &cold)?, idle_pss(&source, &warm)?);
+    println!("\nidle PSS per instance (median of {PSS_INSTANCES} running at once):");
+    println!("{:<26} {:>10.1} MiB", "cold", cold_pss);
+    println!("{:<26} {:>10.1} MiB (target ≤ 45)", "warm", warm_pss);
+    let ratio = |a: &Samples, b: &Samples| a.median().as_secs_f64() / b.median().as_secs_f64();
+    println!(
+        "\ncold start / bare boot = {:.2}x (target ≤ 1.2x)",
+        ratio(&ours[5], &bare_total)
+    );
+    println!(
+        "warm start / cold start = {:.2}x (target ≤ 0.15x)",
+        ratio(&ours[10], &ours[5])
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts an instance and runs `echo` in it; returns it with the time from
+/// the start to the first byte of output, and from exec to that byte.
+fn start_and_echo(
+    source: &cc::Source,
+    options: &cc::Options,
+) -> CliResult<(cc::Instance, Duration, Duration)> {
+    let t0 = Instant::now();
+    let inst = cc::Instance::new(source, options.clone())?;
+    let t1 = Instant::now();
+    let mut child = inst.command("echo").arg("ready").spawn()?;
+    let mut first = [0u8; 1];
+    child
+        .stdout
+        .as_mut()
+        .ok_or("no stdout")?
+        .read_exact(&mut first)?;
+    let (started, output) = (t0.elapsed(), t1.elapsed());
+    child.wait()?;
+    Ok((inst, started, output))
+}
+
+/// Instances measured at once for idle memory.
+const PSS_INSTANCES: usize = 4;
+
+/// Median proportional set size of QEMU, in MiB, over instances idling side
+/// by side (so pages they share count once between them).
+fn idle_pss(source: &cc::Source, options: &cc::Options) -> CliResult<f64> {
+    let all = (0..PSS_INSTANCES)
+        .map(|_| start_and_echo(source, options).map(|(inst, ..)| inst))
+        .collect::<CliResult<Vec<_>>>()?;
+    std::thread::sleep(Duration::from_secs(3));
+    let mut pss = Vec::new();
+    for inst in &all {
+        let pid = inst.vm_pid().ok_or("instance not running")?;
+        let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+        let kib: f64 = rollup
+            .lines()
+            .find_map(|l| l.strip_prefix("Pss:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or("no Pss in smaps_rollup")?;
+        pss.push(kib / 1024.0);
+    }
+    for inst in all {
+        inst.close()?;
+    }
+    pss.sort_by(f64::total_cmp);
+    Ok(pss[pss.len() / 2])
 }
 
 /// Boots the bare initramfs; returns (spawn time, spawn → QEMU exit).

@@ -15,6 +15,7 @@
 mod accel;
 mod cmdline;
 mod error;
+pub mod files;
 pub mod initramfs;
 pub mod paths;
 mod qmp;

@@ -2,8 +2,12 @@
 //! in a file plus QEMU's device state — and restored by later VMs with the
 //! same configuration in a fraction of a boot.
 //!
-//! A template is taken before the guest is told anything (no root
-//! filesystem, no mounts, no identity), so it never holds a user's data.
+//! A template is taken after the caller's `prepare` step (the root
+//! filesystem of the image, over a blank writable disk) and before the
+//! guest is told anything else (no mounts, no identity, no clock or
+//! entropy), so it never holds a user's data. Its writable disks are kept
+//! with it: a restored instance gets a copy of each, matching what the
+//! guest's memory says is on them.
 //! Templates live in `<cache>/templates/<key>/`, where the key hashes
 //! everything that shapes the guest's memory and devices: the QEMU binary,
 //! kernel and initramfs (by file identity), accelerator, memory, CPUs, the
@@ -27,10 +31,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::{paths, Error, MemoryFile, RunDir, Vm, VmSpec};
+use crate::{files, paths, Error, MemoryFile, RunDir, Vm, VmSpec};
 
 /// Bumped when what a template holds or how it is used changes.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 /// Templates kept at most; building one more removes the oldest.
 const MAX_TEMPLATES: usize = 16;
@@ -169,6 +173,20 @@ fn meta_path(dir: &Path) -> PathBuf {
     dir.join("meta.json")
 }
 
+/// The saved copy of writable disk `i`.
+fn disk(dir: &Path, i: usize) -> PathBuf {
+    dir.join(format!("disk{i}.img"))
+}
+
+/// Indexes of `spec`'s writable disks.
+fn writable(spec: &VmSpec) -> impl Iterator<Item = (usize, &Path)> {
+    spec.disks
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| !d.read_only)
+        .map(|(i, d)| (i, d.path.as_path()))
+}
+
 /// The complete template for `key`, if there is one.
 fn find(cache: &Path, key: &str) -> Option<PathBuf> {
     let d = dir(cache).join(key);
@@ -199,9 +217,11 @@ pub fn list(cache: &Path) -> Result<Vec<TemplateInfo>, Error> {
             continue;
         };
         let stale = meta.files.iter().any(|(f, id)| identity(f) != *id);
-        let bytes = [ram(&d), state(&d), meta_path(&d)]
-            .iter()
-            .filter_map(|f| fs::metadata(f).ok())
+        let bytes = fs::read_dir(&d)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|f| f.metadata().ok())
             .map(|m| m.blocks() * 512)
             .sum();
         let last_used = fs::metadata(meta_path(&d))
@@ -336,19 +356,25 @@ fn wait_greeting(vm: &Vm, socket: &UnixStream, timeout: Duration) -> Result<(), 
     }
 }
 
-/// Boots `spec` in `run`, from a template when `warm` (building it first
-/// if there is none), and returns the VM, the host end of its agent
-/// channel (the agent greets first) and how it started. Any trouble with a
-/// template falls back to a cold boot; only a cold boot's own failure is
-/// an error.
+/// The caller's last step before a template is saved: given the agent
+/// channel of the booted guest, it prepares what depends on the image
+/// alone, then closes the channel.
+pub type Prepare<'a> = &'a mut dyn FnMut(UnixStream) -> Result<(), String>;
+
+/// Boots `spec` in `run`, from a template when `warm` (building it first,
+/// with `prepare`, if there is none), and returns the VM, the host end of
+/// its agent channel (the agent greets first) and how it started. Any
+/// trouble with a template falls back to a cold boot; only a cold boot's
+/// own failure is an error.
 pub fn start(
     spec: &VmSpec,
     run: &RunDir,
     cache: &Path,
     warm: bool,
+    prepare: Prepare<'_>,
 ) -> Result<(Vm, UnixStream, StartKind), Error> {
     if warm && spec.memory_file.is_none() && !spec.incoming {
-        match start_warm(spec, run, cache) {
+        match start_warm(spec, run, cache, prepare) {
             Ok(started) => return Ok(started),
             Err(e) => tracing::warn!("warm start failed, booting cold: {e}"),
         }
@@ -361,10 +387,11 @@ fn start_warm(
     spec: &VmSpec,
     run: &RunDir,
     cache: &Path,
+    prepare: Prepare<'_>,
 ) -> Result<(Vm, UnixStream, StartKind), Error> {
     let meta = key(spec)?;
     if let Some(t) = find(cache, &meta.key) {
-        match restore(spec, run, &t) {
+        match restore(spec, run, &t, true) {
             Ok((vm, socket)) => return Ok((vm, socket, StartKind::Warm)),
             Err(e) => {
                 tracing::warn!(template = %meta.key, "removing a template that failed to restore: {e}");
@@ -372,8 +399,9 @@ fn start_warm(
             }
         }
     }
-    let t = build(spec, run, cache, meta)?;
-    match restore(spec, run, &t) {
+    let t = build(spec, run, cache, meta, prepare)?;
+    // The writable disks are the ones the template was built with.
+    match restore(spec, run, &t, false) {
         Ok((vm, socket)) => Ok((vm, socket, StartKind::Built)),
         Err(e) => {
             let _ = remove(cache, t.file_name().and_then(|n| n.to_str()).unwrap_or(""));
@@ -382,9 +410,15 @@ fn start_warm(
     }
 }
 
-/// Boots `spec` with its RAM in a new template's file, waits for the
-/// agent, and saves the template.
-fn build(spec: &VmSpec, run: &RunDir, cache: &Path, meta: TemplateMeta) -> Result<PathBuf, Error> {
+/// Boots `spec` with its RAM in a new template's file, lets `prepare` do
+/// its part, and saves the template with copies of the writable disks.
+fn build(
+    spec: &VmSpec,
+    run: &RunDir,
+    cache: &Path,
+    meta: TemplateMeta,
+    prepare: Prepare<'_>,
+) -> Result<PathBuf, Error> {
     let building = Building::start(cache)?;
     let mut source = spec.clone();
     source.memory_file = Some(MemoryFile {
@@ -392,9 +426,15 @@ fn build(spec: &VmSpec, run: &RunDir, cache: &Path, meta: TemplateMeta) -> Resul
         shared: true,
     });
     let (vm, socket) = Vm::start(&source, run)?;
-    wait_greeting(&vm, &socket, GREETING_TIMEOUT)?;
-    vm.save_template(socket, &state(&building.tmp))?;
+    vm.save_template(&state(&building.tmp), || {
+        prepare(socket).map_err(Error::Template)
+    })?;
     drop(vm);
+    // QEMU flushed them when the migration completed, and has exited.
+    for (i, path) in writable(spec) {
+        let copy = disk(&building.tmp, i);
+        files::clone_file(path, &copy).map_err(Error::io("copy", &copy))?;
+    }
     let published = building.publish(cache, meta)?;
     tidy(cache);
     Ok(published)
@@ -414,8 +454,20 @@ fn tidy(cache: &Path) {
     }
 }
 
-/// Starts `spec` from the template in `t` and waits for the agent.
-fn restore(spec: &VmSpec, run: &RunDir, t: &Path) -> Result<(Vm, UnixStream), Error> {
+/// Starts `spec` from the template in `t` and waits for the agent. With
+/// `fresh_disks`, the writable disks first become copies of the
+/// template's.
+fn restore(
+    spec: &VmSpec,
+    run: &RunDir,
+    t: &Path,
+    fresh_disks: bool,
+) -> Result<(Vm, UnixStream), Error> {
+    if fresh_disks {
+        for (i, path) in writable(spec) {
+            files::clone_file(&disk(t, i), path).map_err(Error::io("copy", path))?;
+        }
+    }
     let mut target = spec.clone();
     target.memory_file = Some(MemoryFile {
         path: ram(t),

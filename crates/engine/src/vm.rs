@@ -282,15 +282,19 @@ impl Vm {
 
     /// Saves this booted guest as a template, then ends QEMU. Its RAM must
     /// be a shared [`MemoryFile`] (which then holds the template's memory);
-    /// the device state goes to `state`. The host end of the agent channel
-    /// is closed first and the guest seen to re-open its port, so that a
+    /// the device state goes to `state`. `hang_up` must close the host end
+    /// of the agent channel (after any last words with the agent); the
+    /// guest is then seen to re-open its port before the save, so that a
     /// restored guest greets its new host with nothing in flight.
-    pub fn save_template(&self, agent: UnixStream, state: &Path) -> Result<(), Error> {
+    pub fn save_template(
+        &self,
+        state: &Path,
+        hang_up: impl FnOnce() -> Result<(), Error>,
+    ) -> Result<(), Error> {
         let mut qmp = self.qmp.lock().unwrap_or_else(|e| e.into_inner());
         // Negotiated before the events we wait for.
         qmp.execute("query-status", None, QMP_TIMEOUT)?;
-        let _ = agent.shutdown(std::net::Shutdown::Both);
-        drop(agent);
+        hang_up()?;
         // The guest closes its port on the hang-up and opens it again. QEMU
         // throttles these events (one a second per port, the latest state
         // winning), so the close may never be reported: the open is what

@@ -81,7 +81,7 @@ pub enum Request {
     /// ends with `Eof` (or `Reset` on an error).
     SnapshotUpper { stream: u32, exclude: Vec<String> },
     /// Connect to the IPv4 `address` and `port` inside the guest; answered
-    /// by `Done` once connected. Bytes then flow on `from_guest` (guest →
+    /// by `Connected` once connected. Bytes then flow on `from_guest` (guest →
     /// host) and `to_guest` (host → guest); `Eof` on either is a half
     /// close, `Reset` aborts the connection.
     Dial {
@@ -102,6 +102,11 @@ pub enum Request {
     /// Stop listener `listener`; answered by `Done`. Connections it
     /// accepted stay open.
     Unlisten { listener: u64 },
+    /// Mount the root filesystem (and the runtime filesystems under it)
+    /// ahead of `Setup`, which then leaves them as they are; answered by
+    /// `Done`. Sent only to a guest about to be saved as a warm-start
+    /// template: everything it does depends on the image alone.
+    Prepare { root: RootSpec },
 }
 
 /// Filesystem operations. Paths are absolute guest paths (bytes). Errors
@@ -262,6 +267,10 @@ pub enum Response {
     /// `Listen`: listening on this port.
     Bound {
         port: u16,
+    },
+    /// `Dial`: connected from this guest address (`ip:port`).
+    Connected {
+        local: String,
     },
 }
 
