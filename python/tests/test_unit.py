@@ -353,20 +353,25 @@ def test_strings_with_nul_are_refused(lib: None, tmp_path: Path) -> None:
 
 def test_instance_options_defaults() -> None:
     o = cc.InstanceOptions()
-    assert (o.memory_mb, o.cpus, o.timeout_seconds, o.user, o.mounts, o.network) == (
+    assert (o.memory_mb, o.cpus, o.timeout_seconds, o.user, o.mounts, o.network, o.warm_start) == (
         512,
         1,
         None,
         None,
         None,
         True,
+        True,
     )
     assert repr(o) == (
         "InstanceOptions(memory_mb=512, cpus=1, timeout_seconds=None, user=None, mounts=None, "
-        "network=True)"
+        "network=True, warm_start=True)"
     )
     c, _ = o._to_c()
     assert (c.memory_mb, c.cpus, c.timeout_seconds, c.user, c.mount_count) == (512, 1, 0.0, None, 0)
+    assert (c.no_network, c.no_warm_start) == (False, False)
+    c, _ = cc.InstanceOptions(network=False, warm_start=False)._to_c()
+    assert (c.no_network, c.no_warm_start) == (True, True)
+    assert [k.name for k in cc.StartKind] == ["COLD", "BUILT", "WARM"]
 
 
 def test_instance_options_mounts() -> None:
@@ -480,7 +485,7 @@ def test_value_type_reprs() -> None:
 
 
 def test_public_names() -> None:
-    # Every name the seed README uses (listen/Listener come with networking).
+    # Every name the seed README uses, and the networking classes.
     for name in [
         "init", "shutdown", "api_version", "api_version_compatible", "supports_hypervisor",
         "query_capabilities", "guest_protocol_version", "OCIClient", "Instance", "Cmd", "File",
@@ -489,7 +494,7 @@ def test_public_names() -> None:
         "O_APPEND", "O_CREATE", "O_TRUNC", "O_EXCL", "CCError", "InvalidHandleError",
         "InvalidArgumentError", "NotRunningError", "AlreadyClosedError", "TimeoutError",
         "HypervisorUnavailableError", "IOError", "NetworkError", "CancelledError",
-        "Snapshot", "ImageSource", "Mount", "Auth", "PullProgress",
+        "Snapshot", "ImageSource", "Mount", "Auth", "PullProgress", "Listener", "ExposedPort",
     ]:  # fmt: skip
         assert hasattr(cc, name), name
     assert sorted(cc.__all__) == sorted(set(cc.__all__))
@@ -499,7 +504,7 @@ def test_public_names() -> None:
         "wait", "close", "read_file", "write_file", "stat", "lstat", "mkdir", "mkdir_all",
         "remove", "remove_all", "read_dir", "rename", "symlink", "readlink", "chmod", "chown",
         "chtimes", "open", "create", "open_file", "command", "entrypoint_command",
-        "snapshot_filesystem",
+        "snapshot_filesystem", "listen", "dial", "expose", "set_network_enabled",
     ]:  # fmt: skip
         assert callable(getattr(cc.Instance, method)), method
     for method in [
@@ -509,6 +514,19 @@ def test_public_names() -> None:
         assert callable(getattr(cc.Cmd, method)), method
     for method in ["read", "write", "seek", "stat", "truncate", "sync", "close"]:
         assert callable(getattr(cc.File, method)), method
+    for method in ["read", "write", "close_write", "close"]:
+        assert callable(getattr(cc.Conn, method)), method
+    for cls, props in [
+        (cc.Conn, ["local_addr", "remote_addr", "closed"]),
+        (cc.Listener, ["addr", "port", "closed"]),
+        (cc.ExposedPort, ["host_port", "guest_port", "closed"]),
+    ]:
+        for prop in props:
+            assert isinstance(getattr(cls, prop), property), (cls, prop)
+    for method in ["accept", "close", "__enter__", "__exit__"]:
+        assert callable(getattr(cc.Listener, method)), method
+    for method in ["close", "__enter__", "__exit__"]:
+        assert callable(getattr(cc.ExposedPort, method)), method
 
 
 def test_package_is_typed() -> None:
@@ -532,3 +550,81 @@ def test_readme_quick_start_is_the_offline_example() -> None:
         seed_block = seed_text[seed_text.index("## Quick Start") :]
         seed_block = seed_block.split("```python\n", 1)[1].split("```", 1)[0]
         assert block == seed_block
+
+
+# -- networking without a VM -----------------------------------------------------
+
+
+def unbooted_instance() -> cc.Instance:
+    """An Instance object that never booted: enough to see arguments refused
+    before any call into the library."""
+    inst = cc.Instance.__new__(cc.Instance)
+    inst._handle = 0
+    inst._closed = False
+    return inst
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        ((-1,), cc.InvalidArgumentError),
+        ((65536,), cc.InvalidArgumentError),
+        ((2**16 + 8080,), cc.InvalidArgumentError),  # c_uint16 would make it 8080
+        ((8080, -1), cc.InvalidArgumentError),
+        ((8080, 65536), cc.InvalidArgumentError),
+        ((8080, 2**32), cc.InvalidArgumentError),
+        (("8080",), TypeError),
+        ((8080.0,), TypeError),
+        ((True,), TypeError),
+        ((8080, None), TypeError),
+    ],
+)
+def test_expose_port_range(args: tuple[object, ...], error: type[Exception]) -> None:
+    with pytest.raises(error) as info:
+        unbooted_instance().expose(*args)  # type: ignore[arg-type]
+    if error is cc.InvalidArgumentError:
+        assert "between 0 and 65535" in str(info.value)
+        assert info.value.code == cc.ErrorCode.INVALID_ARGUMENT
+
+
+def test_check_port() -> None:
+    from crumblecracker._net import check_port
+
+    assert check_port(0, "p") == 0 and check_port(65535, "p") == 65535
+    with pytest.raises(cc.InvalidArgumentError, match="host_port must be between 0 and 65535"):
+        check_port(65536, "host_port")
+
+
+def test_listen_and_dial_refuse_bad_strings(lib: None) -> None:
+    inst = unbooted_instance()
+    with pytest.raises(cc.InvalidArgumentError, match="NUL"):
+        inst.listen("tcp", ":80\0")
+    with pytest.raises(TypeError):
+        inst.dial("tcp", 80)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        inst.listen(None, ":80")  # type: ignore[arg-type]
+
+
+def test_network_objects_on_bogus_handles(lib: None) -> None:
+    inst = unbooted_instance()
+    exposed = cc.ExposedPort(0xDEAD_BEEF, inst, 8080, 40000)
+    assert (exposed.guest_port, exposed.host_port) == (8080, 40000)
+    assert repr(exposed) == "<ExposedPort 127.0.0.1:40000 -> guest port 8080 open>"
+    with pytest.raises(cc.InvalidHandleError):
+        exposed.close()  # the library does not know the handle
+    assert exposed.closed
+    exposed.close()  # idempotent
+    assert repr(exposed).endswith(" closed>")
+    with pytest.raises(cc.InvalidHandleError):
+        cc.Listener(0xDEAD_BEEF, inst)  # asks the library for its address
+    conn = cc.Conn(0xDEAD_BEEF, inst, "stdout of ['x']")
+    assert (conn.local_addr, conn.remote_addr) == (None, None)
+    assert repr(conn) == "<Conn stdout of ['x'] open>"
+    with pytest.raises(cc.InvalidHandleError):
+        conn.close_write()
+    with pytest.raises(cc.InvalidHandleError):
+        conn.close()
+    conn.close()  # closed now: nothing
+    with pytest.raises(cc.AlreadyClosedError) as info:
+        conn.close_write()
+    assert info.value.op == "close_write"

@@ -97,6 +97,26 @@ def test_timeout_ends_the_instance(source: cc.ImageSource) -> None:
             inst.command("true").run()
 
 
+def test_warm_start_and_cold_start(source: cc.ImageSource) -> None:
+    options = cc.InstanceOptions(memory_mb=288)
+    with cc.Instance(source, options) as first:
+        assert first.start_kind in (cc.StartKind.BUILT, cc.StartKind.WARM)
+    with cc.Instance(source, options) as a, cc.Instance(source, options) as b:
+        assert (a.start_kind, b.start_kind) == (cc.StartKind.WARM, cc.StartKind.WARM)
+        a.write_file("/tmp/who", b"a")
+        b.write_file("/tmp/who", b"b")
+        assert (a.read_file("/tmp/who"), b.read_file("/tmp/who")) == (b"a", b"b")
+        rng = "head -c 32 /dev/urandom | od -An -tx1"
+        assert a.command("sh", "-c", rng).output() != b.command("sh", "-c", rng).output()
+        guest = int(a.command("date", "+%s").output())
+        assert abs(guest - time.time()) <= 2
+        assert a.start_kind == cc.StartKind.WARM  # still known
+    options.warm_start = False
+    with cc.Instance(source, options) as cold:
+        assert cold.start_kind == cc.StartKind.COLD
+        assert cold.command("echo", "ok").output() == b"ok\n"
+
+
 def test_network_switch(source: cc.ImageSource) -> None:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

@@ -18,15 +18,20 @@ how to fix it.
 
 Threads and Ctrl-C: every foreign call releases the GIL, so other Python
 threads run while one blocks. Calls that can block without bound (``pull``,
-``Instance.wait``, ``Cmd.wait``/``run``/``output``/``combined_output``,
-``Conn`` and ``File`` reads and writes) run, when made on the main thread, in
-a helper thread while the main thread waits in short interruptible steps:
-Ctrl-C then cancels the work (the pull, the wait, or kills the command) and
-raises ``KeyboardInterrupt`` at once. Every resource (``OCIClient``,
-``ImageSource``, ``Instance``, ``Cmd``, ``Conn``, ``File``, ``Snapshot``) is
-a context manager whose ``close()`` is idempotent; handles are also released
-when objects are garbage collected, and instances still open when the
-interpreter exits are closed.
+``Instance.wait``, ``Listener.accept``,
+``Cmd.wait``/``run``/``output``/``combined_output``, ``Conn`` and ``File``
+reads and writes) run, when made on the main thread, in a helper thread
+while the main thread waits in short interruptible steps: Ctrl-C then
+cancels the work (the pull, the wait or accept, or kills the command) and
+raises ``KeyboardInterrupt`` at once. A ``Conn`` may be read in one thread
+while another writes to it. Every resource (``OCIClient``, ``ImageSource``,
+``Instance``, ``Cmd``, ``Conn``, ``File``, ``Listener``, ``ExposedPort``,
+``Snapshot``) is a context manager whose ``close()`` is idempotent; handles
+are also released when objects are garbage collected, and instances still
+open when the interpreter exits are closed.
+
+``crumblecracker.aio`` is the same API for asyncio: ``async def`` methods
+running the blocking calls in worker threads.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from ._errors import (
 from ._file import File
 from ._instance import Instance, Snapshot
 from ._lib import LibraryLoadError
+from ._net import ExposedPort, Listener
 from ._oci import ImageSource, OCIClient, ProgressCallback
 from ._types import (
     O_APPEND,
@@ -71,6 +77,7 @@ from ._types import (
     PullPolicy,
     PullProgress,
     SeekWhence,
+    StartKind,
 )
 
 __version__ = "0.1.0"
@@ -92,6 +99,7 @@ __all__ = [
     "Conn",
     "DirEntry",
     "ErrorCode",
+    "ExposedPort",
     "File",
     "FileInfo",
     "HypervisorUnavailableError",
@@ -103,6 +111,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidHandleError",
     "LibraryLoadError",
+    "Listener",
     "Mount",
     "NetworkError",
     "NotRunningError",
@@ -113,6 +122,7 @@ __all__ = [
     "PullProgress",
     "SeekWhence",
     "Snapshot",
+    "StartKind",
     "TimeoutError",
     "__version__",
     "api_version",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import _lib
 from ._call import SETTLE_SECONDS, Call, Handle, Stream, cancel_then_settle, interruptible
-from ._errors import AlreadyClosedError, CCError, InvalidArgumentError
+from ._errors import AlreadyClosedError, CCError, ErrorCode, InvalidArgumentError
 from ._file import Data, as_bytes
 
 if TYPE_CHECKING:
@@ -24,21 +24,59 @@ _CHUNK = 1 << 20
 
 class Conn(Stream):
     """One end of a byte stream to the guest: a command's stdin (writable)
-    or its stdout/stderr (readable).
+    or its stdout/stderr (readable), or a TCP connection (both:
+    ``Listener.accept``, ``Instance.dial``).
 
     ``read`` returns what is available (up to N bytes, blocking until some
     arrive) and ``b""`` at end of stream; ``write`` blocks while the reader
-    is behind. Closing stdin sends end of file. A context manager;
-    ``close()`` is idempotent. Use it from one thread at a time.
+    is behind. Closing stdin sends end of file; ``close_write()`` ends only
+    the writing direction of a TCP connection (the guest reads end of
+    file, replies can still be read). A context manager; ``close()`` is
+    idempotent and, from any thread, ends a read or write blocked in
+    another.
+
+    Reading and writing are independent: one thread may read while another
+    writes. Within a direction, use it from one thread at a time.
     """
 
     _kind = "connection"
     _free_fn = "cc_conn_free"
+    _READ = "read"
+    _WRITE = "write"
 
-    def __init__(self, handle: int, instance: Instance, label: str) -> None:
+    def __init__(self, handle: int, instance: Instance, label: str, tcp: bool = False) -> None:
         super().__init__(handle)
-        self._instance = instance  # keeps the instance open while the pipe is
+        self._instance = instance  # keeps the instance open while the conn is
         self._label = label
+        self._local: Optional[str] = None
+        self._remote: Optional[str] = None
+        if tcp:
+            local = c_void_p()
+            remote = c_void_p()
+            _lib.call(_lib.native().cc_conn_addrs, handle, byref(local), byref(remote))
+            self._local = _lib.take_string(local) if local.value else None
+            self._remote = _lib.take_string(remote) if remote.value else None
+
+    @property
+    def local_addr(self) -> Optional[str]:
+        """This end's address (``"IP:PORT"``) of a TCP connection; None for
+        a pipe."""
+        return self._local
+
+    @property
+    def remote_addr(self) -> Optional[str]:
+        """The peer's address (``"IP:PORT"``) of a TCP connection; None for
+        a pipe."""
+        return self._remote
+
+    def _call(self, op: str, fn: Any, *args: Any) -> None:
+        try:
+            _lib.call(fn, *args)
+        except CCError as e:
+            # Closed by another thread between the check and the call.
+            if self._closed and e.code == ErrorCode.INVALID_HANDLE:
+                raise AlreadyClosedError("the connection is closed", op=op) from None
+            raise
 
     def read(self, n: int = 65536) -> bytes:
         """Reads up to N bytes, blocking until some arrive; ``b""`` at end of
@@ -46,7 +84,7 @@ class Conn(Stream):
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be an int, not {type(n).__name__}")
         handle = self._h("read")
-        self._settle()
+        self._settle(self._READ)
         if self._leftover:
             if n >= 0:
                 return self._take_leftover(n)
@@ -63,7 +101,7 @@ class Conn(Stream):
             count = c_size_t()
             parts: list[bytes] = []
             while True:
-                _lib.call(lib.cc_conn_read, handle, buf, cap, byref(count))
+                self._call("read", lib.cc_conn_read, handle, buf, cap, byref(count))
                 if count.value == 0:
                     break
                 parts.append(buf.raw[: count.value])
@@ -71,7 +109,7 @@ class Conn(Stream):
                     break
             return b"".join(parts)
 
-        return head + self._blocking(run, "conn-read")
+        return head + self._blocking(run, "conn-read", self._READ)
 
     def write(self, data: Data) -> int:
         """Writes all of DATA (bytes, or str encoded UTF-8); returns how many
@@ -81,14 +119,24 @@ class Conn(Stream):
         lib = _lib.native()
 
         def run() -> int:
-            _lib.call(lib.cc_conn_write, handle, raw, len(raw))
+            self._call("write", lib.cc_conn_write, handle, raw, len(raw))
             return len(raw)
 
-        return self._blocking(run, "conn-write")
+        return self._blocking(run, "conn-write", self._WRITE)
+
+    def close_write(self) -> None:
+        """Ends the writing direction only (a TCP half close): the guest
+        reads end of file and this end can still read. On a stdin pipe it
+        is ``close()``; on an output pipe it does nothing. Waits for a
+        write Ctrl-C interrupted to finish first."""
+        handle = self._h("close_write")
+        self._settle(self._WRITE)
+        self._call("close_write", _lib.native().cc_conn_close_write, handle)
 
     def close(self) -> None:
         """Closes this end: a writer sends end of file, a reader stops the
-        stream. Closing again does nothing."""
+        stream; a read or write blocked in another thread ends. Closing
+        again does nothing."""
         if self._closed:
             return
         lib = _lib.native()
@@ -105,6 +153,8 @@ class Conn(Stream):
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
+        if self._local is not None or self._remote is not None:
+            return f"<Conn tcp local={self._local!r} remote={self._remote!r} {state}>"
         return f"<Conn {self._label} {state}>"
 
 

@@ -6,14 +6,15 @@ import ctypes
 import math
 import os
 from collections.abc import Sequence
-from ctypes import byref, c_bool, c_size_t, c_uint64, c_void_p
+from ctypes import byref, c_bool, c_int32, c_size_t, c_uint64, c_void_p
 from typing import Optional, Union
 
 from . import _lib
 from ._call import Call, Handle, cancel_then_settle, interruptible
-from ._cmd import Cmd
+from ._cmd import Cmd, Conn
 from ._errors import AlreadyClosedError, CCError, ErrorCode, InvalidArgumentError
 from ._file import Data, File, as_bytes, file_info
+from ._net import ExposedPort, Listener, check_port
 from ._oci import ImageSource
 from ._types import (
     O_CREATE,
@@ -23,6 +24,7 @@ from ._types import (
     DirEntry,
     FileInfo,
     InstanceOptions,
+    StartKind,
 )
 
 __all__ = ["Instance", "Snapshot"]
@@ -175,6 +177,13 @@ class Instance(Handle):
     def id(self) -> str:
         """The instance's unique id."""
         return self._id
+
+    @property
+    def start_kind(self) -> StartKind:
+        """Whether the guest booted cold or was restored from a template."""
+        out = c_int32()
+        _lib.call(_lib.native().cc_instance_start_kind, self._handle, byref(out))
+        return StartKind(out.value)
 
     @property
     def is_running(self) -> bool:
@@ -438,6 +447,64 @@ class Instance(Handle):
             byref(out),
         )
         return Cmd(out.value, self, ["<entrypoint>", *args])
+
+    # -- networking ------------------------------------------------------------
+
+    def listen(self, network: str, address: str) -> Listener:
+        """Listens for connections from guest programs, which connect to
+        ``host.internal`` (in the guest's ``/etc/hosts``) at the port.
+        NETWORK is ``"tcp"`` or ``"tcp4"``; ADDRESS is ``":PORT"`` or
+        ``"host.internal:PORT"`` (port 0 picks a free one: see
+        ``Listener.port``). Works with the network off. Bad input raises
+        ``InvalidArgumentError``; a port taken in the guest ``NetworkError``.
+        """
+        raw_network = _lib.encode_str(network, "network")
+        raw_address = _lib.encode_str(address, "address")
+        out = c_uint64()
+        _lib.call(
+            _lib.native().cc_instance_listen,
+            self._h("listen"),
+            raw_network,
+            raw_address,
+            byref(out),
+        )
+        return Listener(out.value, self)
+
+    def dial(self, network: str, address: str) -> Conn:
+        """Connects to a TCP service inside the guest and returns the
+        connection (readable and writable). ADDRESS is ``"IP:PORT"`` as the
+        guest sees it (``"127.0.0.1:8080"``; ``":8080"`` is the guest's
+        loopback). Nothing listening there raises ``NetworkError``."""
+        raw_network = _lib.encode_str(network, "network")
+        raw_address = _lib.encode_str(address, "address")
+        out = c_uint64()
+        _lib.call(
+            _lib.native().cc_instance_dial,
+            self._h("dial"),
+            raw_network,
+            raw_address,
+            byref(out),
+        )
+        return Conn(out.value, self, f"dialed {_lib.decode(raw_address)}", tcp=True)
+
+    def expose(self, guest_port: int, host_port: int = 0) -> ExposedPort:
+        """Publishes the guest's TCP port GUEST_PORT at
+        ``127.0.0.1:HOST_PORT`` on the host (0 picks a free port: see
+        ``ExposedPort.host_port``). Exposing a guest port twice raises
+        ``InvalidArgumentError``; a host port in use ``NetworkError``."""
+        guest = check_port(guest_port, "guest_port")
+        host = check_port(host_port, "host_port")
+        out = c_uint64()
+        bound = ctypes.c_uint16()
+        _lib.call(
+            _lib.native().cc_instance_expose,
+            self._h("expose"),
+            guest,
+            host,
+            byref(out),
+            byref(bound),
+        )
+        return ExposedPort(out.value, self, guest, int(bound.value))
 
     # -- snapshots -------------------------------------------------------------
 

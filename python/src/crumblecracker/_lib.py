@@ -46,6 +46,7 @@ from ctypes import (
     c_int32,
     c_int64,
     c_size_t,
+    c_uint16,
     c_uint32,
     c_uint64,
     c_void_p,
@@ -73,6 +74,9 @@ CC_O_EXCL = 2048
 CC_SEEK_SET = 0
 CC_SEEK_CUR = 1
 CC_SEEK_END = 2
+CC_START_COLD = 0
+CC_START_BUILT = 1
+CC_START_WARM = 2
 
 # A path argument: str, bytes or os.PathLike.
 PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
@@ -179,6 +183,7 @@ class CInstanceOptions(Structure):
         ("mounts", POINTER(CMount)),
         ("mount_count", c_size_t),
         ("no_network", c_bool),
+        ("no_warm_start", c_bool),
     ]
 
 
@@ -255,6 +260,7 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     # instances
     "cc_instance_new": (_CODE, [_H, POINTER(CInstanceOptions), _HP, _ERR]),
     "cc_instance_id": (_CODE, [_H, POINTER(c_void_p), _ERR]),
+    "cc_instance_start_kind": (_CODE, [_H, POINTER(c_int32), _ERR]),  # enum cc_start_kind
     "cc_instance_is_running": (_CODE, [_H, POINTER(c_bool), _ERR]),
     "cc_instance_wait": (_CODE, [_H, _H, _ERR]),
     "cc_instance_close": (_CODE, [_H, _ERR]),
@@ -329,7 +335,20 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_conn_read": (_CODE, [_H, POINTER(c_char), c_size_t, POINTER(c_size_t), _ERR]),
     "cc_conn_write": (_CODE, [_H, c_char_p, c_size_t, _ERR]),
     "cc_conn_close": (_CODE, [_H, _ERR]),
+    "cc_conn_close_write": (_CODE, [_H, _ERR]),
+    "cc_conn_addrs": (_CODE, [_H, POINTER(c_void_p), POINTER(c_void_p), _ERR]),
     "cc_conn_free": (_CODE, [_H]),
+    # networking
+    "cc_instance_listen": (_CODE, [_H, c_char_p, c_char_p, _HP, _ERR]),
+    "cc_listener_accept": (_CODE, [_H, _H, _HP, _ERR]),
+    "cc_listener_addr": (_CODE, [_H, POINTER(c_void_p), POINTER(c_uint16), _ERR]),
+    "cc_listener_close": (_CODE, [_H, _ERR]),
+    "cc_listener_free": (_CODE, [_H]),
+    "cc_instance_dial": (_CODE, [_H, c_char_p, c_char_p, _HP, _ERR]),
+    "cc_instance_expose": (_CODE, [_H, c_uint16, c_uint16, _HP, POINTER(c_uint16), _ERR]),
+    "cc_exposed_port": (_CODE, [_H, POINTER(c_uint16), _ERR]),
+    "cc_exposed_close": (_CODE, [_H, _ERR]),
+    "cc_exposed_free": (_CODE, [_H]),
     # snapshots
     "cc_instance_snapshot": (_CODE, [_H, _STRS, c_size_t, _HP, _ERR]),
     "cc_snapshot_as_source": (_CODE, [_H, _HP, _ERR]),

@@ -30,6 +30,7 @@ __all__ = [
     "PullPolicy",
     "PullProgress",
     "SeekWhence",
+    "StartKind",
 ]
 
 # File open flags (``Instance.open_file``): one fixed numbering, the C API's.
@@ -59,6 +60,18 @@ class SeekWhence(enum.IntEnum):
     SET = _lib.CC_SEEK_SET
     CUR = _lib.CC_SEEK_CUR
     END = _lib.CC_SEEK_END
+
+
+class StartKind(enum.IntEnum):
+    """How an instance's guest came to run (``Instance.start_kind``)."""
+
+    COLD = _lib.CC_START_COLD
+    """Booted from scratch (warm start off, or no template usable)."""
+    BUILT = _lib.CC_START_BUILT
+    """Booted from scratch to build this configuration's template, then
+    restored from it: the first start of a configuration."""
+    WARM = _lib.CC_START_WARM
+    """Restored from an existing template."""
 
 
 def _check_int(name: str, value: object, minimum: int, maximum: int) -> int:
@@ -130,6 +143,10 @@ class InstanceOptions:
             tuples.
         network: give the guest a network interface (egress through the
             host; switch it with ``Instance.set_network_enabled``).
+        warm_start: start from a template of an already booted guest with
+            the same configuration when there is one (built on the first
+            start); False always boots cold. Warm instances get their own
+            identity, clock, entropy and writable layer like cold ones.
     """
 
     memory_mb: int = 512
@@ -138,6 +155,7 @@ class InstanceOptions:
     user: Optional[str] = None
     mounts: Optional[Sequence[MountLike]] = None
     network: bool = True
+    warm_start: bool = True
 
     def __post_init__(self) -> None:
         self._validate()
@@ -170,6 +188,7 @@ class InstanceOptions:
         opts.cpus = self.cpus
         opts.timeout_seconds = float(self.timeout_seconds or 0.0)
         opts.no_network = not self.network
+        opts.no_warm_start = not self.warm_start
         if self.user is not None:
             user = _lib.encode_str(self.user, "user")
             keep.append(user)
