@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::alloc;
 use crate::cancel::cc_cancel_token;
 use crate::cmd::cc_conn;
-use crate::error::{cc_error, cc_error_code};
+use crate::error::{cc_error, cc_error_code, Failure};
 use crate::ffi::{cstr, entry, guard, put, Out};
 use crate::handles;
 use crate::instance::cc_instance;
@@ -21,6 +21,36 @@ pub type cc_listener = u64;
 
 /// A guest port published on the host's loopback. Usable from any thread.
 pub type cc_exposed = u64;
+
+/// `open(instance, network, address)` stored as a new handle in `out`: the
+/// shared body of listen and dial.
+///
+/// # Safety
+/// `network` and `address` are NULL or NUL-terminated strings; `out` is
+/// NULL or valid for writing.
+unsafe fn open_on<T>(
+    inst: cc_instance,
+    network: *const c_char,
+    address: *const c_char,
+    out: *mut u64,
+    open: impl FnOnce(&cc::Instance, &str, &str) -> cc::Result<T>,
+) -> Result<(), Failure>
+where
+    T: handles::Kind,
+{
+    // SAFETY: as promised by the caller.
+    let (network, address, out) = unsafe {
+        (
+            cstr(network, "network")?,
+            cstr(address, "address")?,
+            Out::new(out, "out")?,
+        )
+    };
+    let inst = handles::get::<Instance>(inst)?;
+    let object = open(inst.get()?, network, address)?;
+    out.write(handles::insert(Arc::new(object))?);
+    Ok(())
+}
 
 /// Listens for guest connections: guest programs connect to
 /// `host.internal` (in the guest's `/etc/hosts`) at the port. `network` is
@@ -43,17 +73,7 @@ pub unsafe extern "C" fn cc_instance_listen(
 ) -> cc_error_code {
     entry(err, || {
         // SAFETY: the caller passes strings and a writable slot as documented.
-        let (network, address, out) = unsafe {
-            (
-                cstr(network, "network")?,
-                cstr(address, "address")?,
-                Out::new(out, "out")?,
-            )
-        };
-        let inst = handles::get::<Instance>(inst)?;
-        let listener = inst.get()?.listen(network, address)?;
-        out.write(handles::insert(Arc::new(listener))?);
-        Ok(())
+        unsafe { open_on(inst, network, address, out, cc::Instance::listen) }
     })
 }
 
@@ -151,17 +171,7 @@ pub unsafe extern "C" fn cc_instance_dial(
 ) -> cc_error_code {
     entry(err, || {
         // SAFETY: the caller passes strings and a writable slot as documented.
-        let (network, address, out) = unsafe {
-            (
-                cstr(network, "network")?,
-                cstr(address, "address")?,
-                Out::new(out, "out")?,
-            )
-        };
-        let inst = handles::get::<Instance>(inst)?;
-        let conn = inst.get()?.dial(network, address)?;
-        out.write(handles::insert(Arc::new(conn))?);
-        Ok(())
+        unsafe { open_on(inst, network, address, out, cc::Instance::dial) }
     })
 }
 

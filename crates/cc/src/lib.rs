@@ -18,7 +18,9 @@
 //! Threads: each instance has one reader thread for its agent channel and
 //! one supervisor thread for its QEMU process; both end in
 //! [`Instance::close`] (or on drop), which also removes the instance's
-//! runtime directory.
+//! runtime directory. An [`Exposed`] port has an acceptor thread and two
+//! copy threads per live connection, joined when it or the instance is
+//! closed.
 
 mod channel;
 mod cmd;

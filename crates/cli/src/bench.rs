@@ -541,15 +541,22 @@ fn listen_once(inst: &cc::Instance, listener: &cc::Listener, to: &str) -> CliRes
 /// One 256 MiB transfer between two `nc`s over the guest's own loopback:
 /// what the guest programs cost without any of our forwarding.
 fn guest_local_once(inst: &cc::Instance) -> CliResult<Duration> {
+    // The receiver's stdin stays open: at its end of file busybox nc would
+    // half-close, and the sending nc would stop at once.
+    let mut receiver = spawn_sh(inst, "nc -l -p 7002 | wc -c", true)?;
+    let stdin = receiver.stdin.take();
     let t = Instant::now();
-    let sender = spawn_sh(inst, &format!("{} | nc -l -p 7002", zeros()), false)?;
-    let receiver = spawn_sh(
+    let sender = spawn_sh(
         inst,
-        "for i in $(seq 400); do nc 127.0.0.1 7002 | wc -c | grep -v '^0$' && exit 0; usleep 50000; done; exit 1",
+        &format!(
+            "until netstat -ltn | grep -q ':7002 '; do usleep 10000; done; {} | nc 127.0.0.1 7002",
+            zeros()
+        ),
         false,
     )?;
     let out = wait_ok(receiver, "guest receiver")?;
     let elapsed = t.elapsed();
+    drop(stdin);
     wait_ok(sender, "guest sender")?;
     let text = String::from_utf8_lossy(&out.stdout);
     check_len("guest loopback", text.trim().parse().unwrap_or(0))?;

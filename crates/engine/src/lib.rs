@@ -8,6 +8,10 @@
 //! protocol, and nothing above it may depend on QEMU. A native engine may
 //! replace this one behind the same [`Vm`]/[`VmSpec`] boundary.
 //!
+//! It also owns warm start ([`template`]): saving a booted guest once per
+//! configuration and restoring later VMs from it, with a caller-supplied
+//! step (the core's `Prepare`) as the only guest conversation it needs.
+//!
 //! Ownership: every QEMU process is spawned by its own supervisor thread,
 //! which waits for it and is joined when the [`Vm`] is dropped; QEMU gets
 //! `PR_SET_PDEATHSIG` so it dies with the host process even on `SIGKILL`.
