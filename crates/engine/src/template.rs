@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use crate::{files, paths, Error, MemoryFile, RunDir, Vm, VmSpec};
 
 /// Bumped when what a template holds or how it is used changes.
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 
 /// Templates kept at most; building one more removes the oldest.
 const MAX_TEMPLATES: usize = 16;
