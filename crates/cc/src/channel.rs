@@ -22,6 +22,9 @@ type Reply = std::result::Result<Response, RemoteError>;
 
 const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long a resuming ping waits before it is sent again.
+const PING_RETRY: Duration = Duration::from_millis(250);
+
 /// Where a process's exit is delivered.
 #[derive(Debug, Default)]
 pub(crate) struct ExitSlot {
@@ -157,6 +160,8 @@ struct Shared {
     next_stream: AtomicU32,
     next_process: AtomicU64,
     next_listener: AtomicU64,
+    /// Resumed after a restore: the agent may greet again, harmlessly.
+    resumed: bool,
 }
 
 /// A request sent and not yet answered.
@@ -245,6 +250,45 @@ impl Channel {
             }
             Err(e) => return Err(Error::Protocol(e.to_string())),
         };
+        Ok((Channel::start(socket, reader, false)?, agent))
+    }
+
+    /// Resumes the conversation with an agent restored from a template:
+    /// it does not greet (it goes on reading its connection), so pings are
+    /// sent until one is answered, every `PING_RETRY`, for up to `timeout`
+    /// (a ping lost while the guest settles is simply sent again). A
+    /// greeting from an agent that did start over is accepted too.
+    pub(crate) fn resume(socket: UnixStream, timeout: Duration) -> Result<Channel> {
+        let reader = BufReader::with_capacity(
+            256 << 10,
+            socket
+                .try_clone()
+                .map_err(Error::io("dup", "agent channel"))?,
+        );
+        let channel = Channel::start(socket, reader, true)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match channel.begin(Request::Ping)?.wait(&channel, PING_RETRY) {
+                Ok(Ok(Response::Pong)) => return Ok(channel),
+                Ok(other) => {
+                    return Err(Error::Protocol(format!(
+                        "unexpected answer to a ping: {other:?}"
+                    )))
+                }
+                Err(Error::Timeout(_)) if Instant::now() < deadline => {}
+                Err(Error::Timeout(_)) => {
+                    return Err(Error::Timeout(format!(
+                        "waiting {} s for the restored guest agent",
+                        timeout.as_secs()
+                    )))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Starts the reader thread on a connected channel.
+    fn start(socket: UnixStream, reader: BufReader<UnixStream>, resumed: bool) -> Result<Channel> {
         socket
             .set_read_timeout(None)
             .map_err(Error::io("configure", "agent channel"))?;
@@ -264,20 +308,18 @@ impl Channel {
             next_stream: AtomicU32::new(1),
             next_process: AtomicU64::new(1),
             next_listener: AtomicU64::new(1),
+            resumed,
         });
         let shared2 = shared.clone();
         let handle = std::thread::Builder::new()
             .name("cc-agent-reader".into())
             .spawn(move || read_loop(&shared2, reader))
             .map_err(Error::io("spawn", "agent reader thread"))?;
-        Ok((
-            Channel {
-                shared,
-                socket,
-                reader: Mutex::new(Some(handle)),
-            },
-            agent,
-        ))
+        Ok(Channel {
+            shared,
+            socket,
+            reader: Mutex::new(Some(handle)),
+        })
     }
 
     /// Why the channel is gone, if it is.
@@ -571,6 +613,7 @@ fn dispatch(shared: &Shared, msg: Message) -> std::result::Result<(), String> {
                 slot.fill(Ok(status));
             }
         }
+        Message::Hello { version, .. } if shared.resumed && version == PROTOCOL_VERSION => {}
         Message::Hello { .. } | Message::Request { .. } => {
             return Err("the guest agent sent a message out of turn".into());
         }

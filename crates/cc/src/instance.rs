@@ -6,7 +6,7 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cc_engine::template::StartKind;
+use cc_engine::template::{Agent, StartKind};
 use cc_engine::{Disk, RunDir, Share, Vm, VmSpec};
 use cc_protocol::{
     Lower, NetConfig, Request, Response, RootSpec, Setup, UnixTime, HOST_INTERNAL_ADDR,
@@ -338,14 +338,17 @@ impl Instance {
         let t1 = Instant::now();
         // Before a template is saved, its guest mounts the image's root
         // (nothing else: identity, clock and the rest are per instance).
-        let mut prepare_template = |socket| prepare_root(socket, &root, options.boot_timeout);
-        let (vm, socket, start_kind) = cc_engine::template::start(
-            &spec,
-            &run_dir,
-            &cache,
-            options.warm_start,
-            &mut prepare_template,
-        )?;
+        let timeout = options.boot_timeout;
+        let mut prepare_template = |socket| {
+            prepare_root(socket, &root, timeout).map(|c| Box::new(c) as Box<dyn std::any::Any>)
+        };
+        let mut resume = |socket| Channel::resume(socket, timeout).map_err(|e| e.to_string());
+        let hooks = cc_engine::template::Hooks {
+            prepare: &mut prepare_template,
+            resume: &mut resume,
+        };
+        let (vm, agent, start_kind) =
+            cc_engine::template::start(&spec, &run_dir, &cache, options.warm_start, hooks)?;
         let spawn = t1.elapsed();
         let boot_failed = |vm: &Vm, reason: String| {
             // Let QEMU finish writing why it died before quoting its logs.
@@ -358,13 +361,18 @@ impl Instance {
                 diagnostics: vm.diagnostics(),
             }
         };
-        let (channel, agent_name) = match Channel::connect(socket, options.boot_timeout) {
-            Ok(c) => c,
-            Err(e @ Error::ProtocolMismatch { .. }) => return Err(e),
-            Err(e) => return Err(boot_failed(&vm, e.to_string())),
+        let channel = match agent {
+            Agent::Resumed(channel) => channel,
+            Agent::Greeting(socket) => match Channel::connect(socket, options.boot_timeout) {
+                Ok((channel, agent)) => {
+                    tracing::debug!(%id, %agent, accel = %accel.accel, "guest agent connected");
+                    channel
+                }
+                Err(e @ Error::ProtocolMismatch { .. }) => return Err(e),
+                Err(e) => return Err(boot_failed(&vm, e.to_string())),
+            },
         };
         let kernel_time = t1.elapsed() - spawn;
-        tracing::debug!(%id, agent = %agent_name, accel = %accel.accel, "guest agent connected");
 
         let t2 = Instant::now();
         let setup = Setup {
@@ -614,16 +622,21 @@ impl Drop for Instance {
     }
 }
 
-/// A template's last step: the agent mounts `root` and runs `true` once,
-/// then the channel is closed (the guest is saved waiting to greet its next
-/// host).
+/// A template's last step: the agent mounts `root` and runs `true` once.
+/// Returns the channel, quiet, to be kept open until the guest is saved
+/// (so that the restored guest finds it connected and goes on reading).
 fn prepare_root(
     socket: std::os::unix::net::UnixStream,
     root: &RootSpec,
     timeout: Duration,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<Channel, String> {
     let (channel, _) = Channel::connect(socket, timeout).map_err(|e| e.to_string())?;
-    let answer = channel.request(Request::Prepare { root: root.clone() }, timeout);
+    match channel.request(Request::Prepare { root: root.clone() }, timeout) {
+        Ok(Ok(Response::Done)) => {}
+        Ok(Ok(other)) => return Err(format!("unexpected answer to prepare: {other:?}")),
+        Ok(Err(e)) => return Err(format!("the guest could not mount its root: {e}")),
+        Err(e) => return Err(e.to_string()),
+    }
     // One command run before the save leaves the guest's page cache and
     // the agent's allocations as the first user command wants them, which
     // makes that command a third faster after a restore. Images without a
@@ -641,14 +654,10 @@ fn prepare_root(
         stderr: cc_protocol::Stdio::Null,
     };
     if let Ok(Ok(Response::Started { .. })) = channel.request(Request::Exec(warm), timeout) {
+        // Its exit is the last frame the agent sends.
         let _ = exit.wait(Some(Instant::now() + timeout));
     }
-    channel.shut_down("the template is saved");
-    match answer.map_err(|e| e.to_string())? {
-        Ok(Response::Done) => Ok(()),
-        Ok(other) => Err(format!("unexpected answer to prepare: {other:?}")),
-        Err(e) => Err(format!("the guest could not mount its root: {e}")),
-    }
+    Ok(channel)
 }
 
 /// Ends the instance when its time is up, unless closed first (which drops

@@ -188,10 +188,15 @@ fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> CliResult<Ex
         "bare: spawn → exit",
         ms(bare_total.median())
     );
-    let (cold_pss, warm_pss) = (idle_pss(&source, &cold)?, idle_pss(&source, &warm)?);
-    println!("\nidle PSS per instance (median of {PSS_INSTANCES} running at once):");
-    println!("{:<26} {:>10.1} MiB", "cold", cold_pss);
-    println!("{:<26} {:>10.1} MiB (target ≤ 45)", "warm", warm_pss);
+    println!("\nidle PSS per instance, MiB: alone, and median of {PSS_INSTANCES} side by side");
+    for (name, options) in [("cold", &cold), ("warm", &warm)] {
+        println!(
+            "{name:<26} {:>10.1} {:>10.1}",
+            idle_pss(&source, options, 1)?,
+            idle_pss(&source, options, PSS_INSTANCES)?
+        );
+    }
+    println!("(target for warm ≤ 45 MiB)");
     let ratio = |a: &Samples, b: &Samples| a.median().as_secs_f64() / b.median().as_secs_f64();
     println!(
         "\ncold start / bare boot = {:.2}x (target ≤ 1.2x)",
@@ -228,10 +233,10 @@ fn start_and_echo(
 /// Instances measured at once for idle memory.
 const PSS_INSTANCES: usize = 4;
 
-/// Median proportional set size of QEMU, in MiB, over instances idling side
-/// by side (so pages they share count once between them).
-fn idle_pss(source: &cc::Source, options: &cc::Options) -> CliResult<f64> {
-    let all = (0..PSS_INSTANCES)
+/// Median proportional set size of QEMU, in MiB, over `count` instances
+/// idling side by side (pages they share are split between them).
+fn idle_pss(source: &cc::Source, options: &cc::Options, count: usize) -> CliResult<f64> {
+    let all = (0..count)
         .map(|_| start_and_echo(source, options).map(|(inst, ..)| inst))
         .collect::<CliResult<Vec<_>>>()?;
     std::thread::sleep(Duration::from_secs(3));

@@ -56,8 +56,12 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // Warnings (a warm start falling back to a cold boot, say) show by
+    // default; CC_LOG chooses otherwise.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("CC_LOG"))
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

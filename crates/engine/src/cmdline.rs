@@ -93,8 +93,7 @@ pub fn qemu_args(spec: &VmSpec, agent_fd: i32, qmp_fd: i32, console_log: &Path) 
         &[
             "-device",
             &format!(
-                "virtserialport,chardev=agent,id={},name={}",
-                crate::vm::AGENT_PORT_ID,
+                "virtserialport,chardev=agent,name={}",
                 cc_protocol::AGENT_PORT_NAME
             ),
         ],
@@ -240,7 +239,7 @@ mod tests {
             !cmd.contains("server"),
             "QEMU must use the connected sockets: {cmd}"
         );
-        assert!(cmd.contains("virtserialport,chardev=agent,id=agentport,name=cc.agent"));
+        assert!(cmd.contains("virtserialport,chardev=agent,name=cc.agent"));
         assert!(!cmd.contains("-incoming") && !cmd.contains("memory-backend"));
         assert!(cmd.contains("file=/c/ro,,ot.erofs,format=raw,if=none,readonly=on"));
         assert!(cmd.contains("virtio-blk-device,drive=d1,serial=ccupper"));

@@ -20,7 +20,7 @@ pub enum Error {
     ConnectTimeout { secs: u64, log: String },
     #[error("QMP: {0}")]
     Qmp(String),
-    #[error("preparing a warm-start template: {0}")]
+    #[error("warm-start template: {0}")]
     Template(String),
     #[error("{op} {}", path.display())]
     Io {

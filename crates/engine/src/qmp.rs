@@ -1,10 +1,8 @@
-//! A minimal QMP client: one command at a time; events are kept for
-//! [`Qmp::wait_event`].
+//! A minimal QMP client: one command at a time, events skipped.
 
-use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -15,12 +13,7 @@ pub(crate) struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     negotiated: bool,
-    /// Events read while waiting for replies, oldest first (bounded).
-    events: VecDeque<Value>,
 }
-
-/// Events kept at most; older ones are dropped.
-const MAX_EVENTS: usize = 64;
 
 impl Qmp {
     pub(crate) fn new(stream: UnixStream) -> Result<Qmp, Error> {
@@ -29,7 +22,6 @@ impl Qmp {
             reader: BufReader::new(stream),
             writer,
             negotiated: false,
-            events: VecDeque::new(),
         })
     }
 
@@ -65,10 +57,6 @@ impl Qmp {
             .map_err(|e| Error::Qmp(format!("{command}: {e}")))?;
         loop {
             let msg = self.next_message()?;
-            if msg.get("event").is_some() {
-                self.keep_event(msg);
-                continue;
-            }
             if let Some(ret) = msg.get("return") {
                 return Ok(ret.clone());
             }
@@ -77,46 +65,6 @@ impl Qmp {
                     "{command}: {}",
                     err["desc"].as_str().unwrap_or("failed")
                 )));
-            }
-        }
-    }
-
-    fn keep_event(&mut self, event: Value) {
-        if self.events.len() == MAX_EVENTS {
-            self.events.pop_front();
-        }
-        self.events.push_back(event);
-    }
-
-    /// Waits up to `timeout` for an event named `name` whose `data` passes
-    /// `matches`, consuming it and every event before it. Only events that
-    /// arrive after the connection was negotiated (after a first
-    /// [`execute`](Self::execute)) are seen.
-    pub(crate) fn wait_event(
-        &mut self,
-        name: &str,
-        matches: impl Fn(&Value) -> bool,
-        timeout: Duration,
-    ) -> Result<Value, Error> {
-        let deadline = Instant::now() + timeout;
-        let is_it = |e: &Value| e["event"] == name && matches(&e["data"]);
-        loop {
-            while let Some(event) = self.events.pop_front() {
-                if is_it(&event) {
-                    return Ok(event);
-                }
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::Qmp(format!("no {name} event within {timeout:?}")));
-            }
-            self.reader
-                .get_ref()
-                .set_read_timeout(Some(left))
-                .map_err(|e| Error::Qmp(e.to_string()))?;
-            let msg = self.next_message()?;
-            if msg.get("event").is_some() {
-                self.keep_event(msg);
             }
         }
     }

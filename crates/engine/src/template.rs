@@ -21,12 +21,13 @@
 //! wins. A template that fails to restore is removed, and the caller boots
 //! cold (and builds it again).
 
+use std::any::Any;
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -38,10 +39,6 @@ const FORMAT: u32 = 3;
 
 /// Templates kept at most; building one more removes the oldest.
 const MAX_TEMPLATES: usize = 16;
-
-/// How long a guest may take from restore to its agent's greeting before
-/// the template is considered broken.
-const GREETING_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How a VM came to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -326,85 +323,81 @@ fn sweep_abandoned(base: &Path) {
     }
 }
 
-/// Waits until the guest has something to say on the agent channel (its
-/// greeting), without reading it.
-fn wait_greeting(vm: &Vm, socket: &UnixStream, timeout: Duration) -> Result<(), Error> {
-    use std::os::fd::AsRawFd;
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let mut fds = [libc::pollfd {
-            fd: socket.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        // SAFETY: one valid pollfd, which outlives the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 50) };
-        if n > 0 && fds[0].revents & libc::POLLIN != 0 {
-            return Ok(());
-        }
-        if n > 0 || vm.exit_status().is_some() {
-            return Err(Error::Qmp(
-                "the guest ended before its agent greeted".into(),
-            ));
-        }
-        if std::time::Instant::now() > deadline {
-            return Err(Error::ConnectTimeout {
-                secs: timeout.as_secs(),
-                log: vm.diagnostics(),
-            });
-        }
+/// What the caller does with the agent channel around templates; the
+/// engine never speaks the agent protocol itself.
+pub struct Hooks<'a, R> {
+    /// Before a template is saved, given the channel of the freshly booted
+    /// guest (its agent greets first): prepares what depends on the image
+    /// alone and leaves the channel quiet, returning what must stay open
+    /// until the save is done (the channel with it).
+    #[allow(clippy::type_complexity)]
+    pub prepare: &'a mut dyn FnMut(UnixStream) -> Result<Box<dyn Any>, String>,
+    /// After a restore, given the new channel to a guest that does not
+    /// greet (it goes on reading its connection): re-establishes the
+    /// conversation, tolerating lost bytes. Its failure marks the template
+    /// broken.
+    pub resume: &'a mut dyn FnMut(UnixStream) -> Result<R, String>,
+}
+
+impl<R> std::fmt::Debug for Hooks<'_, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hooks")
     }
 }
 
-/// The caller's last step before a template is saved: given the agent
-/// channel of the booted guest, it prepares what depends on the image
-/// alone, then closes the channel.
-pub type Prepare<'a> = &'a mut dyn FnMut(UnixStream) -> Result<(), String>;
+/// The agent channel of a started VM.
+#[derive(Debug)]
+pub enum Agent<R> {
+    /// A freshly booted guest: its agent greets first on this socket.
+    Greeting(UnixStream),
+    /// A restored guest, its conversation resumed by [`Hooks::resume`].
+    Resumed(R),
+}
 
 /// Boots `spec` in `run`, from a template when `warm` (building it first,
-/// with `prepare`, if there is none), and returns the VM, the host end of
-/// its agent channel (the agent greets first) and how it started. Any
-/// trouble with a template falls back to a cold boot; only a cold boot's
-/// own failure is an error.
-pub fn start(
+/// with `hooks.prepare`, if there is none), and returns the VM, its agent
+/// channel and how it started. Any trouble with a template falls back to
+/// a cold boot; only a cold boot's own failure is an error.
+pub fn start<R>(
     spec: &VmSpec,
     run: &RunDir,
     cache: &Path,
     warm: bool,
-    prepare: Prepare<'_>,
-) -> Result<(Vm, UnixStream, StartKind), Error> {
+    hooks: Hooks<'_, R>,
+) -> Result<(Vm, Agent<R>, StartKind), Error> {
     if warm && spec.memory_file.is_none() && !spec.incoming {
-        match start_warm(spec, run, cache, prepare) {
-            Ok(started) => return Ok(started),
+        match start_warm(spec, run, cache, hooks) {
+            Ok((vm, resumed, kind)) => return Ok((vm, Agent::Resumed(resumed), kind)),
             Err(e) => tracing::warn!("warm start failed, booting cold: {e}"),
         }
     }
     let (vm, socket) = Vm::start(spec, run)?;
-    Ok((vm, socket, StartKind::Cold))
+    Ok((vm, Agent::Greeting(socket), StartKind::Cold))
 }
 
-fn start_warm(
+fn start_warm<R>(
     spec: &VmSpec,
     run: &RunDir,
     cache: &Path,
-    prepare: Prepare<'_>,
-) -> Result<(Vm, UnixStream, StartKind), Error> {
+    hooks: Hooks<'_, R>,
+) -> Result<(Vm, R, StartKind), Error> {
     let meta = key(spec)?;
     if let Some(t) = find(cache, &meta.key) {
-        match restore(spec, run, &t, true) {
-            Ok((vm, socket)) => return Ok((vm, socket, StartKind::Warm)),
+        match restore(spec, run, &t, true, hooks.resume) {
+            Ok((vm, resumed)) => return Ok((vm, resumed, StartKind::Warm)),
             Err(e) => {
                 tracing::warn!(template = %meta.key, "removing a template that failed to restore: {e}");
                 remove(cache, &meta.key)?;
             }
         }
     }
-    let t = build(spec, run, cache, meta, prepare)?;
+    let key = meta.key.clone();
+    let t = build(spec, run, cache, meta, hooks.prepare)?;
     // The writable disks are the ones the template was built with.
-    match restore(spec, run, &t, false) {
-        Ok((vm, socket)) => Ok((vm, socket, StartKind::Built)),
+    match restore(spec, run, &t, false, hooks.resume) {
+        Ok((vm, resumed)) => Ok((vm, resumed, StartKind::Built)),
         Err(e) => {
-            let _ = remove(cache, t.file_name().and_then(|n| n.to_str()).unwrap_or(""));
+            let _ = remove(cache, &key);
             Err(e)
         }
     }
@@ -417,7 +410,7 @@ fn build(
     run: &RunDir,
     cache: &Path,
     meta: TemplateMeta,
-    prepare: Prepare<'_>,
+    prepare: &mut dyn FnMut(UnixStream) -> Result<Box<dyn Any>, String>,
 ) -> Result<PathBuf, Error> {
     let building = Building::start(cache)?;
     let mut source = spec.clone();
@@ -426,10 +419,10 @@ fn build(
         shared: true,
     });
     let (vm, socket) = Vm::start(&source, run)?;
-    vm.save_template(&state(&building.tmp), || {
-        prepare(socket).map_err(Error::Template)
-    })?;
+    let channel = prepare(socket).map_err(Error::Template)?;
+    vm.save_template(&state(&building.tmp))?;
     drop(vm);
+    drop(channel);
     // QEMU flushed them when the migration completed, and has exited.
     for (i, path) in writable(spec) {
         let copy = disk(&building.tmp, i);
@@ -454,15 +447,16 @@ fn tidy(cache: &Path) {
     }
 }
 
-/// Starts `spec` from the template in `t` and waits for the agent. With
-/// `fresh_disks`, the writable disks first become copies of the
+/// Starts `spec` from the template in `t` and resumes the agent channel.
+/// With `fresh_disks`, the writable disks first become copies of the
 /// template's.
-fn restore(
+fn restore<R>(
     spec: &VmSpec,
     run: &RunDir,
     t: &Path,
     fresh_disks: bool,
-) -> Result<(Vm, UnixStream), Error> {
+    resume: &mut dyn FnMut(UnixStream) -> Result<R, String>,
+) -> Result<(Vm, R), Error> {
     if fresh_disks {
         for (i, path) in writable(spec) {
             files::clone_file(&disk(t, i), path).map_err(Error::io("copy", path))?;
@@ -476,12 +470,12 @@ fn restore(
     target.incoming = true;
     let (vm, socket) = Vm::start(&target, run)?;
     vm.restore(&state(t))?;
-    wait_greeting(&vm, &socket, GREETING_TIMEOUT)?;
+    let resumed = resume(socket).map_err(Error::Template)?;
     // Its meta file's time says when it was last used, for tidying.
     if let Ok(f) = fs::File::options().append(true).open(meta_path(t)) {
         let _ = f.set_modified(SystemTime::now());
     }
-    Ok((vm, socket))
+    Ok((vm, resumed))
 }
 
 #[cfg(test)]
@@ -564,7 +558,7 @@ mod tests {
             k
         );
         // A rewritten lower disk is another template.
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(std::time::Duration::from_millis(10));
         fs::write(&s.disks[0].path, "new contents").unwrap();
         assert_ne!(key(&s).key, k);
         fs::remove_dir_all(&d).unwrap();

@@ -87,9 +87,6 @@ pub struct Vm {
 /// QEMU's id of the guest's network backend.
 pub(crate) const NETDEV_ID: &str = "net0";
 
-/// QEMU's id of the agent's virtio-serial port (named in its events).
-pub(crate) const AGENT_PORT_ID: &str = "agentport";
-
 /// The file descriptor numbers QEMU sees its two channels on.
 const AGENT_FD: RawFd = 3;
 const QMP_FD: RawFd = 4;
@@ -282,28 +279,11 @@ impl Vm {
 
     /// Saves this booted guest as a template, then ends QEMU. Its RAM must
     /// be a shared [`MemoryFile`] (which then holds the template's memory);
-    /// the device state goes to `state`. `hang_up` must close the host end
-    /// of the agent channel (after any last words with the agent); the
-    /// guest is then seen to re-open its port before the save, so that a
-    /// restored guest greets its new host with nothing in flight.
-    pub fn save_template(
-        &self,
-        state: &Path,
-        hang_up: impl FnOnce() -> Result<(), Error>,
-    ) -> Result<(), Error> {
+    /// the device state goes to `state`. The agent channel stays connected
+    /// and must be quiet (nothing in flight either way): a restored guest
+    /// finds its channel connected again and goes on reading it.
+    pub fn save_template(&self, state: &Path) -> Result<(), Error> {
         let mut qmp = self.qmp.lock().unwrap_or_else(|e| e.into_inner());
-        // Negotiated before the events we wait for.
-        qmp.execute("query-status", None, QMP_TIMEOUT)?;
-        hang_up()?;
-        // The guest closes its port on the hang-up and opens it again. QEMU
-        // throttles these events (one a second per port, the latest state
-        // winning), so the close may never be reported: the open is what
-        // says the agent is back, waiting to greet.
-        qmp.wait_event(
-            "VSERPORT_CHANGE",
-            |d| d["id"] == AGENT_PORT_ID && d["open"] == true,
-            QMP_TIMEOUT,
-        )?;
         ignore_shared_ram(&mut qmp)?;
         qmp.execute(
             "migrate-set-parameters",
@@ -332,12 +312,28 @@ impl Vm {
         let uri = format!("exec:cat {}", shell_quote(state));
         qmp.execute("migrate-incoming", Some(json!({ "uri": uri })), QMP_TIMEOUT)?;
         wait_migrated(&mut qmp)?;
-        // The template was saved stopped, so the guest arrives paused.
-        let status = qmp.execute("query-status", None, QMP_TIMEOUT)?;
-        if status["status"] != "running" {
-            qmp.execute("cont", None, QMP_TIMEOUT)?;
+        // The template was saved stopped, so the guest arrives paused, a
+        // moment after the migration reports completion: a `cont` sent
+        // while QEMU still says `inmigrate` would be overruled by that.
+        let deadline = Instant::now() + QMP_TIMEOUT;
+        loop {
+            let status = qmp.execute("query-status", None, QMP_TIMEOUT)?;
+            match status["status"].as_str() {
+                Some("running") => return Ok(()),
+                Some("inmigrate") if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Some("paused") if Instant::now() < deadline => {
+                    qmp.execute("cont", None, QMP_TIMEOUT)?;
+                }
+                other => {
+                    return Err(Error::Qmp(format!(
+                        "the restored guest did not run (status {})",
+                        other.unwrap_or("unknown")
+                    )))
+                }
+            }
         }
-        Ok(())
     }
 
     /// QEMU's own messages and the tail of the guest console, for errors.
@@ -412,8 +408,9 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// How long one QMP step of saving or restoring may take.
-const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one QMP step of saving or restoring may take (generous: a
+/// loaded host slows emulated guests a lot).
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Skips the shared RAM file in the migration stream: it is the template's
 /// memory, on both sides.
