@@ -22,8 +22,12 @@ type Reply = std::result::Result<Response, RemoteError>;
 
 const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// How long a resuming ping waits before it is sent again.
-const PING_RETRY: Duration = Duration::from_millis(250);
+/// How long the first resuming ping waits before it is sent again; each
+/// retry waits twice as long, up to [`PING_RETRY_MAX`]. A restored agent
+/// usually sees its port reset and re-opens it, and a ping sent meanwhile
+/// is lost: retrying early keeps that cheap.
+const PING_RETRY: Duration = Duration::from_millis(10);
+const PING_RETRY_MAX: Duration = Duration::from_millis(250);
 
 /// Where a process's exit is delivered.
 #[derive(Debug, Default)]
@@ -254,10 +258,9 @@ impl Channel {
     }
 
     /// Resumes the conversation with an agent restored from a template:
-    /// it does not greet (it goes on reading its connection), so pings are
-    /// sent until one is answered, every `PING_RETRY`, for up to `timeout`
-    /// (a ping lost while the guest settles is simply sent again). A
-    /// greeting from an agent that did start over is accepted too.
+    /// pings are sent until one is answered, for up to `timeout`, so a
+    /// ping lost while the agent re-opens its port is simply sent again.
+    /// The greeting of an agent that did start over is accepted too.
     pub(crate) fn resume(socket: UnixStream, timeout: Duration) -> Result<Channel> {
         let reader = BufReader::with_capacity(
             256 << 10,
@@ -267,8 +270,11 @@ impl Channel {
         );
         let channel = Channel::start(socket, reader, true)?;
         let deadline = Instant::now() + timeout;
+        let mut retry = PING_RETRY;
         loop {
-            match channel.begin(Request::Ping)?.wait(&channel, PING_RETRY) {
+            let answer = channel.begin(Request::Ping)?.wait(&channel, retry);
+            retry = (retry * 2).min(PING_RETRY_MAX);
+            match answer {
                 Ok(Ok(Response::Pong)) => return Ok(channel),
                 Ok(other) => {
                     return Err(Error::Protocol(format!(
