@@ -207,12 +207,7 @@ impl Channel {
         socket
             .set_read_timeout(Some(timeout))
             .map_err(Error::io("configure", "agent channel"))?;
-        let mut reader = BufReader::with_capacity(
-            256 << 10,
-            socket
-                .try_clone()
-                .map_err(Error::io("dup", "agent channel"))?,
-        );
+        let mut reader = frame_reader(&socket)?;
         let mut buf = Vec::new();
         let agent = match frame::read(&mut reader, &mut buf) {
             Ok(Some(Message::Hello { version, agent })) if version == PROTOCOL_VERSION => agent,
@@ -262,12 +257,7 @@ impl Channel {
     /// ping lost while the agent re-opens its port is simply sent again.
     /// The greeting of an agent that did start over is accepted too.
     pub(crate) fn resume(socket: UnixStream, timeout: Duration) -> Result<Channel> {
-        let reader = BufReader::with_capacity(
-            256 << 10,
-            socket
-                .try_clone()
-                .map_err(Error::io("dup", "agent channel"))?,
-        );
+        let reader = frame_reader(&socket)?;
         let channel = Channel::start(socket, reader, true)?;
         let deadline = Instant::now() + timeout;
         let mut retry = PING_RETRY;
@@ -527,6 +517,14 @@ impl Drop for Channel {
     fn drop(&mut self) {
         self.shut_down("the instance was closed");
     }
+}
+
+/// A buffered reader of the channel's frames, on a second handle of it.
+fn frame_reader(socket: &UnixStream) -> Result<BufReader<UnixStream>> {
+    let handle = socket
+        .try_clone()
+        .map_err(Error::io("dup", "agent channel"))?;
+    Ok(BufReader::with_capacity(256 << 10, handle))
 }
 
 fn read_loop(shared: &Shared, mut reader: BufReader<UnixStream>) {
