@@ -416,6 +416,25 @@ typedef struct cc_capabilities {
      * The accelerator instances will use: `"kvm"` or `"tcg"`.
      */
     const char *accelerator;
+    /**
+     * QEMU runs under its own seccomp filter.
+     */
+    bool confined_seccomp;
+    /**
+     * QEMU runs in its own user, mount, PID, network, IPC and UTS
+     * namespaces and sees only its own files.
+     */
+    bool confined_namespaces;
+    /**
+     * The host uid QEMU runs as (an unprivileged one when the caller is
+     * root).
+     */
+    uint32_t sandbox_uid;
+    /**
+     * What of the confinement this host cannot give, `"; "`-separated;
+     * `""` when fully confined.
+     */
+    const char *confinement_gaps;
 } cc_capabilities;
 
 /**

@@ -42,19 +42,28 @@ fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
-/// Gives `interface` `address/prefix_len`, brings it up and routes
-/// everything not local through `gateway`.
+/// Linux's `SIOCSIFMTU` (not in the libc crate for this target).
+const SIOCSIFMTU: libc::c_ulong = 0x8922;
+
+/// Gives `interface` `address/prefix_len` and `mtu`, brings it up and
+/// routes everything not local through `gateway`.
 pub fn configure(
     interface: &str,
     address: Ipv4Addr,
     prefix_len: u8,
     gateway: Ipv4Addr,
+    mtu: u32,
 ) -> io::Result<()> {
-    if prefix_len > 32 {
+    if prefix_len > 32 || !(68..=65535).contains(&mtu) {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     let sock = inet_socket()?;
     let mut req = ifreq(interface)?;
+    req.ifr_ifru.ifru_mtu = mtu as libc::c_int;
+    // SAFETY: `req` is a valid ifreq naming the interface; the kernel reads it.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCSIFMTU, &req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
     req.ifr_ifru.ifru_addr = sockaddr_in(address);
     // SAFETY: `req` is a valid ifreq naming the interface; the kernel reads it.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFADDR, &req) } < 0 {

@@ -60,7 +60,7 @@ pub fn run(
                 .map_err(|_| error::invalid(format!("network {what} {v:?} is not an IPv4 address")))
         };
         let (address, gateway) = (parse("address", &n.address)?, parse("gateway", &n.gateway)?);
-        net::configure(&n.interface, address, n.prefix_len, gateway).map_err(|e| {
+        net::configure(&n.interface, address, n.prefix_len, gateway, n.mtu).map_err(|e| {
             error::os(
                 format_args!(
                     "configure {} as {}/{}",

@@ -124,6 +124,17 @@ pub struct cc_capabilities {
     pub hypervisor_available: bool,
     /// The accelerator instances will use: `"kvm"` or `"tcg"`.
     pub accelerator: *const c_char,
+    /// QEMU runs under its own seccomp filter.
+    pub confined_seccomp: bool,
+    /// QEMU runs in its own user, mount, PID, network, IPC and UTS
+    /// namespaces and sees only its own files.
+    pub confined_namespaces: bool,
+    /// The host uid QEMU runs as (an unprivileged one when the caller is
+    /// root).
+    pub sandbox_uid: u32,
+    /// What of the confinement this host cannot give, `"; "`-separated;
+    /// `""` when fully confined.
+    pub confinement_gaps: *const c_char,
 }
 
 /// Fills `out` with the host's capabilities. Fails with
@@ -149,10 +160,21 @@ pub unsafe extern "C" fn cc_query_capabilities(
             "aarch64" => b"aarch64\0",
             _ => b"unknown\0",
         };
+        let confinement = cc::host_confinement();
+        // The host's answer does not change while the process runs.
+        static GAPS: std::sync::OnceLock<std::ffi::CString> = std::sync::OnceLock::new();
+        let gaps = GAPS.get_or_init(|| {
+            let joined = confinement.gaps.join("; ").replace('\0', " ");
+            std::ffi::CString::new(joined).unwrap_or_default()
+        });
         out.write(cc_capabilities {
             architecture: static_str(arch),
             hypervisor_available: kvm,
             accelerator: static_str(if kvm { b"kvm\0" } else { b"tcg\0" }),
+            confined_seccomp: confinement.seccomp,
+            confined_namespaces: confinement.namespaces,
+            sandbox_uid: confinement.uid,
+            confinement_gaps: gaps.as_ptr(),
         });
         Ok(())
     })

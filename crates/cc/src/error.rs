@@ -84,7 +84,9 @@ impl Error {
             Error::Engine(e) => match e {
                 cc_engine::Error::QemuMissing(_)
                 | cc_engine::Error::KvmUnavailable(_)
-                | cc_engine::Error::BadAccel(_) => ErrorCode::HypervisorUnavailable,
+                | cc_engine::Error::BadAccel(_)
+                | cc_engine::Error::Unconfined(_)
+                | cc_engine::Error::PasstMissing => ErrorCode::HypervisorUnavailable,
                 cc_engine::Error::KernelMissing(_)
                 | cc_engine::Error::AgentMissing(_)
                 | cc_engine::Error::Io { .. } => ErrorCode::Io,

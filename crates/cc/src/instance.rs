@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cc_engine::template::{Agent, StartKind};
-use cc_engine::{Disk, RunDir, Share, Vm, VmSpec};
+use cc_engine::{ConfineMode, Confinement, Disk, RunDir, Share, Vm, VmSpec, GUEST_NETWORK};
 use cc_protocol::{
     Lower, NetConfig, Request, Response, RootSpec, Setup, UnixTime, HOST_INTERNAL_ADDR,
     HOST_INTERNAL_NAME,
@@ -74,6 +74,11 @@ pub struct Options {
     /// clock, entropy, disks, mounts and network are set up after the
     /// restore. [`Instance::start_kind`] says which happened.
     pub warm_start: bool,
+    /// How QEMU is confined (SECURITY.md): by default with everything the
+    /// host offers, listing what it cannot give in
+    /// [`Instance::confinement`]; [`ConfineMode::Strict`] refuses to start
+    /// instead; [`ConfineMode::Off`] is for measurements and debugging.
+    pub confinement: ConfineMode,
 }
 
 /// A host directory shared into the guest at `guest_path`. Read-only
@@ -135,6 +140,7 @@ impl Default for Options {
             mounts: Vec::new(),
             network: true,
             warm_start: true,
+            confinement: ConfineMode::BestEffort,
         }
     }
 }
@@ -324,6 +330,9 @@ impl Instance {
             kernel_params: Vec::new(),
             memory_file: None,
             incoming: false,
+            agent_port: cc_protocol::AGENT_PORT_NAME.into(),
+            confine: options.confinement,
+            console_log_max: cc_engine::CONSOLE_LOG_MAX,
         };
         let root = RootSpec {
             lowers: (0..lowers.len())
@@ -380,7 +389,7 @@ impl Instance {
             root: Some(root),
             clock: now(),
             entropy: ByteBuf::from(random_bytes(64)),
-            nameservers: vec!["10.0.2.3".into()],
+            nameservers: vec![GUEST_NETWORK.dns.to_string()],
             hosts: vec![(HOST_INTERNAL_ADDR.into(), HOST_INTERNAL_NAME.into())],
             mounts: options
                 .mounts
@@ -394,9 +403,10 @@ impl Instance {
                 .collect(),
             network: options.network.then(|| NetConfig {
                 interface: "eth0".into(),
-                address: "10.0.2.15".into(),
-                prefix_len: 24,
-                gateway: "10.0.2.2".into(),
+                address: GUEST_NETWORK.address.to_string(),
+                prefix_len: GUEST_NETWORK.prefix_len,
+                gateway: GUEST_NETWORK.gateway.to_string(),
+                mtu: GUEST_NETWORK.mtu,
             }),
         };
         let kernel_release =
@@ -569,6 +579,15 @@ impl Instance {
             None => return Err(Error::AlreadyClosed),
         };
         Ok(vm.set_network_link(enabled)?)
+    }
+
+    /// The confinement QEMU runs under (the gaps name what this host
+    /// could not give), while the instance is open.
+    pub fn confinement(&self) -> Option<Confinement> {
+        self.inner
+            .live()
+            .as_ref()
+            .map(|l| l.vm.confinement().clone())
     }
 
     /// Host pid of the VM process, while it runs.

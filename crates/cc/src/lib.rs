@@ -36,6 +36,13 @@ mod snapshot;
 pub mod templates;
 
 pub use cc_engine::template::StartKind;
+pub use cc_engine::{ConfineMode, Confinement};
+
+/// The confinement an instance with default options gets on this host
+/// (see SECURITY.md); its `gaps` say what the host cannot give and why.
+pub fn host_confinement() -> Confinement {
+    cc_engine::confine::expected(ConfineMode::BestEffort, false, true)
+}
 pub use cc_protocol::PROTOCOL_VERSION as GUEST_PROTOCOL_VERSION;
 pub use cmd::Cmd;
 pub use command::{Child, ChildOutput, ChildStdin, Command, ExitStatus, Output, Signaller, Stdio};

@@ -110,6 +110,10 @@ fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> CliResult<Ex
         kernel_params: Vec::new(),
         memory_file: None,
         incoming: false,
+        // The bare guest runs no agent; the port is never opened.
+        agent_port: "cc.agent".into(),
+        confine: cc_engine::ConfineMode::BestEffort,
+        console_log_max: cc_engine::CONSOLE_LOG_MAX,
     };
     let source = cc::Source::Dir(rootfs.to_path_buf());
     let cold = cc::Options {

@@ -46,6 +46,13 @@ pub(crate) fn doctor() -> CliResult<ExitCode> {
             .map_err(|e| e.to_string()),
     );
     report("protocol", Ok(format!("v{}", cc::GUEST_PROTOCOL_VERSION)));
+    // Gaps are reported, not failures: instances start with what the host
+    // gives (`--confinement strict` refuses instead).
+    let confinement = cc::host_confinement();
+    println!("{:<12} {}", "confinement", confinement.summary());
+    for gap in &confinement.gaps {
+        println!("{:<12} gap: {gap}", "");
+    }
     Ok(if ok {
         ExitCode::SUCCESS
     } else {

@@ -1,19 +1,54 @@
 //! The QEMU command line, built as pure data so it is tested without QEMU.
 
 use std::ffi::OsString;
-use std::path::Path;
 
 use crate::{Accel, VmSpec};
 
 /// Kernel parameters every guest gets. `reboot=t` makes a guest reboot a
 /// triple fault, which `-no-reboot` turns into an immediate QEMU exit;
 /// `panic=-1` reboots (so exits) at once on a kernel panic.
-const KERNEL_PARAMS: &str = "console=ttyS0 quiet reboot=t panic=-1";
+pub const KERNEL_PARAMS: &str = "console=ttyS0 quiet reboot=t panic=-1";
 
-/// Arguments for `qemu-system-x86_64` to boot `spec`. The agent channel and
-/// QMP are already-connected sockets QEMU inherits as `agent_fd`/`qmp_fd`:
-/// nothing listens on a path, so nothing can connect first or be lost.
-pub fn qemu_args(spec: &VmSpec, agent_fd: i32, qmp_fd: i32, console_log: &Path) -> Vec<OsString> {
+/// Where QEMU finds each of its inputs. Every host file reaches it as a
+/// descriptor the engine opened and QEMU inherited, so a confined QEMU
+/// needs no path to anything on the host: files by `/proc/self/fd/N`,
+/// disks through fd sets (`/dev/fdset/N`), sockets by number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wiring {
+    /// The agent channel's guest end (a connected socket).
+    pub agent_fd: i32,
+    /// QMP (a connected socket).
+    pub qmp_fd: i32,
+    /// The serial console (a connected socket the engine drains).
+    pub console_fd: i32,
+    /// The guest kernel and initramfs, as paths QEMU opens.
+    pub kernel: String,
+    pub initrd: String,
+    /// The RAM file, when [`VmSpec::memory_file`] is set.
+    pub memory_file: Option<String>,
+    /// The descriptors of each [`VmSpec::disks`] entry: one read-only, and
+    /// for a writable disk also one read-write (QEMU opens a writable disk
+    /// read-only first, and takes from its fd set the descriptor whose
+    /// access mode matches).
+    pub disk_fds: Vec<Vec<i32>>,
+    /// One path per [`VmSpec::shares`] entry.
+    pub shares: Vec<String>,
+    /// The network backend's socket (length-prefixed Ethernet frames),
+    /// when the guest has a network interface.
+    pub net_fd: Option<i32>,
+    /// Turn on QEMU's seccomp filter.
+    pub seccomp: bool,
+}
+
+/// The path QEMU opens to reach inherited descriptor `fd`.
+pub fn fd_path(fd: i32) -> String {
+    format!("/proc/self/fd/{fd}")
+}
+
+/// Arguments for `qemu-system-x86_64` to boot `spec` wired as `w`. Nothing
+/// listens on a path: nothing can connect first, and no guest byte is lost
+/// before the host is there.
+pub fn qemu_args(spec: &VmSpec, w: &Wiring) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
     let (accel, cpu) = match spec.accel {
         Accel::Kvm => ("kvm", "host"),
@@ -26,9 +61,11 @@ pub fn qemu_args(spec: &VmSpec, agent_fd: i32, qmp_fd: i32, console_log: &Path) 
         append.push(' ');
         append.push_str(extra);
     }
-    let machine = match &spec.memory_file {
-        None => "microvm,acpi=off".to_string(),
-        Some(file) => {
+    if w.seccomp {
+        push(&mut a, &["-sandbox", crate::confine::SANDBOX_ARG]);
+    }
+    let machine = match (&spec.memory_file, &w.memory_file) {
+        (Some(file), Some(path)) => {
             // RAM in a file: a template's source shares it (its pages are
             // the template), a restore maps it privately (never written).
             push(
@@ -38,12 +75,13 @@ pub fn qemu_args(spec: &VmSpec, agent_fd: i32, qmp_fd: i32, console_log: &Path) 
                     &format!(
                         "memory-backend-file,id=mem,size={memory}M,share={},mem-path={}",
                         if file.shared { "on" } else { "off" },
-                        opt_path(&file.path)
+                        opt_value(path)
                     ),
                 ],
             );
             "microvm,acpi=off,memory-backend=mem".to_string()
         }
+        _ => "microvm,acpi=off".to_string(),
     };
     push(
         &mut a,
@@ -63,22 +101,22 @@ pub fn qemu_args(spec: &VmSpec, agent_fd: i32, qmp_fd: i32, console_log: &Path) 
             "-no-reboot",
         ],
     );
-    a.extend([
-        "-kernel".into(),
-        spec.kernel.clone().into(),
-        "-initrd".into(),
-        spec.initrd.clone().into(),
-    ]);
+    push(&mut a, &["-kernel", &w.kernel, "-initrd", &w.initrd]);
     push(&mut a, &["-append", &append]);
     push(
         &mut a,
-        &["-serial", &format!("file:{}", opt_path(console_log))],
+        &[
+            "-chardev",
+            &format!("socket,id=con,fd={}", w.console_fd),
+            "-serial",
+            "chardev:con",
+        ],
     );
     push(
         &mut a,
         &[
             "-chardev",
-            &format!("socket,id=qmp,fd={qmp_fd}"),
+            &format!("socket,id=qmp,fd={}", w.qmp_fd),
             "-mon",
             "chardev=qmp,mode=control",
         ],
@@ -86,7 +124,7 @@ pub fn qemu_args(spec: &VmSpec, agent_fd: i32, qmp_fd: i32, console_log: &Path) 
     push(&mut a, &["-device", "virtio-serial-device"]);
     push(
         &mut a,
-        &["-chardev", &format!("socket,id=agent,fd={agent_fd}")],
+        &["-chardev", &format!("socket,id=agent,fd={}", w.agent_fd)],
     );
     push(
         &mut a,
@@ -94,12 +132,12 @@ pub fn qemu_args(spec: &VmSpec, agent_fd: i32, qmp_fd: i32, console_log: &Path) 
             "-device",
             &format!(
                 "virtserialport,chardev=agent,name={}",
-                cc_protocol::AGENT_PORT_NAME
+                opt_value(&spec.agent_port)
             ),
         ],
     );
     push(&mut a, &["-device", "virtio-rng-device"]);
-    for (i, disk) in spec.disks.iter().enumerate() {
+    for (i, (disk, fds)) in spec.disks.iter().zip(&w.disk_fds).enumerate() {
         let ro = if disk.read_only { "on" } else { "off" };
         // cache=unsafe: the writable layer dies with the instance, so its
         // flushes need not reach the host disk.
@@ -108,13 +146,16 @@ pub fn qemu_args(spec: &VmSpec, agent_fd: i32, qmp_fd: i32, console_log: &Path) 
         } else {
             "unsafe"
         };
+        let set = i + 1;
+        for fd in fds {
+            push(&mut a, &["-add-fd", &format!("fd={fd},set={set}")]);
+        }
         push(
             &mut a,
             &[
                 "-drive",
                 &format!(
-                    "id=d{i},file={},format=raw,if=none,readonly={ro},cache={cache},discard=unmap",
-                    opt_path(&disk.path)
+                    "id=d{i},file=/dev/fdset/{set},format=raw,if=none,readonly={ro},cache={cache},discard=unmap"
                 ),
             ],
         );
@@ -129,15 +170,15 @@ pub fn qemu_args(spec: &VmSpec, agent_fd: i32, qmp_fd: i32, console_log: &Path) 
             ],
         );
     }
-    if spec.network {
+    if let Some(fd) = w.net_fd {
         let netdev = crate::vm::NETDEV_ID;
-        push(&mut a, &["-netdev", &format!("user,id={netdev}")]);
+        push(&mut a, &["-netdev", &format!("socket,id={netdev},fd={fd}")]);
         push(
             &mut a,
             &["-device", &format!("virtio-net-device,netdev={netdev}")],
         );
     }
-    for (i, share) in spec.shares.iter().enumerate() {
+    for (i, (share, path)) in spec.shares.iter().zip(&w.shares).enumerate() {
         // security_model=none: files keep the host's ownership and the guest
         // cannot change it, which is what sharing a user's directory means.
         let ro = if share.read_only { ",readonly=on" } else { "" };
@@ -147,7 +188,7 @@ pub fn qemu_args(spec: &VmSpec, agent_fd: i32, qmp_fd: i32, console_log: &Path) 
                 "-fsdev",
                 &format!(
                     "local,id=fs{i},path={},security_model=none{ro}",
-                    opt_path(&share.path)
+                    opt_value(path)
                 ),
             ],
         );
@@ -168,10 +209,6 @@ pub fn qemu_args(spec: &VmSpec, agent_fd: i32, qmp_fd: i32, console_log: &Path) 
 /// A path inside a QEMU option value: commas are doubled.
 fn push(args: &mut Vec<OsString>, parts: &[&str]) {
     args.extend(parts.iter().map(OsString::from));
-}
-
-fn opt_path(p: &Path) -> String {
-    opt_value(&p.to_string_lossy())
 }
 
 fn opt_value(v: &str) -> String {
@@ -212,11 +249,37 @@ mod tests {
             kernel_params: vec!["cc.debug=1".into()],
             memory_file: None,
             incoming: false,
+            agent_port: "cc.agent".into(),
+            confine: crate::ConfineMode::default(),
+            console_log_max: crate::CONSOLE_LOG_MAX,
+        }
+    }
+
+    fn wiring(spec: &VmSpec) -> Wiring {
+        Wiring {
+            agent_fd: 3,
+            qmp_fd: 4,
+            console_fd: 5,
+            kernel: fd_path(6),
+            initrd: fd_path(7),
+            memory_file: spec.memory_file.as_ref().map(|_| "/t/k,1/ram".into()),
+            disk_fds: vec![vec![10], vec![11, 12]],
+            shares: spec
+                .shares
+                .iter()
+                .map(|_| "/proc/self/fd/20".into())
+                .collect(),
+            net_fd: spec.network.then_some(8),
+            seccomp: false,
         }
     }
 
     fn joined(spec: &VmSpec) -> String {
-        let args = qemu_args(spec, 3, 4, Path::new("/r/console.log"));
+        joined_with(spec, &wiring(spec))
+    }
+
+    fn joined_with(spec: &VmSpec, w: &Wiring) -> String {
+        let args = qemu_args(spec, w);
         args.iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
@@ -241,16 +304,42 @@ mod tests {
         );
         assert!(cmd.contains("virtserialport,chardev=agent,name=cc.agent"));
         assert!(!cmd.contains("-incoming") && !cmd.contains("memory-backend"));
-        assert!(cmd.contains("file=/c/ro,,ot.erofs,format=raw,if=none,readonly=on"));
+        assert!(cmd.contains(
+            "-add-fd fd=10,set=1 -drive id=d0,file=/dev/fdset/1,format=raw,if=none,readonly=on"
+        ));
+        assert!(cmd.contains(
+            "-add-fd fd=11,set=2 -add-fd fd=12,set=2 -drive id=d1,file=/dev/fdset/2,format=raw,if=none,readonly=off"
+        ));
         assert!(cmd.contains("virtio-blk-device,drive=d1,serial=ccupper"));
-        assert!(cmd.contains("-serial file:/r/console.log"));
+        assert!(cmd.contains("-chardev socket,id=con,fd=5 -serial chardev:con"));
+        assert!(cmd.contains("-kernel /proc/self/fd/6 -initrd /proc/self/fd/7"));
+        assert!(!cmd.contains("-sandbox"));
+    }
+
+    #[test]
+    fn no_host_path_reaches_qemu_and_seccomp_is_on_when_asked() {
+        let s = spec();
+        let mut w = wiring(&s);
+        w.seccomp = true;
+        let cmd = joined_with(&s, &w);
+        assert!(
+            cmd.starts_with(
+                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny "
+            ),
+            "{cmd}"
+        );
+        for host_path in ["/k/", "/c/", "/r/", "/h/"] {
+            assert!(!cmd.contains(host_path), "{host_path} in {cmd}");
+        }
     }
 
     #[test]
     fn shares_are_9p_devices_read_only_on_the_host() {
         let cmd = joined(&spec());
         assert!(
-            cmd.contains("-fsdev local,id=fs0,path=/h/data,security_model=none,readonly=on"),
+            cmd.contains(
+                "-fsdev local,id=fs0,path=/proc/self/fd/20,security_model=none,readonly=on"
+            ),
             "{cmd}"
         );
         assert!(
@@ -260,10 +349,10 @@ mod tests {
     }
 
     #[test]
-    fn network_is_a_user_mode_stack_on_virtio_net() {
+    fn network_is_a_frame_socket_on_virtio_net() {
         let cmd = joined(&spec());
         assert!(
-            cmd.contains("-netdev user,id=net0 -device virtio-net-device,netdev=net0"),
+            cmd.contains("-netdev socket,id=net0,fd=8 -device virtio-net-device,netdev=net0"),
             "{cmd}"
         );
         let mut s = spec();
@@ -272,10 +361,11 @@ mod tests {
     }
 
     #[test]
-    fn commas_in_paths_are_escaped() {
-        let cmd = joined(&spec());
-        assert!(cmd.contains("file=/c/ro,,ot.erofs,"), "{cmd}");
-        assert!(cmd.contains("-initrd /k/initrd.cpio"));
+    fn commas_in_values_are_escaped() {
+        let mut s = spec();
+        s.disks[1].serial = "a,b".into();
+        let cmd = joined(&s);
+        assert!(cmd.contains("serial=a,,b"), "{cmd}");
     }
 
     #[test]

@@ -4,12 +4,18 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// Makes `dst` (created or truncated) a copy of `src`.
 pub fn clone_file(src: &Path, dst: &Path) -> io::Result<()> {
     let from = File::open(src)?;
-    let to = File::create(dst)?;
+    let to = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dst)?;
     // SAFETY: FICLONE takes the source fd as its argument; both fds are open.
     let cloned = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) } == 0;
     if !cloned {

@@ -4,6 +4,7 @@
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -102,7 +103,7 @@ pub fn for_agent(agent: &Path, cache: &Path) -> Result<PathBuf, Error> {
     if path.is_file() {
         return Ok(path);
     }
-    fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
+    crate::rundir::private_dirs(&dir)?;
     let mut archive = Vec::with_capacity(bytes.len() + 4096);
     let entries = [
         Entry::dir("dev"),
@@ -116,6 +117,10 @@ pub fn for_agent(agent: &Path, cache: &Path) -> Result<PathBuf, Error> {
     // Publish atomically: concurrent builders race to the same content.
     let tmp = dir.join(crate::paths::temp_name(&hash));
     fs::write(&tmp, &archive).map_err(Error::io("write", &tmp))?;
+    // A sandboxed QEMU runs as another uid and must read it; it holds
+    // nothing but the public agent binary.
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644))
+        .map_err(Error::io("chmod", &tmp))?;
     fs::rename(&tmp, &path).map_err(Error::io("rename", &path))?;
     Ok(path)
 }

@@ -18,9 +18,12 @@
 
 mod accel;
 mod cmdline;
+pub mod confine;
+mod console;
 mod error;
 pub mod files;
 pub mod initramfs;
+mod net;
 pub mod paths;
 mod qmp;
 mod rundir;
@@ -28,7 +31,10 @@ pub mod template;
 mod vm;
 
 pub use accel::{detect_accel, Accel, AccelChoice};
-pub use cmdline::qemu_args;
+pub use cmdline::{fd_path, qemu_args, Wiring, KERNEL_PARAMS};
+pub use confine::{ConfineMode, Confinement};
 pub use error::Error;
+pub use net::{GuestNetwork, GUEST_NETWORK};
+pub use qmp::Event;
 pub use rundir::RunDir;
-pub use vm::{qemu_version, Disk, MemoryFile, Share, Vm, VmSpec};
+pub use vm::{qemu_version, Disk, MemoryFile, Share, Vm, VmSpec, CONSOLE_LOG_MAX};

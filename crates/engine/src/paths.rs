@@ -78,5 +78,68 @@ fn existing(path: PathBuf, missing: impl FnOnce(PathBuf) -> Error) -> Result<Pat
 pub fn temp_name(stem: &str) -> String {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!(".{stem}.{}-{n}.tmp", std::process::id())
+    format!(".{stem}.{}-{n}.tmp", owner_tag())
+}
+
+/// This process as the owner of files it may leave behind if it dies:
+/// `PID.STARTTIME`, which no other process has, even after the pid is
+/// reused.
+pub fn owner_tag() -> String {
+    let pid = std::process::id();
+    format!("{pid}.{}", start_time(pid).unwrap_or(0))
+}
+
+/// Whether the process an [`owner_tag`] names still runs (a zombie does
+/// not). A tag without a start time is judged by the pid alone.
+pub fn owner_alive(tag: &str) -> bool {
+    let (pid, start) = match tag.split_once('.') {
+        Some((p, s)) => (p, s.parse::<u64>().ok()),
+        None => (tag, None),
+    };
+    let Ok(pid) = pid.parse::<u32>() else {
+        return true; // not ours to judge
+    };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    match parse_stat(&stat) {
+        Some((state, _)) if state == 'Z' || state == 'X' => false,
+        Some((_, started)) => start.is_none_or(|s| s == started),
+        None => true,
+    }
+}
+
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat).map(|(_, start)| start)
+}
+
+/// The state and start time (field 22) from `/proc/PID/stat`; the command
+/// name (field 2) may hold spaces and parentheses, so fields are counted
+/// from its closing parenthesis.
+fn parse_stat(stat: &str) -> Option<(char, u64)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // Fields 4..=21 lie between the state and the start time.
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_are_told_apart_by_start_time() {
+        assert!(owner_alive(&owner_tag()));
+        let pid = std::process::id();
+        assert!(!owner_alive(&format!("{pid}.1")), "same pid, other start");
+        assert!(!owner_alive("999999999.5"));
+        assert!(owner_alive(&pid.to_string()), "old names: pid alone");
+        assert_eq!(
+            parse_stat("7 (a) b) c) S 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 4242 0 0"),
+            Some(('S', 4242))
+        );
+    }
 }

@@ -24,7 +24,7 @@
 use std::any::Any;
 use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -35,7 +35,7 @@ use sha2::{Digest, Sha256};
 use crate::{files, paths, Error, MemoryFile, RunDir, Vm, VmSpec};
 
 /// Bumped when what a template holds or how it is used changes.
-const FORMAT: u32 = 3;
+const FORMAT: u32 = 4;
 
 /// Templates kept at most; building one more removes the oldest.
 const MAX_TEMPLATES: usize = 16;
@@ -119,8 +119,10 @@ fn key_with(spec: &VmSpec, qemu: PathBuf) -> TemplateMeta {
         })
         .collect();
     let mut h = Sha256::new();
+    // QEMU re-opens the RAM file as the uid it runs as, which owns it.
+    let uid = crate::confine::creds(spec.confine, !spec.shares.is_empty()).uid;
     h.update(format!(
-        "format {FORMAT}\naccel {:?}\nmemory {}\ncpus {}\nnetwork {}\nparams {:?}\n",
+        "format {FORMAT}\naccel {:?}\nmemory {}\ncpus {}\nnetwork {}\nparams {:?}\nuid {uid}\n",
         spec.accel, spec.memory_mb, spec.cpus, spec.network, spec.kernel_params
     ));
     for (path, id) in &files {
@@ -263,10 +265,13 @@ struct Building {
 impl Building {
     fn start(cache: &Path) -> Result<Building, Error> {
         let base = dir(cache);
-        fs::create_dir_all(&base).map_err(Error::io("create", &base))?;
+        crate::rundir::private_dirs(&base)?;
         sweep_abandoned(&base);
         let tmp = base.join(paths::temp_name("build"));
-        fs::create_dir(&tmp).map_err(Error::io("create", &tmp))?;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(Error::io("create", &tmp))?;
         Ok(Building { tmp })
     }
 
@@ -282,7 +287,13 @@ impl Building {
             source: io::Error::other(e),
         })?;
         let m = meta_path(&self.tmp);
-        fs::write(&m, json).map_err(Error::io("write", &m))?;
+        fs::File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&m)
+            .and_then(|mut f| io::Write::write_all(&mut f, &json))
+            .map_err(Error::io("write", &m))?;
         let target = dir(cache).join(&meta.key);
         match fs::rename(&self.tmp, &target) {
             Ok(()) => {}
@@ -307,18 +318,12 @@ fn sweep_abandoned(base: &Path) {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let pid = name
+        let owner = name
             .strip_prefix(".build.")
             .or_else(|| name.strip_prefix(".trash."))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<i32>().ok());
-        if let Some(pid) = pid {
-            // SAFETY: kill with signal 0 only checks that `pid` exists.
-            let gone = unsafe { libc::kill(pid, 0) } != 0
-                && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-            if gone {
-                let _ = fs::remove_dir_all(entry.path());
-            }
+            .and_then(|rest| rest.split('-').next());
+        if owner.is_some_and(|o| !paths::owner_alive(o)) {
+            let _ = fs::remove_dir_all(entry.path());
         }
     }
 }
@@ -518,6 +523,9 @@ mod tests {
             kernel_params: Vec::new(),
             memory_file: None,
             incoming: false,
+            agent_port: "cc.agent".into(),
+            confine: crate::ConfineMode::default(),
+            console_log_max: crate::CONSOLE_LOG_MAX,
         }
     }
 

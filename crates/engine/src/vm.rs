@@ -1,7 +1,8 @@
 //! One QEMU process: spawn, supervise, control, end.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -12,8 +13,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::qmp::Qmp;
-use crate::{paths, qemu_args, Accel, Error, RunDir};
+use crate::cmdline::{fd_path, Wiring};
+use crate::confine::{self, ConfineMode, Confinement};
+use crate::qmp::{Event, Qmp};
+use crate::{console, net, paths, qemu_args, Accel, Error, RunDir};
 
 /// What to boot.
 #[derive(Debug, Clone)]
@@ -36,7 +39,16 @@ pub struct VmSpec {
     pub memory_file: Option<MemoryFile>,
     /// Start paused, waiting for [`Vm::restore`] to load a saved state.
     pub incoming: bool,
+    /// The name of the virtio-serial port the guest agent opens.
+    pub agent_port: String,
+    /// How strictly QEMU must be confined.
+    pub confine: ConfineMode,
+    /// The console log keeps at most about this many bytes (the newest).
+    pub console_log_max: u64,
 }
+
+/// The default cap of a VM's console log.
+pub const CONSOLE_LOG_MAX: u64 = 4 << 20;
 
 /// Guest RAM backed by a file.
 #[derive(Debug, Clone)]
@@ -72,65 +84,184 @@ struct Exit {
 }
 
 /// A running (or ended) QEMU. Dropping it kills QEMU if it still runs and
-/// joins the supervisor thread.
+/// joins the supervisor, QMP and console threads.
 #[derive(Debug)]
 pub struct Vm {
+    /// QEMU's host pid (inside bubblewrap, not the pid of bubblewrap).
     pid: u32,
+    /// The process the engine spawned: bubblewrap, or QEMU itself.
     pidfd: OwnedFd,
+    /// QEMU itself, when it is not the spawned process.
+    qemu_pidfd: Option<OwnedFd>,
     exit: Arc<Exit>,
     supervisor: Option<JoinHandle<()>>,
-    qmp: Mutex<Qmp>,
-    console_log: PathBuf,
+    qmp: Qmp,
+    console: Option<console::Console>,
     qemu_log: PathBuf,
+    confinement: Confinement,
+    /// passt and the policy filter in front of it, when the guest has a
+    /// network interface.
+    network: Option<net::Network>,
 }
 
 /// QEMU's id of the guest's network backend.
 pub(crate) const NETDEV_ID: &str = "net0";
 
-/// The file descriptor numbers QEMU sees its two channels on.
-const AGENT_FD: RawFd = 3;
-const QMP_FD: RawFd = 4;
+/// The host files one VM needs, opened by the engine and inherited by QEMU.
+#[derive(Debug, Default)]
+struct Inputs {
+    /// (descriptor, the number QEMU sees it as).
+    fds: Vec<(OwnedFd, i32)>,
+}
+
+impl Inputs {
+    /// Hands `fd` to QEMU and returns the number QEMU sees it as.
+    fn add(&mut self, fd: impl Into<OwnedFd>) -> i32 {
+        let target = 3 + self.fds.len() as i32;
+        self.fds.push((fd.into(), target));
+        target
+    }
+
+    fn open(&mut self, path: &Path, options: &std::fs::OpenOptions) -> Result<i32, Error> {
+        let f = options.open(path).map_err(Error::io("open", path))?;
+        Ok(self.add(f))
+    }
+
+    fn plan(&self) -> Vec<(RawFd, RawFd)> {
+        self.fds
+            .iter()
+            .map(|(fd, t)| (fd.as_raw_fd(), *t))
+            .collect()
+    }
+}
+
+fn read_only() -> std::fs::OpenOptions {
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true);
+    o
+}
+
+fn read_write() -> std::fs::OpenOptions {
+    let mut o = read_only();
+    o.write(true);
+    o
+}
 
 impl Vm {
-    /// Spawns QEMU for `spec` with its logs in `dir` and returns it with the
-    /// host end of the agent channel. Returns as soon as QEMU runs; the guest
-    /// boots in the background and speaks first on the channel.
+    /// Spawns QEMU for `spec`, confined (see [`crate::confine`]), with its
+    /// logs in `dir`, and returns it with the host end of the agent
+    /// channel. Returns as soon as QEMU runs; the guest boots in the
+    /// background and speaks first on the channel.
     pub fn start(spec: &VmSpec, dir: &RunDir) -> Result<(Vm, UnixStream), Error> {
         let qemu = paths::qemu()?;
-        let (agent_host, agent_guest) =
-            UnixStream::pair().map_err(Error::io("socketpair", dir.path()))?;
-        let (qmp_host, qmp_guest) =
-            UnixStream::pair().map_err(Error::io("socketpair", dir.path()))?;
-        let console_log = dir.path().join("console.log");
-        let qemu_log = dir.path().join("qemu.log");
-        let stderr = File::create(&qemu_log).map_err(Error::io("create", &qemu_log))?;
+        let support = confine::host_support();
+        let creds = confine::creds(spec.confine, !spec.shares.is_empty());
+        let off = spec.confine == ConfineMode::Off;
+        let confinement = confine::expected(spec.confine, !spec.shares.is_empty(), spec.network);
+        let (seccomp, namespaces) = (confinement.seccomp, confinement.namespaces);
+        confine::enforce(spec.confine, &confinement)?;
 
-        let mut cmd = Command::new(&qemu);
-        cmd.args(qemu_args(spec, AGENT_FD, QMP_FD, &console_log))
-            .stdin(Stdio::null())
+        let socketpair = || UnixStream::pair().map_err(Error::io("socketpair", dir.path()));
+        let (agent_host, agent_guest) = socketpair()?;
+        let (qmp_host, qmp_guest) = socketpair()?;
+        let (console_host, console_guest) = socketpair()?;
+        let mut inputs = Inputs::default();
+        let agent_fd = inputs.add(agent_guest);
+        let qmp_fd = inputs.add(qmp_guest);
+        let console_fd = inputs.add(console_guest);
+        if creds.switch {
+            for file in [&spec.kernel, &spec.initrd] {
+                readable_by_all(file)?;
+            }
+        }
+        let kernel = fd_path(inputs.open(&spec.kernel, &read_only())?);
+        let initrd = fd_path(inputs.open(&spec.initrd, &read_only())?);
+        let memory_file = match &spec.memory_file {
+            Some(file) => Some(fd_path(open_memory_file(&mut inputs, file, creds)?)),
+            None => None,
+        };
+        let mut disk_fds = Vec::new();
+        for disk in &spec.disks {
+            let mut fds = vec![inputs.open(&disk.path, &read_only())?];
+            if !disk.read_only {
+                fds.push(inputs.open(&disk.path, &read_write())?);
+            }
+            disk_fds.push(fds);
+        }
+        let mut shares = Vec::new();
+        for share in &spec.shares {
+            let dir_fd = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+                .open(&share.path)
+                .map_err(Error::io("open", &share.path))?;
+            shares.push(fd_path(inputs.add(dir_fd)));
+        }
+        let network = if spec.network {
+            Some(net::Network::start(dir, creds)?)
+        } else {
+            None
+        };
+        let net_fd = match &network {
+            Some(n) => Some(inputs.add(n.qemu_end()?)),
+            None => None,
+        };
+        let wiring = Wiring {
+            agent_fd,
+            qmp_fd,
+            console_fd,
+            kernel,
+            initrd,
+            memory_file,
+            disk_fds,
+            shares,
+            net_fd,
+            seccomp,
+        };
+        let qemu_args = qemu_args(spec, &wiring);
+        let (info_host, mut cmd) = match (&support.bwrap, namespaces) {
+            (Some(bwrap), true) => {
+                let (info_host, info_guest) = socketpair()?;
+                let info_fd = inputs.add(info_guest);
+                let files = confine::qemu_files(&qemu);
+                let kvm = matches!(spec.accel, Accel::Kvm);
+                let mut cmd = Command::new(bwrap);
+                cmd.args(confine::bwrap_args(files, creds, kvm, info_fd))
+                    .arg("--")
+                    .arg(&qemu);
+                (Some(info_host), cmd)
+            }
+            _ => (None, Command::new(&qemu)),
+        };
+        cmd.args(qemu_args);
+
+        let qemu_log = dir.path().join("qemu.log");
+        let stderr = create_private(&qemu_log)?;
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             // Terminal signals (Ctrl-C) go to the host program, which ends
             // its instances itself; QEMU must not die under it first.
             .process_group(0);
-        let fds = [agent_guest.as_raw_fd(), qmp_guest.as_raw_fd()];
-        let parent = std::process::id();
-        // SAFETY: the closure runs between fork and exec and calls only
-        // async-signal-safe functions (prctl, getppid, sigprocmask, dup2, fcntl).
+        let mut plan = confine::ChildPlan::new(creds, inputs.plan(), Some(libc::SIGKILL));
+        plan.no_new_privs = !off;
+        // SAFETY: ChildPlan::apply runs between fork and exec and only makes
+        // async-signal-safe system calls on memory allocated before the fork.
         unsafe {
-            cmd.pre_exec(move || child_setup(parent, fds));
+            cmd.pre_exec(move || plan.apply());
         }
 
         let exit = Arc::new(Exit::default());
         let (tx, rx) = mpsc::channel();
         let exit2 = exit.clone();
-        // QEMU's PR_SET_PDEATHSIG fires when the thread that forked it ends,
-        // so the thread that spawns QEMU is the one that lives as long as it.
+        // PR_SET_PDEATHSIG fires when the thread that forked the child
+        // ends, so the thread that spawns it is the one that lives as long
+        // as it.
         let supervisor = std::thread::Builder::new()
             .name("cc-qemu".into())
             .spawn(move || {
                 let spawned = cmd.spawn();
-                drop((agent_guest, qmp_guest));
+                drop(inputs);
                 let mut child = match spawned {
                     Ok(child) => child,
                     Err(e) => {
@@ -155,7 +286,7 @@ impl Vm {
                 exit2.changed.notify_all();
             })
             .map_err(Error::io("spawn supervisor thread for", &qemu))?;
-        let (pid, pidfd) = match rx.recv() {
+        let (spawned_pid, pidfd) = match rx.recv() {
             Ok(Ok(started)) => started,
             Ok(Err(e)) => {
                 let _ = supervisor.join();
@@ -174,16 +305,34 @@ impl Vm {
                 return Err(Error::Qmp("QEMU supervisor ended unexpectedly".into()));
             }
         };
-        let vm = Vm {
-            pid,
+        let console = console::Console::start(console_host, dir.path(), spec.console_log_max)
+            .map_err(Error::io("start console log in", dir.path()))?;
+        let mut vm = Vm {
+            pid: spawned_pid,
             pidfd,
+            qemu_pidfd: None,
             exit,
             supervisor: Some(supervisor),
-            qmp: Mutex::new(Qmp::new(qmp_host)?),
-            console_log,
+            qmp: Qmp::new(qmp_host)?,
+            console: Some(console),
             qemu_log,
+            confinement,
+            network,
         };
+        if let Some(info) = info_host {
+            // Bubblewrap reports QEMU's host pid once the sandbox stands;
+            // without it (bubblewrap failed) QEMU's exit says why.
+            if let Some(pid) = read_child_pid(info) {
+                vm.pid = pid;
+                vm.qemu_pidfd = pidfd_open(pid).ok();
+            }
+        }
         Ok((vm, agent_host))
+    }
+
+    /// The confinement QEMU runs under.
+    pub fn confinement(&self) -> &Confinement {
+        &self.confinement
     }
 
     pub fn pid(&self) -> u32 {
@@ -217,16 +366,18 @@ impl Vm {
     /// Sends SIGKILL to QEMU. Safe after it exited: the pidfd never names
     /// another process.
     pub fn kill(&self) {
-        // SAFETY: pidfd is an open pidfd owned by self; the null siginfo
-        // pointer is allowed by pidfd_send_signal.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<u8>(),
-                0,
-            );
+        for fd in std::iter::once(&self.pidfd).chain(&self.qemu_pidfd) {
+            // SAFETY: fd is an open pidfd owned by self; the null siginfo
+            // pointer is allowed by pidfd_send_signal.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<u8>(),
+                    0,
+                );
+            }
         }
     }
 
@@ -234,11 +385,7 @@ impl Vm {
     /// `grace`; returns once it has exited.
     pub fn terminate(&self, grace: Duration) -> ExitStatus {
         if self.exit_status().is_none() {
-            let quit = self
-                .qmp
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .execute("quit", None, grace);
+            let quit = self.qmp.execute("quit", None, grace);
             if let Err(e) = quit {
                 tracing::debug!(error = %e, "QMP quit failed; killing QEMU");
             }
@@ -260,11 +407,7 @@ impl Vm {
         command: &str,
         args: Option<serde_json::Value>,
     ) -> Result<serde_json::Value, Error> {
-        self.qmp.lock().unwrap_or_else(|e| e.into_inner()).execute(
-            command,
-            args,
-            Duration::from_secs(10),
-        )
+        self.qmp.execute(command, args, Duration::from_secs(10))
     }
 
     /// Connects or disconnects the guest's network interface: while
@@ -277,26 +420,39 @@ impl Vm {
         .map(drop)
     }
 
+    /// Calls `handler` with every QMP event QEMU sends (at once for those
+    /// already received): `SHUTDOWN`, `RESET`, `STOP`, `GUEST_PANICKED`...
+    /// It runs on the QMP reader thread and must return quickly.
+    pub fn on_event(&self, handler: impl Fn(&Event) + Send + Sync + 'static) {
+        self.qmp.set_handler(Arc::new(handler));
+    }
+
     /// Saves this booted guest as a template, then ends QEMU. Its RAM must
     /// be a shared [`MemoryFile`] (which then holds the template's memory);
-    /// the device state goes to `state`. The agent channel stays connected
-    /// and must be quiet (nothing in flight either way): a restored guest
-    /// finds its channel connected again and goes on reading it.
+    /// the device state goes to `state`, written through a descriptor QEMU
+    /// is handed (it never spawns a process or opens a path for it). The
+    /// agent channel stays connected and must be quiet (nothing in flight
+    /// either way): a restored guest finds its channel connected again and
+    /// goes on reading it.
     pub fn save_template(&self, state: &Path) -> Result<(), Error> {
-        let mut qmp = self.qmp.lock().unwrap_or_else(|e| e.into_inner());
-        ignore_shared_ram(&mut qmp)?;
+        let qmp = &self.qmp;
+        migration_capabilities(qmp)?;
         qmp.execute(
             "migrate-set-parameters",
             Some(json!({ "max-bandwidth": 100u64 << 30, "downtime-limit": 5000 })),
             QMP_TIMEOUT,
         )?;
         qmp.execute("stop", None, QMP_TIMEOUT)?;
-        let uri = format!("exec:cat > {}", shell_quote(state));
-        qmp.execute("migrate", Some(json!({ "uri": uri })), QMP_TIMEOUT)?;
-        wait_migrated(&mut qmp)?;
+        let file = create_private(state)?;
+        let fdname = Some(json!({ "fdname": MIGRATION_FD }));
+        qmp.execute_with_fd("getfd", fdname, Some(file.as_fd()), QMP_TIMEOUT)?;
+        drop(file);
+        let mark = qmp.event_mark();
+        let uri = json!({ "uri": format!("fd:{MIGRATION_FD}") });
+        qmp.execute("migrate", Some(uri), QMP_TIMEOUT)?;
+        wait_migrated(qmp, mark)?;
         // QEMU may close QMP before answering `quit`.
         let _ = qmp.execute("quit", None, QMP_TIMEOUT);
-        drop(qmp);
         if self.wait_timeout(QMP_TIMEOUT).is_none() {
             self.kill();
         }
@@ -307,33 +463,21 @@ impl Vm {
     /// with `incoming` and the template's RAM file mapped privately, and
     /// lets it run.
     pub fn restore(&self, state: &Path) -> Result<(), Error> {
-        let mut qmp = self.qmp.lock().unwrap_or_else(|e| e.into_inner());
-        ignore_shared_ram(&mut qmp)?;
-        let uri = format!("exec:cat {}", shell_quote(state));
-        qmp.execute("migrate-incoming", Some(json!({ "uri": uri })), QMP_TIMEOUT)?;
-        wait_migrated(&mut qmp)?;
-        // The template was saved stopped, so the guest arrives paused, a
-        // moment after the migration reports completion: a `cont` sent
-        // while QEMU still says `inmigrate` would be overruled by that.
-        let deadline = Instant::now() + QMP_TIMEOUT;
-        loop {
-            let status = qmp.execute("query-status", None, QMP_TIMEOUT)?;
-            match status["status"].as_str() {
-                Some("running") => return Ok(()),
-                Some("inmigrate") if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Some("paused") if Instant::now() < deadline => {
-                    qmp.execute("cont", None, QMP_TIMEOUT)?;
-                }
-                other => {
-                    return Err(Error::Qmp(format!(
-                        "the restored guest did not run (status {})",
-                        other.unwrap_or("unknown")
-                    )))
-                }
-            }
-        }
+        let qmp = &self.qmp;
+        migration_capabilities(qmp)?;
+        let file = File::open(state).map_err(Error::io("open", state))?;
+        let fdname = Some(json!({ "fdname": MIGRATION_FD }));
+        qmp.execute_with_fd("getfd", fdname, Some(file.as_fd()), QMP_TIMEOUT)?;
+        drop(file);
+        let mark = qmp.event_mark();
+        let uri = json!({ "uri": format!("fd:{MIGRATION_FD}") });
+        qmp.execute("migrate-incoming", Some(uri), QMP_TIMEOUT)?;
+        wait_migrated(qmp, mark)?;
+        // The template was saved stopped, so the guest arrives paused.
+        let mark = qmp.event_mark();
+        qmp.execute("cont", None, QMP_TIMEOUT)?;
+        qmp.wait_event(mark, "RESUME", QMP_TIMEOUT, |e| e.name == "RESUME")?;
+        Ok(())
     }
 
     /// QEMU's own messages and the tail of the guest console, for errors.
@@ -344,7 +488,11 @@ impl Vm {
             out.push_str("--- qemu:\n");
             out.push_str(&qemu);
         }
-        let console = tail(&self.console_log, 30);
+        let console = self
+            .console
+            .as_ref()
+            .map(|c| c.tail(30))
+            .unwrap_or_default();
         out.push_str("--- guest console:\n");
         out.push_str(if console.is_empty() {
             "(empty)\n"
@@ -363,45 +511,10 @@ impl Drop for Vm {
         if let Some(supervisor) = self.supervisor.take() {
             let _ = supervisor.join();
         }
+        // QEMU is gone: its sockets are closed, so these threads end.
+        drop(self.console.take());
+        drop(self.network.take());
     }
-}
-
-/// In the forked child: die with the parent, move the channel sockets to
-/// fixed descriptor numbers without close-on-exec.
-fn child_setup(parent: u32, fds: [RawFd; 2]) -> std::io::Result<()> {
-    // SAFETY: prctl/getppid/sigprocmask/dup2/fcntl are async-signal-safe;
-    // the sigset is a live local; the fds are open in the child (inherited).
-    unsafe {
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // The parent may have died before prctl took effect.
-        if libc::getppid() as u32 != parent {
-            return Err(std::io::Error::other("parent exited"));
-        }
-        // QEMU asks for transparent huge pages for guest RAM and its code
-        // cache; a 2 MiB page is all resident once one byte of it is
-        // touched, which multiplies an idle guest's memory.
-        if libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // A host program may block signals it handles in a thread (the CLI
-        // does); QEMU must not inherit that mask.
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-        // Move both out of the way of the target numbers first.
-        let high: Vec<RawFd> = fds
-            .iter()
-            .map(|&fd| libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10))
-            .collect();
-        for (target, fd) in [AGENT_FD, QMP_FD].into_iter().zip(high) {
-            if fd < 0 || libc::dup2(fd, target) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-    }
-    Ok(())
 }
 
 fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
@@ -418,39 +531,102 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 /// loaded host slows emulated guests a lot).
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Skips the shared RAM file in the migration stream: it is the template's
-/// memory, on both sides.
-fn ignore_shared_ram(qmp: &mut Qmp) -> Result<(), Error> {
-    let caps = json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] });
+/// The name QEMU knows the migration stream's descriptor by.
+const MIGRATION_FD: &str = "migration";
+
+/// Skips the shared RAM file in the migration stream (it is the template's
+/// memory, on both sides) and reports progress as events.
+fn migration_capabilities(qmp: &Qmp) -> Result<(), Error> {
+    let caps = json!({ "capabilities": [
+        { "capability": "x-ignore-shared", "state": true },
+        { "capability": "events", "state": true },
+    ] });
     qmp.execute("migrate-set-capabilities", Some(caps), QMP_TIMEOUT)
         .map(drop)
 }
 
-/// Polls `query-migrate` until the migration completed.
-fn wait_migrated(qmp: &mut Qmp) -> Result<(), Error> {
-    let deadline = Instant::now() + QMP_TIMEOUT;
-    loop {
-        let info = qmp.execute("query-migrate", None, QMP_TIMEOUT)?;
-        match info["status"].as_str() {
-            Some("completed") => return Ok(()),
-            Some("failed" | "cancelled") => {
-                return Err(Error::Qmp(format!(
-                    "migration failed: {}",
-                    info["error-desc"].as_str().unwrap_or("no reason given")
-                )))
-            }
-            _ if Instant::now() > deadline => {
-                return Err(Error::Qmp("migration did not finish in time".into()))
-            }
-            _ => std::thread::sleep(Duration::from_millis(2)),
-        }
+/// Waits for the migration started after event `mark` to end.
+fn wait_migrated(qmp: &Qmp, mark: u64) -> Result<(), Error> {
+    let ended = |e: &Event| {
+        e.name == "MIGRATION"
+            && matches!(
+                e.data["status"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            )
+    };
+    let event = qmp.wait_event(mark, "the migration", QMP_TIMEOUT, ended)?;
+    if event.data["status"] == "completed" {
+        return Ok(());
     }
+    let info = qmp
+        .execute("query-migrate", None, QMP_TIMEOUT)
+        .unwrap_or_default();
+    Err(Error::Qmp(format!(
+        "migration failed: {}",
+        info["error-desc"].as_str().unwrap_or("no reason given")
+    )))
 }
 
-/// `path` as one word for `/bin/sh` (QEMU runs `exec:` URIs with it).
-fn shell_quote(path: &Path) -> String {
-    format!("'{}'", path.to_string_lossy().replace('\'', "'\\''"))
+/// Creates (or truncates) `path`, readable and writable by its owner only.
+fn create_private(path: &Path) -> Result<File, Error> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(Error::io("create", path))
 }
+
+/// Opens a RAM file for QEMU, which re-opens it read-write through
+/// `/proc/self/fd`: it must belong to the uid QEMU runs as. A template's
+/// source creates it.
+fn open_memory_file(
+    inputs: &mut Inputs,
+    file: &MemoryFile,
+    creds: confine::Creds,
+) -> Result<i32, Error> {
+    let f = if file.shared {
+        create_private(&file.path)?
+    } else {
+        File::open(&file.path).map_err(Error::io("open", &file.path))?
+    };
+    if creds.switch && file.shared {
+        std::os::unix::fs::fchown(&f, Some(creds.uid), Some(creds.gid))
+            .map_err(Error::io("chown", &file.path))?;
+    }
+    Ok(inputs.add(f))
+}
+
+/// QEMU opens the kernel and initramfs by their descriptors' paths, as its
+/// own uid: they must be readable by every user (they hold nothing secret).
+fn readable_by_all(path: &Path) -> Result<(), Error> {
+    let mode = std::fs::metadata(path)
+        .map_err(Error::io("stat", path))?
+        .permissions()
+        .mode();
+    if mode & 0o004 == 0 {
+        return Err(Error::Unreadable(path.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// Reads QEMU's host pid from bubblewrap's info JSON.
+fn read_child_pid(info: UnixStream) -> Option<u32> {
+    info.set_read_timeout(Some(QMP_TIMEOUT)).ok()?;
+    let mut text = Vec::new();
+    let mut buf = [0u8; 512];
+    let mut reader = &info;
+    while !text.contains(&b'}') && text.len() < 4096 {
+        match std::io::Read::read(&mut reader, &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+        }
+    }
+    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    v["child-pid"].as_u64().and_then(|p| u32::try_from(p).ok())
+}
+
 
 /// The last `lines` lines of a log file (lossy UTF-8).
 fn tail(path: &Path, lines: usize) -> String {

@@ -306,6 +306,8 @@ pub struct NetConfig {
     pub prefix_len: u8,
     /// Default route, e.g. `10.0.2.2`.
     pub gateway: String,
+    /// The interface's MTU (the user-mode stack's frames are up to 64 KiB).
+    pub mtu: u32,
 }
 
 /// Seconds and nanoseconds since the Unix epoch.

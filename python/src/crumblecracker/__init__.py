@@ -186,6 +186,10 @@ def query_capabilities() -> Capabilities:
         architecture=_lib.decode(caps.architecture),
         hypervisor_available=bool(caps.hypervisor_available),
         accelerator=_lib.decode(caps.accelerator),
+        confined_seccomp=bool(caps.confined_seccomp),
+        confined_namespaces=bool(caps.confined_namespaces),
+        sandbox_uid=int(caps.sandbox_uid),
+        confinement_gaps=tuple(g for g in _lib.decode(caps.confinement_gaps).split("; ") if g),
     )
 
 

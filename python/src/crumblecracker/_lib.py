@@ -111,6 +111,10 @@ class CCapabilities(Structure):
         ("architecture", c_char_p),
         ("hypervisor_available", c_bool),
         ("accelerator", c_char_p),
+        ("confined_seccomp", c_bool),
+        ("confined_namespaces", c_bool),
+        ("sandbox_uid", c_uint32),
+        ("confinement_gaps", c_char_p),
     ]
 
 

@@ -6,7 +6,7 @@ import enum
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 from . import _lib
 from ._errors import InvalidArgumentError
@@ -336,9 +336,16 @@ class ImageConfig:
 @dataclass(frozen=True)
 class Capabilities:
     """What this host offers: the architecture guests run as, whether
-    hardware virtualization is usable, and the accelerator instances use
-    (``"kvm"`` or ``"tcg"``)."""
+    hardware virtualization is usable, the accelerator instances use
+    (``"kvm"`` or ``"tcg"``), and how QEMU is confined (see SECURITY.md):
+    its seccomp filter, its own namespaces, the uid it runs as, and what of
+    that this host cannot give (``confinement_gaps``, empty when fully
+    confined)."""
 
     architecture: str
     hypervisor_available: bool
     accelerator: str
+    confined_seccomp: bool = False
+    confined_namespaces: bool = False
+    sandbox_uid: int = 0
+    confinement_gaps: Tuple[str, ...] = ()

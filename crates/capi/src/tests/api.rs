@@ -436,6 +436,10 @@ fn capabilities_and_hypervisor_agree() {
         architecture: ptr::null(),
         hypervisor_available: false,
         accelerator: ptr::null(),
+        confined_seccomp: false,
+        confined_namespaces: false,
+        sandbox_uid: u32::MAX,
+        confinement_gaps: ptr::null(),
     };
     // SAFETY: a writable struct.
     let code = unsafe { cc_query_capabilities(&mut caps, ptr::null_mut()) };
@@ -445,6 +449,12 @@ fn capabilities_and_hypervisor_agree() {
         return;
     }
     assert_eq!(text(caps.architecture).unwrap(), std::env::consts::ARCH);
+    // The confinement the core reports, field for field.
+    let host = cc::host_confinement();
+    assert_eq!(caps.confined_seccomp, host.seccomp);
+    assert_eq!(caps.confined_namespaces, host.namespaces);
+    assert_eq!(caps.sandbox_uid, host.uid);
+    assert_eq!(text(caps.confinement_gaps).unwrap(), host.gaps.join("; "));
     let accel = text(caps.accelerator).unwrap();
     assert!(accel == "kvm" || accel == "tcg", "{accel}");
     assert_eq!(caps.hypervisor_available, accel == "kvm");
