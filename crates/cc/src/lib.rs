@@ -36,6 +36,7 @@ mod snapshot;
 pub mod templates;
 
 pub use cc_engine::template::StartKind;
+pub use cc_netpolicy::{NetworkPolicy, PolicyError, Rule, RuleProblem};
 pub use cc_protocol::PROTOCOL_VERSION as GUEST_PROTOCOL_VERSION;
 pub use cmd::Cmd;
 pub use command::{Child, ChildOutput, ChildStdin, Command, ExitStatus, Output, Signaller, Stdio};
