@@ -149,17 +149,7 @@ impl Ipv4<'_> {
         out.extend_from_slice(&self.frame[6..12]);
         out.extend_from_slice(&self.frame[0..6]);
         out.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
-        let mut ip = [0u8; 20];
-        ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&((20 + body.len()) as u16).to_be_bytes());
-        ip[6] = 0x40; // don't fragment
-        ip[8] = 64;
-        ip[9] = proto;
-        ip[12..16].copy_from_slice(&src.octets());
-        ip[16..20].copy_from_slice(&dst.octets());
-        let sum = checksum(&[&ip]);
-        ip[10..12].copy_from_slice(&sum.to_be_bytes());
-        out.extend_from_slice(&ip);
+        out.extend_from_slice(&ipv4_header(src, dst, proto, body.len(), DONT_FRAGMENT));
         let mut body = body.to_vec();
         let sum = match proto {
             PROTO_ICMP => checksum(&[&body]),
@@ -169,6 +159,31 @@ impl Ipv4<'_> {
         out.extend_from_slice(&body);
         out
     }
+}
+
+/// The flags-and-offset field of an unfragmented packet that may not be.
+pub(crate) const DONT_FRAGMENT: u16 = 0x4000;
+
+/// A 20-byte IPv4 header (TTL 64, checksum filled in) for `body_len`
+/// bytes of payload; `frag` is the flags-and-offset field.
+pub(crate) fn ipv4_header(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    body_len: usize,
+    frag: u16,
+) -> [u8; 20] {
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + body_len) as u16).to_be_bytes());
+    ip[6..8].copy_from_slice(&frag.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let sum = checksum(&[&ip]);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    ip
 }
 
 /// The IPv4 pseudo-header TCP and UDP checksums cover.
@@ -215,17 +230,7 @@ pub(crate) mod tests {
         f.extend_from_slice(&STACK_MAC);
         f.extend_from_slice(&GUEST_MAC);
         f.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
-        let mut ip = [0u8; 20];
-        ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&((20 + body.len()) as u16).to_be_bytes());
-        ip[6..8].copy_from_slice(&frag.to_be_bytes());
-        ip[8] = 64;
-        ip[9] = proto;
-        ip[12..16].copy_from_slice(&GUEST_IP.octets());
-        ip[16..20].copy_from_slice(&dst.octets());
-        let sum = checksum(&[&ip]);
-        ip[10..12].copy_from_slice(&sum.to_be_bytes());
-        f.extend_from_slice(&ip);
+        f.extend_from_slice(&ipv4_header(GUEST_IP, dst, proto, body.len(), frag));
         f.extend_from_slice(body);
         f
     }
@@ -240,7 +245,7 @@ pub(crate) mod tests {
         t[12] = 5 << 4;
         t[13] = flags;
         t.extend_from_slice(data);
-        ip_frame(dst, PROTO_TCP, &t, 0x4000)
+        ip_frame(dst, PROTO_TCP, &t, DONT_FRAGMENT)
     }
 
     pub(crate) fn syn(dst: Ipv4Addr, port: u16) -> Vec<u8> {
@@ -419,7 +424,10 @@ pub(crate) mod tests {
         // More fragments; a later fragment; DF alone is fine.
         assert_eq!(parse(&fragment(dst, 0x2000)), Frame::Unsupported);
         assert_eq!(parse(&fragment(dst, 0x0010)), Frame::Unsupported);
-        assert!(matches!(parse(&fragment(dst, 0x4000)), Frame::Ipv4(_)));
+        assert!(matches!(
+            parse(&fragment(dst, DONT_FRAGMENT)),
+            Frame::Ipv4(_)
+        ));
     }
 
     #[test]

@@ -306,6 +306,8 @@ impl NetworkPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use Decision::{Pass, Refuse};
+    use Transport::{Other, Tcp, Udp};
 
     fn rule(s: &str) -> Rule {
         s.parse().unwrap()
@@ -456,15 +458,12 @@ mod tests {
             deny: vec![rule("*")],
             ..NetworkPolicy::default()
         };
-        assert_eq!(p.decide(DNS, Transport::Udp(53), false), Decision::Pass);
-        assert_eq!(p.decide(DNS, Transport::Tcp(53), false), Decision::Pass);
+        assert_eq!(p.decide(DNS, Udp(53), false), Pass);
+        assert_eq!(p.decide(DNS, Tcp(53), false), Pass);
         // Only DNS: other ports of the DNS address are the host's.
         let open = NetworkPolicy::default();
-        assert_eq!(
-            open.decide(DNS, Transport::Tcp(22), false),
-            Decision::Refuse
-        );
-        assert_eq!(open.decide(DNS, Transport::Other, false), Decision::Refuse);
+        assert_eq!(open.decide(DNS, Tcp(22), false), Refuse);
+        assert_eq!(open.decide(DNS, Other, false), Refuse);
     }
 
     #[test]
@@ -474,17 +473,11 @@ mod tests {
             allow: vec![rule("93.184.0.0/16")],
             deny: vec![rule("93.184.216.34:443"), rule("10.0.2.2")],
         };
-        assert_eq!(
-            p.decide(OUTSIDE, Transport::Tcp(443), false),
-            Decision::Refuse
-        );
-        assert_eq!(p.decide(OUTSIDE, Transport::Tcp(80), false), Decision::Pass);
-        assert_eq!(
-            p.decide(GATEWAY, Transport::Tcp(80), false),
-            Decision::Refuse
-        );
+        assert_eq!(p.decide(OUTSIDE, Tcp(443), false), Refuse);
+        assert_eq!(p.decide(OUTSIDE, Tcp(80), false), Pass);
+        assert_eq!(p.decide(GATEWAY, Tcp(80), false), Refuse);
         // A port rule does not match portless protocols.
-        assert_eq!(p.decide(OUTSIDE, Transport::Other, false), Decision::Pass);
+        assert_eq!(p.decide(OUTSIDE, Other, false), Pass);
     }
 
     #[test]
@@ -508,18 +501,15 @@ mod tests {
             (Ipv4Addr::new(127, 1, 2, 3), false),
             (host_addr, true),
         ] {
-            for t in [Transport::Tcp(80), Transport::Udp(5353), Transport::Other] {
-                assert_eq!(denied.decide(dst, t, is_host), Decision::Refuse, "{dst}");
-                assert_eq!(allow_all.decide(dst, t, is_host), Decision::Refuse, "{dst}");
-                assert_eq!(allowed.decide(dst, t, is_host), Decision::Pass, "{dst}");
+            for t in [Tcp(80), Udp(5353), Other] {
+                assert_eq!(denied.decide(dst, t, is_host), Refuse, "{dst}");
+                assert_eq!(allow_all.decide(dst, t, is_host), Refuse, "{dst}");
+                assert_eq!(allowed.decide(dst, t, is_host), Pass, "{dst}");
             }
         }
         // The same address is just another destination when it is not the
         // host's.
-        assert_eq!(
-            denied.decide(host_addr, Transport::Tcp(80), false),
-            Decision::Pass
-        );
+        assert_eq!(denied.decide(host_addr, Tcp(80), false), Pass);
     }
 
     #[test]
@@ -529,18 +519,12 @@ mod tests {
             ..NetworkPolicy::default()
         };
         let ten = Ipv4Addr::new(10, 9, 8, 7);
-        assert_eq!(p.decide(ten, Transport::Tcp(8000), false), Decision::Pass);
-        assert_eq!(p.decide(ten, Transport::Udp(8999), false), Decision::Pass);
-        assert_eq!(p.decide(ten, Transport::Tcp(9000), false), Decision::Refuse);
-        assert_eq!(p.decide(ten, Transport::Other, false), Decision::Refuse);
-        assert_eq!(
-            p.decide(Ipv4Addr::new(1, 1, 1, 1), Transport::Other, false),
-            Decision::Pass
-        );
-        assert_eq!(
-            p.decide(OUTSIDE, Transport::Tcp(80), false),
-            Decision::Refuse
-        );
+        assert_eq!(p.decide(ten, Tcp(8000), false), Pass);
+        assert_eq!(p.decide(ten, Udp(8999), false), Pass);
+        assert_eq!(p.decide(ten, Tcp(9000), false), Refuse);
+        assert_eq!(p.decide(ten, Other, false), Refuse);
+        assert_eq!(p.decide(Ipv4Addr::new(1, 1, 1, 1), Other, false), Pass);
+        assert_eq!(p.decide(OUTSIDE, Tcp(80), false), Refuse);
     }
 
     #[test]
@@ -550,14 +534,8 @@ mod tests {
             allow: vec![rule("169.254.169.254:80")],
             ..NetworkPolicy::default()
         };
-        assert_eq!(
-            p.decide(metadata, Transport::Tcp(80), false),
-            Decision::Pass
-        );
-        assert_eq!(
-            p.decide(metadata, Transport::Tcp(81), false),
-            Decision::Refuse
-        );
+        assert_eq!(p.decide(metadata, Tcp(80), false), Pass);
+        assert_eq!(p.decide(metadata, Tcp(81), false), Refuse);
     }
 
     #[test]
@@ -571,22 +549,14 @@ mod tests {
             Ipv4Addr::new(240, 0, 0, 1),
             Ipv4Addr::BROADCAST,
         ] {
-            assert_eq!(
-                p.decide(dst, Transport::Udp(9), false),
-                Decision::Refuse,
-                "{dst}"
-            );
+            assert_eq!(p.decide(dst, Udp(9), false), Refuse, "{dst}");
         }
         for dst in [
             OUTSIDE,
             Ipv4Addr::new(10, 0, 0, 1),
             Ipv4Addr::new(172, 16, 0, 1),
         ] {
-            assert_eq!(
-                p.decide(dst, Transport::Tcp(80), false),
-                Decision::Pass,
-                "{dst}"
-            );
+            assert_eq!(p.decide(dst, Tcp(80), false), Pass, "{dst}");
         }
     }
 }

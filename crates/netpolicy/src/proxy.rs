@@ -273,6 +273,15 @@ mod tests {
         }
     }
 
+    /// Waits for both threads to end by themselves.
+    fn wait_finished(proxy: &Proxy) {
+        let t0 = Instant::now();
+        while !proxy.is_finished() {
+            assert!(t0.elapsed() < WAIT, "threads did not end");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     #[test]
     fn frames_pass_both_ways() {
         let (proxy, qemu, passt) = start();
@@ -318,11 +327,7 @@ mod tests {
                 .unwrap();
             assert!(closed(&qemu), "QEMU's side closed");
             assert!(closed(&passt), "the stack's side closed");
-            let t0 = Instant::now();
-            while !proxy.is_finished() {
-                assert!(t0.elapsed() < WAIT, "threads did not end");
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            wait_finished(&proxy);
         }
     }
 
@@ -331,11 +336,7 @@ mod tests {
         let (proxy, qemu, passt) = start();
         drop(passt);
         assert!(closed(&qemu));
-        let t0 = Instant::now();
-        while !proxy.is_finished() {
-            assert!(t0.elapsed() < WAIT, "threads did not end");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_finished(&proxy);
     }
 
     #[test]
