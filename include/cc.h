@@ -397,6 +397,24 @@ typedef struct cc_instance_options {
      * default, so false keeps it).
      */
     bool no_warm_start;
+    /**
+     * Let the guest reach the host: its loopback (as 10.0.2.2) and its
+     * interface addresses, which are denied by default.
+     */
+    bool allow_host;
+    /**
+     * `net_allow_count` rules (`ADDR[/PREFIX][:PORT[-PORT]]`, `*` for any
+     * address); when there are any, the guest reaches only destinations
+     * matching one. NULL when 0.
+     */
+    const char *const *net_allow;
+    size_t net_allow_count;
+    /**
+     * `net_deny_count` rules of destinations never reached (they win over
+     * `net_allow` and `allow_host`). NULL when 0.
+     */
+    const char *const *net_deny;
+    size_t net_deny_count;
 } cc_instance_options;
 
 /**
@@ -1220,7 +1238,8 @@ cc_error_code cc_file_free(cc_file file);
  *
  * # Safety
  * `options` is NULL or a valid `cc_instance_options` (its strings NULL or
- * NUL-terminated, `mounts` valid for `mount_count` entries); `out` is NULL
+ * NUL-terminated, `mounts` valid for `mount_count` entries, `net_allow`
+ * and `net_deny` for their counts of strings); `out` is NULL
  * or valid for writing; `err` is NULL or valid for writing.
  */
 cc_error_code cc_instance_new(cc_source source,

@@ -364,7 +364,8 @@ def test_instance_options_defaults() -> None:
     )
     assert repr(o) == (
         "InstanceOptions(memory_mb=512, cpus=1, timeout_seconds=None, user=None, mounts=None, "
-        "network=True, warm_start=True)"
+        "network=True, network_policy=NetworkPolicy(allow_host=False, allow=(), deny=()), "
+        "warm_start=True)"
     )
     c, _ = o._to_c()
     assert (c.memory_mb, c.cpus, c.timeout_seconds, c.user, c.mount_count) == (512, 1, 0.0, None, 0)
@@ -430,6 +431,72 @@ def test_instance_options_mounts() -> None:
 def test_instance_options_validation(kwargs: dict[str, object], error: type[Exception]) -> None:
     with pytest.raises(error):
         cc.InstanceOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def test_network_policy() -> None:
+    p = cc.NetworkPolicy()
+    assert (p.allow_host, p.allow, p.deny) == (False, (), ())
+    p = cc.NetworkPolicy(allow_host=True, allow=["10.0.0.0/8", "*:53"], deny=("1.2.3.4:22",))
+    assert p.allow == ("10.0.0.0/8", "*:53") and p.deny == ("1.2.3.4:22",)
+    assert hash(p) == hash(cc.NetworkPolicy(True, ("10.0.0.0/8", "*:53"), ["1.2.3.4:22"]))
+    c, keep = cc.InstanceOptions(network_policy=p)._to_c()
+    assert c.allow_host is True
+    assert [c.net_allow[i] for i in range(c.net_allow_count)] == [b"10.0.0.0/8", b"*:53"]
+    assert [c.net_deny[i] for i in range(c.net_deny_count)] == [b"1.2.3.4:22"]
+    assert keep
+    c, _ = cc.InstanceOptions()._to_c()
+    assert (c.allow_host, c.net_allow_count, c.net_deny_count) == (False, 0, 0)
+    assert not c.net_allow and not c.net_deny
+    # A plain dict works too.
+    o = cc.InstanceOptions(network_policy={"allow_host": True, "deny": ["10.0.2.2:22"]})
+    assert o.network_policy == cc.NetworkPolicy(allow_host=True, deny=("10.0.2.2:22",))
+    from crumblecracker import aio
+
+    assert aio.NetworkPolicy is cc.NetworkPolicy
+
+
+@pytest.mark.parametrize(
+    ("policy", "error", "named"),
+    [
+        ({"allow_hosts": True}, cc.InvalidArgumentError, "'allow_hosts'"),
+        ({"allow": ["1.2.3.4"], "ports": [80]}, cc.InvalidArgumentError, "'ports'"),
+        ({"allow_host": "yes"}, TypeError, "allow_host"),
+        ({"allow": "10.0.0.0/8"}, TypeError, "allow"),
+        ({"deny": [443]}, TypeError, "deny"),
+        ("10.0.0.0/8", TypeError, "network_policy"),
+    ],
+)
+def test_network_policy_validation(policy: object, error: type[Exception], named: str) -> None:
+    with pytest.raises(error, match=re.escape(named)):
+        cc.InstanceOptions(network_policy=policy)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("allow", "deny", "named"),
+    [
+        (["10.0.0.1/8"], [], "host bits set"),
+        (["10.0.0.0/33"], [], 'prefix "33"'),
+        (["10.0.0/8"], [], '"10.0.0" is not an IPv4 address'),
+        ([], ["1.2.3.4:65536"], 'port "65536"'),
+        ([], ["1.2.3.4:0"], 'port "0"'),
+        ([], ["*:90-80"], "reversed"),
+        ([], [""], "empty"),
+    ],
+)
+def test_bad_network_rules_are_invalid_arguments(
+    lib: None, allow: list[str], deny: list[str], named: str
+) -> None:
+    # Options are checked before the source, so a bogus one needs no VM.
+    bogus = cc.ImageSource(0xDEAD_BEEF, "bogus")
+    options = cc.InstanceOptions(network_policy=cc.NetworkPolicy(allow=allow, deny=deny))
+    rule = (allow or deny)[0]
+    with pytest.raises(cc.InvalidArgumentError) as info:
+        cc.Instance(bogus, options)
+    assert f'"{rule}"' in str(info.value) and named in str(info.value), str(info.value)
+    # Good rules get as far as the bogus source.
+    good = cc.InstanceOptions(network_policy={"allow": ["10.0.0.0/8:80"], "deny": ["*:25"]})
+    with pytest.raises(cc.InvalidHandleError):
+        cc.Instance(bogus, good)
 
 
 def test_options_are_checked_again_when_used() -> None:

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::alloc;
 use crate::cancel::cc_cancel_token;
 use crate::error::{cc_error, cc_error_code, Failure};
-use crate::ffi::{cstr, entry, guard, opt_cstr, slice, Out};
+use crate::ffi::{cstr, entry, guard, opt_cstr, slice, strings, Out};
 use crate::handles;
 use crate::objects::{Cancel, Instance};
 use crate::oci::cc_source;
@@ -51,6 +51,18 @@ pub struct cc_instance_options {
     /// Always boot cold, never from a template (warm start is on by
     /// default, so false keeps it).
     pub no_warm_start: bool,
+    /// Let the guest reach the host: its loopback (as 10.0.2.2) and its
+    /// interface addresses, which are denied by default.
+    pub allow_host: bool,
+    /// `net_allow_count` rules (`ADDR[/PREFIX][:PORT[-PORT]]`, `*` for any
+    /// address); when there are any, the guest reaches only destinations
+    /// matching one. NULL when 0.
+    pub net_allow: *const *const c_char,
+    pub net_allow_count: usize,
+    /// `net_deny_count` rules of destinations never reached (they win over
+    /// `net_allow` and `allow_host`). NULL when 0.
+    pub net_deny: *const *const c_char,
+    pub net_deny_count: usize,
 }
 
 /// How an instance's guest came to run.
@@ -90,9 +102,13 @@ fn options(o: Option<&cc_instance_options>) -> Result<cc::Options, Failure> {
                 })?,
         );
     }
+    out.network_policy.allow_host = o.allow_host;
     // SAFETY: documented at cc_instance_new: `user` is NULL or a string,
-    // `mounts` NULL or `mount_count` mounts with string paths.
+    // `mounts` NULL or `mount_count` mounts with string paths, the rule
+    // lists NULL or their count of strings.
     unsafe {
+        out.network_policy.allow = rules(o.net_allow, o.net_allow_count, "options->net_allow")?;
+        out.network_policy.deny = rules(o.net_deny, o.net_deny_count, "options->net_deny")?;
         out.user = opt_cstr(o.user, "options->user")?.map(str::to_string);
         for (i, m) in slice(o.mounts, o.mount_count, "options->mounts")?
             .iter()
@@ -110,13 +126,36 @@ fn options(o: Option<&cc_instance_options>) -> Result<cc::Options, Failure> {
     Ok(out)
 }
 
+/// Parses `count` network rules.
+///
+/// # Safety
+/// `p` is NULL or valid for reading `count` pointers, each NULL or a
+/// NUL-terminated string.
+unsafe fn rules(
+    p: *const *const c_char,
+    count: usize,
+    name: &str,
+) -> Result<Vec<cc::Rule>, Failure> {
+    // SAFETY: forwarded from the caller.
+    let texts = unsafe { strings(p, count, name) }?;
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.parse()
+                .map_err(|e| Failure::invalid(format!("{name}[{i}]: {e}")))
+        })
+        .collect()
+}
+
 /// Boots an instance from `source` and returns once it is ready for
 /// commands (about a second under software emulation). `options` may be
 /// NULL for the defaults.
 ///
 /// # Safety
 /// `options` is NULL or a valid `cc_instance_options` (its strings NULL or
-/// NUL-terminated, `mounts` valid for `mount_count` entries); `out` is NULL
+/// NUL-terminated, `mounts` valid for `mount_count` entries, `net_allow`
+/// and `net_deny` for their counts of strings); `out` is NULL
 /// or valid for writing; `err` is NULL or valid for writing.
 #[no_mangle]
 pub unsafe extern "C" fn cc_instance_new(

@@ -134,5 +134,11 @@ impl Error {
     }
 }
 
+impl From<cc_netpolicy::PolicyError> for Error {
+    fn from(e: cc_netpolicy::PolicyError) -> Error {
+        Error::InvalidArgument(e.to_string())
+    }
+}
+
 /// Results of the core API.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cc_engine::template::{Agent, StartKind};
 use cc_engine::{ConfineMode, Confinement, Disk, RunDir, Share, Vm, VmSpec, GUEST_NETWORK};
+use cc_netpolicy::NetworkPolicy;
 use cc_protocol::{
     Lower, NetConfig, Request, Response, RootSpec, Setup, UnixTime, HOST_INTERNAL_ADDR,
     HOST_INTERNAL_NAME,
@@ -68,6 +69,10 @@ pub struct Options {
     /// user-mode stack on the host, no root or TAP device needed. Switch it
     /// at run time with [`Instance::set_network_enabled`].
     pub network: bool,
+    /// What the guest may reach through the network. The default reaches
+    /// outside addresses but not the host (its loopback and interface
+    /// addresses) nor link-local 169.254.0.0/16; see [`NetworkPolicy`].
+    pub network_policy: NetworkPolicy,
     /// Start from a template of an already booted guest when there is one
     /// for this configuration, building it on the first start (default
     /// on). A warm instance is indistinguishable from a cold one: identity,
@@ -139,6 +144,7 @@ impl Default for Options {
             timeout: None,
             mounts: Vec::new(),
             network: true,
+            network_policy: NetworkPolicy::default(),
             warm_start: true,
             confinement: ConfineMode::BestEffort,
         }
@@ -174,6 +180,7 @@ impl Options {
         for m in &self.mounts {
             m.validate()?;
         }
+        self.network_policy.validate()?;
         Ok(())
     }
 }
@@ -326,7 +333,7 @@ impl Instance {
                     read_only: !m.writable,
                 })
                 .collect(),
-            network: options.network,
+            network: options.network.then(|| options.network_policy.clone()),
             kernel_params: Vec::new(),
             memory_file: None,
             incoming: false,
@@ -733,4 +740,79 @@ pub(crate) fn random_bytes(n: usize) -> Vec<u8> {
 
 fn random_id() -> String {
     rootfs::hex(&random_bytes(8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorCode;
+
+    /// Options are checked before anything is prepared, so no VM is needed.
+    fn new_fails(options: Options) -> Error {
+        let source = Source::Dir("/nonexistent/rootfs".into());
+        Instance::new(&source, options).unwrap_err()
+    }
+
+    #[test]
+    fn a_bad_network_rule_is_invalid_argument_naming_it() {
+        let bad = [
+            cc_netpolicy::Rule {
+                addr: "10.0.0.1".parse().unwrap(),
+                prefix: 8,
+                ports: None,
+            },
+            cc_netpolicy::Rule {
+                addr: "10.0.0.0".parse().unwrap(),
+                prefix: 33,
+                ports: None,
+            },
+            cc_netpolicy::Rule {
+                addr: "1.2.3.4".parse().unwrap(),
+                prefix: 32,
+                ports: Some((0, 80)),
+            },
+        ];
+        for rule in bad {
+            for deny in [false, true] {
+                let mut policy = NetworkPolicy::default();
+                if deny {
+                    policy.deny.push(rule);
+                } else {
+                    policy.allow.push(rule);
+                }
+                let err = new_fails(Options {
+                    network_policy: policy,
+                    ..Options::default()
+                });
+                assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+                assert!(err.to_string().contains(&rule.to_string()), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn parse_errors_convert_to_invalid_argument() {
+        let err: Error = "10.0.0.0/8:70000"
+            .parse::<cc_netpolicy::Rule>()
+            .unwrap_err()
+            .into();
+        assert_eq!(err.code(), ErrorCode::InvalidArgument);
+        assert!(err.to_string().contains("\"10.0.0.0/8:70000\""), "{err}");
+        let err: Error = NetworkPolicy::from_pairs([("allow_hosts", "true")])
+            .unwrap_err()
+            .into();
+        assert_eq!(err.code(), ErrorCode::InvalidArgument);
+        assert!(err.to_string().contains("\"allow_hosts\""), "{err}");
+    }
+
+    #[test]
+    fn a_good_policy_gets_past_validation() {
+        let policy =
+            NetworkPolicy::from_pairs([("allow", "10.0.0.0/8:80"), ("deny", "*:25")]).unwrap();
+        let err = new_fails(Options {
+            network_policy: policy,
+            ..Options::default()
+        });
+        assert_ne!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    }
 }

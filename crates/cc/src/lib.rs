@@ -43,6 +43,7 @@ pub use cc_engine::{ConfineMode, Confinement};
 pub fn host_confinement() -> Confinement {
     cc_engine::confine::expected(ConfineMode::BestEffort, false, true)
 }
+pub use cc_netpolicy::{NetworkPolicy, PolicyError, Rule, RuleProblem};
 pub use cc_protocol::PROTOCOL_VERSION as GUEST_PROTOCOL_VERSION;
 pub use cmd::Cmd;
 pub use command::{Child, ChildOutput, ChildStdin, Command, ExitStatus, Output, Signaller, Stdio};

@@ -106,7 +106,7 @@ fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> CliResult<Ex
         accel: accel.accel,
         disks: Vec::new(),
         shares: Vec::new(),
-        network: false,
+        network: None,
         kernel_params: Vec::new(),
         memory_file: None,
         incoming: false,

@@ -29,7 +29,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Boot an instance, run one command in it, exit with its status.
-    Run(run::RunArgs),
+    // Boxed: its many flags dwarf the other variants.
+    Run(Box<run::RunArgs>),
     /// Pull an image from a registry into the local store.
     Pull(images::PullArgs),
     /// List stored images.
@@ -66,7 +67,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Run(args) => run::run(args),
+        Cmd::Run(args) => run::run(*args),
         Cmd::Pull(args) => images::pull(args),
         Cmd::Images => images::images(),
         Cmd::Rmi(args) => images::rmi(args),

@@ -41,6 +41,18 @@ pub(crate) struct RunArgs {
     /// No network interface (egress is on by default).
     #[arg(long)]
     no_network: bool,
+    /// Let the guest reach the host: its loopback (as 10.0.2.2) and its
+    /// interface addresses, denied by default.
+    #[arg(long)]
+    allow_host: bool,
+    /// Reach only destinations matching these rules (repeatable):
+    /// ADDR[/PREFIX][:PORT[-PORT]], `*` for any address.
+    #[arg(long = "net-allow", value_name = "RULE")]
+    net_allow: Vec<String>,
+    /// Never reach destinations matching this rule (repeatable; wins over
+    /// --net-allow and --allow-host).
+    #[arg(long = "net-deny", value_name = "RULE")]
+    net_deny: Vec<String>,
     /// Boot cold, not from a warm-start template.
     #[arg(long)]
     cold: bool,
@@ -61,6 +73,7 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
             .ok_or_else(|| format!("--env {kv:?}: expected KEY=VALUE"))?;
         env.push((k.to_string(), v.to_string()));
     }
+    let network_policy = network_policy(&args)?;
     // Signals are handled by a thread of ours (forwarded to the guest
     // process), so block them before any thread exists to inherit the mask.
     let signals = block_signals();
@@ -98,6 +111,7 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
         timeout,
         mounts: args.mounts,
         network: !args.no_network,
+        network_policy,
         warm_start: !args.cold,
         ..Default::default()
     };
@@ -186,6 +200,21 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
         (Some(code), _) => ExitCode::from(code as u8),
         (None, Some(sig)) => ExitCode::from(128u8.wrapping_add(sig as u8)),
         _ => ExitCode::FAILURE,
+    })
+}
+
+/// The policy the flags describe; parsed here rather than by clap so a bad
+/// rule is a crumble failure (125) naming the flag and the rule.
+fn network_policy(args: &RunArgs) -> CliResult<cc::NetworkPolicy> {
+    let rules = |flag: &str, list: &[String]| {
+        list.iter()
+            .map(|r| r.parse::<cc::Rule>().map_err(|e| format!("{flag}: {e}")))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(cc::NetworkPolicy {
+        allow_host: args.allow_host,
+        allow: rules("--net-allow", &args.net_allow)?,
+        deny: rules("--net-deny", &args.net_deny)?,
     })
 }
 

@@ -61,6 +61,35 @@ fn usage_errors_need_no_vm() {
 }
 
 #[test]
+fn bad_network_rules_need_no_vm() {
+    let cases: [(&str, &str, &str); 5] = [
+        ("--net-allow", "10.0.0.1/8", "host bits set"),
+        ("--net-allow", "300.1.2.3", "not an IPv4 address"),
+        ("--net-deny", "1.2.3.4:70000", "port \"70000\""),
+        ("--net-deny", "10.0.0.0/33", "prefix \"33\""),
+        ("--net-allow", "1.2.3.4:90-80", "reversed"),
+    ];
+    for (flag, rule, why) in cases {
+        // A missing rootfs would fail too, later: the rule is checked first.
+        let out = crumble()
+            .args(["run", "--rootfs", "/no/such/dir", flag, rule, "--", "true"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(125), "{flag} {rule}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(flag) && err.contains(&format!("{rule:?}")) && err.contains(why),
+            "{flag} {rule}: {err}"
+        );
+    }
+    let out = crumble().args(["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--allow-host", "--net-allow", "--net-deny"] {
+        assert!(help.contains(flag), "{help}");
+    }
+}
+
+#[test]
 fn doctor_reports_the_accelerator() {
     let out = crumble().arg("doctor").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

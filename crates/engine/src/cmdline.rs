@@ -245,7 +245,7 @@ mod tests {
                 path: PathBuf::from("/h/data"),
                 read_only: true,
             }],
-            network: true,
+            network: Some(Default::default()),
             kernel_params: vec!["cc.debug=1".into()],
             memory_file: None,
             incoming: false,
@@ -269,7 +269,7 @@ mod tests {
                 .iter()
                 .map(|_| "/proc/self/fd/20".into())
                 .collect(),
-            net_fd: spec.network.then_some(8),
+            net_fd: spec.network.as_ref().map(|_| 8),
             seccomp: false,
         }
     }
@@ -356,7 +356,7 @@ mod tests {
             "{cmd}"
         );
         let mut s = spec();
-        s.network = false;
+        s.network = None;
         assert!(!joined(&s).contains("-netdev"));
     }
 

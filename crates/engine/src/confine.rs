@@ -540,7 +540,13 @@ pub fn expected(mode: ConfineMode, has_shares: bool, network: bool) -> Confineme
         if !namespaces {
             gaps.push("QEMU shares the host's namespaces and file system view".to_string());
         }
-        gaps.extend(support.notes.iter().filter(|n| !n.starts_with("passt")).cloned());
+        gaps.extend(
+            support
+                .notes
+                .iter()
+                .filter(|n| !n.starts_with("passt"))
+                .cloned(),
+        );
     }
     if creds.drop_root_caps {
         gaps.push(

@@ -24,6 +24,8 @@ pub enum Error {
     PasstMissing,
     #[error("{} must be readable by all users for the sandboxed QEMU (chmod a+r)", .0.display())]
     Unreadable(PathBuf),
+    #[error("network policy: {0}")]
+    Policy(String),
     #[error("QMP: {0}")]
     Qmp(String),
     #[error("warm-start template: {0}")]

@@ -1,12 +1,15 @@
 //! The guest's network backend: passt, Debian's user-mode network stack,
-//! run outside QEMU's sandbox (QEMU's own network namespace is empty) and
-//! connected to QEMU by a socketpair carrying length-prefixed Ethernet
-//! frames.
+//! run outside QEMU's sandbox (QEMU's own network namespace is empty),
+//! behind the policy filter of `cc-netpolicy`. QEMU, the filter and passt
+//! are joined by socketpairs carrying length-prefixed Ethernet frames.
 //!
 //! passt answers as the gateway (mapped to the host's loopback), forwards
 //! DNS sent to [`GUEST_NETWORK`]'s `dns`, and otherwise connects out from
-//! the host. It confines itself: its own namespaces and seccomp filter,
-//! and, under a root caller, the same unprivileged uid as QEMU.
+//! the host, so its own view reaches every host address: the filter is
+//! what keeps the guest off the host's services (and off link-local
+//! addresses), per the instance's [`NetworkPolicy`]. passt confines
+//! itself: its own namespaces and seccomp filter, and, under a root
+//! caller, the same unprivileged uid as QEMU.
 
 use std::fs::File;
 use std::net::Ipv4Addr;
@@ -14,6 +17,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
+
+use cc_netpolicy::{Filter, NetworkPolicy, Proxy};
 
 use crate::confine::{self, Creds};
 use crate::{Error, RunDir};
@@ -35,8 +40,8 @@ pub struct GuestNetwork {
 pub const GUEST_NETWORK: GuestNetwork = GuestNetwork {
     address: Ipv4Addr::new(10, 0, 2, 15),
     prefix_len: 24,
-    gateway: Ipv4Addr::new(10, 0, 2, 2),
-    dns: Ipv4Addr::new(10, 0, 2, 3),
+    gateway: cc_netpolicy::GATEWAY,
+    dns: cc_netpolicy::DNS,
     mtu: 65520,
 };
 
@@ -44,18 +49,25 @@ pub const GUEST_NETWORK: GuestNetwork = GuestNetwork {
 #[derive(Debug)]
 pub(crate) struct Network {
     passt: Child,
+    proxy: Option<Proxy>,
     /// QEMU's end, until it is handed over.
     qemu_end: Option<UnixStream>,
 }
 
 impl Network {
-    pub(crate) fn start(run: &RunDir, creds: Creds) -> Result<Network, Error> {
+    pub(crate) fn start(
+        run: &RunDir,
+        creds: Creds,
+        policy: &NetworkPolicy,
+    ) -> Result<Network, Error> {
+        let filter = Filter::new(policy.clone()).map_err(|e| Error::Policy(e.to_string()))?;
         let passt = confine::host_support()
             .passt
             .clone()
             .ok_or(Error::PasstMissing)?;
-        let (qemu_end, passt_end) =
-            UnixStream::pair().map_err(Error::io("socketpair", run.path()))?;
+        let pair = || UnixStream::pair().map_err(Error::io("socketpair", run.path()));
+        let (qemu_end, guest_side) = pair()?;
+        let (stack_side, passt_end) = pair()?;
         let log = run.path().join("passt.log");
         let stderr = File::options()
             .write(true)
@@ -101,12 +113,29 @@ impl Network {
         unsafe {
             cmd.pre_exec(move || plan.apply());
         }
-        let child = cmd.spawn().map_err(Error::io("start", &passt))?;
+        let mut child = cmd.spawn().map_err(Error::io("start", &passt))?;
         drop(fd);
+        let proxy = match Proxy::start(guest_side, stack_side, filter) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::io("start the network filter for", run.path())(e));
+            }
+        };
         Ok(Network {
             passt: child,
+            proxy: Some(proxy),
             qemu_end: Some(qemu_end),
         })
+    }
+
+    /// Connects (`true`) or disconnects the guest: while disconnected no
+    /// frame passes either way.
+    pub(crate) fn set_enabled(&self, enabled: bool) {
+        if let Some(p) = &self.proxy {
+            p.set_enabled(enabled);
+        }
     }
 
     /// QEMU's end of the frame socket.
@@ -124,6 +153,7 @@ impl Network {
 impl Drop for Network {
     fn drop(&mut self) {
         drop(self.qemu_end.take());
+        drop(self.proxy.take());
         let _ = self.passt.kill();
         let _ = self.passt.wait();
     }

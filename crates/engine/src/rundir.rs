@@ -90,7 +90,10 @@ mod tests {
         assert!(!reused.exists(), "a reused pid does not keep a run dir");
         assert!(dir.path().exists(), "our own stays");
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         let path = dir.path().to_path_buf();
         fs::write(path.join("f"), b"x").unwrap();
         drop(dir);

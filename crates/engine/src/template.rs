@@ -123,7 +123,11 @@ fn key_with(spec: &VmSpec, qemu: PathBuf) -> TemplateMeta {
     let uid = crate::confine::creds(spec.confine, !spec.shares.is_empty()).uid;
     h.update(format!(
         "format {FORMAT}\naccel {:?}\nmemory {}\ncpus {}\nnetwork {}\nparams {:?}\nuid {uid}\n",
-        spec.accel, spec.memory_mb, spec.cpus, spec.network, spec.kernel_params
+        spec.accel,
+        spec.memory_mb,
+        spec.cpus,
+        spec.network.is_some(),
+        spec.kernel_params
     ));
     for (path, id) in &files {
         h.update(format!("file {} {id}\n", path.display()));
@@ -149,7 +153,7 @@ fn key_with(spec: &VmSpec, qemu: PathBuf) -> TemplateMeta {
         created: 0,
         memory_mb: spec.memory_mb,
         cpus: spec.cpus,
-        network: spec.network,
+        network: spec.network.is_some(),
         shares: spec.shares.len(),
         files,
     }
@@ -519,7 +523,7 @@ mod tests {
                 path: dir.to_path_buf(),
                 read_only: true,
             }],
-            network: true,
+            network: Some(Default::default()),
             kernel_params: Vec::new(),
             memory_file: None,
             incoming: false,
@@ -556,7 +560,7 @@ mod tests {
         };
         assert_ne!(changed(&|c| c.memory_mb = 512), k);
         assert_ne!(changed(&|c| c.cpus = 2), k);
-        assert_ne!(changed(&|c| c.network = false), k);
+        assert_ne!(changed(&|c| c.network = None), k);
         assert_ne!(changed(&|c| c.shares.clear()), k);
         assert_ne!(changed(&|c| c.shares[0].read_only = false), k);
         assert_ne!(

@@ -17,6 +17,7 @@ use crate::cmdline::{fd_path, Wiring};
 use crate::confine::{self, ConfineMode, Confinement};
 use crate::qmp::{Event, Qmp};
 use crate::{console, net, paths, qemu_args, Accel, Error, RunDir};
+use cc_netpolicy::NetworkPolicy;
 
 /// What to boot.
 #[derive(Debug, Clone)]
@@ -31,8 +32,9 @@ pub struct VmSpec {
     /// Host directories served to the guest over virtio 9p.
     pub shares: Vec<Share>,
     /// A network interface behind a user-mode network stack (no root, no
-    /// TAP): the guest reaches out through the host's own connections.
-    pub network: bool,
+    /// TAP): the guest reaches out through the host's own connections,
+    /// as far as this policy lets it; `None` for no interface.
+    pub network: Option<NetworkPolicy>,
     /// Extra kernel command line parameters.
     pub kernel_params: Vec<String>,
     /// Guest RAM in a file instead of anonymous memory (templates).
@@ -157,7 +159,8 @@ impl Vm {
         let support = confine::host_support();
         let creds = confine::creds(spec.confine, !spec.shares.is_empty());
         let off = spec.confine == ConfineMode::Off;
-        let confinement = confine::expected(spec.confine, !spec.shares.is_empty(), spec.network);
+        let has_network = spec.network.is_some();
+        let confinement = confine::expected(spec.confine, !spec.shares.is_empty(), has_network);
         let (seccomp, namespaces) = (confinement.seccomp, confinement.namespaces);
         confine::enforce(spec.confine, &confinement)?;
 
@@ -197,10 +200,9 @@ impl Vm {
                 .map_err(Error::io("open", &share.path))?;
             shares.push(fd_path(inputs.add(dir_fd)));
         }
-        let network = if spec.network {
-            Some(net::Network::start(dir, creds)?)
-        } else {
-            None
+        let network = match &spec.network {
+            Some(policy) => Some(net::Network::start(dir, creds, policy)?),
+            None => None,
         };
         let net_fd = match &network {
             Some(n) => Some(inputs.add(n.qemu_end()?)),
@@ -411,13 +413,17 @@ impl Vm {
     }
 
     /// Connects or disconnects the guest's network interface: while
-    /// disconnected, no packet leaves or arrives.
+    /// disconnected, no packet leaves or arrives. (The filter drops them:
+    /// QEMU's `set_link` on the frame socket left passt's traffic stuck
+    /// once the link came back.)
     pub fn set_network_link(&self, up: bool) -> Result<(), Error> {
-        self.qmp(
-            "set_link",
-            Some(serde_json::json!({ "name": NETDEV_ID, "up": up })),
-        )
-        .map(drop)
+        match &self.network {
+            Some(n) => {
+                n.set_enabled(up);
+                Ok(())
+            }
+            None => Err(Error::Policy("the VM has no network interface".into())),
+        }
     }
 
     /// Calls `handler` with every QMP event QEMU sends (at once for those
@@ -626,7 +632,6 @@ fn read_child_pid(info: UnixStream) -> Option<u32> {
     let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
     v["child-pid"].as_u64().and_then(|p| u32::try_from(p).ok())
 }
-
 
 /// The last `lines` lines of a log file (lossy UTF-8).
 fn tail(path: &Path, lines: usize) -> String {

@@ -188,6 +188,11 @@ class CInstanceOptions(Structure):
         ("mount_count", c_size_t),
         ("no_network", c_bool),
         ("no_warm_start", c_bool),
+        ("allow_host", c_bool),
+        ("net_allow", POINTER(c_char_p)),
+        ("net_allow_count", c_size_t),
+        ("net_deny", POINTER(c_char_p)),
+        ("net_deny_count", c_size_t),
     ]
 
 

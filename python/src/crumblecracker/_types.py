@@ -26,6 +26,7 @@ __all__ = [
     "ImageConfig",
     "InstanceOptions",
     "Mount",
+    "NetworkPolicy",
     "PullOptions",
     "PullPolicy",
     "PullProgress",
@@ -127,6 +128,76 @@ def _mount(value: Any) -> Mount:
     )
 
 
+def _rules(name: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"NetworkPolicy.{name} must be a list of rule strings")
+    rules = tuple(value)
+    for rule in rules:
+        if not isinstance(rule, str):
+            raise TypeError(f"NetworkPolicy.{name} rules must be str, not {type(rule).__name__}")
+    return rules
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """What the guest may reach through the network.
+
+    By default the guest reaches outside addresses but not the host (its
+    loopback, reachable as 10.0.2.2, and its interface addresses) nor
+    169.254.0.0/16, 0.0.0.0/8, multicast and 240.0.0.0/4. DNS through
+    10.0.2.3 always works.
+
+    A rule is ``ADDR[/PREFIX][:PORT[-PORT]]`` with ``*`` for any address:
+    ``"10.0.0.0/8"``, ``"1.2.3.4"``, ``"1.2.3.4:443"``,
+    ``"10.0.0.0/8:8000-8999"``, ``"*:53"``. Rules are checked when the
+    instance is created: a bad one raises ``InvalidArgumentError`` naming
+    it.
+
+    Args:
+        allow_host: let the guest reach the host.
+        allow: when not empty, the guest reaches only destinations matching
+            one of these rules (an explicit rule may re-open 169.254.0.0/16
+            and the other built-in denials, never the host).
+        deny: destinations never reached; they win over ``allow`` and
+            ``allow_host``.
+    """
+
+    allow_host: bool = False
+    allow: Sequence[str] = ()
+    deny: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.allow_host, bool):
+            raise TypeError(
+                f"NetworkPolicy.allow_host must be a bool, not {type(self.allow_host).__name__}"
+            )
+        object.__setattr__(self, "allow", _rules("allow", self.allow))
+        object.__setattr__(self, "deny", _rules("deny", self.deny))
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> NetworkPolicy:
+        """A policy from a dict with the keys ``allow_host``, ``allow`` and
+        ``deny`` (each optional); any other key raises
+        ``InvalidArgumentError`` naming it."""
+        for key in value:
+            if key not in ("allow_host", "allow", "deny"):
+                raise InvalidArgumentError(
+                    f"unknown network policy key {key!r} (known: allow_host, allow, deny)"
+                )
+        return cls(**value)
+
+
+NetworkPolicyLike = Union[NetworkPolicy, Mapping[str, Any]]
+
+
+def _network_policy(value: object) -> NetworkPolicy:
+    if isinstance(value, NetworkPolicy):
+        return value
+    if isinstance(value, Mapping):
+        return NetworkPolicy.from_dict(value)
+    raise TypeError(f"network_policy must be a NetworkPolicy or a dict, not {type(value).__name__}")
+
+
 @dataclass
 class InstanceOptions:
     """How to run an instance.
@@ -143,6 +214,8 @@ class InstanceOptions:
             tuples.
         network: give the guest a network interface (egress through the
             host; switch it with ``Instance.set_network_enabled``).
+        network_policy: what the guest may reach: a ``NetworkPolicy`` or a
+            dict of its fields; the default denies the host.
         warm_start: start from a template of an already booted guest with
             the same configuration when there is one (built on the first
             start); False always boots cold. Warm instances get their own
@@ -155,6 +228,7 @@ class InstanceOptions:
     user: Optional[str] = None
     mounts: Optional[Sequence[MountLike]] = None
     network: bool = True
+    network_policy: NetworkPolicyLike = field(default_factory=NetworkPolicy)
     warm_start: bool = True
 
     def __post_init__(self) -> None:
@@ -178,6 +252,7 @@ class InstanceOptions:
             ):
                 raise TypeError("mounts must be a list of Mount objects or tuples")
             self.mounts = [_mount(m) for m in self.mounts]
+        self.network_policy = _network_policy(self.network_policy)
 
     def _to_c(self) -> tuple[_lib.CInstanceOptions, list[Any]]:
         """The C struct and the objects it points into (keep them alive)."""
@@ -206,6 +281,15 @@ class InstanceOptions:
             keep.append(arr)
             opts.mounts = arr
             opts.mount_count = len(mounts)
+        policy = _network_policy(self.network_policy)
+        opts.allow_host = policy.allow_host
+        for name, rules in (("net_allow", policy.allow), ("net_deny", policy.deny)):
+            if rules:
+                encoded = [_lib.encode_str(r, f"NetworkPolicy.{name[4:]}") for r in rules]
+                arr = _lib.string_array(encoded)
+                keep += [encoded, arr]
+                setattr(opts, name, arr)
+                setattr(opts, f"{name}_count", len(rules))
         return opts, keep
 
 

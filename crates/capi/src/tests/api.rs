@@ -213,6 +213,77 @@ fn a_sigpipe_raised_during_a_call_is_swallowed() {
     }
 }
 
+/// Malformed CIDRs and ports out of range, in either list, are refused
+/// before booting with a message naming the rule and where it was. `opts`
+/// holds no pointers but NULL ones.
+fn bad_network_rules_are_invalid_arguments(source: cc_source, opts: cc_instance_options) {
+    let opts = cc_instance_options {
+        timeout_seconds: 0.0,
+        ..opts
+    };
+    let good = [c"10.0.0.0/8".as_ptr(), c"*:53".as_ptr()];
+    for (rule, why) in [
+        (c"10.0.0.1/8", "host bits set"),
+        (c"10.0.0.0/40", "prefix \"40\""),
+        (c"999.0.0.1", "not an IPv4 address"),
+        (c"1.2.3.4:65536", "port \"65536\""),
+        (c"1.2.3.4:0", "port \"0\""),
+        (c"1.2.3.4:443-80", "reversed"),
+        (c"", "empty"),
+    ] {
+        let list = [good[0], good[1], rule.as_ptr()];
+        let text = format!("{:?}", rule.to_str().unwrap());
+        for deny in [false, true] {
+            let opts = if deny {
+                cc_instance_options {
+                    net_deny: list.as_ptr(),
+                    net_deny_count: list.len(),
+                    ..opts
+                }
+            } else {
+                cc_instance_options {
+                    net_allow: list.as_ptr(),
+                    net_allow_count: list.len(),
+                    ..opts
+                }
+            };
+            // SAFETY: `opts` points at `list`, live for the call.
+            let (code, e) = failing(|err| unsafe { cc_instance_new(source, &opts, &mut 0, err) });
+            assert_eq!(code, CC_ERR_INVALID_ARGUMENT, "{}", e.message);
+            let field = if deny { "net_deny" } else { "net_allow" };
+            assert!(
+                e.message.contains(&format!("options->{field}[2]"))
+                    && e.message.contains(&text)
+                    && e.message.contains(why),
+                "{}",
+                e.message
+            );
+        }
+    }
+    let opts = cc_instance_options {
+        net_allow_count: 1,
+        ..opts
+    };
+    // SAFETY: NULL with a count is what is being refused.
+    let (code, e) = failing(|err| unsafe { cc_instance_new(source, &opts, &mut 0, err) });
+    assert_eq!(
+        (code, e.message.as_str()),
+        (CC_ERR_INVALID_ARGUMENT, "`options->net_allow` is NULL")
+    );
+    // Good rules get past the check to the missing root directory.
+    let opts = cc_instance_options {
+        allow_host: true,
+        net_allow: good.as_ptr(),
+        net_allow_count: good.len(),
+        net_deny: good.as_ptr(),
+        net_deny_count: 1,
+        ..opts
+    };
+    // SAFETY: `opts` points at `good`, live for the call.
+    let (code, e) = failing(|err| unsafe { cc_instance_new(source, &opts, &mut 0, err) });
+    assert_ne!(code, CC_ERR_INVALID_ARGUMENT, "{}", e.message);
+}
+
 #[test]
 fn null_and_bad_arguments_are_invalid_arguments() {
     let _g = shared();
@@ -270,9 +341,15 @@ fn null_and_bad_arguments_are_invalid_arguments() {
             mount_count: 0,
             no_network: false,
             no_warm_start: false,
+            allow_host: false,
+            net_allow: ptr::null(),
+            net_allow_count: 0,
+            net_deny: ptr::null(),
+            net_deny_count: 0,
         };
         let (code, e) = failing(|err| cc_instance_new(source, &opts, &mut 0, err));
         assert_eq!(code, CC_ERR_INVALID_ARGUMENT, "{}", e.message);
+        bad_network_rules_are_invalid_arguments(source, opts);
         let opts = cc_instance_options {
             timeout_seconds: 0.0,
             mount_count: 1,

@@ -267,6 +267,15 @@ static void test_sources_and_clients(void) {
     io.timeout_seconds = 0;
     io.memory_mb = 1;
     EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_new(src, &io, &inst, &err));
+    io.memory_mb = 0;
+    /* A bad network rule is refused, naming it. */
+    const char *rules[] = {"10.0.0.0/8", "1.2.3.4:70000"};
+    io.net_deny = rules;
+    io.net_deny_count = 2;
+    code = cc_instance_new(src, &io, &inst, &err);
+    CHECK(code == CC_ERR_INVALID_ARGUMENT && err.message && strstr(err.message, "1.2.3.4:70000"),
+          "bad network rule: %d %s", (int)code, str_or(err.message, "NULL"));
+    cc_error_free(&err);
     CHECK(inst == 0, "no instance");
     CHECK(cc_source_free(src) == CC_OK, "free source");
     remove_tree(store);
