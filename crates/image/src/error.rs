@@ -42,6 +42,17 @@ pub enum Error {
     Cancelled,
     #[error(transparent)]
     Layer(#[from] LayerError),
+    /// A layer expands past [`crate::UnpackLimits`]: a decompression bomb
+    /// or an image too large for the configured bounds.
+    #[error("layer {layer} ({compressed} bytes compressed) expands past {limit} bytes (the {why})")]
+    LayerTooLarge {
+        layer: String,
+        compressed: u64,
+        limit: u64,
+        why: &'static str,
+    },
+    #[error("invalid unpack limits: {0}")]
+    BadLimit(String),
     #[error("building root filesystem image")]
     Erofs(#[from] cc_erofs::Error),
 }
@@ -66,6 +77,29 @@ impl From<io::Error> for Error {
             source,
         }
     }
+}
+
+/// `text` safe to show on a terminal: control characters (but newlines
+/// and tabs) escaped, undecodable bytes shown as `?`. Messages that quote
+/// untrusted input (archive entries, registry answers) go through it.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            char::REPLACEMENT_CHARACTER => out.push('?'),
+            c if c.is_control() => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// An archive's read failure with any bytes of the archive it quotes
+/// made printable.
+pub(crate) fn untrusted(op: &str, path: impl AsRef<Path>) -> impl FnOnce(io::Error) -> Error {
+    let wrap = Error::io(op, path);
+    move |e| wrap(io::Error::new(e.kind(), printable(&e.to_string())))
 }
 
 /// Results of the image store.
