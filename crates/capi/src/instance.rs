@@ -51,6 +51,9 @@ pub struct cc_instance_options {
     /// Always boot cold, never from a template (warm start is on by
     /// default, so false keeps it).
     pub no_warm_start: bool,
+    /// Size of the writable layer in MiB (the guest gets ENOSPC beyond
+    /// it); 0 for the default (4096).
+    pub disk_mb: u32,
 }
 
 /// How an instance's guest came to run.
@@ -76,6 +79,9 @@ fn options(o: Option<&cc_instance_options>) -> Result<cc::Options, Failure> {
     }
     if o.cpus != 0 {
         out.cpus = o.cpus;
+    }
+    if o.disk_mb != 0 {
+        out.disk_mb = o.disk_mb;
     }
     if o.timeout_seconds != 0.0 {
         out.timeout = Some(

@@ -122,6 +122,9 @@ class CPullOptions(Structure):
         ("username", c_char_p),
         ("password", c_char_p),
         ("policy", c_int32),
+        ("max_layer_ratio", c_uint64),
+        ("max_layer_bytes", c_uint64),
+        ("max_image_bytes", c_uint64),
     ]
 
 
@@ -184,6 +187,7 @@ class CInstanceOptions(Structure):
         ("mount_count", c_size_t),
         ("no_network", c_bool),
         ("no_warm_start", c_bool),
+        ("disk_mb", c_uint32),
     ]
 
 
