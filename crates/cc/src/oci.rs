@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 pub use cc_image::{
-    printable, Auth, CancelToken, Digest, Image, ImageConfig, ImageSummary, Platform, Progress, PruneStats,
-    PullOptions, PullPolicy, UnpackLimits,
+    printable, Auth, CancelToken, Digest, Image, ImageConfig, ImageSummary, Platform, Progress,
+    PruneStats, PullOptions, PullPolicy, UnpackLimits,
 };
 
 use crate::error::Result;

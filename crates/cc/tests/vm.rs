@@ -474,7 +474,11 @@ fn runtime_tmpfs_mounts_share_one_budget() {
         used_kib > 0 && used_kib <= 256 * 1024 / 2,
         "together at most half the guest's RAM: {used_kib} KiB\n{text}"
     );
-    assert_eq!(stdout(&inst, "echo alive"), "alive\n", "the guest still answers");
+    assert_eq!(
+        stdout(&inst, "echo alive"),
+        "alive\n",
+        "the guest still answers"
+    );
     inst.close().unwrap();
 }
 

@@ -226,7 +226,9 @@ impl Image {
 /// Bytes `path` takes on disk (0 when it does not exist).
 fn allocated(path: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 /// A layer's uncompressed stream, cut off where `limits` say it must end.

@@ -145,7 +145,6 @@ pub(crate) fn load_tar(
     platform: Option<&Platform>,
     limits: &UnpackLimits,
 ) -> Result<Image> {
-
     let file = File::open(path).map_err(Error::io("open", path))?;
     let mut archive = tar::Archive::new(io::BufReader::new(file));
     let mut documents: HashMap<String, Vec<u8>> = HashMap::new();

@@ -136,8 +136,8 @@ pub(crate) fn pull(
         .build()
         .map_err(Error::io("start", "pull runtime"))?;
     let digest = runtime.block_on(Puller::new(store, &r, options, cancel).run(progress))?;
-    let image = Image::open(store, Some(name.clone()), digest.clone())?
-        .with_unpack_limits(options.limits);
+    let image =
+        Image::open(store, Some(name.clone()), digest.clone())?.with_unpack_limits(options.limits);
     image.check_unpack(&options.limits)?;
     store.set_ref(&name, &digest)?;
     Ok(image)

@@ -420,11 +420,7 @@ fn images_listing_removal_and_prune() {
     let stats = client.prune().unwrap();
     assert!(stats.blobs >= 3 && stats.root_images == 1, "{stats:?}");
     // What a still-named image uses stays.
-    assert!(client
-        .image(a.name().unwrap())
-        .unwrap()
-        .rootfs()
-        .is_ok());
+    assert!(client.image(a.name().unwrap()).unwrap().rootfs().is_ok());
     assert_eq!(client.prune().unwrap(), cc_image::PruneStats::default());
     fs::remove_dir_all(root).unwrap();
 }
@@ -487,10 +483,7 @@ fn docker_schema2_images_pull_and_convert() {
         image.config().env,
         client.load_dir(&images.busybox, None).unwrap().config().env
     );
-    assert!(image
-        .rootfs()
-        .unwrap()
-        .is_file());
+    assert!(image.rootfs().unwrap().is_file());
     fs::remove_dir_all(root).unwrap();
 }
 
