@@ -452,6 +452,26 @@ fn writable_disk_is_bounded_by_disk_mb() {
     );
     assert_eq!(stdout(&inst, "rm /fill && echo ok"), "ok\n");
     inst.close().unwrap();
+    // A warm start of this configuration restores a template with a disk
+    // of the same size: the size is part of the template's key.
+    let warm = boot_with(Options {
+        memory_mb: 256,
+        disk_mb: DISK_MB as u32,
+        ..Options::default()
+    });
+    assert_eq!(warm.start_kind(), cc::StartKind::Warm);
+    let upper = warm.run_dir().unwrap().join("upper.img");
+    assert_eq!(std::fs::metadata(&upper).unwrap().len(), DISK_MB << 20);
+    let size_kib: u64 = stdout(&warm, "df -k / | tail -1")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        size_kib > 0 && size_kib <= DISK_MB << 10,
+        "the guest sees a {DISK_MB} MiB layer: {size_kib} KiB"
+    );
+    warm.close().unwrap();
 }
 
 fn runtime_tmpfs_mounts_share_one_budget() {
