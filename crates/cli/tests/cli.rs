@@ -307,6 +307,47 @@ fn ok(cmd: &mut Command) -> String {
 }
 
 #[test]
+fn disk_mb_is_checked_and_sizes_the_writable_layer() {
+    let out = crumble()
+        .args([
+            "run",
+            "--rootfs",
+            "/no/such/dir",
+            "--disk-mb",
+            "0",
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("disk_mb 0"), "{err}");
+    if !vm_tests() {
+        return;
+    }
+    let out = run(
+        &[
+            "--cold",
+            "--disk-mb",
+            "96",
+            "--",
+            "sh",
+            "-c",
+            "df -k / | tail -1",
+        ],
+        b"",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let kib: u64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(kib > 0 && kib <= 96 << 10, "{text}");
+}
+
+#[test]
 fn load_of_random_bytes_prints_text_not_binary() {
     let dir = std::env::temp_dir().join(format!("cc-cli-random-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
