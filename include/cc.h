@@ -415,6 +415,11 @@ typedef struct cc_instance_options {
      */
     const char *const *net_deny;
     size_t net_deny_count;
+    /**
+     * Size of the writable layer in MiB (the guest gets ENOSPC beyond
+     * it); 0 for the default (4096).
+     */
+    uint32_t disk_mb;
 } cc_instance_options;
 
 /**
@@ -494,6 +499,19 @@ typedef struct cc_pull_options {
      * `CC_PULL_IF_NOT_PRESENT` (0), `CC_PULL_ALWAYS` or `CC_PULL_NEVER`.
      */
     int32_t policy;
+    /**
+     * A layer may expand to this many times its compressed size (or
+     * 64 MiB, whichever is more) when unpacked; 0 for the default (100).
+     */
+    uint64_t max_layer_ratio;
+    /**
+     * Bound on one layer unpacked, in bytes; 0 for the default (32 GiB).
+     */
+    uint64_t max_layer_bytes;
+    /**
+     * Bound on all layers unpacked, in bytes; 0 for the default (32 GiB).
+     */
+    uint64_t max_image_bytes;
 } cc_pull_options;
 
 /**

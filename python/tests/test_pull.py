@@ -6,8 +6,12 @@ busybox test image) run with the VM tests."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import json
 import os
 import signal
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +21,7 @@ import pytest
 
 import crumblecracker as cc
 
+from .conftest import Registry
 from .slow_registry import SlowRegistry
 
 
@@ -217,3 +222,80 @@ def test_callback_exception_with_the_real_registry(
     # The client is still usable.
     with fresh_client.pull(busybox_ref) as src:
         assert src.get_config().cmd == ["sh"]
+
+
+def _bomb_layout(layout: Path) -> str:
+    """An OCI layout (tag ``latest``) whose one layer is about 1 MiB of gzip
+    holding a tar of a 1 GiB file of zeros (gzip members: header, 64 x 16 MiB
+    of zeros, end of archive). Returns the layer's digest."""
+    header = tarfile.TarInfo("bomb")
+    header.size = 1 << 30
+    header.mode = 0o644
+    zeros = gzip.compress(bytes(16 << 20), compresslevel=9)
+    layer = gzip.compress(header.tobuf(format=tarfile.GNU_FORMAT)) + zeros * 64
+    layer += gzip.compress(bytes(1024))
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return f"sha256:{digest}"
+
+    empty = f"sha256:{hashlib.sha256(b'').hexdigest()}"
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [empty]},
+        }
+    ).encode()
+    layer_digest = put(layer)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": put(config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": layer_digest,
+                    "size": len(layer),
+                }
+            ],
+        }
+    ).encode()
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": put(manifest),
+                "size": len(manifest),
+                "annotations": {"org.opencontainers.image.ref.name": "latest"},
+            }
+        ],
+    }
+    (layout / "index.json").write_text(json.dumps(index))
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    return layer_digest
+
+
+@pytest.mark.vm
+def test_decompression_bombs_and_unpack_limits(
+    registry: Registry, busybox_ref: str, fresh_client: cc.OCIClient, tmp_path: Path
+) -> None:
+    layer = _bomb_layout(tmp_path / "bomb")
+    ref = registry.push(tmp_path / "bomb", "latest", "py/bomb:1")
+    with pytest.raises(cc.IOError, match=f"layer {layer} .* expands past"):
+        fresh_client.pull(ref)
+    # The limits travel through the C options: a small total refuses busybox.
+    with pytest.raises(cc.IOError, match="whole-image limit"):
+        fresh_client.pull(busybox_ref, cc.PullOptions(max_image_bytes=1 << 20))
+    with fresh_client.pull(busybox_ref, cc.PullOptions(max_layer_ratio=5)) as src:
+        assert src.name == busybox_ref

@@ -365,10 +365,12 @@ def test_instance_options_defaults() -> None:
     assert repr(o) == (
         "InstanceOptions(memory_mb=512, cpus=1, timeout_seconds=None, user=None, mounts=None, "
         "network=True, network_policy=NetworkPolicy(allow_host=False, allow=(), deny=()), "
-        "warm_start=True)"
+        "warm_start=True, disk_mb=4096)"
     )
     c, _ = o._to_c()
     assert (c.memory_mb, c.cpus, c.timeout_seconds, c.user, c.mount_count) == (512, 1, 0.0, None, 0)
+    assert c.disk_mb == 4096
+    assert cc.InstanceOptions(disk_mb=128)._to_c()[0].disk_mb == 128
     assert (c.no_network, c.no_warm_start) == (False, False)
     c, _ = cc.InstanceOptions(network=False, warm_start=False)._to_c()
     assert (c.no_network, c.no_warm_start) == (True, True)
@@ -415,6 +417,9 @@ def test_instance_options_mounts() -> None:
         ({"memory_mb": "512"}, TypeError),
         ({"memory_mb": True}, TypeError),
         ({"cpus": 0}, cc.InvalidArgumentError),
+        ({"disk_mb": 0}, cc.InvalidArgumentError),
+        ({"disk_mb": 2**32}, cc.InvalidArgumentError),
+        ({"disk_mb": "4096"}, TypeError),
         ({"cpus": 1.5}, TypeError),
         ({"timeout_seconds": 0}, cc.InvalidArgumentError),
         ({"timeout_seconds": -3.0}, cc.InvalidArgumentError),
@@ -525,6 +530,13 @@ def test_pull_options() -> None:
         cc.PullOptions(auth="user:pass")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         cc.PullOptions(platform=3)  # type: ignore[arg-type]
+    c, _ = cc.PullOptions()._to_c()
+    assert (c.max_layer_ratio, c.max_layer_bytes, c.max_image_bytes) == (100, 32 << 30, 32 << 30)
+    c, _ = cc.PullOptions(max_layer_ratio=5, max_image_bytes=1 << 20)._to_c()
+    assert (c.max_layer_ratio, c.max_image_bytes) == (5, 1 << 20)
+    for field in ("max_layer_ratio", "max_layer_bytes", "max_image_bytes"):
+        with pytest.raises(cc.InvalidArgumentError, match=field):
+            cc.PullOptions(**{field: 0})  # type: ignore[arg-type]
 
 
 def test_enums_and_flags() -> None:

@@ -97,6 +97,15 @@ def test_timeout_ends_the_instance(source: cc.ImageSource) -> None:
             inst.command("true").run()
 
 
+def test_disk_mb_bounds_the_writable_layer(source: cc.ImageSource) -> None:
+    with cc.Instance(source, cc.InstanceOptions(memory_mb=256, disk_mb=96)) as inst:
+        out = inst.command("sh", "-c", "dd if=/dev/zero of=/fill bs=1M 2>&1; echo status=$?")
+        text = out.output().decode()
+        assert "No space left on device" in text and "status=0" not in text, text
+        size = int(inst.command("sh", "-c", "stat -c %s /fill").output())
+        assert 64 << 20 < size <= 96 << 20
+
+
 def test_warm_start_and_cold_start(source: cc.ImageSource) -> None:
     options = cc.InstanceOptions(memory_mb=288)
     with cc.Instance(source, options) as first:

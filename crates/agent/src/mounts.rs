@@ -145,6 +145,13 @@ pub fn switch_root(spec: &RootSpec) -> Result<OwnedFd, RemoteError> {
     Ok(upper_fd)
 }
 
+/// Shares of guest RAM the runtime tmpfs mounts may fill: together half
+/// of it (tmpfs's default is half *each*, so filling two of them left the
+/// guest's processes no memory and the guest died).
+const SHM_SIZE: &str = "size=20%";
+const TMP_SIZE: &str = "size=25%";
+const RUN_SIZE: &str = "size=5%";
+
 /// Mounts /dev/pts, /dev/shm, /tmp and /run, and adds the /dev links
 /// programs expect but devtmpfs lacks.
 pub fn runtime() -> Result<(), RemoteError> {
@@ -156,9 +163,12 @@ pub fn runtime() -> Result<(), RemoteError> {
         libc::MS_NOSUID | libc::MS_NOEXEC,
         Some("newinstance,ptmxmode=0666,mode=620,gid=5"),
     )?;
-    mount("tmpfs", "/dev/shm", "tmpfs", flags, Some("mode=1777"))?;
-    mount("tmpfs", "/tmp", "tmpfs", flags, Some("mode=1777"))?;
-    mount("tmpfs", "/run", "tmpfs", flags, Some("mode=755"))?;
+    let shm = format!("mode=1777,{SHM_SIZE}");
+    let tmp = format!("mode=1777,{TMP_SIZE}");
+    let run = format!("mode=755,{RUN_SIZE}");
+    mount("tmpfs", "/dev/shm", "tmpfs", flags, Some(&shm))?;
+    mount("tmpfs", "/tmp", "tmpfs", flags, Some(&tmp))?;
+    mount("tmpfs", "/run", "tmpfs", flags, Some(&run))?;
     for (link, target) in [
         ("/dev/ptmx", "pts/ptmx"),
         ("/dev/fd", "/proc/self/fd"),

@@ -63,6 +63,9 @@ pub struct cc_instance_options {
     /// `net_allow` and `allow_host`). NULL when 0.
     pub net_deny: *const *const c_char,
     pub net_deny_count: usize,
+    /// Size of the writable layer in MiB (the guest gets ENOSPC beyond
+    /// it); 0 for the default (4096).
+    pub disk_mb: u32,
 }
 
 /// How an instance's guest came to run.
@@ -88,6 +91,9 @@ fn options(o: Option<&cc_instance_options>) -> Result<cc::Options, Failure> {
     }
     if o.cpus != 0 {
         out.cpus = o.cpus;
+    }
+    if o.disk_mb != 0 {
+        out.disk_mb = o.disk_mb;
     }
     if o.timeout_seconds != 0.0 {
         out.timeout = Some(

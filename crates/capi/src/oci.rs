@@ -45,6 +45,13 @@ pub struct cc_pull_options {
     pub password: *const c_char,
     /// `CC_PULL_IF_NOT_PRESENT` (0), `CC_PULL_ALWAYS` or `CC_PULL_NEVER`.
     pub policy: i32,
+    /// A layer may expand to this many times its compressed size (or
+    /// 64 MiB, whichever is more) when unpacked; 0 for the default (100).
+    pub max_layer_ratio: u64,
+    /// Bound on one layer unpacked, in bytes; 0 for the default (32 GiB).
+    pub max_layer_bytes: u64,
+    /// Bound on all layers unpacked, in bytes; 0 for the default (32 GiB).
+    pub max_image_bytes: u64,
 }
 
 /// Where a pull is, passed to a `cc_progress_fn`.
@@ -127,6 +134,15 @@ fn pull_options(opts: Option<&cc_pull_options>) -> Result<cc::PullOptions, Failu
         CC_PULL_NEVER => cc::PullPolicy::Never,
         other => return Err(Failure::invalid(format!("unknown pull policy {other}"))),
     };
+    for (field, value) in [
+        (&mut out.limits.max_ratio, o.max_layer_ratio),
+        (&mut out.limits.max_layer_bytes, o.max_layer_bytes),
+        (&mut out.limits.max_image_bytes, o.max_image_bytes),
+    ] {
+        if value != 0 {
+            *field = value;
+        }
+    }
     Ok(out)
 }
 

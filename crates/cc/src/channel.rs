@@ -352,7 +352,7 @@ impl Channel {
     }
 
     pub(crate) fn send(&self, msg: &Message) -> Result<()> {
-        let bytes = frame::encode(msg).map_err(|e| Error::Protocol(e.to_string()))?;
+        let bytes = frame::encode(msg)?;
         self.send_frame(&bytes)
     }
 

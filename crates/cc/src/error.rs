@@ -100,7 +100,8 @@ impl Error {
                 cc_image::Error::Cancelled => ErrorCode::Cancelled,
                 cc_image::Error::BadReference(_)
                 | cc_image::Error::BadPlatform(_)
-                | cc_image::Error::BadDigest(_) => ErrorCode::InvalidArgument,
+                | cc_image::Error::BadDigest(_)
+                | cc_image::Error::BadLimit(_) => ErrorCode::InvalidArgument,
                 _ => ErrorCode::Io,
             },
         }
@@ -140,5 +141,48 @@ impl From<cc_netpolicy::PolicyError> for Error {
     }
 }
 
+impl From<cc_protocol::frame::FrameError> for Error {
+    /// A message over the frame limit is the caller's: arguments,
+    /// environment or data too large to send in one request.
+    fn from(e: cc_protocol::frame::FrameError) -> Error {
+        match e {
+            cc_protocol::frame::FrameError::TooLarge(len) => Error::InvalidArgument(format!(
+                "request of {len} bytes exceeds the {}-byte message limit \
+                 (arguments and environment count together)",
+                cc_protocol::MAX_FRAME
+            )),
+            other => Error::Protocol(other.to_string()),
+        }
+    }
+}
+
 /// Results of the core API.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_oversized_request_is_invalid_argument_naming_the_limit() {
+        let msg = cc_protocol::Message::Request {
+            id: 1,
+            body: cc_protocol::Request::Exec(cc_protocol::Exec {
+                process: 1,
+                argv: vec![serde_bytes::ByteBuf::from(b"true".to_vec())],
+                env: vec![serde_bytes::ByteBuf::from(vec![b'x'; 10 << 20])],
+                cwd: None,
+                user: None,
+                stdin: None,
+                stdout: cc_protocol::Stdio::Null,
+                stderr: cc_protocol::Stdio::Null,
+            }),
+        };
+        let e = Error::from(cc_protocol::frame::encode(&msg).unwrap_err());
+        assert_eq!(e.code(), ErrorCode::InvalidArgument, "{e}");
+        assert!(
+            e.to_string().contains(&cc_protocol::MAX_FRAME.to_string()),
+            "{e}"
+        );
+    }
+}

@@ -84,7 +84,19 @@ pub struct Options {
     /// [`Instance::confinement`]; [`ConfineMode::Strict`] refuses to start
     /// instead; [`ConfineMode::Off`] is for measurements and debugging.
     pub confinement: ConfineMode,
+    /// Size of the instance's writable layer in MiB (default
+    /// [`DEFAULT_DISK_MB`], at most 1 TiB): what the guest can write on top
+    /// of its image before it gets `ENOSPC`. Sparse on the host, so only
+    /// written blocks take host disk, and never more than this.
+    pub disk_mb: u32,
 }
+
+/// Default size of an instance's writable layer: 4 GiB.
+pub const DEFAULT_DISK_MB: u32 = 4096;
+
+/// Bounds of [`Options::disk_mb`]: ext4 needs a few MiB for itself, and a
+/// writable layer beyond 1 TiB is a mistake rather than a need.
+const DISK_MB_RANGE: std::ops::RangeInclusive<u32> = 64..=1 << 20;
 
 /// A host directory shared into the guest at `guest_path`. Read-only
 /// unless `writable` (enforced by the host, not just the guest); writes
@@ -147,6 +159,7 @@ impl Default for Options {
             network_policy: NetworkPolicy::default(),
             warm_start: true,
             confinement: ConfineMode::BestEffort,
+            disk_mb: DEFAULT_DISK_MB,
         }
     }
 }
@@ -157,6 +170,14 @@ impl Options {
             return Err(Error::InvalidArgument(format!(
                 "memory_mb {} is outside 64..=1048576",
                 self.memory_mb
+            )));
+        }
+        if !DISK_MB_RANGE.contains(&self.disk_mb) {
+            return Err(Error::InvalidArgument(format!(
+                "disk_mb {} is outside {}..={}",
+                self.disk_mb,
+                DISK_MB_RANGE.start(),
+                DISK_MB_RANGE.end()
             )));
         }
         if !(1..=64).contains(&self.cpus) {
@@ -288,12 +309,12 @@ impl Instance {
                 Origin::Dir(dir.clone()),
             ),
             Source::Image(image) => (
-                vec![image.rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES)?],
+                vec![image.rootfs()?],
                 Some(image.config()),
                 Origin::Image(image.clone()),
             ),
             Source::Snapshot(s) => (
-                s.lowers(cc_image::DEFAULT_MAX_LAYER_BYTES)?,
+                s.lowers()?,
                 Some(s.image().config()),
                 Origin::Snapshot(s.clone()),
             ),
@@ -302,7 +323,7 @@ impl Instance {
         let id = random_id();
         let run_dir = RunDir::create(&cache, &id)?;
         let upper = run_dir.path().join("upper.img");
-        rootfs::create_upper(&cache, &upper)?;
+        rootfs::create_upper(&cache, &upper, options.disk_mb)?;
         let spec = VmSpec {
             kernel,
             initrd,

@@ -53,7 +53,7 @@ pub use fs::{
     DirEntry, File, FileInfo, Whence, O_APPEND, O_CREATE, O_EXCL, O_RDONLY, O_RDWR, O_TRUNC,
     O_WRONLY,
 };
-pub use instance::{BootTimings, Instance, Mount, Options, Source};
+pub use instance::{BootTimings, Instance, Mount, Options, Source, DEFAULT_DISK_MB};
 pub use net::{Exposed, Listener};
 pub use oci::*;
 pub use snapshot::Snapshot;

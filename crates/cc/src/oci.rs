@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 pub use cc_image::{
-    Auth, CancelToken, Digest, Image, ImageConfig, ImageSummary, Platform, Progress, PruneStats,
-    PullOptions, PullPolicy,
+    printable, Auth, CancelToken, Digest, Image, ImageConfig, ImageSummary, Platform, Progress,
+    PruneStats, PullOptions, PullPolicy, UnpackLimits,
 };
 
 use crate::error::Result;
@@ -26,6 +26,14 @@ impl OciClient {
         Ok(OciClient {
             inner: cc_image::Client::open(root)?,
         })
+    }
+
+    /// Bounds how far layers may expand on [`OciClient::load_tar`] and
+    /// [`OciClient::load_dir`] (pulls take [`PullOptions::limits`]).
+    pub fn set_unpack_limits(&mut self, limits: UnpackLimits) -> Result<()> {
+        limits.validate()?;
+        self.inner.set_unpack_limits(limits);
+        Ok(())
     }
 
     pub(crate) fn inner(&self) -> &cc_image::Client {

@@ -3,22 +3,19 @@
 //! plus a per-instance sparse ext4 disk the guest uses as overlayfs's upper
 //! layer. The source tree and the cached image are never written.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use cc_image::private;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
 /// Filesystem type of the read-only images this module builds.
 pub(crate) const LOWER_FSTYPE: &str = "erofs";
-
-/// Size of the per-instance writable disk. Sparse: only what the guest
-/// writes takes host space.
-const UPPER_SIZE: u64 = 16 << 30;
 
 /// The cached read-only image of `dir`, built if this exact tree (paths,
 /// types, modes, owners, sizes, mtimes, link targets) has none yet.
@@ -38,8 +35,10 @@ pub(crate) fn image_for_dir(dir: &Path, cache: &Path) -> Result<PathBuf> {
     if image.is_file() {
         return Ok(image);
     }
-    fs::create_dir_all(&images).map_err(Error::io("create", &images))?;
+    private::create_dir_all(&images).map_err(Error::io("create", &images))?;
     let tmp = images.join(cc_engine::paths::temp_name(&key));
+    // Created here so it is private from the start; mkfs.erofs writes into it.
+    private::create_file(&tmp).map_err(Error::io("create", &tmp))?;
     let out = Command::new("mkfs.erofs")
         .arg("--quiet")
         .arg(&tmp)
@@ -96,23 +95,28 @@ fn fingerprint(root: &Path, rel: &Path, h: &mut Sha256) -> Result<()> {
     Ok(())
 }
 
-/// Creates the instance's writable disk at `path`: a copy of a cached,
-/// empty, sparse ext4 image (a reflink where the host filesystem has them).
-pub(crate) fn create_upper(cache: &Path, path: &Path) -> Result<()> {
-    let template = upper_template(cache)?;
+/// Creates the instance's writable disk of `size_mb` MiB at `path`: a copy
+/// of a cached, empty, sparse ext4 image of that size (a reflink where the
+/// host filesystem has them). Sparse: only what the guest writes takes
+/// host space, and the guest gets `ENOSPC` once the disk is full.
+pub(crate) fn create_upper(cache: &Path, path: &Path, size_mb: u32) -> Result<()> {
+    let template = upper_template(cache, size_mb)?;
+    // The copy keeps the mode of the file it lands in: make that private.
+    private::create_file(path).map_err(Error::io("create", path))?;
     cc_engine::files::clone_file(&template, path).map_err(Error::io("copy writable disk to", path))
 }
 
-fn upper_template(cache: &Path) -> Result<PathBuf> {
+/// The cached empty ext4 image of `size_mb` MiB, one per size.
+fn upper_template(cache: &Path, size_mb: u32) -> Result<PathBuf> {
     let dir = cache.join("upper");
-    let template = dir.join(format!("ext4-{}g.img", UPPER_SIZE >> 30));
+    let template = dir.join(format!("ext4-{size_mb}m.img"));
     if template.is_file() {
         return Ok(template);
     }
-    fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
+    private::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
     let tmp = dir.join(cc_engine::paths::temp_name("ext4"));
-    File::create(&tmp)
-        .and_then(|f| f.set_len(UPPER_SIZE))
+    private::create_file(&tmp)
+        .and_then(|f| f.set_len(u64::from(size_mb) << 20))
         .map_err(Error::io("create", &tmp))?;
     // No journal: the layer lives and dies with one instance.
     let out = Command::new("mkfs.ext4")
@@ -202,5 +206,34 @@ mod tests {
         let e = image_for_dir(&d.join("file"), &d).unwrap_err();
         assert_eq!(e.code(), crate::ErrorCode::InvalidArgument);
         fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn writable_disks_have_their_size_one_cached_image_each_and_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let cache = scratch("upper");
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        for (mb, name) in [(64, "a.img"), (96, "b.img"), (64, "c.img")] {
+            let disk = cache.join(name);
+            create_upper(&cache, &disk, mb).unwrap();
+            assert_eq!(fs::metadata(&disk).unwrap().len(), u64::from(mb) << 20);
+            assert_eq!(mode(&disk), 0o600, "{name}");
+        }
+        let mut cached: Vec<_> = fs::read_dir(cache.join("upper"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        cached.sort();
+        assert_eq!(cached.len(), 2, "one empty image per size: {cached:?}");
+        assert!(cached.iter().all(|p| mode(p) == 0o600));
+        assert_eq!(mode(&cache.join("upper")), 0o700);
+
+        let tree = cache.join("tree");
+        fs::create_dir(&tree).unwrap();
+        fs::write(tree.join("f"), b"x").unwrap();
+        let image = image_for_dir(&tree, &cache).unwrap();
+        assert_eq!(mode(&image), 0o600);
+        assert_eq!(mode(image.parent().unwrap()), 0o700);
+        fs::remove_dir_all(&cache).unwrap();
     }
 }

@@ -47,17 +47,14 @@ impl Snapshot {
 
     /// Read-only root layers to boot from, uppermost first: each snapshot
     /// layer on its own, then the base. Booting needs no flattening copy.
-    pub(crate) fn lowers(&self, max_layer_bytes: u64) -> Result<Vec<PathBuf>> {
+    pub(crate) fn lowers(&self) -> Result<Vec<PathBuf>> {
         let client = self.image.client();
         let layers = self.image.layers()?;
         let mut lowers = Vec::new();
         for layer in layers[self.base_layers..].iter().rev() {
             lowers.push(client.overlay_rootfs(layer)?);
         }
-        lowers.push(
-            self.image
-                .rootfs_prefix(self.base_layers, max_layer_bytes)?,
-        );
+        lowers.push(self.image.rootfs_prefix(self.base_layers)?);
         Ok(lowers)
     }
 }

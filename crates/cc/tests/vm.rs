@@ -263,6 +263,21 @@ fn command_not_found_or_not_executable(inst: &Instance) {
     assert!(inst.is_running());
 }
 
+fn oversized_environment_is_invalid_argument(inst: &Instance) {
+    let err = inst
+        .command("true")
+        .env("BIG", "x".repeat(10 << 20))
+        .output()
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    assert!(
+        err.to_string()
+            .contains(&cc_protocol::MAX_FRAME.to_string()),
+        "names the limit: {err}"
+    );
+    assert_eq!(stdout(inst, "echo still"), "still\n");
+}
+
 fn nul_bytes_are_refused(inst: &Instance) {
     let err = inst.command("echo").arg("a\0b").output().unwrap_err();
     assert_eq!(err.code(), ErrorCode::InvalidArgument);
@@ -385,6 +400,106 @@ fn bad_rootfs_is_a_clear_error() {
     )
     .unwrap_err();
     assert_eq!(err.code(), ErrorCode::InvalidArgument);
+}
+
+fn writable_disk_is_bounded_by_disk_mb() {
+    for bad in [0, 64 << 20] {
+        let err = Instance::new(
+            &Source::Dir(rootfs()),
+            Options {
+                disk_mb: bad,
+                ..Options::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+        assert!(err.to_string().contains(&bad.to_string()), "{err}");
+    }
+    const DISK_MB: u64 = 128;
+    let inst = boot_with(Options {
+        memory_mb: 256,
+        disk_mb: DISK_MB as u32,
+        ..Options::default()
+    });
+    let out = sh(
+        &inst,
+        "dd if=/dev/zero of=/fill bs=1M 2>&1; echo status=$?; ls -l /fill",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("No space left on device"), "{text}");
+    assert!(!text.contains("status=0"), "{text}");
+    let written: u64 = text
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        written > (DISK_MB - 32) << 20 && written <= DISK_MB << 20,
+        "ENOSPC at about the disk size: {written} bytes written\n{text}"
+    );
+    let upper = inst.run_dir().unwrap().join("upper.img");
+    let meta = std::fs::metadata(&upper).unwrap();
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+    assert!(
+        allocated <= (DISK_MB + 4) << 20,
+        "host file {allocated} bytes for a {DISK_MB} MiB disk"
+    );
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600,
+        "the writable disk is private"
+    );
+    assert_eq!(stdout(&inst, "rm /fill && echo ok"), "ok\n");
+    inst.close().unwrap();
+    // A warm start of this configuration restores a template with a disk
+    // of the same size: the size is part of the template's key.
+    let warm = boot_with(Options {
+        memory_mb: 256,
+        disk_mb: DISK_MB as u32,
+        ..Options::default()
+    });
+    assert_eq!(warm.start_kind(), cc::StartKind::Warm);
+    let upper = warm.run_dir().unwrap().join("upper.img");
+    assert_eq!(std::fs::metadata(&upper).unwrap().len(), DISK_MB << 20);
+    let size_kib: u64 = stdout(&warm, "df -k / | tail -1")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        size_kib > 0 && size_kib <= DISK_MB << 10,
+        "the guest sees a {DISK_MB} MiB layer: {size_kib} KiB"
+    );
+    warm.close().unwrap();
+}
+
+fn runtime_tmpfs_mounts_share_one_budget() {
+    let inst = boot_with(Options {
+        memory_mb: 256,
+        ..Options::default()
+    });
+    let out = sh(
+        &inst,
+        "for d in /dev/shm /tmp /run; do dd if=/dev/zero of=$d/fill bs=1M 2>/dev/null; done; \
+         df -k /dev/shm /tmp /run",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let used_kib: u64 = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        used_kib > 0 && used_kib <= 256 * 1024 / 2,
+        "together at most half the guest's RAM: {used_kib} KiB\n{text}"
+    );
+    assert_eq!(
+        stdout(&inst, "echo alive"),
+        "alive\n",
+        "the guest still answers"
+    );
+    inst.close().unwrap();
 }
 
 // ---- instances from OCI images ----
@@ -1779,6 +1894,7 @@ fn main() {
         stdin_eof_ends_reader,
         command_not_found_or_not_executable,
         nul_bytes_are_refused,
+        oversized_environment_is_invalid_argument,
         identity_files,
         guest_out_of_memory,
         files_round_trip_with_metadata,
@@ -1804,6 +1920,8 @@ fn main() {
         independent_writable_layers,
         crash_is_not_running_and_isolated,
         bad_rootfs_is_a_clear_error,
+        writable_disk_is_bounded_by_disk_mb,
+        runtime_tmpfs_mounts_share_one_budget,
         image_pulled_from_a_registry_boots,
         image_config_and_layers_apply,
         debian_image_boots,

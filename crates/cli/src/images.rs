@@ -54,6 +54,7 @@ impl PullFlags {
                 "never" => cc::PullPolicy::Never,
                 _ => cc::PullPolicy::IfNotPresent,
             },
+            ..Default::default()
         })
     }
 }

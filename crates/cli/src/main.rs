@@ -80,10 +80,11 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("crumble: {e}");
+            // Errors may quote untrusted bytes (archives, guest output).
+            eprintln!("crumble: {}", cc::printable(&e.to_string()));
             let mut source = std::error::Error::source(&*e);
             while let Some(s) = source {
-                eprintln!("  caused by: {s}");
+                eprintln!("  caused by: {}", cc::printable(&s.to_string()));
                 source = s.source();
             }
             ExitCode::from(125)

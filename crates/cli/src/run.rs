@@ -26,6 +26,9 @@ pub(crate) struct RunArgs {
     /// Virtual CPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
+    /// Size of the writable layer in MiB (the guest gets ENOSPC beyond it).
+    #[arg(long, value_name = "MB", default_value_t = cc::DEFAULT_DISK_MB)]
+    disk_mb: u32,
     /// Environment variable for the command (repeatable).
     #[arg(long = "env", short = 'e', value_name = "K=V")]
     env: Vec<String>,
@@ -108,6 +111,7 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
     let options = cc::Options {
         memory_mb: args.memory,
         cpus: args.cpus,
+        disk_mb: args.disk_mb,
         timeout,
         mounts: args.mounts,
         network: !args.no_network,

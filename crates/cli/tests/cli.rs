@@ -336,6 +336,82 @@ fn ok(cmd: &mut Command) -> String {
 }
 
 #[test]
+fn disk_mb_is_checked_and_sizes_the_writable_layer() {
+    let out = crumble()
+        .args([
+            "run",
+            "--rootfs",
+            "/no/such/dir",
+            "--disk-mb",
+            "0",
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("disk_mb 0"), "{err}");
+    if !vm_tests() {
+        return;
+    }
+    let out = run(
+        &[
+            "--cold",
+            "--disk-mb",
+            "96",
+            "--",
+            "sh",
+            "-c",
+            "df -k / | tail -1",
+        ],
+        b"",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let kib: u64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(kib > 0 && kib <= 96 << 10, "{text}");
+}
+
+#[test]
+fn load_of_random_bytes_prints_text_not_binary() {
+    let dir = std::env::temp_dir().join(format!("cc-cli-random-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // Deterministic noise with every byte value, escape sequences included.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let noise: Vec<u8> = (0..64 << 10)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect();
+    for seed in 0..4 {
+        let file = dir.join(format!("noise{seed}.bin"));
+        std::fs::write(&file, &noise[seed * 512..]).unwrap();
+        let out = crumble_in(&dir.join("cache"))
+            .arg("load")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(125));
+        let err = String::from_utf8(out.stderr).expect("stderr is UTF-8");
+        assert!(
+            err.chars()
+                .all(|c| c == '\n' || !(c.is_control() || c == char::REPLACEMENT_CHARACTER)),
+            "raw bytes on stderr: {err:?}"
+        );
+        assert!(err.starts_with("crumble: "), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn image_commands_end_to_end() {
     if !vm_tests() {
         return;

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cc_image::{CancelToken, Client, PullOptions, DEFAULT_MAX_LAYER_BYTES};
+use cc_image::{CancelToken, Client, PullOptions};
 use cc_testsupport::{debian_image, Auth, Registry};
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -63,7 +63,7 @@ fn main() {
             )
             .unwrap();
         let pulled = t.elapsed();
-        image.rootfs(DEFAULT_MAX_LAYER_BYTES).unwrap();
+        image.rootfs().unwrap();
         let total = t.elapsed();
         size = image.size();
         pull.push(pulled);

@@ -42,6 +42,19 @@ pub enum Error {
     Cancelled,
     #[error(transparent)]
     Layer(#[from] LayerError),
+    /// A layer expands past [`crate::UnpackLimits`]: a decompression bomb
+    /// or an image too large for the configured bounds.
+    #[error(
+        "layer {layer} ({compressed} bytes compressed) expands past {limit} bytes (the {why})"
+    )]
+    LayerTooLarge {
+        layer: String,
+        compressed: u64,
+        limit: u64,
+        why: &'static str,
+    },
+    #[error("invalid unpack limits: {0}")]
+    BadLimit(String),
     #[error("building root filesystem image")]
     Erofs(#[from] cc_erofs::Error),
 }
@@ -65,6 +78,36 @@ impl From<io::Error> for Error {
             path: "image store".into(),
             source,
         }
+    }
+}
+
+/// `text` safe to show on a terminal: control characters (but newlines)
+/// escaped, undecodable bytes shown as `?`.
+pub fn printable(text: &str) -> String {
+    escape(text, |c| c == '\n' || !c.is_control())
+}
+
+/// `text` with every character but `keep`'s escaped and `?` for
+/// undecodable bytes.
+fn escape(text: &str, keep: impl Fn(char) -> bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            char::REPLACEMENT_CHARACTER => out.push('?'),
+            c if keep(c) => out.push(c),
+            c => out.extend(c.escape_default()),
+        }
+    }
+    out
+}
+
+/// An archive's read failure; the bytes of the archive it may quote are
+/// untrusted, so all but printable ASCII is escaped.
+pub(crate) fn untrusted(op: &str, path: impl AsRef<Path>) -> impl FnOnce(io::Error) -> Error {
+    let wrap = Error::io(op, path);
+    move |e| {
+        let text = escape(&e.to_string(), |c| c == ' ' || c.is_ascii_graphic());
+        wrap(io::Error::new(e.kind(), text))
     }
 }
 

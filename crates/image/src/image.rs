@@ -15,6 +15,66 @@ use crate::{Digest, Error, ImageConfig, Result, Store};
 /// a change to it rebuilds instead of reusing old images.
 const ROOTFS_FORMAT: &str = "cc-erofs-1";
 
+/// How far an image's layers may expand when unpacked: a small
+/// compressed layer that inflates to gigabytes (a decompression bomb)
+/// would otherwise fill the host's disk with its root image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackLimits {
+    /// A layer may expand to this many times its compressed size (default 100)...
+    pub max_ratio: u64,
+    /// ...or to this many bytes, whichever is more, so small layers of
+    /// very compressible files are fine (default 64 MiB).
+    pub ratio_floor: u64,
+    /// Bound on one layer's unpacked size (default 32 GiB).
+    pub max_layer_bytes: u64,
+    /// Bound on all of an image's layers unpacked (default 32 GiB).
+    pub max_image_bytes: u64,
+}
+
+impl Default for UnpackLimits {
+    fn default() -> Self {
+        UnpackLimits {
+            max_ratio: 100,
+            ratio_floor: 64 << 20,
+            max_layer_bytes: 32 << 30,
+            max_image_bytes: 32 << 30,
+        }
+    }
+}
+
+impl UnpackLimits {
+    /// Refuses zero limits, which would refuse every image.
+    pub fn validate(&self) -> Result<()> {
+        for (name, value) in [
+            ("max_ratio", self.max_ratio),
+            ("max_layer_bytes", self.max_layer_bytes),
+            ("max_image_bytes", self.max_image_bytes),
+        ] {
+            if value == 0 {
+                return Err(Error::BadLimit(format!("{name} must be positive")));
+            }
+        }
+        Ok(())
+    }
+
+    /// How far a layer of `compressed` bytes may expand when `used` bytes
+    /// of its image are already unpacked, and which limit that is.
+    fn for_layer(&self, compressed: u64, used: u64) -> (u64, &'static str) {
+        let by_ratio = compressed
+            .saturating_mul(self.max_ratio)
+            .max(self.ratio_floor);
+        let left = self.max_image_bytes.saturating_sub(used);
+        [
+            (by_ratio, "expansion ratio"),
+            (self.max_layer_bytes, "per-layer limit"),
+            (left, "whole-image limit"),
+        ]
+        .into_iter()
+        .min_by_key(|(bytes, _)| *bytes)
+        .unwrap_or((0, ""))
+    }
+}
+
 /// An image whose manifest and config are in the store.
 #[derive(Debug, Clone)]
 pub struct Image {
@@ -23,6 +83,7 @@ pub struct Image {
     digest: Digest,
     manifest: ImageManifest,
     config: ImageConfiguration,
+    limits: UnpackLimits,
 }
 
 impl Image {
@@ -37,12 +98,27 @@ impl Image {
             digest,
             manifest,
             config,
+            limits: UnpackLimits::default(),
         })
     }
 
-    /// A client on the store this image lives in.
+    /// This image with `limits` on building its root image.
+    pub fn with_unpack_limits(mut self, limits: UnpackLimits) -> Image {
+        self.limits = limits;
+        self
+    }
+
+    /// The limits its root image is built under: those of the pull or
+    /// load that stored it in this process, else the defaults.
+    pub fn unpack_limits(&self) -> &UnpackLimits {
+        &self.limits
+    }
+
+    /// A client on the store this image lives in, with its limits.
     pub fn client(&self) -> crate::Client {
-        crate::Client::from_store(self.store.clone())
+        let mut client = crate::Client::from_store(self.store.clone());
+        client.set_unpack_limits(self.limits);
+        client
     }
 
     /// The name it was pulled or loaded as, if any.
@@ -87,29 +163,125 @@ impl Image {
         self.manifest.layers().iter().map(|l| l.size()).sum()
     }
 
+    /// Host bytes this image takes in the store: the blobs it uses
+    /// (manifest, config, layers) plus the root images built from them.
+    /// Content shared with other images counts for each.
+    pub fn disk_usage(&self) -> Result<u64> {
+        let config: Digest = self.manifest.config().digest().to_string().parse()?;
+        let blobs = [self.digest.clone(), config]
+            .into_iter()
+            .chain(self.layers()?)
+            .map(|d| self.store.blob_path(&d));
+        let roots = self
+            .rootfs_keys()?
+            .into_iter()
+            .map(|k| self.store.rootfs_path(&k));
+        Ok(blobs.chain(roots).map(|p| allocated(&p)).sum())
+    }
+
     /// The read-only erofs image of the root filesystem, built from the
-    /// layers on first use and cached by the layer digests. Layers may
-    /// expand to at most `max_layer_bytes` each.
-    pub fn rootfs(&self, max_layer_bytes: u64) -> Result<PathBuf> {
-        self.rootfs_prefix(self.manifest.layers().len(), max_layer_bytes)
+    /// layers on first use and cached by the layer digests, under
+    /// [`Image::unpack_limits`].
+    pub fn rootfs(&self) -> Result<PathBuf> {
+        self.rootfs_prefix(self.manifest.layers().len())
+    }
+
+    /// Unpacks every layer without storing anything, so a layer that
+    /// expands past `limits` is refused before the image is named.
+    pub(crate) fn check_unpack(&self, limits: &UnpackLimits) -> Result<()> {
+        let mut used = 0u64;
+        for (layer, compressed) in self.layers()?.iter().zip(self.layer_sizes()) {
+            let mut budget = Budget::open(&self.store, layer, compressed, used, limits)?;
+            io::copy(&mut budget.reader, &mut io::sink())
+                .map_err(|e| budget.error(e, &self.store.blob_path(layer)))?;
+            used += budget.reader.read;
+        }
+        Ok(())
+    }
+
+    fn layer_sizes(&self) -> Vec<u64> {
+        self.manifest.layers().iter().map(|l| l.size()).collect()
     }
 
     /// The root image of only the bottom `count` layers: what a snapshot's
     /// own layers are stacked on.
-    pub fn rootfs_prefix(&self, count: usize, max_layer_bytes: u64) -> Result<PathBuf> {
+    pub fn rootfs_prefix(&self, count: usize) -> Result<PathBuf> {
         let layers = self.layers()?;
         let layers = &layers[..count.min(layers.len())];
         let path = self.store.rootfs_path(&rootfs_key(layers));
         let diff_ids = self.config.rootfs().diff_ids();
+        let sizes = self.layer_sizes();
         build_erofs(
             &self.store,
             &path,
-            layers,
+            &layers.iter().cloned().zip(sizes).collect::<Vec<_>>(),
             diff_ids,
             Whiteouts::Apply,
-            max_layer_bytes,
+            &self.limits,
         )?;
         Ok(path)
+    }
+}
+
+/// Bytes `path` takes on disk (0 when it does not exist).
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+/// A layer's uncompressed stream, cut off where `limits` say it must end.
+struct Budget {
+    reader: Limited<Box<dyn Read>>,
+    layer: Digest,
+    compressed: u64,
+    why: &'static str,
+}
+
+impl Budget {
+    fn open(
+        store: &Store,
+        layer: &Digest,
+        compressed: u64,
+        used: u64,
+        limits: &UnpackLimits,
+    ) -> Result<Budget> {
+        let blob = store.blob_path(layer);
+        let file = File::open(&blob).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => Error::MissingBlob(layer.to_string()),
+            _ => Error::io("open", &blob)(e),
+        })?;
+        let (limit, why) = limits.for_layer(compressed, used);
+        Ok(Budget {
+            reader: Limited::new(decompress(BufReader::with_capacity(1 << 20, file))?, limit),
+            layer: layer.clone(),
+            compressed,
+            why,
+        })
+    }
+
+    fn exceeded(&self) -> bool {
+        self.reader.read > self.reader.limit
+    }
+
+    /// What a read failure means: the layer is too large once the limit
+    /// was passed, whatever the unpacker made of the cut-off stream.
+    fn error(&self, e: io::Error, blob: &std::path::Path) -> Error {
+        if self.exceeded() {
+            self.too_large()
+        } else {
+            Error::io("read layer", blob)(e)
+        }
+    }
+
+    fn too_large(&self) -> Error {
+        Error::LayerTooLarge {
+            layer: self.layer.to_string(),
+            compressed: self.compressed,
+            limit: self.reader.limit,
+            why: self.why,
+        }
     }
 }
 
@@ -118,10 +290,10 @@ impl Image {
 pub(crate) fn build_erofs(
     store: &Store,
     path: &std::path::Path,
-    layers: &[Digest],
+    layers: &[(Digest, u64)],
     diff_ids: &[String],
     whiteouts: Whiteouts,
-    max_layer_bytes: u64,
+    limits: &UnpackLimits,
 ) -> Result<()> {
     if path.is_file() {
         return Ok(());
@@ -139,30 +311,25 @@ pub(crate) fn build_erofs(
         mode: 0o755,
         ..Default::default()
     });
-    for (i, layer) in layers.iter().enumerate() {
+    let mut used = 0u64;
+    for (i, (layer, compressed)) in layers.iter().enumerate() {
         let blob = store.blob_path(layer);
-        let file = File::open(&blob).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => Error::MissingBlob(layer.to_string()),
-            _ => Error::io("open", &blob)(e),
-        })?;
-        let mut hashing = Hashing::new(Limited::new(
-            decompress(BufReader::with_capacity(1 << 20, file))?,
-            max_layer_bytes,
-        ));
-        apply_layer_with(&mut tree, &mut builder, &mut hashing, whiteouts).map_err(
-            |e| match e {
-                crate::layers::LayerError::Io(io) if io.kind() == io::ErrorKind::FileTooLarge => {
-                    crate::layers::LayerError::TooLarge {
-                        limit: max_layer_bytes,
-                    }
-                    .into()
-                }
-                other => Error::from(other),
-            },
-        )?;
+        let mut budget = Budget::open(store, layer, *compressed, used, limits)?;
+        let mut hashing = Hashing::new(&mut budget.reader);
+        let applied = apply_layer_with(&mut tree, &mut builder, &mut hashing, whiteouts);
         // The diff id covers the whole tar stream, padding included.
-        io::copy(&mut hashing, &mut io::sink()).map_err(Error::io("read layer", &blob))?;
-        let actual = Digest::sha256(&hashing.hasher.finalize_reset());
+        let tail = applied.map_err(Error::from).and_then(|()| {
+            io::copy(&mut hashing, &mut io::sink())
+                .map(drop)
+                .map_err(Error::io("read layer", &blob))
+        });
+        let hasher = hashing.hasher;
+        if budget.exceeded() {
+            return Err(budget.too_large());
+        }
+        tail?;
+        used += budget.reader.read;
+        let actual = Digest::sha256(&hasher.finalize());
         if let Some(expected) = diff_ids.get(i) {
             if *expected != actual.to_string() {
                 return Err(Error::DigestMismatch {

@@ -19,8 +19,6 @@ use tar::EntryType;
 pub enum LayerError {
     #[error("layer entry {path:?}: {why}")]
     Entry { path: String, why: String },
-    #[error("layer expands beyond the {limit}-byte limit")]
-    TooLarge { limit: u64 },
     #[error("reading layer")]
     Io(#[from] io::Error),
 }
@@ -42,7 +40,7 @@ const OVERLAY_OPAQUE: &[u8] = b"trusted.overlay.opaque";
 pub(crate) struct Limited<R> {
     inner: R,
     pub(crate) read: u64,
-    limit: u64,
+    pub(crate) limit: u64,
 }
 
 impl<R: Read> Limited<R> {

@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
 use serde_json::json;
 
+use crate::error::untrusted;
 use crate::image::parse;
 use crate::platform::{host_platform, select, Platform};
 use crate::store::MAX_DOCUMENT;
-use crate::{normalize_name, Digest, Error, Image, Result, Store};
+use crate::{normalize_name, Digest, Error, Image, Result, Store, UnpackLimits};
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 const FULL_NAME: &str = "io.containerd.image.name";
@@ -50,10 +51,16 @@ impl BlobSource<'_> {
 
 /// Loads the image an OCI layout directory holds (the host platform's,
 /// when it holds several).
-pub(crate) fn load_dir(store: &Store, dir: &Path, platform: Option<&Platform>) -> Result<Image> {
+pub(crate) fn load_dir(
+    store: &Store,
+    dir: &Path,
+    platform: Option<&Platform>,
+    limits: &UnpackLimits,
+) -> Result<Image> {
     let index_path = dir.join("index.json");
     let index = read_bounded(&index_path)?;
-    load_index(store, &index, &BlobSource::Dir(dir), dir, platform)
+    let (name, digest) = load_index(store, &index, &BlobSource::Dir(dir), dir, platform)?;
+    finish(store, name, digest, limits)
 }
 
 fn read_bounded(path: &Path) -> Result<Vec<u8>> {
@@ -71,13 +78,29 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Names the stored image `digest` as `name`, once its layers unpack
+/// within `limits`.
+fn finish(
+    store: &Store,
+    name: Option<String>,
+    digest: Digest,
+    limits: &UnpackLimits,
+) -> Result<Image> {
+    let image = Image::open(store, name.clone(), digest.clone())?.with_unpack_limits(*limits);
+    image.check_unpack(limits)?;
+    if let Some(name) = &name {
+        store.set_ref(name, &digest)?;
+    }
+    Ok(image)
+}
+
 fn load_index(
     store: &Store,
     index: &[u8],
     blobs: &BlobSource<'_>,
     origin: &Path,
     platform: Option<&Platform>,
-) -> Result<Image> {
+) -> Result<(Option<String>, Digest)> {
     let index: ImageIndex = parse(index, "index.json")?;
     let wanted = platform.cloned().unwrap_or_else(host_platform);
     let entry = match index.manifests().as_slice() {
@@ -112,22 +135,24 @@ fn load_index(
         blobs.ensure(store, layer)?;
     }
     let name = name.map(|n| normalize_name(&n)).transpose()?;
-    if let Some(name) = &name {
-        store.set_ref(name, &digest)?;
-    }
-    Image::open(store, name, digest)
+    Ok((name, digest))
 }
 
 /// Loads an OCI layout archive or a `docker save` archive.
-pub(crate) fn load_tar(store: &Store, path: &Path, platform: Option<&Platform>) -> Result<Image> {
+pub(crate) fn load_tar(
+    store: &Store,
+    path: &Path,
+    platform: Option<&Platform>,
+    limits: &UnpackLimits,
+) -> Result<Image> {
     let file = File::open(path).map_err(Error::io("open", path))?;
     let mut archive = tar::Archive::new(io::BufReader::new(file));
     let mut documents: HashMap<String, Vec<u8>> = HashMap::new();
     // Archive paths of non-blob files (docker save) and their digests.
     let mut by_path: HashMap<String, (Digest, u64)> = HashMap::new();
     let mut aliases: HashMap<String, String> = HashMap::new();
-    for entry in archive.entries().map_err(Error::io("read", path))? {
-        let mut entry = entry.map_err(Error::io("read", path))?;
+    for entry in archive.entries().map_err(untrusted("read", path))? {
+        let mut entry = entry.map_err(untrusted("read", path))?;
         let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let name = raw.trim_start_matches("./").to_string();
         match entry.header().entry_type() {
@@ -168,7 +193,8 @@ pub(crate) fn load_tar(store: &Store, path: &Path, platform: Option<&Platform>) 
         }
     }
     if let Some(index) = documents.get("index.json") {
-        return load_index(store, index, &BlobSource::Stored, path, platform);
+        let (name, digest) = load_index(store, index, &BlobSource::Stored, path, platform)?;
+        return finish(store, name, digest, limits);
     }
     let manifest = documents.get("manifest.json").ok_or_else(|| {
         Error::BadDocument(format!(
@@ -182,9 +208,10 @@ pub(crate) fn load_tar(store: &Store, path: &Path, platform: Option<&Platform>) 
         by_path
             .get(p)
             .cloned()
-            .ok_or_else(|| Error::MissingBlob(p.to_string()))
+            .ok_or_else(|| Error::MissingBlob(crate::printable(p)))
     };
-    load_docker_save(store, manifest, resolve)
+    let (name, digest) = load_docker_save(store, manifest, resolve)?;
+    finish(store, name, digest, limits)
 }
 
 fn normalize_archive_path(p: &Path) -> String {
@@ -207,7 +234,7 @@ fn load_docker_save(
     store: &Store,
     manifest: &[u8],
     resolve: impl Fn(&str) -> Result<(Digest, u64)>,
-) -> Result<Image> {
+) -> Result<(Option<String>, Digest)> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "PascalCase")]
     struct Entry {
@@ -240,10 +267,7 @@ fn load_docker_save(
         .and_then(|t| t.first())
         .map(|n| normalize_name(n))
         .transpose()?;
-    if let Some(name) = &name {
-        store.set_ref(name, &digest)?;
-    }
-    Image::open(store, name, digest)
+    Ok((name, digest))
 }
 
 /// Writes `image` as an OCI layout at `dir` (created; must be empty if it

@@ -19,6 +19,7 @@ mod image;
 pub mod layers;
 mod layout;
 mod platform;
+pub mod private;
 mod registry;
 mod store;
 
@@ -28,14 +29,11 @@ use std::path::Path;
 
 pub use config::ImageConfig;
 pub use digest::Digest;
-pub use error::{Error, Result};
-pub use image::Image;
+pub use error::{printable, Error, Result};
+pub use image::{Image, UnpackLimits};
 pub use platform::{host_platform, Platform};
 pub use registry::{Auth, CancelToken, Progress, PullOptions, PullPolicy};
 pub use store::{RefRecord, Store, StoreLock};
-
-/// Default bound on how far one layer may expand when decompressed.
-pub const DEFAULT_MAX_LAYER_BYTES: u64 = 64 << 30;
 
 /// The canonical form of an image name: `alpine` → `docker.io/library/alpine:latest`.
 pub fn normalize_name(name: &str) -> Result<String> {
@@ -50,7 +48,8 @@ pub fn normalize_name(name: &str) -> Result<String> {
 pub struct ImageSummary {
     pub name: String,
     pub digest: Digest,
-    /// Compressed size of its layers.
+    /// Host bytes it takes in the store: its blobs and the root images
+    /// built from them (see [`Image::disk_usage`]).
     pub size: u64,
 }
 
@@ -66,7 +65,7 @@ pub struct PruneStats {
 #[derive(Debug, Clone)]
 pub struct Client {
     store: Store,
-    max_layer_bytes: u64,
+    limits: UnpackLimits,
 }
 
 impl Client {
@@ -74,14 +73,14 @@ impl Client {
     pub fn open(root: impl Into<std::path::PathBuf>) -> Result<Client> {
         Ok(Client {
             store: Store::open(root)?,
-            max_layer_bytes: DEFAULT_MAX_LAYER_BYTES,
+            limits: UnpackLimits::default(),
         })
     }
 
     pub(crate) fn from_store(store: Store) -> Client {
         Client {
             store,
-            max_layer_bytes: DEFAULT_MAX_LAYER_BYTES,
+            limits: UnpackLimits::default(),
         }
     }
 
@@ -89,13 +88,15 @@ impl Client {
         &self.store
     }
 
-    /// Bounds how far one layer may expand (a decompression bomb is an error).
-    pub fn set_max_layer_bytes(&mut self, bytes: u64) {
-        self.max_layer_bytes = bytes;
+    /// Bounds how far layers may expand on load and when root images are
+    /// built (a decompression bomb is an error). Pulls take theirs from
+    /// [`PullOptions::limits`].
+    pub fn set_unpack_limits(&mut self, limits: UnpackLimits) {
+        self.limits = limits;
     }
 
-    pub fn max_layer_bytes(&self) -> u64 {
-        self.max_layer_bytes
+    pub fn unpack_limits(&self) -> &UnpackLimits {
+        &self.limits
     }
 
     /// Pulls `reference` (`alpine`, `host:port/repo:tag`, `repo@sha256:…`).
@@ -108,6 +109,7 @@ impl Client {
         progress: &mut dyn FnMut(&Progress),
         cancel: &CancelToken,
     ) -> Result<Image> {
+        options.limits.validate()?;
         let _lock = self.store.lock(false)?;
         registry::pull(&self.store, reference, options, progress, cancel)
     }
@@ -115,13 +117,13 @@ impl Client {
     /// Loads the image an OCI layout directory holds.
     pub fn load_dir(&self, dir: &Path, platform: Option<&Platform>) -> Result<Image> {
         let _lock = self.store.lock(false)?;
-        layout::load_dir(&self.store, dir, platform)
+        layout::load_dir(&self.store, dir, platform, &self.limits)
     }
 
     /// Loads an OCI layout archive or a `docker save` archive.
     pub fn load_tar(&self, path: &Path, platform: Option<&Platform>) -> Result<Image> {
         let _lock = self.store.lock(false)?;
-        layout::load_tar(&self.store, path, platform)
+        layout::load_tar(&self.store, path, platform, &self.limits)
     }
 
     /// Writes `image` as an OCI layout directory.
@@ -133,7 +135,7 @@ impl Client {
     pub fn image(&self, name_or_digest: &str) -> Result<Image> {
         if let Ok(digest) = name_or_digest.parse::<Digest>() {
             if self.store.has_blob(&digest) {
-                return Image::open(&self.store, None, digest);
+                return Ok(Image::open(&self.store, None, digest)?.with_unpack_limits(self.limits));
             }
         }
         let name = normalize_name(name_or_digest)?;
@@ -141,7 +143,7 @@ impl Client {
             .store
             .get_ref(&name)
             .ok_or_else(|| Error::NotFound(name.clone()))?;
-        Image::open(&self.store, Some(name), digest)
+        Ok(Image::open(&self.store, Some(name), digest)?.with_unpack_limits(self.limits))
     }
 
     /// Every named image.
@@ -150,7 +152,7 @@ impl Client {
         for r in self.store.refs()? {
             let digest: Digest = r.digest.parse()?;
             let size = Image::open(&self.store, None, digest.clone())
-                .map(|i| i.size())
+                .and_then(|i| i.disk_usage())
                 .unwrap_or(0);
             out.push(ImageSummary {
                 name: r.name,
@@ -200,13 +202,15 @@ impl Client {
     /// overlayfs expects them), to stack above other layers; built once.
     pub fn overlay_rootfs(&self, layer: &Digest) -> Result<std::path::PathBuf> {
         let path = self.store.rootfs_path(&image::overlay_key(layer));
+        let blob = self.store.blob_path(layer);
+        let size = fs::metadata(&blob).map_err(Error::io("stat", &blob))?.len();
         image::build_erofs(
             &self.store,
             &path,
-            std::slice::from_ref(layer),
+            &[(layer.clone(), size)],
             &[],
             layers::Whiteouts::Overlay,
-            self.max_layer_bytes,
+            &self.limits,
         )?;
         Ok(path)
     }
@@ -272,7 +276,7 @@ impl Client {
         if let Some(name) = &name {
             self.store.set_ref(name, &digest)?;
         }
-        Image::open(&self.store, name, digest)
+        Ok(Image::open(&self.store, name, digest)?.with_unpack_limits(self.limits))
     }
 
     /// Removes blobs and root images no named image uses.

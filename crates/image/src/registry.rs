@@ -15,7 +15,7 @@ use oci_spec::image::{ImageIndex, ImageManifest};
 use crate::image::parse;
 use crate::platform::{host_platform, select, Platform};
 use crate::store::MAX_DOCUMENT;
-use crate::{Digest, Error, Image, Result, Store};
+use crate::{Digest, Error, Image, Result, Store, UnpackLimits};
 
 /// When to contact the registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -52,6 +52,9 @@ pub struct PullOptions {
     /// Credentials; without them, `~/.docker/config.json` is consulted.
     pub auth: Option<Auth>,
     pub policy: PullPolicy,
+    /// How far its layers may expand: each is unpacked once before the
+    /// image is named, and a bomb is refused.
+    pub limits: UnpackLimits,
 }
 
 /// Where a pull is.
@@ -120,7 +123,7 @@ pub(crate) fn pull(
         });
         match known.map(|d| Image::open(store, Some(name.clone()), d)) {
             Some(Ok(image)) if image.layers()?.iter().all(|l| store.has_blob(l)) => {
-                return Ok(image)
+                return Ok(image.with_unpack_limits(options.limits))
             }
             _ if options.policy == PullPolicy::Never => {
                 return Err(Error::NotFound(format!("{name} (pull policy NEVER)")));
@@ -133,8 +136,11 @@ pub(crate) fn pull(
         .build()
         .map_err(Error::io("start", "pull runtime"))?;
     let digest = runtime.block_on(Puller::new(store, &r, options, cancel).run(progress))?;
+    let image =
+        Image::open(store, Some(name.clone()), digest.clone())?.with_unpack_limits(options.limits);
+    image.check_unpack(&options.limits)?;
     store.set_ref(&name, &digest)?;
-    Image::open(store, Some(name), digest)
+    Ok(image)
 }
 
 struct Puller<'a> {

@@ -9,6 +9,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -43,7 +44,7 @@ impl Store {
         let store = Store { root: root.into() };
         for dir in ["blobs/sha256", "refs", "rootfs", "tmp"] {
             let path = store.root.join(dir);
-            fs::create_dir_all(&path).map_err(Error::io("create", &path))?;
+            crate::private::create_dir_all(&path).map_err(Error::io("create", &path))?;
         }
         store.sweep_temp();
         Ok(store)
@@ -76,7 +77,7 @@ impl Store {
             .root
             .join("tmp")
             .join(format!("{}-{n}", std::process::id()));
-        let file = File::create(&path).map_err(Error::io("create", &path))?;
+        let file = crate::private::create_file(&path).map_err(Error::io("create", &path))?;
         Ok(Temp {
             path,
             file: Some(file),
@@ -229,6 +230,7 @@ impl Store {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(crate::private::FILE_MODE)
             .open(&path)
             .map_err(Error::io("open", &path))?;
         let op = if exclusive {

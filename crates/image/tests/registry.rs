@@ -77,9 +77,9 @@ fn pull_by_tag_and_digest_with_monotonic_progress() {
     let config = image.config();
     assert_eq!(config.entrypoint, ["/bin/echo", "entry:"]);
     assert_eq!(config.user.as_deref(), Some("alice"));
-    let rootfs = image.rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES).unwrap();
+    let rootfs = image.rootfs().unwrap();
     assert!(fs::metadata(&rootfs).unwrap().len() > 1 << 20);
-    let again = image.rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES).unwrap();
+    let again = image.rootfs().unwrap();
     assert_eq!(rootfs, again, "converted once per image");
 
     let by_digest = format!("{}/test/layers@{}", registry.addr(), image.digest());
@@ -300,7 +300,7 @@ fn load_both_archive_kinds_and_round_trip_through_export() {
     let docker = client.load_tar(&images.busybox_docker_tar, None).unwrap();
     assert_eq!(docker.name(), Some("docker.io/library/busybox:latest"));
     assert_eq!(docker.config(), from_dir.config());
-    let docker_root = docker.rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES).unwrap();
+    let docker_root = docker.rootfs().unwrap();
     assert!(docker_root.is_file());
 
     let out = root.join("exported");
@@ -386,10 +386,13 @@ fn decompression_bombs_are_bounded() {
     let images = test_images();
     let (mut client, root) = store("bomb");
     let image = client.load_dir(&images.busybox, None).unwrap();
-    client.set_max_layer_bytes(1 << 20);
+    client.set_unpack_limits(cc_image::UnpackLimits {
+        max_layer_bytes: 1 << 20,
+        ..Default::default()
+    });
     let limited = client.image(&image.digest().to_string()).unwrap();
-    let err = limited.rootfs(client.max_layer_bytes()).unwrap_err();
-    assert!(err.to_string().contains("limit"), "{err}");
+    let err = limited.rootfs().unwrap_err();
+    assert!(err.to_string().contains("per-layer limit"), "{err}");
     assert!(
         !root.join("rootfs").read_dir().unwrap().any(|_| true),
         "no partial root image"
@@ -404,8 +407,8 @@ fn images_listing_removal_and_prune() {
     let (client, root) = store("prune");
     let a = client.load_dir(&images.busybox, None).unwrap();
     let b = client.load_dir(&images.busybox_layers, None).unwrap();
-    a.rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES).unwrap();
-    b.rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES).unwrap();
+    a.rootfs().unwrap();
+    b.rootfs().unwrap();
     let names: Vec<String> = client
         .images()
         .unwrap()
@@ -417,11 +420,7 @@ fn images_listing_removal_and_prune() {
     let stats = client.prune().unwrap();
     assert!(stats.blobs >= 3 && stats.root_images == 1, "{stats:?}");
     // What a still-named image uses stays.
-    assert!(client
-        .image(a.name().unwrap())
-        .unwrap()
-        .rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES)
-        .is_ok());
+    assert!(client.image(a.name().unwrap()).unwrap().rootfs().is_ok());
     assert_eq!(client.prune().unwrap(), cc_image::PruneStats::default());
     fs::remove_dir_all(root).unwrap();
 }
@@ -441,7 +440,7 @@ fn concurrent_pulls_of_one_image_into_one_store() {
                     // Separate clients, as separate processes would have.
                     let client = Client::open(&root).unwrap();
                     let (image, _) = pull(&client, &reference, &PullOptions::default()).unwrap();
-                    image.rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES).unwrap();
+                    image.rootfs().unwrap();
                     image.digest().to_string()
                 })
             })
@@ -484,9 +483,166 @@ fn docker_schema2_images_pull_and_convert() {
         image.config().env,
         client.load_dir(&images.busybox, None).unwrap().config().env
     );
-    assert!(image
-        .rootfs(cc_image::DEFAULT_MAX_LAYER_BYTES)
-        .unwrap()
-        .is_file());
+    assert!(image.rootfs().unwrap().is_file());
+    fs::remove_dir_all(root).unwrap();
+}
+
+/// An OCI layout (tag `latest`) whose only layer is a gzip bomb: about
+/// 1 MiB of gzip holding a tar of one 1 GiB file of zeros. Built as
+/// gzip members (header, 64 × 16 MiB of zeros, end of archive), which
+/// decoders read as one stream, so the test never holds 1 GiB.
+fn bomb_layout(dir: &Path) -> cc_image::Digest {
+    use std::io::Write as _;
+    const FILE: u64 = 1 << 30;
+    let gzip = |data: &[u8]| {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(data).unwrap();
+        gz.finish().unwrap()
+    };
+    let mut header = tar::Header::new_gnu();
+    header.set_path("bomb").unwrap();
+    header.set_size(FILE);
+    header.set_mode(0o644);
+    header.set_cksum();
+    let mut layer = gzip(header.as_bytes());
+    let zeros = gzip(&vec![0u8; 16 << 20]);
+    for _ in 0..FILE / (16 << 20) {
+        layer.extend_from_slice(&zeros);
+    }
+    layer.extend(gzip(&[0u8; 1024]));
+    assert!(layer.len() < 2 << 20, "{} bytes", layer.len());
+
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let d = cc_image::Digest::of(bytes);
+        fs::write(blobs.join(d.hex()), bytes).unwrap();
+        d
+    };
+    let layer_digest = put(&layer);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": cc_image::host_platform().architecture, "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [cc_image::Digest::of(b"").to_string()]},
+    }))
+    .unwrap();
+    let config_digest = put(&config);
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest.to_string(), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": layer_digest.to_string(), "size": layer.len()}],
+    }))
+    .unwrap();
+    let manifest_digest = put(&manifest);
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": manifest_digest.to_string(), "size": manifest.len(),
+                       "annotations": {"org.opencontainers.image.ref.name": "latest",
+                                       "io.containerd.image.name": "localhost/bomb:latest"}}],
+    });
+    fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    layer_digest
+}
+
+fn assert_bomb_refused(err: Error, layer: &cc_image::Digest) {
+    let text = err.to_string();
+    assert!(
+        matches!(err, Error::LayerTooLarge { .. }),
+        "a bomb is refused as too large: {text}"
+    );
+    assert!(text.contains(&layer.to_string()), "names the layer: {text}");
+    assert!(
+        text.contains("expansion ratio") && text.contains("bytes compressed) expands past"),
+        "says which limit and the sizes: {text}"
+    );
+}
+
+#[test]
+fn gzip_bombs_are_refused_on_load_and_pull() {
+    let dir = std::env::temp_dir().join(format!("cc-image-bomb-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    let layer = bomb_layout(&dir);
+
+    let (client, root) = store("bomb-load");
+    let err = client.load_dir(&dir, None).unwrap_err();
+    assert_bomb_refused(err, &layer);
+    assert!(client.images().unwrap().is_empty(), "nothing named");
+    assert!(
+        !root.join("rootfs").read_dir().unwrap().any(|_| true),
+        "no root image"
+    );
+
+    let registry = Registry::start(RegistryAuth::Anonymous);
+    registry.push(&dir, "latest", "test/bomb:1");
+    let (client, pulled_root) = store("bomb-pull");
+    let reference = format!("{}/test/bomb:1", registry.addr());
+    let err = pull(&client, &reference, &PullOptions::default())
+        .map(drop)
+        .unwrap_err();
+    assert_bomb_refused(err, &layer);
+    assert!(client.images().unwrap().is_empty(), "nothing named");
+
+    let zero = PullOptions {
+        limits: cc_image::UnpackLimits {
+            max_image_bytes: 0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = pull(&client, &reference, &zero).map(drop).unwrap_err();
+    assert!(err.to_string().contains("max_image_bytes"), "{err}");
+    for d in [dir, root, pulled_root] {
+        fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn images_report_the_bytes_they_take_root_image_included() {
+    let images = test_images();
+    let (client, root) = store("usage");
+    let image = client.load_dir(&images.busybox, None).unwrap();
+    let listed = |client: &Client| client.images().unwrap()[0].size;
+    let before = listed(&client);
+    assert!(before >= image.size(), "the blobs count");
+    let rootfs = image.rootfs().unwrap();
+    let built = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&rootfs).unwrap()) * 512;
+    assert!(built > 0);
+    assert!(
+        listed(&client) >= before + built,
+        "the root image counts: {} < {before} + {built}",
+        listed(&client)
+    );
+    fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn store_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let images = test_images();
+    let registry = Registry::start(RegistryAuth::Anonymous);
+    registry.push(&images.busybox, "latest", "test/private:1");
+    let (client, root) = store("modes");
+    let reference = format!("{}/test/private:1", registry.addr());
+    let (image, _) = pull(&client, &reference, &PullOptions::default()).unwrap();
+    image.rootfs().unwrap();
+    client.load_dir(&images.busybox_layers, None).unwrap();
+    let mut seen = 0;
+    let mut stack = vec![root.clone()];
+    while let Some(path) = stack.pop() {
+        let meta = fs::symlink_metadata(&path).unwrap();
+        let mode = meta.permissions().mode() & 0o777;
+        if meta.is_dir() {
+            assert_eq!(mode, 0o700, "{}", path.display());
+            stack.extend(fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            assert_eq!(mode, 0o600, "{}", path.display());
+        }
+        seen += 1;
+    }
+    assert!(seen > 10, "walked the store: {seen} entries");
     fs::remove_dir_all(root).unwrap();
 }

@@ -126,6 +126,9 @@ class CPullOptions(Structure):
         ("username", c_char_p),
         ("password", c_char_p),
         ("policy", c_int32),
+        ("max_layer_ratio", c_uint64),
+        ("max_layer_bytes", c_uint64),
+        ("max_image_bytes", c_uint64),
     ]
 
 
@@ -193,6 +196,7 @@ class CInstanceOptions(Structure):
         ("net_allow_count", c_size_t),
         ("net_deny", POINTER(c_char_p)),
         ("net_deny_count", c_size_t),
+        ("disk_mb", c_uint32),
     ]
 
 

@@ -220,6 +220,9 @@ class InstanceOptions:
             the same configuration when there is one (built on the first
             start); False always boots cold. Warm instances get their own
             identity, clock, entropy and writable layer like cold ones.
+        disk_mb: size of the writable layer in MiB (64 to 1048576): what
+            the guest can write on top of its image before it gets
+            ``ENOSPC``. Sparse on the host: only written blocks take space.
     """
 
     memory_mb: int = 512
@@ -230,6 +233,7 @@ class InstanceOptions:
     network: bool = True
     network_policy: NetworkPolicyLike = field(default_factory=NetworkPolicy)
     warm_start: bool = True
+    disk_mb: int = 4096
 
     def __post_init__(self) -> None:
         self._validate()
@@ -237,6 +241,7 @@ class InstanceOptions:
     def _validate(self) -> None:
         _check_int("memory_mb", self.memory_mb, 1, 2**32 - 1)
         _check_int("cpus", self.cpus, 1, 2**32 - 1)
+        _check_int("disk_mb", self.disk_mb, 1, 2**32 - 1)
         t = self.timeout_seconds
         if t is not None:
             if isinstance(t, bool) or not isinstance(t, (int, float)):
@@ -261,6 +266,7 @@ class InstanceOptions:
         opts = _lib.CInstanceOptions()
         opts.memory_mb = self.memory_mb
         opts.cpus = self.cpus
+        opts.disk_mb = self.disk_mb
         opts.timeout_seconds = float(self.timeout_seconds or 0.0)
         opts.no_network = not self.network
         opts.no_warm_start = not self.warm_start
@@ -315,11 +321,20 @@ class PullOptions:
         auth: ``(username, password)`` or an ``Auth``; None to use
             ``~/.docker/config.json`` (``DOCKER_CONFIG``) or no credentials.
         policy: a ``PullPolicy``.
+        max_layer_ratio: a layer may expand to this many times its
+            compressed size (or 64 MiB, whichever is more) when unpacked;
+            a decompression bomb is refused with ``IOError`` naming the
+            layer and the sizes.
+        max_layer_bytes: bound on one layer unpacked, in bytes.
+        max_image_bytes: bound on all of the image's layers unpacked.
     """
 
     platform: Optional[str] = None
     auth: Optional[Auth] = None
     policy: PullPolicy = PullPolicy.IF_NOT_PRESENT
+    max_layer_ratio: int = 100
+    max_layer_bytes: int = 32 << 30
+    max_image_bytes: int = 32 << 30
 
     def __post_init__(self) -> None:
         self._validate()
@@ -337,6 +352,8 @@ class PullOptions:
             self.policy = PullPolicy(self.policy)
         except ValueError:
             raise InvalidArgumentError(f"unknown pull policy {self.policy!r}") from None
+        for name in ("max_layer_ratio", "max_layer_bytes", "max_image_bytes"):
+            _check_int(name, getattr(self, name), 1, 2**64 - 1)
 
     def _to_c(self) -> tuple[_lib.CPullOptions, list[Any]]:
         self._validate()
@@ -353,6 +370,9 @@ class PullOptions:
             opts.username = user
             opts.password = password
         opts.policy = int(self.policy)
+        opts.max_layer_ratio = self.max_layer_ratio
+        opts.max_layer_bytes = self.max_layer_bytes
+        opts.max_image_bytes = self.max_image_bytes
         return opts, keep
 
 

@@ -346,10 +346,19 @@ fn null_and_bad_arguments_are_invalid_arguments() {
             net_allow_count: 0,
             net_deny: ptr::null(),
             net_deny_count: 0,
+            disk_mb: 0,
         };
         let (code, e) = failing(|err| cc_instance_new(source, &opts, &mut 0, err));
         assert_eq!(code, CC_ERR_INVALID_ARGUMENT, "{}", e.message);
         bad_network_rules_are_invalid_arguments(source, opts);
+        let tiny_disk = cc_instance_options {
+            timeout_seconds: 0.0,
+            disk_mb: 1,
+            ..opts
+        };
+        let (code, e) = failing(|err| cc_instance_new(source, &tiny_disk, &mut 0, err));
+        assert_eq!(code, CC_ERR_INVALID_ARGUMENT, "{}", e.message);
+        assert!(e.message.contains("disk_mb 1"), "{}", e.message);
         let opts = cc_instance_options {
             timeout_seconds: 0.0,
             mount_count: 1,
@@ -392,6 +401,9 @@ fn null_and_bad_arguments_are_invalid_arguments() {
             username: ptr::null(),
             password: ptr::null(),
             policy: 7,
+            max_layer_ratio: 0,
+            max_layer_bytes: 0,
+            max_image_bytes: 0,
         };
         let pull = |opts: &cc_pull_options, err| {
             cc_oci_pull(
