@@ -146,9 +146,16 @@ def test_network_switch(source: cc.ImageSource) -> None:
 
     thread = threading.Thread(target=serve)
     thread.start()
-    probe = f"echo hi | nc -w 3 10.0.2.2 {port}; true"
+    probe = f"echo hi | timeout 10 nc -w 3 10.0.2.2 {port}; true"
     try:
+        # By default the guest cannot reach the host's services.
         with cc.Instance(source, cc.InstanceOptions(memory_mb=256)) as inst:
+            refused = inst.command("sh", "-c", probe).combined_output()
+            assert b"refused" in refused, refused
+            time.sleep(0.5)
+            assert received == [], "the host was reached under the default policy"
+        allow = cc.NetworkPolicy(allow_host=True)
+        with cc.Instance(source, cc.InstanceOptions(memory_mb=256, network_policy=allow)) as inst:
             inst.command("sh", "-c", probe).run()
             time.sleep(0.5)
             assert received == [b"hi\n"]
