@@ -123,6 +123,22 @@
 #define CC_SEEK_END 2
 
 /**
+ * `cc_instance_options.confinement`: everything the host offers.
+ */
+#define CC_CONFINE_DEFAULT 0
+
+/**
+ * `cc_instance_options.confinement`: refuse to start with any gap.
+ */
+#define CC_CONFINE_STRICT 1
+
+/**
+ * `cc_instance_options.confinement`: QEMU unconfined (measurements and
+ * debugging only, never for untrusted guests).
+ */
+#define CC_CONFINE_OFF 2
+
+/**
  * The C API's version, `MAJOR.MINOR.PATCH` (see `cc_api_version`).
  */
 #define CC_API_VERSION_MAJOR 0
@@ -420,6 +436,13 @@ typedef struct cc_instance_options {
      * it); 0 for the default (4096).
      */
     uint32_t disk_mb;
+    /**
+     * How QEMU is confined: `CC_CONFINE_DEFAULT` (0: everything the host
+     * offers, gaps reported by `cc_query_capabilities`),
+     * `CC_CONFINE_STRICT` (refuse to start with any gap) or
+     * `CC_CONFINE_OFF` (measurements and debugging only).
+     */
+    uint32_t confinement;
 } cc_instance_options;
 
 /**

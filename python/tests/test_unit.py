@@ -162,6 +162,11 @@ def test_supports_hypervisor_and_capabilities(lib: None) -> None:
     assert caps.hypervisor_available is cc.supports_hypervisor()
     assert (caps.accelerator == "kvm") == caps.hypervisor_available
     assert repr(caps).startswith("Capabilities(architecture='x86_64'")
+    # The confinement in force, as the C library reports it.
+    assert isinstance(caps.confined_seccomp, bool)
+    assert isinstance(caps.confined_namespaces, bool)
+    assert isinstance(caps.sandbox_uid, int)
+    assert all(isinstance(g, str) and g for g in caps.confinement_gaps)
 
 
 def test_capabilities_with_an_unusable_accelerator() -> None:
@@ -365,7 +370,7 @@ def test_instance_options_defaults() -> None:
     assert repr(o) == (
         "InstanceOptions(memory_mb=512, cpus=1, timeout_seconds=None, user=None, mounts=None, "
         "network=True, network_policy=NetworkPolicy(allow_host=False, allow=(), deny=()), "
-        "warm_start=True, disk_mb=4096)"
+        "warm_start=True, disk_mb=4096, confinement='default')"
     )
     c, _ = o._to_c()
     assert (c.memory_mb, c.cpus, c.timeout_seconds, c.user, c.mount_count) == (512, 1, 0.0, None, 0)
@@ -418,6 +423,8 @@ def test_instance_options_mounts() -> None:
         ({"memory_mb": True}, TypeError),
         ({"cpus": 0}, cc.InvalidArgumentError),
         ({"disk_mb": 0}, cc.InvalidArgumentError),
+        ({"confinement": "loose"}, cc.InvalidArgumentError),
+        ({"confinement": None}, cc.InvalidArgumentError),
         ({"disk_mb": 2**32}, cc.InvalidArgumentError),
         ({"disk_mb": "4096"}, TypeError),
         ({"cpus": 1.5}, TypeError),

@@ -66,7 +66,20 @@ pub struct cc_instance_options {
     /// Size of the writable layer in MiB (the guest gets ENOSPC beyond
     /// it); 0 for the default (4096).
     pub disk_mb: u32,
+    /// How QEMU is confined: `CC_CONFINE_DEFAULT` (0: everything the host
+    /// offers, gaps reported by `cc_query_capabilities`),
+    /// `CC_CONFINE_STRICT` (refuse to start with any gap) or
+    /// `CC_CONFINE_OFF` (measurements and debugging only).
+    pub confinement: u32,
 }
+
+/// `cc_instance_options.confinement`: everything the host offers.
+pub const CC_CONFINE_DEFAULT: u32 = 0;
+/// `cc_instance_options.confinement`: refuse to start with any gap.
+pub const CC_CONFINE_STRICT: u32 = 1;
+/// `cc_instance_options.confinement`: QEMU unconfined (measurements and
+/// debugging only, never for untrusted guests).
+pub const CC_CONFINE_OFF: u32 = 2;
 
 /// How an instance's guest came to run.
 #[repr(C)]
@@ -95,6 +108,16 @@ fn options(o: Option<&cc_instance_options>) -> Result<cc::Options, Failure> {
     if o.disk_mb != 0 {
         out.disk_mb = o.disk_mb;
     }
+    out.confinement = match o.confinement {
+        CC_CONFINE_DEFAULT => cc::ConfineMode::BestEffort,
+        CC_CONFINE_STRICT => cc::ConfineMode::Strict,
+        CC_CONFINE_OFF => cc::ConfineMode::Off,
+        other => {
+            return Err(Failure::invalid(format!(
+                "confinement {other}: expected CC_CONFINE_DEFAULT, _STRICT or _OFF"
+            )))
+        }
+    };
     if o.timeout_seconds != 0.0 {
         out.timeout = Some(
             Duration::try_from_secs_f64(o.timeout_seconds)

@@ -56,6 +56,11 @@ pub(crate) struct RunArgs {
     /// --net-allow and --allow-host).
     #[arg(long = "net-deny", value_name = "RULE")]
     net_deny: Vec<String>,
+    /// How QEMU is confined: `default` (everything the host offers, gaps
+    /// reported by `crumble doctor`), `strict` (refuse to start with any
+    /// gap) or `off` (measurements and debugging only).
+    #[arg(long, value_name = "MODE", default_value = "default", value_parser = parse_confinement)]
+    confinement: cc::ConfineMode,
     /// Boot cold, not from a warm-start template.
     #[arg(long)]
     cold: bool,
@@ -117,6 +122,7 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
         network: !args.no_network,
         network_policy,
         warm_start: !args.cold,
+        confinement: args.confinement,
         ..Default::default()
     };
     let inst = cc::Instance::new(&source, options)?;
@@ -209,6 +215,10 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
 
 /// The policy the flags describe; parsed here rather than by clap so a bad
 /// rule is a crumble failure (125) naming the flag and the rule.
+fn parse_confinement(mode: &str) -> Result<cc::ConfineMode, String> {
+    mode.parse()
+}
+
 fn network_policy(args: &RunArgs) -> CliResult<cc::NetworkPolicy> {
     let rules = |flag: &str, list: &[String]| {
         list.iter()

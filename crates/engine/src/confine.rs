@@ -55,6 +55,22 @@ pub enum ConfineMode {
     Off,
 }
 
+impl std::str::FromStr for ConfineMode {
+    type Err = String;
+
+    /// `default`, `strict` or `off`.
+    fn from_str(s: &str) -> Result<ConfineMode, String> {
+        match s {
+            "default" => Ok(ConfineMode::BestEffort),
+            "strict" => Ok(ConfineMode::Strict),
+            "off" => Ok(ConfineMode::Off),
+            other => Err(format!(
+                "confinement {other:?}: expected default, strict or off"
+            )),
+        }
+    }
+}
+
 /// The confinement a VM runs under.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Confinement {
@@ -629,6 +645,15 @@ mod tests {
             .join(" ");
         assert!(joined.contains("--cap-drop ALL"));
         assert!(joined.contains("--dev-bind /dev/kvm /dev/kvm"));
+    }
+
+    #[test]
+    fn modes_parse_by_name() {
+        assert_eq!("default".parse(), Ok(ConfineMode::BestEffort));
+        assert_eq!("strict".parse(), Ok(ConfineMode::Strict));
+        assert_eq!("off".parse(), Ok(ConfineMode::Off));
+        let err = "loose".parse::<ConfineMode>().unwrap_err();
+        assert!(err.contains("\"loose\""), "{err}");
     }
 
     #[test]

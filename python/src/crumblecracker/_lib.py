@@ -197,6 +197,7 @@ class CInstanceOptions(Structure):
         ("net_deny", POINTER(c_char_p)),
         ("net_deny_count", c_size_t),
         ("disk_mb", c_uint32),
+        ("confinement", c_uint32),
     ]
 
 

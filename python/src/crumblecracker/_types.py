@@ -198,6 +198,10 @@ def _network_policy(value: object) -> NetworkPolicy:
     raise TypeError(f"network_policy must be a NetworkPolicy or a dict, not {type(value).__name__}")
 
 
+# `cc_instance_options.confinement` by name.
+_CONFINEMENT = {"default": 0, "strict": 1, "off": 2}
+
+
 @dataclass
 class InstanceOptions:
     """How to run an instance.
@@ -223,6 +227,11 @@ class InstanceOptions:
         disk_mb: size of the writable layer in MiB (64 to 1048576): what
             the guest can write on top of its image before it gets
             ``ENOSPC``. Sparse on the host: only written blocks take space.
+        confinement: how QEMU is confined (SECURITY.md): ``"default"``
+            (everything the host offers; ``query_capabilities()`` lists the
+            gaps), ``"strict"`` (refuse to start with any gap, raising
+            ``HypervisorUnavailableError``) or ``"off"`` (measurements and
+            debugging only, never for untrusted guests).
     """
 
     memory_mb: int = 512
@@ -234,6 +243,7 @@ class InstanceOptions:
     network_policy: NetworkPolicyLike = field(default_factory=NetworkPolicy)
     warm_start: bool = True
     disk_mb: int = 4096
+    confinement: str = "default"
 
     def __post_init__(self) -> None:
         self._validate()
@@ -258,6 +268,10 @@ class InstanceOptions:
                 raise TypeError("mounts must be a list of Mount objects or tuples")
             self.mounts = [_mount(m) for m in self.mounts]
         self.network_policy = _network_policy(self.network_policy)
+        if self.confinement not in _CONFINEMENT:
+            raise InvalidArgumentError(
+                f"confinement {self.confinement!r}: expected 'default', 'strict' or 'off'"
+            )
 
     def _to_c(self) -> tuple[_lib.CInstanceOptions, list[Any]]:
         """The C struct and the objects it points into (keep them alive)."""
@@ -267,6 +281,7 @@ class InstanceOptions:
         opts.memory_mb = self.memory_mb
         opts.cpus = self.cpus
         opts.disk_mb = self.disk_mb
+        opts.confinement = _CONFINEMENT[self.confinement]
         opts.timeout_seconds = float(self.timeout_seconds or 0.0)
         opts.no_network = not self.network
         opts.no_warm_start = not self.warm_start

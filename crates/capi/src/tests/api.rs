@@ -347,9 +347,15 @@ fn null_and_bad_arguments_are_invalid_arguments() {
             net_deny: ptr::null(),
             net_deny_count: 0,
             disk_mb: 0,
+            confinement: 7,
         };
         let (code, e) = failing(|err| cc_instance_new(source, &opts, &mut 0, err));
         assert_eq!(code, CC_ERR_INVALID_ARGUMENT, "{}", e.message);
+        assert!(e.message.contains("confinement 7"), "{}", e.message);
+        let opts = cc_instance_options {
+            confinement: CC_CONFINE_DEFAULT,
+            ..opts
+        };
         bad_network_rules_are_invalid_arguments(source, opts);
         let tiny_disk = cc_instance_options {
             timeout_seconds: 0.0,
