@@ -84,6 +84,10 @@ pub struct Options {
     /// [`Instance::confinement`]; [`ConfineMode::Strict`] refuses to start
     /// instead; [`ConfineMode::Off`] is for measurements and debugging.
     pub confinement: ConfineMode,
+    /// The guest's console log (in the run dir, for boot diagnostics)
+    /// keeps at most about this many of its newest bytes (default 4 MiB),
+    /// however much the guest writes to its console.
+    pub console_log_max: u64,
     /// Size of the instance's writable layer in MiB (default
     /// [`DEFAULT_DISK_MB`], at most 1 TiB): what the guest can write on top
     /// of its image before it gets `ENOSPC`. Sparse on the host, so only
@@ -159,6 +163,7 @@ impl Default for Options {
             network_policy: NetworkPolicy::default(),
             warm_start: true,
             confinement: ConfineMode::BestEffort,
+            console_log_max: cc_engine::CONSOLE_LOG_MAX,
             disk_mb: DEFAULT_DISK_MB,
         }
     }
@@ -166,6 +171,12 @@ impl Default for Options {
 
 impl Options {
     fn validate(&self) -> Result<()> {
+        if self.console_log_max < 4096 {
+            return Err(Error::InvalidArgument(format!(
+                "console_log_max {} is under 4096 bytes",
+                self.console_log_max
+            )));
+        }
         if !(64..=1 << 20).contains(&self.memory_mb) {
             return Err(Error::InvalidArgument(format!(
                 "memory_mb {} is outside 64..=1048576",
@@ -360,7 +371,7 @@ impl Instance {
             incoming: false,
             agent_port: cc_protocol::AGENT_PORT_NAME.into(),
             confine: options.confinement,
-            console_log_max: cc_engine::CONSOLE_LOG_MAX,
+            console_log_max: options.console_log_max,
         };
         let root = RootSpec {
             lowers: (0..lowers.len())

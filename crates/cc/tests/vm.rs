@@ -1523,6 +1523,38 @@ fn qemu_runs_confined_and_sees_only_its_own_files() {
     std::fs::remove_dir_all(&planted_dir).unwrap();
 }
 
+fn a_console_flood_leaves_a_capped_log() {
+    let cap = 64 << 10;
+    let inst = boot_with(Options {
+        console_log_max: cap,
+        ..Options::default()
+    });
+    let run = inst.run_dir().unwrap();
+    // 1 MiB through the serial console, sixteen times the cap.
+    let out = sh(
+        &inst,
+        "head -c 1048576 /dev/zero | tr '\\0' x > /dev/console; echo done",
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");
+    let kept: u64 = ["console.log", "console.log.1"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(run.join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    assert!(kept <= cap, "{kept} bytes of console kept, cap {cap}");
+    assert!(kept >= cap / 4, "the newest output is kept ({kept} bytes)");
+    inst.close().unwrap();
+    let err = Instance::new(
+        &Source::Dir(rootfs()),
+        Options {
+            console_log_max: 10,
+            ..Options::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+}
+
 fn strict_confinement_refuses_what_the_host_cannot_give() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -2163,6 +2195,7 @@ fn main() {
         allowed_host_is_reached_and_the_network_switches,
         qemu_runs_confined_and_sees_only_its_own_files,
         strict_confinement_refuses_what_the_host_cannot_give,
+        a_console_flood_leaves_a_capped_log,
         two_instances_listen_on_one_port_and_close_ends_connections,
         warm_instances_are_independent_and_fresh,
         templates_follow_their_key_and_broken_ones_are_rebuilt,

@@ -112,7 +112,8 @@ fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> CliResult<Ex
         incoming: false,
         // The bare guest runs no agent; the port is never opened.
         agent_port: "cc.agent".into(),
-        confine: cc_engine::ConfineMode::BestEffort,
+        // The baseline is QEMU as anyone would start it by hand.
+        confine: cc_engine::ConfineMode::Off,
         console_log_max: cc_engine::CONSOLE_LOG_MAX,
     };
     let source = cc::Source::Dir(rootfs.to_path_buf());
@@ -125,10 +126,17 @@ fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> CliResult<Ex
         warm_start: true,
         ..cold.clone()
     };
-    // Unmeasured: builds the cached root image and the template, and warms
-    // the host's caches.
-    cc::Instance::new(&source, cold.clone())?.close()?;
-    cc::Instance::new(&source, warm.clone())?.close()?;
+    // The same starts with QEMU unconfined: what confinement costs.
+    let unconfined = |o: &cc::Options| cc::Options {
+        confinement: cc::ConfineMode::Off,
+        ..o.clone()
+    };
+    let (cold_off, warm_off) = (unconfined(&cold), unconfined(&warm));
+    // Unmeasured: builds the cached root image and the templates, and
+    // warms the host's caches.
+    for options in [&cold, &warm, &cold_off, &warm_off] {
+        cc::Instance::new(&source, options.clone())?.close()?;
+    }
 
     let names = [
         "prepare",
@@ -142,6 +150,8 @@ fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> CliResult<Ex
         "warm: root setup",
         "warm: exec → first output",
         "warm start",
+        "unconfined: cold start",
+        "unconfined: warm start",
     ];
     let mut ours: Vec<Samples> = names.iter().map(|_| Samples::default()).collect();
     let (mut bare_spawn, mut bare_total) = (Samples::default(), Samples::default());
@@ -162,6 +172,10 @@ fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> CliResult<Ex
         }
         let wt = w.boot_timings();
         w.close()?;
+        let (off, cold_unconfined, _) = start_and_echo(&source, &cold_off)?;
+        off.close()?;
+        let (off, warm_unconfined, _) = start_and_echo(&source, &warm_off)?;
+        off.close()?;
         for (s, d) in ours.iter_mut().zip([
             t.prepare,
             t.spawn,
@@ -174,6 +188,8 @@ fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> CliResult<Ex
             wt.setup,
             warm_output,
             warm_started,
+            cold_unconfined,
+            warm_unconfined,
         ]) {
             s.0.push(d);
         }
@@ -209,6 +225,11 @@ fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> CliResult<Ex
     println!(
         "warm start / cold start = {:.2}x (target ≤ 0.15x)",
         ratio(&ours[10], &ours[5])
+    );
+    println!(
+        "confined / unconfined: cold {:.2}x, warm {:.2}x (target ≤ 1.05x)",
+        ratio(&ours[5], &ours[11]),
+        ratio(&ours[10], &ours[12])
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -657,10 +678,16 @@ fn pipe_in_once(inst: &cc::Instance) -> CliResult<Duration> {
 }
 
 fn net(rootfs: &Path, runs: usize) -> CliResult<ExitCode> {
-    let inst = cc::Instance::new(
-        &cc::Source::Dir(rootfs.to_path_buf()),
-        cc::Options::default(),
-    )?;
+    // Egress is measured against a host listener: the policy must let the
+    // guest reach the host.
+    let options = cc::Options {
+        network_policy: cc::NetworkPolicy {
+            allow_host: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let inst = cc::Instance::new(&cc::Source::Dir(rootfs.to_path_buf()), options)?;
     let listener = inst.listen("tcp", ":0")?;
     let to_listener = format!("host.internal {}", listener.port());
     let server = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -681,7 +708,7 @@ fn net(rootfs: &Path, runs: usize) -> CliResult<ExitCode> {
         "  baseline: guest dd → command stdout",
         "dial: host → guest nc -l",
         "  baseline: host → command stdin",
-        "egress: guest nc → 10.0.2.2 (user-mode net)",
+        "egress: guest nc → 10.0.2.2 (filter + passt)",
         "guest only: nc → nc on the guest's loopback",
     ];
     println!("{NET_MIB} MiB transfers, median of {runs}\n");

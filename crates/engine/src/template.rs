@@ -37,8 +37,22 @@ use crate::{files, paths, Error, MemoryFile, RunDir, Vm, VmSpec};
 /// Bumped when what a template holds or how it is used changes.
 const FORMAT: u32 = 4;
 
-/// Templates kept at most; building one more removes the oldest.
+/// Templates kept at most; building one more removes the least recently
+/// used.
 const MAX_TEMPLATES: usize = 16;
+
+/// Disk the templates may take together, by default (each holds the
+/// touched part of its guest's RAM: tens of MiB for a small idle guest,
+/// far more for a large one). `CC_TEMPLATES_MAX_BYTES` overrides it.
+pub const MAX_TEMPLATE_BYTES: u64 = 2 << 30;
+
+/// The byte cap in force.
+fn max_template_bytes() -> u64 {
+    std::env::var("CC_TEMPLATES_MAX_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MAX_TEMPLATE_BYTES)
+}
 
 /// How a VM came to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -443,17 +457,33 @@ fn build(
 }
 
 /// Removes templates that can never be used again, and the least recently
-/// used beyond [`MAX_TEMPLATES`]: each holds tens of MiB of disk.
+/// used beyond [`MAX_TEMPLATES`] or beyond the byte cap (the most recently
+/// used one always stays).
 fn tidy(cache: &Path) {
-    let Ok(mut all) = list(cache) else { return };
-    all.sort_by_key(|t| std::cmp::Reverse(t.last_used));
-    for (i, t) in all.iter().enumerate() {
-        if t.stale || i >= MAX_TEMPLATES {
-            if let Err(e) = remove(cache, &t.meta.key) {
-                tracing::warn!(template = %t.meta.key, "could not remove: {e}");
-            }
+    let Ok(all) = list(cache) else { return };
+    for t in doomed(all, MAX_TEMPLATES, max_template_bytes()) {
+        if let Err(e) = remove(cache, &t.meta.key) {
+            tracing::warn!(template = %t.meta.key, "could not remove: {e}");
         }
     }
+}
+
+/// Which of `all` to remove to keep at most `count` templates and
+/// `bytes` of disk, least recently used first.
+fn doomed(mut all: Vec<TemplateInfo>, count: usize, bytes: u64) -> Vec<TemplateInfo> {
+    all.sort_by_key(|t| std::cmp::Reverse(t.last_used));
+    let (mut kept, mut used) = (0usize, 0u64);
+    all.into_iter()
+        .filter(|t| {
+            let keep =
+                !t.stale && (kept == 0 || (kept < count && used.saturating_add(t.bytes) <= bytes));
+            if keep {
+                kept += 1;
+                used = used.saturating_add(t.bytes);
+            }
+            !keep
+        })
+        .collect()
 }
 
 /// Starts `spec` from the template in `t` and resumes the agent channel.
@@ -574,6 +604,44 @@ mod tests {
         fs::write(&s.disks[0].path, "new contents").unwrap();
         assert_ne!(key(&s).key, k);
         fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn tidying_keeps_the_newest_within_count_and_bytes() {
+        let info = |key: &str, age: u64, bytes: u64, stale: bool| TemplateInfo {
+            meta: TemplateMeta {
+                key: key.into(),
+                created: 0,
+                memory_mb: 256,
+                cpus: 1,
+                network: true,
+                shares: 0,
+                files: Vec::new(),
+            },
+            dir: PathBuf::from(key),
+            bytes,
+            stale,
+            last_used: UNIX_EPOCH + std::time::Duration::from_secs(1000 - age),
+        };
+        let keys = |v: Vec<TemplateInfo>| {
+            let mut k: Vec<String> = v.into_iter().map(|t| t.meta.key).collect();
+            k.sort();
+            k
+        };
+        let all = || {
+            vec![
+                info("a", 1, 60, false),
+                info("b", 2, 60, false),
+                info("c", 3, 60, true),
+                info("d", 4, 10, false),
+            ]
+        };
+        // Count: the two most recently used usable ones stay.
+        assert_eq!(keys(doomed(all(), 2, u64::MAX)), ["c", "d"]);
+        // Bytes: 60 + 60 is over 100; d still fits after a.
+        assert_eq!(keys(doomed(all(), 16, 100)), ["b", "c"]);
+        // The newest stays even when it alone is over the cap.
+        assert_eq!(keys(doomed(all(), 16, 1)), ["b", "c", "d"]);
     }
 
     #[test]

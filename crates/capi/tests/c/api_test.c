@@ -18,6 +18,7 @@
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
+#include <glob.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -978,10 +979,19 @@ static void test_vm_in(const char *ref, const char *cache, int mounts, char *sto
 
     /* cc_shutdown from another thread closes what is still open (the
      * instance's run dir goes) and ends calls blocked on it. */
-    char *run_dir = NULL;
-    if (asprintf(&run_dir, "%s/run/%d-%s", cache, (int)getpid(), str_or(id, "?")) < 0)
+    /* Named <pid>.<process start time>-<id>. */
+    char *pattern = NULL;
+    if (asprintf(&pattern, "%s/run/%d.*-%s", cache, (int)getpid(), str_or(id, "?")) < 0)
         abort();
-    CHECK(path_exists(run_dir), "run dir %s exists while running", run_dir);
+    glob_t found;
+    char *run_dir = NULL;
+    if (glob(pattern, 0, NULL, &found) == 0 && found.gl_pathc == 1)
+        run_dir = strdup(found.gl_pathv[0]);
+    globfree(&found);
+    CHECK(run_dir && path_exists(run_dir), "run dir %s exists while running", pattern);
+    free(pattern);
+    if (!run_dir)
+        abort();
     cc_cmd open_cmd = 0, sleeper = 0;
     EXPECT(CC_OK, cc_instance_command(inst, "true", NULL, 0, &open_cmd, &err));
     const char *hundred[] = {"100"};
