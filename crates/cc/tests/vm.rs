@@ -1555,6 +1555,128 @@ fn a_console_flood_leaves_a_capped_log() {
     assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
 }
 
+/// What this process holds that an instance could leak.
+#[derive(Debug, PartialEq, Eq)]
+struct Holdings {
+    children: usize,
+    fds: usize,
+    threads: usize,
+    run_dirs: usize,
+    template_bytes: u64,
+}
+
+fn holdings() -> Holdings {
+    let count = |dir: &str| std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    let children: usize = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .map(|t| {
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .count()
+        })
+        .sum();
+    let own = format!("{}.", std::process::id());
+    let run_dirs = std::fs::read_dir(cc_testsupport::cache_dir().join("run"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&own))
+                .count()
+        })
+        .unwrap_or(0);
+    let template_bytes = cc::templates::list()
+        .unwrap()
+        .iter()
+        .map(|t| t.bytes)
+        .sum();
+    Holdings {
+        children,
+        fds: count("/proc/self/fd"),
+        threads: count("/proc/self/task"),
+        run_dirs,
+        template_bytes,
+    }
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// One warm create → exec → close cycle.
+fn warm_cycle(options: &Options) {
+    let inst = boot_with(options.clone());
+    let out = inst.command("true").output().expect("run true");
+    assert!(out.status.success(), "{}", out.status);
+    inst.close().expect("close");
+}
+
+/// `CC_SOAK_CYCLES` (default 1000) warm cycles one after another, then
+/// ten threads of a twentieth as many each, and everything the process
+/// holds is back where it was.
+fn soak_warm_cycles_leave_nothing_behind() {
+    let cycles: usize = std::env::var("CC_SOAK_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let options = Options {
+        memory_mb: 256,
+        ..Options::default()
+    };
+    // Builds the template and warms every lazily created thing.
+    for _ in 0..3 {
+        warm_cycle(&options);
+    }
+    let before = holdings();
+    let rss_before = rss_kib();
+    let t = Instant::now();
+    for _ in 0..cycles {
+        warm_cycle(&options);
+    }
+    let serial = t.elapsed();
+    let grown = rss_kib().saturating_sub(rss_before);
+    assert_eq!(holdings(), before, "left behind after {cycles} cycles");
+    assert!(grown < 10 << 10, "host RSS grew by {grown} KiB in {cycles} cycles");
+
+    // In parallel: a first round sets up what ten threads need once
+    // (allocator arenas), then the measured rounds.
+    let parallel = |rounds: usize| {
+        let threads: Vec<_> = (0..10)
+            .map(|_| {
+                let options = options.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..rounds {
+                        warm_cycle(&options);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("a parallel cycle failed");
+        }
+    };
+    parallel(1);
+    let before = holdings();
+    let rss_before = rss_kib();
+    let rounds = (cycles / 50).max(1);
+    parallel(rounds);
+    let grown_parallel = rss_kib().saturating_sub(rss_before);
+    println!(
+        "soak: {cycles} cycles in {:.1}s (RSS +{grown} KiB), then 10 x {rounds} at once (RSS +{grown_parallel} KiB)",
+        serial.as_secs_f64()
+    );
+    assert_eq!(holdings(), before, "left behind after 10 x {rounds} cycles");
+    assert!(
+        grown_parallel < 10 << 10,
+        "host RSS grew by {grown_parallel} KiB in 10 x {rounds} cycles"
+    );
+}
+
 fn strict_confinement_refuses_what_the_host_cannot_give() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -2196,6 +2318,7 @@ fn main() {
         qemu_runs_confined_and_sees_only_its_own_files,
         strict_confinement_refuses_what_the_host_cannot_give,
         a_console_flood_leaves_a_capped_log,
+        soak_warm_cycles_leave_nothing_behind,
         two_instances_listen_on_one_port_and_close_ends_connections,
         warm_instances_are_independent_and_fresh,
         templates_follow_their_key_and_broken_ones_are_rebuilt,

@@ -179,21 +179,32 @@ fn run_errors_are_clear() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("KEY=VALUE"));
 }
 
-/// QEMU children of `pid`.
-fn qemu_children(pid: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
+/// Every process below `pid` (QEMU sits under bubblewrap, passt beside
+/// it), with its command name.
+fn descendants(pid: u32) -> Vec<(u32, String)> {
+    let all: Vec<(u32, u32, String)> = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| {
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
             // comm is in parentheses; ppid is the second field after it.
-            let Some((comm, rest)) = stat.rsplit_once(')') else {
-                return false;
-            };
-            comm.contains("qemu") && rest.split_whitespace().nth(1) == Some(&pid.to_string())
+            let (comm, rest) = stat.rsplit_once(')')?;
+            let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
+            Some((p, ppid, comm.split_once('(')?.1.to_string()))
         })
-        .collect()
+        .collect();
+    let mut found = Vec::new();
+    let mut parents = vec![pid];
+    while let Some(parent) = parents.pop() {
+        for (p, ppid, comm) in &all {
+            if *ppid == parent {
+                found.push((*p, comm.clone()));
+                parents.push(*p);
+            }
+        }
+    }
+    found
 }
 
 #[test]
@@ -215,14 +226,16 @@ fn killing_the_host_process_ends_qemu_and_the_next_run_sweeps_its_dir() {
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line, "started\n");
-    let qemu = qemu_children(child.id());
-    assert_eq!(qemu.len(), 1, "one QEMU under crumble");
+    let below = descendants(child.id());
+    let qemus = below.iter().filter(|(_, c)| c.contains("qemu")).count();
+    assert_eq!(qemus, 1, "one QEMU under crumble: {below:?}");
     let run_dirs = || -> Vec<PathBuf> {
         std::fs::read_dir(cache().join("run"))
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default()
     };
-    let prefix = format!("{}-", child.id());
+    // Named <pid>.<start time>-<id>.
+    let prefix = format!("{}.", child.id());
     let mine = |dirs: Vec<PathBuf>| {
         dirs.into_iter()
             .filter(|d| {
@@ -237,14 +250,19 @@ fn killing_the_host_process_ends_qemu_and_the_next_run_sweeps_its_dir() {
 
     child.kill().unwrap();
     child.wait().unwrap();
+    // QEMU, bubblewrap and passt all end with it.
+    let alive = || {
+        below
+            .iter()
+            .filter(|(p, _)| PathBuf::from(format!("/proc/{p}")).exists())
+            .cloned()
+            .collect::<Vec<_>>()
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while PathBuf::from(format!("/proc/{}", qemu[0])).exists() && Instant::now() < deadline {
+    while !alive().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(
-        !PathBuf::from(format!("/proc/{}", qemu[0])).exists(),
-        "QEMU outlived its host process"
-    );
+    assert_eq!(alive(), Vec::new(), "outlived their host process");
 
     assert_eq!(run(&["--", "true"], b"").status.code(), Some(0));
     assert_eq!(
