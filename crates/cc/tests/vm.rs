@@ -1562,6 +1562,9 @@ struct Holdings {
     fds: usize,
     threads: usize,
     run_dirs: usize,
+    /// Templates and their files' apparent sizes (their allocated blocks
+    /// settle after a build as the kernel writes the RAM file back).
+    templates: usize,
     template_bytes: u64,
 }
 
@@ -1585,12 +1588,14 @@ fn holdings() -> Holdings {
                 .count()
         })
         .unwrap_or(0);
-    let template_bytes = cc::templates::list()
-        .unwrap()
+    let templates = cc::templates::list().unwrap();
+    let template_bytes = templates
         .iter()
-        .map(|t| t.bytes)
+        .flat_map(|t| std::fs::read_dir(&t.dir).unwrap().flatten())
+        .map(|f| f.metadata().unwrap().len())
         .sum();
     Holdings {
+        templates: templates.len(),
         children,
         fds: count("/proc/self/fd"),
         threads: count("/proc/self/task"),
