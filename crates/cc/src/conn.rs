@@ -49,6 +49,17 @@ impl Conn {
         }
     }
 
+    /// The readable end of a stream from the guest (a file being read).
+    pub(crate) fn reader(reader: ChildOutput) -> Conn {
+        Conn {
+            state: Arc::new(Mutex::new(State::Open {
+                reader: Some(Arc::new(reader)),
+                writer: None,
+            })),
+            addrs: None,
+        }
+    }
+
     /// A TCP connection carried by a stream pair.
     pub(crate) fn socket(
         reader: ChildOutput,
@@ -122,6 +133,15 @@ impl Conn {
     /// Reads up to `max` bytes, waiting for some; an empty result is end of
     /// stream.
     pub fn read(&self, max: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; max.min(1 << 20)];
+        let n = self.read_into(&mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Reads up to `buf.len()` bytes into `buf`, waiting for some; 0 is end
+    /// of stream (or an empty `buf`).
+    pub fn read_into(&self, buf: &mut [u8]) -> Result<usize> {
         let reader = match &*self.lock() {
             State::Open {
                 reader: Some(r), ..
@@ -132,12 +152,7 @@ impl Conn {
             State::Open { reader: None, .. } | State::Closed => return Err(Error::AlreadyClosed),
             State::Unbound(_) => return Err(misuse("the command was not started")),
         };
-        let mut buf = vec![0u8; max.min(1 << 20)];
-        let n = reader
-            .receive(&mut buf)
-            .map_err(|e| self.io_error("read", e))?;
-        buf.truncate(n);
-        Ok(buf)
+        reader.receive(buf).map_err(|e| self.io_error("read", e))
     }
 
     /// Writes all of `data`, waiting while the guest catches up.

@@ -74,7 +74,19 @@ pub struct Options {
     /// clock, entropy, disks, mounts and network are set up after the
     /// restore. [`Instance::start_kind`] says which happened.
     pub warm_start: bool,
+    /// The largest result one call builds in host memory (default
+    /// [`DEFAULT_MAX_RESULT_BYTES`], 1 GiB): [`Instance::read_file`],
+    /// [`File::read_all`](crate::File::read_all), and the captured output
+    /// of [`Command::output`] and [`Cmd::output`] (stdout and stderr
+    /// together). A bigger result fails with [`Error::TooLarge`] instead
+    /// of growing the host process as far as the guest likes; stream big
+    /// data with [`Instance::copy_out`], [`Instance::read_file_stream`],
+    /// [`Instance::read_file_to`] or [`Cmd::output_to`].
+    pub max_result_bytes: u64,
 }
+
+/// The default of [`Options::max_result_bytes`]: 1 GiB.
+pub const DEFAULT_MAX_RESULT_BYTES: u64 = 1 << 30;
 
 /// A host directory shared into the guest at `guest_path`. Read-only
 /// unless `writable` (enforced by the host, not just the guest); writes
@@ -135,6 +147,7 @@ impl Default for Options {
             mounts: Vec::new(),
             network: true,
             warm_start: true,
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
         }
     }
 }
@@ -160,6 +173,11 @@ impl Options {
         {
             return Err(Error::InvalidArgument(
                 "user must be a non-empty name or id".into(),
+            ));
+        }
+        if self.max_result_bytes == 0 {
+            return Err(Error::InvalidArgument(
+                "max_result_bytes 0 must be positive".into(),
             ));
         }
         if self.timeout.is_some_and(|t| t.is_zero()) {
@@ -211,6 +229,8 @@ pub(crate) struct Inner {
     pub(crate) origin: Origin,
     /// Whether it has a network interface.
     network: bool,
+    /// [`Options::max_result_bytes`].
+    pub(crate) max_result: u64,
     /// File handle ids, unique on the connection.
     pub(crate) next_handle: AtomicU64,
     /// Guest ports published on the host, stopped on close.
@@ -427,6 +447,7 @@ impl Instance {
             image_config,
             origin,
             network: options.network,
+            max_result: options.max_result_bytes,
             next_handle: AtomicU64::new(1),
             exposed: Mutex::default(),
             live: Mutex::new(None),
