@@ -51,7 +51,17 @@ pub struct cc_instance_options {
     /// Always boot cold, never from a template (warm start is on by
     /// default, so false keeps it).
     pub no_warm_start: bool,
+    /// The largest result one call builds in memory (a file read whole,
+    /// a command's captured output); bigger ones fail with
+    /// `CC_ERR_TOO_LARGE` and should be streamed. 0 for the default
+    /// (`CC_DEFAULT_MAX_RESULT_BYTES`, 1 GiB).
+    pub max_result_bytes: u64,
 }
+
+/// The default `max_result_bytes`: 1 GiB.
+pub const CC_DEFAULT_MAX_RESULT_BYTES: u64 = 1 << 30;
+
+const _: () = assert!(CC_DEFAULT_MAX_RESULT_BYTES == cc::DEFAULT_MAX_RESULT_BYTES);
 
 /// How an instance's guest came to run.
 #[repr(C)]
@@ -76,6 +86,9 @@ fn options(o: Option<&cc_instance_options>) -> Result<cc::Options, Failure> {
     }
     if o.cpus != 0 {
         out.cpus = o.cpus;
+    }
+    if o.max_result_bytes != 0 {
+        out.max_result_bytes = o.max_result_bytes;
     }
     if o.timeout_seconds != 0.0 {
         out.timeout = Some(

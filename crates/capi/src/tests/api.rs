@@ -270,6 +270,7 @@ fn null_and_bad_arguments_are_invalid_arguments() {
             mount_count: 0,
             no_network: false,
             no_warm_start: false,
+            max_result_bytes: 0,
         };
         let (code, e) = failing(|err| cc_instance_new(source, &opts, &mut 0, err));
         assert_eq!(code, CC_ERR_INVALID_ARGUMENT, "{}", e.message);
