@@ -125,7 +125,7 @@
 /**
  * The default `max_result_bytes`: 1 GiB.
  */
-#define CC_DEFAULT_MAX_RESULT_BYTES (1 << 30)
+#define CC_DEFAULT_MAX_RESULT_BYTES 1073741824
 
 /**
  * The C API's version, `MAJOR.MINOR.PATCH` (see `cc_api_version`).
@@ -1233,6 +1233,18 @@ cc_error_code cc_instance_open_file(cc_instance inst,
  * for writing; `err` is NULL or valid for writing.
  */
 cc_error_code cc_file_read(cc_file file, uint8_t *buf, size_t cap, size_t *n, struct cc_error *err);
+
+/**
+ * Everything from the file offset to the end, in a buffer to free with
+ * `cc_bytes_free` or move with `cc_bytes_move` (never NULL on success):
+ * read into one buffer of the size left in a regular file. More than the
+ * instance's `max_result_bytes` fails with `CC_ERR_TOO_LARGE`.
+ *
+ * # Safety
+ * `data` and `len` are NULL or valid for writing; `err` is NULL or valid
+ * for writing.
+ */
+cc_error_code cc_file_read_all(cc_file file, uint8_t **data, size_t *len, struct cc_error *err);
 
 /**
  * Writes all `len` bytes of `data` at the file offset (at the end with

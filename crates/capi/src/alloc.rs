@@ -289,7 +289,9 @@ mod tests {
 
     #[test]
     fn byte_buffers_are_handed_out_without_a_copy_and_moved_out() {
-        let data: Vec<u8> = (0..3 * MOVE_STEP + 12345).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..3 * MOVE_STEP + 12345)
+            .map(|i| (i % 251) as u8)
+            .collect();
         let expected = data.clone();
         let built_at = data.as_ptr();
         let p = bytes(data).unwrap();

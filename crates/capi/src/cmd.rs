@@ -400,12 +400,10 @@ pub unsafe extern "C" fn cc_cmd_output_to_file(
             )
         };
         let cmd = handles::get::<cc::Cmd>(cmd)?;
-        let mut file = std::fs::File::create(host_path).map_err(|e| {
-            cc::Error::Io {
-                op: "output_to_file (create)".into(),
-                path: host_path.into(),
-                source: e,
-            }
+        let mut file = std::fs::File::create(host_path).map_err(|e| cc::Error::Io {
+            op: "output_to_file (create)".into(),
+            path: host_path.into(),
+            source: e,
         })?;
         put(written, cmd.output_to(merged, &mut file)?);
         put(exit_code, cmd.exit_code().unwrap_or(-1));

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::alloc;
+use crate::cmd::cc_conn;
 use crate::error::{cc_error, cc_error_code, Failure};
 use crate::ffi::{cstr, entry, guard, put, slice, slice_mut, Out};
 use crate::handles;
-use crate::cmd::cc_conn;
 use crate::instance::cc_instance;
 use crate::objects::Instance;
 
@@ -729,6 +729,31 @@ pub unsafe extern "C" fn cc_file_read(
         let f = handles::get::<cc::File>(file)?;
         let count = if buf.is_empty() { 0 } else { f.read_some(buf)? };
         n.write(count);
+        Ok(())
+    })
+}
+
+/// Everything from the file offset to the end, in a buffer to free with
+/// `cc_bytes_free` or move with `cc_bytes_move` (never NULL on success):
+/// read into one buffer of the size left in a regular file. More than the
+/// instance's `max_result_bytes` fails with `CC_ERR_TOO_LARGE`.
+///
+/// # Safety
+/// `data` and `len` are NULL or valid for writing; `err` is NULL or valid
+/// for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_file_read_all(
+    file: cc_file,
+    data: *mut *mut u8,
+    len: *mut usize,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes NULL or writable slots.
+        let (data, len) = unsafe { (Out::new(data, "data")?, Out::new(len, "len")?) };
+        let bytes = with_file(file, |f| f.read_all())?;
+        len.write(bytes.len());
+        data.write(alloc::bytes(bytes)?);
         Ok(())
     })
 }

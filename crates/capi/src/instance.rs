@@ -59,7 +59,7 @@ pub struct cc_instance_options {
 }
 
 /// The default `max_result_bytes`: 1 GiB.
-pub const CC_DEFAULT_MAX_RESULT_BYTES: u64 = 1 << 30;
+pub const CC_DEFAULT_MAX_RESULT_BYTES: u64 = 1_073_741_824;
 
 const _: () = assert!(CC_DEFAULT_MAX_RESULT_BYTES == cc::DEFAULT_MAX_RESULT_BYTES);
 

@@ -479,9 +479,8 @@ impl Child {
             let err = scope.spawn(|| read_all(stderr));
             (
                 read_all(stdout),
-                err.join().unwrap_or_else(|_| {
-                    Err(Stop::Io(io::Error::other("stderr reader panicked")))
-                }),
+                err.join()
+                    .unwrap_or_else(|_| Err(Stop::Io(io::Error::other("stderr reader panicked")))),
             )
         });
         let lost = |stop: Stop| match stop {
@@ -500,7 +499,9 @@ impl Child {
             },
         };
         let (stdout, stderr) = match (out, err) {
-            (Err(Stop::TooLarge), _) | (_, Err(Stop::TooLarge)) => return Err(lost(Stop::TooLarge)),
+            (Err(Stop::TooLarge), _) | (_, Err(Stop::TooLarge)) => {
+                return Err(lost(Stop::TooLarge))
+            }
             (out, err) => (out.map_err(lost)?, err.map_err(lost)?),
         };
         let status = self.wait()?;

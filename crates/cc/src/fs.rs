@@ -705,7 +705,8 @@ impl File {
         let limit = self.inner.max_result;
         let info = self.stat()?;
         let expected = if info.mode & S_IFMT == S_IFREG {
-            info.size.saturating_sub(self.seek_to(SeekFrom::Current(0))?)
+            info.size
+                .saturating_sub(self.seek_to(SeekFrom::Current(0))?)
         } else {
             0
         };

@@ -42,8 +42,8 @@ pub use command::{Child, ChildOutput, ChildStdin, Command, ExitStatus, Output, S
 pub use conn::Conn;
 pub use error::{Error, ErrorCode, Result};
 pub use fs::{
-    DirEntry, File, FileInfo, FileReader, Whence, O_APPEND, O_CREATE, O_EXCL, O_RDONLY, O_RDWR, O_TRUNC,
-    O_WRONLY,
+    DirEntry, File, FileInfo, FileReader, Whence, O_APPEND, O_CREATE, O_EXCL, O_RDONLY, O_RDWR,
+    O_TRUNC, O_WRONLY,
 };
 pub use instance::{BootTimings, Instance, Mount, Options, Source, DEFAULT_MAX_RESULT_BYTES};
 pub use net::{Exposed, Listener};

@@ -328,13 +328,44 @@ class Cmd(Handle):
 
     def output(self) -> bytes:
         """Runs the process and returns its stdout (the exit status is then
-        in ``exit_code``)."""
+        in ``exit_code``). Output over ``InstanceOptions.max_result_bytes``
+        kills the process and raises ``TooLargeError``; stream big output
+        with ``output_to`` or ``stdout_pipe``."""
         return self._capture("cc_cmd_output", "output")
 
     def combined_output(self) -> bytes:
         """Runs the process and returns its stdout and stderr interleaved in
-        the order written."""
+        the order written, bounded as ``output``."""
         return self._capture("cc_cmd_combined_output", "combined_output")
+
+    def output_to(self, host_path: _lib.PathArg, merged: bool = False) -> int:
+        """Runs the process and streams its stdout (with stderr interleaved
+        in the order written when MERGED) into HOST_PATH (created, or
+        truncated) as it comes, in constant memory whatever its size.
+        Returns the bytes written; the exit status is then in
+        ``exit_code``. If the file cannot be written the process is
+        killed."""
+        handle = self._h("output_to")
+        raw_path = _lib.encode_path(host_path, "host_path")
+        lib = _lib.native()
+
+        def run() -> tuple[int, int]:
+            written = c_uint64()
+            code = c_int32()
+            _lib.call(
+                lib.cc_cmd_output_to_file,
+                handle,
+                raw_path,
+                bool(merged),
+                byref(written),
+                byref(code),
+            )
+            return int(written.value), int(code.value)
+
+        result: tuple[int, int] = interruptible(run, self._killer(handle), "output_to")
+        written, code = result
+        self._exit_code = code
+        return written
 
     def kill(self) -> None:
         """Kills the started process and its process group (SIGKILL); a

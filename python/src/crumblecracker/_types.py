@@ -147,6 +147,13 @@ class InstanceOptions:
             the same configuration when there is one (built on the first
             start); False always boots cold. Warm instances get their own
             identity, clock, entropy and writable layer like cold ones.
+        max_result_bytes: the largest result one call builds in memory:
+            ``read_file``, ``File.read()`` of the rest of a file, and the
+            captured output of ``Cmd.output``/``combined_output``. A bigger
+            result raises ``TooLargeError`` (naming the size and this cap)
+            instead of growing this process as far as the guest likes;
+            stream big data with ``Instance.copy_out``,
+            ``Instance.read_file_stream`` or ``Cmd.output_to``. Default 1 GiB.
     """
 
     memory_mb: int = 512
@@ -156,6 +163,7 @@ class InstanceOptions:
     mounts: Optional[Sequence[MountLike]] = None
     network: bool = True
     warm_start: bool = True
+    max_result_bytes: int = _lib.CC_DEFAULT_MAX_RESULT_BYTES
 
     def __post_init__(self) -> None:
         self._validate()
@@ -163,6 +171,7 @@ class InstanceOptions:
     def _validate(self) -> None:
         _check_int("memory_mb", self.memory_mb, 1, 2**32 - 1)
         _check_int("cpus", self.cpus, 1, 2**32 - 1)
+        _check_int("max_result_bytes", self.max_result_bytes, 1, 2**64 - 1)
         t = self.timeout_seconds
         if t is not None:
             if isinstance(t, bool) or not isinstance(t, (int, float)):
@@ -189,6 +198,7 @@ class InstanceOptions:
         opts.timeout_seconds = float(self.timeout_seconds or 0.0)
         opts.no_network = not self.network
         opts.no_warm_start = not self.warm_start
+        opts.max_result_bytes = self.max_result_bytes
         if self.user is not None:
             user = _lib.encode_str(self.user, "user")
             keep.append(user)
