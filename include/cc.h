@@ -868,6 +868,18 @@ cc_error_code cc_cmd_free(cc_cmd cmd);
 cc_error_code cc_conn_read(cc_conn conn, uint8_t *buf, size_t cap, size_t *n, struct cc_error *err);
 
 /**
+ * Reads to the end of the stream, into a buffer to free with
+ * `cc_bytes_free` or move with `cc_bytes_move` (never NULL on success).
+ * More than the instance's `max_result_bytes` fails with
+ * `CC_ERR_TOO_LARGE` and stops the stream.
+ *
+ * # Safety
+ * `data` and `len` are NULL or valid for writing; `err` is NULL or valid
+ * for writing.
+ */
+cc_error_code cc_conn_read_all(cc_conn conn, uint8_t **data, size_t *len, struct cc_error *err);
+
+/**
  * Writes all `len` bytes of `data` (blocking while the reader is behind).
  *
  * # Safety

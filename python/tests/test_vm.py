@@ -725,6 +725,13 @@ def test_output_over_the_cap_kills_the_command(source: cc.ImageSource) -> None:
         assert cmd.exit_code is not None
         with pytest.raises(cc.TooLargeError):
             small.command("sh", "-c", "yes >&2").combined_output()
+        cmd = small.command("cat", "/dev/zero")
+        with cmd.stdout_pipe() as pipe:
+            cmd.start()
+            with pytest.raises(cc.TooLargeError):
+                pipe.read(-1)
+        cmd.kill()
+        cmd.wait()
         small.write_file("/two-mb", bytes(2_000_000))
         with pytest.raises(cc.TooLargeError) as info:
             small.read_file("/two-mb")

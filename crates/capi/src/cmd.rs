@@ -521,6 +521,31 @@ pub unsafe extern "C" fn cc_conn_read(
     })
 }
 
+/// Reads to the end of the stream, into a buffer to free with
+/// `cc_bytes_free` or move with `cc_bytes_move` (never NULL on success).
+/// More than the instance's `max_result_bytes` fails with
+/// `CC_ERR_TOO_LARGE` and stops the stream.
+///
+/// # Safety
+/// `data` and `len` are NULL or valid for writing; `err` is NULL or valid
+/// for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_conn_read_all(
+    conn: cc_conn,
+    data: *mut *mut u8,
+    len: *mut usize,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes NULL or writable slots.
+        let (data, len) = unsafe { (Out::new(data, "data")?, Out::new(len, "len")?) };
+        let bytes = handles::get::<cc::Conn>(conn)?.read_all()?;
+        len.write(bytes.len());
+        data.write(alloc::bytes(bytes)?);
+        Ok(())
+    })
+}
+
 /// Writes all `len` bytes of `data` (blocking while the reader is behind).
 ///
 /// # Safety

@@ -627,6 +627,11 @@ impl ChildOutput {
         self.deadline = deadline;
     }
 
+    /// The instance's `max_result_bytes`.
+    pub(crate) fn max_result(&self) -> u64 {
+        self.inst.max_result
+    }
+
     /// Reads what is there (0 bytes at end of file), waiting for some.
     pub(crate) fn receive(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.inst

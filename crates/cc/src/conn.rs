@@ -50,7 +50,7 @@ impl Conn {
     }
 
     /// The readable end of a stream from the guest (a file being read).
-    pub(crate) fn reader(reader: ChildOutput) -> Conn {
+    pub(crate) fn from_reader(reader: ChildOutput) -> Conn {
         Conn {
             state: Arc::new(Mutex::new(State::Open {
                 reader: Some(Arc::new(reader)),
@@ -142,17 +142,43 @@ impl Conn {
     /// Reads up to `buf.len()` bytes into `buf`, waiting for some; 0 is end
     /// of stream (or an empty `buf`).
     pub fn read_into(&self, buf: &mut [u8]) -> Result<usize> {
-        let reader = match &*self.lock() {
+        self.reader()?
+            .receive(buf)
+            .map_err(|e| self.io_error("read", e))
+    }
+
+    /// The readable end, or why there is none.
+    fn reader(&self) -> Result<Arc<ChildOutput>> {
+        match &*self.lock() {
             State::Open {
                 reader: Some(r), ..
-            } => r.clone(),
+            } => Ok(r.clone()),
             State::Open { reader: None, .. } if self.addrs.is_none() => {
-                return Err(misuse("this end is not readable"))
+                Err(misuse("this end is not readable"))
             }
-            State::Open { reader: None, .. } | State::Closed => return Err(Error::AlreadyClosed),
-            State::Unbound(_) => return Err(misuse("the command was not started")),
-        };
-        reader.receive(buf).map_err(|e| self.io_error("read", e))
+            State::Open { reader: None, .. } | State::Closed => Err(Error::AlreadyClosed),
+            State::Unbound(_) => Err(misuse("the command was not started")),
+        }
+    }
+
+    /// Reads to the end of the stream into one buffer. More than the
+    /// instance's [`Options::max_result_bytes`](crate::Options::max_result_bytes)
+    /// fails with [`Error::TooLarge`] and stops the stream; read big streams
+    /// in parts with [`Conn::read_into`].
+    pub fn read_all(&self) -> Result<Vec<u8>> {
+        let limit = self.reader()?.max_result();
+        let mut total = 0u64;
+        crate::fs::collect(0, |buf| {
+            let n = self.read_into(buf)?;
+            total += n as u64;
+            if total > limit {
+                if let Ok(reader) = self.reader() {
+                    reader.stop();
+                }
+                return Err(crate::fs::too_large("read", &self.name(), None, limit));
+            }
+            Ok(n)
+        })
     }
 
     /// Writes all of `data`, waiting while the guest catches up.

@@ -249,7 +249,7 @@ impl FileReader {
 
     /// The stream as a [`Conn`] to read (the C API's form of it).
     pub fn into_conn(self) -> Conn {
-        Conn::reader(self.stream)
+        Conn::from_reader(self.stream)
     }
 
     /// Reads up to `buf.len()` bytes, waiting for some; 0 at the end.

@@ -1929,6 +1929,19 @@ fn results_over_a_small_max_result_bytes_are_refused() {
     let err = cmd.output().unwrap_err();
     assert_eq!(err.code(), ErrorCode::TooLarge, "{err}");
     assert!(cmd.exit_code().is_some(), "killed and reaped");
+    // A pipe read to its end is held to the cap too.
+    let cmd = inst.cmd("cat", &["/dev/zero"]);
+    let pipe = cmd.stdout_pipe().unwrap();
+    cmd.start().unwrap();
+    let err = pipe.read_all().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::TooLarge, "{err}");
+    cmd.kill().unwrap();
+    cmd.wait().unwrap();
+    let cmd = inst.cmd("echo", &["hi"]);
+    let pipe = cmd.stdout_pipe().unwrap();
+    cmd.start().unwrap();
+    assert_eq!(pipe.read_all().unwrap(), b"hi\n");
+    cmd.wait().unwrap();
     assert!(t.elapsed() < Duration::from_secs(30), "not a hang");
     // Up to the cap is fine, and streaming has no cap.
     assert!(!inst.read_file("/proc/version").unwrap().is_empty());

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Cmd", "Conn"]
 
-# Largest read asked of the library at once for Conn.read(-1).
+# Largest read asked of the library at once.
 _CHUNK = 1 << 20
 
 
@@ -80,7 +80,9 @@ class Conn(Stream):
 
     def read(self, n: int = 65536) -> bytes:
         """Reads up to N bytes, blocking until some arrive; ``b""`` at end of
-        stream. A negative N reads everything until end of stream."""
+        stream. A negative N reads everything until end of stream, into one
+        buffer of at most ``InstanceOptions.max_result_bytes`` (more raises
+        ``TooLargeError`` and stops the stream)."""
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be an int, not {type(n).__name__}")
         handle = self._h("read")
@@ -96,18 +98,16 @@ class Conn(Stream):
         lib = _lib.native()
 
         def run() -> bytes:
-            cap = _CHUNK if n < 0 else n
+            if n < 0:
+                ptr = c_void_p()
+                length = c_size_t()
+                self._call("read", lib.cc_conn_read_all, handle, byref(ptr), byref(length))
+                return _lib.take_bytes(ptr, length.value)
+            cap = min(n, _CHUNK)
             buf = ctypes.create_string_buffer(cap)
             count = c_size_t()
-            parts: list[bytes] = []
-            while True:
-                self._call("read", lib.cc_conn_read, handle, buf, cap, byref(count))
-                if count.value == 0:
-                    break
-                parts.append(buf.raw[: count.value])
-                if n >= 0:
-                    break
-            return b"".join(parts)
+            self._call("read", lib.cc_conn_read, handle, buf, cap, byref(count))
+            return buf.raw[: count.value]
 
         return head + self._blocking(run, "conn-read", self._READ)
 

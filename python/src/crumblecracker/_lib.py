@@ -344,6 +344,7 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_cmd_free": (_CODE, [_H]),
     # connections
     "cc_conn_read": (_CODE, [_H, POINTER(c_char), c_size_t, POINTER(c_size_t), _ERR]),
+    "cc_conn_read_all": (_CODE, [_H, POINTER(c_void_p), POINTER(c_size_t), _ERR]),
     "cc_conn_write": (_CODE, [_H, c_char_p, c_size_t, _ERR]),
     "cc_conn_close": (_CODE, [_H, _ERR]),
     "cc_conn_close_write": (_CODE, [_H, _ERR]),
