@@ -11,7 +11,7 @@ use std::ptr;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::error::{cc_error, cc_error_code, Failure, CC_ERR_UNKNOWN};
-use crate::ffi::guard;
+use crate::ffi::{guard, Out};
 
 fn out_of_memory(bytes: usize) -> Failure {
     Failure::new(CC_ERR_UNKNOWN, format!("out of memory ({bytes} bytes)"))
@@ -79,6 +79,24 @@ pub(crate) fn bytes(data: Vec<u8>) -> Result<*mut u8, Failure> {
     let p = data.as_mut_ptr();
     buffers().insert(p as usize, data);
     Ok(p)
+}
+
+/// The body of an export that returns a byte buffer: `data` and `len` are
+/// checked first, then what `make` returns is handed out through them.
+///
+/// # Safety
+/// `data` and `len` are NULL or valid for writing.
+pub(crate) unsafe fn bytes_out(
+    data: *mut *mut u8,
+    len: *mut usize,
+    make: impl FnOnce() -> Result<Vec<u8>, Failure>,
+) -> Result<(), Failure> {
+    // SAFETY: per the contract.
+    let (data, len) = unsafe { (Out::new(data, "data")?, Out::new(len, "len")?) };
+    let made = make()?;
+    len.write(made.len());
+    data.write(bytes(made)?);
+    Ok(())
 }
 
 /// Takes back a buffer from [`bytes`]: `Some` with its contents, `None`

@@ -351,21 +351,18 @@ unsafe fn capture(
 ) -> cc_error_code {
     entry(err, || {
         // SAFETY: forwarded from the caller.
-        let (data, len, exit_code) = unsafe {
-            (
-                Out::new(data, "data")?,
-                Out::new(len, "len")?,
-                Out::opt(exit_code),
-            )
-        };
+        let exit_code = unsafe { Out::opt(exit_code) };
         let cmd = handles::get::<cc::Cmd>(cmd)?;
-        let bytes = if merged {
-            cmd.combined_output()?
-        } else {
-            cmd.output()?
-        };
-        len.write(bytes.len());
-        data.write(alloc::bytes(bytes)?);
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            alloc::bytes_out(data, len, || {
+                Ok(if merged {
+                    cmd.combined_output()?
+                } else {
+                    cmd.output()?
+                })
+            })
+        }?;
         put(exit_code, cmd.exit_code().unwrap_or(-1));
         Ok(())
     })
@@ -538,11 +535,13 @@ pub unsafe extern "C" fn cc_conn_read_all(
 ) -> cc_error_code {
     entry(err, || {
         // SAFETY: the caller passes NULL or writable slots.
-        let (data, len) = unsafe { (Out::new(data, "data")?, Out::new(len, "len")?) };
-        let bytes = handles::get::<cc::Conn>(conn)?.read_all()?;
-        len.write(bytes.len());
-        data.write(alloc::bytes(bytes)?);
-        Ok(())
+        unsafe {
+            alloc::bytes_out(
+                data,
+                len,
+                || Ok(handles::get::<cc::Conn>(conn)?.read_all()?),
+            )
+        }
     })
 }
 

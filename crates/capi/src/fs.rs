@@ -202,17 +202,10 @@ pub unsafe extern "C" fn cc_instance_read_file(
 ) -> cc_error_code {
     entry(err, || {
         // SAFETY: the caller passes a string and NULL or writable slots.
-        let (path, data, len) = unsafe {
-            (
-                cstr(path, "path")?,
-                Out::new(data, "data")?,
-                Out::new(len, "len")?,
-            )
-        };
-        let bytes = with_inst(inst, |i| i.read_file(path))?;
-        len.write(bytes.len());
-        data.write(alloc::bytes(bytes)?);
-        Ok(())
+        unsafe {
+            let path = cstr(path, "path")?;
+            alloc::bytes_out(data, len, || with_inst(inst, |i| i.read_file(path)))
+        }
     })
 }
 
@@ -750,11 +743,7 @@ pub unsafe extern "C" fn cc_file_read_all(
 ) -> cc_error_code {
     entry(err, || {
         // SAFETY: the caller passes NULL or writable slots.
-        let (data, len) = unsafe { (Out::new(data, "data")?, Out::new(len, "len")?) };
-        let bytes = with_file(file, |f| f.read_all())?;
-        len.write(bytes.len());
-        data.write(alloc::bytes(bytes)?);
-        Ok(())
+        unsafe { alloc::bytes_out(data, len, || with_file(file, |f| f.read_all())) }
     })
 }
 
