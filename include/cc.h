@@ -139,6 +139,11 @@
 #define CC_CONFINE_OFF 2
 
 /**
+ * The default `max_result_bytes`: 1 GiB.
+ */
+#define CC_DEFAULT_MAX_RESULT_BYTES 1073741824
+
+/**
  * The C API's version, `MAJOR.MINOR.PATCH` (see `cc_api_version`).
  */
 #define CC_API_VERSION_MAJOR 0
@@ -222,6 +227,13 @@ enum cc_error_code
      */
     CC_ERR_CANCELLED = 9,
     /**
+     * A result (a file read whole, a command's captured output) is over
+     * the instance's `max_result_bytes`; the message names the size and
+     * the cap. Stream it instead (`cc_instance_copy_out`,
+     * `cc_instance_read_file_stream`, `cc_cmd_output_to_file`).
+     */
+    CC_ERR_TOO_LARGE = 10,
+    /**
      * Anything else, including an internal error (a caught panic).
      */
     CC_ERR_UNKNOWN = 99,
@@ -254,14 +266,6 @@ typedef enum cc_start_kind {
 } cc_start_kind;
 
 /**
- * A cancel token: set once (from any thread, or from a progress
- * callback), it stops the pulls and waits it was given to with
- * `CC_ERR_CANCELLED`. It stays set. 0 means "no token" where one is
- * optional.
- */
-typedef uint64_t cc_cancel_token;
-
-/**
  * What a failed call reports. The caller owns the struct (on its stack,
  * say); the library fills it only when a call fails, overwriting every
  * field without reading or freeing what was there. Release the strings
@@ -286,6 +290,14 @@ typedef struct cc_error {
      */
     char *path;
 } cc_error;
+
+/**
+ * A cancel token: set once (from any thread, or from a progress
+ * callback), it stops the pulls and waits it was given to with
+ * `CC_ERR_CANCELLED`. It stays set. 0 means "no token" where one is
+ * optional.
+ */
+typedef uint64_t cc_cancel_token;
 
 /**
  * A running virtual machine with its own root filesystem. Usable from any
@@ -443,6 +455,13 @@ typedef struct cc_instance_options {
      * `CC_CONFINE_OFF` (measurements and debugging only).
      */
     uint32_t confinement;
+    /**
+     * The largest result one call builds in memory (a file read whole,
+     * a command's captured output); bigger ones fail with
+     * `CC_ERR_TOO_LARGE` and should be streamed. 0 for the default
+     * (`CC_DEFAULT_MAX_RESULT_BYTES`, 1 GiB).
+     */
+    uint64_t max_result_bytes;
 } cc_instance_options;
 
 /**
@@ -644,6 +663,20 @@ void cc_string_free(char *s);
 void cc_bytes_free(uint8_t *data);
 
 /**
+ * Moves the first `len` bytes of a buffer returned by the library (`len`
+ * at most the length returned with it) into `dest`, and frees the
+ * buffer, also on failure. The pages already copied are given back to the
+ * system as the copy goes, so moving a large result into memory of the
+ * caller's needs about its size once, not twice.
+ *
+ * # Safety
+ * `data` is NULL or a buffer returned by this library and not freed yet;
+ * `dest` is valid for writing `len` bytes and does not overlap `data`;
+ * `err` is NULL or valid for writing.
+ */
+cc_error_code cc_bytes_move(uint8_t *data, size_t len, uint8_t *dest, struct cc_error *err);
+
+/**
  * Frees an array of strings returned by the library (`cc_cmd_environ`):
  * the strings and the array. `count` is the count returned with it (the
  * array also ends with a NULL entry, which is what the library goes by).
@@ -827,9 +860,30 @@ cc_error_code cc_cmd_wait(cc_cmd cmd, int32_t *exit_code, struct cc_error *err);
 cc_error_code cc_cmd_run(cc_cmd cmd, int32_t *exit_code, struct cc_error *err);
 
 /**
+ * Runs the process and streams its stdout (with stderr interleaved in
+ * the order written when `merged`) into `host_path` (created, or
+ * truncated) as it comes, in constant memory whatever its size.
+ * `*written` (may be NULL) is the byte count and `*exit_code` (may be
+ * NULL) as `cc_cmd_wait`. If the file cannot be written the process is
+ * killed.
+ *
+ * # Safety
+ * `host_path` is a NUL-terminated string; `written` and `exit_code` are
+ * NULL or valid for writing; `err` is NULL or valid for writing.
+ */
+cc_error_code cc_cmd_output_to_file(cc_cmd cmd,
+                                    const char *host_path,
+                                    bool merged,
+                                    uint64_t *written,
+                                    int32_t *exit_code,
+                                    struct cc_error *err);
+
+/**
  * Runs the process and returns its stdout in a buffer to free with
- * `cc_bytes_free` (never NULL on success); `*exit_code` (may be NULL) as
- * `cc_cmd_wait`.
+ * `cc_bytes_free` or move with `cc_bytes_move` (never NULL on success);
+ * `*exit_code` (may be NULL) as `cc_cmd_wait`. Output over the instance's
+ * `max_result_bytes` kills the process and fails with `CC_ERR_TOO_LARGE`
+ * (stream it with `cc_cmd_output_to_file` or a stdout pipe).
  *
  * # Safety
  * `data` and `len` are NULL or valid for writing; `exit_code` is NULL or
@@ -890,6 +944,18 @@ cc_error_code cc_cmd_free(cc_cmd cmd);
  * for writing; `err` is NULL or valid for writing.
  */
 cc_error_code cc_conn_read(cc_conn conn, uint8_t *buf, size_t cap, size_t *n, struct cc_error *err);
+
+/**
+ * Reads to the end of the stream, into a buffer to free with
+ * `cc_bytes_free` or move with `cc_bytes_move` (never NULL on success).
+ * More than the instance's `max_result_bytes` fails with
+ * `CC_ERR_TOO_LARGE` and stops the stream.
+ *
+ * # Safety
+ * `data` and `len` are NULL or valid for writing; `err` is NULL or valid
+ * for writing.
+ */
+cc_error_code cc_conn_read_all(cc_conn conn, uint8_t **data, size_t *len, struct cc_error *err);
 
 /**
  * Writes all `len` bytes of `data` (blocking while the reader is behind).
@@ -970,7 +1036,11 @@ void cc_dir_entries_free(struct cc_dir_entry *entries, size_t count);
 
 /**
  * The whole contents of a guest file, in a buffer to free with
- * `cc_bytes_free` (never NULL on success, even when empty).
+ * `cc_bytes_free` or move with `cc_bytes_move` (never NULL on success,
+ * even when empty). Read into one buffer of the size the guest reports;
+ * a file over the instance's `max_result_bytes` fails with
+ * `CC_ERR_TOO_LARGE` before any of it is read (stream it with
+ * `cc_instance_copy_out` or `cc_instance_read_file_stream`).
  *
  * # Safety
  * `path` is a NUL-terminated string; `data` and `len` are NULL or valid
@@ -981,6 +1051,56 @@ cc_error_code cc_instance_read_file(cc_instance inst,
                                     uint8_t **data,
                                     size_t *len,
                                     struct cc_error *err);
+
+/**
+ * Starts streaming a guest file of any size: `*out` is a readable
+ * `cc_conn` (read it with `cc_conn_read` until it gives 0 bytes, then
+ * `cc_conn_free` it; freeing it early stops the transfer) and `*size`
+ * (may be NULL) the size the guest reported when it began (0 for files
+ * such as those in `/proc`). Only a bounded window is in memory at a
+ * time, and `max_result_bytes` does not apply.
+ *
+ * # Safety
+ * `path` is a NUL-terminated string; `out` is NULL or valid for writing;
+ * `size` is NULL or valid for writing; `err` is NULL or valid for writing.
+ */
+cc_error_code cc_instance_read_file_stream(cc_instance inst,
+                                           const char *path,
+                                           cc_conn *out,
+                                           uint64_t *size,
+                                           struct cc_error *err);
+
+/**
+ * Copies the guest file `guest_path` to `host_path` (created, or
+ * truncated) in constant memory whatever its size; runs of zero bytes
+ * become holes. `*copied` (may be NULL) is the byte count. On failure the
+ * host file may hold part of the contents.
+ *
+ * # Safety
+ * `guest_path` and `host_path` are NUL-terminated strings; `copied` is
+ * NULL or valid for writing; `err` is NULL or valid for writing.
+ */
+cc_error_code cc_instance_copy_out(cc_instance inst,
+                                   const char *guest_path,
+                                   const char *host_path,
+                                   uint64_t *copied,
+                                   struct cc_error *err);
+
+/**
+ * Copies the host file `host_path` to the guest file `guest_path`
+ * (created or replaced, permission bits `mode`) in constant memory
+ * whatever its size. `*copied` (may be NULL) is the byte count.
+ *
+ * # Safety
+ * `host_path` and `guest_path` are NUL-terminated strings; `copied` is
+ * NULL or valid for writing; `err` is NULL or valid for writing.
+ */
+cc_error_code cc_instance_copy_in(cc_instance inst,
+                                  const char *host_path,
+                                  const char *guest_path,
+                                  uint32_t mode,
+                                  uint64_t *copied,
+                                  struct cc_error *err);
 
 /**
  * Creates or replaces a guest file with `len` bytes of `data` (NULL when
@@ -1203,6 +1323,18 @@ cc_error_code cc_instance_open_file(cc_instance inst,
  * for writing; `err` is NULL or valid for writing.
  */
 cc_error_code cc_file_read(cc_file file, uint8_t *buf, size_t cap, size_t *n, struct cc_error *err);
+
+/**
+ * Everything from the file offset to the end, in a buffer to free with
+ * `cc_bytes_free` or move with `cc_bytes_move` (never NULL on success):
+ * read into one buffer of the size left in a regular file. More than the
+ * instance's `max_result_bytes` fails with `CC_ERR_TOO_LARGE`.
+ *
+ * # Safety
+ * `data` and `len` are NULL or valid for writing; `err` is NULL or valid
+ * for writing.
+ */
+cc_error_code cc_file_read_all(cc_file file, uint8_t **data, size_t *len, struct cc_error *err);
 
 /**
  * Writes all `len` bytes of `data` at the file offset (at the end with

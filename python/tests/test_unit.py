@@ -247,6 +247,7 @@ def test_constants_match_the_header() -> None:
     for code in cc.ErrorCode:
         key = "CC_OK" if code.name == "OK" else f"CC_ERR_{code.name}"
         assert code.value == d[key], code
+    assert _lib.CC_DEFAULT_MAX_RESULT_BYTES == d["CC_DEFAULT_MAX_RESULT_BYTES"]
 
 
 def test_loaded_library_declares_everything() -> None:
@@ -268,6 +269,7 @@ ERRORS = [
     (cc.IOError, 7),
     (cc.NetworkError, 8),
     (cc.CancelledError, 9),
+    (cc.TooLargeError, 10),
 ]
 
 
@@ -367,12 +369,19 @@ def test_instance_options_defaults() -> None:
         True,
         True,
     )
+    assert o.max_result_bytes == 1 << 30 == _lib.CC_DEFAULT_MAX_RESULT_BYTES
     assert repr(o) == (
         "InstanceOptions(memory_mb=512, cpus=1, timeout_seconds=None, user=None, mounts=None, "
         "network=True, network_policy=NetworkPolicy(allow_host=False, allow=(), deny=()), "
-        "warm_start=True, disk_mb=4096, confinement='default')"
+        "warm_start=True, disk_mb=4096, confinement='default', max_result_bytes=1073741824)"
     )
     c, _ = o._to_c()
+    assert c.max_result_bytes == 1 << 30
+    c, _ = cc.InstanceOptions(max_result_bytes=5 << 30)._to_c()
+    assert c.max_result_bytes == 5 << 30
+    for bad in (0, -1, 2**64):
+        with pytest.raises(cc.InvalidArgumentError, match="max_result_bytes"):
+            cc.InstanceOptions(max_result_bytes=bad)
     assert (c.memory_mb, c.cpus, c.timeout_seconds, c.user, c.mount_count) == (512, 1, 0.0, None, 0)
     assert c.disk_mb == 4096
     assert cc.InstanceOptions(disk_mb=128)._to_c()[0].disk_mb == 128

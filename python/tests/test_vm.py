@@ -661,3 +661,139 @@ def test_snapshot_export(
         snapshot.as_source()
     with pytest.raises(cc.AlreadyClosedError):
         snapshot.export_dir(tmp_path / "again")
+
+
+# -- bounded host memory for guest-sized results ---------------------------------
+
+MIB = 1 << 20
+
+
+def _status_bytes(key: str) -> int:
+    """A ``/proc/self/status`` line (``VmRSS``, ``VmHWM``) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) << 10
+    raise AssertionError(f"no {key} in /proc/self/status")
+
+
+class PeakRss:
+    """How far this process's resident memory peaks above where it was on
+    entry (the kernel's peak is reset first)."""
+
+    def __enter__(self) -> PeakRss:
+        Path("/proc/self/clear_refs").write_text("5")
+        self.before = _status_bytes("VmRSS")
+        self.growth = 0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.growth = _status_bytes("VmHWM") - self.before
+
+
+def test_read_file_of_3_gib_is_refused_under_the_default_cap(inst: cc.Instance) -> None:
+    assert inst.command("truncate", "-s", "3G", "/big3g").run() == 0
+    try:
+        start = time.monotonic()
+        with PeakRss() as peak, pytest.raises(cc.TooLargeError) as info:
+            inst.read_file("/big3g")
+        assert time.monotonic() - start < 10, "refused before reading"
+        assert peak.growth < 64 * MIB, peak.growth
+        e = info.value
+        assert (e.code, e.op, e.path) == (cc.ErrorCode.TOO_LARGE, "read_file", "/big3g")
+        assert "3221225472 bytes" in e.message and str(1 << 30) in e.message, e.message
+        # The rest of an open file is held to the same cap.
+        with inst.open("/big3g") as f, pytest.raises(cc.TooLargeError):
+            f.read()
+    finally:
+        inst.remove("/big3g")
+
+
+def test_read_file_over_2_gib_is_built_once(source: cc.ImageSource) -> None:
+    size = 2100 * MIB  # over 2**31: ctypes.string_at's C int length
+    options = cc.InstanceOptions(memory_mb=256, max_result_bytes=4 << 30)
+    with cc.Instance(source, options) as big:
+        tail = f"printf tail | dd of=/big bs=1 seek={size - 4} conv=notrunc"
+        script = f"truncate -s {size} /big && {tail}"
+        assert big.command("sh", "-c", script).run() == 0
+        with PeakRss() as peak:
+            data = big.read_file("/big")
+        assert len(data) == size
+        assert data[:4] == bytes(4) and data[-4:] == b"tail"
+        del data
+        assert peak.growth < size + 256 * MIB, peak.growth
+
+
+def test_output_of_300_mb_stays_near_1x(inst: cc.Instance) -> None:
+    n = 300_000_000
+    with PeakRss() as peak:
+        out = inst.command("head", "-c", str(n), "/dev/zero").output()
+    assert len(out) == n and out[-1] == 0
+    del out
+    assert peak.growth < n + 64 * MIB, peak.growth
+
+
+def test_output_over_the_cap_kills_the_command(source: cc.ImageSource) -> None:
+    with cc.Instance(source, cc.InstanceOptions(memory_mb=256, max_result_bytes=MIB)) as small:
+        cmd = small.command("cat", "/dev/zero")
+        with pytest.raises(cc.TooLargeError) as info:
+            cmd.output()
+        assert "more than 1048576 bytes" in info.value.message
+        assert cmd.exit_code is not None
+        with pytest.raises(cc.TooLargeError):
+            small.command("sh", "-c", "yes >&2").combined_output()
+        cmd = small.command("cat", "/dev/zero")
+        with cmd.stdout_pipe() as pipe:
+            cmd.start()
+            with pytest.raises(cc.TooLargeError):
+                pipe.read(-1)
+        cmd.kill()
+        cmd.wait()
+        small.write_file("/two-mb", bytes(2_000_000))
+        with pytest.raises(cc.TooLargeError) as info:
+            small.read_file("/two-mb")
+        assert "2000000 bytes, over max_result_bytes (1048576)" in info.value.message
+        assert small.command("echo", "still", "fine").output() == b"still fine\n"
+    with pytest.raises(cc.InvalidArgumentError):
+        cc.InstanceOptions(max_result_bytes=0)
+
+
+def test_streaming_copies_over_2_gib_in_constant_memory(inst: cc.Instance, tmp_path: Path) -> None:
+    size = 2100 * MIB
+    marks = [(0, "head"), ((1 << 31) + 7, "middle"), (size - 4, "tail")]
+    script = f"truncate -s {size} /big" + "".join(
+        f"; printf {text} | dd of=/big bs=1 seek={at} conv=notrunc 2>/dev/null"
+        for at, text in marks
+    )
+    assert inst.command("sh", "-c", script).run() == 0
+    try:
+        with PeakRss() as peak:
+            copied = inst.copy_out("/big", tmp_path / "big")
+        assert copied == size
+        assert peak.growth < 64 * MIB, peak.growth
+    finally:
+        inst.remove("/big")
+    with open(tmp_path / "big", "rb") as f:
+        assert os.fstat(f.fileno()).st_size == size
+        for at, text in marks:
+            f.seek(at)
+            assert f.read(len(text)) == text.encode()
+    (tmp_path / "big").unlink()
+
+    n = 300_000_000
+    cmd = inst.command("sh", "-c", f"printf 0123456789; head -c {n} /dev/zero")
+    with PeakRss() as peak:
+        written = cmd.output_to(tmp_path / "out")
+    assert (written, cmd.exit_code) == (n + 10, 0)
+    assert peak.growth < 64 * MIB, peak.growth
+    with open(tmp_path / "out", "rb") as f:
+        assert f.read(10) == b"0123456789"
+    assert (tmp_path / "out").stat().st_size == written
+
+    data = os.urandom(3 * MIB)
+    (tmp_path / "in").write_bytes(data)
+    assert inst.copy_in(tmp_path / "in", "/in", 0o640) == len(data)
+    assert inst.stat("/in").mode & 0o7777 == 0o640
+    with inst.read_file_stream("/in") as stream:
+        back = b"".join(iter(lambda: stream.read(1 << 20), b""))
+    assert back == data
+    inst.remove("/in")

@@ -351,29 +351,68 @@ unsafe fn capture(
 ) -> cc_error_code {
     entry(err, || {
         // SAFETY: forwarded from the caller.
-        let (data, len, exit_code) = unsafe {
+        let exit_code = unsafe { Out::opt(exit_code) };
+        let cmd = handles::get::<cc::Cmd>(cmd)?;
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            alloc::bytes_out(data, len, || {
+                Ok(if merged {
+                    cmd.combined_output()?
+                } else {
+                    cmd.output()?
+                })
+            })
+        }?;
+        put(exit_code, cmd.exit_code().unwrap_or(-1));
+        Ok(())
+    })
+}
+
+/// Runs the process and streams its stdout (with stderr interleaved in
+/// the order written when `merged`) into `host_path` (created, or
+/// truncated) as it comes, in constant memory whatever its size.
+/// `*written` (may be NULL) is the byte count and `*exit_code` (may be
+/// NULL) as `cc_cmd_wait`. If the file cannot be written the process is
+/// killed.
+///
+/// # Safety
+/// `host_path` is a NUL-terminated string; `written` and `exit_code` are
+/// NULL or valid for writing; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_cmd_output_to_file(
+    cmd: cc_cmd,
+    host_path: *const c_char,
+    merged: bool,
+    written: *mut u64,
+    exit_code: *mut i32,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes a string and NULL or writable slots.
+        let (host_path, written, exit_code) = unsafe {
             (
-                Out::new(data, "data")?,
-                Out::new(len, "len")?,
+                cstr(host_path, "host_path")?,
+                Out::opt(written),
                 Out::opt(exit_code),
             )
         };
         let cmd = handles::get::<cc::Cmd>(cmd)?;
-        let bytes = if merged {
-            cmd.combined_output()?
-        } else {
-            cmd.output()?
-        };
-        data.write(alloc::bytes(&bytes)?);
-        len.write(bytes.len());
+        let mut file = std::fs::File::create(host_path).map_err(|e| cc::Error::Io {
+            op: "output_to_file (create)".into(),
+            path: host_path.into(),
+            source: e,
+        })?;
+        put(written, cmd.output_to(merged, &mut file)?);
         put(exit_code, cmd.exit_code().unwrap_or(-1));
         Ok(())
     })
 }
 
 /// Runs the process and returns its stdout in a buffer to free with
-/// `cc_bytes_free` (never NULL on success); `*exit_code` (may be NULL) as
-/// `cc_cmd_wait`.
+/// `cc_bytes_free` or move with `cc_bytes_move` (never NULL on success);
+/// `*exit_code` (may be NULL) as `cc_cmd_wait`. Output over the instance's
+/// `max_result_bytes` kills the process and fails with `CC_ERR_TOO_LARGE`
+/// (stream it with `cc_cmd_output_to_file` or a stdout pipe).
 ///
 /// # Safety
 /// `data` and `len` are NULL or valid for writing; `exit_code` is NULL or
@@ -474,11 +513,35 @@ pub unsafe extern "C" fn cc_conn_read(
             n.write(0);
             return Ok(());
         }
-        let data = conn.read(buf.len())?;
-        let count = data.len().min(buf.len());
-        buf[..count].copy_from_slice(&data[..count]);
-        n.write(count);
+        n.write(conn.read_into(buf)?);
         Ok(())
+    })
+}
+
+/// Reads to the end of the stream, into a buffer to free with
+/// `cc_bytes_free` or move with `cc_bytes_move` (never NULL on success).
+/// More than the instance's `max_result_bytes` fails with
+/// `CC_ERR_TOO_LARGE` and stops the stream.
+///
+/// # Safety
+/// `data` and `len` are NULL or valid for writing; `err` is NULL or valid
+/// for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_conn_read_all(
+    conn: cc_conn,
+    data: *mut *mut u8,
+    len: *mut usize,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes NULL or writable slots.
+        unsafe {
+            alloc::bytes_out(
+                data,
+                len,
+                || Ok(handles::get::<cc::Conn>(conn)?.read_all()?),
+            )
+        }
     })
 }
 

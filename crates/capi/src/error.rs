@@ -35,6 +35,11 @@ pub enum cc_error_code {
     CC_ERR_NETWORK = 8,
     /// Cancelled by a cancel token or a progress callback.
     CC_ERR_CANCELLED = 9,
+    /// A result (a file read whole, a command's captured output) is over
+    /// the instance's `max_result_bytes`; the message names the size and
+    /// the cap. Stream it instead (`cc_instance_copy_out`,
+    /// `cc_instance_read_file_stream`, `cc_cmd_output_to_file`).
+    CC_ERR_TOO_LARGE = 10,
     /// Anything else, including an internal error (a caught panic).
     CC_ERR_UNKNOWN = 99,
 }
@@ -54,6 +59,7 @@ impl From<cc::ErrorCode> for cc_error_code {
             cc::ErrorCode::Io => CC_ERR_IO,
             cc::ErrorCode::Network => CC_ERR_NETWORK,
             cc::ErrorCode::Cancelled => CC_ERR_CANCELLED,
+            cc::ErrorCode::TooLarge => CC_ERR_TOO_LARGE,
             cc::ErrorCode::Unknown => CC_ERR_UNKNOWN,
         }
     }

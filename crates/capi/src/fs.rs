@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::alloc;
+use crate::cmd::cc_conn;
 use crate::error::{cc_error, cc_error_code, Failure};
 use crate::ffi::{cstr, entry, guard, put, slice, slice_mut, Out};
 use crate::handles;
@@ -182,7 +183,11 @@ fn with_inst<T>(
 }
 
 /// The whole contents of a guest file, in a buffer to free with
-/// `cc_bytes_free` (never NULL on success, even when empty).
+/// `cc_bytes_free` or move with `cc_bytes_move` (never NULL on success,
+/// even when empty). Read into one buffer of the size the guest reports;
+/// a file over the instance's `max_result_bytes` fails with
+/// `CC_ERR_TOO_LARGE` before any of it is read (stream it with
+/// `cc_instance_copy_out` or `cc_instance_read_file_stream`).
 ///
 /// # Safety
 /// `path` is a NUL-terminated string; `data` and `len` are NULL or valid
@@ -197,16 +202,98 @@ pub unsafe extern "C" fn cc_instance_read_file(
 ) -> cc_error_code {
     entry(err, || {
         // SAFETY: the caller passes a string and NULL or writable slots.
-        let (path, data, len) = unsafe {
+        unsafe {
+            let path = cstr(path, "path")?;
+            alloc::bytes_out(data, len, || with_inst(inst, |i| i.read_file(path)))
+        }
+    })
+}
+
+/// Starts streaming a guest file of any size: `*out` is a readable
+/// `cc_conn` (read it with `cc_conn_read` until it gives 0 bytes, then
+/// `cc_conn_free` it; freeing it early stops the transfer) and `*size`
+/// (may be NULL) the size the guest reported when it began (0 for files
+/// such as those in `/proc`). Only a bounded window is in memory at a
+/// time, and `max_result_bytes` does not apply.
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `out` is NULL or valid for writing;
+/// `size` is NULL or valid for writing; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_read_file_stream(
+    inst: cc_instance,
+    path: *const c_char,
+    out: *mut cc_conn,
+    size: *mut u64,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes a string and NULL or writable slots.
+        let (path, out, size) =
+            unsafe { (cstr(path, "path")?, Out::new(out, "out")?, Out::opt(size)) };
+        let reader = with_inst(inst, |i| i.read_file_stream(path))?;
+        put(size, reader.size());
+        out.write(handles::insert(Arc::new(reader.into_conn()))?);
+        Ok(())
+    })
+}
+
+/// Copies the guest file `guest_path` to `host_path` (created, or
+/// truncated) in constant memory whatever its size; runs of zero bytes
+/// become holes. `*copied` (may be NULL) is the byte count. On failure the
+/// host file may hold part of the contents.
+///
+/// # Safety
+/// `guest_path` and `host_path` are NUL-terminated strings; `copied` is
+/// NULL or valid for writing; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_copy_out(
+    inst: cc_instance,
+    guest_path: *const c_char,
+    host_path: *const c_char,
+    copied: *mut u64,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes strings and NULL or a writable slot.
+        let (guest, host, copied) = unsafe {
             (
-                cstr(path, "path")?,
-                Out::new(data, "data")?,
-                Out::new(len, "len")?,
+                cstr(guest_path, "guest_path")?,
+                cstr(host_path, "host_path")?,
+                Out::opt(copied),
             )
         };
-        let bytes = with_inst(inst, |i| i.read_file(path))?;
-        data.write(alloc::bytes(&bytes)?);
-        len.write(bytes.len());
+        put(copied, with_inst(inst, |i| i.copy_out(guest, host))?);
+        Ok(())
+    })
+}
+
+/// Copies the host file `host_path` to the guest file `guest_path`
+/// (created or replaced, permission bits `mode`) in constant memory
+/// whatever its size. `*copied` (may be NULL) is the byte count.
+///
+/// # Safety
+/// `host_path` and `guest_path` are NUL-terminated strings; `copied` is
+/// NULL or valid for writing; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_copy_in(
+    inst: cc_instance,
+    host_path: *const c_char,
+    guest_path: *const c_char,
+    mode: u32,
+    copied: *mut u64,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes strings and NULL or a writable slot.
+        let (host, guest, copied) = unsafe {
+            (
+                cstr(host_path, "host_path")?,
+                cstr(guest_path, "guest_path")?,
+                Out::opt(copied),
+            )
+        };
+        put(copied, with_inst(inst, |i| i.copy_in(host, guest, mode))?);
         Ok(())
     })
 }
@@ -636,6 +723,27 @@ pub unsafe extern "C" fn cc_file_read(
         let count = if buf.is_empty() { 0 } else { f.read_some(buf)? };
         n.write(count);
         Ok(())
+    })
+}
+
+/// Everything from the file offset to the end, in a buffer to free with
+/// `cc_bytes_free` or move with `cc_bytes_move` (never NULL on success):
+/// read into one buffer of the size left in a regular file. More than the
+/// instance's `max_result_bytes` fails with `CC_ERR_TOO_LARGE`.
+///
+/// # Safety
+/// `data` and `len` are NULL or valid for writing; `err` is NULL or valid
+/// for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_file_read_all(
+    file: cc_file,
+    data: *mut *mut u8,
+    len: *mut usize,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes NULL or writable slots.
+        unsafe { alloc::bytes_out(data, len, || with_file(file, |f| f.read_all())) }
     })
 }
 

@@ -71,6 +71,11 @@ pub struct cc_instance_options {
     /// `CC_CONFINE_STRICT` (refuse to start with any gap) or
     /// `CC_CONFINE_OFF` (measurements and debugging only).
     pub confinement: u32,
+    /// The largest result one call builds in memory (a file read whole,
+    /// a command's captured output); bigger ones fail with
+    /// `CC_ERR_TOO_LARGE` and should be streamed. 0 for the default
+    /// (`CC_DEFAULT_MAX_RESULT_BYTES`, 1 GiB).
+    pub max_result_bytes: u64,
 }
 
 /// `cc_instance_options.confinement`: everything the host offers.
@@ -80,6 +85,11 @@ pub const CC_CONFINE_STRICT: u32 = 1;
 /// `cc_instance_options.confinement`: QEMU unconfined (measurements and
 /// debugging only, never for untrusted guests).
 pub const CC_CONFINE_OFF: u32 = 2;
+
+/// The default `max_result_bytes`: 1 GiB.
+pub const CC_DEFAULT_MAX_RESULT_BYTES: u64 = 1_073_741_824;
+
+const _: () = assert!(CC_DEFAULT_MAX_RESULT_BYTES == cc::DEFAULT_MAX_RESULT_BYTES);
 
 /// How an instance's guest came to run.
 #[repr(C)]
@@ -118,6 +128,9 @@ fn options(o: Option<&cc_instance_options>) -> Result<cc::Options, Failure> {
             )))
         }
     };
+    if o.max_result_bytes != 0 {
+        out.max_result_bytes = o.max_result_bytes;
+    }
     if o.timeout_seconds != 0.0 {
         out.timeout = Some(
             Duration::try_from_secs_f64(o.timeout_seconds)

@@ -4,7 +4,7 @@
 //! start) is [`Error::InvalidArgument`].
 
 use std::ffi::OsString;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -39,6 +39,8 @@ pub struct Cmd {
     state: Mutex<State>,
     /// Held only by `wait`, so `kill` and the pipes work while it blocks.
     child: Mutex<Option<Child>>,
+    /// The instance's `max_result_bytes`.
+    max_result: u64,
 }
 
 pub(crate) fn misuse(what: &str) -> Error {
@@ -48,6 +50,7 @@ pub(crate) fn misuse(what: &str) -> Error {
 impl Cmd {
     pub(crate) fn new(command: Command) -> Cmd {
         Cmd {
+            max_result: command.max_result(),
             state: Mutex::new(State {
                 stage: Stage::Ready(Box::new(command)),
                 pipes: [None, None, None],
@@ -209,18 +212,66 @@ impl Cmd {
     }
 
     /// Runs the process and returns its stdout (a non-zero exit is not an
-    /// error: see [`Cmd::exit_code`]).
+    /// error: see [`Cmd::exit_code`]). Output over
+    /// [`Options::max_result_bytes`](crate::Options::max_result_bytes)
+    /// kills the process and fails with [`Error::TooLarge`]; stream big
+    /// output with [`Cmd::output_to`].
     pub fn output(&self) -> Result<Vec<u8>> {
-        self.capture(false)
+        self.collect(false)
     }
 
     /// Runs the process and returns stdout and stderr interleaved in the
-    /// order written.
+    /// order written, bounded as [`Cmd::output`].
     pub fn combined_output(&self) -> Result<Vec<u8>> {
-        self.capture(true)
+        self.collect(true)
     }
 
-    fn capture(&self, merged: bool) -> Result<Vec<u8>> {
+    /// Runs the process and streams its stdout (with stderr interleaved
+    /// when `merged`) into `out` as it comes, in constant host memory
+    /// whatever its size; returns the bytes written. A failing `out` kills
+    /// the process.
+    pub fn output_to(&self, merged: bool, out: &mut impl Write) -> Result<u64> {
+        self.capture(merged, |read| {
+            let mut buf = vec![0u8; 256 << 10];
+            let mut total = 0u64;
+            loop {
+                let n = read(&mut buf)?;
+                if n == 0 {
+                    return Ok(total);
+                }
+                out.write_all(&buf[..n]).map_err(|e| Error::Io {
+                    op: "output_to (writing the copy)".into(),
+                    path: "command".into(),
+                    source: e,
+                })?;
+                total += n as u64;
+            }
+        })
+    }
+
+    fn collect(&self, merged: bool) -> Result<Vec<u8>> {
+        let limit = self.max_result;
+        self.capture(merged, |read| {
+            let mut total = 0u64;
+            crate::fs::collect(0, |buf| {
+                let n = read(buf)?;
+                total += n as u64;
+                if total > limit {
+                    return Err(crate::fs::too_large("output of", "command", None, limit));
+                }
+                Ok(n)
+            })
+        })
+    }
+
+    /// Starts the process with stdout piped and gives `consume` a reader
+    /// of it; waits for the exit once `consume` is done. If `consume`
+    /// fails, the process is killed.
+    fn capture<T>(
+        &self,
+        merged: bool,
+        consume: impl FnOnce(&mut dyn FnMut(&mut [u8]) -> Result<usize>) -> Result<T>,
+    ) -> Result<T> {
         if self.state().pipes[1].is_some() || (merged && self.state().pipes[2].is_some()) {
             return Err(misuse("output is already taken by a pipe"));
         }
@@ -241,22 +292,36 @@ impl Cmd {
                 })
             })
         };
-        let mut out = Vec::new();
-        if let Some(s) = stdout.as_mut() {
-            let read = s.read_to_end(&mut out);
-            drop(stdout);
-            if let Err(e) = read {
+        let mut read = |buf: &mut [u8]| -> Result<usize> {
+            let Some(s) = stdout.as_mut() else {
+                return Ok(0);
+            };
+            s.read(buf).map_err(|e| {
+                s.stop();
                 // Past the deadline, wait kills the process and reports it.
-                self.wait()?;
-                return Err(Error::Io {
+                if let Err(waited) = self.wait() {
+                    return waited;
+                }
+                Error::Io {
                     op: "read output".into(),
                     path: "command".into(),
                     source: e,
-                });
+                }
+            })
+        };
+        let result = consume(&mut read);
+        drop(stdout);
+        match result {
+            Ok(value) => {
+                self.wait()?;
+                Ok(value)
+            }
+            Err(e) => {
+                let _ = self.kill();
+                let _ = self.wait();
+                Err(e)
             }
         }
-        self.wait()?;
-        Ok(out)
     }
 
     /// Kills the process and its process group.

@@ -4,6 +4,7 @@ use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -186,6 +187,11 @@ impl Command {
     pub fn stderr(&mut self, s: Stdio) -> &mut Command {
         self.stdio[2] = s;
         self
+    }
+
+    /// The instance's `max_result_bytes`.
+    pub(crate) fn max_result(&self) -> u64 {
+        self.inst.max_result
     }
 
     fn validate(&self) -> Result<()> {
@@ -443,36 +449,61 @@ impl Child {
     }
 
     /// Reads stdout and stderr to their ends while waiting for the exit.
+    /// Together they may hold at most
+    /// [`Options::max_result_bytes`](crate::Options::max_result_bytes):
+    /// past that the process is killed and this fails with
+    /// [`Error::TooLarge`] (stream big output from [`Child::stdout`]).
     pub fn wait_with_output(mut self) -> Result<Output> {
         drop(self.stdin.take());
         let (stdout, stderr) = (self.stdout.take(), self.stderr.take());
         let deadline = self.deadline;
-        let read_all = |s: Option<ChildOutput>| -> io::Result<Vec<u8>> {
-            let mut buf = Vec::new();
-            if let Some(mut s) = s {
-                s.set_deadline(deadline);
-                s.read_to_end(&mut buf)?;
-            }
-            Ok(buf)
+        let limit = self.inst.max_result;
+        let total = AtomicU64::new(0);
+        let signaller = self.signaller();
+        let read_all = |s: Option<ChildOutput>| -> std::result::Result<Vec<u8>, Stop> {
+            let Some(mut s) = s else {
+                return Ok(Vec::new());
+            };
+            s.set_deadline(deadline);
+            crate::fs::collect(0, |buf| {
+                let n = s.receive(buf).map_err(Stop::Io)?;
+                if total.fetch_add(n as u64, Ordering::Relaxed) + n as u64 > limit {
+                    // Ends both streams, so the other reader stops too.
+                    let _ = signaller.signal(libc::SIGKILL);
+                    return Err(Stop::TooLarge);
+                }
+                Ok(n)
+            })
         };
         let (out, err) = std::thread::scope(|scope| {
             let err = scope.spawn(|| read_all(stderr));
             (
                 read_all(stdout),
                 err.join()
-                    .unwrap_or_else(|_| Err(io::Error::other("stderr reader panicked"))),
+                    .unwrap_or_else(|_| Err(Stop::Io(io::Error::other("stderr reader panicked")))),
             )
         });
-        let lost = |e: io::Error| match self.inst.check_running() {
-            Err(not_running) => not_running,
-            Ok(()) if e.kind() == io::ErrorKind::TimedOut => self.expire(),
-            Ok(()) => Error::Io {
-                op: "read output of".into(),
-                path: "process".into(),
-                source: e,
+        let lost = |stop: Stop| match stop {
+            Stop::TooLarge => {
+                let _ = self.exit.wait(Some(Instant::now() + REQUEST_TIMEOUT));
+                crate::fs::too_large("output of", "process", None, limit)
+            }
+            Stop::Io(e) => match self.inst.check_running() {
+                Err(not_running) => not_running,
+                Ok(()) if e.kind() == io::ErrorKind::TimedOut => self.expire(),
+                Ok(()) => Error::Io {
+                    op: "read output of".into(),
+                    path: "process".into(),
+                    source: e,
+                },
             },
         };
-        let (stdout, stderr) = (out.map_err(lost)?, err.map_err(lost)?);
+        let (stdout, stderr) = match (out, err) {
+            (Err(Stop::TooLarge), _) | (_, Err(Stop::TooLarge)) => {
+                return Err(lost(Stop::TooLarge))
+            }
+            (out, err) => (out.map_err(lost)?, err.map_err(lost)?),
+        };
         let status = self.wait()?;
         Ok(Output {
             status,
@@ -480,6 +511,14 @@ impl Child {
             stderr,
         })
     }
+}
+
+/// Why reading a captured stream stopped early.
+#[derive(Debug)]
+enum Stop {
+    Io(io::Error),
+    /// The output went over the instance's `max_result_bytes`.
+    TooLarge,
 }
 
 /// Signals one guest process; cheap to clone, usable from any thread.
@@ -586,6 +625,11 @@ impl ChildOutput {
     /// `ErrorKind::TimedOut`.
     pub fn set_deadline(&mut self, deadline: Option<Instant>) {
         self.deadline = deadline;
+    }
+
+    /// The instance's `max_result_bytes`.
+    pub(crate) fn max_result(&self) -> u64 {
+        self.inst.max_result
     }
 
     /// Reads what is there (0 bytes at end of file), waiting for some.

@@ -49,6 +49,17 @@ impl Conn {
         }
     }
 
+    /// The readable end of a stream from the guest (a file being read).
+    pub(crate) fn from_reader(reader: ChildOutput) -> Conn {
+        Conn {
+            state: Arc::new(Mutex::new(State::Open {
+                reader: Some(Arc::new(reader)),
+                writer: None,
+            })),
+            addrs: None,
+        }
+    }
+
     /// A TCP connection carried by a stream pair.
     pub(crate) fn socket(
         reader: ChildOutput,
@@ -122,22 +133,52 @@ impl Conn {
     /// Reads up to `max` bytes, waiting for some; an empty result is end of
     /// stream.
     pub fn read(&self, max: usize) -> Result<Vec<u8>> {
-        let reader = match &*self.lock() {
-            State::Open {
-                reader: Some(r), ..
-            } => r.clone(),
-            State::Open { reader: None, .. } if self.addrs.is_none() => {
-                return Err(misuse("this end is not readable"))
-            }
-            State::Open { reader: None, .. } | State::Closed => return Err(Error::AlreadyClosed),
-            State::Unbound(_) => return Err(misuse("the command was not started")),
-        };
         let mut buf = vec![0u8; max.min(1 << 20)];
-        let n = reader
-            .receive(&mut buf)
-            .map_err(|e| self.io_error("read", e))?;
+        let n = self.read_into(&mut buf)?;
         buf.truncate(n);
         Ok(buf)
+    }
+
+    /// Reads up to `buf.len()` bytes into `buf`, waiting for some; 0 is end
+    /// of stream (or an empty `buf`).
+    pub fn read_into(&self, buf: &mut [u8]) -> Result<usize> {
+        self.reader()?
+            .receive(buf)
+            .map_err(|e| self.io_error("read", e))
+    }
+
+    /// The readable end, or why there is none.
+    fn reader(&self) -> Result<Arc<ChildOutput>> {
+        match &*self.lock() {
+            State::Open {
+                reader: Some(r), ..
+            } => Ok(r.clone()),
+            State::Open { reader: None, .. } if self.addrs.is_none() => {
+                Err(misuse("this end is not readable"))
+            }
+            State::Open { reader: None, .. } | State::Closed => Err(Error::AlreadyClosed),
+            State::Unbound(_) => Err(misuse("the command was not started")),
+        }
+    }
+
+    /// Reads to the end of the stream into one buffer. More than the
+    /// instance's [`Options::max_result_bytes`](crate::Options::max_result_bytes)
+    /// fails with [`Error::TooLarge`] and stops the stream; read big streams
+    /// in parts with [`Conn::read_into`].
+    pub fn read_all(&self) -> Result<Vec<u8>> {
+        let limit = self.reader()?.max_result();
+        let mut total = 0u64;
+        crate::fs::collect(0, |buf| {
+            let n = self.read_into(buf)?;
+            total += n as u64;
+            if total > limit {
+                if let Ok(reader) = self.reader() {
+                    reader.stop();
+                }
+                return Err(crate::fs::too_large("read", &self.name(), None, limit));
+            }
+            Ok(n)
+        })
     }
 
     /// Writes all of `data`, waiting while the guest catches up.

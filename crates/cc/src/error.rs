@@ -16,6 +16,7 @@ pub enum ErrorCode {
     Io = 7,
     Network = 8,
     Cancelled = 9,
+    TooLarge = 10,
     Unknown = 99,
 }
 
@@ -53,6 +54,17 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A result the library would build in memory is over
+    /// [`Options::max_result_bytes`](crate::Options::max_result_bytes):
+    /// `size` bytes when known (the guest reported it), else `None` (more
+    /// than `limit` arrived).
+    #[error("{op} {path}: {}, over max_result_bytes ({limit}); stream it instead", too_large(*.size, *.limit))]
+    TooLarge {
+        op: String,
+        path: String,
+        size: Option<u64>,
+        limit: u64,
+    },
     /// The guest agent reported a failure.
     #[error("{op}: {message}")]
     Guest { op: String, message: String },
@@ -77,6 +89,7 @@ impl Error {
             Error::Net { .. } => ErrorCode::Network,
             Error::AlreadyClosed => ErrorCode::AlreadyClosed,
             Error::Timeout(_) => ErrorCode::Timeout,
+            Error::TooLarge { .. } => ErrorCode::TooLarge,
             Error::CommandNotFound(_)
             | Error::PermissionDenied(_)
             | Error::Io { .. }
@@ -110,7 +123,10 @@ impl Error {
     /// The operation that failed, where one applies.
     pub fn op(&self) -> Option<&str> {
         match self {
-            Error::Io { op, .. } | Error::Guest { op, .. } | Error::Net { op, .. } => Some(op),
+            Error::Io { op, .. }
+            | Error::Guest { op, .. }
+            | Error::Net { op, .. }
+            | Error::TooLarge { op, .. } => Some(op),
             Error::Image(cc_image::Error::Io { op, .. }) => Some(op),
             _ => None,
         }
@@ -121,6 +137,7 @@ impl Error {
         match self {
             Error::Io { path, .. }
             | Error::Net { addr: path, .. }
+            | Error::TooLarge { path, .. }
             | Error::Image(cc_image::Error::Io { path, .. }) => Some(path),
             _ => None,
         }
@@ -153,6 +170,13 @@ impl From<cc_protocol::frame::FrameError> for Error {
             )),
             other => Error::Protocol(other.to_string()),
         }
+    }
+}
+
+fn too_large(size: Option<u64>, limit: u64) -> String {
+    match size {
+        Some(size) => format!("{size} bytes"),
+        None => format!("more than {limit} bytes"),
     }
 }
 

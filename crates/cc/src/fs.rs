@@ -2,6 +2,7 @@
 //! (/proc, tmpfs, mounts included), with no host-side cache to go stale.
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -13,11 +14,14 @@ pub use cc_protocol::open_flags::{
     O_APPEND, O_CREATE, O_EXCL, O_RDONLY, O_RDWR, O_TRUNC, O_WRONLY,
 };
 
+use crate::command::ChildOutput;
+use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::instance::{Inner, Instance, REQUEST_TIMEOUT};
 
 const S_IFMT: u32 = 0o170000;
 const S_IFDIR: u32 = 0o040000;
+const S_IFREG: u32 = 0o100000;
 const S_IFLNK: u32 = 0o120000;
 
 /// What `stat` tells of a guest file.
@@ -165,21 +169,143 @@ fn unexpected(op: &str, r: Response) -> Error {
     Error::Protocol(format!("unexpected answer to {op}: {r:?}"))
 }
 
-impl Instance {
-    /// The whole contents of a guest file.
-    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        self.read_file_to(path, &mut out)?;
-        Ok(out)
+/// How much [`collect`] reads at a time, and [`Instance::copy_out`]'s
+/// buffer.
+const COPY_CHUNK: usize = 256 << 10;
+
+/// Reads everything `read` yields (until it returns 0) into one buffer,
+/// in place: reserved up front for the `expected` bytes the guest reported
+/// (no copy, no doubling while it fills), grown only if more arrives. `read`
+/// enforces any size limit.
+pub(crate) fn collect<E>(
+    expected: u64,
+    mut read: impl FnMut(&mut [u8]) -> std::result::Result<usize, E>,
+) -> std::result::Result<Vec<u8>, E> {
+    let mut out = Vec::new();
+    // The guest's word only: a reservation that fails (a guest claiming
+    // more than the address space) just leaves growth to the data.
+    let _ = out.try_reserve_exact(usize::try_from(expected).unwrap_or(usize::MAX));
+    loop {
+        let len = out.len();
+        if len == out.capacity() {
+            // Full (at the expected size, say): grow only if more comes.
+            let mut probe = [0u8; 4096];
+            let n = read(&mut probe)?;
+            if n == 0 {
+                return Ok(out);
+            }
+            out.reserve(COPY_CHUNK);
+            out.extend_from_slice(&probe[..n]);
+            continue;
+        }
+        // Only the part about to be filled is initialized, so capacity not
+        // reached yet costs no host memory.
+        out.resize(len + (out.capacity() - len).min(COPY_CHUNK), 0);
+        let n = read(&mut out[len..]);
+        out.truncate(len + *n.as_ref().unwrap_or(&0));
+        if n? == 0 {
+            out.shrink_to_fit();
+            return Ok(out);
+        }
+    }
+}
+
+/// The [`Error::TooLarge`] of `op` on `path`.
+pub(crate) fn too_large(op: &str, path: &str, size: Option<u64>, limit: u64) -> Error {
+    Error::TooLarge {
+        op: op.to_string(),
+        path: path.to_string(),
+        size,
+        limit,
+    }
+}
+
+/// A guest file streaming to the host, from [`Instance::read_file_stream`]:
+/// read it to its end (a read of 0 bytes). Only a bounded window of it is
+/// in host memory at a time. Dropping it early stops the transfer.
+#[derive(Debug)]
+pub struct FileReader {
+    inner: Arc<Inner>,
+    stream: ChildOutput,
+    path: String,
+    size: u64,
+    /// Bytes read so far, and the most the caller takes.
+    read: u64,
+    limit: Option<u64>,
+}
+
+impl FileReader {
+    /// The file's size when the transfer began, as the guest reported it
+    /// (what it yields may differ if the file changes meanwhile; files
+    /// such as those in `/proc` report 0).
+    pub fn size(&self) -> u64 {
+        self.size
     }
 
-    /// Streams a guest file into `out` in chunks (any size, bounded
-    /// memory); returns the bytes copied.
-    pub fn read_file_to(&self, path: &str, out: &mut impl Write) -> Result<u64> {
+    /// The guest path being read.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The stream as a [`Conn`] to read (the C API's form of it).
+    pub fn into_conn(self) -> Conn {
+        Conn::from_reader(self.stream)
+    }
+
+    /// Reads up to `buf.len()` bytes, waiting for some; 0 at the end.
+    pub fn read_some(&mut self, buf: &mut [u8]) -> Result<usize> {
+        let n = self.stream.receive(buf).map_err(|e| {
+            self.stream.stop();
+            match self.inner.check_running() {
+                Err(not_running) => not_running,
+                Ok(()) => Error::Io {
+                    op: "read_file".into(),
+                    path: self.path.clone(),
+                    source: e,
+                },
+            }
+        })?;
+        self.read += n as u64;
+        match self.limit {
+            Some(limit) if self.read > limit => {
+                self.stream.stop();
+                Err(too_large("read_file", &self.path, None, limit))
+            }
+            _ => Ok(n),
+        }
+    }
+}
+
+impl Read for FileReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_some(buf).map_err(to_io)
+    }
+}
+
+impl Instance {
+    /// The whole contents of a guest file, read into one buffer of the
+    /// size the guest reports. A file over
+    /// [`Options::max_result_bytes`](crate::Options::max_result_bytes) is
+    /// refused with [`Error::TooLarge`] before any of it is read; stream
+    /// such files ([`Instance::copy_out`], [`Instance::read_file_stream`]).
+    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        let mut reader = self.read_file_stream(path)?;
+        let limit = self.inner().max_result;
+        if reader.size > limit {
+            return Err(too_large("read_file", path, Some(reader.size), limit));
+        }
+        reader.limit = Some(limit);
+        collect(reader.size, |buf| reader.read_some(buf))
+    }
+
+    /// Starts streaming a guest file to the host: any size, in bounded
+    /// host memory, with no limit of its own.
+    pub fn read_file_stream(&self, path: &str) -> Result<FileReader> {
         let inner = self.inner();
         inner.check_running()?;
         let wire = guest_path(path)?;
         let (id, stream) = inner.channel.open_inbound();
+        let stream = ChildOutput::new(inner.clone(), id, stream);
         let reply = inner.channel.request(
             Request::ReadFile {
                 path: wire,
@@ -187,48 +313,81 @@ impl Instance {
             },
             REQUEST_TIMEOUT,
         );
-        let size = match reply {
-            Ok(Ok(Response::Size(size))) => size,
-            Ok(Ok(other)) => return Err(unexpected("read_file", other)),
-            Ok(Err(e)) => {
-                inner.channel.close_inbound(id, &stream);
-                return Err(remote("read_file", path, e));
-            }
-            Err(e) => {
-                inner.channel.close_inbound(id, &stream);
-                return Err(e);
-            }
+        // On an error, dropping `stream` closes it.
+        let size = match reply? {
+            Ok(Response::Size(size)) => size,
+            Ok(other) => return Err(unexpected("read_file", other)),
+            Err(e) => return Err(remote("read_file", path, e)),
         };
-        let mut buf = vec![0u8; DATA_CHUNK.min(size.max(1) as usize)];
+        Ok(FileReader {
+            inner: inner.clone(),
+            stream,
+            path: path.to_string(),
+            size,
+            read: 0,
+            limit: None,
+        })
+    }
+
+    /// Streams a guest file into `out` in chunks (any size, bounded
+    /// memory); returns the bytes copied.
+    pub fn read_file_to(&self, path: &str, out: &mut impl Write) -> Result<u64> {
+        let mut reader = self.read_file_stream(path)?;
+        let mut buf = vec![0u8; DATA_CHUNK];
         let mut total = 0u64;
         loop {
-            let n = match inner.channel.read(id, &stream, &mut buf, None) {
-                Ok(n) => n,
-                Err(e) => {
-                    inner.channel.close_inbound(id, &stream);
-                    return Err(match inner.check_running() {
-                        Err(not_running) => not_running,
-                        Ok(()) => Error::Io {
-                            op: "read_file".into(),
-                            path: path.into(),
-                            source: e,
-                        },
-                    });
-                }
-            };
+            let n = reader.read_some(&mut buf)?;
             if n == 0 {
                 return Ok(total);
             }
-            out.write_all(&buf[..n]).map_err(|e| {
-                inner.channel.close_inbound(id, &stream);
-                Error::Io {
-                    op: "read_file (writing the copy)".into(),
-                    path: path.into(),
-                    source: e,
-                }
+            out.write_all(&buf[..n]).map_err(|e| Error::Io {
+                op: "read_file (writing the copy)".into(),
+                path: path.into(),
+                source: e,
             })?;
             total += n as u64;
         }
+    }
+
+    /// Copies a guest file to `host_path` (created, or truncated), streamed
+    /// in constant host memory whatever its size; runs of zero bytes
+    /// become holes, so a sparse guest file stays sparse. Returns the bytes
+    /// copied. On failure the host file may hold part of the contents.
+    pub fn copy_out(&self, guest_path: &str, host_path: impl AsRef<Path>) -> Result<u64> {
+        let host_path = host_path.as_ref();
+        let mut reader = self.read_file_stream(guest_path)?;
+        let mut file =
+            std::fs::File::create(host_path).map_err(Error::io("copy_out (create)", host_path))?;
+        let mut buf = vec![0u8; COPY_CHUNK];
+        let mut total = 0u64;
+        loop {
+            let n = reader.read_some(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            let chunk = &buf[..n];
+            if chunk.iter().all(|&b| b == 0) {
+                file.seek(SeekFrom::Current(n as i64)).map(drop)
+            } else {
+                file.write_all(chunk)
+            }
+            .map_err(Error::io("copy_out (write)", host_path))?;
+            total += n as u64;
+        }
+        // A file ending in a hole gets its length here.
+        file.set_len(total)
+            .map_err(Error::io("copy_out (write)", host_path))?;
+        Ok(total)
+    }
+
+    /// Copies the host file `host_path` to the guest path (created or
+    /// replaced, permissions `mode`), streamed in constant host memory
+    /// whatever its size. Returns the bytes copied.
+    pub fn copy_in(&self, host_path: impl AsRef<Path>, guest_path: &str, mode: u32) -> Result<u64> {
+        let host_path = host_path.as_ref();
+        let mut file =
+            std::fs::File::open(host_path).map_err(Error::io("copy_in (open)", host_path))?;
+        self.write_file_from(guest_path, &mut file, mode)
     }
 
     /// Creates or replaces a guest file with `data`, permissions `mode`.
@@ -537,16 +696,32 @@ impl File {
         }
     }
 
-    /// Everything from the file offset to the end.
+    /// Everything from the file offset to the end, read into one buffer
+    /// of the size left in a regular file. More than
+    /// [`Options::max_result_bytes`](crate::Options::max_result_bytes) is
+    /// [`Error::TooLarge`]; read such files in parts with
+    /// [`File::read_some`].
     pub fn read_all(&self) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; DATA_CHUNK];
-        loop {
-            match self.read_some(&mut buf)? {
-                0 => return Ok(out),
-                n => out.extend_from_slice(&buf[..n]),
-            }
+        let limit = self.inner.max_result;
+        let info = self.stat()?;
+        let expected = if info.mode & S_IFMT == S_IFREG {
+            info.size
+                .saturating_sub(self.seek_to(SeekFrom::Current(0))?)
+        } else {
+            0
+        };
+        if expected > limit {
+            return Err(too_large("read", &self.path, Some(expected), limit));
         }
+        let mut total = 0u64;
+        collect(expected, |buf| {
+            let n = self.read_some(buf)?;
+            total += n as u64;
+            if total > limit {
+                return Err(too_large("read", &self.path, None, limit));
+            }
+            Ok(n)
+        })
     }
 
     /// Writes all of `data` at the file offset (the end, with `O_APPEND`).
@@ -693,6 +868,58 @@ impl Drop for File {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reader yielding `data` in pieces of at most `step` bytes.
+    fn pieces(data: &[u8], step: usize) -> impl FnMut(&mut [u8]) -> Result<usize> + '_ {
+        let mut at = 0;
+        move |buf| {
+            let n = buf.len().min(step).min(data.len() - at);
+            buf[..n].copy_from_slice(&data[at..at + n]);
+            at += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn collect_fills_the_reported_size_in_place() {
+        let data: Vec<u8> = (0..3 * COPY_CHUNK + 17).map(|i| i as u8).collect();
+        let out = collect(data.len() as u64, pieces(&data, 100_000)).unwrap();
+        assert_eq!(out, data);
+        // Reserved once for the reported size: never grown past it.
+        assert_eq!(out.capacity(), data.len());
+    }
+
+    #[test]
+    fn collect_grows_when_the_guest_sends_more_or_less_than_it_said() {
+        let data: Vec<u8> = (0..COPY_CHUNK + 5000).map(|i| (i * 7) as u8).collect();
+        for expected in [0, 10, data.len() as u64 * 2, u64::MAX] {
+            let out = collect(expected, pieces(&data, 3000)).unwrap();
+            assert_eq!(out, data, "expected {expected}");
+        }
+        assert!(collect(0, pieces(&[], 1)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn collect_stops_at_the_first_error() {
+        let mut calls = 0;
+        let err = collect(100, |buf: &mut [u8]| {
+            calls += 1;
+            if calls == 2 {
+                return Err(too_large("read_file", "/big", Some(1 << 40), 1 << 30));
+            }
+            buf[0] = 1;
+            Ok(1)
+        })
+        .unwrap_err();
+        assert_eq!(err.code(), crate::ErrorCode::TooLarge);
+        assert_eq!(
+            err.to_string(),
+            "read_file /big: 1099511627776 bytes, over max_result_bytes (1073741824); stream it instead"
+        );
+        assert_eq!((err.op(), err.path()), (Some("read_file"), Some("/big")));
+        let err = too_large("output of", "command", None, 5);
+        assert!(err.to_string().contains("more than 5 bytes"), "{err}");
+    }
 
     #[test]
     fn times_round_trip_including_before_the_epoch() {

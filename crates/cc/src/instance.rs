@@ -93,6 +93,15 @@ pub struct Options {
     /// of its image before it gets `ENOSPC`. Sparse on the host, so only
     /// written blocks take host disk, and never more than this.
     pub disk_mb: u32,
+    /// The largest result one call builds in host memory (default
+    /// [`DEFAULT_MAX_RESULT_BYTES`], 1 GiB): [`Instance::read_file`],
+    /// [`File::read_all`](crate::File::read_all), and the captured output
+    /// of [`Command::output`] and [`Cmd::output`] (stdout and stderr
+    /// together). A bigger result fails with [`Error::TooLarge`] instead
+    /// of growing the host process as far as the guest likes; stream big
+    /// data with [`Instance::copy_out`], [`Instance::read_file_stream`],
+    /// [`Instance::read_file_to`] or [`Cmd::output_to`].
+    pub max_result_bytes: u64,
 }
 
 /// Default size of an instance's writable layer: 4 GiB.
@@ -101,6 +110,9 @@ pub const DEFAULT_DISK_MB: u32 = 4096;
 /// Bounds of [`Options::disk_mb`]: ext4 needs a few MiB for itself, and a
 /// writable layer beyond 1 TiB is a mistake rather than a need.
 const DISK_MB_RANGE: std::ops::RangeInclusive<u32> = 64..=1 << 20;
+
+/// The default of [`Options::max_result_bytes`]: 1 GiB.
+pub const DEFAULT_MAX_RESULT_BYTES: u64 = 1 << 30;
 
 /// A host directory shared into the guest at `guest_path`. Read-only
 /// unless `writable` (enforced by the host, not just the guest); writes
@@ -165,6 +177,7 @@ impl Default for Options {
             confinement: ConfineMode::BestEffort,
             console_log_max: cc_engine::CONSOLE_LOG_MAX,
             disk_mb: DEFAULT_DISK_MB,
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
         }
     }
 }
@@ -204,6 +217,11 @@ impl Options {
         {
             return Err(Error::InvalidArgument(
                 "user must be a non-empty name or id".into(),
+            ));
+        }
+        if self.max_result_bytes == 0 {
+            return Err(Error::InvalidArgument(
+                "max_result_bytes 0 must be positive".into(),
             ));
         }
         if self.timeout.is_some_and(|t| t.is_zero()) {
@@ -256,6 +274,8 @@ pub(crate) struct Inner {
     pub(crate) origin: Origin,
     /// Whether it has a network interface.
     network: bool,
+    /// [`Options::max_result_bytes`].
+    pub(crate) max_result: u64,
     /// File handle ids, unique on the connection.
     pub(crate) next_handle: AtomicU64,
     /// Guest ports published on the host, stopped on close.
@@ -476,6 +496,7 @@ impl Instance {
             image_config,
             origin,
             network: options.network,
+            max_result: options.max_result_bytes,
             next_handle: AtomicU64::new(1),
             exposed: Mutex::default(),
             live: Mutex::new(None),

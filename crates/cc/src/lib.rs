@@ -50,10 +50,12 @@ pub use command::{Child, ChildOutput, ChildStdin, Command, ExitStatus, Output, S
 pub use conn::Conn;
 pub use error::{Error, ErrorCode, Result};
 pub use fs::{
-    DirEntry, File, FileInfo, Whence, O_APPEND, O_CREATE, O_EXCL, O_RDONLY, O_RDWR, O_TRUNC,
-    O_WRONLY,
+    DirEntry, File, FileInfo, FileReader, Whence, O_APPEND, O_CREATE, O_EXCL, O_RDONLY, O_RDWR,
+    O_TRUNC, O_WRONLY,
 };
-pub use instance::{BootTimings, Instance, Mount, Options, Source, DEFAULT_DISK_MB};
+pub use instance::{
+    BootTimings, Instance, Mount, Options, Source, DEFAULT_DISK_MB, DEFAULT_MAX_RESULT_BYTES,
+};
 pub use net::{Exposed, Listener};
 pub use oci::*;
 pub use snapshot::Snapshot;

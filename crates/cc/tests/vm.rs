@@ -1646,7 +1646,10 @@ fn soak_warm_cycles_leave_nothing_behind() {
     let serial = t.elapsed();
     let grown = rss_kib().saturating_sub(rss_before);
     assert_eq!(holdings(), before, "left behind after {cycles} cycles");
-    assert!(grown < 10 << 10, "host RSS grew by {grown} KiB in {cycles} cycles");
+    assert!(
+        grown < 10 << 10,
+        "host RSS grew by {grown} KiB in {cycles} cycles"
+    );
 
     // In parallel: a first round sets up what ten threads need once
     // (allocator arenas), then the measured rounds.
@@ -2248,6 +2251,216 @@ macro_rules! named {
     };
 }
 
+// ---- bounded host memory for guest-sized results ----
+
+/// A line of `/proc/self/status` in bytes (`VmRSS`, `VmHWM`).
+fn status_bytes(key: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or_else(|| panic!("no {key} in /proc/self/status"));
+    let kb: u64 = line[key.len() + 1..]
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()
+        .unwrap();
+    kb << 10
+}
+
+/// Runs `f` and returns its result and how far this process's resident
+/// memory peaked above where it was (the peak is reset first).
+fn peak_growth<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak RSS");
+    let before = status_bytes("VmRSS:");
+    let value = f();
+    (value, status_bytes("VmHWM:").saturating_sub(before))
+}
+
+const MIB: u64 = 1 << 20;
+
+fn read_file_of_3_gib_is_refused_under_the_default_cap(inst: &Instance) {
+    stdout(inst, "truncate -s 3G /big3g");
+    let t = Instant::now();
+    let (err, growth) = peak_growth(|| inst.read_file("/big3g").unwrap_err());
+    assert_eq!(err.code(), ErrorCode::TooLarge, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("3221225472 bytes")
+            && text.contains(&cc::DEFAULT_MAX_RESULT_BYTES.to_string()),
+        "names the size and the cap: {text}"
+    );
+    assert_eq!((err.op(), err.path()), (Some("read_file"), Some("/big3g")));
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "refused before reading"
+    );
+    assert!(growth < 64 * MIB, "host RSS grew {growth} bytes");
+    // An open handle's read_all is held to the same cap.
+    let file = inst.open("/big3g").unwrap();
+    let err = file.read_all().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::TooLarge, "{err}");
+    drop(file);
+    // The channel is still good.
+    assert_eq!(stdout(inst, "echo ok"), "ok\n");
+    inst.remove("/big3g").unwrap();
+}
+
+fn copy_out_and_output_to_stream_in_constant_memory(inst: &Instance) {
+    // Sparse, over 2 GiB, with marks where a wrong offset would show.
+    const LEN: u64 = 2100 * MIB;
+    let marks = [(0, "head"), ((1 << 31) + 7, "middle"), (LEN - 4, "tail")];
+    let mut script = format!("truncate -s {LEN} /big");
+    for (at, text) in marks {
+        script += &format!("; printf {text} | dd of=/big bs=1 seek={at} conv=notrunc 2>/dev/null");
+    }
+    stdout(inst, &script);
+    let dir = std::env::temp_dir().join(format!("cc-vm-copy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let host = dir.join("big");
+    let (copied, growth) = peak_growth(|| inst.copy_out("/big", &host).unwrap());
+    assert_eq!(copied, LEN);
+    assert!(growth < 64 * MIB, "copy_out: host RSS grew {growth} bytes");
+    let mut file = std::fs::File::open(&host).unwrap();
+    assert_eq!(file.metadata().unwrap().len(), copied);
+    for (at, text) in marks {
+        let mut got = vec![0u8; text.len()];
+        file.seek(std::io::SeekFrom::Start(at)).unwrap();
+        file.read_exact(&mut got).unwrap();
+        assert_eq!(got, text.as_bytes(), "at {at}");
+    }
+    inst.remove("/big").unwrap();
+
+    // A command's output, 300 MB, straight into a host file.
+    const OUT: u64 = 300_000_000;
+    let out_path = dir.join("out");
+    let cmd = inst.cmd(
+        "sh",
+        &["-c", &format!("printf 0123456789; head -c {OUT} /dev/zero")],
+    );
+    let (written, growth) = peak_growth(|| {
+        let mut out = std::fs::File::create(&out_path).unwrap();
+        cmd.output_to(false, &mut out).unwrap()
+    });
+    assert_eq!(written, 10 + OUT);
+    assert_eq!(cmd.exit_code(), Some(0));
+    assert!(growth < 64 * MIB, "output_to: host RSS grew {growth} bytes");
+    let mut head = [0u8; 10];
+    std::fs::File::open(&out_path)
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert_eq!(&head, b"0123456789");
+    assert_eq!(std::fs::metadata(&out_path).unwrap().len(), written);
+
+    // copy_in and read_file_stream: the same bytes back.
+    let data: Vec<u8> = (0..3 * MIB).map(pattern_byte).collect();
+    std::fs::write(dir.join("in"), &data).unwrap();
+    assert_eq!(
+        inst.copy_in(dir.join("in"), "/in", 0o640).unwrap(),
+        data.len() as u64
+    );
+    assert_eq!(inst.stat("/in").unwrap().permissions(), 0o640);
+    let mut reader = inst.read_file_stream("/in").unwrap();
+    assert_eq!(reader.size(), data.len() as u64);
+    let mut back = Vec::new();
+    reader.read_to_end(&mut back).unwrap();
+    assert!(back == data, "read_file_stream returns what copy_in wrote");
+    inst.remove("/in").unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn output_of_300_mb_is_built_once(inst: &Instance) {
+    const LEN: usize = 300_000_000;
+    let (out, growth) = peak_growth(|| sh(inst, &format!("head -c {LEN} /dev/zero")));
+    assert!(out.status.success());
+    assert_eq!(out.stdout.len(), LEN);
+    assert!(
+        growth < LEN as u64 + 64 * MIB,
+        "output of {LEN} bytes: host RSS grew {growth} bytes"
+    );
+    drop(out);
+    // read_file of a file just as big: one buffer of the reported size.
+    stdout(inst, &format!("truncate -s {LEN} /big"));
+    let (data, growth) = peak_growth(|| inst.read_file("/big").unwrap());
+    assert_eq!(data.len(), LEN);
+    assert_eq!(data.capacity(), LEN, "reserved from the reported size");
+    assert!(
+        growth < LEN as u64 + 64 * MIB,
+        "read_file of {LEN} bytes: host RSS grew {growth} bytes"
+    );
+    inst.remove("/big").unwrap();
+}
+
+fn results_over_a_small_max_result_bytes_are_refused() {
+    const CAP: u64 = MIB;
+    let inst = boot_with(Options {
+        max_result_bytes: CAP,
+        ..Options::default()
+    });
+    stdout(&inst, "head -c 2000000 /dev/zero > /two-mb");
+    let err = inst.read_file("/two-mb").unwrap_err();
+    assert_eq!(err.code(), ErrorCode::TooLarge, "{err}");
+    assert!(
+        err.to_string()
+            .contains("2000000 bytes, over max_result_bytes (1048576)"),
+        "{err}"
+    );
+    // A file that said its size was 0 (procfs) is cut off once more than
+    // the cap came.
+    let err = inst.read_file("/proc/self/pagemap").unwrap_err();
+    assert_eq!(err.code(), ErrorCode::TooLarge, "{err}");
+    assert!(err.to_string().contains("more than 1048576 bytes"), "{err}");
+    let err = inst.open("/two-mb").unwrap().read_all().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::TooLarge, "{err}");
+
+    // Output over the cap (stdout and stderr together): the process is
+    // killed and the call fails, not a hang.
+    let t = Instant::now();
+    for script in ["cat /dev/zero", "yes >&2", "yes; yes >&2"] {
+        let err = inst
+            .command("sh")
+            .args(["-c", script])
+            .output()
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::TooLarge, "{script}: {err}");
+        assert!(err.to_string().contains("more than 1048576 bytes"), "{err}");
+    }
+    let cmd = inst.cmd("sh", &["-c", "cat /dev/zero >&2"]);
+    let err = cmd.combined_output().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::TooLarge, "{err}");
+    assert!(cmd.exit_code().is_some(), "killed and reaped");
+    let cmd = inst.cmd("cat", &["/dev/zero"]);
+    let err = cmd.output().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::TooLarge, "{err}");
+    assert!(cmd.exit_code().is_some(), "killed and reaped");
+    // A pipe read to its end is held to the cap too.
+    let cmd = inst.cmd("cat", &["/dev/zero"]);
+    let pipe = cmd.stdout_pipe().unwrap();
+    cmd.start().unwrap();
+    let err = pipe.read_all().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::TooLarge, "{err}");
+    cmd.kill().unwrap();
+    cmd.wait().unwrap();
+    let cmd = inst.cmd("echo", &["hi"]);
+    let pipe = cmd.stdout_pipe().unwrap();
+    cmd.start().unwrap();
+    assert_eq!(pipe.read_all().unwrap(), b"hi\n");
+    cmd.wait().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(30), "not a hang");
+    // Up to the cap is fine, and streaming has no cap.
+    assert!(!inst.read_file("/proc/version").unwrap().is_empty());
+    let mut sink = Vec::new();
+    assert_eq!(inst.read_file_to("/two-mb", &mut sink).unwrap(), 2_000_000);
+    let err = Options {
+        max_result_bytes: 0,
+        ..Options::default()
+    };
+    let err = Instance::new(&Source::Dir(rootfs()), err).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    inst.close().unwrap();
+}
+
 fn main() {
     if std::env::var("CC_RUN_VM_TESTS").as_deref() != Ok("1") {
         println!("VM tests not run: set CC_RUN_VM_TESTS=1 (they boot real VMs)");
@@ -2301,6 +2514,9 @@ fn main() {
         listen_bad_input_and_many_short_connections,
         dial_into_a_guest_service,
         expose_a_guest_httpd,
+        read_file_of_3_gib_is_refused_under_the_default_cap,
+        copy_out_and_output_to_stream_in_constant_memory,
+        output_of_300_mb_is_built_once,
     ];
     let own: &[(&str, fn())] = named![
         close_leaves_nothing,
@@ -2329,6 +2545,7 @@ fn main() {
         templates_follow_their_key_and_broken_ones_are_rebuilt,
         template_of_a_removed_image_is_not_used,
         ten_warm_instances_in_parallel,
+        results_over_a_small_max_result_bytes_are_refused,
     ];
 
     let (mut passed, mut failed) = (0, Vec::new());

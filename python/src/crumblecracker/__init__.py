@@ -52,6 +52,7 @@ from ._errors import (
     NetworkError,
     NotRunningError,
     TimeoutError,
+    TooLargeError,
 )
 from ._file import File
 from ._instance import Instance, Snapshot
@@ -126,6 +127,7 @@ __all__ = [
     "Snapshot",
     "StartKind",
     "TimeoutError",
+    "TooLargeError",
     "__version__",
     "api_version",
     "api_version_compatible",

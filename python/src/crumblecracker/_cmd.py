@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Cmd", "Conn"]
 
-# Largest read asked of the library at once for Conn.read(-1).
+# Largest read asked of the library at once.
 _CHUNK = 1 << 20
 
 
@@ -80,7 +80,9 @@ class Conn(Stream):
 
     def read(self, n: int = 65536) -> bytes:
         """Reads up to N bytes, blocking until some arrive; ``b""`` at end of
-        stream. A negative N reads everything until end of stream."""
+        stream. A negative N reads everything until end of stream, into one
+        buffer of at most ``InstanceOptions.max_result_bytes`` (more raises
+        ``TooLargeError`` and stops the stream)."""
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be an int, not {type(n).__name__}")
         handle = self._h("read")
@@ -96,18 +98,16 @@ class Conn(Stream):
         lib = _lib.native()
 
         def run() -> bytes:
-            cap = _CHUNK if n < 0 else n
+            if n < 0:
+                ptr = c_void_p()
+                length = c_size_t()
+                self._call("read", lib.cc_conn_read_all, handle, byref(ptr), byref(length))
+                return _lib.take_bytes(ptr, length.value)
+            cap = min(n, _CHUNK)
             buf = ctypes.create_string_buffer(cap)
             count = c_size_t()
-            parts: list[bytes] = []
-            while True:
-                self._call("read", lib.cc_conn_read, handle, buf, cap, byref(count))
-                if count.value == 0:
-                    break
-                parts.append(buf.raw[: count.value])
-                if n >= 0:
-                    break
-            return b"".join(parts)
+            self._call("read", lib.cc_conn_read, handle, buf, cap, byref(count))
+            return buf.raw[: count.value]
 
         return head + self._blocking(run, "conn-read", self._READ)
 
@@ -328,13 +328,44 @@ class Cmd(Handle):
 
     def output(self) -> bytes:
         """Runs the process and returns its stdout (the exit status is then
-        in ``exit_code``)."""
+        in ``exit_code``). Output over ``InstanceOptions.max_result_bytes``
+        kills the process and raises ``TooLargeError``; stream big output
+        with ``output_to`` or ``stdout_pipe``."""
         return self._capture("cc_cmd_output", "output")
 
     def combined_output(self) -> bytes:
         """Runs the process and returns its stdout and stderr interleaved in
-        the order written."""
+        the order written, bounded as ``output``."""
         return self._capture("cc_cmd_combined_output", "combined_output")
+
+    def output_to(self, host_path: _lib.PathArg, merged: bool = False) -> int:
+        """Runs the process and streams its stdout (with stderr interleaved
+        in the order written when MERGED) into HOST_PATH (created, or
+        truncated) as it comes, in constant memory whatever its size.
+        Returns the bytes written; the exit status is then in
+        ``exit_code``. If the file cannot be written the process is
+        killed."""
+        handle = self._h("output_to")
+        raw_path = _lib.encode_path(host_path, "host_path")
+        lib = _lib.native()
+
+        def run() -> tuple[int, int]:
+            written = c_uint64()
+            code = c_int32()
+            _lib.call(
+                lib.cc_cmd_output_to_file,
+                handle,
+                raw_path,
+                bool(merged),
+                byref(written),
+                byref(code),
+            )
+            return int(written.value), int(code.value)
+
+        result: tuple[int, int] = interruptible(run, self._killer(handle), "output_to")
+        written, code = result
+        self._exit_code = code
+        return written
 
     def kill(self) -> None:
         """Kills the started process and its process group (SIGKILL); a

@@ -25,6 +25,7 @@ __all__ = [
     "NetworkError",
     "NotRunningError",
     "TimeoutError",
+    "TooLargeError",
     "error_for_code",
 ]
 
@@ -42,6 +43,7 @@ class ErrorCode(enum.IntEnum):
     IO = 7
     NETWORK = 8
     CANCELLED = 9
+    TOO_LARGE = 10
     UNKNOWN = 99
 
     def __str__(self) -> str:
@@ -167,6 +169,15 @@ class CancelledError(CCError):
     default_code = ErrorCode.CANCELLED
 
 
+class TooLargeError(CCError):
+    """A result (a file read whole, a command's captured output) is over
+    the instance's ``max_result_bytes``; the message names the size and the
+    cap. Stream it instead (``Instance.copy_out``, ``read_file_stream``,
+    ``Cmd.output_to``) or raise the cap."""
+
+    default_code = ErrorCode.TOO_LARGE
+
+
 _BY_CODE: dict[int, type[CCError]] = {
     cls.default_code: cls
     for cls in (
@@ -179,6 +190,7 @@ _BY_CODE: dict[int, type[CCError]] = {
         IOError,
         NetworkError,
         CancelledError,
+        TooLargeError,
     )
 }
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-from ctypes import byref, c_size_t, c_uint64
+from ctypes import byref, c_size_t, c_uint64, c_void_p
 from typing import TYPE_CHECKING, Union
 
 from . import _lib
@@ -74,7 +74,9 @@ class File(Stream):
 
     def read(self, n: int = -1) -> bytes:
         """Reads up to N bytes (all the rest when N is negative); fewer only
-        at end of file, ``b""`` there."""
+        at end of file, ``b""`` there. All the rest is built once, at the
+        size left in the file, and may be at most
+        ``InstanceOptions.max_result_bytes`` (else ``TooLargeError``)."""
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be an int, not {type(n).__name__}")
         handle = self._h("read")
@@ -82,16 +84,26 @@ class File(Stream):
         data = self._take_leftover(n)
         if n >= 0 and len(data) == n:
             return data
-        want = -1 if n < 0 else n - len(data)
         lib = _lib.native()
+        if n < 0:
+
+            def run_all() -> bytes:
+                ptr = c_void_p()
+                length = c_size_t()
+                _lib.call(lib.cc_file_read_all, handle, byref(ptr), byref(length))
+                return _lib.take_bytes(ptr, length.value)
+
+            rest: bytes = self._blocking(run_all, "file-read")
+            return data + rest if data else rest
+        want = n - len(data)
 
         def run() -> bytes:
             parts: list[bytes] = []
             got = 0
-            buf = ctypes.create_string_buffer(_CHUNK if want < 0 else min(_CHUNK, want))
+            buf = ctypes.create_string_buffer(min(_CHUNK, want))
             count = c_size_t()
-            while want < 0 or got < want:
-                cap = len(buf) if want < 0 else min(len(buf), want - got)
+            while got < want:
+                cap = min(len(buf), want - got)
                 _lib.call(lib.cc_file_read, handle, buf, cap, byref(count))
                 if count.value == 0:
                     break

@@ -243,7 +243,11 @@ class Instance(Handle):
     # -- filesystem ------------------------------------------------------------
 
     def read_file(self, path: GuestPath) -> bytes:
-        """The whole contents of a guest file."""
+        """The whole contents of a guest file, built once at the size the
+        guest reports (any size up to the cap: the host holds it about
+        once). A file over ``InstanceOptions.max_result_bytes`` raises
+        ``TooLargeError`` before any of it is read; stream such files with
+        ``copy_out`` or ``read_file_stream``."""
         data = c_void_p()
         length = c_size_t()
         _lib.call(
@@ -254,6 +258,57 @@ class Instance(Handle):
             byref(length),
         )
         return _lib.take_bytes(data, length.value)
+
+    def read_file_stream(self, path: GuestPath) -> Conn:
+        """Starts streaming a guest file of any size: a readable ``Conn``
+        (``read(n)`` until ``b""``; closing it early stops the transfer).
+        Only a bounded window is in memory at a time and
+        ``max_result_bytes`` does not apply::
+
+            with inst.read_file_stream("/var/log/big.log") as stream:
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
+                    sink.write(chunk)
+        """
+        raw = _guest(path)
+        out = c_uint64()
+        _lib.call(
+            _lib.native().cc_instance_read_file_stream,
+            self._h("read_file_stream"),
+            raw,
+            byref(out),
+            None,
+        )
+        return Conn(out.value, self, f"read of {_lib.decode(raw)!r}")
+
+    def copy_out(self, guest_path: GuestPath, host_path: _lib.PathArg) -> int:
+        """Copies a guest file to HOST_PATH (created, or truncated) in
+        constant memory whatever its size; runs of zero bytes become holes.
+        Returns the bytes copied. On failure the host file may hold part of
+        the contents."""
+        copied = c_uint64()
+        _lib.call(
+            _lib.native().cc_instance_copy_out,
+            self._h("copy_out"),
+            _guest(guest_path, "guest_path"),
+            _lib.encode_path(host_path, "host_path"),
+            byref(copied),
+        )
+        return int(copied.value)
+
+    def copy_in(self, host_path: _lib.PathArg, guest_path: GuestPath, mode: int = 0o644) -> int:
+        """Copies the host file HOST_PATH to GUEST_PATH (created or
+        replaced, permission bits MODE) in constant memory whatever its
+        size. Returns the bytes copied."""
+        copied = c_uint64()
+        _lib.call(
+            _lib.native().cc_instance_copy_in,
+            self._h("copy_in"),
+            _lib.encode_path(host_path, "host_path"),
+            _guest(guest_path, "guest_path"),
+            _mode(mode),
+            byref(copied),
+        )
+        return int(copied.value)
 
     def write_file(self, path: GuestPath, data: Data, mode: int = 0o644) -> None:
         """Creates or replaces a guest file with DATA (bytes, or str encoded

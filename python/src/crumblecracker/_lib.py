@@ -77,6 +77,7 @@ CC_SEEK_END = 2
 CC_START_COLD = 0
 CC_START_BUILT = 1
 CC_START_WARM = 2
+CC_DEFAULT_MAX_RESULT_BYTES = 1 << 30
 
 # A path argument: str, bytes or os.PathLike.
 PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
@@ -198,6 +199,7 @@ class CInstanceOptions(Structure):
         ("net_deny_count", c_size_t),
         ("disk_mb", c_uint32),
         ("confinement", c_uint32),
+        ("max_result_bytes", c_uint64),
     ]
 
 
@@ -250,6 +252,7 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_error_free": (None, [_ERR]),
     "cc_string_free": (None, [c_void_p]),
     "cc_bytes_free": (None, [c_void_p]),
+    "cc_bytes_move": (_CODE, [c_void_p, c_size_t, c_void_p, _ERR]),
     "cc_strings_free": (None, [_STRS, c_size_t]),
     # cancel tokens
     "cc_cancel_token_new": (_CODE, [_HP, _ERR]),
@@ -287,6 +290,9 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
         _CODE,
         [_H, c_char_p, POINTER(c_void_p), POINTER(c_size_t), _ERR],
     ),
+    "cc_instance_read_file_stream": (_CODE, [_H, c_char_p, _HP, POINTER(c_uint64), _ERR]),
+    "cc_instance_copy_out": (_CODE, [_H, c_char_p, c_char_p, POINTER(c_uint64), _ERR]),
+    "cc_instance_copy_in": (_CODE, [_H, c_char_p, c_char_p, c_uint32, POINTER(c_uint64), _ERR]),
     "cc_instance_write_file": (_CODE, [_H, c_char_p, c_char_p, c_size_t, c_uint32, _ERR]),
     "cc_instance_stat": (_CODE, [_H, c_char_p, POINTER(CFileInfo), _ERR]),
     "cc_instance_lstat": (_CODE, [_H, c_char_p, POINTER(CFileInfo), _ERR]),
@@ -312,6 +318,7 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_instance_create": (_CODE, [_H, c_char_p, _HP, _ERR]),
     "cc_instance_open_file": (_CODE, [_H, c_char_p, c_uint32, c_uint32, _HP, _ERR]),
     "cc_file_read": (_CODE, [_H, POINTER(c_char), c_size_t, POINTER(c_size_t), _ERR]),
+    "cc_file_read_all": (_CODE, [_H, POINTER(c_void_p), POINTER(c_size_t), _ERR]),
     "cc_file_write": (_CODE, [_H, c_char_p, c_size_t, POINTER(c_size_t), _ERR]),
     "cc_file_seek": (_CODE, [_H, c_int64, c_int, POINTER(c_uint64), _ERR]),
     "cc_file_stat": (_CODE, [_H, POINTER(CFileInfo), _ERR]),
@@ -342,11 +349,16 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
         _CODE,
         [_H, POINTER(c_void_p), POINTER(c_size_t), POINTER(c_int32), _ERR],
     ),
+    "cc_cmd_output_to_file": (
+        _CODE,
+        [_H, c_char_p, c_bool, POINTER(c_uint64), POINTER(c_int32), _ERR],
+    ),
     "cc_cmd_kill": (_CODE, [_H, _ERR]),
     "cc_cmd_exit_code": (_CODE, [_H, POINTER(c_int32), POINTER(c_bool), _ERR]),
     "cc_cmd_free": (_CODE, [_H]),
     # connections
     "cc_conn_read": (_CODE, [_H, POINTER(c_char), c_size_t, POINTER(c_size_t), _ERR]),
+    "cc_conn_read_all": (_CODE, [_H, POINTER(c_void_p), POINTER(c_size_t), _ERR]),
     "cc_conn_write": (_CODE, [_H, c_char_p, c_size_t, _ERR]),
     "cc_conn_close": (_CODE, [_H, _ERR]),
     "cc_conn_close_write": (_CODE, [_H, _ERR]),
@@ -567,15 +579,42 @@ def take_string(ptr: c_void_p) -> str:
         native().cc_string_free(value)
 
 
+# Up to this size a result is simply copied; above it, moved (see take_bytes).
+_COPY_MAX = 1 << 20
+
+# A bytes object of a given size, its contents not yet set (the C API's
+# documented way to build one to fill): size_t lengths, unlike
+# ctypes.string_at, whose C int length fails from 2 GiB on.
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype = ctypes.py_object
+_new_bytes.argtypes = [c_void_p, ctypes.c_ssize_t]
+
+
 def take_bytes(ptr: c_void_p, length: int) -> bytes:
-    """Copies and frees a byte buffer the library returned."""
+    """The byte buffer the library returned, as bytes; the buffer is freed.
+
+    Large results are moved into a new bytes object by ``cc_bytes_move``,
+    which gives back the buffer's pages as it copies: the peak is about the
+    result's size once, not twice, whatever the size.
+    """
     value = ptr.value
     if not value:
         return b""
+    lib = native()
+    if length <= _COPY_MAX:
+        try:
+            return ctypes.string_at(value, length)
+        finally:
+            lib.cc_bytes_free(value)
     try:
-        return ctypes.string_at(value, length)
-    finally:
-        native().cc_bytes_free(value)
+        out: bytes = _new_bytes(None, length)
+    except BaseException:
+        lib.cc_bytes_free(value)
+        raise
+    # Written in place before anyone else sees it; the buffer is freed
+    # whatever happens.
+    call(lib.cc_bytes_move, value, length, out)
+    return out
 
 
 def decode(raw: Optional[bytes]) -> str:

@@ -232,6 +232,13 @@ class InstanceOptions:
             gaps), ``"strict"`` (refuse to start with any gap, raising
             ``HypervisorUnavailableError``) or ``"off"`` (measurements and
             debugging only, never for untrusted guests).
+        max_result_bytes: the largest result one call builds in memory:
+            ``read_file``, ``File.read()`` of the rest of a file, and the
+            captured output of ``Cmd.output``/``combined_output``. A bigger
+            result raises ``TooLargeError`` (naming the size and this cap)
+            instead of growing this process as far as the guest likes;
+            stream big data with ``Instance.copy_out``,
+            ``Instance.read_file_stream`` or ``Cmd.output_to``. Default 1 GiB.
     """
 
     memory_mb: int = 512
@@ -244,6 +251,7 @@ class InstanceOptions:
     warm_start: bool = True
     disk_mb: int = 4096
     confinement: str = "default"
+    max_result_bytes: int = _lib.CC_DEFAULT_MAX_RESULT_BYTES
 
     def __post_init__(self) -> None:
         self._validate()
@@ -252,6 +260,7 @@ class InstanceOptions:
         _check_int("memory_mb", self.memory_mb, 1, 2**32 - 1)
         _check_int("cpus", self.cpus, 1, 2**32 - 1)
         _check_int("disk_mb", self.disk_mb, 1, 2**32 - 1)
+        _check_int("max_result_bytes", self.max_result_bytes, 1, 2**64 - 1)
         t = self.timeout_seconds
         if t is not None:
             if isinstance(t, bool) or not isinstance(t, (int, float)):
@@ -285,6 +294,7 @@ class InstanceOptions:
         opts.timeout_seconds = float(self.timeout_seconds or 0.0)
         opts.no_network = not self.network
         opts.no_warm_start = not self.warm_start
+        opts.max_result_bytes = self.max_result_bytes
         if self.user is not None:
             user = _lib.encode_str(self.user, "user")
             keep.append(user)

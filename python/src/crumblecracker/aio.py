@@ -105,6 +105,7 @@ from ._errors import (
     NetworkError,
     NotRunningError,
     TimeoutError,
+    TooLargeError,
 )
 from ._file import Data
 from ._instance import GuestPath
@@ -176,6 +177,7 @@ __all__ = [
     "Snapshot",
     "StartKind",
     "TimeoutError",
+    "TooLargeError",
     "api_version",
     "api_version_compatible",
     "guest_protocol_version",
@@ -557,6 +559,15 @@ class Instance(_Async):
 
         def command(self, program: str, *args: str) -> Cmd: ...
 
+        async def copy_in(
+            self,
+            host_path: PathArg,
+            guest_path: GuestPath,
+            mode: int = 420,
+        ) -> int: ...
+
+        async def copy_out(self, guest_path: GuestPath, host_path: PathArg) -> int: ...
+
         async def create(self, path: GuestPath) -> File: ...
 
         async def dial(self, network: str, address: str) -> Conn: ...
@@ -586,6 +597,8 @@ class Instance(_Async):
         async def read_dir(self, path: GuestPath) -> list[DirEntry]: ...
 
         async def read_file(self, path: GuestPath) -> bytes: ...
+
+        async def read_file_stream(self, path: GuestPath) -> Conn: ...
 
         async def readlink(self, path: GuestPath) -> str: ...
 
@@ -618,7 +631,8 @@ class Instance(_Async):
 
 class Cmd(_Async):
     """``crumblecracker.Cmd`` for asyncio: ``start``, ``wait``, ``run``,
-    ``output``, ``combined_output``, ``kill`` and ``close`` are coroutines;
+    ``output``, ``combined_output``, ``output_to``, ``kill`` and ``close``
+    are coroutines;
     the setters, ``get_env``, ``environ`` and the pipes (``aio.Conn``s) are
     plain methods. Cancelling a task waiting for the command kills it."""
 
@@ -654,6 +668,8 @@ class Cmd(_Async):
         async def kill(self) -> None: ...
 
         async def output(self) -> bytes: ...
+
+        async def output_to(self, host_path: PathArg, merged: bool = False) -> int: ...
 
         async def run(self) -> int: ...
 

@@ -348,6 +348,7 @@ fn null_and_bad_arguments_are_invalid_arguments() {
             net_deny_count: 0,
             disk_mb: 0,
             confinement: 7,
+            max_result_bytes: 0,
         };
         let (code, e) = failing(|err| cc_instance_new(source, &opts, &mut 0, err));
         assert_eq!(code, CC_ERR_INVALID_ARGUMENT, "{}", e.message);

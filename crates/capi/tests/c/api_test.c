@@ -935,6 +935,84 @@ static void test_warm_start(cc_source src, cc_instance_options opts) {
     EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_start_kind(src, NULL, &err));
 }
 
+/* Results are the library's buffer (moved out with cc_bytes_move), capped
+ * by max_result_bytes; data of any size streams in constant memory. */
+static void test_streaming_and_caps(cc_source src, cc_instance_options opts) {
+    opts.max_result_bytes = 1 << 20;
+    cc_instance inst = 0;
+    if (!EXPECT(CC_OK, cc_instance_new(src, &opts, &inst, &err)))
+        return;
+    char *dir = make_temp_dir("stream");
+    char host_in[512], host_out[512];
+    snprintf(host_in, sizeof host_in, "%s/in", dir);
+    snprintf(host_out, sizeof host_out, "%s/out", dir);
+    size_t size = 3 << 20;
+    uint8_t *pattern = malloc(size);
+    for (size_t i = 0; i < size; i++)
+        pattern[i] = (uint8_t)(i * 7 + i / 4096);
+    FILE *fp = fopen(host_in, "wb");
+    CHECK(fp && fwrite(pattern, 1, size, fp) == size, "write %s", host_in);
+    if (fp)
+        fclose(fp);
+
+    uint64_t copied = 0;
+    EXPECT(CC_OK, cc_instance_copy_in(inst, host_in, "/big", 0600, &copied, &err));
+    CHECK(copied == size, "copy_in: %llu", (unsigned long long)copied);
+    uint8_t *data = NULL;
+    size_t len = 0;
+    expect_message(__LINE__, cc_instance_read_file(inst, "/big", &data, &len, &err),
+                   CC_ERR_TOO_LARGE, "3145728 bytes, over max_result_bytes (1048576)");
+    EXPECT(CC_OK, cc_instance_copy_out(inst, "/big", host_out, &copied, &err));
+    CHECK(copied == size, "copy_out: %llu", (unsigned long long)copied);
+    fp = fopen(host_out, "rb");
+    uint8_t *back = malloc(size + 1);
+    CHECK(fp && fread(back, 1, size + 1, fp) == size && memcmp(back, pattern, size) == 0,
+          "copy_out wrote what copy_in read");
+    if (fp)
+        fclose(fp);
+
+    cc_conn stream = 0;
+    uint64_t reported = 0;
+    size_t got = 0, n = 0;
+    EXPECT(CC_OK, cc_instance_read_file_stream(inst, "/big", &stream, &reported, &err));
+    CHECK(reported == size, "reported size %llu", (unsigned long long)reported);
+    while (got <= size && EXPECT(CC_OK, cc_conn_read(stream, back + got, size + 1 - got, &n, &err)) &&
+           n > 0)
+        got += n;
+    CHECK(got == size && memcmp(back, pattern, size) == 0, "streamed %zu bytes", got);
+    cc_conn_free(stream);
+
+    /* Under the cap: the library's buffer, moved into ours. */
+    EXPECT(CC_OK, cc_instance_write_file(inst, "/small", pattern, 1000, 0600, &err));
+    if (EXPECT(CC_OK, cc_instance_read_file(inst, "/small", &data, &len, &err))) {
+        CHECK(len == 1000, "len %zu", len);
+        EXPECT(CC_OK, cc_bytes_move(data, len, back, &err));
+        CHECK(memcmp(back, pattern, 1000) == 0, "moved");
+    }
+
+    cc_cmd cmd = 0;
+    const char *cat_zero[] = {"/dev/zero"};
+    EXPECT(CC_OK, cc_instance_command(inst, "cat", cat_zero, 1, &cmd, &err));
+    int code = 0;
+    expect_message(__LINE__, cc_cmd_output(cmd, &data, &len, &code, &err), CC_ERR_TOO_LARGE,
+                   "more than 1048576 bytes");
+    cc_cmd_free(cmd);
+    const char *script[] = {"-c", "head -c 3000000 /dev/zero; echo done >&2"};
+    EXPECT(CC_OK, cc_instance_command(inst, "sh", script, 2, &cmd, &err));
+    uint64_t written = 0;
+    EXPECT(CC_OK, cc_cmd_output_to_file(cmd, host_out, true, &written, &code, &err));
+    CHECK(written == 3000005 && code == 0, "output_to_file: %llu, exit %d",
+          (unsigned long long)written, code);
+    cc_cmd_free(cmd);
+
+    remove_tree(dir);
+    free(dir);
+    free(pattern);
+    free(back);
+    EXPECT(CC_OK, cc_instance_close(inst, &err));
+    cc_instance_free(inst);
+}
+
 static void test_vm_in(const char *ref, const char *cache, int mounts, char *store);
 
 static void test_vm(const char *ref, const char *cache, int mounts) {
@@ -971,6 +1049,7 @@ static void test_vm_in(const char *ref, const char *cache, int mounts, char *sto
     test_wait_cancel(inst);
     test_network(inst);
     test_warm_start(src, opts);
+    test_streaming_and_caps(src, opts);
     test_snapshot(inst, cache);
     if (mounts)
         test_mounts(src);
