@@ -100,9 +100,13 @@ impl Conn {
             .map_or_else(|| "pipe".to_string(), |a| a.remote.clone())
     }
 
-    fn io_error(&self, op: &str, e: io::Error) -> Error {
+    /// `gone` says why, when the instance itself is closed or dead.
+    fn io_error(&self, op: &str, e: io::Error, gone: Option<Error>) -> Error {
         if self.is_closed() {
             return Error::AlreadyClosed;
+        }
+        if let Some(gone) = gone {
+            return gone;
         }
         match e.kind() {
             io::ErrorKind::ConnectionAborted => Error::NotRunning(e.to_string()),
@@ -135,7 +139,7 @@ impl Conn {
         let mut buf = vec![0u8; max.min(1 << 20)];
         let n = reader
             .receive(&mut buf)
-            .map_err(|e| self.io_error("read", e))?;
+            .map_err(|e| self.io_error("read", e, reader.gone()))?;
         buf.truncate(n);
         Ok(buf)
     }
@@ -152,7 +156,9 @@ impl Conn {
             State::Open { writer: None, .. } | State::Closed => return Err(Error::AlreadyClosed),
             State::Unbound(_) => return Err(misuse("the command was not started")),
         };
-        writer.send(data).map_err(|e| self.io_error("write", e))
+        writer
+            .send(data)
+            .map_err(|e| self.io_error("write", e, writer.gone()))
     }
 
     /// Ends the writing direction only: the guest reads end of file, and

@@ -14,7 +14,7 @@ use cc_protocol::{
 };
 use serde_bytes::ByteBuf;
 
-use crate::channel::Channel;
+use crate::channel::{Channel, Gone};
 use crate::cmd::Cmd;
 use crate::command::Command;
 use crate::error::{Error, Result};
@@ -178,6 +178,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const QUIT_GRACE: Duration = Duration::from_secs(2);
 /// Bound on control requests (exec, signal); data streams are not bounded.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the liveness thread looks at QEMU and the channel.
+const LIVENESS_TICK: Duration = Duration::from_millis(50);
 
 /// Time spent in each phase of starting an instance.
 #[derive(Debug, Clone, Copy, Default)]
@@ -198,6 +200,8 @@ struct Live {
     run_dir: RunDir,
     /// Ends the timeout watchdog early (by being dropped) when closing.
     watchdog: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+    /// Ends the liveness thread (by being dropped) when closing.
+    liveness: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
 #[derive(Debug)]
@@ -235,7 +239,7 @@ impl Inner {
             Some(live) => live.vm.exit_status(),
         };
         match (self.channel.dead(), exited) {
-            (Some(why), _) => Err(Error::NotRunning(why)),
+            (Some(gone), _) => Err(gone.error()),
             // QEMU's exit is known a moment before the channel's reader
             // sees the socket close: report it as soon as either knows.
             (None, Some(status)) => Err(Error::NotRunning(format!(
@@ -243,6 +247,18 @@ impl Inner {
             ))),
             (None, None) => Ok(()),
         }
+    }
+
+    /// Marks the instance dead for `why`: every waiting call and every
+    /// later one fails with [`Error::NotRunning`] saying why, and
+    /// [`Instance::is_running`] is false. The one way the core learns of a
+    /// death, whoever notices it: the liveness thread (QEMU exited, the
+    /// guest stopped answering), the timeout watchdog, a command whose kill
+    /// went unanswered, hypervisor events. The first reason sticks;
+    /// closing then ends QEMU at once.
+    pub(crate) fn mark_dead(&self, why: String) {
+        tracing::info!(id = %self.id, %why, "instance is dead");
+        self.channel.shut_down(Gone::Dead(why));
     }
 }
 
@@ -431,6 +447,7 @@ impl Instance {
             exposed: Mutex::default(),
             live: Mutex::new(None),
         });
+        let liveness = Some(start_liveness(&inner, &vm)?);
         let watchdog = match options.timeout {
             Some(limit) => Some(start_watchdog(
                 &inner,
@@ -444,6 +461,7 @@ impl Instance {
             vm,
             run_dir,
             watchdog,
+            liveness,
         });
         Ok(Instance {
             inner,
@@ -533,16 +551,19 @@ impl Instance {
         }
     }
 
-    /// Waits until the guest ends (it powered off, crashed or timed out).
-    /// `cancel` stops the wait with [`Error::Cancelled`]; closing the
-    /// instance from another thread ends it with [`Error::AlreadyClosed`].
+    /// Waits until the guest ends (it powered off, crashed, timed out or
+    /// stopped answering). `cancel` stops the wait with
+    /// [`Error::Cancelled`]; closing the instance from another thread ends
+    /// it with [`Error::AlreadyClosed`].
     pub fn wait(&self, cancel: Option<&CancelToken>) -> Result<()> {
         let vm = match self.inner.live().as_ref() {
             Some(live) => live.vm.clone(),
             None => return Err(Error::AlreadyClosed),
         };
         loop {
-            if vm.wait_timeout(Duration::from_millis(50)).is_some() {
+            if vm.wait_timeout(Duration::from_millis(50)).is_some()
+                || matches!(self.inner.channel.dead(), Some(Gone::Dead(_)))
+            {
                 return Ok(());
             }
             if cancel.is_some_and(|c| c.is_cancelled()) {
@@ -584,14 +605,19 @@ impl Instance {
             .map(|l| l.run_dir.path().to_path_buf())
     }
 
-    /// Ends the instance: the agent syncs and powers off the guest; QEMU is
-    /// killed if it does not exit in time. Nothing of the instance remains
-    /// afterwards. Closing again does nothing.
+    /// Ends the instance: every call waiting on it fails with
+    /// [`Error::AlreadyClosed`] at once, the agent syncs and powers off the
+    /// guest, and QEMU is killed if it does not exit in time (at once if the
+    /// guest was already dead or stops answering). Nothing of the instance
+    /// remains afterwards. Closing again does nothing.
     pub fn close(&self) -> Result<()> {
         let Some(mut live) = self.inner.live().take() else {
             return Ok(());
         };
-        if let Some((stop, thread)) = live.watchdog.take() {
+        for (stop, thread) in [live.watchdog.take(), live.liveness.take()]
+            .into_iter()
+            .flatten()
+        {
             drop(stop);
             let _ = thread.join();
         }
@@ -599,18 +625,17 @@ impl Instance {
         for e in exposed {
             e.stop();
         }
-        if self.inner.channel.dead().is_none() {
-            // The agent answers, then powers off; a lost answer is fine.
-            let _ = self
-                .inner
-                .channel
-                .request(Request::Shutdown, SHUTDOWN_GRACE);
+        let alive = live.vm.exit_status().is_none() && self.inner.channel.dead().is_none();
+        if alive && self.inner.channel.close_gracefully(SHUTDOWN_GRACE) {
+            if live.vm.wait_timeout(SHUTDOWN_GRACE).is_none() {
+                tracing::warn!(id = %self.inner.id, "guest did not power off; ending QEMU");
+                live.vm.terminate(QUIT_GRACE);
+            }
+        } else {
+            // Dead or deaf: nothing to wait for.
+            kill_now(&live.vm);
         }
-        if live.vm.wait_timeout(SHUTDOWN_GRACE).is_none() {
-            tracing::warn!(id = %self.inner.id, "guest did not power off; ending QEMU");
-            live.vm.terminate(QUIT_GRACE);
-        }
-        self.inner.channel.shut_down("the instance was closed");
+        self.inner.channel.shut_down(Gone::Closed);
         drop(live);
         Ok(())
     }
@@ -677,8 +702,7 @@ fn start_watchdog(
                 return;
             }
             if let Some(inner) = inner.upgrade() {
-                tracing::info!(id = %inner.id, "instance timed out after {limit:?}");
-                inner.channel.shut_down(&format!(
+                inner.mark_dead(format!(
                     "the instance timed out after {} s",
                     limit.as_secs_f64()
                 ));
@@ -687,6 +711,39 @@ fn start_watchdog(
         })
         .map_err(Error::io("spawn", "timeout watchdog"))?;
     Ok((stop, thread))
+}
+
+/// Watches for the guest's death until closed (which drops the sender):
+/// QEMU exiting, and a guest that stops answering the channel's pings.
+fn start_liveness(inner: &Arc<Inner>, vm: &Arc<Vm>) -> Result<(mpsc::Sender<()>, JoinHandle<()>)> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let (inner, vm) = (Arc::downgrade(inner), vm.clone());
+    let thread = std::thread::Builder::new()
+        .name("cc-liveness".into())
+        .spawn(move || {
+            while stopped.recv_timeout(LIVENESS_TICK) == Err(mpsc::RecvTimeoutError::Timeout) {
+                let Some(inner) = inner.upgrade() else { return };
+                if inner.channel.dead().is_some() {
+                    return;
+                }
+                if let Some(status) = vm.exit_status() {
+                    return inner.mark_dead(format!("QEMU exited ({status})"));
+                }
+                if let Err(why) = inner.channel.check_alive() {
+                    return inner.mark_dead(why);
+                }
+            }
+        })
+        .map_err(Error::io("spawn", "liveness thread"))?;
+    Ok((stop, thread))
+}
+
+/// Kills QEMU and waits until it is gone.
+fn kill_now(vm: &Vm) {
+    vm.kill();
+    while vm.wait_timeout(Duration::from_secs(1)).is_none() {
+        vm.kill();
+    }
 }
 
 fn now() -> UnixTime {

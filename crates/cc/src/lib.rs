@@ -37,6 +37,8 @@ pub mod templates;
 
 pub use cc_engine::template::StartKind;
 pub use cc_protocol::PROTOCOL_VERSION as GUEST_PROTOCOL_VERSION;
+#[doc(hidden)]
+pub use channel::fuzz_dispatch;
 pub use cmd::Cmd;
 pub use command::{Child, ChildOutput, ChildStdin, Command, ExitStatus, Output, Signaller, Stdio};
 pub use conn::Conn;
