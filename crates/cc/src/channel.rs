@@ -532,7 +532,7 @@ impl Channel {
                 body: Request::Ping,
             }) {
                 if let Ok(mut w) = shared.writer.try_lock() {
-                    if let Err(e) = io::Write::write_all(&mut *w, &bytes) {
+                    if let Err(e) = send_now(&mut w, &bytes) {
                         drop(w);
                         mark_dead(
                             shared,
@@ -778,6 +778,27 @@ impl Channel {
 impl Drop for Channel {
     fn drop(&mut self) {
         self.shut_down(Gone::Closed);
+    }
+}
+
+/// Writes a small frame unless the socket is full (a guest that stopped
+/// reading: its silence tells, no need to wait for room).
+fn send_now(socket: &mut UnixStream, bytes: &[u8]) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `bytes`; the fd is open.
+    let n = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    match n {
+        n if n >= 0 => io::Write::write_all(socket, &bytes[n as usize..]),
+        _ => match io::Error::last_os_error() {
+            e if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            e => Err(e),
+        },
     }
 }
 
