@@ -250,8 +250,9 @@ fn read_frames(agent: &Arc<Agent>, conn: &Arc<Conn>, mut port: PortReader) -> St
 /// A request's handling, run on its own thread.
 type Job = Box<dyn FnOnce(&Agent, Reply) + Send>;
 
-/// Handles one message. Stream messages, pings and signals are handled
-/// inline (they never block, and need no thread when none can be made);
+/// Handles one message. Stream messages, pings and most signals are
+/// handled inline (they never block, and need no thread when none can be
+/// made: a fork bomb leaves no pids for one);
 /// other requests get a thread each, so a slow one never stalls reading.
 /// Streams are registered here, before the next frame is read, so data the
 /// host sends right behind a request is kept.
@@ -277,7 +278,12 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
         }),
         Request::Signal { process, signal } => {
             let key = (conn.id(), process);
-            return reply.send(agent.reaper.signal(key, signal).map(|()| Response::Done));
+            match agent.reaper.try_signal(key, signal) {
+                Some(result) => return reply.send(result.map(|()| Response::Done)),
+                None => Box::new(move |agent, reply| {
+                    reply.send(agent.reaper.signal(key, signal).map(|()| Response::Done));
+                }),
+            }
         }
         Request::Shutdown => Box::new(|_, reply| shutdown(reply)),
         Request::Fs(request) => Box::new(move |_, reply| {
