@@ -37,17 +37,17 @@ const PING_RETRY: Duration = Duration::from_millis(10);
 const PING_RETRY_MAX: Duration = Duration::from_millis(250);
 
 /// A guest heard from less than this long ago is not pinged.
-pub(crate) const QUIET: Duration = Duration::from_millis(200);
+const QUIET: Duration = Duration::from_millis(200);
 /// How long a pinged guest may stay silent before it is called dead. The
 /// agent answers pings on its reader thread at the highest priority, so a
 /// second is plenty even under TCG on a loaded host; a busy guest is not
 /// silent (its traffic counts as an answer).
-pub(crate) const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Connections a listener keeps waiting for `accept`; the guest's further
 /// ones are reset, like a full TCP backlog. Bounds what a guest flooding a
 /// listener costs the host.
-pub(crate) const ACCEPT_BACKLOG: usize = 64;
+const ACCEPT_BACKLOG: usize = 64;
 
 /// Why a channel is gone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -755,6 +755,8 @@ impl Channel {
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(reply) => return matches!(reply, Ok(Response::Done)),
                 Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+                // The guest hung up (QEMU exited) without answering.
+                Err(mpsc::RecvTimeoutError::Timeout) if self.reader_finished() => return false,
                 Err(mpsc::RecvTimeoutError::Timeout) if self.check_alive().is_err() => {
                     return false
                 }
@@ -762,6 +764,12 @@ impl Channel {
             }
         }
         false
+    }
+
+    fn reader_finished(&self) -> bool {
+        lock(&self.reader)
+            .as_ref()
+            .is_none_or(|reader| reader.is_finished())
     }
 
     /// Marks the channel gone (the first reason sticks), unblocks everyone,
@@ -802,15 +810,12 @@ fn send_now(socket: &mut UnixStream, bytes: &[u8]) -> io::Result<()> {
     }
 }
 
-/// Whether bytes wait unread in `socket` (or it hung up).
+/// Whether bytes wait unread in `socket`.
 fn unread(socket: &UnixStream) -> bool {
-    let mut fd = libc::pollfd {
-        fd: socket.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call; zero timeout.
-    unsafe { libc::poll(&mut fd, 1, 0) > 0 }
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int to the pointer, which is valid.
+    let r = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut n) };
+    r == 0 && n > 0
 }
 
 /// A buffered reader of the channel's frames, on a second handle of it.
