@@ -767,9 +767,10 @@ impl Channel {
     }
 
     fn reader_finished(&self) -> bool {
-        lock(&self.reader)
-            .as_ref()
-            .is_none_or(|reader| reader.is_finished())
+        match &*lock(&self.reader) {
+            Some(reader) => reader.is_finished(),
+            None => true,
+        }
     }
 
     /// Marks the channel gone (the first reason sticks), unblocks everyone,
