@@ -180,6 +180,97 @@ def test_close_from_another_thread_ends_wait(fresh: cc.Instance) -> None:
     assert time.monotonic() - start < 10
 
 
+# -- dead and deaf guests -------------------------------------------------------
+
+#: How long a death may take to be noticed (the heartbeat's answer timeout
+#: plus its ping interval).
+NOTICED = 2.0
+
+
+def in_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    """Runs CALL in a thread; the list gets its result or exception."""
+    result: list[object] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except Exception as e:  # the test inspects it
+            result.append(e)
+        result.append(time.monotonic())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, result
+
+
+@pytest.mark.parametrize(
+    "trigger",
+    [
+        "poweroff -f",
+        "halt -f",
+        "cd /sys/bus/virtio/drivers/virtio_console && for d in virtio*; do echo $d > unbind; done",
+    ],
+    ids=["poweroff-f", "halt-f", "unbind-virtio-console"],
+)
+def test_dead_or_deaf_guest_is_noticed(fresh: cc.Instance, trigger: str) -> None:
+    long = fresh.command("sleep", "1000")
+    long.start()
+    waiter, waited = in_thread(long.wait)
+    fresh.command("sh", "-c", trigger).start()
+    triggered = time.monotonic()
+    waiter.join(timeout=60)
+    error, when = waited
+    assert isinstance(error, cc.NotRunningError), error
+    assert isinstance(when, float) and when - triggered < NOTICED
+    assert not fresh.is_running
+    start = time.monotonic()
+    with pytest.raises(cc.NotRunningError, match="stopped answering"):
+        fresh.command("true").run()
+    with pytest.raises(cc.NotRunningError):
+        fresh.read_file("/etc/passwd")
+    assert time.monotonic() - start < 0.5
+    start = time.monotonic()
+    fresh.close()
+    assert time.monotonic() - start < NOTICED
+
+
+def test_agent_shutdown_is_not_running_not_success(fresh: cc.Instance) -> None:
+    waiting = fresh.command("sleep", "1000")
+    waiting.start()
+    runner, ran = in_thread(fresh.command("sleep", "1000").run)
+    capturer, captured = in_thread(fresh.command("sh", "-c", "echo partial; sleep 1000").output)
+    time.sleep(0.5)  # both started
+    fresh.command("kill", "-TERM", "1").start()
+    with pytest.raises(cc.NotRunningError, match="shut down"):
+        waiting.wait()
+    for thread, result in ((runner, ran), (capturer, captured)):
+        thread.join(timeout=30)
+        assert isinstance(result[0], cc.NotRunningError), result
+    assert not fresh.is_running
+
+
+def test_close_under_readers_is_already_closed(fresh: cc.Instance) -> None:
+    cmd = fresh.command("sh", "-c", "echo first; sleep 1000")
+    out = cmd.stdout_pipe()
+    cmd.start()
+    assert out.read(64) == b"first\n"
+    listener = fresh.listen("tcp", ":0")
+    calls = [in_thread(lambda: out.read(64)), in_thread(cmd.wait), in_thread(listener.accept)]
+    time.sleep(0.3)
+    fresh.close()
+    for thread, result in calls:
+        thread.join(timeout=30)
+        assert isinstance(result[0], cc.AlreadyClosedError), result
+
+
+def test_fork_bomb_timeout_fires_on_time(fresh: cc.Instance) -> None:
+    cmd = fresh.command("sh", "-c", "f() { f | f & }; f; sleep 1000").set_timeout(5)
+    start = time.monotonic()
+    with pytest.raises(cc.TimeoutError):
+        cmd.output()
+    assert 5 <= time.monotonic() - start < 7
+
+
 def test_instance_accepts_only_sources(lib: None) -> None:
     with pytest.raises(TypeError):
         cc.Instance("alpine:latest")  # type: ignore[arg-type]

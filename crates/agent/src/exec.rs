@@ -173,7 +173,7 @@ fn spawn(
     // passes the mask on to children: they must start with none blocked.
     let no_signals = sys::signal_set(&[]).map_err(|e| error::os("create signal set", &e))?;
     // SAFETY: the hook runs in the forked child before exec, where only
-    // async-signal-safe calls are allowed: it makes six syscalls and does
+    // async-signal-safe calls are allowed: it makes seven syscalls and does
     // not allocate (`groups` and `no_signals` were made before the fork).
     // The ids are set here rather than with `CommandExt::uid`, because std
     // would drop root before this hook could set the supplementary groups.
@@ -181,6 +181,9 @@ fn spawn(
         cmd.pre_exec(move || {
             sys::umask(PROCESS_UMASK);
             sys::set_signal_mask(&no_signals)?;
+            // The agent runs at a high priority (to answer the host
+            // whatever its processes do); theirs is the usual one.
+            sys::set_nice(0)?;
             // Its own session and process group, so signals reach the
             // whole tree it starts.
             sys::setsid()?;

@@ -75,15 +75,28 @@ struct Agent {
     upper: OnceLock<OwnedFd>,
 }
 
+/// The agent's nice value: the highest priority, so that it answers the
+/// host's pings and kills promptly even under a fork bomb. The processes
+/// it starts get 0 back.
+const AGENT_NICE: i32 = -20;
+
+/// The connection being served, for a power-off to say goodbye on.
+static CURRENT: Mutex<Option<Arc<Conn>>> = Mutex::new(None);
+
 fn main() {
-    // Before any thread exists, so that all of them inherit the mask.
+    // Before any thread exists, so that all of them inherit the mask and
+    // the priority.
     let blocked = signals::block();
+    let nice = sys::set_nice(AGENT_NICE);
     // File requests create files with exactly the modes asked for; the
     // processes the agent starts get the usual 022 back.
     sys::umask(0);
     mounts::boot();
     attach_console();
     log!("cc-agent {} starting", env!("CARGO_PKG_VERSION"));
+    if let Err(e) = nice {
+        log!("raise the agent's priority: {}", error::describe(&e));
+    }
     if let Err(e) = blocked.and_then(|()| signals::watch()) {
         log!("watch for power-off signals: {}", error::describe(&e));
     }
@@ -199,13 +212,19 @@ fn serve(agent: &Arc<Agent>, port: File) {
         }
     };
     let conn = Arc::new(Conn::new(writer));
+    *current() = Some(conn.clone());
     let reader = PortReader(port);
     match panic::catch_unwind(AssertUnwindSafe(|| read_frames(agent, &conn, reader))) {
         Ok(why) => log!("connection lost: {why}"),
         Err(_) => log!("connection lost: reader panicked"),
     }
+    current().take();
     conn.close();
     agent.reaper.forget(conn.id());
+}
+
+fn current() -> std::sync::MutexGuard<'static, Option<Arc<Conn>>> {
+    CURRENT.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn describe_frame_error(e: &FrameError) -> String {
@@ -231,7 +250,9 @@ fn read_frames(agent: &Arc<Agent>, conn: &Arc<Conn>, mut port: PortReader) -> St
 /// A request's handling, run on its own thread.
 type Job = Box<dyn FnOnce(&Agent, Reply) + Send>;
 
-/// Handles one message. Stream messages and pings are handled inline;
+/// Handles one message. Stream messages, pings and most signals are
+/// handled inline (they never block, and need no thread when none can be
+/// made: a fork bomb leaves no pids for one);
 /// other requests get a thread each, so a slow one never stalls reading.
 /// Streams are registered here, before the next frame is read, so data the
 /// host sends right behind a request is kept.
@@ -255,10 +276,15 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
         Request::Prepare { root } => Box::new(move |agent, reply| {
             reply.send(setup::prepare(&agent.mounted, &agent.upper, &root));
         }),
-        Request::Signal { process, signal } => Box::new(move |agent, reply| {
-            let key = (reply.conn().id(), process);
-            reply.send(agent.reaper.signal(key, signal).map(|()| Response::Done));
-        }),
+        Request::Signal { process, signal } => {
+            let key = (conn.id(), process);
+            match agent.reaper.try_signal(key, signal) {
+                Some(result) => return reply.send(result.map(|()| Response::Done)),
+                None => Box::new(move |agent, reply| {
+                    reply.send(agent.reaper.signal(key, signal).map(|()| Response::Done));
+                }),
+            }
+        }
         Request::Shutdown => Box::new(|_, reply| shutdown(reply)),
         Request::Fs(request) => Box::new(move |_, reply| {
             let result = fs::handle(reply.conn().handles(), request);
@@ -322,18 +348,36 @@ fn shutdown(reply: Reply) {
     sys::sync();
     let grace = spawn_thread("poweroff".into(), || {
         thread::sleep(Duration::from_secs(1));
-        power_off();
+        power_off("the host asked to shut down");
     });
     if let Err(e) = grace {
         log!("start poweroff timer: {}", error::describe(&e));
     }
     reply.send_flushed(Ok(Response::Done));
-    power_off();
+    power_off("the host asked to shut down");
 }
 
-/// Ends the VM: syncs, kills every process, and reboots, which with
-/// `reboot=t` and QEMU's `-no-reboot` stops QEMU.
-fn power_off() {
+/// How long a goodbye may wait for room on the channel.
+const GOODBYE_GRACE: Duration = Duration::from_millis(500);
+
+/// Ends the VM: tells the host why and falls silent, syncs, kills every
+/// process, and reboots, which with `reboot=t` and QEMU's `-no-reboot`
+/// stops QEMU. Silent first, so that the processes killed here never
+/// reach the host as exits or ends of file: it sees the guest go away,
+/// not commands that finished.
+fn power_off(reason: &str) {
+    if let Some(conn) = current().take() {
+        let closer = conn.clone();
+        // A host that stopped reading must not hold the power-off up.
+        let _ = spawn_thread("goodbye".into(), move || {
+            thread::sleep(GOODBYE_GRACE);
+            closer.close();
+        });
+        let _ = conn.send(&Message::Goodbye {
+            reason: reason.to_string(),
+        });
+        conn.close();
+    }
     sys::sync();
     // Everything but PID 1 itself.
     let _ = sys::kill(-1, libc::SIGKILL);

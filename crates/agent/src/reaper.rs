@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread;
 use std::time::Duration;
 
@@ -149,7 +149,22 @@ impl Reaper {
     /// Signals the process group of `key` (its pid, as it is a session
     /// leader), or the process alone if it moved to another group.
     pub fn signal(&self, key: Key, signal: i32) -> Result<(), RemoteError> {
-        let reg = self.lock();
+        Self::signal_locked(&self.lock(), key, signal)
+    }
+
+    /// Like [`signal`](Self::signal), but `None` at once when the registry
+    /// is busy (a spawn holds it while it forks and execs), so that the
+    /// channel's reader never waits for an exec.
+    pub fn try_signal(&self, key: Key, signal: i32) -> Option<Result<(), RemoteError>> {
+        let reg = match self.registry.try_lock() {
+            Ok(reg) => reg,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        Some(Self::signal_locked(&reg, key, signal))
+    }
+
+    fn signal_locked(reg: &Registry, key: Key, signal: i32) -> Result<(), RemoteError> {
         let Some(&pid) = reg.pids.get(&key) else {
             return Err(error::new(
                 ErrorKind::NoSuchProcess,

@@ -38,8 +38,9 @@ pub fn watch() -> io::Result<()> {
     spawn_thread("signals".into(), move || loop {
         match sys::wait_signal(&set) {
             Ok((signal, pid)) => {
-                log!("{} from pid {pid}: powering off", name(signal));
-                crate::power_off();
+                let reason = format!("{} from guest pid {pid}", name(signal));
+                log!("{reason}: powering off");
+                crate::power_off(&reason);
             }
             Err(e) => {
                 log!("wait for signals: {}", error::describe(&e));

@@ -106,6 +106,14 @@ pub fn setsid() -> io::Result<()> {
     Ok(())
 }
 
+/// Sets the calling thread's nice value; threads it starts inherit it.
+/// Async-signal-safe: used between fork and exec.
+pub fn set_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority(2) takes no pointers; who 0 is the calling thread.
+    check(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) })?;
+    Ok(())
+}
+
 /// Async-signal-safe: used between fork and exec.
 pub fn setgroups(groups: &[u32]) -> io::Result<()> {
     // SAFETY: the pointer and length describe `groups`, which outlives the call.

@@ -1,9 +1,16 @@
 //! The host end of the agent connection: one reader thread demultiplexes
 //! frames into request replies, stream buffers and process exits; callers
-//! write frames under one lock.
+//! write frames under one lock. What a frame does to the host's state is
+//! [`Tables::dispatch`], a plain function of the message, so it can be
+//! driven without a VM (unit tests, the `dispatch` fuzz target).
+//!
+//! Liveness: [`Channel::check_alive`] pings a quiet guest and calls it dead
+//! when nothing at all comes back within [`ANSWER_TIMEOUT`]; the instance
+//! calls it periodically and ends the channel with the reason.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufReader};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
@@ -29,15 +36,47 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
 const PING_RETRY: Duration = Duration::from_millis(10);
 const PING_RETRY_MAX: Duration = Duration::from_millis(250);
 
+/// A guest heard from less than this long ago is not pinged.
+const QUIET: Duration = Duration::from_millis(200);
+/// How long a pinged guest may stay silent before it is called dead. The
+/// agent answers pings on its reader thread at the highest priority, so a
+/// second is plenty even under TCG on a loaded host; a busy guest is not
+/// silent (its traffic counts as an answer).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Connections a listener keeps waiting for `accept`; the guest's further
+/// ones are reset, like a full TCP backlog. Bounds what a guest flooding a
+/// listener costs the host.
+const ACCEPT_BACKLOG: usize = 64;
+
+/// Why a channel is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Gone {
+    /// The instance was closed by its owner.
+    Closed,
+    /// The guest died, shut down, stopped answering or broke the protocol.
+    Dead(String),
+}
+
+impl Gone {
+    /// What a caller waiting on the channel gets.
+    pub(crate) fn error(&self) -> Error {
+        match self {
+            Gone::Closed => Error::AlreadyClosed,
+            Gone::Dead(why) => Error::NotRunning(why.clone()),
+        }
+    }
+}
+
 /// Where a process's exit is delivered.
 #[derive(Debug, Default)]
 pub(crate) struct ExitSlot {
-    status: Mutex<Option<std::result::Result<ExitStatus, String>>>,
+    status: Mutex<Option<std::result::Result<ExitStatus, Gone>>>,
     set: Condvar,
 }
 
 impl ExitSlot {
-    fn fill(&self, value: std::result::Result<ExitStatus, String>) {
+    fn fill(&self, value: std::result::Result<ExitStatus, Gone>) {
         let mut s = lock(&self.status);
         if s.is_none() {
             *s = Some(value);
@@ -51,7 +90,7 @@ impl ExitSlot {
         loop {
             match &*s {
                 Some(Ok(status)) => return Ok(Some(*status)),
-                Some(Err(why)) => return Err(Error::NotRunning(why.clone())),
+                Some(Err(gone)) => return Err(gone.error()),
                 None => {}
             }
             s = match deadline {
@@ -92,8 +131,8 @@ struct QueueState {
 pub(crate) enum Ended {
     /// The listener was closed.
     Closed,
-    /// The channel went down for this reason.
-    Lost(String),
+    /// The channel went down.
+    Lost(Gone),
 }
 
 /// Connections accepted in the guest for one host listener, waiting for
@@ -108,6 +147,10 @@ impl AcceptQueue {
     fn push(&self, conn: Accepted) {
         lock(&self.state).waiting.push_back(conn);
         self.ready.notify_all();
+    }
+
+    fn len(&self) -> usize {
+        lock(&self.state).waiting.len()
     }
 
     fn end(&self, why: Ended) -> VecDeque<Accepted> {
@@ -145,21 +188,148 @@ impl AcceptQueue {
     }
 }
 
+/// The host's side of one connection: everything a guest frame can reach.
 #[derive(Debug, Default)]
-struct Tables {
+pub(crate) struct Tables {
     pending: HashMap<u64, mpsc::SyncSender<Reply>>,
     inbound: HashMap<u32, Arc<Inbound>>,
     outbound: HashMap<u32, Arc<Outbound>>,
     exits: HashMap<u64, Arc<ExitSlot>>,
     listeners: HashMap<u64, Arc<AcceptQueue>>,
     /// Why the connection is gone, once it is.
-    dead: Option<String>,
+    dead: Option<Gone>,
+}
+
+impl Tables {
+    /// Applies one message from the guest. `Ok` holds guest streams to
+    /// reset (a connection nobody will accept); `Err` ends the channel for
+    /// that reason: the guest broke the protocol or said goodbye. Frames
+    /// that may race with the host's own teardown (data or credit for a
+    /// stream it closed, the answer to a request it gave up on, the exit of
+    /// a process it forgot) are dropped; nothing a guest sends makes this
+    /// panic or grow without bound.
+    pub(crate) fn dispatch(
+        &mut self,
+        msg: Message,
+        resumed: bool,
+    ) -> std::result::Result<Vec<u32>, String> {
+        match msg {
+            Message::Response { id, body } => {
+                if let Some(tx) = self.pending.remove(&id) {
+                    let _ = tx.try_send(body);
+                }
+            }
+            Message::Data { stream, bytes } => {
+                if let Some(s) = self.inbound.get(&stream) {
+                    s.push(bytes.into_vec())
+                        .map_err(|e| format!("the guest agent broke flow control: {e}"))?;
+                }
+            }
+            Message::Eof { stream } => {
+                if let Some(s) = self.inbound.get(&stream) {
+                    s.finish();
+                }
+            }
+            // Credit beyond the window is capped by `grant`.
+            Message::Credit { stream, bytes } => {
+                if let Some(s) = self.outbound.get(&stream) {
+                    s.grant(bytes);
+                }
+            }
+            // The guest stops reading a stream we send, or aborts one it
+            // sends (a read error, a connection reset): either way it is over.
+            Message::Reset { stream } => {
+                if let Some(s) = self.outbound.remove(&stream) {
+                    s.break_off(Broken::Closed);
+                }
+                if let Some(s) = self.inbound.remove(&stream) {
+                    s.break_off(Broken::Closed);
+                }
+            }
+            Message::Accepted {
+                listener,
+                peer,
+                to_guest,
+                from_guest,
+            } => {
+                let known =
+                    |id: u32| self.inbound.contains_key(&id) || self.outbound.contains_key(&id);
+                if to_guest < GUEST_STREAM_BASE
+                    || from_guest < GUEST_STREAM_BASE
+                    || to_guest == from_guest
+                    || known(to_guest)
+                    || known(from_guest)
+                {
+                    return Err(format!(
+                        "the guest agent accepted a connection on bad streams {to_guest}/{from_guest}"
+                    ));
+                }
+                match self.listeners.get(&listener) {
+                    Some(queue) if queue.len() < ACCEPT_BACKLOG => {
+                        let inbound = Arc::new(Inbound::new());
+                        let outbound = Arc::new(Outbound::new());
+                        self.inbound.insert(from_guest, inbound.clone());
+                        self.outbound.insert(to_guest, outbound.clone());
+                        queue.push(Accepted {
+                            peer,
+                            to_guest: (to_guest, outbound),
+                            from_guest: (from_guest, inbound),
+                        });
+                    }
+                    // Closed meanwhile, or its backlog is full.
+                    _ => return Ok(vec![to_guest, from_guest]),
+                }
+            }
+            Message::Exited { process, status } => {
+                if let Some(slot) = self.exits.remove(&process) {
+                    slot.fill(Ok(status));
+                }
+            }
+            Message::Goodbye { reason } => {
+                return Err(format!("the guest agent shut down: {reason}"));
+            }
+            Message::Hello { version, .. } if resumed && version == PROTOCOL_VERSION => {}
+            Message::Hello { .. } | Message::Request { .. } => {
+                return Err("the guest agent sent a message out of turn".into());
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    /// Fails everything waiting with `gone`; the first reason sticks.
+    fn end(&mut self, gone: Gone) {
+        if self.dead.is_some() {
+            return;
+        }
+        tracing::debug!(?gone, "agent channel down");
+        self.pending.clear();
+        for (_, s) in self.inbound.drain() {
+            s.break_off(Broken::Lost);
+        }
+        for (_, s) in self.outbound.drain() {
+            s.break_off(Broken::Lost);
+        }
+        for (_, slot) in self.exits.drain() {
+            slot.fill(Err(gone.clone()));
+        }
+        for (_, queue) in self.listeners.drain() {
+            // Their streams were broken off above.
+            queue.end(Ended::Lost(gone.clone()));
+        }
+        self.dead = Some(gone);
+    }
 }
 
 #[derive(Debug)]
 struct Shared {
     writer: Mutex<UnixStream>,
     tables: Mutex<Tables>,
+    /// When the channel started; `heard` counts from it.
+    epoch: Instant,
+    /// Nanoseconds after `epoch` of the last frame from the guest.
+    heard: AtomicU64,
+    /// When the liveness check began waiting for a sign of life, if it is.
+    asked: Mutex<Option<u64>>,
     next_request: AtomicU64,
     next_stream: AtomicU32,
     next_process: AtomicU64,
@@ -183,7 +353,7 @@ impl Pending {
                 lock(&channel.shared.tables).pending.remove(&self.id);
                 Err(Error::Timeout("request to the guest agent".into()))
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(channel.not_running()),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(channel.gone_error()),
         }
     }
 }
@@ -305,6 +475,9 @@ impl Channel {
             next_process: AtomicU64::new(1),
             next_listener: AtomicU64::new(1),
             resumed,
+            epoch: Instant::now(),
+            heard: AtomicU64::new(0),
+            asked: Mutex::new(None),
         });
         let shared2 = shared.clone();
         let handle = std::thread::Builder::new()
@@ -319,8 +492,57 @@ impl Channel {
     }
 
     /// Why the channel is gone, if it is.
-    pub(crate) fn dead(&self) -> Option<String> {
+    pub(crate) fn dead(&self) -> Option<Gone> {
         lock(&self.shared.tables).dead.clone()
+    }
+
+    /// Pings a guest that has been quiet for [`QUIET`]; `Err` with the
+    /// reason once a guest asked for a sign of life sent nothing for
+    /// [`ANSWER_TIMEOUT`]. Any frame counts as an answer, so a guest busy
+    /// streaming is never pinged. Never blocks: a ping that cannot be
+    /// written at once (a writer is stuck on a guest that stopped reading)
+    /// is not needed to see the guest stay silent.
+    pub(crate) fn check_alive(&self) -> std::result::Result<(), String> {
+        let shared = &self.shared;
+        let now = shared.epoch.elapsed().as_nanos() as u64;
+        let heard = shared.heard.load(Ordering::Acquire);
+        let mut asked = lock(&shared.asked);
+        match *asked {
+            Some(since) if heard >= since => *asked = None,
+            Some(since) if now - since >= ANSWER_TIMEOUT.as_nanos() as u64 => {
+                // Bytes waiting in the socket: the host's reader is behind,
+                // not the guest.
+                if unread(&self.socket) {
+                    return Ok(());
+                }
+                return Err(format!(
+                    "the guest stopped answering (nothing for {:.1} s after a ping)",
+                    (now - since) as f64 / 1e9
+                ));
+            }
+            Some(_) => return Ok(()),
+            None => {}
+        }
+        if now.saturating_sub(heard) >= QUIET.as_nanos() as u64 {
+            *asked = Some(now);
+            let id = shared.next_request.fetch_add(1, Ordering::Relaxed);
+            // Its answer has no waiter: arriving is all it has to do.
+            if let Ok(bytes) = frame::encode(&Message::Request {
+                id,
+                body: Request::Ping,
+            }) {
+                if let Ok(mut w) = shared.writer.try_lock() {
+                    if let Err(e) = send_now(&mut w, &bytes) {
+                        drop(w);
+                        mark_dead(
+                            shared,
+                            Gone::Dead(format!("writing to the guest agent: {e}")),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Sends `body` and waits up to `timeout` for its reply.
@@ -335,8 +557,8 @@ impl Channel {
         let (tx, rx) = mpsc::sync_channel(1);
         {
             let mut t = lock(&self.shared.tables);
-            if let Some(why) = &t.dead {
-                return Err(Error::NotRunning(why.clone()));
+            if let Some(gone) = &t.dead {
+                return Err(gone.error());
             }
             t.pending.insert(id, tx);
         }
@@ -344,11 +566,11 @@ impl Channel {
         Ok(Pending { id, rx })
     }
 
-    fn not_running(&self) -> Error {
-        Error::NotRunning(
-            self.dead()
-                .unwrap_or_else(|| "the guest agent is gone".into()),
-        )
+    /// Why the channel is gone, as the error callers get.
+    fn gone_error(&self) -> Error {
+        self.dead()
+            .map(|gone| gone.error())
+            .unwrap_or_else(|| Error::NotRunning("the guest agent is gone".into()))
     }
 
     pub(crate) fn send(&self, msg: &Message) -> Result<()> {
@@ -357,7 +579,7 @@ impl Channel {
     }
 
     fn send_frame(&self, bytes: &[u8]) -> Result<()> {
-        send_frame(&self.shared, bytes).map_err(|()| self.not_running())
+        send_frame(&self.shared, bytes).map_err(|()| self.gone_error())
     }
 
     pub(crate) fn new_process_id(&self) -> u64 {
@@ -373,7 +595,7 @@ impl Channel {
         let slot = Arc::new(ExitSlot::default());
         let mut t = lock(&self.shared.tables);
         match &t.dead {
-            Some(why) => slot.fill(Err(why.clone())),
+            Some(gone) => slot.fill(Err(gone.clone())),
             None => {
                 t.exits.insert(id, slot.clone());
             }
@@ -392,8 +614,8 @@ impl Channel {
         let queue = Arc::new(AcceptQueue::default());
         let mut t = lock(&self.shared.tables);
         match &t.dead {
-            Some(why) => {
-                queue.end(Ended::Lost(why.clone()));
+            Some(gone) => {
+                queue.end(Ended::Lost(gone.clone()));
             }
             None => {
                 t.listeners.insert(id, queue.clone());
@@ -503,9 +725,58 @@ impl Channel {
         }
     }
 
-    /// Marks the channel gone, unblocks everyone and joins the reader.
-    pub(crate) fn shut_down(&self, why: &str) {
-        mark_dead(&self.shared, why.to_string());
+    /// Closes the conversation: everything waiting fails with
+    /// [`Error::AlreadyClosed`] at once, then the agent is asked to shut
+    /// down. `true` once it answered; `false` if it does not within
+    /// `timeout`, stops answering pings meanwhile, or the channel was gone.
+    pub(crate) fn close_gracefully(&self, timeout: Duration) -> bool {
+        let id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::sync_channel(1);
+        {
+            let mut t = lock(&self.shared.tables);
+            if t.dead.is_some() {
+                return false;
+            }
+            t.end(Gone::Closed);
+            // The reader still delivers answers to requests in the table.
+            t.pending.insert(id, tx);
+        }
+        if self
+            .send(&Message::Request {
+                id,
+                body: Request::Shutdown,
+            })
+            .is_err()
+        {
+            return false;
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(reply) => return matches!(reply, Ok(Response::Done)),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+                // The guest hung up (QEMU exited) without answering.
+                Err(mpsc::RecvTimeoutError::Timeout) if self.reader_finished() => return false,
+                Err(mpsc::RecvTimeoutError::Timeout) if self.check_alive().is_err() => {
+                    return false
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        }
+        false
+    }
+
+    fn reader_finished(&self) -> bool {
+        match &*lock(&self.reader) {
+            Some(reader) => reader.is_finished(),
+            None => true,
+        }
+    }
+
+    /// Marks the channel gone (the first reason sticks), unblocks everyone,
+    /// a writer stuck on a deaf guest included, and joins the reader.
+    pub(crate) fn shut_down(&self, gone: Gone) {
+        mark_dead(&self.shared, gone);
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
         if let Some(reader) = lock(&self.reader).take() {
             let _ = reader.join();
@@ -515,8 +786,37 @@ impl Channel {
 
 impl Drop for Channel {
     fn drop(&mut self) {
-        self.shut_down("the instance was closed");
+        self.shut_down(Gone::Closed);
     }
+}
+
+/// Writes a small frame unless the socket is full (a guest that stopped
+/// reading: its silence tells, no need to wait for room).
+fn send_now(socket: &mut UnixStream, bytes: &[u8]) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `bytes`; the fd is open.
+    let n = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    match n {
+        n if n >= 0 => io::Write::write_all(socket, &bytes[n as usize..]),
+        _ => match io::Error::last_os_error() {
+            e if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            e => Err(e),
+        },
+    }
+}
+
+/// Whether bytes wait unread in `socket`.
+fn unread(socket: &UnixStream) -> bool {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int to the pointer, which is valid.
+    let r = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut n) };
+    r == 0 && n > 0
 }
 
 /// A buffered reader of the channel's frames, on a second handle of it.
@@ -535,94 +835,23 @@ fn read_loop(shared: &Shared, mut reader: BufReader<UnixStream>) {
             Ok(None) => break "the guest stopped".to_string(),
             Err(e) => break format!("agent channel failed: {e}"),
         };
-        if let Err(why) = dispatch(shared, msg) {
-            break why;
+        shared
+            .heard
+            .store(shared.epoch.elapsed().as_nanos() as u64, Ordering::Release);
+        let resets = match lock(&shared.tables).dispatch(msg, shared.resumed) {
+            Ok(resets) => resets,
+            Err(why) => break why,
+        };
+        for stream in resets {
+            let Ok(frame) = frame::encode(&Message::Reset { stream }) else {
+                continue;
+            };
+            if send_frame(shared, &frame).is_err() {
+                return;
+            }
         }
     };
-    mark_dead(shared, why);
-}
-
-fn dispatch(shared: &Shared, msg: Message) -> std::result::Result<(), String> {
-    let mut t = lock(&shared.tables);
-    match msg {
-        Message::Response { id, body } => {
-            if let Some(tx) = t.pending.remove(&id) {
-                let _ = tx.try_send(body);
-            }
-        }
-        Message::Data { stream, bytes } => {
-            if let Some(s) = t.inbound.get(&stream) {
-                s.push(bytes.into_vec()).map_err(|e| e.to_string())?;
-            }
-        }
-        Message::Eof { stream } => {
-            if let Some(s) = t.inbound.get(&stream) {
-                s.finish();
-            }
-        }
-        Message::Credit { stream, bytes } => {
-            if let Some(s) = t.outbound.get(&stream) {
-                s.grant(bytes);
-            }
-        }
-        // The guest stops reading a stream we send, or aborts one it sends
-        // (a read error, a connection reset): either way it is over.
-        Message::Reset { stream } => {
-            if let Some(s) = t.outbound.remove(&stream) {
-                s.break_off(Broken::Closed);
-            }
-            if let Some(s) = t.inbound.remove(&stream) {
-                s.break_off(Broken::Closed);
-            }
-        }
-        Message::Accepted {
-            listener,
-            peer,
-            to_guest,
-            from_guest,
-        } => {
-            let known = |id: u32| t.inbound.contains_key(&id) || t.outbound.contains_key(&id);
-            if to_guest < GUEST_STREAM_BASE
-                || from_guest < GUEST_STREAM_BASE
-                || to_guest == from_guest
-                || known(to_guest)
-                || known(from_guest)
-            {
-                return Err(format!(
-                    "the guest agent accepted a connection on bad streams {to_guest}/{from_guest}"
-                ));
-            }
-            let Some(queue) = t.listeners.get(&listener).cloned() else {
-                // Closed meanwhile: abort the guest's connection.
-                drop(t);
-                for stream in [to_guest, from_guest] {
-                    let frame =
-                        frame::encode(&Message::Reset { stream }).map_err(|e| e.to_string())?;
-                    send_frame(shared, &frame).map_err(|()| "writing to the guest agent failed")?;
-                }
-                return Ok(());
-            };
-            let inbound = Arc::new(Inbound::new());
-            let outbound = Arc::new(Outbound::new());
-            t.inbound.insert(from_guest, inbound.clone());
-            t.outbound.insert(to_guest, outbound.clone());
-            queue.push(Accepted {
-                peer,
-                to_guest: (to_guest, outbound),
-                from_guest: (from_guest, inbound),
-            });
-        }
-        Message::Exited { process, status } => {
-            if let Some(slot) = t.exits.remove(&process) {
-                slot.fill(Ok(status));
-            }
-        }
-        Message::Hello { version, .. } if shared.resumed && version == PROTOCOL_VERSION => {}
-        Message::Hello { .. } | Message::Request { .. } => {
-            return Err("the guest agent sent a message out of turn".into());
-        }
-    }
-    Ok(())
+    mark_dead(shared, Gone::Dead(why));
 }
 
 /// Writes one frame; on failure the channel is marked dead.
@@ -630,32 +859,57 @@ fn send_frame(shared: &Shared, bytes: &[u8]) -> std::result::Result<(), ()> {
     let mut w = lock(&shared.writer);
     io::Write::write_all(&mut *w, bytes).map_err(|e| {
         drop(w);
-        mark_dead(shared, format!("writing to the guest agent: {e}"));
+        mark_dead(
+            shared,
+            Gone::Dead(format!("writing to the guest agent: {e}")),
+        );
     })
 }
 
-/// Fails everything waiting on the channel with `why`.
-fn mark_dead(shared: &Shared, why: String) {
-    let mut t = lock(&shared.tables);
-    if t.dead.is_some() {
-        return;
+/// Fails everything waiting on the channel with `gone`.
+fn mark_dead(shared: &Shared, gone: Gone) {
+    lock(&shared.tables).end(gone);
+}
+
+/// Feeds `data`, read as frames, to the host's dispatch over a connection
+/// with requests pending, streams open both ways, processes running and a
+/// listener: the `dispatch` fuzz target. Stops at the first frame that
+/// does not decode or at the first error (which would end the channel).
+/// Panics if dispatching panics or the host's state outgrows its bounds.
+#[doc(hidden)]
+pub fn fuzz_dispatch(data: &[u8]) {
+    let (resumed, mut input) = match data.split_first() {
+        Some((flags, rest)) => (flags & 1 == 1, rest),
+        None => (false, data),
+    };
+    let mut t = Tables::default();
+    let mut answers = Vec::new();
+    for id in 1..=4 {
+        let (tx, rx) = mpsc::sync_channel(1);
+        t.pending.insert(id, tx);
+        answers.push(rx);
+        t.exits.insert(id, Arc::new(ExitSlot::default()));
     }
-    tracing::debug!(%why, "agent channel down");
-    t.pending.clear();
-    for (_, s) in t.inbound.drain() {
-        s.break_off(Broken::Lost);
+    for id in 1..=2 {
+        t.inbound.insert(id, Arc::new(Inbound::new()));
+        t.outbound.insert(id + 2, Arc::new(Outbound::new()));
     }
-    for (_, s) in t.outbound.drain() {
-        s.break_off(Broken::Lost);
+    let queue = Arc::new(AcceptQueue::default());
+    t.listeners.insert(1, queue.clone());
+    let mut buf = Vec::new();
+    while let Ok(Some(msg)) = frame::read(&mut input, &mut buf) {
+        let resets = match t.dispatch(msg, resumed) {
+            Ok(resets) => resets,
+            Err(_) => break,
+        };
+        assert!(resets.len() <= 2);
+        assert!(queue.len() <= ACCEPT_BACKLOG);
+        assert!(t.inbound.len() <= 2 + ACCEPT_BACKLOG);
+        assert!(t.outbound.len() <= 2 + ACCEPT_BACKLOG);
+        assert!(t.pending.len() <= 4 && t.exits.len() <= 4);
     }
-    for (_, slot) in t.exits.drain() {
-        slot.fill(Err(why.clone()));
-    }
-    for (_, queue) in t.listeners.drain() {
-        // Their streams were broken off above.
-        queue.end(Ended::Lost(why.clone()));
-    }
-    t.dead = Some(why);
+    assert!(buf.capacity() <= cc_protocol::MAX_FRAME);
+    t.end(Gone::Closed);
 }
 
 #[cfg(test)]
@@ -687,7 +941,7 @@ mod tests {
     fn matching_version_connects() {
         let (channel, agent) = greet(&hello(PROTOCOL_VERSION)).unwrap();
         assert_eq!(agent, "test");
-        channel.shut_down("test over");
+        channel.shut_down(Gone::Closed);
     }
 
     #[test]
@@ -716,5 +970,301 @@ mod tests {
         let (host, _guest) = UnixStream::pair().unwrap();
         let err = Channel::connect(host, Duration::from_millis(50)).unwrap_err();
         assert_eq!(err.code(), crate::ErrorCode::Timeout);
+    }
+
+    // ---- dispatch without a VM ----
+
+    fn tables() -> Tables {
+        let mut t = Tables::default();
+        t.inbound.insert(1, Arc::new(Inbound::new()));
+        t.outbound.insert(2, Arc::new(Outbound::new()));
+        t
+    }
+
+    fn data(stream: u32, len: usize) -> Message {
+        Message::Data {
+            stream,
+            bytes: serde_bytes::ByteBuf::from(vec![7u8; len]),
+        }
+    }
+
+    fn accepted(listener: u64, n: u32) -> Message {
+        Message::Accepted {
+            listener,
+            peer: "127.0.0.1:1".into(),
+            to_guest: GUEST_STREAM_BASE + 2 * n,
+            from_guest: GUEST_STREAM_BASE + 2 * n + 1,
+        }
+    }
+
+    #[test]
+    fn frames_for_unknown_streams_requests_and_processes_are_dropped() {
+        let mut t = tables();
+        for msg in [
+            data(99, 10),
+            Message::Eof { stream: 99 },
+            Message::Credit {
+                stream: 99,
+                bytes: u32::MAX,
+            },
+            Message::Reset { stream: 99 },
+            Message::Response {
+                id: 12345,
+                body: Ok(Response::Pong),
+            },
+            Message::Exited {
+                process: 777,
+                status: ExitStatus::Code(0),
+            },
+        ] {
+            assert_eq!(t.dispatch(msg, false), Ok(vec![]));
+        }
+        assert_eq!((t.inbound.len(), t.outbound.len()), (1, 1));
+    }
+
+    #[test]
+    fn credit_not_owed_never_raises_a_window_past_its_size() {
+        let mut t = tables();
+        let out = t.outbound[&2].clone();
+        for _ in 0..3 {
+            t.dispatch(
+                Message::Credit {
+                    stream: 2,
+                    bytes: u32::MAX,
+                },
+                false,
+            )
+            .unwrap();
+        }
+        assert_eq!(
+            out.acquire(usize::MAX, None).unwrap(),
+            cc_protocol::STREAM_WINDOW as usize
+        );
+    }
+
+    #[test]
+    fn overrunning_a_window_ends_the_channel_with_a_clear_error() {
+        let mut t = tables();
+        let chunk = cc_protocol::DATA_CHUNK;
+        for _ in 0..cc_protocol::STREAM_WINDOW as usize / chunk {
+            t.dispatch(data(1, chunk), false).unwrap();
+        }
+        let err = t.dispatch(data(1, 1), false).unwrap_err();
+        assert!(err.contains("flow control"), "{err}");
+    }
+
+    #[test]
+    fn answers_reach_their_request_once() {
+        let mut t = tables();
+        let (tx, rx) = mpsc::sync_channel(1);
+        t.pending.insert(5, tx);
+        for _ in 0..2 {
+            let answer = Message::Response {
+                id: 5,
+                body: Ok(Response::Pong),
+            };
+            t.dispatch(answer, false).unwrap();
+        }
+        assert!(matches!(rx.try_recv(), Ok(Ok(Response::Pong))));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn accepted_connections_are_checked_and_bounded() {
+        let mut t = tables();
+        let queue = Arc::new(AcceptQueue::default());
+        t.listeners.insert(1, queue.clone());
+        // Host-numbered, duplicate or already used streams are refused.
+        for (to_guest, from_guest) in [
+            (1, GUEST_STREAM_BASE),
+            (GUEST_STREAM_BASE, GUEST_STREAM_BASE),
+        ] {
+            let msg = Message::Accepted {
+                listener: 1,
+                peer: String::new(),
+                to_guest,
+                from_guest,
+            };
+            assert!(t.dispatch(msg, false).unwrap_err().contains("bad streams"));
+        }
+        t.dispatch(accepted(1, 0), false).unwrap();
+        assert!(t.dispatch(accepted(1, 0), false).is_err(), "streams reused");
+        // Unknown listener: both streams are reset.
+        assert_eq!(
+            t.dispatch(accepted(9, 1), false),
+            Ok(vec![GUEST_STREAM_BASE + 2, GUEST_STREAM_BASE + 3])
+        );
+        // A flood fills the backlog, then is reset.
+        for n in 2..ACCEPT_BACKLOG as u32 + 10 {
+            let _ = t.dispatch(accepted(1, n), false).unwrap();
+        }
+        assert_eq!(queue.len(), ACCEPT_BACKLOG);
+        assert_eq!(t.inbound.len(), 1 + ACCEPT_BACKLOG);
+    }
+
+    #[test]
+    fn goodbye_and_out_of_turn_messages_end_the_channel() {
+        let mut t = tables();
+        let goodbye = Message::Goodbye {
+            reason: "SIGTERM".into(),
+        };
+        assert_eq!(
+            t.dispatch(goodbye, false).unwrap_err(),
+            "the guest agent shut down: SIGTERM"
+        );
+        let hello = || Message::Hello {
+            version: PROTOCOL_VERSION,
+            agent: String::new(),
+        };
+        assert!(t.dispatch(hello(), false).is_err());
+        assert_eq!(t.dispatch(hello(), true), Ok(vec![]), "a resumed greeting");
+        let request = Message::Request {
+            id: 1,
+            body: Request::Ping,
+        };
+        assert!(t.dispatch(request, false).is_err());
+    }
+
+    #[test]
+    fn ending_fails_every_waiter_with_the_reason() {
+        let mut t = tables();
+        let exit = Arc::new(ExitSlot::default());
+        t.exits.insert(1, exit.clone());
+        let inbound = t.inbound[&1].clone();
+        t.end(Gone::Dead("QEMU exited".into()));
+        t.end(Gone::Closed);
+        let err = exit.wait(None).unwrap_err();
+        assert!(
+            matches!(&err, Error::NotRunning(why) if why == "QEMU exited"),
+            "{err}"
+        );
+        let read = inbound.read(&mut [0u8; 4], None).unwrap_err();
+        assert_eq!(read.kind(), io::ErrorKind::ConnectionAborted);
+    }
+
+    #[test]
+    fn fuzz_entry_point_survives_hostile_frames() {
+        let mut wire = vec![1u8];
+        for msg in [
+            data(1, cc_protocol::DATA_CHUNK),
+            data(77, 3),
+            accepted(1, 0),
+            accepted(2, 1),
+            Message::Credit {
+                stream: 3,
+                bytes: u32::MAX,
+            },
+            Message::Response {
+                id: 999,
+                body: Ok(Response::Done),
+            },
+            Message::Goodbye { reason: "x".into() },
+        ] {
+            wire.extend(frame::encode(&msg).unwrap());
+        }
+        fuzz_dispatch(&wire);
+        // A length at the limit with a truncated body, and garbage.
+        let mut at_limit = vec![0u8];
+        at_limit.extend((cc_protocol::MAX_FRAME as u32).to_le_bytes());
+        at_limit.extend([3, 1, 2]);
+        fuzz_dispatch(&at_limit);
+        fuzz_dispatch(&[
+            0, 9, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ]);
+        fuzz_dispatch(&[]);
+    }
+
+    // ---- liveness against a fake agent ----
+
+    fn connected() -> (Channel, UnixStream) {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        guest
+            .write_all(
+                &frame::encode(&Message::Hello {
+                    version: PROTOCOL_VERSION,
+                    agent: "test".into(),
+                })
+                .unwrap(),
+            )
+            .unwrap();
+        let (channel, _) = Channel::connect(host, Duration::from_secs(5)).unwrap();
+        (channel, guest)
+    }
+
+    /// Calls `check_alive` as the instance does until it fails or `limit`
+    /// passes; returns the failure and when it came.
+    fn watch(channel: &Channel, limit: Duration) -> Option<(String, Duration)> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Err(why) = channel.check_alive() {
+                return Some((why, start.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    #[test]
+    fn a_silent_guest_is_declared_dead_within_about_a_second() {
+        let (channel, guest) = connected();
+        let (why, after) = watch(&channel, Duration::from_secs(10)).expect("never declared dead");
+        assert!(why.contains("stopped answering"), "{why}");
+        assert!(after < Duration::from_secs(2), "took {after:?}");
+        // What it was sent were pings.
+        guest.set_nonblocking(true).unwrap();
+        let msg = frame::read(&mut &guest, &mut Vec::new()).unwrap();
+        assert!(
+            matches!(
+                msg,
+                Some(Message::Request {
+                    body: Request::Ping,
+                    ..
+                })
+            ),
+            "{msg:?}"
+        );
+        channel.shut_down(Gone::Closed);
+    }
+
+    #[test]
+    fn a_guest_that_answers_pings_stays_alive() {
+        let (channel, guest) = connected();
+        let answering = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let mut writer = &guest;
+            while let Ok(Some(Message::Request { id, .. })) = frame::read(&mut &guest, &mut buf) {
+                let pong = Message::Response {
+                    id,
+                    body: Ok(Response::Pong),
+                };
+                if frame::write(&mut writer, &pong).is_err() {
+                    break;
+                }
+            }
+        });
+        assert_eq!(watch(&channel, Duration::from_secs(3)), None);
+        channel.shut_down(Gone::Closed);
+        answering.join().unwrap();
+    }
+
+    #[test]
+    fn closing_a_deaf_guest_fails_waiters_as_closed_and_is_prompt() {
+        let (channel, _guest) = connected();
+        let exit = channel.watch_exit(1);
+        let (_, inbound) = channel.open_inbound();
+        let start = Instant::now();
+        assert!(!channel.close_gracefully(Duration::from_secs(30)));
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(
+            exit.wait(None).unwrap_err().code(),
+            crate::ErrorCode::AlreadyClosed
+        );
+        assert!(inbound.read(&mut [0u8; 1], None).is_err());
+        assert_eq!(channel.dead(), Some(Gone::Closed));
+        channel.shut_down(Gone::Closed);
     }
 }

@@ -16,6 +16,12 @@ use crate::channel::ExitSlot;
 use crate::error::{Error, Result};
 use crate::instance::{Inner, REQUEST_TIMEOUT};
 
+/// At a command's deadline, how long the agent gets to answer the kill
+/// before the instance is declared dead, and then how long the process
+/// gets to be reaped before the timeout is reported anyway.
+const KILL_ANSWER: Duration = Duration::from_secs(1);
+const KILL_REAPED: Duration = Duration::from_secs(1);
+
 /// Where a process's standard stream goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stdio {
@@ -277,6 +283,7 @@ impl Command {
             pid: 0,
             exit,
             limit: self.timeout,
+            started: Instant::now(),
             deadline: self.timeout.map(|t| Instant::now() + t),
             stdin: stdin.map(|(id, s)| ChildStdin {
                 inst: self.inst.clone(),
@@ -360,8 +367,10 @@ pub struct Child {
     process: u64,
     pid: u32,
     exit: Arc<ExitSlot>,
-    /// The command's time limit and when it runs out.
+    /// The command's time limit, when it started and when the limit runs
+    /// out.
     limit: Option<Duration>,
+    started: Instant,
     deadline: Option<Instant>,
     pub stdin: Option<ChildStdin>,
     pub stdout: Option<ChildOutput>,
@@ -412,15 +421,25 @@ impl Child {
         }
     }
 
-    /// The command ran out of time: kill it (and its group) and say so.
+    /// The command ran out of time: kill it (and its group) and say so,
+    /// promptly whatever the guest does. A kill the agent does not answer
+    /// within [`KILL_ANSWER`] means the guest is deaf: the instance is
+    /// marked dead.
     fn expire(&self) -> Error {
-        let _ = self.signal(libc::SIGKILL);
-        let _ = self.exit.wait(Some(Instant::now() + REQUEST_TIMEOUT));
-        let limit = self.limit.unwrap_or_default();
+        match self.signaller().signal_within(libc::SIGKILL, KILL_ANSWER) {
+            Err(Error::Timeout(_)) => self.inst.mark_dead(format!(
+                "the guest did not answer a kill within {} s at a command's deadline",
+                KILL_ANSWER.as_secs_f64()
+            )),
+            _ => {
+                let _ = self.exit.wait(Some(Instant::now() + KILL_REAPED));
+            }
+        }
         Error::Timeout(format!(
-            "command (guest pid {}) after {:.3} s; it was killed",
+            "command (guest pid {}) after {:.3} s (its limit: {:.3} s); it was killed",
             self.pid,
-            limit.as_secs_f64()
+            self.started.elapsed().as_secs_f64(),
+            self.limit.unwrap_or_default().as_secs_f64()
         ))
     }
 
@@ -533,6 +552,12 @@ impl Signaller {
     /// Sends `signal` to the process's whole process group; a process that
     /// already exited is not an error.
     pub fn signal(&self, signal: i32) -> Result<()> {
+        self.signal_within(signal, REQUEST_TIMEOUT)
+    }
+
+    /// Like [`signal`](Self::signal), failing with [`Error::Timeout`] if
+    /// the agent does not answer within `timeout`.
+    pub(crate) fn signal_within(&self, signal: i32, timeout: Duration) -> Result<()> {
         let exited = self.exit.wait(Some(Instant::now())).or_else(|e| {
             self.inst.check_running()?;
             Err(e)
@@ -546,7 +571,7 @@ impl Signaller {
                 process: self.process,
                 signal,
             },
-            REQUEST_TIMEOUT,
+            timeout,
         )? {
             Ok(_) => Ok(()),
             // It exited between our check and the signal.
@@ -575,6 +600,12 @@ impl ChildStdin {
     /// Writes all of `data`, waiting for the guest to make room.
     pub(crate) fn send(&self, data: &[u8]) -> io::Result<()> {
         self.inst.channel.write(self.id, &self.stream, data)
+    }
+
+    /// Why writing failed, when it is the instance that is gone (closed:
+    /// [`Error::AlreadyClosed`]; dead: [`Error::NotRunning`]).
+    pub(crate) fn gone(&self) -> Option<Error> {
+        self.inst.check_running().err()
     }
 
     /// Sends end of file now; a write blocked in another thread and later
@@ -637,6 +668,12 @@ impl ChildOutput {
         self.inst
             .channel
             .read(self.id, &self.stream, buf, self.deadline)
+    }
+
+    /// Why reading failed, when it is the instance that is gone (closed:
+    /// [`Error::AlreadyClosed`]; dead: [`Error::NotRunning`]).
+    pub(crate) fn gone(&self) -> Option<Error> {
+        self.inst.check_running().err()
     }
 
     /// Stops the stream: a read blocked in another thread and later reads

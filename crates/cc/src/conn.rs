@@ -111,9 +111,13 @@ impl Conn {
             .map_or_else(|| "pipe".to_string(), |a| a.remote.clone())
     }
 
-    fn io_error(&self, op: &str, e: io::Error) -> Error {
+    /// `gone` says why, when the instance itself is closed or dead.
+    fn io_error(&self, op: &str, e: io::Error, gone: Option<Error>) -> Error {
         if self.is_closed() {
             return Error::AlreadyClosed;
+        }
+        if let Some(gone) = gone {
+            return gone;
         }
         match e.kind() {
             io::ErrorKind::ConnectionAborted => Error::NotRunning(e.to_string()),
@@ -142,9 +146,10 @@ impl Conn {
     /// Reads up to `buf.len()` bytes into `buf`, waiting for some; 0 is end
     /// of stream (or an empty `buf`).
     pub fn read_into(&self, buf: &mut [u8]) -> Result<usize> {
-        self.reader()?
+        let reader = self.reader()?;
+        reader
             .receive(buf)
-            .map_err(|e| self.io_error("read", e))
+            .map_err(|e| self.io_error("read", e, reader.gone()))
     }
 
     /// The readable end, or why there is none.
@@ -193,7 +198,9 @@ impl Conn {
             State::Open { writer: None, .. } | State::Closed => return Err(Error::AlreadyClosed),
             State::Unbound(_) => return Err(misuse("the command was not started")),
         };
-        writer.send(data).map_err(|e| self.io_error("write", e))
+        writer
+            .send(data)
+            .map_err(|e| self.io_error("write", e, writer.gone()))
     }
 
     /// Ends the writing direction only: the guest reads end of file, and

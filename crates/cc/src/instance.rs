@@ -15,7 +15,7 @@ use cc_protocol::{
 };
 use serde_bytes::ByteBuf;
 
-use crate::channel::Channel;
+use crate::channel::{Channel, Gone};
 use crate::cmd::Cmd;
 use crate::command::Command;
 use crate::error::{Error, Result};
@@ -241,6 +241,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const QUIT_GRACE: Duration = Duration::from_secs(2);
 /// Bound on control requests (exec, signal); data streams are not bounded.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the liveness thread looks at QEMU and the channel.
+const LIVENESS_TICK: Duration = Duration::from_millis(50);
 
 /// Time spent in each phase of starting an instance.
 #[derive(Debug, Clone, Copy, Default)]
@@ -261,6 +263,8 @@ struct Live {
     run_dir: RunDir,
     /// Ends the timeout watchdog early (by being dropped) when closing.
     watchdog: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+    /// Ends the liveness thread (by being dropped) when closing.
+    liveness: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
 #[derive(Debug)]
@@ -300,7 +304,7 @@ impl Inner {
             Some(live) => live.vm.exit_status(),
         };
         match (self.channel.dead(), exited) {
-            (Some(why), _) => Err(Error::NotRunning(why)),
+            (Some(gone), _) => Err(gone.error()),
             // QEMU's exit is known a moment before the channel's reader
             // sees the socket close: report it as soon as either knows.
             (None, Some(status)) => Err(Error::NotRunning(format!(
@@ -308,6 +312,18 @@ impl Inner {
             ))),
             (None, None) => Ok(()),
         }
+    }
+
+    /// Marks the instance dead for `why`: every waiting call and every
+    /// later one fails with [`Error::NotRunning`] saying why, and
+    /// [`Instance::is_running`] is false. The one way the core learns of a
+    /// death, whoever notices it: the liveness thread (QEMU exited, the
+    /// guest stopped answering), the timeout watchdog, a command whose kill
+    /// went unanswered, hypervisor events. The first reason sticks;
+    /// closing then ends QEMU at once.
+    pub(crate) fn mark_dead(&self, why: String) {
+        tracing::info!(id = %self.id, %why, "instance is dead");
+        self.channel.shut_down(Gone::Dead(why));
     }
 }
 
@@ -501,6 +517,8 @@ impl Instance {
             exposed: Mutex::default(),
             live: Mutex::new(None),
         });
+        let liveness = Some(start_liveness(&inner, &vm)?);
+        watch_hypervisor(&inner, &vm);
         let watchdog = match options.timeout {
             Some(limit) => Some(start_watchdog(
                 &inner,
@@ -514,6 +532,7 @@ impl Instance {
             vm,
             run_dir,
             watchdog,
+            liveness,
         });
         Ok(Instance {
             inner,
@@ -603,16 +622,19 @@ impl Instance {
         }
     }
 
-    /// Waits until the guest ends (it powered off, crashed or timed out).
-    /// `cancel` stops the wait with [`Error::Cancelled`]; closing the
-    /// instance from another thread ends it with [`Error::AlreadyClosed`].
+    /// Waits until the guest ends (it powered off, crashed, timed out or
+    /// stopped answering). `cancel` stops the wait with
+    /// [`Error::Cancelled`]; closing the instance from another thread ends
+    /// it with [`Error::AlreadyClosed`].
     pub fn wait(&self, cancel: Option<&CancelToken>) -> Result<()> {
         let vm = match self.inner.live().as_ref() {
             Some(live) => live.vm.clone(),
             None => return Err(Error::AlreadyClosed),
         };
         loop {
-            if vm.wait_timeout(Duration::from_millis(50)).is_some() {
+            if vm.wait_timeout(Duration::from_millis(50)).is_some()
+                || matches!(self.inner.channel.dead(), Some(Gone::Dead(_)))
+            {
                 return Ok(());
             }
             if cancel.is_some_and(|c| c.is_cancelled()) {
@@ -663,14 +685,19 @@ impl Instance {
             .map(|l| l.run_dir.path().to_path_buf())
     }
 
-    /// Ends the instance: the agent syncs and powers off the guest; QEMU is
-    /// killed if it does not exit in time. Nothing of the instance remains
-    /// afterwards. Closing again does nothing.
+    /// Ends the instance: every call waiting on it fails with
+    /// [`Error::AlreadyClosed`] at once, the agent syncs and powers off the
+    /// guest, and QEMU is killed if it does not exit in time (at once if the
+    /// guest was already dead or stops answering). Nothing of the instance
+    /// remains afterwards. Closing again does nothing.
     pub fn close(&self) -> Result<()> {
         let Some(mut live) = self.inner.live().take() else {
             return Ok(());
         };
-        if let Some((stop, thread)) = live.watchdog.take() {
+        for (stop, thread) in [live.watchdog.take(), live.liveness.take()]
+            .into_iter()
+            .flatten()
+        {
             drop(stop);
             let _ = thread.join();
         }
@@ -678,18 +705,17 @@ impl Instance {
         for e in exposed {
             e.stop();
         }
-        if self.inner.channel.dead().is_none() {
-            // The agent answers, then powers off; a lost answer is fine.
-            let _ = self
-                .inner
-                .channel
-                .request(Request::Shutdown, SHUTDOWN_GRACE);
+        let alive = live.vm.exit_status().is_none() && self.inner.channel.dead().is_none();
+        if alive && self.inner.channel.close_gracefully(SHUTDOWN_GRACE) {
+            if live.vm.wait_timeout(SHUTDOWN_GRACE).is_none() {
+                tracing::warn!(id = %self.inner.id, "guest did not power off; ending QEMU");
+                live.vm.terminate(QUIT_GRACE);
+            }
+        } else {
+            // Dead or deaf: nothing to wait for.
+            kill_now(&live.vm);
         }
-        if live.vm.wait_timeout(SHUTDOWN_GRACE).is_none() {
-            tracing::warn!(id = %self.inner.id, "guest did not power off; ending QEMU");
-            live.vm.terminate(QUIT_GRACE);
-        }
-        self.inner.channel.shut_down("the instance was closed");
+        self.inner.channel.shut_down(Gone::Closed);
         drop(live);
         Ok(())
     }
@@ -756,8 +782,7 @@ fn start_watchdog(
                 return;
             }
             if let Some(inner) = inner.upgrade() {
-                tracing::info!(id = %inner.id, "instance timed out after {limit:?}");
-                inner.channel.shut_down(&format!(
+                inner.mark_dead(format!(
                     "the instance timed out after {} s",
                     limit.as_secs_f64()
                 ));
@@ -766,6 +791,65 @@ fn start_watchdog(
         })
         .map_err(Error::io("spawn", "timeout watchdog"))?;
     Ok((stop, thread))
+}
+
+/// Watches for the guest's death until closed (which drops the sender):
+/// QEMU exiting, and a guest that stops answering the channel's pings.
+fn start_liveness(inner: &Arc<Inner>, vm: &Arc<Vm>) -> Result<(mpsc::Sender<()>, JoinHandle<()>)> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let (inner, vm) = (Arc::downgrade(inner), vm.clone());
+    let thread = std::thread::Builder::new()
+        .name("cc-liveness".into())
+        .spawn(move || {
+            while stopped.recv_timeout(LIVENESS_TICK) == Err(mpsc::RecvTimeoutError::Timeout) {
+                let Some(inner) = inner.upgrade() else { return };
+                if inner.channel.dead().is_some() {
+                    return;
+                }
+                if let Some(status) = vm.exit_status() {
+                    return inner.mark_dead(format!("QEMU exited ({status})"));
+                }
+                if let Err(why) = inner.channel.check_alive() {
+                    return inner.mark_dead(why);
+                }
+            }
+        })
+        .map_err(Error::io("spawn", "liveness thread"))?;
+    Ok((stop, thread))
+}
+
+/// Marks the instance dead the moment the hypervisor reports that the
+/// guest shut down, reset, panicked or stopped: sooner than the heartbeat,
+/// and with the reason.
+fn watch_hypervisor(inner: &Arc<Inner>, vm: &Vm) {
+    let inner = Arc::downgrade(inner);
+    vm.on_event(move |event| {
+        if let (Some(why), Some(inner)) = (death_of(event), inner.upgrade()) {
+            inner.mark_dead(why);
+        }
+    });
+}
+
+/// Why a hypervisor event means the guest is gone, if it does.
+fn death_of(event: &cc_engine::Event) -> Option<String> {
+    let reason = event.data["reason"].as_str().unwrap_or("unknown");
+    match event.name.as_str() {
+        "SHUTDOWN" => Some(format!("the guest shut down ({reason})")),
+        "RESET" => Some(format!("the guest reset ({reason})")),
+        "GUEST_PANICKED" => Some("the guest kernel panicked".into()),
+        // Nothing here pauses a running instance: a stop is the hypervisor
+        // halting it (an emulation or I/O error).
+        "STOP" => Some("the hypervisor stopped the guest".into()),
+        _ => None,
+    }
+}
+
+/// Kills QEMU and waits until it is gone.
+fn kill_now(vm: &Vm) {
+    vm.kill();
+    while vm.wait_timeout(Duration::from_secs(1)).is_none() {
+        vm.kill();
+    }
 }
 
 fn now() -> UnixTime {
@@ -804,6 +888,41 @@ mod tests {
     fn new_fails(options: Options) -> Error {
         let source = Source::Dir("/nonexistent/rootfs".into());
         Instance::new(&source, options).unwrap_err()
+    }
+
+    #[test]
+    fn hypervisor_events_that_mean_death() {
+        let event = |name: &str, data: serde_json::Value| cc_engine::Event {
+            name: name.into(),
+            data,
+        };
+        let shutdown = event(
+            "SHUTDOWN",
+            serde_json::json!({"guest": true, "reason": "guest-reset"}),
+        );
+        assert_eq!(
+            death_of(&shutdown).as_deref(),
+            Some("the guest shut down (guest-reset)")
+        );
+        assert!(death_of(&event("GUEST_PANICKED", serde_json::json!({}))).is_some());
+        assert!(death_of(&event("STOP", serde_json::Value::Null)).is_some());
+        assert!(death_of(&event(
+            "RESET",
+            serde_json::json!({"reason": "guest-reset"})
+        ))
+        .is_some());
+        for harmless in [
+            "RESUME",
+            "MIGRATION",
+            "VSERPORT_CHANGE",
+            "NIC_RX_FILTER_CHANGED",
+        ] {
+            assert_eq!(
+                death_of(&event(harmless, serde_json::json!({}))),
+                None,
+                "{harmless}"
+            );
+        }
     }
 
     #[test]

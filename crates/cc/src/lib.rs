@@ -15,8 +15,9 @@
 //! # Ok::<(), cc::Error>(())
 //! ```
 //!
-//! Threads: each instance has one reader thread for its agent channel and
-//! one supervisor thread for its QEMU process; both end in
+//! Threads: each instance has one reader thread for its agent channel, one
+//! liveness thread (QEMU's exit, the channel's heartbeat) and one
+//! supervisor thread for its QEMU process; all end in
 //! [`Instance::close`] (or on drop), which also removes the instance's
 //! runtime directory. An [`Exposed`] port has an acceptor thread and two
 //! copy threads per live connection, joined when it or the instance is
@@ -45,6 +46,8 @@ pub fn host_confinement() -> Confinement {
 }
 pub use cc_netpolicy::{NetworkPolicy, PolicyError, Rule, RuleProblem};
 pub use cc_protocol::PROTOCOL_VERSION as GUEST_PROTOCOL_VERSION;
+#[doc(hidden)]
+pub use channel::fuzz_dispatch;
 pub use cmd::Cmd;
 pub use command::{Child, ChildOutput, ChildStdin, Command, ExitStatus, Output, Signaller, Stdio};
 pub use conn::Conn;

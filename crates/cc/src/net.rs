@@ -313,7 +313,7 @@ impl Listener {
             Ok(Some(accepted)) => Ok(Some(self.conn(accepted))),
             Ok(None) => Ok(None),
             Err(Ended::Closed) => Err(Error::AlreadyClosed),
-            Err(Ended::Lost(why)) => Err(Error::NotRunning(why)),
+            Err(Ended::Lost(gone)) => Err(gone.error()),
         }
     }
 

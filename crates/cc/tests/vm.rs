@@ -928,6 +928,147 @@ fn command_timeout_kills(inst: &Instance) {
     assert!(quick.success());
 }
 
+// ---- liveness: dead and deaf guests ----
+
+/// How long a death may take to be noticed (the heartbeat's answer
+/// timeout, plus its ping interval).
+const NOTICED: Duration = Duration::from_secs(2);
+
+/// Boots an instance, starts a long command in it, runs `trigger` (which
+/// leaves the guest dead or deaf) without waiting for it, and checks that
+/// the command's wait, new calls and `close` all end promptly.
+fn deaf_after(trigger: &str) {
+    let inst = boot();
+    let mut long = inst.command("sleep").arg("1000").spawn().unwrap();
+    let waiting = std::thread::spawn(move || {
+        let err = long.wait().unwrap_err();
+        (err, Instant::now())
+    });
+    let _trigger = inst
+        .command("sh")
+        .args(["-c", trigger])
+        .stdout(Stdio::Null)
+        .stderr(Stdio::Null)
+        .spawn()
+        .unwrap();
+    let triggered = Instant::now();
+    let (err, when) = waiting.join().unwrap();
+    assert_eq!(err.code(), ErrorCode::NotRunning, "{trigger}: {err}");
+    assert!(
+        when - triggered < NOTICED,
+        "{trigger}: the in-flight wait took {:?}",
+        when - triggered
+    );
+    assert!(!inst.is_running(), "{trigger}");
+    let start = Instant::now();
+    let err = inst.command("true").status().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NotRunning, "{trigger}: {err}");
+    assert!(
+        err.to_string().contains("stopped answering"),
+        "{trigger}: {err}"
+    );
+    let err = inst.read_file("/etc/passwd").unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NotRunning, "{trigger}: {err}");
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "new calls wait"
+    );
+    let start = Instant::now();
+    inst.close().unwrap();
+    assert!(
+        start.elapsed() < NOTICED,
+        "{trigger}: close took {:?}",
+        start.elapsed()
+    );
+}
+
+fn poweroff_force_is_noticed() {
+    deaf_after("poweroff -f");
+}
+
+fn halt_force_is_noticed() {
+    deaf_after("halt -f");
+}
+
+fn unbinding_the_agent_port_is_noticed() {
+    deaf_after(
+        "cd /sys/bus/virtio/drivers/virtio_console && for d in virtio*; do echo $d > unbind; done",
+    );
+}
+
+fn agent_shutdown_is_not_running_not_success() {
+    let inst = boot();
+    let mut waiting = inst.command("sleep").arg("1000").spawn().unwrap();
+    let mut output = inst.command("sh");
+    output.args(["-c", "echo partial; sleep 1000"]);
+    let outputs = std::thread::spawn(move || output.output());
+    let cmd = inst.cmd("sleep", &["1000"]);
+    let runs = std::thread::spawn(move || cmd.run());
+    // Let both start before the agent is told to shut down.
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = inst.command("kill").args(["-TERM", "1"]).status();
+    let err = waiting.wait().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NotRunning, "{err}");
+    assert!(err.to_string().contains("shut down"), "{err}");
+    let err = outputs.join().unwrap().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NotRunning, "output(): {err}");
+    let err = runs.join().unwrap().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NotRunning, "run(): {err}");
+    assert!(!inst.is_running());
+    inst.close().unwrap();
+}
+
+fn close_under_readers_is_already_closed() {
+    let inst = boot();
+    let cmd = inst.cmd("sh", &["-c", "echo first; sleep 1000"]);
+    let out = cmd.stdout_pipe().unwrap();
+    cmd.start().unwrap();
+    assert_eq!(out.read(64).unwrap(), b"first\n");
+    let reader = std::thread::spawn(move || out.read(64));
+    let waiter = std::thread::spawn(move || cmd.wait());
+    let mut child = inst
+        .command("sleep")
+        .arg("1000")
+        .stdout(Stdio::Piped)
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let raw_reader = std::thread::spawn(move || stdout.read(&mut [0u8; 64]));
+    let listener = inst.listen("tcp", ":0").unwrap();
+    let acceptor = std::thread::spawn(move || listener.accept(None).map(drop));
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    inst.close().unwrap();
+    assert!(start.elapsed() < Duration::from_secs(10));
+    let err = reader.join().unwrap().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::AlreadyClosed, "pipe read: {err}");
+    let err = waiter.join().unwrap().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::AlreadyClosed, "wait: {err}");
+    let err = acceptor.join().unwrap().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::AlreadyClosed, "accept: {err}");
+    // The std::io face has no error codes; it must still not look like EOF.
+    assert!(raw_reader.join().unwrap().is_err(), "a clean EOF");
+    assert_eq!(child.wait().unwrap_err().code(), ErrorCode::AlreadyClosed);
+}
+
+fn fork_bomb_timeout_fires_on_time() {
+    let inst = boot();
+    let start = Instant::now();
+    let err = inst
+        .command("sh")
+        .args(["-c", "f() { f | f & }; f; sleep 1000"])
+        .timeout(Duration::from_secs(5))
+        .output()
+        .unwrap_err();
+    let took = start.elapsed();
+    assert_eq!(err.code(), ErrorCode::Timeout, "{err}");
+    assert!(took < Duration::from_secs(7), "took {took:?}: {err}");
+    assert!(took >= Duration::from_secs(5), "took {took:?}: {err}");
+    let start = Instant::now();
+    inst.close().unwrap();
+    assert!(start.elapsed() < Duration::from_secs(15));
+}
+
 // ---- lifecycle: wait, timeout, mounts ----
 
 fn wait_returns_when_the_guest_powers_off() {
@@ -2529,6 +2670,12 @@ fn main() {
         image_config_and_layers_apply,
         debian_image_boots,
         wait_returns_when_the_guest_powers_off,
+        poweroff_force_is_noticed,
+        halt_force_is_noticed,
+        unbinding_the_agent_port_is_noticed,
+        agent_shutdown_is_not_running_not_success,
+        close_under_readers_is_already_closed,
+        fork_bomb_timeout_fires_on_time,
         instance_timeout_ends_it,
         mounts_read_only_and_writable,
         snapshots_chain_exclude_and_export,

@@ -333,7 +333,7 @@ fn crumble_in(store_cache: &std::path::Path) -> Command {
     let mut cmd = crumble();
     cmd.env("CC_CACHE_DIR", store_cache)
         .env("CC_KERNEL", cache_kernel())
-        .env("CC_AGENT", cache().join("agent/cc-agent"));
+        .env("CC_AGENT", cache_agent());
     cmd
 }
 
@@ -341,6 +341,14 @@ fn cache_kernel() -> PathBuf {
     std::env::var_os("CC_KERNEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| cache().join("kernel/current/vmlinux"))
+}
+
+/// The agent under test: `CC_AGENT` when set (an agent just built, say for
+/// a new protocol version), else the installed one.
+fn cache_agent() -> PathBuf {
+    std::env::var_os("CC_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache().join("agent/cc-agent"))
 }
 
 fn ok(cmd: &mut Command) -> String {

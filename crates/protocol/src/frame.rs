@@ -173,6 +173,9 @@ mod tests {
                 process: 3,
                 status: ExitStatus::Signal(9),
             },
+            Message::Goodbye {
+                reason: "SIGTERM (reboot) from pid 12".into(),
+            },
         ]
     }
 

@@ -43,6 +43,11 @@ pub enum Message {
         to_guest: u32,
         from_guest: u32,
     },
+    /// Guest → host: the agent is ending the guest for `reason` (a power-off
+    /// asked for inside the guest, or the host's `Shutdown`) and sends
+    /// nothing more. Sent before it kills the remaining processes, so their
+    /// deaths never reach the host as exits or ends of file.
+    Goodbye { reason: String },
 }
 
 /// Host → guest requests.

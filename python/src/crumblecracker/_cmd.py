@@ -303,7 +303,10 @@ class Cmd(Handle):
         return code
 
     def wait(self) -> int:
-        """Waits for the started process; returns its exit status."""
+        """Waits for the started process; returns its exit status. Raises
+        ``NotRunningError`` if the guest dies or stops answering meanwhile
+        (never a made-up status), ``AlreadyClosedError`` if the instance is
+        closed from another thread."""
         return self._status("cc_cmd_wait", "wait")
 
     def run(self) -> int:

@@ -188,7 +188,10 @@ class Instance(Handle):
     @property
     def is_running(self) -> bool:
         """Whether the instance is open and its guest alive (False once
-        closed, timed out or crashed)."""
+        closed, timed out, crashed, shut down or found not answering: a
+        dead or deaf guest is noticed within about a second, and every
+        waiting and later call then raises ``NotRunningError`` saying
+        why)."""
         if self._closed:
             return False
         out = c_bool()
@@ -196,7 +199,8 @@ class Instance(Handle):
         return bool(out.value)
 
     def wait(self) -> None:
-        """Waits until the guest ends (powers off, crashes or times out).
+        """Waits until the guest ends (powers off, crashes, times out or
+        stops answering).
         Ctrl-C stops waiting (the instance keeps running) and raises
         ``KeyboardInterrupt``; closing the instance from another thread
         ends the wait with ``AlreadyClosedError``."""
