@@ -37,14 +37,19 @@ impl Console {
     pub(crate) fn tail(&self, lines: usize) -> String {
         let mut bytes = fs::read(rotated(&self.path)).unwrap_or_default();
         bytes.extend(fs::read(&self.path).unwrap_or_default());
-        let text = String::from_utf8_lossy(&bytes);
-        let all: Vec<&str> = text.lines().collect();
-        let mut out = all[all.len().saturating_sub(lines)..].join("\n");
-        if !out.is_empty() {
-            out.push('\n');
-        }
-        out
+        last_lines(&bytes, lines)
     }
+}
+
+/// The last `lines` lines of `bytes` (lossy UTF-8), newline-terminated.
+pub(crate) fn last_lines(bytes: &[u8], lines: usize) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let all: Vec<&str> = text.lines().collect();
+    let mut out = all[all.len().saturating_sub(lines)..].join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    out
 }
 
 impl Drop for Console {

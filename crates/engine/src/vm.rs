@@ -635,16 +635,9 @@ fn read_child_pid(info: UnixStream) -> Option<u32> {
 
 /// The last `lines` lines of a log file (lossy UTF-8).
 fn tail(path: &Path, lines: usize) -> String {
-    let Ok(bytes) = std::fs::read(path) else {
-        return String::new();
-    };
-    let text = String::from_utf8_lossy(&bytes);
-    let all: Vec<&str> = text.lines().collect();
-    let mut out = all[all.len().saturating_sub(lines)..].join("\n");
-    if !out.is_empty() {
-        out.push('\n');
-    }
-    out
+    std::fs::read(path)
+        .map(|bytes| console::last_lines(&bytes, lines))
+        .unwrap_or_default()
 }
 
 /// `qemu-system-x86_64 --version`'s first line.
