@@ -6,7 +6,7 @@ import enum
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Union
 
 from . import _lib
 from ._errors import InvalidArgumentError
@@ -477,4 +477,4 @@ class Capabilities:
     confined_seccomp: bool = False
     confined_namespaces: bool = False
     sandbox_uid: int = 0
-    confinement_gaps: Tuple[str, ...] = ()
+    confinement_gaps: tuple[str, ...] = ()
