@@ -10,8 +10,8 @@ cache="${CC_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/crumblecracker}"
 step() { printf '\n==> %s\n' "$*" >&2; }
 
 packages=(qemu-system-x86 qemu-utils erofs-utils e2fsprogs busybox-static cpio
-          # QEMU's sandbox (namespaces) and the guest's user-mode network stack
-          bubblewrap passt
+          # QEMU's sandbox (namespaces)
+          bubblewrap
           bison flex libelf-dev libssl-dev bc build-essential xz-utils bzip2
           # tests: a real registry, image tools, the Debian test image,
           # leak checks of the C library, the Python package's venv

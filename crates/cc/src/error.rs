@@ -98,8 +98,7 @@ impl Error {
                 cc_engine::Error::QemuMissing(_)
                 | cc_engine::Error::KvmUnavailable(_)
                 | cc_engine::Error::BadAccel(_)
-                | cc_engine::Error::Unconfined(_)
-                | cc_engine::Error::PasstMissing => ErrorCode::HypervisorUnavailable,
+                | cc_engine::Error::Unconfined(_) => ErrorCode::HypervisorUnavailable,
                 cc_engine::Error::KernelMissing(_)
                 | cc_engine::Error::AgentMissing(_)
                 | cc_engine::Error::Io { .. } => ErrorCode::Io,

@@ -708,7 +708,7 @@ fn net(rootfs: &Path, runs: usize) -> CliResult<ExitCode> {
         "  baseline: guest dd → command stdout",
         "dial: host → guest nc -l",
         "  baseline: host → command stdin",
-        "egress: guest nc → 10.0.2.2 (filter + passt)",
+        "egress: guest nc → 10.0.2.2 (filter + relay)",
         "guest only: nc → nc on the guest's loopback",
     ];
     println!("{NET_MIB} MiB transfers, median of {runs}\n");

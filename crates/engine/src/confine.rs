@@ -34,7 +34,7 @@ use std::sync::OnceLock;
 
 use crate::Error;
 
-/// The uid and gid QEMU and passt run as when the caller is root:
+/// The uid and gid QEMU (and its network relay) run as when the caller is root:
 /// `CC_SANDBOX_UID` (and `CC_SANDBOX_GID`, default the same number), else
 /// this one. It is above the ranges Debian gives to users, system users,
 /// systemd's dynamic users and the usual subordinate id blocks, so no file
@@ -82,7 +82,8 @@ pub struct Confinement {
     /// QEMU has its own user, mount, PID, network, IPC and UTS namespaces
     /// and sees only its own files.
     pub namespaces: bool,
-    /// Guest traffic leaves only through passt behind the policy filter.
+    /// Guest traffic leaves only through the network relay behind the
+    /// policy filter.
     pub network_filter: bool,
     /// What could not be applied, in words; empty when fully confined.
     pub gaps: Vec<String>,
@@ -122,8 +123,6 @@ pub struct HostSupport {
     pub seccomp: bool,
     /// Bubblewrap can create user namespaces as the uid QEMU runs as.
     pub user_namespaces: bool,
-    /// passt, for guest egress (`CC_PASST` overrides the path).
-    pub passt: Option<PathBuf>,
     /// Why a part is missing, for `crumble doctor`.
     pub notes: Vec<String>,
 }
@@ -168,7 +167,7 @@ pub(crate) fn creds(mode: ConfineMode, has_shares: bool) -> Creds {
     }
 }
 
-/// The unprivileged ids for QEMU and passt under a root caller.
+/// The unprivileged ids for QEMU and its network relay under a root caller.
 pub fn sandbox_ids() -> (u32, u32) {
     let id = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
     let uid = id("CC_SANDBOX_UID")
@@ -215,17 +214,10 @@ fn probe() -> HostSupport {
         },
         None => false,
     };
-    let passt = tool("CC_PASST", "passt");
-    if passt.is_none() {
-        notes.push(
-            "passt not found (apt-get install passt, or set CC_PASST): no guest network".into(),
-        );
-    }
     HostSupport {
         bwrap,
         seccomp,
         user_namespaces,
-        passt,
         notes,
     }
 }
@@ -394,6 +386,29 @@ pub(crate) fn bwrap_args(
     kvm: bool,
     info_fd: i32,
 ) -> Vec<OsString> {
+    sandbox_args(files, creds, kvm, Some(info_fd), &[])
+}
+
+/// Bubblewrap's arguments for the network relay: QEMU's own view, plus the
+/// host's network (the relay connects out for the guest) and the host's
+/// resolver configuration (its DNS forwarder reads it).
+pub(crate) fn relay_bwrap_args(files: &QemuFiles, creds: Creds) -> Vec<OsString> {
+    let mut extra = Vec::new();
+    if let Ok(resolv) = std::fs::canonicalize("/etc/resolv.conf") {
+        extra.push((resolv, PathBuf::from("/etc/resolv.conf")));
+    }
+    let mut a = sandbox_args(files, creds, false, None, &extra);
+    a.insert(1, "--share-net".into());
+    a
+}
+
+fn sandbox_args(
+    files: &QemuFiles,
+    creds: Creds,
+    kvm: bool,
+    info_fd: Option<i32>,
+    extra: &[(PathBuf, PathBuf)],
+) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |s: &str| a.push(s.into());
     for s in [
@@ -411,13 +426,18 @@ pub(crate) fn bwrap_args(
         push("--cap-drop");
         push("ALL");
     }
-    push("--info-fd");
-    push(&info_fd.to_string());
+    if let Some(fd) = info_fd {
+        push("--info-fd");
+        push(&fd.to_string());
+    }
     for (target, link) in &files.symlinks {
         a.extend(["--symlink".into(), target.into(), link.into()]);
     }
     for p in &files.binds {
         a.extend(["--ro-bind".into(), p.into(), p.into()]);
+    }
+    for (from, to) in extra {
+        a.extend(["--ro-bind".into(), from.into(), to.into()]);
     }
     a.extend(["--dev".into(), "/dev".into()]);
     if kvm {
@@ -564,13 +584,7 @@ pub fn expected(mode: ConfineMode, has_shares: bool, network: bool) -> Confineme
         if !namespaces {
             gaps.push("QEMU shares the host's namespaces and file system view".to_string());
         }
-        gaps.extend(
-            support
-                .notes
-                .iter()
-                .filter(|n| !n.starts_with("passt"))
-                .cloned(),
-        );
+        gaps.extend(support.notes.iter().cloned());
     }
     if creds.drop_root_caps {
         gaps.push(

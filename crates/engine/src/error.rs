@@ -20,8 +20,6 @@ pub enum Error {
     ConnectTimeout { secs: u64, log: String },
     #[error("QEMU cannot be fully confined here: {0}")]
     Unconfined(String),
-    #[error("passt not found: guest networking needs it (apt-get install passt, or set CC_PASST), or turn the network off")]
-    PasstMissing,
     #[error("{} must be readable by all users for the sandboxed QEMU (chmod a+r)", .0.display())]
     Unreadable(PathBuf),
     #[error("network policy: {0}")]

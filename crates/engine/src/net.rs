@@ -1,27 +1,34 @@
-//! The guest's network backend: passt, Debian's user-mode network stack,
-//! run outside QEMU's sandbox (QEMU's own network namespace is empty),
-//! behind the policy filter of `cc-netpolicy`. QEMU, the filter and passt
-//! are joined by socketpairs carrying length-prefixed Ethernet frames.
+//! The guest's network backend. QEMU's own network namespace is empty; its
+//! frames (4-byte length + Ethernet frame, `-netdev socket`) go over a
+//! socketpair through the policy filter of `cc-netpolicy` to a relay: a
+//! second, confined QEMU process with no machine (`-M none`) whose only
+//! job is QEMU's user-mode stack (slirp), joined to the frame socket by an
+//! emulated hub.
 //!
-//! passt answers as the gateway (mapped to the host's loopback), forwards
-//! DNS sent to [`GUEST_NETWORK`]'s `dns`, and otherwise connects out from
-//! the host, so its own view reaches every host address: the filter is
-//! what keeps the guest off the host's services (and off link-local
-//! addresses), per the instance's [`NetworkPolicy`]. passt confines
-//! itself: its own namespaces and seccomp filter, and, under a root
-//! caller, the same unprivileged uid as QEMU.
+//! The relay answers as the gateway (mapped to the host's loopback),
+//! forwards DNS sent to [`GUEST_NETWORK`]'s `dns` to the host's resolver,
+//! and otherwise connects out from the host, so by itself it reaches every
+//! host address: the filter is what keeps the guest off the host's
+//! services (and off link-local addresses), per the instance's
+//! [`NetworkPolicy`]. The relay is confined like the VM's QEMU (seccomp,
+//! no privileges, the sandbox uid, bubblewrap's namespaces) except that it
+//! shares the host's network and sees the host's `resolv.conf`.
+//!
+//! (passt, Debian 12's other user-mode stack, was tried first: its build
+//! there resets every guest TCP connection after about 24 s.)
 
-use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 
 use cc_netpolicy::{Filter, NetworkPolicy, Proxy};
 
 use crate::confine::{self, Creds};
-use crate::{Error, RunDir};
+use crate::{paths, Error, RunDir};
 
 /// The guest's side of the user-mode network, as the core configures it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,8 +38,7 @@ pub struct GuestNetwork {
     /// The stack answers here; it stands for the host itself.
     pub gateway: Ipv4Addr,
     pub dns: Ipv4Addr,
-    /// passt's frames are up to 64 KiB: a large MTU carries bulk data in
-    /// few frames (≈2.5× the throughput of 1500 here).
+    /// The user-mode stack's MTU.
     pub mtu: u32,
 }
 
@@ -42,13 +48,50 @@ pub const GUEST_NETWORK: GuestNetwork = GuestNetwork {
     prefix_len: 24,
     gateway: cc_netpolicy::GATEWAY,
     dns: cc_netpolicy::DNS,
-    mtu: 65520,
+    mtu: 1500,
 };
 
-/// A running passt for one VM.
+/// The descriptor number the relay sees its frame socket as.
+const RELAY_FD: i32 = 3;
+
+/// The relay's arguments: a hub joining the frame socket on
+/// [`RELAY_FD`] and the user-mode stack, under QEMU's seccomp filter.
+fn relay_args() -> Vec<String> {
+    let g = GUEST_NETWORK;
+    let net = Ipv4Addr::from(u32::from(g.address) & (u32::MAX << (32 - g.prefix_len)));
+    [
+        "-M",
+        "none",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-sandbox",
+        confine::SANDBOX_ARG,
+        "-netdev",
+        &format!("socket,id=vm,fd={RELAY_FD}"),
+        "-netdev",
+        &format!(
+            "user,id=out,ipv6=off,net={net}/{},host={},dns={}",
+            g.prefix_len, g.gateway, g.dns
+        ),
+        "-netdev",
+        "hubport,id=p0,hubid=0,netdev=vm",
+        "-netdev",
+        "hubport,id=p1,hubid=0,netdev=out",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A running relay and filter for one VM.
 #[derive(Debug)]
 pub(crate) struct Network {
-    passt: Child,
+    /// The relay's pidfd, and the thread that spawned it and waits for it
+    /// (its `PR_SET_PDEATHSIG` follows that thread, so it lives as long as
+    /// the relay).
+    relay: OwnedFd,
+    supervisor: Option<JoinHandle<()>>,
     proxy: Option<Proxy>,
     /// QEMU's end, until it is handed over.
     qemu_end: Option<UnixStream>,
@@ -58,76 +101,90 @@ impl Network {
     pub(crate) fn start(
         run: &RunDir,
         creds: Creds,
+        namespaces: bool,
         policy: &NetworkPolicy,
     ) -> Result<Network, Error> {
         let filter = Filter::new(policy.clone()).map_err(|e| Error::Policy(e.to_string()))?;
-        let passt = confine::host_support()
-            .passt
-            .clone()
-            .ok_or(Error::PasstMissing)?;
+        let qemu = paths::qemu()?;
         let pair = || UnixStream::pair().map_err(Error::io("socketpair", run.path()));
         let (qemu_end, guest_side) = pair()?;
-        let (stack_side, passt_end) = pair()?;
-        let log = run.path().join("passt.log");
-        let stderr = File::options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&log)
-            .map_err(Error::io("create", &log))?;
-        let g = GUEST_NETWORK;
-        let mut cmd = Command::new(&passt);
-        cmd.args([
-            "--foreground",
-            "--quiet",
-            "--stderr",
-            "--ipv4-only",
-            "--fd",
-            "3",
-        ])
-        .args(["--address", &g.address.to_string()])
-        .args(["--netmask", &g.prefix_len.to_string()])
-        .args(["--gateway", &g.gateway.to_string()])
-        .args(["--dns-forward", &g.dns.to_string()])
-        .args(["--mtu", &g.mtu.to_string()])
-        // No port of the host is forwarded into the guest.
-        .args(["-t", "none", "-u", "none"]);
-        if creds.switch {
-            cmd.args(["--runas", &format!("{}:{}", creds.uid, creds.gid)]);
-        }
-        cmd.stdin(Stdio::null())
+        let (stack_side, relay_end) = pair()?;
+        let log = run.path().join("relay.log");
+        let stderr = crate::vm::create_private(&log)?;
+        let mut cmd = match (&confine::host_support().bwrap, namespaces) {
+            (Some(bwrap), true) => {
+                let mut cmd = Command::new(bwrap);
+                cmd.args(confine::relay_bwrap_args(confine::qemu_files(&qemu), creds))
+                    .arg("--")
+                    .arg(&qemu);
+                cmd
+            }
+            _ => Command::new(&qemu),
+        };
+        cmd.args(relay_args())
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .process_group(0);
-        let fd: OwnedFd = passt_end.into();
-        // passt drops privileges itself: it starts with the caller's.
-        let caller = Creds {
-            switch: false,
-            drop_root_caps: false,
-            ..creds
-        };
+        let fd: OwnedFd = relay_end.into();
         let mut plan =
-            confine::ChildPlan::new(caller, vec![(fd.as_raw_fd(), 3)], Some(libc::SIGKILL));
+            confine::ChildPlan::new(creds, vec![(fd.as_raw_fd(), RELAY_FD)], Some(libc::SIGKILL));
         // SAFETY: ChildPlan::apply runs between fork and exec and only makes
         // async-signal-safe system calls on memory allocated before the fork.
         unsafe {
             cmd.pre_exec(move || plan.apply());
         }
-        let mut child = cmd.spawn().map_err(Error::io("start", &passt))?;
-        drop(fd);
-        let proxy = match Proxy::start(guest_side, stack_side, filter) {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = child.kill();
+        let (tx, rx) = mpsc::channel();
+        let supervisor = std::thread::Builder::new()
+            .name("cc-net-relay".into())
+            .spawn(move || {
+                let spawned = cmd.spawn();
+                drop(fd);
+                let mut child = match spawned {
+                    Ok(child) => child,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                match crate::vm::pidfd_open(child.id()) {
+                    Ok(pidfd) => {
+                        let _ = tx.send(Ok(pidfd));
+                    }
+                    Err(e) => {
+                        let _ = child.kill();
+                        let _ = tx.send(Err(e));
+                    }
+                }
                 let _ = child.wait();
-                return Err(Error::io("start the network filter for", run.path())(e));
+            })
+            .map_err(Error::io(
+                "spawn the network relay's thread for",
+                run.path(),
+            ))?;
+        let relay = match rx.recv() {
+            Ok(Ok(pidfd)) => pidfd,
+            Ok(Err(e)) => {
+                let _ = supervisor.join();
+                return Err(Error::io("start the network relay", &qemu)(e));
+            }
+            Err(_) => {
+                let _ = supervisor.join();
+                return Err(Error::Qmp("the network relay's thread ended".into()));
             }
         };
-        Ok(Network {
-            passt: child,
-            proxy: Some(proxy),
+        let mut network = Network {
+            relay,
+            supervisor: Some(supervisor),
+            proxy: None,
             qemu_end: Some(qemu_end),
-        })
+        };
+        // On failure, dropping `network` ends the relay.
+        network.proxy = Some(
+            Proxy::start(guest_side, stack_side, filter)
+                .map_err(Error::io("start the network filter for", run.path()))?,
+        );
+        Ok(network)
     }
 
     /// Connects (`true`) or disconnects the guest: while disconnected no
@@ -154,7 +211,30 @@ impl Drop for Network {
     fn drop(&mut self) {
         drop(self.qemu_end.take());
         drop(self.proxy.take());
-        let _ = self.passt.kill();
-        let _ = self.passt.wait();
+        crate::vm::kill_pidfd(&self.relay);
+        if let Some(t) = self.supervisor.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_relay_is_a_machineless_hub_to_the_user_mode_stack() {
+        let args = relay_args().join(" ");
+        assert!(args.starts_with("-M none -nodefaults"), "{args}");
+        assert!(args.contains("-sandbox on,obsolete=deny"), "{args}");
+        assert!(args.contains("-netdev socket,id=vm,fd=3"), "{args}");
+        assert!(
+            args.contains(
+                "-netdev user,id=out,ipv6=off,net=10.0.2.0/24,host=10.0.2.2,dns=10.0.2.3"
+            ),
+            "{args}"
+        );
+        assert!(args.contains("hubport,id=p0,hubid=0,netdev=vm"), "{args}");
+        assert!(args.contains("hubport,id=p1,hubid=0,netdev=out"), "{args}");
     }
 }

@@ -101,7 +101,7 @@ pub struct Vm {
     console: Option<console::Console>,
     qemu_log: PathBuf,
     confinement: Confinement,
-    /// passt and the policy filter in front of it, when the guest has a
+    /// The network relay and the policy filter in front of it, when the guest has a
     /// network interface.
     network: Option<net::Network>,
 }
@@ -201,7 +201,7 @@ impl Vm {
             shares.push(fd_path(inputs.add(dir_fd)));
         }
         let network = match &spec.network {
-            Some(policy) => Some(net::Network::start(dir, creds, policy)?),
+            Some(policy) => Some(net::Network::start(dir, creds, namespaces, policy)?),
             None => None,
         };
         let net_fd = match &network {
@@ -369,17 +369,7 @@ impl Vm {
     /// another process.
     pub fn kill(&self) {
         for fd in std::iter::once(&self.pidfd).chain(&self.qemu_pidfd) {
-            // SAFETY: fd is an open pidfd owned by self; the null siginfo
-            // pointer is allowed by pidfd_send_signal.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd.as_raw_fd(),
-                    libc::SIGKILL,
-                    std::ptr::null::<u8>(),
-                    0,
-                );
-            }
+            kill_pidfd(fd);
         }
     }
 
@@ -414,7 +404,7 @@ impl Vm {
 
     /// Connects or disconnects the guest's network interface: while
     /// disconnected, no packet leaves or arrives. (The filter drops them:
-    /// QEMU's `set_link` on the frame socket left passt's traffic stuck
+    /// QEMU's `set_link` on the frame socket left a user-mode stack's traffic stuck
     /// once the link came back.)
     pub fn set_network_link(&self, up: bool) -> Result<(), Error> {
         match &self.network {
@@ -523,7 +513,23 @@ impl Drop for Vm {
     }
 }
 
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+/// Sends SIGKILL through a pidfd: safe after the process exited, since a
+/// pidfd never names another process.
+pub(crate) fn kill_pidfd(fd: &OwnedFd) {
+    // SAFETY: fd is an open pidfd; the null siginfo pointer is allowed by
+    // pidfd_send_signal.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<u8>(),
+            0,
+        );
+    }
+}
+
+pub(crate) fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if fd < 0 {
@@ -574,7 +580,7 @@ fn wait_migrated(qmp: &Qmp, mark: u64) -> Result<(), Error> {
 }
 
 /// Creates (or truncates) `path`, readable and writable by its owner only.
-fn create_private(path: &Path) -> Result<File, Error> {
+pub(crate) fn create_private(path: &Path) -> Result<File, Error> {
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)

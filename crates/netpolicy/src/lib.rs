@@ -2,7 +2,7 @@
 //! enforces it.
 //!
 //! Guest egress travels as length-prefixed Ethernet frames from QEMU's
-//! stream netdev to a user-mode stack (passt) running outside QEMU's
+//! stream netdev to a user-mode stack (the engine's slirp relay) running outside QEMU's
 //! sandbox. The stack can reach the host itself: it maps the gateway
 //! 10.0.2.2 to the host's loopback and connects out from the host, so the
 //! host's interface addresses are reachable through it. The [`Proxy`]

@@ -259,12 +259,16 @@ mod tests {
     /// A proxy and the test's ends: the "QEMU" and the "stack".
     fn start() -> (Proxy, UnixStream, UnixStream) {
         let (guest, qemu) = UnixStream::pair().unwrap();
-        let (stack, passt) = UnixStream::pair().unwrap();
-        for s in [&qemu, &passt] {
+        let (stack, stack_peer) = UnixStream::pair().unwrap();
+        for s in [&qemu, &stack_peer] {
             s.set_read_timeout(Some(WAIT)).unwrap();
         }
         let filter = Filter::with_host_addrs(NetworkPolicy::default(), || Ok(vec![])).unwrap();
-        (Proxy::start(guest, stack, filter).unwrap(), qemu, passt)
+        (
+            Proxy::start(guest, stack, filter).unwrap(),
+            qemu,
+            stack_peer,
+        )
     }
 
     fn send(mut s: &UnixStream, frame: &[u8]) {
@@ -300,16 +304,16 @@ mod tests {
 
     #[test]
     fn frames_pass_both_ways() {
-        let (proxy, qemu, passt) = start();
+        let (proxy, qemu, stack_peer) = start();
         let out = syn(OUTSIDE, 443);
         send(&qemu, &out);
-        assert_eq!(recv(&passt), out);
+        assert_eq!(recv(&stack_peer), out);
         // Full-size frames, and several back to back.
         let big: Vec<u8> = (0..MAX_FRAME).map(|i| i as u8).collect();
         for _ in 0..3 {
-            send(&passt, &big);
+            send(&stack_peer, &big);
         }
-        send(&passt, b"small");
+        send(&stack_peer, b"small");
         let mut r = FrameReader::new(&qemu);
         for _ in 0..3 {
             assert_eq!(r.next_frame().unwrap().unwrap(), &big[..]);
@@ -320,12 +324,12 @@ mod tests {
 
     #[test]
     fn switched_off_nothing_passes_either_way_until_switched_on() {
-        let (proxy, qemu, passt) = start();
+        let (proxy, qemu, stack_peer) = start();
         proxy.set_enabled(false);
         send(&qemu, &syn(OUTSIDE, 443));
-        send(&passt, b"inbound while off");
+        send(&stack_peer, b"inbound while off");
         // Nothing arrives on either side within a moment.
-        for s in [&qemu, &passt] {
+        for s in [&qemu, &stack_peer] {
             s.set_read_timeout(Some(Duration::from_millis(200)))
                 .unwrap();
             let mut buf = [0u8; 64];
@@ -335,15 +339,15 @@ mod tests {
         proxy.set_enabled(true);
         let out = syn(OUTSIDE, 80);
         send(&qemu, &out);
-        assert_eq!(recv(&passt), out);
-        send(&passt, b"inbound");
+        assert_eq!(recv(&stack_peer), out);
+        send(&stack_peer, b"inbound");
         assert_eq!(recv(&qemu), b"inbound");
         proxy.close();
     }
 
     #[test]
     fn a_refused_syn_gets_a_reset_and_goes_no_further() {
-        let (proxy, qemu, passt) = start();
+        let (proxy, qemu, stack_peer) = start();
         let refused = syn(Ipv4Addr::new(10, 0, 2, 2), 5077);
         send(&qemu, &refused);
         let reply = recv(&qemu);
@@ -352,42 +356,42 @@ mod tests {
         // The stack sees the next allowed frame, not the refused one.
         let allowed = udp(OUTSIDE, 123, b"ntp");
         send(&qemu, &allowed);
-        assert_eq!(recv(&passt), allowed);
+        assert_eq!(recv(&stack_peer), allowed);
         proxy.close();
     }
 
     #[test]
     fn an_oversize_length_closes_the_proxy() {
         for from_guest in [true, false] {
-            let (proxy, qemu, passt) = start();
-            let sender = if from_guest { &qemu } else { &passt };
+            let (proxy, qemu, stack_peer) = start();
+            let sender = if from_guest { &qemu } else { &stack_peer };
             let mut s = sender;
             s.write_all(&((MAX_FRAME + 1) as u32).to_be_bytes())
                 .unwrap();
             assert!(closed(&qemu), "QEMU's side closed");
-            assert!(closed(&passt), "the stack's side closed");
+            assert!(closed(&stack_peer), "the stack's side closed");
             wait_finished(&proxy);
         }
     }
 
     #[test]
     fn either_side_closing_ends_it() {
-        let (proxy, qemu, passt) = start();
-        drop(passt);
+        let (proxy, qemu, stack_peer) = start();
+        drop(stack_peer);
         assert!(closed(&qemu));
         wait_finished(&proxy);
     }
 
     #[test]
     fn close_shuts_down_and_joins_while_peers_stay_open() {
-        let (proxy, qemu, passt) = start();
+        let (proxy, qemu, stack_peer) = start();
         let t0 = Instant::now();
         proxy.close();
         assert!(t0.elapsed() < WAIT);
         assert!(closed(&qemu));
-        assert!(closed(&passt));
+        assert!(closed(&stack_peer));
         // Dropping joins too.
-        let (proxy, qemu, _passt) = start();
+        let (proxy, qemu, _stack_peer) = start();
         drop(proxy);
         assert!(closed(&qemu));
     }
