@@ -5,9 +5,9 @@
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::cmd::misuse;
-use crate::command::{Child, ChildOutput, ChildStdin};
+use crate::cmd_object::misuse;
 use crate::error::{Error, Result};
+use crate::process::{Child, ChildOutput, ChildStdin};
 
 #[derive(Debug)]
 enum State {

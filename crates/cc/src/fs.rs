@@ -14,10 +14,10 @@ pub use cc_protocol::open_flags::{
     O_APPEND, O_CREATE, O_EXCL, O_RDONLY, O_RDWR, O_TRUNC, O_WRONLY,
 };
 
-use crate::command::ChildOutput;
 use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::instance::{Inner, Instance, REQUEST_TIMEOUT};
+use crate::process::ChildOutput;
 
 const S_IFMT: u32 = 0o170000;
 const S_IFDIR: u32 = 0o040000;

@@ -1,13 +1,16 @@
 //! Instances: boot, identity, lifecycle.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cc_engine::template::{Agent, StartKind};
-use cc_engine::{ConfineMode, Confinement, Disk, RunDir, Share, Vm, VmSpec, GUEST_NETWORK};
+use cc_engine::template::StartKind;
+use cc_engine::{
+    AgentLink, ConfineMode, Confinement, Engine, GuestLayout, GuestSpec, Hooks, Machine, Qemu,
+    ShareSpec, Started,
+};
 use cc_netpolicy::NetworkPolicy;
 use cc_protocol::{
     Lower, NetConfig, Request, Response, RootSpec, Setup, UnixTime, HOST_INTERNAL_ADDR,
@@ -16,11 +19,11 @@ use cc_protocol::{
 use serde_bytes::ByteBuf;
 
 use crate::channel::{Channel, Gone};
-use crate::cmd::Cmd;
-use crate::command::Command;
+use crate::cmd_object::Cmd;
 use crate::error::{Error, Result};
 use crate::net::ExposeShared;
 use crate::oci::CancelToken;
+use crate::process::Command;
 use crate::rootfs;
 use crate::snapshot::{Origin, Snapshot};
 
@@ -102,6 +105,9 @@ pub struct Options {
     /// data with [`Instance::copy_out`], [`Instance::read_file_stream`],
     /// [`Instance::read_file_to`] or [`Cmd::output_to`].
     pub max_result_bytes: u64,
+    /// What runs the guest: [`Qemu`] by default. Another [`Engine`] (a
+    /// native VMM, or a test double) serves the same agent protocol.
+    pub engine: Arc<dyn Engine>,
 }
 
 /// Default size of an instance's writable layer: 4 GiB.
@@ -178,6 +184,7 @@ impl Default for Options {
             console_log_max: cc_engine::CONSOLE_LOG_MAX,
             disk_mb: DEFAULT_DISK_MB,
             max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
+            engine: Arc::new(Qemu::new()),
         }
     }
 }
@@ -259,8 +266,7 @@ pub struct BootTimings {
 
 #[derive(Debug)]
 struct Live {
-    vm: Arc<Vm>,
-    run_dir: RunDir,
+    vm: Arc<dyn Machine>,
     /// Ends the timeout watchdog early (by being dropped) when closing.
     watchdog: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
     /// Ends the liveness thread (by being dropped) when closing.
@@ -344,201 +350,47 @@ impl Instance {
     pub fn new(source: &Source, options: Options) -> Result<Instance> {
         options.validate()?;
         let t0 = Instant::now();
-        let cache = cc_engine::paths::cache_dir();
-        let kernel = cc_engine::paths::kernel()?;
-        let agent = cc_engine::paths::agent()?;
-        let accel = cc_engine::detect_accel()?;
-        let initrd = cc_engine::initramfs::for_agent(&agent, &cache)?;
-        let (lowers, image_config, origin) = match source {
-            Source::Dir(dir) => (
-                vec![rootfs::image_for_dir(dir, &cache)?],
-                None,
-                Origin::Dir(dir.clone()),
-            ),
-            Source::Image(image) => (
-                vec![image.rootfs()?],
-                Some(image.config()),
-                Origin::Image(image.clone()),
-            ),
-            Source::Snapshot(s) => (
-                s.lowers()?,
-                Some(s.image().config()),
-                Origin::Snapshot(s.clone()),
-            ),
-        };
-
+        let root = RootLayers::of(source)?;
         let id = random_id();
-        let run_dir = RunDir::create(&cache, &id)?;
-        let upper = run_dir.path().join("upper.img");
-        rootfs::create_upper(&cache, &upper, options.disk_mb)?;
-        let spec = VmSpec {
-            kernel,
-            initrd,
-            memory_mb: options.memory_mb,
-            cpus: options.cpus,
-            accel: accel.accel,
-            disks: lowers
-                .iter()
-                .enumerate()
-                .map(|(i, path)| Disk {
-                    path: path.clone(),
-                    serial: format!("cc-lower{i}"),
-                    read_only: true,
-                })
-                .chain([Disk {
-                    path: upper,
-                    serial: "cc-upper".into(),
-                    read_only: false,
-                }])
-                .collect(),
-            shares: options
-                .mounts
-                .iter()
-                .enumerate()
-                .map(|(i, m)| Share {
-                    tag: format!("ccm{i}"),
-                    path: m.host_path.clone(),
-                    read_only: !m.writable,
-                })
-                .collect(),
-            network: options.network.then(|| options.network_policy.clone()),
-            kernel_params: Vec::new(),
-            memory_file: None,
-            incoming: false,
-            agent_port: cc_protocol::AGENT_PORT_NAME.into(),
-            confine: options.confinement,
-            console_log_max: options.console_log_max,
-        };
-        let root = RootSpec {
-            lowers: (0..lowers.len())
-                .map(|i| Lower {
-                    serial: format!("cc-lower{i}"),
-                    fstype: rootfs::LOWER_FSTYPE.into(),
-                })
-                .collect(),
-            upper_serial: "cc-upper".into(),
-        };
+        let spec = guest_spec(&id, &root, &options);
+        let engine = options.engine.clone();
+        let layout = engine.layout(&spec);
         let prepare = t0.elapsed();
+
         let t1 = Instant::now();
-        // Before a template is saved, its guest mounts the image's root
-        // (nothing else: identity, clock and the rest are per instance).
-        let timeout = options.boot_timeout;
-        let mut prepare_template = |socket| {
-            prepare_root(socket, &root, timeout).map(|c| Box::new(c) as Box<dyn std::any::Any>)
-        };
-        let mut resume = |socket| Channel::resume(socket, timeout).map_err(|e| e.to_string());
-        let hooks = cc_engine::template::Hooks {
-            prepare: &mut prepare_template,
-            resume: &mut resume,
-        };
-        let (vm, agent, start_kind) =
-            cc_engine::template::start(&spec, &run_dir, &cache, options.warm_start, hooks)?;
-        let spawn = t1.elapsed();
-        let boot_failed = |vm: &Vm, reason: String| {
-            // Let QEMU finish writing why it died before quoting its logs.
-            let reason = match vm.wait_timeout(Duration::from_millis(200)) {
-                Some(status) => format!("QEMU exited ({status}): {reason}"),
-                None => reason,
-            };
-            Error::Boot {
-                reason,
-                diagnostics: vm.diagnostics(),
-            }
-        };
-        let channel = match agent {
-            Agent::Resumed(channel) => channel,
-            Agent::Greeting(socket) => match Channel::connect(socket, options.boot_timeout) {
-                Ok((channel, agent)) => {
-                    tracing::debug!(%id, %agent, accel = %accel.accel, "guest agent connected");
-                    channel
-                }
-                Err(e @ Error::ProtocolMismatch { .. }) => return Err(e),
-                Err(e) => return Err(boot_failed(&vm, e.to_string())),
-            },
-        };
+        let (started, channel, spawn) = start_guest(engine.as_ref(), &spec, &layout, &options)?;
+        let machine: Arc<dyn Machine> = Arc::from(started.machine);
         let kernel_time = t1.elapsed() - spawn;
 
         let t2 = Instant::now();
-        let setup = Setup {
-            hostname: format!("cc-{}", &id[..8]),
-            root: Some(root),
-            clock: now(),
-            entropy: ByteBuf::from(random_bytes(64)),
-            nameservers: vec![GUEST_NETWORK.dns.to_string()],
-            hosts: vec![(HOST_INTERNAL_ADDR.into(), HOST_INTERNAL_NAME.into())],
-            mounts: options
-                .mounts
-                .iter()
-                .enumerate()
-                .map(|(i, m)| cc_protocol::Mount {
-                    tag: format!("ccm{i}"),
-                    guest_path: m.guest_path.clone(),
-                    read_only: !m.writable,
-                })
-                .collect(),
-            network: options.network.then(|| NetConfig {
-                interface: "eth0".into(),
-                address: GUEST_NETWORK.address.to_string(),
-                prefix_len: GUEST_NETWORK.prefix_len,
-                gateway: GUEST_NETWORK.gateway.to_string(),
-                mtu: GUEST_NETWORK.mtu,
-            }),
-        };
-        let kernel_release =
-            match channel.request(Request::Setup(Box::new(setup)), options.boot_timeout) {
-                Ok(Ok(Response::Ready { kernel })) => kernel,
-                Ok(Ok(other)) => {
-                    return Err(boot_failed(
-                        &vm,
-                        format!("unexpected answer to setup: {other:?}"),
-                    ))
-                }
-                Ok(Err(e)) => return Err(boot_failed(&vm, format!("guest setup failed: {e}"))),
-                Err(e) => return Err(boot_failed(&vm, e.to_string())),
-            };
+        let kernel_release = set_up_guest(&channel, machine.as_ref(), &id, &layout, &options)?;
         let timings = BootTimings {
             prepare,
             spawn,
             kernel: kernel_time,
             setup: t2.elapsed(),
         };
-        let vm = Arc::new(vm);
         let inner = Arc::new(Inner {
             id,
             channel,
             default_user: options
                 .user
-                .or_else(|| image_config.as_ref().and_then(|c| c.user.clone())),
-            image_config,
-            origin,
+                .clone()
+                .or_else(|| root.image_config.as_ref().and_then(|c| c.user.clone())),
+            image_config: root.image_config,
+            origin: root.origin,
             network: options.network,
             max_result: options.max_result_bytes,
             next_handle: AtomicU64::new(1),
             exposed: Mutex::default(),
             live: Mutex::new(None),
         });
-        let liveness = Some(start_liveness(&inner, &vm)?);
-        watch_hypervisor(&inner, &vm);
-        let watchdog = match options.timeout {
-            Some(limit) => Some(start_watchdog(
-                &inner,
-                &vm,
-                (t0 + limit).saturating_duration_since(Instant::now()),
-                limit,
-            )?),
-            None => None,
-        };
-        *inner.live() = Some(Live {
-            vm,
-            run_dir,
-            watchdog,
-            liveness,
-        });
+        supervise(&inner, machine, &options, t0)?;
         Ok(Instance {
             inner,
             kernel_release,
             timings,
-            start_kind,
+            start_kind: started.kind,
         })
     }
 
@@ -660,21 +512,18 @@ impl Instance {
             Some(live) => live.vm.clone(),
             None => return Err(Error::AlreadyClosed),
         };
-        Ok(vm.set_network_link(enabled)?)
+        Ok(vm.set_network_enabled(enabled)?)
     }
 
     /// The confinement QEMU runs under (the gaps name what this host
     /// could not give), while the instance is open.
     pub fn confinement(&self) -> Option<Confinement> {
-        self.inner
-            .live()
-            .as_ref()
-            .map(|l| l.vm.confinement().clone())
+        self.inner.live().as_ref().map(|l| l.vm.confinement())
     }
 
     /// Host pid of the VM process, while it runs.
     pub fn vm_pid(&self) -> Option<u32> {
-        self.inner.live().as_ref().map(|l| l.vm.pid())
+        self.inner.live().as_ref().and_then(|l| l.vm.pid())
     }
 
     /// The per-instance runtime directory, while open.
@@ -682,7 +531,7 @@ impl Instance {
         self.inner
             .live()
             .as_ref()
-            .map(|l| l.run_dir.path().to_path_buf())
+            .and_then(|l| l.vm.run_dir().map(Path::to_path_buf))
     }
 
     /// Ends the instance: every call waiting on it fails with
@@ -713,7 +562,7 @@ impl Instance {
             }
         } else {
             // Dead or deaf: nothing to wait for.
-            kill_now(&live.vm);
+            kill_now(live.vm.as_ref());
         }
         self.inner.channel.shut_down(Gone::Closed);
         drop(live);
@@ -725,6 +574,212 @@ impl Drop for Instance {
     fn drop(&mut self) {
         let _ = self.close();
     }
+}
+
+/// What an instance boots from: its root layers and what the core keeps
+/// of the source.
+struct RootLayers {
+    /// Read-only root filesystem images, uppermost first.
+    lowers: Vec<PathBuf>,
+    image_config: Option<cc_image::ImageConfig>,
+    origin: Origin,
+}
+
+impl RootLayers {
+    /// Builds or finds the root images of `source`.
+    fn of(source: &Source) -> Result<RootLayers> {
+        Ok(match source {
+            Source::Dir(dir) => RootLayers {
+                lowers: vec![rootfs::image_for_dir(dir, &cc_engine::paths::cache_dir())?],
+                image_config: None,
+                origin: Origin::Dir(dir.clone()),
+            },
+            Source::Image(image) => RootLayers {
+                lowers: vec![image.rootfs()?],
+                image_config: Some(image.config()),
+                origin: Origin::Image(image.clone()),
+            },
+            Source::Snapshot(s) => RootLayers {
+                lowers: s.lowers()?,
+                image_config: Some(s.image().config()),
+                origin: Origin::Snapshot(s.clone()),
+            },
+        })
+    }
+}
+
+/// The engine-neutral description of the guest `options` ask for.
+fn guest_spec(id: &str, root: &RootLayers, options: &Options) -> GuestSpec {
+    GuestSpec {
+        id: id.to_string(),
+        lowers: root.lowers.clone(),
+        upper_mb: options.disk_mb,
+        shares: options
+            .mounts
+            .iter()
+            .map(|m| ShareSpec {
+                path: m.host_path.clone(),
+                read_only: !m.writable,
+            })
+            .collect(),
+        network: options.network.then(|| options.network_policy.clone()),
+        memory_mb: options.memory_mb,
+        cpus: options.cpus,
+        warm_start: options.warm_start,
+        agent_port: cc_protocol::AGENT_PORT_NAME.into(),
+        confine: options.confinement,
+        console_log_max: options.console_log_max,
+    }
+}
+
+/// How the guest's agent assembles the root from the engine's layout.
+fn root_spec(layout: &GuestLayout) -> RootSpec {
+    RootSpec {
+        lowers: layout
+            .lower_serials
+            .iter()
+            .map(|serial| Lower {
+                serial: serial.clone(),
+                fstype: rootfs::LOWER_FSTYPE.into(),
+            })
+            .collect(),
+        upper_serial: layout.upper_serial.clone(),
+    }
+}
+
+/// Starts the guest and connects to its agent (a fresh guest greets; a
+/// restored one is resumed). Returns how long the engine took to start it.
+fn start_guest(
+    engine: &dyn Engine,
+    spec: &GuestSpec,
+    layout: &GuestLayout,
+    options: &Options,
+) -> Result<(Started, Channel, Duration)> {
+    let t = Instant::now();
+    let root = root_spec(layout);
+    // Before a template is saved, its guest mounts the image's root
+    // (nothing else: identity, clock and the rest are per instance).
+    let timeout = options.boot_timeout;
+    let mut prepare_template = |socket| {
+        prepare_root(socket, &root, timeout).map(|c| Box::new(c) as Box<dyn std::any::Any>)
+    };
+    let mut resumed = None;
+    let mut resume = |socket| {
+        resumed = Some(Channel::resume(socket, timeout).map_err(|e| e.to_string())?);
+        Ok(())
+    };
+    let hooks = Hooks {
+        prepare: &mut prepare_template,
+        resume: &mut resume,
+    };
+    let mut started = engine.start(spec, hooks)?;
+    let spawn = t.elapsed();
+    let channel = match std::mem::replace(&mut started.agent, AgentLink::Resumed) {
+        AgentLink::Resumed => resumed.ok_or_else(|| {
+            Error::Protocol("the engine resumed a guest without resuming its channel".into())
+        })?,
+        AgentLink::Greeting(socket) => match Channel::connect(socket, options.boot_timeout) {
+            Ok((channel, agent)) => {
+                tracing::debug!(id = %spec.id, %agent, "guest agent connected");
+                channel
+            }
+            Err(e @ Error::ProtocolMismatch { .. }) => return Err(e),
+            Err(e) => return Err(boot_failed(started.machine.as_ref(), e.to_string())),
+        },
+    };
+    Ok((started, channel, spawn))
+}
+
+/// A boot failure for `reason`, with what the engine and the guest's
+/// console said.
+fn boot_failed(machine: &dyn Machine, reason: String) -> Error {
+    // Let the engine finish writing why it died before quoting its logs.
+    let reason = match machine.wait_timeout(Duration::from_millis(200)) {
+        Some(status) => format!("the VM exited ({status}): {reason}"),
+        None => reason,
+    };
+    Error::Boot {
+        reason,
+        diagnostics: machine.diagnostics(),
+    }
+}
+
+/// Gives the guest its identity, clock, entropy, mounts and network, and
+/// returns its kernel's release.
+fn set_up_guest(
+    channel: &Channel,
+    machine: &dyn Machine,
+    id: &str,
+    layout: &GuestLayout,
+    options: &Options,
+) -> Result<String> {
+    let net = layout.network;
+    let setup = Setup {
+        hostname: format!("cc-{}", &id[..8]),
+        root: Some(root_spec(layout)),
+        clock: now(),
+        entropy: ByteBuf::from(random_bytes(64)),
+        nameservers: vec![net.dns.to_string()],
+        hosts: vec![(HOST_INTERNAL_ADDR.into(), HOST_INTERNAL_NAME.into())],
+        mounts: options
+            .mounts
+            .iter()
+            .zip(&layout.share_tags)
+            .map(|(m, tag)| cc_protocol::Mount {
+                tag: tag.clone(),
+                guest_path: m.guest_path.clone(),
+                read_only: !m.writable,
+            })
+            .collect(),
+        network: options.network.then(|| NetConfig {
+            interface: "eth0".into(),
+            address: net.address.to_string(),
+            prefix_len: net.prefix_len,
+            gateway: net.gateway.to_string(),
+            mtu: net.mtu,
+        }),
+    };
+    match channel.request(Request::Setup(Box::new(setup)), options.boot_timeout) {
+        Ok(Ok(Response::Ready { kernel })) => Ok(kernel),
+        Ok(Ok(other)) => Err(boot_failed(
+            machine,
+            format!("unexpected answer to setup: {other:?}"),
+        )),
+        Ok(Err(e)) => Err(boot_failed(machine, format!("guest setup failed: {e}"))),
+        Err(e) => Err(boot_failed(machine, e.to_string())),
+    }
+}
+
+/// Starts what watches a booted instance (liveness, engine events, the
+/// timeout counted from `t0`) and makes it live.
+fn supervise(
+    inner: &Arc<Inner>,
+    machine: Arc<dyn Machine>,
+    options: &Options,
+    t0: Instant,
+) -> Result<()> {
+    let liveness = Some(start_liveness(inner, &machine)?);
+    let weak = Arc::downgrade(inner);
+    machine.on_death(Arc::new(move |why| {
+        if let Some(inner) = weak.upgrade() {
+            inner.mark_dead(why);
+        }
+    }));
+    let watchdog = match options.timeout {
+        Some(limit) => Some(start_watchdog(
+            inner,
+            &machine,
+            (t0 + limit).saturating_duration_since(Instant::now()),
+            limit,
+        )?),
+        None => None,
+    };
+    *inner.live() = Some(Live {
+        vm: machine,
+        watchdog,
+        liveness,
+    });
+    Ok(())
 }
 
 /// A template's last step: the agent mounts `root` and runs `true` once.
@@ -769,7 +824,7 @@ fn prepare_root(
 /// the sender and wakes the watchdog).
 fn start_watchdog(
     inner: &Arc<Inner>,
-    vm: &Arc<Vm>,
+    vm: &Arc<dyn Machine>,
     left: Duration,
     limit: Duration,
 ) -> Result<(mpsc::Sender<()>, JoinHandle<()>)> {
@@ -795,7 +850,10 @@ fn start_watchdog(
 
 /// Watches for the guest's death until closed (which drops the sender):
 /// QEMU exiting, and a guest that stops answering the channel's pings.
-fn start_liveness(inner: &Arc<Inner>, vm: &Arc<Vm>) -> Result<(mpsc::Sender<()>, JoinHandle<()>)> {
+fn start_liveness(
+    inner: &Arc<Inner>,
+    vm: &Arc<dyn Machine>,
+) -> Result<(mpsc::Sender<()>, JoinHandle<()>)> {
     let (stop, stopped) = mpsc::channel::<()>();
     let (inner, vm) = (Arc::downgrade(inner), vm.clone());
     let thread = std::thread::Builder::new()
@@ -818,34 +876,8 @@ fn start_liveness(inner: &Arc<Inner>, vm: &Arc<Vm>) -> Result<(mpsc::Sender<()>,
     Ok((stop, thread))
 }
 
-/// Marks the instance dead the moment the hypervisor reports that the
-/// guest shut down, reset, panicked or stopped: sooner than the heartbeat,
-/// and with the reason.
-fn watch_hypervisor(inner: &Arc<Inner>, vm: &Vm) {
-    let inner = Arc::downgrade(inner);
-    vm.on_event(move |event| {
-        if let (Some(why), Some(inner)) = (death_of(event), inner.upgrade()) {
-            inner.mark_dead(why);
-        }
-    });
-}
-
-/// Why a hypervisor event means the guest is gone, if it does.
-fn death_of(event: &cc_engine::Event) -> Option<String> {
-    let reason = event.data["reason"].as_str().unwrap_or("unknown");
-    match event.name.as_str() {
-        "SHUTDOWN" => Some(format!("the guest shut down ({reason})")),
-        "RESET" => Some(format!("the guest reset ({reason})")),
-        "GUEST_PANICKED" => Some("the guest kernel panicked".into()),
-        // Nothing here pauses a running instance: a stop is the hypervisor
-        // halting it (an emulation or I/O error).
-        "STOP" => Some("the hypervisor stopped the guest".into()),
-        _ => None,
-    }
-}
-
-/// Kills QEMU and waits until it is gone.
-fn kill_now(vm: &Vm) {
+/// Kills the VM and waits until it is gone.
+fn kill_now(vm: &dyn Machine) {
     vm.kill();
     while vm.wait_timeout(Duration::from_secs(1)).is_none() {
         vm.kill();
@@ -888,41 +920,6 @@ mod tests {
     fn new_fails(options: Options) -> Error {
         let source = Source::Dir("/nonexistent/rootfs".into());
         Instance::new(&source, options).unwrap_err()
-    }
-
-    #[test]
-    fn hypervisor_events_that_mean_death() {
-        let event = |name: &str, data: serde_json::Value| cc_engine::Event {
-            name: name.into(),
-            data,
-        };
-        let shutdown = event(
-            "SHUTDOWN",
-            serde_json::json!({"guest": true, "reason": "guest-reset"}),
-        );
-        assert_eq!(
-            death_of(&shutdown).as_deref(),
-            Some("the guest shut down (guest-reset)")
-        );
-        assert!(death_of(&event("GUEST_PANICKED", serde_json::json!({}))).is_some());
-        assert!(death_of(&event("STOP", serde_json::Value::Null)).is_some());
-        assert!(death_of(&event(
-            "RESET",
-            serde_json::json!({"reason": "guest-reset"})
-        ))
-        .is_some());
-        for harmless in [
-            "RESUME",
-            "MIGRATION",
-            "VSERPORT_CHANGE",
-            "NIC_RX_FILTER_CHANGED",
-        ] {
-            assert_eq!(
-                death_of(&event(harmless, serde_json::json!({}))),
-                None,
-                "{harmless}"
-            );
-        }
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! This crate owns the user-facing model — [`Instance`], [`Command`],
 //! [`Child`] — and how it maps onto the guest agent protocol and the engine.
 //! It must not depend on QEMU: everything about the hypervisor goes through
-//! `cc-engine`'s `Vm` boundary. The C library and the CLI wrap this crate.
+//! the [`engine::Engine`] boundary (QEMU by default, [`Options::engine`]),
+//! which hands back a [`engine::Machine`] handle and the agent's channel.
+//! The C library and the CLI wrap this crate.
 //!
 //! ```no_run
 //! use cc::{Instance, Options, Source};
@@ -15,26 +17,35 @@
 //! # Ok::<(), cc::Error>(())
 //! ```
 //!
-//! Threads: each instance has one reader thread for its agent channel, one
-//! liveness thread (QEMU's exit, the channel's heartbeat) and one
-//! supervisor thread for its QEMU process; all end in
+//! Threads: each instance has one reader thread for its agent channel and
+//! one liveness thread (the VM's exit, the channel's heartbeat), plus what
+//! its engine runs (QEMU's supervisor thread); all end in
 //! [`Instance::close`] (or on drop), which also removes the instance's
 //! runtime directory. An [`Exposed`] port has an acceptor thread and two
 //! copy threads per live connection, joined when it or the instance is
 //! closed.
 
 mod channel;
-mod cmd;
-mod command;
+mod cmd_object;
 mod conn;
 mod error;
 mod fs;
 mod instance;
 mod net;
 mod oci;
+mod process;
 mod rootfs;
 mod snapshot;
 pub mod templates;
+
+/// The engine boundary, for running guests on something other than QEMU
+/// (a native VMM, or a test double serving the agent in-process).
+pub mod engine {
+    pub use cc_engine::{
+        AgentLink, DeathHandler, Engine, Error, GuestLayout, GuestNetwork, GuestSpec, Hooks,
+        Machine, Qemu, ShareSpec, Started,
+    };
+}
 
 pub use cc_engine::template::StartKind;
 pub use cc_engine::{ConfineMode, Confinement};
@@ -48,8 +59,7 @@ pub use cc_netpolicy::{NetworkPolicy, PolicyError, Rule, RuleProblem};
 pub use cc_protocol::PROTOCOL_VERSION as GUEST_PROTOCOL_VERSION;
 #[doc(hidden)]
 pub use channel::fuzz_dispatch;
-pub use cmd::Cmd;
-pub use command::{Child, ChildOutput, ChildStdin, Command, ExitStatus, Output, Signaller, Stdio};
+pub use cmd_object::Cmd;
 pub use conn::Conn;
 pub use error::{Error, ErrorCode, Result};
 pub use fs::{
@@ -61,6 +71,7 @@ pub use instance::{
 };
 pub use net::{Exposed, Listener};
 pub use oci::*;
+pub use process::{Child, ChildOutput, ChildStdin, Command, ExitStatus, Output, Signaller, Stdio};
 pub use snapshot::Snapshot;
 
 /// The README's Rust examples, compiled as doctests so they stay true.

@@ -15,10 +15,10 @@ use cc_image::CancelToken;
 use cc_protocol::{Request, Response, HOST_INTERNAL_ADDR, HOST_INTERNAL_NAME};
 
 use crate::channel::{AcceptQueue, Accepted, Ended};
-use crate::command::{ChildOutput, ChildStdin};
 use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::instance::{Inner, Instance, REQUEST_TIMEOUT};
+use crate::process::{ChildOutput, ChildStdin};
 
 /// How often a blocked accept checks its cancel token.
 const POLL: Duration = Duration::from_millis(50);

@@ -1,7 +1,7 @@
 //! How an instance gets its root filesystem (BRIEF 3.4), in one place: a
-//! read-only erofs image per source tree, built once and cached by content,
-//! plus a per-instance sparse ext4 disk the guest uses as overlayfs's upper
-//! layer. The source tree and the cached image are never written.
+//! read-only erofs image per source tree, built once and cached by content
+//! (the engine adds a writable layer over it). The source tree and the
+//! cached image are never written.
 
 use std::fs;
 use std::io;
@@ -95,59 +95,7 @@ fn fingerprint(root: &Path, rel: &Path, h: &mut Sha256) -> Result<()> {
     Ok(())
 }
 
-/// Creates the instance's writable disk of `size_mb` MiB at `path`: a copy
-/// of a cached, empty, sparse ext4 image of that size (a reflink where the
-/// host filesystem has them). Sparse: only what the guest writes takes
-/// host space, and the guest gets `ENOSPC` once the disk is full.
-pub(crate) fn create_upper(cache: &Path, path: &Path, size_mb: u32) -> Result<()> {
-    let template = upper_template(cache, size_mb)?;
-    // The copy keeps the mode of the file it lands in: make that private.
-    private::create_file(path).map_err(Error::io("create", path))?;
-    cc_engine::files::clone_file(&template, path).map_err(Error::io("copy writable disk to", path))
-}
-
-/// The cached empty ext4 image of `size_mb` MiB, one per size.
-fn upper_template(cache: &Path, size_mb: u32) -> Result<PathBuf> {
-    let dir = cache.join("upper");
-    let template = dir.join(format!("ext4-{size_mb}m.img"));
-    if template.is_file() {
-        return Ok(template);
-    }
-    private::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
-    let tmp = dir.join(cc_engine::paths::temp_name("ext4"));
-    private::create_file(&tmp)
-        .and_then(|f| f.set_len(u64::from(size_mb) << 20))
-        .map_err(Error::io("create", &tmp))?;
-    // No journal: the layer lives and dies with one instance.
-    let out = Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-m",
-            "0",
-            "-O",
-            "^has_journal",
-            "-E",
-            "lazy_itable_init=1",
-            "-L",
-            "ccupper",
-        ])
-        .arg(&tmp)
-        .output()
-        .map_err(|e| tool_error("mkfs.ext4", "e2fsprogs", e))?;
-    if !out.status.success() {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::Io {
-            op: "format".into(),
-            path: tmp.display().to_string(),
-            source: io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
-        });
-    }
-    fs::rename(&tmp, &template).map_err(Error::io("rename", &template))?;
-    Ok(template)
-}
-
-/// Copies only the data extents of `src`, keeping holes.
+/// A tool that could not run, naming the package that has it.
 fn tool_error(tool: &str, package: &str, e: io::Error) -> Error {
     Error::Io {
         op: format!("run {tool} (apt-get install {package})"),
@@ -209,25 +157,10 @@ mod tests {
     }
 
     #[test]
-    fn writable_disks_have_their_size_one_cached_image_each_and_are_private() {
+    fn root_images_and_their_directory_are_private() {
         use std::os::unix::fs::PermissionsExt;
-        let cache = scratch("upper");
+        let cache = scratch("private");
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        for (mb, name) in [(64, "a.img"), (96, "b.img"), (64, "c.img")] {
-            let disk = cache.join(name);
-            create_upper(&cache, &disk, mb).unwrap();
-            assert_eq!(fs::metadata(&disk).unwrap().len(), u64::from(mb) << 20);
-            assert_eq!(mode(&disk), 0o600, "{name}");
-        }
-        let mut cached: Vec<_> = fs::read_dir(cache.join("upper"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        cached.sort();
-        assert_eq!(cached.len(), 2, "one empty image per size: {cached:?}");
-        assert!(cached.iter().all(|p| mode(p) == 0o600));
-        assert_eq!(mode(&cache.join("upper")), 0o700);
-
         let tree = cache.join("tree");
         fs::create_dir(&tree).unwrap();
         fs::write(tree.join("f"), b"x").unwrap();

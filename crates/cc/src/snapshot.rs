@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use cc_protocol::{Request, Response};
 
-use crate::command::ChildOutput;
 use crate::error::{Error, Result};
 use crate::instance::{Instance, Source, REQUEST_TIMEOUT};
 use crate::oci::{Image, OciClient};
+use crate::process::ChildOutput;
 
 /// A captured filesystem. It lives in the image store under its
 /// [`Snapshot::name`] (listed by `crumble images`, removed by `crumble

@@ -28,6 +28,13 @@ pub enum Error {
     Qmp(String),
     #[error("warm-start template: {0}")]
     Template(String),
+    #[error("{tool} not found: apt-get install {package}")]
+    ToolMissing {
+        tool: &'static str,
+        package: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("{op} {}", path.display())]
     Io {
         op: &'static str,

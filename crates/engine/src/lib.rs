@@ -1,12 +1,19 @@
 //! The VM engine: everything crumblecracker knows about QEMU.
 //!
-//! This crate owns starting, supervising and ending one guest: choosing the
-//! accelerator, finding the kernel and agent, building the initramfs and the
-//! QEMU command line, the QMP control connection, the serial console log and
-//! the per-instance runtime directory. It hands the core one connected byte
-//! channel to the guest agent and nothing else: it never speaks the agent
-//! protocol, and nothing above it may depend on QEMU. A native engine may
-//! replace this one behind the same [`Vm`]/[`VmSpec`] boundary.
+//! The boundary the core sees is [`Engine`]: an engine-neutral [`GuestSpec`]
+//! (root layers, writable layer size, shares, network policy, resources,
+//! warm-start wish) in; a [`Machine`] handle, the agent's channel and the
+//! [`StartKind`](template::StartKind) out, with the [`GuestLayout`] (disk
+//! serials, share tags, network addresses) the core passes to the agent.
+//! [`Qemu`] is the one engine here; the core's tests add one that serves
+//! the agent in-process.
+//!
+//! Behind it, this crate owns starting, supervising and ending one guest:
+//! choosing the accelerator, finding the kernel and agent, building the
+//! initramfs, the writable disk and the QEMU command line, the QMP control
+//! connection, the serial console log and the per-instance runtime
+//! directory. It never speaks the agent protocol; nothing above it may
+//! depend on QEMU.
 //!
 //! It also owns warm start ([`template`]): saving a booted guest once per
 //! configuration and restoring later VMs from it, with a caller-supplied
@@ -20,6 +27,7 @@ mod accel;
 mod cmdline;
 pub mod confine;
 mod console;
+mod engine;
 mod error;
 pub mod files;
 pub mod initramfs;
@@ -28,11 +36,16 @@ pub mod paths;
 mod qmp;
 mod rundir;
 pub mod template;
+mod upper;
 mod vm;
 
 pub use accel::{detect_accel, Accel, AccelChoice};
 pub use cmdline::{fd_path, qemu_args, Wiring, KERNEL_PARAMS};
 pub use confine::{ConfineMode, Confinement};
+pub use engine::{
+    AgentLink, DeathHandler, Engine, GuestLayout, GuestSpec, Hooks, Machine, Qemu, ShareSpec,
+    Started,
+};
 pub use error::Error;
 pub use net::{GuestNetwork, GUEST_NETWORK};
 pub use qmp::Event;

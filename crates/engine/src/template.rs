@@ -32,6 +32,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::engine::{AgentLink, Hooks};
 use crate::{files, paths, Error, MemoryFile, RunDir, Vm, VmSpec};
 
 /// Bumped when what a template holds or how it is used changes.
@@ -346,68 +347,37 @@ fn sweep_abandoned(base: &Path) {
     }
 }
 
-/// What the caller does with the agent channel around templates; the
-/// engine never speaks the agent protocol itself.
-pub struct Hooks<'a, R> {
-    /// Before a template is saved, given the channel of the freshly booted
-    /// guest (its agent greets first): prepares what depends on the image
-    /// alone and leaves the channel quiet, returning what must stay open
-    /// until the save is done (the channel with it).
-    #[allow(clippy::type_complexity)]
-    pub prepare: &'a mut dyn FnMut(UnixStream) -> Result<Box<dyn Any>, String>,
-    /// After a restore, given the new channel to a guest that does not
-    /// greet (it goes on reading its connection): re-establishes the
-    /// conversation, tolerating lost bytes. Its failure marks the template
-    /// broken.
-    pub resume: &'a mut dyn FnMut(UnixStream) -> Result<R, String>,
-}
-
-impl<R> std::fmt::Debug for Hooks<'_, R> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Hooks")
-    }
-}
-
-/// The agent channel of a started VM.
-#[derive(Debug)]
-pub enum Agent<R> {
-    /// A freshly booted guest: its agent greets first on this socket.
-    Greeting(UnixStream),
-    /// A restored guest, its conversation resumed by [`Hooks::resume`].
-    Resumed(R),
-}
-
 /// Boots `spec` in `run`, from a template when `warm` (building it first,
 /// with `hooks.prepare`, if there is none), and returns the VM, its agent
 /// channel and how it started. Any trouble with a template falls back to
 /// a cold boot; only a cold boot's own failure is an error.
-pub fn start<R>(
+pub(crate) fn start(
     spec: &VmSpec,
     run: &RunDir,
     cache: &Path,
     warm: bool,
-    hooks: Hooks<'_, R>,
-) -> Result<(Vm, Agent<R>, StartKind), Error> {
+    hooks: Hooks<'_>,
+) -> Result<(Vm, AgentLink, StartKind), Error> {
     if warm && spec.memory_file.is_none() && !spec.incoming {
         match start_warm(spec, run, cache, hooks) {
-            Ok((vm, resumed, kind)) => return Ok((vm, Agent::Resumed(resumed), kind)),
+            Ok((vm, kind)) => return Ok((vm, AgentLink::Resumed, kind)),
             Err(e) => tracing::warn!("warm start failed, booting cold: {e}"),
         }
     }
     let (vm, socket) = Vm::start(spec, run)?;
-    Ok((vm, Agent::Greeting(socket), StartKind::Cold))
+    Ok((vm, AgentLink::Greeting(socket), StartKind::Cold))
 }
 
-fn start_warm<R>(
+fn start_warm(
     spec: &VmSpec,
     run: &RunDir,
     cache: &Path,
-    hooks: Hooks<'_, R>,
-) -> Result<(Vm, R, StartKind), Error> {
+    hooks: Hooks<'_>,
+) -> Result<(Vm, StartKind), Error> {
     let meta = key(spec)?;
     if let Some(t) = find(cache, &meta.key) {
         match restore(spec, run, &t, true, hooks.resume) {
-            Ok((vm, resumed)) => return Ok((vm, resumed, StartKind::Warm)),
+            Ok(vm) => return Ok((vm, StartKind::Warm)),
             Err(e) => {
                 tracing::warn!(template = %meta.key, "removing a template that failed to restore: {e}");
                 remove(cache, &meta.key)?;
@@ -418,7 +388,7 @@ fn start_warm<R>(
     let t = build(spec, run, cache, meta, hooks.prepare)?;
     // The writable disks are the ones the template was built with.
     match restore(spec, run, &t, false, hooks.resume) {
-        Ok((vm, resumed)) => Ok((vm, resumed, StartKind::Built)),
+        Ok(vm) => Ok((vm, StartKind::Built)),
         Err(e) => {
             let _ = remove(cache, &key);
             Err(e)
@@ -489,13 +459,13 @@ fn doomed(mut all: Vec<TemplateInfo>, count: usize, bytes: u64) -> Vec<TemplateI
 /// Starts `spec` from the template in `t` and resumes the agent channel.
 /// With `fresh_disks`, the writable disks first become copies of the
 /// template's.
-fn restore<R>(
+fn restore(
     spec: &VmSpec,
     run: &RunDir,
     t: &Path,
     fresh_disks: bool,
-    resume: &mut dyn FnMut(UnixStream) -> Result<R, String>,
-) -> Result<(Vm, R), Error> {
+    resume: &mut dyn FnMut(UnixStream) -> Result<(), String>,
+) -> Result<Vm, Error> {
     if fresh_disks {
         for (i, path) in writable(spec) {
             files::clone_file(&disk(t, i), path).map_err(Error::io("copy", path))?;
@@ -509,12 +479,12 @@ fn restore<R>(
     target.incoming = true;
     let (vm, socket) = Vm::start(&target, run)?;
     vm.restore(&state(t))?;
-    let resumed = resume(socket).map_err(Error::Template)?;
+    resume(socket).map_err(Error::Template)?;
     // Its meta file's time says when it was last used, for tidying.
     if let Ok(f) = fs::File::options().append(true).open(meta_path(t)) {
         let _ = f.set_modified(SystemTime::now());
     }
-    Ok((vm, resumed))
+    Ok(vm)
 }
 
 #[cfg(test)]

@@ -8,9 +8,9 @@ use std::io::{Read, Write};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::command::{Child, Command, ExitStatus, Signaller, Stdio};
 use crate::conn::Conn;
 use crate::error::{Error, Result};
+use crate::process::{Child, Command, ExitStatus, Signaller, Stdio};
 
 /// The exit code a [`Cmd`] reports: the process's status, or minus the
 /// signal that ended it (as Python's `subprocess` does).

@@ -1,0 +1,389 @@
+//! The boundary between the core and a VM engine: an engine-neutral
+//! description of a guest ([`GuestSpec`]), the [`Engine`] that starts one,
+//! and the [`Machine`] handle it returns with the agent's channel. QEMU
+//! ([`Qemu`]) is one engine; the core's tests run another that serves the
+//! agent in-process.
+//!
+//! The core decides what the guest holds (root layers, shares, network
+//! policy, resources); the engine decides how it gets there (disk serials,
+//! share tags, addresses, kernel, accelerator, templates) and says so in
+//! the [`GuestLayout`] the core passes on to the agent.
+
+use std::fmt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cc_netpolicy::NetworkPolicy;
+
+use crate::template::{self, StartKind};
+use crate::{
+    detect_accel, initramfs, paths, upper, ConfineMode, Confinement, Disk, Error, GuestNetwork,
+    RunDir, Share, Vm, VmSpec, GUEST_NETWORK,
+};
+
+/// A guest, as the core describes it.
+#[derive(Debug, Clone)]
+pub struct GuestSpec {
+    /// Names the guest's runtime directory.
+    pub id: String,
+    /// Read-only root layers (filesystem images), uppermost first.
+    pub lowers: Vec<PathBuf>,
+    /// Size of the writable layer the engine creates, in MiB.
+    pub upper_mb: u32,
+    /// Host directories the guest mounts, in order.
+    pub shares: Vec<ShareSpec>,
+    /// A network interface limited by this policy; `None` for none.
+    pub network: Option<NetworkPolicy>,
+    pub memory_mb: u32,
+    pub cpus: u32,
+    /// Start from a saved, booted guest when one fits (building it first
+    /// when none does), through [`Hooks`].
+    pub warm_start: bool,
+    /// The name of the channel the guest's agent opens.
+    pub agent_port: String,
+    pub confine: ConfineMode,
+    /// The console log keeps at most about this many of its newest bytes.
+    pub console_log_max: u64,
+}
+
+/// A host directory shared into the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// How the guest finds what [`GuestSpec`] asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestLayout {
+    /// The block device serial of each lower, in [`GuestSpec::lowers`] order.
+    pub lower_serials: Vec<String>,
+    /// The writable layer's serial (an empty ext4 filesystem).
+    pub upper_serial: String,
+    /// The mount tag of each share, in [`GuestSpec::shares`] order.
+    pub share_tags: Vec<String>,
+    /// The guest's network addresses, when it has an interface.
+    pub network: GuestNetwork,
+}
+
+/// What the caller does with the agent channel around warm starts; the
+/// engine never speaks the agent protocol itself.
+pub struct Hooks<'a> {
+    /// Before a saved guest is made, given the channel of the freshly
+    /// booted guest (its agent greets first): prepares what depends on the
+    /// image alone and leaves the channel quiet, returning what must stay
+    /// open until the save is done (the channel with it).
+    #[allow(clippy::type_complexity)]
+    pub prepare: &'a mut dyn FnMut(UnixStream) -> Result<Box<dyn std::any::Any>, String>,
+    /// After a restore, given the new channel to a guest that does not
+    /// greet (it goes on reading its connection): re-establishes the
+    /// conversation, tolerating lost bytes, and keeps what it made. Its
+    /// failure marks the saved guest broken.
+    pub resume: &'a mut dyn FnMut(UnixStream) -> Result<(), String>,
+}
+
+impl fmt::Debug for Hooks<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Hooks")
+    }
+}
+
+/// The agent channel of a started guest.
+#[derive(Debug)]
+pub enum AgentLink {
+    /// A freshly booted guest: its agent greets first on this socket.
+    Greeting(UnixStream),
+    /// A restored guest, its conversation resumed by [`Hooks::resume`].
+    Resumed,
+}
+
+/// A started guest.
+#[derive(Debug)]
+pub struct Started {
+    pub machine: Box<dyn Machine>,
+    pub agent: AgentLink,
+    pub kind: StartKind,
+}
+
+/// Starts guests.
+pub trait Engine: fmt::Debug + Send + Sync {
+    /// How the guest will find the parts of `spec`; the same for every
+    /// start of the same spec, and known before it.
+    fn layout(&self, spec: &GuestSpec) -> GuestLayout;
+
+    /// Starts `spec` and returns as soon as the guest runs; its agent
+    /// connects in the background.
+    fn start(&self, spec: &GuestSpec, hooks: Hooks<'_>) -> Result<Started, Error>;
+}
+
+/// Why a guest ended, as its engine saw it, for [`Machine::on_death`].
+pub type DeathHandler = Arc<dyn Fn(String) + Send + Sync>;
+
+/// A running (or ended) guest. Dropping it ends the guest at once and
+/// removes everything the engine made for it.
+pub trait Machine: fmt::Debug + Send + Sync {
+    /// The guest's exit, once it has ended.
+    fn exit_status(&self) -> Option<ExitStatus>;
+    /// Waits up to `timeout` for the guest to end.
+    fn wait_timeout(&self, timeout: Duration) -> Option<ExitStatus>;
+    /// Ends the guest at once; safe after it ended.
+    fn kill(&self);
+    /// Asks the engine to end the guest, killing it after `grace`;
+    /// returns once it has ended.
+    fn terminate(&self, grace: Duration) -> ExitStatus;
+    /// Connects or disconnects the network interface.
+    fn set_network_enabled(&self, enabled: bool) -> Result<(), Error>;
+    /// Calls `handler` with the reason whenever the engine sees the guest
+    /// die on its own (shut down, reset, panicked, halted by the engine),
+    /// before its channel tells. Runs on an engine thread; must be quick.
+    fn on_death(&self, handler: DeathHandler);
+    /// How the engine's process is confined.
+    fn confinement(&self) -> Confinement;
+    /// The host pid of the process running the guest, if there is one.
+    fn pid(&self) -> Option<u32>;
+    /// The guest's runtime directory on the host, if it has one.
+    fn run_dir(&self) -> Option<&Path>;
+    /// The engine's and the guest console's last words, for errors.
+    fn diagnostics(&self) -> String;
+}
+
+/// The QEMU engine: one confined QEMU process per guest (see the crate
+/// docs), with warm starts from templates in the cache directory.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    cache: PathBuf,
+}
+
+impl Qemu {
+    /// The engine, keeping its templates, writable disks and runtime
+    /// directories under the cache directory.
+    pub fn new() -> Qemu {
+        Qemu {
+            cache: paths::cache_dir(),
+        }
+    }
+}
+
+impl Default for Qemu {
+    fn default() -> Qemu {
+        Qemu::new()
+    }
+}
+
+/// Disk serials and share tags, fixed by position.
+fn lower_serial(i: usize) -> String {
+    format!("cc-lower{i}")
+}
+const UPPER_SERIAL: &str = "cc-upper";
+fn share_tag(i: usize) -> String {
+    format!("ccm{i}")
+}
+
+impl Engine for Qemu {
+    fn layout(&self, spec: &GuestSpec) -> GuestLayout {
+        GuestLayout {
+            lower_serials: (0..spec.lowers.len()).map(lower_serial).collect(),
+            upper_serial: UPPER_SERIAL.into(),
+            share_tags: (0..spec.shares.len()).map(share_tag).collect(),
+            network: GUEST_NETWORK,
+        }
+    }
+
+    fn start(&self, spec: &GuestSpec, hooks: Hooks<'_>) -> Result<Started, Error> {
+        let kernel = paths::kernel()?;
+        let agent = paths::agent()?;
+        let accel = detect_accel()?;
+        let initrd = initramfs::for_agent(&agent, &self.cache)?;
+        let run_dir = RunDir::create(&self.cache, &spec.id)?;
+        let upper_disk = run_dir.path().join("upper.img");
+        upper::create(&self.cache, &upper_disk, spec.upper_mb)?;
+        let vm_spec = VmSpec {
+            kernel,
+            initrd,
+            memory_mb: spec.memory_mb,
+            cpus: spec.cpus,
+            accel: accel.accel,
+            disks: spec
+                .lowers
+                .iter()
+                .enumerate()
+                .map(|(i, path)| Disk {
+                    path: path.clone(),
+                    serial: lower_serial(i),
+                    read_only: true,
+                })
+                .chain([Disk {
+                    path: upper_disk,
+                    serial: UPPER_SERIAL.into(),
+                    read_only: false,
+                }])
+                .collect(),
+            shares: spec
+                .shares
+                .iter()
+                .enumerate()
+                .map(|(i, s)| Share {
+                    tag: share_tag(i),
+                    path: s.path.clone(),
+                    read_only: s.read_only,
+                })
+                .collect(),
+            network: spec.network.clone(),
+            kernel_params: Vec::new(),
+            memory_file: None,
+            incoming: false,
+            agent_port: spec.agent_port.clone(),
+            confine: spec.confine,
+            console_log_max: spec.console_log_max,
+        };
+        let (vm, agent, kind) =
+            template::start(&vm_spec, &run_dir, &self.cache, spec.warm_start, hooks)?;
+        tracing::debug!(id = %spec.id, accel = %accel.accel, ?kind, "QEMU started");
+        Ok(Started {
+            machine: Box::new(QemuMachine { vm, run_dir }),
+            agent,
+            kind,
+        })
+    }
+}
+
+/// A guest under QEMU, and its runtime directory (removed after QEMU ends:
+/// fields drop in order).
+#[derive(Debug)]
+struct QemuMachine {
+    vm: Vm,
+    run_dir: RunDir,
+}
+
+impl Machine for QemuMachine {
+    fn exit_status(&self) -> Option<ExitStatus> {
+        self.vm.exit_status()
+    }
+
+    fn wait_timeout(&self, timeout: Duration) -> Option<ExitStatus> {
+        self.vm.wait_timeout(timeout)
+    }
+
+    fn kill(&self) {
+        self.vm.kill()
+    }
+
+    fn terminate(&self, grace: Duration) -> ExitStatus {
+        self.vm.terminate(grace)
+    }
+
+    fn set_network_enabled(&self, enabled: bool) -> Result<(), Error> {
+        self.vm.set_network_link(enabled)
+    }
+
+    fn on_death(&self, handler: DeathHandler) {
+        self.vm.on_event(move |event| {
+            if let Some(why) = death_of(event) {
+                handler(why);
+            }
+        });
+    }
+
+    fn confinement(&self) -> Confinement {
+        self.vm.confinement().clone()
+    }
+
+    fn pid(&self) -> Option<u32> {
+        Some(self.vm.pid())
+    }
+
+    fn run_dir(&self) -> Option<&Path> {
+        Some(self.run_dir.path())
+    }
+
+    fn diagnostics(&self) -> String {
+        self.vm.diagnostics()
+    }
+}
+
+/// Why a QMP event means the guest is gone, if it does.
+fn death_of(event: &crate::Event) -> Option<String> {
+    let reason = event.data["reason"].as_str().unwrap_or("unknown");
+    match event.name.as_str() {
+        "SHUTDOWN" => Some(format!("the guest shut down ({reason})")),
+        "RESET" => Some(format!("the guest reset ({reason})")),
+        "GUEST_PANICKED" => Some("the guest kernel panicked".into()),
+        // Nothing here pauses a running guest: a stop is QEMU halting it
+        // (an emulation or I/O error).
+        "STOP" => Some("the hypervisor stopped the guest".into()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(lowers: usize, shares: usize) -> GuestSpec {
+        GuestSpec {
+            id: "t".into(),
+            lowers: (0..lowers).map(|i| format!("/l{i}").into()).collect(),
+            upper_mb: 64,
+            shares: (0..shares)
+                .map(|i| ShareSpec {
+                    path: format!("/s{i}").into(),
+                    read_only: true,
+                })
+                .collect(),
+            network: None,
+            memory_mb: 128,
+            cpus: 1,
+            warm_start: false,
+            agent_port: "p".into(),
+            confine: ConfineMode::Off,
+            console_log_max: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn qemu_names_each_disk_and_share_by_position() {
+        let layout = Qemu::new().layout(&spec(2, 3));
+        assert_eq!(layout.lower_serials, ["cc-lower0", "cc-lower1"]);
+        assert_eq!(layout.upper_serial, "cc-upper");
+        assert_eq!(layout.share_tags, ["ccm0", "ccm1", "ccm2"]);
+        assert_eq!(layout.network, GUEST_NETWORK);
+    }
+
+    #[test]
+    fn hypervisor_events_that_mean_death() {
+        let event = |name: &str, data: serde_json::Value| crate::Event {
+            name: name.into(),
+            data,
+        };
+        let shutdown = event(
+            "SHUTDOWN",
+            serde_json::json!({"guest": true, "reason": "guest-reset"}),
+        );
+        assert_eq!(
+            death_of(&shutdown).as_deref(),
+            Some("the guest shut down (guest-reset)")
+        );
+        assert!(death_of(&event("GUEST_PANICKED", serde_json::json!({}))).is_some());
+        assert!(death_of(&event("STOP", serde_json::Value::Null)).is_some());
+        assert!(death_of(&event(
+            "RESET",
+            serde_json::json!({"reason": "guest-reset"})
+        ))
+        .is_some());
+        for harmless in [
+            "RESUME",
+            "MIGRATION",
+            "VSERPORT_CHANGE",
+            "NIC_RX_FILTER_CHANGED",
+        ] {
+            assert_eq!(
+                death_of(&event(harmless, serde_json::json!({}))),
+                None,
+                "{harmless}"
+            );
+        }
+    }
+}
