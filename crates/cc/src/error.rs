@@ -101,6 +101,7 @@ impl Error {
                 | cc_engine::Error::Unconfined(_) => ErrorCode::HypervisorUnavailable,
                 cc_engine::Error::KernelMissing(_)
                 | cc_engine::Error::AgentMissing(_)
+                | cc_engine::Error::ToolMissing { .. }
                 | cc_engine::Error::Io { .. } => ErrorCode::Io,
                 _ => ErrorCode::Unknown,
             },
@@ -207,5 +208,129 @@ mod tests {
             e.to_string().contains(&cc_protocol::MAX_FRAME.to_string()),
             "{e}"
         );
+    }
+
+    fn io_error() -> io::Error {
+        io::Error::from_raw_os_error(libc::ENOENT)
+    }
+
+    #[test]
+    fn every_kind_has_its_stable_code() {
+        use ErrorCode as C;
+        let cases: Vec<(Error, C)> = vec![
+            (Error::InvalidArgument("x".into()), C::InvalidArgument),
+            (Error::UnknownUser("bob".into()), C::InvalidArgument),
+            (Error::NotRunning("gone".into()), C::NotRunning),
+            (Error::AlreadyClosed, C::AlreadyClosed),
+            (Error::Timeout("exec".into()), C::Timeout),
+            (Error::CommandNotFound("nope".into()), C::Io),
+            (Error::PermissionDenied("/x".into()), C::Io),
+            (Error::io("read", "/x")(io_error()), C::Io),
+            (
+                Error::Guest {
+                    op: "stat".into(),
+                    message: "no".into(),
+                },
+                C::Io,
+            ),
+            (
+                Error::Net {
+                    op: "dial".into(),
+                    addr: "tcp:1".into(),
+                    source: io_error(),
+                },
+                C::Network,
+            ),
+            (
+                Error::TooLarge {
+                    op: "read".into(),
+                    path: "/f".into(),
+                    size: Some(10),
+                    limit: 5,
+                },
+                C::TooLarge,
+            ),
+            (Error::Protocol("bad".into()), C::Unknown),
+            (Error::ProtocolMismatch { guest: 1, host: 2 }, C::Unknown),
+            (
+                Error::Boot {
+                    reason: "r".into(),
+                    diagnostics: "d".into(),
+                },
+                C::Unknown,
+            ),
+            (
+                cc_engine::Error::QemuMissing("qemu".into()).into(),
+                C::HypervisorUnavailable,
+            ),
+            (
+                cc_engine::Error::KvmUnavailable("no".into()).into(),
+                C::HypervisorUnavailable,
+            ),
+            (
+                cc_engine::Error::Unconfined("no bwrap".into()).into(),
+                C::HypervisorUnavailable,
+            ),
+            (cc_engine::Error::KernelMissing("/k".into()).into(), C::Io),
+            (
+                cc_engine::Error::ToolMissing {
+                    tool: "mkfs.ext4",
+                    package: "e2fsprogs",
+                    source: io_error(),
+                }
+                .into(),
+                C::Io,
+            ),
+            (cc_engine::Error::Qmp("x".into()).into(), C::Unknown),
+            (cc_image::Error::Cancelled.into(), C::Cancelled),
+            (
+                cc_image::Error::BadReference("::".into()).into(),
+                C::InvalidArgument,
+            ),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.code(), code, "{e}");
+        }
+    }
+
+    #[test]
+    fn op_and_path_come_from_the_failing_call() {
+        let e = Error::io("open rootfs", "/srv/root")(io_error());
+        assert_eq!(e.op(), Some("open rootfs"));
+        assert_eq!(e.path(), Some("/srv/root"));
+        assert!(e.to_string().starts_with("open rootfs /srv/root: "), "{e}");
+        let e = Error::Net {
+            op: "dial".into(),
+            addr: "tcp:10.0.0.1:80".into(),
+            source: io_error(),
+        };
+        assert_eq!((e.op(), e.path()), (Some("dial"), Some("tcp:10.0.0.1:80")));
+        assert_eq!(
+            (Error::AlreadyClosed.op(), Error::AlreadyClosed.path()),
+            (None, None)
+        );
+        let e = Error::TooLarge {
+            op: "read_file".into(),
+            path: "/big".into(),
+            size: None,
+            limit: 1024,
+        };
+        assert!(e.to_string().contains("more than 1024 bytes"), "{e}");
+        assert_eq!(e.path(), Some("/big"));
+    }
+
+    #[test]
+    fn the_cause_stays_chained() {
+        use std::error::Error as _;
+        let e = Error::io("read", "/x")(io_error());
+        let source = e.source().expect("an io source");
+        assert!(source.to_string().contains("No such file"), "{source}");
+        let e: Error = cc_engine::Error::ToolMissing {
+            tool: "mkfs.ext4",
+            package: "e2fsprogs",
+            source: io_error(),
+        }
+        .into();
+        assert!(e.to_string().contains("apt-get install e2fsprogs"), "{e}");
     }
 }
