@@ -17,6 +17,7 @@
 //! `PR_SET_PDEATHSIG` so it dies with the host process even on `SIGKILL`.
 
 mod accel;
+mod bare;
 mod cmdline;
 pub mod confine;
 mod console;
@@ -31,6 +32,7 @@ pub mod template;
 mod vm;
 
 pub use accel::{detect_accel, Accel, AccelChoice};
+pub use bare::{BareSpec, BareVm};
 pub use cmdline::{fd_path, qemu_args, Wiring, KERNEL_PARAMS};
 pub use confine::{ConfineMode, Confinement};
 pub use error::Error;
