@@ -10,31 +10,13 @@ use super::{bare, ms, Samples, Table};
 use crate::CliResult;
 
 pub(super) fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> CliResult<ExitCode> {
-    let cache = cc_engine::paths::cache_dir();
-    let bare_initrd = bare::bare_initramfs(busybox, &cache)?;
-    let accel = cc_engine::detect_accel()?;
+    let host = cc::host_info();
+    let bare_spec = bare::powering_off(busybox, &host.cache_dir, memory)?;
+    let accel = host.accelerator?;
     println!(
         "accelerator: {} ({}); {runs} boots of each kind, {memory} MiB, 1 vCPU",
-        accel.accel, accel.reason
+        accel.accelerator, accel.reason
     );
-    let bare_spec = cc_engine::VmSpec {
-        kernel: cc_engine::paths::kernel()?,
-        initrd: bare_initrd,
-        memory_mb: memory,
-        cpus: 1,
-        accel: accel.accel,
-        disks: Vec::new(),
-        shares: Vec::new(),
-        network: None,
-        kernel_params: Vec::new(),
-        memory_file: None,
-        incoming: false,
-        // The bare guest runs no agent; the port is never opened.
-        agent_port: "cc.agent".into(),
-        // The baseline is QEMU as anyone would start it by hand.
-        confine: cc_engine::ConfineMode::Off,
-        console_log_max: cc_engine::CONSOLE_LOG_MAX,
-    };
     let source = cc::Source::Dir(rootfs.to_path_buf());
     let cold = cc::Options {
         memory_mb: memory,
@@ -75,7 +57,7 @@ pub(super) fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> C
     let mut ours: Vec<Samples> = names.iter().map(|_| Samples::default()).collect();
     let (mut bare_spawn, mut bare_total) = (Samples::default(), Samples::default());
     for _ in 0..runs {
-        let (spawn, total) = bare::bare_boot(&bare_spec, &cache)?;
+        let (spawn, total) = bare::boot_once(&bare_spec)?;
         bare_spawn.0.push(spawn);
         bare_total.0.push(total);
 

@@ -9,13 +9,13 @@ use super::{bare, ms, Samples, Table};
 use crate::CliResult;
 
 pub(super) fn exec(rootfs: &Path, runs: usize, busybox: &Path) -> CliResult<ExitCode> {
-    let cache = cc_engine::paths::cache_dir();
-    let accel = cc_engine::detect_accel()?;
+    let host = cc::host_info();
+    let accel = host.accelerator?;
     println!(
         "accelerator: {} ({}); {runs} commands of each kind",
-        accel.accel, accel.reason
+        accel.accelerator, accel.reason
     );
-    let serial = bare::serial_shell_loop(busybox, &cache, runs)?;
+    let serial = bare::serial_shell_loop(busybox, &host.cache_dir, runs)?;
 
     let inst = cc::Instance::new(
         &cc::Source::Dir(rootfs.to_path_buf()),
