@@ -109,8 +109,7 @@ pub extern "C" fn cc_guest_protocol_version() -> u32 {
 /// either way. Works whether or not the library is initialized.
 #[no_mangle]
 pub extern "C" fn cc_supports_hypervisor() -> bool {
-    shielded(|| cc_engine::detect_accel().is_ok_and(|a| matches!(a.accel, cc_engine::Accel::Kvm)))
-        .unwrap_or(false)
+    shielded(|| cc::host_info().hypervisor_available()).unwrap_or(false)
 }
 
 /// What this host offers. All strings are static (do not free them).
@@ -151,16 +150,18 @@ pub unsafe extern "C" fn cc_query_capabilities(
     entry(err, || {
         // SAFETY: the caller passes NULL or a writable `cc_capabilities`.
         let out = unsafe { Out::new(out, "out") }?;
-        let choice = cc_engine::detect_accel()
+        let host = cc::host_info();
+        let choice = host
+            .accelerator
             .map_err(|e| Failure::new(CC_ERR_HYPERVISOR_UNAVAILABLE, e.to_string()))?;
-        let kvm = matches!(choice.accel, cc_engine::Accel::Kvm);
+        let kvm = choice.accelerator == cc::Accelerator::Kvm;
         let static_str = |s: &'static [u8]| s.as_ptr().cast::<c_char>();
         let arch: &'static [u8] = match std::env::consts::ARCH {
             "x86_64" => b"x86_64\0",
             "aarch64" => b"aarch64\0",
             _ => b"unknown\0",
         };
-        let confinement = cc::host_confinement();
+        let confinement = host.confinement;
         // The host's answer does not change while the process runs.
         static GAPS: std::sync::OnceLock<std::ffi::CString> = std::sync::OnceLock::new();
         let gaps = GAPS.get_or_init(|| {

@@ -30,6 +30,7 @@ mod cmd_object;
 mod conn;
 mod error;
 mod fs;
+mod host;
 mod instance;
 mod net;
 mod oci;
@@ -49,12 +50,6 @@ pub mod engine {
 
 pub use cc_engine::template::StartKind;
 pub use cc_engine::{ConfineMode, Confinement};
-
-/// The confinement an instance with default options gets on this host
-/// (see SECURITY.md); its `gaps` say what the host cannot give and why.
-pub fn host_confinement() -> Confinement {
-    cc_engine::confine::expected(ConfineMode::BestEffort, false, true)
-}
 pub use cc_netpolicy::{NetworkPolicy, PolicyError, Rule, RuleProblem};
 pub use cc_protocol::PROTOCOL_VERSION as GUEST_PROTOCOL_VERSION;
 #[doc(hidden)]
@@ -65,6 +60,9 @@ pub use error::{Error, ErrorCode, Result};
 pub use fs::{
     DirEntry, File, FileInfo, FileReader, Whence, O_APPEND, O_CREATE, O_EXCL, O_RDONLY, O_RDWR,
     O_TRUNC, O_WRONLY,
+};
+pub use host::{
+    host_confinement, host_info, Accelerator, AcceleratorChoice, HostInfo, KernelInfo, QemuInfo,
 };
 pub use instance::{
     BootTimings, Instance, Mount, Options, Source, DEFAULT_DISK_MB, DEFAULT_MAX_RESULT_BYTES,

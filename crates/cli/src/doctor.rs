@@ -5,57 +5,131 @@ use std::process::ExitCode;
 use crate::CliResult;
 
 pub(crate) fn doctor() -> CliResult<ExitCode> {
-    let mut ok = true;
-    let mut report = |name: &str, value: Result<String, String>| match value {
-        Ok(v) => println!("{name:<12} {v}"),
-        Err(e) => {
-            ok = false;
-            println!("{name:<12} MISSING: {e}");
-        }
-    };
-    report(
-        "cache dir",
-        Ok(cc_engine::paths::cache_dir().display().to_string()),
-    );
-    report(
-        "accelerator",
-        cc_engine::detect_accel()
-            .map(|c| format!("{} ({})", c.accel, c.reason))
-            .map_err(|e| e.to_string()),
-    );
-    report(
-        "qemu",
-        cc_engine::paths::qemu()
-            .and_then(|p| Ok(format!("{} — {}", p.display(), cc_engine::qemu_version()?)))
-            .map_err(|e| e.to_string()),
-    );
-    report(
-        "kernel",
-        cc_engine::paths::kernel()
-            .map(|k| {
-                let hash = cc_engine::paths::kernel_hash(&k)
-                    .unwrap_or_else(|| "not a cached build".into());
-                format!("{} (hash {hash})", k.display())
-            })
-            .map_err(|e| e.to_string()),
-    );
-    report(
-        "agent",
-        cc_engine::paths::agent()
-            .map(|p| p.display().to_string())
-            .map_err(|e| e.to_string()),
-    );
-    report("protocol", Ok(format!("v{}", cc::GUEST_PROTOCOL_VERSION)));
-    // Gaps are reported, not failures: instances start with what the host
-    // gives (`--confinement strict` refuses instead).
-    let confinement = cc::host_confinement();
-    println!("{:<12} {}", "confinement", confinement.summary());
-    for gap in &confinement.gaps {
-        println!("{:<12} gap: {gap}", "");
-    }
+    let (text, ok) = report(&cc::host_info());
+    print!("{text}");
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The report on `host`, and whether nothing instances need is missing.
+fn report(host: &cc::HostInfo) -> (String, bool) {
+    let mut text = String::new();
+    let mut ok = true;
+    let mut line = |name: &str, value: Result<String, &cc::Error>| match value {
+        Ok(v) => text.push_str(&format!("{name:<12} {v}\n")),
+        Err(e) => {
+            ok = false;
+            text.push_str(&format!("{name:<12} MISSING: {e}\n"));
+        }
+    };
+    line("cache dir", Ok(host.cache_dir.display().to_string()));
+    line(
+        "accelerator",
+        host.accelerator
+            .as_ref()
+            .map(|c| format!("{} ({})", c.accelerator, c.reason)),
+    );
+    line(
+        "qemu",
+        host.qemu
+            .as_ref()
+            .map(|q| format!("{} — {}", q.path.display(), q.version)),
+    );
+    line(
+        "kernel",
+        host.kernel.as_ref().map(|k| {
+            let hash = k.hash.as_deref().unwrap_or("not a cached build");
+            format!("{} (hash {hash})", k.path.display())
+        }),
+    );
+    line(
+        "agent",
+        host.agent.as_ref().map(|p| p.display().to_string()),
+    );
+    line("protocol", Ok(format!("v{}", cc::GUEST_PROTOCOL_VERSION)));
+    // Gaps are reported, not failures: instances start with what the host
+    // gives (`--confinement strict` refuses instead).
+    let confinement = &host.confinement;
+    text.push_str(&format!(
+        "{:<12} {}\n",
+        "confinement",
+        confinement.summary()
+    ));
+    for gap in &confinement.gaps {
+        text.push_str(&format!("{:<12} gap: {gap}\n", ""));
+    }
+    (text, ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn host() -> cc::HostInfo {
+        cc::HostInfo {
+            cache_dir: PathBuf::from("/c"),
+            accelerator: Ok(cc::AcceleratorChoice {
+                accelerator: cc::Accelerator::Tcg,
+                reason: "software emulation: no kvm".into(),
+            }),
+            qemu: Ok(cc::QemuInfo {
+                path: PathBuf::from("/usr/bin/qemu"),
+                version: "QEMU emulator version 7.2".into(),
+            }),
+            kernel: Ok(cc::KernelInfo {
+                path: PathBuf::from("/c/kernel/current/vmlinux"),
+                hash: None,
+            }),
+            agent: Ok(PathBuf::from("/c/agent/cc-agent")),
+            confinement: cc::Confinement {
+                seccomp: true,
+                uid: 1000,
+                namespaces: false,
+                network_filter: true,
+                gaps: vec!["no bubblewrap".into()],
+            },
+        }
+    }
+
+    #[test]
+    fn every_fact_on_its_own_line() {
+        let (text, ok) = report(&host());
+        assert!(ok);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "cache dir    /c");
+        assert_eq!(lines[1], "accelerator  tcg (software emulation: no kvm)");
+        assert_eq!(
+            lines[2],
+            "qemu         /usr/bin/qemu — QEMU emulator version 7.2"
+        );
+        assert_eq!(
+            lines[3],
+            "kernel       /c/kernel/current/vmlinux (hash not a cached build)"
+        );
+        assert_eq!(lines[4], "agent        /c/agent/cc-agent");
+        assert!(lines[5].starts_with("protocol     v"), "{}", lines[5]);
+        assert!(
+            lines[6].starts_with("confinement  seccomp on,"),
+            "{}",
+            lines[6]
+        );
+        assert_eq!(lines[7], "             gap: no bubblewrap");
+    }
+
+    #[test]
+    fn a_missing_part_fails_the_check_but_not_the_report() {
+        let mut h = host();
+        h.kernel = Err(cc::Error::InvalidArgument("no kernel".into()));
+        let (text, ok) = report(&h);
+        assert!(!ok);
+        assert!(
+            text.contains("kernel       MISSING: invalid argument: no kernel\n"),
+            "{text}"
+        );
+        assert!(text.contains("agent        /c/agent/cc-agent"), "{text}");
+    }
 }

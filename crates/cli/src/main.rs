@@ -1,9 +1,9 @@
 //! `crumble`, the command line of crumblecracker.
 //!
 //! This crate owns argument parsing, terminal I/O, signal forwarding and
-//! exit codes; every capability comes from the `cc` core (and, for
-//! diagnostics and benchmarks of bare QEMU, `cc-engine`). It is the only
-//! crate allowed to end the process.
+//! exit codes; every capability comes from the `cc` core (and, for the
+//! benchmarks' bare-QEMU baseline, `cc-engine`). It is the only crate
+//! allowed to end the process.
 
 mod bench;
 mod doctor;

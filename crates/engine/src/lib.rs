@@ -24,6 +24,7 @@
 //! `PR_SET_PDEATHSIG` so it dies with the host process even on `SIGKILL`.
 
 mod accel;
+mod bare;
 mod cmdline;
 pub mod confine;
 mod console;
@@ -40,6 +41,7 @@ mod upper;
 mod vm;
 
 pub use accel::{detect_accel, Accel, AccelChoice};
+pub use bare::{BareSpec, BareVm};
 pub use cmdline::{fd_path, qemu_args, Wiring, KERNEL_PARAMS};
 pub use confine::{ConfineMode, Confinement};
 pub use engine::{

@@ -1,0 +1,125 @@
+//! The baseline guest: the same kernel booted by the engine's own QEMU
+//! command line ([`cc_engine::BareSpec`]) into a busybox initramfs, with no
+//! agent, root filesystem or confinement.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cc_engine::initramfs::{write_newc, Entry};
+use cc_engine::BareSpec;
+
+use super::Samples;
+use crate::CliResult;
+
+/// What the guest prints before it powers off.
+const READY: &str = "cc-bare-ready";
+
+/// How long a bare boot may take to power off.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A guest whose `/init` echoes a marker and powers off at once.
+pub(super) fn powering_off(busybox: &Path, cache: &Path, memory_mb: u32) -> CliResult<BareSpec> {
+    let init = format!("#!/bin/busybox sh\n/bin/busybox echo {READY}\n/bin/busybox reboot -f\n");
+    let initrd = busybox_initramfs(busybox, cache, "bare", init.as_bytes())?;
+    Ok(BareSpec::new(initrd, memory_mb, 1)?)
+}
+
+/// Boots `spec` (from [`powering_off`]); returns (spawn time, spawn → QEMU
+/// exit).
+pub(super) fn boot_once(spec: &BareSpec) -> CliResult<(Duration, Duration)> {
+    let t0 = Instant::now();
+    let mut vm = spec.start()?;
+    let spawn = t0.elapsed();
+    let mut console = Vec::new();
+    // The console ends when QEMU exits.
+    vm.console().set_read_timeout(Some(BOOT_TIMEOUT))?;
+    let read = vm.console().read_to_end(&mut console);
+    if read.is_err() {
+        vm.kill();
+    }
+    let (status, stderr) = vm.wait()?;
+    let total = t0.elapsed();
+    let diagnostics = || {
+        format!(
+            "QEMU {status}\n--- qemu:\n{stderr}--- guest console:\n{}",
+            String::from_utf8_lossy(&console)
+        )
+    };
+    if read.is_err() {
+        return Err(format!(
+            "bare boot did not power off in {} s\n{}",
+            BOOT_TIMEOUT.as_secs(),
+            diagnostics()
+        )
+        .into());
+    }
+    if !String::from_utf8_lossy(&console).contains(READY) {
+        return Err(format!("bare boot printed no marker\n{}", diagnostics()).into());
+    }
+    Ok((spawn, total))
+}
+
+/// Per-command time of a shell loop on the serial console of a bare guest:
+/// the host sends a line, the guest runs `/bin/sh -c true` and answers.
+pub(super) fn serial_shell_loop(busybox: &Path, cache: &Path, runs: usize) -> CliResult<Samples> {
+    let init = b"#!/bin/busybox sh\n/bin/busybox stty -echo\necho cc-shell-ready\nwhile read line; do /bin/sh -c true; echo M; done\n";
+    let initrd = busybox_initramfs(busybox, cache, "serial-shell", init)?;
+    // Dropping it at the end kills QEMU.
+    let vm = BareSpec::new(initrd, 256, 1)?.start()?;
+    let mut console = vm.console();
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !seen.ends_with(b"cc-shell-ready") {
+        if console.read(&mut byte)? == 0 {
+            return Err("the serial-console guest ended before its shell started".into());
+        }
+        seen.push(byte[0]);
+    }
+    let mut samples = Samples::default();
+    for i in 0..runs + 5 {
+        let t = Instant::now();
+        console.write_all(b"x\n")?;
+        console.flush()?;
+        loop {
+            if console.read(&mut byte)? == 0 {
+                return Err("the serial-console guest ended".into());
+            }
+            if byte[0] == b'M' {
+                break;
+            }
+        }
+        // The first few warm the guest's caches.
+        if i >= 5 {
+            samples.0.push(t.elapsed());
+        }
+    }
+    Ok(samples)
+}
+
+/// An initramfs of static busybox (also as `/bin/sh`) whose `/init` is
+/// `init`, cached as `<cache>/bench/<name>.cpio`.
+fn busybox_initramfs(busybox: &Path, cache: &Path, name: &str, init: &[u8]) -> CliResult<PathBuf> {
+    let bin = std::fs::read(busybox).map_err(|e| {
+        format!(
+            "{}: {e} (apt-get install busybox-static)",
+            busybox.display()
+        )
+    })?;
+    let mut archive = Vec::new();
+    write_newc(
+        &mut archive,
+        &[
+            Entry::dir("dev"),
+            Entry::char_dev("dev/console", 0o600, 5, 1),
+            Entry::dir("bin"),
+            Entry::file("bin/busybox", 0o755, &bin),
+            Entry::file("bin/sh", 0o755, &bin),
+            Entry::file("init", 0o755, init),
+        ],
+    )?;
+    let path = cache.join("bench").join(format!("{name}.cpio"));
+    std::fs::create_dir_all(path.parent().unwrap_or(cache))?;
+    std::fs::write(&path, archive)?;
+    Ok(path)
+}

@@ -1,0 +1,157 @@
+//! `crumble bench`: medians of our phases against a baseline measured in the
+//! same invocation. One module per benchmark; [`bare`] is the bare-QEMU
+//! guest that `boot` and `exec` measure against.
+
+mod bare;
+mod boot;
+mod exec;
+mod files;
+mod net;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Subcommand;
+
+use crate::CliResult;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum What {
+    /// Cold start, phase by phase, against a bare QEMU boot of the same
+    /// kernel into an initramfs that only echoes and powers off; warm start
+    /// (from a template) against the cold start; idle memory of each.
+    Boot {
+        /// Root filesystem directory to boot.
+        #[arg(long, value_name = "DIR")]
+        rootfs: PathBuf,
+        /// Boots of each kind (at least 5).
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Guest memory in MiB, for both kinds.
+        #[arg(long, default_value_t = 256)]
+        memory: u32,
+        /// Static busybox for the bare initramfs.
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+    },
+    /// Round trip of `true` in a running instance, against a shell loop on
+    /// the serial console of a bare guest running `/bin/sh -c true`.
+    Exec {
+        #[arg(long, value_name = "DIR")]
+        rootfs: PathBuf,
+        /// Commands of each kind.
+        #[arg(long, default_value_t = 200)]
+        runs: usize,
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+    },
+    /// write_file and read_file of 64 MiB, in MiB/s.
+    Files {
+        #[arg(long, value_name = "DIR")]
+        rootfs: PathBuf,
+        /// Transfers of each kind.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// 256 MiB through `listen` (guest → host) and `dial` (host → guest),
+    /// against the same bytes through a command's pipes; and guest → host
+    /// egress through the user-mode network. In MB/s.
+    Net {
+        #[arg(long, value_name = "DIR")]
+        rootfs: PathBuf,
+        /// Transfers of each kind.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+}
+
+pub(crate) fn bench(what: What) -> CliResult<ExitCode> {
+    match what {
+        What::Boot {
+            rootfs,
+            runs,
+            memory,
+            busybox,
+        } => boot::boot(&rootfs, runs.max(5), memory, &busybox),
+        What::Exec {
+            rootfs,
+            runs,
+            busybox,
+        } => exec::exec(&rootfs, runs.max(10), &busybox),
+        What::Files { rootfs, runs } => files::files(&rootfs, runs.max(3)),
+        What::Net { rootfs, runs } => net::net(&rootfs, runs.max(3)),
+    }
+}
+
+/// The durations of one measured step, one per run.
+#[derive(Debug, Default)]
+struct Samples(Vec<Duration>);
+
+impl Samples {
+    /// The middle sample (the upper one of an even count): unmoved by a
+    /// few runs the noisy host slowed down.
+    fn median(&self) -> Duration {
+        let mut v = self.0.clone();
+        v.sort();
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    }
+
+    /// How many times `baseline`'s median this median is.
+    fn ratio(&self, baseline: &Samples) -> f64 {
+        self.median().as_secs_f64() / baseline.median().as_secs_f64()
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A table of names and numbers, each column at a fixed width, so rows
+/// printed apart line up under one header.
+struct Table {
+    name_width: usize,
+    value_width: usize,
+    decimals: usize,
+}
+
+impl Table {
+    /// Names padded to `name_width`, numbers right-aligned in `value_width`
+    /// with `decimals` digits after the point.
+    fn new(name_width: usize, value_width: usize, decimals: usize) -> Table {
+        Table {
+            name_width,
+            value_width,
+            decimals,
+        }
+    }
+
+    fn header(&self, name: &str, unit: &str) {
+        let (w, v) = (self.name_width, self.value_width);
+        println!("{name:<w$} {unit:>v$}");
+    }
+
+    fn row(&self, name: &str, values: &[f64]) {
+        let (w, v, d) = (self.name_width, self.value_width, self.decimals);
+        let mut line = format!("{name:<w$}");
+        for value in values {
+            line.push_str(&format!(" {value:>v$.d$}"));
+        }
+        println!("{line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_is_the_middle_sample_and_ratios_compare_medians() {
+        let s = |ms: &[u64]| Samples(ms.iter().map(|&m| Duration::from_millis(m)).collect());
+        assert_eq!(s(&[9, 1, 5]).median(), Duration::from_millis(5));
+        assert_eq!(s(&[4, 1, 3, 2]).median(), Duration::from_millis(3));
+        assert_eq!(s(&[]).median(), Duration::ZERO);
+        assert_eq!(s(&[30, 10, 20]).ratio(&s(&[10])), 2.0);
+        assert_eq!(ms(Duration::from_micros(1500)), 1.5);
+    }
+}
