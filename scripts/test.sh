@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # All checks and tests: formatting, lints, Rust tests, the C library's
 # tests, the Python package's checks and tests, and — with
-# CC_RUN_VM_TESTS=1 — the VM tests, which boot real VMs. Ends with one
-# summary line counting every test run.
+# CC_RUN_VM_TESTS=1 — the VM tests, which boot real VMs. Without it the VM
+# tests are reported skipped, not passed. Ends with one summary line
+# counting every test:
+#   total: N passed, M failed, K skipped
+# A failing test suite does not stop the next one, so the summary counts
+# them all; the script then exits non-zero. Formatting, lint and build
+# errors stop it at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-$PWD/target}"
@@ -13,8 +18,18 @@ echo "==> cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+failed=()
+
+# The VM and CLI tests read CC_RUN_VM_TESTS themselves. The C library's VM
+# test is a plain #[ignore] test (libtest cannot ignore at run time), so it
+# runs only when ignored tests are asked for.
+test_args=()
+if [ "${CC_RUN_VM_TESTS:-}" = 1 ]; then
+    test_args=(--include-ignored)
+fi
 echo "==> cargo test"
-cargo test --locked --workspace 2>&1 | tee "$log"
+cargo test --locked --workspace --no-fail-fast -- "${test_args[@]}" 2>&1 | tee "$log" ||
+    failed+=("cargo test")
 
 echo "==> python: mypy, ruff, pytest"
 cargo build --locked --release -p cc-capi
@@ -26,15 +41,25 @@ export LIBCC_PATH="$target/release/libcc.so"
     cd python
     "$venv/bin/mypy" --strict src/crumblecracker
     "$venv/bin/ruff" check src tests examples
-    "$venv/bin/pytest" -q
-) 2>&1 | tee -a "$log"
+)
+(cd python && "$venv/bin/pytest" -q) 2>&1 | tee -a "$log" || failed+=(pytest)
 
-# libtest prints "test result: ok. N passed; M failed; ...", the VM test
-# runner "vm: N passed, M failed", pytest "N passed, M skipped in Ts".
-awk '/^test result:|^vm: [0-9]+ passed|[0-9]+ passed.* in [0-9.]+s/ {
-        for (i = 1; i <= NF; i++) {
-            if ($(i) ~ /^passed[;,]?$/) p += $(i-1)
-            if ($(i) ~ /^failed[;,]?$/) f += $(i-1)
+if [ ${#failed[@]} -gt 0 ]; then
+    echo
+    echo "failed: ${failed[*]}"
+fi
+# libtest and libtest-mimic end each binary with "test result: ok. N
+# passed; M failed; K ignored; ...", pytest -q with "N passed, K skipped,
+# M failed, E errors in Ts" (only the non-zero counts, in any order).
+# Ignored and skipped are the same thing here: tests that did not run.
+awk '/^test result:/ || /^=* *[0-9]+ (passed|failed|skipped|errors?|deselected|xfailed|xpassed|warnings?)[, ].* in [0-9.]+s/ {
+        for (i = 2; i <= NF; i++) {
+            word = $(i)
+            sub(/[;,]$/, "", word)
+            if (word == "passed") p += $(i-1)
+            if (word == "failed" || word == "error" || word == "errors") f += $(i-1)
+            if (word == "ignored" || word == "skipped") s += $(i-1)
         }
      }
-     END { printf "\ntotal: %d passed, %d failed\n", p, f }' "$log"
+     END { printf "\ntotal: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+[ ${#failed[@]} -eq 0 ] || exit 1

@@ -2,10 +2,10 @@
 //! (`examples/hello.c`) with the system C compiler (`$CC`, else `cc`)
 //! against `include/cc.h` and the `libcc.so` built with this test, and runs
 //! them with a leak checker (leaks are errors): the part without VMs under
-//! valgrind, the VM part (`CC_RUN_VM_TESTS=1`: a local registry serves the
-//! busybox test image, the program pulls it and boots VMs) built with
-//! AddressSanitizer, whose LeakSanitizer checks every allocation in the
-//! process, the library's included. (Valgrind 3.19, Debian 12's, lacks the
+//! valgrind, the VM part (ignored unless `--include-ignored`: a local
+//! registry serves the busybox test image, the program pulls it and boots
+//! VMs) built with AddressSanitizer, whose LeakSanitizer checks every
+//! allocation in the process, the library's included. (Valgrind 3.19, Debian 12's, lacks the
 //! `pidfd_open` system call the engine uses to supervise QEMU.)
 //!
 //! (This file does not name the library crate: it and the core are both
@@ -272,12 +272,13 @@ fn kernel_has_9p(cache: &Path) -> bool {
     std::fs::read_to_string(config).is_ok_and(|c| c.lines().any(|l| l == "CONFIG_9P_FS=y"))
 }
 
+// Ignored unless asked for, rather than gated on CC_RUN_VM_TESTS: libtest
+// decides ignoring at compile time only, and a test that returned early
+// would be counted as passed. scripts/test.sh passes --include-ignored
+// when CC_RUN_VM_TESTS=1.
 #[test]
+#[ignore = "VM test: boots real VMs; run with `-- --include-ignored` (scripts/test.sh does with CC_RUN_VM_TESTS=1)"]
 fn c_program_walks_the_api_with_vms() {
-    if std::env::var("CC_RUN_VM_TESTS").as_deref() != Ok("1") {
-        println!("VM part not run: set CC_RUN_VM_TESTS=1 (it boots real VMs)");
-        return;
-    }
     let images = cc_testsupport::test_images();
     let registry = cc_testsupport::Registry::start(cc_testsupport::Auth::Anonymous);
     registry.push(&images.busybox, "latest", "capi/busybox:1");

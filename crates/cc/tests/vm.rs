@@ -1,15 +1,19 @@
 //! VM tests: every test here boots real VMs (QEMU; TCG where there is no
 //! hardware virtualization). They run when `CC_RUN_VM_TESTS=1` and need the
 //! kernel, agent and busybox tree `scripts/setup.sh` provides
-//! (`CC_TEST_ROOTFS` overrides the tree). `cargo test --test vm -- NAME`
-//! runs the tests whose name contains NAME.
+//! (`CC_TEST_ROOTFS` overrides the tree); without it each is reported
+//! ignored, with the reason. `main` runs them with libtest's arguments and
+//! output (libtest-mimic): `cargo test --test vm -- NAME` runs the tests
+//! whose name contains NAME, `-- --list` lists them.
 
 use std::io::{Read, Seek, Write};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use cc::{ErrorCode, Instance, Options, Source, Stdio};
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
 fn rootfs() -> PathBuf {
     std::env::var_os("CC_TEST_ROOTFS")
@@ -2645,23 +2649,99 @@ fn results_over_a_small_max_result_bytes_are_refused() {
     inst.close().unwrap();
 }
 
-fn main() {
-    if std::env::var("CC_RUN_VM_TESTS").as_deref() != Ok("1") {
-        println!("VM tests not run: set CC_RUN_VM_TESTS=1 (they boot real VMs)");
-        return;
-    }
-    assert!(
-        rootfs().join("bin/busybox").is_file(),
-        "no busybox tree at {:?}: run scripts/setup.sh",
-        rootfs()
-    );
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let selected =
-        |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+/// Why the VM tests do not run, or `None` when they do: they boot real VMs
+/// (QEMU, the guest kernel and agent; minutes under TCG), so they wait to
+/// be asked. The same words as the Python tests' skip reason.
+fn vm_skip_reason() -> Option<&'static str> {
+    (std::env::var("CC_RUN_VM_TESTS").as_deref() != Ok("1"))
+        .then_some("VM test: set CC_RUN_VM_TESTS=1 to boot real VMs (QEMU, guest kernel, agent)")
+}
 
+/// The instance the shared tests take turns on, and what closing it said.
+struct Fixture {
+    /// Booted by the first shared test that runs. A failed boot is kept,
+    /// so the shared tests after it fail at once with its error instead of
+    /// each waiting for a boot of its own to fail.
+    instance: Option<Result<Instance, String>>,
+    /// Closing happens between tests or after them, where no test can fail
+    /// for it; `main` reports it at the end.
+    close_error: Option<String>,
+}
+
+static SHARED: Mutex<Fixture> = Mutex::new(Fixture {
+    instance: None,
+    close_error: None,
+});
+
+/// Locks the fixture. A shared test that fails panics while holding it;
+/// the instance stays usable for the next test (and the ones that break it
+/// on purpose are not shared), so the poison is ignored.
+fn lock_shared() -> MutexGuard<'static, Fixture> {
+    SHARED.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs `test` on the shared instance, booting it first if needed.
+fn on_shared_instance(test: fn(&Instance)) -> Result<(), Failed> {
+    let mut shared = lock_shared();
+    let instance = shared.instance.get_or_insert_with(|| {
+        // 256 MiB guest: small enough that the OOM and back-pressure tests
+        // exceed its memory.
+        let options = Options {
+            memory_mb: 256,
+            ..Options::default()
+        };
+        Instance::new(&Source::Dir(rootfs()), options)
+            .map_err(|e| format!("booting the shared instance: {e}"))
+    });
+    match instance {
+        Ok(inst) => {
+            test(inst);
+            Ok(())
+        }
+        Err(e) => Err(e.as_str().into()),
+    }
+}
+
+/// Closes the shared instance if it is up. The tests with instances of
+/// their own call it first, so they have the host to themselves as they
+/// always had: several count this process's threads, descriptors or
+/// memory, or time deadlines, which a guest idling beside them (and taking
+/// CPU under TCG) would blur. `main` calls it after the last test.
+fn close_shared() {
+    let mut shared = lock_shared();
+    if let Some(Ok(inst)) = shared.instance.take() {
+        if let Err(e) = inst.close() {
+            shared.close_error = Some(format!("closing the shared instance: {e}"));
+        }
+    }
+}
+
+/// A trial that is ignored, with the reason, when `skip` holds one.
+fn trial(
+    name: &str,
+    skip: Option<&'static str>,
+    run: impl FnOnce() -> Result<(), Failed> + Send + 'static,
+) -> Trial {
+    Trial::ignorable_test(name, move || match skip {
+        Some(reason) => Ok(Completion::ignored_with(reason)),
+        None => run().map(|()| Completion::Completed),
+    })
+}
+
+fn main() -> ExitCode {
+    let mut args = Arguments::from_args();
+    // One test at a time, in the order below: the shared tests take turns
+    // on one instance, and the others measure this process and the host
+    // (threads, descriptors, memory, deadlines) as if alone.
+    args.test_threads = Some(1);
+    let skip = vm_skip_reason();
+    if skip.is_none() && !args.list {
+        assert!(
+            rootfs().join("bin/busybox").is_file(),
+            "no busybox tree at {:?}: run scripts/setup.sh",
+            rootfs()
+        );
+    }
     type Shared = fn(&Instance);
     let shared: &[(&str, Shared)] = named![
         echo,
@@ -2728,7 +2808,6 @@ fn main() {
         allowed_host_is_reached_and_the_network_switches,
         a_guest_connection_lasting_thirty_seconds_stays_up,
         qemu_runs_confined_and_sees_only_its_own_files,
-        strict_confinement_refuses_what_the_host_cannot_give,
         a_console_flood_leaves_a_capped_log,
         soak_warm_cycles_leave_nothing_behind,
         two_instances_listen_on_one_port_and_close_ends_connections,
@@ -2739,40 +2818,36 @@ fn main() {
         results_over_a_small_max_result_bytes_are_refused,
     ];
 
-    let (mut passed, mut failed) = (0, Vec::new());
-    let mut record = |name: &str, result: std::thread::Result<()>, t: Instant| {
-        let ok = result.is_ok();
-        println!(
-            "test vm::{name} ... {} ({:.2}s)",
-            if ok { "ok" } else { "FAILED" },
-            t.elapsed().as_secs_f64()
-        );
-        if ok {
-            passed += 1;
-        } else {
-            failed.push(name.to_string());
+    // Needs root: what it checks (root keeping uid 0 for mounts) is the
+    // one confinement gap a test can cause, and only a root host process
+    // has it to cause.
+    let as_root: &[(&str, fn())] = named![strict_confinement_refuses_what_the_host_cannot_give];
+    // SAFETY: geteuid has no preconditions.
+    let root_skip = skip.or((unsafe { libc::geteuid() } != 0)
+        .then_some("needs root: it checks a gap only a root host process has"));
+
+    let own_instances = |test: fn()| {
+        move || {
+            close_shared();
+            test();
+            Ok(())
         }
     };
-    if shared.iter().any(|(n, _)| selected(n)) {
-        // 256 MiB guest: small enough that the OOM and back-pressure tests
-        // exceed its memory.
-        let inst = boot_with(Options {
-            memory_mb: 256,
-            ..Options::default()
-        });
-        for (name, test) in shared.iter().filter(|(n, _)| selected(n)) {
-            let t = Instant::now();
-            record(name, catch_unwind(AssertUnwindSafe(|| test(&inst))), t);
-        }
-        inst.close().unwrap();
+    let shared_trials = shared
+        .iter()
+        .map(|&(name, test)| trial(name, skip, move || on_shared_instance(test)));
+    let own_trials = own
+        .iter()
+        .map(|&(name, test)| trial(name, skip, own_instances(test)));
+    let root_trials = as_root
+        .iter()
+        .map(|&(name, test)| trial(name, root_skip, own_instances(test)));
+    let trials = shared_trials.chain(own_trials).chain(root_trials).collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    close_shared();
+    if let Some(e) = lock_shared().close_error.take() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
     }
-    for (name, test) in own.iter().filter(|(n, _)| selected(n)) {
-        let t = Instant::now();
-        record(name, catch_unwind(test), t);
-    }
-    println!("\nvm: {passed} passed, {} failed", failed.len());
-    if !failed.is_empty() {
-        println!("failed: {}", failed.join(", "));
-        std::process::exit(1);
-    }
+    conclusion.exit_code()
 }

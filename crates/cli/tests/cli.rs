@@ -1,14 +1,15 @@
 //! `crumble` end to end. The tests that boot VMs run when
-//! `CC_RUN_VM_TESTS=1` (see crates/cc/tests/vm.rs for what they need).
+//! `CC_RUN_VM_TESTS=1` (see crates/cc/tests/vm.rs for what they need);
+//! without it they are reported ignored, with the reason. `main` runs the
+//! tests with libtest's arguments and output (libtest-mimic), which, unlike
+//! libtest, can decide at run time that a test is ignored.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, ExitCode, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn vm_tests() -> bool {
-    std::env::var("CC_RUN_VM_TESTS").as_deref() == Ok("1")
-}
+use libtest_mimic::{Arguments, Completion, Trial};
 
 fn cache() -> PathBuf {
     cc_testsupport::cache_dir()
@@ -39,7 +40,6 @@ fn run(args: &[&str], stdin: &[u8]) -> Output {
     child.wait_with_output().unwrap()
 }
 
-#[test]
 fn usage_errors_need_no_vm() {
     let out = crumble()
         .args(["run", "--rootfs", "/no/such/dir"])
@@ -60,7 +60,6 @@ fn usage_errors_need_no_vm() {
     }
 }
 
-#[test]
 fn bad_network_rules_need_no_vm() {
     let cases: [(&str, &str, &str); 5] = [
         ("--net-allow", "10.0.0.1/8", "host bits set"),
@@ -89,7 +88,6 @@ fn bad_network_rules_need_no_vm() {
     }
 }
 
-#[test]
 fn doctor_reports_the_accelerator() {
     let out = crumble().arg("doctor").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -97,11 +95,7 @@ fn doctor_reports_the_accelerator() {
     assert!(text.contains("cache dir"), "{text}");
 }
 
-#[test]
 fn run_forwards_output_stdin_and_status() {
-    if !vm_tests() {
-        return;
-    }
     let out = run(&["--", "echo", "hello"], b"");
     assert_eq!(out.stdout, b"hello\n");
     assert_eq!(out.status.code(), Some(0));
@@ -118,11 +112,7 @@ fn run_forwards_output_stdin_and_status() {
     assert_eq!(out.status.code(), Some(128 + 15));
 }
 
-#[test]
 fn run_applies_env_workdir_user_and_resources() {
-    if !vm_tests() {
-        return;
-    }
     let out = run(
         &[
             "--env",
@@ -158,11 +148,7 @@ fn run_applies_env_workdir_user_and_resources() {
     );
 }
 
-#[test]
 fn run_errors_are_clear() {
-    if !vm_tests() {
-        return;
-    }
     let out = run(&["--", "no-such-program"], b"");
     assert_eq!(out.status.code(), Some(127));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-program"));
@@ -207,11 +193,7 @@ fn descendants(pid: u32) -> Vec<(u32, String)> {
     found
 }
 
-#[test]
 fn killing_the_host_process_ends_qemu_and_the_next_run_sweeps_its_dir() {
-    if !vm_tests() {
-        return;
-    }
     let mut child = crumble()
         .arg("run")
         .arg("--rootfs")
@@ -277,7 +259,6 @@ fn killing_the_host_process_ends_qemu_and_the_next_run_sweeps_its_dir() {
     );
 }
 
-#[test]
 fn missing_pieces_name_the_fix() {
     let fail = |var: &str, value: &str| {
         let out = crumble()
@@ -309,11 +290,7 @@ fn missing_pieces_name_the_fix() {
     );
 }
 
-#[test]
 fn qemu_dying_at_boot_is_reported_with_its_logs() {
-    if !vm_tests() {
-        return;
-    }
     // Not a kernel: QEMU refuses it and exits at once.
     let bogus = std::env::temp_dir().join(format!("cc-bogus-kernel-{}", std::process::id()));
     std::fs::write(&bogus, b"not a kernel").unwrap();
@@ -366,8 +343,7 @@ fn ok(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-#[test]
-fn disk_mb_is_checked_and_sizes_the_writable_layer() {
+fn disk_mb_is_checked() {
     let out = crumble()
         .args([
             "run",
@@ -383,9 +359,9 @@ fn disk_mb_is_checked_and_sizes_the_writable_layer() {
     assert_eq!(out.status.code(), Some(125));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("disk_mb 0"), "{err}");
-    if !vm_tests() {
-        return;
-    }
+}
+
+fn disk_mb_sizes_the_writable_layer() {
     let out = run(
         &[
             "--cold",
@@ -407,7 +383,6 @@ fn disk_mb_is_checked_and_sizes_the_writable_layer() {
     assert!(kib > 0 && kib <= 96 << 10, "{text}");
 }
 
-#[test]
 fn load_of_random_bytes_prints_text_not_binary() {
     let dir = std::env::temp_dir().join(format!("cc-cli-random-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -442,11 +417,7 @@ fn load_of_random_bytes_prints_text_not_binary() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
 fn image_commands_end_to_end() {
-    if !vm_tests() {
-        return;
-    }
     let images = cc_testsupport::test_images();
     let registry = cc_testsupport::Registry::start(cc_testsupport::Auth::Anonymous);
     registry.push(&images.busybox, "latest", "cli/busybox:1");
@@ -506,11 +477,7 @@ fn image_commands_end_to_end() {
     std::fs::remove_dir_all(&cache).unwrap();
 }
 
-#[test]
 fn run_mounts_and_timeout() {
-    if !vm_tests() {
-        return;
-    }
     let dir = std::env::temp_dir().join(format!("cc-cli-mount-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("in.txt"), b"host data").unwrap();
@@ -558,11 +525,7 @@ fn run_mounts_and_timeout() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
 fn templates_are_built_listed_used_and_removed() {
-    if !vm_tests() {
-        return;
-    }
     let dir = std::env::temp_dir().join(format!("cc-cli-templates-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -603,4 +566,60 @@ fn templates_are_built_listed_used_and_removed() {
     echo(&[]);
     assert!(ok(crumble_in(&dir).args(["templates", "clear"])).contains("removed 1 templates"));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Why the VM tests do not run, or `None` when they do: they boot real VMs
+/// (QEMU, the guest kernel and agent; minutes under TCG), so they wait to
+/// be asked. The same words as the VM tests' and the Python tests' reason.
+fn vm_skip_reason() -> Option<&'static str> {
+    (std::env::var("CC_RUN_VM_TESTS").as_deref() != Ok("1"))
+        .then_some("VM test: set CC_RUN_VM_TESTS=1 to boot real VMs (QEMU, guest kernel, agent)")
+}
+
+/// `[(name, function), ...]` from function names.
+macro_rules! named {
+    ($($test:ident),* $(,)?) => {
+        &[$((stringify!($test), $test as _)),*]
+    };
+}
+
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    let no_vm: &[(&str, fn())] = named![
+        usage_errors_need_no_vm,
+        bad_network_rules_need_no_vm,
+        doctor_reports_the_accelerator,
+        missing_pieces_name_the_fix,
+        disk_mb_is_checked,
+        load_of_random_bytes_prints_text_not_binary,
+    ];
+    let vm: &[(&str, fn())] = named![
+        run_forwards_output_stdin_and_status,
+        run_applies_env_workdir_user_and_resources,
+        run_errors_are_clear,
+        killing_the_host_process_ends_qemu_and_the_next_run_sweeps_its_dir,
+        qemu_dying_at_boot_is_reported_with_its_logs,
+        disk_mb_sizes_the_writable_layer,
+        image_commands_end_to_end,
+        run_mounts_and_timeout,
+        templates_are_built_listed_used_and_removed,
+    ];
+    let skip = vm_skip_reason();
+    let trials = no_vm
+        .iter()
+        .map(|&(name, test)| (name, test, None))
+        .chain(vm.iter().map(|&(name, test)| (name, test, skip)))
+        .map(|(name, test, skip)| {
+            Trial::ignorable_test(name, move || {
+                Ok(match skip {
+                    Some(reason) => Completion::ignored_with(reason),
+                    None => {
+                        test();
+                        Completion::Completed
+                    }
+                })
+            })
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit_code()
 }
