@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use cc_protocol::flow::{Broken, Inbound, Outbound};
 use cc_protocol::{frame, ErrorKind, Message, RemoteError, Response, GUEST_STREAM_BASE};
+use rustix::event::{PollFd, PollFlags};
 
 use crate::fs::Handles;
 use crate::{error, sys};
@@ -72,11 +73,11 @@ impl Output {
     /// first.
     pub fn wait_readable(&self, pipe: BorrowedFd<'_>) -> io::Result<bool> {
         let mut fds = [
-            sys::pollfd(pipe, libc::POLLIN),
-            sys::pollfd(self.wake.as_fd(), libc::POLLIN),
+            PollFd::from_borrowed_fd(pipe, PollFlags::IN),
+            PollFd::new(&self.wake, PollFlags::IN),
         ];
         sys::poll(&mut fds, None)?;
-        Ok(fds[1].revents == 0)
+        Ok(fds[1].revents().is_empty())
     }
 }
 
@@ -178,9 +179,10 @@ impl Conn {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => rest = &rest[n..],
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let mut fds = [sys::pollfd(file.as_fd(), libc::POLLOUT)];
+                    let mut fds = [PollFd::new(&*file, PollFlags::OUT)];
                     sys::poll(&mut fds, Some(WRITE_POLL))?;
-                    if fds[0].revents & libc::POLLOUT == 0 && fds[0].revents != 0 {
+                    let revents = fds[0].revents();
+                    if !revents.contains(PollFlags::OUT) && !revents.is_empty() {
                         // Hung up: poll returns at once, so pace the retries
                         // until the reader notices and closes the connection.
                         thread::sleep(WRITE_POLL);
@@ -394,7 +396,7 @@ impl Read for PortReader {
         loop {
             match self.0.read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let mut fds = [sys::pollfd(self.0.as_fd(), libc::POLLIN)];
+                    let mut fds = [PollFd::new(&self.0, PollFlags::IN)];
                     sys::poll(&mut fds, None)?;
                 }
                 other => return other,

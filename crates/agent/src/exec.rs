@@ -12,6 +12,7 @@ use std::process::{self, Command};
 use std::sync::Arc;
 
 use cc_protocol::{ErrorKind, Exec, Message, RemoteError, Response, Stdio};
+use rustix::thread::{Gid, Uid};
 
 use crate::conn::{Conn, Reply};
 use crate::environ::{self, Env, Probe, SearchError};
@@ -169,6 +170,10 @@ fn spawn(
     let Identity {
         uid, gid, groups, ..
     } = who;
+    // Unchecked: an id of -1 then fails in the kernel (EINVAL), as any
+    // other id it refuses.
+    let groups: Vec<Gid> = groups.into_iter().map(Gid::from_raw_unchecked).collect();
+    let (gid, uid) = (Gid::from_raw_unchecked(gid), Uid::from_raw_unchecked(uid));
     // The agent blocks the power-off signals in all its threads, and std
     // passes the mask on to children: they must start with none blocked.
     let no_signals = sys::signal_set(&[]).map_err(|e| error::os("create signal set", &e))?;
@@ -187,9 +192,7 @@ fn spawn(
             // Its own session and process group, so signals reach the
             // whole tree it starts.
             sys::setsid()?;
-            sys::setgroups(&groups)?;
-            sys::setgid(gid)?;
-            sys::setuid(uid)
+            sys::set_ids(&groups, gid, uid)
         });
     }
     let pid = reaper.spawn(key, || {

@@ -128,17 +128,22 @@ fn attach_console() {
             .write(write)
             .custom_flags(libc::O_NOCTTY)
             .open(path)
-            .map(OwnedFd::from)
     };
+    type Dup = fn(&File) -> rustix::io::Result<()>;
+    let (stdin, stdout, stderr): (Dup, Dup, Dup) = (
+        |f| rustix::stdio::dup2_stdin(f),
+        |f| rustix::stdio::dup2_stdout(f),
+        |f| rustix::stdio::dup2_stderr(f),
+    );
     for (path, write, targets) in [
-        ("/dev/null", false, &[0][..]),
-        ("/dev/console", true, &[1, 2]),
+        ("/dev/null", false, &[stdin][..]),
+        ("/dev/console", true, &[stdout, stderr]),
     ] {
         match open(path, write) {
-            Ok(fd) => {
-                for &target in targets {
-                    if let Err(e) = sys::dup2(&fd, target) {
-                        log!("dup {path}: {}", error::describe(&e));
+            Ok(file) => {
+                for dup in targets {
+                    if let Err(e) = dup(&file) {
+                        log!("dup {path}: {}", error::describe(&e.into()));
                     }
                 }
             }

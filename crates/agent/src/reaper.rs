@@ -49,6 +49,22 @@ struct Registry {
     spawned: bool,
 }
 
+impl Registry {
+    /// Records that `pid` exited with `status`: the report to make now, if
+    /// its start was announced, else keeps the status for the announcement.
+    fn settle(&mut self, pid: u32, status: ExitStatus) -> Option<(OnExit, ExitStatus)> {
+        let running = self.running.remove(&pid)?;
+        self.pids.remove(&running.key);
+        match running.on_exit {
+            Some(on_exit) => Some((on_exit, status)),
+            None => {
+                self.exited.insert(running.key, status);
+                None
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Reaper {
     registry: Mutex<Registry>,
@@ -72,8 +88,8 @@ impl Reaper {
 
     fn run(&self) {
         loop {
-            match sys::wait_exited() {
-                Ok(pid) => self.reap(pid),
+            match sys::wait_any_exited() {
+                Ok(()) => self.reap_exited(),
                 Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
                     let mut reg = self.lock();
                     while !reg.spawned {
@@ -89,28 +105,24 @@ impl Reaper {
         }
     }
 
-    fn reap(&self, pid: u32) {
+    /// Reaps every child that has exited, under the registry lock, and
+    /// reports the exits of registered ones after releasing it.
+    fn reap_exited(&self) {
+        let mut reports = Vec::new();
         let mut reg = self.lock();
-        let status = match sys::reap(pid) {
-            Ok(Some(raw)) => exit_status(raw),
-            Ok(None) => return,
-            Err(e) => {
-                log!("waitpid {pid}: {}", error::describe(&e));
-                return;
+        loop {
+            match sys::reap_any() {
+                Ok(Some((pid, raw))) => reports.extend(reg.settle(pid, exit_status(raw))),
+                Ok(None) => break,
+                Err(e) => {
+                    log!("waitpid: {}", error::describe(&e));
+                    break;
+                }
             }
-        };
-        let Some(running) = reg.running.remove(&pid) else {
-            return;
-        };
-        reg.pids.remove(&running.key);
-        match running.on_exit {
-            Some(on_exit) => {
-                drop(reg);
-                on_exit(status);
-            }
-            None => {
-                reg.exited.insert(running.key, status);
-            }
+        }
+        drop(reg);
+        for (on_exit, status) in reports {
+            on_exit(status);
         }
     }
 

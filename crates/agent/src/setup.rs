@@ -70,8 +70,9 @@ pub fn run(
             )
         })?;
     }
-    let kernel = sys::kernel_release().map_err(|e| error::os("uname", &e))?;
-    Ok(Response::Ready { kernel })
+    Ok(Response::Ready {
+        kernel: sys::kernel_release(),
+    })
 }
 
 /// The `Prepare` request: the root and runtime filesystems, ahead of the
