@@ -2,8 +2,9 @@
 //! opened as numbered handles.
 //!
 //! Every failure names the operation and path and carries the errno
-//! ([`error::fs`]). Modes are applied exactly: the agent runs with umask 0,
-//! so creating a file or directory gives it the requested permissions.
+//! ([`error::fs`]). Modes are applied exactly: requests run with umask 0
+//! (the guest agent's, or in host mode their thread's own), so creating a
+//! file or directory gives it the requested permissions.
 
 use std::collections::hash_map::{Entry, HashMap};
 use std::ffi::{CString, OsStr};
@@ -529,14 +530,14 @@ pub mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     /// A fresh directory under the system's temporary directory, removed on
-    /// drop; with umask 0 set, as in the agent.
+    /// drop; with umask 0 set for the calling thread, as for a request.
     #[derive(Debug)]
     pub struct Scratch(pub std::path::PathBuf);
 
     impl Scratch {
         pub fn new() -> Self {
             static NEXT: AtomicU32 = AtomicU32::new(0);
-            sys::umask(0);
+            sys::exact_modes_in_this_thread().unwrap();
             let dir = std::env::temp_dir().join(format!(
                 "cc-agent-test-{}-{}",
                 std::process::id(),

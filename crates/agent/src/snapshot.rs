@@ -27,7 +27,7 @@ use tar::{EntryType, Header};
 use crate::conn::Reply;
 use crate::glob::Glob;
 use crate::stream::Sender;
-use crate::{error, sys};
+use crate::{error, sys, Mode};
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
@@ -37,8 +37,15 @@ const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
 
 /// Syncs, answers `Done`, and streams the layer under `upper` (the overlay's
 /// upper directory; `None` without an overlay root) on `sender`. A failure
-/// after the answer resets the stream.
-pub fn run(reply: Reply, upper: Option<BorrowedFd<'_>>, exclude: &[String], sender: Sender) {
+/// after the answer resets the stream. In host mode the upper directory is
+/// one the host program chose, and the host's filesystems are not synced.
+pub fn run(
+    reply: Reply,
+    mode: Mode,
+    upper: Option<BorrowedFd<'_>>,
+    exclude: &[String],
+    sender: Sender,
+) {
     let Some(upper) = upper else {
         return reply.send(Err(error::invalid("no writable layer")));
     };
@@ -50,7 +57,9 @@ pub fn run(reply: Reply, upper: Option<BorrowedFd<'_>>, exclude: &[String], send
         Ok(globs) => globs,
         Err(e) => return reply.send(Err(error::invalid(e))),
     };
-    sys::sync();
+    if mode == Mode::Guest {
+        sys::sync();
+    }
     reply.send(Ok(Response::Done));
     let mut out = BufWriter::with_capacity(DATA_CHUNK, &sender);
     match write_layer(upper, &globs, &mut out).and_then(|()| out.flush()) {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use rustix::event::{EventfdFlags, PollFd};
 use rustix::fs::{AtFlags, Mode, OFlags, Timestamps, CWD};
 use rustix::mount::MountFlags;
-use rustix::process::{WaitId, WaitIdOptions, WaitOptions};
+use rustix::process::{Pid, WaitId, WaitIdOptions, WaitOptions};
 use rustix::thread::{Gid, Uid};
 use rustix::time::{ClockId, Timespec};
 
@@ -211,6 +211,43 @@ pub fn reap_any() -> io::Result<Option<(u32, i32)>> {
         Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Blocks until the child `pid` has exited, without reaping it.
+pub fn wait_exited(pid: u32) -> io::Result<()> {
+    let pid = pid_of(pid)?;
+    let options = WaitIdOptions::EXITED | WaitIdOptions::NOWAIT;
+    retry(|| rustix::process::waitid(WaitId::Pid(pid), options)).map(drop)
+}
+
+/// Reaps the exited child `pid`: its wait status, or `None` if it has not
+/// exited or was already reaped.
+pub fn reap(pid: u32) -> io::Result<Option<i32>> {
+    match retry(|| rustix::process::waitpid(Some(pid_of(pid)?), WaitOptions::NOHANG)) {
+        Ok(reaped) => Ok(reaped.map(|(_, status)| status.as_raw())),
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn pid_of(pid: u32) -> rustix::io::Result<Pid> {
+    i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or(rustix::io::Errno::INVAL)
+}
+
+/// Gives the calling thread a filesystem context of its own (umask,
+/// working directory and root, which `unshare(CLONE_FS)` separates from
+/// the other threads') with umask 0: files it creates get exactly the
+/// modes asked for, and the rest of the process keeps its umask.
+pub fn exact_modes_in_this_thread() -> io::Result<()> {
+    // SAFETY: the contract of unshare_unsafe is about CLONE_FILES, which
+    // would leave this thread unable to use descriptors the others open;
+    // CLONE_FS separates only the umask, working directory and root.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::FS) }?;
+    umask(0);
+    Ok(())
 }
 
 /// Sets the file mode creation mask; returns the previous one.
