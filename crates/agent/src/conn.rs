@@ -1,5 +1,6 @@
 //! One connection to the host over the agent port: frame writes shared by
-//! every thread, and the streams and open files the connection carries.
+//! every thread, and the streams, open files and threads the connection
+//! carries.
 //!
 //! The port is non-blocking so that no thread can stay stuck in a write to
 //! a dead connection: such a write would hold the port open (a virtio port
@@ -10,15 +11,18 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
 use cc_protocol::flow::{Broken, Inbound, Outbound};
 use cc_protocol::{frame, ErrorKind, Message, RemoteError, Response, GUEST_STREAM_BASE};
+use rustix::event::{PollFd, PollFlags};
 
 use crate::fs::Handles;
+use crate::tasks::Tasks;
 use crate::{error, sys};
 
 /// How long a blocked writer waits before checking whether the connection
@@ -72,11 +76,87 @@ impl Output {
     /// first.
     pub fn wait_readable(&self, pipe: BorrowedFd<'_>) -> io::Result<bool> {
         let mut fds = [
-            sys::pollfd(pipe, libc::POLLIN),
-            sys::pollfd(self.wake.as_fd(), libc::POLLIN),
+            PollFd::from_borrowed_fd(pipe, PollFlags::IN),
+            PollFd::new(&self.wake, PollFlags::IN),
         ];
         sys::poll(&mut fds, None)?;
-        Ok(fds[1].revents == 0)
+        Ok(fds[1].revents().is_empty())
+    }
+}
+
+/// The agent's end of its channel to the host.
+#[derive(Debug)]
+pub enum Port {
+    /// The guest's virtio-serial port.
+    Device(File),
+    /// A connected stream socket: the channel of an agent in host mode.
+    Socket(UnixStream),
+}
+
+impl From<File> for Port {
+    fn from(file: File) -> Self {
+        Port::Device(file)
+    }
+}
+
+impl From<UnixStream> for Port {
+    fn from(socket: UnixStream) -> Self {
+        Port::Socket(socket)
+    }
+}
+
+impl AsFd for Port {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Port::Device(file) => file.as_fd(),
+            Port::Socket(socket) => socket.as_fd(),
+        }
+    }
+}
+
+impl Port {
+    pub(crate) fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            Port::Device(file) => Port::Device(file.try_clone()?),
+            Port::Socket(socket) => Port::Socket(socket.try_clone()?),
+        })
+    }
+
+    /// A second handle on a socket, to hang it up with while another
+    /// thread holds the port; `None` for a device, which cannot be.
+    fn hang_up_handle(&self) -> io::Result<Option<OwnedFd>> {
+        match self {
+            Port::Device(_) => Ok(None),
+            Port::Socket(socket) => Ok(Some(socket.try_clone()?.into())),
+        }
+    }
+}
+
+impl Read for &Port {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Port::Device(file) => (&*file).read(buf),
+            Port::Socket(socket) => (&*socket).read(buf),
+        }
+    }
+}
+
+impl Write for &Port {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Port::Device(file) => (&*file).write(buf),
+            // A host that hung up is an error to report, not a SIGPIPE for
+            // whatever process the agent runs in.
+            Port::Socket(socket) => Ok(rustix::net::send(
+                socket,
+                buf,
+                rustix::net::SendFlags::NOSIGNAL,
+            )?),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -85,8 +165,14 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 #[derive(Debug)]
 pub struct Conn {
     id: u64,
-    port: Mutex<Option<File>>,
+    port: Mutex<Option<Port>>,
+    /// A socket port's second handle, shut down on close: that fails
+    /// writes in progress and ends the reader's wait.
+    hang_up: Option<OwnedFd>,
     closed: AtomicBool,
+    /// `closed`, for waiting on.
+    gone: Mutex<bool>,
+    gone_changed: Condvar,
     inputs: Mutex<HashMap<u32, Arc<Inbound>>>,
     outputs: Mutex<HashMap<u32, Arc<Output>>>,
     /// Files the host opened; closed with the connection.
@@ -95,21 +181,36 @@ pub struct Conn {
     /// listening socket, to shut it down from another thread.
     listeners: Mutex<HashMap<u64, OwnedFd>>,
     next_stream: AtomicU32,
+    /// The threads serving this connection's requests and streams.
+    tasks: Arc<Tasks>,
 }
 
 impl Conn {
     /// Takes the (non-blocking) port for writing.
-    pub fn new(port: File) -> Self {
-        Self {
+    pub fn new(port: Port) -> io::Result<Self> {
+        Ok(Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            hang_up: port.hang_up_handle()?,
             port: Mutex::new(Some(port)),
             closed: AtomicBool::new(false),
+            gone: Mutex::new(false),
+            gone_changed: Condvar::new(),
             inputs: Mutex::default(),
             outputs: Mutex::default(),
             handles: Handles::default(),
             listeners: Mutex::default(),
             next_stream: AtomicU32::new(GUEST_STREAM_BASE),
-        }
+            tasks: Arc::default(),
+        })
+    }
+
+    /// Starts `f` on a thread of this connection's (see [`Tasks`]).
+    pub fn spawn(&self, name: String, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
+        self.tasks.spawn(name, f)
+    }
+
+    pub fn tasks(&self) -> &Arc<Tasks> {
+        &self.tasks
     }
 
     /// A stream id of the guest's own numbering, for streams the guest opens.
@@ -167,20 +268,21 @@ impl Conn {
 
     /// Writes one already-encoded frame.
     pub fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
-        let mut port = lock(&self.port);
+        let port = lock(&self.port);
         let mut rest = frame;
         while !rest.is_empty() {
             if self.closed.load(Ordering::Relaxed) {
                 return Err(Self::closed_error());
             }
-            let file = port.as_mut().ok_or_else(Self::closed_error)?;
-            match file.write(rest) {
+            let port = port.as_ref().ok_or_else(Self::closed_error)?;
+            match (&mut &*port).write(rest) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => rest = &rest[n..],
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let mut fds = [sys::pollfd(file.as_fd(), libc::POLLOUT)];
+                    let mut fds = [PollFd::new(port, PollFlags::OUT)];
                     sys::poll(&mut fds, Some(WRITE_POLL))?;
-                    if fds[0].revents & libc::POLLOUT == 0 && fds[0].revents != 0 {
+                    let revents = fds[0].revents();
+                    if !revents.contains(PollFlags::OUT) && !revents.is_empty() {
                         // Hung up: poll returns at once, so pace the retries
                         // until the reader notices and closes the connection.
                         thread::sleep(WRITE_POLL);
@@ -197,11 +299,11 @@ impl Conn {
     /// frame: a blocking write to a virtio port waits for that.
     pub fn send_flushed(&self, msg: &Message) -> io::Result<()> {
         let frame = frame::encode(msg).map_err(io::Error::other)?;
-        let mut port = lock(&self.port);
-        let file = port.as_mut().ok_or_else(Self::closed_error)?;
-        sys::set_nonblocking(&*file, false)?;
-        let result = file.write_all(&frame);
-        sys::set_nonblocking(&*file, true)?;
+        let port = lock(&self.port);
+        let port = port.as_ref().ok_or_else(Self::closed_error)?;
+        sys::set_nonblocking(port, false)?;
+        let result = (&mut &*port).write_all(&frame);
+        sys::set_nonblocking(port, true)?;
         result
     }
 
@@ -320,10 +422,31 @@ impl Conn {
         }
     }
 
+    /// Closes the connection after `grace`, unless it is closed before:
+    /// a frame being sent gets that long to go out.
+    pub fn close_after(self: &Arc<Self>, grace: Duration) -> io::Result<()> {
+        let conn = self.clone();
+        self.spawn("goodbye".into(), move || {
+            let gone = lock(&conn.gone);
+            drop(
+                conn.gone_changed
+                    .wait_timeout_while(gone, grace, |gone| !*gone)
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+            conn.close();
+        })
+    }
+
     /// Ends the connection: every stream breaks off, later sends fail, and
-    /// the port is released once the current writer gives up.
+    /// the port is released once the current writer gives up. A socket is
+    /// shut down, which the host sees as the end of the channel.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
+        if let Some(socket) = &self.hang_up {
+            sys::shutdown_socket(socket.as_fd());
+        }
+        *lock(&self.gone) = true;
+        self.gone_changed.notify_all();
         for (_, input) in lock(&self.inputs).drain() {
             input.break_off(Broken::Lost);
         }
@@ -387,14 +510,14 @@ impl Drop for Reply {
 
 /// The reading half of the non-blocking port, blocking in `poll` instead.
 #[derive(Debug)]
-pub struct PortReader(pub File);
+pub struct PortReader(pub Port);
 
 impl Read for PortReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            match self.0.read(buf) {
+            match (&self.0).read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let mut fds = [sys::pollfd(self.0.as_fd(), libc::POLLIN)];
+                    let mut fds = [PollFd::new(&self.0, PollFlags::IN)];
                     sys::poll(&mut fds, None)?;
                 }
                 other => return other,

@@ -12,13 +12,14 @@ use std::process::{self, Command};
 use std::sync::Arc;
 
 use cc_protocol::{ErrorKind, Exec, Message, RemoteError, Response, Stdio};
+use rustix::thread::{Gid, Uid};
 
 use crate::conn::{Conn, Reply};
 use crate::environ::{self, Env, Probe, SearchError};
 use crate::reaper::Reaper;
 use crate::stream::{DrainError, Receiver, Sender};
 use crate::users::{self, Identity, UserError};
-use crate::{error, spawn_thread, sys};
+use crate::{error, sys, Mode};
 
 /// The conventional mask for processes: the agent itself runs with none, so
 /// that file requests set modes exactly.
@@ -62,10 +63,10 @@ struct Spawned {
 
 /// Starts `exec` and answers `Started` (or the error); output flows only
 /// after that answer.
-pub fn run(reply: Reply, reaper: &Reaper, exec: &Exec, mut streams: Streams) {
+pub fn run(reply: Reply, reaper: &Arc<Reaper>, mode: Mode, exec: &Exec, mut streams: Streams) {
     let conn = reply.conn().clone();
     let key = (conn.id(), exec.process);
-    let spawned = match spawn(reaper, key, exec, &streams) {
+    let spawned = match spawn(reaper, mode, &conn, exec, &streams) {
         Ok(s) => s,
         Err(e) => return reply.send(Err(e)),
     };
@@ -82,7 +83,7 @@ pub fn run(reply: Reply, reaper: &Reaper, exec: &Exec, mut streams: Streams) {
     // the host is then told the stream is over.
     if let (Some(input), Some(pipe)) = (streams.stdin.take(), spawned.stdin) {
         let stream = input.id();
-        if let Err(e) = spawn_thread(format!("stdin-{stream}"), move || feed(&input, pipe)) {
+        if let Err(e) = conn.spawn(format!("stdin-{stream}"), move || feed(&input, pipe)) {
             log!("stream {stream}: start writer: {}", error::describe(&e));
             let _ = conn.send(&Message::Reset { stream });
         }
@@ -93,7 +94,7 @@ pub fn run(reply: Reply, reaper: &Reaper, exec: &Exec, mut streams: Streams) {
     ] {
         if let (Some(output), Some(pipe)) = (output, pipe) {
             let stream = output.id();
-            if let Err(e) = spawn_thread(format!("output-{stream}"), move || output.pump(pipe)) {
+            if let Err(e) = conn.spawn(format!("output-{stream}"), move || output.pump(pipe)) {
                 log!("stream {stream}: start pump: {}", error::describe(&e));
                 let _ = conn.send(&Message::Eof { stream });
             }
@@ -106,8 +107,9 @@ fn lossy(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
 }
 
 fn spawn(
-    reaper: &Reaper,
-    key: (u64, u64),
+    reaper: &Arc<Reaper>,
+    mode: Mode,
+    conn: &Conn,
     exec: &Exec,
     streams: &Streams,
 ) -> Result<Spawned, RemoteError> {
@@ -121,7 +123,14 @@ fn spawn(
     if let Some(i) = exec.argv.iter().position(|a| a.contains(&0)) {
         return Err(error::invalid(format!("argument {i} contains a NUL byte")));
     }
-    let who = identity(exec.user.as_deref())?;
+    // In host mode a process started without a user runs as the host
+    // program does: the agent is no init to hand out identities.
+    let own_ids = mode == Mode::Host && exec.user.is_none();
+    let who = if own_ids {
+        identity(Some(&rustix::process::geteuid().as_raw().to_string()))?
+    } else {
+        identity(exec.user.as_deref())?
+    };
     let env = environ::build(who.home.as_bytes(), &exec.env).map_err(error::invalid)?;
     let cwd = working_dir(exec.cwd.as_ref().map(|c| c.as_slice()), &who.home)?;
     let program = program(argv0, &env, &cwd)?;
@@ -169,30 +178,43 @@ fn spawn(
     let Identity {
         uid, gid, groups, ..
     } = who;
-    // The agent blocks the power-off signals in all its threads, and std
-    // passes the mask on to children: they must start with none blocked.
+    // Unchecked: an id of -1 then fails in the kernel (EINVAL), as any
+    // other id it refuses.
+    let groups: Vec<Gid> = groups.into_iter().map(Gid::from_raw_unchecked).collect();
+    let (gid, uid) = (Gid::from_raw_unchecked(gid), Uid::from_raw_unchecked(uid));
+    // The guest's agent blocks the power-off signals in all its threads (a
+    // host program's threads may block any), and std passes the mask on to
+    // children: they must start with none blocked.
     let no_signals = sys::signal_set(&[]).map_err(|e| error::os("create signal set", &e))?;
+    let guest = mode == Mode::Guest;
     // SAFETY: the hook runs in the forked child before exec, where only
-    // async-signal-safe calls are allowed: it makes seven syscalls and does
-    // not allocate (`groups` and `no_signals` were made before the fork).
-    // The ids are set here rather than with `CommandExt::uid`, because std
-    // would drop root before this hook could set the supplementary groups.
+    // async-signal-safe calls are allowed: it makes at most seven syscalls
+    // and does not allocate (`groups` and `no_signals` were made before
+    // the fork). The ids are set here rather than with `CommandExt::uid`,
+    // because std would drop root before this hook could set the
+    // supplementary groups.
     unsafe {
         cmd.pre_exec(move || {
             sys::umask(PROCESS_UMASK);
             sys::set_signal_mask(&no_signals)?;
-            // The agent runs at a high priority (to answer the host
-            // whatever its processes do); theirs is the usual one.
-            sys::set_nice(0)?;
+            // The guest's agent runs at a high priority (to answer the host
+            // whatever its processes do); theirs is the usual one. In host
+            // mode the process keeps the host program's, which it may not
+            // have the right to lower.
+            if guest {
+                sys::set_nice(0)?;
+            }
             // Its own session and process group, so signals reach the
             // whole tree it starts.
             sys::setsid()?;
-            sys::setgroups(&groups)?;
-            sys::setgid(gid)?;
-            sys::setuid(uid)
+            if own_ids {
+                return Ok(());
+            }
+            sys::set_ids(&groups, gid, uid)
         });
     }
-    let pid = reaper.spawn(key, || {
+    let key = (conn.id(), exec.process);
+    let pid = reaper.spawn(key, conn.tasks(), || {
         // Dropping the child does not wait for it: the reaper reaps it.
         cmd.spawn()
             .map(|child| child.id())

@@ -19,8 +19,8 @@ use std::time::Duration;
 use cc_protocol::{Message, RemoteError, Response};
 
 use crate::conn::{Conn, Reply};
+use crate::error;
 use crate::stream::{DrainError, Receiver, Sender};
-use crate::{error, spawn_thread};
 
 /// How long a dial waits for the guest service to accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,8 +45,9 @@ pub fn dial(reply: Reply, address: &str, port: u16, sender: Sender, receiver: Re
     let local = socket
         .local_addr()
         .map_or_else(|_| "0.0.0.0:0".into(), |a| a.to_string());
+    let conn = reply.conn().clone();
     reply.send(Ok(Response::Connected { local }));
-    bridge(socket, sender, receiver);
+    bridge(&conn, socket, sender, receiver);
 }
 
 /// Binds the listener the host asked for, answers with its port, then
@@ -109,8 +110,9 @@ fn accept_loop(conn: &Arc<Conn>, listener: u64, socket: &TcpListener) {
         if conn.send(&accepted).is_err() {
             return;
         }
-        let started = spawn_thread(format!("accepted-{from_guest}"), move || {
-            bridge(stream, sender, receiver);
+        let c = conn.clone();
+        let started = conn.spawn(format!("accepted-{from_guest}"), move || {
+            bridge(&c, stream, sender, receiver);
         });
         if let Err(e) = started {
             log!(
@@ -124,7 +126,7 @@ fn accept_loop(conn: &Arc<Conn>, listener: u64, socket: &TcpListener) {
 /// Copies the socket to the host on `sender` and the host's data to the
 /// socket from `receiver`, one direction on a new thread and the other on
 /// this one, until both directions ended.
-fn bridge(socket: TcpStream, sender: Sender, receiver: Receiver) {
+fn bridge(conn: &Conn, socket: TcpStream, sender: Sender, receiver: Receiver) {
     let outgoing = match socket.try_clone() {
         Ok(s) => File::from(OwnedFd::from(s)),
         Err(e) => {
@@ -134,7 +136,7 @@ fn bridge(socket: TcpStream, sender: Sender, receiver: Receiver) {
             return;
         }
     };
-    let pump = spawn_thread(format!("socket-{}", sender.id()), move || {
+    let pump = conn.spawn(format!("socket-{}", sender.id()), move || {
         sender.pump(outgoing);
     });
     if let Err(e) = pump {

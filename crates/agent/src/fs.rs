@@ -2,13 +2,14 @@
 //! opened as numbered handles.
 //!
 //! Every failure names the operation and path and carries the errno
-//! ([`error::fs`]). Modes are applied exactly: the agent runs with umask 0,
-//! so creating a file or directory gives it the requested permissions.
+//! ([`error::fs`]). Modes are applied exactly: requests run with umask 0
+//! (the guest agent's, or in host mode their thread's own), so creating a
+//! file or directory gives it the requested permissions.
 
 use std::collections::hash_map::{Entry, HashMap};
 use std::ffi::{CString, OsStr};
 use std::fs::{self, DirBuilder, File, Permissions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -19,6 +20,7 @@ use cc_protocol::{
     open_flags, DirEntry, ErrorKind, FileStat, FsRequest, RemoteError, Response, UnixTime,
     DATA_CHUNK,
 };
+use rustix::fs::{AtFlags, OFlags};
 use serde_bytes::ByteBuf;
 
 use crate::{error, sys};
@@ -212,7 +214,7 @@ fn remove_all(raw: &[u8]) -> Result<(), RemoteError> {
     }
     let fail = |e: &io::Error| error::fs("remove", raw, e);
     let parent = sys::cstring(parent).map_err(|e| fail(&e))?;
-    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
     let dir = match sys::openat(None, &parent, flags, 0) {
         Ok(dir) => dir,
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
@@ -226,13 +228,13 @@ fn remove_at(dir: BorrowedFd<'_>, name: &[u8], shown: &[u8]) -> Result<(), Remot
     let fail = |e: &io::Error| error::fs("remove", shown, e);
     let cname = sys::cstring(name).map_err(|e| fail(&e))?;
     let errno = |e: &io::Error| e.raw_os_error().unwrap_or(0);
-    let unlink_error = match sys::unlinkat(dir, &cname, 0) {
+    let unlink_error = match sys::unlinkat(dir, &cname, AtFlags::empty()) {
         Ok(()) => return Ok(()),
         Err(e) if errno(&e) == libc::ENOENT => return Ok(()),
         Err(e) if matches!(errno(&e), libc::EISDIR | libc::EPERM | libc::EACCES) => e,
         Err(e) => return Err(fail(&e)),
     };
-    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let sub = match sys::openat(Some(dir), &cname, flags, 0) {
         Ok(sub) => sub,
         Err(e) if errno(&e) == libc::ENOENT => return Ok(()),
@@ -254,7 +256,7 @@ fn remove_at(dir: BorrowedFd<'_>, name: &[u8], shown: &[u8]) -> Result<(), Remot
             remove_at(sub.as_fd(), &child, &path)?;
         }
         passes += 1;
-        match sys::unlinkat(dir, &cname, libc::AT_REMOVEDIR) {
+        match sys::unlinkat(dir, &cname, AtFlags::REMOVEDIR) {
             Ok(()) => return Ok(()),
             Err(e) if errno(&e) == libc::ENOENT => return Ok(()),
             Err(e) if errno(&e) == libc::ENOTEMPTY && passes < 3 => {}
@@ -318,29 +320,29 @@ fn chtimes(raw: &[u8], atime: UnixTime, mtime: UnixTime) -> Result<(), RemoteErr
 /// Translates protocol open flags ([`open_flags`]) to the guest's. Always
 /// close-on-exec, so no process inherits a host's file, and never a
 /// controlling terminal for the agent.
-pub fn translate_open_flags(flags: u32) -> Result<libc::c_int, String> {
+pub fn translate_open_flags(flags: u32) -> Result<OFlags, String> {
     use open_flags as p;
     let unknown = flags & !p::ALL;
     if unknown != 0 {
         return Err(format!("unknown open flags {unknown:#x}"));
     }
     let mut out = match flags & 3 {
-        p::O_RDONLY => libc::O_RDONLY,
-        p::O_WRONLY => libc::O_WRONLY,
-        p::O_RDWR => libc::O_RDWR,
+        p::O_RDONLY => OFlags::RDONLY,
+        p::O_WRONLY => OFlags::WRONLY,
+        p::O_RDWR => OFlags::RDWR,
         _ => return Err("invalid access mode 3".into()),
     };
     for (ours, theirs) in [
-        (p::O_APPEND, libc::O_APPEND),
-        (p::O_CREATE, libc::O_CREAT),
-        (p::O_TRUNC, libc::O_TRUNC),
-        (p::O_EXCL, libc::O_EXCL),
+        (p::O_APPEND, OFlags::APPEND),
+        (p::O_CREATE, OFlags::CREATE),
+        (p::O_TRUNC, OFlags::TRUNC),
+        (p::O_EXCL, OFlags::EXCL),
     ] {
         if flags & ours != 0 {
             out |= theirs;
         }
     }
-    Ok(out | libc::O_CLOEXEC | libc::O_NOCTTY)
+    Ok(out | OFlags::CLOEXEC | OFlags::NOCTTY)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -488,16 +490,21 @@ impl OpenFile {
     }
 
     fn seek(&self, offset: i64, whence: u8) -> Result<u64, RemoteError> {
-        let whence = match whence {
-            0 => libc::SEEK_SET,
-            1 => libc::SEEK_CUR,
-            2 => libc::SEEK_END,
+        let to = match whence {
+            // lseek(2) refuses a negative offset from the start the same way.
+            0 => u64::try_from(offset)
+                .map(SeekFrom::Start)
+                .map_err(|_| libc::EINVAL),
+            1 => Ok(SeekFrom::Current(offset)),
+            2 => Ok(SeekFrom::End(offset)),
             _ => {
                 let reason = format!("invalid whence {whence}");
                 return Err(error::fs_invalid("seek", &self.path, &reason));
             }
         };
-        self.with("seek", |file| sys::lseek(file.as_fd(), offset, whence))
+        self.with("seek", |file| {
+            file.seek(to.map_err(io::Error::from_raw_os_error)?)
+        })
     }
 
     fn stat(&self) -> Result<FileStat, RemoteError> {
@@ -523,14 +530,14 @@ pub mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     /// A fresh directory under the system's temporary directory, removed on
-    /// drop; with umask 0 set, as in the agent.
+    /// drop; with umask 0 set for the calling thread, as for a request.
     #[derive(Debug)]
     pub struct Scratch(pub std::path::PathBuf);
 
     impl Scratch {
         pub fn new() -> Self {
             static NEXT: AtomicU32 = AtomicU32::new(0);
-            sys::umask(0);
+            sys::exact_modes_in_this_thread().unwrap();
             let dir = std::env::temp_dir().join(format!(
                 "cc-agent-test-{}-{}",
                 std::process::id(),
@@ -553,8 +560,7 @@ pub mod tests {
     }
 
     fn is_root() -> bool {
-        // SAFETY: geteuid(2) takes no arguments and cannot fail.
-        unsafe { libc::geteuid() == 0 }
+        rustix::process::geteuid().is_root()
     }
 
     fn run(handles: &Handles, request: FsRequest) -> Result<Response, RemoteError> {
@@ -568,21 +574,21 @@ pub mod tests {
     #[test]
     fn open_flags_translate_one_by_one() {
         use open_flags as p;
-        let base = libc::O_CLOEXEC | libc::O_NOCTTY;
-        assert_eq!(translate_open_flags(p::O_RDONLY), Ok(libc::O_RDONLY | base));
-        assert_eq!(translate_open_flags(p::O_WRONLY), Ok(libc::O_WRONLY | base));
-        assert_eq!(translate_open_flags(p::O_RDWR), Ok(libc::O_RDWR | base));
+        let base = OFlags::CLOEXEC | OFlags::NOCTTY;
+        assert_eq!(translate_open_flags(p::O_RDONLY), Ok(OFlags::RDONLY | base));
+        assert_eq!(translate_open_flags(p::O_WRONLY), Ok(OFlags::WRONLY | base));
+        assert_eq!(translate_open_flags(p::O_RDWR), Ok(OFlags::RDWR | base));
         assert_eq!(
             translate_open_flags(p::O_WRONLY | p::O_APPEND),
-            Ok(libc::O_WRONLY | libc::O_APPEND | base)
+            Ok(OFlags::WRONLY | OFlags::APPEND | base)
         );
         assert_eq!(
             translate_open_flags(p::O_RDWR | p::O_CREATE | p::O_EXCL),
-            Ok(libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | base)
+            Ok(OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | base)
         );
         assert_eq!(
             translate_open_flags(p::O_WRONLY | p::O_CREATE | p::O_TRUNC),
-            Ok(libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | base)
+            Ok(OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | base)
         );
         assert_eq!(
             translate_open_flags(3),

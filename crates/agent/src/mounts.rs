@@ -8,6 +8,7 @@ use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use cc_protocol::{ErrorKind, Mount, RemoteError, RootSpec};
+use rustix::mount::MountFlags;
 
 use crate::{error, sys};
 
@@ -41,19 +42,19 @@ fn mount(
     source: &str,
     target: &str,
     fstype: &str,
-    flags: libc::c_ulong,
+    flags: MountFlags,
     data: Option<&str>,
 ) -> Result<(), RemoteError> {
     mkdir(target)?;
-    sys::mount(source, target, Some(fstype), flags, data)
+    sys::mount(source, target, fstype, flags, data)
         .map_err(|e| error::os(format_args!("mount {fstype} {source} on {target}"), &e))
 }
 
 /// Mounts /dev, /proc and /sys in the initramfs; failures are only logged,
 /// as the agent must keep running to report anything.
 pub fn boot() {
-    let nosuid = libc::MS_NOSUID;
-    let sealed = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    let nosuid = MountFlags::NOSUID;
+    let sealed = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
     for (fstype, target, flags) in [
         ("devtmpfs", "/dev", nosuid),
         ("proc", "/proc", sealed),
@@ -109,10 +110,10 @@ pub fn switch_root(spec: &RootSpec) -> Result<OwnedFd, RemoteError> {
     for (i, lower) in spec.lowers.iter().enumerate() {
         let disk = find_disk(&lower.serial)?;
         let target = format!("{LOWER}/{i}");
-        mount(&disk, &target, &lower.fstype, libc::MS_RDONLY, None)?;
+        mount(&disk, &target, &lower.fstype, MountFlags::RDONLY, None)?;
         lowerdirs.push(target);
     }
-    mount(&upper, UPPER, "ext4", 0, None)?;
+    mount(&upper, UPPER, "ext4", MountFlags::empty(), None)?;
     // The upper disk may hold a previous run's layer: reuse its directories.
     let upper_dir = format!("{UPPER}/upper");
     mkdir(&upper_dir)?;
@@ -122,7 +123,13 @@ pub fn switch_root(spec: &RootSpec) -> Result<OwnedFd, RemoteError> {
         "lowerdir={},upperdir={upper_dir},workdir={UPPER}/work",
         lowerdirs.join(":")
     );
-    mount("overlay", ROOT, "overlay", 0, Some(&options))?;
+    mount(
+        "overlay",
+        ROOT,
+        "overlay",
+        MountFlags::empty(),
+        Some(&options),
+    )?;
     let upper_fd = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
@@ -132,12 +139,12 @@ pub fn switch_root(spec: &RootSpec) -> Result<OwnedFd, RemoteError> {
     for fs in KERNEL_FS {
         let target = format!("{ROOT}{fs}");
         mkdir(&target)?;
-        sys::mount(fs, &target, None, libc::MS_MOVE, None)
+        sys::mount_move(fs, &target)
             .map_err(|e| error::os(format_args!("move {fs} to {target}"), &e))?;
     }
     let switch = || -> io::Result<()> {
         std::env::set_current_dir(ROOT)?;
-        sys::mount(".", "/", None, libc::MS_MOVE, None)?;
+        sys::mount_move(".", "/")?;
         sys::chroot(".")?;
         std::env::set_current_dir("/")
     };
@@ -155,12 +162,12 @@ const RUN_SIZE: &str = "size=5%";
 /// Mounts /dev/pts, /dev/shm, /tmp and /run, and adds the /dev links
 /// programs expect but devtmpfs lacks.
 pub fn runtime() -> Result<(), RemoteError> {
-    let flags = libc::MS_NOSUID | libc::MS_NODEV;
+    let flags = MountFlags::NOSUID | MountFlags::NODEV;
     mount(
         "devpts",
         "/dev/pts",
         "devpts",
-        libc::MS_NOSUID | libc::MS_NOEXEC,
+        MountFlags::NOSUID | MountFlags::NOEXEC,
         Some("newinstance,ptmxmode=0666,mode=620,gid=5"),
     )?;
     let shm = format!("mode=1777,{SHM_SIZE}");
@@ -204,15 +211,13 @@ pub fn check_mount_path(guest_path: &str) -> Option<&'static str> {
 pub fn host_dir(m: &Mount) -> Result<(), RemoteError> {
     let context = format!("mount 9p tag {:?} on {}", m.tag, m.guest_path);
     make_dirs(&m.guest_path).map_err(|e| error::os(format_args!("{context}: mkdir"), &e))?;
-    let flags = if m.read_only { libc::MS_RDONLY } else { 0 };
-    sys::mount(
-        &m.tag,
-        &m.guest_path,
-        Some("9p"),
-        flags,
-        Some(NINEP_OPTIONS),
-    )
-    .map_err(|e| error::os(&context, &e))
+    let flags = if m.read_only {
+        MountFlags::RDONLY
+    } else {
+        MountFlags::empty()
+    };
+    sys::mount(&m.tag, &m.guest_path, "9p", flags, Some(NINEP_OPTIONS))
+        .map_err(|e| error::os(&context, &e))
 }
 
 #[cfg(test)]

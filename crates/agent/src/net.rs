@@ -4,16 +4,17 @@
 
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 fn inet_socket() -> io::Result<OwnedFd> {
-    // SAFETY: socket(2) takes no pointers.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let flags = SocketFlags::CLOEXEC;
+    Ok(rustix::net::socket_with(
+        AddressFamily::INET,
+        SocketType::DGRAM,
+        flags,
+        None,
+    )?)
 }
 
 fn ifreq(name: &str) -> io::Result<libc::ifreq> {
@@ -28,18 +29,18 @@ fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     Ok(req)
 }
 
+/// `addr` as the `sockaddr` the interface ioctls take: a `sockaddr_in`
+/// (family, port 0, address, zeros) laid out in the generic struct.
 fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(addr).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: sockaddr_in and sockaddr have the same size on Linux and
-    // sockaddr is plain old data.
-    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+    let mut data = [0 as libc::c_char; 14];
+    // After the two bytes of the port, in network order.
+    for (dst, src) in data[2..6].iter_mut().zip(addr.octets()) {
+        *dst = src as libc::c_char;
+    }
+    libc::sockaddr {
+        sa_family: libc::AF_INET as libc::sa_family_t,
+        sa_data: data,
+    }
 }
 
 /// Linux's `SIOCSIFMTU` (not in the libc crate for this target).
@@ -112,4 +113,24 @@ pub fn up(name: &str) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_laid_out_as_a_sockaddr_in() {
+        let sa = sockaddr_in(Ipv4Addr::new(10, 0, 2, 15));
+        assert_eq!(sa.sa_family, libc::AF_INET as libc::sa_family_t);
+        let bytes: Vec<u8> = sa.sa_data.iter().map(|&b| b as u8).collect();
+        assert_eq!(bytes, [0, 0, 10, 0, 2, 15, 0, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn interface_names_must_fit_ifreq() {
+        assert!(ifreq("eth0").is_ok());
+        assert!(ifreq("").is_err());
+        assert!(ifreq(&"x".repeat(16)).is_err());
+    }
 }

@@ -1,8 +1,13 @@
-//! Reaping every child of PID 1, orphans included, and reporting the exits
-//! of the processes the host started.
+//! Reaping the agent's children and reporting the exits of the processes
+//! the host started.
 //!
-//! One thread waits for exits with `WNOWAIT` and reaps only under the
-//! registry lock; spawns also hold that lock. So an exited pid stays a
+//! As PID 1 (guest mode), one thread waits for any child's exit, orphans
+//! included. In host mode the agent shares its process with a host
+//! program, whose children are not its business: one thread per process
+//! it started waits for that pid alone.
+//!
+//! Either way exits are waited for with `WNOWAIT` and reaped only under
+//! the registry lock; spawns also hold that lock. So an exited pid stays a
 //! zombie, and cannot be reused, until its registration is settled: no exit
 //! is misattributed, signals never hit a recycled pid, and std, which reaps
 //! the child of a failed spawn itself, never races the reaper for it.
@@ -16,7 +21,8 @@ use std::time::Duration;
 
 use cc_protocol::{ErrorKind, ExitStatus, RemoteError};
 
-use crate::{error, sys};
+use crate::tasks::Tasks;
+use crate::{error, sys, Mode};
 
 /// A process as the host knows it: (connection, process id).
 pub type Key = (u64, u64);
@@ -49,20 +55,50 @@ struct Registry {
     spawned: bool,
 }
 
-#[derive(Debug, Default)]
+impl Registry {
+    fn forget_pid(&mut self, pid: u32) {
+        if let Some(running) = self.running.remove(&pid) {
+            self.pids.remove(&running.key);
+        }
+    }
+
+    /// Records that `pid` exited with `status`: the report to make now, if
+    /// its start was announced, else keeps the status for the announcement.
+    fn settle(&mut self, pid: u32, status: ExitStatus) -> Option<(OnExit, ExitStatus)> {
+        let running = self.running.remove(&pid)?;
+        self.pids.remove(&running.key);
+        match running.on_exit {
+            Some(on_exit) => Some((on_exit, status)),
+            None => {
+                self.exited.insert(running.key, status);
+                None
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
 pub struct Reaper {
+    mode: Mode,
     registry: Mutex<Registry>,
     spawned: Condvar,
 }
 
 impl Reaper {
-    /// Starts the reaper thread.
-    pub fn start() -> io::Result<Arc<Self>> {
-        let reaper = Arc::new(Self::default());
-        let r = reaper.clone();
-        thread::Builder::new()
-            .name("reaper".into())
-            .spawn(move || r.run())?;
+    /// A reaper for an agent in `mode`: in guest mode, with its thread
+    /// started.
+    pub fn start(mode: Mode) -> io::Result<Arc<Self>> {
+        let reaper = Arc::new(Self {
+            mode,
+            registry: Mutex::default(),
+            spawned: Condvar::new(),
+        });
+        if mode == Mode::Guest {
+            let r = reaper.clone();
+            thread::Builder::new()
+                .name("reaper".into())
+                .spawn(move || r.run())?;
+        }
         Ok(reaper)
     }
 
@@ -72,8 +108,8 @@ impl Reaper {
 
     fn run(&self) {
         loop {
-            match sys::wait_exited() {
-                Ok(pid) => self.reap(pid),
+            match sys::wait_any_exited() {
+                Ok(()) => self.reap_exited(),
                 Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
                     let mut reg = self.lock();
                     while !reg.spawned {
@@ -89,36 +125,60 @@ impl Reaper {
         }
     }
 
-    fn reap(&self, pid: u32) {
+    /// Reaps every child that has exited, under the registry lock, and
+    /// reports the exits of registered ones after releasing it.
+    fn reap_exited(&self) {
+        let mut reports = Vec::new();
         let mut reg = self.lock();
-        let status = match sys::reap(pid) {
+        loop {
+            match sys::reap_any() {
+                Ok(Some((pid, raw))) => reports.extend(reg.settle(pid, exit_status(raw))),
+                Ok(None) => break,
+                Err(e) => {
+                    log!("waitpid: {}", error::describe(&e));
+                    break;
+                }
+            }
+        }
+        drop(reg);
+        for (on_exit, status) in reports {
+            on_exit(status);
+        }
+    }
+
+    /// Waits for the child `pid` to exit, reaps it and reports its exit
+    /// (host mode).
+    fn wait_for(&self, pid: u32) {
+        let exited = sys::wait_exited(pid);
+        let mut reg = self.lock();
+        let status = match exited.and_then(|()| sys::reap(pid)) {
             Ok(Some(raw)) => exit_status(raw),
-            Ok(None) => return,
+            // Reaped by someone else in the process (a `waitpid(-1)`).
+            Ok(None) => {
+                log!("process {pid} was reaped behind the agent's back; its exit is lost");
+                reg.forget_pid(pid);
+                return;
+            }
             Err(e) => {
-                log!("waitpid {pid}: {}", error::describe(&e));
+                log!("wait for process {pid}: {}", error::describe(&e));
+                reg.forget_pid(pid);
                 return;
             }
         };
-        let Some(running) = reg.running.remove(&pid) else {
-            return;
-        };
-        reg.pids.remove(&running.key);
-        match running.on_exit {
-            Some(on_exit) => {
-                drop(reg);
-                on_exit(status);
-            }
-            None => {
-                reg.exited.insert(running.key, status);
-            }
+        let report = reg.settle(pid, status);
+        drop(reg);
+        if let Some((on_exit, status)) = report {
+            on_exit(status);
         }
     }
 
     /// Runs `spawn` (which returns the new child's pid) with the registry
-    /// locked and registers the child under `key`.
+    /// locked and registers the child under `key`. In host mode the thread
+    /// that waits for it is one of `tasks`.
     pub fn spawn(
-        &self,
+        self: &Arc<Self>,
         key: Key,
+        tasks: &Arc<Tasks>,
         spawn: impl FnOnce() -> Result<u32, RemoteError>,
     ) -> Result<u32, RemoteError> {
         let mut reg = self.lock();
@@ -128,8 +188,27 @@ impl Reaper {
         let pid = spawn()?;
         reg.running.insert(pid, Running { key, on_exit: None });
         reg.pids.insert(key, pid);
-        reg.spawned = true;
-        self.spawned.notify_one();
+        match self.mode {
+            Mode::Guest => {
+                reg.spawned = true;
+                self.spawned.notify_one();
+            }
+            Mode::Host => {
+                let reaper = self.clone();
+                let watched = tasks.spawn(format!("wait-{pid}"), move || reaper.wait_for(pid));
+                if let Err(e) = watched {
+                    // Nothing would reap it: end it now rather than leave
+                    // a zombie behind.
+                    reg.forget_pid(pid);
+                    drop(reg);
+                    let _ = sys::kill(pid as i32, libc::SIGKILL);
+                    if sys::wait_exited(pid).is_ok() {
+                        let _ = sys::reap(pid);
+                    }
+                    return Err(error::os("watch the process", &e));
+                }
+            }
+        }
         Ok(pid)
     }
 
@@ -180,6 +259,17 @@ impl Reaper {
             Some(libc::EINVAL) => error::invalid(format!("invalid signal {signal}")),
             _ => error::os(format_args!("signal process {}", key.1), &e),
         })
+    }
+
+    /// Kills (with their process groups) the processes of `connection`, or
+    /// all of them for `None`.
+    pub fn kill(&self, connection: Option<u64>) {
+        let reg = self.lock();
+        let keys = reg.pids.keys();
+        for &key in keys.filter(|key| connection.is_none() || connection == Some(key.0)) {
+            // Gone already, or exited and not reaped yet: nothing to do.
+            let _ = Self::signal_locked(&reg, key, libc::SIGKILL);
+        }
     }
 
     /// Drops every registration of `connection`: its processes become

@@ -10,7 +10,7 @@ use std::sync::{Mutex, OnceLock};
 
 use cc_protocol::{RemoteError, Response, RootSpec, Setup};
 
-use crate::{error, mounts, net, sys};
+use crate::{error, mounts, net, sys, Mode};
 
 /// How far the filesystems got. Each step is done once: a Setup retried
 /// after a failure resumes at the step that failed (never switching the
@@ -25,13 +25,18 @@ pub struct Mounted {
 
 /// Performs `setup`: filesystems as far as `mounted` says they are not yet
 /// (`upper` keeps the overlay's writable layer), then the clock, entropy
-/// and identity, which every Setup refreshes.
+/// and identity, which every Setup refreshes. In host mode, only checks it
+/// (see [`host`]).
 pub fn run(
+    mode: Mode,
     mounted: &Mutex<Mounted>,
     upper: &OnceLock<OwnedFd>,
     setup: &Setup,
 ) -> Result<Response, RemoteError> {
     check(setup)?;
+    if mode == Mode::Host {
+        return host(setup);
+    }
     let mut mounted = mounted.lock().unwrap_or_else(|e| e.into_inner());
     sys::set_realtime_clock(setup.clock.secs, setup.clock.nanos)
         .map_err(|e| error::os("set clock", &e))?;
@@ -70,17 +75,44 @@ pub fn run(
             )
         })?;
     }
-    let kernel = sys::kernel_release().map_err(|e| error::os("uname", &e))?;
-    Ok(Response::Ready { kernel })
+    Ok(Response::Ready {
+        kernel: sys::kernel_release(),
+    })
+}
+
+/// Setup in host mode: the machine is the host's, so its clock, entropy,
+/// names and loopback are left alone, and the root is the host's own
+/// filesystem (a root spec is accepted as already in place). What only a
+/// guest can have, host directories mounted in and a network interface,
+/// is refused.
+fn host(setup: &Setup) -> Result<Response, RemoteError> {
+    if !setup.mounts.is_empty() {
+        return Err(error::invalid(
+            "host directory mounts need a guest; this agent runs in host mode",
+        ));
+    }
+    if setup.network.is_some() {
+        return Err(error::invalid(
+            "a network interface needs a guest; this agent runs in host mode",
+        ));
+    }
+    Ok(Response::Ready {
+        kernel: sys::kernel_release(),
+    })
 }
 
 /// The `Prepare` request: the root and runtime filesystems, ahead of the
-/// `Setup` that a restored template gets.
+/// `Setup` that a restored template gets. In host mode the root is the
+/// host's own: there is nothing to mount.
 pub fn prepare(
+    mode: Mode,
     mounted: &Mutex<Mounted>,
     upper: &OnceLock<OwnedFd>,
     root: &RootSpec,
 ) -> Result<Response, RemoteError> {
+    if mode == Mode::Host {
+        return Ok(Response::Done);
+    }
     let mut mounted = mounted.lock().unwrap_or_else(|e| e.into_inner());
     mount_root(&mut mounted, upper, Some(root))?;
     Ok(Response::Done)

@@ -21,12 +21,13 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use cc_protocol::{Response, DATA_CHUNK};
+use rustix::fs::OFlags;
 use tar::{EntryType, Header};
 
 use crate::conn::Reply;
 use crate::glob::Glob;
 use crate::stream::Sender;
-use crate::{error, sys};
+use crate::{error, sys, Mode};
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
@@ -36,8 +37,15 @@ const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
 
 /// Syncs, answers `Done`, and streams the layer under `upper` (the overlay's
 /// upper directory; `None` without an overlay root) on `sender`. A failure
-/// after the answer resets the stream.
-pub fn run(reply: Reply, upper: Option<BorrowedFd<'_>>, exclude: &[String], sender: Sender) {
+/// after the answer resets the stream. In host mode the upper directory is
+/// one the host program chose, and the host's filesystems are not synced.
+pub fn run(
+    reply: Reply,
+    mode: Mode,
+    upper: Option<BorrowedFd<'_>>,
+    exclude: &[String],
+    sender: Sender,
+) {
     let Some(upper) = upper else {
         return reply.send(Err(error::invalid("no writable layer")));
     };
@@ -49,7 +57,9 @@ pub fn run(reply: Reply, upper: Option<BorrowedFd<'_>>, exclude: &[String], send
         Ok(globs) => globs,
         Err(e) => return reply.send(Err(error::invalid(e))),
     };
-    sys::sync();
+    if mode == Mode::Guest {
+        sys::sync();
+    }
     reply.send(Ok(Response::Done));
     let mut out = BufWriter::with_capacity(DATA_CHUNK, &sender);
     match write_layer(upper, &globs, &mut out).and_then(|()| out.flush()) {
@@ -83,7 +93,9 @@ pub fn write_layer(upper: BorrowedFd<'_>, exclude: &[Glob], out: impl Write) -> 
     Ok(())
 }
 
-const DIR_FLAGS: libc::c_int = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::CLOEXEC);
 
 struct Walk<'a, W: Write> {
     tar: tar::Builder<W>,
@@ -121,7 +133,7 @@ impl<W: Write> Walk<'_, W> {
                 continue;
             }
             let cname = sys::cstring(name).map_err(|e| at(&path, e))?;
-            let flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+            let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
             // An O_PATH descriptor pins the entry without opening it, which
             // for a device or fifo could block or have effects.
             let node = match sys::openat(Some(dir), &cname, flags, 0) {
@@ -335,6 +347,7 @@ fn pax_record(key: &[u8], value: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::fs::tests::Scratch;
+    use rustix::fs::FileType;
     use std::fs;
     use std::os::unix::fs::PermissionsExt;
 
@@ -381,32 +394,16 @@ mod tests {
     }
 
     fn is_root() -> bool {
-        // SAFETY: geteuid(2) takes no arguments and cannot fail.
-        unsafe { libc::geteuid() == 0 }
+        rustix::process::geteuid().is_root()
     }
 
     fn set_xattr(path: &Path, name: &str, value: &[u8]) {
-        let p = sys::cstring(path.as_os_str().as_bytes()).unwrap();
-        let n = sys::cstring(name).unwrap();
-        // SAFETY: both strings are NUL-terminated and `value` is readable
-        // for its length; all outlive the call.
-        let ret = unsafe {
-            libc::lsetxattr(
-                p.as_ptr(),
-                n.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                0,
-            )
-        };
-        assert_eq!(ret, 0, "{}", io::Error::last_os_error());
+        rustix::fs::lsetxattr(path, name, value, rustix::fs::XattrFlags::empty()).unwrap();
     }
 
-    fn mknod(path: &Path, mode: u32, dev: libc::dev_t) {
-        let p = sys::cstring(path.as_os_str().as_bytes()).unwrap();
-        // SAFETY: `p` is NUL-terminated and outlives the call.
-        let ret = unsafe { libc::mknod(p.as_ptr(), mode, dev) };
-        assert_eq!(ret, 0, "{}", io::Error::last_os_error());
+    fn mknod(path: &Path, kind: FileType, mode: u32, dev: u64) {
+        let mode = rustix::fs::Mode::from_raw_mode(mode);
+        rustix::fs::mknodat(rustix::fs::CWD, path, kind, mode, dev).unwrap();
     }
 
     /// What a tar entry says, for comparing.
@@ -477,7 +474,7 @@ mod tests {
         mkdir("etc", 0o755);
         fs::write(up.join("etc/hostname"), b"box\n").unwrap();
         fs::set_permissions(up.join("etc/hostname"), fs::Permissions::from_mode(0o644)).unwrap();
-        mknod(&up.join("etc/motd"), libc::S_IFCHR, 0);
+        mknod(&up.join("etc/motd"), FileType::CharacterDevice, 0, 0);
         mkdir("opaque", 0o750);
         set_xattr(&up.join("opaque"), "trusted.overlay.opaque", b"y");
         set_xattr(&up.join("opaque"), "user.note", b"kept");
@@ -486,8 +483,9 @@ mod tests {
         fs::hard_link(up.join("opaque/new"), up.join("opaque/new2")).unwrap();
         std::os::unix::fs::symlink("../etc/hostname", up.join("link")).unwrap();
         std::os::unix::fs::symlink("/nowhere", up.join("dangling")).unwrap();
-        mknod(&up.join("fifo"), libc::S_IFIFO | 0o600, 0);
-        mknod(&up.join("null"), libc::S_IFCHR | 0o666, libc::makedev(1, 3));
+        mknod(&up.join("fifo"), FileType::Fifo, 0o600, 0);
+        let null = rustix::fs::makedev(1, 3);
+        mknod(&up.join("null"), FileType::CharacterDevice, 0o666, null);
         mkdir("tmp", 0o1777);
         fs::write(up.join("tmp/junk"), b"j").unwrap();
         fs::write(up.join("app.log"), b"l").unwrap();

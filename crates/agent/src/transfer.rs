@@ -6,6 +6,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
 use cc_protocol::{ErrorKind, RemoteError, Response};
+use rustix::fs::OFlags;
 
 use crate::conn::Reply;
 use crate::fs::guest_path;
@@ -76,7 +77,7 @@ fn create(raw: &[u8], mode: u32) -> Result<File, RemoteError> {
     guest_path("open", raw)?;
     let fail = |e: &io::Error| error::fs("open", raw, e);
     let path = sys::cstring(raw).map_err(|e| fail(&e))?;
-    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC | libc::O_NOCTTY;
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC | OFlags::NOCTTY;
     let mode = mode & 0o7777;
     let file = File::from(sys::openat(None, &path, flags, mode).map_err(|e| fail(&e))?);
     // open(2) applies the mode only when it creates the file.
