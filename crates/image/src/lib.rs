@@ -9,12 +9,18 @@
 //! and that image's [`Image::rootfs`]. Layer tars are untrusted input and
 //! are never unpacked onto the host filesystem (see [`layers`]).
 //!
+//! Root images of host directories are built here too, by the same writer
+//! ([`HostDir`]): the walker lives with the other tree builders rather than
+//! in cc-erofs, which does no I/O of its own, or in the core, which would
+//! then build images two ways.
+//!
 //! Pulls run on a private single-threaded tokio runtime for the duration
 //! of the call; the API is blocking.
 
 mod config;
 mod digest;
 mod error;
+mod hostdir;
 mod image;
 pub mod layers;
 mod layout;
@@ -30,6 +36,7 @@ use std::path::Path;
 pub use config::ImageConfig;
 pub use digest::Digest;
 pub use error::{printable, Error, Result};
+pub use hostdir::HostDir;
 pub use image::{Image, UnpackLimits};
 pub use platform::{host_platform, Platform};
 pub use registry::{Auth, CancelToken, Progress, PullOptions, PullPolicy};
