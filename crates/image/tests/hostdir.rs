@@ -483,3 +483,176 @@ fn a_missing_directory_or_a_file_is_refused() {
     assert!(err.contains("not a directory"), "{err}");
     fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Every entry of an erofs image as one line: path, kind, metadata and a
+/// hash of the contents; a second name of a node as `= first name`.
+fn listing(image: &Path) -> Vec<String> {
+    use sha2::Digest as _;
+    let mut reader = Reader::new(BufReader::new(File::open(image).unwrap())).unwrap();
+    let tree = reader.tree().unwrap();
+    let mut out = vec![format!("/ {:?}", tree.node(Tree::ROOT).meta)];
+    let mut first: HashMap<NodeId, String> = HashMap::new();
+    let mut dirs = vec![(Tree::ROOT, String::new())];
+    while let Some((dir, path)) = dirs.pop() {
+        for (name, id) in tree.children(dir) {
+            let path = format!("{path}/{}", String::from_utf8_lossy(name));
+            if let Some(earlier) = first.get(&id) {
+                out.push(format!("{path} = {earlier}"));
+                continue;
+            }
+            first.insert(id, path.clone());
+            let node = tree.node(id);
+            let kind = match &node.kind {
+                Kind::File(data) => {
+                    let mut bytes = Vec::new();
+                    reader.data(*data).unwrap().read_to_end(&mut bytes).unwrap();
+                    format!("file {:x}", sha2::Sha256::digest(&bytes))
+                }
+                Kind::Dir(_) => {
+                    dirs.push((id, path.clone()));
+                    "dir".into()
+                }
+                other => format!("{other:?}"),
+            };
+            let mut meta = node.meta.clone();
+            meta.xattrs.sort();
+            out.push(format!("{path} {kind} {meta:?}"));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A layer tarball of `(path, contents)` files, `.wh.` names included.
+fn tar_layer(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        tar.append_data(&mut h, path, *data).unwrap();
+    }
+    tar.into_inner().unwrap()
+}
+
+#[test]
+fn a_directory_image_is_a_store_layer_that_flattens_exports_and_loads() {
+    assert!(is_root(), "these tests must run as root");
+    let dir = scratch("store");
+    let source = dir.join("root");
+    fs::create_dir(&source).unwrap();
+    populate(&source);
+    // Loading the exported image applies it as tar, which refuses relative
+    // symlinks that climb above the root (as it always has); booting from
+    // the store does not apply tar to the base and keeps them.
+    fs::remove_file(source.join("links/outside")).unwrap();
+    let built = dir.join("root.erofs");
+    build(&source, &built);
+    let client = cc_image::Client::open(dir.join("store")).unwrap();
+
+    // The base is the image itself, hard-linked into the store.
+    let base = client.erofs_image(&built).unwrap();
+    let base_root = base.rootfs().unwrap();
+    let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+    assert_eq!(ino(&base_root), ino(&built), "the booted image, not a copy");
+    // Neither the directory nor the built file is needed any more.
+    let want_base = listing(&built);
+    fs::remove_dir_all(&source).unwrap();
+    fs::remove_file(&built).unwrap();
+    assert_eq!(listing(&base_root), want_base);
+
+    // A snapshot layer on top: a new file, a changed one, a deletion.
+    let layer = tar_layer(&[
+        ("etc/passwd", b"changed\n"),
+        ("etc/added", b"new\n"),
+        ("sub/.wh.hard-b", b""),
+    ]);
+    let (layer, _) = client.put_layer(&layer[..]).unwrap();
+    let snap = client
+        .derive_image(Some(&base), &[layer], Some("localhost/cc-snapshots:test-0"))
+        .unwrap();
+    assert_eq!(snap.rootfs_prefix(1).unwrap(), base_root);
+    let flat = snap.rootfs().unwrap();
+    fsck(&flat);
+    let flat_listing = listing(&flat);
+    let has = |prefix: &str| flat_listing.iter().any(|l| l.starts_with(prefix));
+    assert!(has("/etc/added file"));
+    assert!(!has("/sub/hard-b"), "whiteout applied");
+    assert!(
+        has("/sub/deeper/hard-c = /hard-a"),
+        "other names stay linked"
+    );
+    let unchanged = |l: &&String| !l.starts_with("/etc") && !l.starts_with("/sub ");
+    let kept: Vec<&String> = want_base
+        .iter()
+        .filter(unchanged)
+        .filter(|l| !l.starts_with("/sub/hard-b"))
+        .collect();
+    assert_eq!(
+        kept,
+        flat_listing.iter().filter(unchanged).collect::<Vec<_>>()
+    );
+
+    // Exported, the erofs layer becomes tar; loaded elsewhere, the image
+    // is the same tree but for the socket, which a tar cannot hold.
+    let out = dir.join("exported");
+    client.export_dir(&snap, &out).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("index.json")).unwrap()).unwrap();
+    let manifest_digest = index["manifests"][0]["digest"].as_str().unwrap();
+    assert_ne!(manifest_digest, snap.digest().to_string());
+    let blob = |d: &str| fs::read(out.join("blobs/sha256").join(&d[7..])).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&blob(manifest_digest)).unwrap();
+    for layer in manifest["layers"].as_array().unwrap() {
+        assert_eq!(layer["mediaType"], "application/vnd.oci.image.layer.v1.tar");
+    }
+    let other = cc_image::Client::open(dir.join("other")).unwrap();
+    let loaded = other.load_dir(&out, None).unwrap();
+    assert_eq!(loaded.name(), Some("localhost/cc-snapshots:test-0"));
+    let no_socket: Vec<String> = flat_listing
+        .iter()
+        .filter(|l| !l.starts_with("/dev/socket"))
+        .cloned()
+        .collect();
+    assert_eq!(listing(&loaded.rootfs().unwrap()), no_socket);
+
+    // Layouts holding erofs layers come only from this store.
+    let raw = dir.join("raw-layout");
+    fs::create_dir_all(raw.join("blobs/sha256")).unwrap();
+    let store = client.store();
+    let config = manifest_config(store, snap.digest());
+    for digest in [snap.digest().clone(), config]
+        .into_iter()
+        .chain(snap.layers().unwrap())
+    {
+        fs::copy(
+            store.blob_path(&digest),
+            raw.join("blobs/sha256").join(digest.hex()),
+        )
+        .unwrap();
+    }
+    let size = fs::metadata(store.blob_path(snap.digest())).unwrap().len();
+    let raw_index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": snap.digest().to_string(), "size": size}]});
+    fs::write(raw.join("index.json"), raw_index.to_string()).unwrap();
+    let refused = cc_image::Client::open(dir.join("third")).unwrap();
+    let err = refused.load_dir(&raw, None).unwrap_err();
+    assert!(matches!(err, cc_image::Error::Unsupported(_)), "{err}");
+
+    // Named, the base layer survives a prune; unnamed, it goes.
+    let base_blob = store.blob_path(&base.layers().unwrap()[0]);
+    client.prune().unwrap();
+    assert!(base_blob.is_file());
+    client.remove("localhost/cc-snapshots:test-0").unwrap();
+    client.prune().unwrap();
+    assert!(!base_blob.exists());
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+fn manifest_config(store: &cc_image::Store, manifest: &cc_image::Digest) -> cc_image::Digest {
+    let doc: serde_json::Value =
+        serde_json::from_slice(&store.read_document(manifest).unwrap()).unwrap();
+    doc["config"]["digest"].as_str().unwrap().parse().unwrap()
+}
