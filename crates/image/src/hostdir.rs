@@ -7,14 +7,15 @@
 //! is written ([`HostDir::write`]), straight from the host files into the
 //! image, never held in memory.
 //!
-//! What the image keeps is what `mkfs.erofs` kept, and what a guest needs
-//! of its root: every file type (sockets too), permission bits with
-//! setuid/setgid/sticky, owners as the host has them, mtimes to the
-//! nanosecond, symlink targets as written (even pointing outside the
-//! directory: in the guest they resolve inside its root), hard links
-//! within the tree as one inode, and the xattrs the host reports (erofs
-//! stores `user.`, `trusted.`, `security.` and POSIX ACLs). Mount points
-//! inside the directory are crossed like any directory.
+//! The image keeps what a guest needs of its root filesystem (and what
+//! `mkfs.erofs`, which built these images before, kept): every file type
+//! (sockets too), permission bits with setuid/setgid/sticky, owners as the
+//! host has them, mtimes to the nanosecond, symlink targets as written
+//! (even pointing outside the directory: in the guest they resolve inside
+//! its root), hard links within the tree as one inode, and the xattrs the
+//! host reports (erofs stores `user.`, `trusted.`, `security.` and POSIX
+//! ACLs). Mount points inside the directory are crossed like any
+//! directory.
 //!
 //! The fingerprint covers each entry's path, type, mode, owners, size,
 //! mtime, device number, symlink target, xattrs and which earlier path it
@@ -305,8 +306,9 @@ fn xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut names = Vec::new();
     loop {
         let len = match rustix::fs::llistxattr_query(path) {
+            // Most files have none: one system call for them.
+            Ok(0) | Err(rustix::io::Errno::OPNOTSUPP) => return Ok(Vec::new()),
             Ok(len) => len,
-            Err(rustix::io::Errno::OPNOTSUPP) => return Ok(Vec::new()),
             Err(e) => return Err(fail(e)),
         };
         names.resize(len, 0);
