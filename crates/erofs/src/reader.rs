@@ -4,9 +4,13 @@
 //! anything onto a filesystem.
 //!
 //! Only what [`crate::Builder`] writes is accepted (extended FLAT_PLAIN
-//! inodes, inline xattrs, no compression); anything else, and every
-//! inconsistency, is an error rather than a panic, with every offset
-//! checked against the image's length.
+//! inodes, inline xattrs, no compression, the meta area last); anything
+//! else, and every inconsistency, is an error rather than a panic, with
+//! every offset checked against the image's length.
+//!
+//! The meta area (inodes and their xattrs, about 64 bytes a file) is read
+//! into memory at once: inodes are then found without a seek and a read
+//! each, and the reader can be a plain file, whose seeks are free.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -31,19 +35,23 @@ fn corrupt(nid: u64, what: &'static str) -> ReadError {
     ReadError::Corrupt { nid, what }
 }
 
+/// Largest meta area read: 16 million files' inodes.
+const MAX_META: u64 = 1 << 30;
+
 /// An image opened for reading.
 #[derive(Debug)]
 pub struct Reader<R> {
     inner: R,
-    /// Byte offset of the meta area (where nid 0 would be).
-    meta: u64,
+    /// The meta area: from where nid 0 would be to the end of the image.
+    meta: Vec<u8>,
     root_nid: u64,
     /// Image length in bytes, as the superblock says and the image has.
     len: u64,
 }
 
 impl<R: Read + Seek> Reader<R> {
-    /// Opens the image in `inner`, checking its superblock.
+    /// Opens the image in `inner`, checking its superblock and reading its
+    /// meta area.
     pub fn new(mut inner: R) -> Result<Reader<R>, ReadError> {
         let mut sb = [0u8; 128];
         inner.seek(SeekFrom::Start(Superblock::OFFSET))?;
@@ -53,9 +61,17 @@ impl<R: Read + Seek> Reader<R> {
         if inner.seek(SeekFrom::End(0))? < len {
             return Err(corrupt(0, "image shorter than its superblock says"));
         }
+        let meta_start = u64::from(sb.meta_blkaddr) * BLOCK_SIZE;
+        let meta_len = len
+            .checked_sub(meta_start)
+            .filter(|&n| n <= MAX_META)
+            .ok_or_else(|| corrupt(0, "meta area out of place or too large"))?;
+        let mut meta = vec![0; meta_len as usize];
+        inner.seek(SeekFrom::Start(meta_start))?;
+        inner.read_exact(&mut meta)?;
         Ok(Reader {
             inner,
-            meta: u64::from(sb.meta_blkaddr) * BLOCK_SIZE,
+            meta,
             root_nid: u64::from(sb.root_nid),
             len,
         })
@@ -110,37 +126,33 @@ impl<R: Read + Seek> Reader<R> {
         Ok((&mut self.inner).take(data.len))
     }
 
-    /// Fills `buf` from byte `pos`; the whole range must lie in the image.
-    fn read_exact_at(&mut self, nid: u64, pos: u64, buf: &mut [u8]) -> Result<(), ReadError> {
-        if pos
-            .checked_add(buf.len() as u64)
-            .is_none_or(|end| end > self.len)
-        {
+    /// `len` bytes from byte `pos`; the whole range must lie in the image.
+    fn read_at(&mut self, nid: u64, pos: u64, len: u64) -> Result<Vec<u8>, ReadError> {
+        if pos.checked_add(len).is_none_or(|end| end > self.len) {
             return Err(corrupt(nid, "reference past the end of the image"));
         }
+        let mut buf = vec![0; len as usize];
         self.inner.seek(SeekFrom::Start(pos))?;
-        self.inner.read_exact(buf)?;
-        Ok(())
-    }
-
-    fn read_at(&mut self, nid: u64, pos: u64, len: u64) -> Result<Vec<u8>, ReadError> {
-        let mut buf = vec![0; usize::try_from(len).unwrap_or(usize::MAX)];
-        self.read_exact_at(nid, pos, &mut buf)?;
+        self.inner.read_exact(&mut buf)?;
         Ok(buf)
     }
 
     /// The inode `nid` with its inline xattr body.
-    fn inode(&mut self, nid: u64) -> Result<(Inode, Vec<u8>), ReadError> {
-        let pos = nid
-            .checked_mul(SLOT_SIZE)
-            .and_then(|off| off.checked_add(self.meta))
-            .ok_or_else(|| corrupt(nid, "inode past the end of the image"))?;
-        let mut raw = [0; INODE_SIZE as usize];
-        self.read_exact_at(nid, pos, &mut raw)?;
-        let inode = Inode::decode(&raw).map_err(|what| corrupt(nid, what))?;
-        let body_len = xattr_body_len(inode.xattr_icount) as u64;
-        let xattrs = self.read_at(nid, pos + INODE_SIZE, body_len)?;
-        Ok((inode, xattrs))
+    fn inode(&self, nid: u64) -> Result<(Inode, Vec<u8>), ReadError> {
+        let past_end = || corrupt(nid, "inode past the end of the image");
+        let pos = usize::try_from(nid.saturating_mul(SLOT_SIZE)).map_err(|_| past_end())?;
+        let raw = self
+            .meta
+            .get(pos..pos.saturating_add(INODE_SIZE as usize))
+            .ok_or_else(past_end)?;
+        let raw: &[u8; INODE_SIZE as usize] = raw.try_into().map_err(|_| past_end())?;
+        let inode = Inode::decode(raw).map_err(|what| corrupt(nid, what))?;
+        let start = pos + INODE_SIZE as usize;
+        let xattrs = self
+            .meta
+            .get(start..start + xattr_body_len(inode.xattr_icount))
+            .ok_or_else(past_end)?;
+        Ok((inode, xattrs.to_vec()))
     }
 
     /// The tree node of an inode (a directory's entries still empty).

@@ -189,7 +189,7 @@ fn full_tree(name: &str) -> Built {
 /// file contents, and hard links as shared nodes.
 fn read_back(built: &Built) {
     let file = std::fs::File::open(&built.image).unwrap();
-    let mut reader = Reader::new(std::io::BufReader::new(file)).unwrap();
+    let mut reader = Reader::new(file).unwrap();
     let read = reader.tree().unwrap();
     let mut same: HashMap<NodeId, NodeId> = HashMap::from([(Tree::ROOT, Tree::ROOT)]);
     let mut dirs = vec![(Tree::ROOT, Tree::ROOT)];

@@ -25,9 +25,9 @@ use crate::{Error, Result};
 /// Media type of an erofs root image stored as a layer.
 pub(crate) const MEDIA_TYPE: &str = "application/vnd.crumblecracker.image.layer.v1.erofs";
 
-fn open(blob: &Path) -> Result<Reader<BufReader<File>>> {
+fn open(blob: &Path) -> Result<Reader<File>> {
     let file = File::open(blob).map_err(Error::io("open", blob))?;
-    Ok(Reader::new(BufReader::with_capacity(1 << 20, file))?)
+    Ok(Reader::new(file)?)
 }
 
 /// Checks that `path` is an erofs image this crate can read back.
@@ -92,8 +92,10 @@ pub(crate) fn write_tar(blob: &Path, out: impl Write) -> Result<()> {
                 Kind::File(data) => {
                     let mut h = header(EntryType::Regular, &node.meta);
                     h.set_size(data.len);
+                    // The tar builder copies in small reads: buffer them.
                     pax(&mut tar, &node.meta)
                         .and_then(|()| reader.data(*data))
+                        .map(|contents| BufReader::with_capacity(1 << 18, contents))
                         .and_then(|contents| tar.append_data(&mut h, &path, contents))
                 }
                 Kind::Symlink(target) => {

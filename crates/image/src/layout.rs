@@ -14,14 +14,13 @@ use crate::error::untrusted;
 use crate::image::parse;
 use crate::platform::{host_platform, select, Platform};
 use crate::store::{HashingWrite, MAX_DOCUMENT};
-use crate::{normalize_name, Digest, Error, Image, Result, Store, UnpackLimits};
+use crate::{normalize_name, Digest, Error, Image, Result, Store, UnpackLimits, TAR_LAYER};
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 const FULL_NAME: &str = "io.containerd.image.name";
 const MANIFEST_OCI: &str = "application/vnd.oci.image.manifest.v1+json";
 const INDEX_OCI: &str = "application/vnd.oci.image.index.v1+json";
 const MANIFEST_LIST_DOCKER: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const TAR_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
 
 /// Where layout blobs come from: a directory, or what an archive already
 /// put into the store.
@@ -253,7 +252,7 @@ fn load_docker_save(
     let mut layers = Vec::new();
     for l in &first.layers {
         let (digest, size) = resolve(l)?;
-        layers.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest.to_string(), "size": size}));
+        layers.push(json!({"mediaType": TAR_LAYER, "digest": digest.to_string(), "size": size}));
     }
     let doc = json!({
         "schemaVersion": 2,

@@ -362,7 +362,7 @@ impl Client {
 }
 
 /// Media type of an uncompressed OCI layer tarball.
-const TAR_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+pub(crate) const TAR_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
 
 fn push_array(slot: &mut serde_json::Value, item: serde_json::Value) {
     match slot.as_array_mut() {

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{BufReader, Cursor, Read};
+use std::io::{Cursor, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -147,8 +147,7 @@ fn populate(root: &Path) {
 /// mtimes, xattrs, device numbers, link targets, contents, and hard links
 /// as one node. Returns how many entries it compared.
 fn compare_read_back(root: &Path, image: &Path) -> usize {
-    let file = BufReader::new(File::open(image).unwrap());
-    let mut reader = Reader::new(file).unwrap();
+    let mut reader = Reader::new(File::open(image).unwrap()).unwrap();
     let tree = reader.tree().unwrap();
     let mut by_inode: HashMap<u64, NodeId> = HashMap::new();
     let mut checked = 0;
@@ -488,7 +487,7 @@ fn a_missing_directory_or_a_file_is_refused() {
 /// hash of the contents; a second name of a node as `= first name`.
 fn listing(image: &Path) -> Vec<String> {
     use sha2::Digest as _;
-    let mut reader = Reader::new(BufReader::new(File::open(image).unwrap())).unwrap();
+    let mut reader = Reader::new(File::open(image).unwrap()).unwrap();
     let tree = reader.tree().unwrap();
     let mut out = vec![format!("/ {:?}", tree.node(Tree::ROOT).meta)];
     let mut first: HashMap<NodeId, String> = HashMap::new();
