@@ -9,14 +9,15 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cache="${CC_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/crumblecracker}"
 step() { printf '\n==> %s\n' "$*" >&2; }
 
-packages=(qemu-system-x86 qemu-utils erofs-utils e2fsprogs busybox-static cpio
+packages=(qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio
           # QEMU's sandbox (namespaces)
           bubblewrap
           bison flex libelf-dev libssl-dev bc build-essential xz-utils bzip2
-          # tests: a real registry, image tools, the Debian test image,
-          # leak checks of the C library, the Python package's venv
+          # tests: a real registry, image tools, fsck.erofs for the erofs
+          # images, the Debian test image, leak checks of the C library,
+          # the Python package's venv
           docker-registry skopeo apache2-utils zstd debootstrap valgrind
-          python3 python3-venv)
+          erofs-utils python3 python3-venv)
 sudo=""
 [ "$(id -u)" = 0 ] || sudo="sudo"
 installed() { dpkg -s "$1" >/dev/null 2>&1; }

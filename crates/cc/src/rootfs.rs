@@ -4,21 +4,21 @@
 //! cached image are never written.
 
 use std::fs;
-use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use cc_image::private;
-use sha2::{Digest, Sha256};
+use cc_image::{private, HostDir};
 
 use crate::error::{Error, Result};
 
 /// Filesystem type of the read-only images this module builds.
 pub(crate) const LOWER_FSTYPE: &str = "erofs";
 
-/// The cached read-only image of `dir`, built if this exact tree (paths,
-/// types, modes, owners, sizes, mtimes, link targets) has none yet.
+/// The cached read-only image of `dir`, built by cc-image's [`HostDir`]
+/// (cc-erofs, as for OCI layers) unless this exact tree has one already.
+/// One walk of the tree gives both the cache key (its fingerprint: paths,
+/// types, modes, owners, sizes, mtimes, link targets, xattrs) and what the
+/// image is written from, so a cached image costs a walk and nothing more.
 pub(crate) fn image_for_dir(dir: &Path, cache: &Path) -> Result<PathBuf> {
     let meta = fs::metadata(dir).map_err(Error::io("open rootfs", dir))?;
     if !meta.is_dir() {
@@ -27,9 +27,8 @@ pub(crate) fn image_for_dir(dir: &Path, cache: &Path) -> Result<PathBuf> {
             dir.display()
         )));
     }
-    let mut hasher = Sha256::new();
-    fingerprint(dir, Path::new(""), &mut hasher)?;
-    let key = hex(&hasher.finalize()[..12]);
+    let tree = HostDir::read(dir)?;
+    let key = hex(&tree.fingerprint()[..12]);
     let images = cache.join("rootfs");
     let image = images.join(format!("{key}.{LOWER_FSTYPE}"));
     if image.is_file() {
@@ -37,71 +36,21 @@ pub(crate) fn image_for_dir(dir: &Path, cache: &Path) -> Result<PathBuf> {
     }
     private::create_dir_all(&images).map_err(Error::io("create", &images))?;
     let tmp = images.join(cc_engine::paths::temp_name(&key));
-    // Created here so it is private from the start; mkfs.erofs writes into it.
-    private::create_file(&tmp).map_err(Error::io("create", &tmp))?;
-    let out = Command::new("mkfs.erofs")
-        .arg("--quiet")
-        .arg(&tmp)
-        .arg(dir)
-        .output()
-        .map_err(|e| tool_error("mkfs.erofs", "erofs-utils", e))?;
-    if !out.status.success() {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::Io {
-            op: "build root image from".into(),
-            path: dir.display().to_string(),
-            source: io::Error::other(format!(
-                "mkfs.erofs: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )),
+    // Created here so it is private from the start.
+    let file = private::create_file(&tmp).map_err(Error::io("create", &tmp))?;
+    let written = tree
+        .write(BufWriter::with_capacity(1 << 20, file))
+        .map_err(Error::from)
+        .and_then(|out| {
+            out.into_inner()
+                .map_err(|e| Error::io("write", &tmp)(e.into_error()))
         });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
     fs::rename(&tmp, &image).map_err(Error::io("rename", &image))?;
     Ok(image)
-}
-
-/// Feeds every entry's identity under `root/rel` into `h`, in name order.
-fn fingerprint(root: &Path, rel: &Path, h: &mut Sha256) -> Result<()> {
-    let dir = root.join(rel);
-    let mut names: Vec<_> = fs::read_dir(&dir)
-        .map_err(Error::io("read rootfs", &dir))?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<io::Result<_>>()
-        .map_err(Error::io("read rootfs", &dir))?;
-    names.sort();
-    for name in names {
-        let rel = rel.join(&name);
-        let path = root.join(&rel);
-        let m = fs::symlink_metadata(&path).map_err(Error::io("stat", &path))?;
-        let line = format!(
-            "{}\0{:o} {} {} {} {} {} {}\n",
-            rel.display(),
-            m.mode(),
-            m.uid(),
-            m.gid(),
-            m.size(),
-            m.mtime(),
-            m.mtime_nsec(),
-            m.rdev()
-        );
-        h.update(line.as_bytes());
-        if m.file_type().is_symlink() {
-            let target = fs::read_link(&path).map_err(Error::io("readlink", &path))?;
-            h.update(target.as_os_str().as_encoded_bytes());
-        } else if m.is_dir() {
-            fingerprint(root, &rel, h)?;
-        }
-    }
-    Ok(())
-}
-
-/// A tool that could not run, naming the package that has it.
-fn tool_error(tool: &str, package: &str, e: io::Error) -> Error {
-    Error::Io {
-        op: format!("run {tool} (apt-get install {package})"),
-        path: tool.to_string(),
-        source: e,
-    }
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
@@ -119,29 +68,29 @@ mod tests {
         p
     }
 
-    fn key(dir: &Path) -> String {
-        let mut h = Sha256::new();
-        fingerprint(dir, Path::new(""), &mut h).unwrap();
-        hex(&h.finalize())
-    }
-
     #[test]
-    fn fingerprint_changes_with_content_metadata_and_links() {
-        let d = scratch("fp");
-        fs::create_dir(d.join("etc")).unwrap();
-        fs::write(d.join("etc/a"), b"1").unwrap();
-        let k0 = key(&d);
-        assert_eq!(k0, key(&d), "stable");
-        fs::write(d.join("etc/a"), b"22").unwrap();
-        let k1 = key(&d);
-        assert_ne!(k0, k1);
-        std::os::unix::fs::symlink("etc/a", d.join("l")).unwrap();
-        let k2 = key(&d);
-        assert_ne!(k1, k2);
-        fs::remove_file(d.join("l")).unwrap();
-        std::os::unix::fs::symlink("etc", d.join("l")).unwrap();
-        assert_ne!(k2, key(&d), "link target counts");
-        fs::remove_dir_all(&d).unwrap();
+    fn images_are_cached_by_the_tree_and_rebuilt_when_it_changes() {
+        let cache = scratch("cached");
+        let tree = cache.join("tree");
+        fs::create_dir(&tree).unwrap();
+        fs::write(tree.join("f"), b"one").unwrap();
+        let first = image_for_dir(&tree, &cache).unwrap();
+        let built = fs::metadata(&first).unwrap().modified().unwrap();
+        assert_eq!(image_for_dir(&tree, &cache).unwrap(), first);
+        assert_eq!(
+            fs::metadata(&first).unwrap().modified().unwrap(),
+            built,
+            "reused, not rebuilt"
+        );
+        fs::write(tree.join("f"), b"three").unwrap();
+        let second = image_for_dir(&tree, &cache).unwrap();
+        assert_ne!(second, first);
+        let names: Vec<_> = fs::read_dir(cache.join("rootfs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "no temporary files left: {names:?}");
+        fs::remove_dir_all(&cache).unwrap();
     }
 
     #[test]

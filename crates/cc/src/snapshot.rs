@@ -1,6 +1,17 @@
 //! Filesystem snapshots: an instance's writable layer captured as an OCI
 //! layer on top of what it booted from, usable as the source of new
 //! instances and exportable as an image.
+//!
+//! A snapshot is an image in the store: the base it stands on, then one
+//! layer per snapshot in its chain. The base of an instance booted from an
+//! image is that image's layers. An instance booted from a host directory
+//! booted from the directory's cached erofs image, and that very file
+//! (hard-linked where possible) becomes the base: one layer of erofs media
+//! type ([`cc_image::Client::erofs_image`]). So taking the snapshot
+//! archives nothing, booting from it stacks the snapshot layers on the
+//! file as it is, and the snapshot no longer depends on the directory.
+//! Only exporting writes that base as a tar layer, since an OCI layout
+//! must hold tar.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::instance::{Instance, Source, REQUEST_TIMEOUT};
 use crate::oci::{Image, OciClient};
 use crate::process::ChildOutput;
+use crate::rootfs;
 
 /// A captured filesystem. It lives in the image store under its
 /// [`Snapshot::name`] (listed by `crumble images`, removed by `crumble
@@ -89,10 +101,11 @@ impl Instance {
             Origin::Image(image) => (image.as_ref().clone(), image.layers()?.len()),
             Origin::Snapshot(s) => (s.image.clone(), s.base_layers),
             Origin::Dir(dir) => {
-                // A directory is not in the store yet: archive it once as
-                // the base layer, so the snapshot stands on its own.
-                let (layer, _) = client.put_dir_layer(dir)?;
-                (client.derive_image(None, &[layer], None)?, 1)
+                // The image the instance booted from: the cached one, found
+                // again by the directory's fingerprint (built anew only if
+                // the directory changed since, as archiving it did).
+                let rootfs = rootfs::image_for_dir(dir, &cc_engine::paths::cache_dir())?;
+                (client.erofs_image(&rootfs)?, 1)
             }
         };
         let (id, stream) = inner.channel.open_inbound();

@@ -1,7 +1,8 @@
-//! The erofs on-disk structures this crate writes, as pure encoders. The
-//! authority is Linux 6.1 `fs/erofs/erofs_fs.h` (and the readers in
-//! `inode.c`, `dir.c`, `namei.c`, `xattr.c`, `super.c`); all integers are
-//! little-endian.
+//! The erofs on-disk structures this crate writes, as pure encoders, and
+//! decoders that accept exactly what the encoders produce (for reading an
+//! image back). The authority is Linux 6.1 `fs/erofs/erofs_fs.h` (and the
+//! readers in `inode.c`, `dir.c`, `namei.c`, `xattr.c`, `super.c`); all
+//! integers are little-endian.
 
 use std::collections::BTreeMap;
 
@@ -74,6 +75,38 @@ impl Superblock {
         // dirblkbits (90) = 0, the rest reserved.
         b
     }
+
+    /// The fields [`Superblock::encode`] sets, from an image's superblock.
+    /// Images with incompatible features (compression, extra devices, ...)
+    /// or another block size are refused: this crate never writes them.
+    pub fn decode(b: &[u8; 128]) -> Result<Superblock, &'static str> {
+        if le32(b, 0) != SUPER_MAGIC {
+            return Err("no erofs superblock");
+        }
+        if b[12] != BLOCK_BITS || b[13] != 0 || le32(b, 80) != 0 || b[90] != 0 {
+            return Err("erofs features this crate does not write");
+        }
+        Ok(Superblock {
+            root_nid: le16(b, 14),
+            inos: le64(b, 16),
+            build_time: le64(b, 24),
+            blocks: le32(b, 36),
+            meta_blkaddr: le32(b, 40),
+            uuid: b[48..64].try_into().unwrap_or_default(),
+        })
+    }
+}
+
+fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from(le32(b, at)) | u64::from(le32(b, at + 4)) << 32
 }
 
 /// An extended inode with FLAT_PLAIN data.
@@ -108,6 +141,25 @@ impl Inode {
         b[44..48].copy_from_slice(&self.nlink.to_le_bytes());
         b
     }
+
+    /// An inode as [`Inode::encode`] writes it: extended, FLAT_PLAIN.
+    pub fn decode(b: &[u8; INODE_SIZE as usize]) -> Result<Inode, &'static str> {
+        if le16(b, 0) != I_FORMAT_EXTENDED_FLAT_PLAIN {
+            return Err("inode format this crate does not write");
+        }
+        Ok(Inode {
+            xattr_icount: le16(b, 2),
+            mode: le16(b, 4),
+            size: le64(b, 8),
+            i_u: le32(b, 16),
+            ino: le32(b, 20),
+            uid: le32(b, 24),
+            gid: le32(b, 28),
+            mtime: le64(b, 32) as i64,
+            mtime_nsec: le32(b, 40),
+            nlink: le32(b, 44),
+        })
+    }
 }
 
 /// The kernel's `new_encode_dev(MKDEV(major, minor))`, or `None` when the
@@ -117,6 +169,15 @@ pub(crate) fn encode_rdev(major: u32, minor: u32) -> Option<u32> {
         return None;
     }
     Some((minor & 0xff) | (major << 8) | ((minor & !0xff) << 12))
+}
+
+/// `(major, minor)` of an [`encode_rdev`] value (the kernel's
+/// `new_decode_dev`).
+pub(crate) fn decode_rdev(rdev: u32) -> (u32, u32) {
+    (
+        (rdev & 0xfff00) >> 8,
+        (rdev & 0xff) | ((rdev >> 12) & 0xfff00),
+    )
 }
 
 /// Inline xattrs ready to follow an inode.
@@ -142,20 +203,77 @@ pub(crate) enum XattrError {
 
 const XATTR_HEADER_SIZE: usize = 12;
 
+/// The xattr name indexes erofs has, with the name prefix each stands
+/// for. The POSIX ACLs are whole names (an empty suffix); the others need
+/// one.
+const XATTR_PREFIXES: [(u8, &[u8]); 5] = [
+    (1, b"user."),
+    (2, b"system.posix_acl_access"),
+    (3, b"system.posix_acl_default"),
+    (4, b"trusted."),
+    (6, b"security."),
+];
+
+fn is_acl(index: u8) -> bool {
+    matches!(index, 2 | 3)
+}
+
 /// Name index and stored suffix of a full xattr name, or `None` for prefixes
 /// erofs cannot represent.
 fn xattr_index(name: &[u8]) -> Option<(u8, &[u8])> {
-    const PREFIXES: [(&[u8], u8); 3] = [(b"user.", 1), (b"trusted.", 4), (b"security.", 6)];
-    match name {
-        b"system.posix_acl_access" => return Some((2, b"")),
-        b"system.posix_acl_default" => return Some((3, b"")),
-        _ => {}
-    }
-    PREFIXES
+    XATTR_PREFIXES
         .iter()
-        .find_map(|&(prefix, index)| name.strip_prefix(prefix).map(|s| (index, s)))
-        // An empty suffix ("user.") names nothing the VFS would accept.
-        .filter(|(_, suffix)| !suffix.is_empty())
+        .find_map(|&(index, prefix)| name.strip_prefix(prefix).map(|s| (index, s)))
+        // An ACL is the whole name; any other empty suffix ("user.") names
+        // nothing the VFS would accept.
+        .filter(|&(index, suffix)| is_acl(index) == suffix.is_empty())
+}
+
+/// Bytes of the inline xattr body `i_xattr_icount` announces
+/// (`erofs_xattr_ibody_size`).
+pub(crate) fn xattr_body_len(icount: u16) -> usize {
+    match icount {
+        0 => 0,
+        n => XATTR_HEADER_SIZE + 4 * (usize::from(n) - 1),
+    }
+}
+
+/// Full xattr names with their values, as in [`crate::Metadata`].
+type XattrList = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The full names and values of an inline xattr body as
+/// [`encode_xattrs`] writes it (no shared xattrs).
+pub(crate) fn decode_xattrs(body: &[u8]) -> Result<XattrList, &'static str> {
+    let mut out = Vec::new();
+    if body.is_empty() {
+        return Ok(out);
+    }
+    if body.len() < XATTR_HEADER_SIZE || body[4] != 0 {
+        return Err("shared or malformed xattrs");
+    }
+    let mut p = XATTR_HEADER_SIZE;
+    while p < body.len() {
+        let head = body.get(p..p + 4).ok_or("xattr entry past its inode")?;
+        let (name_len, index) = (usize::from(head[0]), head[1]);
+        let value_len = usize::from(le16(head, 2));
+        let (_, prefix) = XATTR_PREFIXES
+            .iter()
+            .find(|(i, _)| *i == index)
+            .ok_or("unknown xattr name index")?;
+        let suffix = body
+            .get(p + 4..p + 4 + name_len)
+            .ok_or("xattr entry past its inode")?;
+        if is_acl(index) != suffix.is_empty() {
+            return Err("malformed xattr name");
+        }
+        let v = p + 4 + name_len;
+        let value = body
+            .get(v..v + value_len)
+            .ok_or("xattr entry past its inode")?;
+        out.push(([*prefix, suffix].concat(), value.to_vec()));
+        p = (v + value_len).next_multiple_of(4);
+    }
+    Ok(out)
 }
 
 /// Encodes `xattrs` as an inline xattr body. Later duplicates of a name win;
@@ -253,34 +371,56 @@ pub(crate) fn pack_dir(entries: &mut [Dirent<'_>]) -> (Vec<u8>, u64) {
     (out, size)
 }
 
+/// The entries of one directory block as [`pack_dir`] writes it, the way
+/// `dir.c` reads them. `maxsize` is how much of the block the directory's
+/// `i_size` covers: the last name ends there or at its first NUL.
+pub(crate) fn unpack_dir_block(
+    blk: &[u8],
+    maxsize: usize,
+) -> Result<Vec<Dirent<'_>>, &'static str> {
+    const BAD: &str = "malformed directory block";
+    let maxsize = maxsize.min(blk.len());
+    if maxsize < DIRENT_SIZE {
+        return Err(BAD);
+    }
+    let first = usize::from(le16(blk, 8));
+    if first == 0 || first % DIRENT_SIZE != 0 || first > maxsize {
+        return Err(BAD);
+    }
+    let count = first / DIRENT_SIZE;
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let d = &blk[i * DIRENT_SIZE..(i + 1) * DIRENT_SIZE];
+        let off = usize::from(le16(d, 8));
+        let end = if i + 1 < count {
+            usize::from(le16(blk, (i + 1) * DIRENT_SIZE + 8))
+        } else {
+            let tail = blk.get(off..maxsize).ok_or(BAD)?;
+            off + tail.iter().position(|&b| b == 0).unwrap_or(tail.len())
+        };
+        if off >= end || end > maxsize {
+            return Err(BAD);
+        }
+        out.push(Dirent {
+            name: &blk[off..end],
+            nid: le64(d, 0),
+            file_type: d[10],
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn le16(b: &[u8], at: usize) -> u16 {
-        u16::from_le_bytes([b[at], b[at + 1]])
-    }
-
-    /// Decodes packed directory blocks the way `dir.c` does.
+    /// Decodes packed directory blocks with [`unpack_dir_block`].
     fn unpack_dir(blocks: &[u8], size: u64) -> Vec<(Vec<u8>, u64, u8)> {
         let mut out = Vec::new();
         for (i, blk) in blocks.chunks(BLOCK_SIZE as usize).enumerate() {
             let maxsize = (size - i as u64 * BLOCK_SIZE).min(BLOCK_SIZE) as usize;
-            let n = usize::from(le16(blk, 8)) / DIRENT_SIZE;
-            assert!(n > 0);
-            for j in 0..n {
-                let d = &blk[j * DIRENT_SIZE..];
-                let off = usize::from(le16(d, 8));
-                let end = if j + 1 < n {
-                    usize::from(le16(d, DIRENT_SIZE + 8))
-                } else {
-                    off + blk[off..maxsize]
-                        .iter()
-                        .position(|&b| b == 0)
-                        .unwrap_or(maxsize - off)
-                };
-                let nid = u64::from_le_bytes(d[0..8].try_into().unwrap());
-                out.push((blk[off..end].to_vec(), nid, d[10]));
+            for d in unpack_dir_block(blk, maxsize).unwrap() {
+                out.push((d.name.to_vec(), d.nid, d.file_type));
             }
         }
         out
@@ -430,6 +570,35 @@ mod tests {
         want.extend_from_slice(&[1, 0, 0, 2, 0xff, 0]);
         assert_eq!(x.body, want);
         assert_eq!(x.icount, 1 + (12 + 8 + 20) / 4);
+        assert_eq!(xattr_body_len(x.icount), x.body.len());
+        assert_eq!(
+            decode_xattrs(&x.body).unwrap(),
+            [
+                (&b"user.foo"[..], &b"baz"[..]),
+                (b"system.posix_acl_access", &[2, 0, 0, 0]),
+                (b"security.capability", &[1, 0, 0, 2, 0xff]),
+            ]
+            .map(|(n, v)| (n.to_vec(), v.to_vec()))
+        );
+    }
+
+    #[test]
+    fn malformed_xattrs_are_refused() {
+        let body = encode_xattrs(&[(b"user.foo".to_vec(), vec![7; 9])])
+            .unwrap()
+            .body;
+        assert!(decode_xattrs(&body[..body.len() - 4]).is_err(), "truncated");
+        let mut shared = body.clone();
+        shared[4] = 1;
+        assert!(decode_xattrs(&shared).is_err(), "shared xattrs");
+        let mut index = body.clone();
+        index[13] = 5;
+        assert!(decode_xattrs(&index).is_err(), "unknown index");
+        let mut acl = body;
+        acl[13] = 2;
+        assert!(decode_xattrs(&acl).is_err(), "ACL with a suffix");
+        assert_eq!(decode_xattrs(&[]).unwrap(), []);
+        assert_eq!(xattr_body_len(0), 0);
     }
 
     #[test]
@@ -474,6 +643,30 @@ mod tests {
         assert_eq!(encode_rdev(4095, (1 << 20) - 1), Some(u32::MAX));
         assert_eq!(encode_rdev(4096, 0), None);
         assert_eq!(encode_rdev(0, 1 << 20), None);
+        for (major, minor) in [(0, 0), (1, 3), (259, 0x12345), (4095, (1 << 20) - 1)] {
+            let rdev = encode_rdev(major, minor).unwrap();
+            assert_eq!(decode_rdev(rdev), (major, minor));
+        }
+    }
+
+    #[test]
+    fn malformed_directory_blocks_are_refused() {
+        let mut entries = [Dirent {
+            name: b"name",
+            nid: 5,
+            file_type: FT_FIFO,
+        }];
+        let (blk, size) = pack_dir(&mut entries);
+        let size = size as usize;
+        assert_eq!(unpack_dir_block(&blk, size).unwrap()[0].name, b"name");
+        assert!(unpack_dir_block(&[0; 4096], 4096).is_err(), "no entries");
+        assert!(unpack_dir_block(&blk, 12).is_err(), "names past i_size");
+        let mut odd = blk.clone();
+        odd[8] = 13;
+        assert!(unpack_dir_block(&odd, size).is_err(), "misaligned nameoff");
+        let mut empty = blk;
+        empty[12] = 0;
+        assert!(unpack_dir_block(&empty, size).is_err(), "empty name");
     }
 
     #[test]
@@ -494,6 +687,18 @@ mod tests {
         assert_eq!(sb[40], 8);
         assert_eq!(&sb[48..64], &[0xab; 16]);
         assert!(sb[64..].iter().all(|&b| b == 0));
+        let back = Superblock::decode(&sb).unwrap();
+        assert_eq!(
+            (back.root_nid, back.inos, back.build_time, back.blocks),
+            (1, 7, 1_700_000_000, 9)
+        );
+        assert_eq!((back.meta_blkaddr, back.uuid), (8, [0xab; 16]));
+        let mut compressed = sb;
+        compressed[80] = 1;
+        assert!(Superblock::decode(&compressed).is_err());
+        let mut not_erofs = sb;
+        not_erofs[0] = 0;
+        assert!(Superblock::decode(&not_erofs).is_err());
 
         let inode = Inode {
             mode: S_IFREG | 0o4755,
@@ -516,5 +721,17 @@ mod tests {
         assert_eq!(&inode[32..40], &[0xff; 8]);
         assert_eq!(inode[44], 2);
         assert!(inode[48..].iter().all(|&b| b == 0));
+        let back = Inode::decode(&inode).unwrap();
+        assert_eq!(
+            (back.mode, back.xattr_icount, back.size, back.i_u, back.ino),
+            (S_IFREG | 0o4755, 3, 1 << 33, 5, 6)
+        );
+        assert_eq!(
+            (back.uid, back.gid, back.mtime, back.mtime_nsec, back.nlink),
+            (65534, 2000, -1, 999_999_999, 2)
+        );
+        let mut compact = inode;
+        compact[0] = 0;
+        assert!(Inode::decode(&compact).is_err());
     }
 }

@@ -1,11 +1,12 @@
 //! Builds erofs images (the read-only root filesystem format the guest
 //! kernel mounts) from an in-memory [`Tree`], as an unprivileged process:
 //! ownership, modes, device nodes and xattrs come from the tree, never from
-//! the host filesystem.
+//! the host filesystem. [`Reader`] reads such an image back as a tree, so
+//! its files can be copied into another image or an archive.
 //!
 //! This crate owns the erofs on-disk format and nothing else: it knows
-//! nothing of OCI, tar or layers (the image store builds the tree), and does
-//! no I/O beyond the writer it is given.
+//! nothing of OCI, tar, layers or host directories (the image store builds
+//! the tree), and does no I/O beyond the writer or reader it is given.
 //!
 //! # Layout
 //!
@@ -27,8 +28,10 @@
 //!   case it starts one.
 
 mod format;
+mod reader;
 mod tree;
 mod writer;
 
+pub use reader::{ReadError, Reader};
 pub use tree::{check_name, DataRef, Kind, Metadata, Node, NodeId, Tree, TreeError};
 pub use writer::{Builder, Error, Summary};

@@ -148,6 +148,21 @@ impl Tree {
         Ok(())
     }
 
+    /// Replaces every regular file's [`DataRef`] (once per node, so hard
+    /// links stay one file) with what `f` returns for it: copying a tree's
+    /// data from one image into another.
+    pub fn map_files<E>(
+        &mut self,
+        mut f: impl FnMut(DataRef) -> Result<DataRef, E>,
+    ) -> Result<(), E> {
+        for node in &mut self.nodes {
+            if let Kind::File(data) = &mut node.kind {
+                *data = f(*data)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Entries of `dir` in name (byte) order; empty for non-directories.
     pub fn children(&self, dir: NodeId) -> impl Iterator<Item = (&[u8], NodeId)> {
         self.entries(dir)

@@ -1,14 +1,16 @@
 //! Builds images with the crate and checks them with erofs-utils:
 //! `fsck.erofs` (structure and all data), `fsck.erofs --extract` compared
 //! with the tree, `dump.erofs` for inode fields, plus the test reader in
-//! `common` for xattrs, dirent order and link counts.
+//! `common` for xattrs, dirent order and link counts. The crate's own
+//! [`Reader`] must read every image back as the tree it was built from.
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
 
-use cc_erofs::{Kind, Metadata, NodeId, Tree};
-use common::{compare, dump, extract, fsck, meta, Built, Fixture};
+use cc_erofs::{Kind, Metadata, NodeId, Reader, Tree};
+use common::{compare, dump, expected_xattrs, extract, fsck, meta, Built, Fixture};
 
 /// Deterministic xorshift64* generator.
 struct Rng(u64);
@@ -182,10 +184,55 @@ fn full_tree(name: &str) -> Built {
     f.finish()
 }
 
+/// Reads the image back with [`Reader`] and compares it with the tree it
+/// was built from, node by node: names, kinds, metadata (xattrs as stored),
+/// file contents, and hard links as shared nodes.
+fn read_back(built: &Built) {
+    let file = std::fs::File::open(&built.image).unwrap();
+    let mut reader = Reader::new(file).unwrap();
+    let read = reader.tree().unwrap();
+    let mut same: HashMap<NodeId, NodeId> = HashMap::from([(Tree::ROOT, Tree::ROOT)]);
+    let mut dirs = vec![(Tree::ROOT, Tree::ROOT)];
+    while let Some((want_dir, got_dir)) = dirs.pop() {
+        let want: Vec<_> = built.tree.children(want_dir).collect();
+        let got: Vec<_> = read.children(got_dir).collect();
+        assert_eq!(
+            want.iter().map(|e| e.0).collect::<Vec<_>>(),
+            got.iter().map(|e| e.0).collect::<Vec<_>>()
+        );
+        for (&(name, want_id), &(_, got_id)) in want.iter().zip(&got) {
+            let what = String::from_utf8_lossy(name);
+            if let Some(&earlier) = same.get(&want_id) {
+                assert_eq!(earlier, got_id, "{what}: hard link");
+                continue;
+            }
+            same.insert(want_id, got_id);
+            let (w, g) = (built.tree.node(want_id), read.node(got_id));
+            let stored = |m: &Metadata| Metadata {
+                xattrs: expected_xattrs(m).into_iter().collect(),
+                ..m.clone()
+            };
+            let mut got_meta = g.meta.clone();
+            got_meta.xattrs.sort();
+            assert_eq!(stored(&w.meta), got_meta, "{what}");
+            match (&w.kind, &g.kind) {
+                (Kind::Dir(_), Kind::Dir(_)) => dirs.push((want_id, got_id)),
+                (Kind::File(_), Kind::File(data)) => {
+                    let mut bytes = Vec::new();
+                    reader.data(*data).unwrap().read_to_end(&mut bytes).unwrap();
+                    assert!(bytes == built.contents[&want_id], "{what}: contents");
+                }
+                (w, g) => assert_eq!(w, g, "{what}"),
+            }
+        }
+    }
+}
+
 #[test]
 fn full_tree_passes_fsck_and_extracts_identically() {
     let built = full_tree("full-extract");
     fsck(&built.image);
+    read_back(&built);
     let extracted = extract(&built);
     compare(&built, &extracted);
     assert_eq!(built.summary.skipped_xattrs, 1);
@@ -329,6 +376,7 @@ fn random_trees_pass_fsck_and_extract_identically() {
             150 + seed as usize * 40,
         );
         fsck(&built.image);
+        read_back(&built);
         let extracted = extract(&built);
         compare(&built, &extracted);
         std::fs::remove_dir_all(&built.dir).unwrap();
@@ -348,6 +396,7 @@ fn random_huge_directory() {
     }
     let built = f.finish();
     fsck(&built.image);
+    read_back(&built);
     compare(&built, &extract(&built));
     std::fs::remove_dir_all(&built.dir).unwrap();
 }

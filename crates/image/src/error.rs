@@ -57,6 +57,8 @@ pub enum Error {
     BadLimit(String),
     #[error("building root filesystem image")]
     Erofs(#[from] cc_erofs::Error),
+    #[error("reading a root filesystem image: {0}")]
+    ErofsRead(#[from] cc_erofs::ReadError),
 }
 
 impl Error {

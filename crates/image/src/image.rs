@@ -8,6 +8,7 @@ use cc_erofs::{Builder, Metadata, Tree};
 use oci_spec::image::{ImageConfiguration, ImageManifest};
 use sha2::{Digest as _, Sha256};
 
+use crate::erofs_layer;
 use crate::layers::{apply_layer_with, Limited, Whiteouts};
 use crate::{Digest, Error, ImageConfig, Result, Store};
 
@@ -149,6 +150,27 @@ impl Image {
         &self.manifest
     }
 
+    /// The layers as root images are built from them, bottom first.
+    fn layer_blobs(&self) -> Result<Vec<LayerBlob>> {
+        self.manifest
+            .layers()
+            .iter()
+            .map(|l| {
+                Ok(LayerBlob {
+                    digest: l.digest().to_string().parse()?,
+                    size: l.size(),
+                    erofs: l.media_type().to_string() == erofs_layer::MEDIA_TYPE,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether each layer, bottom first, is an erofs root image rather
+    /// than a tarball (see [`crate::Client::erofs_image`]).
+    pub(crate) fn erofs_layers(&self) -> Result<Vec<bool>> {
+        Ok(self.layer_blobs()?.iter().map(|l| l.erofs).collect())
+    }
+
     /// Digests of the layer blobs, bottom first.
     pub fn layers(&self) -> Result<Vec<Digest>> {
         self.manifest
@@ -187,34 +209,44 @@ impl Image {
     }
 
     /// Unpacks every layer without storing anything, so a layer that
-    /// expands past `limits` is refused before the image is named.
+    /// expands past `limits` is refused before the image is named. Erofs
+    /// layers are refused: only this store makes them, from images it
+    /// wrote, and it exports them as tar.
     pub(crate) fn check_unpack(&self, limits: &UnpackLimits) -> Result<()> {
+        if self.erofs_layers()?.contains(&true) {
+            return Err(Error::Unsupported(format!(
+                "layers of type {} come only from crumblecracker's own store",
+                erofs_layer::MEDIA_TYPE
+            )));
+        }
         let mut used = 0u64;
-        for (layer, compressed) in self.layers()?.iter().zip(self.layer_sizes()) {
-            let mut budget = Budget::open(&self.store, layer, compressed, used, limits)?;
+        for layer in self.layer_blobs()? {
+            let mut budget = Budget::open(&self.store, &layer.digest, layer.size, used, limits)?;
             io::copy(&mut budget.reader, &mut io::sink())
-                .map_err(|e| budget.error(e, &self.store.blob_path(layer)))?;
+                .map_err(|e| budget.error(e, &self.store.blob_path(&layer.digest)))?;
             used += budget.reader.read;
         }
         Ok(())
     }
 
-    fn layer_sizes(&self) -> Vec<u64> {
-        self.manifest.layers().iter().map(|l| l.size()).collect()
-    }
-
     /// The root image of only the bottom `count` layers: what a snapshot's
-    /// own layers are stacked on.
+    /// own layers are stacked on. An erofs layer alone is its own root
+    /// image.
     pub fn rootfs_prefix(&self, count: usize) -> Result<PathBuf> {
-        let layers = self.layers()?;
+        let layers = self.layer_blobs()?;
         let layers = &layers[..count.min(layers.len())];
-        let path = self.store.rootfs_path(&rootfs_key(layers));
+        if let [only] = layers {
+            if only.erofs {
+                return Ok(self.store.blob_path(&only.digest));
+            }
+        }
+        let digests: Vec<Digest> = layers.iter().map(|l| l.digest.clone()).collect();
+        let path = self.store.rootfs_path(&rootfs_key(&digests));
         let diff_ids = self.config.rootfs().diff_ids();
-        let sizes = self.layer_sizes();
         build_erofs(
             &self.store,
             &path,
-            &layers.iter().cloned().zip(sizes).collect::<Vec<_>>(),
+            layers,
             diff_ids,
             Whiteouts::Apply,
             &self.limits,
@@ -285,12 +317,24 @@ impl Budget {
     }
 }
 
+/// A layer blob to build a root image from.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerBlob {
+    pub(crate) digest: Digest,
+    /// Its size in the store (compressed, for a tarball).
+    pub(crate) size: u64,
+    /// An erofs root image rather than a tarball.
+    pub(crate) erofs: bool,
+}
+
 /// Builds the erofs image of `layers` (bottom first) at `path` unless it
-/// exists, verifying each layer's uncompressed digest against `diff_ids`.
+/// exists, verifying each tar layer's uncompressed digest against
+/// `diff_ids`. An erofs layer may only be the bottom one; its files are
+/// copied from it as they are (the store verified its digest).
 pub(crate) fn build_erofs(
     store: &Store,
     path: &std::path::Path,
-    layers: &[(Digest, u64)],
+    layers: &[LayerBlob],
     diff_ids: &[String],
     whiteouts: Whiteouts,
     limits: &UnpackLimits,
@@ -312,9 +356,19 @@ pub(crate) fn build_erofs(
         ..Default::default()
     });
     let mut used = 0u64;
-    for (i, (layer, compressed)) in layers.iter().enumerate() {
-        let blob = store.blob_path(layer);
-        let mut budget = Budget::open(store, layer, *compressed, used, limits)?;
+    for (i, layer) in layers.iter().enumerate() {
+        let blob = store.blob_path(&layer.digest);
+        if layer.erofs {
+            if i > 0 {
+                return Err(Error::BadDocument(format!(
+                    "erofs layer {} is not the image's bottom layer",
+                    layer.digest
+                )));
+            }
+            tree = erofs_layer::copy_into(&blob, &mut builder)?;
+            continue;
+        }
+        let mut budget = Budget::open(store, &layer.digest, layer.size, used, limits)?;
         let mut hashing = Hashing::new(&mut budget.reader);
         let applied = apply_layer_with(&mut tree, &mut builder, &mut hashing, whiteouts);
         // The diff id covers the whole tar stream, padding included.

@@ -332,15 +332,31 @@ fn metadata<R: Read>(entry: &mut tar::Entry<'_, R>, path: &[u8]) -> Result<Metad
             } else if key == b"gid" {
                 meta.gid = number().ok_or_else(|| bad(path, "bad pax gid"))?;
             } else if key == b"mtime" {
-                let text = String::from_utf8_lossy(value);
-                let (secs, frac) = text.split_once('.').unwrap_or((&text, ""));
-                meta.mtime = secs.parse().map_err(|_| bad(path, "bad pax mtime"))?;
-                let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
-                meta.mtime_nsec = digits.parse().unwrap_or(0);
+                (meta.mtime, meta.mtime_nsec) =
+                    pax_time(value).ok_or_else(|| bad(path, "bad pax mtime"))?;
             }
         }
     }
     Ok(meta)
+}
+
+/// Seconds and nanoseconds of a PAX time: decimal seconds, negative
+/// before 1970 (`-1.5` is a second and a half before).
+fn pax_time(value: &[u8]) -> Option<(i64, u32)> {
+    let text = std::str::from_utf8(value).ok()?;
+    let (negative, text) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (secs, frac) = text.split_once('.').unwrap_or((text, ""));
+    let secs: i64 = secs.parse().ok()?;
+    let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
+    let nsec: u32 = digits.parse().ok()?;
+    Some(match (negative, nsec) {
+        (false, nsec) => (secs, nsec),
+        (true, 0) => (-secs, 0),
+        (true, nsec) => (-secs - 1, 1_000_000_000 - nsec),
+    })
 }
 
 #[cfg(test)]
@@ -603,5 +619,16 @@ mod tests {
         );
         assert_eq!((n.meta.mtime, n.meta.mtime_nsec), (12, 500_000_000));
         assert_eq!(n.meta.xattrs, vec![(b"user.k".to_vec(), b"v".to_vec())]);
+    }
+
+    #[test]
+    fn pax_times_before_1970_count_down() {
+        assert_eq!(pax_time(b"12"), Some((12, 0)));
+        assert_eq!(pax_time(b"12.000000001"), Some((12, 1)));
+        assert_eq!(pax_time(b"-1.5"), Some((-2, 500_000_000)));
+        assert_eq!(pax_time(b"-0.25"), Some((-1, 750_000_000)));
+        assert_eq!(pax_time(b"-86400"), Some((-86_400, 0)));
+        assert_eq!(pax_time(b"1.x"), None);
+        assert_eq!(pax_time(b""), None);
     }
 }

@@ -4,16 +4,17 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
 use serde_json::json;
 
+use crate::erofs_layer;
 use crate::error::untrusted;
 use crate::image::parse;
 use crate::platform::{host_platform, select, Platform};
-use crate::store::MAX_DOCUMENT;
-use crate::{normalize_name, Digest, Error, Image, Result, Store, UnpackLimits};
+use crate::store::{HashingWrite, MAX_DOCUMENT};
+use crate::{normalize_name, Digest, Error, Image, Result, Store, UnpackLimits, TAR_LAYER};
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 const FULL_NAME: &str = "io.containerd.image.name";
@@ -251,7 +252,7 @@ fn load_docker_save(
     let mut layers = Vec::new();
     for l in &first.layers {
         let (digest, size) = resolve(l)?;
-        layers.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest.to_string(), "size": size}));
+        layers.push(json!({"mediaType": TAR_LAYER, "digest": digest.to_string(), "size": size}));
     }
     let doc = json!({
         "schemaVersion": 2,
@@ -288,19 +289,39 @@ pub(crate) fn export_dir(store: &Store, image: &Image, dir: &Path) -> Result<()>
     let blobs = dir.join("blobs/sha256");
     fs::create_dir_all(&blobs).map_err(Error::io("create", &blobs))?;
     let manifest = image.manifest();
-    let mut wanted: Vec<Digest> = vec![
-        image.digest().clone(),
-        manifest.config().digest().to_string().parse()?,
-    ];
-    wanted.extend(image.layers()?);
-    for digest in &wanted {
-        let from = store.blob_path(digest);
-        let to: PathBuf = blobs.join(digest.hex());
-        if fs::hard_link(&from, &to).is_err() {
-            fs::copy(&from, &to).map_err(Error::io("copy", &from))?;
+    let config: Digest = manifest.config().digest().to_string().parse()?;
+    // Erofs layers leave the store as tar: (index, digest, size) of each.
+    let mut converted = Vec::new();
+    for (i, (layer, erofs)) in image
+        .layers()?
+        .iter()
+        .zip(image.erofs_layers()?)
+        .enumerate()
+    {
+        if erofs {
+            let (digest, size) = export_erofs_layer(store, layer, &blobs)?;
+            converted.push((i, digest, size));
+        } else {
+            link_or_copy(store, layer, &blobs)?;
         }
     }
-    let manifest_bytes = store.read_document(image.digest())?;
+    let (manifest_digest, manifest_bytes) = if converted.is_empty() {
+        link_or_copy(store, &config, &blobs)?;
+        link_or_copy(store, image.digest(), &blobs)?;
+        (image.digest().clone(), store.read_document(image.digest())?)
+    } else {
+        let mut config: serde_json::Value = parse(&store.read_document(&config)?, "config")?;
+        let mut doc: serde_json::Value = parse(&store.read_document(image.digest())?, "manifest")?;
+        for (i, digest, size) in &converted {
+            config["rootfs"]["diff_ids"][*i] = json!(digest.to_string());
+            doc["layers"][*i] =
+                json!({"mediaType": TAR_LAYER, "digest": digest.to_string(), "size": size});
+        }
+        let config = write_document(&blobs, &config)?;
+        doc["config"]["digest"] = json!(config.0.to_string());
+        doc["config"]["size"] = json!(config.1.len());
+        write_document(&blobs, &doc)?
+    };
     let media = manifest
         .media_type()
         .as_ref()
@@ -321,7 +342,7 @@ pub(crate) fn export_dir(store: &Store, image: &Image, dir: &Path) -> Result<()>
         "mediaType": INDEX_OCI,
         "manifests": [{
             "mediaType": media,
-            "digest": image.digest().to_string(),
+            "digest": manifest_digest.to_string(),
             "size": manifest_bytes.len(),
             "annotations": annotations,
         }],
@@ -333,4 +354,40 @@ pub(crate) fn export_dir(store: &Store, image: &Image, dir: &Path) -> Result<()>
     };
     write("oci-layout", &json!({"imageLayoutVersion": "1.0.0"}))?;
     write("index.json", &index)
+}
+
+/// Puts the stored blob `digest` in the layout's `blobs`: a hard link where
+/// the filesystem allows, else a copy.
+fn link_or_copy(store: &Store, digest: &Digest, blobs: &Path) -> Result<()> {
+    let from = store.blob_path(digest);
+    let to = blobs.join(digest.hex());
+    if fs::hard_link(&from, &to).is_err() {
+        fs::copy(&from, &to).map_err(Error::io("copy", &from))?;
+    }
+    Ok(())
+}
+
+/// Writes the erofs layer `layer` into `blobs` as a tar layer; returns the
+/// tar's digest and size.
+fn export_erofs_layer(store: &Store, layer: &Digest, blobs: &Path) -> Result<(Digest, u64)> {
+    let temp = blobs.join(format!(".{}.tar", layer.hex()));
+    let file = File::create(&temp).map_err(Error::io("create", &temp))?;
+    let mut out = HashingWrite::new(io::BufWriter::with_capacity(1 << 20, file));
+    if let Err(e) = erofs_layer::write_tar(&store.blob_path(layer), &mut out) {
+        let _ = fs::remove_file(&temp);
+        return Err(e);
+    }
+    let (digest, len) = out.finish();
+    let to = blobs.join(digest.hex());
+    fs::rename(&temp, &to).map_err(Error::io("rename", &to))?;
+    Ok((digest, len))
+}
+
+/// Writes a JSON document into `blobs` under its digest; returns both.
+fn write_document(blobs: &Path, doc: &serde_json::Value) -> Result<(Digest, Vec<u8>)> {
+    let bytes = serde_json::to_vec(doc).map_err(|e| Error::BadDocument(e.to_string()))?;
+    let digest = Digest::of(&bytes);
+    let path = blobs.join(digest.hex());
+    fs::write(&path, &bytes).map_err(Error::io("write", &path))?;
+    Ok((digest, bytes))
 }

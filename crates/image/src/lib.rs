@@ -9,12 +9,19 @@
 //! and that image's [`Image::rootfs`]. Layer tars are untrusted input and
 //! are never unpacked onto the host filesystem (see [`layers`]).
 //!
+//! Root images of host directories are built here too, by the same writer
+//! ([`HostDir`]): the walker lives with the other tree builders rather than
+//! in cc-erofs, which does no I/O of its own, or in the core, which would
+//! then build images two ways.
+//!
 //! Pulls run on a private single-threaded tokio runtime for the duration
 //! of the call; the API is blocking.
 
 mod config;
 mod digest;
+mod erofs_layer;
 mod error;
+mod hostdir;
 mod image;
 pub mod layers;
 mod layout;
@@ -30,6 +37,7 @@ use std::path::Path;
 pub use config::ImageConfig;
 pub use digest::Digest;
 pub use error::{printable, Error, Result};
+pub use hostdir::HostDir;
 pub use image::{Image, UnpackLimits};
 pub use platform::{host_platform, Platform};
 pub use registry::{Auth, CancelToken, Progress, PullOptions, PullPolicy};
@@ -179,23 +187,18 @@ impl Client {
         self.store.write_blob(None, input, |_| true)
     }
 
-    /// Stores a host directory tree as a layer tarball (owners and modes as
-    /// the host has them; symlinks stored, never followed).
-    pub fn put_dir_layer(&self, dir: &Path) -> Result<(Digest, u64)> {
-        let mut temp = self.store.temp()?;
-        {
-            let mut tar = tar::Builder::new(temp.file());
-            tar.follow_symlinks(false);
-            tar.mode(tar::HeaderMode::Complete);
-            tar.append_dir_all(".", dir)
-                .map_err(Error::io("archive", dir))?;
-            tar.finish().map_err(Error::io("archive", dir))?;
-        }
-        let path = temp.path.clone();
-        let file = fs::File::open(&path).map_err(Error::io("open", &path))?;
-        let stored = self.store.write_blob(None, file, |_| true);
-        drop(temp);
-        stored
+    /// An unnamed image whose one layer is `rootfs`, an erofs root image
+    /// cc-erofs wrote (a [`HostDir`]'s): the base of snapshots of
+    /// instances booted from a host directory. The store takes the file
+    /// itself, hard-linked where the filesystem allows (else copied), so a
+    /// snapshot stands on the very image its instance booted from, and
+    /// later changes to the directory do not reach it. It must never be
+    /// written again; root images are only ever replaced by rename.
+    pub fn erofs_image(&self, rootfs: &Path) -> Result<Image> {
+        erofs_layer::check(rootfs)?;
+        let (digest, size) = self.store.link_blob(rootfs)?;
+        let layer = (digest, size, erofs_layer::MEDIA_TYPE);
+        self.derive(None, &[layer], "crumblecracker host directory", None)
     }
 
     /// The erofs image of one layer in overlayfs form (whiteouts kept as
@@ -204,10 +207,15 @@ impl Client {
         let path = self.store.rootfs_path(&image::overlay_key(layer));
         let blob = self.store.blob_path(layer);
         let size = fs::metadata(&blob).map_err(Error::io("stat", &blob))?.len();
+        let tar = image::LayerBlob {
+            digest: layer.clone(),
+            size,
+            erofs: false,
+        };
         image::build_erofs(
             &self.store,
             &path,
-            &[(layer.clone(), size)],
+            &[tar],
             &[],
             layers::Whiteouts::Overlay,
             &self.limits,
@@ -221,6 +229,25 @@ impl Client {
         &self,
         base: Option<&Image>,
         extra: &[Digest],
+        name: Option<&str>,
+    ) -> Result<Image> {
+        let mut layers = Vec::new();
+        for layer in extra {
+            let blob = self.store.blob_path(layer);
+            let size = fs::metadata(&blob).map_err(Error::io("stat", &blob))?.len();
+            layers.push((layer.clone(), size, TAR_LAYER));
+        }
+        let created_by = "crumblecracker snapshot_filesystem";
+        self.derive(base, &layers, created_by, name)
+    }
+
+    /// [`Client::derive_image`] with layers of any media type, given as
+    /// (digest, size, media type); `created_by` goes in their history.
+    fn derive(
+        &self,
+        base: Option<&Image>,
+        extra: &[(Digest, u64, &str)],
+        created_by: &str,
         name: Option<&str>,
     ) -> Result<Image> {
         let (mut config, mut layers) = match base {
@@ -244,20 +271,18 @@ impl Client {
                 (config, Vec::new())
             }
         };
-        for layer in extra {
-            let size = fs::metadata(self.store.blob_path(layer))
-                .map_err(Error::io("stat", self.store.blob_path(layer)))?
-                .len();
+        for (layer, size, media_type) in extra {
             layers.push(serde_json::json!({
-                "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer.to_string(), "size": size,
+                "mediaType": media_type, "digest": layer.to_string(), "size": size,
             }));
+            // Both kinds are stored uncompressed: the diff id is the digest.
             push_array(
                 &mut config["rootfs"]["diff_ids"],
                 serde_json::json!(layer.to_string()),
             );
             push_array(
                 &mut config["history"],
-                serde_json::json!({"created_by": "crumblecracker snapshot_filesystem"}),
+                serde_json::json!({ "created_by": created_by }),
             );
         }
         let config_bytes =
@@ -335,6 +360,9 @@ impl Client {
         Ok(stats)
     }
 }
+
+/// Media type of an uncompressed OCI layer tarball.
+pub(crate) const TAR_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
 
 fn push_array(slot: &mut serde_json::Value, item: serde_json::Value) {
     match slot.as_array_mut() {

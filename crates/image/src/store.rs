@@ -8,8 +8,8 @@
 //! processes writing the same content race harmlessly.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -132,6 +132,35 @@ impl Store {
             }
         }
         w.finish()
+    }
+
+    /// Stores the file at `path` as a blob, hard-linked into place where
+    /// the filesystem allows and copied elsewhere. Only for files nothing
+    /// writes again (a blob must keep matching its digest), such as root
+    /// images, which are only ever replaced by rename.
+    pub(crate) fn link_blob(&self, path: &Path) -> Result<(Digest, u64)> {
+        let mut file = File::open(path).map_err(Error::io("open", path))?;
+        let opened = file.metadata().map_err(Error::io("stat", path))?;
+        let mut hashed = HashingWrite::new(io::sink());
+        io::copy(&mut file, &mut hashed).map_err(Error::io("read", path))?;
+        let (digest, len) = hashed.finish();
+        let blob = self.blob_path(&digest);
+        match fs::hard_link(path, &blob) {
+            Ok(()) => {
+                // The file hashed, not one renamed over `path` since.
+                let linked = fs::metadata(&blob).map_err(Error::io("stat", &blob))?;
+                if (linked.dev(), linked.ino()) == (opened.dev(), opened.ino()) {
+                    return Ok((digest, len));
+                }
+                fs::remove_file(&blob).map_err(Error::io("remove", &blob))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok((digest, len)),
+            // Another filesystem, or links not allowed: copy.
+            Err(_) => {}
+        }
+        file.seek(io::SeekFrom::Start(0))
+            .map_err(Error::io("read", path))?;
+        self.write_blob(Some(&digest), file, |_| true)
     }
 
     /// Stores a small document (manifest, config) already in memory.
@@ -336,6 +365,40 @@ impl Drop for Temp {
     }
 }
 
+/// Hashes and counts what passes through it into `out`.
+pub(crate) struct HashingWrite<W> {
+    out: W,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl<W> HashingWrite<W> {
+    pub(crate) fn new(out: W) -> Self {
+        HashingWrite {
+            out,
+            hasher: Sha256::new(),
+            len: 0,
+        }
+    }
+
+    /// The digest and length of everything written.
+    pub(crate) fn finish(self) -> (Digest, u64) {
+        (Digest::sha256(&self.hasher.finalize()), self.len)
+    }
+}
+
+impl<W: Write> Write for HashingWrite<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
 fn process_alive(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -373,6 +436,23 @@ mod tests {
             0,
             "temp files left"
         );
+        fs::remove_dir_all(s.root()).unwrap();
+    }
+
+    #[test]
+    fn linked_blobs_share_the_file_and_match_their_digest() {
+        let s = store("link");
+        let file = s.root().join("root.erofs");
+        fs::write(&file, b"an image").unwrap();
+        let (d, n) = s.link_blob(&file).unwrap();
+        assert_eq!((d.clone(), n), (Digest::of(b"an image"), 8));
+        let (a, b) = (
+            fs::metadata(&file).unwrap(),
+            fs::metadata(s.blob_path(&d)).unwrap(),
+        );
+        assert_eq!(a.ino(), b.ino(), "hard-linked, not copied");
+        assert_eq!(s.link_blob(&file).unwrap(), (d, 8), "again: already there");
+        assert!(s.link_blob(&s.root().join("missing")).is_err());
         fs::remove_dir_all(s.root()).unwrap();
     }
 
