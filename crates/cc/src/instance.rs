@@ -589,11 +589,17 @@ impl RootLayers {
     /// Builds or finds the root images of `source`.
     fn of(source: &Source) -> Result<RootLayers> {
         Ok(match source {
-            Source::Dir(dir) => RootLayers {
-                lowers: vec![rootfs::image_for_dir(dir, &cc_engine::paths::cache_dir())?],
-                image_config: None,
-                origin: Origin::Dir(dir.clone()),
-            },
+            Source::Dir(dir) => {
+                let image = rootfs::image_for_dir(dir, &cc_engine::paths::cache_dir())?;
+                RootLayers {
+                    lowers: vec![image.clone()],
+                    image_config: None,
+                    origin: Origin::Dir {
+                        dir: dir.clone(),
+                        image,
+                    },
+                }
+            }
             Source::Image(image) => RootLayers {
                 lowers: vec![image.rootfs()?],
                 image_config: Some(image.config()),

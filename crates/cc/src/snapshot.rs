@@ -74,7 +74,11 @@ impl Snapshot {
 /// What an instance booted from, for its snapshots.
 #[derive(Debug, Clone)]
 pub(crate) enum Origin {
-    Dir(PathBuf),
+    /// A host directory, and the root image the instance booted from.
+    Dir {
+        dir: PathBuf,
+        image: PathBuf,
+    },
     Image(Box<Image>),
     Snapshot(Box<Snapshot>),
 }
@@ -92,7 +96,7 @@ impl Instance {
         let client = match &inner.origin {
             Origin::Image(image) => image.client(),
             Origin::Snapshot(s) => s.image.client(),
-            Origin::Dir(_) => OciClient::new(None)?.inner().clone(),
+            Origin::Dir { .. } => OciClient::new(None)?.inner().clone(),
         };
         // Everything below is stored, then named: a prune in between (in
         // any process) must not take it.
@@ -100,11 +104,15 @@ impl Instance {
         let (base, base_layers) = match &inner.origin {
             Origin::Image(image) => (image.as_ref().clone(), image.layers()?.len()),
             Origin::Snapshot(s) => (s.image.clone(), s.base_layers),
-            Origin::Dir(dir) => {
-                // The image the instance booted from: the cached one, found
-                // again by the directory's fingerprint (built anew only if
-                // the directory changed since, as archiving it did).
-                let rootfs = rootfs::image_for_dir(dir, &cc_engine::paths::cache_dir())?;
+            Origin::Dir { dir, image } => {
+                // The very image the instance booted from, whatever the
+                // directory became since; built again only if someone
+                // removed it from the cache.
+                let rootfs = if image.is_file() {
+                    image.clone()
+                } else {
+                    rootfs::image_for_dir(dir, &cc_engine::paths::cache_dir())?
+                };
                 (client.erofs_image(&rootfs)?, 1)
             }
         };

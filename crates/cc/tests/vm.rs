@@ -1267,6 +1267,36 @@ fn snapshot_of_a_directory_instance() {
     again.close().unwrap();
 }
 
+/// The snapshot's base is the image the instance booted from, not what
+/// its directory holds by the time of the snapshot.
+fn snapshot_of_a_directory_stands_on_what_it_booted_from() {
+    let dir = std::env::temp_dir().join(format!("cc-vm-changing-root-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(rootfs())
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let inst = Instance::new(&Source::Dir(dir.clone()), Options::default()).unwrap();
+    std::fs::write(dir.join("added-after-boot"), b"later").unwrap();
+    sh(&inst, "echo kept > /root/note");
+    let snap = inst.snapshot_filesystem(&[]).unwrap();
+    inst.close().unwrap();
+    let again = Instance::new(&snap.as_source(), Options::default()).unwrap();
+    assert_eq!(
+        stdout(
+            &again,
+            "cat /root/note; ls /added-after-boot 2>&1 >/dev/null | wc -l"
+        ),
+        "kept\n1\n",
+        "the snapshot holds the booted root, not the directory's later state"
+    );
+    again.close().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 fn file_sizes_binary_and_unicode_names(inst: &Instance) {
     for len in [0usize, 1, 1 << 20, 64 << 20] {
         let data: Vec<u8> = (0..len).map(|i| pattern_byte(i as u64)).collect();
@@ -2803,6 +2833,7 @@ fn main() -> ExitCode {
         mounts_read_only_and_writable,
         snapshots_chain_exclude_and_export,
         snapshot_of_a_directory_instance,
+        snapshot_of_a_directory_stands_on_what_it_booted_from,
         snapshot_leaves_the_original_independent,
         no_network_means_no_interface,
         allowed_host_is_reached_and_the_network_switches,
