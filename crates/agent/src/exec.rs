@@ -4,12 +4,12 @@
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{self, Command};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use cc_protocol::{ErrorKind, Exec, Message, RemoteError, Response, Stdio};
 use rustix::thread::{Gid, Uid};
@@ -19,7 +19,7 @@ use crate::environ::{self, Env, Probe, SearchError};
 use crate::reaper::Reaper;
 use crate::stream::{DrainError, Receiver, Sender};
 use crate::users::{self, Identity, UserError};
-use crate::{error, sys, Mode};
+use crate::{error, sys, trace, Mode};
 
 /// The conventional mask for processes: the agent itself runs with none, so
 /// that file requests set modes exactly.
@@ -70,13 +70,18 @@ pub fn run(reply: Reply, reaper: &Arc<Reaper>, mode: Mode, exec: &Exec, mut stre
         Ok(s) => s,
         Err(e) => return reply.send(Err(e)),
     };
+    let answered = Instant::now();
     reply.send(Ok(Response::Started { pid: spawned.pid }));
+    trace::record("agent: send Started", answered);
     let process = exec.process;
     let c = conn.clone();
     reaper.announce(
         key,
         Box::new(move |status| {
+            trace::record("agent: Started sent → exit reaped", answered);
+            let reaped = Instant::now();
             let _ = c.send(&Message::Exited { process, status });
+            trace::record("agent: send Exited", reaped);
         }),
     );
     // A thread that fails to start drops its stream, which releases it;
@@ -113,9 +118,10 @@ fn spawn(
     exec: &Exec,
     streams: &Streams,
 ) -> Result<Spawned, RemoteError> {
-    let (argv0, args) = exec
+    let resolving = Instant::now();
+    let argv0 = exec
         .argv
-        .split_first()
+        .first()
         .ok_or_else(|| error::invalid("empty argv"))?;
     if argv0.is_empty() {
         return Err(error::invalid("empty program name"));
@@ -134,101 +140,114 @@ fn spawn(
     let env = environ::build(who.home.as_bytes(), &exec.env).map_err(error::invalid)?;
     let cwd = working_dir(exec.cwd.as_ref().map(|c| c.as_slice()), &who.home)?;
     let program = program(argv0, &env, &cwd)?;
+    trace::record("agent: resolve user, environment, program", resolving);
+    let spawning = Instant::now();
 
-    let pipe = || sys::pipe().map_err(|e| error::os("create pipe", &e));
+    let fail = |what: &str, e: io::Error| error::os(what, &e);
+    let pipe = || sys::pipe().map_err(|e| fail("create pipe", e));
+    // Standard descriptors the process does not share with the host read
+    // and write /dev/null.
+    let null = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| fail("open /dev/null", e))?;
     let (stdin_child, stdin) = match streams.stdin {
         Some(_) => {
             let (r, w) = pipe()?;
-            (r.into(), Some(File::from(w)))
+            (Some(r), Some(File::from(w)))
         }
-        None => (process::Stdio::null(), None),
+        None => (None, None),
     };
-    let (stdout_writer, stdout) = match streams.stdout {
+    let (stdout_child, stdout) = match streams.stdout {
         Some(_) => {
             let (r, w) = pipe()?;
             (Some(w), Some(File::from(r)))
         }
         None => (None, None),
     };
-    let (stderr_child, stderr) = match (exec.stderr, &stdout_writer) {
-        (Stdio::Stdout, Some(w)) => {
-            let w = w.try_clone().map_err(|e| error::os("duplicate pipe", &e))?;
-            (w.into(), None)
-        }
-        (Stdio::Stream(_), _) => {
+    let (stderr_child, stderr) = match exec.stderr {
+        Stdio::Stream(_) => {
             let (r, w) = pipe()?;
-            (w.into(), Some(File::from(r)))
+            (Some(w), Some(File::from(r)))
         }
-        _ => (process::Stdio::null(), None),
+        _ => (None, None),
     };
-    let stdout_child = stdout_writer.map_or_else(process::Stdio::null, process::Stdio::from);
+    let stderr_fd = match (exec.stderr, &stdout_child, &stderr_child) {
+        (Stdio::Stdout, Some(out), _) => out.as_fd(),
+        (_, _, Some(err)) => err.as_fd(),
+        _ => null.as_fd(),
+    };
 
-    let mut cmd = Command::new(&program);
-    cmd.arg0(OsStr::from_bytes(argv0))
-        .args(args.iter().map(|a| OsStr::from_bytes(a)))
-        .env_clear()
-        .envs(
-            env.iter()
-                .map(|(k, v)| (OsStr::from_bytes(k), OsStr::from_bytes(v))),
-        )
-        .current_dir(&cwd)
-        .stdin(stdin_child)
-        .stdout(stdout_child)
-        .stderr(stderr_child);
+    let c = |bytes: &[u8], what: &str| {
+        sys::cstring(bytes.to_vec())
+            .map_err(|_| error::invalid(format!("{what} contains a NUL byte")))
+    };
+    let path = c(program.as_os_str().as_bytes(), "program path")?;
+    let cwd_c = c(cwd.as_os_str().as_bytes(), "working directory")?;
+    let argv = sys::CStrings::new(exec.argv.iter().map(|a| a.to_vec()))
+        .map_err(|_| error::invalid("an argument contains a NUL byte"))?;
+    let envp = sys::CStrings::new(
+        env.iter()
+            .map(|(k, v)| [k.as_slice(), b"=", v.as_slice()].concat()),
+    )
+    .map_err(|_| error::invalid("an environment variable contains a NUL byte"))?;
     let Identity {
         uid, gid, groups, ..
     } = who;
     // Unchecked: an id of -1 then fails in the kernel (EINVAL), as any
     // other id it refuses.
     let groups: Vec<Gid> = groups.into_iter().map(Gid::from_raw_unchecked).collect();
-    let (gid, uid) = (Gid::from_raw_unchecked(gid), Uid::from_raw_unchecked(uid));
-    // The guest's agent blocks the power-off signals in all its threads (a
-    // host program's threads may block any), and std passes the mask on to
-    // children: they must start with none blocked.
-    let no_signals = sys::signal_set(&[]).map_err(|e| error::os("create signal set", &e))?;
-    let guest = mode == Mode::Guest;
-    // SAFETY: the hook runs in the forked child before exec, where only
-    // async-signal-safe calls are allowed: it makes at most seven syscalls
-    // and does not allocate (`groups` and `no_signals` were made before
-    // the fork). The ids are set here rather than with `CommandExt::uid`,
-    // because std would drop root before this hook could set the
-    // supplementary groups.
-    unsafe {
-        cmd.pre_exec(move || {
-            sys::umask(PROCESS_UMASK);
-            sys::set_signal_mask(&no_signals)?;
-            // The guest's agent runs at a high priority (to answer the host
-            // whatever its processes do); theirs is the usual one. In host
-            // mode the process keeps the host program's, which it may not
-            // have the right to lower.
-            if guest {
-                sys::set_nice(0)?;
-            }
-            // Its own session and process group, so signals reach the
-            // whole tree it starts.
-            sys::setsid()?;
-            if own_ids {
-                return Ok(());
-            }
-            sys::set_ids(&groups, gid, uid)
-        });
-    }
+    let plan = sys::SpawnPlan {
+        program: &path,
+        argv: argv.pointers(),
+        envp: envp.pointers(),
+        cwd: &cwd_c,
+        stdio: [
+            or_null(stdin_child.as_ref(), &null),
+            or_null(stdout_child.as_ref(), &null),
+            stderr_fd,
+        ],
+        umask: PROCESS_UMASK,
+        // The guest's agent runs at a high priority (to answer the host
+        // whatever its processes do); theirs is the usual one. In host
+        // mode the process keeps the host program's, which it may not
+        // have the right to lower.
+        nice: (mode == Mode::Guest).then_some(0),
+        ids: (!own_ids).then_some((
+            groups.as_slice(),
+            Gid::from_raw_unchecked(gid),
+            Uid::from_raw_unchecked(uid),
+        )),
+    };
     let key = (conn.id(), exec.process);
     let pid = reaper.spawn(key, conn.tasks(), || {
-        // Dropping the child does not wait for it: the reaper reaps it.
-        cmd.spawn()
-            .map(|child| child.id())
-            .map_err(|e| error::os(format_args!("exec {:?}", program.display().to_string()), &e))
+        sys::spawn(&plan).map_err(|e| {
+            let what = format!("exec {:?}", program.display().to_string());
+            match e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<sys::SpawnError>())
+            {
+                Some(s) if s.step == sys::EXEC_STEP => error::os(&what, &s.errno),
+                Some(s) => error::os(format_args!("{what}: {}", s.step), &s.errno),
+                None => error::os(&what, &e),
+            }
+        })
     })?;
-    // The command holds the child's ends of the pipes; without closing them
-    // the output pipes would never reach end of file.
-    drop(cmd);
+    trace::record("agent: pipes, spawn and exec", spawning);
+    // The child's ends of the pipes close here, so that the output pipes
+    // reach end of file when the process ends.
+    drop((stdin_child, stdout_child, stderr_child));
     Ok(Spawned {
         pid,
         stdin,
         stdout,
         stderr,
     })
+}
+
+fn or_null<'a>(fd: Option<&'a OwnedFd>, null: &'a File) -> BorrowedFd<'a> {
+    fd.map_or(null.as_fd(), AsFd::as_fd)
 }
 
 fn read_file(path: &str) -> Result<String, RemoteError> {
@@ -239,7 +258,58 @@ fn read_file(path: &str) -> Result<String, RemoteError> {
     }
 }
 
+/// What an identity was resolved from: the user spec and the state of
+/// `/etc/passwd` and `/etc/group` (`None`: missing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct IdentityKey {
+    user: Option<String>,
+    files: [Option<FileStamp>; 2],
+}
+
+/// Enough of a file's metadata to tell it was replaced or written.
+type FileStamp = (u64, u64, u64, i64, i64, i64, i64);
+
+fn stamp(path: &str) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path).ok()?;
+    Some((
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    ))
+}
+
+/// Identities resolved lately. Every command resolves one; two stats
+/// instead of reading and parsing both files save a tenth of a
+/// millisecond under emulation.
+static IDENTITIES: Mutex<Vec<(IdentityKey, Identity)>> = Mutex::new(Vec::new());
+
+/// Identities kept: one per user spec in use, a handful in practice.
+const IDENTITIES_KEPT: usize = 16;
+
 fn identity(user: Option<&str>) -> Result<Identity, RemoteError> {
+    let key = IdentityKey {
+        user: user.map(str::to_owned),
+        files: [stamp("/etc/passwd"), stamp("/etc/group")],
+    };
+    if let Some((_, who)) = crate::lock(&IDENTITIES).iter().find(|(k, _)| *k == key) {
+        return Ok(who.clone());
+    }
+    let who = resolve_identity(user)?;
+    let mut cache = crate::lock(&IDENTITIES);
+    cache.retain(|(k, _)| k.user != key.user);
+    if cache.len() >= IDENTITIES_KEPT {
+        cache.remove(0);
+    }
+    cache.push((key, who.clone()));
+    Ok(who)
+}
+
+fn resolve_identity(user: Option<&str>) -> Result<Identity, RemoteError> {
     let (passwd, group) = match user {
         // Root needs only its home, and no group file.
         None => (read_file("/etc/passwd")?, String::new()),

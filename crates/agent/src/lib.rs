@@ -97,6 +97,7 @@ mod snapshot;
 mod stream;
 mod sys;
 mod tasks;
+mod trace;
 mod transfer;
 mod users;
 
@@ -429,7 +430,8 @@ type Job = Box<dyn FnOnce(&Arc<Agent>, Reply) + Send>;
 /// Handles one message. Stream messages, pings and most signals are
 /// handled inline (they never block, and need no thread when none can be
 /// made: a fork bomb leaves no pids for one);
-/// other requests get a thread each, so a slow one never stalls reading.
+/// other requests run on a thread of their own (an idle one reused, see
+/// [`tasks`]), so a slow one never stalls reading.
 /// Streams are registered here, before the next frame is read, so data the
 /// host sends right behind a request is kept.
 fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
@@ -440,10 +442,15 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
     let reply = conn.reply(id);
     let job: Job = match body {
         Request::Ping => return reply.send(Ok(Response::Pong)),
+        Request::Trace { on } => return reply.send(Ok(Response::Trace(trace::take(on)))),
         Request::Exec(exec) => match exec::Streams::open(conn, &exec) {
-            Ok(streams) => Box::new(move |agent, reply| {
-                exec::run(reply, &agent.reaper, agent.mode, &exec, streams);
-            }),
+            Ok(streams) => {
+                let received = Instant::now();
+                Box::new(move |agent, reply| {
+                    trace::record("agent: request thread started", received);
+                    exec::run(reply, &agent.reaper, agent.mode, &exec, streams);
+                })
+            }
             Err(e) => return reply.send(Err(e)),
         },
         Request::Setup(setup) => Box::new(move |agent, reply| {

@@ -4,7 +4,7 @@
 //! They go through rustix, which checks arguments and descriptors in its
 //! types; raw `libc` remains only where rustix has no safe call: signal
 //! masks and `sigwaitinfo`, `kill` with a signal number chosen by the host,
-//! and the RNG ioctls.
+//! the RNG ioctls, and [`spawn`]'s `clone` and `execve`.
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -112,27 +112,9 @@ pub fn kill(pid: i32, signal: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// Async-signal-safe: used between fork and exec.
-pub fn setsid() -> io::Result<()> {
-    rustix::process::setsid()?;
-    Ok(())
-}
-
 /// Sets the calling thread's nice value; threads it starts inherit it.
-/// Async-signal-safe: used between fork and exec.
 pub fn set_nice(nice: i32) -> io::Result<()> {
     rustix::process::setpriority_process(None, nice)?;
-    Ok(())
-}
-
-/// Sets the calling thread's supplementary groups, group and user, in that
-/// order (each needs the privileges the one before may drop).
-/// Async-signal-safe: used between fork and exec, where the one thread is
-/// the whole process.
-pub fn set_ids(groups: &[Gid], gid: Gid, uid: Uid) -> io::Result<()> {
-    rustix::thread::set_thread_groups(groups)?;
-    rustix::thread::set_thread_gid(gid)?;
-    rustix::thread::set_thread_uid(uid)?;
     Ok(())
 }
 
@@ -382,14 +364,6 @@ pub fn block_signals(set: &libc::sigset_t) -> io::Result<()> {
     }
 }
 
-/// Makes `set` the calling process's signal mask. Async-signal-safe (it
-/// is sigprocmask): used between fork and exec.
-pub fn set_signal_mask(set: &libc::sigset_t) -> io::Result<()> {
-    // SAFETY: `set` is an initialized sigset_t; the old mask is not wanted.
-    check(unsafe { libc::sigprocmask(libc::SIG_SETMASK, set, std::ptr::null_mut()) })?;
-    Ok(())
-}
-
 /// Waits for one of the (blocked) signals in `set`; returns it and the pid
 /// of its sender.
 pub fn wait_signal(set: &libc::sigset_t) -> io::Result<(libc::c_int, i32)> {
@@ -450,4 +424,250 @@ mod tests {
         assert_eq!(strerror(libc::ENOENT), "No such file or directory");
         assert_eq!(strerror(libc::EPERM), "Operation not permitted");
     }
+}
+
+/// A process image to start with [`spawn`]: everything the child needs,
+/// built before it exists, because the child may not allocate.
+pub struct SpawnPlan<'a> {
+    pub program: &'a CStr,
+    /// Null-terminated, as `execve` takes them ([`CStrings::pointers`]).
+    pub argv: &'a [*const libc::c_char],
+    pub envp: &'a [*const libc::c_char],
+    pub cwd: &'a CStr,
+    /// What becomes the child's descriptors 0, 1 and 2.
+    pub stdio: [BorrowedFd<'a>; 3],
+    pub umask: u32,
+    /// The child's nice value; `None` keeps the caller's.
+    pub nice: Option<i32>,
+    /// Supplementary groups, group and user; `None` keeps the caller's.
+    pub ids: Option<(&'a [Gid], Gid, Uid)>,
+}
+
+/// Owned C strings and the null-terminated pointer array `execve` wants.
+pub struct CStrings {
+    _strings: Vec<CString>,
+    pointers: Vec<*const libc::c_char>,
+}
+
+impl CStrings {
+    /// An interior NUL is `InvalidInput`.
+    pub fn new<I: IntoIterator<Item = Vec<u8>>>(items: I) -> io::Result<CStrings> {
+        let strings = items
+            .into_iter()
+            .map(cstring)
+            .collect::<io::Result<Vec<_>>>()?;
+        let pointers = strings
+            .iter()
+            .map(|s| s.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        Ok(CStrings {
+            _strings: strings,
+            pointers,
+        })
+    }
+
+    /// Valid while `self` lives: the strings never move (each `CString`
+    /// owns its heap buffer).
+    pub fn pointers(&self) -> &[*const libc::c_char] {
+        &self.pointers
+    }
+}
+
+/// What the child of [`spawn`] reports back through the memory it shares
+/// with its parent until it execs.
+struct SpawnShared<'a> {
+    plan: &'a SpawnPlan<'a>,
+    /// The step that failed and its errno; 0 while none has.
+    step: std::sync::atomic::AtomicU8,
+    errno: std::sync::atomic::AtomicI32,
+}
+
+/// The steps of a child's setup, as reported when one fails.
+const SPAWN_STEPS: [&str; 8] = [
+    "",
+    "start a session",
+    "set user and groups",
+    "set priority",
+    "set up standard descriptors",
+    "change directory",
+    "reset signals",
+    EXEC_STEP,
+];
+
+/// The last step of a spawn's child: running the program.
+pub const EXEC_STEP: &str = "exec";
+
+/// Stack for the child until it execs: its frames are small and make no
+/// allocations.
+const SPAWN_STACK: usize = 64 << 10;
+
+/// Starts `plan` as a child sharing the caller's memory until it execs
+/// (`CLONE_VM | CLONE_VFORK`, as `posix_spawn` does): nothing is copied
+/// (forking the agent costs a copy of its page tables and a fault on each
+/// page either side writes next, a millisecond under emulation), and the
+/// call returns once the program runs. The child is a new session with
+/// no signals blocked or ignored. Returns its pid; a failure in the child
+/// is the error of the step that failed, and the child is reaped.
+pub fn spawn(plan: &SpawnPlan<'_>) -> io::Result<u32> {
+    use std::sync::atomic::Ordering;
+    // A source already at 0, 1 or 2 could be overwritten by another's
+    // dup2 or kept close-on-exec; the Rust runtime keeps those three open,
+    // so the caller's pipes never land there.
+    if plan.stdio.iter().any(|fd| fd.as_raw_fd() <= 2) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a standard descriptor of the child is one of 0, 1 or 2",
+        ));
+    }
+    let shared = SpawnShared {
+        plan,
+        step: 0.into(),
+        errno: 0.into(),
+    };
+    let mut stack = vec![0u8; SPAWN_STACK];
+    // The stack grows down from its (16-byte aligned) end.
+    let top = (stack.as_mut_ptr() as usize + SPAWN_STACK) & !15;
+    let all = full_signal_set()?;
+    // SAFETY: an all-zero sigset_t is a valid value to be overwritten.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // Signals stay blocked while the child runs on this thread's memory:
+    // no handler of the agent's may run in it. It sets its own mask.
+    // SAFETY: both pointers are to live sigset_t values.
+    let blocked = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) };
+    if blocked != 0 {
+        return Err(io::Error::from_raw_os_error(blocked));
+    }
+    // SAFETY: `spawn_child` runs on `stack`, which outlives it: with
+    // CLONE_VFORK this thread is suspended until the child execs or exits,
+    // and `stack` and `shared` live until after that. The child only makes
+    // system calls on memory prepared before (see `spawn_child`).
+    let pid = unsafe {
+        libc::clone(
+            spawn_child,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::from_ref(&shared).cast_mut().cast(),
+        )
+    };
+    let clone_error = io::Error::last_os_error();
+    // SAFETY: `old` holds the mask read above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    drop(stack);
+    if pid == -1 {
+        return Err(clone_error);
+    }
+    let step = usize::from(shared.step.load(Ordering::Acquire));
+    if step == 0 {
+        return Ok(pid.unsigned_abs());
+    }
+    // The child exited at once: reap it, it is nobody else's business.
+    if let Some(child) = Pid::from_raw(pid) {
+        let _ = retry(|| rustix::process::waitpid(Some(child), WaitOptions::empty()));
+    }
+    let errno = io::Error::from_raw_os_error(shared.errno.load(Ordering::Acquire));
+    Err(io::Error::new(
+        errno.kind(),
+        SpawnError {
+            step: SPAWN_STEPS.get(step).copied().unwrap_or("set up"),
+            errno,
+        },
+    ))
+}
+
+/// A failure of the child of [`spawn`] before its program ran.
+#[derive(Debug)]
+pub struct SpawnError {
+    pub step: &'static str,
+    pub errno: io::Error,
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.step, self.errno)
+    }
+}
+
+impl std::error::Error for SpawnError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.errno)
+    }
+}
+
+fn full_signal_set() -> io::Result<libc::sigset_t> {
+    // SAFETY: an all-zero sigset_t is a valid value to be initialised.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live sigset_t.
+    check(unsafe { libc::sigfillset(&mut set) })?;
+    Ok(set)
+}
+
+/// The child of [`spawn`]. It shares the parent's memory and runs on the
+/// parent's thread-local storage, so it may only make system calls: no
+/// allocation, no locks, no panics. rustix makes its calls directly,
+/// without libc's per-process bookkeeping (libc's `setuid` would signal
+/// the parent's threads); the libc calls here are plain system call
+/// wrappers.
+extern "C" fn spawn_child(arg: *mut libc::c_void) -> libc::c_int {
+    use std::sync::atomic::Ordering;
+    // SAFETY: `arg` is the `SpawnShared` that `spawn` keeps alive until
+    // this child has exec'd or exited.
+    let shared = unsafe { &*arg.cast::<SpawnShared<'_>>() };
+    let plan = shared.plan;
+    let fail = |step: u8, errno: i32| -> libc::c_int {
+        shared.errno.store(errno, Ordering::Release);
+        shared.step.store(step, Ordering::Release);
+        // SAFETY: ends this child only; _exit runs no handlers.
+        unsafe { libc::_exit(127) }
+    };
+    let errno = |e: rustix::io::Errno| e.raw_os_error();
+    if let Err(e) = rustix::process::setsid() {
+        return fail(1, errno(e));
+    }
+    if let Some((groups, gid, uid)) = plan.ids {
+        let set = rustix::thread::set_thread_groups(groups)
+            .and_then(|()| rustix::thread::set_thread_gid(gid))
+            .and_then(|()| rustix::thread::set_thread_uid(uid));
+        if let Err(e) = set {
+            return fail(2, errno(e));
+        }
+    }
+    if let Some(nice) = plan.nice {
+        if let Err(e) = rustix::process::setpriority_process(None, nice) {
+            return fail(3, errno(e));
+        }
+    }
+    rustix::process::umask(Mode::from_raw_mode(plan.umask));
+    let [stdin, stdout, stderr] = plan.stdio;
+    let dups = rustix::stdio::dup2_stdin(stdin)
+        .and_then(|()| rustix::stdio::dup2_stdout(stdout))
+        .and_then(|()| rustix::stdio::dup2_stderr(stderr));
+    if let Err(e) = dups {
+        return fail(4, errno(e));
+    }
+    if let Err(e) = rustix::process::chdir(plan.cwd) {
+        return fail(5, errno(e));
+    }
+    // SAFETY: plain system call wrappers on values prepared before the
+    // clone. SIGPIPE is ignored by the Rust runtime and an ignored signal
+    // stays ignored across exec; programs expect the default.
+    let reset = unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL) == libc::SIG_ERR
+            || libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) == -1
+    };
+    if reset {
+        return fail(6, io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    // SAFETY: the program, argv and envp are NUL-terminated strings and
+    // null-terminated arrays that outlive the call.
+    unsafe {
+        libc::execve(
+            plan.program.as_ptr(),
+            plan.argv.as_ptr(),
+            plan.envp.as_ptr(),
+        )
+    };
+    fail(7, io::Error::last_os_error().raw_os_error().unwrap_or(0))
 }

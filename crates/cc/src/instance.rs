@@ -474,6 +474,32 @@ impl Instance {
         }
     }
 
+    /// Starts (`on`) or stops recording how long each phase of the guest
+    /// agent's work takes, and returns what it recorded since the last
+    /// call, oldest first: `(phase, duration)`. For profiling, as
+    /// `crumble bench exec --phases` does; the agent keeps at most 65,536
+    /// spans between two calls.
+    pub fn agent_trace(&self, on: bool) -> Result<Vec<(String, Duration)>> {
+        self.inner.check_running()?;
+        match self
+            .inner
+            .channel
+            .request(Request::Trace { on }, REQUEST_TIMEOUT)?
+        {
+            Ok(Response::Trace(spans)) => Ok(spans
+                .into_iter()
+                .map(|s| (s.name, Duration::from_nanos(s.nanos)))
+                .collect()),
+            Ok(other) => Err(Error::Protocol(format!(
+                "unexpected answer to trace: {other:?}"
+            ))),
+            Err(e) => Err(Error::Guest {
+                op: "trace".into(),
+                message: e.message,
+            }),
+        }
+    }
+
     /// Waits until the guest ends (it powered off, crashed, timed out or
     /// stopped answering). `cancel` stops the wait with
     /// [`Error::Cancelled`]; closing the instance from another thread ends

@@ -304,7 +304,11 @@ impl Command {
             }),
         };
         // On error, dropping `child` closes the streams registered above.
-        match ch.request(Request::Exec(exec), REQUEST_TIMEOUT)? {
+        let answer = {
+            let _span = tracing::debug_span!("cc: send Exec → Started").entered();
+            ch.request(Request::Exec(exec), REQUEST_TIMEOUT)?
+        };
+        match answer {
             Ok(Response::Started { pid }) => {
                 child.pid = pid;
                 Ok(child)
@@ -414,7 +418,11 @@ impl Child {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        match self.exit.wait(until)? {
+        let exit = {
+            let _span = tracing::debug_span!("cc: Started → Exited").entered();
+            self.exit.wait(until)?
+        };
+        match exit {
             Some(status) => Ok(Some(ExitStatus(status))),
             None if self.deadline.is_some_and(|d| Instant::now() >= d) => Err(self.expire()),
             None => Ok(None),

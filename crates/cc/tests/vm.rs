@@ -157,6 +157,58 @@ fn users(inst: &Instance) {
     }
 }
 
+/// Identities are cached in the agent: a user added after a command ran
+/// as another must still be found, and one removed must be gone.
+fn users_added_and_removed_later(inst: &Instance) {
+    let err = inst.command("id").user("latecomer").output().unwrap_err();
+    assert!(matches!(err, cc::Error::UnknownUser(_)), "{err:?}");
+    let passwd = inst.read_file("/etc/passwd").unwrap();
+    let mut grown = passwd.clone();
+    grown.extend_from_slice(b"latecomer:x:4321:4321::/:/bin/sh\n");
+    inst.write_file("/etc/passwd", &grown, 0o644).unwrap();
+    let out = inst.command("id").arg("-u").user("latecomer").output();
+    inst.write_file("/etc/passwd", &passwd, 0o644).unwrap();
+    assert_eq!(out.unwrap().stdout, b"4321\n");
+    let err = inst.command("id").user("latecomer").output().unwrap_err();
+    assert!(matches!(err, cc::Error::UnknownUser(_)), "{err:?}");
+}
+
+/// Under TCG the guest's clock came from jiffies (4 ms steps) until the
+/// engine passed the host's TSC rate; any accelerator gives a finer one.
+fn guest_clock_is_finer_than_jiffies(inst: &Instance) {
+    let out = inst
+        .command("cat")
+        .arg("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+        .output()
+        .unwrap();
+    let source = String::from_utf8(out.stdout).unwrap();
+    assert!(!source.contains("jiffies"), "guest clocksource: {source}");
+}
+
+/// `agent_trace` records the agent's phases of a command while on, and
+/// nothing once off.
+fn agent_trace_times_command_phases(inst: &Instance) {
+    inst.agent_trace(true).unwrap();
+    assert!(inst.command("true").status().unwrap().success());
+    let spans = inst.agent_trace(false).unwrap();
+    let names: Vec<&str> = spans.iter().map(|(name, _)| name.as_str()).collect();
+    // Phases recorded before the exit reached the host: later ones may
+    // not be in yet.
+    for phase in [
+        "agent: pipes, spawn and exec",
+        "agent: Started sent → exit reaped",
+    ] {
+        assert!(names.contains(&phase), "{phase} missing from {names:?}");
+    }
+    assert!(spans.iter().all(|(_, d)| *d < Duration::from_secs(30)));
+    assert!(inst.command("true").status().unwrap().success());
+    let after = inst.agent_trace(false).unwrap();
+    assert!(
+        !after.iter().any(|(name, _)| name.contains("spawn")),
+        "recorded while off: {after:?}"
+    );
+}
+
 fn stdin_to_stdout_1mib(inst: &Instance) {
     let data: Vec<u8> = (0..1 << 20)
         .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
@@ -2780,6 +2832,9 @@ fn main() -> ExitCode {
         env_and_defaults,
         working_directory,
         users,
+        users_added_and_removed_later,
+        guest_clock_is_finer_than_jiffies,
+        agent_trace_times_command_phases,
         stdin_to_stdout_1mib,
         stdout_and_stderr_apart,
         concurrent_commands,

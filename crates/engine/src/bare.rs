@@ -68,7 +68,7 @@ impl BareSpec {
             disks: Vec::new(),
             shares: Vec::new(),
             network: None,
-            kernel_params: Vec::new(),
+            kernel_params: crate::clock::guest_params(self.accel, &paths::cache_dir()),
             memory_file: None,
             incoming: false,
             agent_port: UNUSED_PORT.into(),

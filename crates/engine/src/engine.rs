@@ -232,7 +232,7 @@ impl Engine for Qemu {
                 })
                 .collect(),
             network: spec.network.clone(),
-            kernel_params: Vec::new(),
+            kernel_params: crate::clock::guest_params(accel.accel, &self.cache),
             memory_file: None,
             incoming: false,
             agent_port: spec.agent_port.clone(),

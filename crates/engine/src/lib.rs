@@ -25,6 +25,7 @@
 
 mod accel;
 mod bare;
+mod clock;
 mod cmdline;
 pub mod confine;
 mod console;

@@ -38,7 +38,7 @@ pub use message::*;
 
 /// Version of this protocol. Bumped on any incompatible change; the host
 /// refuses an agent that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Largest frame payload either side accepts.
 pub const MAX_FRAME: usize = 4 << 20;
@@ -48,6 +48,10 @@ pub const DATA_CHUNK: usize = 128 << 10;
 
 /// Bytes a sender may have unacknowledged on one stream.
 pub const STREAM_WINDOW: u32 = 2 << 20;
+
+/// Most spans the agent keeps between two `Trace` requests; later ones are
+/// dropped, so a forgotten recording cannot grow the agent's memory.
+pub const TRACE_LIMIT: usize = 1 << 16;
 
 /// First stream id the guest allocates; lower ids belong to the host.
 pub const GUEST_STREAM_BASE: u32 = 1 << 31;

@@ -112,6 +112,10 @@ pub enum Request {
     /// `Done`. Sent only to a guest about to be saved as a warm-start
     /// template: everything it does depends on the image alone.
     Prepare { root: RootSpec },
+    /// Answered by `Trace` with the spans the agent recorded since the last
+    /// `Trace` (at most [`crate::TRACE_LIMIT`]); recording continues while
+    /// `on`. For benchmarks: recording costs a clock read per span.
+    Trace { on: bool },
 }
 
 /// Filesystem operations. Paths are absolute guest paths (bytes). Errors
@@ -277,6 +281,16 @@ pub enum Response {
     Connected {
         local: String,
     },
+    /// `Trace`: the spans recorded, in the order they ended.
+    Trace(Vec<Span>),
+}
+
+/// A measured phase of the agent's work (see [`Request::Trace`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    /// What was measured, e.g. `exec.spawn`.
+    pub name: String,
+    pub nanos: u64,
 }
 
 /// What the guest is told at boot.

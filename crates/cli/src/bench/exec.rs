@@ -1,21 +1,27 @@
 //! `crumble bench exec`: the round trip of `true` through the agent against
-//! a shell loop on a bare guest's serial console.
+//! an interactive shell on a bare guest's serial console.
 
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use super::phases::Phases;
 use super::{bare, ms, Samples, Table};
 use crate::CliResult;
 
-pub(super) fn exec(rootfs: &Path, runs: usize, busybox: &Path) -> CliResult<ExitCode> {
+pub(super) fn exec(
+    rootfs: &Path,
+    runs: usize,
+    busybox: &Path,
+    show_phases: bool,
+) -> CliResult<ExitCode> {
     let host = cc::host_info();
     let accel = host.accelerator?;
     println!(
         "accelerator: {} ({}); {runs} commands of each kind",
         accel.accelerator, accel.reason
     );
-    let serial = bare::serial_shell_loop(busybox, &host.cache_dir, runs)?;
+    let serial = bare::serial_shell(busybox, &host.cache_dir, runs)?;
 
     let inst = cc::Instance::new(
         &cc::Source::Dir(rootfs.to_path_buf()),
@@ -38,18 +44,37 @@ pub(super) fn exec(rootfs: &Path, runs: usize, busybox: &Path) -> CliResult<Exit
     for _ in 0..runs {
         ping.0.push(inst.ping()?);
     }
+    // Apart from the runs above, so that recording never slows them.
+    let phases = Phases::default();
+    if show_phases {
+        inst.agent_trace(true)?;
+        phases.record_host(|| -> CliResult<()> {
+            for _ in 0..runs {
+                let t = Instant::now();
+                cmd.status()?;
+                phases.add("whole round trip (traced)", t.elapsed());
+            }
+            Ok(())
+        })?;
+        for (name, d) in inst.agent_trace(false)? {
+            phases.add(&name, d);
+        }
+    }
     inst.close()?;
-    let table = Table::new(44, 9, 3);
+    let table = Table::new(52, 9, 3);
     println!();
     table.header("median", "ms");
     table.row("exec `true` through the agent", &[ms(ours.median())]);
     table.row("agent ping (channel round trip)", &[ms(ping.median())]);
     table.row(
-        "serial console: /bin/sh -c true (baseline)",
+        "serial console shell: /bin/sh -c true (baseline)",
         &[ms(serial.median())],
     );
+    if show_phases {
+        phases.print("phases of a traced exec (median)");
+    }
     println!(
-        "\nexec / serial shell loop = {:.2}x (target ≤ 0.85x)",
+        "\nexec / interactive serial shell = {:.2}x (target ≤ 0.85x)",
         ours.ratio(&serial)
     );
     Ok(ExitCode::SUCCESS)

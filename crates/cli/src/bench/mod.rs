@@ -7,6 +7,7 @@ mod boot;
 mod exec;
 mod files;
 mod net;
+mod phases;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,8 +36,9 @@ pub(crate) enum What {
         #[arg(long, default_value = "/bin/busybox")]
         busybox: PathBuf,
     },
-    /// Round trip of `true` in a running instance, against a shell loop on
-    /// the serial console of a bare guest running `/bin/sh -c true`.
+    /// Round trip of `true` in a running instance, against an interactive
+    /// shell on the serial console of a bare guest running `/bin/sh -c
+    /// true`.
     Exec {
         #[arg(long, value_name = "DIR")]
         rootfs: PathBuf,
@@ -45,6 +47,9 @@ pub(crate) enum What {
         runs: usize,
         #[arg(long, default_value = "/bin/busybox")]
         busybox: PathBuf,
+        /// Also time each phase of the round trip, host and guest.
+        #[arg(long)]
+        phases: bool,
     },
     /// write_file and read_file of 64 MiB, in MiB/s.
     Files {
@@ -78,7 +83,8 @@ pub(crate) fn bench(what: What) -> CliResult<ExitCode> {
             rootfs,
             runs,
             busybox,
-        } => exec::exec(&rootfs, runs.max(10), &busybox),
+            phases,
+        } => exec::exec(&rootfs, runs.max(10), &busybox, phases),
         What::Files { rootfs, runs } => files::files(&rootfs, runs.max(3)),
         What::Net { rootfs, runs } => net::net(&rootfs, runs.max(3)),
     }
