@@ -242,6 +242,7 @@ impl Agent {
     /// call (an open of a FIFO nobody writes, say) is waited for 15 s at
     /// most, then logged and left.
     pub fn serve(self: &Arc<Self>, port: impl Into<Port>) -> Ended {
+        let began = Instant::now();
         let port = port.into();
         let _serving = self.take_over();
         if let Some(reason) = self.powered_off.get() {
@@ -259,6 +260,7 @@ impl Agent {
                 return Ended::Lost(format!("send hello: {e}"));
             }
         };
+        trace::record_setup("agent: serve → Hello sent", began);
         *self.current() = Some(conn.clone());
         let why = panic::catch_unwind(AssertUnwindSafe(|| read_frames(self, &conn, reader)))
             .unwrap_or_else(|_| "reader panicked".into());
@@ -456,12 +458,14 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
         Request::Setup(setup) => Box::new(move |agent, reply| {
             reply.send(setup::run(agent.mode, &agent.mounted, &agent.upper, &setup));
         }),
-        Request::Prepare { root } => Box::new(move |agent, reply| {
+        Request::Prepare(prepare) => Box::new(move |agent, reply| {
+            // What this boot recorded would be in every restored copy.
+            trace::take(false);
             reply.send(setup::prepare(
                 agent.mode,
                 &agent.mounted,
                 &agent.upper,
-                &root,
+                &prepare,
             ));
         }),
         Request::Signal { process, signal } => {

@@ -7,20 +7,29 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
 
-use cc_protocol::{RemoteError, Response, RootSpec, Setup};
+use cc_protocol::{NetConfig, Prepare, RemoteError, Response, RootSpec, Setup};
 
-use crate::{error, mounts, net, sys, Mode};
+use crate::{error, mounts, net, sys, trace, Mode};
 
-/// How far the filesystems got. Each step is done once: a Setup retried
-/// after a failure resumes at the step that failed (never switching the
-/// root twice), and one after the host reconnected skips them all.
+/// How far the filesystems got, and what of the guest's configuration is
+/// in place. Each filesystem step is done once: a Setup retried after a
+/// failure resumes at the step that failed (never switching the root
+/// twice), and one after the host reconnected skips them all. What a
+/// template's `Prepare` configured is not done again by the `Setup` of its
+/// restored copies when it matches (under emulation each is a code path
+/// the restored guest would run, and translate, for the first time).
 #[derive(Debug, Default)]
 pub struct Mounted {
     root: bool,
     runtime: bool,
     /// How many of the host directories are mounted, in order.
     host_dirs: usize,
+    /// The nameservers `/etc/resolv.conf` names.
+    nameservers: Option<Vec<String>>,
+    loopback: bool,
+    network: Option<NetConfig>,
 }
 
 /// Performs `setup`: filesystems as far as `mounted` says they are not yet
@@ -38,28 +47,51 @@ pub fn run(
         return host(setup);
     }
     let mut mounted = mounted.lock().unwrap_or_else(|e| e.into_inner());
+    let t = Instant::now();
     sys::set_realtime_clock(setup.clock.secs, setup.clock.nanos)
         .map_err(|e| error::os("set clock", &e))?;
+    trace::record_setup("agent setup: clock", t);
+    let t = Instant::now();
     add_entropy(&setup.entropy);
+    trace::record_setup("agent setup: entropy", t);
+    let t = Instant::now();
     mount_root(&mut mounted, upper, setup.root.as_ref())?;
     for m in setup.mounts.iter().skip(mounted.host_dirs) {
         mounts::host_dir(m)?;
         mounted.host_dirs += 1;
     }
+    trace::record_setup("agent setup: mounts", t);
+    let t = Instant::now();
     sys::sethostname(&setup.hostname)
         .map_err(|e| error::os(format_args!("set hostname {:?}", setup.hostname), &e))?;
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create("/etc")
-        .map_err(|e| error::os("mkdir /etc", &e))?;
+    make_etc()?;
     write_config("/etc/hostname", &format!("{}\n", setup.hostname))?;
     write_config("/etc/hosts", &hosts_file(&setup.hostname, &setup.hosts))?;
-    if !setup.nameservers.is_empty() {
-        write_config("/etc/resolv.conf", &resolv_conf(&setup.nameservers))?;
+    trace::record_setup("agent setup: hostname, /etc/hosts", t);
+    let t = Instant::now();
+    configure(&mut mounted, &setup.nameservers, setup.network.as_ref())?;
+    trace::record_setup("agent setup: resolv.conf, network", t);
+    Ok(Response::Ready {
+        kernel: sys::kernel_release(),
+    })
+}
+
+/// Writes `/etc/resolv.conf` (unless `nameservers` is empty), brings up
+/// loopback and configures `network`, each unless already as asked.
+fn configure(
+    mounted: &mut Mounted,
+    nameservers: &[String],
+    network: Option<&NetConfig>,
+) -> Result<(), RemoteError> {
+    if !nameservers.is_empty() && mounted.nameservers.as_deref() != Some(nameservers) {
+        write_config("/etc/resolv.conf", &resolv_conf(nameservers))?;
+        mounted.nameservers = Some(nameservers.to_vec());
     }
-    net::up("lo").map_err(|e| error::os("bring up lo", &e))?;
-    if let Some(n) = &setup.network {
+    if !mounted.loopback {
+        net::up("lo").map_err(|e| error::os("bring up lo", &e))?;
+        mounted.loopback = true;
+    }
+    if let Some(n) = network.filter(|&n| mounted.network.as_ref() != Some(n)) {
         let parse = |what: &str, v: &str| {
             v.parse::<std::net::Ipv4Addr>()
                 .map_err(|_| error::invalid(format!("network {what} {v:?} is not an IPv4 address")))
@@ -74,10 +106,9 @@ pub fn run(
                 &e,
             )
         })?;
+        mounted.network = Some(n.clone());
     }
-    Ok(Response::Ready {
-        kernel: sys::kernel_release(),
-    })
+    Ok(())
 }
 
 /// Setup in host mode: the machine is the host's, so its clock, entropy,
@@ -101,21 +132,38 @@ fn host(setup: &Setup) -> Result<Response, RemoteError> {
     })
 }
 
-/// The `Prepare` request: the root and runtime filesystems, ahead of the
-/// `Setup` that a restored template gets. In host mode the root is the
-/// host's own: there is nothing to mount.
+/// The `Prepare` request: the root and runtime filesystems, name
+/// resolution and network, ahead of the `Setup` that a restored template
+/// gets. `/etc/hostname` and `/etc/hosts` get placeholders, so that the
+/// restored copies rewrite files already in the writable layer. In host
+/// mode the root is the host's own: there is nothing to do.
 pub fn prepare(
     mode: Mode,
     mounted: &Mutex<Mounted>,
     upper: &OnceLock<OwnedFd>,
-    root: &RootSpec,
+    prepare: &Prepare,
 ) -> Result<Response, RemoteError> {
+    if let Some(ns) = prepare.nameservers.iter().find(|ns| !is_word(ns)) {
+        return Err(error::invalid(format!("invalid nameserver {ns:?}")));
+    }
     if mode == Mode::Host {
         return Ok(Response::Done);
     }
     let mut mounted = mounted.lock().unwrap_or_else(|e| e.into_inner());
-    mount_root(&mut mounted, upper, Some(root))?;
+    mount_root(&mut mounted, upper, Some(&prepare.root))?;
+    make_etc()?;
+    write_config("/etc/hostname", "localhost\n")?;
+    write_config("/etc/hosts", &hosts_file("localhost", &[]))?;
+    configure(&mut mounted, &prepare.nameservers, prepare.network.as_ref())?;
     Ok(Response::Done)
+}
+
+fn make_etc() -> Result<(), RemoteError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create("/etc")
+        .map_err(|e| error::os("mkdir /etc", &e))
 }
 
 /// Switches to `root` (unless `None`) and mounts the runtime filesystems,

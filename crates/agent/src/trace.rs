@@ -12,9 +12,18 @@ static SPANS: Mutex<Vec<Span>> = Mutex::new(Vec::new());
 
 /// Records that phase `name` began at `since` and ends now.
 pub fn record(name: &'static str, since: Instant) {
-    if !ON.load(Ordering::Relaxed) {
-        return;
+    if ON.load(Ordering::Relaxed) {
+        keep(name, since);
     }
+}
+
+/// Records a phase of the guest's setup, whether recording is on or not:
+/// it happens once per instance, before any `Trace` could turn it on.
+pub fn record_setup(name: &'static str, since: Instant) {
+    keep(name, since);
+}
+
+fn keep(name: &'static str, since: Instant) {
     let nanos = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let mut spans = crate::lock(&SPANS);
     if spans.len() < TRACE_LIMIT {

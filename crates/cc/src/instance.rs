@@ -13,7 +13,7 @@ use cc_engine::{
 };
 use cc_netpolicy::NetworkPolicy;
 use cc_protocol::{
-    Lower, NetConfig, Request, Response, RootSpec, Setup, UnixTime, HOST_INTERNAL_ADDR,
+    Lower, NetConfig, Prepare, Request, Response, RootSpec, Setup, UnixTime, HOST_INTERNAL_ADDR,
     HOST_INTERNAL_NAME,
 };
 use serde_bytes::ByteBuf;
@@ -350,7 +350,7 @@ impl Instance {
     pub fn new(source: &Source, options: Options) -> Result<Instance> {
         options.validate()?;
         let t0 = Instant::now();
-        let root = RootLayers::of(source)?;
+        let root = tracing::debug_span!("cc: root image").in_scope(|| RootLayers::of(source))?;
         let id = random_id();
         let spec = guest_spec(&id, &root, &options);
         let engine = options.engine.clone();
@@ -358,12 +358,14 @@ impl Instance {
         let prepare = t0.elapsed();
 
         let t1 = Instant::now();
-        let (started, channel, spawn) = start_guest(engine.as_ref(), &spec, &layout, &options)?;
+        let (started, channel, spawn) = tracing::debug_span!("cc: start guest")
+            .in_scope(|| start_guest(engine.as_ref(), &spec, &layout, &options))?;
         let machine: Arc<dyn Machine> = Arc::from(started.machine);
         let kernel_time = t1.elapsed() - spawn;
 
         let t2 = Instant::now();
-        let kernel_release = set_up_guest(&channel, machine.as_ref(), &id, &layout, &options)?;
+        let kernel_release = tracing::debug_span!("cc: guest setup")
+            .in_scope(|| set_up_guest(&channel, machine.as_ref(), &id, &layout, &options))?;
         let timings = BootTimings {
             prepare,
             spawn,
@@ -385,7 +387,8 @@ impl Instance {
             exposed: Mutex::default(),
             live: Mutex::new(None),
         });
-        supervise(&inner, machine, &options, t0)?;
+        tracing::debug_span!("cc: supervise")
+            .in_scope(|| supervise(&inner, machine, &options, t0))?;
         Ok(Instance {
             inner,
             kernel_release,
@@ -688,12 +691,17 @@ fn start_guest(
     options: &Options,
 ) -> Result<(Started, Channel, Duration)> {
     let t = Instant::now();
-    let root = root_spec(layout);
-    // Before a template is saved, its guest mounts the image's root
-    // (nothing else: identity, clock and the rest are per instance).
+    // Before a template is saved, its guest mounts the image's root and
+    // configures what every instance shares (not identity, clock and the
+    // rest, which are per instance).
+    let prepare = Prepare {
+        root: root_spec(layout),
+        nameservers: nameservers(layout),
+        network: net_config(layout, options),
+    };
     let timeout = options.boot_timeout;
     let mut prepare_template = |socket| {
-        prepare_root(socket, &root, timeout).map(|c| Box::new(c) as Box<dyn std::any::Any>)
+        prepare_guest(socket, &prepare, timeout).map(|c| Box::new(c) as Box<dyn std::any::Any>)
     };
     let mut resumed = None;
     let mut resume = |socket| {
@@ -710,14 +718,18 @@ fn start_guest(
         AgentLink::Resumed => resumed.ok_or_else(|| {
             Error::Protocol("the engine resumed a guest without resuming its channel".into())
         })?,
-        AgentLink::Greeting(socket) => match Channel::connect(socket, options.boot_timeout) {
-            Ok((channel, agent)) => {
-                tracing::debug!(id = %spec.id, %agent, "guest agent connected");
-                channel
+        AgentLink::Greeting(socket) => {
+            match tracing::debug_span!("cc: kernel boot → agent greeting")
+                .in_scope(|| Channel::connect(socket, options.boot_timeout))
+            {
+                Ok((channel, agent)) => {
+                    tracing::debug!(id = %spec.id, %agent, "guest agent connected");
+                    channel
+                }
+                Err(e @ Error::ProtocolMismatch { .. }) => return Err(e),
+                Err(e) => return Err(boot_failed(started.machine.as_ref(), e.to_string())),
             }
-            Err(e @ Error::ProtocolMismatch { .. }) => return Err(e),
-            Err(e) => return Err(boot_failed(started.machine.as_ref(), e.to_string())),
-        },
+        }
     };
     Ok((started, channel, spawn))
 }
@@ -745,13 +757,12 @@ fn set_up_guest(
     layout: &GuestLayout,
     options: &Options,
 ) -> Result<String> {
-    let net = layout.network;
     let setup = Setup {
         hostname: format!("cc-{}", &id[..8]),
         root: Some(root_spec(layout)),
         clock: now(),
         entropy: ByteBuf::from(random_bytes(64)),
-        nameservers: vec![net.dns.to_string()],
+        nameservers: nameservers(layout),
         hosts: vec![(HOST_INTERNAL_ADDR.into(), HOST_INTERNAL_NAME.into())],
         mounts: options
             .mounts
@@ -763,13 +774,7 @@ fn set_up_guest(
                 read_only: !m.writable,
             })
             .collect(),
-        network: options.network.then(|| NetConfig {
-            interface: "eth0".into(),
-            address: net.address.to_string(),
-            prefix_len: net.prefix_len,
-            gateway: net.gateway.to_string(),
-            mtu: net.mtu,
-        }),
+        network: net_config(layout, options),
     };
     match channel.request(Request::Setup(Box::new(setup)), options.boot_timeout) {
         Ok(Ok(Response::Ready { kernel })) => Ok(kernel),
@@ -780,6 +785,22 @@ fn set_up_guest(
         Ok(Err(e)) => Err(boot_failed(machine, format!("guest setup failed: {e}"))),
         Err(e) => Err(boot_failed(machine, e.to_string())),
     }
+}
+
+fn nameservers(layout: &GuestLayout) -> Vec<String> {
+    vec![layout.network.dns.to_string()]
+}
+
+/// The guest's network interface, when it has one.
+fn net_config(layout: &GuestLayout, options: &Options) -> Option<NetConfig> {
+    let net = layout.network;
+    options.network.then(|| NetConfig {
+        interface: "eth0".into(),
+        address: net.address.to_string(),
+        prefix_len: net.prefix_len,
+        gateway: net.gateway.to_string(),
+        mtu: net.mtu,
+    })
 }
 
 /// Starts what watches a booted instance (liveness, engine events, the
@@ -814,16 +835,16 @@ fn supervise(
     Ok(())
 }
 
-/// A template's last step: the agent mounts `root` and runs `true` once.
+/// A template's last step: the agent does `prepare` and runs `true` once.
 /// Returns the channel, quiet, to be kept open until the guest is saved
 /// (so that the restored guest finds it connected and goes on reading).
-fn prepare_root(
+fn prepare_guest(
     socket: std::os::unix::net::UnixStream,
-    root: &RootSpec,
+    prepare: &Prepare,
     timeout: Duration,
 ) -> std::result::Result<Channel, String> {
     let (channel, _) = Channel::connect(socket, timeout).map_err(|e| e.to_string())?;
-    match channel.request(Request::Prepare { root: root.clone() }, timeout) {
+    match channel.request(Request::Prepare(Box::new(prepare.clone())), timeout) {
         Ok(Ok(Response::Done)) => {}
         Ok(Ok(other)) => return Err(format!("unexpected answer to prepare: {other:?}")),
         Ok(Err(e)) => return Err(format!("the guest could not mount its root: {e}")),

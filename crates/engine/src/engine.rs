@@ -193,13 +193,17 @@ impl Engine for Qemu {
     }
 
     fn start(&self, spec: &GuestSpec, hooks: Hooks<'_>) -> Result<Started, Error> {
+        let span = tracing::debug_span!("engine: kernel, agent, initramfs").entered();
         let kernel = paths::kernel()?;
         let agent = paths::agent()?;
         let accel = detect_accel()?;
         let initrd = initramfs::for_agent(&agent, &self.cache)?;
+        drop(span);
+        let span = tracing::debug_span!("engine: run dir, writable disk").entered();
         let run_dir = RunDir::create(&self.cache, &spec.id)?;
         let upper_disk = run_dir.path().join("upper.img");
         upper::create(&self.cache, &upper_disk, spec.upper_mb)?;
+        drop(span);
         let vm_spec = VmSpec {
             kernel,
             initrd,

@@ -374,7 +374,7 @@ fn start_warm(
     cache: &Path,
     hooks: Hooks<'_>,
 ) -> Result<(Vm, StartKind), Error> {
-    let meta = key(spec)?;
+    let meta = tracing::debug_span!("engine: template key").in_scope(|| key(spec))?;
     if let Some(t) = find(cache, &meta.key) {
         match restore(spec, run, &t, true, hooks.resume) {
             Ok(vm) => return Ok((vm, StartKind::Warm)),
@@ -467,6 +467,7 @@ fn restore(
     resume: &mut dyn FnMut(UnixStream) -> Result<(), String>,
 ) -> Result<Vm, Error> {
     if fresh_disks {
+        let _span = tracing::debug_span!("engine: copy template's writable disk").entered();
         for (i, path) in writable(spec) {
             files::clone_file(&disk(t, i), path).map_err(Error::io("copy", path))?;
         }
@@ -478,8 +479,10 @@ fn restore(
     });
     target.incoming = true;
     let (vm, socket) = Vm::start(&target, run)?;
-    vm.restore(&state(t))?;
-    resume(socket).map_err(Error::Template)?;
+    tracing::debug_span!("engine: load state, resume vCPUs").in_scope(|| vm.restore(&state(t)))?;
+    tracing::debug_span!("core: resume agent channel")
+        .in_scope(|| resume(socket))
+        .map_err(Error::Template)?;
     // Its meta file's time says when it was last used, for tidying.
     if let Ok(f) = fs::File::options().append(true).open(meta_path(t)) {
         let _ = f.set_modified(SystemTime::now());

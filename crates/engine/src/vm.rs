@@ -155,6 +155,7 @@ impl Vm {
     /// channel. Returns as soon as QEMU runs; the guest boots in the
     /// background and speaks first on the channel.
     pub fn start(spec: &VmSpec, dir: &RunDir) -> Result<(Vm, UnixStream), Error> {
+        let _span = tracing::debug_span!("engine: start QEMU").entered();
         let qemu = paths::qemu()?;
         let support = confine::host_support();
         let creds = confine::creds(spec.confine, !spec.shares.is_empty());
@@ -201,7 +202,10 @@ impl Vm {
             shares.push(fd_path(inputs.add(dir_fd)));
         }
         let network = match &spec.network {
-            Some(policy) => Some(net::Network::start(dir, creds, namespaces, policy)?),
+            Some(policy) => Some(
+                tracing::debug_span!("engine: start network relay")
+                    .in_scope(|| net::Network::start(dir, creds, namespaces, policy))?,
+            ),
             None => None,
         };
         let net_fd = match &network {
@@ -288,6 +292,7 @@ impl Vm {
                 exit2.changed.notify_all();
             })
             .map_err(Error::io("spawn supervisor thread for", &qemu))?;
+        let span = tracing::debug_span!("engine: fork and exec QEMU").entered();
         let (spawned_pid, pidfd) = match rx.recv() {
             Ok(Ok(started)) => started,
             Ok(Err(e)) => {
@@ -307,15 +312,18 @@ impl Vm {
                 return Err(Error::Qmp("QEMU supervisor ended unexpectedly".into()));
             }
         };
+        drop(span);
         let console = console::Console::start(console_host, dir.path(), spec.console_log_max)
             .map_err(Error::io("start console log in", dir.path()))?;
+        let qmp =
+            tracing::debug_span!("engine: QEMU's QMP greeting").in_scope(|| Qmp::new(qmp_host))?;
         let mut vm = Vm {
             pid: spawned_pid,
             pidfd,
             qemu_pidfd: None,
             exit,
             supervisor: Some(supervisor),
-            qmp: Qmp::new(qmp_host)?,
+            qmp,
             console: Some(console),
             qemu_log,
             confinement,
@@ -324,7 +332,9 @@ impl Vm {
         if let Some(info) = info_host {
             // Bubblewrap reports QEMU's host pid once the sandbox stands;
             // without it (bubblewrap failed) QEMU's exit says why.
-            if let Some(pid) = read_child_pid(info) {
+            let pid = tracing::debug_span!("engine: sandbox's QEMU pid")
+                .in_scope(|| read_child_pid(info));
+            if let Some(pid) = pid {
                 vm.pid = pid;
                 vm.qemu_pidfd = pidfd_open(pid).ok();
             }

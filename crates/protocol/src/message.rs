@@ -107,11 +107,12 @@ pub enum Request {
     /// Stop listener `listener`; answered by `Done`. Connections it
     /// accepted stay open.
     Unlisten { listener: u64 },
-    /// Mount the root filesystem (and the runtime filesystems under it)
-    /// ahead of `Setup`, which then leaves them as they are; answered by
-    /// `Done`. Sent only to a guest about to be saved as a warm-start
-    /// template: everything it does depends on the image alone.
-    Prepare { root: RootSpec },
+    /// Mount the root filesystem (and the runtime filesystems under it),
+    /// write `/etc/resolv.conf` for `nameservers`, bring up loopback and
+    /// configure `network`, ahead of a `Setup` that then leaves what
+    /// matches as it is; answered by `Done`. Sent only to a guest about to
+    /// be saved as a warm-start template: nothing here is per instance.
+    Prepare(Box<Prepare>),
     /// Answered by `Trace` with the spans the agent recorded since the last
     /// `Trace` (at most [`crate::TRACE_LIMIT`]); recording continues while
     /// `on`. For benchmarks: recording costs a clock read per span.
@@ -291,6 +292,14 @@ pub struct Span {
     /// What was measured, e.g. `exec.spawn`.
     pub name: String,
     pub nanos: u64,
+}
+
+/// What a warm-start template's guest sets up before it is saved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prepare {
+    pub root: RootSpec,
+    pub nameservers: Vec<String>,
+    pub network: Option<NetConfig>,
 }
 
 /// What the guest is told at boot.

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use cc_agent::{Agent, Ended, Mode};
 use cc_protocol::{
-    ErrorKind, Lower, Message, Mount, NetConfig, Request, Response, RootSpec, Setup, UnixTime,
-    PROTOCOL_VERSION,
+    ErrorKind, Lower, Message, Mount, NetConfig, Prepare, Request, Response, RootSpec, Setup,
+    UnixTime, PROTOCOL_VERSION,
 };
 use serde_bytes::ByteBuf;
 
@@ -198,9 +198,22 @@ fn a_template_is_prepared_and_resumed_on_a_new_channel() {
     let agent = Agent::new(Mode::Host).unwrap();
     let mut before = Host::connect(agent.clone());
     assert_eq!(
-        before.request(Request::Prepare { root: root_spec() }),
+        before.request(Request::Prepare(Box::new(Prepare {
+            root: root_spec(),
+            nameservers: vec!["10.0.2.3".into()],
+            network: None,
+        }))),
         Ok(Response::Done)
     );
+    // Bad input is refused as a Setup's would be.
+    let e = before
+        .request(Request::Prepare(Box::new(Prepare {
+            root: root_spec(),
+            nameservers: vec!["1.2.3.4\nnameserver 6.6.6.6".into()],
+            network: None,
+        })))
+        .unwrap_err();
+    assert!(e.message.contains("invalid nameserver"), "{}", e.message);
     before.start(exec(&["true"])).unwrap();
     assert_eq!(before.exited(1), cc_protocol::ExitStatus::Code(0));
     // The save: the host's end goes away while the guest is quiet.

@@ -6,10 +6,17 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use super::phases::Phases;
 use super::{bare, ms, Samples, Table};
 use crate::CliResult;
 
-pub(super) fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> CliResult<ExitCode> {
+pub(super) fn boot(
+    rootfs: &Path,
+    runs: usize,
+    memory: u32,
+    busybox: &Path,
+    show_phases: bool,
+) -> CliResult<ExitCode> {
     let host = cc::host_info();
     let bare_spec = bare::powering_off(busybox, &host.cache_dir, memory)?;
     let accel = host.accelerator?;
@@ -95,6 +102,27 @@ pub(super) fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> C
             s.0.push(d);
         }
     }
+    // Apart from the runs above, so that recording never slows them.
+    let phases = [("cold", &cold), ("warm", &warm)]
+        .map(|(kind, options)| (kind, options, Phases::default()));
+    if show_phases {
+        for _ in 0..runs {
+            for (_, options, phases) in &phases {
+                phases.record_host(|| -> CliResult<()> {
+                    let t = Instant::now();
+                    let (inst, ..) = start_and_echo(&source, options)?;
+                    phases.add("start and first output of `echo`", t.elapsed());
+                    for (name, d) in inst.agent_trace(false)? {
+                        phases.add(&name, d);
+                    }
+                    let t = Instant::now();
+                    inst.close()?;
+                    phases.add("close", t.elapsed());
+                    Ok(())
+                })?;
+            }
+        }
+    }
     let table = Table::new(26, 10, 1);
     println!();
     table.header("phase (median)", "ms");
@@ -103,6 +131,11 @@ pub(super) fn boot(rootfs: &Path, runs: usize, memory: u32, busybox: &Path) -> C
     }
     table.row("bare: qemu spawn", &[ms(bare_spawn.median())]);
     table.row("bare: spawn → exit", &[ms(bare_total.median())]);
+    if show_phases {
+        for (kind, _, phases) in &phases {
+            phases.print(&format!("{kind} start, host phases (median)"));
+        }
+    }
     println!("\nidle PSS per instance, MiB: alone, and median of {PSS_INSTANCES} side by side");
     for (name, options) in [("cold", &cold), ("warm", &warm)] {
         table.row(

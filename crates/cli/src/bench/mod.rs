@@ -35,6 +35,9 @@ pub(crate) enum What {
         /// Static busybox for the bare initramfs.
         #[arg(long, default_value = "/bin/busybox")]
         busybox: PathBuf,
+        /// Also time each phase of cold and warm starts on the host.
+        #[arg(long)]
+        phases: bool,
     },
     /// Round trip of `true` in a running instance, against an interactive
     /// shell on the serial console of a bare guest running `/bin/sh -c
@@ -78,7 +81,8 @@ pub(crate) fn bench(what: What) -> CliResult<ExitCode> {
             runs,
             memory,
             busybox,
-        } => boot::boot(&rootfs, runs.max(5), memory, &busybox),
+            phases,
+        } => boot::boot(&rootfs, runs.max(5), memory, &busybox, phases),
         What::Exec {
             rootfs,
             runs,
