@@ -18,10 +18,12 @@ use std::thread;
 use std::time::Duration;
 
 use cc_protocol::flow::{Broken, Inbound, Outbound};
+use cc_protocol::frame::{FrameError, FrameReader};
 use cc_protocol::{frame, ErrorKind, Message, RemoteError, Response, GUEST_STREAM_BASE};
 use rustix::event::{PollFd, PollFlags};
 
 use crate::fs::Handles;
+use crate::phases::{self, Phase};
 use crate::tasks::Tasks;
 use crate::{error, sys};
 
@@ -386,21 +388,36 @@ impl Conn {
         lock(&self.outputs).get(&stream).cloned()
     }
 
-    /// Handles a stream message from the host. Never blocks on a consumer:
-    /// input only goes into the stream's bounded buffer. Messages for
-    /// unknown streams may race with their teardown and are ignored.
+    /// Reads the payload of a `Data` frame from the host straight into a
+    /// buffer of its stream: the one copy out of the port. Never blocks on
+    /// a consumer: the stream's buffer is bounded by its window. Data for
+    /// an unknown stream (one that raced with its teardown) is skipped;
+    /// only a failed read of the port is an error.
+    pub fn receive_data(
+        &self,
+        stream: u32,
+        len: usize,
+        reader: &mut FrameReader<PortReader>,
+    ) -> Result<(), FrameError> {
+        let Some(input) = self.input(stream) else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        let mut buf = input.buffer(len);
+        reader.payload(&mut buf)?;
+        phases::add(Phase::Receive, started);
+        if let Err(e) = input.push(buf) {
+            log!("stream {stream}: {e}; resetting it");
+            self.close_input(stream);
+            let _ = self.send(&Message::Reset { stream });
+        }
+        Ok(())
+    }
+
+    /// Handles a stream message from the host other than data. Messages
+    /// for unknown streams may race with their teardown and are ignored.
     pub fn on_stream_message(&self, msg: Message) {
         match msg {
-            Message::Data { stream, bytes } => {
-                let Some(input) = self.input(stream) else {
-                    return;
-                };
-                if let Err(e) = input.push(bytes.into_vec()) {
-                    log!("stream {stream}: {e}; resetting it");
-                    self.close_input(stream);
-                    let _ = self.send(&Message::Reset { stream });
-                }
-            }
             Message::Eof { stream } => {
                 if let Some(input) = self.input(stream) {
                     input.finish();
@@ -408,7 +425,11 @@ impl Conn {
             }
             Message::Credit { stream, bytes } => {
                 if let Some(output) = self.output(stream) {
-                    output.flow.grant(bytes);
+                    if let Err(e) = output.flow.grant_owed(bytes) {
+                        log!("stream {stream}: {e}; resetting it");
+                        self.close_output(stream);
+                        let _ = self.send(&Message::Reset { stream });
+                    }
                 }
             }
             // From the host's reader: stop sending. On a stream the host

@@ -71,7 +71,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cc_protocol::frame::{self, FrameError};
+use cc_protocol::frame::{self, Frame, FrameError, FrameReader};
 use cc_protocol::{Message, Request, Response, PROTOCOL_VERSION};
 
 /// Logs one line.
@@ -90,6 +90,7 @@ mod fs;
 mod glob;
 mod mounts;
 mod net;
+mod phases;
 pub mod pid1;
 mod reaper;
 mod setup;
@@ -412,13 +413,20 @@ fn describe_frame_error(e: &FrameError) -> String {
 }
 
 /// Reads and dispatches frames; returns why the connection ended.
-fn read_frames(agent: &Arc<Agent>, conn: &Arc<Conn>, mut port: PortReader) -> String {
-    let mut buf = Vec::new();
+fn read_frames(agent: &Arc<Agent>, conn: &Arc<Conn>, port: PortReader) -> String {
+    let mut reader = FrameReader::new(port);
     loop {
-        match frame::read(&mut port, &mut buf) {
-            Ok(Some(msg)) => dispatch(agent, conn, msg),
+        let result = match reader.read_frame() {
+            Ok(Some(Frame::Message(msg))) => {
+                dispatch(agent, conn, msg);
+                Ok(())
+            }
+            Ok(Some(Frame::Data { stream, len })) => conn.receive_data(stream, len, &mut reader),
             Ok(None) => return "the host closed the port".into(),
-            Err(e) => return describe_frame_error(&e),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            return describe_frame_error(&e);
         }
     }
 }
@@ -440,6 +448,7 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
     let reply = conn.reply(id);
     let job: Job = match body {
         Request::Ping => return reply.send(Ok(Response::Pong)),
+        Request::Phases => return reply.send(Ok(Response::Phases(phases::take()))),
         Request::Exec(exec) => match exec::Streams::open(conn, &exec) {
             Ok(streams) => Box::new(move |agent, reply| {
                 exec::run(reply, &agent.reaper, agent.mode, &exec, streams);

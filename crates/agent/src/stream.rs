@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use cc_protocol::flow::Inbound;
 use cc_protocol::{frame, Message, RemoteError, DATA_CHUNK};
@@ -13,6 +14,7 @@ use serde_bytes::ByteBuf;
 
 use crate::conn::{Conn, Output};
 use crate::error;
+use crate::phases::{self, Phase};
 
 /// A registered guest → host stream. Dropping it unregisters the stream, so
 /// one that is never pumped (its request failed) is released too.
@@ -47,7 +49,12 @@ impl Sender {
         // each chunk is copied once (from the source) before it is sent.
         const ROOM: usize = frame::DATA_HEADER_MAX;
         let mut frame_buf = vec![0; ROOM + DATA_CHUNK];
-        while let Some(credit) = self.output.acquire(DATA_CHUNK) {
+        loop {
+            let waited = Instant::now();
+            let Some(credit) = self.output.acquire(DATA_CHUNK) else {
+                break;
+            };
+            phases::add(Phase::CreditWait, waited);
             // Waiting here rather than in read lets a reset interrupt an idle
             // pipe; regular files are always ready.
             match self.output.wait_readable(source.as_fd()) {
@@ -58,12 +65,14 @@ impl Sender {
                     break;
                 }
             }
+            let read = Instant::now();
             let got = loop {
                 match source.read(&mut frame_buf[ROOM..ROOM + credit]) {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     other => break other,
                 }
             };
+            phases::add(Phase::ReadSource, read);
             let got = match got {
                 Ok(n) => n,
                 Err(e) => {
@@ -83,6 +92,7 @@ impl Sender {
             let mut header = [0u8; ROOM];
             let len = frame::data_header(stream, got, &mut header);
             frame_buf[ROOM - len..ROOM].copy_from_slice(&header[ROOM - len..]);
+            let sent = Instant::now();
             if self
                 .conn
                 .send_frame(&frame_buf[ROOM - len..ROOM + got])
@@ -90,6 +100,7 @@ impl Sender {
             {
                 break;
             }
+            phases::add(Phase::Send, sent);
         }
     }
 
@@ -176,29 +187,31 @@ impl Receiver {
     }
 
     /// Hands everything the host sends to `sink` until its end of file,
-    /// returning credit as the data is taken, so no more than the stream
-    /// window is ever buffered.
+    /// in the buffers the payloads were read into (no copy), returning
+    /// credit as the data is taken, so no more than the stream window is
+    /// ever buffered.
     pub fn drain(&self, mut sink: impl FnMut(&[u8]) -> io::Result<()>) -> Result<(), DrainError> {
         let stream = self.id;
-        let mut buf = vec![0; DATA_CHUNK];
         loop {
-            let r = self
-                .input
-                .read(&mut buf, None)
-                .map_err(|_| DrainError::Broken)?;
-            if r.credit > 0 {
+            let waited = Instant::now();
+            let chunk = self.input.take(None).map_err(|_| DrainError::Broken)?;
+            phases::add(Phase::WaitData, waited);
+            if chunk.credit > 0 {
                 let _ = self.conn.send(&Message::Credit {
                     stream,
-                    bytes: r.credit,
+                    bytes: chunk.credit,
                 });
             }
-            if r.len == 0 {
+            if chunk.bytes.is_empty() {
                 return Ok(());
             }
-            if let Err(e) = sink(&buf[..r.len]) {
+            let written = Instant::now();
+            if let Err(e) = sink(&chunk.bytes) {
                 self.reset();
                 return Err(DrainError::Sink(e));
             }
+            phases::add(Phase::WriteSink, written);
+            self.input.recycle(chunk.bytes);
         }
     }
 

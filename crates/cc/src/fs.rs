@@ -392,12 +392,40 @@ impl Instance {
 
     /// Creates or replaces a guest file with `data`, permissions `mode`.
     pub fn write_file(&self, path: &str, data: &[u8], mode: u32) -> Result<()> {
-        self.write_file_from(path, &mut &data[..], mode).map(drop)
+        // Sent from where it is: no copy on the host.
+        self.send_file(path, mode, |send| {
+            send(data);
+            Ok(())
+        })
+        .map(drop)
     }
 
     /// Creates or replaces a guest file with everything `input` yields,
     /// streamed in chunks; returns the bytes written.
     pub fn write_file_from(&self, path: &str, input: &mut impl Read, mode: u32) -> Result<u64> {
+        let mut buf = vec![0u8; DATA_CHUNK];
+        self.send_file(path, mode, |send| loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if !send(&buf[..n]) {
+                return Ok(());
+            }
+        })
+    }
+
+    /// Streams a guest file's new contents: `feed` hands them to `send`
+    /// (which is false once the guest refused them) and fails on a source
+    /// error. Returns the bytes the guest took.
+    fn send_file(
+        &self,
+        path: &str,
+        mode: u32,
+        feed: impl FnOnce(&mut dyn FnMut(&[u8]) -> bool) -> io::Result<()>,
+    ) -> Result<u64> {
         let inner = self.inner();
         inner.check_running()?;
         let wire = guest_path(path)?;
@@ -407,38 +435,27 @@ impl Instance {
             mode: mode & 0o7777,
             stream: id,
         })?;
-        let mut buf = vec![0u8; DATA_CHUNK];
         let mut total = 0u64;
-        let mut local_error = None;
-        loop {
-            let n = match input.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    local_error = Some(e);
-                    break;
-                }
-            };
-            // A refused write shows as a broken pipe; the answer says why.
-            if inner.channel.write(id, &stream, &buf[..n]).is_err() {
-                break;
+        // A refused write shows as a broken pipe; the answer says why.
+        let fed = feed(&mut |bytes| {
+            let sent = inner.channel.write(id, &stream, bytes).is_ok();
+            if sent {
+                total += bytes.len() as u64;
             }
-            total += n as u64;
-        }
-        if let Some(e) = local_error {
-            // Without Eof the guest would keep the file half-written and
-            // waiting: end the stream, then report the host-side failure.
-            inner.channel.close_outbound(id, &stream);
-            let _ = pending.wait(&inner.channel, REQUEST_TIMEOUT);
+            sent
+        });
+        // Without Eof the guest would keep the file half-written and
+        // waiting: end the stream before reporting a host-side failure.
+        inner.channel.close_outbound(id, &stream);
+        let answer = pending.wait(&inner.channel, REQUEST_TIMEOUT);
+        if let Err(e) = fed {
             return Err(Error::Io {
                 op: "write_file (reading the source)".into(),
                 path: path.into(),
                 source: e,
             });
         }
-        inner.channel.close_outbound(id, &stream);
-        match pending.wait(&inner.channel, REQUEST_TIMEOUT)? {
+        match answer? {
             Ok(Response::Done) => Ok(total),
             Ok(other) => Err(unexpected("write_file", other)),
             Err(e) => Err(remote("write_file", path, e)),

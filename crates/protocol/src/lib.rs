@@ -38,16 +38,19 @@ pub use message::*;
 
 /// Version of this protocol. Bumped on any incompatible change; the host
 /// refuses an agent that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Largest frame payload either side accepts.
 pub const MAX_FRAME: usize = 4 << 20;
 
-/// Largest `Data` payload a sender puts in one frame.
-pub const DATA_CHUNK: usize = 128 << 10;
+/// Largest `Data` payload a sender puts in one frame. Large, because on
+/// the guest's emulated CPU every frame has a fixed cost (a header, a
+/// wakeup, a file write) that small frames multiply.
+pub const DATA_CHUNK: usize = 512 << 10;
 
-/// Bytes a sender may have unacknowledged on one stream.
-pub const STREAM_WINDOW: u32 = 2 << 20;
+/// Bytes a sender may have unacknowledged on one stream: several chunks,
+/// so the sender keeps going while the receiver consumes one.
+pub const STREAM_WINDOW: u32 = 4 << 20;
 
 /// First stream id the guest allocates; lower ids belong to the host.
 pub const GUEST_STREAM_BASE: u32 = 1 << 31;

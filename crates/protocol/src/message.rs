@@ -112,6 +112,9 @@ pub enum Request {
     /// `Done`. Sent only to a guest about to be saved as a warm-start
     /// template: everything it does depends on the image alone.
     Prepare { root: RootSpec },
+    /// Answered by `Phases`: the time the agent spent in each phase of its
+    /// data path since the last `Phases`, for `crumble bench --phases`.
+    Phases,
 }
 
 /// Filesystem operations. Paths are absolute guest paths (bytes). Errors
@@ -277,6 +280,8 @@ pub enum Response {
     Connected {
         local: String,
     },
+    /// `Phases`: (phase, nanoseconds) in the agent's own order.
+    Phases(Vec<(String, u64)>),
 }
 
 /// What the guest is told at boot.
