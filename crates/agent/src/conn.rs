@@ -272,14 +272,60 @@ impl Conn {
     pub fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
         let port = lock(&self.port);
         let mut rest = frame;
-        while !rest.is_empty() {
+        self.write_port(&port, rest.len(), |port| {
+            let n = (&mut &*port).write(rest)?;
+            rest = &rest[n..];
+            Ok(n)
+        })
+    }
+
+    /// Writes a `Data` frame whose payload, `len` bytes, waits in `pipe`:
+    /// the header is written, then the payload spliced into the port, so
+    /// its pages reach the host without being copied through the agent. A
+    /// failure past the header leaves a partial frame, which ends the
+    /// connection.
+    pub fn send_spliced(&self, header: &[u8], pipe: BorrowedFd<'_>, len: usize) -> io::Result<()> {
+        let port = lock(&self.port);
+        let mut rest = header;
+        self.write_port(&port, rest.len(), |port| {
+            let n = (&mut &*port).write(rest)?;
+            rest = &rest[n..];
+            Ok(n)
+        })?;
+        let spliced = self.write_port(&port, len, |port| {
+            Ok(rustix::pipe::splice(
+                pipe,
+                None,
+                port,
+                None,
+                len,
+                rustix::pipe::SpliceFlags::MOVE,
+            )?)
+        });
+        if spliced.is_err() {
+            drop(port);
+            self.close();
+        }
+        spliced
+    }
+
+    /// Runs `write` on the (non-blocking) port until it wrote `len` bytes
+    /// in all, waiting while the port is full.
+    fn write_port(
+        &self,
+        port: &Option<Port>,
+        len: usize,
+        mut write: impl FnMut(&Port) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let mut left = len;
+        while left > 0 {
             if self.closed.load(Ordering::Relaxed) {
                 return Err(Self::closed_error());
             }
             let port = port.as_ref().ok_or_else(Self::closed_error)?;
-            match (&mut &*port).write(rest) {
+            match write(port) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => rest = &rest[n..],
+                Ok(n) => left -= n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let mut fds = [PollFd::new(port, PollFlags::OUT)];
                     sys::poll(&mut fds, Some(WRITE_POLL))?;
