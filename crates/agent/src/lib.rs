@@ -491,6 +491,22 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
             // The stream is someone else's: resetting it would break theirs.
             Err(e) => return reply.send(Err(e)),
         },
+        Request::ReadHandle {
+            handle,
+            len,
+            stream,
+        } => match Sender::open(conn, stream) {
+            Ok(sender) => {
+                Box::new(move |_, reply| transfer::read_handle(reply, handle, len, sender))
+            }
+            Err(e) => return reply.send(Err(e)),
+        },
+        Request::WriteHandle { handle, stream } => match Receiver::open(conn, stream) {
+            Ok(receiver) => {
+                Box::new(move |_, reply| transfer::write_handle(reply, handle, receiver))
+            }
+            Err(e) => return reply.send(Err(e)),
+        },
         Request::SnapshotUpper { stream, exclude } => match Sender::open(conn, stream) {
             Ok(sender) => Box::new(move |agent, reply| {
                 let upper = agent.upper.get().map(|fd| fd.as_fd());
