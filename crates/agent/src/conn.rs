@@ -18,12 +18,13 @@ use std::thread;
 use std::time::Duration;
 
 use cc_protocol::flow::{Broken, Inbound, Outbound};
+use cc_protocol::frame::{FrameError, FrameReader};
 use cc_protocol::{frame, ErrorKind, Message, RemoteError, Response, GUEST_STREAM_BASE};
 use rustix::event::{PollFd, PollFlags};
 
 use crate::fs::Handles;
 use crate::tasks::Tasks;
-use crate::{error, sys};
+use crate::{error, sys, trace};
 
 /// How long a blocked writer waits before checking whether the connection
 /// was closed.
@@ -270,14 +271,60 @@ impl Conn {
     pub fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
         let port = lock(&self.port);
         let mut rest = frame;
-        while !rest.is_empty() {
+        self.write_port(&port, rest.len(), |port| {
+            let n = (&mut &*port).write(rest)?;
+            rest = &rest[n..];
+            Ok(n)
+        })
+    }
+
+    /// Writes a `Data` frame whose payload, `len` bytes, waits in `pipe`:
+    /// the header is written, then the payload spliced into the port, so
+    /// its pages reach the host without being copied through the agent. A
+    /// failure past the header leaves a partial frame, which ends the
+    /// connection.
+    pub fn send_spliced(&self, header: &[u8], pipe: BorrowedFd<'_>, len: usize) -> io::Result<()> {
+        let port = lock(&self.port);
+        let mut rest = header;
+        self.write_port(&port, rest.len(), |port| {
+            let n = (&mut &*port).write(rest)?;
+            rest = &rest[n..];
+            Ok(n)
+        })?;
+        let spliced = self.write_port(&port, len, |port| {
+            Ok(rustix::pipe::splice(
+                pipe,
+                None,
+                port,
+                None,
+                len,
+                rustix::pipe::SpliceFlags::MOVE,
+            )?)
+        });
+        if spliced.is_err() {
+            drop(port);
+            self.close();
+        }
+        spliced
+    }
+
+    /// Runs `write` on the (non-blocking) port until it wrote `len` bytes
+    /// in all, waiting while the port is full.
+    fn write_port(
+        &self,
+        port: &Option<Port>,
+        len: usize,
+        mut write: impl FnMut(&Port) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let mut left = len;
+        while left > 0 {
             if self.closed.load(Ordering::Relaxed) {
                 return Err(Self::closed_error());
             }
             let port = port.as_ref().ok_or_else(Self::closed_error)?;
-            match (&mut &*port).write(rest) {
+            match write(port) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => rest = &rest[n..],
+                Ok(n) => left -= n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let mut fds = [PollFd::new(port, PollFlags::OUT)];
                     sys::poll(&mut fds, Some(WRITE_POLL))?;
@@ -386,21 +433,36 @@ impl Conn {
         lock(&self.outputs).get(&stream).cloned()
     }
 
-    /// Handles a stream message from the host. Never blocks on a consumer:
-    /// input only goes into the stream's bounded buffer. Messages for
-    /// unknown streams may race with their teardown and are ignored.
+    /// Reads the payload of a `Data` frame from the host straight into a
+    /// buffer of its stream: the one copy out of the port. Never blocks on
+    /// a consumer: the stream's buffer is bounded by its window. Data for
+    /// an unknown stream (one that raced with its teardown) is skipped;
+    /// only a failed read of the port is an error.
+    pub fn receive_data(
+        &self,
+        stream: u32,
+        len: usize,
+        reader: &mut FrameReader<PortReader>,
+    ) -> Result<(), FrameError> {
+        let Some(input) = self.input(stream) else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        let mut buf = input.buffer(len);
+        reader.payload(&mut buf)?;
+        trace::record("guest: read payloads out of the port", started);
+        if let Err(e) = input.push(buf) {
+            log!("stream {stream}: {e}; resetting it");
+            self.close_input(stream);
+            let _ = self.send(&Message::Reset { stream });
+        }
+        Ok(())
+    }
+
+    /// Handles a stream message from the host other than data. Messages
+    /// for unknown streams may race with their teardown and are ignored.
     pub fn on_stream_message(&self, msg: Message) {
         match msg {
-            Message::Data { stream, bytes } => {
-                let Some(input) = self.input(stream) else {
-                    return;
-                };
-                if let Err(e) = input.push(bytes.into_vec()) {
-                    log!("stream {stream}: {e}; resetting it");
-                    self.close_input(stream);
-                    let _ = self.send(&Message::Reset { stream });
-                }
-            }
             Message::Eof { stream } => {
                 if let Some(input) = self.input(stream) {
                     input.finish();
@@ -408,7 +470,11 @@ impl Conn {
             }
             Message::Credit { stream, bytes } => {
                 if let Some(output) = self.output(stream) {
-                    output.flow.grant(bytes);
+                    if let Err(e) = output.flow.grant_owed(bytes) {
+                        log!("stream {stream}: {e}; resetting it");
+                        self.close_output(stream);
+                        let _ = self.send(&Message::Reset { stream });
+                    }
                 }
             }
             // From the host's reader: stop sending. On a stream the host

@@ -9,7 +9,7 @@
 use std::collections::hash_map::{Entry, HashMap};
 use std::ffi::{CString, OsStr};
 use std::fs::{self, DirBuilder, File, Permissions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use cc_protocol::{
     open_flags, DirEntry, ErrorKind, FileStat, FsRequest, RemoteError, Response, UnixTime,
-    DATA_CHUNK,
 };
 use rustix::fs::{AtFlags, OFlags};
 use serde_bytes::ByteBuf;
@@ -51,8 +50,6 @@ pub fn handle(handles: &Handles, request: FsRequest) -> Result<Response, RemoteE
             mode,
         } => handles.open(handle, &path, flags, mode).map(Response::Stat),
         R::Close { handle } => handles.close(handle).map(done),
-        R::Read { handle, len } => handles.get(handle)?.read(len).map(Response::Data),
-        R::Write { handle, data } => handles.get(handle)?.write(&data).map(Response::Written),
         R::Seek {
             handle,
             offset,
@@ -438,6 +435,30 @@ impl Handles {
         }
     }
 
+    /// A second descriptor of open file `handle`, sharing its offset and
+    /// flags, for a transfer to read or write at that offset (`ReadHandle`,
+    /// `WriteHandle`), and its path for error messages. Reading a
+    /// directory or a write-only handle fails here, before anything is
+    /// streamed, with the errno a read would get.
+    pub fn stream_file(&self, handle: u64, read: bool) -> Result<(File, Vec<u8>), RemoteError> {
+        let open = self.get(handle)?;
+        let op = if read { "read" } else { "write" };
+        let file = open.with(op, |f| {
+            let file = f.try_clone()?;
+            if read {
+                let access = rustix::fs::fcntl_getfl(&file)? & OFlags::ACCMODE;
+                if access == OFlags::WRONLY {
+                    return Err(io::Error::from_raw_os_error(libc::EBADF));
+                }
+                if file.metadata()?.is_dir() {
+                    return Err(io::Error::from_raw_os_error(libc::EISDIR));
+                }
+            }
+            Ok(file)
+        })?;
+        Ok((file, open.path.clone()))
+    }
+
     fn close(&self, handle: u64) -> Result<(), RemoteError> {
         let mut slots = lock(&self.slots);
         match slots.get(&handle) {
@@ -468,25 +489,6 @@ impl OpenFile {
         f: impl FnOnce(&mut File) -> io::Result<T>,
     ) -> Result<T, RemoteError> {
         f(&mut lock(&self.file)).map_err(|e| error::fs(op, &self.path, &e))
-    }
-
-    /// One read(2) at the file's offset: the host loops for more.
-    fn read(&self, len: u32) -> Result<ByteBuf, RemoteError> {
-        let mut buf = vec![0; (len as usize).min(DATA_CHUNK)];
-        let n = self.with("read", |file| loop {
-            match file.read(&mut buf) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                other => break other,
-            }
-        })?;
-        buf.truncate(n);
-        Ok(ByteBuf::from(buf))
-    }
-
-    fn write(&self, data: &[u8]) -> Result<u32, RemoteError> {
-        self.with("write", |file| file.write_all(data))?;
-        // A frame, and so `data`, is far smaller than 4 GiB.
-        Ok(data.len() as u32)
     }
 
     fn seek(&self, offset: i64, whence: u8) -> Result<u64, RemoteError> {
@@ -527,6 +529,7 @@ impl OpenFile {
 #[cfg(test)]
 pub mod tests {
     use super::*;
+    use std::io::{Read, Write};
     use std::sync::atomic::{AtomicU32, Ordering};
 
     /// A fresh directory under the system's temporary directory, removed on
@@ -865,14 +868,10 @@ pub mod tests {
             format!("open {}: invalid access mode 3", s.0.join("data").display())
         );
 
-        let write = run(
-            &h,
-            FsRequest::Write {
-                handle: 1,
-                data: b(b"hello world".to_vec()),
-            },
-        );
-        assert_eq!(write.unwrap(), Response::Written(11));
+        // Transfers read and write a second descriptor sharing the offset.
+        let (mut file, named) = h.stream_file(1, false).unwrap();
+        assert_eq!(named, path);
+        file.write_all(b"hello world").unwrap();
         let seek = |whence, offset| {
             run(
                 &h,
@@ -884,15 +883,20 @@ pub mod tests {
             )
         };
         assert_eq!(seek(0, 6).unwrap(), Response::Offset(6));
-        let read = |handle, len| run(&h, FsRequest::Read { handle, len });
-        assert_eq!(read(1, 100).unwrap(), Response::Data(b(b"world".to_vec())));
-        assert_eq!(read(1, 100).unwrap(), Response::Data(b(Vec::new())));
+        let read = |handle, len: usize| {
+            let (file, _) = h.stream_file(handle, true)?;
+            let mut buf = Vec::new();
+            file.take(len as u64).read_to_end(&mut buf).unwrap();
+            Ok::<_, RemoteError>(buf)
+        };
+        assert_eq!(read(1, 100).unwrap(), b"world");
+        assert_eq!(read(1, 100).unwrap(), b"");
         assert_eq!(seek(2, -5).unwrap(), Response::Offset(6));
         assert_eq!(seek(1, -1).unwrap(), Response::Offset(5));
         assert_eq!(seek(3, 0).unwrap_err().kind, ErrorKind::InvalidArgument);
         assert_eq!(seek(0, -1).unwrap_err().errno, Some(libc::EINVAL));
         // Handle 2 has its own offset.
-        assert_eq!(read(2, 5).unwrap(), Response::Data(b(b"hello".to_vec())));
+        assert_eq!(read(2, 5).unwrap(), b"hello");
         run(&h, FsRequest::Truncate { handle: 1, len: 4 }).unwrap();
         run(&h, FsRequest::Sync { handle: 1 }).unwrap();
         let Response::Stat(st) = run(&h, FsRequest::Fstat { handle: 1 }).unwrap() else {
@@ -908,39 +912,20 @@ pub mod tests {
         )
         .unwrap_err();
         assert_eq!(e.errno, Some(libc::EINVAL));
-        // Writing a read-only handle.
-        let e = run(
-            &h,
-            FsRequest::Write {
-                handle: 2,
-                data: b(b"x".to_vec()),
-            },
-        )
-        .unwrap_err();
-        assert_eq!(e.errno, Some(libc::EBADF));
+        // Writing a read-only handle, reading a write-only one.
+        let (mut file, _) = h.stream_file(2, false).unwrap();
+        assert_eq!(
+            file.write_all(b"x").unwrap_err().raw_os_error(),
+            Some(libc::EBADF)
+        );
+        open(4, p::O_WRONLY | p::O_CREATE, 0o600).unwrap();
+        assert_eq!(read(4, 1).unwrap_err().errno, Some(libc::EBADF));
         run(&h, FsRequest::Close { handle: 1 }).unwrap();
         let e = run(&h, FsRequest::Close { handle: 1 }).unwrap_err();
         assert_eq!(e.message, "unknown file handle 1");
         assert_eq!(e.kind, ErrorKind::InvalidArgument);
         let e = read(1, 1).unwrap_err();
         assert_eq!(e.message, "unknown file handle 1");
-
-        // Reads are capped at one data chunk.
-        fs::write(s.0.join("big"), vec![7u8; DATA_CHUNK + 10]).unwrap();
-        run(
-            &h,
-            FsRequest::Open {
-                handle: 9,
-                path: b(s.path("big")),
-                flags: p::O_RDONLY,
-                mode: 0,
-            },
-        )
-        .unwrap();
-        let Response::Data(d) = read(9, u32::MAX).unwrap() else {
-            panic!("not data")
-        };
-        assert_eq!(d.len(), DATA_CHUNK);
 
         // A directory opens read-only; reading it fails.
         run(

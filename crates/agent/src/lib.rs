@@ -71,7 +71,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cc_protocol::frame::{self, FrameError};
+use cc_protocol::frame::{self, Frame, FrameError, FrameReader};
 use cc_protocol::{Message, Request, Response, PROTOCOL_VERSION};
 
 /// Logs one line.
@@ -415,13 +415,20 @@ fn describe_frame_error(e: &FrameError) -> String {
 }
 
 /// Reads and dispatches frames; returns why the connection ended.
-fn read_frames(agent: &Arc<Agent>, conn: &Arc<Conn>, mut port: PortReader) -> String {
-    let mut buf = Vec::new();
+fn read_frames(agent: &Arc<Agent>, conn: &Arc<Conn>, port: PortReader) -> String {
+    let mut reader = FrameReader::new(port);
     loop {
-        match frame::read(&mut port, &mut buf) {
-            Ok(Some(msg)) => dispatch(agent, conn, msg),
+        let result = match reader.read_frame() {
+            Ok(Some(Frame::Message(msg))) => {
+                dispatch(agent, conn, msg);
+                Ok(())
+            }
+            Ok(Some(Frame::Data { stream, len })) => conn.receive_data(stream, len, &mut reader),
             Ok(None) => return "the host closed the port".into(),
-            Err(e) => return describe_frame_error(&e),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            return describe_frame_error(&e);
         }
     }
 }
@@ -491,6 +498,22 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
                 Box::new(move |_, reply| transfer::write_file(reply, &path, mode, receiver))
             }
             // The stream is someone else's: resetting it would break theirs.
+            Err(e) => return reply.send(Err(e)),
+        },
+        Request::ReadHandle {
+            handle,
+            len,
+            stream,
+        } => match Sender::open(conn, stream) {
+            Ok(sender) => {
+                Box::new(move |_, reply| transfer::read_handle(reply, handle, len, sender))
+            }
+            Err(e) => return reply.send(Err(e)),
+        },
+        Request::WriteHandle { handle, stream } => match Receiver::open(conn, stream) {
+            Ok(receiver) => {
+                Box::new(move |_, reply| transfer::write_handle(reply, handle, receiver))
+            }
             Err(e) => return reply.send(Err(e)),
         },
         Request::SnapshotUpper { stream, exclude } => match Sender::open(conn, stream) {

@@ -4,15 +4,16 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Instant;
 
 use cc_protocol::flow::Inbound;
 use cc_protocol::{frame, Message, RemoteError, DATA_CHUNK};
 use serde_bytes::ByteBuf;
 
 use crate::conn::{Conn, Output};
-use crate::error;
+use crate::{error, sys, trace};
 
 /// A registered guest → host stream. Dropping it unregisters the stream, so
 /// one that is never pumped (its request failed) is released too.
@@ -41,13 +42,31 @@ impl Sender {
     /// stalls the source (a process writing a pipe) rather than growing the
     /// agent's memory. A read error resets the stream; a reset from the host
     /// stops the copy and closes `source` (a pipe's writer then gets EPIPE).
-    pub fn pump(self, mut source: File) {
+    pub fn pump(self, source: File) {
+        self.pump_some(source, u64::MAX);
+    }
+
+    /// Like [`pump`](Self::pump), but ends the stream after at most
+    /// `limit` bytes.
+    pub fn pump_some(self, mut source: File, limit: u64) {
         let stream = self.id;
+        let mut left = limit;
         // The payload is read right after room for the frame header, so
         // each chunk is copied once (from the source) before it is sent.
         const ROOM: usize = frame::DATA_HEADER_MAX;
-        let mut frame_buf = vec![0; ROOM + DATA_CHUNK];
-        while let Some(credit) = self.output.acquire(DATA_CHUNK) {
+        let mut frame_buf =
+            vec![0; ROOM + DATA_CHUNK.min(usize::try_from(limit).unwrap_or(usize::MAX))];
+        loop {
+            if left == 0 {
+                self.finish();
+                break;
+            }
+            let waited = Instant::now();
+            let want = usize::try_from(left).unwrap_or(usize::MAX).min(DATA_CHUNK);
+            let Some(credit) = self.output.acquire(want) else {
+                break;
+            };
+            trace::record("guest: wait for credit", waited);
             // Waiting here rather than in read lets a reset interrupt an idle
             // pipe; regular files are always ready.
             match self.output.wait_readable(source.as_fd()) {
@@ -58,12 +77,14 @@ impl Sender {
                     break;
                 }
             }
+            let read = Instant::now();
             let got = loop {
                 match source.read(&mut frame_buf[ROOM..ROOM + credit]) {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     other => break other,
                 }
             };
+            trace::record("guest: read the file", read);
             let got = match got {
                 Ok(n) => n,
                 Err(e) => {
@@ -80,9 +101,11 @@ impl Sender {
                 self.finish();
                 break;
             }
+            left -= got as u64;
             let mut header = [0u8; ROOM];
             let len = frame::data_header(stream, got, &mut header);
             frame_buf[ROOM - len..ROOM].copy_from_slice(&header[ROOM - len..]);
+            let sent = Instant::now();
             if self
                 .conn
                 .send_frame(&frame_buf[ROOM - len..ROOM + got])
@@ -90,6 +113,73 @@ impl Sender {
             {
                 break;
             }
+            trace::record("guest: write frames to the port", sent);
+        }
+    }
+
+    /// Like [`pump`](Self::pump), for a regular file: its pages move file →
+    /// pipe → port by `splice`, never copied into the agent (a page the
+    /// kernel cannot hand over whole is copied once, in the kernel, where
+    /// reading and writing would copy twice). A file whose filesystem
+    /// cannot splice is pumped instead.
+    pub fn splice_file(self, file: File) {
+        let stream = self.id;
+        let (pipe_out, pipe_in) = match sys::pipe() {
+            Ok(pipe) => pipe,
+            Err(_) => return self.pump(file),
+        };
+        // One chunk per splice: the default pipe holds 64 KiB. Refused,
+        // frames are smaller; never more than the pipe holds, or filling
+        // it would block with nobody to drain it.
+        let chunk = rustix::pipe::fcntl_setpipe_size(&pipe_in, DATA_CHUNK)
+            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&pipe_in))
+            .map_or(4096, |size| size.min(DATA_CHUNK));
+        let mut first = true;
+        loop {
+            let waited = Instant::now();
+            let Some(credit) = self.output.acquire(chunk) else {
+                break;
+            };
+            trace::record("guest: wait for credit", waited);
+            let read = Instant::now();
+            let got = match fill_pipe(&file, &pipe_in, credit) {
+                Ok(n) => n,
+                Err(e) if first && e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.output.give_back(credit);
+                    return self.pump(file);
+                }
+                Err(e) => {
+                    log!(
+                        "stream {stream}: splice from the file: {}",
+                        error::describe(&e)
+                    );
+                    self.output.give_back(credit);
+                    self.reset();
+                    break;
+                }
+            };
+            trace::record("guest: read the file", read);
+            first = false;
+            self.output.give_back(credit - got);
+            if !self.output.is_open() {
+                break;
+            }
+            if got == 0 {
+                self.finish();
+                break;
+            }
+            let mut header = [0u8; frame::DATA_HEADER_MAX];
+            let len = frame::data_header(stream, got, &mut header);
+            let sent = Instant::now();
+            let header = &header[frame::DATA_HEADER_MAX - len..];
+            if let Err(e) = self.conn.send_spliced(header, pipe_out.as_fd(), got) {
+                log!(
+                    "stream {stream}: splice to the port: {}",
+                    error::describe(&e)
+                );
+                break;
+            }
+            trace::record("guest: write frames to the port", sent);
         }
     }
 
@@ -114,6 +204,28 @@ impl Sender {
         }
         self.conn.release_output(self.id, &self.output);
     }
+}
+
+/// Splices up to `want` bytes of `file` (from its offset) into `pipe`;
+/// returns how many, fewer only at the end of the file.
+fn fill_pipe(file: &File, pipe: &OwnedFd, want: usize) -> io::Result<usize> {
+    let mut got = 0;
+    while got < want {
+        match rustix::pipe::splice(
+            file,
+            None,
+            pipe,
+            None,
+            want - got,
+            rustix::pipe::SpliceFlags::MOVE,
+        ) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(got)
 }
 
 /// Sends what is written as `Data` frames of at most [`DATA_CHUNK`] bytes,
@@ -176,29 +288,31 @@ impl Receiver {
     }
 
     /// Hands everything the host sends to `sink` until its end of file,
-    /// returning credit as the data is taken, so no more than the stream
-    /// window is ever buffered.
+    /// in the buffers the payloads were read into (no copy), returning
+    /// credit as the data is taken, so no more than the stream window is
+    /// ever buffered.
     pub fn drain(&self, mut sink: impl FnMut(&[u8]) -> io::Result<()>) -> Result<(), DrainError> {
         let stream = self.id;
-        let mut buf = vec![0; DATA_CHUNK];
         loop {
-            let r = self
-                .input
-                .read(&mut buf, None)
-                .map_err(|_| DrainError::Broken)?;
-            if r.credit > 0 {
+            let waited = Instant::now();
+            let chunk = self.input.take(None).map_err(|_| DrainError::Broken)?;
+            trace::record("guest: wait for data", waited);
+            if chunk.credit > 0 {
                 let _ = self.conn.send(&Message::Credit {
                     stream,
-                    bytes: r.credit,
+                    bytes: chunk.credit,
                 });
             }
-            if r.len == 0 {
+            if chunk.bytes.is_empty() {
                 return Ok(());
             }
-            if let Err(e) = sink(&buf[..r.len]) {
+            let written = Instant::now();
+            if let Err(e) = sink(&chunk.bytes) {
                 self.reset();
                 return Err(DrainError::Sink(e));
             }
+            trace::record("guest: write to the file", written);
+            self.input.recycle(chunk.bytes);
         }
     }
 

@@ -38,7 +38,7 @@ pub fn read_file(reply: Reply, path: &[u8], sender: Sender) {
     match opened {
         Ok((file, size)) => {
             reply.send(Ok(Response::Size(size)));
-            sender.pump(file);
+            sender.splice_file(file);
         }
         Err(e) => reply.send(Err(e)),
     }
@@ -56,20 +56,50 @@ pub fn write_file(reply: Reply, path: &[u8], mode: u32, receiver: Receiver) {
             return reply.send(Err(e));
         }
     };
-    match receiver.drain(|bytes| (&file).write_all(bytes)) {
-        Ok(()) => {
-            drop(file);
+    let answer = drain_into(&file, path, &receiver);
+    // Answered once closed, so the host never sees the file still open.
+    drop(file);
+    reply.send(answer);
+}
+
+/// Answers once open file `handle` is found, then streams up to `len`
+/// bytes of it from its offset on `sender`.
+pub fn read_handle(reply: Reply, handle: u64, len: u64, sender: Sender) {
+    match reply.conn().handles().stream_file(handle, true) {
+        Ok((file, _)) => {
             reply.send(Ok(Response::Done));
+            sender.pump_some(file, len);
         }
+        Err(e) => reply.send(Err(e)),
+    }
+}
+
+/// Writes what the host sends on `receiver` to open file `handle` at its
+/// offset, and answers once it is all written.
+pub fn write_handle(reply: Reply, handle: u64, receiver: Receiver) {
+    let (file, path) = match reply.conn().handles().stream_file(handle, false) {
+        Ok(found) => found,
+        Err(e) => {
+            receiver.reset();
+            return reply.send(Err(e));
+        }
+    };
+    reply.send(drain_into(&file, &path, &receiver));
+}
+
+/// Writes everything `receiver` yields to `file`; the answer to send.
+fn drain_into(file: &File, path: &[u8], receiver: &Receiver) -> Result<Response, RemoteError> {
+    match receiver.drain(|bytes| (&*file).write_all(bytes)) {
+        Ok(()) => Ok(Response::Done),
         // The stream was reset: the host stops sending, later data drops.
-        Err(DrainError::Sink(e)) => reply.send(Err(error::fs("write", path, &e))),
-        Err(DrainError::Broken) => reply.send(Err(error::new(
+        Err(DrainError::Sink(e)) => Err(error::fs("write", path, &e)),
+        Err(DrainError::Broken) => Err(error::new(
             ErrorKind::Io,
             format!(
                 "write {}: the transfer was aborted",
                 String::from_utf8_lossy(path)
             ),
-        ))),
+        )),
     }
 }
 

@@ -9,7 +9,7 @@
 //! calls it periodically and ends the channel with the reason.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, BufReader};
+use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -18,12 +18,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use cc_protocol::flow::{Broken, Inbound, Outbound};
+use cc_protocol::frame::{Frame, FrameReader};
 use cc_protocol::{
     frame, ExitStatus, Message, RemoteError, Request, Response, DATA_CHUNK, GUEST_STREAM_BASE,
     PROTOCOL_VERSION,
 };
 
 use crate::error::{Error, Result};
+use crate::phases::{self, Phase};
 
 type Reply = std::result::Result<Response, RemoteError>;
 
@@ -196,6 +198,12 @@ pub(crate) struct Tables {
     outbound: HashMap<u32, Arc<Outbound>>,
     exits: HashMap<u64, Arc<ExitSlot>>,
     listeners: HashMap<u64, Arc<AcceptQueue>>,
+    /// The highest host-numbered stream handed out, and the highest
+    /// guest-numbered one the guest announced: a frame for a stream past
+    /// these was never opened, which only a broken agent sends (frames for
+    /// streams closed meanwhile are a race, and dropped).
+    host_streams: u32,
+    guest_streams: u32,
     /// Why the connection is gone, once it is.
     dead: Option<Gone>,
 }
@@ -220,25 +228,27 @@ impl Tables {
                 }
             }
             Message::Data { stream, bytes } => {
-                if let Some(s) = self.inbound.get(&stream) {
-                    s.push(bytes.into_vec())
-                        .map_err(|e| format!("the guest agent broke flow control: {e}"))?;
+                if let Some(s) = self.data_target(stream)? {
+                    push(&s, bytes.into_vec())?;
                 }
             }
             Message::Eof { stream } => {
+                self.check_opened(stream)?;
                 if let Some(s) = self.inbound.get(&stream) {
                     s.finish();
                 }
             }
-            // Credit beyond the window is capped by `grant`.
             Message::Credit { stream, bytes } => {
+                self.check_opened(stream)?;
                 if let Some(s) = self.outbound.get(&stream) {
-                    s.grant(bytes);
+                    s.grant_owed(bytes)
+                        .map_err(|e| format!("the guest agent broke flow control: {e}"))?;
                 }
             }
             // The guest stops reading a stream we send, or aborts one it
             // sends (a read error, a connection reset): either way it is over.
             Message::Reset { stream } => {
+                self.check_opened(stream)?;
                 if let Some(s) = self.outbound.remove(&stream) {
                     s.break_off(Broken::Closed);
                 }
@@ -266,6 +276,7 @@ impl Tables {
                 }
                 match self.listeners.get(&listener) {
                     Some(queue) if queue.len() < ACCEPT_BACKLOG => {
+                        self.guest_streams = self.guest_streams.max(to_guest).max(from_guest);
                         let inbound = Arc::new(Inbound::new());
                         let outbound = Arc::new(Outbound::new());
                         self.inbound.insert(from_guest, inbound.clone());
@@ -294,6 +305,34 @@ impl Tables {
             }
         }
         Ok(Vec::new())
+    }
+
+    /// `Err` for a stream that was never opened.
+    fn check_opened(&self, stream: u32) -> std::result::Result<(), String> {
+        let opened = if stream < GUEST_STREAM_BASE {
+            stream <= self.host_streams
+        } else {
+            stream <= self.guest_streams
+        };
+        if opened && stream != 0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "the guest agent sent a frame for stream {stream}, which was never opened"
+            ))
+        }
+    }
+
+    /// Where the payload of a `Data` frame for `stream` goes: `None` for a
+    /// stream closed meanwhile; `Err` for one never opened.
+    fn data_target(&self, stream: u32) -> std::result::Result<Option<Arc<Inbound>>, String> {
+        self.check_opened(stream)?;
+        Ok(self.inbound.get(&stream).cloned())
+    }
+
+    /// Registers a host-numbered stream.
+    fn opened(&mut self, id: u32) {
+        self.host_streams = self.host_streams.max(id);
     }
 
     /// Fails everything waiting with `gone`; the first reason sticks.
@@ -378,10 +417,13 @@ impl Channel {
             .set_read_timeout(Some(timeout))
             .map_err(Error::io("configure", "agent channel"))?;
         let mut reader = frame_reader(&socket)?;
-        let mut buf = Vec::new();
-        let agent = match frame::read(&mut reader, &mut buf) {
-            Ok(Some(Message::Hello { version, agent })) if version == PROTOCOL_VERSION => agent,
-            Ok(Some(Message::Hello { version, .. })) => {
+        let agent = match reader.read_frame() {
+            Ok(Some(Frame::Message(Message::Hello { version, agent })))
+                if version == PROTOCOL_VERSION =>
+            {
+                agent
+            }
+            Ok(Some(Frame::Message(Message::Hello { version, .. }))) => {
                 return Err(Error::ProtocolMismatch {
                     guest: version,
                     host: PROTOCOL_VERSION,
@@ -397,15 +439,17 @@ impl Channel {
                     "the guest closed the channel before greeting".into(),
                 ))
             }
-            Err(frame::FrameError::Decode(_)) => match frame::hello_version(&buf) {
-                Some(version) => {
-                    return Err(Error::ProtocolMismatch {
-                        guest: version,
-                        host: PROTOCOL_VERSION,
-                    })
+            Err(frame::FrameError::Decode(_)) => {
+                match frame::hello_version(reader.last_payload()) {
+                    Some(version) => {
+                        return Err(Error::ProtocolMismatch {
+                            guest: version,
+                            host: PROTOCOL_VERSION,
+                        })
+                    }
+                    None => return Err(Error::Protocol("undecodable greeting".into())),
                 }
-                None => return Err(Error::Protocol("undecodable greeting".into())),
-            },
+            }
             Err(frame::FrameError::Io(e))
                 if matches!(
                     e.kind(),
@@ -454,7 +498,11 @@ impl Channel {
     }
 
     /// Starts the reader thread on a connected channel.
-    fn start(socket: UnixStream, reader: BufReader<UnixStream>, resumed: bool) -> Result<Channel> {
+    fn start(
+        socket: UnixStream,
+        reader: FrameReader<UnixStream>,
+        resumed: bool,
+    ) -> Result<Channel> {
         socket
             .set_read_timeout(None)
             .map_err(Error::io("configure", "agent channel"))?;
@@ -646,6 +694,7 @@ impl Channel {
         let id = self.new_stream_id();
         let stream = Arc::new(Inbound::new());
         let mut t = lock(&self.shared.tables);
+        t.opened(id);
         match &t.dead {
             Some(_) => stream.break_off(Broken::Lost),
             None => {
@@ -660,6 +709,7 @@ impl Channel {
         let id = self.new_stream_id();
         let stream = Arc::new(Outbound::new());
         let mut t = lock(&self.shared.tables);
+        t.opened(id);
         match &t.dead {
             Some(_) => stream.break_off(Broken::Lost),
             None => {
@@ -677,7 +727,9 @@ impl Channel {
         buf: &mut [u8],
         deadline: Option<Instant>,
     ) -> io::Result<usize> {
+        let started = Instant::now();
         let r = stream.read(buf, deadline)?;
+        phases::add(Phase::Read, started);
         if r.credit > 0 {
             // A lost channel surfaces on the next read; credit is moot then.
             let _ = self.send(&Message::Credit {
@@ -703,15 +755,21 @@ impl Channel {
     pub(crate) fn write(&self, id: u32, stream: &Outbound, data: &[u8]) -> io::Result<()> {
         let mut rest = data;
         while !rest.is_empty() {
+            let waited = Instant::now();
             let n = stream.acquire(rest.len().min(DATA_CHUNK), None)?;
-            // Header and payload in one buffer: one copy, one write.
+            phases::add(Phase::CreditWait, waited);
             let mut header = [0u8; frame::DATA_HEADER_MAX];
             let len = frame::data_header(id, n, &mut header);
-            let mut bytes = Vec::with_capacity(len + n);
-            bytes.extend_from_slice(&header[frame::DATA_HEADER_MAX - len..]);
-            bytes.extend_from_slice(&rest[..n]);
-            self.send_frame(&bytes)
-                .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()))?;
+            // Header and payload go out in one system call straight from
+            // where they are: the payload is never copied on the host.
+            let sent = Instant::now();
+            let frame = [
+                IoSlice::new(&header[frame::DATA_HEADER_MAX - len..]),
+                IoSlice::new(&rest[..n]),
+            ];
+            send_frame_vectored(&self.shared, frame)
+                .map_err(|()| io::Error::new(io::ErrorKind::BrokenPipe, self.gone_error()))?;
+            phases::add(Phase::Send, sent);
             rest = &rest[n..];
         }
         Ok(())
@@ -819,26 +877,60 @@ fn unread(socket: &UnixStream) -> bool {
     r == 0 && n > 0
 }
 
-/// A buffered reader of the channel's frames, on a second handle of it.
-fn frame_reader(socket: &UnixStream) -> Result<BufReader<UnixStream>> {
+/// A reader of the channel's frames, on a second handle of it.
+fn frame_reader(socket: &UnixStream) -> Result<FrameReader<UnixStream>> {
     let handle = socket
         .try_clone()
         .map_err(Error::io("dup", "agent channel"))?;
-    Ok(BufReader::with_capacity(256 << 10, handle))
+    Ok(FrameReader::new(handle))
 }
 
-fn read_loop(shared: &Shared, mut reader: BufReader<UnixStream>) {
-    let mut buf = Vec::new();
+/// Queues a payload on its stream; overrunning the window ends the channel.
+fn push(stream: &Inbound, bytes: Vec<u8>) -> std::result::Result<(), String> {
+    stream
+        .push(bytes)
+        .map_err(|e| format!("the guest agent broke flow control: {e}"))
+}
+
+/// Reads the payload of a `Data` frame straight into a buffer of its
+/// stream and queues it there (one copy, from the socket). The tables are
+/// not locked meanwhile: a stream closed during the read drops the data.
+fn receive_data(
+    shared: &Shared,
+    reader: &mut FrameReader<UnixStream>,
+    stream: u32,
+    len: usize,
+) -> std::result::Result<(), String> {
+    // Unread, the payload of a stream closed meanwhile is skipped.
+    let Some(target) = lock(&shared.tables).data_target(stream)? else {
+        return Ok(());
+    };
+    let started = Instant::now();
+    let mut buf = target.buffer(len);
+    reader
+        .payload(&mut buf)
+        .map_err(|e| format!("agent channel failed: {e}"))?;
+    phases::add(Phase::Receive, started);
+    push(&target, buf)
+}
+
+fn read_loop(shared: &Shared, mut reader: FrameReader<UnixStream>) {
     let why = loop {
-        let msg = match frame::read(&mut reader, &mut buf) {
-            Ok(Some(msg)) => msg,
+        let frame = match reader.read_frame() {
+            Ok(Some(frame)) => frame,
             Ok(None) => break "the guest stopped".to_string(),
             Err(e) => break format!("agent channel failed: {e}"),
         };
         shared
             .heard
             .store(shared.epoch.elapsed().as_nanos() as u64, Ordering::Release);
-        let resets = match lock(&shared.tables).dispatch(msg, shared.resumed) {
+        let resets = match frame {
+            Frame::Data { stream, len } => {
+                receive_data(shared, &mut reader, stream, len).map(|()| Vec::new())
+            }
+            Frame::Message(msg) => lock(&shared.tables).dispatch(msg, shared.resumed),
+        };
+        let resets = match resets {
             Ok(resets) => resets,
             Err(why) => break why,
         };
@@ -864,6 +956,39 @@ fn send_frame(shared: &Shared, bytes: &[u8]) -> std::result::Result<(), ()> {
             Gone::Dead(format!("writing to the guest agent: {e}")),
         );
     })
+}
+
+/// Writes one frame given in pieces, without joining them; on failure the
+/// channel is marked dead.
+fn send_frame_vectored(
+    shared: &Shared,
+    mut frame: [IoSlice<'_>; 2],
+) -> std::result::Result<(), ()> {
+    let mut w = lock(&shared.writer);
+    let mut slices = &mut frame[..];
+    while !slices.is_empty() {
+        match io::Write::write_vectored(&mut *w, slices) {
+            Ok(0) => {
+                drop(w);
+                mark_dead(
+                    shared,
+                    Gone::Dead("writing to the guest agent: wrote nothing".into()),
+                );
+                return Err(());
+            }
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                drop(w);
+                mark_dead(
+                    shared,
+                    Gone::Dead(format!("writing to the guest agent: {e}")),
+                );
+                return Err(());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Fails everything waiting on the channel with `gone`.
@@ -894,6 +1019,7 @@ pub fn fuzz_dispatch(data: &[u8]) {
         t.inbound.insert(id, Arc::new(Inbound::new()));
         t.outbound.insert(id + 2, Arc::new(Outbound::new()));
     }
+    t.host_streams = 4;
     let queue = Arc::new(AcceptQueue::default());
     t.listeners.insert(1, queue.clone());
     let mut buf = Vec::new();
@@ -978,6 +1104,8 @@ mod tests {
         let mut t = Tables::default();
         t.inbound.insert(1, Arc::new(Inbound::new()));
         t.outbound.insert(2, Arc::new(Outbound::new()));
+        // Stream 3 was opened and closed already.
+        t.host_streams = 3;
         t
     }
 
@@ -998,16 +1126,31 @@ mod tests {
     }
 
     #[test]
-    fn frames_for_unknown_streams_requests_and_processes_are_dropped() {
+    fn frames_for_streams_never_opened_end_the_channel() {
+        for stream in [0, 4, 99, GUEST_STREAM_BASE] {
+            for msg in [
+                data(stream, 10),
+                Message::Eof { stream },
+                Message::Credit { stream, bytes: 1 },
+                Message::Reset { stream },
+            ] {
+                let err = tables().dispatch(msg, false).unwrap_err();
+                assert!(err.contains("never opened"), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn frames_for_closed_streams_requests_and_processes_are_dropped() {
         let mut t = tables();
         for msg in [
-            data(99, 10),
-            Message::Eof { stream: 99 },
+            data(3, 10),
+            Message::Eof { stream: 3 },
             Message::Credit {
-                stream: 99,
+                stream: 3,
                 bytes: u32::MAX,
             },
-            Message::Reset { stream: 99 },
+            Message::Reset { stream: 3 },
             Message::Response {
                 id: 12345,
                 body: Ok(Response::Pong),
@@ -1023,19 +1166,25 @@ mod tests {
     }
 
     #[test]
-    fn credit_not_owed_never_raises_a_window_past_its_size() {
+    fn credit_not_owed_ends_the_channel() {
         let mut t = tables();
         let out = t.outbound[&2].clone();
-        for _ in 0..3 {
-            t.dispatch(
+        assert_eq!(out.acquire(10, None).unwrap(), 10);
+        let owed = Message::Credit {
+            stream: 2,
+            bytes: 10,
+        };
+        t.dispatch(owed, false).unwrap();
+        let err = t
+            .dispatch(
                 Message::Credit {
                     stream: 2,
-                    bytes: u32::MAX,
+                    bytes: 1,
                 },
                 false,
             )
-            .unwrap();
-        }
+            .unwrap_err();
+        assert!(err.contains("flow control"), "{err}");
         assert_eq!(
             out.acquire(usize::MAX, None).unwrap(),
             cc_protocol::STREAM_WINDOW as usize
@@ -1089,6 +1238,8 @@ mod tests {
         }
         t.dispatch(accepted(1, 0), false).unwrap();
         assert!(t.dispatch(accepted(1, 0), false).is_err(), "streams reused");
+        // Their frames are accepted now.
+        t.dispatch(data(GUEST_STREAM_BASE + 1, 5), false).unwrap();
         // Unknown listener: both streams are reset.
         assert_eq!(
             t.dispatch(accepted(9, 1), false),
@@ -1147,7 +1298,6 @@ mod tests {
         let mut wire = vec![1u8];
         for msg in [
             data(1, cc_protocol::DATA_CHUNK),
-            data(77, 3),
             accepted(1, 0),
             accepted(2, 1),
             Message::Credit {
@@ -1158,6 +1308,7 @@ mod tests {
                 id: 999,
                 body: Ok(Response::Done),
             },
+            data(77, 3),
             Message::Goodbye { reason: "x".into() },
         ] {
             wire.extend(frame::encode(&msg).unwrap());

@@ -220,6 +220,48 @@ pub(crate) fn too_large(op: &str, path: &str, size: Option<u64>, limit: u64) -> 
     }
 }
 
+/// Sends bytes to the guest on a new stream, for the request `request`
+/// makes of its id (`WriteFile`, `WriteHandle`), which the agent answers
+/// once it took them all: `feed` hands them to `send` (false once the
+/// guest refused them) and fails on a source error. Returns the bytes the
+/// guest took.
+fn send_stream(
+    inner: &Arc<Inner>,
+    op: &str,
+    path: &str,
+    request: impl FnOnce(u32) -> Request,
+    feed: impl FnOnce(&mut dyn FnMut(&[u8]) -> bool) -> io::Result<()>,
+) -> Result<u64> {
+    inner.check_running()?;
+    let (id, stream) = inner.channel.open_outbound();
+    let pending = inner.channel.begin(request(id))?;
+    let mut total = 0u64;
+    // A refused write shows as a broken pipe; the answer says why.
+    let fed = feed(&mut |bytes| {
+        let sent = inner.channel.write(id, &stream, bytes).is_ok();
+        if sent {
+            total += bytes.len() as u64;
+        }
+        sent
+    });
+    // Without Eof the guest would keep the file half-written and
+    // waiting: end the stream before reporting a host-side failure.
+    inner.channel.close_outbound(id, &stream);
+    let answer = pending.wait(&inner.channel, REQUEST_TIMEOUT);
+    if let Err(e) = fed {
+        return Err(Error::Io {
+            op: format!("{op} (reading the source)"),
+            path: path.into(),
+            source: e,
+        });
+    }
+    match answer? {
+        Ok(Response::Done) => Ok(total),
+        Ok(other) => Err(unexpected(op, other)),
+        Err(e) => Err(remote(op, path, e)),
+    }
+}
+
 /// A guest file streaming to the host, from [`Instance::read_file_stream`]:
 /// read it to its end (a read of 0 bytes). Only a bounded window of it is
 /// in host memory at a time. Dropping it early stops the transfer.
@@ -392,57 +434,45 @@ impl Instance {
 
     /// Creates or replaces a guest file with `data`, permissions `mode`.
     pub fn write_file(&self, path: &str, data: &[u8], mode: u32) -> Result<()> {
-        self.write_file_from(path, &mut &data[..], mode).map(drop)
+        // Sent from where it is: no copy on the host.
+        self.send_file(path, mode, |send| {
+            send(data);
+            Ok(())
+        })
+        .map(drop)
     }
 
     /// Creates or replaces a guest file with everything `input` yields,
     /// streamed in chunks; returns the bytes written.
     pub fn write_file_from(&self, path: &str, input: &mut impl Read, mode: u32) -> Result<u64> {
-        let inner = self.inner();
-        inner.check_running()?;
-        let wire = guest_path(path)?;
-        let (id, stream) = inner.channel.open_outbound();
-        let pending = inner.channel.begin(Request::WriteFile {
-            path: wire,
-            mode: mode & 0o7777,
-            stream: id,
-        })?;
         let mut buf = vec![0u8; DATA_CHUNK];
-        let mut total = 0u64;
-        let mut local_error = None;
-        loop {
+        self.send_file(path, mode, |send| loop {
             let n = match input.read(&mut buf) {
-                Ok(0) => break,
+                Ok(0) => return Ok(()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    local_error = Some(e);
-                    break;
-                }
+                Err(e) => return Err(e),
             };
-            // A refused write shows as a broken pipe; the answer says why.
-            if inner.channel.write(id, &stream, &buf[..n]).is_err() {
-                break;
+            if !send(&buf[..n]) {
+                return Ok(());
             }
-            total += n as u64;
-        }
-        if let Some(e) = local_error {
-            // Without Eof the guest would keep the file half-written and
-            // waiting: end the stream, then report the host-side failure.
-            inner.channel.close_outbound(id, &stream);
-            let _ = pending.wait(&inner.channel, REQUEST_TIMEOUT);
-            return Err(Error::Io {
-                op: "write_file (reading the source)".into(),
-                path: path.into(),
-                source: e,
-            });
-        }
-        inner.channel.close_outbound(id, &stream);
-        match pending.wait(&inner.channel, REQUEST_TIMEOUT)? {
-            Ok(Response::Done) => Ok(total),
-            Ok(other) => Err(unexpected("write_file", other)),
-            Err(e) => Err(remote("write_file", path, e)),
-        }
+        })
+    }
+
+    /// Streams a guest file's new contents (see [`send_stream`]).
+    fn send_file(
+        &self,
+        path: &str,
+        mode: u32,
+        feed: impl FnOnce(&mut dyn FnMut(&[u8]) -> bool) -> io::Result<()>,
+    ) -> Result<u64> {
+        let wire = guest_path(path)?;
+        let request = |stream| Request::WriteFile {
+            path: wire,
+            mode: mode & 0o7777,
+            stream,
+        };
+        send_stream(self.inner(), "write_file", path, request, feed)
     }
 
     /// Metadata of `path`, following a final symlink.
@@ -677,22 +707,54 @@ impl File {
         self.inner.fs(op, &self.path, req)
     }
 
-    /// Reads up to `buf.len()` bytes at the file offset; 0 at end of file.
+    /// Reads up to `buf.len()` bytes at the file offset, fewer only at the
+    /// end of the file; 0 at end of file. The bytes come on a stream, as
+    /// `read_file`'s do, straight into `buf`, in one round trip.
     pub fn read_some(&self, buf: &mut [u8]) -> Result<usize> {
-        let len = buf.len().min(DATA_CHUNK) as u32;
-        match self.call(
-            "read",
-            FsRequest::Read {
-                handle: self.handle,
-                len,
+        self.check_open()?;
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let inner = &self.inner;
+        inner.check_running()?;
+        let (id, stream) = inner.channel.open_inbound();
+        // Dropped early (an error), it closes the stream.
+        let stream = ChildOutput::new(inner.clone(), id, stream);
+        let request = Request::ReadHandle {
+            handle: self.handle,
+            len: buf.len() as u64,
+            stream: id,
+        };
+        match inner.channel.request(request, REQUEST_TIMEOUT)? {
+            Ok(Response::Done) => {}
+            Ok(other) => return Err(unexpected("read", other)),
+            Err(e) => return Err(remote("read", &self.path, e)),
+        }
+        let fail = |e| match inner.check_running() {
+            Err(not_running) => not_running,
+            Ok(()) => Error::Io {
+                op: "read".into(),
+                path: self.path.clone(),
+                source: e,
             },
-        )? {
-            Response::Data(data) => {
-                let n = data.len().min(buf.len());
-                buf[..n].copy_from_slice(&data[..n]);
-                Ok(n)
+        };
+        let mut got = 0;
+        // Until the end of the stream, which follows the last byte asked
+        // for: reading it lets the stream close without a reset.
+        loop {
+            let n = if got < buf.len() {
+                stream.receive(&mut buf[got..])
+            } else {
+                stream.receive(&mut [0u8; 1])
             }
-            other => Err(unexpected("read", other)),
+            .map_err(fail)?;
+            if n == 0 {
+                return Ok(got);
+            }
+            got += n;
+            if got > buf.len() {
+                return Err(Error::Protocol("the guest sent more than was asked".into()));
+            }
         }
     }
 
@@ -724,21 +786,19 @@ impl File {
         })
     }
 
-    /// Writes all of `data` at the file offset (the end, with `O_APPEND`).
+    /// Writes all of `data` at the file offset (the end, with `O_APPEND`),
+    /// on a stream as `write_file` does, in one round trip.
     pub fn write_all_bytes(&self, data: &[u8]) -> Result<()> {
-        for chunk in data.chunks(DATA_CHUNK) {
-            match self.call(
-                "write",
-                FsRequest::Write {
-                    handle: self.handle,
-                    data: ByteBuf::from(chunk),
-                },
-            )? {
-                Response::Written(n) if n as usize == chunk.len() => {}
-                other => return Err(unexpected("write", other)),
-            }
-        }
-        Ok(())
+        self.check_open()?;
+        let request = |stream| Request::WriteHandle {
+            handle: self.handle,
+            stream,
+        };
+        send_stream(&self.inner, "write", &self.path, request, |send| {
+            send(data);
+            Ok(())
+        })
+        .map(drop)
     }
 
     /// Moves the file offset; returns the new one.
@@ -843,9 +903,8 @@ impl Read for File {
 
 impl Write for File {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let chunk = &buf[..buf.len().min(DATA_CHUNK)];
-        self.write_all_bytes(chunk).map_err(to_io)?;
-        Ok(chunk.len())
+        self.write_all_bytes(buf).map_err(to_io)?;
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {

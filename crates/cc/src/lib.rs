@@ -34,6 +34,7 @@ mod host;
 mod instance;
 mod net;
 mod oci;
+mod phases;
 mod process;
 mod rootfs;
 mod snapshot;
@@ -69,6 +70,7 @@ pub use instance::{
 };
 pub use net::{Exposed, Listener};
 pub use oci::*;
+pub use phases::take_host_phases;
 pub use process::{Child, ChildOutput, ChildStdin, Command, ExitStatus, Output, Signaller, Stdio};
 pub use snapshot::Snapshot;
 

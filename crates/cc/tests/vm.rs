@@ -440,6 +440,50 @@ fn crash_is_not_running_and_isolated() {
     victim.close().unwrap();
 }
 
+fn file_transfers_cut_by_a_dying_guest_fail_promptly() {
+    let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+    let before = threads();
+    let inst = std::sync::Arc::new(boot());
+    inst.write_file("/tmp/big", &vec![1u8; 16 << 20], 0o644)
+        .unwrap();
+    let mut reading = inst.read_file_stream("/tmp/big").unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    assert!(reading.read_some(&mut buf).unwrap() > 0);
+    let writer = {
+        let inst = inst.clone();
+        std::thread::spawn(move || inst.write_file("/tmp/huge", &vec![2u8; 256 << 20], 0o644))
+    };
+    // Mid-transfer (256 MiB takes seconds), the guest dies with QEMU.
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = inst.vm_pid().unwrap();
+    // SAFETY: kill has no memory preconditions; the pid is our QEMU child.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let killed = Instant::now();
+    let err = writer.join().unwrap().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NotRunning, "{err}");
+    let err = loop {
+        match reading.read_some(&mut buf) {
+            Ok(0) => panic!("a cut transfer ended as if complete"),
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), ErrorCode::NotRunning, "{err}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        killed.elapsed()
+    );
+    drop(reading);
+    inst.close().unwrap();
+    drop(inst);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while threads() != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(threads(), before, "threads left behind");
+}
+
 fn bad_rootfs_is_a_clear_error() {
     let err =
         Instance::new(&Source::Dir("/no/such/rootfs".into()), Options::default()).unwrap_err();
@@ -2871,6 +2915,7 @@ fn main() -> ExitCode {
         close_leaves_nothing,
         independent_writable_layers,
         crash_is_not_running_and_isolated,
+        file_transfers_cut_by_a_dying_guest_fail_promptly,
         bad_rootfs_is_a_clear_error,
         writable_disk_is_bounded_by_disk_mb,
         runtime_tmpfs_mounts_share_one_budget,

@@ -30,8 +30,9 @@ const CONSOLE_FD: i32 = 5;
 const KERNEL_FD: i32 = 6;
 const INITRD_FD: i32 = 7;
 
-/// The virtio-serial port the command line declares. The bare guest runs no
-/// agent and never opens it; the name only has to be valid.
+/// The virtio-serial port the command line declares, where an instance's
+/// agent port is. The bare guest runs no agent; a benchmark of the channel
+/// itself opens it as `/dev/vport0p1`.
 const UNUSED_PORT: &str = "bare";
 
 /// What to boot bare.
@@ -144,7 +145,8 @@ impl BareSpec {
         Ok(BareVm {
             child,
             console: console_host,
-            _channels: [agent_host, qmp_host],
+            port: agent_host,
+            _qmp: qmp_host,
         })
     }
 }
@@ -154,9 +156,11 @@ impl BareSpec {
 pub struct BareVm {
     child: Child,
     console: UnixStream,
-    /// The agent channel and QMP the command line wires: held open and never
-    /// used, so QEMU runs as it does under the engine.
-    _channels: [UnixStream; 2],
+    /// The host end of the virtio-serial port an agent would use.
+    port: UnixStream,
+    /// QMP, which the command line wires: held open and never used, so
+    /// QEMU runs as it does under the engine.
+    _qmp: UnixStream,
 }
 
 impl BareVm {
@@ -165,6 +169,12 @@ impl BareVm {
     /// once QEMU has exited.
     pub fn console(&self) -> &UnixStream {
         &self.console
+    }
+
+    /// The host end of the guest's virtio-serial port (`/dev/vport0p1` in
+    /// the guest): the raw channel an instance's agent speaks over.
+    pub fn port(&self) -> &UnixStream {
+        &self.port
     }
 
     /// Sends `SIGKILL` to QEMU (nothing, once it has exited).

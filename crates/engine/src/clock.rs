@@ -120,7 +120,7 @@ mod tests {
 
     #[test]
     fn rates_near_a_whole_mhz_snap_to_it() {
-        assert_eq!(snap(2_299_878.3), 2_300_000);
+        assert_eq!(snap(2_299_910.3), 2_300_000);
         assert_eq!(snap(2_300_090.0), 2_300_000);
         assert_eq!(snap(2_294_686.4), 2_294_686);
     }

@@ -40,7 +40,14 @@ struct InState {
     unacked: u32,
     eof: bool,
     broken: Option<Broken>,
+    /// Buffers a consumer of whole chunks gave back, for the channel
+    /// reader to fill again: no allocation (and no zeroing) per frame.
+    spares: Vec<Vec<u8>>,
 }
+
+/// Spare buffers an [`Inbound`] keeps: enough for the frames of a window
+/// in flight while the consumer works on one.
+const SPARES: usize = 4;
 
 /// Receive side of a stream: a bounded buffer between the channel reader
 /// and a consumer.
@@ -48,6 +55,16 @@ struct InState {
 pub struct Inbound {
     state: Mutex<InState>,
     ready: Condvar,
+}
+
+/// Result of [`Inbound::take`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// The next bytes of the stream, as the peer sent them; empty at end
+    /// of file. Give the buffer back with [`Inbound::recycle`].
+    pub bytes: Vec<u8>,
+    /// Credit the caller should now return to the peer (0: none yet).
+    pub credit: u32,
 }
 
 /// Result of [`Inbound::read`].
@@ -86,6 +103,24 @@ impl Inbound {
         Ok(())
     }
 
+    /// A buffer of `len` bytes for the channel reader to read a payload
+    /// of this stream into and [`push`](Self::push): a recycled one when
+    /// there is one. Its contents are garbage to be overwritten.
+    pub fn buffer(&self, len: usize) -> Vec<u8> {
+        let mut buf = self.lock().spares.pop().unwrap_or_default();
+        // A recycled buffer at least this long is only truncated.
+        buf.resize(len, 0);
+        buf
+    }
+
+    /// Takes back a buffer from [`take`](Self::take) for [`buffer`](Self::buffer).
+    pub fn recycle(&self, buf: Vec<u8>) {
+        let mut s = self.lock();
+        if s.spares.len() < SPARES && buf.capacity() > 0 && s.broken.is_none() {
+            s.spares.push(buf);
+        }
+    }
+
     /// The peer sent end of file.
     pub fn finish(&self) {
         self.lock().eof = true;
@@ -100,6 +135,7 @@ impl Inbound {
             s.broken = Some(why);
             s.chunks.clear();
             s.buffered = 0;
+            s.spares.clear();
         }
         self.ready.notify_all();
     }
@@ -110,17 +146,18 @@ impl Inbound {
         s.eof && s.buffered == 0
     }
 
-    /// Blocks until data, end of file, or `deadline`; copies what is there.
-    /// End of file is `len == 0` once all data was read; a timeout is
-    /// `ErrorKind::TimedOut`.
-    pub fn read(&self, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<Read> {
-        let mut s = self.lock();
+    /// Waits until data, end of file, breakage or `deadline`.
+    fn wait<'a>(
+        &'a self,
+        mut s: MutexGuard<'a, InState>,
+        deadline: Option<Instant>,
+    ) -> io::Result<MutexGuard<'a, InState>> {
         loop {
             if let Some(why) = s.broken {
                 return Err(broken_error(why));
             }
-            if s.buffered > 0 || s.eof || buf.is_empty() {
-                break;
+            if s.buffered > 0 || s.eof {
+                return Ok(s);
             }
             s = match deadline {
                 None => self.ready.wait(s).unwrap_or_else(|e| e.into_inner()),
@@ -136,6 +173,46 @@ impl Inbound {
                 }
             };
         }
+    }
+
+    /// Counts `len` bytes as consumed; the credit to return now, if any.
+    fn consumed(s: &mut InState, len: usize) -> u32 {
+        s.buffered -= len;
+        s.unacked += len as u32;
+        if s.unacked >= CREDIT_BATCH || (s.buffered == 0 && !s.eof && s.unacked > 0) {
+            std::mem::take(&mut s.unacked)
+        } else {
+            0
+        }
+    }
+
+    /// Like [`read`](Self::read), but hands over the next chunk whole as
+    /// the peer sent it, without copying it.
+    pub fn take(&self, deadline: Option<Instant>) -> io::Result<Chunk> {
+        let mut s = self.wait(self.lock(), deadline)?;
+        let Some(mut bytes) = s.chunks.pop_front() else {
+            return Ok(Chunk {
+                bytes: Vec::new(),
+                credit: 0,
+            });
+        };
+        // Left over from a partial `read`.
+        let offset = std::mem::take(&mut s.offset);
+        bytes.drain(..offset);
+        let credit = Self::consumed(&mut s, bytes.len());
+        Ok(Chunk { bytes, credit })
+    }
+
+    /// Blocks until data, end of file, or `deadline`; copies what is there.
+    /// End of file is `len == 0` once all data was read; a timeout is
+    /// `ErrorKind::TimedOut`.
+    pub fn read(&self, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<Read> {
+        let mut s = self.lock();
+        if !buf.is_empty() {
+            s = self.wait(s, deadline)?;
+        } else if let Some(why) = s.broken {
+            return Err(broken_error(why));
+        }
         let mut len = 0;
         while len < buf.len() {
             let offset = s.offset;
@@ -144,19 +221,17 @@ impl Inbound {
             buf[len..len + n].copy_from_slice(&front[offset..offset + n]);
             len += n;
             if offset + n == front.len() {
-                s.chunks.pop_front();
+                if let Some(done) = s.chunks.pop_front() {
+                    if s.spares.len() < SPARES {
+                        s.spares.push(done);
+                    }
+                }
                 s.offset = 0;
             } else {
                 s.offset += n;
             }
         }
-        s.buffered -= len;
-        s.unacked += len as u32;
-        let credit = if s.unacked >= CREDIT_BATCH || (s.buffered == 0 && !s.eof && s.unacked > 0) {
-            std::mem::take(&mut s.unacked)
-        } else {
-            0
-        };
+        let credit = Self::consumed(&mut s, len);
         Ok(Read { len, credit })
     }
 }
@@ -166,6 +241,15 @@ fn broken_error(why: Broken) -> io::Error {
         Broken::Lost => io::Error::new(io::ErrorKind::ConnectionAborted, "the instance is gone"),
         Broken::Closed => io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"),
     }
+}
+
+/// The peer returned credit for more bytes than were in flight: a
+/// protocol violation.
+#[derive(Debug, thiserror::Error)]
+#[error("peer returned {granted} bytes of credit with {owed} owed")]
+pub struct NotOwed {
+    pub granted: u32,
+    pub owed: u32,
 }
 
 #[derive(Debug)]
@@ -208,6 +292,21 @@ impl Outbound {
         let mut s = self.lock();
         s.credit = s.credit.saturating_add(bytes).min(STREAM_WINDOW);
         self.granted.notify_all();
+    }
+
+    /// The peer returned credit; more than it was owed is an error.
+    pub fn grant_owed(&self, bytes: u32) -> Result<(), NotOwed> {
+        let mut s = self.lock();
+        let owed = STREAM_WINDOW - s.credit;
+        if bytes > owed {
+            return Err(NotOwed {
+                granted: bytes,
+                owed,
+            });
+        }
+        s.credit += bytes;
+        self.granted.notify_all();
+        Ok(())
     }
 
     /// The stream can take no more data; waiting and later writers fail.
@@ -291,6 +390,41 @@ mod tests {
             Read { len: 4, credit: 0 }
         );
         assert_eq!(s.read(&mut buf, None).unwrap(), Read { len: 6, credit: 10 });
+    }
+
+    #[test]
+    fn chunks_are_taken_whole_and_their_buffers_come_back() {
+        let s = Inbound::new();
+        s.push(b"hello ".to_vec()).unwrap();
+        s.push(b"world".to_vec()).unwrap();
+        let mut buf = [0u8; 2];
+        assert_eq!(s.read(&mut buf, None).unwrap().len, 2);
+        let first = s.take(None).unwrap();
+        assert_eq!(first.bytes, b"llo ");
+        let second = s.take(None).unwrap();
+        assert_eq!(
+            (second.bytes.as_slice(), second.credit),
+            (&b"world"[..], 11)
+        );
+        s.recycle(second.bytes);
+        let again = s.buffer(3);
+        assert_eq!(again.len(), 3);
+        assert!(again.capacity() >= 5, "the recycled buffer");
+        s.finish();
+        assert_eq!(s.take(None).unwrap().bytes, b"");
+        assert!(s.is_drained());
+        s.break_off(Broken::Closed);
+        assert_eq!(s.take(None).unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[test]
+    fn credit_not_owed_is_refused() {
+        let o = Outbound::new();
+        assert!(o.grant_owed(1).is_err());
+        assert_eq!(o.acquire(100, None).unwrap(), 100);
+        assert!(o.grant_owed(101).is_err());
+        o.grant_owed(100).unwrap();
+        assert_eq!(o.acquire(usize::MAX, None).unwrap(), STREAM_WINDOW as usize);
     }
 
     #[test]

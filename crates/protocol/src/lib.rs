@@ -43,11 +43,14 @@ pub const PROTOCOL_VERSION: u32 = 7;
 /// Largest frame payload either side accepts.
 pub const MAX_FRAME: usize = 4 << 20;
 
-/// Largest `Data` payload a sender puts in one frame.
-pub const DATA_CHUNK: usize = 128 << 10;
+/// Largest `Data` payload a sender puts in one frame. Large, because on
+/// the guest's emulated CPU every frame has a fixed cost (a header, a
+/// wakeup, a file write) that small frames multiply.
+pub const DATA_CHUNK: usize = 512 << 10;
 
-/// Bytes a sender may have unacknowledged on one stream.
-pub const STREAM_WINDOW: u32 = 2 << 20;
+/// Bytes a sender may have unacknowledged on one stream: several chunks,
+/// so the sender keeps going while the receiver consumes one.
+pub const STREAM_WINDOW: u32 = 4 << 20;
 
 /// Most spans the agent keeps between two `Trace` requests; later ones are
 /// dropped, so a forgotten recording cannot grow the agent's memory.

@@ -117,6 +117,16 @@ pub enum Request {
     /// `Trace` (at most [`crate::TRACE_LIMIT`]); recording continues while
     /// `on`. For benchmarks: recording costs a clock read per span.
     Trace { on: bool },
+    /// Read up to `len` bytes of open file `handle` at its offset and
+    /// stream them to the host on guest → host stream `stream`, ended by
+    /// `Eof` (fewer bytes only at the end of the file); answered by `Done`
+    /// once the handle is found, before the bytes follow. The path and
+    /// flow control of `ReadFile`, for handles.
+    ReadHandle { handle: u64, len: u64, stream: u32 },
+    /// Write what the host sends on host → guest stream `stream`, until
+    /// `Eof`, to open file `handle` at its offset; answered by `Done` once
+    /// written. The path and flow control of `WriteFile`, for handles.
+    WriteHandle { handle: u64, stream: u32 },
 }
 
 /// Filesystem operations. Paths are absolute guest paths (bytes). Errors
@@ -182,16 +192,6 @@ pub enum FsRequest {
     },
     Close {
         handle: u64,
-    },
-    /// `Data` with at most `len` (≤ `DATA_CHUNK`) bytes; empty at end of file.
-    Read {
-        handle: u64,
-        len: u32,
-    },
-    /// `Written`.
-    Write {
-        handle: u64,
-        data: ByteBuf,
     },
     /// `Offset`; `whence` 0 = start, 1 = current, 2 = end.
     Seek {
@@ -269,8 +269,6 @@ pub enum Response {
     Stat(FileStat),
     Entries(Vec<DirEntry>),
     Link(ByteBuf),
-    Data(ByteBuf),
-    Written(u32),
     Offset(u64),
     /// `ReadFile`: the file is open and this long.
     Size(u64),

@@ -56,6 +56,41 @@ fn a_file_is_read_with_its_size_first() {
 }
 
 #[test]
+fn a_handle_streams_as_many_bytes_as_asked_from_its_offset() {
+    let scratch = Scratch::new();
+    let contents: Vec<u8> = (0..3 * STREAM_WINDOW).map(|i| (i / 7) as u8).collect();
+    std::fs::write(scratch.join("big"), &contents).unwrap();
+    let mut host = Host::new();
+    let open = FsRequest::Open {
+        handle: 3,
+        path: scratch.path("big"),
+        flags: cc_protocol::open_flags::O_RDONLY,
+        mode: 0,
+    };
+    assert!(host.fs(open).is_ok());
+    let mut at = 0;
+    for len in [10, 2 * STREAM_WINDOW as usize + 5, contents.len()] {
+        let stream = stream_id();
+        let read = Request::ReadHandle {
+            handle: 3,
+            len: len as u64,
+            stream,
+        };
+        assert_eq!(host.request(read), Ok(Response::Done));
+        let end = (at + len).min(contents.len());
+        assert_eq!(host.read_stream(stream), &contents[at..end]);
+        at = end;
+    }
+    // An unknown handle fails before any stream.
+    let read = Request::ReadHandle {
+        handle: 4,
+        len: 1,
+        stream: stream_id(),
+    };
+    assert!(host.request(read).is_err());
+}
+
+#[test]
 fn reading_a_missing_file_fails_with_its_errno_and_no_stream() {
     let scratch = Scratch::new();
     let mut host = Host::new();
@@ -264,19 +299,24 @@ fn files_are_opened_read_written_and_closed_by_handle() {
         panic!("not opened")
     };
     assert_eq!(st.mode, libc::S_IFREG | 0o640);
-    let write = FsRequest::Write {
-        handle: 7,
-        data: bytes("hello world"),
-    };
-    assert_eq!(host.fs(write), Ok(Response::Written(11)));
+    let stream = stream_id();
+    let id = host.begin(Request::WriteHandle { handle: 7, stream });
+    host.write_stream(stream, b"hello world");
+    assert_eq!(host.answer(id), Ok(Response::Done));
     let seek = FsRequest::Seek {
         handle: 7,
         offset: 6,
         whence: 0,
     };
     assert_eq!(host.fs(seek), Ok(Response::Offset(6)));
-    let read = FsRequest::Read { handle: 7, len: 64 };
-    assert_eq!(host.fs(read), Ok(Response::Data(bytes("world"))));
+    let stream = stream_id();
+    let read = Request::ReadHandle {
+        handle: 7,
+        len: 64,
+        stream,
+    };
+    assert_eq!(host.request(read), Ok(Response::Done));
+    assert_eq!(host.read_stream(stream), b"world");
     assert_eq!(
         host.fs(FsRequest::Truncate { handle: 7, len: 5 }),
         Ok(Response::Done)

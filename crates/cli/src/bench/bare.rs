@@ -87,12 +87,62 @@ pub(super) fn serial_shell(busybox: &Path, cache: &Path, runs: usize) -> CliResu
     Ok(samples)
 }
 
+/// Per-transfer time of `len` bytes through the raw virtio-serial port of a
+/// bare guest (its shell keeps the port open throughout), `runs` times each way: host → guest (the guest's `dd`
+/// reads the port into `/dev/null`) and guest → host (its `dd` writes
+/// zeros into the port). The channel's own speed, with no agent or framing.
+pub(super) fn serial_port(
+    busybox: &Path,
+    cache: &Path,
+    len: usize,
+    runs: usize,
+) -> CliResult<(Samples, Samples)> {
+    const MIB: usize = 1 << 20;
+    let count = len / MIB;
+    let init = format!(
+        "#!/bin/busybox sh\n/bin/busybox mount -t devtmpfs dev /dev\n/bin/busybox stty -echo\n\
+         exec 3<>/dev/vport0p1\necho cc-port-ready\n\
+         while read line; do case $line in\n\
+         in) /bin/busybox dd of=/dev/null bs=1M count={count} iflag=fullblock <&3 2>/dev/null; echo DONE;;\n\
+         out) /bin/busybox dd if=/dev/zero bs=1M count={count} >&3 2>/dev/null;;\n\
+         esac; done\n"
+    );
+    let initrd = busybox_initramfs(busybox, cache, "serial-port", init.as_bytes())?;
+    // Dropping it at the end kills QEMU.
+    let vm = BareSpec::new(initrd, 256, 1)?.start()?;
+    let mut console = vm.console();
+    let mut port = vm.port();
+    let data = vec![0x5au8; count * MIB];
+    let mut buf = vec![0u8; MIB];
+    let (mut inward, mut outward) = (Samples::default(), Samples::default());
+    // The guest drops what arrives before it opened the port.
+    read_until(&mut console, b"cc-port-ready")?;
+    for _ in 0..runs {
+        let t = Instant::now();
+        console.write_all(b"in\n")?;
+        port.write_all(&data)?;
+        read_until(&mut console, b"DONE")?;
+        inward.0.push(t.elapsed());
+        let t = Instant::now();
+        console.write_all(b"out\n")?;
+        let mut got = 0;
+        while got < data.len() {
+            match port.read(&mut buf)? {
+                0 => return Err("the serial-port guest ended".into()),
+                n => got += n,
+            }
+        }
+        outward.0.push(t.elapsed());
+    }
+    Ok((inward, outward))
+}
+
 fn read_until(console: &mut impl Read, marker: &[u8]) -> CliResult<()> {
     let mut seen = Vec::new();
     let mut byte = [0u8; 1];
     while !seen.ends_with(marker) {
         if console.read(&mut byte)? == 0 {
-            return Err("the serial-console guest ended".into());
+            return Err("the bare guest ended".into());
         }
         seen.push(byte[0]);
     }

@@ -54,13 +54,20 @@ pub(crate) enum What {
         #[arg(long)]
         phases: bool,
     },
-    /// write_file and read_file of 64 MiB, in MiB/s.
+    /// write_file and read_file of 64 MiB, in MiB/s, against the raw
+    /// virtio-serial port of a bare guest.
     Files {
         #[arg(long, value_name = "DIR")]
         rootfs: PathBuf,
         /// Transfers of each kind.
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Static busybox for the bare guest.
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+        /// Also print where each transfer's time goes, host and guest.
+        #[arg(long)]
+        phases: bool,
     },
     /// 256 MiB through `listen` (guest → host) and `dial` (host → guest),
     /// against the same bytes through a command's pipes; and guest → host
@@ -89,7 +96,12 @@ pub(crate) fn bench(what: What) -> CliResult<ExitCode> {
             busybox,
             phases,
         } => exec::exec(&rootfs, runs.max(10), &busybox, phases),
-        What::Files { rootfs, runs } => files::files(&rootfs, runs.max(3)),
+        What::Files {
+            rootfs,
+            runs,
+            busybox,
+            phases,
+        } => files::files(&rootfs, runs.max(3), &busybox, phases),
         What::Net { rootfs, runs } => net::net(&rootfs, runs.max(3)),
     }
 }

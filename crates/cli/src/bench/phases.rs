@@ -15,7 +15,8 @@ use tracing_subscriber::Layer;
 
 use super::{ms, Samples, Table};
 
-/// Durations per phase name, in the order the names first appeared.
+/// Durations per phase name, in the order each was first recorded (a
+/// span when it closed: an inner one before the one around it).
 #[derive(Debug, Default, Clone)]
 pub(super) struct Phases {
     inner: Arc<Mutex<Recorded>>,
@@ -88,7 +89,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spans_closed_while_recording_become_phases_in_order() {
+    fn spans_closed_while_recording_become_phases_in_closing_order() {
         let phases = Phases::default();
         phases.record_host(|| {
             for _ in 0..3 {
@@ -99,7 +100,7 @@ mod tests {
         // Outside the recording: not counted.
         drop(tracing::debug_span!("first").entered());
         let r = phases.inner.lock().unwrap();
-        assert_eq!(r.order, ["first", "second"]);
+        assert_eq!(r.order, ["second", "first"], "inner spans close first");
         assert_eq!(r.samples["first"].0.len(), 3);
         assert_eq!(r.samples["second"].0.len(), 3);
     }
