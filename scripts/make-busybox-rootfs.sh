@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build a small root filesystem tree from Debian's busybox-static package:
 # busybox with every applet linked, a root and two test users, the usual
-# top-level directories. Prints the tree's path.
+# top-level directories, and `cc-netbench` (scripts/cc-netbench.c, static),
+# the guest end of `crumble bench net`. Prints the tree's path.
 #
 #   scripts/make-busybox-rootfs.sh [OUT]   (default: $CACHE/trees/busybox)
 set -euo pipefail
@@ -11,7 +12,8 @@ out="${1:-$cache/trees/busybox}"
 busybox=$(dpkg -L busybox-static 2>/dev/null | grep -m1 '/bin/busybox$' || true)
 [ -n "$busybox" ] && [ -x "$busybox" ] || { echo "busybox-static is not installed (apt-get install busybox-static)" >&2; exit 1; }
 
-stamp="$(dpkg-query -W -f='${Version}' busybox-static) $(sha256sum "$0" | cut -c1-16)"
+netbench_src="$(dirname "$0")/cc-netbench.c"
+stamp="$(dpkg-query -W -f='${Version}' busybox-static) $(cat "$0" "$netbench_src" | sha256sum | cut -c1-16)"
 if [ -f "$out/.cc-stamp" ] && [ "$(cat "$out/.cc-stamp")" = "$stamp" ]; then
     echo "$out"
     exit 0
@@ -26,6 +28,7 @@ for applet in $("$busybox" --list-full); do
     mkdir -p "$tmp/$(dirname "$applet")"
     ln -sf /bin/busybox "$tmp/$applet"
 done
+${CC:-cc} -static -O2 -s -o "$tmp/usr/bin/cc-netbench" "$netbench_src"
 cat > "$tmp/etc/passwd" <<'PASSWD'
 root:x:0:0:root:/root:/bin/sh
 alice:x:1000:1000:Alice:/home/alice:/bin/sh

@@ -431,6 +431,33 @@ fn the_cmd_object_refuses_misuse() {
 }
 
 #[test]
+fn a_small_read_holds_only_what_came() {
+    let s = Scratch::new("smallread");
+    let (_, inst) = boot(&s);
+    let cmd = inst.cmd("sh", &["-c", "echo hi; sleep 0.1; echo there"]);
+    let out = cmd.stdout_pipe().unwrap();
+    cmd.start().unwrap();
+    let mut got = Vec::new();
+    loop {
+        let piece = out.read(1 << 20).unwrap();
+        // A read used to hand back the whole 1 MiB it asked for, truncated:
+        // every few-byte read kept a megabyte allocated.
+        assert!(
+            piece.capacity() < 64 << 10,
+            "{} bytes held for {}",
+            piece.capacity(),
+            piece.len()
+        );
+        if piece.is_empty() {
+            break;
+        }
+        got.extend_from_slice(&piece);
+    }
+    assert_eq!(got, b"hi\nthere\n");
+    assert_eq!(cmd.wait().unwrap(), 0);
+}
+
+#[test]
 fn a_warm_start_resumes_the_conversation_on_a_new_channel() {
     let s = Scratch::new("warm");
     let engine = Arc::new(Double::default());

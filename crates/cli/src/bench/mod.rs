@@ -71,7 +71,9 @@ pub(crate) enum What {
     },
     /// 256 MiB through `listen` (guest → host) and `dial` (host → guest),
     /// against the same bytes through a command's pipes; and guest → host
-    /// egress through the user-mode network. In MB/s.
+    /// egress through the user-mode network. In MB/s. The guest end is
+    /// `/usr/bin/cc-netbench`, which scripts/make-busybox-rootfs.sh builds
+    /// into the tree.
     Net {
         #[arg(long, value_name = "DIR")]
         rootfs: PathBuf,
