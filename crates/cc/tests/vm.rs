@@ -185,6 +185,18 @@ fn guest_clock_is_finer_than_jiffies(inst: &Instance) {
     assert!(!source.contains("jiffies"), "guest clocksource: {source}");
 }
 
+/// Under TCG the guest's CPU lacks ERMS, whose `rep movsb` copies TCG runs
+/// a byte at a time (the kernel's and libc's copies then use faster loops).
+fn emulated_cpu_has_no_erms(inst: &Instance) {
+    let accel = cc::host_info().accelerator.unwrap().accelerator;
+    if accel != cc::Accelerator::Tcg {
+        return;
+    }
+    let flags = stdout(inst, "grep -m1 '^flags' /proc/cpuinfo");
+    assert!(flags.contains(" sse2"), "not the flags line: {flags}");
+    assert!(!flags.split_whitespace().any(|f| f == "erms"), "{flags}");
+}
+
 /// `agent_trace` records the agent's phases of a command while on, and
 /// nothing once off.
 fn agent_trace_times_command_phases(inst: &Instance) {
@@ -2878,6 +2890,7 @@ fn main() -> ExitCode {
         users,
         users_added_and_removed_later,
         guest_clock_is_finer_than_jiffies,
+        emulated_cpu_has_no_erms,
         agent_trace_times_command_phases,
         stdin_to_stdout_1mib,
         stdout_and_stderr_apart,

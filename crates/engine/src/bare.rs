@@ -230,7 +230,7 @@ mod tests {
     fn the_engines_command_line_without_disks_network_or_confinement() {
         let cmd = joined(&spec(Accel::Tcg));
         assert!(
-            cmd.starts_with("-accel tcg -cpu max -M microvm,acpi=off -m 256 -smp 1"),
+            cmd.starts_with("-accel tcg -cpu max,-erms -M microvm,acpi=off -m 256 -smp 1"),
             "{cmd}"
         );
         assert!(

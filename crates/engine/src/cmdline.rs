@@ -45,15 +45,28 @@ pub fn fd_path(fd: i32) -> String {
     format!("/proc/self/fd/{fd}")
 }
 
+/// QEMU's CPU model for `accel`. Under TCG, every feature QEMU emulates
+/// except ERMS: with it, the guest kernel's copies and page clearing and
+/// libc's large `memcpy`s use `rep movsb`/`rep stosb`, which TCG runs a
+/// byte at a time; without it they use word and vector loops that TCG
+/// translates to the host's (64 MiB into tmpfs: 0.45 s → 0.15 s).
+pub fn cpu_model(accel: Accel) -> &'static str {
+    match accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "max,-erms",
+    }
+}
+
 /// Arguments for `qemu-system-x86_64` to boot `spec` wired as `w`. Nothing
 /// listens on a path: nothing can connect first, and no guest byte is lost
 /// before the host is there.
 pub fn qemu_args(spec: &VmSpec, w: &Wiring) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
-    let (accel, cpu) = match spec.accel {
-        Accel::Kvm => ("kvm", "host"),
-        Accel::Tcg => ("tcg", "max"),
+    let accel = match spec.accel {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg",
     };
+    let cpu = cpu_model(spec.accel);
     let memory = spec.memory_mb.to_string();
     let cpus = spec.cpus.to_string();
     let mut append = KERNEL_PARAMS.to_string();
@@ -290,7 +303,7 @@ mod tests {
     fn microvm_with_the_agent_port_and_disks_by_serial() {
         let cmd = joined(&spec());
         assert!(
-            cmd.starts_with("-accel tcg -cpu max -M microvm,acpi=off"),
+            cmd.starts_with("-accel tcg -cpu max,-erms -M microvm,acpi=off"),
             "{cmd}"
         );
         assert!(cmd.contains("-m 256 -smp 2"));
@@ -379,7 +392,7 @@ mod tests {
         assert!(
             cmd.starts_with(
                 "-object memory-backend-file,id=mem,size=256M,share=on,mem-path=/t/k,,1/ram \
-                 -accel tcg -cpu max -M microvm,acpi=off,memory-backend=mem -m 256"
+                 -accel tcg -cpu max,-erms -M microvm,acpi=off,memory-backend=mem -m 256"
             ),
             "{cmd}"
         );

@@ -137,8 +137,9 @@ fn key_with(spec: &VmSpec, qemu: PathBuf) -> TemplateMeta {
     // QEMU re-opens the RAM file as the uid it runs as, which owns it.
     let uid = crate::confine::creds(spec.confine, !spec.shares.is_empty()).uid;
     h.update(format!(
-        "format {FORMAT}\naccel {:?}\nmemory {}\ncpus {}\nnetwork {}\nparams {:?}\nuid {uid}\n",
+        "format {FORMAT}\naccel {:?}\ncpu {}\nmemory {}\ncpus {}\nnetwork {}\nparams {:?}\nuid {uid}\n",
         spec.accel,
+        crate::cmdline::cpu_model(spec.accel),
         spec.memory_mb,
         spec.cpus,
         spec.network.is_some(),
