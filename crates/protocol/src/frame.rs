@@ -426,16 +426,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn arbitrary_bytes_never_panic_or_overallocate() {
-        // Deterministic xorshift: mutated valid frames and plain noise.
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
+    /// A deterministic xorshift generator from `seed`.
+    fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
+        move || {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             x
-        };
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_or_overallocate() {
+        // Mutated valid frames and plain noise.
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         let valid: Vec<Vec<u8>> = sample().iter().map(|m| encode(m).unwrap()).collect();
         for i in 0..5_000 {
             let mut wire = valid[i % valid.len()].clone();
@@ -541,13 +545,7 @@ mod tests {
 
     #[test]
     fn frame_reader_survives_arbitrary_bytes() {
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         let valid: Vec<Vec<u8>> = sample().iter().map(|m| encode(m).unwrap()).collect();
         for i in 0..5_000 {
             let mut wire = valid[i % valid.len()].clone();
