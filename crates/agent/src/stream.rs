@@ -93,12 +93,7 @@ impl Sender {
                     break;
                 }
             };
-            self.output.give_back(credit - got);
-            if !self.output.is_open() {
-                break;
-            }
-            if got == 0 {
-                self.finish();
+            if !self.settle(credit, got) {
                 break;
             }
             left -= got as u64;
@@ -160,12 +155,7 @@ impl Sender {
             };
             trace::record("guest: read the file", read);
             first = false;
-            self.output.give_back(credit - got);
-            if !self.output.is_open() {
-                break;
-            }
-            if got == 0 {
-                self.finish();
+            if !self.settle(credit, got) {
                 break;
             }
             let mut header = [0u8; frame::DATA_HEADER_MAX];
@@ -181,6 +171,21 @@ impl Sender {
             }
             trace::record("guest: write frames to the port", sent);
         }
+    }
+
+    /// After reading `got` bytes with `credit` acquired: returns the unused
+    /// credit and whether to send the chunk (not when the host reset the
+    /// stream, nor at end of file, which ends it).
+    fn settle(&self, credit: usize, got: usize) -> bool {
+        self.output.give_back(credit - got);
+        if !self.output.is_open() {
+            return false;
+        }
+        if got == 0 {
+            self.finish();
+            return false;
+        }
+        true
     }
 
     /// Whether the host still takes data (it has not reset the stream).

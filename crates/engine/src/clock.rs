@@ -11,6 +11,7 @@
 
 use std::fs;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::Accel;
@@ -32,6 +33,12 @@ pub(crate) fn guest_params(accel: Accel, cache: &Path) -> Vec<String> {
 /// `<cache>/host-tsc` (the rate of an invariant TSC never changes while
 /// the host runs).
 fn host_tsc_khz(cache: &Path) -> Option<u32> {
+    // Once per process too: every start would read the same files.
+    static KHZ: OnceLock<Option<u32>> = OnceLock::new();
+    *KHZ.get_or_init(|| measured_tsc_khz(cache))
+}
+
+fn measured_tsc_khz(cache: &Path) -> Option<u32> {
     if !invariant_tsc() {
         return None;
     }
@@ -141,7 +148,7 @@ mod tests {
         if invariant_tsc() {
             assert_eq!(params.len(), 2, "{params:?}");
             assert!(params[0].starts_with("tsc_early_khz="));
-            // The second call reads the rate the first measured.
+            // Later calls give the rate the first measured.
             assert_eq!(guest_params(Accel::Tcg, &cache), params);
         }
         let _ = fs::remove_dir_all(&cache);
