@@ -12,19 +12,20 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
 use cc_protocol::flow::{Broken, Inbound, Outbound};
-use cc_protocol::frame::{FrameError, FrameReader};
-use cc_protocol::{frame, ErrorKind, Message, RemoteError, Response, GUEST_STREAM_BASE};
+use cc_protocol::frame::FrameReader;
+use cc_protocol::mux::{self, ReceiveError, Received, Sending, Side, Streams};
+use cc_protocol::{frame, ErrorKind, Message, RemoteError, Response};
 use rustix::event::{PollFd, PollFlags};
 
 use crate::fs::Handles;
 use crate::tasks::Tasks;
-use crate::{error, sys, trace};
+use crate::{error, sys};
 
 /// How long a blocked writer waits before checking whether the connection
 /// was closed.
@@ -68,11 +69,6 @@ impl Output {
         self.flow.acquire(0, None).is_ok()
     }
 
-    fn end(&self, why: Broken) {
-        self.flow.break_off(why);
-        sys::eventfd_raise(self.wake.as_fd());
-    }
-
     /// Waits until `pipe` has data or hung up; `false` if the stream ended
     /// first.
     pub fn wait_readable(&self, pipe: BorrowedFd<'_>) -> io::Result<bool> {
@@ -82,6 +78,18 @@ impl Output {
         ];
         sys::poll(&mut fds, None)?;
         Ok(fds[1].revents().is_empty())
+    }
+}
+
+impl Sending for Output {
+    fn flow(&self) -> &Outbound {
+        &self.flow
+    }
+
+    /// Also wakes a pump waiting on its pipe rather than on credit.
+    fn end(&self, why: Broken) {
+        self.flow.break_off(why);
+        sys::eventfd_raise(self.wake.as_fd());
     }
 }
 
@@ -174,14 +182,13 @@ pub struct Conn {
     /// `closed`, for waiting on.
     gone: Mutex<bool>,
     gone_changed: Condvar,
-    inputs: Mutex<HashMap<u32, Arc<Inbound>>>,
-    outputs: Mutex<HashMap<u32, Arc<Output>>>,
+    /// The streams, in the multiplexer both ends share.
+    streams: Mutex<Streams<Output>>,
     /// Files the host opened; closed with the connection.
     handles: Handles,
     /// The host's listeners, by host-chosen id: a second handle on each
     /// listening socket, to shut it down from another thread.
     listeners: Mutex<HashMap<u64, OwnedFd>>,
-    next_stream: AtomicU32,
     /// The threads serving this connection's requests and streams.
     tasks: Arc<Tasks>,
 }
@@ -196,11 +203,9 @@ impl Conn {
             closed: AtomicBool::new(false),
             gone: Mutex::new(false),
             gone_changed: Condvar::new(),
-            inputs: Mutex::default(),
-            outputs: Mutex::default(),
+            streams: Mutex::new(Streams::new(Side::Guest)),
             handles: Handles::default(),
             listeners: Mutex::default(),
-            next_stream: AtomicU32::new(GUEST_STREAM_BASE),
             tasks: Arc::default(),
         })
     }
@@ -216,9 +221,25 @@ impl Conn {
 
     /// A stream id of the guest's own numbering, for streams the guest opens.
     pub fn new_stream_id(&self) -> u32 {
-        // Wrapping past u32::MAX would need two billion connections on one
-        // channel; stay in the guest's half regardless.
-        self.next_stream.fetch_add(1, Ordering::Relaxed) | GUEST_STREAM_BASE
+        lock(&self.streams).allocate()
+    }
+
+    /// The host named these streams in a request: frames for them are
+    /// expected from now on, even if the request fails.
+    pub fn announce(&self, ids: impl Iterator<Item = u32>) {
+        let mut streams = lock(&self.streams);
+        for id in ids {
+            streams.announce(id);
+        }
+    }
+
+    /// Reads the next frame from the host, applying stream frames (see
+    /// [`mux::receive`]); other messages are returned.
+    pub fn receive(
+        &self,
+        reader: &mut FrameReader<PortReader>,
+    ) -> Result<Option<Received>, ReceiveError> {
+        mux::receive(reader, &self.streams)
     }
 
     /// Registers listener `id`, whose socket `stop` shuts down.
@@ -270,8 +291,28 @@ impl Conn {
     /// Writes one already-encoded frame.
     pub fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
         let port = lock(&self.port);
-        let mut rest = frame;
-        self.write_port(&port, rest.len(), |port| {
+        self.write_all_port(&port, frame)
+    }
+
+    /// Writes a `Data` frame of `payload` on `stream`, the payload
+    /// straight from where it is. A failure past the header leaves a
+    /// partial frame, which ends the connection.
+    pub fn send_data(&self, stream: u32, payload: &[u8]) -> io::Result<()> {
+        let mut header = [0u8; frame::DATA_HEADER_MAX];
+        let len = frame::data_header(stream, payload.len(), &mut header);
+        let port = lock(&self.port);
+        self.write_all_port(&port, &header[frame::DATA_HEADER_MAX - len..])?;
+        let sent = self.write_all_port(&port, payload);
+        if sent.is_err() {
+            drop(port);
+            self.close();
+        }
+        sent
+    }
+
+    fn write_all_port(&self, port: &Option<Port>, bytes: &[u8]) -> io::Result<()> {
+        let mut rest = bytes;
+        self.write_port(port, rest.len(), |port| {
             let n = (&mut &*port).write(rest)?;
             rest = &rest[n..];
             Ok(n)
@@ -285,12 +326,7 @@ impl Conn {
     /// connection.
     pub fn send_spliced(&self, header: &[u8], pipe: BorrowedFd<'_>, len: usize) -> io::Result<()> {
         let port = lock(&self.port);
-        let mut rest = header;
-        self.write_port(&port, rest.len(), |port| {
-            let n = (&mut &*port).write(rest)?;
-            rest = &rest[n..];
-            Ok(n)
-        })?;
+        self.write_all_port(&port, header)?;
         let spliced = self.write_port(&port, len, |port| {
             Ok(rustix::pipe::splice(
                 pipe,
@@ -363,129 +399,37 @@ impl Conn {
         }
     }
 
-    fn in_use(stream: u32) -> RemoteError {
-        error::invalid(format!("stream {stream} is already in use"))
-    }
-
     /// Registers a host → guest stream.
     pub fn open_input(&self, stream: u32) -> Result<Arc<Inbound>, RemoteError> {
-        let mut inputs = lock(&self.inputs);
-        if inputs.contains_key(&stream) || lock(&self.outputs).contains_key(&stream) {
-            return Err(Self::in_use(stream));
-        }
         let input = Arc::new(Inbound::new());
-        inputs.insert(stream, input.clone());
+        lock(&self.streams)
+            .add_inbound(stream, input.clone())
+            .map_err(|e| error::invalid(e.to_string()))?;
         Ok(input)
     }
 
     /// Registers a guest → host stream.
     pub fn open_output(&self, stream: u32) -> Result<Arc<Output>, RemoteError> {
-        let inputs = lock(&self.inputs);
-        let mut outputs = lock(&self.outputs);
-        if inputs.contains_key(&stream) || outputs.contains_key(&stream) {
-            return Err(Self::in_use(stream));
-        }
         let output = Arc::new(Output::new().map_err(|e| error::os("create stream wakeup", &e))?);
-        outputs.insert(stream, output.clone());
+        lock(&self.streams)
+            .add_outbound(stream, output.clone())
+            .map_err(|e| error::invalid(e.to_string()))?;
         Ok(output)
     }
 
-    /// Forgets an input stream; later messages for it are ignored.
-    pub fn close_input(&self, stream: u32) {
-        if let Some(input) = lock(&self.inputs).remove(&stream) {
-            input.break_off(Broken::Closed);
-        }
-    }
-
-    /// Forgets an output stream; its pump stops.
-    pub fn close_output(&self, stream: u32) {
-        if let Some(output) = lock(&self.outputs).remove(&stream) {
-            output.end(Broken::Closed);
-        }
-    }
-
-    /// Like [`close_input`](Self::close_input), but only while `stream` is
-    /// still `input`: once the host saw the stream end it may reuse the id,
-    /// and a late release must not close the new stream.
+    /// Unregisters `input` and breaks it off: later frames for it are
+    /// dropped. Only while `stream` is still `input`: once ids went
+    /// round, a late release must not close a new stream.
     pub fn release_input(&self, stream: u32, input: &Arc<Inbound>) {
-        let mut inputs = lock(&self.inputs);
-        if inputs.get(&stream).is_some_and(|i| Arc::ptr_eq(i, input)) {
-            inputs.remove(&stream);
-        }
+        lock(&self.streams).remove_inbound(stream, input);
         input.break_off(Broken::Closed);
     }
 
-    /// Like [`close_output`](Self::close_output), but only while `stream`
-    /// is still `output` (see [`release_input`](Self::release_input)).
+    /// Like [`release_input`](Self::release_input), for an output; its
+    /// pump stops.
     pub fn release_output(&self, stream: u32, output: &Arc<Output>) {
-        let mut outputs = lock(&self.outputs);
-        if outputs.get(&stream).is_some_and(|o| Arc::ptr_eq(o, output)) {
-            outputs.remove(&stream);
-        }
+        lock(&self.streams).remove_outbound(stream, output);
         output.end(Broken::Closed);
-    }
-
-    fn input(&self, stream: u32) -> Option<Arc<Inbound>> {
-        lock(&self.inputs).get(&stream).cloned()
-    }
-
-    fn output(&self, stream: u32) -> Option<Arc<Output>> {
-        lock(&self.outputs).get(&stream).cloned()
-    }
-
-    /// Reads the payload of a `Data` frame from the host straight into a
-    /// buffer of its stream: the one copy out of the port. Never blocks on
-    /// a consumer: the stream's buffer is bounded by its window. Data for
-    /// an unknown stream (one that raced with its teardown) is skipped;
-    /// only a failed read of the port is an error.
-    pub fn receive_data(
-        &self,
-        stream: u32,
-        len: usize,
-        reader: &mut FrameReader<PortReader>,
-    ) -> Result<(), FrameError> {
-        let Some(input) = self.input(stream) else {
-            return Ok(());
-        };
-        let started = std::time::Instant::now();
-        let mut buf = input.buffer(len);
-        reader.payload(&mut buf)?;
-        trace::record("guest: read payloads out of the port", started);
-        if let Err(e) = input.push(buf) {
-            log!("stream {stream}: {e}; resetting it");
-            self.close_input(stream);
-            let _ = self.send(&Message::Reset { stream });
-        }
-        Ok(())
-    }
-
-    /// Handles a stream message from the host other than data. Messages
-    /// for unknown streams may race with their teardown and are ignored.
-    pub fn on_stream_message(&self, msg: Message) {
-        match msg {
-            Message::Eof { stream } => {
-                if let Some(input) = self.input(stream) {
-                    input.finish();
-                }
-            }
-            Message::Credit { stream, bytes } => {
-                if let Some(output) = self.output(stream) {
-                    if let Err(e) = output.flow.grant_owed(bytes) {
-                        log!("stream {stream}: {e}; resetting it");
-                        self.close_output(stream);
-                        let _ = self.send(&Message::Reset { stream });
-                    }
-                }
-            }
-            // From the host's reader: stop sending. On a stream the host
-            // sends, it aborts the transfer: its consumer sees a broken
-            // stream instead of an end of file.
-            Message::Reset { stream } => {
-                self.close_output(stream);
-                self.close_input(stream);
-            }
-            other => log!("ignoring unexpected message {other:?}"),
-        }
     }
 
     /// Closes the connection after `grace`, unless it is closed before:
@@ -513,12 +457,7 @@ impl Conn {
         }
         *lock(&self.gone) = true;
         self.gone_changed.notify_all();
-        for (_, input) in lock(&self.inputs).drain() {
-            input.break_off(Broken::Lost);
-        }
-        for (_, output) in lock(&self.outputs).drain() {
-            output.end(Broken::Lost);
-        }
+        lock(&self.streams).end();
         self.handles.close_all();
         for (_, fd) in lock(&self.listeners).drain() {
             sys::shutdown_socket(fd.as_fd());

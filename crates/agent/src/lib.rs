@@ -71,7 +71,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cc_protocol::frame::{self, Frame, FrameError, FrameReader};
+use cc_protocol::frame::{self, FrameError, FrameReader};
+use cc_protocol::mux::{ReceiveError, Received};
 use cc_protocol::{Message, Request, Response, PROTOCOL_VERSION};
 
 /// Logs one line.
@@ -414,21 +415,26 @@ fn describe_frame_error(e: &FrameError) -> String {
     }
 }
 
-/// Reads and dispatches frames; returns why the connection ended.
+/// Reads and dispatches frames; returns why the connection ended. A host
+/// that breaks the protocol is told why before the connection is closed.
 fn read_frames(agent: &Arc<Agent>, conn: &Arc<Conn>, port: PortReader) -> String {
     let mut reader = FrameReader::new(port);
     loop {
-        let result = match reader.read_frame() {
-            Ok(Some(Frame::Message(msg))) => {
-                dispatch(agent, conn, msg);
-                Ok(())
+        match conn.receive(&mut reader) {
+            Ok(Some(Received::Message(msg))) => dispatch(agent, conn, msg),
+            Ok(Some(Received::Stream)) => {}
+            Ok(Some(Received::Payload { since })) => {
+                trace::record("guest: read payloads out of the port", since);
             }
-            Ok(Some(Frame::Data { stream, len })) => conn.receive_data(stream, len, &mut reader),
             Ok(None) => return "the host closed the port".into(),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = result {
-            return describe_frame_error(&e);
+            Err(ReceiveError::Frame(e)) => return describe_frame_error(&e),
+            Err(ReceiveError::Violation(v)) => {
+                let reason = format!("closing the channel: the host {v}");
+                let _ = conn.send(&Message::Goodbye {
+                    reason: reason.clone(),
+                });
+                return reason;
+            }
         }
     }
 }
@@ -445,9 +451,11 @@ type Job = Box<dyn FnOnce(&Arc<Agent>, Reply) + Send>;
 /// host sends right behind a request is kept.
 fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
     let Message::Request { id, body } = msg else {
-        conn.on_stream_message(msg);
+        // Only a guest sends the rest: harmless, and ignored.
+        log!("ignoring unexpected message {msg:?}");
         return;
     };
+    conn.announce(body.streams());
     let reply = conn.reply(id);
     let job: Job = match body {
         Request::Ping => return reply.send(Ok(Response::Pong)),

@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use cc_protocol::flow::Inbound;
 use cc_protocol::{frame, Message, RemoteError, DATA_CHUNK};
-use serde_bytes::ByteBuf;
 
 use crate::conn::{Conn, Output};
 use crate::{error, sys, trace};
@@ -244,10 +243,7 @@ impl Write for &Sender {
             .output
             .acquire(buf.len().min(DATA_CHUNK))
             .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"))?;
-        self.conn.send(&Message::Data {
-            stream: self.id,
-            bytes: ByteBuf::from(buf[..n].to_vec()),
-        })?;
+        self.conn.send_data(self.id, &buf[..n])?;
         Ok(n)
     }
 

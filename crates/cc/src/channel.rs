@@ -12,13 +12,14 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use cc_protocol::flow::{Broken, Inbound, Outbound};
 use cc_protocol::frame::{Frame, FrameReader};
+use cc_protocol::mux::{self, Calls, ReceiveError, Received, Side, Streams, Violation};
 use cc_protocol::{
     frame, ExitStatus, Message, RemoteError, Request, Response, DATA_CHUNK, GUEST_STREAM_BASE,
     PROTOCOL_VERSION,
@@ -191,21 +192,39 @@ impl AcceptQueue {
 }
 
 /// The host's side of one connection: everything a guest frame can reach.
-#[derive(Debug, Default)]
+/// Streams and request correlation are the shared multiplexer's
+/// ([`mux`]); processes and listeners are the host's own.
+#[derive(Debug)]
 pub(crate) struct Tables {
-    pending: HashMap<u64, mpsc::SyncSender<Reply>>,
-    inbound: HashMap<u32, Arc<Inbound>>,
-    outbound: HashMap<u32, Arc<Outbound>>,
+    calls: Calls<Reply>,
+    streams: Streams,
     exits: HashMap<u64, Arc<ExitSlot>>,
     listeners: HashMap<u64, Arc<AcceptQueue>>,
-    /// The highest host-numbered stream handed out, and the highest
-    /// guest-numbered one the guest announced: a frame for a stream past
-    /// these was never opened, which only a broken agent sends (frames for
-    /// streams closed meanwhile are a race, and dropped).
-    host_streams: u32,
-    guest_streams: u32,
     /// Why the connection is gone, once it is.
     dead: Option<Gone>,
+}
+
+impl Default for Tables {
+    fn default() -> Self {
+        Self {
+            calls: Calls::default(),
+            streams: Streams::new(Side::Host),
+            exits: HashMap::new(),
+            listeners: HashMap::new(),
+            dead: None,
+        }
+    }
+}
+
+impl AsMut<Streams> for Tables {
+    fn as_mut(&mut self) -> &mut Streams {
+        &mut self.streams
+    }
+}
+
+/// What the host says of a guest that broke the protocol.
+fn violation(v: Violation) -> String {
+    format!("the guest agent {v}")
 }
 
 impl Tables {
@@ -221,40 +240,12 @@ impl Tables {
         msg: Message,
         resumed: bool,
     ) -> std::result::Result<Vec<u32>, String> {
+        let Some(msg) = self.streams.dispatch(msg).map_err(violation)? else {
+            return Ok(Vec::new());
+        };
         match msg {
             Message::Response { id, body } => {
-                if let Some(tx) = self.pending.remove(&id) {
-                    let _ = tx.try_send(body);
-                }
-            }
-            Message::Data { stream, bytes } => {
-                if let Some(s) = self.data_target(stream)? {
-                    push(&s, bytes.into_vec())?;
-                }
-            }
-            Message::Eof { stream } => {
-                self.check_opened(stream)?;
-                if let Some(s) = self.inbound.get(&stream) {
-                    s.finish();
-                }
-            }
-            Message::Credit { stream, bytes } => {
-                self.check_opened(stream)?;
-                if let Some(s) = self.outbound.get(&stream) {
-                    s.grant_owed(bytes)
-                        .map_err(|e| format!("the guest agent broke flow control: {e}"))?;
-                }
-            }
-            // The guest stops reading a stream we send, or aborts one it
-            // sends (a read error, a connection reset): either way it is over.
-            Message::Reset { stream } => {
-                self.check_opened(stream)?;
-                if let Some(s) = self.outbound.remove(&stream) {
-                    s.break_off(Broken::Closed);
-                }
-                if let Some(s) = self.inbound.remove(&stream) {
-                    s.break_off(Broken::Closed);
-                }
+                self.calls.answer(id, body);
             }
             Message::Accepted {
                 listener,
@@ -262,25 +253,28 @@ impl Tables {
                 to_guest,
                 from_guest,
             } => {
-                let known =
-                    |id: u32| self.inbound.contains_key(&id) || self.outbound.contains_key(&id);
+                let t = &mut self.streams;
                 if to_guest < GUEST_STREAM_BASE
                     || from_guest < GUEST_STREAM_BASE
                     || to_guest == from_guest
-                    || known(to_guest)
-                    || known(from_guest)
+                    || t.in_use(to_guest)
+                    || t.in_use(from_guest)
                 {
                     return Err(format!(
                         "the guest agent accepted a connection on bad streams {to_guest}/{from_guest}"
                     ));
                 }
+                // Named now, so that what the guest sends on them before it
+                // hears of a refusal is dropped, not a violation.
+                t.announce(to_guest);
+                t.announce(from_guest);
                 match self.listeners.get(&listener) {
                     Some(queue) if queue.len() < ACCEPT_BACKLOG => {
-                        self.guest_streams = self.guest_streams.max(to_guest).max(from_guest);
                         let inbound = Arc::new(Inbound::new());
                         let outbound = Arc::new(Outbound::new());
-                        self.inbound.insert(from_guest, inbound.clone());
-                        self.outbound.insert(to_guest, outbound.clone());
+                        t.add_inbound(from_guest, inbound.clone())
+                            .and_then(|()| t.add_outbound(to_guest, outbound.clone()))
+                            .map_err(|e| e.to_string())?;
                         queue.push(Accepted {
                             peer,
                             to_guest: (to_guest, outbound),
@@ -303,36 +297,13 @@ impl Tables {
             Message::Hello { .. } | Message::Request { .. } => {
                 return Err("the guest agent sent a message out of turn".into());
             }
+            // Applied by the stream table above.
+            Message::Data { .. }
+            | Message::Eof { .. }
+            | Message::Credit { .. }
+            | Message::Reset { .. } => {}
         }
         Ok(Vec::new())
-    }
-
-    /// `Err` for a stream that was never opened.
-    fn check_opened(&self, stream: u32) -> std::result::Result<(), String> {
-        let opened = if stream < GUEST_STREAM_BASE {
-            stream <= self.host_streams
-        } else {
-            stream <= self.guest_streams
-        };
-        if opened && stream != 0 {
-            Ok(())
-        } else {
-            Err(format!(
-                "the guest agent sent a frame for stream {stream}, which was never opened"
-            ))
-        }
-    }
-
-    /// Where the payload of a `Data` frame for `stream` goes: `None` for a
-    /// stream closed meanwhile; `Err` for one never opened.
-    fn data_target(&self, stream: u32) -> std::result::Result<Option<Arc<Inbound>>, String> {
-        self.check_opened(stream)?;
-        Ok(self.inbound.get(&stream).cloned())
-    }
-
-    /// Registers a host-numbered stream.
-    fn opened(&mut self, id: u32) {
-        self.host_streams = self.host_streams.max(id);
     }
 
     /// Fails everything waiting with `gone`; the first reason sticks.
@@ -341,13 +312,8 @@ impl Tables {
             return;
         }
         tracing::debug!(?gone, "agent channel down");
-        self.pending.clear();
-        for (_, s) in self.inbound.drain() {
-            s.break_off(Broken::Lost);
-        }
-        for (_, s) in self.outbound.drain() {
-            s.break_off(Broken::Lost);
-        }
+        self.calls.end();
+        self.streams.end();
         for (_, slot) in self.exits.drain() {
             slot.fill(Err(gone.clone()));
         }
@@ -369,8 +335,6 @@ struct Shared {
     heard: AtomicU64,
     /// When the liveness check began waiting for a sign of life, if it is.
     asked: Mutex<Option<u64>>,
-    next_request: AtomicU64,
-    next_stream: AtomicU32,
     next_process: AtomicU64,
     next_listener: AtomicU64,
     /// Resumed after a restore: the agent may greet again, harmlessly.
@@ -389,7 +353,7 @@ impl Pending {
         match self.rx.recv_timeout(timeout) {
             Ok(reply) => Ok(reply),
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                lock(&channel.shared.tables).pending.remove(&self.id);
+                lock(&channel.shared.tables).calls.forget(self.id);
                 Err(Error::Timeout("request to the guest agent".into()))
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(channel.gone_error()),
@@ -518,8 +482,6 @@ impl Channel {
         let shared = Arc::new(Shared {
             writer: Mutex::new(writer),
             tables: Mutex::new(Tables::default()),
-            next_request: AtomicU64::new(1),
-            next_stream: AtomicU32::new(1),
             next_process: AtomicU64::new(1),
             next_listener: AtomicU64::new(1),
             resumed,
@@ -573,8 +535,8 @@ impl Channel {
         }
         if now.saturating_sub(heard) >= QUIET.as_nanos() as u64 {
             *asked = Some(now);
-            let id = shared.next_request.fetch_add(1, Ordering::Relaxed);
             // Its answer has no waiter: arriving is all it has to do.
+            let id = lock(&shared.tables).calls.unanswered();
             if let Ok(bytes) = frame::encode(&Message::Request {
                 id,
                 body: Request::Ping,
@@ -601,16 +563,29 @@ impl Channel {
     /// Sends `body` without waiting: for requests whose answer comes after
     /// stream traffic (`WriteFile`).
     pub(crate) fn begin(&self, body: Request) -> Result<Pending> {
-        let id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::sync_channel(1);
-        {
+        let named: Vec<u32> = body.streams().collect();
+        let (id, rx) = {
             let mut t = lock(&self.shared.tables);
             if let Some(gone) = &t.dead {
                 return Err(gone.error());
             }
-            t.pending.insert(id, tx);
-        }
-        self.send(&Message::Request { id, body })?;
+            t.calls.begin()
+        };
+        let bytes = match frame::encode(&Message::Request { id, body }) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                // The agent never hears of the request, so its streams
+                // must end without a frame: one for a stream the agent
+                // never saw named would be a protocol violation.
+                let mut t = lock(&self.shared.tables);
+                t.calls.forget(id);
+                for stream in named {
+                    t.streams.discard(stream);
+                }
+                return Err(e.into());
+            }
+        };
+        self.send_frame(&bytes)?;
         Ok(Pending { id, rx })
     }
 
@@ -632,10 +607,6 @@ impl Channel {
 
     pub(crate) fn new_process_id(&self) -> u64 {
         self.shared.next_process.fetch_add(1, Ordering::Relaxed)
-    }
-
-    fn new_stream_id(&self) -> u32 {
-        self.shared.next_stream.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Registers where process `id`'s exit goes, before it is started.
@@ -689,33 +660,22 @@ impl Channel {
         self.close_outbound(conn.to_guest.0, &conn.to_guest.1);
     }
 
-    /// A new guest → host stream.
+    /// A new guest → host stream (broken at once on a channel gone).
     pub(crate) fn open_inbound(&self) -> (u32, Arc<Inbound>) {
-        let id = self.new_stream_id();
         let stream = Arc::new(Inbound::new());
         let mut t = lock(&self.shared.tables);
-        t.opened(id);
-        match &t.dead {
-            Some(_) => stream.break_off(Broken::Lost),
-            None => {
-                t.inbound.insert(id, stream.clone());
-            }
-        }
+        let id = t.streams.allocate();
+        // A fresh id is never in use.
+        let _ = t.streams.add_inbound(id, stream.clone());
         (id, stream)
     }
 
-    /// A new host → guest stream.
+    /// A new host → guest stream (broken at once on a channel gone).
     pub(crate) fn open_outbound(&self) -> (u32, Arc<Outbound>) {
-        let id = self.new_stream_id();
         let stream = Arc::new(Outbound::new());
         let mut t = lock(&self.shared.tables);
-        t.opened(id);
-        match &t.dead {
-            Some(_) => stream.break_off(Broken::Lost),
-            None => {
-                t.outbound.insert(id, stream.clone());
-            }
-        }
+        let id = t.streams.allocate();
+        let _ = t.streams.add_outbound(id, stream.clone());
         (id, stream)
     }
 
@@ -738,14 +698,14 @@ impl Channel {
             });
         }
         if r.len == 0 && !buf.is_empty() {
-            lock(&self.shared.tables).inbound.remove(&id);
+            lock(&self.shared.tables).streams.remove_inbound(id, stream);
         }
         Ok(r.len)
     }
 
     /// Stops an inbound stream early; the guest's writer sees a broken pipe.
     pub(crate) fn close_inbound(&self, id: u32, stream: &Inbound) {
-        if lock(&self.shared.tables).inbound.remove(&id).is_some() && !stream.is_drained() {
+        if lock(&self.shared.tables).streams.remove_inbound(id, stream) && !stream.is_drained() {
             stream.break_off(Broken::Closed);
             let _ = self.send(&Message::Reset { stream: id });
         }
@@ -778,7 +738,10 @@ impl Channel {
     /// Ends an outbound stream: the guest reader sees end of file.
     pub(crate) fn close_outbound(&self, id: u32, stream: &Outbound) {
         stream.break_off(Broken::Closed);
-        if lock(&self.shared.tables).outbound.remove(&id).is_some() {
+        if lock(&self.shared.tables)
+            .streams
+            .remove_outbound(id, stream)
+        {
             let _ = self.send(&Message::Eof { stream: id });
         }
     }
@@ -788,17 +751,15 @@ impl Channel {
     /// down. `true` once it answered; `false` if it does not within
     /// `timeout`, stops answering pings meanwhile, or the channel was gone.
     pub(crate) fn close_gracefully(&self, timeout: Duration) -> bool {
-        let id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::sync_channel(1);
-        {
+        let (id, rx) = {
             let mut t = lock(&self.shared.tables);
             if t.dead.is_some() {
                 return false;
             }
             t.end(Gone::Closed);
             // The reader still delivers answers to requests in the table.
-            t.pending.insert(id, tx);
-        }
+            t.calls.begin()
+        };
         if self
             .send(&Message::Request {
                 id,
@@ -885,50 +846,24 @@ fn frame_reader(socket: &UnixStream) -> Result<FrameReader<UnixStream>> {
     Ok(FrameReader::new(handle))
 }
 
-/// Queues a payload on its stream; overrunning the window ends the channel.
-fn push(stream: &Inbound, bytes: Vec<u8>) -> std::result::Result<(), String> {
-    stream
-        .push(bytes)
-        .map_err(|e| format!("the guest agent broke flow control: {e}"))
-}
-
-/// Reads the payload of a `Data` frame straight into a buffer of its
-/// stream and queues it there (one copy, from the socket). The tables are
-/// not locked meanwhile: a stream closed during the read drops the data.
-fn receive_data(
-    shared: &Shared,
-    reader: &mut FrameReader<UnixStream>,
-    stream: u32,
-    len: usize,
-) -> std::result::Result<(), String> {
-    // Unread, the payload of a stream closed meanwhile is skipped.
-    let Some(target) = lock(&shared.tables).data_target(stream)? else {
-        return Ok(());
-    };
-    let started = Instant::now();
-    let mut buf = target.buffer(len);
-    reader
-        .payload(&mut buf)
-        .map_err(|e| format!("agent channel failed: {e}"))?;
-    phases::add(Phase::Receive, started);
-    push(&target, buf)
-}
-
 fn read_loop(shared: &Shared, mut reader: FrameReader<UnixStream>) {
     let why = loop {
-        let frame = match reader.read_frame() {
-            Ok(Some(frame)) => frame,
+        let received = match mux::receive(&mut reader, &shared.tables) {
+            Ok(Some(received)) => received,
             Ok(None) => break "the guest stopped".to_string(),
+            Err(ReceiveError::Violation(v)) => break violation(v),
             Err(e) => break format!("agent channel failed: {e}"),
         };
         shared
             .heard
             .store(shared.epoch.elapsed().as_nanos() as u64, Ordering::Release);
-        let resets = match frame {
-            Frame::Data { stream, len } => {
-                receive_data(shared, &mut reader, stream, len).map(|()| Vec::new())
+        let resets = match received {
+            Received::Stream => Ok(Vec::new()),
+            Received::Payload { since } => {
+                phases::add(Phase::Receive, since);
+                Ok(Vec::new())
             }
-            Frame::Message(msg) => lock(&shared.tables).dispatch(msg, shared.resumed),
+            Received::Message(msg) => lock(&shared.tables).dispatch(msg, shared.resumed),
         };
         let resets = match resets {
             Ok(resets) => resets,
@@ -1010,16 +945,17 @@ pub fn fuzz_dispatch(data: &[u8]) {
     let mut t = Tables::default();
     let mut answers = Vec::new();
     for id in 1..=4 {
-        let (tx, rx) = mpsc::sync_channel(1);
-        t.pending.insert(id, tx);
-        answers.push(rx);
+        answers.push(t.calls.begin().1);
         t.exits.insert(id, Arc::new(ExitSlot::default()));
     }
-    for id in 1..=2 {
-        t.inbound.insert(id, Arc::new(Inbound::new()));
-        t.outbound.insert(id + 2, Arc::new(Outbound::new()));
+    for _ in 1..=2 {
+        let id = t.streams.allocate();
+        let _ = t.streams.add_inbound(id, Arc::new(Inbound::new()));
     }
-    t.host_streams = 4;
+    for _ in 1..=2 {
+        let id = t.streams.allocate();
+        let _ = t.streams.add_outbound(id, Arc::new(Outbound::new()));
+    }
     let queue = Arc::new(AcceptQueue::default());
     t.listeners.insert(1, queue.clone());
     let mut buf = Vec::new();
@@ -1030,9 +966,9 @@ pub fn fuzz_dispatch(data: &[u8]) {
         };
         assert!(resets.len() <= 2);
         assert!(queue.len() <= ACCEPT_BACKLOG);
-        assert!(t.inbound.len() <= 2 + ACCEPT_BACKLOG);
-        assert!(t.outbound.len() <= 2 + ACCEPT_BACKLOG);
-        assert!(t.pending.len() <= 4 && t.exits.len() <= 4);
+        let (inbound, outbound) = t.streams.len();
+        assert!(inbound <= 2 + ACCEPT_BACKLOG && outbound <= 2 + ACCEPT_BACKLOG);
+        assert!(t.calls.len() <= 4 && t.exits.len() <= 4);
     }
     assert!(buf.capacity() <= cc_protocol::MAX_FRAME);
     t.end(Gone::Closed);
@@ -1042,6 +978,7 @@ pub fn fuzz_dispatch(data: &[u8]) {
 mod tests {
     //! Handshake checks against a fake agent on a socketpair (no VM).
     use super::*;
+    use serde_bytes::ByteBuf;
     use std::io::Write;
 
     fn greet(payload: &[u8]) -> Result<(Channel, String)> {
@@ -1100,12 +1037,16 @@ mod tests {
 
     // ---- dispatch without a VM ----
 
+    /// Stream 1 comes from the guest, 2 goes to it, 3 was opened and
+    /// closed already.
     fn tables() -> Tables {
         let mut t = Tables::default();
-        t.inbound.insert(1, Arc::new(Inbound::new()));
-        t.outbound.insert(2, Arc::new(Outbound::new()));
-        // Stream 3 was opened and closed already.
-        t.host_streams = 3;
+        let ids: Vec<u32> = (0..3).map(|_| t.streams.allocate()).collect();
+        assert_eq!(ids, [1, 2, 3]);
+        t.streams.add_inbound(1, Arc::new(Inbound::new())).unwrap();
+        t.streams
+            .add_outbound(2, Arc::new(Outbound::new()))
+            .unwrap();
         t
     }
 
@@ -1162,13 +1103,13 @@ mod tests {
         ] {
             assert_eq!(t.dispatch(msg, false), Ok(vec![]));
         }
-        assert_eq!((t.inbound.len(), t.outbound.len()), (1, 1));
+        assert_eq!(t.streams.len(), (1, 1));
     }
 
     #[test]
     fn credit_not_owed_ends_the_channel() {
         let mut t = tables();
-        let out = t.outbound[&2].clone();
+        let out = t.streams.outbound(2).unwrap().clone();
         assert_eq!(out.acquire(10, None).unwrap(), 10);
         let owed = Message::Credit {
             stream: 2,
@@ -1205,11 +1146,10 @@ mod tests {
     #[test]
     fn answers_reach_their_request_once() {
         let mut t = tables();
-        let (tx, rx) = mpsc::sync_channel(1);
-        t.pending.insert(5, tx);
+        let (id, rx) = t.calls.begin();
         for _ in 0..2 {
             let answer = Message::Response {
-                id: 5,
+                id,
                 body: Ok(Response::Pong),
             };
             t.dispatch(answer, false).unwrap();
@@ -1250,7 +1190,26 @@ mod tests {
             let _ = t.dispatch(accepted(1, n), false).unwrap();
         }
         assert_eq!(queue.len(), ACCEPT_BACKLOG);
-        assert_eq!(t.inbound.len(), 1 + ACCEPT_BACKLOG);
+        assert_eq!(t.streams.len().0, 1 + ACCEPT_BACKLOG);
+    }
+
+    #[test]
+    fn what_the_guest_sends_on_a_refused_connection_is_dropped() {
+        let mut t = tables();
+        let (to_guest, from_guest) = (GUEST_STREAM_BASE, GUEST_STREAM_BASE + 1);
+        assert_eq!(
+            t.dispatch(accepted(9, 0), false),
+            Ok(vec![to_guest, from_guest])
+        );
+        // Sent before the guest heard of the resets.
+        for msg in [
+            data(from_guest, 5),
+            Message::Eof { stream: from_guest },
+            Message::Reset { stream: to_guest },
+        ] {
+            assert_eq!(t.dispatch(msg, false), Ok(vec![]));
+        }
+        assert_eq!(t.streams.len(), (1, 1));
     }
 
     #[test]
@@ -1281,7 +1240,7 @@ mod tests {
         let mut t = tables();
         let exit = Arc::new(ExitSlot::default());
         t.exits.insert(1, exit.clone());
-        let inbound = t.inbound[&1].clone();
+        let inbound = t.streams.inbound(1).unwrap().clone();
         t.end(Gone::Dead("QEMU exited".into()));
         t.end(Gone::Closed);
         let err = exit.wait(None).unwrap_err();
@@ -1396,6 +1355,28 @@ mod tests {
         assert_eq!(watch(&channel, Duration::from_secs(3)), None);
         channel.shut_down(Gone::Closed);
         answering.join().unwrap();
+    }
+
+    #[test]
+    fn streams_of_a_request_never_sent_end_without_a_frame() {
+        let (channel, guest) = connected();
+        let (id, stream) = channel.open_outbound();
+        let huge = ByteBuf::from(vec![b'a'; cc_protocol::MAX_FRAME + 1]);
+        let err = channel
+            .begin(Request::WriteFile {
+                path: huge,
+                mode: 0o644,
+                stream: id,
+            })
+            .unwrap_err();
+        assert_eq!(err.code(), crate::ErrorCode::InvalidArgument, "{err}");
+        channel.close_outbound(id, &stream);
+        // The guest never heard of the stream: nothing about it arrives.
+        guest.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        let read = io::Read::read(&mut &guest, &mut byte).unwrap_err();
+        assert_eq!(read.kind(), io::ErrorKind::WouldBlock);
+        channel.shut_down(Gone::Closed);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -31,18 +32,122 @@ pub struct Overrun {
     pub buffered: usize,
 }
 
+/// The alignment of a [`Buffer`]'s bytes: a page, which satisfies direct
+/// I/O on any block device.
+pub const BUFFER_ALIGN: usize = 4096;
+
+#[derive(Clone, Copy)]
+#[repr(C, align(4096))]
+struct Page([u8; BUFFER_ALIGN]);
+
+/// Bytes of a stream, starting on a page boundary while none were
+/// consumed: a receiver can hand them to `O_DIRECT` writes, which skip
+/// copying into the page cache (on an emulated guest CPU, the costliest
+/// step of writing a file).
+#[derive(Clone, Default)]
+pub struct Buffer {
+    pages: Vec<Page>,
+    /// The bytes in use: `start..end` of the pages.
+    start: usize,
+    end: usize,
+}
+
+impl std::fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buffer").field("len", &self.len()).finish()
+    }
+}
+
+impl PartialEq for Buffer {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Buffer {}
+
+impl Buffer {
+    /// `len` bytes, contents unspecified (zeros, or what a recycled buffer
+    /// held): to be overwritten.
+    pub fn with_len(len: usize) -> Self {
+        let mut b = Self::default();
+        b.set_len(len);
+        b
+    }
+
+    /// Makes the buffer `len` bytes long from its first page, keeping its
+    /// memory when it is large enough.
+    fn set_len(&mut self, len: usize) {
+        let pages = len.div_ceil(BUFFER_ALIGN);
+        if self.pages.len() < pages {
+            self.pages.resize(pages, Page([0; BUFFER_ALIGN]));
+        }
+        self.start = 0;
+        self.end = len;
+    }
+
+    /// Drops the first `n` bytes.
+    fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+    }
+}
+
+impl Deref for Buffer {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `Page` is a plain byte array (`repr(C)`, no padding:
+        // its size is its alignment), so the pages are
+        // `pages.len() * BUFFER_ALIGN` initialized bytes in one
+        // allocation, borrowed here for as long as `self` is.
+        let all = unsafe {
+            std::slice::from_raw_parts(
+                self.pages.as_ptr().cast::<u8>(),
+                self.pages.len() * BUFFER_ALIGN,
+            )
+        };
+        &all[self.start..self.end]
+    }
+}
+
+impl DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, borrowed mutably for as long as `self`
+        // is; any byte pattern is a valid `Page`.
+        let all = unsafe {
+            std::slice::from_raw_parts_mut(
+                self.pages.as_mut_ptr().cast::<u8>(),
+                self.pages.len() * BUFFER_ALIGN,
+            )
+        };
+        &mut all[self.start..self.end]
+    }
+}
+
+impl From<&[u8]> for Buffer {
+    fn from(bytes: &[u8]) -> Self {
+        let mut b = Self::with_len(bytes.len());
+        b.copy_from_slice(bytes);
+        b
+    }
+}
+
+impl From<Vec<u8>> for Buffer {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self::from(bytes.as_slice())
+    }
+}
+
 #[derive(Debug, Default)]
 struct InState {
-    chunks: VecDeque<Vec<u8>>,
-    /// Bytes already taken from the front chunk.
-    offset: usize,
+    chunks: VecDeque<Buffer>,
     buffered: usize,
     unacked: u32,
     eof: bool,
     broken: Option<Broken>,
     /// Buffers a consumer of whole chunks gave back, for the channel
     /// reader to fill again: no allocation (and no zeroing) per frame.
-    spares: Vec<Vec<u8>>,
+    spares: Vec<Buffer>,
 }
 
 /// Spare buffers an [`Inbound`] keeps: enough for the frames of a window
@@ -62,7 +167,7 @@ pub struct Inbound {
 pub struct Chunk {
     /// The next bytes of the stream, as the peer sent them; empty at end
     /// of file. Give the buffer back with [`Inbound::recycle`].
-    pub bytes: Vec<u8>,
+    pub bytes: Buffer,
     /// Credit the caller should now return to the peer (0: none yet).
     pub credit: u32,
 }
@@ -87,7 +192,8 @@ impl Inbound {
 
     /// Queues bytes the peer sent. Data for a closed stream is dropped (its
     /// credit is irrelevant: the peer was told to stop).
-    pub fn push(&self, bytes: Vec<u8>) -> Result<(), Overrun> {
+    pub fn push(&self, bytes: impl Into<Buffer>) -> Result<(), Overrun> {
+        let bytes = bytes.into();
         let mut s = self.lock();
         if s.broken.is_some() || bytes.is_empty() {
             return Ok(());
@@ -106,17 +212,17 @@ impl Inbound {
     /// A buffer of `len` bytes for the channel reader to read a payload
     /// of this stream into and [`push`](Self::push): a recycled one when
     /// there is one. Its contents are garbage to be overwritten.
-    pub fn buffer(&self, len: usize) -> Vec<u8> {
+    pub fn buffer(&self, len: usize) -> Buffer {
         let mut buf = self.lock().spares.pop().unwrap_or_default();
         // A recycled buffer at least this long is only truncated.
-        buf.resize(len, 0);
+        buf.set_len(len);
         buf
     }
 
     /// Takes back a buffer from [`take`](Self::take) for [`buffer`](Self::buffer).
-    pub fn recycle(&self, buf: Vec<u8>) {
+    pub fn recycle(&self, buf: Buffer) {
         let mut s = self.lock();
-        if s.spares.len() < SPARES && buf.capacity() > 0 && s.broken.is_none() {
+        if s.spares.len() < SPARES && !buf.pages.is_empty() && s.broken.is_none() {
             s.spares.push(buf);
         }
     }
@@ -190,15 +296,12 @@ impl Inbound {
     /// the peer sent it, without copying it.
     pub fn take(&self, deadline: Option<Instant>) -> io::Result<Chunk> {
         let mut s = self.wait(self.lock(), deadline)?;
-        let Some(mut bytes) = s.chunks.pop_front() else {
+        let Some(bytes) = s.chunks.pop_front() else {
             return Ok(Chunk {
-                bytes: Vec::new(),
+                bytes: Buffer::default(),
                 credit: 0,
             });
         };
-        // Left over from a partial `read`.
-        let offset = std::mem::take(&mut s.offset);
-        bytes.drain(..offset);
         let credit = Self::consumed(&mut s, bytes.len());
         Ok(Chunk { bytes, credit })
     }
@@ -215,20 +318,19 @@ impl Inbound {
         }
         let mut len = 0;
         while len < buf.len() {
-            let offset = s.offset;
-            let Some(front) = s.chunks.front() else { break };
-            let n = (front.len() - offset).min(buf.len() - len);
-            buf[len..len + n].copy_from_slice(&front[offset..offset + n]);
+            let Some(front) = s.chunks.front_mut() else {
+                break;
+            };
+            let n = front.len().min(buf.len() - len);
+            buf[len..len + n].copy_from_slice(&front[..n]);
             len += n;
-            if offset + n == front.len() {
+            front.consume(n);
+            if front.is_empty() {
                 if let Some(done) = s.chunks.pop_front() {
                     if s.spares.len() < SPARES {
                         s.spares.push(done);
                     }
                 }
-                s.offset = 0;
-            } else {
-                s.offset += n;
             }
         }
         let credit = Self::consumed(&mut s, len);
@@ -400,21 +502,40 @@ mod tests {
         let mut buf = [0u8; 2];
         assert_eq!(s.read(&mut buf, None).unwrap().len, 2);
         let first = s.take(None).unwrap();
-        assert_eq!(first.bytes, b"llo ");
+        assert_eq!(&*first.bytes, b"llo ");
         let second = s.take(None).unwrap();
-        assert_eq!(
-            (second.bytes.as_slice(), second.credit),
-            (&b"world"[..], 11)
-        );
+        assert_eq!((&*second.bytes, second.credit), (&b"world"[..], 11));
+        let memory = second.bytes.as_ptr();
         s.recycle(second.bytes);
         let again = s.buffer(3);
         assert_eq!(again.len(), 3);
-        assert!(again.capacity() >= 5, "the recycled buffer");
+        assert_eq!(again.as_ptr(), memory, "the recycled buffer");
         s.finish();
-        assert_eq!(s.take(None).unwrap().bytes, b"");
+        assert!(s.take(None).unwrap().bytes.is_empty());
         assert!(s.is_drained());
         s.break_off(Broken::Closed);
         assert_eq!(s.take(None).unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[test]
+    fn buffers_start_on_a_page_until_consumed() {
+        for len in [0, 1, 4095, 4097, 512 << 10] {
+            let b = Buffer::with_len(len);
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_ptr() as usize % BUFFER_ALIGN, 0);
+        }
+        let mut b = Buffer::from(&b"abcdef"[..]);
+        b.consume(2);
+        assert_eq!(&*b, b"cdef");
+        b[0] = b'C';
+        assert_eq!(b, Buffer::from(b"Cdef".to_vec()));
+        b.consume(10);
+        assert!(b.is_empty());
+        // Shrunk, it keeps its memory; grown, it gets more.
+        b.set_len(2 * BUFFER_ALIGN + 1);
+        assert_eq!(b.pages.len(), 3);
+        b.set_len(5);
+        assert_eq!((b.pages.len(), b.len()), (3, 5));
     }
 
     #[test]

@@ -129,6 +129,43 @@ pub enum Request {
     WriteHandle { handle: u64, stream: u32 },
 }
 
+impl Request {
+    /// The host-numbered streams this request names: from the moment the
+    /// agent reads it, frames for them are no protocol violation, whether
+    /// or not the request succeeds.
+    pub fn streams(&self) -> impl Iterator<Item = u32> {
+        let ids = match self {
+            Request::Exec(exec) => {
+                let out = |s: Stdio| match s {
+                    Stdio::Stream(id) => Some(id),
+                    Stdio::Null | Stdio::Stdout => None,
+                };
+                [exec.stdin, out(exec.stdout), out(exec.stderr)]
+            }
+            Request::ReadFile { stream, .. }
+            | Request::WriteFile { stream, .. }
+            | Request::SnapshotUpper { stream, .. }
+            | Request::ReadHandle { stream, .. }
+            | Request::WriteHandle { stream, .. } => [Some(*stream), None, None],
+            Request::Dial {
+                to_guest,
+                from_guest,
+                ..
+            } => [Some(*to_guest), Some(*from_guest), None],
+            Request::Setup(_)
+            | Request::Signal { .. }
+            | Request::Ping
+            | Request::Shutdown
+            | Request::Fs(_)
+            | Request::Listen { .. }
+            | Request::Unlisten { .. }
+            | Request::Prepare(_)
+            | Request::Trace { .. } => [None; 3],
+        };
+        ids.into_iter().flatten()
+    }
+}
+
 /// Filesystem operations. Paths are absolute guest paths (bytes). Errors
 /// carry the guest `errno`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -180,12 +180,10 @@ impl Host {
     /// Waits until the agent closes the channel; returns the messages
     /// that came before, unclaimed ones included.
     pub fn until_closed(&mut self) -> Vec<Message> {
-        while self.receive("the end of the channel").is_some() {}
-        let mut rest = Vec::new();
-        while let Some(msg) = self.backlog.pop_front() {
-            rest.push(msg);
+        while let Some(msg) = self.receive("the end of the channel") {
+            self.backlog.push_back(msg);
         }
-        rest
+        self.backlog.drain(..).collect()
     }
 
     /// Sends request `body`; returns its id.

@@ -12,7 +12,7 @@ use cc_protocol::{
 };
 use serde_bytes::ByteBuf;
 
-use crate::common::{exec, process_gone, Host};
+use crate::common::{exec, process_gone, stream_id, Host};
 
 fn setup() -> Setup {
     Setup {
@@ -121,19 +121,63 @@ fn messages_only_a_guest_sends_are_ignored() {
     assert_eq!(host.request(Request::Ping), Ok(Response::Pong));
 }
 
-#[test]
-fn stream_messages_for_unknown_streams_are_ignored() {
+/// Sends `msg` on a fresh connection and returns the agent's goodbye,
+/// which must come before it closes the channel.
+fn refused(prepare: impl FnOnce(&mut Host), msg: Message) -> String {
     let mut host = Host::new();
-    host.send(&Message::Data {
-        stream: 77,
-        bytes: ByteBuf::from(vec![1]),
-    });
-    host.send(&Message::Eof { stream: 77 });
-    host.send(&Message::Credit {
-        stream: 77,
-        bytes: 10,
-    });
-    host.send(&Message::Reset { stream: 77 });
+    prepare(&mut host);
+    host.send(&msg);
+    let before_close = host.until_closed();
+    match before_close.last() {
+        Some(Message::Goodbye { reason }) => reason.clone(),
+        other => panic!("{msg:?}: no goodbye, last {other:?}"),
+    }
+}
+
+#[test]
+fn stream_messages_for_streams_never_opened_close_the_channel() {
+    for msg in [
+        Message::Data {
+            stream: 77,
+            bytes: ByteBuf::from(vec![1]),
+        },
+        Message::Eof { stream: 77 },
+        Message::Credit {
+            stream: 1 << 31,
+            bytes: 10,
+        },
+        Message::Reset { stream: 0 },
+    ] {
+        let why = refused(|_| {}, msg);
+        assert!(
+            why.starts_with("closing the channel: the host sent a frame for stream"),
+            "{why}"
+        );
+        assert!(why.ends_with("which was never opened"), "{why}");
+    }
+}
+
+#[test]
+fn stream_messages_for_streams_closed_or_refused_are_dropped() {
+    let mut host = Host::new();
+    // A finished command's stdout, and a stdin a failed request named.
+    let out = stream_id();
+    let mut e = exec(&["true"]);
+    e.stdout = cc_protocol::Stdio::Stream(out);
+    host.run_exec(e);
+    let named = stream_id();
+    let mut bad = exec(&["/no/such/program"]);
+    bad.stdin = Some(named);
+    assert!(host.start(bad).is_err());
+    for stream in [out, named] {
+        host.send(&Message::Data {
+            stream,
+            bytes: ByteBuf::from(vec![1]),
+        });
+        host.send(&Message::Eof { stream });
+        host.send(&Message::Credit { stream, bytes: 10 });
+        host.send(&Message::Reset { stream });
+    }
     assert_eq!(host.request(Request::Ping), Ok(Response::Pong));
 }
 

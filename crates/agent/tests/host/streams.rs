@@ -1,6 +1,6 @@
 //! Flow control: a guest → host stream waits for the host's credit, a host
 //! → guest stream returns credit as it is consumed, and a host that
-//! overruns its window is reset.
+//! overruns its window or returns credit it does not owe is disconnected.
 
 use std::time::Duration;
 
@@ -100,8 +100,16 @@ fn input_is_credited_back_as_the_process_consumes_it() {
     assert_eq!(host.exited(1), ExitStatus::Code(0));
 }
 
+/// The agent's last words before it closed the channel.
+fn goodbye(host: &mut Host) -> String {
+    match host.until_closed().last() {
+        Some(Message::Goodbye { reason }) => reason.clone(),
+        other => panic!("no goodbye, last {other:?}"),
+    }
+}
+
 #[test]
-fn a_host_that_overruns_the_window_gets_its_stream_reset() {
+fn a_host_that_overruns_the_window_is_disconnected() {
     let mut host = Host::new();
     let input = stream_id();
     // A process that never reads its stdin.
@@ -109,14 +117,32 @@ fn a_host_that_overruns_the_window_gets_its_stream_reset() {
     e.stdin = Some(input);
     host.start(e).unwrap();
     let chunk = ByteBuf::from(vec![0; DATA_CHUNK]);
-    for _ in 0..(3 * STREAM_WINDOW as usize / DATA_CHUNK) {
+    // The window, one chunk its stdin pump takes (and credits) before it
+    // blocks on the full pipe, and one too many.
+    for _ in 0..(STREAM_WINDOW as usize / DATA_CHUNK + 2) {
         host.send(&Message::Data {
             stream: input,
             bytes: chunk.clone(),
         });
     }
-    host.expect(
-        "the reset",
-        |m| matches!(m, Message::Reset { stream } if *stream == input),
+    let why = goodbye(&mut host);
+    assert!(why.contains("broke flow control"), "{why}");
+    assert!(why.contains("more than its window"), "{why}");
+}
+
+#[test]
+fn a_host_that_returns_credit_it_does_not_owe_is_disconnected() {
+    let mut host = Host::new();
+    let out = stream_id();
+    let mut e = exec(&["sleep", "1000"]);
+    e.stdout = Stdio::Stream(out);
+    host.start(e).unwrap();
+    // More than a whole window: never owed, whatever its pump took.
+    let bytes = STREAM_WINDOW + 1;
+    host.send(&Message::Credit { stream: out, bytes });
+    let why = goodbye(&mut host);
+    assert!(
+        why.contains(&format!("returned {bytes} bytes of credit")),
+        "{why}"
     );
 }
