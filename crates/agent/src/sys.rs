@@ -166,12 +166,18 @@ pub fn shutdown_socket(fd: BorrowedFd<'_>) {
 }
 
 pub fn set_nonblocking(fd: impl AsFd, nonblocking: bool) -> io::Result<()> {
+    set_flag(fd, OFlags::NONBLOCK, nonblocking)
+}
+
+/// Turns `O_DIRECT` on or off; `EINVAL` where the filesystem has no
+/// direct I/O (tmpfs).
+pub fn set_direct(fd: impl AsFd, direct: bool) -> io::Result<()> {
+    set_flag(fd, OFlags::DIRECT, direct)
+}
+
+fn set_flag(fd: impl AsFd, flag: OFlags, on: bool) -> io::Result<()> {
     let flags = rustix::fs::fcntl_getfl(&fd)?;
-    let flags = if nonblocking {
-        flags | OFlags::NONBLOCK
-    } else {
-        flags - OFlags::NONBLOCK
-    };
+    let flags = if on { flags | flag } else { flags - flag };
     rustix::fs::fcntl_setfl(&fd, flags)?;
     Ok(())
 }

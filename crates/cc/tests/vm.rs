@@ -793,6 +793,59 @@ fn large_files_stream_both_ways(inst: &Instance) {
     inst.remove("/var/big").unwrap();
 }
 
+/// Files written whole go to the disk directly while their data comes in
+/// whole blocks, then buffered from the first piece that does not: every
+/// byte must land either way, at any size and any split.
+fn written_files_keep_every_byte_at_any_size_and_split(inst: &Instance) {
+    /// Yields `pattern` in pieces of the sizes given, round robin.
+    struct Pieces {
+        pattern: Pattern,
+        sizes: &'static [usize],
+        next: usize,
+    }
+    impl Read for Pieces {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let want = self.sizes[self.next % self.sizes.len()].min(buf.len());
+            self.next += 1;
+            self.pattern.read(&mut buf[..want])
+        }
+    }
+    let expected = |len: u64| (0..len).map(pattern_byte).collect::<Vec<u8>>();
+    for len in [
+        0u64,
+        1,
+        4095,
+        4096,
+        512 << 10,
+        (512 << 10) + 1,
+        3 * (512 << 10) + 4097,
+    ] {
+        let data = expected(len);
+        inst.write_file("/var/sized", &data, 0o600).unwrap();
+        assert!(inst.read_file("/var/sized").unwrap() == data, "{len} bytes");
+    }
+    // Whole blocks first, then pieces that are not, then blocks again.
+    for sizes in [&[8192usize, 1000][..], &[1000, 8192], &[4096, 4096, 3]] {
+        let len = 1 << 20;
+        let mut source = Pieces {
+            pattern: Pattern { at: 0, len },
+            sizes,
+            next: 0,
+        };
+        assert_eq!(
+            inst.write_file_from("/var/pieces", &mut source, 0o600)
+                .unwrap(),
+            len
+        );
+        assert!(
+            inst.read_file("/var/pieces").unwrap() == expected(len),
+            "{sizes:?}"
+        );
+    }
+    inst.remove("/var/sized").unwrap();
+    inst.remove("/var/pieces").unwrap();
+}
+
 /// A deterministic byte stream (the byte at offset i is a hash of i).
 struct Pattern {
     at: u64,
@@ -2906,6 +2959,7 @@ fn main() -> ExitCode {
         files_round_trip_with_metadata,
         missing_paths_are_io_errors_with_op_and_path,
         large_files_stream_both_ways,
+        written_files_keep_every_byte_at_any_size_and_split,
         directories_links_and_metadata,
         file_handles,
         cmd_lifecycle_pipes_and_misuse,
