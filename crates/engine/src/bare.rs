@@ -98,7 +98,9 @@ impl BareSpec {
     pub fn start(&self) -> Result<BareVm, Error> {
         let qemu = paths::qemu()?;
         let socketpair = || UnixStream::pair().map_err(Error::io("socketpair for", &qemu));
-        let (agent_host, agent_guest) = socketpair()?;
+        // As an instance's, so the port is measured as instances get it.
+        let (agent_host, agent_guest) =
+            crate::vm::agent_socketpair().map_err(Error::io("socketpair for", &qemu))?;
         let (qmp_host, qmp_guest) = socketpair()?;
         let (console_host, console_guest) = socketpair()?;
         let open = |path: &PathBuf| File::open(path).map_err(Error::io("open", path));

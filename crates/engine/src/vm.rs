@@ -166,7 +166,8 @@ impl Vm {
         confine::enforce(spec.confine, &confinement)?;
 
         let socketpair = || UnixStream::pair().map_err(Error::io("socketpair", dir.path()));
-        let (agent_host, agent_guest) = socketpair()?;
+        let (agent_host, agent_guest) =
+            agent_socketpair().map_err(Error::io("socketpair", dir.path()))?;
         let (qmp_host, qmp_guest) = socketpair()?;
         let (console_host, console_guest) = socketpair()?;
         let mut inputs = Inputs::default();
@@ -668,4 +669,18 @@ pub fn qemu_version() -> Result<String, Error> {
         .next()
         .unwrap_or("")
         .to_string())
+}
+/// What each end of the agent channel may have queued towards the other:
+/// QEMU hands the host a whole guest buffer (up to a 512 KiB frame) per
+/// write, and with room for several frames it rarely stops to wait for the
+/// reader. The kernel caps it at `net.core.wmem_max`.
+const CHANNEL_SOCKET_BUFFER: usize = 4 << 20;
+
+/// The socket pair the agent channel runs on: host end, QEMU's end.
+pub(crate) fn agent_socketpair() -> std::io::Result<(UnixStream, UnixStream)> {
+    let (host, guest) = UnixStream::pair()?;
+    for end in [&host, &guest] {
+        rustix::net::sockopt::set_socket_send_buffer_size(end, CHANNEL_SOCKET_BUFFER)?;
+    }
+    Ok((host, guest))
 }
