@@ -15,8 +15,8 @@ use super::Samples;
 
 const LIBCC: &str = "libcc.so";
 
-/// Round trips run before the measured ones, as for the core's row: they
-/// warm the page cache and the agent's paths.
+/// Round trips Python runs before the measured ones, as the core's row
+/// does: they warm the page cache and the agent's paths.
 const WARMUP: usize = 5;
 
 /// One caller's row.
@@ -39,7 +39,7 @@ fn target_dir() -> Option<PathBuf> {
 /// libcc.so: `--libcc`, else where the Python package looks in a checkout
 /// (`LIBCC_PATH`, a file or a directory), next to `crumble`, then the
 /// target directory's release build.
-pub(super) fn find_libcc(explicit: Option<&Path>) -> Result<PathBuf, String> {
+fn find_libcc(explicit: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(path) = explicit {
         if !path.is_file() {
             return Err(format!("--libcc {}: no such file", path.display()));
@@ -191,10 +191,8 @@ impl Libcc {
         Err(format!("{name}: {message} (error {code})"))
     }
 
-    /// Boots an instance of `rootfs` with the default options and times
-    /// `runs` round trips of `true`, each as a C program runs a command:
-    /// `cc_instance_command`, `cc_cmd_run`, `cc_cmd_free`.
-    fn round_trips(&self, rootfs: &Path, runs: usize) -> Result<Samples, String> {
+    /// Boots an instance of `rootfs` with the default options.
+    fn boot(&self, rootfs: &Path) -> Result<Handle, String> {
         let rootfs = CString::new(rootfs.as_os_str().as_bytes())
             .map_err(|_| format!("{}: a NUL in the path", rootfs.display()))?;
         // SAFETY: `err` comes from `call`, valid for writing.
@@ -208,58 +206,111 @@ impl Libcc {
             // SAFETY: NULL options are the defaults; a writable handle.
             unsafe { (self.instance_new)(source, std::ptr::null(), &mut inst, err) }
         })?;
-        let mut samples = Samples::default();
-        for i in 0..WARMUP + runs {
-            let t = Instant::now();
-            let mut cmd = 0;
-            self.call("cc_instance_command", |err| {
-                // SAFETY: a C string, no arguments (NULL, 0), a writable
-                // handle, `err` from `call`.
-                unsafe {
-                    (self.instance_command)(
-                        inst,
-                        c"true".as_ptr(),
-                        std::ptr::null(),
-                        0,
-                        &mut cmd,
-                        err,
-                    )
-                }
-            })?;
-            let mut code = -1;
-            // SAFETY: a writable int, `err` from `call`.
-            let ran = self.call("cc_cmd_run", |err| unsafe {
-                (self.cmd_run)(cmd, &mut code, err)
-            });
-            // SAFETY: frees the handle made above, once; it takes no pointers.
-            unsafe { (self.cmd_free)(cmd) };
-            let elapsed = t.elapsed();
-            ran?;
-            if code != 0 {
-                return Err(format!("`true` exited with {code}"));
+        Ok(inst)
+    }
+
+    /// One round trip of `true`, as a C program runs a command:
+    /// `cc_instance_command`, `cc_cmd_run`, `cc_cmd_free`.
+    fn round_trip(&self, inst: Handle) -> Result<Duration, String> {
+        let t = Instant::now();
+        let mut cmd = 0;
+        self.call("cc_instance_command", |err| {
+            // SAFETY: a C string, no arguments (NULL, 0), a writable
+            // handle, `err` from `call`.
+            unsafe {
+                (self.instance_command)(inst, c"true".as_ptr(), std::ptr::null(), 0, &mut cmd, err)
             }
-            if i >= WARMUP {
-                samples.0.push(elapsed);
-            }
+        })?;
+        let mut code = -1;
+        // SAFETY: a writable int, `err` from `call`.
+        let ran = self.call("cc_cmd_run", |err| unsafe {
+            (self.cmd_run)(cmd, &mut code, err)
+        });
+        // SAFETY: frees the handle made above, once; it takes no pointers.
+        unsafe { (self.cmd_free)(cmd) };
+        let elapsed = t.elapsed();
+        ran?;
+        if code != 0 {
+            return Err(format!("`true` exited with {code}"));
         }
-        Ok(samples)
+        Ok(elapsed)
+    }
+
+    /// Closes every instance and releases every handle.
+    fn shutdown(&self) -> Result<(), String> {
+        // SAFETY: `err` comes from `call`, valid for writing.
+        self.call("cc_shutdown", |err| unsafe { (self.shutdown)(err) })
     }
 }
 
-/// The round trip through libcc.so at `lib`.
-pub(super) fn c_abi(lib: &Path, rootfs: &Path, runs: usize) -> Outcome {
-    let c = match Libcc::load(lib) {
-        Ok(c) => c,
-        Err(why) => return Outcome::Skipped(why),
-    };
-    let measured = c.round_trips(rootfs, runs);
-    // Closes the instance and releases every handle, also those a failed
-    // round trip left open.
-    // SAFETY: `err` comes from `call`, valid for writing.
-    let shut = c.call("cc_shutdown", |err| unsafe { (c.shutdown)(err) });
-    match measured.and_then(|samples| shut.map(|()| samples)) {
-        Ok(samples) => Outcome::Ran(samples),
-        Err(why) => Outcome::Failed(why),
+/// The round trip through libcc.so, run in turns with the core's so that
+/// both see the same load on the host.
+pub(super) struct CAbi {
+    /// Where libcc.so was found, or why it was not.
+    pub(super) lib: Result<PathBuf, String>,
+    state: State,
+}
+
+enum State {
+    Running {
+        c: Libcc,
+        inst: Handle,
+        samples: Samples,
+    },
+    Over(Outcome),
+}
+
+impl CAbi {
+    /// Finds and loads libcc.so (`--libcc` is `explicit`) and boots an
+    /// instance of `rootfs` through it.
+    pub(super) fn start(explicit: Option<&Path>, rootfs: &Path) -> CAbi {
+        let lib = find_libcc(explicit);
+        let state = match lib.as_deref().map_err(Clone::clone).and_then(Libcc::load) {
+            Err(why) => State::Over(Outcome::Skipped(why)),
+            Ok(c) => match c.boot(rootfs) {
+                Ok(inst) => State::Running {
+                    c,
+                    inst,
+                    samples: Samples::default(),
+                },
+                Err(why) => State::Over(Outcome::Failed(shut_down(&c, why))),
+            },
+        };
+        CAbi { lib, state }
+    }
+
+    /// One round trip, kept when `keep` (not a warm-up). After a failure
+    /// the rest are not run.
+    pub(super) fn round_trip(&mut self, keep: bool) {
+        let State::Running { c, inst, samples } = &mut self.state else {
+            return;
+        };
+        match c.round_trip(*inst) {
+            Ok(d) if keep => samples.0.push(d),
+            Ok(_) => {}
+            Err(why) => self.state = State::Over(Outcome::Failed(shut_down(c, why))),
+        }
+    }
+
+    /// Shuts the library down and gives the row.
+    pub(super) fn finish(self) -> (Result<PathBuf, String>, Outcome) {
+        let outcome = match self.state {
+            State::Over(outcome) => outcome,
+            State::Running { c, samples, .. } => match c.shutdown() {
+                Ok(()) => Outcome::Ran(samples),
+                Err(why) => Outcome::Failed(why),
+            },
+        };
+        (self.lib, outcome)
+    }
+}
+
+/// Shuts the library down after `why`, which is returned, with the
+/// shutdown's own failure if it had one.
+fn shut_down(c: &Libcc, why: String) -> String {
+    match c.shutdown() {
+        Ok(()) => why,
+        Err(also) => format!("{why}; {also}"),
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use super::callers::{self, Outcome, PythonRun};
+use super::callers::{self, CAbi, Outcome, PythonRun};
 use super::phases::Phases;
 use super::{bare, ms, Samples, Table};
 use crate::CliResult;
@@ -40,9 +40,17 @@ pub(super) fn exec(
         &cc::Source::Dir(rootfs.to_path_buf()),
         cc::Options::default(),
     )?;
+    // In turns with the core's round trips: on this noisy host, load that
+    // comes and goes then slows both alike.
+    let mut c_abi = callers
+        .as_ref()
+        .map(|callers| CAbi::start(callers.libcc, rootfs));
     let cmd = inst.command("true");
     for _ in 0..5 {
         cmd.status()?; // warm the page cache and the agent's paths
+        if let Some(c) = &mut c_abi {
+            c.round_trip(false);
+        }
     }
     let mut ours = Samples::default();
     for _ in 0..runs {
@@ -52,7 +60,11 @@ pub(super) fn exec(
         if !status.success() {
             return Err(format!("`true` exited with {status}").into());
         }
+        if let Some(c) = &mut c_abi {
+            c.round_trip(true);
+        }
     }
+    let c_abi = c_abi.map(CAbi::finish);
     let mut ping = Samples::default();
     for _ in 0..runs {
         ping.0.push(inst.ping()?);
@@ -74,13 +86,9 @@ pub(super) fn exec(
         }
     }
     inst.close()?;
-    // After the core's instance is closed, so that only one runs at a time.
-    let above = callers.map(|callers| {
-        let libcc = callers::find_libcc(callers.libcc);
-        let c = match &libcc {
-            Ok(lib) => callers::c_abi(lib, rootfs, runs),
-            Err(why) => Outcome::Skipped(why.clone()),
-        };
+    // After the core's instance is closed: a process of its own cannot
+    // take turns with it.
+    let above = callers.zip(c_abi).map(|(callers, (libcc, c))| {
         let python = callers::python(callers.python, libcc.as_deref().ok(), rootfs, runs);
         (libcc, c, python)
     });
@@ -120,7 +128,8 @@ fn print_callers(
     let table = Table::new(52, 9, 3);
     println!(
         "\nexec `true` by caller (median; the C and the Python rows each boot \
-         an instance of their own from the same --rootfs)"
+         an instance of their own from the same --rootfs; the C one's round \
+         trips take turns with the core's, Python's run after them)"
     );
     table.header_units("caller", &["ms", "× core"]);
     table.row("Rust core: Command::status", &[ms(core.median()), 1.0]);
