@@ -130,9 +130,8 @@ impl Libcc {
     fn load(path: &Path) -> Result<Libcc, String> {
         let c_path = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| format!("{}: a NUL in the path", path.display()))?;
-        // SAFETY: a C string; loading libcc runs no initializers that
-        // depend on this process (it is a Rust cdylib without constructors
-        // of its own).
+        // SAFETY: a C string; the library's load-time initializers are
+        // Rust std's, which only note the process's arguments.
         let lib = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
         if lib.is_null() {
             // SAFETY: dlerror returns NULL or a C string valid until the
