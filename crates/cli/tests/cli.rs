@@ -568,6 +568,55 @@ fn templates_are_built_listed_used_and_removed() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `bench exec --phases` adds the round trip through the C library and
+/// from Python; a caller that is not there is named with the reason, never
+/// left out. Numbers are not checked: they depend on the machine's load.
+fn bench_exec_phases_names_each_caller() {
+    let bench = |extra: &[&str]| {
+        let mut cmd = crumble();
+        cmd.args(["bench", "exec", "--runs", "10", "--phases", "--rootfs"])
+            .arg(rootfs())
+            .arg("--busybox")
+            .arg(rootfs().join("bin/busybox"))
+            .args(extra);
+        ok(&mut cmd)
+    };
+    let caller = |text: &str, name: &str| -> String {
+        let line = text.lines().find(|l| l.starts_with(name));
+        line.unwrap_or_else(|| panic!("no {name} row: {text}"))
+            .to_owned()
+    };
+    let text = bench(&[
+        "--libcc",
+        "/no/such/libcc.so",
+        "--python",
+        "/no/such/python",
+    ]);
+    assert!(caller(&text, "Rust core").contains("1.000"), "{text}");
+    assert!(
+        caller(&text, "C ABI:").contains("skipped: --libcc /no/such/libcc.so: no such file"),
+        "{text}"
+    );
+    assert!(
+        caller(&text, "Python:").contains("skipped: /no/such/python: no such interpreter"),
+        "{text}"
+    );
+    assert!(text.contains("phases of a traced exec"), "{text}");
+
+    // Found or not, each caller has a row: a median, or why it was skipped.
+    let text = bench(&[]);
+    for name in ["C ABI:", "Python:"] {
+        let row = caller(&text, name);
+        let measured = row
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .parse::<f64>()
+            .is_ok();
+        assert!(measured || row.contains("skipped: "), "{text}");
+    }
+}
+
 /// Why the VM tests do not run, or `None` when they do: they boot real VMs
 /// (QEMU, the guest kernel and agent; minutes under TCG), so they wait to
 /// be asked. The same words as the VM tests' and the Python tests' reason.
@@ -603,6 +652,7 @@ fn main() -> ExitCode {
         image_commands_end_to_end,
         run_mounts_and_timeout,
         templates_are_built_listed_used_and_removed,
+        bench_exec_phases_names_each_caller,
     ];
     let skip = vm_skip_reason();
     let trials = no_vm

@@ -4,6 +4,7 @@
 
 mod bare;
 mod boot;
+mod callers;
 mod exec;
 mod files;
 mod net;
@@ -50,9 +51,18 @@ pub(crate) enum What {
         runs: usize,
         #[arg(long, default_value = "/bin/busybox")]
         busybox: PathBuf,
-        /// Also time each phase of the round trip, host and guest.
+        /// Also time each phase of the round trip, host and guest, and the
+        /// round trip through the C library and from Python.
         #[arg(long)]
         phases: bool,
+        /// libcc.so for the C row of --phases (default: LIBCC_PATH, next
+        /// to crumble, or the build's target/release).
+        #[arg(long, value_name = "PATH")]
+        libcc: Option<PathBuf>,
+        /// Python for the Python row of --phases (default: the build's
+        /// target/py-venv, else python3).
+        #[arg(long, value_name = "PATH")]
+        python: Option<PathBuf>,
     },
     /// write_file and read_file of 64 MiB, in MiB/s, against the raw
     /// virtio-serial port of a bare guest.
@@ -97,7 +107,17 @@ pub(crate) fn bench(what: What) -> CliResult<ExitCode> {
             runs,
             busybox,
             phases,
-        } => exec::exec(&rootfs, runs.max(10), &busybox, phases),
+            libcc,
+            python,
+        } => exec::exec(
+            &rootfs,
+            runs.max(10),
+            &busybox,
+            phases.then_some(exec::Callers {
+                libcc: libcc.as_deref(),
+                python: python.as_deref(),
+            }),
+        ),
         What::Files {
             rootfs,
             runs,
@@ -151,8 +171,22 @@ impl Table {
     }
 
     fn header(&self, name: &str, unit: &str) {
+        self.header_units(name, &[unit]);
+    }
+
+    fn header_units(&self, name: &str, units: &[&str]) {
         let (w, v) = (self.name_width, self.value_width);
-        println!("{name:<w$} {unit:>v$}");
+        let mut line = format!("{name:<w$}");
+        for unit in units {
+            line.push_str(&format!(" {unit:>v$}"));
+        }
+        println!("{line}");
+    }
+
+    /// A row with words where the numbers would be.
+    fn note(&self, name: &str, text: &str) {
+        let w = self.name_width;
+        println!("{name:<w$} {text}");
     }
 
     fn row(&self, name: &str, values: &[f64]) {
