@@ -24,6 +24,9 @@ use crate::{error, mounts, net, sys, trace, Mode};
 pub struct Mounted {
     root: bool,
     runtime: bool,
+    /// `/etc/hostname`, `/etc/hosts` (and `/etc/resolv.conf` if generated)
+    /// are bound to files on a tmpfs.
+    etc: bool,
     /// How many of the host directories are mounted, in order.
     host_dirs: usize,
     /// The nameservers `/etc/resolv.conf` names.
@@ -55,7 +58,12 @@ pub fn run(
     add_entropy(&setup.entropy);
     trace::record_setup("agent setup: entropy", t);
     let t = Instant::now();
-    mount_root(&mut mounted, upper, setup.root.as_ref())?;
+    mount_root(
+        &mut mounted,
+        upper,
+        setup.root.as_ref(),
+        !setup.nameservers.is_empty(),
+    )?;
     for m in setup.mounts.iter().skip(mounted.host_dirs) {
         mounts::host_dir(m)?;
         mounted.host_dirs += 1;
@@ -64,7 +72,6 @@ pub fn run(
     let t = Instant::now();
     sys::sethostname(&setup.hostname)
         .map_err(|e| error::os(format_args!("set hostname {:?}", setup.hostname), &e))?;
-    make_etc()?;
     write_config("/etc/hostname", &format!("{}\n", setup.hostname))?;
     write_config("/etc/hosts", &hosts_file(&setup.hostname, &setup.hosts))?;
     trace::record_setup("agent setup: hostname, /etc/hosts", t);
@@ -132,11 +139,10 @@ fn host(setup: &Setup) -> Result<Response, RemoteError> {
     })
 }
 
-/// The `Prepare` request: the root and runtime filesystems, name
-/// resolution and network, ahead of the `Setup` that a restored template
-/// gets. `/etc/hostname` and `/etc/hosts` get placeholders, so that the
-/// restored copies rewrite files already in the writable layer. In host
-/// mode the root is the host's own: there is nothing to do.
+/// The `Prepare` request: the root and runtime filesystems, the tmpfs
+/// behind the generated `/etc` files, name resolution and network, ahead
+/// of the `Setup` that a restored template gets. In host mode the root is
+/// the host's own: there is nothing to do.
 pub fn prepare(
     mode: Mode,
     mounted: &Mutex<Mounted>,
@@ -150,10 +156,12 @@ pub fn prepare(
         return Ok(Response::Done);
     }
     let mut mounted = mounted.lock().unwrap_or_else(|e| e.into_inner());
-    mount_root(&mut mounted, upper, Some(&prepare.root))?;
-    make_etc()?;
-    write_config("/etc/hostname", "localhost\n")?;
-    write_config("/etc/hosts", &hosts_file("localhost", &[]))?;
+    mount_root(
+        &mut mounted,
+        upper,
+        Some(&prepare.root),
+        !prepare.nameservers.is_empty(),
+    )?;
     configure(&mut mounted, &prepare.nameservers, prepare.network.as_ref())?;
     Ok(Response::Done)
 }
@@ -166,12 +174,14 @@ fn make_etc() -> Result<(), RemoteError> {
         .map_err(|e| error::os("mkdir /etc", &e))
 }
 
-/// Switches to `root` (unless `None`) and mounts the runtime filesystems,
+/// Switches to `root` (unless `None`), mounts the runtime filesystems and
+/// binds the generated `/etc` files (`resolv.conf` too when `resolv`),
 /// each once.
 fn mount_root(
     mounted: &mut Mounted,
     upper: &OnceLock<OwnedFd>,
     root: Option<&RootSpec>,
+    resolv: bool,
 ) -> Result<(), RemoteError> {
     if !mounted.root {
         if let Some(root) = root {
@@ -183,6 +193,16 @@ fn mount_root(
     if !mounted.runtime {
         mounts::runtime()?;
         mounted.runtime = true;
+    }
+    if !mounted.etc {
+        make_etc()?;
+        let files: &[&str] = if resolv {
+            &["hostname", "hosts", "resolv.conf"]
+        } else {
+            &["hostname", "hosts"]
+        };
+        mounts::bind_etc_files(files)?;
+        mounted.etc = true;
     }
     Ok(())
 }

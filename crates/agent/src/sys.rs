@@ -75,6 +75,13 @@ pub fn mount_move(source: &str, target: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Detaches the mount at `target` (`MNT_DETACH`): it lives on for as long
+/// as something uses it.
+pub fn unmount_detach(target: &str) -> io::Result<()> {
+    rustix::mount::unmount(cstring(target)?, rustix::mount::UnmountFlags::DETACH)?;
+    Ok(())
+}
+
 pub fn chroot(path: &str) -> io::Result<()> {
     rustix::process::chroot(cstring(path)?)?;
     Ok(())

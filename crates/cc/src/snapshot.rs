@@ -89,7 +89,9 @@ impl Instance {
     /// Captures the instance's whole filesystem without stopping it: its
     /// writable layer becomes one new layer over what it booted from (no
     /// full copy). Paths matching `exclude` globs (`*`, `?`, `**`; without
-    /// a leading `/` they match at any depth) are left out.
+    /// a leading `/` they match at any depth) are left out. So is what was
+    /// written into `/etc/hostname`, `/etc/hosts` and `/etc/resolv.conf`,
+    /// which every instance generates on a tmpfs of its own.
     pub fn snapshot_filesystem(&self, exclude: &[&str]) -> Result<Snapshot> {
         let inner = self.inner();
         inner.check_running()?;

@@ -360,9 +360,15 @@ fn identity_files(inst: &Instance) {
     assert!(host.trim().starts_with("cc-"), "{host}");
     let hosts = stdout(inst, "cat /etc/hosts");
     assert!(hosts.contains(host.trim()));
+    assert_eq!(stdout(inst, "cat /etc/hostname"), host);
     assert!(stdout(inst, "cat /etc/resolv.conf").contains("nameserver"));
     let mounts = stdout(inst, "cat /proc/mounts");
     for m in [
+        // The generated files are on a tmpfs of their own, not in the
+        // root's writable layer.
+        " /etc/hostname tmpfs",
+        " /etc/hosts tmpfs",
+        " /etc/resolv.conf tmpfs",
         " /proc proc",
         " /sys sysfs",
         " /dev devtmpfs",
@@ -2497,6 +2503,13 @@ fn warm_instances_are_independent_and_fresh() {
     assert_eq!(b.read_file("/root/who").unwrap(), b"b");
     assert_ne!(a.id(), b.id());
     assert_ne!(stdout(&a, "hostname"), stdout(&b, "hostname"));
+    for inst in [&a, &b] {
+        assert_eq!(stdout(inst, "cat /etc/hostname"), stdout(inst, "hostname"));
+    }
+    // The tmpfs behind /etc/hosts is each instance's own.
+    sh(&a, "echo 10.9.9.9 only-a >> /etc/hosts");
+    assert!(stdout(&a, "cat /etc/hosts").contains("only-a"));
+    assert!(!stdout(&b, "cat /etc/hosts").contains("only-a"));
     assert_ne!(random_hex(&a), random_hex(&b), "clones share their RNG");
     // The wall clock is the host's, not the template's.
     let host = std::time::SystemTime::now()
