@@ -29,6 +29,7 @@ mod platform;
 pub mod private;
 mod registry;
 mod store;
+mod stream;
 
 use std::collections::HashSet;
 use std::fs;
