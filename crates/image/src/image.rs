@@ -497,7 +497,7 @@ pub(crate) fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) ->
 fn decompress<'a>(mut r: impl io::BufRead + Send + 'a) -> Result<Box<dyn Read + Send + 'a>> {
     let head = r.fill_buf().map_err(Error::io("read", "layer"))?;
     Ok(if head.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::bufread::MultiGzDecoder::new(r))
+        Box::new(crate::gunzip::Gunzip::new(r))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Box::new(
             zstd::stream::read::Decoder::with_buffer(r).map_err(Error::io("read", "zstd layer"))?,

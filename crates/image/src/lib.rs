@@ -21,6 +21,7 @@ mod config;
 mod digest;
 mod erofs_layer;
 mod error;
+mod gunzip;
 mod hostdir;
 mod image;
 pub mod layers;
