@@ -204,7 +204,8 @@ impl Image {
     }
 
     /// The read-only erofs image of the root filesystem, built from the
-    /// layers on first use and cached by the layer digests, under
+    /// layers on first use (by the pull itself, for a pulled image) and
+    /// cached by the layer digests, under
     /// [`Image::unpack_limits`].
     pub fn rootfs(&self) -> Result<PathBuf> {
         self.rootfs_prefix(self.manifest.layers().len())
