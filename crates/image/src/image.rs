@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read};
 use std::path::PathBuf;
+use std::thread::Scope;
 
 use cc_erofs::{Builder, Metadata, Tree};
 use oci_spec::image::{ImageConfiguration, ImageManifest};
@@ -10,6 +11,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::erofs_layer;
 use crate::layers::{apply_layer_with, Limited, Whiteouts};
+use crate::stream::{LayerStream, ReadAhead};
 use crate::{Digest, Error, ImageConfig, Result, Store};
 
 /// Version of the root filesystem conversion; part of every image key, so
@@ -202,7 +204,8 @@ impl Image {
     }
 
     /// The read-only erofs image of the root filesystem, built from the
-    /// layers on first use and cached by the layer digests, under
+    /// layers on first use (by the pull itself, for a pulled image) and
+    /// cached by the layer digests, under
     /// [`Image::unpack_limits`].
     pub fn rootfs(&self) -> Result<PathBuf> {
         self.rootfs_prefix(self.manifest.layers().len())
@@ -221,7 +224,8 @@ impl Image {
         }
         let mut used = 0u64;
         for layer in self.layer_blobs()? {
-            let mut budget = Budget::open(&self.store, &layer.digest, layer.size, used, limits)?;
+            let mut budget =
+                Budget::open(&self.store, &layer.digest, layer.size, used, limits, None)?;
             io::copy(&mut budget.reader, &mut io::sink())
                 .map_err(|e| budget.error(e, &self.store.blob_path(&layer.digest)))?;
             used += budget.reader.read;
@@ -233,6 +237,31 @@ impl Image {
     /// own layers are stacked on. An erofs layer alone is its own root
     /// image.
     pub fn rootfs_prefix(&self, count: usize) -> Result<PathBuf> {
+        self.build_rootfs::<Vec<u8>>(count, Vec::new())
+    }
+
+    /// Whether [`Image::rootfs`] is already built.
+    pub(crate) fn has_rootfs(&self) -> Result<bool> {
+        Ok(self
+            .store
+            .rootfs_path(&rootfs_key(&self.layers()?))
+            .is_file())
+    }
+
+    /// Builds [`Image::rootfs`] while its layers download: layer `i` is
+    /// read from `streams[i]` when that is `Some`, else from the store.
+    pub(crate) fn stream_rootfs<B: AsRef<[u8]> + Send>(
+        &self,
+        streams: Vec<Option<LayerStream<B>>>,
+    ) -> Result<PathBuf> {
+        self.build_rootfs(self.manifest.layers().len(), streams)
+    }
+
+    fn build_rootfs<B: AsRef<[u8]> + Send>(
+        &self,
+        count: usize,
+        streams: Vec<Option<LayerStream<B>>>,
+    ) -> Result<PathBuf> {
         let layers = self.layer_blobs()?;
         let layers = &layers[..count.min(layers.len())];
         if let [only] = layers {
@@ -243,13 +272,14 @@ impl Image {
         let digests: Vec<Digest> = layers.iter().map(|l| l.digest.clone()).collect();
         let path = self.store.rootfs_path(&rootfs_key(&digests));
         let diff_ids = self.config.rootfs().diff_ids();
-        build_erofs(
+        build_erofs_from(
             &self.store,
             &path,
             layers,
             diff_ids,
             Whiteouts::Apply,
             &self.limits,
+            streams,
         )?;
         Ok(path)
     }
@@ -264,29 +294,48 @@ fn allocated(path: &std::path::Path) -> u64 {
 }
 
 /// A layer's uncompressed stream, cut off where `limits` say it must end.
-struct Budget {
-    reader: Limited<Box<dyn Read>>,
+struct Budget<'a> {
+    reader: Limited<Box<dyn Read + Send + 'a>>,
     layer: Digest,
     compressed: u64,
     why: &'static str,
 }
 
-impl Budget {
+impl<'a> Budget<'a> {
     fn open(
         store: &Store,
         layer: &Digest,
         compressed: u64,
         used: u64,
         limits: &UnpackLimits,
-    ) -> Result<Budget> {
+        ahead: Option<&'a Scope<'a, '_>>,
+    ) -> Result<Budget<'a>> {
         let blob = store.blob_path(layer);
         let file = File::open(&blob).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => Error::MissingBlob(layer.to_string()),
             _ => Error::io("open", &blob)(e),
         })?;
+        let input = BufReader::with_capacity(1 << 20, file);
+        Budget::new(input, layer, compressed, used, limits, ahead)
+    }
+
+    /// The budget of a layer whose (compressed) blob is read from `input`,
+    /// decompressed on a thread of `ahead` if given.
+    fn new(
+        input: impl io::BufRead + Send + 'a,
+        layer: &Digest,
+        compressed: u64,
+        used: u64,
+        limits: &UnpackLimits,
+        ahead: Option<&'a Scope<'a, '_>>,
+    ) -> Result<Budget<'a>> {
         let (limit, why) = limits.for_layer(compressed, used);
+        let mut reader = decompress(input)?;
+        if let Some(scope) = ahead {
+            reader = Box::new(ReadAhead::spawn(scope, reader));
+        }
         Ok(Budget {
-            reader: Limited::new(decompress(BufReader::with_capacity(1 << 20, file))?, limit),
+            reader: Limited::new(reader, limit),
             layer: layer.clone(),
             compressed,
             why,
@@ -339,6 +388,22 @@ pub(crate) fn build_erofs(
     whiteouts: Whiteouts,
     limits: &UnpackLimits,
 ) -> Result<()> {
+    let streams: Vec<Option<LayerStream<Vec<u8>>>> = Vec::new();
+    build_erofs_from(store, path, layers, diff_ids, whiteouts, limits, streams)
+}
+
+/// [`build_erofs`], reading tar layer `i` from `streams[i]` where that is
+/// `Some` (as it downloads) rather than from the store. The image is
+/// published only after every stream ended verified.
+fn build_erofs_from<B: AsRef<[u8]> + Send>(
+    store: &Store,
+    path: &std::path::Path,
+    layers: &[LayerBlob],
+    diff_ids: &[String],
+    whiteouts: Whiteouts,
+    limits: &UnpackLimits,
+    mut streams: Vec<Option<LayerStream<B>>>,
+) -> Result<()> {
     if path.is_file() {
         return Ok(());
     }
@@ -368,21 +433,32 @@ pub(crate) fn build_erofs(
             tree = erofs_layer::copy_into(&blob, &mut builder)?;
             continue;
         }
-        let mut budget = Budget::open(store, &layer.digest, layer.size, used, limits)?;
-        let mut hashing = Hashing::new(&mut budget.reader);
-        let applied = apply_layer_with(&mut tree, &mut builder, &mut hashing, whiteouts);
-        // The diff id covers the whole tar stream, padding included.
-        let tail = applied.map_err(Error::from).and_then(|()| {
-            io::copy(&mut hashing, &mut io::sink())
-                .map(drop)
-                .map_err(Error::io("read layer", &blob))
-        });
-        let hasher = hashing.hasher;
-        if budget.exceeded() {
-            return Err(budget.too_large());
+        let mut stream = streams.get_mut(i).and_then(Option::take);
+        let (read, hasher) = std::thread::scope(|scope| {
+            let (layer, size) = (&layer.digest, layer.size);
+            let mut budget = match &mut stream {
+                Some(s) => Budget::new(s, layer, size, used, limits, Some(scope))?,
+                None => Budget::open(store, layer, size, used, limits, Some(scope))?,
+            };
+            let mut hashing = Hashing::new(&mut budget.reader);
+            let applied = apply_layer_with(&mut tree, &mut builder, &mut hashing, whiteouts);
+            // The diff id covers the whole tar stream, padding included.
+            let tail = applied.map_err(Error::from).and_then(|()| {
+                io::copy(&mut hashing, &mut io::sink())
+                    .map(drop)
+                    .map_err(Error::io("read layer", &blob))
+            });
+            let hasher = hashing.hasher;
+            if budget.exceeded() {
+                return Err(budget.too_large());
+            }
+            tail?;
+            Ok((budget.reader.read, hasher))
+        })?;
+        used += read;
+        if let Some(s) = &mut stream {
+            s.wait_verified().map_err(Error::io("read layer", &blob))?;
         }
-        tail?;
-        used += budget.reader.read;
         let actual = Digest::sha256(&hasher.finalize());
         if let Some(expected) = diff_ids.get(i) {
             if *expected != actual.to_string() {
@@ -419,11 +495,10 @@ pub(crate) fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) ->
 }
 
 /// A layer's uncompressed stream, by its magic bytes: gzip, zstd or plain.
-fn decompress(mut r: BufReader<File>) -> Result<Box<dyn Read>> {
-    use io::BufRead;
+fn decompress<'a>(mut r: impl io::BufRead + Send + 'a) -> Result<Box<dyn Read + Send + 'a>> {
     let head = r.fill_buf().map_err(Error::io("read", "layer"))?;
     Ok(if head.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::bufread::MultiGzDecoder::new(r))
+        Box::new(crate::gunzip::Gunzip::new(r))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Box::new(
             zstd::stream::read::Decoder::with_buffer(r).map_err(Error::io("read", "zstd layer"))?,

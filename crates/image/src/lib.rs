@@ -15,12 +15,15 @@
 //! then build images two ways.
 //!
 //! Pulls run on a private single-threaded tokio runtime for the duration
-//! of the call; the API is blocking.
+//! of the call; the API is blocking. A pull into a store without the
+//! image's root image builds it as the layers download, on threads of its
+//! own (see the `stream` module), so it is ready when the pull returns.
 
 mod config;
 mod digest;
 mod erofs_layer;
 mod error;
+mod gunzip;
 mod hostdir;
 mod image;
 pub mod layers;
@@ -29,6 +32,7 @@ mod platform;
 pub mod private;
 mod registry;
 mod store;
+mod stream;
 
 use std::collections::HashSet;
 use std::fs;
@@ -109,7 +113,8 @@ impl Client {
 
     /// Pulls `reference` (`alpine`, `host:port/repo:tag`, `repo@sha256:…`).
     /// `progress` is called as bytes arrive; `cancel` stops the pull
-    /// promptly, leaving nothing half-written in the store.
+    /// promptly, leaving nothing half-written in the store. The image's
+    /// root image ([`Image::rootfs`]) is built as its layers arrive.
     pub fn pull(
         &self,
         reference: &str,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use bytes::Bytes;
 use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::OciDescriptor;
@@ -15,6 +16,7 @@ use oci_spec::image::{ImageIndex, ImageManifest};
 use crate::image::parse;
 use crate::platform::{host_platform, select, Platform};
 use crate::store::MAX_DOCUMENT;
+use crate::stream::Chunk;
 use crate::{Digest, Error, Image, Result, Store, UnpackLimits};
 
 /// When to contact the registry.
@@ -135,10 +137,13 @@ pub(crate) fn pull(
         .enable_all()
         .build()
         .map_err(Error::io("start", "pull runtime"))?;
-    let digest = runtime.block_on(Puller::new(store, &r, options, cancel).run(progress))?;
+    let puller = Puller::new(store, &r, options, cancel);
+    let (digest, built) = runtime.block_on(puller.run(progress))?;
     let image =
         Image::open(store, Some(name.clone()), digest.clone())?.with_unpack_limits(options.limits);
-    image.check_unpack(&options.limits)?;
+    if !built {
+        image.check_unpack(&options.limits)?;
+    }
     store.set_ref(&name, &digest)?;
     Ok(image)
 }
@@ -149,6 +154,7 @@ struct Puller<'a> {
     client: oci_client::Client,
     auth: RegistryAuth,
     platform: Platform,
+    limits: UnpackLimits,
     cancel: &'a CancelToken,
 }
 
@@ -183,6 +189,7 @@ impl<'a> Puller<'a> {
             client: oci_client::Client::new(config),
             auth,
             platform: options.platform.clone().unwrap_or_else(host_platform),
+            limits: options.limits,
             cancel,
         }
     }
@@ -220,7 +227,12 @@ impl<'a> Puller<'a> {
         Ok((digest, bytes.to_vec()))
     }
 
-    async fn run(self, progress: &mut dyn FnMut(&Progress)) -> Result<Digest> {
+    /// Pulls the manifest and the blobs missing from the store and, when
+    /// the image's root image is not built yet, builds it on a thread of
+    /// its own as the layers arrive (which also bounds how far they
+    /// expand). Returns the manifest digest and whether it built the root
+    /// image; if not, the caller still has to check the layers' expansion.
+    async fn run(self, progress: &mut dyn FnMut(&Progress)) -> Result<(Digest, bool)> {
         let (mut digest, mut bytes) = self.document(self.reference).await?;
         let kind: serde_json::Value = parse(&bytes, "manifest")?;
         if kind.get("manifests").is_some() {
@@ -241,9 +253,10 @@ impl<'a> Puller<'a> {
                 ..Default::default()
             })
             .collect();
-        let missing: Vec<&OciDescriptor> = blobs
+        let missing: Vec<(usize, &OciDescriptor)> = blobs
             .iter()
-            .filter(|d| {
+            .enumerate()
+            .filter(|(_, d)| {
                 d.digest
                     .parse()
                     .map(|d| !self.store.has_blob(&d))
@@ -252,7 +265,7 @@ impl<'a> Puller<'a> {
             .collect();
         let mut state = Progress {
             current: 0,
-            total: missing.iter().map(|d| d.size.max(0) as u64).sum(),
+            total: missing.iter().map(|(_, d)| d.size.max(0) as u64).sum(),
             blob: String::new(),
             blob_index: 0,
             blob_count: missing.len(),
@@ -260,21 +273,72 @@ impl<'a> Puller<'a> {
             eta: None,
         };
         let started = Instant::now();
-        for (i, blob) in missing.iter().enumerate() {
+        let mut next = missing.iter().enumerate().peekable();
+        // The config first: it holds the layers' uncompressed digests.
+        if let Some(&(i, (0, config))) = next.peek() {
+            next.next();
+            state.blob = config.digest.clone();
+            state.blob_index = i;
+            progress(&state);
+            self.blob(config, &mut state, started, progress, None)
+                .await?;
+        }
+        let image = Image::open(self.store, None, digest.clone())?.with_unpack_limits(self.limits);
+        if image.erofs_layers()?.contains(&true) || image.has_rootfs()? {
+            for (i, &(_, blob)) in next {
+                state.blob = blob.digest.clone();
+                state.blob_index = i;
+                progress(&state);
+                self.blob(blob, &mut state, started, progress, None).await?;
+            }
+            return Ok((digest, false));
+        }
+
+        let mut senders = Vec::new();
+        let mut streams: Vec<Option<_>> = std::iter::repeat_with(|| None)
+            .take(manifest.layers().len())
+            .collect();
+        for (_, &(layer, _)) in next.clone() {
+            let (tx, stream) = crate::stream::channel();
+            streams[layer - 1] = Some(stream);
+            senders.push(tx);
+        }
+        let builder = std::thread::Builder::new()
+            .name("cc-image-unpack".into())
+            .spawn(move || image.stream_rootfs(streams))
+            .map_err(Error::io("start", "root image builder"))?;
+        let mut downloaded = Ok(());
+        for ((i, &(_, blob)), tx) in next.zip(&senders) {
             state.blob = blob.digest.clone();
             state.blob_index = i;
             progress(&state);
-            self.blob(blob, &mut state, started, progress).await?;
+            downloaded = self
+                .blob(blob, &mut state, started, progress, Some(tx))
+                .await;
+            if downloaded.is_err() {
+                break;
+            }
         }
-        Ok(digest)
+        // Streams not ended verified now end in an error, so the builder
+        // stops and publishes nothing.
+        drop(senders);
+        let built = builder
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        // A failed download explains a failed build, not the other way round.
+        downloaded?;
+        built.map(|_| (digest, true))
     }
 
+    /// Downloads one blob into the store; with `tx`, also hands each chunk
+    /// to the root image builder and tells it once the blob is verified.
     async fn blob(
         &self,
         d: &OciDescriptor,
         state: &mut Progress,
         started: Instant,
         progress: &mut dyn FnMut(&Progress),
+        mut tx: Option<&tokio::sync::mpsc::Sender<Chunk<Bytes>>>,
     ) -> Result<()> {
         let expected: Digest = d.digest.parse()?;
         let mut stream = self
@@ -301,7 +365,8 @@ impl<'a> Puller<'a> {
             if self.cancel.is_cancelled() {
                 return Err(Error::Cancelled);
             }
-            written += chunk.len() as u64;
+            let len = chunk.len() as u64;
+            written += len;
             if written > d.size.max(0) as u64 {
                 // The digest check would fail anyway; stop before the
                 // registry fills the disk.
@@ -311,7 +376,14 @@ impl<'a> Puller<'a> {
                 )));
             }
             writer.write(&chunk)?;
-            state.current += chunk.len() as u64;
+            if let Some(to) = tx {
+                if to.send(Chunk::Data(chunk)).await.is_err() {
+                    // The builder stopped (it says why); the blob is still
+                    // verified and stored, as without a builder.
+                    tx = None;
+                }
+            }
+            state.current += len;
             let secs = started.elapsed().as_secs_f64().max(1e-3);
             state.bytes_per_second = state.current as f64 / secs;
             state.eta = (state.bytes_per_second > 0.0).then(|| {
@@ -322,6 +394,10 @@ impl<'a> Puller<'a> {
             progress(state);
         }
         writer.finish()?;
+        if let Some(tx) = tx {
+            // Failing only if the builder stopped, which it reports.
+            let _ = tx.send(Chunk::Verified).await;
+        }
         Ok(())
     }
 }

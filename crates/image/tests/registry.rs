@@ -274,6 +274,58 @@ fn corrupt_blob_is_rejected_and_not_stored() {
     fs::remove_dir_all(root).unwrap();
 }
 
+#[test]
+fn a_layer_failing_its_digest_only_at_its_end_leaves_nothing() {
+    let images = test_images();
+    let registry = Registry::start(RegistryAuth::Anonymous);
+    registry.push(&images.busybox, "latest", "test/late:1");
+    // The gzip header's mtime: the layer still decompresses and unpacks
+    // to the same tar, so only its digest, known at the end, is wrong.
+    let layer = find_largest_file(registry.dir());
+    let mut bytes = fs::read(&layer).unwrap();
+    assert_eq!(bytes[..2], [0x1f, 0x8b], "a gzip layer");
+    bytes[4] ^= 0xff;
+    fs::write(&layer, bytes).unwrap();
+    let (client, root) = store("late");
+    let err = pull(
+        &client,
+        &format!("{}/test/late:1", registry.addr()),
+        &PullOptions::default(),
+    )
+    .map(drop)
+    .unwrap_err();
+    // oci-client verifies the digest too, and may say so first.
+    assert!(err.to_string().to_lowercase().contains("digest"), "{err:?}");
+    assert_eq!(temp_files(&root), 0, "half-written file left");
+    assert!(
+        root.join("rootfs").read_dir().unwrap().next().is_none(),
+        "root image published from an unverified layer"
+    );
+    assert!(client.images().unwrap().is_empty());
+    let layer_digest = layer.parent().unwrap().file_name().unwrap();
+    assert!(!root.join("blobs/sha256").join(layer_digest).exists());
+    fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn a_pull_builds_the_root_image_as_it_downloads() {
+    let images = test_images();
+    let registry = Registry::start(RegistryAuth::Anonymous);
+    registry.push(&images.busybox, "latest", "test/built:1");
+    let (client, root) = store("built");
+    let reference = format!("{}/test/built:1", registry.addr());
+    let (image, _) = pull(&client, &reference, &PullOptions::default()).unwrap();
+    let built: Vec<_> = root.join("rootfs").read_dir().unwrap().flatten().collect();
+    assert_eq!(built.len(), 1, "one root image, built by the pull");
+    assert_eq!(image.rootfs().unwrap(), built[0].path());
+    // Built the same as from stored layers, the way loads build it.
+    let streamed = fs::read(built[0].path()).unwrap();
+    fs::remove_file(built[0].path()).unwrap();
+    assert_eq!(fs::read(image.rootfs().unwrap()).unwrap(), streamed);
+    assert_eq!(temp_files(&root), 0);
+    fs::remove_dir_all(root).unwrap();
+}
+
 fn find_largest_file(dir: &Path) -> PathBuf {
     let mut best: Option<(u64, PathBuf)> = None;
     let mut stack = vec![dir.to_path_buf()];
@@ -585,6 +637,11 @@ fn gzip_bombs_are_refused_on_load_and_pull() {
         .unwrap_err();
     assert_bomb_refused(err, &layer);
     assert!(client.images().unwrap().is_empty(), "nothing named");
+    assert!(
+        !pulled_root.join("rootfs").read_dir().unwrap().any(|_| true),
+        "no root image"
+    );
+    assert_eq!(temp_files(&pulled_root), 0);
 
     let zero = PullOptions {
         limits: cc_image::UnpackLimits {
