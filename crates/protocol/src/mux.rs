@@ -206,27 +206,13 @@ impl<O: Sending> Streams<O> {
     /// went round, a late close must not remove a new stream of the same
     /// id). Whether it was registered.
     pub fn remove_inbound(&mut self, id: u32, stream: &Inbound) -> bool {
-        let registered = self
-            .inbound
-            .get(&id)
-            .is_some_and(|s| std::ptr::eq(&**s, stream));
-        if registered {
-            self.inbound.remove(&id);
-        }
-        registered
+        remove_same(&mut self.inbound, id, stream)
     }
 
     /// Like [`remove_inbound`](Self::remove_inbound), for a stream this
     /// end sends on.
     pub fn remove_outbound(&mut self, id: u32, stream: &O) -> bool {
-        let registered = self
-            .outbound
-            .get(&id)
-            .is_some_and(|s| std::ptr::eq(&**s, stream));
-        if registered {
-            self.outbound.remove(&id);
-        }
-        registered
+        remove_same(&mut self.outbound, id, stream)
     }
 
     /// Forgets stream `id` and breaks it off, whichever way it goes: for
@@ -318,6 +304,15 @@ impl<O: Sending> Streams<O> {
     pub fn is_lost(&self) -> bool {
         self.lost
     }
+}
+
+/// Removes `id` from `map` if it maps to `stream` itself; whether it did.
+fn remove_same<T>(map: &mut HashMap<u32, Arc<T>>, id: u32, stream: &T) -> bool {
+    let same = map.get(&id).is_some_and(|s| std::ptr::eq(&**s, stream));
+    if same {
+        map.remove(&id);
+    }
+    same
 }
 
 /// Queues a payload on its stream; overrunning the window is a violation.
