@@ -563,7 +563,7 @@ impl Channel {
     /// Sends `body` without waiting: for requests whose answer comes after
     /// stream traffic (`WriteFile`).
     pub(crate) fn begin(&self, body: Request) -> Result<Pending> {
-        let named: Vec<u32> = body.streams().collect();
+        let named = body.streams();
         let (id, rx) = {
             let mut t = lock(&self.shared.tables);
             if let Some(gone) = &t.dead {

@@ -132,8 +132,9 @@ pub enum Request {
 impl Request {
     /// The host-numbered streams this request names: from the moment the
     /// agent reads it, frames for them are no protocol violation, whether
-    /// or not the request succeeds.
-    pub fn streams(&self) -> impl Iterator<Item = u32> {
+    /// or not the request succeeds. The iterator owns the ids: the request
+    /// can be moved while it is held.
+    pub fn streams(&self) -> impl Iterator<Item = u32> + use<> {
         let ids = match self {
             Request::Exec(exec) => {
                 let out = |s: Stdio| match s {
