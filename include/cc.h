@@ -500,6 +500,11 @@ typedef struct cc_capabilities {
      * `""` when fully confined.
      */
     const char *confinement_gaps;
+    /**
+     * The guest kernel's content hash (the key it was built under, as
+     * `crumble doctor` shows it); `""` when unknown or no kernel is found.
+     */
+    const char *kernel_hash;
 } cc_capabilities;
 
 /**

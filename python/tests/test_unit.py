@@ -167,6 +167,8 @@ def test_supports_hypervisor_and_capabilities(lib: None) -> None:
     assert isinstance(caps.confined_namespaces, bool)
     assert isinstance(caps.sandbox_uid, int)
     assert all(isinstance(g, str) and g for g in caps.confinement_gaps)
+    # The kernel's build hash: hex digits, or None when unknown.
+    assert caps.kernel_hash is None or int(caps.kernel_hash, 16) >= 0
 
 
 def test_capabilities_with_an_unusable_accelerator() -> None:

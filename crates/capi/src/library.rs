@@ -134,6 +134,9 @@ pub struct cc_capabilities {
     /// What of the confinement this host cannot give, `"; "`-separated;
     /// `""` when fully confined.
     pub confinement_gaps: *const c_char,
+    /// The guest kernel's content hash (the key it was built under, as
+    /// `crumble doctor` shows it); `""` when unknown or no kernel is found.
+    pub kernel_hash: *const c_char,
 }
 
 /// Fills `out` with the host's capabilities. Fails with
@@ -176,7 +179,24 @@ pub unsafe extern "C" fn cc_query_capabilities(
             confined_namespaces: confinement.namespaces,
             sandbox_uid: confinement.uid,
             confinement_gaps: gaps.as_ptr(),
+            kernel_hash: static_c_str(host.kernel.ok().and_then(|k| k.hash).unwrap_or_default()),
         });
         Ok(())
     })
+}
+
+/// `s` as a C string that lives as long as the process: each distinct
+/// value is kept once (kernel hashes: a handful at most).
+fn static_c_str(s: String) -> *const c_char {
+    static KEPT: std::sync::Mutex<Vec<&'static std::ffi::CStr>> = std::sync::Mutex::new(Vec::new());
+    let mut kept = KEPT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let c = std::ffi::CString::new(s).unwrap_or_default();
+    if let Some(old) = kept.iter().find(|k| **k == c.as_c_str()) {
+        return old.as_ptr();
+    }
+    let leaked: &'static std::ffi::CStr = Box::leak(c.into_boxed_c_str());
+    kept.push(leaked);
+    leaked.as_ptr()
 }

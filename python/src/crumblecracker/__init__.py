@@ -194,6 +194,7 @@ def query_capabilities() -> Capabilities:
         confined_namespaces=bool(caps.confined_namespaces),
         sandbox_uid=int(caps.sandbox_uid),
         confinement_gaps=tuple(g for g in _lib.decode(caps.confinement_gaps).split("; ") if g),
+        kernel_hash=_lib.decode(caps.kernel_hash) or None,
     )
 
 

@@ -4,7 +4,7 @@ Where the library is found, first match wins:
 
 1. ``LIBCC_PATH``: the library file (or a directory holding ``libcc.so``).
    When it is set, nothing else is tried.
-2. The copy bundled in this package (``crumblecracker/_native/libcc.so``),
+2. The copy bundled in this package (``crumblecracker/_native/lib/libcc.so``),
    which ``pip install ./python`` builds and puts in the wheel.
 3. Development fallback for editable installs: ``$CARGO_TARGET_DIR/release``
    and the workspace's ``target/release`` (the workspace being the parent
@@ -16,11 +16,10 @@ The library is loaded on first use, not at ``import crumblecracker``; when it
 cannot be found or is incompatible, that first use raises one
 ``LibraryLoadError`` saying what was tried and how to fix it.
 
-When the package bundles the static guest agent (``_native/cc-agent``) and
-the bundled library is the one loaded, ``CC_AGENT`` defaults to it (an
-explicit ``CC_AGENT`` wins), so an installed wheel needs no agent from
-``scripts/setup.sh``; the guest kernel still comes from the setup step's
-cache or ``CC_KERNEL``.
+The library finds the guest kernel and agent in its data dir,
+``<library dir>/../share/crumblecracker``: for the bundled copy, the
+wheel's ``_native/share/crumblecracker/`` (``CC_DATA_DIR``, ``CC_KERNEL``
+and ``CC_AGENT`` override it; see ``cc_engine::paths::data_dir``).
 
 Every function is called through ``ctypes.CDLL``, which releases the GIL for
 the duration of each foreign call: other Python threads run while a call
@@ -84,7 +83,6 @@ PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
 _NATIVE_DIR = Path(__file__).resolve().parent / "_native"
 _LIB_NAME = "libcc.so"
-_AGENT_NAME = "cc-agent"
 
 
 class LibraryLoadError(RuntimeError):
@@ -116,6 +114,7 @@ class CCapabilities(Structure):
         ("confined_namespaces", c_bool),
         ("sandbox_uid", c_uint32),
         ("confinement_gaps", c_char_p),
+        ("kernel_hash", c_char_p),
     ]
 
 
@@ -406,7 +405,7 @@ def _workspace_dir() -> Optional[Path]:
 
 def _candidates() -> list[tuple[str, str]]:
     """(how, path-or-name) in lookup order, LIBCC_PATH excluded."""
-    found: list[tuple[str, str]] = [("bundled copy", str(_NATIVE_DIR / _LIB_NAME))]
+    found: list[tuple[str, str]] = [("bundled copy", str(_NATIVE_DIR / "lib" / _LIB_NAME))]
     dev_dirs: list[Path] = []
     target = os.environ.get("CARGO_TARGET_DIR")
     if target:
@@ -449,11 +448,6 @@ def _locate_and_open() -> tuple[ctypes.CDLL, str]:
         if not os.path.exists(candidate):
             tried.append(f"{how} {candidate} (missing)")
             continue
-        if how == "bundled copy":
-            agent = _NATIVE_DIR / _AGENT_NAME
-            if agent.is_file():
-                # Before the library starts any thread that reads the environment.
-                os.environ.setdefault("CC_AGENT", str(agent))
         try:
             return _open(candidate), candidate
         except OSError as e:

@@ -469,7 +469,8 @@ class Capabilities:
     (``"kvm"`` or ``"tcg"``), and how QEMU is confined (see SECURITY.md):
     its seccomp filter, its own namespaces, the uid it runs as, and what of
     that this host cannot give (``confinement_gaps``, empty when fully
-    confined)."""
+    confined); and the guest kernel's content hash (``kernel_hash``, the key
+    it was built under; None when unknown)."""
 
     architecture: str
     hypervisor_available: bool
@@ -478,3 +479,4 @@ class Capabilities:
     confined_namespaces: bool = False
     sandbox_uid: int = 0
     confinement_gaps: tuple[str, ...] = ()
+    kernel_hash: Optional[str] = None

@@ -536,6 +536,7 @@ fn capabilities_and_hypervisor_agree() {
         confined_namespaces: false,
         sandbox_uid: u32::MAX,
         confinement_gaps: ptr::null(),
+        kernel_hash: ptr::null(),
     };
     // SAFETY: a writable struct.
     let code = unsafe { cc_query_capabilities(&mut caps, ptr::null_mut()) };
@@ -555,6 +556,8 @@ fn capabilities_and_hypervisor_agree() {
     assert!(accel == "kvm" || accel == "tcg", "{accel}");
     assert_eq!(caps.hypervisor_available, accel == "kvm");
     assert_eq!(cc_supports_hypervisor(), caps.hypervisor_available);
+    let kernel = cc::host_info().kernel.ok().and_then(|k| k.hash);
+    assert_eq!(text(caps.kernel_hash).unwrap(), kernel.unwrap_or_default());
 }
 
 extern "C" fn never_called(_: *const cc_pull_progress, _: *mut c_void) -> i32 {

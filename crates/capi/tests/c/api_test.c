@@ -144,6 +144,7 @@ static void test_library(void) {
         CHECK(strcmp(caps.accelerator, caps.hypervisor_available ? "kvm" : "tcg") == 0, "accel %s",
               caps.accelerator);
         CHECK(caps.hypervisor_available == cc_supports_hypervisor(), "agree");
+        CHECK(caps.kernel_hash != NULL, "kernel hash is a string, maybe empty");
     }
 }
 
