@@ -182,6 +182,19 @@ pub fn qemu() -> Result<PathBuf, Error> {
         .ok_or(Error::QemuMissing(name))
 }
 
+/// A system administration tool such as `mkfs.ext4`: on `PATH`, else in
+/// `/usr/sbin` or `/sbin`, which a normal user's `PATH` lacks on Debian
+/// although e2fsprogs is in every base system. The bare name when it is
+/// nowhere, so running it fails with "not found".
+pub fn sbin_tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
 fn existing(path: PathBuf, missing: impl FnOnce(PathBuf) -> Error) -> Result<PathBuf, Error> {
     if path.is_file() {
         Ok(path)
@@ -281,6 +294,15 @@ mod tests {
             [p("/h/.local/share/crumblecracker"), p("/x/crumblecracker")],
             "relative XDG_DATA_DIRS entries are ignored"
         );
+    }
+
+    #[test]
+    fn sbin_tools_are_found_off_path() {
+        // e2fsprogs is installed by scripts/setup.sh; a user's PATH may lack
+        // /usr/sbin, which the lookup adds.
+        let tool = sbin_tool("mkfs.ext4");
+        assert!(tool.is_absolute() && tool.is_file(), "{}", tool.display());
+        assert_eq!(sbin_tool("no-such-tool-cc"), Path::new("no-such-tool-cc"));
     }
 
     #[test]
