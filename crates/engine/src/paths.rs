@@ -307,24 +307,18 @@ mod tests {
 
     #[test]
     fn cargo_build_dirs_share_their_profiles_prefix() {
-        let prefix = |s: &str| prefix_of(Path::new(s)).map(Path::to_path_buf);
-        assert_eq!(
-            prefix("/w/target/release/crumble"),
-            Some("/w/target".into())
-        );
-        assert_eq!(
-            prefix("/w/target/debug/deps/vm-0123"),
-            Some("/w/target".into())
-        );
-        assert_eq!(
-            prefix("/w/target/debug/examples/x"),
-            Some("/w/target".into())
-        );
-        assert_eq!(
-            prefix("/v/crumblecracker/_native/lib/libcc.so"),
-            Some("/v/crumblecracker/_native".into())
-        );
-        assert_eq!(prefix("/crumble"), None);
+        for (code, prefix) in [
+            ("/w/target/release/crumble", Some("/w/target")),
+            ("/w/target/debug/deps/vm-0123", Some("/w/target")),
+            ("/w/target/debug/examples/x", Some("/w/target")),
+            (
+                "/v/crumblecracker/_native/lib/libcc.so",
+                Some("/v/crumblecracker/_native"),
+            ),
+            ("/crumble", None),
+        ] {
+            assert_eq!(prefix_of(Path::new(code)), prefix.map(Path::new), "{code}");
+        }
     }
 
     #[test]
