@@ -324,7 +324,7 @@ fn c_program_walks_the_api_with_vms() {
     assert_eq!(
         r.stdout,
         "hello from Linux\n(exit status 3)\nwritten from C\n\
-         stat failed on /no/such/file: stat /no/such/file: No such file or directory (os error 2)\n"
+         stat failed on /no/such/file: stat /no/such/file: No such file or directory (os error 2) (errno 2)\n"
     );
     drop(registry);
 }
