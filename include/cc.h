@@ -1475,10 +1475,10 @@ cc_error_code cc_file_free(cc_file file);
  * NULL for the defaults.
  *
  * # Safety
- * `options` is NULL or a valid `cc_instance_options` of its `size` (its strings NULL or
- * NUL-terminated, `mounts` valid for `mount_count` entries, `net_allow`
- * and `net_deny` for their counts of strings); `out` is NULL
- * or valid for writing; `err` is NULL or valid for writing.
+ * `options` is NULL or a valid `cc_instance_options` of its `size` bytes
+ * (its strings NULL or NUL-terminated, `mounts` valid for `mount_count`
+ * entries, `net_allow` and `net_deny` for their counts of strings); `out`
+ * is NULL or valid for writing; `err` is NULL or valid for writing.
  */
 cc_error_code cc_instance_new(cc_source source,
                               const struct cc_instance_options *options,

@@ -231,10 +231,10 @@ unsafe fn rules(
 /// NULL for the defaults.
 ///
 /// # Safety
-/// `options` is NULL or a valid `cc_instance_options` of its `size` (its strings NULL or
-/// NUL-terminated, `mounts` valid for `mount_count` entries, `net_allow`
-/// and `net_deny` for their counts of strings); `out` is NULL
-/// or valid for writing; `err` is NULL or valid for writing.
+/// `options` is NULL or a valid `cc_instance_options` of its `size` bytes
+/// (its strings NULL or NUL-terminated, `mounts` valid for `mount_count`
+/// entries, `net_allow` and `net_deny` for their counts of strings); `out`
+/// is NULL or valid for writing; `err` is NULL or valid for writing.
 #[no_mangle]
 pub unsafe extern "C" fn cc_instance_new(
     source: cc_source,
