@@ -4,10 +4,12 @@ errors, and closed or bad objects."""
 from __future__ import annotations
 
 import builtins
+import ctypes
 import errno
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -290,6 +292,47 @@ def test_constants_match_the_header() -> None:
         key = "CC_OK" if code.name == "OK" else f"CC_ERR_{code.name}"
         assert code.value == d[key], code
     assert _lib.CC_DEFAULT_MAX_RESULT_BYTES == d["CC_DEFAULT_MAX_RESULT_BYTES"]
+
+
+def test_struct_layouts_match_the_header(tmp_path: Path) -> None:
+    # The ctypes structs, field by field, against what a C compiler makes
+    # of cc.h: a field added to one side only shows here.
+    compiler = shutil.which("cc")
+    if compiler is None or not HEADER.exists():
+        pytest.skip("needs a C compiler and cc.h")
+    structs = {
+        "cc_error": _lib.CError,
+        "cc_capabilities": _lib.CCapabilities,
+        "cc_instance_options": _lib.CInstanceOptions,
+        "cc_pull_options": _lib.CPullOptions,
+        "cc_pull_progress": _lib.CPullProgress,
+        "cc_mount": _lib.CMount,
+        "cc_file_info": _lib.CFileInfo,
+        "cc_dir_entry": _lib.CDirEntry,
+        "cc_image_config": _lib.CImageConfig,
+    }
+    lines = []
+    expected = []
+    for c_name, py in structs.items():
+        lines.append(f'printf("%zu\\n", sizeof({c_name}));')
+        expected.append(ctypes.sizeof(py))
+        for field, *_ in py._fields_:
+            lines.append(f'printf("%zu\\n", offsetof({c_name}, {field}));')
+            expected.append(getattr(py, field).offset)
+    source = tmp_path / "layout.c"
+    source.write_text(
+        "#include <stdio.h>\n#include <cc.h>\nint main(void) {\n"
+        + "\n".join(lines)
+        + "\nreturn 0;\n}\n"
+    )
+    exe = tmp_path / "layout"
+    subprocess.run(
+        [compiler, "-I", str(HEADER.parent), str(source), "-o", str(exe)],
+        check=True,
+        capture_output=True,
+    )
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    assert [int(n) for n in out.split()] == expected
 
 
 def test_loaded_library_declares_everything() -> None:
