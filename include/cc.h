@@ -1810,6 +1810,15 @@ cc_error_code cc_oci_export_dir(cc_oci_client client,
                                 struct cc_error *err);
 
 /**
+ * The directory of the client's image store, as an absolute path: a
+ * string to free with `cc_string_free`. Also works on a closed client.
+ *
+ * # Safety
+ * `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+ */
+cc_error_code cc_oci_client_cache_dir(cc_oci_client client, char **out, struct cc_error *err);
+
+/**
  * Closes the client: pulls in flight are cancelled and later calls with it
  * fail with `CC_ERR_ALREADY_CLOSED`. Sources from it stay usable.
  * Closing again does nothing.

@@ -464,9 +464,19 @@ def test_closed_client(lib: None, tmp_path: Path) -> None:
     assert info.value.op == "load_tar"
 
 
-def test_default_client_repr(lib: None) -> None:
-    with cc.OCIClient() as c:
-        assert repr(c) == "<OCIClient 'default store'>"
+def test_cache_dir_says_where_the_store_is(
+    lib: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with cc.OCIClient(tmp_path / "store") as client:
+        assert client.cache_dir == str(tmp_path / "store")
+    assert client.cache_dir == str(tmp_path / "store"), "known after close"
+    monkeypatch.setenv("CC_CACHE_DIR", str(tmp_path / "cache"))
+    with cc.OCIClient() as client:
+        assert client.cache_dir == str(tmp_path / "cache" / "oci")
+        assert repr(client) == f"<OCIClient {client.cache_dir!r}>"
+    monkeypatch.chdir(tmp_path)
+    with cc.OCIClient("relative") as client:
+        assert client.cache_dir == str(tmp_path / "relative"), "made absolute"
 
 
 def test_strings_with_nul_are_refused(lib: None, tmp_path: Path) -> None:

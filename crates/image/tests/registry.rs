@@ -468,9 +468,30 @@ fn images_listing_removal_and_prune() {
         .map(|i| i.name)
         .collect();
     assert_eq!(names.len(), 2, "{names:?}");
+    let before = client.usage().unwrap();
+    assert_eq!(before.images, 2);
+    assert_eq!(before.root_images.count, 2, "{before:?}");
+    assert_eq!(
+        before.content.reclaimable + before.root_images.reclaimable,
+        0
+    );
     assert!(client.remove(b.name().unwrap()).unwrap());
+    let unnamed = client.usage().unwrap();
+    assert_eq!(unnamed.images, 1);
+    assert!(unnamed.root_images.reclaimable > 0, "{unnamed:?}");
     let stats = client.prune().unwrap();
     assert!(stats.blobs >= 3 && stats.root_images == 1, "{stats:?}");
+    // Usage and prune agree on what was free.
+    let after = client.usage().unwrap();
+    assert_eq!(
+        unnamed.content.reclaimable + unnamed.root_images.reclaimable,
+        stats.bytes
+    );
+    assert_eq!(
+        after.content.bytes + after.root_images.bytes + stats.bytes,
+        unnamed.content.bytes + unnamed.root_images.bytes
+    );
+    assert_eq!(after.content.reclaimable + after.root_images.reclaimable, 0);
     // What a still-named image uses stays.
     assert!(client.image(a.name().unwrap()).unwrap().rootfs().is_ok());
     assert_eq!(client.prune().unwrap(), cc_image::PruneStats::default());

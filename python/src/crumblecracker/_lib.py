@@ -275,6 +275,7 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_cancel_token_free": (_CODE, [_H]),
     # OCI clients and sources
     "cc_oci_client_new": (_CODE, [c_char_p, _HP, _ERR]),
+    "cc_oci_client_cache_dir": (_CODE, [_H, POINTER(c_void_p), _ERR]),
     "cc_oci_pull": (
         _CODE,
         [_H, c_char_p, POINTER(CPullOptions), PROGRESS_FN, c_void_p, _H, _HP, _ERR],

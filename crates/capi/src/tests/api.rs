@@ -408,6 +408,18 @@ fn null_and_bad_arguments_are_invalid_arguments() {
             cc_oci_client_new(dir_c.as_ptr(), &mut client, ptr::null_mut()),
             CC_OK
         );
+        let mut where_ = ptr::null_mut();
+        assert_eq!(
+            cc_oci_client_cache_dir(client, &mut where_, ptr::null_mut()),
+            CC_OK
+        );
+        assert_eq!(text(where_).as_deref(), dir.to_str());
+        cc_string_free(where_);
+        let (code, e) = failing(|err| cc_oci_client_cache_dir(client, ptr::null_mut(), err));
+        assert_eq!(
+            (code, e.code),
+            (CC_ERR_INVALID_ARGUMENT, CC_ERR_INVALID_ARGUMENT)
+        );
         let opts = cc_pull_options {
             platform: ptr::null(),
             username: ptr::null(),
