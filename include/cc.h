@@ -42,8 +42,9 @@
  * fields beyond them get their defaults) and writes only the fields that
  * lie wholly within an output struct's `size` (never `size` itself). An
  * input or capabilities `size` below the struct's first version is
- * CC_ERR_INVALID_ARGUMENT; a cc_error whose `size` is too small (0, say)
- * gets only the fields that fit, or nothing.
+ * CC_ERR_INVALID_ARGUMENT. A cc_error gets only the fields that fit in
+ * its `size`; a `size` of 0 (`cc_error err = {0};`) stands for its first
+ * version, so zeroing it is enough.
  *
  * Memory. Every string and buffer argument is copied before the call
  * returns; the caller keeps ownership of what it passes. Every string,
@@ -299,8 +300,9 @@ typedef enum cc_start_kind {
  * the library fills it only when a call fails, overwriting every field
  * but `size` without reading or freeing what was there. It writes only
  * the fields that lie wholly within `size` bytes, so a program built
- * against an older, smaller `cc_error` keeps working (a `size` of 0 gets
- * nothing written). Release the strings with `cc_error_free` before the
+ * against an older, smaller `cc_error` keeps working. A `size` of 0 (a
+ * struct zeroed with `{0}`) stands for this first version, which every
+ * later one extends. Release the strings with `cc_error_free` before the
  * struct is reused or goes away.
  */
 typedef struct cc_error {

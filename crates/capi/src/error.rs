@@ -73,8 +73,9 @@ impl From<cc::ErrorCode> for cc_error_code {
 /// the library fills it only when a call fails, overwriting every field
 /// but `size` without reading or freeing what was there. It writes only
 /// the fields that lie wholly within `size` bytes, so a program built
-/// against an older, smaller `cc_error` keeps working (a `size` of 0 gets
-/// nothing written). Release the strings with `cc_error_free` before the
+/// against an older, smaller `cc_error` keeps working. A `size` of 0 (a
+/// struct zeroed with `{0}`) stands for this first version, which every
+/// later one extends. Release the strings with `cc_error_free` before the
 /// struct is reused or goes away.
 #[repr(C)]
 #[derive(Debug)]
@@ -174,6 +175,22 @@ impl From<cc::Error> for Failure {
     }
 }
 
+/// The size of `cc_error`'s first version, which a `size` of 0 stands for:
+/// fields added later lie beyond it.
+const FIRST_ERROR_SIZE: usize = offset_of!(cc_error, os_errno) + size_of::<i32>();
+
+/// The bytes of `*err` the caller declared, by its `size` field.
+///
+/// # Safety
+/// `err` points to a readable `size` field.
+unsafe fn declared_size(err: *const cc_error) -> usize {
+    // SAFETY: as the caller guarantees.
+    match unsafe { ptr::addr_of!((*err).size).read() } {
+        0 => FIRST_ERROR_SIZE,
+        size => size,
+    }
+}
+
 /// Stores `f` in `*err` (when `err` is not NULL), overwriting the fields
 /// that fit in its declared `size`; a string whose field does not fit is
 /// not allocated.
@@ -190,7 +207,7 @@ pub(crate) unsafe fn fill(err: *mut cc_error, f: &Failure) {
     // each field is written only when it lies wholly within them, through
     // raw pointers (neither reading nor dropping the old contents).
     unsafe {
-        let size = ptr::addr_of!((*err).size).read();
+        let size = declared_size(err);
         let fits = |offset: usize, len: usize| offset + len <= size;
         if fits(offset_of!(cc_error, code), size_of::<cc_error_code>()) {
             ptr::addr_of_mut!((*err).code).write(f.code);
@@ -234,7 +251,7 @@ pub unsafe extern "C" fn cc_error_free(err: *mut cc_error) {
     // pointer fields are read (never the code, which may hold any
     // integer), through raw pointers.
     unsafe {
-        let size = ptr::addr_of!((*err).size).read();
+        let size = declared_size(err);
         let fits = |offset: usize, len: usize| offset + len <= size;
         for offset in [
             offset_of!(cc_error, message),

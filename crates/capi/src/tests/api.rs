@@ -619,19 +619,30 @@ fn a_cc_error_gets_only_the_fields_within_its_size() {
         os_errno: -7,
         ..cc_error::default()
     };
-    // Size 0 (or too small for `code`): the call fails, nothing is written.
-    for size in [0, std::mem::offset_of!(cc_error, code) + 3] {
-        let mut err = marker(size);
-        assert_eq!(guard(&mut err, failure), CC_ERR_IO);
-        assert_eq!((err.code, err.os_errno), (CC_ERR_TIMEOUT, -7));
-        assert!(err.message.is_null() && err.op.is_null() && err.path.is_null());
-        // SAFETY: only the fields within `size` are touched: none.
-        unsafe { cc_error_free(&mut err) };
-        assert_eq!(
-            (err.size, err.code, err.os_errno),
-            (size, CC_ERR_TIMEOUT, -7)
-        );
-    }
+    // Too small for `code`: the call fails, nothing is written.
+    let size = std::mem::offset_of!(cc_error, code) + 3;
+    let mut err = marker(size);
+    assert_eq!(guard(&mut err, failure), CC_ERR_IO);
+    assert_eq!((err.code, err.os_errno), (CC_ERR_TIMEOUT, -7));
+    assert!(err.message.is_null() && err.op.is_null() && err.path.is_null());
+    // SAFETY: only the fields within `size` are touched: none.
+    unsafe { cc_error_free(&mut err) };
+    assert_eq!(
+        (err.size, err.code, err.os_errno),
+        (size, CC_ERR_TIMEOUT, -7)
+    );
+    // Size 0, a struct zeroed with `{0}`: the first version, every field.
+    let mut err = marker(0);
+    assert_eq!(guard(&mut err, failure), CC_ERR_IO);
+    assert_eq!(
+        (err.size, err.code, err.os_errno),
+        (0, CC_ERR_IO, libc::ENOENT)
+    );
+    assert_eq!(text(err.op).as_deref(), Some("read_file"));
+    // SAFETY: filled by the library as the first version.
+    unsafe { cc_error_free(&mut err) };
+    assert!(err.message.is_null() && err.op.is_null() && err.path.is_null());
+    assert_eq!((err.size, err.code, err.os_errno), (0, CC_OK, 0));
     // Up to `message` only: the code, no strings allocated.
     let mut err = marker(std::mem::offset_of!(cc_error, message) + 7);
     assert_eq!(guard(&mut err, failure), CC_ERR_IO);
