@@ -30,6 +30,7 @@ pub mod layers;
 mod layout;
 mod platform;
 pub mod private;
+mod registries;
 mod registry;
 mod store;
 mod stream;
@@ -144,7 +145,8 @@ impl Client {
         layout::export_dir(&self.store, image, dir)
     }
 
-    /// A stored image by name (normalized) or manifest digest.
+    /// A stored image by name (normalized; a short name also as pulls
+    /// resolve it through registries.conf) or manifest digest.
     pub fn image(&self, name_or_digest: &str) -> Result<Image> {
         if let Ok(digest) = name_or_digest.parse::<Digest>() {
             if self.store.has_blob(&digest) {
@@ -152,10 +154,12 @@ impl Client {
             }
         }
         let name = normalize_name(name_or_digest)?;
-        let digest = self
-            .store
-            .get_ref(&name)
-            .ok_or_else(|| Error::NotFound(name.clone()))?;
+        let (name, digest) = match self.store.get_ref(&name) {
+            Some(digest) => (name, digest),
+            // A short name a registries.conf resolved elsewhere when pulled.
+            None => registry::lookup(&self.store, name_or_digest)?
+                .ok_or_else(|| Error::NotFound(name.clone()))?,
+        };
         Ok(Image::open(&self.store, Some(name), digest)?.with_unpack_limits(self.limits))
     }
 
