@@ -12,6 +12,7 @@
 //! `scripts/setup.sh` installs them.
 
 mod registry;
+mod token;
 
 pub use registry::{Auth, HttpResponse, Registry};
 
