@@ -9,9 +9,10 @@ use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
-use oci_client::Reference;
+use oci_client::{Reference, RegistryOperation};
 use oci_spec::image::{ImageIndex, ImageManifest};
 
 use crate::image::parse;
@@ -207,6 +208,7 @@ pub(crate) fn pull(
     // Every candidate name, each from its mirrors then its registry, until
     // one serves the manifest; the image then comes wholly from there.
     let mut failures = Vec::new();
+    let mut rewritten = names.len() > 1;
     for r in &names {
         let name = r.whole();
         let sources = match conf.sources(&name, r.digest().is_some()) {
@@ -217,18 +219,23 @@ pub(crate) fn pull(
             }
         };
         for source in sources {
+            rewritten |= source.reference != name;
             let at: Reference = source
                 .reference
                 .parse()
                 .map_err(|_| Error::BadReference(source.reference.clone()))?;
             for &protocol in protocols(at.registry(), source.insecure) {
                 let puller = Puller::new(store, &at, protocol, options, cancel);
-                let first = match runtime.block_on(puller.document(&at)) {
+                let manifest = async {
+                    puller.login().await?;
+                    puller.document(&at).await
+                };
+                let first = match runtime.block_on(manifest) {
                     Ok(first) => first,
                     Err(Error::Cancelled) => return Err(Error::Cancelled),
                     Err(e) => {
                         tracing::debug!("pull {name} from {}: {e}", at.whole());
-                        failures.push((format!("{} ({protocol:?})", at.whole()), e));
+                        failures.push((format!("{name} from {}", at.whole()), e));
                         continue;
                     }
                 };
@@ -244,13 +251,13 @@ pub(crate) fn pull(
         }
     }
     Err(match failures.len() {
-        // One place tried: its own error, as without a registries.conf.
-        1 => failures.remove(0).1,
+        // One place tried, as named: its own error, as without a registries.conf.
+        1 if !rewritten => failures.remove(0).1,
         _ => Error::Registry {
             registry: reference.to_string(),
             message: failures
                 .iter()
-                .map(|(at, e)| format!("{at}: {e}"))
+                .map(|(what, e)| format!("{what}: {e}"))
                 .collect::<Vec<_>>()
                 .join("; "),
         },
@@ -302,6 +309,29 @@ impl<'a> Puller<'a> {
         }
     }
 
+    /// Authenticates as the registry asks (HTTP Basic, or a bearer token
+    /// from its token server) before anything is fetched, so refused
+    /// credentials are reported as such rather than as a refused download.
+    async fn login(&self) -> Result<()> {
+        self.client
+            .auth(self.reference, &self.auth, RegistryOperation::Pull)
+            .await
+            .map(drop)
+            .map_err(|e| self.oci_error(e))
+    }
+
+    /// E, saying when credentials were wanted and none were given.
+    fn oci_error(&self, e: OciDistributionError) -> Error {
+        match (&e, &self.auth) {
+            (
+                OciDistributionError::AuthenticationFailure(_)
+                | OciDistributionError::UnauthorizedError { .. },
+                RegistryAuth::Anonymous,
+            ) => self.registry_error(format!("{e} (no credentials given)")),
+            _ => self.registry_error(e),
+        }
+    }
+
     fn registry_error(&self, e: impl std::fmt::Display) -> Error {
         Error::Registry {
             registry: self.reference.registry().to_string(),
@@ -315,7 +345,7 @@ impl<'a> Puller<'a> {
             .client
             .pull_manifest_raw(r, &self.auth, ACCEPT)
             .await
-            .map_err(|e| self.registry_error(e))?;
+            .map_err(|e| self.oci_error(e))?;
         if bytes.len() as u64 > MAX_DOCUMENT {
             return Err(Error::BadDocument(format!(
                 "manifest of {} is too large",
