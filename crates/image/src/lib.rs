@@ -14,6 +14,16 @@
 //! in cc-erofs, which does no I/O of its own, or in the core, which would
 //! then build images two ways.
 //!
+//! Pulls follow the user's `containers-registries.conf` (version 2): short
+//! names resolve through `unqualified-search-registries`, and a name's
+//! `[[registry]]` table gives the mirrors to try first, its location, and
+//! whether it is `insecure` (plain HTTP allowed) or `blocked`. The file is
+//! `PullOptions::registries_conf`, else `$CC_REGISTRIES_CONF`, else
+//! containers' own files; the README's "Registry configuration" lists what
+//! is honoured and what is ignored. Registries that answer with a bearer
+//! challenge get a token from their token server with the pull's
+//! credentials before anything is fetched.
+//!
 //! Pulls run on a private single-threaded tokio runtime for the duration
 //! of the call; the API is blocking. A pull into a store without the
 //! image's root image builds it as the layers download, on threads of its
