@@ -117,34 +117,38 @@ fn multi_arch_index_selects_host_or_requested_platform() {
     fs::remove_dir_all(root).unwrap();
 }
 
+/// A registry with AUTH holding `private/busybox:1`, its reference there,
+/// and a fresh store named NAME.
+fn private_registry(auth: RegistryAuth, name: &str) -> (Registry, String, Client, PathBuf) {
+    let registry = Registry::start(auth);
+    registry.push(&test_images().busybox, "latest", "private/busybox:1");
+    let reference = format!("{}/private/busybox:1", registry.addr());
+    let (client, root) = store(name);
+    (registry, reference, client, root)
+}
+
+fn with_auth(user: &str, password: &str) -> PullOptions {
+    PullOptions {
+        auth: Some(Auth {
+            username: user.into(),
+            password: password.into(),
+        }),
+        ..Default::default()
+    }
+}
+
 #[test]
 fn authentication_success_and_failure() {
-    let images = test_images();
-    let registry = Registry::start(RegistryAuth::htpasswd("tester", "s3cret"));
-    registry.push(&images.busybox, "latest", "private/busybox:1");
-    let reference = format!("{}/private/busybox:1", registry.addr());
-    let (client, root) = store("auth");
+    let (registry, reference, client, root) =
+        private_registry(RegistryAuth::htpasswd("tester", "s3cret"), "auth");
 
     let err = pull(&client, &reference, &PullOptions::default()).unwrap_err();
     assert!(err.is_network(), "anonymous: {err}");
-    let wrong = PullOptions {
-        auth: Some(Auth {
-            username: "tester".into(),
-            password: "nope".into(),
-        }),
-        ..Default::default()
-    };
+    let wrong = with_auth("tester", "nope");
     assert!(pull(&client, &reference, &wrong).unwrap_err().is_network());
     assert_eq!(temp_files(&root), 0);
 
-    let right = PullOptions {
-        auth: Some(Auth {
-            username: "tester".into(),
-            password: "s3cret".into(),
-        }),
-        ..Default::default()
-    };
-    pull(&client, &reference, &right).unwrap();
+    pull(&client, &reference, &with_auth("tester", "s3cret")).unwrap();
 
     // Credentials from the docker client's config file.
     let config_dir = root.join("docker-config");
@@ -704,23 +708,10 @@ fn store_files_are_private() {
     fs::remove_dir_all(root).unwrap();
 }
 
-fn with_auth(user: &str, password: &str) -> PullOptions {
-    PullOptions {
-        auth: Some(Auth {
-            username: user.into(),
-            password: password.into(),
-        }),
-        ..Default::default()
-    }
-}
-
 #[test]
 fn bearer_token_registry_pulls_with_credentials_only() {
-    let images = test_images();
-    let registry = Registry::start(RegistryAuth::token("tester", "s3cret"));
-    registry.push(&images.busybox, "latest", "private/busybox:1");
-    let reference = format!("{}/private/busybox:1", registry.addr());
-    let (client, root) = store("token");
+    let (registry, reference, client, root) =
+        private_registry(RegistryAuth::token("tester", "s3cret"), "token");
 
     let err = pull(&client, &reference, &PullOptions::default()).unwrap_err();
     assert!(err.is_network(), "anonymous: {err}");

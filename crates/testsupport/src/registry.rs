@@ -471,23 +471,44 @@ fn fresh_temp_dir() -> PathBuf {
 
 /// Writes an htpasswd file with USER's bcrypt hash (`htpasswd -Bbn`).
 fn write_htpasswd(path: &Path, user: &str, password: &str) {
-    let htpasswd = find_tool("htpasswd", "apache2-utils");
-    let out = Command::new(htpasswd)
-        .args(["-Bbn", user, password])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run htpasswd: {e}"));
+    let hash = run_tool(
+        ("htpasswd", "apache2-utils"),
+        &["-Bbn", user, password],
+        &[],
+    );
+    fs::write(path, hash).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// Runs TOOL (its name and package, for [`find_tool`]) with ARGS and INPUT
+/// on stdin; its stdout. Panics, with its stderr, if it fails.
+pub(crate) fn run_tool(tool: (&str, &str), args: &[&str], input: &[u8]) -> Vec<u8> {
+    let (name, package) = tool;
+    let mut child = Command::new(find_tool(name, package))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {name}: {e}"));
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin
+        .write_all(input)
+        .unwrap_or_else(|e| panic!("write to {name}: {e}"));
+    drop(stdin);
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("wait for {name}: {e}"));
     assert!(
         out.status.success(),
-        "htpasswd -Bbn failed ({}): {}",
+        "{name} {args:?} failed ({}): {}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    fs::write(path, &out.stdout).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    out.stdout
 }
 
 /// NAME's path in `$PATH`; panics naming PACKAGE if it is not there.
-pub(crate) fn find_tool(name: &str, package: &str) -> PathBuf {
+fn find_tool(name: &str, package: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))

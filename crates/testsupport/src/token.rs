@@ -12,12 +12,11 @@ use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::registry::base64;
+use crate::registry::{base64, run_tool};
 
 /// The `service` the registry names and tokens are issued for.
 pub(crate) const SERVICE: &str = "cc-testsupport";
@@ -39,22 +38,28 @@ impl Issuer {
     pub(crate) fn new(dir: &Path, user: &str, password: &str) -> Issuer {
         let key = dir.join("token.key");
         let cert = dir.join("token.crt");
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=cc-testsupport-token",
-            "-keyout",
-            &key.to_string_lossy(),
-            "-out",
-            &cert.to_string_lossy(),
-        ]);
-        let der = openssl(&["x509", "-in", &cert.to_string_lossy(), "-outform", "DER"]);
+        openssl(
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=cc-testsupport-token",
+                "-keyout",
+                &key.to_string_lossy(),
+                "-out",
+                &cert.to_string_lossy(),
+            ],
+            &[],
+        );
+        let der = openssl(
+            &["x509", "-in", &cert.to_string_lossy(), "-outform", "DER"],
+            &[],
+        );
         Issuer {
             key,
             cert_der: base64(&der),
@@ -113,7 +118,7 @@ impl Issuer {
             base64url(header.as_bytes()),
             base64url(claims.as_bytes())
         );
-        let signature = openssl_stdin(
+        let signature = openssl(
             &["dgst", "-sha256", "-sign", &self.key.to_string_lossy()],
             signing_input.as_bytes(),
         );
@@ -282,35 +287,9 @@ fn base64url(data: &[u8]) -> String {
         .replace('/', "_")
 }
 
-fn openssl(args: &[&str]) -> Vec<u8> {
-    openssl_stdin(args, &[])
-}
-
-/// Runs `openssl ARGS` with INPUT on stdin; its stdout.
-fn openssl_stdin(args: &[&str], input: &[u8]) -> Vec<u8> {
-    let bin = crate::registry::find_tool("openssl", "openssl");
-    let mut child = Command::new(bin)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run openssl: {e}"));
-    let mut stdin = child.stdin.take().expect("openssl stdin");
-    stdin
-        .write_all(input)
-        .unwrap_or_else(|e| panic!("write to openssl: {e}"));
-    drop(stdin);
-    let out = child
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("wait for openssl: {e}"));
-    assert!(
-        out.status.success(),
-        "openssl {args:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+/// `openssl ARGS` with INPUT on stdin: its stdout.
+fn openssl(args: &[&str], input: &[u8]) -> Vec<u8> {
+    run_tool(("openssl", "openssl"), args, input)
 }
 
 #[cfg(test)]
