@@ -453,6 +453,13 @@ fn pull_follows_registries_conf() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains(&mirror.digest("alpine:latest")), "{err}");
     assert!(ok(crumble_in(&cache).arg("images")).contains("registry.invalid/alpine:latest"));
+    // The short name finds the stored image as the pull resolved it.
+    let exported = cache.join("exported");
+    let out = ok(crumble_in(&cache)
+        .env("CC_REGISTRIES_CONF", &conf)
+        .args(["export", "alpine"])
+        .arg(&exported));
+    assert!(out.contains(&mirror.digest("alpine:latest")), "{out}");
 
     let out = pull("blocked.invalid/x:1");
     let err = String::from_utf8_lossy(&out.stderr);

@@ -403,16 +403,20 @@ pub(crate) fn load(explicit: Option<&Path>) -> Result<RegistriesConf> {
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".config")));
+    load_default(Path::new(SYSTEM_FILE), config_home.as_deref())
+}
+
+/// containers' files: CONFIG_HOME's `containers/registries.conf` and its
+/// drop-ins if that file exists, else SYSTEM and its drop-ins, then the
+/// user's drop-ins.
+fn load_default(system: &Path, config_home: Option<&Path>) -> Result<RegistriesConf> {
     let user = config_home.map(|h| h.join("containers/registries.conf"));
     let user_dir = user.as_ref().map(|u| u.with_extension("conf.d"));
     let (file, dirs) = match &user {
         Some(u) if u.exists() => (u.clone(), vec![user_dir]),
         _ => (
-            PathBuf::from(SYSTEM_FILE),
-            vec![
-                Some(PathBuf::from(SYSTEM_FILE).with_extension("conf.d")),
-                user_dir,
-            ],
+            system.to_path_buf(),
+            vec![Some(system.with_extension("conf.d")), user_dir],
         ),
     };
     let mut conf = read_optional(&file)?.unwrap_or_default();
@@ -634,6 +638,69 @@ pull-from-mirror = "tag-only"
         assert!(c.aliases.is_empty());
         assert_eq!(c.registries.len(), 2);
         assert!(c.registries[0].blocked);
+    }
+
+    #[test]
+    fn the_user_file_replaces_the_system_files() {
+        let root = std::env::temp_dir().join(format!("cc-registries-conf-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let system = root.join("etc/registries.conf");
+        let home = root.join("home");
+        let write = |path: &Path, text: &str| {
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, text).unwrap();
+        };
+        write(
+            &system,
+            "unqualified-search-registries = [\"system.test\"]\n",
+        );
+        write(
+            &root.join("etc/registries.conf.d/10-a.conf"),
+            "[[registry]]\nlocation = \"a.test\"\n",
+        );
+        write(
+            &root.join("etc/registries.conf.d/20-b.conf"),
+            "[[registry]]\nlocation = \"a.test\"\nblocked = true\n",
+        );
+        write(
+            &root.join("etc/registries.conf.d/ignored.txt"),
+            "not toml [",
+        );
+        write(
+            &home.join("containers/registries.conf.d/x.conf"),
+            "unqualified-search-registries = [\"drop-in.test\"]\n",
+        );
+        // No user file: the system file, its drop-ins in name order, the user's.
+        let c = load_default(&system, Some(&home)).unwrap();
+        assert_eq!(c.search, Some(vec!["drop-in.test".to_string()]));
+        assert_eq!(c.registries.len(), 1);
+        assert!(c.registries[0].blocked);
+        assert!(c.registries[0].origin.ends_with("20-b.conf"));
+        // A user file: the system files are not read at all.
+        write(
+            &home.join("containers/registries.conf"),
+            "unqualified-search-registries = [\"user.test\"]\n",
+        );
+        let c = load_default(&system, Some(&home)).unwrap();
+        assert_eq!(c.search, Some(vec!["drop-in.test".to_string()]));
+        assert!(c.registries.is_empty());
+        fs::remove_file(home.join("containers/registries.conf.d/x.conf")).unwrap();
+        let c = load_default(&system, Some(&home)).unwrap();
+        assert_eq!(c.search, Some(vec!["user.test".to_string()]));
+        // No files at all: no configuration.
+        assert_eq!(
+            load_default(&root.join("none"), None).unwrap(),
+            RegistriesConf::default()
+        );
+        // A malformed drop-in is an error naming it.
+        write(
+            &root.join("etc/registries.conf.d/30-bad.conf"),
+            "[[registry]\n",
+        );
+        fs::remove_file(home.join("containers/registries.conf")).unwrap();
+        let err = load_default(&system, Some(&home)).unwrap_err();
+        assert!(err.to_string().contains("30-bad.conf line 1"), "{err}");
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
