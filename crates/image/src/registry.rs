@@ -225,6 +225,9 @@ pub(crate) fn pull(
                 .parse()
                 .map_err(|_| Error::BadReference(source.reference.clone()))?;
             for &protocol in protocols(at.registry(), source.insecure) {
+                if cancel.is_cancelled() {
+                    return Err(Error::Cancelled);
+                }
                 let puller = Puller::new(store, &at, protocol, options, cancel);
                 let manifest = async {
                     puller.login().await?;
