@@ -650,26 +650,28 @@ pull-from-mirror = "tag-only"
             fs::create_dir_all(path.parent().unwrap()).unwrap();
             fs::write(path, text).unwrap();
         };
-        write(
-            &system,
-            "unqualified-search-registries = [\"system.test\"]\n",
-        );
-        write(
-            &root.join("etc/registries.conf.d/10-a.conf"),
-            "[[registry]]\nlocation = \"a.test\"\n",
-        );
-        write(
-            &root.join("etc/registries.conf.d/20-b.conf"),
-            "[[registry]]\nlocation = \"a.test\"\nblocked = true\n",
-        );
-        write(
-            &root.join("etc/registries.conf.d/ignored.txt"),
-            "not toml [",
-        );
-        write(
-            &home.join("containers/registries.conf.d/x.conf"),
-            "unqualified-search-registries = [\"drop-in.test\"]\n",
-        );
+        let etc = root.join("etc/registries.conf.d");
+        for (path, text) in [
+            (
+                system.clone(),
+                "unqualified-search-registries = [\"system.test\"]\n",
+            ),
+            (
+                etc.join("10-a.conf"),
+                "[[registry]]\nlocation = \"a.test\"\n",
+            ),
+            (
+                etc.join("20-b.conf"),
+                "[[registry]]\nlocation = \"a.test\"\nblocked = true\n",
+            ),
+            (etc.join("ignored.txt"), "not toml ["),
+            (
+                home.join("containers/registries.conf.d/x.conf"),
+                "unqualified-search-registries = [\"drop-in.test\"]\n",
+            ),
+        ] {
+            write(&path, text);
+        }
         // No user file: the system file, its drop-ins in name order, the user's.
         let c = load_default(&system, Some(&home)).unwrap();
         assert_eq!(c.search, Some(vec!["drop-in.test".to_string()]));
