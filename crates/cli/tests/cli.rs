@@ -417,6 +417,66 @@ fn load_of_random_bytes_prints_text_not_binary() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+fn pull_follows_registries_conf() {
+    let images = cc_testsupport::test_images();
+    let mirror = cc_testsupport::Registry::start(cc_testsupport::Auth::Anonymous);
+    mirror.push(&images.busybox, "latest", "alpine:latest");
+    let cache = std::env::temp_dir().join(format!("cc-cli-conf-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::create_dir_all(&cache).unwrap();
+    // Nothing listens at the registry's own location: only the mirror can serve.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let conf = cache.join("registries.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "unqualified-search-registries = [\"registry.invalid\"]\n\
+             [[registry]]\nprefix = \"registry.invalid\"\nlocation = \"{dead}\"\n\
+             [[registry.mirror]]\nlocation = \"{}\"\n\
+             [[registry]]\nprefix = \"blocked.invalid\"\nblocked = true\n",
+            mirror.addr()
+        ),
+    )
+    .unwrap();
+    let pull = |name: &str| {
+        crumble_in(&cache)
+            .env("CC_REGISTRIES_CONF", &conf)
+            .args(["pull", name])
+            .output()
+            .unwrap()
+    };
+    let out = pull("alpine");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&mirror.digest("alpine:latest")), "{err}");
+    assert!(ok(crumble_in(&cache).arg("images")).contains("registry.invalid/alpine:latest"));
+    // The short name finds the stored image as the pull resolved it.
+    let exported = cache.join("exported");
+    let out = ok(crumble_in(&cache)
+        .env("CC_REGISTRIES_CONF", &conf)
+        .args(["export", "alpine"])
+        .arg(&exported));
+    assert!(out.contains(&mirror.digest("alpine:latest")), "{out}");
+
+    let out = pull("blocked.invalid/x:1");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("blocked") && err.contains(&conf.display().to_string()),
+        "{err}"
+    );
+
+    std::fs::write(&conf, "[[registry]]\nlocation = \"a.test\"\ninsecure = 1\n").unwrap();
+    let out = pull("alpine");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&format!("{} line 3", conf.display())), "{err}");
+    std::fs::remove_dir_all(&cache).unwrap();
+}
+
 fn image_commands_end_to_end() {
     let images = cc_testsupport::test_images();
     let registry = cc_testsupport::Registry::start(cc_testsupport::Auth::Anonymous);
@@ -735,6 +795,7 @@ fn main() -> ExitCode {
         missing_pieces_name_the_fix,
         disk_mb_is_checked,
         load_of_random_bytes_prints_text_not_binary,
+        pull_follows_registries_conf,
     ];
     let vm: &[(&str, fn())] = named![
         run_forwards_output_stdin_and_status,

@@ -14,6 +14,16 @@
 //! in cc-erofs, which does no I/O of its own, or in the core, which would
 //! then build images two ways.
 //!
+//! Pulls follow the user's `containers-registries.conf` (version 2): short
+//! names resolve through `unqualified-search-registries`, and a name's
+//! `[[registry]]` table gives the mirrors to try first, its location, and
+//! whether it is `insecure` (plain HTTP allowed) or `blocked`. The file is
+//! `PullOptions::registries_conf`, else `$CC_REGISTRIES_CONF`, else
+//! containers' own files; the README's "Registry configuration" lists what
+//! is honoured and what is ignored. Registries that answer with a bearer
+//! challenge get a token from their token server with the pull's
+//! credentials before anything is fetched.
+//!
 //! Pulls run on a private single-threaded tokio runtime for the duration
 //! of the call; the API is blocking. A pull into a store without the
 //! image's root image builds it as the layers download, on threads of its
@@ -30,6 +40,7 @@ pub mod layers;
 mod layout;
 mod platform;
 pub mod private;
+mod registries;
 mod registry;
 mod store;
 mod stream;
@@ -147,7 +158,8 @@ impl Client {
         layout::export_dir(&self.store, image, dir)
     }
 
-    /// A stored image by name (normalized) or manifest digest.
+    /// A stored image by name (normalized; a short name also as pulls
+    /// resolve it through registries.conf) or manifest digest.
     pub fn image(&self, name_or_digest: &str) -> Result<Image> {
         if let Ok(digest) = name_or_digest.parse::<Digest>() {
             if self.store.has_blob(&digest) {
@@ -155,10 +167,12 @@ impl Client {
             }
         }
         let name = normalize_name(name_or_digest)?;
-        let digest = self
-            .store
-            .get_ref(&name)
-            .ok_or_else(|| Error::NotFound(name.clone()))?;
+        let (name, digest) = match self.store.get_ref(&name) {
+            Some(digest) => (name, digest),
+            // A short name a registries.conf resolved elsewhere when pulled.
+            None => registry::lookup(&self.store, name_or_digest)?
+                .ok_or_else(|| Error::NotFound(name.clone()))?,
+        };
         Ok(Image::open(&self.store, Some(name), digest)?.with_unpack_limits(self.limits))
     }
 
