@@ -114,7 +114,9 @@ impl Error {
                 cc_image::Error::BadReference(_)
                 | cc_image::Error::BadPlatform(_)
                 | cc_image::Error::BadDigest(_)
-                | cc_image::Error::BadLimit(_) => ErrorCode::InvalidArgument,
+                | cc_image::Error::BadLimit(_)
+                | cc_image::Error::RegistriesConf { .. }
+                | cc_image::Error::Blocked { .. } => ErrorCode::InvalidArgument,
                 _ => ErrorCode::Io,
             },
         }
@@ -138,7 +140,11 @@ impl Error {
             Error::Io { path, .. }
             | Error::Net { addr: path, .. }
             | Error::TooLarge { path, .. }
-            | Error::Image(cc_image::Error::Io { path, .. }) => Some(path),
+            | Error::Image(
+                cc_image::Error::Io { path, .. }
+                | cc_image::Error::RegistriesConf { path, .. }
+                | cc_image::Error::Blocked { path, .. },
+            ) => Some(path),
             _ => None,
         }
     }
@@ -329,6 +335,24 @@ mod tests {
             (cc_image::Error::Cancelled.into(), C::Cancelled),
             (
                 cc_image::Error::BadReference("::".into()).into(),
+                C::InvalidArgument,
+            ),
+            (
+                cc_image::Error::RegistriesConf {
+                    path: "/etc/containers/registries.conf".into(),
+                    line: Some(3),
+                    message: "expected `=`".into(),
+                }
+                .into(),
+                C::InvalidArgument,
+            ),
+            (
+                cc_image::Error::Blocked {
+                    reference: "example.org/a:1".into(),
+                    prefix: "example.org".into(),
+                    path: "/etc/containers/registries.conf".into(),
+                }
+                .into(),
                 C::InvalidArgument,
             ),
         ];
