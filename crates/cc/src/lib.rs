@@ -25,6 +25,7 @@
 //! copy threads per live connection, joined when it or the instance is
 //! closed.
 
+mod cancel;
 mod channel;
 mod cmd_object;
 mod conn;

@@ -38,8 +38,10 @@ pub enum Error {
     Registry { registry: String, message: String },
     #[error("unsupported: {0}")]
     Unsupported(String),
-    #[error("pull cancelled")]
-    Cancelled,
+    /// The caller's [`CancelToken`](crate::CancelToken) stopped the
+    /// operation named (`pull`, `load`).
+    #[error("{0} cancelled")]
+    Cancelled(&'static str),
     #[error(transparent)]
     Layer(#[from] LayerError),
     /// A layer expands past [`crate::UnpackLimits`]: a decompression bomb
