@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::alloc;
+use crate::cancel::cc_cancel_token;
 use crate::error::{cc_error, cc_error_code, Failure};
 use crate::ffi::{cstr, entry, guard, put, slice, slice_mut, strings, Out};
 use crate::handles;
 use crate::instance::cc_instance;
-use crate::objects::Instance;
+use crate::objects::{Cancel, Instance};
 
 /// A command in a guest: configured, then started once. Usable from any
 /// thread: `cc_cmd_kill` and the pipes work while another thread waits.
@@ -319,6 +320,31 @@ pub unsafe extern "C" fn cc_cmd_wait(
     })
 }
 
+/// `cc_cmd_wait` that `cancel` (0 for none) stops with `CC_ERR_CANCELLED`;
+/// the process keeps running and can be waited for again.
+///
+/// # Safety
+/// `exit_code` is NULL or valid for writing; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_cmd_wait_cancellable(
+    cmd: cc_cmd,
+    cancel: cc_cancel_token,
+    exit_code: *mut i32,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes NULL or a writable int.
+        let exit_code = unsafe { Out::opt(exit_code) };
+        let cancel = handles::get_opt::<Cancel>(cancel)?;
+        let code = match &cancel {
+            Some(c) => with_cmd(cmd, |cmd| cmd.wait_cancellable(c.token()))?,
+            None => with_cmd(cmd, |cmd| cmd.wait())?,
+        };
+        put(exit_code, code);
+        Ok(())
+    })
+}
+
 /// Starts the process and waits for it (as `cc_cmd_start` + `cc_cmd_wait`).
 ///
 /// # Safety
@@ -518,6 +544,38 @@ pub unsafe extern "C" fn cc_conn_read(
     })
 }
 
+/// `cc_conn_read` that `cancel` (0 for none) stops with
+/// `CC_ERR_CANCELLED`; what was not read yet stays to be read.
+///
+/// # Safety
+/// `buf` is valid for `cap` bytes; `n` is valid for writing; `err` is NULL
+/// or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_conn_read_cancellable(
+    conn: cc_conn,
+    cancel: cc_cancel_token,
+    buf: *mut u8,
+    cap: usize,
+    n: *mut usize,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes `cap` writable bytes and a writable slot.
+        let (buf, n) = unsafe { (slice_mut(buf, cap, "buf")?, Out::new(n, "n")?) };
+        let conn = handles::get::<cc::Conn>(conn)?;
+        let cancel = handles::get_opt::<Cancel>(cancel)?;
+        if buf.is_empty() {
+            n.write(0);
+            return Ok(());
+        }
+        n.write(match &cancel {
+            Some(c) => conn.read_into_cancellable(buf, c.token())?,
+            None => conn.read_into(buf)?,
+        });
+        Ok(())
+    })
+}
+
 /// Reads to the end of the stream, into a buffer to free with
 /// `cc_bytes_free` or move with `cc_bytes_move` (never NULL on success).
 /// More than the instance's `max_result_bytes` fails with
@@ -561,6 +619,32 @@ pub unsafe extern "C" fn cc_conn_write(
         // SAFETY: the caller passes `len` readable bytes.
         let data = unsafe { slice(data, len, "data") }?;
         handles::get::<cc::Conn>(conn)?.write(data)?;
+        Ok(())
+    })
+}
+
+/// `cc_conn_write` that `cancel` (0 for none) stops with
+/// `CC_ERR_CANCELLED` while it waits for the guest; part of `data` may
+/// have been sent.
+///
+/// # Safety
+/// `data` is valid for `len` bytes; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_conn_write_cancellable(
+    conn: cc_conn,
+    cancel: cc_cancel_token,
+    data: *const u8,
+    len: usize,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes `len` readable bytes.
+        let data = unsafe { slice(data, len, "data") }?;
+        let conn = handles::get::<cc::Conn>(conn)?;
+        match handles::get_opt::<Cancel>(cancel)? {
+            Some(c) => conn.write_cancellable(data, c.token())?,
+            None => conn.write(data)?,
+        }
         Ok(())
     })
 }

@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::alloc;
+use crate::cancel::cc_cancel_token;
 use crate::cmd::cc_conn;
 use crate::error::{cc_error, cc_error_code, Failure};
 use crate::ffi::{cstr, entry, guard, put, slice, slice_mut, Out};
 use crate::handles;
 use crate::instance::cc_instance;
-use crate::objects::Instance;
+use crate::objects::{Cancel, Instance};
 
 /// An open guest file. Its calls are serialized; use it from one thread at
 /// a time for a meaningful file offset.
@@ -209,6 +210,36 @@ pub unsafe extern "C" fn cc_instance_read_file(
     })
 }
 
+/// `cc_instance_read_file` that `cancel` (0 for none) stops with
+/// `CC_ERR_CANCELLED`.
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `data` and `len` are NULL or valid
+/// for writing; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_read_file_cancellable(
+    inst: cc_instance,
+    path: *const c_char,
+    cancel: cc_cancel_token,
+    data: *mut *mut u8,
+    len: *mut usize,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        let cancel = handles::get_opt::<Cancel>(cancel)?;
+        // SAFETY: the caller passes a string and NULL or writable slots.
+        unsafe {
+            let path = cstr(path, "path")?;
+            alloc::bytes_out(data, len, || {
+                with_inst(inst, |i| match &cancel {
+                    Some(c) => i.read_file_cancellable(path, c.token()),
+                    None => i.read_file(path),
+                })
+            })
+        }
+    })
+}
+
 /// Starts streaming a guest file of any size: `*out` is a readable
 /// `cc_conn` (read it with `cc_conn_read` until it gives 0 bytes, then
 /// `cc_conn_free` it; freeing it early stops the transfer) and `*size`
@@ -317,6 +348,34 @@ pub unsafe extern "C" fn cc_instance_write_file(
         // SAFETY: the caller passes a string and `len` readable bytes.
         let (path, data) = unsafe { (cstr(path, "path")?, slice(data, len, "data")?) };
         with_inst(inst, |i| i.write_file(path, data, mode))
+    })
+}
+
+/// `cc_instance_write_file` that `cancel` (0 for none) stops with
+/// `CC_ERR_CANCELLED` while it waits for the guest; the file may then
+/// hold part of `data`.
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `data` is valid for `len` bytes;
+/// `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_write_file_cancellable(
+    inst: cc_instance,
+    path: *const c_char,
+    data: *const u8,
+    len: usize,
+    mode: u32,
+    cancel: cc_cancel_token,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes a string and `len` readable bytes.
+        let (path, data) = unsafe { (cstr(path, "path")?, slice(data, len, "data")?) };
+        let cancel = handles::get_opt::<Cancel>(cancel)?;
+        with_inst(inst, |i| match &cancel {
+            Some(c) => i.write_file_cancellable(path, data, mode, c.token()),
+            None => i.write_file(path, data, mode),
+        })
     })
 }
 
@@ -726,6 +785,35 @@ pub unsafe extern "C" fn cc_file_read(
     })
 }
 
+/// `cc_file_read` that `cancel` (0 for none) stops with `CC_ERR_CANCELLED`.
+///
+/// # Safety
+/// `buf` is valid for `cap` bytes; `n` is valid for writing; `err` is NULL
+/// or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_file_read_cancellable(
+    file: cc_file,
+    cancel: cc_cancel_token,
+    buf: *mut u8,
+    cap: usize,
+    n: *mut usize,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes `cap` writable bytes and a writable slot.
+        let (buf, n) = unsafe { (slice_mut(buf, cap, "buf")?, Out::new(n, "n")?) };
+        let f = handles::get::<cc::File>(file)?;
+        let cancel = handles::get_opt::<Cancel>(cancel)?;
+        let count = match (&cancel, buf.is_empty()) {
+            (_, true) => 0,
+            (Some(c), false) => f.read_some_cancellable(buf, c.token())?,
+            (None, false) => f.read_some(buf)?,
+        };
+        n.write(count);
+        Ok(())
+    })
+}
+
 /// Everything from the file offset to the end, in a buffer to free with
 /// `cc_bytes_free` or move with `cc_bytes_move` (never NULL on success):
 /// read into one buffer of the size left in a regular file. More than the
@@ -766,6 +854,36 @@ pub unsafe extern "C" fn cc_file_write(
         // writable slot.
         let (data, written) = unsafe { (slice(data, len, "data")?, Out::opt(written)) };
         with_file(file, |f| f.write_all_bytes(data))?;
+        put(written, len);
+        Ok(())
+    })
+}
+
+/// `cc_file_write` that `cancel` (0 for none) stops with
+/// `CC_ERR_CANCELLED` while it waits for the guest; part of `data` may
+/// have been written.
+///
+/// # Safety
+/// `data` is valid for `len` bytes; `written` is NULL or valid for
+/// writing; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_file_write_cancellable(
+    file: cc_file,
+    cancel: cc_cancel_token,
+    data: *const u8,
+    len: usize,
+    written: *mut usize,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes `len` readable bytes and NULL or a
+        // writable slot.
+        let (data, written) = unsafe { (slice(data, len, "data")?, Out::opt(written)) };
+        let cancel = handles::get_opt::<Cancel>(cancel)?;
+        with_file(file, |f| match &cancel {
+            Some(c) => f.write_all_bytes_cancellable(data, c.token()),
+            None => f.write_all_bytes(data),
+        })?;
         put(written, len);
         Ok(())
     })

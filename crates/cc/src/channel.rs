@@ -25,6 +25,8 @@ use cc_protocol::{
     PROTOCOL_VERSION,
 };
 
+use cc_cancel::CancelToken;
+
 use crate::cancel;
 use crate::error::{Error, Result};
 use crate::phases::{self, Phase};
@@ -765,6 +767,10 @@ impl Channel {
     ) -> io::Result<usize> {
         let started = Instant::now();
         let token = cancel::current();
+        // A cancelled transfer stops even while data keeps coming.
+        if token.as_ref().is_some_and(CancelToken::is_cancelled) {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+        }
         let _wake = cancel::wake_on(stream, Inbound::wake);
         let r = stream.read_cancellable(buf, deadline, token.as_ref())?;
         phases::add(Phase::Read, started);
@@ -797,6 +803,9 @@ impl Channel {
         let _wake = cancel::wake_on(stream, Outbound::wake);
         let mut rest = data;
         while !rest.is_empty() {
+            if token.as_ref().is_some_and(CancelToken::is_cancelled) {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+            }
             let waited = Instant::now();
             let n = stream.acquire_cancellable(rest.len().min(DATA_CHUNK), None, token.as_ref())?;
             phases::add(Phase::CreditWait, waited);

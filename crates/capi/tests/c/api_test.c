@@ -684,8 +684,11 @@ static void test_wait_cancel(cc_instance inst) {
     pthread_t thread;
     pthread_create(&thread, NULL, cancel_later, &c);
     EXPECT(CC_ERR_CANCELLED, cc_instance_wait(inst, c.token, &err));
+    CHECK(err.message && strstr(err.message, "wait cancelled"), "the error names the wait");
     pthread_join(thread, NULL);
     cc_cancel_token_free(c.token);
+    /* A freed token is a bad handle, not "no token". */
+    EXPECT(CC_ERR_INVALID_HANDLE, cc_instance_wait(inst, c.token, &err));
 }
 
 static void test_snapshot(cc_instance inst, const char *cache) {
