@@ -293,9 +293,10 @@ typedef struct cc_error {
 
 /**
  * A cancel token: set once (from any thread, or from a progress
- * callback), it stops the pulls and waits it was given to with
- * `CC_ERR_CANCELLED`. It stays set. 0 means "no token" where one is
- * optional.
+ * callback), it stops the calls it was given to (pulls, waits, accepts,
+ * and the `_cancellable` reads, writes and loads) with `CC_ERR_CANCELLED`
+ * at once, however they block. It stays set. 0 means "no token" where one
+ * is optional; a freed token is `CC_ERR_INVALID_HANDLE`.
  */
 typedef uint64_t cc_cancel_token;
 
@@ -696,7 +697,20 @@ void cc_strings_free(char **strings, size_t count);
 cc_error_code cc_cancel_token_new(cc_cancel_token *out, struct cc_error *err);
 
 /**
- * Cancels: every pull and wait using the token stops soon after.
+ * Creates a token cancelled when `parent` is (at once, if it already
+ * is); cancelling the child leaves `parent` alone. Free it with
+ * `cc_cancel_token_free` like any token; freeing either does not cancel
+ * the other.
+ *
+ * # Safety
+ * `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+ */
+cc_error_code cc_cancel_token_child(cc_cancel_token parent,
+                                    cc_cancel_token *out,
+                                    struct cc_error *err);
+
+/**
+ * Cancels: every call using the token (or a child of it) stops at once.
  * Cancelling again does nothing.
  *
  * # Safety

@@ -182,9 +182,11 @@ pub unsafe extern "C" fn cc_oci_pull(
         let options = pull_options(options)?;
         let client = handles::get::<Client>(client)?;
         let cancel = handles::get_opt::<Cancel>(cancel)?;
-        let token = cc::CancelToken::new();
+        // The call's own token: the progress callback cancels it alone.
+        let token = cancel
+            .as_ref()
+            .map_or_else(cc::CancelToken::new, |c| c.token().child());
         let _closing = client.track_pull(&token)?;
-        let _cancelled = cancel.as_ref().map(|c| c.link(&token));
         if token.is_cancelled() {
             return Err(Failure::new(CC_ERR_CANCELLED, "pull cancelled"));
         }
