@@ -1538,6 +1538,21 @@ cc_error_code cc_instance_new(cc_source source,
                               struct cc_error *err);
 
 /**
+ * `cc_instance_new` that `cancel` (0 for none) stops with
+ * `CC_ERR_CANCELLED` (at once while it waits for the guest to come up);
+ * nothing of the instance remains.
+ *
+ * # Safety
+ * `options` is NULL or valid; `out` is NULL or valid for writing; `err`
+ * is NULL or valid for writing.
+ */
+cc_error_code cc_instance_new_cancellable(cc_source source,
+                                          const struct cc_instance_options *options,
+                                          cc_cancel_token cancel,
+                                          cc_instance *out,
+                                          struct cc_error *err);
+
+/**
  * The instance's unique id, a string to free with `cc_string_free`. Also
  * works on a closed instance.
  *
@@ -1832,6 +1847,20 @@ cc_error_code cc_oci_load_tar(cc_oci_client client,
                               struct cc_error *err);
 
 /**
+ * `cc_oci_load_tar` that `cancel` (0 for none) stops with
+ * `CC_ERR_CANCELLED`, leaving nothing half-written in the store.
+ *
+ * # Safety
+ * `path` is a NUL-terminated string; `out` is NULL or valid for writing;
+ * `err` is NULL or valid for writing.
+ */
+cc_error_code cc_oci_load_tar_cancellable(cc_oci_client client,
+                                          const char *path,
+                                          cc_cancel_token cancel,
+                                          cc_source *out,
+                                          struct cc_error *err);
+
+/**
  * Loads an OCI image layout directory into the store.
  *
  * # Safety
@@ -1842,6 +1871,20 @@ cc_error_code cc_oci_load_dir(cc_oci_client client,
                               const char *path,
                               cc_source *out,
                               struct cc_error *err);
+
+/**
+ * `cc_oci_load_dir` that `cancel` (0 for none) stops with
+ * `CC_ERR_CANCELLED`, leaving nothing half-written in the store.
+ *
+ * # Safety
+ * `path` is a NUL-terminated string; `out` is NULL or valid for writing;
+ * `err` is NULL or valid for writing.
+ */
+cc_error_code cc_oci_load_dir_cancellable(cc_oci_client client,
+                                          const char *path,
+                                          cc_cancel_token cancel,
+                                          cc_source *out,
+                                          struct cc_error *err);
 
 /**
  * Writes an image (or snapshot) source as an OCI image layout directory

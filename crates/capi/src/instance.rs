@@ -218,6 +218,36 @@ pub unsafe extern "C" fn cc_instance_new(
     })
 }
 
+/// `cc_instance_new` that `cancel` (0 for none) stops with
+/// `CC_ERR_CANCELLED` (at once while it waits for the guest to come up);
+/// nothing of the instance remains.
+///
+/// # Safety
+/// `options` is NULL or valid; `out` is NULL or valid for writing; `err`
+/// is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_new_cancellable(
+    source: cc_source,
+    options: *const cc_instance_options,
+    cancel: cc_cancel_token,
+    out: *mut cc_instance,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes NULL or valid options, and NULL or a
+        // writable slot.
+        let (opts, out) = unsafe { (options.as_ref(), Out::new(out, "out")?) };
+        let opts = self::options(opts)?;
+        let source = handles::get::<cc::Source>(source)?;
+        let inst = match handles::get_opt::<Cancel>(cancel)? {
+            Some(c) => cc::Instance::new_cancellable(&source, opts, c.token())?,
+            None => cc::Instance::new(&source, opts)?,
+        };
+        out.write(handles::insert(Arc::new(Instance::new(inst)))?);
+        Ok(())
+    })
+}
+
 /// The instance's unique id, a string to free with `cc_string_free`. Also
 /// works on a closed instance.
 ///

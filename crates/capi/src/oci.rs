@@ -251,6 +251,35 @@ pub unsafe extern "C" fn cc_oci_load_tar(
     })
 }
 
+/// `cc_oci_load_tar` that `cancel` (0 for none) stops with
+/// `CC_ERR_CANCELLED`, leaving nothing half-written in the store.
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `out` is NULL or valid for writing;
+/// `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_oci_load_tar_cancellable(
+    client: cc_oci_client,
+    path: *const c_char,
+    cancel: cc_cancel_token,
+    out: *mut cc_source,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes a string and NULL or a writable slot.
+        let (path, out) = unsafe { (cstr(path, "path")?, Out::new(out, "out")?) };
+        let client = handles::get::<Client>(client)?;
+        let image = match handles::get_opt::<Cancel>(cancel)? {
+            Some(c) => client
+                .get()?
+                .load_tar_cancellable(Path::new(path), c.token())?,
+            None => client.get()?.load_tar(Path::new(path))?,
+        };
+        out.write(handles::insert(Arc::new(cc::Source::from(image)))?);
+        Ok(())
+    })
+}
+
 /// Loads an OCI image layout directory into the store.
 ///
 /// # Safety
@@ -269,6 +298,35 @@ pub unsafe extern "C" fn cc_oci_load_dir(
         let image = handles::get::<Client>(client)?
             .get()?
             .load_dir(Path::new(path))?;
+        out.write(handles::insert(Arc::new(cc::Source::from(image)))?);
+        Ok(())
+    })
+}
+
+/// `cc_oci_load_dir` that `cancel` (0 for none) stops with
+/// `CC_ERR_CANCELLED`, leaving nothing half-written in the store.
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `out` is NULL or valid for writing;
+/// `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_oci_load_dir_cancellable(
+    client: cc_oci_client,
+    path: *const c_char,
+    cancel: cc_cancel_token,
+    out: *mut cc_source,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes a string and NULL or a writable slot.
+        let (path, out) = unsafe { (cstr(path, "path")?, Out::new(out, "out")?) };
+        let client = handles::get::<Client>(client)?;
+        let image = match handles::get_opt::<Cancel>(cancel)? {
+            Some(c) => client
+                .get()?
+                .load_dir_cancellable(Path::new(path), c.token())?,
+            None => client.get()?.load_dir(Path::new(path))?,
+        };
         out.write(handles::insert(Arc::new(cc::Source::from(image)))?);
         Ok(())
     })
