@@ -141,6 +141,9 @@ impl Client {
         platform: Option<&Platform>,
         cancel: &CancelToken,
     ) -> Result<Image> {
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled("load"));
+        }
         let _lock = self.store.lock(false)?;
         layout::load_dir(&self.store, dir, platform, &self.limits, cancel)
     }
@@ -158,6 +161,9 @@ impl Client {
         platform: Option<&Platform>,
         cancel: &CancelToken,
     ) -> Result<Image> {
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled("load"));
+        }
         let _lock = self.store.lock(false)?;
         layout::load_tar(&self.store, path, platform, &self.limits, cancel)
     }
