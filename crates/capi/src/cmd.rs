@@ -312,12 +312,8 @@ pub unsafe extern "C" fn cc_cmd_wait(
     exit_code: *mut i32,
     err: *mut cc_error,
 ) -> cc_error_code {
-    entry(err, || {
-        // SAFETY: the caller passes NULL or a writable int.
-        let exit_code = unsafe { Out::opt(exit_code) };
-        put(exit_code, with_cmd(cmd, |c| c.wait())?);
-        Ok(())
-    })
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_cmd_wait_cancellable(cmd, 0, exit_code, err) }
 }
 
 /// `cc_cmd_wait` that `cancel` (0 for none) stops with `CC_ERR_CANCELLED`;
@@ -531,17 +527,8 @@ pub unsafe extern "C" fn cc_conn_read(
     n: *mut usize,
     err: *mut cc_error,
 ) -> cc_error_code {
-    entry(err, || {
-        // SAFETY: the caller passes `cap` writable bytes and a writable slot.
-        let (buf, n) = unsafe { (slice_mut(buf, cap, "buf")?, Out::new(n, "n")?) };
-        let conn = handles::get::<cc::Conn>(conn)?;
-        if buf.is_empty() {
-            n.write(0);
-            return Ok(());
-        }
-        n.write(conn.read_into(buf)?);
-        Ok(())
-    })
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_conn_read_cancellable(conn, 0, buf, cap, n, err) }
 }
 
 /// `cc_conn_read` that `cancel` (0 for none) stops with
@@ -615,12 +602,8 @@ pub unsafe extern "C" fn cc_conn_write(
     len: usize,
     err: *mut cc_error,
 ) -> cc_error_code {
-    entry(err, || {
-        // SAFETY: the caller passes `len` readable bytes.
-        let data = unsafe { slice(data, len, "data") }?;
-        handles::get::<cc::Conn>(conn)?.write(data)?;
-        Ok(())
-    })
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_conn_write_cancellable(conn, 0, data, len, err) }
 }
 
 /// `cc_conn_write` that `cancel` (0 for none) stops with

@@ -201,13 +201,8 @@ pub unsafe extern "C" fn cc_instance_read_file(
     len: *mut usize,
     err: *mut cc_error,
 ) -> cc_error_code {
-    entry(err, || {
-        // SAFETY: the caller passes a string and NULL or writable slots.
-        unsafe {
-            let path = cstr(path, "path")?;
-            alloc::bytes_out(data, len, || with_inst(inst, |i| i.read_file(path)))
-        }
-    })
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_instance_read_file_cancellable(inst, path, 0, data, len, err) }
 }
 
 /// `cc_instance_read_file` that `cancel` (0 for none) stops with
@@ -344,11 +339,8 @@ pub unsafe extern "C" fn cc_instance_write_file(
     mode: u32,
     err: *mut cc_error,
 ) -> cc_error_code {
-    entry(err, || {
-        // SAFETY: the caller passes a string and `len` readable bytes.
-        let (path, data) = unsafe { (cstr(path, "path")?, slice(data, len, "data")?) };
-        with_inst(inst, |i| i.write_file(path, data, mode))
-    })
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_instance_write_file_cancellable(inst, path, data, len, mode, 0, err) }
 }
 
 /// `cc_instance_write_file` that `cancel` (0 for none) stops with
@@ -775,14 +767,8 @@ pub unsafe extern "C" fn cc_file_read(
     n: *mut usize,
     err: *mut cc_error,
 ) -> cc_error_code {
-    entry(err, || {
-        // SAFETY: the caller passes `cap` writable bytes and a writable slot.
-        let (buf, n) = unsafe { (slice_mut(buf, cap, "buf")?, Out::new(n, "n")?) };
-        let f = handles::get::<cc::File>(file)?;
-        let count = if buf.is_empty() { 0 } else { f.read_some(buf)? };
-        n.write(count);
-        Ok(())
-    })
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_file_read_cancellable(file, 0, buf, cap, n, err) }
 }
 
 /// `cc_file_read` that `cancel` (0 for none) stops with `CC_ERR_CANCELLED`.
@@ -849,14 +835,8 @@ pub unsafe extern "C" fn cc_file_write(
     written: *mut usize,
     err: *mut cc_error,
 ) -> cc_error_code {
-    entry(err, || {
-        // SAFETY: the caller passes `len` readable bytes and NULL or a
-        // writable slot.
-        let (data, written) = unsafe { (slice(data, len, "data")?, Out::opt(written)) };
-        with_file(file, |f| f.write_all_bytes(data))?;
-        put(written, len);
-        Ok(())
-    })
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_file_write_cancellable(file, 0, data, len, written, err) }
 }
 
 /// `cc_file_write` that `cancel` (0 for none) stops with

@@ -206,16 +206,8 @@ pub unsafe extern "C" fn cc_instance_new(
     out: *mut cc_instance,
     err: *mut cc_error,
 ) -> cc_error_code {
-    entry(err, || {
-        // SAFETY: the caller passes NULL or valid options, and NULL or a
-        // writable slot.
-        let (opts, out) = unsafe { (options.as_ref(), Out::new(out, "out")?) };
-        let opts = self::options(opts)?;
-        let source = handles::get::<cc::Source>(source)?;
-        let inst = cc::Instance::new(&source, opts)?;
-        out.write(handles::insert(Arc::new(Instance::new(inst)))?);
-        Ok(())
-    })
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_instance_new_cancellable(source, options, 0, out, err) }
 }
 
 /// `cc_instance_new` that `cancel` (0 for none) stops with

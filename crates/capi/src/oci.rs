@@ -240,15 +240,8 @@ pub unsafe extern "C" fn cc_oci_load_tar(
     out: *mut cc_source,
     err: *mut cc_error,
 ) -> cc_error_code {
-    entry(err, || {
-        // SAFETY: the caller passes a string and NULL or a writable slot.
-        let (path, out) = unsafe { (cstr(path, "path")?, Out::new(out, "out")?) };
-        let image = handles::get::<Client>(client)?
-            .get()?
-            .load_tar(Path::new(path))?;
-        out.write(handles::insert(Arc::new(cc::Source::from(image)))?);
-        Ok(())
-    })
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_oci_load_tar_cancellable(client, path, 0, out, err) }
 }
 
 /// `cc_oci_load_tar` that `cancel` (0 for none) stops with
@@ -265,19 +258,17 @@ pub unsafe extern "C" fn cc_oci_load_tar_cancellable(
     out: *mut cc_source,
     err: *mut cc_error,
 ) -> cc_error_code {
-    entry(err, || {
-        // SAFETY: the caller passes a string and NULL or a writable slot.
-        let (path, out) = unsafe { (cstr(path, "path")?, Out::new(out, "out")?) };
-        let client = handles::get::<Client>(client)?;
-        let image = match handles::get_opt::<Cancel>(cancel)? {
-            Some(c) => client
-                .get()?
-                .load_tar_cancellable(Path::new(path), c.token())?,
-            None => client.get()?.load_tar(Path::new(path))?,
-        };
-        out.write(handles::insert(Arc::new(cc::Source::from(image)))?);
-        Ok(())
-    })
+    // SAFETY: the caller's guarantees are `load`'s.
+    unsafe {
+        load(
+            client,
+            path,
+            cancel,
+            out,
+            err,
+            cc::OciClient::load_tar_cancellable,
+        )
+    }
 }
 
 /// Loads an OCI image layout directory into the store.
@@ -292,15 +283,8 @@ pub unsafe extern "C" fn cc_oci_load_dir(
     out: *mut cc_source,
     err: *mut cc_error,
 ) -> cc_error_code {
-    entry(err, || {
-        // SAFETY: the caller passes a string and NULL or a writable slot.
-        let (path, out) = unsafe { (cstr(path, "path")?, Out::new(out, "out")?) };
-        let image = handles::get::<Client>(client)?
-            .get()?
-            .load_dir(Path::new(path))?;
-        out.write(handles::insert(Arc::new(cc::Source::from(image)))?);
-        Ok(())
-    })
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_oci_load_dir_cancellable(client, path, 0, out, err) }
 }
 
 /// `cc_oci_load_dir` that `cancel` (0 for none) stops with
@@ -317,16 +301,40 @@ pub unsafe extern "C" fn cc_oci_load_dir_cancellable(
     out: *mut cc_source,
     err: *mut cc_error,
 ) -> cc_error_code {
+    // SAFETY: the caller's guarantees are `load`'s.
+    unsafe {
+        load(
+            client,
+            path,
+            cancel,
+            out,
+            err,
+            cc::OciClient::load_dir_cancellable,
+        )
+    }
+}
+
+/// Loads an image with `load` (a `load_*_cancellable`), with a fresh
+/// token when the caller gave none.
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `out` is NULL or valid for writing;
+/// `err` is NULL or valid for writing.
+unsafe fn load(
+    client: cc_oci_client,
+    path: *const c_char,
+    cancel: cc_cancel_token,
+    out: *mut cc_source,
+    err: *mut cc_error,
+    load: fn(&cc::OciClient, &Path, &cc::CancelToken) -> cc::Result<cc::Image>,
+) -> cc_error_code {
     entry(err, || {
         // SAFETY: the caller passes a string and NULL or a writable slot.
         let (path, out) = unsafe { (cstr(path, "path")?, Out::new(out, "out")?) };
         let client = handles::get::<Client>(client)?;
-        let image = match handles::get_opt::<Cancel>(cancel)? {
-            Some(c) => client
-                .get()?
-                .load_dir_cancellable(Path::new(path), c.token())?,
-            None => client.get()?.load_dir(Path::new(path))?,
-        };
+        let token = handles::get_opt::<Cancel>(cancel)?
+            .map_or_else(cc::CancelToken::new, |c| c.token().clone());
+        let image = load(client.get()?, Path::new(path), &token)?;
         out.write(handles::insert(Arc::new(cc::Source::from(image)))?);
         Ok(())
     })
