@@ -27,9 +27,24 @@
  * Errors. Every fallible call returns a cc_error_code (CC_OK = 0) and
  * takes, last, an optional cc_error* (NULL to ignore). The cc_error is
  * the caller's: the library writes it only when a call fails (code,
- * message, and op/path where they apply, else NULL), overwriting it
- * without freeing what it held; release it with cc_error_free() before
- * reusing it. Free functions take no cc_error. Error codes are stable.
+ * message, op/path where they apply, else NULL, and os_errno, the OS
+ * errno behind it or 0), overwriting it without freeing what it held;
+ * release it with cc_error_free() before reusing it. Free functions take
+ * no cc_error. Error codes are stable.
+ *
+ * Structs that grow. cc_error, cc_instance_options and cc_capabilities
+ * begin with `size_t size`, which the caller sets to sizeof the struct it
+ * was compiled with before the call: initialize them with CC_ERROR_INIT,
+ * CC_INSTANCE_OPTIONS_INIT and CC_CAPABILITIES_INIT (size set, every other
+ * field zero, which means the defaults). New fields are only ever added
+ * at the end, so programs built against an older header keep working: the
+ * library reads only the `size` bytes an input struct declares (the
+ * fields beyond them get their defaults) and writes only the fields that
+ * lie wholly within an output struct's `size` (never `size` itself). An
+ * input or capabilities `size` below the struct's first version is
+ * CC_ERR_INVALID_ARGUMENT. A cc_error gets only the fields that fit in
+ * its `size`; a `size` of 0 (`cc_error err = {0};`) stands for its first
+ * version, so zeroing it is enough.
  *
  * Memory. Every string and buffer argument is copied before the call
  * returns; the caller keeps ownership of what it passes. Every string,
@@ -71,6 +86,18 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+/* Initializers of the structs that grow (see "Structs that grow"): size
+ * set, every other field zero. */
+#ifdef __cplusplus
+#define CC_ERROR_INIT {sizeof(cc_error)}
+#define CC_INSTANCE_OPTIONS_INIT {sizeof(cc_instance_options)}
+#define CC_CAPABILITIES_INIT {sizeof(cc_capabilities)}
+#else
+#define CC_ERROR_INIT {.size = sizeof(cc_error)}
+#define CC_INSTANCE_OPTIONS_INIT {.size = sizeof(cc_instance_options)}
+#define CC_CAPABILITIES_INIT {.size = sizeof(cc_capabilities)}
+#endif
 
 /**
  * Open for reading only.
@@ -209,7 +236,9 @@ enum cc_error_code
      */
     CC_ERR_TIMEOUT = 5,
     /**
-     * QEMU is missing or the requested accelerator is unusable.
+     * No instance can start here: QEMU is missing or the requested
+     * accelerator is unusable (`cc_query_capabilities` also reports a
+     * missing guest kernel or agent with it).
      */
     CC_ERR_HYPERVISOR_UNAVAILABLE = 6,
     /**
@@ -267,11 +296,21 @@ typedef enum cc_start_kind {
 
 /**
  * What a failed call reports. The caller owns the struct (on its stack,
- * say); the library fills it only when a call fails, overwriting every
- * field without reading or freeing what was there. Release the strings
- * with `cc_error_free` before the struct is reused or goes away.
+ * say) and sets `size` to `sizeof(cc_error)` first (`CC_ERROR_INIT` does);
+ * the library fills it only when a call fails, overwriting every field
+ * but `size` without reading or freeing what was there. It writes only
+ * the fields that lie wholly within `size` bytes, so a program built
+ * against an older, smaller `cc_error` keeps working. A `size` of 0 (a
+ * struct zeroed with `{0}`) stands for this first version, which every
+ * later one extends. Release the strings with `cc_error_free` before the
+ * struct is reused or goes away.
  */
 typedef struct cc_error {
+    /**
+     * `sizeof(cc_error)` as the caller was compiled with; set by the
+     * caller, never written by the library.
+     */
+    size_t size;
     /**
      * The same code the call returned.
      */
@@ -289,6 +328,11 @@ typedef struct cc_error {
      * The path involved, or NULL.
      */
     char *path;
+    /**
+     * The OS `errno` behind the failure (the guest's for a guest file or
+     * network operation: `ENOENT` for a missing guest file), 0 when none.
+     */
+    int32_t os_errno;
 } cc_error;
 
 /**
@@ -391,9 +435,18 @@ typedef struct cc_mount {
 } cc_mount;
 
 /**
- * How to run an instance. A zeroed struct means every default.
+ * How to run an instance. `CC_INSTANCE_OPTIONS_INIT` (`size` set, every
+ * other field zero) means every default. The library reads only the
+ * `size` bytes the caller declared and takes the defaults for fields
+ * beyond them, so a program built against an older, smaller struct keeps
+ * working; a `size` below the first version's is `CC_ERR_INVALID_ARGUMENT`,
+ * as are non-zero bytes past the fields this library knows.
  */
 typedef struct cc_instance_options {
+    /**
+     * `sizeof(cc_instance_options)` as the caller was compiled with.
+     */
+    size_t size;
     /**
      * Guest memory in MiB; 0 for the default (512).
      */
@@ -466,16 +519,24 @@ typedef struct cc_instance_options {
 } cc_instance_options;
 
 /**
- * What this host offers. All strings are static (do not free them).
+ * What this host offers. The caller sets `size` to
+ * `sizeof(cc_capabilities)` first (`CC_CAPABILITIES_INIT` does); the
+ * library writes only the fields within `size` bytes (never `size`), so
+ * a program built against an older, smaller struct keeps working. All
+ * strings are static (do not free them).
  */
 typedef struct cc_capabilities {
+    /**
+     * `sizeof(cc_capabilities)` as the caller was compiled with.
+     */
+    size_t size;
     /**
      * The host architecture guests run as: `"x86_64"`.
      */
     const char *architecture;
     /**
-     * Whether hardware-accelerated virtualization is usable (as
-     * `cc_supports_hypervisor`).
+     * Whether instances can run here (as `cc_supports_hypervisor`);
+     * always true when the call succeeds.
      */
     bool hypervisor_available;
     /**
@@ -501,6 +562,11 @@ typedef struct cc_capabilities {
      * `""` when fully confined.
      */
     const char *confinement_gaps;
+    /**
+     * Whether the accelerator is hardware virtualization (KVM) rather
+     * than QEMU's slower software emulation (TCG).
+     */
+    bool hardware_accelerated;
 } cc_capabilities;
 
 /**
@@ -1059,13 +1125,14 @@ cc_error_code cc_conn_addrs(cc_conn conn, char **local, char **remote, struct cc
 cc_error_code cc_conn_free(cc_conn conn);
 
 /**
- * Releases the strings of an error a failed call filled in and resets it
- * to `{CC_OK, NULL, NULL, NULL}`. NULL, and an error already freed or
- * zero-initialized, are fine.
+ * Releases the strings of an error a failed call filled in and resets its
+ * fields (those within its `size`) to `CC_OK`, NULL and 0, keeping `size`.
+ * NULL, and an error already freed or only initialized, are fine.
  *
  * # Safety
- * `err` is NULL or points to a `cc_error` that is zero-initialized or was
- * filled by this library (and not modified since).
+ * `err` is NULL or points to a `cc_error` whose `size` is set and whose
+ * other fields are zero-initialized or were filled by this library (and
+ * not modified since).
  */
 void cc_error_free(struct cc_error *err);
 
@@ -1527,10 +1594,10 @@ cc_error_code cc_file_free(cc_file file);
  * NULL for the defaults.
  *
  * # Safety
- * `options` is NULL or a valid `cc_instance_options` (its strings NULL or
- * NUL-terminated, `mounts` valid for `mount_count` entries, `net_allow`
- * and `net_deny` for their counts of strings); `out` is NULL
- * or valid for writing; `err` is NULL or valid for writing.
+ * `options` is NULL or a valid `cc_instance_options` of its `size` bytes
+ * (its strings NULL or NUL-terminated, `mounts` valid for `mount_count`
+ * entries, `net_allow` and `net_deny` for their counts of strings); `out`
+ * is NULL or valid for writing; `err` is NULL or valid for writing.
  */
 cc_error_code cc_instance_new(cc_source source,
                               const struct cc_instance_options *options,
@@ -1666,20 +1733,26 @@ bool cc_api_version_compatible(uint32_t major, uint32_t minor);
 uint32_t cc_guest_protocol_version(void);
 
 /**
- * Whether hardware-accelerated virtualization (KVM) is usable, i.e.
- * whether instances run under KVM rather than QEMU's slower software
- * emulation (TCG); `CC_ACCEL=kvm|tcg` forces the choice. Instances run
- * either way. Works whether or not the library is initialized.
+ * Whether instances can run here: QEMU, an accelerator (KVM, or QEMU's
+ * software emulation TCG where there is none), the guest kernel and the
+ * agent are all usable. `cc_query_capabilities` says which accelerator
+ * and whether it is hardware-accelerated, or why instances cannot run.
+ * `CC_ACCEL=kvm|tcg` forces the accelerator. Works whether or not the
+ * library is initialized.
  */
 bool cc_supports_hypervisor(void);
 
 /**
  * Fills `out` with the host's capabilities. Fails with
- * `CC_ERR_HYPERVISOR_UNAVAILABLE` when `CC_ACCEL` asks for an accelerator
- * the host cannot provide.
+ * `CC_ERR_HYPERVISOR_UNAVAILABLE` when no instance can start here (QEMU,
+ * the guest kernel or the agent missing, or `CC_ACCEL` asking for an
+ * accelerator the host cannot provide), the message saying what is
+ * missing; with `CC_ERR_INVALID_ARGUMENT` when `out->size` is below the
+ * first version's.
  *
  * # Safety
- * `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+ * `out` is NULL or valid for reading its `size` and writing `size`
+ * bytes; `err` is NULL or valid for writing.
  */
 cc_error_code cc_query_capabilities(struct cc_capabilities *out, struct cc_error *err);
 
@@ -1897,6 +1970,15 @@ cc_error_code cc_oci_export_dir(cc_oci_client client,
                                 cc_source source,
                                 const char *path,
                                 struct cc_error *err);
+
+/**
+ * The directory of the client's image store, as an absolute path: a
+ * string to free with `cc_string_free`. Also works on a closed client.
+ *
+ * # Safety
+ * `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+ */
+cc_error_code cc_oci_client_cache_dir(cc_oci_client client, char **out, struct cc_error *err);
 
 /**
  * Closes the client: pulls in flight are cancelled and later calls with it

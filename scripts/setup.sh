@@ -17,7 +17,9 @@ packages=(qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio
           # images, the Debian test image, leak checks of the C library,
           # the Python package's venv
           docker-registry skopeo apache2-utils zstd debootstrap valgrind
-          erofs-utils python3 python3-venv)
+          erofs-utils python3 python3-venv
+          # the test registry's token server signs with it
+          openssl)
 sudo=""
 [ "$(id -u)" = 0 ] || sudo="sudo"
 installed() { dpkg -s "$1" >/dev/null 2>&1; }

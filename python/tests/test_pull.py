@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import tarfile
 import threading
 import time
@@ -299,3 +300,35 @@ def test_decompression_bombs_and_unpack_limits(
         fresh_client.pull(busybox_ref, cc.PullOptions(max_image_bytes=1 << 20))
     with fresh_client.pull(busybox_ref, cc.PullOptions(max_layer_ratio=5)) as src:
         assert src.name == busybox_ref
+
+
+@pytest.mark.vm
+def test_short_name_from_a_registries_conf_mirror(
+    registry: Registry,
+    busybox_ref: str,
+    fresh_client: cc.OCIClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The session registry is the mirror; nothing listens at the registry's
+    # own location, so only the mirror can serve the short name.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    conf = tmp_path / "registries.conf"
+    conf.write_text(
+        'unqualified-search-registries = ["registry.invalid"]\n'
+        f'[[registry]]\nprefix = "registry.invalid"\nlocation = "{dead}"\n'
+        f'[[registry.mirror]]\nlocation = "{registry.addr}"\n'
+    )
+    monkeypatch.setenv("CC_REGISTRIES_CONF", str(conf))
+    with fresh_client.pull("test/busybox") as src:
+        assert src.get_config().labels == {"org.example.test": "busybox"}
+    # Stored under the name the short one resolved to: found without a pull.
+    with fresh_client.pull("test/busybox", cc.PullOptions(policy=cc.PullPolicy.NEVER)) as src:
+        assert src.get_config().labels == {"org.example.test": "busybox"}
+
+    conf.write_text('[[registry]]\nlocation = "a.test"\ninsecure = "yes"\n')
+    with pytest.raises(cc.CCError) as e:
+        fresh_client.pull("test/busybox", cc.PullOptions(policy=cc.PullPolicy.ALWAYS))
+    assert f"{conf} line 3" in str(e.value)

@@ -4,9 +4,12 @@ errors, and closed or bad objects."""
 from __future__ import annotations
 
 import builtins
+import ctypes
+import errno
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,7 +21,7 @@ import pytest
 import crumblecracker as cc
 from crumblecracker import _lib
 
-from .conftest import PYTHON_DIR, WORKSPACE
+from .conftest import PYTHON_DIR, RUN_VM_TESTS, WORKSPACE
 
 HEADER = WORKSPACE / "include" / "cc.h"
 
@@ -155,12 +158,20 @@ def test_guest_protocol_version() -> None:
 
 
 def test_supports_hypervisor_and_capabilities(lib: None) -> None:
+    # True wherever instances can run, under KVM or TCG: always where the
+    # VM tests run. Elsewhere the query says what is missing.
+    supported = cc.supports_hypervisor()
+    assert supported or not RUN_VM_TESTS
+    if not supported:
+        with pytest.raises(cc.HypervisorUnavailableError):
+            cc.query_capabilities()
+        return
     caps = cc.query_capabilities()
     assert isinstance(caps, cc.Capabilities)
     assert caps.architecture == "x86_64"
     assert caps.accelerator in ("kvm", "tcg")
-    assert caps.hypervisor_available is cc.supports_hypervisor()
-    assert (caps.accelerator == "kvm") == caps.hypervisor_available
+    assert caps.hypervisor_available is True
+    assert caps.hardware_accelerated is (caps.accelerator == "kvm")
     assert repr(caps).startswith("Capabilities(architecture='x86_64'")
     # The confinement in force, as the C library reports it.
     assert isinstance(caps.confined_seccomp, bool)
@@ -169,22 +180,55 @@ def test_supports_hypervisor_and_capabilities(lib: None) -> None:
     assert all(isinstance(g, str) and g for g in caps.confinement_gaps)
 
 
-def test_capabilities_with_an_unusable_accelerator() -> None:
-    if cc.supports_hypervisor():
-        pytest.skip("this host has KVM")
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({"CC_QEMU": "/nonexistent/qemu-system-x86_64"}, "qemu"),
+        ({"CC_KERNEL": "/nonexistent/vmlinux"}, "/nonexistent/vmlinux"),
+        ({"CC_ACCEL": "hvf"}, "hvf"),
+        ({"CC_ACCEL": "kvm"}, "kvm"),
+    ],
+)
+def test_no_hypervisor_where_no_instance_can_start(
+    lib: None, env: dict[str, str], reason: str
+) -> None:
+    if env == {"CC_ACCEL": "kvm"} and (
+        not cc.supports_hypervisor() or cc.query_capabilities().hardware_accelerated
+    ):
+        pytest.skip("needs a host that runs instances without KVM")
     r = run_python(
         """
         import crumblecracker as cc
         cc.init()
+        print("SUPPORTS", cc.supports_hypervisor())
         try:
             cc.query_capabilities()
         except cc.HypervisorUnavailableError as e:
-            print("ERROR", e.code)
+            print("ERROR", e.code, e)
         """,
-        CC_ACCEL="kvm",
+        **env,
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "ERROR 6"
+    lines = r.stdout.splitlines()
+    assert lines[0] == "SUPPORTS False", r.stdout
+    assert lines[1].startswith("ERROR 6 ") and reason in lines[1], r.stdout
+
+
+def test_forced_software_emulation_runs_instances(lib: None) -> None:
+    if not cc.supports_hypervisor():
+        pytest.skip("no instance can run here at all")
+    # Software emulation (TCG) runs instances anywhere QEMU does.
+    r = run_python(
+        """
+        import crumblecracker as cc
+        cc.init()
+        caps = cc.query_capabilities()
+        print(cc.supports_hypervisor(), caps.accelerator, caps.hardware_accelerated)
+        """,
+        CC_ACCEL="tcg",
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "tcg", "False"]
 
 
 def test_not_initialized() -> None:
@@ -250,6 +294,47 @@ def test_constants_match_the_header() -> None:
     assert _lib.CC_DEFAULT_MAX_RESULT_BYTES == d["CC_DEFAULT_MAX_RESULT_BYTES"]
 
 
+def test_struct_layouts_match_the_header(tmp_path: Path) -> None:
+    # The ctypes structs, field by field, against what a C compiler makes
+    # of cc.h: a field added to one side only shows here.
+    compiler = shutil.which("cc")
+    if compiler is None or not HEADER.exists():
+        pytest.skip("needs a C compiler and cc.h")
+    structs = {
+        "cc_error": _lib.CError,
+        "cc_capabilities": _lib.CCapabilities,
+        "cc_instance_options": _lib.CInstanceOptions,
+        "cc_pull_options": _lib.CPullOptions,
+        "cc_pull_progress": _lib.CPullProgress,
+        "cc_mount": _lib.CMount,
+        "cc_file_info": _lib.CFileInfo,
+        "cc_dir_entry": _lib.CDirEntry,
+        "cc_image_config": _lib.CImageConfig,
+    }
+    lines = []
+    expected = []
+    for c_name, py in structs.items():
+        lines.append(f'printf("%zu\\n", sizeof({c_name}));')
+        expected.append(ctypes.sizeof(py))
+        for field, *_ in py._fields_:
+            lines.append(f'printf("%zu\\n", offsetof({c_name}, {field}));')
+            expected.append(getattr(py, field).offset)
+    source = tmp_path / "layout.c"
+    source.write_text(
+        "#include <stdio.h>\n#include <cc.h>\nint main(void) {\n"
+        + "\n".join(lines)
+        + "\nreturn 0;\n}\n"
+    )
+    exe = tmp_path / "layout"
+    subprocess.run(
+        [compiler, "-I", str(HEADER.parent), str(source), "-o", str(exe)],
+        check=True,
+        capture_output=True,
+    )
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    assert [int(n) for n in out.split()] == expected
+
+
 def test_loaded_library_declares_everything() -> None:
     lib = _lib.native()
     for name, (restype, argtypes) in _lib.PROTOTYPES.items():
@@ -296,9 +381,43 @@ def test_exception_defaults() -> None:
     assert (e.code, e.op, e.path) == (cc.ErrorCode.UNKNOWN, None, None)
     assert repr(e) == "CCError('boom', code=99)"
     assert cc._errors.error_for_code(12345) is cc.CCError
-    # The package's IOError and TimeoutError are its own.
-    assert not issubclass(cc.IOError, OSError)
+    # The package's IOError and TimeoutError are its own; IOError is also
+    # an OSError (with the errno), TimeoutError not the builtin.
+    assert issubclass(cc.IOError, OSError) and issubclass(cc.IOError, cc.CCError)
+    assert cc.IOError("x").errno is None
+    assert not issubclass(cc.IOError, FileNotFoundError)
     assert not issubclass(cc.TimeoutError, builtins.TimeoutError)
+
+
+@pytest.mark.parametrize(
+    ("number", "builtin"),
+    [
+        (errno.ENOENT, FileNotFoundError),
+        (errno.EEXIST, FileExistsError),
+        (errno.ENOTDIR, NotADirectoryError),
+        (errno.EISDIR, IsADirectoryError),
+        (errno.EACCES, PermissionError),
+        (errno.EPERM, PermissionError),
+        (errno.ENOSPC, OSError),
+    ],
+)
+def test_io_errors_are_the_builtin_oserror_of_their_errno(
+    number: int, builtin: type[OSError]
+) -> None:
+    e = cc._errors.io_error("read_file /f: gone", code=7, op="read_file", path="/f", errno=number)
+    assert isinstance(e, builtin) and isinstance(e, cc.IOError) and isinstance(e, cc.CCError)
+    assert (e.errno, e.strerror, e.filename) == (number, os.strerror(number), "/f")
+    assert (str(e), e.code, e.op, e.path) == ("read_file /f: gone", 7, "read_file", "/f")
+    assert repr(e).endswith(f"path='/f', errno={number})"), repr(e)
+    if builtin is OSError:
+        assert type(e) is cc.IOError
+    # Caught as Python's own error and as this package's.
+    with pytest.raises(builtin):
+        raise e
+    with pytest.raises(cc.IOError):
+        raise e
+    back = pickle.loads(pickle.dumps(e))
+    assert (type(back), back.errno, back.filename, back.op) == (type(e), number, "/f", "read_file")
 
 
 def test_invalid_handle_maps_to_invalid_handle_error(lib: None) -> None:
@@ -315,6 +434,9 @@ def test_errors_carry_the_library_message(lib: None, tmp_path: Path) -> None:
         with pytest.raises(cc.IOError) as info:
             client.load_tar(tmp_path / "missing.tar")
         assert "missing.tar" in str(info.value)
+        # A host errno travels too: a missing file is a FileNotFoundError.
+        assert isinstance(info.value, FileNotFoundError), repr(info.value)
+        assert info.value.errno == errno.ENOENT
         with pytest.raises(cc.NetworkError):
             client.pull("127.0.0.1:1/nothing:latest")
 
@@ -342,9 +464,19 @@ def test_closed_client(lib: None, tmp_path: Path) -> None:
     assert info.value.op == "load_tar"
 
 
-def test_default_client_repr(lib: None) -> None:
-    with cc.OCIClient() as c:
-        assert repr(c) == "<OCIClient 'default store'>"
+def test_cache_dir_says_where_the_store_is(
+    lib: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with cc.OCIClient(tmp_path / "store") as client:
+        assert client.cache_dir == str(tmp_path / "store")
+    assert client.cache_dir == str(tmp_path / "store"), "known after close"
+    monkeypatch.setenv("CC_CACHE_DIR", str(tmp_path / "cache"))
+    with cc.OCIClient() as client:
+        assert client.cache_dir == str(tmp_path / "cache" / "oci")
+        assert repr(client) == f"<OCIClient {client.cache_dir!r}>"
+    monkeypatch.chdir(tmp_path)
+    with cc.OCIClient("relative") as client:
+        assert client.cache_dir == str(tmp_path / "relative"), "made absolute"
 
 
 def test_strings_with_nul_are_refused(lib: None, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ local registry. Run only with CC_RUN_VM_TESTS=1 (see conftest.py)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -433,6 +434,48 @@ def test_missing_file_is_io_error_with_path(inst: cc.Instance) -> None:
     with pytest.raises(cc.IOError) as info:
         inst.remove("/no/such/file")
     assert (info.value.op, info.value.path) == ("remove", "/no/such/file")
+
+
+def test_guest_errnos_are_oserrors(inst: cc.Instance) -> None:
+    # Python's own file errors, with the guest's errno, and still cc.IOError.
+    with pytest.raises(FileNotFoundError) as nf:
+        inst.read_file("/no/such/file")
+    with pytest.raises(FileExistsError) as ex:
+        inst.mkdir("/tmp")
+    with pytest.raises(NotADirectoryError) as nd:
+        inst.write_file("/etc/passwd/x", b"x")
+    with pytest.raises(IsADirectoryError) as isdir:
+        inst.read_file("/tmp")
+    # A read-only sysctl: refused even to the guest's root.
+    with pytest.raises(PermissionError) as perm:
+        inst.write_file("/proc/sys/kernel/ostype", b"x")
+    mount = "mkdir -p /tmp/full && mount -t tmpfs -o size=64k tmpfs /tmp/full"
+    assert inst.command("sh", "-c", mount).run() == 0
+    try:
+        with pytest.raises(OSError) as full:
+            inst.write_file("/tmp/full/f", bytes(1 << 20))
+    finally:
+        assert inst.command("sh", "-c", "umount /tmp/full && rmdir /tmp/full").run() == 0
+    cases = [
+        (nf, errno.ENOENT, "/no/such/file"),
+        (ex, errno.EEXIST, "/tmp"),
+        (nd, errno.ENOTDIR, "/etc/passwd/x"),
+        (isdir, errno.EISDIR, "/tmp"),
+        (perm, errno.EACCES, "/proc/sys/kernel/ostype"),
+        (full, errno.ENOSPC, "/tmp/full/f"),
+    ]
+    for info, number, path in cases:
+        e = info.value
+        assert isinstance(e, cc.IOError) and isinstance(e, cc.CCError), repr(e)
+        assert (e.errno, e.strerror, e.filename) == (number, os.strerror(number), path), repr(e)
+        assert (e.code, e.path) == (cc.ErrorCode.IO, path)
+    assert type(full.value) is cc.IOError, "ENOSPC has no builtin subclass"
+    try:
+        inst.read_file("/no/such/file")
+    except cc.IOError as e:
+        assert e.errno == errno.ENOENT
+    else:
+        pytest.fail("no error")
 
 
 def test_guest_paths_accept_pathlike(inst: cc.Instance, guest_dir: str) -> None:

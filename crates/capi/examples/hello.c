@@ -20,7 +20,7 @@ static int on_progress(const cc_pull_progress *p, void *user_data) {
 
 int main(int argc, char **argv) {
     const char *image = argc > 1 ? argv[1] : "alpine:latest";
-    cc_error err = {0};
+    cc_error err = CC_ERROR_INIT;
     cc_oci_client client = 0;
     cc_source source = 0;
     cc_instance inst = 0;
@@ -37,7 +37,7 @@ int main(int argc, char **argv) {
         goto out;
     fprintf(stderr, "\n");
 
-    cc_instance_options options = {0}; /* zero means default */
+    cc_instance_options options = CC_INSTANCE_OPTIONS_INIT; /* the rest zero: defaults */
     options.memory_mb = 256;
     if (failed(cc_instance_new(source, &options, &inst, &err), &err, "boot"))
         goto out;
@@ -59,10 +59,10 @@ int main(int argc, char **argv) {
     printf("%.*s", (int)len, (const char *)data);
     cc_bytes_free(data);
 
-    /* Errors carry a stable code, a message, and the op and path. */
+    /* Errors carry a stable code, a message, the op and path, and the errno. */
     cc_file_info info;
     if (cc_instance_stat(inst, "/no/such/file", &info, &err) == CC_ERR_IO) {
-        printf("%s failed on %s: %s\n", err.op, err.path, err.message);
+        printf("%s failed on %s: %s (errno %d)\n", err.op, err.path, err.message, err.os_errno);
         cc_error_free(&err);
     }
     status = 0;

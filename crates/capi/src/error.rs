@@ -3,6 +3,7 @@
 
 use std::any::Any;
 use std::ffi::c_char;
+use std::mem::{offset_of, size_of};
 use std::ptr;
 
 use crate::alloc;
@@ -25,7 +26,9 @@ pub enum cc_error_code {
     CC_ERR_ALREADY_CLOSED = 4,
     /// An operation took longer than allowed.
     CC_ERR_TIMEOUT = 5,
-    /// QEMU is missing or the requested accelerator is unusable.
+    /// No instance can start here: QEMU is missing or the requested
+    /// accelerator is unusable (`cc_query_capabilities` also reports a
+    /// missing guest kernel or agent with it).
     CC_ERR_HYPERVISOR_UNAVAILABLE = 6,
     /// A file, directory or process failed, on the host or in the guest
     /// (a missing file, a program that is not there); `op` and `path` say
@@ -66,12 +69,20 @@ impl From<cc::ErrorCode> for cc_error_code {
 }
 
 /// What a failed call reports. The caller owns the struct (on its stack,
-/// say); the library fills it only when a call fails, overwriting every
-/// field without reading or freeing what was there. Release the strings
-/// with `cc_error_free` before the struct is reused or goes away.
+/// say) and sets `size` to `sizeof(cc_error)` first (`CC_ERROR_INIT` does);
+/// the library fills it only when a call fails, overwriting every field
+/// but `size` without reading or freeing what was there. It writes only
+/// the fields that lie wholly within `size` bytes, so a program built
+/// against an older, smaller `cc_error` keeps working. A `size` of 0 (a
+/// struct zeroed with `{0}`) stands for this first version, which every
+/// later one extends. Release the strings with `cc_error_free` before the
+/// struct is reused or goes away.
 #[repr(C)]
 #[derive(Debug)]
 pub struct cc_error {
+    /// `sizeof(cc_error)` as the caller was compiled with; set by the
+    /// caller, never written by the library.
+    pub size: usize,
     /// The same code the call returned.
     pub code: cc_error_code,
     /// What went wrong, for people; never NULL after a failed call (unless
@@ -81,6 +92,23 @@ pub struct cc_error {
     pub op: *mut c_char,
     /// The path involved, or NULL.
     pub path: *mut c_char,
+    /// The OS `errno` behind the failure (the guest's for a guest file or
+    /// network operation: `ENOENT` for a missing guest file), 0 when none.
+    pub os_errno: i32,
+}
+
+impl Default for cc_error {
+    /// As `CC_ERROR_INIT`: `size` set, every other field zero.
+    fn default() -> cc_error {
+        cc_error {
+            size: size_of::<cc_error>(),
+            code: CC_OK,
+            message: ptr::null_mut(),
+            op: ptr::null_mut(),
+            path: ptr::null_mut(),
+            os_errno: 0,
+        }
+    }
 }
 
 /// A failure on its way to the caller.
@@ -90,6 +118,8 @@ pub(crate) struct Failure {
     pub(crate) message: String,
     pub(crate) op: Option<String>,
     pub(crate) path: Option<String>,
+    /// 0 when none.
+    pub(crate) os_errno: i32,
 }
 
 impl Failure {
@@ -99,6 +129,7 @@ impl Failure {
             message: message.into(),
             op: None,
             path: None,
+            os_errno: 0,
         }
     }
 
@@ -139,64 +170,105 @@ impl From<cc::Error> for Failure {
             message: e.to_string(),
             op: e.op().map(str::to_string),
             path: e.path().map(str::to_string),
+            os_errno: e.os_errno().unwrap_or(0),
         }
     }
 }
 
-/// Stores `f` in `*err` (when `err` is not NULL), overwriting it.
+/// The size of `cc_error`'s first version, which a `size` of 0 stands for:
+/// fields added later lie beyond it.
+const FIRST_ERROR_SIZE: usize = offset_of!(cc_error, os_errno) + size_of::<i32>();
+
+/// The bytes of `*err` the caller declared, by its `size` field.
 ///
 /// # Safety
-/// `err` is NULL or valid for writing one `cc_error`.
+/// `err` points to a readable `size` field.
+unsafe fn declared_size(err: *const cc_error) -> usize {
+    // SAFETY: as the caller guarantees.
+    match unsafe { ptr::addr_of!((*err).size).read() } {
+        0 => FIRST_ERROR_SIZE,
+        size => size,
+    }
+}
+
+/// Stores `f` in `*err` (when `err` is not NULL), overwriting the fields
+/// that fit in its declared `size`; a string whose field does not fit is
+/// not allocated.
+///
+/// # Safety
+/// `err` is NULL or valid for reading its `size` field and writing `size`
+/// bytes.
 pub(crate) unsafe fn fill(err: *mut cc_error, f: &Failure) {
     if err.is_null() {
         return;
     }
-    let value = cc_error {
-        code: f.code,
-        message: alloc::string_or_null(&f.message),
-        op: f
-            .op
-            .as_deref()
-            .map_or(ptr::null_mut(), alloc::string_or_null),
-        path: f
-            .path
-            .as_deref()
-            .map_or(ptr::null_mut(), alloc::string_or_null),
-    };
-    // SAFETY: the caller guarantees `err` is valid for writes; `write`
-    // neither reads nor drops the old contents.
-    unsafe { err.write(value) };
+    // SAFETY: the caller guarantees `err` points to a struct whose leading
+    // `size` field is readable and whose first `size` bytes are writable;
+    // each field is written only when it lies wholly within them, through
+    // raw pointers (neither reading nor dropping the old contents).
+    unsafe {
+        let size = declared_size(err);
+        let fits = |offset: usize, len: usize| offset + len <= size;
+        if fits(offset_of!(cc_error, code), size_of::<cc_error_code>()) {
+            ptr::addr_of_mut!((*err).code).write(f.code);
+        }
+        let strings = [
+            (offset_of!(cc_error, message), Some(f.message.as_str())),
+            (offset_of!(cc_error, op), f.op.as_deref()),
+            (offset_of!(cc_error, path), f.path.as_deref()),
+        ];
+        for (offset, text) in strings {
+            if fits(offset, size_of::<*mut c_char>()) {
+                let value = text.map_or(ptr::null_mut(), alloc::string_or_null);
+                err.cast::<u8>()
+                    .add(offset)
+                    .cast::<*mut c_char>()
+                    .write(value);
+            }
+        }
+        if fits(offset_of!(cc_error, os_errno), size_of::<i32>()) {
+            ptr::addr_of_mut!((*err).os_errno).write(f.os_errno);
+        }
+    }
 }
 
-/// Releases the strings of an error a failed call filled in and resets it
-/// to `{CC_OK, NULL, NULL, NULL}`. NULL, and an error already freed or
-/// zero-initialized, are fine.
+/// Releases the strings of an error a failed call filled in and resets its
+/// fields (those within its `size`) to `CC_OK`, NULL and 0, keeping `size`.
+/// NULL, and an error already freed or only initialized, are fine.
 ///
 /// # Safety
-/// `err` is NULL or points to a `cc_error` that is zero-initialized or was
-/// filled by this library (and not modified since).
+/// `err` is NULL or points to a `cc_error` whose `size` is set and whose
+/// other fields are zero-initialized or were filled by this library (and
+/// not modified since).
 #[no_mangle]
 pub unsafe extern "C" fn cc_error_free(err: *mut cc_error) {
     if err.is_null() {
         return;
     }
     // SAFETY: the caller guarantees `err` points to a readable and
-    // writable `cc_error` whose strings, if any, came from this library.
-    // Only the pointer fields are read (never the code, which may hold
-    // any integer), through raw pointers.
+    // writable `cc_error` of `size` bytes whose strings, if any, came from
+    // this library. Only fields within `size` are touched, and only the
+    // pointer fields are read (never the code, which may hold any
+    // integer), through raw pointers.
     unsafe {
-        for field in [
-            ptr::addr_of_mut!((*err).message),
-            ptr::addr_of_mut!((*err).op),
-            ptr::addr_of_mut!((*err).path),
+        let size = declared_size(err);
+        let fits = |offset: usize, len: usize| offset + len <= size;
+        for offset in [
+            offset_of!(cc_error, message),
+            offset_of!(cc_error, op),
+            offset_of!(cc_error, path),
         ] {
-            alloc::free_string(field.read());
+            if fits(offset, size_of::<*mut c_char>()) {
+                let field = err.cast::<u8>().add(offset).cast::<*mut c_char>();
+                alloc::free_string(field.read());
+                field.write(ptr::null_mut());
+            }
         }
-        err.write(cc_error {
-            code: CC_OK,
-            message: ptr::null_mut(),
-            op: ptr::null_mut(),
-            path: ptr::null_mut(),
-        });
+        if fits(offset_of!(cc_error, code), size_of::<cc_error_code>()) {
+            ptr::addr_of_mut!((*err).code).write(CC_OK);
+        }
+        if fits(offset_of!(cc_error, os_errno), size_of::<i32>()) {
+            ptr::addr_of_mut!((*err).os_errno).write(0);
+        }
     }
 }

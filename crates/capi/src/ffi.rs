@@ -184,6 +184,104 @@ pub(crate) unsafe fn strings(
         .collect()
 }
 
+/// The declared size of a struct that can grow (`cc_instance_options`,
+/// `cc_capabilities`): its leading `size_t size` field, at least `min` (the
+/// size of the struct's first version).
+///
+/// # Safety
+/// `p` is valid for reading a `usize`.
+unsafe fn declared_size(p: *const u8, min: usize, name: &str) -> Result<usize, Failure> {
+    // SAFETY: per the contract.
+    let size = unsafe { p.cast::<usize>().read_unaligned() };
+    if size < min {
+        return Err(Failure::invalid(format!(
+            "`{name}->size` is {size}, less than the {min} bytes of the struct's first version: \
+             initialize it with its CC_..._INIT macro"
+        )));
+    }
+    Ok(size)
+}
+
+/// A caller's struct that can grow, read as this library knows it: the
+/// bytes the caller declared in its leading `size` field (at least `min`),
+/// the fields beyond them zero (their defaults). Bytes past this library's
+/// struct (from a newer caller) must be zero: set fields this version does
+/// not know are refused rather than ignored. `None` for NULL.
+///
+/// # Safety
+/// `p` is NULL or valid for reading the `size` bytes its first field
+/// declares; `T` starts with a `usize` and is valid when all zero.
+pub(crate) unsafe fn read_sized<T: Copy>(
+    p: *const T,
+    min: usize,
+    name: &str,
+) -> Result<Option<T>, Failure> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: per the contract, the size field is readable.
+    let size = unsafe { declared_size(p.cast(), min, name) }?;
+    let ours = std::mem::size_of::<T>();
+    // SAFETY: the caller declared `size` readable bytes.
+    let bytes = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), size) };
+    if bytes
+        .get(ours..)
+        .is_some_and(|rest| rest.iter().any(|&b| b != 0))
+    {
+        return Err(Failure::invalid(format!(
+            "`{name}` sets fields this version of libcc does not know (size {size}, \
+             known {ours}): upgrade libcc"
+        )));
+    }
+    let mut value = std::mem::MaybeUninit::<T>::zeroed();
+    // SAFETY: copies at most `size_of::<T>()` bytes into a zeroed `T`,
+    // which is valid all zero (and with the caller's field values).
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            value.as_mut_ptr().cast::<u8>(),
+            size.min(ours),
+        );
+        Ok(Some(value.assume_init()))
+    }
+}
+
+/// An output struct that can grow (`cc_capabilities`): the caller's
+/// `size` is checked when the call starts, and [`SizedOut::write`] fills
+/// only the bytes it declared, never its `size` field.
+#[derive(Debug)]
+pub(crate) struct SizedOut<T> {
+    out: NonNull<T>,
+    size: usize,
+}
+
+impl<T: Copy> SizedOut<T> {
+    /// # Safety
+    /// `p` is NULL or valid for reading its leading `usize` and writing
+    /// the `size` bytes it declares until the call returns.
+    pub(crate) unsafe fn new(p: *mut T, min: usize, name: &str) -> Result<SizedOut<T>, Failure> {
+        let out = NonNull::new(p).ok_or_else(|| Failure::null(name))?;
+        // SAFETY: per the contract.
+        let size = unsafe { declared_size(p.cast(), min, name) }?;
+        Ok(SizedOut { out, size })
+    }
+
+    pub(crate) fn write(self, value: T) {
+        let skip = std::mem::size_of::<usize>();
+        let end = self.size.min(std::mem::size_of::<T>());
+        // SAFETY: `new` was promised `size` writable bytes; the bytes
+        // after the `size` field up to the smaller struct are copied from
+        // a whole `T` (`T: Copy`, nothing to drop).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (&value as *const T).cast::<u8>().add(skip),
+                self.out.as_ptr().cast::<u8>().add(skip),
+                end.saturating_sub(skip),
+            );
+        }
+    }
+}
+
 /// A required output parameter: written only when the call succeeds.
 #[derive(Debug)]
 pub(crate) struct Out<T>(NonNull<T>);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::alloc;
 use crate::cancel::cc_cancel_token;
 use crate::error::{cc_error, cc_error_code, Failure};
-use crate::ffi::{cstr, entry, guard, opt_cstr, slice, strings, Out};
+use crate::ffi::{cstr, entry, guard, opt_cstr, read_sized, slice, strings, Out};
 use crate::handles;
 use crate::objects::{Cancel, Instance};
 use crate::oci::cc_source;
@@ -29,10 +29,17 @@ pub struct cc_mount {
     pub writable: bool,
 }
 
-/// How to run an instance. A zeroed struct means every default.
+/// How to run an instance. `CC_INSTANCE_OPTIONS_INIT` (`size` set, every
+/// other field zero) means every default. The library reads only the
+/// `size` bytes the caller declared and takes the defaults for fields
+/// beyond them, so a program built against an older, smaller struct keeps
+/// working; a `size` below the first version's is `CC_ERR_INVALID_ARGUMENT`,
+/// as are non-zero bytes past the fields this library knows.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct cc_instance_options {
+    /// `sizeof(cc_instance_options)` as the caller was compiled with.
+    pub size: usize,
     /// Guest memory in MiB; 0 for the default (512).
     pub memory_mb: u32,
     /// Virtual CPUs; 0 for the default (1).
@@ -77,6 +84,35 @@ pub struct cc_instance_options {
     /// (`CC_DEFAULT_MAX_RESULT_BYTES`, 1 GiB).
     pub max_result_bytes: u64,
 }
+
+impl Default for cc_instance_options {
+    /// As `CC_INSTANCE_OPTIONS_INIT`: `size` set, every default.
+    fn default() -> cc_instance_options {
+        cc_instance_options {
+            size: std::mem::size_of::<cc_instance_options>(),
+            memory_mb: 0,
+            cpus: 0,
+            timeout_seconds: 0.0,
+            user: std::ptr::null(),
+            mounts: std::ptr::null(),
+            mount_count: 0,
+            no_network: false,
+            no_warm_start: false,
+            allow_host: false,
+            net_allow: std::ptr::null(),
+            net_allow_count: 0,
+            net_deny: std::ptr::null(),
+            net_deny_count: 0,
+            disk_mb: 0,
+            confinement: CC_CONFINE_DEFAULT,
+            max_result_bytes: 0,
+        }
+    }
+}
+
+/// The size of `cc_instance_options`' first version: the least `size`
+/// the library accepts.
+const OPTIONS_V1_SIZE: usize = std::mem::size_of::<cc_instance_options>();
 
 /// `cc_instance_options.confinement`: everything the host offers.
 pub const CC_CONFINE_DEFAULT: u32 = 0;
@@ -195,10 +231,10 @@ unsafe fn rules(
 /// NULL for the defaults.
 ///
 /// # Safety
-/// `options` is NULL or a valid `cc_instance_options` (its strings NULL or
-/// NUL-terminated, `mounts` valid for `mount_count` entries, `net_allow`
-/// and `net_deny` for their counts of strings); `out` is NULL
-/// or valid for writing; `err` is NULL or valid for writing.
+/// `options` is NULL or a valid `cc_instance_options` of its `size` bytes
+/// (its strings NULL or NUL-terminated, `mounts` valid for `mount_count`
+/// entries, `net_allow` and `net_deny` for their counts of strings); `out`
+/// is NULL or valid for writing; `err` is NULL or valid for writing.
 #[no_mangle]
 pub unsafe extern "C" fn cc_instance_new(
     source: cc_source,
@@ -228,8 +264,13 @@ pub unsafe extern "C" fn cc_instance_new_cancellable(
     entry(err, || {
         // SAFETY: the caller passes NULL or valid options, and NULL or a
         // writable slot.
-        let (opts, out) = unsafe { (options.as_ref(), Out::new(out, "out")?) };
-        let opts = self::options(opts)?;
+        let (opts, out) = unsafe {
+            (
+                read_sized(options, OPTIONS_V1_SIZE, "options")?,
+                Out::new(out, "out")?,
+            )
+        };
+        let opts = self::options(opts.as_ref())?;
         let source = handles::get::<cc::Source>(source)?;
         let inst = match handles::get_opt::<Cancel>(cancel)? {
             Some(c) => cc::Instance::new_cancellable(&source, opts, c.token())?,

@@ -3,7 +3,7 @@
 use std::ffi::c_char;
 
 use crate::error::{cc_error, cc_error_code, Failure, CC_ERR_HYPERVISOR_UNAVAILABLE};
-use crate::ffi::{entry, guard, shielded, Out};
+use crate::ffi::{entry, guard, shielded, SizedOut};
 use crate::handles::{self, Object};
 
 /// The C API's version, `MAJOR.MINOR.PATCH` (see `cc_api_version`).
@@ -103,23 +103,31 @@ pub extern "C" fn cc_guest_protocol_version() -> u32 {
     cc::GUEST_PROTOCOL_VERSION
 }
 
-/// Whether hardware-accelerated virtualization (KVM) is usable, i.e.
-/// whether instances run under KVM rather than QEMU's slower software
-/// emulation (TCG); `CC_ACCEL=kvm|tcg` forces the choice. Instances run
-/// either way. Works whether or not the library is initialized.
+/// Whether instances can run here: QEMU, an accelerator (KVM, or QEMU's
+/// software emulation TCG where there is none), the guest kernel and the
+/// agent are all usable. `cc_query_capabilities` says which accelerator
+/// and whether it is hardware-accelerated, or why instances cannot run.
+/// `CC_ACCEL=kvm|tcg` forces the accelerator. Works whether or not the
+/// library is initialized.
 #[no_mangle]
 pub extern "C" fn cc_supports_hypervisor() -> bool {
     shielded(|| cc::host_info().hypervisor_available()).unwrap_or(false)
 }
 
-/// What this host offers. All strings are static (do not free them).
+/// What this host offers. The caller sets `size` to
+/// `sizeof(cc_capabilities)` first (`CC_CAPABILITIES_INIT` does); the
+/// library writes only the fields within `size` bytes (never `size`), so
+/// a program built against an older, smaller struct keeps working. All
+/// strings are static (do not free them).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct cc_capabilities {
+    /// `sizeof(cc_capabilities)` as the caller was compiled with.
+    pub size: usize,
     /// The host architecture guests run as: `"x86_64"`.
     pub architecture: *const c_char,
-    /// Whether hardware-accelerated virtualization is usable (as
-    /// `cc_supports_hypervisor`).
+    /// Whether instances can run here (as `cc_supports_hypervisor`);
+    /// always true when the call succeeds.
     pub hypervisor_available: bool,
     /// The accelerator instances will use: `"kvm"` or `"tcg"`.
     pub accelerator: *const c_char,
@@ -134,27 +142,38 @@ pub struct cc_capabilities {
     /// What of the confinement this host cannot give, `"; "`-separated;
     /// `""` when fully confined.
     pub confinement_gaps: *const c_char,
+    /// Whether the accelerator is hardware virtualization (KVM) rather
+    /// than QEMU's slower software emulation (TCG).
+    pub hardware_accelerated: bool,
 }
 
+/// The size of `cc_capabilities`' first version: the least `size` the
+/// library accepts.
+const CAPABILITIES_V1_SIZE: usize = std::mem::size_of::<cc_capabilities>();
+
 /// Fills `out` with the host's capabilities. Fails with
-/// `CC_ERR_HYPERVISOR_UNAVAILABLE` when `CC_ACCEL` asks for an accelerator
-/// the host cannot provide.
+/// `CC_ERR_HYPERVISOR_UNAVAILABLE` when no instance can start here (QEMU,
+/// the guest kernel or the agent missing, or `CC_ACCEL` asking for an
+/// accelerator the host cannot provide), the message saying what is
+/// missing; with `CC_ERR_INVALID_ARGUMENT` when `out->size` is below the
+/// first version's.
 ///
 /// # Safety
-/// `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+/// `out` is NULL or valid for reading its `size` and writing `size`
+/// bytes; `err` is NULL or valid for writing.
 #[no_mangle]
 pub unsafe extern "C" fn cc_query_capabilities(
     out: *mut cc_capabilities,
     err: *mut cc_error,
 ) -> cc_error_code {
     entry(err, || {
-        // SAFETY: the caller passes NULL or a writable `cc_capabilities`.
-        let out = unsafe { Out::new(out, "out") }?;
+        // SAFETY: the caller passes NULL or a `cc_capabilities` of its size.
+        let out = unsafe { SizedOut::new(out, CAPABILITIES_V1_SIZE, "out") }?;
         let host = cc::host_info();
-        let choice = host
-            .accelerator
-            .map_err(|e| Failure::new(CC_ERR_HYPERVISOR_UNAVAILABLE, e.to_string()))?;
-        let kvm = choice.accelerator == cc::Accelerator::Kvm;
+        if let Some(why) = host.unavailable() {
+            return Err(Failure::new(CC_ERR_HYPERVISOR_UNAVAILABLE, why));
+        }
+        let kvm = host.hardware_accelerated();
         let static_str = |s: &'static [u8]| s.as_ptr().cast::<c_char>();
         let arch: &'static [u8] = match std::env::consts::ARCH {
             "x86_64" => b"x86_64\0",
@@ -169,13 +188,15 @@ pub unsafe extern "C" fn cc_query_capabilities(
             std::ffi::CString::new(joined).unwrap_or_default()
         });
         out.write(cc_capabilities {
+            size: CAPABILITIES_V1_SIZE,
             architecture: static_str(arch),
-            hypervisor_available: kvm,
+            hypervisor_available: true,
             accelerator: static_str(if kvm { b"kvm\0" } else { b"tcg\0" }),
             confined_seccomp: confinement.seccomp,
             confined_namespaces: confinement.namespaces,
             sandbox_uid: confinement.uid,
             confinement_gaps: gaps.as_ptr(),
+            hardware_accelerated: kvm,
         });
         Ok(())
     })

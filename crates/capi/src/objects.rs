@@ -108,6 +108,11 @@ impl Client {
         }
     }
 
+    /// The store's directory, absolute; known even after close.
+    pub(crate) fn cache_dir(&self) -> std::path::PathBuf {
+        std::path::absolute(self.client.root()).unwrap_or_else(|_| self.client.root().into())
+    }
+
     /// Registers a pull's token so that closing the client cancels it.
     pub(crate) fn track_pull(&self, token: &cc::CancelToken) -> Result<LinkGuard<'_>, Failure> {
         let mut pulls = lock(&self.pulls);

@@ -376,6 +376,26 @@ pub unsafe extern "C" fn cc_oci_export_dir(
     })
 }
 
+/// The directory of the client's image store, as an absolute path: a
+/// string to free with `cc_string_free`. Also works on a closed client.
+///
+/// # Safety
+/// `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_oci_client_cache_dir(
+    client: cc_oci_client,
+    out: *mut *mut c_char,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes NULL or a writable pointer slot.
+        let out = unsafe { Out::new(out, "out") }?;
+        let dir = handles::get::<Client>(client)?.cache_dir();
+        out.write(alloc::string(&dir.to_string_lossy())?);
+        Ok(())
+    })
+}
+
 /// Closes the client: pulls in flight are cancelled and later calls with it
 /// fail with `CC_ERR_ALREADY_CLOSED`. Sources from it stay usable.
 /// Closing again does nothing.

@@ -128,7 +128,9 @@ impl Error {
                 cc_image::Error::BadReference(_)
                 | cc_image::Error::BadPlatform(_)
                 | cc_image::Error::BadDigest(_)
-                | cc_image::Error::BadLimit(_) => ErrorCode::InvalidArgument,
+                | cc_image::Error::BadLimit(_)
+                | cc_image::Error::RegistriesConf { .. }
+                | cc_image::Error::Blocked { .. } => ErrorCode::InvalidArgument,
                 _ => ErrorCode::Io,
             },
         }
@@ -153,7 +155,38 @@ impl Error {
             Error::Io { path, .. }
             | Error::Net { addr: path, .. }
             | Error::TooLarge { path, .. }
-            | Error::Image(cc_image::Error::Io { path, .. }) => Some(path),
+            | Error::Image(
+                cc_image::Error::Io { path, .. }
+                | cc_image::Error::RegistriesConf { path, .. }
+                | cc_image::Error::Blocked { path, .. },
+            ) => Some(path),
+            _ => None,
+        }
+    }
+
+    /// The OS `errno` behind this error, when one is known: the guest's
+    /// for a failed guest file or network operation (`ENOENT` for a missing
+    /// guest file), the host's for a host file.
+    pub fn os_errno(&self) -> Option<i32> {
+        let source = self.io_source()?;
+        source.raw_os_error().or_else(|| {
+            let guest = source.get_ref()?.downcast_ref::<GuestOsError>()?;
+            Some(guest.errno)
+        })
+    }
+
+    /// The class of the I/O failure behind this error, when there is one
+    /// (`NotFound` for a missing guest file).
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        self.io_source().map(io::Error::kind)
+    }
+
+    fn io_source(&self) -> Option<&io::Error> {
+        match self {
+            Error::Io { source, .. }
+            | Error::Net { source, .. }
+            | Error::Image(cc_image::Error::Io { source, .. })
+            | Error::Engine(cc_engine::Error::Io { source, .. }) => Some(source),
             _ => None,
         }
     }
@@ -166,6 +199,23 @@ impl Error {
         move |source| Error::Io { op, path, source }
     }
 }
+
+/// A guest `errno` in the agent's words, which say more than the errno
+/// alone ("not a regular file") or differ from this host's C library: the
+/// source of an [`Error::Io`] that keeps both.
+#[derive(Debug)]
+pub(crate) struct GuestOsError {
+    pub(crate) errno: i32,
+    pub(crate) reason: String,
+}
+
+impl std::fmt::Display for GuestOsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for GuestOsError {}
 
 impl From<cc_netpolicy::PolicyError> for Error {
     fn from(e: cc_netpolicy::PolicyError) -> Error {
@@ -302,6 +352,24 @@ mod tests {
                 cc_image::Error::BadReference("::".into()).into(),
                 C::InvalidArgument,
             ),
+            (
+                cc_image::Error::RegistriesConf {
+                    path: "/etc/containers/registries.conf".into(),
+                    line: Some(3),
+                    message: "expected `=`".into(),
+                }
+                .into(),
+                C::InvalidArgument,
+            ),
+            (
+                cc_image::Error::Blocked {
+                    reference: "example.org/a:1".into(),
+                    prefix: "example.org".into(),
+                    path: "/etc/containers/registries.conf".into(),
+                }
+                .into(),
+                C::InvalidArgument,
+            ),
         ];
         for (e, code) in cases {
             assert_eq!(e.code(), code, "{e}");
@@ -332,6 +400,43 @@ mod tests {
         };
         assert!(e.to_string().contains("more than 1024 bytes"), "{e}");
         assert_eq!(e.path(), Some("/big"));
+    }
+
+    #[test]
+    fn the_os_errno_and_kind_survive_every_io_wrapping() {
+        let raw = Error::io("read", "/x")(io_error());
+        assert_eq!(raw.os_errno(), Some(libc::ENOENT));
+        assert_eq!(raw.io_kind(), Some(io::ErrorKind::NotFound));
+        let worded = Error::io("read_file", "/d")(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            GuestOsError {
+                errno: libc::EINVAL,
+                reason: "not a regular file".into(),
+            },
+        ));
+        assert_eq!(worded.os_errno(), Some(libc::EINVAL));
+        assert_eq!(worded.io_kind(), Some(io::ErrorKind::InvalidInput));
+        assert!(
+            worded.to_string().ends_with(": not a regular file"),
+            "{worded}"
+        );
+        let net = Error::Net {
+            op: "dial".into(),
+            addr: "tcp:1".into(),
+            source: io::Error::from_raw_os_error(libc::ECONNREFUSED),
+        };
+        assert_eq!(net.os_errno(), Some(libc::ECONNREFUSED));
+        let host: Error = cc_image::Error::Io {
+            op: "open".into(),
+            path: "/l".into(),
+            source: io::Error::from_raw_os_error(libc::EACCES),
+        }
+        .into();
+        assert_eq!(host.os_errno(), Some(libc::EACCES));
+        let textual = Error::io("read", "/x")(io::Error::other("gone"));
+        assert_eq!(textual.os_errno(), None);
+        assert_eq!(Error::AlreadyClosed.os_errno(), None);
+        assert_eq!(Error::AlreadyClosed.io_kind(), None);
     }
 
     #[test]

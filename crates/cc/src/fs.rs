@@ -18,7 +18,7 @@ use crate::conn::Conn;
 use cc_cancel::CancelToken;
 
 use crate::cancel;
-use crate::error::{Error, Result};
+use crate::error::{Error, GuestOsError, Result};
 use crate::instance::{Inner, Instance, REQUEST_TIMEOUT};
 use crate::process::ChildOutput;
 
@@ -132,7 +132,8 @@ fn remote(op: &str, path: &str, e: cc_protocol::RemoteError) -> Error {
             if os.to_string().starts_with(reason) {
                 os
             } else {
-                io::Error::new(os.kind(), reason.to_string())
+                let reason = reason.to_string();
+                io::Error::new(os.kind(), GuestOsError { errno, reason })
             }
         }
         None => io::Error::other(reason.to_string()),
@@ -1016,6 +1017,48 @@ mod tests {
         assert_eq!((err.op(), err.path()), (Some("read_file"), Some("/big")));
         let err = too_large("output of", "command", None, 5);
         assert!(err.to_string().contains("more than 5 bytes"), "{err}");
+    }
+
+    #[test]
+    fn agent_errors_keep_the_guest_errno_whatever_the_wording() {
+        let agent = |errno, message: &str| cc_protocol::RemoteError {
+            kind: cc_protocol::ErrorKind::Io,
+            message: message.into(),
+            errno: Some(errno),
+        };
+        // Worded as this host's C library words it.
+        let e = remote(
+            "read_file",
+            "/x",
+            agent(libc::ENOENT, "open /x: No such file or directory"),
+        );
+        assert_eq!(e.os_errno(), Some(libc::ENOENT));
+        assert_eq!(e.io_kind(), Some(io::ErrorKind::NotFound));
+        // Worded by the agent itself, or by another C library.
+        let e = remote(
+            "read_file",
+            "/d",
+            agent(libc::EINVAL, "open /d: not a regular file"),
+        );
+        assert_eq!(e.os_errno(), Some(libc::EINVAL));
+        assert_eq!(e.io_kind(), Some(io::ErrorKind::InvalidInput));
+        assert_eq!(e.to_string(), "read_file /d: not a regular file");
+        let e = remote(
+            "write_file",
+            "/f",
+            agent(libc::ENOSPC, "open /f: No space left"),
+        );
+        assert_eq!(e.os_errno(), Some(libc::ENOSPC));
+        assert_eq!(e.io_kind(), Some(io::ErrorKind::StorageFull));
+        let e = remote(
+            "stat",
+            "/x",
+            cc_protocol::RemoteError {
+                errno: None,
+                ..agent(0, "stat /x: gone")
+            },
+        );
+        assert_eq!(e.os_errno(), None);
     }
 
     #[test]

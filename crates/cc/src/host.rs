@@ -69,9 +69,32 @@ pub struct HostInfo {
 }
 
 impl HostInfo {
-    /// Whether instances get hardware virtualization (KVM) rather than
-    /// software emulation.
+    /// Whether instances can run here: QEMU, an accelerator (KVM or
+    /// QEMU's TCG emulation), the guest kernel and the agent are all there.
+    /// See [`HostInfo::unavailable`] for why not.
     pub fn hypervisor_available(&self) -> bool {
+        self.unavailable().is_none()
+    }
+
+    /// Why no instance can start here (each missing part, `"; "`-separated),
+    /// or `None` when instances can run.
+    pub fn unavailable(&self) -> Option<String> {
+        let missing: Vec<String> = [
+            self.accelerator.as_ref().err(),
+            self.qemu.as_ref().err(),
+            self.kernel.as_ref().err(),
+            self.agent.as_ref().err(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(ToString::to_string)
+        .collect();
+        (!missing.is_empty()).then(|| missing.join("; "))
+    }
+
+    /// Whether instances get hardware virtualization (KVM) rather than
+    /// software emulation (TCG).
+    pub fn hardware_accelerated(&self) -> bool {
         matches!(
             self.accelerator,
             Ok(AcceleratorChoice {
@@ -161,18 +184,61 @@ mod tests {
         }
     }
 
-    #[test]
-    fn only_kvm_counts_as_a_hypervisor() {
-        let with = |accelerator| {
-            info(Ok(AcceleratorChoice {
+    fn ready(accelerator: Accelerator) -> HostInfo {
+        HostInfo {
+            qemu: Ok(QemuInfo {
+                path: PathBuf::from("/usr/bin/qemu"),
+                version: "QEMU 9".into(),
+            }),
+            kernel: Ok(KernelInfo {
+                path: PathBuf::from("/k"),
+                hash: None,
+            }),
+            agent: Ok(PathBuf::from("/a")),
+            ..info(Ok(AcceleratorChoice {
                 accelerator,
                 reason: String::new(),
             }))
+        }
+    }
+
+    #[test]
+    fn instances_run_under_kvm_or_tcg_and_only_kvm_is_hardware() {
+        let kvm = ready(Accelerator::Kvm);
+        assert!(kvm.hypervisor_available() && kvm.hardware_accelerated());
+        assert_eq!(kvm.unavailable(), None);
+        let tcg = ready(Accelerator::Tcg);
+        assert!(tcg.hypervisor_available(), "TCG runs instances too");
+        assert!(!tcg.hardware_accelerated());
+        assert_eq!(tcg.unavailable(), None);
+    }
+
+    #[test]
+    fn no_instance_runs_without_a_part_and_the_reason_names_it() {
+        let forced = HostInfo {
+            accelerator: Err(crate::Error::InvalidArgument("CC_ACCEL=kvm".into())),
+            ..ready(Accelerator::Kvm)
         };
-        assert!(with(Accelerator::Kvm).hypervisor_available());
-        assert!(!with(Accelerator::Tcg).hypervisor_available());
-        let forced = info(Err(crate::Error::InvalidArgument("CC_ACCEL".into())));
-        assert!(!forced.hypervisor_available());
+        assert!(!forced.hypervisor_available() && !forced.hardware_accelerated());
+        assert!(forced.unavailable().unwrap().contains("CC_ACCEL=kvm"));
+        let no_qemu = HostInfo {
+            qemu: Err(crate::Error::InvalidArgument("no qemu".into())),
+            ..ready(Accelerator::Tcg)
+        };
+        assert!(!no_qemu.hypervisor_available());
+        assert!(no_qemu.unavailable().unwrap().contains("no qemu"));
+        let no_kernel = HostInfo {
+            kernel: Err(crate::Error::InvalidArgument("no kernel".into())),
+            ..ready(Accelerator::Kvm)
+        };
+        assert!(!no_kernel.hypervisor_available() && no_kernel.hardware_accelerated());
+        // Every part missing: each one named.
+        let why = info(Err(crate::Error::InvalidArgument("CC_ACCEL".into())))
+            .unavailable()
+            .unwrap();
+        for part in ["CC_ACCEL", "no qemu", "no kernel", "no agent"] {
+            assert!(why.contains(part), "{why}");
+        }
     }
 
     #[test]

@@ -39,6 +39,7 @@
 //! copy threads per live connection, joined when it or the instance is
 //! closed.
 
+pub mod cache;
 mod cancel;
 mod channel;
 mod cmd_object;

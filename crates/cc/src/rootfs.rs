@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 /// Filesystem type of the read-only images this module builds.
 pub(crate) const LOWER_FSTYPE: &str = "erofs";
 
+/// Where, under the cache, the images of host directories live.
+pub(crate) const IMAGES_DIR: &str = "rootfs";
+
 /// The cached read-only image of `dir`, built by cc-image's [`HostDir`]
 /// (cc-erofs, as for OCI layers) unless this exact tree has one already.
 /// One walk of the tree gives both the cache key (its fingerprint: paths,
@@ -29,7 +32,7 @@ pub(crate) fn image_for_dir(dir: &Path, cache: &Path) -> Result<PathBuf> {
     }
     let tree = HostDir::read(dir)?;
     let key = hex(&tree.fingerprint()[..12]);
-    let images = cache.join("rootfs");
+    let images = cache.join(IMAGES_DIR);
     let image = images.join(format!("{key}.{LOWER_FSTYPE}"));
     if image.is_file() {
         return Ok(image);

@@ -5,6 +5,7 @@
 
 pub use cc_engine::template::{TemplateInfo, TemplateMeta};
 
+use crate::cache::Removed;
 use crate::error::Result;
 
 fn cache() -> std::path::PathBuf {
@@ -25,19 +26,20 @@ pub fn remove(key: &str) -> Result<bool> {
 /// Removes the templates that can never be used again (a file they were
 /// built from changed or is gone); returns how many.
 pub fn prune() -> Result<usize> {
-    remove_where(|t| t.stale)
+    Ok(remove_where(|t| t.stale)?.count)
 }
 
 /// Removes every template; returns how many.
 pub fn clear() -> Result<usize> {
-    remove_where(|_| true)
+    Ok(remove_where(|_| true)?.count)
 }
 
-fn remove_where(pick: impl Fn(&TemplateInfo) -> bool) -> Result<usize> {
-    let mut removed = 0;
+pub(crate) fn remove_where(pick: impl Fn(&TemplateInfo) -> bool) -> Result<Removed> {
+    let mut removed = Removed::default();
     for t in list()?.iter().filter(|t| pick(t)) {
         if remove(&t.meta.key)? {
-            removed += 1;
+            removed.count += 1;
+            removed.bytes += t.bytes;
         }
     }
     Ok(removed)

@@ -783,6 +783,59 @@ fn missing_paths_are_io_errors_with_op_and_path(inst: &Instance) {
     }
 }
 
+/// Guest file operations fail with the guest's errno and its
+/// `io::ErrorKind`, kept through the core.
+fn guest_errnos_reach_the_caller(inst: &Instance) {
+    use std::io::ErrorKind as K;
+    stdout(
+        inst,
+        "mkdir -p /tmp/errno-full && mount -t tmpfs -o size=64k tmpfs /tmp/errno-full",
+    );
+    let cases = [
+        (
+            inst.read_file("/no/such/file").map(drop),
+            libc::ENOENT,
+            Some(K::NotFound),
+        ),
+        (
+            inst.mkdir("/tmp", 0o755),
+            libc::EEXIST,
+            Some(K::AlreadyExists),
+        ),
+        (
+            inst.write_file("/etc/passwd/x", b"x", 0o644),
+            libc::ENOTDIR,
+            None,
+        ),
+        (inst.read_file("/tmp").map(drop), libc::EISDIR, None),
+        // A read-only sysctl: refused even to the guest's root.
+        (
+            inst.write_file("/proc/sys/kernel/ostype", b"x", 0o644),
+            libc::EACCES,
+            Some(K::PermissionDenied),
+        ),
+        (
+            inst.write_file("/tmp/errno-full/f", &vec![7u8; 1 << 20], 0o644),
+            libc::ENOSPC,
+            None,
+        ),
+    ];
+    stdout(inst, "umount /tmp/errno-full && rmdir /tmp/errno-full");
+    for (result, errno, kind) in cases {
+        let err = result.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Io, "{err}");
+        assert_eq!(err.os_errno(), Some(errno), "{err}");
+        assert_eq!(
+            err.io_kind(),
+            Some(std::io::Error::from_raw_os_error(errno).kind()),
+            "{err}"
+        );
+        if let Some(kind) = kind {
+            assert_eq!(err.io_kind(), Some(kind), "{err}");
+        }
+    }
+}
+
 fn large_files_stream_both_ways(inst: &Instance) {
     // 256 MiB through a 256 MiB guest: neither side may hold it whole.
     const LEN: u64 = 256 << 20;
@@ -3060,6 +3113,7 @@ fn main() -> ExitCode {
         guest_out_of_memory,
         files_round_trip_with_metadata,
         missing_paths_are_io_errors_with_op_and_path,
+        guest_errnos_reach_the_caller,
         large_files_stream_both_ways,
         written_files_keep_every_byte_at_any_size_and_split,
         directories_links_and_metadata,

@@ -61,6 +61,13 @@ fn report(host: &cc::HostInfo) -> (String, bool) {
     for gap in &confinement.gaps {
         text.push_str(&format!("{:<12} gap: {gap}\n", ""));
     }
+    // What `cc_supports_hypervisor` / `cc.supports_hypervisor()` answer.
+    let verdict = match host.unavailable() {
+        None if host.hardware_accelerated() => "yes, hardware-accelerated (kvm)".to_string(),
+        None => "yes, software emulation (tcg): slower, not hardware-accelerated".to_string(),
+        Some(why) => format!("NO: instances cannot run: {why}"),
+    };
+    text.push_str(&format!("{:<12} {verdict}\n", "hypervisor"));
     (text, ok)
 }
 
@@ -118,6 +125,20 @@ mod tests {
             lines[6]
         );
         assert_eq!(lines[7], "             gap: no bubblewrap");
+        assert_eq!(
+            lines[8],
+            "hypervisor   yes, software emulation (tcg): slower, not hardware-accelerated"
+        );
+        let mut kvm = host();
+        kvm.accelerator = Ok(cc::AcceleratorChoice {
+            accelerator: cc::Accelerator::Kvm,
+            reason: "hardware".into(),
+        });
+        let (text, _) = report(&kvm);
+        assert!(
+            text.ends_with("hypervisor   yes, hardware-accelerated (kvm)\n"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -131,5 +152,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("agent        /c/agent/cc-agent"), "{text}");
+        assert!(
+            text.ends_with("hypervisor   NO: instances cannot run: invalid argument: no kernel\n"),
+            "{text}"
+        );
     }
 }

@@ -9,6 +9,7 @@ mod bench;
 mod doctor;
 mod images;
 mod run;
+mod system;
 mod templates;
 
 use std::process::ExitCode;
@@ -49,6 +50,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: Option<templates::TemplatesCmd>,
     },
+    /// Show and prune what the cache directory holds.
+    System {
+        #[command(subcommand)]
+        cmd: system::SystemCmd,
+    },
     /// Measure boot and command latency.
     Bench {
         #[command(subcommand)]
@@ -75,6 +81,7 @@ fn main() -> ExitCode {
         Cmd::Export(args) => images::export(args),
         Cmd::Doctor => doctor::doctor(),
         Cmd::Templates { cmd } => templates::templates(cmd),
+        Cmd::System { cmd } => system::system(cmd),
         Cmd::Bench { what } => bench::bench(what),
     };
     match result {

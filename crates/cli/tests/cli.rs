@@ -417,6 +417,66 @@ fn load_of_random_bytes_prints_text_not_binary() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+fn pull_follows_registries_conf() {
+    let images = cc_testsupport::test_images();
+    let mirror = cc_testsupport::Registry::start(cc_testsupport::Auth::Anonymous);
+    mirror.push(&images.busybox, "latest", "alpine:latest");
+    let cache = std::env::temp_dir().join(format!("cc-cli-conf-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::create_dir_all(&cache).unwrap();
+    // Nothing listens at the registry's own location: only the mirror can serve.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let conf = cache.join("registries.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "unqualified-search-registries = [\"registry.invalid\"]\n\
+             [[registry]]\nprefix = \"registry.invalid\"\nlocation = \"{dead}\"\n\
+             [[registry.mirror]]\nlocation = \"{}\"\n\
+             [[registry]]\nprefix = \"blocked.invalid\"\nblocked = true\n",
+            mirror.addr()
+        ),
+    )
+    .unwrap();
+    let pull = |name: &str| {
+        crumble_in(&cache)
+            .env("CC_REGISTRIES_CONF", &conf)
+            .args(["pull", name])
+            .output()
+            .unwrap()
+    };
+    let out = pull("alpine");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&mirror.digest("alpine:latest")), "{err}");
+    assert!(ok(crumble_in(&cache).arg("images")).contains("registry.invalid/alpine:latest"));
+    // The short name finds the stored image as the pull resolved it.
+    let exported = cache.join("exported");
+    let out = ok(crumble_in(&cache)
+        .env("CC_REGISTRIES_CONF", &conf)
+        .args(["export", "alpine"])
+        .arg(&exported));
+    assert!(out.contains(&mirror.digest("alpine:latest")), "{out}");
+
+    let out = pull("blocked.invalid/x:1");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("blocked") && err.contains(&conf.display().to_string()),
+        "{err}"
+    );
+
+    std::fs::write(&conf, "[[registry]]\nlocation = \"a.test\"\ninsecure = 1\n").unwrap();
+    let out = pull("alpine");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&format!("{} line 3", conf.display())), "{err}");
+    std::fs::remove_dir_all(&cache).unwrap();
+}
+
 fn image_commands_end_to_end() {
     let images = cc_testsupport::test_images();
     let registry = cc_testsupport::Registry::start(cc_testsupport::Auth::Anonymous);
@@ -568,6 +628,100 @@ fn templates_are_built_listed_used_and_removed() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `crumble system df` rows as (kind, count, reclaimable is zero).
+fn system_df(dir: &std::path::Path) -> Vec<(String, usize, bool)> {
+    let listed = ok(crumble_in(dir).args(["system", "df"]));
+    listed
+        .lines()
+        .skip(2)
+        .filter(|l| !l.starts_with("total"))
+        .map(|l| {
+            let (kind, rest) = l.split_at(16);
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            assert_eq!(
+                fields.len(),
+                5,
+                "count, size and unit, reclaimable and unit: {l}"
+            );
+            (
+                kind.trim().to_string(),
+                fields[0].parse().unwrap(),
+                fields[3] == "0",
+            )
+        })
+        .collect()
+}
+
+fn system_df_and_prune_account_for_every_kind() {
+    let dir = std::env::temp_dir().join(format!("cc-cli-system-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let echo = |extra: &[&str]| {
+        let out = crumble_in(&dir)
+            .args(["run", "--rootfs"])
+            .arg(rootfs())
+            .args(extra)
+            .args(["--", "echo", "hi"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.stdout,
+            b"hi\n",
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    echo(&[]);
+    // Leftovers: a run dir of a process long gone, an earlier agent's
+    // initramfs.
+    let dead = dir.join("run/0.1-gone");
+    std::fs::create_dir_all(&dead).unwrap();
+    std::fs::write(dead.join("upper.img"), vec![7u8; 1 << 20]).unwrap();
+    std::fs::write(dir.join("initramfs/000000000000000000000000.cpio"), b"old").unwrap();
+    let row = |rows: &[(String, usize, bool)], kind: &str| {
+        rows.iter()
+            .find(|r| r.0 == kind)
+            .map(|r| (r.1, r.2))
+            .unwrap_or_else(|| panic!("no {kind} row: {rows:?}"))
+    };
+    let rows = system_df(&dir);
+    assert_eq!(row(&rows, "images"), (0, true), "{rows:?}");
+    assert_eq!(
+        row(&rows, "root images"),
+        (1, true),
+        "the host dir's: {rows:?}"
+    );
+    assert_eq!(row(&rows, "templates"), (1, true), "{rows:?}");
+    assert_eq!(
+        row(&rows, "writable layers"),
+        (2, false),
+        "blank disk, dead run dir: {rows:?}"
+    );
+    assert_eq!(row(&rows, "boot files"), (2, false), "{rows:?}");
+
+    let pruned = ok(crumble_in(&dir).args(["system", "prune"]));
+    assert!(pruned.contains("removed writable layers (1)"), "{pruned}");
+    assert!(pruned.contains("removed boot files (1)"), "{pruned}");
+    assert!(!dead.exists());
+    let rows = system_df(&dir);
+    assert_eq!(row(&rows, "templates"), (1, true), "in use: kept: {rows:?}");
+    assert_eq!(
+        row(&rows, "boot files"),
+        (1, true),
+        "the current agent's: {rows:?}"
+    );
+
+    let pruned = ok(crumble_in(&dir).args(["system", "prune", "--all"]));
+    assert!(pruned.contains("removed templates (1)"), "{pruned}");
+    let rows = system_df(&dir);
+    assert!(rows.iter().all(|r| r.1 == 0), "all gone: {rows:?}");
+    // Everything is rebuilt on the next start.
+    echo(&[]);
+    echo(&[]);
+    assert_eq!(row(&system_df(&dir), "templates"), (1, true));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `bench exec --phases` adds the round trip through the C library and
 /// from Python; a caller that is not there is named with the reason, never
 /// left out. Numbers are not checked: they depend on the machine's load.
@@ -641,6 +795,7 @@ fn main() -> ExitCode {
         missing_pieces_name_the_fix,
         disk_mb_is_checked,
         load_of_random_bytes_prints_text_not_binary,
+        pull_follows_registries_conf,
     ];
     let vm: &[(&str, fn())] = named![
         run_forwards_output_stdin_and_status,
@@ -652,6 +807,7 @@ fn main() -> ExitCode {
         image_commands_end_to_end,
         run_mounts_and_timeout,
         templates_are_built_listed_used_and_removed,
+        system_df_and_prune_account_for_every_kind,
         bench_exec_phases_names_each_caller,
     ];
     let skip = vm_skip_reason();

@@ -97,7 +97,7 @@ fn pad4(n: usize) -> usize {
 /// `cache/initramfs/<sha256>.cpio`.
 pub fn for_agent(agent: &Path, cache: &Path) -> Result<PathBuf, Error> {
     let bytes = fs::read(agent).map_err(Error::io("read agent", agent))?;
-    let hash = hex(&Sha256::digest(&bytes)[..12]);
+    let hash = hash(&bytes);
     let dir = cache.join("initramfs");
     let path = dir.join(format!("{hash}.cpio"));
     if path.is_file() {
@@ -123,6 +123,16 @@ pub fn for_agent(agent: &Path, cache: &Path) -> Result<PathBuf, Error> {
         .map_err(Error::io("chmod", &tmp))?;
     fs::rename(&tmp, &path).map_err(Error::io("rename", &path))?;
     Ok(path)
+}
+
+/// The file name [`for_agent`] gives the initramfs of `agent`.
+pub fn file_name(agent: &Path) -> Result<String, Error> {
+    let bytes = fs::read(agent).map_err(Error::io("read agent", agent))?;
+    Ok(format!("{}.cpio", hash(&bytes)))
+}
+
+fn hash(agent: &[u8]) -> String {
+    hex(&Sha256::digest(agent)[..12])
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {

@@ -25,6 +25,7 @@
 
 mod accel;
 mod bare;
+pub mod cache;
 mod clock;
 mod cmdline;
 pub mod confine;

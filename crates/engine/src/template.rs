@@ -236,13 +236,7 @@ pub fn list(cache: &Path) -> Result<Vec<TemplateInfo>, Error> {
             continue;
         };
         let stale = meta.files.iter().any(|(f, id)| identity(f) != *id);
-        let bytes = fs::read_dir(&d)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|f| f.metadata().ok())
-            .map(|m| m.blocks() * 512)
-            .sum();
+        let bytes = crate::cache::allocated(&d);
         let last_used = fs::metadata(meta_path(&d))
             .and_then(|m| m.modified())
             .unwrap_or(UNIX_EPOCH);

@@ -36,6 +36,21 @@ pub enum Error {
     BadPlatform(String),
     #[error("registry {registry}: {message}")]
     Registry { registry: String, message: String },
+    /// A registries.conf that cannot be used: malformed (with the line
+    /// where known) or naming no registry for a short name.
+    #[error("{path}{}: {message}", .line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    RegistriesConf {
+        path: String,
+        line: Option<usize>,
+        message: String,
+    },
+    /// registries.conf forbids pulling this reference.
+    #[error("{reference} is blocked by the registry prefix {prefix:?} in {path}")]
+    Blocked {
+        reference: String,
+        prefix: String,
+        path: String,
+    },
     #[error("unsupported: {0}")]
     Unsupported(String),
     /// The caller's [`CancelToken`](crate::CancelToken) stopped the

@@ -286,7 +286,7 @@ impl Image {
 }
 
 /// Bytes `path` takes on disk (0 when it does not exist).
-fn allocated(path: &std::path::Path) -> u64 {
+pub(crate) fn allocated(path: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path)
         .map(|m| m.blocks() * 512)

@@ -14,6 +14,16 @@
 //! in cc-erofs, which does no I/O of its own, or in the core, which would
 //! then build images two ways.
 //!
+//! Pulls follow the user's `containers-registries.conf` (version 2): short
+//! names resolve through `unqualified-search-registries`, and a name's
+//! `[[registry]]` table gives the mirrors to try first, its location, and
+//! whether it is `insecure` (plain HTTP allowed) or `blocked`. The file is
+//! `PullOptions::registries_conf`, else `$CC_REGISTRIES_CONF`, else
+//! containers' own files; the README's "Registry configuration" lists what
+//! is honoured and what is ignored. Registries that answer with a bearer
+//! challenge get a token from their token server with the pull's
+//! credentials before anything is fetched.
+//!
 //! Pulls run on a private single-threaded tokio runtime for the duration
 //! of the call; the API is blocking. A pull into a store without the
 //! image's root image builds it as the layers download, on threads of its
@@ -30,6 +40,7 @@ pub mod layers;
 mod layout;
 mod platform;
 pub mod private;
+mod registries;
 mod registry;
 mod store;
 mod stream;
@@ -71,7 +82,10 @@ pub struct ImageSummary {
 pub struct PruneStats {
     pub blobs: usize,
     pub root_images: usize,
+    /// Everything removed.
     pub bytes: u64,
+    /// Of `bytes`, the root images'.
+    pub root_image_bytes: u64,
 }
 
 /// The image store and the operations on it.
@@ -173,7 +187,8 @@ impl Client {
         layout::export_dir(&self.store, image, dir)
     }
 
-    /// A stored image by name (normalized) or manifest digest.
+    /// A stored image by name (normalized; a short name also as pulls
+    /// resolve it through registries.conf) or manifest digest.
     pub fn image(&self, name_or_digest: &str) -> Result<Image> {
         if let Ok(digest) = name_or_digest.parse::<Digest>() {
             if self.store.has_blob(&digest) {
@@ -181,10 +196,12 @@ impl Client {
             }
         }
         let name = normalize_name(name_or_digest)?;
-        let digest = self
-            .store
-            .get_ref(&name)
-            .ok_or_else(|| Error::NotFound(name.clone()))?;
+        let (name, digest) = match self.store.get_ref(&name) {
+            Some(digest) => (name, digest),
+            // A short name a registries.conf resolved elsewhere when pulled.
+            None => registry::lookup(&self.store, name_or_digest)?
+                .ok_or_else(|| Error::NotFound(name.clone()))?,
+        };
         Ok(Image::open(&self.store, Some(name), digest)?.with_unpack_limits(self.limits))
     }
 
@@ -338,9 +355,53 @@ impl Client {
         Ok(Image::open(&self.store, name, digest)?.with_unpack_limits(self.limits))
     }
 
+    /// What the store holds: named images and their content, root images
+    /// built from it, and how much of each [`Client::prune`] would free.
+    pub fn usage(&self) -> Result<StoreUsage> {
+        let _lock = self.store.lock(false)?;
+        let mut usage = StoreUsage {
+            images: self.store.refs()?.len(),
+            ..StoreUsage::default()
+        };
+        for (kind, files) in self.stored_files()? {
+            let usage = match kind {
+                StoredKind::Blob => &mut usage.content,
+                StoredKind::RootImage => &mut usage.root_images,
+            };
+            for f in files {
+                usage.count += 1;
+                usage.bytes += f.bytes;
+                if !f.in_use {
+                    usage.reclaimable += f.bytes;
+                }
+            }
+        }
+        Ok(usage)
+    }
+
     /// Removes blobs and root images no named image uses.
     pub fn prune(&self) -> Result<PruneStats> {
         let _lock = self.store.lock(true)?;
+        let mut stats = PruneStats::default();
+        for (kind, files) in self.stored_files()? {
+            for f in files.into_iter().filter(|f| !f.in_use) {
+                fs::remove_file(&f.path).map_err(Error::io("remove", &f.path))?;
+                stats.bytes += f.bytes;
+                match kind {
+                    StoredKind::Blob => stats.blobs += 1,
+                    StoredKind::RootImage => {
+                        stats.root_images += 1;
+                        stats.root_image_bytes += f.bytes;
+                    }
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Every blob and root image, each marked with whether a named image
+    /// uses it. The caller holds the store's lock.
+    fn stored_files(&self) -> Result<[(StoredKind, Vec<StoredFile>); 2]> {
         let mut keep_blobs = HashSet::new();
         let mut keep_roots = HashSet::new();
         for r in self.store.refs()? {
@@ -368,31 +429,61 @@ impl Client {
                     .map(|k| format!("{k}.erofs")),
             );
         }
-        let mut stats = PruneStats::default();
-        for (dir, keep, is_blob) in [
-            ("blobs/sha256", &keep_blobs, true),
-            ("rootfs", &keep_roots, false),
-        ] {
+        let list = |dir: &str, keep: &HashSet<String>| -> Result<Vec<StoredFile>> {
             let path = self.store.root().join(dir);
+            let mut files = Vec::new();
             for entry in fs::read_dir(&path)
                 .map_err(Error::io("read", &path))?
                 .flatten()
             {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if keep.contains(&name) {
-                    continue;
-                }
-                stats.bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
-                fs::remove_file(entry.path()).map_err(Error::io("remove", entry.path()))?;
-                if is_blob {
-                    stats.blobs += 1;
-                } else {
-                    stats.root_images += 1;
-                }
+                files.push(StoredFile {
+                    in_use: keep.contains(&name),
+                    bytes: image::allocated(&entry.path()),
+                    path: entry.path(),
+                });
             }
-        }
-        Ok(stats)
+            Ok(files)
+        };
+        Ok([
+            (StoredKind::Blob, list("blobs/sha256", &keep_blobs)?),
+            (StoredKind::RootImage, list("rootfs", &keep_roots)?),
+        ])
     }
+}
+
+/// Space taken by one kind of stored file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub count: usize,
+    /// Bytes allocated on the host's disk (sparse files count what they use).
+    pub bytes: u64,
+    /// Of `bytes`, what nothing uses and a prune would free.
+    pub reclaimable: u64,
+}
+
+/// What [`Client::usage`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreUsage {
+    /// Named images.
+    pub images: usize,
+    /// Manifests, configs and layers.
+    pub content: Usage,
+    /// Root filesystem images built from layers.
+    pub root_images: Usage,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum StoredKind {
+    Blob,
+    RootImage,
+}
+
+#[derive(Debug)]
+struct StoredFile {
+    path: std::path::PathBuf,
+    bytes: u64,
+    in_use: bool,
 }
 
 /// Media type of an uncompressed OCI layer tarball.

@@ -1,18 +1,21 @@
 //! Pulling from registries with `oci-client`, into the store.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
-use oci_client::Reference;
+use oci_client::{Reference, RegistryOperation};
 use oci_spec::image::{ImageIndex, ImageManifest};
 
 use crate::image::parse;
 use crate::platform::{host_platform, select, Platform};
+use crate::registries::{self, is_short, RegistriesConf};
 use crate::store::MAX_DOCUMENT;
 use crate::stream::Chunk;
 use crate::{CancelToken, Digest, Error, Image, Result, Store, UnpackLimits};
@@ -55,6 +58,10 @@ pub struct PullOptions {
     /// How far its layers may expand: each is unpacked once before the
     /// image is named, and a bomb is refused.
     pub limits: UnpackLimits,
+    /// A `containers-registries.conf` to use alone, instead of the file
+    /// `$CC_REGISTRIES_CONF` names or containers' own files (see the crate
+    /// docs).
+    pub registries_conf: Option<PathBuf>,
 }
 
 /// Where a pull is.
@@ -88,6 +95,70 @@ fn is_loopback(registry: &str) -> bool {
     matches!(host, "localhost" | "[::1]" | "::1") || host.starts_with("127.")
 }
 
+/// How to reach a registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Https,
+    /// TLS without verifying the certificate (an `insecure` registry).
+    HttpsUnverified,
+    Http,
+}
+
+/// The protocols to try, in order, for REGISTRY (`host[:port]`).
+fn protocols(registry: &str, insecure: bool) -> &'static [Protocol] {
+    if is_loopback(registry) {
+        // Registries on this machine speak plain HTTP, as docker assumes.
+        &[Protocol::Http]
+    } else if insecure {
+        // As containers' tools: TLS if it answers, else plain HTTP.
+        &[Protocol::HttpsUnverified, Protocol::Http]
+    } else {
+        &[Protocol::Https]
+    }
+}
+
+/// The names REFERENCE may stand for (short names resolved through CONF),
+/// parsed.
+fn candidates(conf: &RegistriesConf, reference: &str) -> Result<Vec<Reference>> {
+    conf.candidates(reference)?
+        .into_iter()
+        .map(|n| n.parse().map_err(|_| Error::BadReference(n)))
+        .collect()
+}
+
+/// The stored image a name stands for, if all its layers are stored.
+fn stored(store: &Store, r: &Reference, limits: UnpackLimits) -> Result<Option<Image>> {
+    let name = r.whole();
+    let known = store.get_ref(&name).or_else(|| {
+        r.digest()
+            .and_then(|d| d.parse().ok())
+            .filter(|d| store.has_blob(d))
+    });
+    match known.map(|d| Image::open(store, Some(name), d)) {
+        Some(Ok(image)) if image.layers()?.iter().all(|l| store.has_blob(l)) => {
+            Ok(Some(image.with_unpack_limits(limits)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The stored image a user-given name stands for (short names resolved as
+/// pulls resolve them), by its first candidate that is stored.
+pub(crate) fn lookup(store: &Store, name: &str) -> Result<Option<(String, Digest)>> {
+    let conf = if is_short(name) {
+        registries::load(None)?
+    } else {
+        RegistriesConf::default()
+    };
+    for r in candidates(&conf, name)? {
+        let name = r.whole();
+        if let Some(digest) = store.get_ref(&name) {
+            return Ok(Some((name, digest)));
+        }
+    }
+    Ok(None)
+}
+
 pub(crate) fn pull(
     store: &Store,
     reference: &str,
@@ -95,39 +166,87 @@ pub(crate) fn pull(
     progress: &mut dyn FnMut(&Progress),
     cancel: &CancelToken,
 ) -> Result<Image> {
-    let r: Reference = reference
-        .parse()
+    // A bad name is reported as given, not as a search registry's candidate.
+    reference
+        .parse::<Reference>()
         .map_err(|_| Error::BadReference(reference.to_string()))?;
-    let name = r.whole();
+    let conf = registries::load(options.registries_conf.as_deref())?;
+    let names = candidates(&conf, reference)?;
     if options.policy != PullPolicy::Always {
-        let known = store.get_ref(&name).or_else(|| {
-            r.digest()
-                .and_then(|d| d.parse().ok())
-                .filter(|d| store.has_blob(d))
-        });
-        match known.map(|d| Image::open(store, Some(name.clone()), d)) {
-            Some(Ok(image)) if image.layers()?.iter().all(|l| store.has_blob(l)) => {
-                return Ok(image.with_unpack_limits(options.limits))
+        for r in &names {
+            if let Some(image) = stored(store, r, options.limits)? {
+                return Ok(image);
             }
-            _ if options.policy == PullPolicy::Never => {
-                return Err(Error::NotFound(format!("{name} (pull policy NEVER)")));
-            }
-            _ => {}
+        }
+        if options.policy == PullPolicy::Never {
+            let name = names.first().map(Reference::whole).unwrap_or_default();
+            return Err(Error::NotFound(format!("{name} (pull policy NEVER)")));
         }
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(Error::io("start", "pull runtime"))?;
-    let puller = Puller::new(store, &r, options, cancel);
-    let (digest, built) = runtime.block_on(puller.run(progress))?;
-    let image =
-        Image::open(store, Some(name.clone()), digest.clone())?.with_unpack_limits(options.limits);
-    if !built {
-        image.check_unpack(&options.limits)?;
+    // Every candidate name, each from its mirrors then its registry, until
+    // one serves the manifest; the image then comes wholly from there.
+    let mut failures = Vec::new();
+    let mut rewritten = names.len() > 1;
+    for r in &names {
+        let name = r.whole();
+        let sources = match conf.sources(&name, r.digest().is_some()) {
+            Ok(sources) => sources,
+            Err(e) => {
+                failures.push((name.clone(), e));
+                continue;
+            }
+        };
+        for source in sources {
+            rewritten |= source.reference != name;
+            let at: Reference = source
+                .reference
+                .parse()
+                .map_err(|_| Error::BadReference(source.reference.clone()))?;
+            for &protocol in protocols(at.registry(), source.insecure) {
+                if cancel.is_cancelled() {
+                    return Err(Error::Cancelled("pull"));
+                }
+                let puller = Puller::new(store, &at, protocol, options, cancel);
+                let manifest = async {
+                    puller.login().await?;
+                    puller.document(&at).await
+                };
+                let first = match runtime.block_on(manifest) {
+                    Ok(first) => first,
+                    Err(Error::Cancelled(op)) => return Err(Error::Cancelled(op)),
+                    Err(e) => {
+                        tracing::debug!("pull {name} from {}: {e}", at.whole());
+                        failures.push((format!("{name} from {}", at.whole()), e));
+                        continue;
+                    }
+                };
+                let (digest, built) = runtime.block_on(puller.run(first, progress))?;
+                let image = Image::open(store, Some(name.clone()), digest.clone())?
+                    .with_unpack_limits(options.limits);
+                if !built {
+                    image.check_unpack(&options.limits)?;
+                }
+                store.set_ref(&name, &digest)?;
+                return Ok(image);
+            }
+        }
     }
-    store.set_ref(&name, &digest)?;
-    Ok(image)
+    Err(match failures.len() {
+        // One place tried, as named: its own error, as without a registries.conf.
+        1 if !rewritten => failures.remove(0).1,
+        _ => Error::Registry {
+            registry: reference.to_string(),
+            message: failures
+                .iter()
+                .map(|(what, e)| format!("{what}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        },
+    })
 }
 
 struct Puller<'a> {
@@ -144,18 +263,17 @@ impl<'a> Puller<'a> {
     fn new(
         store: &'a Store,
         reference: &'a Reference,
+        protocol: Protocol,
         options: &PullOptions,
         cancel: &'a CancelToken,
     ) -> Self {
         let registry = reference.resolve_registry().to_string();
-        let protocol = if is_loopback(&registry) {
-            // Registries on this machine speak plain HTTP, as docker assumes.
-            ClientProtocol::HttpsExcept(vec![registry.clone()])
-        } else {
-            ClientProtocol::Https
-        };
         let config = ClientConfig {
-            protocol,
+            protocol: match protocol {
+                Protocol::Http => ClientProtocol::HttpsExcept(vec![registry]),
+                Protocol::Https | Protocol::HttpsUnverified => ClientProtocol::Https,
+            },
+            accept_invalid_certificates: protocol == Protocol::HttpsUnverified,
             platform_resolver: None,
             connect_timeout: Some(Duration::from_secs(30)),
             read_timeout: Some(Duration::from_secs(60)),
@@ -176,6 +294,29 @@ impl<'a> Puller<'a> {
         }
     }
 
+    /// Authenticates as the registry asks (HTTP Basic, or a bearer token
+    /// from its token server) before anything is fetched, so refused
+    /// credentials are reported as such rather than as a refused download.
+    async fn login(&self) -> Result<()> {
+        self.client
+            .auth(self.reference, &self.auth, RegistryOperation::Pull)
+            .await
+            .map(drop)
+            .map_err(|e| self.oci_error(e))
+    }
+
+    /// E, saying when credentials were wanted and none were given.
+    fn oci_error(&self, e: OciDistributionError) -> Error {
+        match (&e, &self.auth) {
+            (
+                OciDistributionError::AuthenticationFailure(_)
+                | OciDistributionError::UnauthorizedError { .. },
+                RegistryAuth::Anonymous,
+            ) => self.registry_error(format!("{e} (no credentials given)")),
+            _ => self.registry_error(e),
+        }
+    }
+
     fn registry_error(&self, e: impl std::fmt::Display) -> Error {
         Error::Registry {
             registry: self.reference.registry().to_string(),
@@ -189,7 +330,7 @@ impl<'a> Puller<'a> {
             .client
             .pull_manifest_raw(r, &self.auth, ACCEPT)
             .await
-            .map_err(|e| self.registry_error(e))?;
+            .map_err(|e| self.oci_error(e))?;
         if bytes.len() as u64 > MAX_DOCUMENT {
             return Err(Error::BadDocument(format!(
                 "manifest of {} is too large",
@@ -209,13 +350,18 @@ impl<'a> Puller<'a> {
         Ok((digest, bytes.to_vec()))
     }
 
-    /// Pulls the manifest and the blobs missing from the store and, when
+    /// Given the manifest or index [`Puller::document`] fetched, pulls the
+    /// manifest and the blobs missing from the store and, when
     /// the image's root image is not built yet, builds it on a thread of
     /// its own as the layers arrive (which also bounds how far they
     /// expand). Returns the manifest digest and whether it built the root
     /// image; if not, the caller still has to check the layers' expansion.
-    async fn run(self, progress: &mut dyn FnMut(&Progress)) -> Result<(Digest, bool)> {
-        let (mut digest, mut bytes) = self.document(self.reference).await?;
+    async fn run(
+        self,
+        first: (Digest, Vec<u8>),
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<(Digest, bool)> {
+        let (mut digest, mut bytes) = first;
         let kind: serde_json::Value = parse(&bytes, "manifest")?;
         if kind.get("manifests").is_some() {
             let index: ImageIndex = parse(&bytes, "index")?;

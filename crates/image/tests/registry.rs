@@ -117,34 +117,38 @@ fn multi_arch_index_selects_host_or_requested_platform() {
     fs::remove_dir_all(root).unwrap();
 }
 
+/// A registry with AUTH holding `private/busybox:1`, its reference there,
+/// and a fresh store named NAME.
+fn private_registry(auth: RegistryAuth, name: &str) -> (Registry, String, Client, PathBuf) {
+    let registry = Registry::start(auth);
+    registry.push(&test_images().busybox, "latest", "private/busybox:1");
+    let reference = format!("{}/private/busybox:1", registry.addr());
+    let (client, root) = store(name);
+    (registry, reference, client, root)
+}
+
+fn with_auth(user: &str, password: &str) -> PullOptions {
+    PullOptions {
+        auth: Some(Auth {
+            username: user.into(),
+            password: password.into(),
+        }),
+        ..Default::default()
+    }
+}
+
 #[test]
 fn authentication_success_and_failure() {
-    let images = test_images();
-    let registry = Registry::start(RegistryAuth::htpasswd("tester", "s3cret"));
-    registry.push(&images.busybox, "latest", "private/busybox:1");
-    let reference = format!("{}/private/busybox:1", registry.addr());
-    let (client, root) = store("auth");
+    let (registry, reference, client, root) =
+        private_registry(RegistryAuth::htpasswd("tester", "s3cret"), "auth");
 
     let err = pull(&client, &reference, &PullOptions::default()).unwrap_err();
     assert!(err.is_network(), "anonymous: {err}");
-    let wrong = PullOptions {
-        auth: Some(Auth {
-            username: "tester".into(),
-            password: "nope".into(),
-        }),
-        ..Default::default()
-    };
+    let wrong = with_auth("tester", "nope");
     assert!(pull(&client, &reference, &wrong).unwrap_err().is_network());
     assert_eq!(temp_files(&root), 0);
 
-    let right = PullOptions {
-        auth: Some(Auth {
-            username: "tester".into(),
-            password: "s3cret".into(),
-        }),
-        ..Default::default()
-    };
-    pull(&client, &reference, &right).unwrap();
+    pull(&client, &reference, &with_auth("tester", "s3cret")).unwrap();
 
     // Credentials from the docker client's config file.
     let config_dir = root.join("docker-config");
@@ -489,9 +493,30 @@ fn images_listing_removal_and_prune() {
         .map(|i| i.name)
         .collect();
     assert_eq!(names.len(), 2, "{names:?}");
+    let before = client.usage().unwrap();
+    assert_eq!(before.images, 2);
+    assert_eq!(before.root_images.count, 2, "{before:?}");
+    assert_eq!(
+        before.content.reclaimable + before.root_images.reclaimable,
+        0
+    );
     assert!(client.remove(b.name().unwrap()).unwrap());
+    let unnamed = client.usage().unwrap();
+    assert_eq!(unnamed.images, 1);
+    assert!(unnamed.root_images.reclaimable > 0, "{unnamed:?}");
     let stats = client.prune().unwrap();
     assert!(stats.blobs >= 3 && stats.root_images == 1, "{stats:?}");
+    // Usage and prune agree on what was free.
+    let after = client.usage().unwrap();
+    assert_eq!(
+        unnamed.content.reclaimable + unnamed.root_images.reclaimable,
+        stats.bytes
+    );
+    assert_eq!(
+        after.content.bytes + after.root_images.bytes + stats.bytes,
+        unnamed.content.bytes + unnamed.root_images.bytes
+    );
+    assert_eq!(after.content.reclaimable + after.root_images.reclaimable, 0);
     // What a still-named image uses stays.
     assert!(client.image(a.name().unwrap()).unwrap().rootfs().is_ok());
     assert_eq!(client.prune().unwrap(), cc_image::PruneStats::default());
@@ -722,5 +747,197 @@ fn store_files_are_private() {
         seen += 1;
     }
     assert!(seen > 10, "walked the store: {seen} entries");
+    fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn bearer_token_registry_pulls_with_credentials_only() {
+    let (registry, reference, client, root) =
+        private_registry(RegistryAuth::token("tester", "s3cret"), "token");
+
+    let err = pull(&client, &reference, &PullOptions::default()).unwrap_err();
+    assert!(err.is_network(), "anonymous: {err}");
+    let text = err.to_string();
+    assert!(text.contains("Authentication failure"), "anonymous: {text}");
+    assert!(text.contains("no credentials given"), "anonymous: {text}");
+    let err = pull(&client, &reference, &with_auth("tester", "nope")).unwrap_err();
+    assert!(err.is_network(), "wrong password: {err}");
+    assert!(
+        err.to_string()
+            .contains("Authentication failure: {\"details\":\"incorrect username or password\"}"),
+        "wrong password: {err}"
+    );
+    assert_eq!(temp_files(&root), 0);
+    assert!(client.images().unwrap().is_empty());
+
+    let (image, _) = pull(&client, &reference, &with_auth("tester", "s3cret")).unwrap();
+    assert_eq!(
+        image.digest().to_string(),
+        registry.digest("private/busybox:1")
+    );
+    assert!(image.rootfs().unwrap().exists());
+    fs::remove_dir_all(root).unwrap();
+}
+
+/// A registries.conf in ROOT with TEXT; PullOptions that use it.
+fn conf(root: &Path, text: &str) -> PullOptions {
+    fs::create_dir_all(root).unwrap();
+    let path = root.join("registries.conf");
+    fs::write(&path, text).unwrap();
+    PullOptions {
+        registries_conf: Some(path),
+        ..Default::default()
+    }
+}
+
+/// `127.0.0.1:PORT` where nothing listens.
+fn dead_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+#[test]
+fn registries_conf_mirror_serves_a_short_name() {
+    let images = test_images();
+    let mirror = Registry::start(RegistryAuth::Anonymous);
+    mirror.push(&images.busybox, "latest", "alpine:latest");
+    let fallback = Registry::start(RegistryAuth::Anonymous);
+    fallback.push(&images.busybox_layers, "latest", "layers:v1");
+    let (client, root) = store("mirror");
+    // The search registry's own location is unreachable: only the mirror
+    // can serve `alpine`.
+    let options = conf(
+        &root.join("conf"),
+        &format!(
+            r#"
+unqualified-search-registries = ["registry.invalid"]
+
+[[registry]]
+prefix = "registry.invalid"
+location = "{dead}"
+
+[[registry]]
+prefix = "registry.invalid/layers"
+location = "{fallback}/layers"
+
+[[registry.mirror]]
+location = "{mirror}/layers"
+"#,
+            dead = dead_addr(),
+            fallback = fallback.addr(),
+            mirror = mirror.addr(),
+        ),
+    );
+    let mut short = options.clone();
+    short.registries_conf = Some(root.join("conf/short.conf"));
+    fs::write(
+        root.join("conf/short.conf"),
+        format!(
+            "unqualified-search-registries = [\"registry.invalid\"]\n\
+             [[registry]]\nprefix = \"registry.invalid\"\nlocation = \"{}\"\n\
+             [[registry.mirror]]\nlocation = \"{}\"\n",
+            dead_addr(),
+            mirror.addr()
+        ),
+    )
+    .unwrap();
+    let (image, _) = pull(&client, "alpine", &short).unwrap();
+    assert_eq!(image.name(), Some("registry.invalid/alpine:latest"));
+    assert_eq!(image.digest().to_string(), mirror.digest("alpine:latest"));
+
+    // Stored under the name it resolved to: found again without a registry.
+    let mirror_addr = mirror.addr();
+    drop(mirror);
+    let (again, _) = pull(&client, "alpine", &short).unwrap();
+    assert_eq!(again.digest(), image.digest());
+
+    // The mirror lacks `layers`: the registry's location serves it.
+    let (layers, _) = pull(&client, "layers:v1", &options).unwrap();
+    assert_eq!(layers.name(), Some("registry.invalid/layers:v1"));
+    assert_eq!(layers.digest().to_string(), fallback.digest("layers:v1"));
+
+    // Nothing anywhere: every place tried is named.
+    let err = pull(&client, "layers:missing", &options).unwrap_err();
+    let text = err.to_string();
+    assert!(err.is_network(), "{text}");
+    for place in [
+        mirror_addr.as_str(),
+        &fallback.addr(),
+        "registry.invalid/layers:missing",
+    ] {
+        assert!(text.contains(place), "{place} in {text}");
+    }
+    fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn registries_conf_insecure_allows_plain_http() {
+    let images = test_images();
+    let registry = Registry::start(RegistryAuth::Anonymous);
+    registry.push(&images.busybox, "latest", "busybox:1");
+    // 127.0.0.1 written as one number: the same address, but not a name
+    // pulls recognise as loopback (which they always reach over plain HTTP).
+    let port = registry.addr().rsplit_once(':').unwrap().1.to_string();
+    let location = format!("2130706433:{port}");
+    let reference = "insecure.test/busybox:1";
+    let (client, root) = store("insecure");
+    let secure = conf(
+        &root.join("secure"),
+        &format!("[[registry]]\nprefix = \"insecure.test\"\nlocation = \"{location}\"\n"),
+    );
+    let err = pull(&client, reference, &secure).unwrap_err();
+    assert!(err.is_network(), "{err}");
+
+    let insecure = conf(
+        &root.join("insecure"),
+        &format!(
+            "[[registry]]\nprefix = \"insecure.test\"\nlocation = \"{location}\"\ninsecure = true\n"
+        ),
+    );
+    let (image, _) = pull(&client, reference, &insecure).unwrap();
+    assert_eq!(image.name(), Some(reference));
+    assert_eq!(image.digest().to_string(), registry.digest("busybox:1"));
+    fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn registries_conf_blocked_and_malformed_are_clear_errors() {
+    let (client, root) = store("conf-errors");
+    let blocked_addr = dead_addr();
+    let blocked = conf(
+        &root.join("blocked"),
+        &format!("[[registry]]\nlocation = \"{blocked_addr}\"\nblocked = true\n"),
+    );
+    let err = pull(&client, &format!("{blocked_addr}/x:1"), &blocked).unwrap_err();
+    assert!(matches!(err, Error::Blocked { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("blocked"), "{text}");
+    assert!(
+        text.contains(&root.join("blocked/registries.conf").display().to_string()),
+        "{text}"
+    );
+
+    let malformed = conf(
+        &root.join("malformed"),
+        "unqualified-search-registries = [\"a.test\"]\n\n[[registry]]\nlocation = \"a.test\"\ninsecure = maybe\n",
+    );
+    let err = pull(&client, "alpine", &malformed).unwrap_err();
+    let path = root.join("malformed/registries.conf").display().to_string();
+    assert!(
+        matches!(&err, Error::RegistriesConf { path: p, line: Some(5), .. } if *p == path),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().starts_with(&format!("{path} line 5: ")),
+        "{err}"
+    );
+
+    let missing = PullOptions {
+        registries_conf: Some(root.join("nowhere.conf")),
+        ..Default::default()
+    };
+    let err = pull(&client, "alpine", &missing).unwrap_err();
+    assert!(err.to_string().contains("nowhere.conf"), "{err}");
+    assert!(client.images().unwrap().is_empty());
     fs::remove_dir_all(root).unwrap();
 }

@@ -3,15 +3,17 @@
 //! - [`test_images`] and [`debian_image`]: the OCI image layouts and archives built
 //!   (and cached) by `scripts/make-test-images.py`.
 //! - [`Registry`]: a real local registry (Distribution's `docker-registry`) on a
-//!   loopback port, anonymous or with htpasswd auth, that layouts are pushed to
-//!   with `skopeo`.
+//!   loopback port, anonymous, with htpasswd auth, or with bearer tokens from a
+//!   token server of its own (as the large public registries do), that
+//!   layouts are pushed to with `skopeo`.
 //!
 //! Everything here panics with a descriptive message on failure, as test
 //! helpers do. Missing system tools (`python3`, `docker-registry`, `skopeo`,
-//! `htpasswd`, `zstd`, `debootstrap`) are reported, never skipped:
-//! `scripts/setup.sh` installs them.
+//! `htpasswd`, `openssl`, `zstd`, `debootstrap`) are reported, never skipped:
+//! `scripts/setup.sh` installs them (`openssl` comes with `ca-certificates`).
 
 mod registry;
+mod token;
 
 pub use registry::{Auth, HttpResponse, Registry};
 

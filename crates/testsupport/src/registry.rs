@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::token::{Issuer, TokenServer, ISSUER, SERVICE};
+
 /// The registry binary (Debian package `docker-registry`); `$CC_REGISTRY_BIN` overrides it.
 const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 /// How long [`Registry::start`] waits for `GET /v2/` to answer.
@@ -38,6 +40,17 @@ pub enum Auth {
         /// The user's password.
         password: String,
     },
+    /// Bearer tokens, as the large public registries use: the registry
+    /// answers 401 with `WWW-Authenticate: Bearer realm=…,service=…`; a
+    /// token server on another loopback port issues tokens at the realm to
+    /// this one user (HTTP Basic there), and the registry accepts only
+    /// `Authorization: Bearer <token>`.
+    Token {
+        /// The user name.
+        user: String,
+        /// The user's password.
+        password: String,
+    },
 }
 
 impl Auth {
@@ -49,11 +62,21 @@ impl Auth {
         }
     }
 
-    /// `user:password` for `Htpasswd`, `None` for `Anonymous`.
+    /// `Auth::Token` for USER and PASSWORD.
+    pub fn token(user: &str, password: &str) -> Auth {
+        Auth::Token {
+            user: user.to_string(),
+            password: password.to_string(),
+        }
+    }
+
+    /// `user:password`, `None` for `Anonymous`.
     pub fn credentials(&self) -> Option<String> {
         match self {
             Auth::Anonymous => None,
-            Auth::Htpasswd { user, password } => Some(format!("{user}:{password}")),
+            Auth::Htpasswd { user, password } | Auth::Token { user, password } => {
+                Some(format!("{user}:{password}"))
+            }
         }
     }
 }
@@ -98,14 +121,17 @@ pub struct Registry {
     dir: PathBuf,
     addr: String,
     auth: Auth,
+    /// The token server of `Auth::Token`.
+    token: Option<TokenServer>,
 }
 
 impl Registry {
     /// Starts a registry with AUTH and waits (up to 20 s) until `GET /v2/`
-    /// answers: 200 when anonymous, 401 with htpasswd auth.
+    /// answers: 200 when anonymous, 401 otherwise.
     ///
     /// Panics, with the registry's log, if it cannot be started; and if
-    /// `docker-registry` (or, for `Htpasswd`, `htpasswd`) is not installed.
+    /// `docker-registry` (or, for `Htpasswd`, `htpasswd`; for `Token`,
+    /// `openssl`) is not installed.
     pub fn start(auth: Auth) -> Registry {
         let bin = std::env::var_os("CC_REGISTRY_BIN")
             .map(PathBuf::from)
@@ -121,6 +147,12 @@ impl Registry {
         if let Auth::Htpasswd { user, password } = &auth {
             write_htpasswd(&htpasswd, user, password);
         }
+        let token = match &auth {
+            Auth::Token { user, password } => {
+                Some(TokenServer::start(Issuer::new(&dir, user, password)))
+            }
+            _ => None,
+        };
         let config = dir.join("config.yml");
         let log = dir.join("registry.log");
         let mut last_log = String::new();
@@ -140,6 +172,14 @@ impl Registry {
                     yaml,
                     "auth:\n  htpasswd:\n    realm: cc-testsupport\n    path: {}\n",
                     yaml_str(&htpasswd)
+                );
+            }
+            if let Some(server) = &token {
+                let _ = write!(
+                    yaml,
+                    "auth:\n  token:\n    realm: {}\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
+                    server.realm(),
+                    yaml_str(&server.issuer.cert())
                 );
             }
             fs::write(&config, yaml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
@@ -168,6 +208,7 @@ impl Registry {
                         dir,
                         addr,
                         auth,
+                        token,
                     }
                 }
                 Err(Retry::PortTaken(text)) => {
@@ -198,8 +239,13 @@ impl Registry {
         &self.auth
     }
 
+    /// The realm URL of the token server (`Auth::Token` only).
+    pub fn token_realm(&self) -> Option<String> {
+        self.token.as_ref().map(TokenServer::realm)
+    }
+
     /// The registry's temporary directory: `config.yml`, `registry.log`,
-    /// `storage/`, `htpasswd`.
+    /// `storage/`, `htpasswd` or `token.crt` and `token.key`.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -279,8 +325,8 @@ impl Registry {
     }
 
     /// Sends one HTTP/1.0 request (METHOD PATH, extra HEADERS) and reads the
-    /// whole response. With AUTHENTICATED and htpasswd auth it sends the
-    /// credentials as HTTP Basic.
+    /// whole response. With AUTHENTICATED it sends the credentials as HTTP
+    /// Basic, or with `Auth::Token` a token for the repository PATH names.
     pub fn request(
         &self,
         method: &str,
@@ -288,8 +334,22 @@ impl Registry {
         headers: &[(&str, &str)],
         authenticated: bool,
     ) -> io::Result<HttpResponse> {
-        let creds = self.auth.credentials().filter(|_| authenticated);
-        http_request(&self.addr, creds.as_deref(), method, path, headers)
+        match (&self.token, authenticated) {
+            (Some(server), true) => {
+                let scopes: Vec<String> = repository_of(path)
+                    .map(|repo| format!("repository:{repo}:pull,push,delete"))
+                    .into_iter()
+                    .collect();
+                let bearer = format!("Bearer {}", server.issuer.token(&scopes));
+                let mut all = headers.to_vec();
+                all.push(("Authorization", &bearer));
+                http_request(&self.addr, None, method, path, &all)
+            }
+            _ => {
+                let creds = self.auth.credentials().filter(|_| authenticated);
+                http_request(&self.addr, creds.as_deref(), method, path, headers)
+            }
+        }
     }
 }
 
@@ -411,19 +471,40 @@ fn fresh_temp_dir() -> PathBuf {
 
 /// Writes an htpasswd file with USER's bcrypt hash (`htpasswd -Bbn`).
 fn write_htpasswd(path: &Path, user: &str, password: &str) {
-    let htpasswd = find_tool("htpasswd", "apache2-utils");
-    let out = Command::new(htpasswd)
-        .args(["-Bbn", user, password])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run htpasswd: {e}"));
+    let hash = run_tool(
+        ("htpasswd", "apache2-utils"),
+        &["-Bbn", user, password],
+        &[],
+    );
+    fs::write(path, hash).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// Runs TOOL (its name and package, for [`find_tool`]) with ARGS and INPUT
+/// on stdin; its stdout. Panics, with its stderr, if it fails.
+pub(crate) fn run_tool(tool: (&str, &str), args: &[&str], input: &[u8]) -> Vec<u8> {
+    let (name, package) = tool;
+    let mut child = Command::new(find_tool(name, package))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {name}: {e}"));
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin
+        .write_all(input)
+        .unwrap_or_else(|e| panic!("write to {name}: {e}"));
+    drop(stdin);
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("wait for {name}: {e}"));
     assert!(
         out.status.success(),
-        "htpasswd -Bbn failed ({}): {}",
+        "{name} {args:?} failed ({}): {}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    fs::write(path, &out.stdout).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    out.stdout
 }
 
 /// NAME's path in `$PATH`; panics naming PACKAGE if it is not there.
@@ -505,6 +586,15 @@ fn spawn_dying_with_process(mut cmd: Command) -> io::Result<Child> {
         .map_err(|_| io::Error::other("the spawner thread is gone"))?
 }
 
+/// The repository a `/v2/REPO/{manifests,blobs,tags}/…` PATH is about.
+fn repository_of(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v2/")?;
+    ["/manifests/", "/blobs/", "/tags/"]
+        .iter()
+        .filter_map(|kind| rest.rfind(kind).map(|i| &rest[..i]))
+        .next()
+}
+
 /// Splits `repo:tag` / `repo@digest` / `repo` (tag `latest`).
 fn split_reference(reference: &str) -> (&str, &str) {
     if let Some((repo, digest)) = reference.split_once('@') {
@@ -543,7 +633,7 @@ fn parse_response(raw: &[u8]) -> io::Result<HttpResponse> {
 }
 
 /// Standard base64 with padding.
-fn base64(data: &[u8]) -> String {
+pub(crate) fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
@@ -591,6 +681,9 @@ mod tests {
         assert_eq!(split_reference("a/b:v1"), ("a/b", "v1"));
         assert_eq!(split_reference("a/b"), ("a/b", "latest"));
         assert_eq!(split_reference("a/b@sha256:0123"), ("a/b", "sha256:0123"));
+        assert_eq!(repository_of("/v2/a/b/manifests/v1"), Some("a/b"));
+        assert_eq!(repository_of("/v2/a/blobs/sha256:00"), Some("a"));
+        assert_eq!(repository_of("/v2/"), None);
     }
 
     #[test]

@@ -116,6 +116,92 @@ fn htpasswd_registry_wants_credentials() {
     assert_eq!(anonymous_pull.status, 401, "{anonymous_pull:?}");
 }
 
+/// GET URL (`http://host:port/path`) with Basic CREDENTIALS: status, body.
+fn get(url: &str, credentials: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut req = format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n");
+    if let Some(c) = credentials {
+        let encoded = match c {
+            "alice:s3cret" => "YWxpY2U6czNjcmV0",
+            "alice:wrong" => "YWxpY2U6d3Jvbmc=",
+            other => panic!("no encoding for {other}"),
+        };
+        req.push_str(&format!("Authorization: Basic {encoded}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    stream.write_all(req.as_bytes()).unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+#[test]
+fn token_registry_issues_and_demands_bearer_tokens() {
+    let images = test_images();
+    let registry = Registry::start(Auth::token("alice", "s3cret"));
+    let realm = registry.token_realm().unwrap();
+
+    let anonymous = registry.request("GET", "/v2/", &[], false).unwrap();
+    assert_eq!(anonymous.status, 401, "{anonymous:?}");
+    let challenge = anonymous.header("WWW-Authenticate").unwrap_or_default();
+    assert!(
+        challenge.starts_with(&format!("Bearer realm=\"{realm}\"")),
+        "{challenge}"
+    );
+    assert!(
+        challenge.contains("service=\"cc-testsupport\""),
+        "{challenge}"
+    );
+
+    // Basic credentials are for the token server, not the registry.
+    let basic = format!("Basic {}", "YWxpY2U6czNjcmV0"); // alice:s3cret
+    let rejected = registry
+        .request("GET", "/v2/", &[("Authorization", &basic)], false)
+        .unwrap();
+    assert_eq!(rejected.status, 401, "{rejected:?}");
+
+    let scope = "scope=repository%3Abusybox%3Apull&service=cc-testsupport";
+    assert_eq!(get(&format!("{realm}?{scope}"), None).0, 401);
+    assert_eq!(get(&format!("{realm}?{scope}"), Some("alice:wrong")).0, 401);
+    let (status, body) = get(&format!("{realm}?{scope}"), Some("alice:s3cret"));
+    assert_eq!(status, 200, "{body}");
+    let token: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let bearer = format!("Bearer {}", token["token"].as_str().unwrap());
+    let accepted = registry
+        .request("GET", "/v2/", &[("Authorization", &bearer)], false)
+        .unwrap();
+    assert_eq!(accepted.status, 200, "{accepted:?}\n{}", registry.log());
+
+    // skopeo goes through the token flow to push.
+    registry.push(&images.busybox, "latest", "busybox:latest");
+    assert_eq!(
+        registry.digest("busybox:latest"),
+        layout_digest(&images.busybox)
+    );
+    let head = |path: &str| {
+        registry
+            .request(
+                "HEAD",
+                path,
+                &[
+                    ("Authorization", &bearer),
+                    ("Accept", "application/vnd.oci.image.manifest.v1+json"),
+                ],
+                false,
+            )
+            .unwrap()
+            .status
+    };
+    assert_eq!(head("/v2/busybox/manifests/latest"), 200);
+    // The token for one repository does not open another.
+    assert_eq!(head("/v2/other/manifests/latest"), 401);
+}
+
 #[test]
 fn dropping_the_registry_stops_it_and_cleans_up() {
     let registry = Registry::start(Auth::Anonymous);

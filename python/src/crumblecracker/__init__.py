@@ -186,14 +186,19 @@ def guest_protocol_version() -> int:
 
 
 def supports_hypervisor() -> bool:
-    """Whether hardware-accelerated virtualization (KVM) is usable.
-    Instances run either way (under QEMU's TCG emulation when it is not)."""
+    """Whether instances can run here: QEMU and an accelerator (KVM, or
+    QEMU's TCG software emulation where there is none), the guest kernel
+    and the agent are usable. ``query_capabilities()`` says which
+    accelerator and whether it is hardware-accelerated, or raises
+    ``HypervisorUnavailableError`` saying what is missing."""
     return bool(_lib.native().cc_supports_hypervisor())
 
 
 def query_capabilities() -> Capabilities:
-    """The host's capabilities: architecture, whether hardware
-    virtualization is usable, and the accelerator instances use."""
+    """The host's capabilities: architecture, the accelerator instances use
+    and whether it is hardware-accelerated. Raises
+    ``HypervisorUnavailableError`` when no instance can start here, saying
+    what is missing."""
     caps = _lib.CCapabilities()
     _lib.call(_lib.native().cc_query_capabilities, byref(caps))
     return Capabilities(
@@ -204,6 +209,7 @@ def query_capabilities() -> Capabilities:
         confined_namespaces=bool(caps.confined_namespaces),
         sandbox_uid=int(caps.sandbox_uid),
         confinement_gaps=tuple(g for g in _lib.decode(caps.confinement_gaps).split("; ") if g),
+        hardware_accelerated=bool(caps.hardware_accelerated),
     )
 
 

@@ -4,13 +4,18 @@ Every failure reported by ``libcc.so`` becomes an instance of the class for
 its code, carrying the code, the library's message, and the operation and
 path involved where they apply. ``IOError`` and ``TimeoutError`` are this
 package's own classes (named as the seed README names them); they shadow
-the builtins only inside this package's namespace and subclass ``CCError``
-alone, so ``except cc.IOError`` catches exactly what the library reports.
+the builtins only inside this package's namespace, so ``except cc.IOError``
+catches exactly what the library reports. ``IOError`` is also a builtin
+``OSError`` carrying the errno (and, by errno, a ``FileNotFoundError``,
+``FileExistsError``, ...), so code written for Python's own file errors
+handles guest files alike.
 """
 
 from __future__ import annotations
 
 import enum
+import errno as _errno
+import os
 from typing import ClassVar, Optional
 
 __all__ = [
@@ -27,6 +32,7 @@ __all__ = [
     "TimeoutError",
     "TooLargeError",
     "error_for_code",
+    "io_error",
 ]
 
 
@@ -143,18 +149,99 @@ class TimeoutError(CCError):  # the seed README's name (shadows the builtin here
 
 
 class HypervisorUnavailableError(CCError):
-    """QEMU is missing or the requested accelerator is unusable."""
+    """No instance can start here: QEMU, the guest kernel or the agent is
+    missing, or the requested accelerator (``CC_ACCEL``) is unusable; the
+    message says which."""
 
     default_code = ErrorCode.HYPERVISOR_UNAVAILABLE
 
 
-class IOError(CCError):  # the seed README's name (shadows the builtin here only)
+class IOError(CCError, OSError):  # the seed README's name (shadows the builtin here only)
     """A file, directory or process failed, on the host or in the guest.
 
-    A missing guest file is an ``IOError`` whose ``path`` names it.
+    A missing guest file is an ``IOError`` whose ``path`` names it. It is
+    also an ``OSError``: ``errno`` is the OS errno behind the failure (the
+    guest's for a guest file, ``errno.ENOENT`` for a missing one) or None,
+    ``strerror`` its text and ``filename`` the path. By errno it is also the
+    matching builtin subclass, so ``except FileNotFoundError`` catches a
+    missing guest file: ``FileNotFoundError`` (ENOENT), ``FileExistsError``
+    (EEXIST), ``NotADirectoryError`` (ENOTDIR), ``IsADirectoryError``
+    (EISDIR), ``PermissionError`` (EACCES, EPERM); others (ENOSPC, ...)
+    are plain ``OSError``.
     """
 
     default_code = ErrorCode.IO
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: Optional[int] = None,
+        op: Optional[str] = None,
+        path: Optional[str] = None,
+        errno: Optional[int] = None,
+    ) -> None:
+        super().__init__(message, code=code, op=op, path=path)
+        self.errno = errno
+        self.strerror = os.strerror(errno) if errno else None
+        self.filename = path
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        return text if self.errno is None else f"{text[:-1]}, errno={self.errno})"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_io, (self.message, int(self.code), self.op, self.path, self.errno))
+
+
+class _FileNotFound(IOError, FileNotFoundError):
+    """An ``IOError`` with ENOENT."""
+
+
+class _FileExists(IOError, FileExistsError):
+    """An ``IOError`` with EEXIST."""
+
+
+class _NotADirectory(IOError, NotADirectoryError):
+    """An ``IOError`` with ENOTDIR."""
+
+
+class _IsADirectory(IOError, IsADirectoryError):
+    """An ``IOError`` with EISDIR."""
+
+
+class _Permission(IOError, PermissionError):
+    """An ``IOError`` with EACCES or EPERM."""
+
+
+_IO_BY_ERRNO: dict[int, type[IOError]] = {
+    _errno.ENOENT: _FileNotFound,
+    _errno.EEXIST: _FileExists,
+    _errno.ENOTDIR: _NotADirectory,
+    _errno.EISDIR: _IsADirectory,
+    _errno.EACCES: _Permission,
+    _errno.EPERM: _Permission,
+}
+
+
+def io_error(
+    message: str,
+    *,
+    code: Optional[int] = None,
+    op: Optional[str] = None,
+    path: Optional[str] = None,
+    errno: Optional[int] = None,
+) -> IOError:
+    """The ``IOError`` for ERRNO: also the builtin ``OSError`` subclass
+    Python raises for it (``FileNotFoundError`` for ENOENT, ...)."""
+    cls = _IO_BY_ERRNO.get(errno or 0, IOError)
+    return cls(message, code=code, op=op, path=path, errno=errno)
+
+
+def _rebuild_io(
+    message: str, code: int, op: Optional[str], path: Optional[str], errno: Optional[int]
+) -> IOError:
+    return io_error(message, code=code, op=op, path=path, errno=errno)
 
 
 class NetworkError(CCError):

@@ -54,7 +54,7 @@ from ctypes import (
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from ._errors import CCError, InvalidArgumentError, error_for_code
+from ._errors import CCError, InvalidArgumentError, IOError, error_for_code, io_error
 
 # The C API version this package is written against (cc.h).
 API_MAJOR = 0
@@ -94,21 +94,33 @@ class LibraryLoadError(RuntimeError):
 # -- structures (cc.h) ---------------------------------------------------------
 
 
-class CError(Structure):
+class _Sized(Structure):
+    """A struct that grows (cc.h, "Structs that grow"): created with its
+    leading ``size`` set to this layout's size, as ``CC_..._INIT`` does."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.size = ctypes.sizeof(self)
+
+
+class CError(_Sized):
     """``cc_error``: strings kept as raw pointers, freed by ``cc_error_free``."""
 
     _fields_ = [
+        ("size", c_size_t),
         ("code", c_int32),
         ("message", c_void_p),
         ("op", c_void_p),
         ("path", c_void_p),
+        ("os_errno", c_int32),
     ]
 
 
-class CCapabilities(Structure):
+class CCapabilities(_Sized):
     """``cc_capabilities`` (static strings)."""
 
     _fields_ = [
+        ("size", c_size_t),
         ("architecture", c_char_p),
         ("hypervisor_available", c_bool),
         ("accelerator", c_char_p),
@@ -116,6 +128,7 @@ class CCapabilities(Structure):
         ("confined_namespaces", c_bool),
         ("sandbox_uid", c_uint32),
         ("confinement_gaps", c_char_p),
+        ("hardware_accelerated", c_bool),
     ]
 
 
@@ -180,10 +193,11 @@ class CMount(Structure):
     ]
 
 
-class CInstanceOptions(Structure):
+class CInstanceOptions(_Sized):
     """``cc_instance_options``."""
 
     _fields_ = [
+        ("size", c_size_t),
         ("memory_mb", c_uint32),
         ("cpus", c_uint32),
         ("timeout_seconds", c_double),
@@ -262,6 +276,7 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_cancel_token_child": (_CODE, [_H, _HP, _ERR]),
     # OCI clients and sources
     "cc_oci_client_new": (_CODE, [c_char_p, _HP, _ERR]),
+    "cc_oci_client_cache_dir": (_CODE, [_H, POINTER(c_void_p), _ERR]),
     "cc_oci_pull": (
         _CODE,
         [_H, c_char_p, POINTER(CPullOptions), PROGRESS_FN, c_void_p, _H, _HP, _ERR],
@@ -563,10 +578,14 @@ def error_from(code: int, err: CError) -> CCError:
     message = _take_string(err.message) or f"libcc error {code}"
     op = _take_string(err.op)
     path = _take_string(err.path)
+    os_errno = int(err.os_errno)
     native().cc_error_free(ctypes.byref(err))
     if "call cc_init" in message:
         message = message.replace("call cc_init", "call crumblecracker.init() first")
-    return error_for_code(code)(message, code=code, op=op, path=path)
+    cls = error_for_code(code)
+    if issubclass(cls, IOError):
+        return io_error(message, code=code, op=op, path=path, errno=os_errno or None)
+    return cls(message, code=code, op=op, path=path)
 
 
 def call(fn: Any, *args: Any) -> None:

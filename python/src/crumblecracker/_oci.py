@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-from ctypes import byref, c_uint64
+from ctypes import byref, c_uint64, c_void_p
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from . import _lib
@@ -95,7 +95,18 @@ class OCIClient(Handle):
         out = c_uint64()
         _lib.call(lib.cc_oci_client_new, raw, byref(out))
         super().__init__(out.value)
-        self._cache_dir = None if raw is None else _lib.decode(raw)
+        try:
+            where = c_void_p()
+            _lib.call(lib.cc_oci_client_cache_dir, out.value, byref(where))
+            self._cache_dir = _lib.take_string(where)
+        except BaseException:
+            self._release()
+            raise
+
+    @property
+    def cache_dir(self) -> str:
+        """The store's directory, absolute (also after ``close()``)."""
+        return self._cache_dir
 
     def pull(
         self,
@@ -237,6 +248,5 @@ class OCIClient(Handle):
             self._release()
 
     def __repr__(self) -> str:
-        where = self._cache_dir if self._cache_dir is not None else "default store"
         state = " closed" if self._closed else ""
-        return f"<OCIClient {where!r}{state}>"
+        return f"<OCIClient {self._cache_dir!r}{state}>"

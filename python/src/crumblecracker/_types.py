@@ -465,8 +465,9 @@ class ImageConfig:
 @dataclass(frozen=True)
 class Capabilities:
     """What this host offers: the architecture guests run as, whether
-    hardware virtualization is usable, the accelerator instances use
-    (``"kvm"`` or ``"tcg"``), and how QEMU is confined (see SECURITY.md):
+    instances can run (``hypervisor_available``, as ``supports_hypervisor()``),
+    the accelerator instances use (``"kvm"`` or ``"tcg"``) and whether it is
+    hardware-accelerated (KVM), and how QEMU is confined (see SECURITY.md):
     its seccomp filter, its own namespaces, the uid it runs as, and what of
     that this host cannot give (``confinement_gaps``, empty when fully
     confined)."""
@@ -478,3 +479,4 @@ class Capabilities:
     confined_namespaces: bool = False
     sandbox_uid: int = 0
     confinement_gaps: tuple[str, ...] = ()
+    hardware_accelerated: bool = False

@@ -467,6 +467,9 @@ class OCIClient(_Async):
 
     if TYPE_CHECKING:
         # -- generated from the synchronous class by `python -m crumblecracker.aio` --
+        @property
+        def cache_dir(self) -> str: ...
+
         async def export_dir(self, source: SourceLike, path: PathArg) -> None: ...
 
         async def load_dir(

@@ -15,15 +15,6 @@ use crate::library::*;
 use crate::oci::*;
 use crate::snapshot::*;
 
-fn zeroed_error() -> cc_error {
-    cc_error {
-        code: CC_OK,
-        message: ptr::null_mut(),
-        op: ptr::null_mut(),
-        path: ptr::null_mut(),
-    }
-}
-
 fn text(p: *const c_char) -> Option<String> {
     // SAFETY: the library's strings are NUL-terminated.
     (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
@@ -32,17 +23,22 @@ fn text(p: *const c_char) -> Option<String> {
 /// Runs `call` with an error struct; returns its code and the error's
 /// fields (freed).
 fn failing(call: impl FnOnce(*mut cc_error) -> cc_error_code) -> (cc_error_code, Error) {
-    let mut err = zeroed_error();
+    let mut err = cc_error::default();
     let code = call(&mut err);
     let seen = Error {
         code: err.code,
         message: text(err.message).unwrap_or_default(),
         op: text(err.op),
         path: text(err.path),
+        os_errno: err.os_errno,
     };
     // SAFETY: filled by the library (or still zeroed).
     unsafe { cc_error_free(&mut err) };
     assert!(err.message.is_null() && err.op.is_null() && err.path.is_null());
+    assert_eq!(
+        (err.size, err.os_errno),
+        (std::mem::size_of::<cc_error>(), 0)
+    );
     (code, seen)
 }
 
@@ -52,6 +48,7 @@ struct Error {
     message: String,
     op: Option<String>,
     path: Option<String>,
+    os_errno: i32,
 }
 
 #[test]
@@ -127,8 +124,12 @@ fn core_errors_keep_code_op_and_path() {
         (Some("remove"), Some("/no/such"))
     );
     assert!(f.message.contains("No such file"), "{}", f.message);
+    assert_eq!(f.os_errno, libc::ENOENT);
     let f = Failure::from(cc::Error::AlreadyClosed);
-    assert_eq!((f.code, f.op, f.path), (CC_ERR_ALREADY_CLOSED, None, None));
+    assert_eq!(
+        (f.code, f.op, f.path, f.os_errno),
+        (CC_ERR_ALREADY_CLOSED, None, None, 0)
+    );
 }
 
 #[test]
@@ -142,19 +143,22 @@ fn errors_fill_only_on_failure_and_free_cleanly() {
                 message: "stat /x: gone".into(),
                 op: Some("stat".into()),
                 path: Some("/x".into()),
+                os_errno: libc::ENOENT,
             })
         })
     });
     assert_eq!((code, e.code), (CC_ERR_IO, CC_ERR_IO));
     assert_eq!(e.message, "stat /x: gone");
     assert_eq!(
-        (e.op.as_deref(), e.path.as_deref()),
-        (Some("stat"), Some("/x"))
+        (e.op.as_deref(), e.path.as_deref(), e.os_errno),
+        (Some("stat"), Some("/x"), libc::ENOENT)
     );
 
     // Success leaves the struct alone (here: a marker code).
-    let mut err = zeroed_error();
-    err.code = CC_ERR_TIMEOUT;
+    let mut err = cc_error {
+        code: CC_ERR_TIMEOUT,
+        ..cc_error::default()
+    };
     assert_eq!(guard(&mut err, || Ok(())), CC_OK);
     assert_eq!(err.code, CC_ERR_TIMEOUT);
     assert!(err.message.is_null());
@@ -167,7 +171,7 @@ fn errors_fill_only_on_failure_and_free_cleanly() {
     // SAFETY: NULL and a zeroed struct are both allowed.
     unsafe {
         cc_error_free(ptr::null_mut());
-        let mut err = zeroed_error();
+        let mut err = cc_error::default();
         cc_error_free(&mut err);
         cc_error_free(&mut err);
     }
@@ -333,6 +337,7 @@ fn null_and_bad_arguments_are_invalid_arguments() {
             CC_OK
         );
         let opts = cc_instance_options {
+            size: std::mem::size_of::<cc_instance_options>(),
             memory_mb: 0,
             cpus: 0,
             timeout_seconds: -1.0,
@@ -402,6 +407,18 @@ fn null_and_bad_arguments_are_invalid_arguments() {
         assert_eq!(
             cc_oci_client_new(dir_c.as_ptr(), &mut client, ptr::null_mut()),
             CC_OK
+        );
+        let mut where_ = ptr::null_mut();
+        assert_eq!(
+            cc_oci_client_cache_dir(client, &mut where_, ptr::null_mut()),
+            CC_OK
+        );
+        assert_eq!(text(where_).as_deref(), dir.to_str());
+        cc_string_free(where_);
+        let (code, e) = failing(|err| cc_oci_client_cache_dir(client, ptr::null_mut(), err));
+        assert_eq!(
+            (code, e.code),
+            (CC_ERR_INVALID_ARGUMENT, CC_ERR_INVALID_ARGUMENT)
         );
         let opts = cc_pull_options {
             platform: ptr::null(),
@@ -525,10 +542,9 @@ fn loading_a_missing_layout_is_an_io_error_with_the_path() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[test]
-fn capabilities_and_hypervisor_agree() {
-    let _g = shared();
-    let mut caps = cc_capabilities {
+fn blank_capabilities() -> cc_capabilities {
+    cc_capabilities {
+        size: std::mem::size_of::<cc_capabilities>(),
         architecture: ptr::null(),
         hypervisor_available: false,
         accelerator: ptr::null(),
@@ -536,14 +552,27 @@ fn capabilities_and_hypervisor_agree() {
         confined_namespaces: false,
         sandbox_uid: u32::MAX,
         confinement_gaps: ptr::null(),
-    };
+        hardware_accelerated: false,
+    }
+}
+
+#[test]
+fn capabilities_and_hypervisor_agree() {
+    let _g = shared();
+    let mut caps = blank_capabilities();
     // SAFETY: a writable struct.
-    let code = unsafe { cc_query_capabilities(&mut caps, ptr::null_mut()) };
+    let (code, e) = failing(|err| unsafe { cc_query_capabilities(&mut caps, err) });
+    let host = cc::host_info();
+    assert_eq!(cc_supports_hypervisor(), host.hypervisor_available());
     if code != CC_OK {
-        // Only when CC_ACCEL asks for what the host lacks.
+        // Only when no instance can start here, saying why.
         assert_eq!(code, CC_ERR_HYPERVISOR_UNAVAILABLE);
+        assert!(!cc_supports_hypervisor());
+        assert_eq!(Some(e.message), host.unavailable());
         return;
     }
+    assert!(cc_supports_hypervisor() && caps.hypervisor_available);
+    assert_eq!(caps.size, std::mem::size_of::<cc_capabilities>());
     assert_eq!(text(caps.architecture).unwrap(), std::env::consts::ARCH);
     // The confinement the core reports, field for field.
     let host = cc::host_confinement();
@@ -553,8 +582,205 @@ fn capabilities_and_hypervisor_agree() {
     assert_eq!(text(caps.confinement_gaps).unwrap(), host.gaps.join("; "));
     let accel = text(caps.accelerator).unwrap();
     assert!(accel == "kvm" || accel == "tcg", "{accel}");
-    assert_eq!(caps.hypervisor_available, accel == "kvm");
-    assert_eq!(cc_supports_hypervisor(), caps.hypervisor_available);
+    assert_eq!(caps.hardware_accelerated, accel == "kvm");
+}
+
+#[test]
+fn capabilities_need_their_size() {
+    let _g = shared();
+    for size in [0, 1, std::mem::size_of::<cc_capabilities>() - 1] {
+        let mut caps = cc_capabilities {
+            size,
+            ..blank_capabilities()
+        };
+        // SAFETY: a writable struct, larger than it claims.
+        let (code, e) = failing(|err| unsafe { cc_query_capabilities(&mut caps, err) });
+        assert_eq!(code, CC_ERR_INVALID_ARGUMENT, "{size}: {e:?}");
+        assert!(e.message.contains("`out->size`"), "{}", e.message);
+        assert!(caps.architecture.is_null(), "nothing written");
+    }
+}
+
+#[test]
+fn a_cc_error_gets_only_the_fields_within_its_size() {
+    let _g = shared();
+    let failure = || {
+        Err(Failure {
+            code: CC_ERR_IO,
+            message: "read_file /x: gone".into(),
+            op: Some("read_file".into()),
+            path: Some("/x".into()),
+            os_errno: libc::ENOENT,
+        })
+    };
+    let marker = |size| cc_error {
+        size,
+        code: CC_ERR_TIMEOUT,
+        os_errno: -7,
+        ..cc_error::default()
+    };
+    // Too small for `code`: the call fails, nothing is written.
+    let size = std::mem::offset_of!(cc_error, code) + 3;
+    let mut err = marker(size);
+    assert_eq!(guard(&mut err, failure), CC_ERR_IO);
+    assert_eq!((err.code, err.os_errno), (CC_ERR_TIMEOUT, -7));
+    assert!(err.message.is_null() && err.op.is_null() && err.path.is_null());
+    // SAFETY: only the fields within `size` are touched: none.
+    unsafe { cc_error_free(&mut err) };
+    assert_eq!(
+        (err.size, err.code, err.os_errno),
+        (size, CC_ERR_TIMEOUT, -7)
+    );
+    // Size 0, a struct zeroed with `{0}`: the first version, every field.
+    let mut err = marker(0);
+    assert_eq!(guard(&mut err, failure), CC_ERR_IO);
+    assert_eq!(
+        (err.size, err.code, err.os_errno),
+        (0, CC_ERR_IO, libc::ENOENT)
+    );
+    assert_eq!(text(err.op).as_deref(), Some("read_file"));
+    // SAFETY: filled by the library as the first version.
+    unsafe { cc_error_free(&mut err) };
+    assert!(err.message.is_null() && err.op.is_null() && err.path.is_null());
+    assert_eq!((err.size, err.code, err.os_errno), (0, CC_OK, 0));
+    // Up to `message` only: the code, no strings allocated.
+    let mut err = marker(std::mem::offset_of!(cc_error, message) + 7);
+    assert_eq!(guard(&mut err, failure), CC_ERR_IO);
+    assert_eq!(err.code, CC_ERR_IO);
+    assert!(err.message.is_null() && err.op.is_null() && err.path.is_null());
+    // An older caller's struct, without `os_errno`: everything else.
+    let older = std::mem::offset_of!(cc_error, os_errno);
+    let mut err = marker(older);
+    assert_eq!(guard(&mut err, failure), CC_ERR_IO);
+    assert_eq!((err.code, err.os_errno), (CC_ERR_IO, -7));
+    assert_eq!(text(err.path).as_deref(), Some("/x"));
+    // SAFETY: filled by the library within its size.
+    unsafe { cc_error_free(&mut err) };
+    assert!(err.message.is_null() && err.path.is_null());
+    assert_eq!((err.size, err.code, err.os_errno), (older, CC_OK, -7));
+    // The whole struct: `os_errno` too, and `size` kept.
+    let (code, e) = failing(|err| guard(err, failure));
+    assert_eq!((code, e.os_errno), (CC_ERR_IO, libc::ENOENT));
+}
+
+/// Two versions of a struct that grows, as a caller built against the
+/// older header and this library see it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct V1 {
+    size: usize,
+    a: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct V2 {
+    size: usize,
+    a: u32,
+    b: u64,
+}
+
+#[test]
+fn sized_structs_are_read_and_written_within_the_callers_size() {
+    use crate::ffi::{read_sized, SizedOut};
+    let v1 = std::mem::size_of::<V1>();
+    let older = V1 { size: v1, a: 5 };
+    // SAFETY: each pointer is valid for the size its struct declares.
+    unsafe {
+        // An older caller's input: its fields read, the new one defaulted.
+        let read = read_sized(ptr::addr_of!(older).cast::<V2>(), v1, "o").unwrap();
+        assert_eq!(
+            read,
+            Some(V2 {
+                size: v1,
+                a: 5,
+                b: 0
+            })
+        );
+        assert_eq!(read_sized::<V2>(ptr::null(), v1, "o").unwrap(), None);
+        // Below the first version: refused, whatever follows.
+        for size in [0, v1 - 1] {
+            let short = V1 { size, a: 5 };
+            let e = read_sized(ptr::addr_of!(short).cast::<V2>(), v1, "o").unwrap_err();
+            assert_eq!(e.code, CC_ERR_INVALID_ARGUMENT);
+            assert!(e.message.contains("`o->size`"), "{}", e.message);
+        }
+        // A newer caller's input: unknown fields must be zero.
+        let newer = V2 {
+            size: std::mem::size_of::<V2>(),
+            a: 5,
+            b: 0,
+        };
+        let read = read_sized(ptr::addr_of!(newer).cast::<V1>(), v1, "o").unwrap();
+        assert_eq!(read.map(|r| r.a), Some(5));
+        let set = V2 { b: 1, ..newer };
+        let e = read_sized(ptr::addr_of!(set).cast::<V1>(), v1, "o").unwrap_err();
+        assert!(e.message.contains("does not know"), "{}", e.message);
+
+        // Output to an older caller: its fields only, never its `size`,
+        // nothing past it (`guard` stands for the memory after).
+        let mut buf = (V1 { size: v1, a: 0 }, u64::MAX);
+        let out = SizedOut::new(ptr::addr_of_mut!(buf.0).cast::<V2>(), v1, "out").unwrap();
+        out.write(V2 {
+            size: 999,
+            a: 9,
+            b: 3,
+        });
+        assert_eq!((buf.0.size, buf.0.a, buf.1), (v1, 9, u64::MAX));
+        let mut short = V1 { size: 3, a: 0 };
+        let e = SizedOut::new(ptr::addr_of_mut!(short).cast::<V2>(), v1, "out").unwrap_err();
+        assert_eq!(e.code, CC_ERR_INVALID_ARGUMENT);
+        assert_eq!(short.a, 0);
+    }
+}
+
+#[test]
+fn instance_options_need_their_size() {
+    let _g = shared();
+    let mut source = 0;
+    // SAFETY: a literal path and a writable slot.
+    let code =
+        unsafe { cc_source_from_dir(c"/nonexistent".as_ptr(), &mut source, ptr::null_mut()) };
+    assert_eq!(code, CC_OK);
+    let full = cc_instance_options {
+        size: std::mem::size_of::<cc_instance_options>(),
+        ..Default::default()
+    };
+    for size in [0, 8, full.size - 1] {
+        let opts = cc_instance_options { size, ..full };
+        // SAFETY: valid options (smaller than they are).
+        let (code, e) = failing(|err| unsafe { cc_instance_new(source, &opts, &mut 0, err) });
+        assert_eq!(code, CC_ERR_INVALID_ARGUMENT, "{size}: {e:?}");
+        assert!(e.message.contains("`options->size`"), "{}", e.message);
+    }
+    // A newer caller's larger struct: fine while what it adds is zero.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Newer {
+        opts: cc_instance_options,
+        added: u64,
+    }
+    let newer = |added| Newer {
+        opts: cc_instance_options {
+            size: std::mem::size_of::<Newer>(),
+            ..full
+        },
+        added,
+    };
+    for (added, known) in [(0, true), (1, false)] {
+        let opts = newer(added);
+        // SAFETY: options valid for their declared size.
+        let (code, e) = failing(|err| unsafe {
+            cc_instance_new(source, ptr::addr_of!(opts).cast(), &mut 0, err)
+        });
+        if known {
+            // Past the options to the missing root directory.
+            assert_ne!(code, CC_ERR_INVALID_ARGUMENT, "{e:?}");
+        } else {
+            assert_eq!(code, CC_ERR_INVALID_ARGUMENT, "{e:?}");
+        }
+    }
+    assert_eq!(cc_source_free(source), CC_OK);
 }
 
 extern "C" fn never_called(_: *const cc_pull_progress, _: *mut c_void) -> i32 {

@@ -34,12 +34,7 @@ fn new_dir_source() -> cc_source {
 /// `is_cancelled` on `h`, with the error message when it fails.
 fn probe(h: u64) -> (cc_error_code, String) {
     let mut out = false;
-    let mut err = cc_error {
-        code: CC_OK,
-        message: ptr::null_mut(),
-        op: ptr::null_mut(),
-        path: ptr::null_mut(),
-    };
+    let mut err = cc_error::default();
     // SAFETY: writable out and err.
     let code = unsafe { cc_cancel_token_is_cancelled(h, &mut out, &mut err) };
     let message = if err.message.is_null() {
@@ -198,12 +193,7 @@ fn an_unreachable_registry_is_a_network_error_while_others_use_handles() {
     // Nothing listens on port 1: the pull fails at once, as a registry
     // failure (NETWORK) and without taking the table with it.
     let mut source = 0;
-    let mut err = cc_error {
-        code: CC_OK,
-        message: ptr::null_mut(),
-        op: ptr::null_mut(),
-        path: ptr::null_mut(),
-    };
+    let mut err = cc_error::default();
     // SAFETY: valid strings and slots.
     let code = unsafe {
         cc_oci_pull(

@@ -48,7 +48,7 @@ static int checks = 0;
  * the error either way. */
 #define EXPECT(want, call) expect_code(__LINE__, #call, (call), (want), &err)
 
-static cc_error err; /* zero-initialized; freed after every failing call */
+static cc_error err = CC_ERROR_INIT; /* freed after every failing call */
 
 static const char *str_or(const char *s, const char *dflt) { return s ? s : dflt; }
 
@@ -138,13 +138,18 @@ static void test_before_init(void) {
 static void test_library(void) {
     EXPECT(CC_OK, cc_init(&err));
     EXPECT(CC_OK, cc_init(NULL)); /* idempotent */
-    cc_capabilities caps;
+    /* Instances run here (under KVM or TCG), so the query succeeds. */
+    cc_capabilities caps = CC_CAPABILITIES_INIT;
+    CHECK(cc_supports_hypervisor(), "instances can run here");
     if (EXPECT(CC_OK, cc_query_capabilities(&caps, &err))) {
         CHECK(strcmp(caps.architecture, "x86_64") == 0, "arch %s", caps.architecture);
-        CHECK(strcmp(caps.accelerator, caps.hypervisor_available ? "kvm" : "tcg") == 0, "accel %s",
+        CHECK(strcmp(caps.accelerator, caps.hardware_accelerated ? "kvm" : "tcg") == 0, "accel %s",
               caps.accelerator);
-        CHECK(caps.hypervisor_available == cc_supports_hypervisor(), "agree");
+        CHECK(caps.hypervisor_available && caps.size == sizeof caps, "available, size kept");
     }
+    cc_capabilities unsized = {0};
+    expect_message(__LINE__, cc_query_capabilities(&unsized, &err), CC_ERR_INVALID_ARGUMENT,
+                   "`out->size` is 0");
 }
 
 static void test_null_arguments(void) {
@@ -176,6 +181,14 @@ static void test_null_arguments(void) {
     cc_image_config_free(NULL);
     cc_error zero = {0};
     cc_error_free(&zero);
+    /* A zeroed cc_error (size 0) stands for the first version: it gets
+     * every field, and cc_error_free leaves its size alone. */
+    CHECK(cc_source_from_dir(NULL, &src, &zero) == CC_ERR_INVALID_ARGUMENT &&
+              zero.code == CC_ERR_INVALID_ARGUMENT && zero.message != NULL && zero.size == 0,
+          "size 0: the first version's fields written");
+    cc_error_free(&zero);
+    CHECK(zero.code == CC_OK && zero.message == NULL && zero.size == 0,
+          "size 0: freed as the first version");
 }
 
 static void test_handles(void) {
@@ -255,6 +268,9 @@ static void test_sources_and_clients(void) {
     CHECK(config == NULL, "untouched");
     cc_mount mount = {"/nonexistent/host/dir", "/mnt", false};
     cc_instance_options io = {0};
+    expect_message(__LINE__, cc_instance_new(src, &io, &(cc_instance){0}, &err),
+                   CC_ERR_INVALID_ARGUMENT, "`options->size` is 0");
+    io = (cc_instance_options)CC_INSTANCE_OPTIONS_INIT;
     io.mounts = &mount;
     io.mount_count = 1;
     cc_instance inst = 0;
@@ -521,6 +537,54 @@ static void test_pipes_and_kill(cc_instance inst) {
     cc_cmd_free(cmd);
 }
 
+/* Runs a shell script in the guest; whether it exited 0. */
+static int sh_ok(cc_instance inst, const char *script) {
+    const char *args[] = {"-c", script};
+    cc_cmd cmd = 0;
+    int code = -1;
+    EXPECT(CC_OK, cc_instance_command(inst, "sh", args, 2, &cmd, &err));
+    EXPECT(CC_OK, cc_cmd_run(cmd, &code, &err));
+    cc_cmd_free(cmd);
+    return code == 0;
+}
+
+/* A failing guest call whose error carries CC_ERR_IO and the guest errno. */
+static void expect_errno(int line, cc_error_code got, int want) {
+    checks++;
+    if (got != CC_ERR_IO || err.os_errno != want) {
+        failures++;
+        fprintf(stderr, "FAIL %s:%d: want CC_ERR_IO errno %d (%s); got %d errno %d (%s)\n",
+                __FILE__, line, want, strerror(want), (int)got, err.os_errno,
+                str_or(err.message, "NULL"));
+    }
+    cc_error_free(&err);
+    CHECK(err.os_errno == 0, "os_errno reset by cc_error_free");
+}
+
+/* Guest file operations report the guest's errno. */
+static void test_errnos(cc_instance inst) {
+    uint8_t *data = NULL;
+    size_t len = 0;
+    expect_errno(__LINE__, cc_instance_read_file(inst, "/no/such/file", &data, &len, &err), ENOENT);
+    expect_errno(__LINE__, cc_instance_mkdir(inst, "/tmp", 0755, &err), EEXIST);
+    expect_errno(__LINE__, cc_instance_write_file(inst, "/etc/passwd/x", (const uint8_t *)"x", 1,
+                                                  0644, &err),
+                 ENOTDIR);
+    expect_errno(__LINE__, cc_instance_read_file(inst, "/tmp", &data, &len, &err), EISDIR);
+    /* A read-only sysctl: refused even to the guest's root. */
+    expect_errno(__LINE__, cc_instance_write_file(inst, "/proc/sys/kernel/ostype",
+                                                  (const uint8_t *)"x", 1, 0644, &err),
+                 EACCES);
+    /* A full filesystem: a 64 KiB tmpfs. */
+    CHECK(sh_ok(inst, "mkdir -p /tmp/full && mount -t tmpfs -o size=64k tmpfs /tmp/full"),
+          "mount a small tmpfs");
+    static uint8_t big[1 << 20];
+    expect_errno(__LINE__,
+                 cc_instance_write_file(inst, "/tmp/full/f", big, sizeof big, 0644, &err), ENOSPC);
+    CHECK(sh_ok(inst, "umount /tmp/full && rmdir /tmp/full"), "unmount it");
+    CHECK(data == NULL, "no output on failure");
+}
+
 static void test_files(cc_instance inst) {
     const char *text = "hello file";
     uint8_t *data = NULL;
@@ -549,6 +613,7 @@ static void test_files(cc_instance inst) {
 
     EXPECT(CC_OK, cc_instance_mkdir(inst, "/tmp/d", 0755, &err));
     EXPECT(CC_ERR_IO, cc_instance_mkdir(inst, "/tmp/d", 0755, &err)); /* exists */
+    test_errnos(inst);
     EXPECT(CC_OK, cc_instance_mkdir_all(inst, "/tmp/d/e/f", 0755, &err));
     EXPECT(CC_OK, cc_instance_rename(inst, "/tmp/hello.txt", "/tmp/d/h.txt", &err));
     EXPECT(CC_OK, cc_instance_symlink(inst, "h.txt", "/tmp/d/link", &err));
@@ -719,7 +784,7 @@ static void test_snapshot(cc_instance inst, const char *cache) {
 
     /* A new instance from the snapshot has the file (and not the excluded
      * one); it ends when its guest powers off. */
-    cc_instance_options opts = {0};
+    cc_instance_options opts = CC_INSTANCE_OPTIONS_INIT;
     opts.memory_mb = 256;
     opts.timeout_seconds = 300;
     cc_instance second = 0;
@@ -774,7 +839,7 @@ static void test_mounts(cc_source src) {
     fputs("from the host", f);
     fclose(f);
     cc_mount mount = {host, "/mnt/host", false};
-    cc_instance_options opts = {0};
+    cc_instance_options opts = CC_INSTANCE_OPTIONS_INIT;
     opts.memory_mb = 256;
     opts.mounts = &mount;
     opts.mount_count = 1;
@@ -1030,7 +1095,7 @@ static void test_vm_in(const char *ref, const char *cache, int mounts, char *sto
     cc_source src = pull_image(ref, store);
     if (!src)
         return;
-    cc_instance_options opts = {0};
+    cc_instance_options opts = CC_INSTANCE_OPTIONS_INIT;
     opts.memory_mb = 256;
     opts.cpus = 1;
     cc_instance inst = 0;

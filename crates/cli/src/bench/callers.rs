@@ -79,10 +79,12 @@ fn find_libcc(explicit: Option<&Path>) -> Result<PathBuf, String> {
 /// `struct cc_error` of cc.h.
 #[repr(C)]
 struct CcError {
+    size: usize,
     code: i32,
     message: *mut c_char,
     op: *mut c_char,
     path: *mut c_char,
+    os_errno: i32,
 }
 
 type Handle = u64;
@@ -168,10 +170,12 @@ impl Libcc {
     /// becomes "`name`: message (error N)".
     fn call(&self, name: &str, f: impl FnOnce(*mut CcError) -> i32) -> Result<(), String> {
         let mut err = CcError {
+            size: std::mem::size_of::<CcError>(),
             code: 0,
             message: std::ptr::null_mut(),
             op: std::ptr::null_mut(),
             path: std::ptr::null_mut(),
+            os_errno: 0,
         };
         let code = f(&mut err);
         if code == 0 {
@@ -185,9 +189,13 @@ impl Libcc {
                 .to_string_lossy()
                 .into_owned()
         };
+        let errno = match err.os_errno {
+            0 => String::new(),
+            n => format!(", errno {n}"),
+        };
         // SAFETY: `err` was filled by the failed call and is freed once.
         unsafe { (self.error_free)(&mut err) };
-        Err(format!("{name}: {message} (error {code})"))
+        Err(format!("{name}: {message} (error {code}{errno})"))
     }
 
     /// Boots an instance of `rootfs` with the default options.
