@@ -857,3 +857,24 @@ def test_network_objects_on_bogus_handles(lib: None) -> None:
     with pytest.raises(cc.AlreadyClosedError) as info:
         conn.close_write()
     assert info.value.op == "close_write"
+
+
+def test_cancel_token_lifecycle_and_use_after_close(lib: None, client: cc.OCIClient) -> None:
+    with cc.CancelToken() as token:
+        assert not token.is_cancelled
+        token.cancel()
+        token.cancel()
+        assert token.is_cancelled
+        # Cancelled before the call: it does not start, and names itself.
+        with pytest.raises(cc.CancelledError, match="load cancelled") as info:
+            client.load_tar("/nonexistent.tar", cancel=token)
+        assert info.value.code == cc.ErrorCode.CANCELLED
+    assert token.closed
+    for use in (token.cancel, lambda: token.is_cancelled):
+        with pytest.raises(cc.AlreadyClosedError):
+            use()
+    with pytest.raises(cc.AlreadyClosedError):
+        client.load_dir("/nonexistent", cancel=token)
+    token.close()
+    with pytest.raises(TypeError):
+        client.load_tar("/nonexistent.tar", cancel="yes")  # type: ignore[arg-type]

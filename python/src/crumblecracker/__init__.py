@@ -30,6 +30,14 @@ while another writes to it. Every resource (``OCIClient``, ``ImageSource``,
 are also released when objects are garbage collected, and instances still
 open when the interpreter exits are closed.
 
+Cancel tokens: ``cc.CancelToken()`` passed as ``cancel=`` to a blocking
+call (``pull``, ``load_tar``/``load_dir``, ``Instance(...)``, ``wait``,
+``accept``, ``Cmd.wait``, ``Conn``/``File`` ``read``/``write``,
+``read_file``/``write_file``) stops it from any thread at once:
+``token.cancel()`` makes the call raise ``CancelledError`` naming the
+operation ("wait cancelled"). A token is a context manager; one used after
+``close()`` raises ``AlreadyClosedError``.
+
 ``crumblecracker.aio`` is the same API for asyncio: ``async def`` methods
 running the blocking calls in worker threads.
 """
@@ -39,6 +47,7 @@ from __future__ import annotations
 from ctypes import byref
 
 from . import _lib
+from ._cancel import CancelToken
 from ._cmd import Cmd, Conn
 from ._errors import (
     AlreadyClosedError,
@@ -95,6 +104,7 @@ __all__ = [
     "AlreadyClosedError",
     "Auth",
     "CCError",
+    "CancelToken",
     "CancelledError",
     "Capabilities",
     "Cmd",

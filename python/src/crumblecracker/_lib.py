@@ -272,6 +272,7 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_cancel_token_cancel": (_CODE, [_H, _ERR]),
     "cc_cancel_token_is_cancelled": (_CODE, [_H, POINTER(c_bool), _ERR]),
     "cc_cancel_token_free": (_CODE, [_H]),
+    "cc_cancel_token_child": (_CODE, [_H, _HP, _ERR]),
     # OCI clients and sources
     "cc_oci_client_new": (_CODE, [c_char_p, _HP, _ERR]),
     "cc_oci_client_cache_dir": (_CODE, [_H, POINTER(c_void_p), _ERR]),
@@ -281,6 +282,8 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     ),
     "cc_oci_load_tar": (_CODE, [_H, c_char_p, _HP, _ERR]),
     "cc_oci_load_dir": (_CODE, [_H, c_char_p, _HP, _ERR]),
+    "cc_oci_load_tar_cancellable": (_CODE, [_H, c_char_p, _H, _HP, _ERR]),
+    "cc_oci_load_dir_cancellable": (_CODE, [_H, c_char_p, _H, _HP, _ERR]),
     "cc_oci_export_dir": (_CODE, [_H, _H, c_char_p, _ERR]),
     "cc_oci_client_close": (_CODE, [_H, _ERR]),
     "cc_oci_client_free": (_CODE, [_H]),
@@ -290,6 +293,7 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_image_config_free": (None, [POINTER(CImageConfig)]),
     # instances
     "cc_instance_new": (_CODE, [_H, POINTER(CInstanceOptions), _HP, _ERR]),
+    "cc_instance_new_cancellable": (_CODE, [_H, POINTER(CInstanceOptions), _H, _HP, _ERR]),
     "cc_instance_id": (_CODE, [_H, POINTER(c_void_p), _ERR]),
     "cc_instance_start_kind": (_CODE, [_H, POINTER(c_int32), _ERR]),  # enum cc_start_kind
     "cc_instance_is_running": (_CODE, [_H, POINTER(c_bool), _ERR]),
@@ -304,10 +308,18 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
         _CODE,
         [_H, c_char_p, POINTER(c_void_p), POINTER(c_size_t), _ERR],
     ),
+    "cc_instance_read_file_cancellable": (
+        _CODE,
+        [_H, c_char_p, _H, POINTER(c_void_p), POINTER(c_size_t), _ERR],
+    ),
     "cc_instance_read_file_stream": (_CODE, [_H, c_char_p, _HP, POINTER(c_uint64), _ERR]),
     "cc_instance_copy_out": (_CODE, [_H, c_char_p, c_char_p, POINTER(c_uint64), _ERR]),
     "cc_instance_copy_in": (_CODE, [_H, c_char_p, c_char_p, c_uint32, POINTER(c_uint64), _ERR]),
     "cc_instance_write_file": (_CODE, [_H, c_char_p, c_char_p, c_size_t, c_uint32, _ERR]),
+    "cc_instance_write_file_cancellable": (
+        _CODE,
+        [_H, c_char_p, c_char_p, c_size_t, c_uint32, _H, _ERR],
+    ),
     "cc_instance_stat": (_CODE, [_H, c_char_p, POINTER(CFileInfo), _ERR]),
     "cc_instance_lstat": (_CODE, [_H, c_char_p, POINTER(CFileInfo), _ERR]),
     "cc_instance_mkdir": (_CODE, [_H, c_char_p, c_uint32, _ERR]),
@@ -332,8 +344,13 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_instance_create": (_CODE, [_H, c_char_p, _HP, _ERR]),
     "cc_instance_open_file": (_CODE, [_H, c_char_p, c_uint32, c_uint32, _HP, _ERR]),
     "cc_file_read": (_CODE, [_H, POINTER(c_char), c_size_t, POINTER(c_size_t), _ERR]),
+    "cc_file_read_cancellable": (
+        _CODE,
+        [_H, _H, POINTER(c_char), c_size_t, POINTER(c_size_t), _ERR],
+    ),
     "cc_file_read_all": (_CODE, [_H, POINTER(c_void_p), POINTER(c_size_t), _ERR]),
     "cc_file_write": (_CODE, [_H, c_char_p, c_size_t, POINTER(c_size_t), _ERR]),
+    "cc_file_write_cancellable": (_CODE, [_H, _H, c_char_p, c_size_t, POINTER(c_size_t), _ERR]),
     "cc_file_seek": (_CODE, [_H, c_int64, c_int, POINTER(c_uint64), _ERR]),
     "cc_file_stat": (_CODE, [_H, POINTER(CFileInfo), _ERR]),
     "cc_file_truncate": (_CODE, [_H, c_uint64, _ERR]),
@@ -354,6 +371,7 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_cmd_stderr_pipe": (_CODE, [_H, _HP, _ERR]),
     "cc_cmd_start": (_CODE, [_H, _ERR]),
     "cc_cmd_wait": (_CODE, [_H, POINTER(c_int32), _ERR]),
+    "cc_cmd_wait_cancellable": (_CODE, [_H, _H, POINTER(c_int32), _ERR]),
     "cc_cmd_run": (_CODE, [_H, POINTER(c_int32), _ERR]),
     "cc_cmd_output": (
         _CODE,
@@ -372,8 +390,13 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_cmd_free": (_CODE, [_H]),
     # connections
     "cc_conn_read": (_CODE, [_H, POINTER(c_char), c_size_t, POINTER(c_size_t), _ERR]),
+    "cc_conn_read_cancellable": (
+        _CODE,
+        [_H, _H, POINTER(c_char), c_size_t, POINTER(c_size_t), _ERR],
+    ),
     "cc_conn_read_all": (_CODE, [_H, POINTER(c_void_p), POINTER(c_size_t), _ERR]),
     "cc_conn_write": (_CODE, [_H, c_char_p, c_size_t, _ERR]),
+    "cc_conn_write_cancellable": (_CODE, [_H, _H, c_char_p, c_size_t, _ERR]),
     "cc_conn_close": (_CODE, [_H, _ERR]),
     "cc_conn_close_write": (_CODE, [_H, _ERR]),
     "cc_conn_addrs": (_CODE, [_H, POINTER(c_void_p), POINTER(c_void_p), _ERR]),

@@ -749,9 +749,12 @@ static void test_wait_cancel(cc_instance inst) {
     EXPECT(CC_OK, cc_cancel_token_new(&c.token, &err));
     pthread_t thread;
     pthread_create(&thread, NULL, cancel_later, &c);
-    EXPECT(CC_ERR_CANCELLED, cc_instance_wait(inst, c.token, &err));
+    expect_message(__LINE__, cc_instance_wait(inst, c.token, &err), CC_ERR_CANCELLED,
+                   "wait cancelled");
     pthread_join(thread, NULL);
     cc_cancel_token_free(c.token);
+    /* A freed token is a bad handle, not "no token". */
+    EXPECT(CC_ERR_INVALID_HANDLE, cc_instance_wait(inst, c.token, &err));
 }
 
 static void test_snapshot(cc_instance inst, const char *cache) {
