@@ -7,7 +7,9 @@ use std::process::Command;
 /// Each workspace crate and the workspace crates it may depend on (normal
 /// and build dependencies; tests may use more).
 const ALLOWED: &[(&str, &[&str])] = &[
-    ("cc-protocol", &[]),
+    // Cancellation is a leaf every layer that blocks may use.
+    ("cc-cancel", &[]),
+    ("cc-protocol", &["cc-cancel"]),
     ("cc-erofs", &[]),
     ("cc-netpolicy", &[]),
     ("cc-testsupport", &[]),
@@ -15,10 +17,16 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("cc-agent", &["cc-protocol"]),
     // The engine never speaks the agent protocol.
     ("cc-engine", &["cc-netpolicy"]),
-    ("cc-image", &["cc-erofs"]),
+    ("cc-image", &["cc-erofs", "cc-cancel"]),
     (
         "crumblecracker",
-        &["cc-protocol", "cc-engine", "cc-image", "cc-netpolicy"],
+        &[
+            "cc-protocol",
+            "cc-engine",
+            "cc-image",
+            "cc-netpolicy",
+            "cc-cancel",
+        ],
     ),
     // The C ABI maps the core 1:1.
     ("cc-capi", &["crumblecracker"]),
