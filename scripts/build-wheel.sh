@@ -41,7 +41,7 @@ step "auditwheel show"
 "$venv/bin/auditwheel" show "$built" > "$work/show.txt"
 cat "$work/show.txt" >&2
 # "... is consistent with the following platform tag: "manylinux_2_34_x86_64"."
-tag=$(grep -o 'following platform tag: "[^"]*"' "$work/show.txt" | head -1 | cut -d'"' -f2)
+tag=$(grep -o -m1 'following platform tag: "[^"]*"' "$work/show.txt" | cut -d'"' -f2)
 case "$tag" in
     manylinux_*_x86_64) ;;
     *) echo "auditwheel found no manylinux tag for $built (got '$tag')" >&2; exit 1 ;;
@@ -53,7 +53,10 @@ rm -f dist/crumblecracker-*.whl
 mv "$wheel" dist/
 wheel="dist/$(basename "$wheel")"
 # The retagged wheel must satisfy its own tag.
-"$venv/bin/auditwheel" show "$wheel" | grep -q "platform tag: \"$tag\"" || {
+# Through a file, not a pipe: `grep -q` stops reading at the first match and
+# auditwheel then dies of a broken pipe, failing the check under pipefail.
+"$venv/bin/auditwheel" show "$wheel" > "$work/show-tagged.txt"
+grep -q "platform tag: \"$tag\"" "$work/show-tagged.txt" || {
     echo "auditwheel: $wheel does not satisfy $tag" >&2
     exit 1
 }
