@@ -282,6 +282,188 @@ fn kill_process_group(inst: &Instance) {
     assert_eq!(left.trim(), "0", "sleeps left behind");
 }
 
+/// What a terminal showed so far, read by a thread from a PTY child's
+/// stdout.
+struct Screen {
+    seen: std::sync::Arc<Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Screen {
+    fn watch(child: &mut cc::Child) -> Screen {
+        let mut out = child.stdout.take().expect("a terminal's output");
+        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0; 4096];
+            while let Ok(n @ 1..) = out.read(&mut buf) {
+                s.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Screen {
+            seen,
+            reader: Some(reader),
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.seen.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until `what` shows, failing after a generous bound (not a
+    /// measure of speed: a hang).
+    fn expect(&self, what: &str) {
+        let end = Instant::now() + Duration::from_secs(30);
+        while !self.text().contains(what) {
+            assert!(
+                Instant::now() < end,
+                "{what:?} never showed; the terminal showed {:?}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the terminal's end of output.
+    fn finish(mut self) -> String {
+        self.reader.take().unwrap().join().unwrap();
+        self.text()
+    }
+}
+
+fn pty_shell_is_a_terminal_resizes_and_takes_ctrl_c(inst: &Instance) {
+    let mut child = inst
+        .command("sh")
+        .pty(24, 80)
+        .stdin(Stdio::Piped)
+        .spawn()
+        .unwrap();
+    assert!(child.stderr.is_none(), "a terminal has one output stream");
+    let screen = Screen::watch(&mut child);
+    let mut keys = child.stdin.take().unwrap();
+    // An interactive shell prompts.
+    screen.expect("# ");
+    // Arithmetic tells the command's output from the echo of its typing.
+    keys.write_all(b"tty; test -t 0 && echo tty_$((40+2))\n")
+        .unwrap();
+    screen.expect("tty_42");
+    assert!(screen.text().contains("/dev/pts/"), "{}", screen.text());
+    assert!(
+        screen.text().contains("echo tty_$((40+2))"),
+        "typed input is echoed: {}",
+        screen.text()
+    );
+    keys.write_all(b"echo size_$((1)) $(stty size)\n").unwrap();
+    screen.expect("size_1 24 80");
+    child.resize(30, 100).unwrap();
+    keys.write_all(b"echo size_$((2)) $(stty size)\n").unwrap();
+    screen.expect("size_2 30 100");
+    // Ctrl-C is a byte typed, which the terminal turns into SIGINT for the
+    // foreground job only.
+    let typed = Instant::now();
+    keys.write_all(b"sleep 1000\n").unwrap();
+    screen.expect("sleep 1000");
+    std::thread::sleep(Duration::from_millis(500));
+    keys.write_all(b"\x03").unwrap();
+    keys.write_all(b"echo after_$((3+4))\n").unwrap();
+    screen.expect("after_7");
+    assert!(
+        typed.elapsed() < Duration::from_secs(60),
+        "sleep not interrupted"
+    );
+    keys.write_all(b"exit 3\n").unwrap();
+    let status = child
+        .wait_timeout(Duration::from_secs(30))
+        .unwrap()
+        .expect("the shell exits");
+    assert_eq!(status.code(), Some(3));
+    drop(keys);
+    screen.finish();
+}
+
+fn pty_output_is_one_stream_and_bad_sizes_are_invalid(inst: &Instance) {
+    let out = inst
+        .command("sh")
+        .args([
+            "-c",
+            "echo out; echo err >&2; test -t 1 && test -t 2 && echo both",
+        ])
+        .pty(24, 80)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", out.status);
+    // A terminal turns "\n" into "\r\n".
+    assert_eq!(out.stdout, b"out\r\nerr\r\nboth\r\n");
+    assert!(out.stderr.is_empty());
+
+    for (rows, cols) in [
+        (0, 80),
+        (24, 0),
+        (cc::MAX_TERMINAL_SIZE + 1, 80),
+        (24, u16::MAX),
+    ] {
+        let err = inst.command("true").pty(rows, cols).spawn().unwrap_err();
+        assert_eq!(
+            err.code(),
+            ErrorCode::InvalidArgument,
+            "{rows}x{cols}: {err}"
+        );
+    }
+    let mut plain = inst.command("sleep").arg("1000").spawn().unwrap();
+    let err = plain.resize(24, 80).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    plain.kill().unwrap();
+    plain.wait().unwrap();
+    let mut term = inst
+        .command("sleep")
+        .arg("1000")
+        .pty(24, 80)
+        .spawn()
+        .unwrap();
+    let err = term.resize(0, 80).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    term.kill().unwrap();
+    term.wait().unwrap();
+}
+
+fn pty_kill_leaves_no_process(inst: &Instance) {
+    let mut child = inst
+        .command("sh")
+        .pty(24, 80)
+        .stdin(Stdio::Piped)
+        .spawn()
+        .unwrap();
+    let screen = Screen::watch(&mut child);
+    let mut keys = child.stdin.take().unwrap();
+    screen.expect("# ");
+    // The interactive shell runs its jobs in their own process groups.
+    keys.write_all(b"sleep 1000 & sleep 1001\n").unwrap();
+    let sleeps = "ps -o comm,args | grep -c '^sleep' || true";
+    let end = Instant::now() + Duration::from_secs(30);
+    while stdout(inst, sleeps).trim() != "2" {
+        assert!(Instant::now() < end, "the sleeps never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    let status = child
+        .wait_timeout(Duration::from_secs(20))
+        .unwrap()
+        .expect("killed process exits");
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    // The hangup of the terminal reaches the rest (asynchronously).
+    let end = Instant::now() + Duration::from_secs(20);
+    while stdout(inst, sleeps).trim() != "0" {
+        assert!(
+            Instant::now() < end,
+            "processes left behind: {}",
+            stdout(inst, "ps -o pid,pgid,comm,args")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(keys);
+    screen.finish();
+}
+
 fn large_output_with_back_pressure(inst: &Instance) {
     // 256 MiB through a guest with far less free memory: only flow control
     // makes this work, and the host must see every byte in order.
@@ -3015,6 +3197,9 @@ fn main() -> ExitCode {
         stdout_and_stderr_apart,
         concurrent_commands,
         kill_process_group,
+        pty_shell_is_a_terminal_resizes_and_takes_ctrl_c,
+        pty_output_is_one_stream_and_bad_sizes_are_invalid,
+        pty_kill_leaves_no_process,
         large_output_with_back_pressure,
         stdin_eof_ends_reader,
         command_not_found_or_not_executable,
