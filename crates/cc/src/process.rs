@@ -584,7 +584,7 @@ impl Child {
 }
 
 /// A terminal size [`Command::pty`] and [`Child::resize`] accept.
-fn check_size(rows: u16, cols: u16) -> Result<()> {
+pub(crate) fn check_size(rows: u16, cols: u16) -> Result<()> {
     let ok = |n: u16| (1..=MAX_TERMINAL_SIZE).contains(&n);
     if ok(rows) && ok(cols) {
         return Ok(());
