@@ -485,7 +485,9 @@ impl Child {
         ))
     }
 
-    /// Sends `signal` to the process's whole process group.
+    /// Sends `signal` to the process's whole process group (on a
+    /// terminal, see [`Command::pty`], to every process of its session:
+    /// a shell's jobs have groups of their own).
     pub fn signal(&self, signal: i32) -> Result<()> {
         self.signaller().signal(signal)
     }
