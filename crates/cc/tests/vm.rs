@@ -13,6 +13,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use cc::{ErrorCode, Instance, Options, Source, Stdio};
+use cc_testsupport::Screen;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
 fn rootfs() -> PathBuf {
@@ -263,6 +264,16 @@ fn concurrent_commands(inst: &Instance) {
     });
 }
 
+/// Kills `child` and checks that it ended by the kill.
+fn kill_and_reap(child: &mut cc::Child) {
+    child.kill().unwrap();
+    let status = child
+        .wait_timeout(Duration::from_secs(20))
+        .unwrap()
+        .expect("killed process exits");
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+}
+
 fn kill_process_group(inst: &Instance) {
     let mut child = inst
         .command("sh")
@@ -271,67 +282,15 @@ fn kill_process_group(inst: &Instance) {
         .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(child.try_wait().unwrap(), None);
-    child.kill().unwrap();
-    let status = child
-        .wait_timeout(Duration::from_secs(20))
-        .unwrap()
-        .expect("killed process exits");
-    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    kill_and_reap(&mut child);
     // The background sleep was in the same group: nothing is left.
     let left = stdout(inst, "ps -o comm | grep -c '^sleep$' || true");
     assert_eq!(left.trim(), "0", "sleeps left behind");
 }
 
-/// What a terminal showed so far, read by a thread from a PTY child's
-/// stdout.
-struct Screen {
-    seen: std::sync::Arc<Mutex<Vec<u8>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Screen {
-    fn watch(child: &mut cc::Child) -> Screen {
-        let mut out = child.stdout.take().expect("a terminal's output");
-        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
-        let s = seen.clone();
-        let reader = std::thread::spawn(move || {
-            let mut buf = [0; 4096];
-            while let Ok(n @ 1..) = out.read(&mut buf) {
-                s.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        Screen {
-            seen,
-            reader: Some(reader),
-        }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.seen.lock().unwrap()).into_owned()
-    }
-
-    /// Waits until `what` shows, failing after a generous bound (not a
-    /// measure of speed: a hang).
-    fn expect(&self, what: &str) {
-        let end = Instant::now() + Duration::from_secs(30);
-        while !self.text().contains(what) {
-            assert!(
-                Instant::now() < end,
-                "{what:?} never showed; the terminal showed {:?}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits for the terminal's end of output.
-    fn finish(mut self) -> String {
-        self.reader.take().unwrap().join().unwrap();
-        self.text()
-    }
-}
-
-fn pty_shell_is_a_terminal_resizes_and_takes_ctrl_c(inst: &Instance) {
+/// `sh` on a terminal of 24 × 80, prompting: the child, its screen and
+/// its keyboard.
+fn shell_on_a_terminal(inst: &Instance) -> (cc::Child, Screen, cc::ChildStdin) {
     let mut child = inst
         .command("sh")
         .pty(24, 80)
@@ -339,10 +298,15 @@ fn pty_shell_is_a_terminal_resizes_and_takes_ctrl_c(inst: &Instance) {
         .spawn()
         .unwrap();
     assert!(child.stderr.is_none(), "a terminal has one output stream");
-    let screen = Screen::watch(&mut child);
-    let mut keys = child.stdin.take().unwrap();
+    let screen = Screen::watch(child.stdout.take().expect("a terminal's output"));
+    let keys = child.stdin.take().unwrap();
     // An interactive shell prompts.
     screen.expect("# ");
+    (child, screen, keys)
+}
+
+fn pty_shell_is_a_terminal_resizes_and_takes_ctrl_c(inst: &Instance) {
+    let (mut child, screen, mut keys) = shell_on_a_terminal(inst);
     // Arithmetic tells the command's output from the echo of its typing.
     keys.write_all(b"tty; test -t 0 && echo tty_$((40+2))\n")
         .unwrap();
@@ -427,15 +391,7 @@ fn pty_output_is_one_stream_and_bad_sizes_are_invalid(inst: &Instance) {
 }
 
 fn pty_kill_leaves_no_process(inst: &Instance) {
-    let mut child = inst
-        .command("sh")
-        .pty(24, 80)
-        .stdin(Stdio::Piped)
-        .spawn()
-        .unwrap();
-    let screen = Screen::watch(&mut child);
-    let mut keys = child.stdin.take().unwrap();
-    screen.expect("# ");
+    let (mut child, screen, mut keys) = shell_on_a_terminal(inst);
     // The interactive shell runs its jobs in their own process groups.
     keys.write_all(b"sleep 1000 & sleep 1001\n").unwrap();
     let sleeps = "ps -o comm,args | grep -c '^sleep' || true";
@@ -444,13 +400,9 @@ fn pty_kill_leaves_no_process(inst: &Instance) {
         assert!(Instant::now() < end, "the sleeps never started");
         std::thread::sleep(Duration::from_millis(100));
     }
-    child.kill().unwrap();
-    let status = child
-        .wait_timeout(Duration::from_secs(20))
-        .unwrap()
-        .expect("killed process exits");
-    assert_eq!(status.signal(), Some(libc::SIGKILL));
-    // The hangup of the terminal reaches the rest (asynchronously).
+    kill_and_reap(&mut child);
+    // The kill reaches the jobs' own groups in the session too; they go
+    // asynchronously.
     let end = Instant::now() + Duration::from_secs(20);
     while stdout(inst, sleeps).trim() != "0" {
         assert!(

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use cc_testsupport::Screen;
 use libtest_mimic::{Arguments, Completion, Trial};
 
 fn cache() -> PathBuf {
@@ -187,40 +188,19 @@ impl HostTerminal {
     }
 }
 
-/// What the host terminal showed, read by a thread from its master.
-struct Shown(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl Shown {
-    fn watch(master: &std::fs::File) -> Shown {
-        use std::io::Read;
-        let mut master = master.try_clone().unwrap();
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let s = seen.clone();
-        // Ends with EIO once no process has the slave open; not joined.
-        std::thread::spawn(move || {
-            let mut buf = [0; 4096];
-            while let Ok(n @ 1..) = master.read(&mut buf) {
-                s.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        Shown(seen)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
-    /// Waits until `what` shows (a bound against hangs, not a speed test).
-    fn expect(&self, what: &str) {
-        let end = Instant::now() + Duration::from_secs(60);
-        while !self.text().contains(what) {
-            assert!(
-                Instant::now() < end,
-                "{what:?} never showed; the terminal showed {:?}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+/// Waits for crumble to end (a bound against hangs, not a speed test).
+fn exit_of(child: &mut std::process::Child, shown: &Screen) -> std::process::ExitStatus {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
         }
+        assert!(
+            Instant::now() < end,
+            "crumble did not end: {}",
+            shown.text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -233,7 +213,7 @@ fn run_it_drives_a_shell_on_the_host_terminal() {
             .arg(rootfs())
             .args(["--", "sh"]),
     );
-    let shown = Shown::watch(&term.master);
+    let shown = Screen::watch(term.master.try_clone().unwrap());
     let mut keys = term.master.try_clone().unwrap();
     shown.expect("# ");
     // Raw while the command runs: the guest's terminal echoes and edits.
@@ -273,18 +253,7 @@ fn run_it_drives_a_shell_on_the_host_terminal() {
     keys.write_all(b"echo after_$((3+4))\n").unwrap();
     shown.expect("after_7");
     keys.write_all(b"exit 3\n").unwrap();
-    let end = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < end,
-            "crumble did not end: {}",
-            shown.text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = exit_of(&mut child, &shown);
     assert_eq!(status.code(), Some(3), "{}", shown.text());
     assert_eq!(
         term.settings(),
@@ -302,23 +271,12 @@ fn run_it_restores_the_terminal_when_signalled() {
             .arg(rootfs())
             .args(["--", "sh", "-c", "echo sleeping; exec sleep 1000"]),
     );
-    let shown = Shown::watch(&term.master);
+    let shown = Screen::watch(term.master.try_clone().unwrap());
     shown.expect("sleeping");
     assert_ne!(term.settings(), before, "raw while the command runs");
     // SAFETY: kill(2) takes no pointers; the pid is our unreaped child's.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let end = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < end,
-            "crumble did not end: {}",
-            shown.text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = exit_of(&mut child, &shown);
     // The command got the signal and ended by it, as without -t.
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{}", shown.text());
     assert_eq!(
