@@ -337,9 +337,10 @@ typedef struct cc_error {
 
 /**
  * A cancel token: set once (from any thread, or from a progress
- * callback), it stops the pulls and waits it was given to with
- * `CC_ERR_CANCELLED`. It stays set. 0 means "no token" where one is
- * optional.
+ * callback), it stops the calls it was given to (pulls, waits, accepts,
+ * and the `_cancellable` reads, writes and loads) with `CC_ERR_CANCELLED`
+ * at once, however they block. It stays set. 0 means "no token" where one
+ * is optional; a freed token is `CC_ERR_INVALID_HANDLE`.
  */
 typedef uint64_t cc_cancel_token;
 
@@ -566,6 +567,11 @@ typedef struct cc_capabilities {
      * than QEMU's slower software emulation (TCG).
      */
     bool hardware_accelerated;
+    /**
+     * The guest kernel's content hash (the key it was built under, as
+     * `crumble doctor` shows it); `""` when unknown or no kernel is found.
+     */
+    const char *kernel_hash;
 } cc_capabilities;
 
 /**
@@ -762,7 +768,20 @@ void cc_strings_free(char **strings, size_t count);
 cc_error_code cc_cancel_token_new(cc_cancel_token *out, struct cc_error *err);
 
 /**
- * Cancels: every pull and wait using the token stops soon after.
+ * Creates a token cancelled when `parent` is (at once, if it already
+ * is); cancelling the child leaves `parent` alone. Free it with
+ * `cc_cancel_token_free` like any token; freeing either does not cancel
+ * the other.
+ *
+ * # Safety
+ * `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+ */
+cc_error_code cc_cancel_token_child(cc_cancel_token parent,
+                                    cc_cancel_token *out,
+                                    struct cc_error *err);
+
+/**
+ * Cancels: every call using the token (or a child of it) stops at once.
  * Cancelling again does nothing.
  *
  * # Safety
@@ -944,6 +963,18 @@ cc_error_code cc_cmd_start(cc_cmd cmd, struct cc_error *err);
 cc_error_code cc_cmd_wait(cc_cmd cmd, int32_t *exit_code, struct cc_error *err);
 
 /**
+ * `cc_cmd_wait` that `cancel` (0 for none) stops with `CC_ERR_CANCELLED`;
+ * the process keeps running and can be waited for again.
+ *
+ * # Safety
+ * `exit_code` is NULL or valid for writing; `err` is NULL or valid for writing.
+ */
+cc_error_code cc_cmd_wait_cancellable(cc_cmd cmd,
+                                      cc_cancel_token cancel,
+                                      int32_t *exit_code,
+                                      struct cc_error *err);
+
+/**
  * Starts the process and waits for it (as `cc_cmd_start` + `cc_cmd_wait`).
  *
  * # Safety
@@ -1039,6 +1070,21 @@ cc_error_code cc_cmd_free(cc_cmd cmd);
 cc_error_code cc_conn_read(cc_conn conn, uint8_t *buf, size_t cap, size_t *n, struct cc_error *err);
 
 /**
+ * `cc_conn_read` that `cancel` (0 for none) stops with
+ * `CC_ERR_CANCELLED`; what was not read yet stays to be read.
+ *
+ * # Safety
+ * `buf` is valid for `cap` bytes; `n` is valid for writing; `err` is NULL
+ * or valid for writing.
+ */
+cc_error_code cc_conn_read_cancellable(cc_conn conn,
+                                       cc_cancel_token cancel,
+                                       uint8_t *buf,
+                                       size_t cap,
+                                       size_t *n,
+                                       struct cc_error *err);
+
+/**
  * Reads to the end of the stream, into a buffer to free with
  * `cc_bytes_free` or move with `cc_bytes_move` (never NULL on success).
  * More than the instance's `max_result_bytes` fails with
@@ -1058,6 +1104,20 @@ cc_error_code cc_conn_read_all(cc_conn conn, uint8_t **data, size_t *len, struct
  * for writing.
  */
 cc_error_code cc_conn_write(cc_conn conn, const uint8_t *data, size_t len, struct cc_error *err);
+
+/**
+ * `cc_conn_write` that `cancel` (0 for none) stops with
+ * `CC_ERR_CANCELLED` while it waits for the guest; part of `data` may
+ * have been sent.
+ *
+ * # Safety
+ * `data` is valid for `len` bytes; `err` is NULL or valid for writing.
+ */
+cc_error_code cc_conn_write_cancellable(cc_conn conn,
+                                        cc_cancel_token cancel,
+                                        const uint8_t *data,
+                                        size_t len,
+                                        struct cc_error *err);
 
 /**
  * Closes this end: a writer sends end of file, a reader stops the stream.
@@ -1147,6 +1207,21 @@ cc_error_code cc_instance_read_file(cc_instance inst,
                                     struct cc_error *err);
 
 /**
+ * `cc_instance_read_file` that `cancel` (0 for none) stops with
+ * `CC_ERR_CANCELLED`.
+ *
+ * # Safety
+ * `path` is a NUL-terminated string; `data` and `len` are NULL or valid
+ * for writing; `err` is NULL or valid for writing.
+ */
+cc_error_code cc_instance_read_file_cancellable(cc_instance inst,
+                                                const char *path,
+                                                cc_cancel_token cancel,
+                                                uint8_t **data,
+                                                size_t *len,
+                                                struct cc_error *err);
+
+/**
  * Starts streaming a guest file of any size: `*out` is a readable
  * `cc_conn` (read it with `cc_conn_read` until it gives 0 bytes, then
  * `cc_conn_free` it; freeing it early stops the transfer) and `*size`
@@ -1210,6 +1285,23 @@ cc_error_code cc_instance_write_file(cc_instance inst,
                                      size_t len,
                                      uint32_t mode,
                                      struct cc_error *err);
+
+/**
+ * `cc_instance_write_file` that `cancel` (0 for none) stops with
+ * `CC_ERR_CANCELLED` while it waits for the guest; the file may then
+ * hold part of `data`.
+ *
+ * # Safety
+ * `path` is a NUL-terminated string; `data` is valid for `len` bytes;
+ * `err` is NULL or valid for writing.
+ */
+cc_error_code cc_instance_write_file_cancellable(cc_instance inst,
+                                                 const char *path,
+                                                 const uint8_t *data,
+                                                 size_t len,
+                                                 uint32_t mode,
+                                                 cc_cancel_token cancel,
+                                                 struct cc_error *err);
 
 /**
  * Metadata of `path`, following a final symlink. Free `out->name` with
@@ -1419,6 +1511,20 @@ cc_error_code cc_instance_open_file(cc_instance inst,
 cc_error_code cc_file_read(cc_file file, uint8_t *buf, size_t cap, size_t *n, struct cc_error *err);
 
 /**
+ * `cc_file_read` that `cancel` (0 for none) stops with `CC_ERR_CANCELLED`.
+ *
+ * # Safety
+ * `buf` is valid for `cap` bytes; `n` is valid for writing; `err` is NULL
+ * or valid for writing.
+ */
+cc_error_code cc_file_read_cancellable(cc_file file,
+                                       cc_cancel_token cancel,
+                                       uint8_t *buf,
+                                       size_t cap,
+                                       size_t *n,
+                                       struct cc_error *err);
+
+/**
  * Everything from the file offset to the end, in a buffer to free with
  * `cc_bytes_free` or move with `cc_bytes_move` (never NULL on success):
  * read into one buffer of the size left in a regular file. More than the
@@ -1443,6 +1549,22 @@ cc_error_code cc_file_write(cc_file file,
                             size_t len,
                             size_t *written,
                             struct cc_error *err);
+
+/**
+ * `cc_file_write` that `cancel` (0 for none) stops with
+ * `CC_ERR_CANCELLED` while it waits for the guest; part of `data` may
+ * have been written.
+ *
+ * # Safety
+ * `data` is valid for `len` bytes; `written` is NULL or valid for
+ * writing; `err` is NULL or valid for writing.
+ */
+cc_error_code cc_file_write_cancellable(cc_file file,
+                                        cc_cancel_token cancel,
+                                        const uint8_t *data,
+                                        size_t len,
+                                        size_t *written,
+                                        struct cc_error *err);
 
 /**
  * Moves the file offset by `offset` from `whence` (`CC_SEEK_SET`,
@@ -1513,6 +1635,21 @@ cc_error_code cc_instance_new(cc_source source,
                               const struct cc_instance_options *options,
                               cc_instance *out,
                               struct cc_error *err);
+
+/**
+ * `cc_instance_new` that `cancel` (0 for none) stops with
+ * `CC_ERR_CANCELLED` (at once while it waits for the guest to come up);
+ * nothing of the instance remains.
+ *
+ * # Safety
+ * `options` is NULL or valid; `out` is NULL or valid for writing; `err`
+ * is NULL or valid for writing.
+ */
+cc_error_code cc_instance_new_cancellable(cc_source source,
+                                          const struct cc_instance_options *options,
+                                          cc_cancel_token cancel,
+                                          cc_instance *out,
+                                          struct cc_error *err);
 
 /**
  * The instance's unique id, a string to free with `cc_string_free`. Also
@@ -1815,6 +1952,20 @@ cc_error_code cc_oci_load_tar(cc_oci_client client,
                               struct cc_error *err);
 
 /**
+ * `cc_oci_load_tar` that `cancel` (0 for none) stops with
+ * `CC_ERR_CANCELLED`, leaving nothing half-written in the store.
+ *
+ * # Safety
+ * `path` is a NUL-terminated string; `out` is NULL or valid for writing;
+ * `err` is NULL or valid for writing.
+ */
+cc_error_code cc_oci_load_tar_cancellable(cc_oci_client client,
+                                          const char *path,
+                                          cc_cancel_token cancel,
+                                          cc_source *out,
+                                          struct cc_error *err);
+
+/**
  * Loads an OCI image layout directory into the store.
  *
  * # Safety
@@ -1825,6 +1976,20 @@ cc_error_code cc_oci_load_dir(cc_oci_client client,
                               const char *path,
                               cc_source *out,
                               struct cc_error *err);
+
+/**
+ * `cc_oci_load_dir` that `cancel` (0 for none) stops with
+ * `CC_ERR_CANCELLED`, leaving nothing half-written in the store.
+ *
+ * # Safety
+ * `path` is a NUL-terminated string; `out` is NULL or valid for writing;
+ * `err` is NULL or valid for writing.
+ */
+cc_error_code cc_oci_load_dir_cancellable(cc_oci_client client,
+                                          const char *path,
+                                          cc_cancel_token cancel,
+                                          cc_source *out,
+                                          struct cc_error *err);
 
 /**
  * Writes an image (or snapshot) source as an OCI image layout directory

@@ -1,11 +1,23 @@
-"""Build hooks: compile libcc.so and the static guest agent with cargo and
-bundle them in the wheel (``crumblecracker/_native/``).
+"""Build hooks: compile libcc.so, the ``crumble`` CLI and the static guest
+agent with cargo and bundle them with the guest kernel in the wheel, laid
+out as an install prefix under ``crumblecracker/_native/``::
+
+    lib/libcc.so                      stripped
+    bin/crumble                       stripped; the ``crumble`` console script execs it
+    share/crumblecracker/cc-agent     static, stripped
+    share/crumblecracker/vmlinux      with its config and kernel.json (content hash)
+
+libcc.so and crumble find the data dir as ``<their dir>/../share/crumblecracker``.
+The kernel is ``CC_KERNEL`` when set, else the one ``scripts/setup.sh``
+installed (``$CARGO_TARGET_DIR/share/crumblecracker/vmlinux``); its
+``config`` and ``kernel.json`` are taken from beside it.
 
 The Cargo workspace is the parent of this directory (``CC_WORKSPACE``
 overrides it, for builds from an unpacked sdist); ``CARGO_TARGET_DIR`` is
 honoured. Editable installs (``pip install -e``) build nothing: the package
 then finds libcc through ``LIBCC_PATH`` or the workspace's
-``target/release/libcc.so``.
+``target/release/libcc.so``. ``scripts/build-wheel.sh`` builds the wheel and
+gives it its manylinux tag.
 """
 
 from __future__ import annotations
@@ -75,7 +87,10 @@ class BuildPyWithNative(build_py):
         target = Path(os.environ.get("CARGO_TARGET_DIR", root / "target")).resolve()
         env = dict(os.environ)
         env["CARGO_TARGET_DIR"] = str(target)
+        # One package a call, as scripts/setup.sh and scripts/test.sh build
+        # them: the same feature sets, so nothing is rebuilt.
         cargo(["build", "--release", "--locked", "-p", "cc-capi"], root, env)
+        cargo(["build", "--release", "--locked", "-p", "crumble"], root, env)
         agent_env = dict(env)
         agent_env["RUSTFLAGS"] = "-C target-feature=+crt-static"
         cargo(
@@ -84,8 +99,25 @@ class BuildPyWithNative(build_py):
             agent_env,
         )
         native = Path(self.build_lib) / "crumblecracker" / "_native"
-        copy_stripped(target / "release" / "libcc.so", native / "libcc.so")
-        copy_stripped(target / AGENT_TARGET / "release" / "cc-agent", native / "cc-agent")
+        data = native / "share" / "crumblecracker"
+        copy_stripped(target / "release" / "libcc.so", native / "lib" / "libcc.so")
+        copy_stripped(target / "release" / "crumble", native / "bin" / "crumble")
+        copy_stripped(target / AGENT_TARGET / "release" / "cc-agent", data / "cc-agent")
+        kernel = Path(
+            os.environ.get("CC_KERNEL") or target / "share" / "crumblecracker" / "vmlinux"
+        )
+        if not kernel.is_file():
+            sys.exit(
+                f"crumblecracker: guest kernel not found at {kernel}: run scripts/setup.sh "
+                "(or scripts/build-kernel.sh), or set CC_KERNEL"
+            )
+        # Kept whole: it is stripped of debug info already, and its symbols
+        # are the kernel's own.
+        data.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kernel, data / "vmlinux")
+        for name in ("config", "kernel.json"):
+            if (kernel.parent / name).is_file():
+                shutil.copyfile(kernel.parent / name, data / name)
 
 
 class BinaryDistribution(Distribution):

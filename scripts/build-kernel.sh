@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Build the minimal guest kernel from kernel/microvm.config and cache it by
-# content hash: $CACHE/kernel/<hash>/vmlinux, with $CACHE/kernel/current
-# pointing at the newest build. A cached build is reused (seconds).
+# content hash: $CACHE/kernel/<hash>/{vmlinux,config,kernel.json}, with
+# $CACHE/kernel/current pointing at the newest build. A cached build is
+# reused (seconds). This is a build cache: scripts/setup.sh and
+# scripts/build-wheel.sh install the kernel from it, and instances boot the
+# installed copy. kernel.json records the hash: {"hash": ..., "source": ...}.
 #
 #   CC_KERNEL_SRC   kernel source: a tree or a .tar.xz (default: Debian's
 #                   /usr/src/linux-source-6.1.tar.xz)
@@ -25,7 +28,14 @@ fi
 hash=$( { cat "$config"; echo "$src_id"; } | sha256sum | cut -c1-16)
 out="$cache/kernel/$hash"
 
+# The hash and source as JSON (the source id escaped for a JSON string).
+kernel_json() {
+    printf '{"hash": "%s", "source": "%s"}\n' "$hash" "$(printf '%s' "$src_id" | sed 's/[\\"]/\\&/g')"
+}
+
 if [ -f "$out/vmlinux" ]; then
+    # Builds cached before kernel.json existed get one.
+    [ -f "$out/kernel.json" ] || kernel_json > "$out/kernel.json"
     ln -sfn "$hash" "$cache/kernel/current"
     echo "$out/vmlinux"
     exit 0
@@ -58,6 +68,7 @@ mkdir -p "$out.tmp.$$"
 strip --strip-debug -o "$out.tmp.$$/vmlinux" "$build/vmlinux"
 cp "$config" "$out.tmp.$$/config"
 echo "$src_id" > "$out.tmp.$$/source"
+kernel_json > "$out.tmp.$$/kernel.json"
 rm -rf "$out"
 mv "$out.tmp.$$" "$out"
 ln -sfn "$hash" "$cache/kernel/current"

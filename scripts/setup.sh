@@ -3,10 +3,16 @@
 # `crumble` CLI, the static guest agent, the guest kernel (built once and
 # cached by content hash) and the busybox test root filesystem.
 # Idempotent: a second run checks everything and takes seconds.
+#
+# The agent and kernel are installed in the data dir beside the build,
+# target/share/crumblecracker (CC_DATA_DIR overrides it), where
+# target/release/crumble, target/release/libcc.so and the tests find them
+# without any variable; the cache keeps only what can be rebuilt.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
-cache="${CC_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/crumblecracker}"
+target="${CARGO_TARGET_DIR:-$here/target}"
+data="${CC_DATA_DIR:-$target/share/crumblecracker}"
 step() { printf '\n==> %s\n' "$*" >&2; }
 
 packages=(qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio
@@ -55,24 +61,32 @@ cargo build --release --locked -p crumble --manifest-path "$here/Cargo.toml" >&2
 step "building the static guest agent"
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked -p cc-agent \
     --target x86_64-unknown-linux-gnu --manifest-path "$here/Cargo.toml" >&2
-mkdir -p "$cache/agent"
+mkdir -p "$data"
+# Copies a file into the data dir unless it is there already (atomically,
+# so a running instance never sees half a file).
+install_data() { # SRC NAME
+    cmp -s "$1" "$data/$2" && return 0
+    cp "$1" "$data/.$2.$$"
+    mv "$data/.$2.$$" "$data/$2"
+}
 # Stripped: every boot loads it from the initramfs (6.7 MB → 1.6 MB).
-strip -o "$cache/agent/.cc-agent.$$" "$here/target/x86_64-unknown-linux-gnu/release/cc-agent"
-if cmp -s "$cache/agent/.cc-agent.$$" "$cache/agent/cc-agent"; then
-    rm "$cache/agent/.cc-agent.$$"
-else
-    mv "$cache/agent/.cc-agent.$$" "$cache/agent/cc-agent"
-fi
+strip -o "$data/.cc-agent.stripped.$$" "$target/x86_64-unknown-linux-gnu/release/cc-agent"
+install_data "$data/.cc-agent.stripped.$$" cc-agent
+rm "$data/.cc-agent.stripped.$$"
 
 step "guest kernel"
-"$here/scripts/build-kernel.sh" >&2
+# Built in the build cache, keyed by content hash; installed from there.
+kernel=$("$here/scripts/build-kernel.sh")
+for f in vmlinux config kernel.json; do
+    install_data "$(dirname "$kernel")/$f" "$f"
+done
 
 step "busybox test root filesystem"
 rootfs=$("$here/scripts/make-busybox-rootfs.sh")
 
 cat >&2 <<MSG
 
-Ready. Try:
-  $here/target/release/crumble run --rootfs $rootfs -- uname -a
-  $here/target/release/crumble doctor
+Ready. Kernel and agent installed in $data. Try:
+  $target/release/crumble run --rootfs $rootfs -- uname -a
+  $target/release/crumble doctor
 MSG

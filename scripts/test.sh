@@ -44,6 +44,20 @@ export LIBCC_PATH="$target/release/libcc.so"
 )
 (cd python && "$venv/bin/pytest" -q) 2>&1 | tee -a "$log" || failed+=(pytest)
 
+# The self-contained wheel, from the release builds above, installed and
+# used as a new user would (scripts/check-wheel.sh): it boots VMs.
+if [ "${CC_RUN_VM_TESTS:-}" = 1 ]; then
+    echo "==> wheel: build and check"
+    if scripts/build-wheel.sh >/dev/null; then
+        scripts/check-wheel.sh 2>&1 | tee -a "$log" || failed+=(wheel)
+    else
+        echo "wheel: 0 passed, 1 failed" | tee -a "$log"
+        failed+=("wheel build")
+    fi
+else
+    echo "==> wheel: not built (its check boots VMs: CC_RUN_VM_TESTS=1)"
+fi
+
 if [ ${#failed[@]} -gt 0 ]; then
     echo
     echo "failed: ${failed[*]}"
@@ -51,8 +65,9 @@ fi
 # libtest and libtest-mimic end each binary with "test result: ok. N
 # passed; M failed; K ignored; ...", pytest -q with "N passed, K skipped,
 # M failed, E errors in Ts" (only the non-zero counts, in any order).
+# scripts/check-wheel.sh ends with "wheel: N passed, M failed".
 # Ignored and skipped are the same thing here: tests that did not run.
-awk '/^test result:/ || /^=* *[0-9]+ (passed|failed|skipped|errors?|deselected|xfailed|xpassed|warnings?)[, ].* in [0-9.]+s/ {
+awk '/^test result:/ || /^wheel: [0-9]+ passed, [0-9]+ failed$/ || /^=* *[0-9]+ (passed|failed|skipped|errors?|deselected|xfailed|xpassed|warnings?)[, ].* in [0-9.]+s/ {
         for (i = 2; i <= NF; i++) {
             word = $(i)
             sub(/[;,]$/, "", word)

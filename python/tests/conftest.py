@@ -58,12 +58,17 @@ def cache_dir() -> Path:
     return Path(base) / "crumblecracker"
 
 
+def data_dir() -> Path:
+    """The data dir the loaded library uses: ``CC_DATA_DIR``, else
+    ``<library dir>/../share/crumblecracker`` (where ``scripts/setup.sh``
+    installs the kernel and agent for ``target/release/libcc.so``)."""
+    if os.environ.get("CC_DATA_DIR"):
+        return Path(os.environ["CC_DATA_DIR"])
+    return Path(cc.library_path()).resolve().parent.parent / "share" / "crumblecracker"
+
+
 def kernel_path() -> Path:
-    return Path(os.environ.get("CC_KERNEL") or cache_dir() / "kernel/current/vmlinux")
-
-
-def agent_path() -> Path:
-    return Path(os.environ.get("CC_AGENT") or cache_dir() / "agent/cc-agent")
+    return Path(os.environ.get("CC_KERNEL") or data_dir() / "vmlinux")
 
 
 def kernel_has_9p() -> bool:

@@ -113,7 +113,7 @@ def test_aio_type_declarations_are_current() -> None:
     text = path.read_text()
     assert aio._regenerate(text) == text, "out of date: run `python -m crumblecracker.aio`"
     decl = aio._declarations(aio.Listener)
-    assert "async def accept(self) -> Conn: ..." in decl
+    assert "async def accept(self, cancel: Optional[CancelToken] = None) -> Conn: ..." in decl
     assert "def command(self, program: str, *args: str) -> Cmd: ..." in aio._declarations(
         aio.Instance
     )
@@ -280,6 +280,24 @@ def test_aio_instance_command_and_listener(store_dir: Path, busybox_ref: str, li
                 assert listener.closed
             assert inst.closed and not inst.is_running
             await source.close()
+
+    run(main())
+
+
+@vm
+def test_aio_calls_take_cancel_tokens(inst: cc.Instance) -> None:
+    async def main() -> None:
+        ainst = aio.wrap(inst)
+        listener = await ainst.listen("tcp", ":0")
+        for op, call in [
+            ("wait", lambda t: ainst.wait(cancel=t)),
+            ("accept", lambda t: listener.accept(cancel=t)),
+        ]:
+            with aio.CancelToken() as token:
+                asyncio.get_running_loop().call_later(0.3, token.cancel)
+                with pytest.raises(aio.CancelledError, match=f"^{op} cancelled$"):
+                    await asyncio.wait_for(call(token), 10)
+        await listener.close()
 
     run(main())
 

@@ -12,17 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PYTHON_DIR, agent_path, kernel_path
+from .conftest import PYTHON_DIR
 
 
 @pytest.mark.vm
 def test_quickstart_offline_example(busybox_ref: str, tmp_path: Path) -> None:
     script = PYTHON_DIR / "examples" / "quickstart_offline.py"
     env = dict(os.environ)
-    # A store of its own; the kernel and agent from the real cache.
+    # A store of its own, empty: the kernel and agent come from the data dir.
     env["CC_CACHE_DIR"] = str(tmp_path / "cache")
-    env["CC_KERNEL"] = str(kernel_path())
-    env.setdefault("CC_AGENT", str(agent_path()))
     r = subprocess.run(
         [sys.executable, str(script), busybox_ref],
         env=env,
@@ -76,8 +74,6 @@ def test_ctrl_c_in_a_program_leaves_nothing_behind(busybox_ref: str, tmp_path: P
     cache = tmp_path / "cache"
     env = dict(os.environ)
     env["CC_CACHE_DIR"] = str(cache)
-    env["CC_KERNEL"] = str(kernel_path())
-    env.setdefault("CC_AGENT", str(agent_path()))
     proc = subprocess.Popen(
         [sys.executable, "-c", CTRL_C_SCRIPT, busybox_ref],
         env=env,

@@ -178,6 +178,8 @@ def test_supports_hypervisor_and_capabilities(lib: None) -> None:
     assert isinstance(caps.confined_namespaces, bool)
     assert isinstance(caps.sandbox_uid, int)
     assert all(isinstance(g, str) and g for g in caps.confinement_gaps)
+    # The kernel's build hash: hex digits, or None when unknown.
+    assert caps.kernel_hash is None or int(caps.kernel_hash, 16) >= 0
 
 
 @pytest.mark.parametrize(
@@ -855,3 +857,24 @@ def test_network_objects_on_bogus_handles(lib: None) -> None:
     with pytest.raises(cc.AlreadyClosedError) as info:
         conn.close_write()
     assert info.value.op == "close_write"
+
+
+def test_cancel_token_lifecycle_and_use_after_close(lib: None, client: cc.OCIClient) -> None:
+    with cc.CancelToken() as token:
+        assert not token.is_cancelled
+        token.cancel()
+        token.cancel()
+        assert token.is_cancelled
+        # Cancelled before the call: it does not start, and names itself.
+        with pytest.raises(cc.CancelledError, match="load cancelled") as info:
+            client.load_tar("/nonexistent.tar", cancel=token)
+        assert info.value.code == cc.ErrorCode.CANCELLED
+    assert token.closed
+    for use in (token.cancel, lambda: token.is_cancelled):
+        with pytest.raises(cc.AlreadyClosedError):
+            use()
+    with pytest.raises(cc.AlreadyClosedError):
+        client.load_dir("/nonexistent", cancel=token)
+    token.close()
+    with pytest.raises(TypeError):
+        client.load_tar("/nonexistent.tar", cancel="yes")  # type: ignore[arg-type]

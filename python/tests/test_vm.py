@@ -279,6 +279,58 @@ def test_instance_accepts_only_sources(lib: None) -> None:
         cc.Instance(None)  # type: ignore[arg-type]
 
 
+# -- cancel tokens ---------------------------------------------------------------
+
+
+def cancelled_from_another_thread(op: str, call: Callable[[cc.CancelToken], object]) -> None:
+    """Runs CALL with a fresh token in a thread, checks it blocks, cancels
+    the token from here and checks CALL raised ``CancelledError`` naming OP,
+    promptly (a generous bound: not a hang)."""
+    with cc.CancelToken() as token:
+        thread, result = in_thread(lambda: call(token))
+        time.sleep(0.3)
+        assert not result, f"{op} did not block: {result}"
+        cancelled = time.monotonic()
+        token.cancel()
+        thread.join(timeout=2)
+        assert not thread.is_alive(), f"{op} still blocked 2 s after the cancel"
+        error, ended = result
+        assert isinstance(error, cc.CancelledError), f"{op}: {error!r}"
+        assert str(error) == f"{op} cancelled"
+        assert isinstance(ended, float) and ended - cancelled < 2
+
+
+def test_every_blocking_call_is_cancelled_from_another_thread(inst: cc.Instance) -> None:
+    cancelled_from_another_thread("wait", lambda t: inst.wait(cancel=t))
+    with inst.listen("tcp", ":0") as listener:
+        cancelled_from_another_thread("accept", lambda t: listener.accept(cancel=t))
+    with inst.command("sleep", "1000") as cmd:
+        stdin, stdout = cmd.stdin_pipe(), cmd.stdout_pipe()
+        cmd.start()
+        cancelled_from_another_thread("wait", lambda t: cmd.wait(cancel=t))
+        cancelled_from_another_thread("read", lambda t: stdout.read(64, cancel=t))
+        big = b"x" * (8 << 20)  # past the window and the guest pipe's buffer
+        cancelled_from_another_thread("write", lambda t: stdin.write(big, cancel=t))
+        cmd.kill()
+    inst.command("sh", "-c", "rm -f /tmp/pyfifo; mkfifo /tmp/pyfifo").run()
+    with inst.command("sh", "-c", "exec 3>/tmp/pyfifo; sleep 1000") as holder:
+        holder.start()
+        with inst.open("/tmp/pyfifo") as f:
+            cancelled_from_another_thread("read", lambda t: f.read(64, cancel=t))
+        holder.kill()
+    inst.command("truncate", "-s", "1000M", "/tmp/pybig").run()
+    cancelled_from_another_thread("read_file", lambda t: inst.read_file("/tmp/pybig", cancel=t))
+    inst.command("rm", "-f", "/tmp/pybig").run()
+    inst.command("sh", "-c", "rm -f /tmp/pyfifo-w; mkfifo /tmp/pyfifo-w").run()
+    with inst.command("sh", "-c", "exec 3</tmp/pyfifo-w; sleep 1000") as reader:
+        reader.start()
+        cancelled_from_another_thread(
+            "write_file", lambda t: inst.write_file("/tmp/pyfifo-w", big, cancel=t)
+        )
+        reader.kill()
+    assert inst.command("echo", "still here").output() == b"still here\n"
+
+
 # -- filesystem ----------------------------------------------------------------
 
 

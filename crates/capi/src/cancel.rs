@@ -8,9 +8,10 @@ use crate::handles;
 use crate::objects::Cancel;
 
 /// A cancel token: set once (from any thread, or from a progress
-/// callback), it stops the pulls and waits it was given to with
-/// `CC_ERR_CANCELLED`. It stays set. 0 means "no token" where one is
-/// optional.
+/// callback), it stops the calls it was given to (pulls, waits, accepts,
+/// and the `_cancellable` reads, writes and loads) with `CC_ERR_CANCELLED`
+/// at once, however they block. It stays set. 0 means "no token" where one
+/// is optional; a freed token is `CC_ERR_INVALID_HANDLE`.
 pub type cc_cancel_token = u64;
 
 /// Creates a cancel token (not cancelled).
@@ -30,7 +31,29 @@ pub unsafe extern "C" fn cc_cancel_token_new(
     })
 }
 
-/// Cancels: every pull and wait using the token stops soon after.
+/// Creates a token cancelled when `parent` is (at once, if it already
+/// is); cancelling the child leaves `parent` alone. Free it with
+/// `cc_cancel_token_free` like any token; freeing either does not cancel
+/// the other.
+///
+/// # Safety
+/// `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_cancel_token_child(
+    parent: cc_cancel_token,
+    out: *mut cc_cancel_token,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes NULL or a writable handle slot.
+        let out = unsafe { Out::new(out, "out") }?;
+        let parent = handles::get::<Cancel>(parent)?;
+        out.write(handles::insert(Arc::new(Cancel::child_of(&parent)))?);
+        Ok(())
+    })
+}
+
+/// Cancels: every call using the token (or a child of it) stops at once.
 /// Cancelling again does nothing.
 ///
 /// # Safety

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::alloc;
+use crate::cancel::cc_cancel_token;
 use crate::error::{cc_error, cc_error_code, Failure};
 use crate::ffi::{cstr, entry, guard, put, slice, slice_mut, strings, Out};
 use crate::handles;
 use crate::instance::cc_instance;
-use crate::objects::Instance;
+use crate::objects::{Cancel, Instance};
 
 /// A command in a guest: configured, then started once. Usable from any
 /// thread: `cc_cmd_kill` and the pipes work while another thread waits.
@@ -354,10 +355,31 @@ pub unsafe extern "C" fn cc_cmd_wait(
     exit_code: *mut i32,
     err: *mut cc_error,
 ) -> cc_error_code {
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_cmd_wait_cancellable(cmd, 0, exit_code, err) }
+}
+
+/// `cc_cmd_wait` that `cancel` (0 for none) stops with `CC_ERR_CANCELLED`;
+/// the process keeps running and can be waited for again.
+///
+/// # Safety
+/// `exit_code` is NULL or valid for writing; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_cmd_wait_cancellable(
+    cmd: cc_cmd,
+    cancel: cc_cancel_token,
+    exit_code: *mut i32,
+    err: *mut cc_error,
+) -> cc_error_code {
     entry(err, || {
         // SAFETY: the caller passes NULL or a writable int.
         let exit_code = unsafe { Out::opt(exit_code) };
-        put(exit_code, with_cmd(cmd, |c| c.wait())?);
+        let cancel = handles::get_opt::<Cancel>(cancel)?;
+        let code = match &cancel {
+            Some(c) => with_cmd(cmd, |cmd| cmd.wait_cancellable(c.token()))?,
+            None => with_cmd(cmd, |cmd| cmd.wait())?,
+        };
+        put(exit_code, code);
         Ok(())
     })
 }
@@ -548,15 +570,38 @@ pub unsafe extern "C" fn cc_conn_read(
     n: *mut usize,
     err: *mut cc_error,
 ) -> cc_error_code {
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_conn_read_cancellable(conn, 0, buf, cap, n, err) }
+}
+
+/// `cc_conn_read` that `cancel` (0 for none) stops with
+/// `CC_ERR_CANCELLED`; what was not read yet stays to be read.
+///
+/// # Safety
+/// `buf` is valid for `cap` bytes; `n` is valid for writing; `err` is NULL
+/// or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_conn_read_cancellable(
+    conn: cc_conn,
+    cancel: cc_cancel_token,
+    buf: *mut u8,
+    cap: usize,
+    n: *mut usize,
+    err: *mut cc_error,
+) -> cc_error_code {
     entry(err, || {
         // SAFETY: the caller passes `cap` writable bytes and a writable slot.
         let (buf, n) = unsafe { (slice_mut(buf, cap, "buf")?, Out::new(n, "n")?) };
         let conn = handles::get::<cc::Conn>(conn)?;
+        let cancel = handles::get_opt::<Cancel>(cancel)?;
         if buf.is_empty() {
             n.write(0);
             return Ok(());
         }
-        n.write(conn.read_into(buf)?);
+        n.write(match &cancel {
+            Some(c) => conn.read_into_cancellable(buf, c.token())?,
+            None => conn.read_into(buf)?,
+        });
         Ok(())
     })
 }
@@ -600,10 +645,32 @@ pub unsafe extern "C" fn cc_conn_write(
     len: usize,
     err: *mut cc_error,
 ) -> cc_error_code {
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_conn_write_cancellable(conn, 0, data, len, err) }
+}
+
+/// `cc_conn_write` that `cancel` (0 for none) stops with
+/// `CC_ERR_CANCELLED` while it waits for the guest; part of `data` may
+/// have been sent.
+///
+/// # Safety
+/// `data` is valid for `len` bytes; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_conn_write_cancellable(
+    conn: cc_conn,
+    cancel: cc_cancel_token,
+    data: *const u8,
+    len: usize,
+    err: *mut cc_error,
+) -> cc_error_code {
     entry(err, || {
         // SAFETY: the caller passes `len` readable bytes.
         let data = unsafe { slice(data, len, "data") }?;
-        handles::get::<cc::Conn>(conn)?.write(data)?;
+        let conn = handles::get::<cc::Conn>(conn)?;
+        match handles::get_opt::<Cancel>(cancel)? {
+            Some(c) => conn.write_cancellable(data, c.token())?,
+            None => conn.write(data)?,
+        }
         Ok(())
     })
 }

@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::alloc;
+use crate::cancel::cc_cancel_token;
 use crate::cmd::cc_conn;
 use crate::error::{cc_error, cc_error_code, Failure};
 use crate::ffi::{cstr, entry, guard, put, slice, slice_mut, Out};
 use crate::handles;
 use crate::instance::cc_instance;
-use crate::objects::Instance;
+use crate::objects::{Cancel, Instance};
 
 /// An open guest file. Its calls are serialized; use it from one thread at
 /// a time for a meaningful file offset.
@@ -200,11 +201,36 @@ pub unsafe extern "C" fn cc_instance_read_file(
     len: *mut usize,
     err: *mut cc_error,
 ) -> cc_error_code {
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_instance_read_file_cancellable(inst, path, 0, data, len, err) }
+}
+
+/// `cc_instance_read_file` that `cancel` (0 for none) stops with
+/// `CC_ERR_CANCELLED`.
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `data` and `len` are NULL or valid
+/// for writing; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_read_file_cancellable(
+    inst: cc_instance,
+    path: *const c_char,
+    cancel: cc_cancel_token,
+    data: *mut *mut u8,
+    len: *mut usize,
+    err: *mut cc_error,
+) -> cc_error_code {
     entry(err, || {
+        let cancel = handles::get_opt::<Cancel>(cancel)?;
         // SAFETY: the caller passes a string and NULL or writable slots.
         unsafe {
             let path = cstr(path, "path")?;
-            alloc::bytes_out(data, len, || with_inst(inst, |i| i.read_file(path)))
+            alloc::bytes_out(data, len, || {
+                with_inst(inst, |i| match &cancel {
+                    Some(c) => i.read_file_cancellable(path, c.token()),
+                    None => i.read_file(path),
+                })
+            })
         }
     })
 }
@@ -313,10 +339,35 @@ pub unsafe extern "C" fn cc_instance_write_file(
     mode: u32,
     err: *mut cc_error,
 ) -> cc_error_code {
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_instance_write_file_cancellable(inst, path, data, len, mode, 0, err) }
+}
+
+/// `cc_instance_write_file` that `cancel` (0 for none) stops with
+/// `CC_ERR_CANCELLED` while it waits for the guest; the file may then
+/// hold part of `data`.
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `data` is valid for `len` bytes;
+/// `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_write_file_cancellable(
+    inst: cc_instance,
+    path: *const c_char,
+    data: *const u8,
+    len: usize,
+    mode: u32,
+    cancel: cc_cancel_token,
+    err: *mut cc_error,
+) -> cc_error_code {
     entry(err, || {
         // SAFETY: the caller passes a string and `len` readable bytes.
         let (path, data) = unsafe { (cstr(path, "path")?, slice(data, len, "data")?) };
-        with_inst(inst, |i| i.write_file(path, data, mode))
+        let cancel = handles::get_opt::<Cancel>(cancel)?;
+        with_inst(inst, |i| match &cancel {
+            Some(c) => i.write_file_cancellable(path, data, mode, c.token()),
+            None => i.write_file(path, data, mode),
+        })
     })
 }
 
@@ -716,11 +767,34 @@ pub unsafe extern "C" fn cc_file_read(
     n: *mut usize,
     err: *mut cc_error,
 ) -> cc_error_code {
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_file_read_cancellable(file, 0, buf, cap, n, err) }
+}
+
+/// `cc_file_read` that `cancel` (0 for none) stops with `CC_ERR_CANCELLED`.
+///
+/// # Safety
+/// `buf` is valid for `cap` bytes; `n` is valid for writing; `err` is NULL
+/// or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_file_read_cancellable(
+    file: cc_file,
+    cancel: cc_cancel_token,
+    buf: *mut u8,
+    cap: usize,
+    n: *mut usize,
+    err: *mut cc_error,
+) -> cc_error_code {
     entry(err, || {
         // SAFETY: the caller passes `cap` writable bytes and a writable slot.
         let (buf, n) = unsafe { (slice_mut(buf, cap, "buf")?, Out::new(n, "n")?) };
         let f = handles::get::<cc::File>(file)?;
-        let count = if buf.is_empty() { 0 } else { f.read_some(buf)? };
+        let cancel = handles::get_opt::<Cancel>(cancel)?;
+        let count = match (&cancel, buf.is_empty()) {
+            (_, true) => 0,
+            (Some(c), false) => f.read_some_cancellable(buf, c.token())?,
+            (None, false) => f.read_some(buf)?,
+        };
         n.write(count);
         Ok(())
     })
@@ -761,11 +835,35 @@ pub unsafe extern "C" fn cc_file_write(
     written: *mut usize,
     err: *mut cc_error,
 ) -> cc_error_code {
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_file_write_cancellable(file, 0, data, len, written, err) }
+}
+
+/// `cc_file_write` that `cancel` (0 for none) stops with
+/// `CC_ERR_CANCELLED` while it waits for the guest; part of `data` may
+/// have been written.
+///
+/// # Safety
+/// `data` is valid for `len` bytes; `written` is NULL or valid for
+/// writing; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_file_write_cancellable(
+    file: cc_file,
+    cancel: cc_cancel_token,
+    data: *const u8,
+    len: usize,
+    written: *mut usize,
+    err: *mut cc_error,
+) -> cc_error_code {
     entry(err, || {
         // SAFETY: the caller passes `len` readable bytes and NULL or a
         // writable slot.
         let (data, written) = unsafe { (slice(data, len, "data")?, Out::opt(written)) };
-        with_file(file, |f| f.write_all_bytes(data))?;
+        let cancel = handles::get_opt::<Cancel>(cancel)?;
+        with_file(file, |f| match &cancel {
+            Some(c) => f.write_all_bytes_cancellable(data, c.token()),
+            None => f.write_all_bytes(data),
+        })?;
         put(written, len);
         Ok(())
     })

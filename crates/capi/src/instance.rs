@@ -242,6 +242,25 @@ pub unsafe extern "C" fn cc_instance_new(
     out: *mut cc_instance,
     err: *mut cc_error,
 ) -> cc_error_code {
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_instance_new_cancellable(source, options, 0, out, err) }
+}
+
+/// `cc_instance_new` that `cancel` (0 for none) stops with
+/// `CC_ERR_CANCELLED` (at once while it waits for the guest to come up);
+/// nothing of the instance remains.
+///
+/// # Safety
+/// `options` is NULL or valid; `out` is NULL or valid for writing; `err`
+/// is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_new_cancellable(
+    source: cc_source,
+    options: *const cc_instance_options,
+    cancel: cc_cancel_token,
+    out: *mut cc_instance,
+    err: *mut cc_error,
+) -> cc_error_code {
     entry(err, || {
         // SAFETY: the caller passes NULL or valid options, and NULL or a
         // writable slot.
@@ -253,7 +272,10 @@ pub unsafe extern "C" fn cc_instance_new(
         };
         let opts = self::options(opts.as_ref())?;
         let source = handles::get::<cc::Source>(source)?;
-        let inst = cc::Instance::new(&source, opts)?;
+        let inst = match handles::get_opt::<Cancel>(cancel)? {
+            Some(c) => cc::Instance::new_cancellable(&source, opts, c.token())?,
+            None => cc::Instance::new(&source, opts)?,
+        };
         out.write(handles::insert(Arc::new(Instance::new(inst)))?);
         Ok(())
     })

@@ -145,6 +145,9 @@ pub struct cc_capabilities {
     /// Whether the accelerator is hardware virtualization (KVM) rather
     /// than QEMU's slower software emulation (TCG).
     pub hardware_accelerated: bool,
+    /// The guest kernel's content hash (the key it was built under, as
+    /// `crumble doctor` shows it); `""` when unknown or no kernel is found.
+    pub kernel_hash: *const c_char,
 }
 
 /// The size of `cc_capabilities`' first version: the least `size` the
@@ -197,7 +200,24 @@ pub unsafe extern "C" fn cc_query_capabilities(
             sandbox_uid: confinement.uid,
             confinement_gaps: gaps.as_ptr(),
             hardware_accelerated: kvm,
+            kernel_hash: static_c_str(host.kernel.ok().and_then(|k| k.hash).unwrap_or_default()),
         });
         Ok(())
     })
+}
+
+/// `s` as a C string that lives as long as the process: each distinct
+/// value is kept once (kernel hashes: a handful at most).
+fn static_c_str(s: String) -> *const c_char {
+    static KEPT: std::sync::Mutex<Vec<&'static std::ffi::CStr>> = std::sync::Mutex::new(Vec::new());
+    let mut kept = KEPT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let c = std::ffi::CString::new(s).unwrap_or_default();
+    if let Some(old) = kept.iter().find(|k| **k == c.as_c_str()) {
+        return old.as_ptr();
+    }
+    let leaked: &'static std::ffi::CStr = Box::leak(c.into_boxed_c_str());
+    kept.push(leaked);
+    leaked.as_ptr()
 }

@@ -1,5 +1,5 @@
 //! The library's own state around core objects: closed flags and the links
-//! that let cancel tokens, client closes and `cc_shutdown` stop pulls.
+//! that let client closes and `cc_shutdown` stop pulls.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -42,40 +42,31 @@ impl Links {
     }
 }
 
-/// A `cc_cancel_token`: a core token plus the per-call tokens of the pulls
-/// that wait on it.
+/// A `cc_cancel_token`: a core token. Calls link their own tokens to it
+/// as children, so cancelling it wakes them at once.
 #[derive(Debug, Default)]
 pub(crate) struct Cancel {
     token: cc::CancelToken,
-    links: Mutex<Links>,
 }
 
 impl Cancel {
+    /// A token cancelled with `parent` (see `cc_cancel_token_child`).
+    pub(crate) fn child_of(parent: &Cancel) -> Cancel {
+        Cancel {
+            token: parent.token.child(),
+        }
+    }
+
     pub(crate) fn cancel(&self) {
         self.token.cancel();
-        lock(&self.links).fire();
     }
 
     pub(crate) fn is_cancelled(&self) -> bool {
         self.token.is_cancelled()
     }
 
-    /// The core token itself, for calls that only poll it.
     pub(crate) fn token(&self) -> &cc::CancelToken {
         &self.token
-    }
-
-    /// Cancels `token` when this is cancelled (now, if it already is),
-    /// until the returned guard is dropped.
-    pub(crate) fn link<'a>(&'a self, token: &cc::CancelToken) -> LinkGuard<'a> {
-        let mut links = lock(&self.links);
-        if self.token.is_cancelled() {
-            token.cancel();
-        }
-        LinkGuard {
-            links: &self.links,
-            id: links.add(token),
-        }
     }
 }
 

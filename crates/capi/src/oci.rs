@@ -182,9 +182,11 @@ pub unsafe extern "C" fn cc_oci_pull(
         let options = pull_options(options)?;
         let client = handles::get::<Client>(client)?;
         let cancel = handles::get_opt::<Cancel>(cancel)?;
-        let token = cc::CancelToken::new();
+        // The call's own token: the progress callback cancels it alone.
+        let token = cancel
+            .as_ref()
+            .map_or_else(cc::CancelToken::new, |c| c.token().child());
         let _closing = client.track_pull(&token)?;
-        let _cancelled = cancel.as_ref().map(|c| c.link(&token));
         if token.is_cancelled() {
             return Err(Failure::new(CC_ERR_CANCELLED, "pull cancelled"));
         }
@@ -238,15 +240,35 @@ pub unsafe extern "C" fn cc_oci_load_tar(
     out: *mut cc_source,
     err: *mut cc_error,
 ) -> cc_error_code {
-    entry(err, || {
-        // SAFETY: the caller passes a string and NULL or a writable slot.
-        let (path, out) = unsafe { (cstr(path, "path")?, Out::new(out, "out")?) };
-        let image = handles::get::<Client>(client)?
-            .get()?
-            .load_tar(Path::new(path))?;
-        out.write(handles::insert(Arc::new(cc::Source::from(image)))?);
-        Ok(())
-    })
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_oci_load_tar_cancellable(client, path, 0, out, err) }
+}
+
+/// `cc_oci_load_tar` that `cancel` (0 for none) stops with
+/// `CC_ERR_CANCELLED`, leaving nothing half-written in the store.
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `out` is NULL or valid for writing;
+/// `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_oci_load_tar_cancellable(
+    client: cc_oci_client,
+    path: *const c_char,
+    cancel: cc_cancel_token,
+    out: *mut cc_source,
+    err: *mut cc_error,
+) -> cc_error_code {
+    // SAFETY: the caller's guarantees are `load`'s.
+    unsafe {
+        load(
+            client,
+            path,
+            cancel,
+            out,
+            err,
+            cc::OciClient::load_tar_cancellable,
+        )
+    }
 }
 
 /// Loads an OCI image layout directory into the store.
@@ -261,12 +283,58 @@ pub unsafe extern "C" fn cc_oci_load_dir(
     out: *mut cc_source,
     err: *mut cc_error,
 ) -> cc_error_code {
+    // SAFETY: the caller's guarantees are the variant's.
+    unsafe { cc_oci_load_dir_cancellable(client, path, 0, out, err) }
+}
+
+/// `cc_oci_load_dir` that `cancel` (0 for none) stops with
+/// `CC_ERR_CANCELLED`, leaving nothing half-written in the store.
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `out` is NULL or valid for writing;
+/// `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_oci_load_dir_cancellable(
+    client: cc_oci_client,
+    path: *const c_char,
+    cancel: cc_cancel_token,
+    out: *mut cc_source,
+    err: *mut cc_error,
+) -> cc_error_code {
+    // SAFETY: the caller's guarantees are `load`'s.
+    unsafe {
+        load(
+            client,
+            path,
+            cancel,
+            out,
+            err,
+            cc::OciClient::load_dir_cancellable,
+        )
+    }
+}
+
+/// Loads an image with `load` (a `load_*_cancellable`), with a fresh
+/// token when the caller gave none.
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `out` is NULL or valid for writing;
+/// `err` is NULL or valid for writing.
+unsafe fn load(
+    client: cc_oci_client,
+    path: *const c_char,
+    cancel: cc_cancel_token,
+    out: *mut cc_source,
+    err: *mut cc_error,
+    load: fn(&cc::OciClient, &Path, &cc::CancelToken) -> cc::Result<cc::Image>,
+) -> cc_error_code {
     entry(err, || {
         // SAFETY: the caller passes a string and NULL or a writable slot.
         let (path, out) = unsafe { (cstr(path, "path")?, Out::new(out, "out")?) };
-        let image = handles::get::<Client>(client)?
-            .get()?
-            .load_dir(Path::new(path))?;
+        let client = handles::get::<Client>(client)?;
+        let token = handles::get_opt::<Cancel>(cancel)?
+            .map_or_else(cc::CancelToken::new, |c| c.token().clone());
+        let image = load(client.get()?, Path::new(path), &token)?;
         out.write(handles::insert(Arc::new(cc::Source::from(image)))?);
         Ok(())
     })

@@ -257,11 +257,11 @@ fn readme_example_compiles() {
 }
 
 /// Whether the guest kernel was built with 9p (host directory mounts).
-fn kernel_has_9p(cache: &Path) -> bool {
-    let kernel = std::env::var_os("CC_KERNEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache.join("kernel/current/vmlinux"));
-    let config = kernel.with_file_name("config");
+fn kernel_has_9p() -> bool {
+    let Ok(kernel) = cc::host_info().kernel else {
+        return false;
+    };
+    let config = kernel.path.with_file_name("config");
     std::fs::read_to_string(config).is_ok_and(|c| c.lines().any(|l| l == "CONFIG_9P_FS=y"))
 }
 
@@ -285,7 +285,7 @@ fn c_program_walks_the_api_with_vms() {
         reference.clone(),
         cache.display().to_string(),
     ];
-    if kernel_has_9p(&cache) {
+    if kernel_has_9p() {
         args.push("--mounts".into());
     }
     let r = run(&exe, &args, false, &[], Duration::from_secs(900));
@@ -293,25 +293,11 @@ fn c_program_walks_the_api_with_vms() {
     assert!(r.stdout.contains(", 0 failed (with VMs)"), "{}", r.stdout);
     println!("{}", r.stdout.trim());
 
-    // The README example, with a store of its own (the kernel and agent
-    // from the real cache).
+    // The README example, with a store of its own, empty (the kernel and
+    // agent from the library's data dir).
     let hello = compile(&crate_dir().join("examples/hello.c"), &dir, true);
     let own_cache = dir.join("cache");
-    let envs = [
-        ("CC_CACHE_DIR", own_cache.clone()),
-        (
-            "CC_KERNEL",
-            std::env::var_os("CC_KERNEL")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| cache.join("kernel/current/vmlinux")),
-        ),
-        (
-            "CC_AGENT",
-            std::env::var_os("CC_AGENT")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| cache.join("agent/cc-agent")),
-        ),
-    ];
+    let envs = [("CC_CACHE_DIR", own_cache.clone())];
     let r = run(&hello, &[reference], false, &envs, Duration::from_secs(300));
     assert_ran("hello", &r);
     assert_eq!(

@@ -25,6 +25,9 @@ use cc_protocol::{
     PROTOCOL_VERSION,
 };
 
+use cc_cancel::CancelToken;
+
+use crate::cancel;
 use crate::error::{Error, Result};
 use crate::phases::{self, Phase};
 
@@ -87,14 +90,24 @@ impl ExitSlot {
         self.set.notify_all();
     }
 
-    /// Waits for the exit until `deadline`; `Ok(None)` on timeout.
-    pub(crate) fn wait(&self, deadline: Option<Instant>) -> Result<Option<ExitStatus>> {
+    fn wake(&self) {
+        let _held = lock(&self.status);
+        self.set.notify_all();
+    }
+
+    /// Waits for the exit until `deadline`; `Ok(None)` on timeout. The
+    /// current call's cancel token ends the wait.
+    pub(crate) fn wait(self: &Arc<Self>, deadline: Option<Instant>) -> Result<Option<ExitStatus>> {
+        let _wake = cancel::wake_on(self, Self::wake);
         let mut s = lock(&self.status);
         loop {
             match &*s {
                 Some(Ok(status)) => return Ok(Some(*status)),
                 Some(Err(gone)) => return Err(gone.error()),
                 None => {}
+            }
+            if cancel::is_cancelled() {
+                return Err(cancel::cancelled("wait"));
             }
             s = match deadline {
                 None => self.set.wait(s).unwrap_or_else(|e| e.into_inner()),
@@ -163,10 +176,20 @@ impl AcceptQueue {
         std::mem::take(&mut s.waiting)
     }
 
-    /// The next connection, waiting until `deadline`: `Ok(None)` on timeout,
-    /// `Err` once the queue ended (connections already queued still come
-    /// first unless the listener was closed).
-    pub(crate) fn pop(&self, deadline: Instant) -> std::result::Result<Option<Accepted>, Ended> {
+    fn wake(&self) {
+        let _held = lock(&self.state);
+        self.ready.notify_all();
+    }
+
+    /// The next connection, waiting until `deadline` (or none): `Ok(None)`
+    /// on timeout or when the current call's token is cancelled, `Err` once
+    /// the queue ended (connections already queued still come first unless
+    /// the listener was closed).
+    pub(crate) fn pop(
+        self: &Arc<Self>,
+        deadline: Option<Instant>,
+    ) -> std::result::Result<Option<Accepted>, Ended> {
+        let _wake = cancel::wake_on(self, Self::wake);
         let mut s = lock(&self.state);
         loop {
             if let Some(Ended::Closed) = s.ended {
@@ -178,15 +201,22 @@ impl AcceptQueue {
             if let Some(why) = &s.ended {
                 return Err(why.clone());
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if cancel::is_cancelled() {
                 return Ok(None);
             }
-            s = self
-                .ready
-                .wait_timeout(s, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            s = match deadline {
+                None => self.ready.wait(s).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    self.ready
+                        .wait_timeout(s, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
         }
     }
 }
@@ -329,6 +359,8 @@ impl Tables {
 struct Shared {
     writer: Mutex<UnixStream>,
     tables: Mutex<Tables>,
+    /// Notified, with `tables` held, when the channel goes down.
+    down: Condvar,
     /// When the channel started; `heard` counts from it.
     epoch: Instant,
     /// Nanoseconds after `epoch` of the last frame from the guest.
@@ -349,12 +381,21 @@ pub(crate) struct Pending {
 }
 
 impl Pending {
+    /// Waits up to `timeout` for the answer. The current call's cancel
+    /// token forgets the request, which wakes this wait.
     pub(crate) fn wait(self, channel: &Channel, timeout: Duration) -> Result<Reply> {
+        let id = self.id;
+        let _wake = cancel::wake_on(&channel.shared, move |shared: &Shared| {
+            lock(&shared.tables).calls.forget(id);
+        });
         match self.rx.recv_timeout(timeout) {
             Ok(reply) => Ok(reply),
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 lock(&channel.shared.tables).calls.forget(self.id);
                 Err(Error::Timeout("request to the guest agent".into()))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) if cancel::is_cancelled() => {
+                Err(cancel::cancelled("request"))
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(channel.gone_error()),
         }
@@ -381,7 +422,23 @@ impl Channel {
             .set_read_timeout(Some(timeout))
             .map_err(Error::io("configure", "agent channel"))?;
         let mut reader = frame_reader(&socket)?;
-        let agent = match reader.read_frame() {
+        // A cancelled boot shuts the socket down: the read ends at once.
+        let boot_cancel = match cancel::current() {
+            Some(_) => Some(Arc::new(
+                socket
+                    .try_clone()
+                    .map_err(Error::io("dup", "agent channel"))?,
+            )),
+            None => None,
+        };
+        let wake = boot_cancel.as_ref().and_then(|s| {
+            cancel::wake_on(s, |s: &UnixStream| {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            })
+        });
+        let greeting = reader.read_frame();
+        drop(wake);
+        let agent = match greeting {
             Ok(Some(Frame::Message(Message::Hello { version, agent })))
                 if version == PROTOCOL_VERSION =>
             {
@@ -482,6 +539,7 @@ impl Channel {
         let shared = Arc::new(Shared {
             writer: Mutex::new(writer),
             tables: Mutex::new(Tables::default()),
+            down: Condvar::new(),
             next_process: AtomicU64::new(1),
             next_listener: AtomicU64::new(1),
             resumed,
@@ -504,6 +562,25 @@ impl Channel {
     /// Why the channel is gone, if it is.
     pub(crate) fn dead(&self) -> Option<Gone> {
         lock(&self.shared.tables).dead.clone()
+    }
+
+    /// Waits until the channel goes down and says why; `None` when the
+    /// current call's cancel token stops the wait first.
+    pub(crate) fn wait_down(&self) -> Option<Gone> {
+        let _wake = cancel::wake_on(&self.shared, |shared: &Shared| {
+            let _held = lock(&shared.tables);
+            shared.down.notify_all();
+        });
+        let mut t = lock(&self.shared.tables);
+        loop {
+            if let Some(gone) = &t.dead {
+                return Some(gone.clone());
+            }
+            if cancel::is_cancelled() {
+                return None;
+            }
+            t = self.shared.down.wait(t).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     /// Pings a guest that has been quiet for [`QUIET`]; `Err` with the
@@ -679,16 +756,23 @@ impl Channel {
         (id, stream)
     }
 
-    /// Reads from an inbound stream, returning credit to the guest.
+    /// Reads from an inbound stream, returning credit to the guest. The
+    /// current call's cancel token ends the wait.
     pub(crate) fn read(
         &self,
         id: u32,
-        stream: &Inbound,
+        stream: &Arc<Inbound>,
         buf: &mut [u8],
         deadline: Option<Instant>,
     ) -> io::Result<usize> {
         let started = Instant::now();
-        let r = stream.read(buf, deadline)?;
+        let token = cancel::current();
+        // A cancelled transfer stops even while data keeps coming.
+        if token.as_ref().is_some_and(CancelToken::is_cancelled) {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+        }
+        let _wake = cancel::wake_on(stream, Inbound::wake);
+        let r = stream.read_cancellable(buf, deadline, token.as_ref())?;
         phases::add(Phase::Read, started);
         if r.credit > 0 {
             // A lost channel surfaces on the next read; credit is moot then.
@@ -711,12 +795,19 @@ impl Channel {
         }
     }
 
-    /// Writes all of `data` to an outbound stream within its credit.
-    pub(crate) fn write(&self, id: u32, stream: &Outbound, data: &[u8]) -> io::Result<()> {
+    /// Writes all of `data` to an outbound stream within its credit. The
+    /// current call's cancel token ends a wait for credit (what was sent
+    /// before stays sent).
+    pub(crate) fn write(&self, id: u32, stream: &Arc<Outbound>, data: &[u8]) -> io::Result<()> {
+        let token = cancel::current();
+        let _wake = cancel::wake_on(stream, Outbound::wake);
         let mut rest = data;
         while !rest.is_empty() {
+            if token.as_ref().is_some_and(CancelToken::is_cancelled) {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+            }
             let waited = Instant::now();
-            let n = stream.acquire(rest.len().min(DATA_CHUNK), None)?;
+            let n = stream.acquire_cancellable(rest.len().min(DATA_CHUNK), None, token.as_ref())?;
             phases::add(Phase::CreditWait, waited);
             let mut header = [0u8; frame::DATA_HEADER_MAX];
             let len = frame::data_header(id, n, &mut header);
@@ -757,6 +848,7 @@ impl Channel {
                 return false;
             }
             t.end(Gone::Closed);
+            self.shared.down.notify_all();
             // The reader still delivers answers to requests in the table.
             t.calls.begin()
         };
@@ -929,6 +1021,7 @@ fn send_frame_vectored(
 /// Fails everything waiting on the channel with `gone`.
 fn mark_dead(shared: &Shared, gone: Gone) {
     lock(&shared.tables).end(gone);
+    shared.down.notify_all();
 }
 
 /// Feeds `data`, read as frames, to the host's dispatch over a connection

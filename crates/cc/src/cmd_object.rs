@@ -9,6 +9,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::conn::Conn;
+use cc_cancel::CancelToken;
+
+use crate::cancel;
 use crate::error::{Error, Result};
 use crate::process::{Child, Command, ExitStatus, Signaller, Stdio};
 
@@ -239,6 +242,12 @@ impl Cmd {
         let status = child.wait()?;
         self.state().stage = Stage::Done(status);
         Ok(code_of(status))
+    }
+
+    /// [`wait`](Self::wait) that `cancel` stops with [`Error::Cancelled`];
+    /// the process keeps running and can be waited for again.
+    pub fn wait_cancellable(&self, cancel: &CancelToken) -> Result<i32> {
+        cancel::scope("wait", cancel, || self.wait())
     }
 
     /// Starts the process and waits for it.

@@ -7,6 +7,9 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::cmd_object::misuse;
+use cc_cancel::CancelToken;
+
+use crate::cancel;
 use crate::error::{Error, Result};
 use crate::process::{Child, ChildOutput, ChildStdin};
 
@@ -162,6 +165,24 @@ impl Conn {
             let n = self.read_into(&mut buf[..want])?;
             Ok(buf[..n].to_vec())
         })
+    }
+
+    /// [`read`](Self::read) that `cancel` stops with [`Error::Cancelled`];
+    /// what was not read yet stays to be read.
+    pub fn read_cancellable(&self, max: usize, cancel: &CancelToken) -> Result<Vec<u8>> {
+        cancel::scope("read", cancel, || self.read(max))
+    }
+
+    /// [`read_into`](Self::read_into) that `cancel` stops with
+    /// [`Error::Cancelled`].
+    pub fn read_into_cancellable(&self, buf: &mut [u8], cancel: &CancelToken) -> Result<usize> {
+        cancel::scope("read", cancel, || self.read_into(buf))
+    }
+
+    /// [`write`](Self::write) that `cancel` stops with [`Error::Cancelled`]
+    /// while it waits for the guest; part of `data` may have been sent.
+    pub fn write_cancellable(&self, data: &[u8], cancel: &CancelToken) -> Result<()> {
+        cancel::scope("write", cancel, || self.write(data))
     }
 
     /// Reads up to `buf.len()` bytes into `buf`, waiting for some; 0 is end

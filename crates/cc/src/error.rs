@@ -30,6 +30,10 @@ pub enum Error {
     NotRunning(String),
     #[error("already closed")]
     AlreadyClosed,
+    /// The caller's [`CancelToken`](crate::CancelToken) stopped `op`
+    /// (`wait`, `accept`, `read_file`, `pull`, …).
+    #[error("{op} cancelled")]
+    Cancelled { op: String },
     #[error("{0} timed out")]
     Timeout(String),
     /// The program does not exist in the guest (or is not in `PATH`).
@@ -77,7 +81,16 @@ pub enum Error {
     #[error(transparent)]
     Engine(#[from] cc_engine::Error),
     #[error(transparent)]
-    Image(#[from] cc_image::Error),
+    Image(cc_image::Error),
+}
+
+impl From<cc_image::Error> for Error {
+    fn from(e: cc_image::Error) -> Self {
+        match e {
+            cc_image::Error::Cancelled(op) => Error::Cancelled { op: op.into() },
+            e => Error::Image(e),
+        }
+    }
 }
 
 impl Error {
@@ -88,6 +101,7 @@ impl Error {
             Error::NotRunning(_) => ErrorCode::NotRunning,
             Error::Net { .. } => ErrorCode::Network,
             Error::AlreadyClosed => ErrorCode::AlreadyClosed,
+            Error::Cancelled { .. } => ErrorCode::Cancelled,
             Error::Timeout(_) => ErrorCode::Timeout,
             Error::TooLarge { .. } => ErrorCode::TooLarge,
             Error::CommandNotFound(_)
@@ -110,7 +124,7 @@ impl Error {
             }
             Error::Image(e) => match e {
                 cc_image::Error::Registry { .. } => ErrorCode::Network,
-                cc_image::Error::Cancelled => ErrorCode::Cancelled,
+                cc_image::Error::Cancelled(_) => ErrorCode::Cancelled,
                 cc_image::Error::BadReference(_)
                 | cc_image::Error::BadPlatform(_)
                 | cc_image::Error::BadDigest(_)
@@ -128,7 +142,8 @@ impl Error {
             Error::Io { op, .. }
             | Error::Guest { op, .. }
             | Error::Net { op, .. }
-            | Error::TooLarge { op, .. } => Some(op),
+            | Error::TooLarge { op, .. }
+            | Error::Cancelled { op } => Some(op),
             Error::Image(cc_image::Error::Io { op, .. }) => Some(op),
             _ => None,
         }
@@ -333,7 +348,7 @@ mod tests {
                 C::Io,
             ),
             (cc_engine::Error::Qmp("x".into()).into(), C::Unknown),
-            (cc_image::Error::Cancelled.into(), C::Cancelled),
+            (cc_image::Error::Cancelled("pull").into(), C::Cancelled),
             (
                 cc_image::Error::BadReference("::".into()).into(),
                 C::InvalidArgument,

@@ -15,6 +15,9 @@ pub use cc_protocol::open_flags::{
 };
 
 use crate::conn::Conn;
+use cc_cancel::CancelToken;
+
+use crate::cancel;
 use crate::error::{Error, GuestOsError, Result};
 use crate::instance::{Inner, Instance, REQUEST_TIMEOUT};
 use crate::process::ChildOutput;
@@ -248,6 +251,9 @@ fn send_stream(
     // Without Eof the guest would keep the file half-written and
     // waiting: end the stream before reporting a host-side failure.
     inner.channel.close_outbound(id, &stream);
+    if cancel::is_cancelled() {
+        return Err(cancel::cancelled(op));
+    }
     let answer = pending.wait(&inner.channel, REQUEST_TIMEOUT);
     if let Err(e) = fed {
         return Err(Error::Io {
@@ -339,6 +345,26 @@ impl Instance {
         }
         reader.limit = Some(limit);
         collect(reader.size, |buf| reader.read_some(buf))
+    }
+
+    /// [`read_file`](Self::read_file) that `cancel` stops with
+    /// [`Error::Cancelled`], also while the guest has nothing to send (a
+    /// FIFO, a device).
+    pub fn read_file_cancellable(&self, path: &str, cancel: &CancelToken) -> Result<Vec<u8>> {
+        cancel::scope("read_file", cancel, || self.read_file(path))
+    }
+
+    /// [`write_file`](Self::write_file) that `cancel` stops with
+    /// [`Error::Cancelled`] while it waits for the guest to take the
+    /// bytes; the guest file may then hold part of `data`.
+    pub fn write_file_cancellable(
+        &self,
+        path: &str,
+        data: &[u8],
+        mode: u32,
+        cancel: &CancelToken,
+    ) -> Result<()> {
+        cancel::scope("write_file", cancel, || self.write_file(path, data, mode))
     }
 
     /// Starts streaming a guest file to the host: any size, in bounded
@@ -757,6 +783,18 @@ impl File {
                 return Err(Error::Protocol("the guest sent more than was asked".into()));
             }
         }
+    }
+
+    /// [`read_some`](Self::read_some) that `cancel` stops with
+    /// [`Error::Cancelled`].
+    pub fn read_some_cancellable(&self, buf: &mut [u8], cancel: &CancelToken) -> Result<usize> {
+        cancel::scope("read", cancel, || self.read_some(buf))
+    }
+
+    /// [`write_all_bytes`](Self::write_all_bytes) that `cancel` stops with
+    /// [`Error::Cancelled`]; part of `data` may have been written.
+    pub fn write_all_bytes_cancellable(&self, data: &[u8], cancel: &CancelToken) -> Result<()> {
+        cancel::scope("write", cancel, || self.write_all_bytes(data))
     }
 
     /// Everything from the file offset to the end, read into one buffer

@@ -45,8 +45,9 @@ pub struct QemuInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelInfo {
     pub path: PathBuf,
-    /// The content hash of the build, when it is one `scripts/setup.sh`
-    /// cached (`None` for a kernel given by `CC_KERNEL` from elsewhere).
+    /// The content hash of the build (`scripts/build-kernel.sh`'s cache
+    /// key), from the `kernel.json` installed beside it or its build-cache
+    /// dir; `None` for a kernel from elsewhere.
     pub hash: Option<String>,
 }
 
@@ -55,7 +56,7 @@ pub struct KernelInfo {
 /// so one missing does not hide the others.
 #[derive(Debug)]
 pub struct HostInfo {
-    /// The per-user cache: images, kernel builds, templates, run dirs.
+    /// The per-user cache: images, root images, templates, run dirs.
     pub cache_dir: PathBuf,
     /// Fails only when `CC_ACCEL` asks for what the host cannot give.
     pub accelerator: Result<AcceleratorChoice>,

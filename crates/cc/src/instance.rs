@@ -18,6 +18,7 @@ use cc_protocol::{
 };
 use serde_bytes::ByteBuf;
 
+use crate::cancel;
 use crate::channel::{Channel, Gone};
 use crate::cmd_object::Cmd;
 use crate::error::{Error, Result};
@@ -346,6 +347,17 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// Like [`new`](Self::new); `cancel` stops the boot with
+    /// [`Error::Cancelled`] (while it waits for the guest's agent at once,
+    /// otherwise at the next step), and nothing of the instance remains.
+    pub fn new_cancellable(
+        source: &Source,
+        options: Options,
+        cancel: &CancelToken,
+    ) -> Result<Instance> {
+        cancel::scope("boot", cancel, || Self::new(source, options))
+    }
+
     /// Boots an instance and returns once its agent is ready for commands.
     pub fn new(source: &Source, options: Options) -> Result<Instance> {
         options.validate()?;
@@ -508,23 +520,19 @@ impl Instance {
     /// [`Error::Cancelled`]; closing the instance from another thread ends
     /// it with [`Error::AlreadyClosed`].
     pub fn wait(&self, cancel: Option<&CancelToken>) -> Result<()> {
-        let vm = match self.inner.live().as_ref() {
-            Some(live) => live.vm.clone(),
-            None => return Err(Error::AlreadyClosed),
-        };
-        loop {
-            if vm.wait_timeout(Duration::from_millis(50)).is_some()
-                || matches!(self.inner.channel.dead(), Some(Gone::Dead(_)))
-            {
-                return Ok(());
-            }
-            if cancel.is_some_and(|c| c.is_cancelled()) {
-                return Err(Error::Image(cc_image::Error::Cancelled));
-            }
+        cancel::maybe("wait", cancel, || {
             if self.inner.live().is_none() {
                 return Err(Error::AlreadyClosed);
             }
-        }
+            // The channel goes down when QEMU exits (the liveness thread
+            // and the socket's end both tell), the guest dies or the
+            // instance is closed: one event to block on.
+            match self.inner.channel.wait_down() {
+                Some(Gone::Dead(_)) => Ok(()),
+                Some(Gone::Closed) => Err(Error::AlreadyClosed),
+                None => Err(cancel::cancelled("wait")),
+            }
+        })
     }
 
     /// Connects or disconnects the guest from the network at run time; while

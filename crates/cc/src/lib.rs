@@ -17,6 +17,20 @@
 //! # Ok::<(), cc::Error>(())
 //! ```
 //!
+//! Cancellation: a [`CancelToken`] stops a blocking call from any thread
+//! at once (the call waits on its real event and the token's wake-up, it
+//! never polls), and the call fails with [`Error::Cancelled`] naming the
+//! operation (`"wait cancelled"`, code [`ErrorCode::Cancelled`]).
+//! [`Instance::wait`] and [`Listener::accept`] take `Option<&CancelToken>`,
+//! [`OciClient::pull`] a `&CancelToken`; every other call that can block has
+//! a `_cancellable(…, &CancelToken)` twin: [`Instance::new_cancellable`],
+//! [`OciClient::load_tar_cancellable`]/[`load_dir_cancellable`](OciClient::load_dir_cancellable),
+//! [`Child::wait_cancellable`], [`Cmd::wait_cancellable`],
+//! [`Conn::read_cancellable`]/[`read_into_cancellable`](Conn::read_into_cancellable)/[`write_cancellable`](Conn::write_cancellable),
+//! [`File::read_some_cancellable`]/[`write_all_bytes_cancellable`](File::write_all_bytes_cancellable),
+//! [`Instance::read_file_cancellable`]/[`write_file_cancellable`](Instance::write_file_cancellable).
+//! [`CancelToken::child`] links a call's own token to a caller's.
+//!
 //! Threads: each instance has one reader thread for its agent channel and
 //! one liveness thread (the VM's exit, the channel's heartbeat), plus what
 //! its engine runs (QEMU's supervisor thread); all end in
@@ -26,6 +40,7 @@
 //! closed.
 
 pub mod cache;
+mod cancel;
 mod channel;
 mod cmd_object;
 mod conn;

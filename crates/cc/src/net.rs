@@ -11,17 +11,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use cc_image::CancelToken;
+use cc_cancel::CancelToken;
 use cc_protocol::{Request, Response, HOST_INTERNAL_ADDR, HOST_INTERNAL_NAME};
 
+use crate::cancel;
 use crate::channel::{AcceptQueue, Accepted, Ended};
 use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::instance::{Inner, Instance, REQUEST_TIMEOUT};
 use crate::process::{ChildOutput, ChildStdin};
-
-/// How often a blocked accept checks its cancel token.
-const POLL: Duration = Duration::from_millis(50);
 
 /// Dialing waits this long for the agent (which itself gives up connecting
 /// after 10 s).
@@ -293,23 +291,23 @@ impl Listener {
     /// listener from another thread ends it with [`Error::AlreadyClosed`];
     /// the instance ending, with [`Error::NotRunning`].
     pub fn accept(&self, cancel: Option<&CancelToken>) -> Result<Conn> {
-        loop {
-            if let Some(conn) = self.accept_timeout(POLL)? {
-                return Ok(conn);
-            }
-            if cancel.is_some_and(|c| c.is_cancelled()) {
-                return Err(Error::Image(cc_image::Error::Cancelled));
-            }
-        }
+        cancel::maybe("accept", cancel, || {
+            self.accept_until(None)?
+                .ok_or_else(|| cancel::cancelled("accept"))
+        })
     }
 
     /// Like [`accept`](Self::accept), but gives up after `timeout`
     /// (`Ok(None)`).
     pub fn accept_timeout(&self, timeout: Duration) -> Result<Option<Conn>> {
+        self.accept_until(Some(Instant::now() + timeout))
+    }
+
+    fn accept_until(&self, deadline: Option<Instant>) -> Result<Option<Conn>> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::AlreadyClosed);
         }
-        match self.queue.pop(Instant::now() + timeout) {
+        match self.queue.pop(deadline) {
             Ok(Some(accepted)) => Ok(Some(self.conn(accepted))),
             Ok(None) => Ok(None),
             Err(Ended::Closed) => Err(Error::AlreadyClosed),

@@ -61,9 +61,22 @@ impl OciClient {
         Ok(self.inner.load_tar(path, None)?)
     }
 
+    /// [`load_tar`](Self::load_tar) that `cancel` stops with
+    /// [`Error::Cancelled`](crate::Error::Cancelled) (`load cancelled`),
+    /// leaving nothing half-written in the store.
+    pub fn load_tar_cancellable(&self, path: &Path, cancel: &CancelToken) -> Result<Image> {
+        Ok(self.inner.load_tar_cancellable(path, None, cancel)?)
+    }
+
     /// Loads an OCI image layout directory.
     pub fn load_dir(&self, dir: &Path) -> Result<Image> {
         Ok(self.inner.load_dir(dir, None)?)
+    }
+
+    /// [`load_dir`](Self::load_dir) that `cancel` stops like
+    /// [`load_tar_cancellable`](Self::load_tar_cancellable).
+    pub fn load_dir_cancellable(&self, dir: &Path, cancel: &CancelToken) -> Result<Image> {
+        Ok(self.inner.load_dir_cancellable(dir, None, cancel)?)
     }
 
     /// Writes `image` as an OCI image layout directory.

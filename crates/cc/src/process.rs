@@ -13,6 +13,9 @@ use cc_protocol::{ErrorKind, Exec, Request, Response};
 use serde_bytes::ByteBuf;
 
 use crate::channel::ExitSlot;
+use cc_cancel::CancelToken;
+
+use crate::cancel;
 use crate::error::{Error, Result};
 use crate::instance::{Inner, REQUEST_TIMEOUT};
 
@@ -426,6 +429,12 @@ impl Child {
     pub fn wait(&mut self) -> Result<ExitStatus> {
         drop(self.stdin.take());
         Ok(self.wait_deadline(None)?.expect("no deadline"))
+    }
+
+    /// [`Child::wait`] that `cancel` stops with [`Error::Cancelled`]; the
+    /// process keeps running.
+    pub fn wait_cancellable(&mut self, cancel: &CancelToken) -> Result<ExitStatus> {
+        cancel::scope("wait", cancel, || self.wait())
     }
 
     /// Like [`Child::wait`] but gives up after `timeout` with `Ok(None)`.

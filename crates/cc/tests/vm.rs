@@ -1427,6 +1427,95 @@ fn fork_bomb_timeout_fires_on_time() {
     assert!(start.elapsed() < Duration::from_secs(15));
 }
 
+/// Runs `call` with a fresh token on another thread, checks it is still
+/// blocked, cancels the token and checks the call ends with the
+/// cancellation of `op`, promptly (a generous bound: not a hang).
+fn cancelled_from_another_thread<T: Send>(
+    op: &str,
+    call: impl FnOnce(&cc::CancelToken) -> cc::Result<T> + Send,
+) {
+    let token = cc::CancelToken::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let t = token.clone();
+        s.spawn(move || {
+            let _ = tx.send(call(&t).map(drop));
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        if let Ok(early) = rx.try_recv() {
+            panic!("{op} did not block: {early:?}");
+        }
+        let cancelled = Instant::now();
+        token.cancel();
+        let result = rx
+            .recv_timeout(Duration::from_secs(2))
+            .unwrap_or_else(|_| panic!("{op} still blocked 2 s after the cancel"));
+        let err = result.expect_err(op);
+        assert_eq!(err.code(), ErrorCode::Cancelled, "{op}: {err}");
+        assert_eq!(err.to_string(), format!("{op} cancelled"));
+        eprintln!("{op}: returned {:?} after the cancel", cancelled.elapsed());
+    });
+}
+
+fn every_blocking_call_is_cancelled_from_another_thread(inst: &Instance) {
+    cancelled_from_another_thread("wait", |t| inst.wait(Some(t)));
+    let listener = inst.listen("tcp", ":0").unwrap();
+    cancelled_from_another_thread("accept", |t| listener.accept(Some(t)));
+    listener.close().unwrap();
+
+    let mut sleeper = inst
+        .command("sleep")
+        .arg("1000")
+        .stdin(Stdio::Piped)
+        .stdout(Stdio::Piped)
+        .spawn()
+        .unwrap();
+    cancelled_from_another_thread("wait", |t| sleeper.wait_cancellable(t));
+    sleeper.kill().unwrap();
+    let cmd = inst.cmd("sleep", &["1000"]);
+    let (stdin, out) = (cmd.stdin_pipe().unwrap(), cmd.stdout_pipe().unwrap());
+    cmd.start().unwrap();
+    cancelled_from_another_thread("wait", |t| cmd.wait_cancellable(t));
+    cancelled_from_another_thread("read", |t| out.read_cancellable(64, t));
+    // Past the stream's window and the guest pipe's buffer: the write
+    // waits for credit that never comes.
+    let big = vec![7u8; 8 << 20];
+    cancelled_from_another_thread("write", |t| stdin.write_cancellable(&big, t));
+    cmd.kill().unwrap();
+
+    // FIFOs whose other end is open and idle: reads and writes block in
+    // the guest.
+    sh(
+        inst,
+        "rm -f /tmp/cfifo-r /tmp/cfifo-w; mkfifo /tmp/cfifo-r /tmp/cfifo-w",
+    );
+    let mut holders: Vec<cc::Child> = ["exec 3>/tmp/cfifo-r", "exec 3</tmp/cfifo-w"]
+        .iter()
+        .map(|open| {
+            inst.command("sh")
+                .args(["-c", &format!("{open}; sleep 1000")])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let file = inst.open("/tmp/cfifo-r").unwrap();
+    cancelled_from_another_thread("read", |t| file.read_some_cancellable(&mut [0u8; 64], t));
+    // read_file takes regular files only: a big sparse one streams for
+    // longer than the test waits, and the cancel stops it midway.
+    sh(inst, "truncate -s 1000M /tmp/cbig");
+    cancelled_from_another_thread("read_file", |t| inst.read_file_cancellable("/tmp/cbig", t));
+    sh(inst, "rm -f /tmp/cbig");
+    cancelled_from_another_thread("write_file", |t| {
+        inst.write_file_cancellable("/tmp/cfifo-w", &big, 0o644, t)
+    });
+    for h in &mut holders {
+        h.kill().unwrap();
+    }
+    drop(file);
+    // The instance keeps serving.
+    assert_eq!(stdout(inst, "echo still here"), "still here\n");
+}
+
 // ---- lifecycle: wait, timeout, mounts ----
 
 fn wait_returns_when_the_guest_powers_off() {
@@ -3181,6 +3270,7 @@ fn main() -> ExitCode {
         read_file_of_3_gib_is_refused_under_the_default_cap,
         copy_out_and_output_to_stream_in_constant_memory,
         output_of_300_mb_is_built_once,
+        every_blocking_call_is_cancelled_from_another_thread,
     ];
     let own: &[(&str, fn())] = named![
         close_leaves_nothing,

@@ -41,7 +41,7 @@ fn report(host: &cc::HostInfo) -> (String, bool) {
     line(
         "kernel",
         host.kernel.as_ref().map(|k| {
-            let hash = k.hash.as_deref().unwrap_or("not a cached build");
+            let hash = k.hash.as_deref().unwrap_or("unknown");
             format!("{} (hash {hash})", k.path.display())
         }),
     );
@@ -115,7 +115,7 @@ mod tests {
         );
         assert_eq!(
             lines[3],
-            "kernel       /c/kernel/current/vmlinux (hash not a cached build)"
+            "kernel       /c/kernel/current/vmlinux (hash unknown)"
         );
         assert_eq!(lines[4], "agent        /c/agent/cc-agent");
         assert!(lines[5].starts_with("protocol     v"), "{}", lines[5]);

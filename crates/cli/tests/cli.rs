@@ -501,27 +501,109 @@ fn qemu_dying_at_boot_is_reported_with_its_logs() {
     );
 }
 
-/// `crumble` with a fresh, empty image store but the real kernel and agent.
+/// `crumble` with a fresh, empty image store; the kernel and agent come
+/// from the data dir (or `CC_KERNEL`/`CC_AGENT` when set, say for an agent
+/// just built).
 fn crumble_in(store_cache: &std::path::Path) -> Command {
     let mut cmd = crumble();
-    cmd.env("CC_CACHE_DIR", store_cache)
-        .env("CC_KERNEL", cache_kernel())
-        .env("CC_AGENT", cache_agent());
+    cmd.env("CC_CACHE_DIR", store_cache);
     cmd
 }
 
-fn cache_kernel() -> PathBuf {
-    std::env::var_os("CC_KERNEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache().join("kernel/current/vmlinux"))
+fn the_data_dir_holds_the_kernel_and_agent() {
+    let dir = std::env::temp_dir().join(format!("cc-cli-data-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let doctor = || {
+        crumble()
+            .env("CC_DATA_DIR", &dir)
+            .env_remove("CC_KERNEL")
+            .env_remove("CC_AGENT")
+            .arg("doctor")
+            .output()
+            .unwrap()
+    };
+    let empty = doctor();
+    let text = String::from_utf8_lossy(&empty.stdout).into_owned();
+    assert!(!empty.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("{}/vmlinux", dir.display())) && text.contains("CC_DATA_DIR"),
+        "{text}"
+    );
+    std::fs::write(dir.join("vmlinux"), b"").unwrap();
+    std::fs::write(dir.join("kernel.json"), br#"{"hash": "00ff00ff00ff00ff"}"#).unwrap();
+    std::fs::write(dir.join("cc-agent"), b"").unwrap();
+    let text = String::from_utf8_lossy(&doctor().stdout).into_owned();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        text.contains(&format!(
+            "{}/vmlinux (hash 00ff00ff00ff00ff)",
+            dir.display()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("agent        {}/cc-agent", dir.display())),
+        "{text}"
+    );
 }
 
-/// The agent under test: `CC_AGENT` when set (an agent just built, say for
-/// a new protocol version), else the installed one.
-fn cache_agent() -> PathBuf {
-    std::env::var_os("CC_AGENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache().join("agent/cc-agent"))
+/// Nothing an instance needs lives in the cache: a new, empty cache dir
+/// boots. The kernel and agent come from a data dir: the installed one, or
+/// one made of `CC_KERNEL` and `CC_AGENT` when those are set.
+fn an_empty_cache_dir_boots() {
+    let dir = std::env::temp_dir().join(format!("cc-cli-empty-cache-{}", std::process::id()));
+    let cache = dir.join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let mut cmd = crumble();
+    cmd.env("CC_CACHE_DIR", &cache)
+        .env_remove("CC_KERNEL")
+        .env_remove("CC_AGENT");
+    let given = [("CC_KERNEL", "vmlinux"), ("CC_AGENT", "cc-agent")];
+    if given.iter().any(|(var, _)| std::env::var_os(var).is_some()) {
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        for (var, name) in given {
+            let path = std::env::var_os(var)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| installed(name));
+            std::os::unix::fs::symlink(path, data.join(name)).unwrap();
+        }
+        cmd.env("CC_DATA_DIR", &data);
+    }
+    let out = cmd
+        .args(["run", "--rootfs"])
+        .arg(rootfs())
+        .args(["--", "cat", "/proc/version"])
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(out.stdout.starts_with(b"Linux version "), "{err}");
+}
+
+/// A file `crumble` finds in its data dir without any variable.
+fn installed(name: &str) -> PathBuf {
+    let out = crumble()
+        .env_remove("CC_KERNEL")
+        .env_remove("CC_AGENT")
+        .arg("doctor")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let key = if name == "vmlinux" {
+        "kernel "
+    } else {
+        "agent "
+    };
+    let path = text
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string();
+    assert!(path.ends_with(name), "no installed {name}: {text}");
+    PathBuf::from(path)
 }
 
 fn ok(cmd: &mut Command) -> String {
@@ -987,6 +1069,7 @@ fn main() -> ExitCode {
         disk_mb_is_checked,
         load_of_random_bytes_prints_text_not_binary,
         pull_follows_registries_conf,
+        the_data_dir_holds_the_kernel_and_agent,
         tty_without_a_terminal_is_a_clear_error,
     ];
     let vm: &[(&str, fn())] = named![
@@ -1003,6 +1086,7 @@ fn main() -> ExitCode {
         templates_are_built_listed_used_and_removed,
         system_df_and_prune_account_for_every_kind,
         bench_exec_phases_names_each_caller,
+        an_empty_cache_dir_boots,
     ];
     let skip = vm_skip_reason();
     let trials = no_vm

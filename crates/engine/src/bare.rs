@@ -47,7 +47,7 @@ pub struct BareSpec {
 
 impl BareSpec {
     /// `initrd` under the kernel and accelerator an instance would get
-    /// (`CC_KERNEL`/the cached build, `CC_ACCEL`/the host's choice).
+    /// (`CC_KERNEL`/the data dir's, `CC_ACCEL`/the host's choice).
     pub fn new(initrd: PathBuf, memory_mb: u32, cpus: u32) -> Result<BareSpec, Error> {
         Ok(BareSpec {
             kernel: paths::kernel()?,

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 pub enum Error {
     #[error("{0} not found: install QEMU (apt-get install qemu-system-x86) or set CC_QEMU")]
     QemuMissing(String),
-    #[error("guest kernel not found at {}: run scripts/setup.sh, or set CC_KERNEL", .0.display())]
+    #[error("guest kernel not found at {}: run scripts/setup.sh, or set CC_KERNEL or CC_DATA_DIR", .0.display())]
     KernelMissing(PathBuf),
-    #[error("guest agent not found at {}: run scripts/setup.sh, or set CC_AGENT", .0.display())]
+    #[error("guest agent not found at {}: run scripts/setup.sh, or set CC_AGENT or CC_DATA_DIR", .0.display())]
     AgentMissing(PathBuf),
     #[error("CC_ACCEL={0}: expected kvm or tcg")]
     BadAccel(String),

@@ -373,6 +373,9 @@ fn start_warm(
     if let Some(t) = find(cache, &meta.key) {
         match restore(spec, run, &t, true, hooks.resume) {
             Ok(vm) => return Ok((vm, StartKind::Warm)),
+            // The host refused before the template was read: it is as good
+            // as it was.
+            Err(e) if refused_before_restoring(&e) => return Err(e),
             Err(e) => {
                 tracing::warn!(template = %meta.key, "removing a template that failed to restore: {e}");
                 remove(cache, &meta.key)?;
@@ -389,6 +392,23 @@ fn start_warm(
             Err(e)
         }
     }
+}
+
+/// Whether `e` comes from what the host lacks or forbids (a tool, the
+/// accelerator, the confinement asked for), which fails before QEMU reads
+/// a template and says nothing about it.
+fn refused_before_restoring(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::QemuMissing(_)
+            | Error::KernelMissing(_)
+            | Error::AgentMissing(_)
+            | Error::BadAccel(_)
+            | Error::KvmUnavailable(_)
+            | Error::Unconfined(_)
+            | Error::Policy(_)
+            | Error::ToolMissing { .. }
+    )
 }
 
 /// Boots `spec` with its RAM in a new template's file, lets `prepare` do
@@ -572,6 +592,19 @@ mod tests {
         fs::write(&s.disks[0].path, "new contents").unwrap();
         assert_ne!(key(&s).key, k);
         fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn only_failures_of_the_restore_itself_condemn_a_template() {
+        assert!(refused_before_restoring(&Error::Unconfined(
+            "no user namespaces".into()
+        )));
+        assert!(refused_before_restoring(&Error::QemuMissing("qemu".into())));
+        assert!(!refused_before_restoring(&Error::QemuDied {
+            status: "exit status: 1".into(),
+            log: "qemu: Unknown savevm section".into(),
+        }));
+        assert!(!refused_before_restoring(&Error::Template("bad".into())));
     }
 
     #[test]

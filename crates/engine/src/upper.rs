@@ -31,7 +31,7 @@ fn cached_empty(cache: &Path, size_mb: u32) -> Result<PathBuf, Error> {
         .set_len(u64::from(size_mb) << 20)
         .map_err(Error::io("size", &tmp))?;
     // No journal: the layer lives and dies with one instance.
-    let out = Command::new("mkfs.ext4")
+    let out = Command::new(paths::sbin_tool("mkfs.ext4"))
         .args(["-q", "-F", "-m", "0", "-O", "^has_journal"])
         .args(["-E", "lazy_itable_init=1", "-L", "ccupper"])
         .arg(&tmp)

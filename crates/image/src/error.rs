@@ -53,8 +53,10 @@ pub enum Error {
     },
     #[error("unsupported: {0}")]
     Unsupported(String),
-    #[error("pull cancelled")]
-    Cancelled,
+    /// The caller's [`CancelToken`](crate::CancelToken) stopped the
+    /// operation named (`pull`, `load`).
+    #[error("{0} cancelled")]
+    Cancelled(&'static str),
     #[error(transparent)]
     Layer(#[from] LayerError),
     /// A layer expands past [`crate::UnpackLimits`]: a decompression bomb

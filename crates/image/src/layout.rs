@@ -14,7 +14,9 @@ use crate::error::untrusted;
 use crate::image::parse;
 use crate::platform::{host_platform, select, Platform};
 use crate::store::{HashingWrite, MAX_DOCUMENT};
-use crate::{normalize_name, Digest, Error, Image, Result, Store, UnpackLimits, TAR_LAYER};
+use crate::{
+    normalize_name, CancelToken, Digest, Error, Image, Result, Store, UnpackLimits, TAR_LAYER,
+};
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 const FULL_NAME: &str = "io.containerd.image.name";
@@ -25,7 +27,7 @@ const MANIFEST_LIST_DOCKER: &str = "application/vnd.docker.distribution.manifest
 /// Where layout blobs come from: a directory, or what an archive already
 /// put into the store.
 enum BlobSource<'a> {
-    Dir(&'a Path),
+    Dir(&'a Path, &'a CancelToken),
     Stored,
 }
 
@@ -36,13 +38,15 @@ impl BlobSource<'_> {
             return Ok(digest);
         }
         match self {
-            BlobSource::Dir(dir) => {
+            BlobSource::Dir(dir, cancel) => {
                 let path = dir.join("blobs/sha256").join(digest.hex());
                 let file = File::open(&path).map_err(|e| match e.kind() {
                     io::ErrorKind::NotFound => Error::MissingBlob(digest.to_string()),
                     _ => Error::io("open", &path)(e),
                 })?;
-                store.write_blob(Some(&digest), file.take(d.size()), |_| true)?;
+                store.write_blob(Some(&digest), file.take(d.size()), |_| {
+                    !cancel.is_cancelled()
+                })?;
                 Ok(digest)
             }
             BlobSource::Stored => Err(Error::MissingBlob(digest.to_string())),
@@ -57,10 +61,11 @@ pub(crate) fn load_dir(
     dir: &Path,
     platform: Option<&Platform>,
     limits: &UnpackLimits,
+    cancel: &CancelToken,
 ) -> Result<Image> {
     let index_path = dir.join("index.json");
     let index = read_bounded(&index_path)?;
-    let (name, digest) = load_index(store, &index, &BlobSource::Dir(dir), dir, platform)?;
+    let (name, digest) = load_index(store, &index, &BlobSource::Dir(dir, cancel), dir, platform)?;
     finish(store, name, digest, limits)
 }
 
@@ -145,6 +150,7 @@ pub(crate) fn load_tar(
     path: &Path,
     platform: Option<&Platform>,
     limits: &UnpackLimits,
+    cancel: &CancelToken,
 ) -> Result<Image> {
     let file = File::open(path).map_err(Error::io("open", path))?;
     let mut archive = tar::Archive::new(io::BufReader::new(file));
@@ -154,6 +160,9 @@ pub(crate) fn load_tar(
     let mut aliases: HashMap<String, String> = HashMap::new();
     for entry in archive.entries().map_err(untrusted("read", path))? {
         let mut entry = entry.map_err(untrusted("read", path))?;
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled("load"));
+        }
         let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let name = raw.trim_start_matches("./").to_string();
         match entry.header().entry_type() {
@@ -186,10 +195,11 @@ pub(crate) fn load_tar(
             documents.insert(name, bytes);
         } else if let Some(hex) = name.strip_prefix("blobs/sha256/") {
             let expected: Digest = format!("sha256:{hex}").parse()?;
-            let (digest, size) = store.write_blob(Some(&expected), &mut entry, |_| true)?;
+            let (digest, size) =
+                store.write_blob(Some(&expected), &mut entry, |_| !cancel.is_cancelled())?;
             by_path.insert(name, (digest, size));
         } else if name.ends_with(".tar") || name.ends_with(".json") {
-            let (digest, size) = store.write_blob(None, &mut entry, |_| true)?;
+            let (digest, size) = store.write_blob(None, &mut entry, |_| !cancel.is_cancelled())?;
             by_path.insert(name, (digest, size));
         }
     }

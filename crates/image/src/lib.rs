@@ -49,13 +49,14 @@ use std::collections::HashSet;
 use std::fs;
 use std::path::Path;
 
+pub use cc_cancel::CancelToken;
 pub use config::ImageConfig;
 pub use digest::Digest;
 pub use error::{printable, Error, Result};
 pub use hostdir::HostDir;
 pub use image::{Image, UnpackLimits};
 pub use platform::{host_platform, Platform};
-pub use registry::{Auth, CancelToken, Progress, PullOptions, PullPolicy};
+pub use registry::{Auth, Progress, PullOptions, PullPolicy};
 pub use store::{RefRecord, Store, StoreLock};
 
 /// The canonical form of an image name: `alpine` → `docker.io/library/alpine:latest`.
@@ -143,14 +144,42 @@ impl Client {
 
     /// Loads the image an OCI layout directory holds.
     pub fn load_dir(&self, dir: &Path, platform: Option<&Platform>) -> Result<Image> {
+        self.load_dir_cancellable(dir, platform, &CancelToken::new())
+    }
+
+    /// [`load_dir`](Self::load_dir) that `cancel` stops between chunks
+    /// ([`Error::Cancelled`]), leaving nothing half-written in the store.
+    pub fn load_dir_cancellable(
+        &self,
+        dir: &Path,
+        platform: Option<&Platform>,
+        cancel: &CancelToken,
+    ) -> Result<Image> {
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled("load"));
+        }
         let _lock = self.store.lock(false)?;
-        layout::load_dir(&self.store, dir, platform, &self.limits)
+        layout::load_dir(&self.store, dir, platform, &self.limits, cancel)
     }
 
     /// Loads an OCI layout archive or a `docker save` archive.
     pub fn load_tar(&self, path: &Path, platform: Option<&Platform>) -> Result<Image> {
+        self.load_tar_cancellable(path, platform, &CancelToken::new())
+    }
+
+    /// [`load_tar`](Self::load_tar) that `cancel` stops between chunks
+    /// ([`Error::Cancelled`]), leaving nothing half-written in the store.
+    pub fn load_tar_cancellable(
+        &self,
+        path: &Path,
+        platform: Option<&Platform>,
+        cancel: &CancelToken,
+    ) -> Result<Image> {
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled("load"));
+        }
         let _lock = self.store.lock(false)?;
-        layout::load_tar(&self.store, path, platform, &self.limits)
+        layout::load_tar(&self.store, path, platform, &self.limits, cancel)
     }
 
     /// Writes `image` as an OCI layout directory.

@@ -1,8 +1,6 @@
 //! Pulling from registries with `oci-client`, into the store.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -20,7 +18,7 @@ use crate::platform::{host_platform, select, Platform};
 use crate::registries::{self, is_short, RegistriesConf};
 use crate::store::MAX_DOCUMENT;
 use crate::stream::Chunk;
-use crate::{Digest, Error, Image, Result, Store, UnpackLimits};
+use crate::{CancelToken, Digest, Error, Image, Result, Store, UnpackLimits};
 
 /// When to contact the registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -80,22 +78,6 @@ pub struct Progress {
     pub blob_count: usize,
     pub bytes_per_second: f64,
     pub eta: Option<Duration>,
-}
-
-/// Cancels a pull from another thread (or from the progress callback).
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
-
-impl CancelToken {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
 }
 
 const ACCEPT: &[&str] = &[
@@ -226,7 +208,7 @@ pub(crate) fn pull(
                 .map_err(|_| Error::BadReference(source.reference.clone()))?;
             for &protocol in protocols(at.registry(), source.insecure) {
                 if cancel.is_cancelled() {
-                    return Err(Error::Cancelled);
+                    return Err(Error::Cancelled("pull"));
                 }
                 let puller = Puller::new(store, &at, protocol, options, cancel);
                 let manifest = async {
@@ -235,7 +217,7 @@ pub(crate) fn pull(
                 };
                 let first = match runtime.block_on(manifest) {
                     Ok(first) => first,
-                    Err(Error::Cancelled) => return Err(Error::Cancelled),
+                    Err(Error::Cancelled(op)) => return Err(Error::Cancelled(op)),
                     Err(e) => {
                         tracing::debug!("pull {name} from {}: {e}", at.whole());
                         failures.push((format!("{name} from {}", at.whole()), e));
@@ -494,22 +476,20 @@ impl<'a> Puller<'a> {
             .map_err(|e| self.registry_error(e))?;
         let mut writer = self.store.blob_writer(Some(&expected))?;
         let mut written = 0u64;
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        // The token's wake-up ends even a download that has stalled.
+        let (wake, mut cancelled) = tokio::sync::oneshot::channel::<()>();
+        let _wake = self.cancel.on_cancel(move || {
+            let _ = wake.send(());
+        });
         loop {
-            // Wake regularly so cancellation is prompt even on a stalled download.
             let chunk = tokio::select! {
                 chunk = stream.stream.next() => chunk,
-                _ = tick.tick() => {
-                    if self.cancel.is_cancelled() {
-                        return Err(Error::Cancelled);
-                    }
-                    continue;
-                }
+                _ = &mut cancelled => return Err(Error::Cancelled("pull")),
             };
             let Some(chunk) = chunk else { break };
             let chunk = chunk.map_err(|e| self.registry_error(e))?;
             if self.cancel.is_cancelled() {
-                return Err(Error::Cancelled);
+                return Err(Error::Cancelled("pull"));
             }
             let len = chunk.len() as u64;
             written += len;

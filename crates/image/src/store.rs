@@ -105,7 +105,7 @@ impl Store {
 
     /// Streams `reader` into the store. With `expected`, the content must
     /// hash to it; without, the content's digest names it. `on_bytes` sees
-    /// every chunk's length; it returning `false` cancels.
+    /// every chunk's length; it returning `false` cancels the `load`.
     pub(crate) fn write_blob(
         &self,
         expected: Option<&Digest>,
@@ -128,7 +128,7 @@ impl Store {
             };
             w.write(&buf[..n])?;
             if !on_bytes(n as u64) {
-                return Err(Error::Cancelled);
+                return Err(Error::Cancelled("load"));
             }
         }
         w.finish()
@@ -430,7 +430,7 @@ mod tests {
         assert!(matches!(err, Error::DigestMismatch { .. }));
         assert!(!s.has_blob(&wrong));
         let err = s.write_blob(None, &b"abc"[..], |_| false).unwrap_err();
-        assert!(matches!(err, Error::Cancelled));
+        assert!(matches!(err, Error::Cancelled("load")));
         assert_eq!(
             fs::read_dir(s.root().join("tmp")).unwrap().count(),
             0,

@@ -230,7 +230,8 @@ fn cancel_leaves_the_store_clean() {
             &cancel,
         )
         .unwrap_err();
-    assert!(matches!(err, Error::Cancelled), "{err}");
+    assert!(matches!(err, Error::Cancelled("pull")), "{err}");
+    assert_eq!(err.to_string(), "pull cancelled");
     assert!(calls > 0);
     assert_eq!(temp_files(&root), 0, "half-written blob left");
     assert!(client.images().unwrap().is_empty());
@@ -344,6 +345,26 @@ fn find_largest_file(dir: &Path) -> PathBuf {
         }
     }
     best.unwrap().1
+}
+
+#[test]
+fn a_cancelled_load_is_cancelled_and_stores_nothing() {
+    let images = test_images();
+    let (client, _root) = store("load-cancel");
+    let cancel = CancelToken::new();
+    cancel.cancel();
+    for err in [
+        client
+            .load_dir_cancellable(&images.busybox, None, &cancel)
+            .unwrap_err(),
+        client
+            .load_tar_cancellable(&images.busybox_oci_tar, None, &cancel)
+            .unwrap_err(),
+    ] {
+        assert!(matches!(err, Error::Cancelled("load")), "{err}");
+        assert_eq!(err.to_string(), "load cancelled");
+    }
+    assert!(client.images().unwrap().is_empty());
 }
 
 #[test]

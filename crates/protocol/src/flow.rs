@@ -10,6 +10,8 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use cc_cancel::CancelToken;
+
 use crate::STREAM_WINDOW;
 
 /// Credit is returned once this many bytes were consumed, so a fast reader
@@ -252,11 +254,21 @@ impl Inbound {
         s.eof && s.buffered == 0
     }
 
-    /// Waits until data, end of file, breakage or `deadline`.
+    /// Wakes the stream's waiters to look at their cancel tokens: hand it
+    /// to [`CancelToken::on_cancel`] for a read given that token.
+    pub fn wake(&self) {
+        // Under the lock: a waiter between its check and its wait
+        // cannot miss it.
+        let _held = self.lock();
+        self.ready.notify_all();
+    }
+
+    /// Waits until data, end of file, breakage, `deadline` or `cancel`.
     fn wait<'a>(
         &'a self,
         mut s: MutexGuard<'a, InState>,
         deadline: Option<Instant>,
+        cancel: Option<&CancelToken>,
     ) -> io::Result<MutexGuard<'a, InState>> {
         loop {
             if let Some(why) = s.broken {
@@ -264,6 +276,9 @@ impl Inbound {
             }
             if s.buffered > 0 || s.eof {
                 return Ok(s);
+            }
+            if cancel.is_some_and(CancelToken::is_cancelled) {
+                return Err(cancelled_error());
             }
             s = match deadline {
                 None => self.ready.wait(s).unwrap_or_else(|e| e.into_inner()),
@@ -295,7 +310,7 @@ impl Inbound {
     /// Like [`read`](Self::read), but hands over the next chunk whole as
     /// the peer sent it, without copying it.
     pub fn take(&self, deadline: Option<Instant>) -> io::Result<Chunk> {
-        let mut s = self.wait(self.lock(), deadline)?;
+        let mut s = self.wait(self.lock(), deadline, None)?;
         let Some(bytes) = s.chunks.pop_front() else {
             return Ok(Chunk {
                 bytes: Buffer::default(),
@@ -310,9 +325,21 @@ impl Inbound {
     /// End of file is `len == 0` once all data was read; a timeout is
     /// `ErrorKind::TimedOut`.
     pub fn read(&self, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<Read> {
+        self.read_cancellable(buf, deadline, None)
+    }
+
+    /// [`read`](Self::read) that also ends, with [`is_cancelled`], once
+    /// `cancel` is cancelled; register [`wake`](Self::wake) with the token
+    /// so that a blocked read sees it at once.
+    pub fn read_cancellable(
+        &self,
+        buf: &mut [u8],
+        deadline: Option<Instant>,
+        cancel: Option<&CancelToken>,
+    ) -> io::Result<Read> {
         let mut s = self.lock();
         if !buf.is_empty() {
-            s = self.wait(s, deadline)?;
+            s = self.wait(s, deadline, cancel)?;
         } else if let Some(why) = s.broken {
             return Err(broken_error(why));
         }
@@ -336,6 +363,20 @@ impl Inbound {
         let credit = Self::consumed(&mut s, len);
         Ok(Read { len, credit })
     }
+}
+
+/// What a wait stopped by its cancel token fails with.
+#[derive(Debug, thiserror::Error)]
+#[error("cancelled")]
+struct Cancelled;
+
+fn cancelled_error() -> io::Error {
+    io::Error::new(io::ErrorKind::Interrupted, Cancelled)
+}
+
+/// Whether `e` is a wait stopped by its cancel token.
+pub fn is_cancelled(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Cancelled>())
 }
 
 fn broken_error(why: Broken) -> io::Error {
@@ -418,9 +459,28 @@ impl Outbound {
         self.granted.notify_all();
     }
 
+    /// Wakes the stream's writers to look at their cancel tokens: hand it
+    /// to [`CancelToken::on_cancel`] for a write given that token.
+    pub fn wake(&self) {
+        let _held = self.lock();
+        self.granted.notify_all();
+    }
+
     /// Blocks until some credit is available, then takes up to `want` bytes
     /// of it. A `timeout` bounds the wait (`ErrorKind::TimedOut`).
     pub fn acquire(&self, want: usize, timeout: Option<Duration>) -> io::Result<usize> {
+        self.acquire_cancellable(want, timeout, None)
+    }
+
+    /// [`acquire`](Self::acquire) that also ends, with [`is_cancelled`],
+    /// once `cancel` is cancelled; register [`wake`](Self::wake) with the
+    /// token so that a blocked writer sees it at once.
+    pub fn acquire_cancellable(
+        &self,
+        want: usize,
+        timeout: Option<Duration>,
+        cancel: Option<&CancelToken>,
+    ) -> io::Result<usize> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut s = self.lock();
         loop {
@@ -429,6 +489,9 @@ impl Outbound {
             }
             if s.credit > 0 || want == 0 {
                 break;
+            }
+            if cancel.is_some_and(CancelToken::is_cancelled) {
+                return Err(cancelled_error());
             }
             s = match deadline {
                 None => self.granted.wait(s).unwrap_or_else(|e| e.into_inner()),
@@ -588,5 +651,34 @@ mod tests {
             o.acquire(1, None).unwrap_err().kind(),
             io::ErrorKind::BrokenPipe
         );
+    }
+
+    #[test]
+    fn a_cancelled_token_wakes_blocked_readers_and_writers() {
+        let token = CancelToken::new();
+        let i = Arc::new(Inbound::new());
+        let o = Arc::new(Outbound::new());
+        o.acquire(usize::MAX, None).unwrap();
+        let (wi, wo) = (i.clone(), o.clone());
+        let _wake_in = token.on_cancel(move || wi.wake());
+        let _wake_out = token.on_cancel(move || wo.wake());
+        let (ti, to, tr, tw) = (token.clone(), token.clone(), i.clone(), o.clone());
+        let reader = thread::spawn(move || {
+            tr.read_cancellable(&mut [0u8; 8], None, Some(&ti))
+                .unwrap_err()
+        });
+        let writer = thread::spawn(move || tw.acquire_cancellable(1, None, Some(&to)).unwrap_err());
+        thread::sleep(Duration::from_millis(20));
+        token.cancel();
+        assert!(is_cancelled(&reader.join().unwrap()));
+        assert!(is_cancelled(&writer.join().unwrap()));
+        // Data that is there is still read; only a wait is cancelled.
+        i.push(&b"abc"[..]).unwrap();
+        let r = i
+            .read_cancellable(&mut [0u8; 8], None, Some(&token))
+            .unwrap();
+        assert_eq!(r.len, 3);
+        let e = o.acquire(1, Some(Duration::from_millis(1))).unwrap_err();
+        assert!(!is_cancelled(&e));
     }
 }

@@ -30,6 +30,14 @@ while another writes to it. Every resource (``OCIClient``, ``ImageSource``,
 are also released when objects are garbage collected, and instances still
 open when the interpreter exits are closed.
 
+Cancel tokens: ``cc.CancelToken()`` passed as ``cancel=`` to a blocking
+call (``pull``, ``load_tar``/``load_dir``, ``Instance(...)``, ``wait``,
+``accept``, ``Cmd.wait``, ``Conn``/``File`` ``read``/``write``,
+``read_file``/``write_file``) stops it from any thread at once:
+``token.cancel()`` makes the call raise ``CancelledError`` naming the
+operation ("wait cancelled"). A token is a context manager; one used after
+``close()`` raises ``AlreadyClosedError``.
+
 ``crumblecracker.aio`` is the same API for asyncio: ``async def`` methods
 running the blocking calls in worker threads.
 """
@@ -39,6 +47,7 @@ from __future__ import annotations
 from ctypes import byref
 
 from . import _lib
+from ._cancel import CancelToken
 from ._cmd import Cmd, Conn
 from ._errors import (
     AlreadyClosedError,
@@ -95,6 +104,7 @@ __all__ = [
     "AlreadyClosedError",
     "Auth",
     "CCError",
+    "CancelToken",
     "CancelledError",
     "Capabilities",
     "Cmd",
@@ -200,6 +210,7 @@ def query_capabilities() -> Capabilities:
         sandbox_uid=int(caps.sandbox_uid),
         confinement_gaps=tuple(g for g in _lib.decode(caps.confinement_gaps).split("; ") if g),
         hardware_accelerated=bool(caps.hardware_accelerated),
+        kernel_hash=_lib.decode(caps.kernel_hash) or None,
     )
 
 

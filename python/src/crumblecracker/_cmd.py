@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import _lib
 from ._call import SETTLE_SECONDS, Call, Handle, Stream, cancel_then_settle, interruptible
+from ._cancel import CancelToken
+from ._cancel import handle as cancel_handle
 from ._errors import AlreadyClosedError, CCError, ErrorCode, InvalidArgumentError
 from ._file import Data, as_bytes
 
@@ -78,14 +80,20 @@ class Conn(Stream):
                 raise AlreadyClosedError("the connection is closed", op=op) from None
             raise
 
-    def read(self, n: int = 65536) -> bytes:
+    def read(self, n: int = 65536, cancel: Optional[CancelToken] = None) -> bytes:
         """Reads up to N bytes, blocking until some arrive; ``b""`` at end of
         stream. A negative N reads everything until end of stream, into one
         buffer of at most ``InstanceOptions.max_result_bytes`` (more raises
-        ``TooLargeError`` and stops the stream)."""
+        ``TooLargeError`` and stops the stream). Cancelling CANCEL stops a
+        read of N >= 0 bytes with ``CancelledError`` ("read cancelled");
+        what was not read stays to be read. A read of everything (negative
+        N) does not take a token."""
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be an int, not {type(n).__name__}")
+        if cancel is not None and n < 0:
+            raise InvalidArgumentError("cancel= needs a read of N >= 0 bytes")
         handle = self._h("read")
+        token = cancel_handle(cancel, "read")
         self._settle(self._READ)
         if self._leftover:
             if n >= 0:
@@ -106,20 +114,23 @@ class Conn(Stream):
             cap = min(n, _CHUNK)
             buf = ctypes.create_string_buffer(cap)
             count = c_size_t()
-            self._call("read", lib.cc_conn_read, handle, buf, cap, byref(count))
+            self._call("read", lib.cc_conn_read_cancellable, handle, token, buf, cap, byref(count))
             return buf.raw[: count.value]
 
         return head + self._blocking(run, "conn-read", self._READ)
 
-    def write(self, data: Data) -> int:
+    def write(self, data: Data, cancel: Optional[CancelToken] = None) -> int:
         """Writes all of DATA (bytes, or str encoded UTF-8); returns how many
-        bytes."""
+        bytes. Cancelling CANCEL raises ``CancelledError`` ("write
+        cancelled") while it waits for the guest; part of DATA may have
+        been sent."""
         raw = as_bytes(data)
         handle = self._h("write")
+        token = cancel_handle(cancel, "write")
         lib = _lib.native()
 
         def run() -> int:
-            self._call("write", lib.cc_conn_write, handle, raw, len(raw))
+            self._call("write", lib.cc_conn_write_cancellable, handle, token, raw, len(raw))
             return len(raw)
 
         return self._blocking(run, "conn-write", self._WRITE)
@@ -312,25 +323,28 @@ class Cmd(Handle):
 
         return cancel_then_settle(kill_until_done)
 
-    def _status(self, fn: str, op: str) -> int:
+    def _status(self, fn: str, op: str, *args: Any) -> int:
         handle = self._h(op)
         lib = _lib.native()
 
         def run() -> int:
             code = c_int32()
-            _lib.call(getattr(lib, fn), handle, byref(code))
+            _lib.call(getattr(lib, fn), handle, *args, byref(code))
             return int(code.value)
 
         code: int = interruptible(run, self._killer(handle), op)
         self._exit_code = code
         return code
 
-    def wait(self) -> int:
+    def wait(self, cancel: Optional[CancelToken] = None) -> int:
         """Waits for the started process; returns its exit status. Raises
         ``NotRunningError`` if the guest dies or stops answering meanwhile
         (never a made-up status), ``AlreadyClosedError`` if the instance is
-        closed from another thread."""
-        return self._status("cc_cmd_wait", "wait")
+        closed from another thread. Cancelling CANCEL raises
+        ``CancelledError`` ("wait cancelled"); the process keeps running
+        and can be waited for again (Ctrl-C kills it)."""
+        token = cancel_handle(cancel, "wait")
+        return self._status("cc_cmd_wait_cancellable", "wait", token)
 
     def run(self) -> int:
         """Starts the process and waits for it; returns its exit status."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ctypes
 from ctypes import byref, c_size_t, c_uint64, c_void_p
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from . import _lib
 from ._call import Stream
+from ._cancel import CancelToken
+from ._cancel import handle as cancel_handle
 from ._errors import AlreadyClosedError, InvalidArgumentError
 from ._types import FileInfo, SeekWhence
 
@@ -72,14 +74,20 @@ class File(Stream):
         """The guest path the file was opened with."""
         return self._path
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int = -1, cancel: Optional[CancelToken] = None) -> bytes:
         """Reads up to N bytes (all the rest when N is negative); fewer only
         at end of file, ``b""`` there. All the rest is built once, at the
         size left in the file, and may be at most
-        ``InstanceOptions.max_result_bytes`` (else ``TooLargeError``)."""
+        ``InstanceOptions.max_result_bytes`` (else ``TooLargeError``).
+        Cancelling CANCEL stops a read of N >= 0 bytes with
+        ``CancelledError`` ("read cancelled"); a read of all the rest
+        (negative N) does not take a token."""
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be an int, not {type(n).__name__}")
+        if cancel is not None and n < 0:
+            raise InvalidArgumentError("cancel= needs a read of N >= 0 bytes")
         handle = self._h("read")
+        token = cancel_handle(cancel, "read")
         self._settle()  # bytes of a read Ctrl-C interrupted come first
         data = self._take_leftover(n)
         if n >= 0 and len(data) == n:
@@ -104,7 +112,7 @@ class File(Stream):
             count = c_size_t()
             while got < want:
                 cap = min(len(buf), want - got)
-                _lib.call(lib.cc_file_read, handle, buf, cap, byref(count))
+                _lib.call(lib.cc_file_read_cancellable, handle, token, buf, cap, byref(count))
                 if count.value == 0:
                     break
                 parts.append(buf.raw[: count.value])
@@ -113,16 +121,19 @@ class File(Stream):
 
         return data + self._blocking(run, "file-read")
 
-    def write(self, data: Data) -> int:
+    def write(self, data: Data, cancel: Optional[CancelToken] = None) -> int:
         """Writes all of DATA (bytes, or str encoded UTF-8) at the file
-        offset; returns how many bytes."""
+        offset; returns how many bytes. Cancelling CANCEL raises
+        ``CancelledError`` ("write cancelled"); part of DATA may have been
+        written."""
         raw = as_bytes(data)
         handle = self._h("write")
+        token = cancel_handle(cancel, "write")
         lib = _lib.native()
 
         def run() -> int:
             written = c_size_t()
-            _lib.call(lib.cc_file_write, handle, raw, len(raw), byref(written))
+            _lib.call(lib.cc_file_write_cancellable, handle, token, raw, len(raw), byref(written))
             return int(written.value)
 
         return self._blocking(run, "file-write")

@@ -11,6 +11,9 @@ from typing import Optional, Union
 
 from . import _lib
 from ._call import Call, Handle, cancel_then_settle, interruptible
+from ._cancel import CancelToken, call_token
+from ._cancel import check as check_cancel
+from ._cancel import handle as cancel_handle
 from ._cmd import Cmd, Conn
 from ._errors import AlreadyClosedError, CCError, ErrorCode, InvalidArgumentError
 from ._file import Data, File, as_bytes, file_info
@@ -123,7 +126,9 @@ class Instance(Handle):
         self,
         source: Union[ImageSource, Snapshot],
         options: Optional[InstanceOptions] = None,
+        cancel: Optional[CancelToken] = None,
     ) -> None:
+        check_cancel(cancel)
         if options is None:
             options = InstanceOptions()
         elif not isinstance(options, InstanceOptions):
@@ -134,9 +139,9 @@ class Instance(Handle):
         lib = _lib.native()
         if isinstance(source, Snapshot):
             with source.as_source() as src:
-                handle = self._boot(lib, src, c_opts, keep)
+                handle = self._boot(lib, src, c_opts, keep, cancel)
         elif isinstance(source, ImageSource):
-            handle = self._boot(lib, source, c_opts, keep)
+            handle = self._boot(lib, source, c_opts, keep, cancel)
         else:
             raise TypeError(
                 f"source must be an ImageSource or a Snapshot, not {type(source).__name__}"
@@ -153,23 +158,29 @@ class Instance(Handle):
 
     @staticmethod
     def _boot(
-        lib: ctypes.CDLL, source: ImageSource, c_opts: _lib.CInstanceOptions, keep: object
+        lib: ctypes.CDLL,
+        source: ImageSource,
+        c_opts: _lib.CInstanceOptions,
+        keep: object,
+        cancel: Optional[CancelToken],
     ) -> int:
         src = source._h("Instance")
-
-        def run() -> int:
-            _ = keep  # the option strings stay alive for the call
-            out = c_uint64()
-            _lib.call(lib.cc_instance_new, src, byref(c_opts), byref(out))
-            return int(out.value)
-
-        def let_boot_end(_call: Call[int]) -> None:
-            pass  # booting cannot be cancelled: wait, then close what booted
 
         def discard(handle: int) -> None:
             _lib.free("cc_instance_free", handle)
 
-        return interruptible(run, cancel_then_settle(let_boot_end, discard), "boot")
+        with call_token(cancel, "Instance") as token:
+
+            def run() -> int:
+                _ = keep  # the option strings stay alive for the call
+                out = c_uint64()
+                _lib.call(lib.cc_instance_new_cancellable, src, byref(c_opts), token, byref(out))
+                return int(out.value)
+
+            def stop(_call: Call[int]) -> None:
+                _lib.call(lib.cc_cancel_token_cancel, token)
+
+            return interruptible(run, cancel_then_settle(stop, discard), "boot")
 
     # -- identity and lifecycle ------------------------------------------------
 
@@ -198,31 +209,29 @@ class Instance(Handle):
         _lib.call(_lib.native().cc_instance_is_running, self._handle, byref(out))
         return bool(out.value)
 
-    def wait(self) -> None:
+    def wait(self, cancel: Optional[CancelToken] = None) -> None:
         """Waits until the guest ends (powers off, crashes, times out or
         stops answering).
+        Cancelling CANCEL raises ``CancelledError`` ("wait cancelled");
         Ctrl-C stops waiting (the instance keeps running) and raises
         ``KeyboardInterrupt``; closing the instance from another thread
         ends the wait with ``AlreadyClosedError``."""
         handle = self._h("wait")
         lib = _lib.native()
-        token = c_uint64()
-        _lib.call(lib.cc_cancel_token_new, byref(token))
+        with call_token(cancel, "wait") as token:
 
-        def run() -> None:
-            _lib.call(lib.cc_instance_wait, handle, token.value)
+            def run() -> None:
+                _lib.call(lib.cc_instance_wait, handle, token)
 
-        def cancel(_call: Call[None]) -> None:
-            _lib.call(lib.cc_cancel_token_cancel, token.value)
+            def stop(_call: Call[None]) -> None:
+                _lib.call(lib.cc_cancel_token_cancel, token)
 
-        try:
-            interruptible(run, cancel_then_settle(cancel), "wait")
-        except CCError as e:
-            if self._closed and e.code == ErrorCode.INVALID_HANDLE:
-                raise AlreadyClosedError("the instance is closed", op="wait") from None
-            raise
-        finally:
-            _lib.free("cc_cancel_token_free", token.value)
+            try:
+                interruptible(run, cancel_then_settle(stop), "wait")
+            except CCError as e:
+                if self._closed and e.code == ErrorCode.INVALID_HANDLE:
+                    raise AlreadyClosedError("the instance is closed", op="wait") from None
+                raise
 
     def set_network_enabled(self, enabled: bool) -> None:
         """Connects or disconnects the guest's network interface; while
@@ -246,18 +255,20 @@ class Instance(Handle):
 
     # -- filesystem ------------------------------------------------------------
 
-    def read_file(self, path: GuestPath) -> bytes:
+    def read_file(self, path: GuestPath, cancel: Optional[CancelToken] = None) -> bytes:
         """The whole contents of a guest file, built once at the size the
         guest reports (any size up to the cap: the host holds it about
         once). A file over ``InstanceOptions.max_result_bytes`` raises
         ``TooLargeError`` before any of it is read; stream such files with
-        ``copy_out`` or ``read_file_stream``."""
+        ``copy_out`` or ``read_file_stream``. Cancelling CANCEL raises
+        ``CancelledError`` ("read_file cancelled")."""
         data = c_void_p()
         length = c_size_t()
         _lib.call(
-            _lib.native().cc_instance_read_file,
+            _lib.native().cc_instance_read_file_cancellable,
             self._h("read_file"),
             _guest(path),
+            cancel_handle(cancel, "read_file"),
             byref(data),
             byref(length),
         )
@@ -314,17 +325,26 @@ class Instance(Handle):
         )
         return int(copied.value)
 
-    def write_file(self, path: GuestPath, data: Data, mode: int = 0o644) -> None:
+    def write_file(
+        self,
+        path: GuestPath,
+        data: Data,
+        mode: int = 0o644,
+        cancel: Optional[CancelToken] = None,
+    ) -> None:
         """Creates or replaces a guest file with DATA (bytes, or str encoded
-        UTF-8) and permission bits MODE."""
+        UTF-8) and permission bits MODE. Cancelling CANCEL raises
+        ``CancelledError`` ("write_file cancelled"); the file may then hold
+        part of DATA."""
         raw = as_bytes(data)
         _lib.call(
-            _lib.native().cc_instance_write_file,
+            _lib.native().cc_instance_write_file_cancellable,
             self._h("write_file"),
             _guest(path),
             raw,
             len(raw),
             _mode(mode),
+            cancel_handle(cancel, "write_file"),
         )
 
     def _stat(self, fn: str, op: str, path: GuestPath) -> FileInfo:

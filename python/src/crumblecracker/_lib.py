@@ -4,7 +4,7 @@ Where the library is found, first match wins:
 
 1. ``LIBCC_PATH``: the library file (or a directory holding ``libcc.so``).
    When it is set, nothing else is tried.
-2. The copy bundled in this package (``crumblecracker/_native/libcc.so``),
+2. The copy bundled in this package (``crumblecracker/_native/lib/libcc.so``),
    which ``pip install ./python`` builds and puts in the wheel.
 3. Development fallback for editable installs: ``$CARGO_TARGET_DIR/release``
    and the workspace's ``target/release`` (the workspace being the parent
@@ -16,11 +16,10 @@ The library is loaded on first use, not at ``import crumblecracker``; when it
 cannot be found or is incompatible, that first use raises one
 ``LibraryLoadError`` saying what was tried and how to fix it.
 
-When the package bundles the static guest agent (``_native/cc-agent``) and
-the bundled library is the one loaded, ``CC_AGENT`` defaults to it (an
-explicit ``CC_AGENT`` wins), so an installed wheel needs no agent from
-``scripts/setup.sh``; the guest kernel still comes from the setup step's
-cache or ``CC_KERNEL``.
+The library finds the guest kernel and agent in its data dir,
+``<library dir>/../share/crumblecracker``: for the bundled copy, the
+wheel's ``_native/share/crumblecracker/`` (``CC_DATA_DIR``, ``CC_KERNEL``
+and ``CC_AGENT`` override it; see ``cc_engine::paths::data_dir``).
 
 Every function is called through ``ctypes.CDLL``, which releases the GIL for
 the duration of each foreign call: other Python threads run while a call
@@ -84,7 +83,6 @@ PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
 _NATIVE_DIR = Path(__file__).resolve().parent / "_native"
 _LIB_NAME = "libcc.so"
-_AGENT_NAME = "cc-agent"
 
 
 class LibraryLoadError(RuntimeError):
@@ -129,6 +127,7 @@ class CCapabilities(_Sized):
         ("sandbox_uid", c_uint32),
         ("confinement_gaps", c_char_p),
         ("hardware_accelerated", c_bool),
+        ("kernel_hash", c_char_p),
     ]
 
 
@@ -273,6 +272,7 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_cancel_token_cancel": (_CODE, [_H, _ERR]),
     "cc_cancel_token_is_cancelled": (_CODE, [_H, POINTER(c_bool), _ERR]),
     "cc_cancel_token_free": (_CODE, [_H]),
+    "cc_cancel_token_child": (_CODE, [_H, _HP, _ERR]),
     # OCI clients and sources
     "cc_oci_client_new": (_CODE, [c_char_p, _HP, _ERR]),
     "cc_oci_client_cache_dir": (_CODE, [_H, POINTER(c_void_p), _ERR]),
@@ -282,6 +282,8 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     ),
     "cc_oci_load_tar": (_CODE, [_H, c_char_p, _HP, _ERR]),
     "cc_oci_load_dir": (_CODE, [_H, c_char_p, _HP, _ERR]),
+    "cc_oci_load_tar_cancellable": (_CODE, [_H, c_char_p, _H, _HP, _ERR]),
+    "cc_oci_load_dir_cancellable": (_CODE, [_H, c_char_p, _H, _HP, _ERR]),
     "cc_oci_export_dir": (_CODE, [_H, _H, c_char_p, _ERR]),
     "cc_oci_client_close": (_CODE, [_H, _ERR]),
     "cc_oci_client_free": (_CODE, [_H]),
@@ -291,6 +293,7 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_image_config_free": (None, [POINTER(CImageConfig)]),
     # instances
     "cc_instance_new": (_CODE, [_H, POINTER(CInstanceOptions), _HP, _ERR]),
+    "cc_instance_new_cancellable": (_CODE, [_H, POINTER(CInstanceOptions), _H, _HP, _ERR]),
     "cc_instance_id": (_CODE, [_H, POINTER(c_void_p), _ERR]),
     "cc_instance_start_kind": (_CODE, [_H, POINTER(c_int32), _ERR]),  # enum cc_start_kind
     "cc_instance_is_running": (_CODE, [_H, POINTER(c_bool), _ERR]),
@@ -305,10 +308,18 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
         _CODE,
         [_H, c_char_p, POINTER(c_void_p), POINTER(c_size_t), _ERR],
     ),
+    "cc_instance_read_file_cancellable": (
+        _CODE,
+        [_H, c_char_p, _H, POINTER(c_void_p), POINTER(c_size_t), _ERR],
+    ),
     "cc_instance_read_file_stream": (_CODE, [_H, c_char_p, _HP, POINTER(c_uint64), _ERR]),
     "cc_instance_copy_out": (_CODE, [_H, c_char_p, c_char_p, POINTER(c_uint64), _ERR]),
     "cc_instance_copy_in": (_CODE, [_H, c_char_p, c_char_p, c_uint32, POINTER(c_uint64), _ERR]),
     "cc_instance_write_file": (_CODE, [_H, c_char_p, c_char_p, c_size_t, c_uint32, _ERR]),
+    "cc_instance_write_file_cancellable": (
+        _CODE,
+        [_H, c_char_p, c_char_p, c_size_t, c_uint32, _H, _ERR],
+    ),
     "cc_instance_stat": (_CODE, [_H, c_char_p, POINTER(CFileInfo), _ERR]),
     "cc_instance_lstat": (_CODE, [_H, c_char_p, POINTER(CFileInfo), _ERR]),
     "cc_instance_mkdir": (_CODE, [_H, c_char_p, c_uint32, _ERR]),
@@ -333,8 +344,13 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_instance_create": (_CODE, [_H, c_char_p, _HP, _ERR]),
     "cc_instance_open_file": (_CODE, [_H, c_char_p, c_uint32, c_uint32, _HP, _ERR]),
     "cc_file_read": (_CODE, [_H, POINTER(c_char), c_size_t, POINTER(c_size_t), _ERR]),
+    "cc_file_read_cancellable": (
+        _CODE,
+        [_H, _H, POINTER(c_char), c_size_t, POINTER(c_size_t), _ERR],
+    ),
     "cc_file_read_all": (_CODE, [_H, POINTER(c_void_p), POINTER(c_size_t), _ERR]),
     "cc_file_write": (_CODE, [_H, c_char_p, c_size_t, POINTER(c_size_t), _ERR]),
+    "cc_file_write_cancellable": (_CODE, [_H, _H, c_char_p, c_size_t, POINTER(c_size_t), _ERR]),
     "cc_file_seek": (_CODE, [_H, c_int64, c_int, POINTER(c_uint64), _ERR]),
     "cc_file_stat": (_CODE, [_H, POINTER(CFileInfo), _ERR]),
     "cc_file_truncate": (_CODE, [_H, c_uint64, _ERR]),
@@ -355,6 +371,7 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_cmd_stderr_pipe": (_CODE, [_H, _HP, _ERR]),
     "cc_cmd_start": (_CODE, [_H, _ERR]),
     "cc_cmd_wait": (_CODE, [_H, POINTER(c_int32), _ERR]),
+    "cc_cmd_wait_cancellable": (_CODE, [_H, _H, POINTER(c_int32), _ERR]),
     "cc_cmd_run": (_CODE, [_H, POINTER(c_int32), _ERR]),
     "cc_cmd_output": (
         _CODE,
@@ -375,8 +392,13 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_cmd_free": (_CODE, [_H]),
     # connections
     "cc_conn_read": (_CODE, [_H, POINTER(c_char), c_size_t, POINTER(c_size_t), _ERR]),
+    "cc_conn_read_cancellable": (
+        _CODE,
+        [_H, _H, POINTER(c_char), c_size_t, POINTER(c_size_t), _ERR],
+    ),
     "cc_conn_read_all": (_CODE, [_H, POINTER(c_void_p), POINTER(c_size_t), _ERR]),
     "cc_conn_write": (_CODE, [_H, c_char_p, c_size_t, _ERR]),
+    "cc_conn_write_cancellable": (_CODE, [_H, _H, c_char_p, c_size_t, _ERR]),
     "cc_conn_close": (_CODE, [_H, _ERR]),
     "cc_conn_close_write": (_CODE, [_H, _ERR]),
     "cc_conn_addrs": (_CODE, [_H, POINTER(c_void_p), POINTER(c_void_p), _ERR]),
@@ -423,7 +445,7 @@ def _workspace_dir() -> Optional[Path]:
 
 def _candidates() -> list[tuple[str, str]]:
     """(how, path-or-name) in lookup order, LIBCC_PATH excluded."""
-    found: list[tuple[str, str]] = [("bundled copy", str(_NATIVE_DIR / _LIB_NAME))]
+    found: list[tuple[str, str]] = [("bundled copy", str(_NATIVE_DIR / "lib" / _LIB_NAME))]
     dev_dirs: list[Path] = []
     target = os.environ.get("CARGO_TARGET_DIR")
     if target:
@@ -466,11 +488,6 @@ def _locate_and_open() -> tuple[ctypes.CDLL, str]:
         if not os.path.exists(candidate):
             tried.append(f"{how} {candidate} (missing)")
             continue
-        if how == "bundled copy":
-            agent = _NATIVE_DIR / _AGENT_NAME
-            if agent.is_file():
-                # Before the library starts any thread that reads the environment.
-                os.environ.setdefault("CC_AGENT", str(agent))
         try:
             return _open(candidate), candidate
         except OSError as e:

@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 from ctypes import byref, c_uint16, c_uint64, c_void_p
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from . import _lib
 from ._call import Call, Handle, cancel_then_settle, interruptible
+from ._cancel import CancelToken, call_token
 from ._cmd import Conn
 from ._errors import AlreadyClosedError, CCError, ErrorCode, InvalidArgumentError, NotRunningError
 
@@ -65,33 +66,32 @@ class Listener(Handle):
         """The port listened on (the one picked when asked for port 0)."""
         return self._port
 
-    def accept(self) -> Conn:
-        """Waits for the next guest connection and returns it."""
+    def accept(self, cancel: Optional[CancelToken] = None) -> Conn:
+        """Waits for the next guest connection and returns it. Cancelling
+        CANCEL raises ``CancelledError`` ("accept cancelled")."""
         handle = self._h("accept")
         lib = _lib.native()
-        token = c_uint64()
-        _lib.call(lib.cc_cancel_token_new, byref(token))
-
-        def run() -> int:
-            out = c_uint64()
-            _lib.call(lib.cc_listener_accept, handle, token.value, byref(out))
-            return int(out.value)
-
-        def cancel(_call: Call[int]) -> None:
-            _lib.call(lib.cc_cancel_token_cancel, token.value)
 
         def discard(conn: int) -> None:
             _lib.free("cc_conn_free", conn)
 
-        try:
-            conn = interruptible(run, cancel_then_settle(cancel, discard), "accept")
-        except CCError as e:
-            # Closed (and freed) by another thread before the call began.
-            if self._closed and e.code == ErrorCode.INVALID_HANDLE:
-                raise AlreadyClosedError("the listener is closed", op="accept") from None
-            raise
-        finally:
-            _lib.free("cc_cancel_token_free", token.value)
+        with call_token(cancel, "accept") as token:
+
+            def run() -> int:
+                out = c_uint64()
+                _lib.call(lib.cc_listener_accept, handle, token, byref(out))
+                return int(out.value)
+
+            def stop(_call: Call[int]) -> None:
+                _lib.call(lib.cc_cancel_token_cancel, token)
+
+            try:
+                conn = interruptible(run, cancel_then_settle(stop, discard), "accept")
+            except CCError as e:
+                # Closed (and freed) by another thread before the call began.
+                if self._closed and e.code == ErrorCode.INVALID_HANDLE:
+                    raise AlreadyClosedError("the listener is closed", op="accept") from None
+                raise
         return Conn(conn, self._instance, f"accepted on {self._addr}", tcp=True)
 
     def close(self) -> None:

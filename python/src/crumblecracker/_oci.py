@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from . import _lib
 from ._call import Call, Handle, cancel_then_settle, interruptible
+from ._cancel import CancelToken, call_token
+from ._cancel import handle as cancel_handle
 from ._errors import CCError
 from ._types import ImageConfig, PullOptions, PullProgress
 
@@ -111,6 +113,7 @@ class OCIClient(Handle):
         ref: str,
         options: Optional[PullOptions] = None,
         progress_callback: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
     ) -> ImageSource:
         """Pulls REF (``alpine``, ``docker.io/library/alpine:3.20``,
         ``127.0.0.1:5000/img:tag``; loopback registries speak plain HTTP)
@@ -119,7 +122,8 @@ class OCIClient(Handle):
         PROGRESS_CALLBACK, if given, is called with a ``PullProgress`` as
         bytes arrive (on a helper thread when ``pull`` is called on the main
         thread). An exception it raises cancels the pull and is re-raised
-        here. Ctrl-C cancels the pull and raises ``KeyboardInterrupt``.
+        here. Cancelling CANCEL raises ``CancelledError`` ("pull
+        cancelled"). Ctrl-C cancels the pull and raises ``KeyboardInterrupt``.
         Registry failures raise ``NetworkError``.
         """
         lib = _lib.native()
@@ -160,60 +164,59 @@ class OCIClient(Handle):
 
             callback = _lib.PROGRESS_FN(trampoline)
 
-        token = c_uint64()
-        _lib.call(lib.cc_cancel_token_new, byref(token))
+        with call_token(cancel, "pull") as token:
 
-        def run() -> int:
-            out = c_uint64()
-            # `keep` and `callback` stay referenced by this closure for the
-            # whole call, also when it outlives an interrupted pull().
-            _ = keep
-            _lib.call(
-                lib.cc_oci_pull,
-                handle,
-                raw_ref,
-                byref(c_opts),
-                callback,
-                None,
-                token.value,
-                byref(out),
-            )
-            return out.value
+            def run() -> int:
+                out = c_uint64()
+                # `keep` and `callback` stay referenced by this closure for the
+                # whole call, also when it outlives an interrupted pull().
+                _ = keep
+                _lib.call(
+                    lib.cc_oci_pull,
+                    handle,
+                    raw_ref,
+                    byref(c_opts),
+                    callback,
+                    None,
+                    token,
+                    byref(out),
+                )
+                return out.value
 
-        def cancel(_call: Call[int]) -> None:
-            _lib.call(lib.cc_cancel_token_cancel, token.value)
+            def stop(_call: Call[int]) -> None:
+                _lib.call(lib.cc_cancel_token_cancel, token)
 
-        def discard(source: int) -> None:
-            _lib.free("cc_source_free", source)
+            def discard(source: int) -> None:
+                _lib.free("cc_source_free", source)
 
-        try:
             try:
-                source = interruptible(run, cancel_then_settle(cancel, discard), "pull")
+                source = interruptible(run, cancel_then_settle(stop, discard), "pull")
             except CCError:
                 if not raised:
                     raise
                 source = 0
-        finally:
-            _lib.free("cc_cancel_token_free", token.value)
         if raised:
             _lib.free("cc_source_free", source)
             error = raised[0]
             raise error
         return ImageSource(source, ref)
 
-    def load_tar(self, path: _lib.PathArg) -> ImageSource:
-        """Loads a ``docker save`` archive or an OCI layout archive (.tar)."""
-        return self._load("cc_oci_load_tar", "load_tar", path)
+    def load_tar(self, path: _lib.PathArg, cancel: Optional[CancelToken] = None) -> ImageSource:
+        """Loads a ``docker save`` archive or an OCI layout archive (.tar).
+        Cancelling CANCEL raises ``CancelledError`` ("load cancelled")."""
+        return self._load("cc_oci_load_tar_cancellable", "load_tar", path, cancel)
 
-    def load_dir(self, path: _lib.PathArg) -> ImageSource:
-        """Loads an OCI image layout directory."""
-        return self._load("cc_oci_load_dir", "load_dir", path)
+    def load_dir(self, path: _lib.PathArg, cancel: Optional[CancelToken] = None) -> ImageSource:
+        """Loads an OCI image layout directory; CANCEL as for ``load_tar``."""
+        return self._load("cc_oci_load_dir_cancellable", "load_dir", path, cancel)
 
-    def _load(self, fn: str, op: str, path: _lib.PathArg) -> ImageSource:
+    def _load(
+        self, fn: str, op: str, path: _lib.PathArg, cancel: Optional[CancelToken]
+    ) -> ImageSource:
         lib = _lib.native()
         raw = _lib.encode_path(path, "path")
         out = c_uint64()
-        _lib.call(getattr(lib, fn), self._h(op), raw, byref(out))
+        _lib.call(getattr(lib, fn), self._h(op), raw, cancel_handle(cancel, op), byref(out))
         return ImageSource(out.value, _lib.decode(raw))
 
     def export_dir(self, source: SourceLike, path: _lib.PathArg) -> None:

@@ -470,7 +470,8 @@ class Capabilities:
     hardware-accelerated (KVM), and how QEMU is confined (see SECURITY.md):
     its seccomp filter, its own namespaces, the uid it runs as, and what of
     that this host cannot give (``confinement_gaps``, empty when fully
-    confined)."""
+    confined); and the guest kernel's content hash (``kernel_hash``, the key
+    it was built under; None when unknown)."""
 
     architecture: str
     hypervisor_available: bool
@@ -480,3 +481,4 @@ class Capabilities:
     sandbox_uid: int = 0
     confinement_gaps: tuple[str, ...] = ()
     hardware_accelerated: bool = False
+    kernel_hash: Optional[str] = None

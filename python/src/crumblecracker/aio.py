@@ -49,9 +49,15 @@ thread is done with it:
   the background and the next call of its direction (read or write) waits
   for it, so nothing is lost or reordered: the next ``read`` returns the
   bytes a cancelled read got;
-- other calls (booting, file system calls, ``close``) run to the end
-  first; a resource a cancelled call created (a booted instance, a pulled
-  source) is closed.
+- booting is stopped too (pulls, boots, waits and accepts run with a child
+  of their ``cancel=`` token that the task's cancellation cancels);
+- other calls (file system calls, ``close``) run to the end first; a
+  resource a cancelled call created (a booted instance, a pulled source)
+  is closed.
+
+Every call that takes ``cancel=`` in the synchronous API takes it here
+(``aio.Instance(source, options, cancel=token)`` too): cancelling the
+``CancelToken`` raises ``CancelledError`` in the awaiting task.
 
 Type checkers see every generated member with the synchronous signature
 (as a coroutine where it is one, resources as their wrappers): each class
@@ -93,6 +99,7 @@ from . import (
     supports_hypervisor,
 )
 from . import shutdown as _sync_shutdown
+from ._cancel import CancelToken
 from ._errors import (
     AlreadyClosedError,
     CancelledError,
@@ -145,6 +152,7 @@ __all__ = [
     "AlreadyClosedError",
     "Auth",
     "CCError",
+    "CancelToken",
     "CancelledError",
     "Capabilities",
     "Cmd",
@@ -464,15 +472,24 @@ class OCIClient(_Async):
 
         async def export_dir(self, source: SourceLike, path: PathArg) -> None: ...
 
-        async def load_dir(self, path: PathArg) -> ImageSource: ...
+        async def load_dir(
+            self,
+            path: PathArg,
+            cancel: Optional[CancelToken] = None,
+        ) -> ImageSource: ...
 
-        async def load_tar(self, path: PathArg) -> ImageSource: ...
+        async def load_tar(
+            self,
+            path: PathArg,
+            cancel: Optional[CancelToken] = None,
+        ) -> ImageSource: ...
 
         async def pull(
             self,
             ref: str,
             options: Optional[PullOptions] = None,
             progress_callback: Optional[ProgressCallback] = None,
+            cancel: Optional[CancelToken] = None,
         ) -> ImageSource: ...
 
         # -- end of generated declarations --
@@ -529,13 +546,14 @@ class Instance(_Async):
         self,
         source: SourceLike,
         options: Optional[InstanceOptions] = None,
+        cancel: Optional[CancelToken] = None,
     ) -> None:
         if not isinstance(source, (ImageSource, Snapshot, _oci.ImageSource, _instance.Snapshot)):
             raise TypeError(
                 f"source must be an ImageSource or a Snapshot, not {type(source).__name__}"
             )
         self._wrapped = None
-        self._boot_args = (source, options)
+        self._boot_args = (source, options, cancel)
         self._booting = False
 
     async def _start(self: _A) -> _A:
@@ -543,8 +561,8 @@ class Instance(_Async):
         if inst._wrapped is None:
             if inst._booting:
                 raise InvalidArgumentError("the instance is already booting in another task")
-            source, options = inst._boot_args
-            boot = functools.partial(_instance.Instance, _unwrap(source), options)
+            source, options, cancel = inst._boot_args
+            boot = functools.partial(_instance.Instance, _unwrap(source), options, cancel)
             inst._booting = True
             try:
                 inst._wrapped = await run_in_thread(boot)
@@ -599,7 +617,11 @@ class Instance(_Async):
 
         async def read_dir(self, path: GuestPath) -> list[DirEntry]: ...
 
-        async def read_file(self, path: GuestPath) -> bytes: ...
+        async def read_file(
+            self,
+            path: GuestPath,
+            cancel: Optional[CancelToken] = None,
+        ) -> bytes: ...
 
         async def read_file_stream(self, path: GuestPath) -> Conn: ...
 
@@ -625,9 +647,15 @@ class Instance(_Async):
 
         async def symlink(self, target: GuestPath, link: GuestPath) -> None: ...
 
-        async def wait(self) -> None: ...
+        async def wait(self, cancel: Optional[CancelToken] = None) -> None: ...
 
-        async def write_file(self, path: GuestPath, data: Data, mode: int = 420) -> None: ...
+        async def write_file(
+            self,
+            path: GuestPath,
+            data: Data,
+            mode: int = 420,
+            cancel: Optional[CancelToken] = None,
+        ) -> None: ...
 
         # -- end of generated declarations --
 
@@ -697,7 +725,7 @@ class Cmd(_Async):
 
         def stdout_pipe(self) -> Conn: ...
 
-        async def wait(self) -> int: ...
+        async def wait(self, cancel: Optional[CancelToken] = None) -> int: ...
 
         # -- end of generated declarations --
 
@@ -716,12 +744,12 @@ class Conn(_AsyncStream):
         @property
         def local_addr(self) -> Optional[str]: ...
 
-        async def read(self, n: int = 65536) -> bytes: ...
+        async def read(self, n: int = 65536, cancel: Optional[CancelToken] = None) -> bytes: ...
 
         @property
         def remote_addr(self) -> Optional[str]: ...
 
-        async def write(self, data: Data) -> int: ...
+        async def write(self, data: Data, cancel: Optional[CancelToken] = None) -> int: ...
 
         # -- end of generated declarations --
 
@@ -736,7 +764,7 @@ class File(_AsyncStream):
         @property
         def name(self) -> str: ...
 
-        async def read(self, n: int = -1) -> bytes: ...
+        async def read(self, n: int = -1, cancel: Optional[CancelToken] = None) -> bytes: ...
 
         async def seek(
             self,
@@ -752,7 +780,7 @@ class File(_AsyncStream):
 
         async def truncate(self, size: int) -> None: ...
 
-        async def write(self, data: Data) -> int: ...
+        async def write(self, data: Data, cancel: Optional[CancelToken] = None) -> int: ...
 
         # -- end of generated declarations --
 
@@ -767,7 +795,7 @@ class Listener(_Async):
 
     if TYPE_CHECKING:
         # -- generated from the synchronous class by `python -m crumblecracker.aio` --
-        async def accept(self) -> Conn: ...
+        async def accept(self, cancel: Optional[CancelToken] = None) -> Conn: ...
 
         @property
         def addr(self) -> str: ...

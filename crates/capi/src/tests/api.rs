@@ -553,6 +553,7 @@ fn blank_capabilities() -> cc_capabilities {
         sandbox_uid: u32::MAX,
         confinement_gaps: ptr::null(),
         hardware_accelerated: false,
+        kernel_hash: ptr::null(),
     }
 }
 
@@ -583,6 +584,8 @@ fn capabilities_and_hypervisor_agree() {
     let accel = text(caps.accelerator).unwrap();
     assert!(accel == "kvm" || accel == "tcg", "{accel}");
     assert_eq!(caps.hardware_accelerated, accel == "kvm");
+    let kernel = cc::host_info().kernel.ok().and_then(|k| k.hash);
+    assert_eq!(text(caps.kernel_hash).unwrap(), kernel.unwrap_or_default());
 }
 
 #[test]

@@ -220,3 +220,50 @@ fn an_unreachable_registry_is_a_network_error_while_others_use_handles() {
     assert_eq!(cc_oci_client_free(client), CC_OK);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Whether token `t` is cancelled (it must be a live token).
+fn cancelled(t: cc_cancel_token) -> bool {
+    let mut out = false;
+    // SAFETY: a writable bool; NULL err.
+    let code = unsafe { cc_cancel_token_is_cancelled(t, &mut out, ptr::null_mut()) };
+    assert_eq!(code, CC_OK);
+    out
+}
+
+#[test]
+fn child_tokens_follow_their_parent_alone() {
+    let _g = shared();
+    let parent = new_token();
+    let (mut a, mut b) = (0, 0);
+    // SAFETY: writable slots; NULL err.
+    unsafe {
+        assert_eq!(
+            cc_cancel_token_child(parent, &mut a, ptr::null_mut()),
+            CC_OK
+        );
+        assert_eq!(
+            cc_cancel_token_child(parent, &mut b, ptr::null_mut()),
+            CC_OK
+        );
+        assert_eq!(cc_cancel_token_cancel(a, ptr::null_mut()), CC_OK);
+    }
+    assert!(cancelled(a) && !cancelled(parent) && !cancelled(b));
+    // SAFETY: NULL err.
+    let code = unsafe { cc_cancel_token_cancel(parent, ptr::null_mut()) };
+    assert_eq!(code, CC_OK);
+    assert!(cancelled(b));
+    assert_eq!(cc_cancel_token_free(parent), CC_OK);
+    let mut c = 0;
+    // SAFETY: a writable slot; NULL err.
+    let code = unsafe { cc_cancel_token_child(parent, &mut c, ptr::null_mut()) };
+    assert_eq!(
+        code, CC_ERR_INVALID_HANDLE,
+        "a freed parent is a bad handle"
+    );
+    assert!(
+        cancelled(b),
+        "freeing the parent leaves the child as it was"
+    );
+    assert_eq!(cc_cancel_token_free(a), CC_OK);
+    assert_eq!(cc_cancel_token_free(b), CC_OK);
+}

@@ -146,6 +146,7 @@ static void test_library(void) {
         CHECK(strcmp(caps.accelerator, caps.hardware_accelerated ? "kvm" : "tcg") == 0, "accel %s",
               caps.accelerator);
         CHECK(caps.hypervisor_available && caps.size == sizeof caps, "available, size kept");
+        CHECK(caps.kernel_hash != NULL, "kernel hash is a string, maybe empty");
     }
     cc_capabilities unsized = {0};
     expect_message(__LINE__, cc_query_capabilities(&unsized, &err), CC_ERR_INVALID_ARGUMENT,
@@ -791,9 +792,12 @@ static void test_wait_cancel(cc_instance inst) {
     EXPECT(CC_OK, cc_cancel_token_new(&c.token, &err));
     pthread_t thread;
     pthread_create(&thread, NULL, cancel_later, &c);
-    EXPECT(CC_ERR_CANCELLED, cc_instance_wait(inst, c.token, &err));
+    expect_message(__LINE__, cc_instance_wait(inst, c.token, &err), CC_ERR_CANCELLED,
+                   "wait cancelled");
     pthread_join(thread, NULL);
     cc_cancel_token_free(c.token);
+    /* A freed token is a bad handle, not "no token". */
+    EXPECT(CC_ERR_INVALID_HANDLE, cc_instance_wait(inst, c.token, &err));
 }
 
 static void test_snapshot(cc_instance inst, const char *cache) {
