@@ -390,6 +390,31 @@ fn pty_output_is_one_stream_and_bad_sizes_are_invalid(inst: &Instance) {
     term.wait().unwrap();
 }
 
+fn pty_output_keeps_flow_control(inst: &Instance) {
+    // 8 MiB of 8-byte lines, each "\n" shown as "\r\n": more than a
+    // stream's credit window, so a host that does not read stalls the
+    // writer. `cat` writes large chunks (`head` writes a tty line by line).
+    const SIZE: usize = 8 << 20;
+    let mut child = inst
+        .command("sh")
+        .args(["-c", &format!("yes xxxxxxx | head -c {SIZE} | cat")])
+        .pty(24, 80)
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        child.try_wait().unwrap(),
+        None,
+        "the writer went on while nobody read"
+    );
+    let mut shown = Vec::new();
+    out.read_to_end(&mut shown).unwrap();
+    assert_eq!(shown.len(), SIZE + SIZE / 8, "every byte, \\n as \\r\\n");
+    assert!(shown.chunks(9).all(|line| line == b"xxxxxxx\r\n"));
+    assert!(child.wait().unwrap().success());
+}
+
 fn pty_kill_leaves_no_process(inst: &Instance) {
     let (mut child, screen, mut keys) = shell_on_a_terminal(inst);
     // The interactive shell runs its jobs in their own process groups.
@@ -3240,6 +3265,7 @@ fn main() -> ExitCode {
         kill_process_group,
         pty_shell_is_a_terminal_resizes_and_takes_ctrl_c,
         pty_output_is_one_stream_and_bad_sizes_are_invalid,
+        pty_output_keeps_flow_control,
         pty_kill_leaves_no_process,
         large_output_with_back_pressure,
         stdin_eof_ends_reader,
