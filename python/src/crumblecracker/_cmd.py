@@ -175,13 +175,13 @@ def _check_str(name: str, value: object) -> str:
     return value
 
 
-def _window(name: str, value: object) -> int:
+def _window(name: str, value: object, op: str) -> int:
     """A terminal dimension as the C call takes it (16 bits); the library
     judges the range."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if not 0 <= value <= 0xFFFF:
-        raise InvalidArgumentError(f"{name} {value}: a terminal has 1 to 4096", op="pty")
+        raise InvalidArgumentError(f"{name} {value}: a terminal has 1 to 4096", op=op)
     return value
 
 
@@ -257,7 +257,7 @@ class Cmd(Handle):
         it shows (the echo of typed input included, lines ending ``\\r\\n``),
         ``stdin_pipe`` is what is typed (``b"\\x03"`` is Ctrl-C); there is no
         ``stderr_pipe``. Returns the command."""
-        r, c = _window("rows", rows), _window("cols", cols)
+        r, c = _window("rows", rows, "pty"), _window("cols", cols, "pty")
         raw = None if term is None else _lib.encode_str(_check_str("term", term), "term")
         _lib.call(_lib.native().cc_cmd_set_pty, self._h("pty"), r, c, raw)
         return self
@@ -412,7 +412,7 @@ class Cmd(Handle):
         ``pty``); its foreground programs get ``SIGWINCH``. A command that
         ended is fine; one without a terminal raises
         ``InvalidArgumentError``."""
-        r, c = _window("rows", rows), _window("cols", cols)
+        r, c = _window("rows", rows, "resize"), _window("cols", cols, "resize")
         _lib.call(_lib.native().cc_cmd_resize, self._h("resize"), r, c)
 
     def kill(self) -> None:
