@@ -359,6 +359,15 @@ fn pty_output_is_one_stream_and_bad_sizes_are_invalid(inst: &Instance) {
     // A terminal turns "\n" into "\r\n".
     assert_eq!(out.stdout, b"out\r\nerr\r\nboth\r\n");
     assert!(out.stderr.is_empty());
+    // Output nobody takes is read and dropped in the guest, so a program
+    // writing more than the terminal holds still ends.
+    let status = inst
+        .command("sh")
+        .args(["-c", "yes | head -c 1000000 | cat; exit 4"])
+        .pty(24, 80)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(4));
 
     for (rows, cols) in [
         (0, 80),
