@@ -892,6 +892,33 @@ cc_error_code cc_cmd_set_user(cc_cmd cmd, const char *user, struct cc_error *err
 cc_error_code cc_cmd_set_timeout(cc_cmd cmd, double seconds, struct cc_error *err);
 
 /**
+ * Runs the command on a pseudo-terminal of `rows` × `cols` (each 1 to
+ * 4096), before start, with `TERM` set to `term` unless it is NULL (the
+ * default is `xterm`). The terminal is its stdin, stdout and stderr: the
+ * stdout pipe or output is everything the terminal shows (echo
+ * included), the stdin pipe is what is typed; a stderr pipe is refused.
+ *
+ * # Safety
+ * `term` is NULL or a NUL-terminated string; `err` is NULL or valid for
+ * writing.
+ */
+cc_error_code cc_cmd_set_pty(cc_cmd cmd,
+                             uint16_t rows,
+                             uint16_t cols,
+                             const char *term,
+                             struct cc_error *err);
+
+/**
+ * Sets the window size of the started command's terminal (see
+ * `cc_cmd_set_pty`); its foreground programs get `SIGWINCH`. A command
+ * that ended is fine; one without a terminal is `CC_ERR_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ * `err` is NULL or valid for writing.
+ */
+cc_error_code cc_cmd_resize(cc_cmd cmd, uint16_t rows, uint16_t cols, struct cc_error *err);
+
+/**
  * Requests the process's stdin as a writable `cc_conn` (before start);
  * closing it sends end of file.
  *

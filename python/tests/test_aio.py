@@ -43,6 +43,7 @@ INLINE = {
     "set_env",
     "set_user",
     "set_timeout",
+    "pty",
     "get_env",
     "environ",
     "stdin_pipe",
@@ -297,6 +298,22 @@ def test_aio_calls_take_cancel_tokens(inst: cc.Instance) -> None:
                 with pytest.raises(aio.CancelledError, match=f"^{op} cancelled$"):
                     await asyncio.wait_for(call(token), 10)
         await listener.close()
+
+    run(main())
+
+
+@vm
+def test_aio_pty(inst: cc.Instance) -> None:
+    async def main() -> None:
+        ainst = aio.wrap(inst)
+        cmd = ainst.command("sh", "-c", "read line; stty size")
+        assert cmd.pty(rows=24, cols=80) is cmd
+        keys, out = cmd.stdin_pipe(), cmd.stdout_pipe()
+        await cmd.start()
+        await cmd.resize(30, 100)
+        await keys.write(b"\n")
+        assert b"30 100" in bytes(await out.read(-1))
+        assert await cmd.wait() == 0
 
     run(main())
 

@@ -622,6 +622,97 @@ def test_kill(inst: cc.Instance) -> None:
     cmd.kill()  # ended: fine
 
 
+class Screen:
+    """What a terminal showed, read by a thread from a command's stdout."""
+
+    def __init__(self, out: cc.Conn) -> None:
+        self.data = b""
+        self.lock = threading.Lock()
+        self.reader = threading.Thread(target=self._read, args=(out,), daemon=True)
+        self.reader.start()
+
+    def _read(self, out: cc.Conn) -> None:
+        while chunk := out.read(4096):
+            with self.lock:
+                self.data += chunk
+
+    def text(self) -> str:
+        with self.lock:
+            return self.data.decode(errors="replace")
+
+    def expect(self, what: str) -> None:
+        """Waits until WHAT shows (a bound against hangs, not a speed test)."""
+        end = time.monotonic() + 30
+        while what not in self.text():
+            assert time.monotonic() < end, f"{what!r} never showed: {self.text()!r}"
+            time.sleep(0.02)
+
+
+def test_pty_shell_is_a_terminal_resizes_and_takes_ctrl_c(inst: cc.Instance) -> None:
+    cmd = inst.command("sh").pty(rows=24, cols=80)
+    keys, out = cmd.stdin_pipe(), cmd.stdout_pipe()
+    cmd.start()
+    screen = Screen(out)
+    screen.expect("# ")
+    # Arithmetic tells a command's output from the echo of its typing.
+    keys.write(b"tty; test -t 0 && echo py_$((40+2)) $(stty size)\n")
+    screen.expect("py_42 24 80")
+    assert "/dev/pts/" in screen.text()
+    assert "echo py_$((40+2))" in screen.text(), "typed input is echoed"
+    cmd.resize(30, 100)
+    keys.write(b"echo py_$((1)) $(stty size)\n")
+    screen.expect("py_1 30 100")
+    keys.write(b"sleep 1000\n")
+    screen.expect("sleep 1000")
+    time.sleep(0.5)
+    keys.write(b"\x03")
+    keys.write(b"echo after_$((3+4))\n")
+    screen.expect("after_7")
+    keys.write(b"exit 3\n")
+    assert cmd.wait() == 3
+    keys.close()
+
+
+def test_pty_output_and_bad_input(inst: cc.Instance) -> None:
+    cmd = inst.command("sh", "-c", "echo $TERM; echo err >&2").pty(rows=5, cols=20, term="vt100")
+    assert cmd.output() == b"vt100\r\nerr\r\n" and cmd.exit_code == 0
+    for rows, cols in [(0, 80), (24, 0), (4097, 80), (24, 70000), (-1, 80)]:
+        with pytest.raises(cc.InvalidArgumentError):
+            inst.command("true").pty(rows=rows, cols=cols)
+    with pytest.raises(TypeError):
+        inst.command("true").pty(rows=24.0, cols=80)  # type: ignore[arg-type]
+    plain = inst.command("sleep", "100")
+    plain.start()
+    with pytest.raises(cc.InvalidArgumentError):
+        plain.resize(24, 80)
+    plain.kill()
+    plain.wait()
+    split = inst.command("true").pty()
+    split.stderr_pipe()
+    with pytest.raises(cc.InvalidArgumentError):
+        split.start()  # a terminal has one output stream
+
+
+def test_pty_kill_leaves_no_process(inst: cc.Instance) -> None:
+    cmd = inst.command("sh").pty()
+    keys, out = cmd.stdin_pipe(), cmd.stdout_pipe()
+    cmd.start()
+    screen = Screen(out)
+    screen.expect("# ")
+    keys.write(b"sleep 1234 & sleep 1235\n")
+    end = time.monotonic() + 30
+    while len(running_processes(inst, "sleep 123")) < 2:
+        assert time.monotonic() < end, "the sleeps never started"
+        time.sleep(0.1)
+    cmd.kill()
+    assert cmd.wait() == -9
+    end = time.monotonic() + 20
+    while left := running_processes(inst, "sleep 123"):
+        assert time.monotonic() < end, f"left behind: {left}"
+        time.sleep(0.1)
+    keys.close()
+
+
 def test_command_misuse(inst: cc.Instance) -> None:
     cmd = inst.command("true")
     with pytest.raises(cc.InvalidArgumentError):

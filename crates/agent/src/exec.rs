@@ -18,6 +18,7 @@ use crate::conn::{Conn, Reply};
 use crate::environ::{self, Env, Probe, SearchError};
 use crate::reaper::Reaper;
 use crate::stream::{DrainError, Receiver, Sender};
+use crate::terminal::{self, Terminals};
 use crate::users::{self, Identity, UserError};
 use crate::{error, sys, trace, Mode};
 
@@ -40,6 +41,16 @@ impl Streams {
         if exec.stdout == Stdio::Stdout {
             return Err(error::invalid("stdout cannot be redirected to itself"));
         }
+        if let Some(size) = exec.pty {
+            if exec.stderr != Stdio::Null {
+                return Err(error::invalid("a terminal's output is all on stdout"));
+            }
+            if size.rows == 0 || size.cols == 0 {
+                return Err(error::invalid(
+                    "a terminal needs at least one row and column",
+                ));
+            }
+        }
         let stdin = exec.stdin.map(|id| Receiver::open(conn, id)).transpose()?;
         let output = |stdio| match stdio {
             Stdio::Stream(id) => Sender::open(conn, id).map(Some),
@@ -59,25 +70,42 @@ struct Spawned {
     stdin: Option<File>,
     stdout: Option<File>,
     stderr: Option<File>,
+    /// The terminal's master, for a process started with one.
+    master: Option<OwnedFd>,
 }
 
 /// Starts `exec` and answers `Started` (or the error); output flows only
 /// after that answer.
-pub fn run(reply: Reply, reaper: &Arc<Reaper>, mode: Mode, exec: &Exec, mut streams: Streams) {
+pub fn run(
+    reply: Reply,
+    reaper: &Arc<Reaper>,
+    terminals: &Arc<Terminals>,
+    mode: Mode,
+    exec: &Exec,
+    mut streams: Streams,
+) {
     let conn = reply.conn().clone();
     let key = (conn.id(), exec.process);
-    let spawned = match spawn(reaper, mode, &conn, exec, &streams) {
+    let mut spawned = match spawn(reaper, mode, &conn, exec, &streams) {
         Ok(s) => s,
         Err(e) => return reply.send(Err(e)),
     };
+    let terminal = spawned.master.take().is_some_and(|master| {
+        terminals.insert(key, spawned.pid, master);
+        true
+    });
     let answered = Instant::now();
     reply.send(Ok(Response::Started { pid: spawned.pid }));
     trace::record("agent: send Started", answered);
     let process = exec.process;
     let c = conn.clone();
+    let t = terminals.clone();
     reaper.announce(
         key,
         Box::new(move |status| {
+            if terminal {
+                t.remove(key);
+            }
             trace::record("agent: Started sent → exit reaped", answered);
             let reaped = Instant::now();
             let _ = c.send(&Message::Exited { process, status });
@@ -97,12 +125,41 @@ pub fn run(reply: Reply, reaper: &Arc<Reaper>, mode: Mode, exec: &Exec, mut stre
         (streams.stdout.take(), spawned.stdout),
         (streams.stderr.take(), spawned.stderr),
     ] {
-        if let (Some(output), Some(pipe)) = (output, pipe) {
-            let stream = output.id();
-            if let Err(e) = conn.spawn(format!("output-{stream}"), move || output.pump(pipe)) {
-                log!("stream {stream}: start pump: {}", error::describe(&e));
-                let _ = conn.send(&Message::Eof { stream });
+        match (output, pipe) {
+            (Some(output), Some(pipe)) => {
+                let stream = output.id();
+                let pump = move || match terminal {
+                    true => output.pump_terminal(pipe),
+                    false => output.pump(pipe),
+                };
+                if let Err(e) = conn.spawn(format!("output-{stream}"), pump) {
+                    log!("stream {stream}: start pump: {}", error::describe(&e));
+                    let _ = conn.send(&Message::Eof { stream });
+                }
             }
+            // A terminal nobody reads would fill and stall its process.
+            (None, Some(pipe)) => {
+                if let Err(e) =
+                    conn.spawn(format!("discard-{}", exec.process), move || discard(pipe))
+                {
+                    log!("terminal: start reader: {}", error::describe(&e));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Reads a terminal's master until the terminal is gone (`EIO` once no
+/// process has the slave open) and forgets what it read.
+fn discard(mut master: File) {
+    let mut buf = [0; 4096];
+    loop {
+        match io::Read::read(&mut master, &mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
         }
     }
 }
@@ -152,19 +209,39 @@ fn spawn(
         .write(true)
         .open("/dev/null")
         .map_err(|e| fail("open /dev/null", e))?;
+    // A terminal is the child's 0, 1 and 2; the master is all the host's
+    // streams.
+    let terminal = exec
+        .pty
+        .map(terminal::open)
+        .transpose()
+        .map_err(|e| fail("open a terminal", e))?;
+    let (master, slave) = terminal.unzip();
+    let master_file = |wanted: bool| -> Result<Option<File>, RemoteError> {
+        match (&master, wanted) {
+            (Some(m), true) => Ok(Some(File::from(
+                m.try_clone()
+                    .map_err(|e| fail("duplicate the terminal", e))?,
+            ))),
+            _ => Ok(None),
+        }
+    };
+    // Read even when the host does not want the output, or the terminal
+    // fills up and its process stalls.
+    let (master_in, master_out) = (master_file(streams.stdin.is_some())?, master_file(true)?);
     let (stdin_child, stdin) = match streams.stdin {
-        Some(_) => {
+        Some(_) if master.is_none() => {
             let (r, w) = pipe()?;
             (Some(r), Some(File::from(w)))
         }
-        None => (None, None),
+        _ => (None, None),
     };
     let (stdout_child, stdout) = match streams.stdout {
-        Some(_) => {
+        Some(_) if master.is_none() => {
             let (r, w) = pipe()?;
             (Some(w), Some(File::from(r)))
         }
-        None => (None, None),
+        _ => (None, None),
     };
     let (stderr_child, stderr) = match exec.stderr {
         Stdio::Stream(_) => {
@@ -177,6 +254,14 @@ fn spawn(
         (Stdio::Stdout, Some(out), _) => out.as_fd(),
         (_, _, Some(err)) => err.as_fd(),
         _ => null.as_fd(),
+    };
+    let stdio = match &slave {
+        Some(slave) => [slave.as_fd(); 3],
+        None => [
+            or_null(stdin_child.as_ref(), &null),
+            or_null(stdout_child.as_ref(), &null),
+            stderr_fd,
+        ],
     };
 
     let c = |bytes: &[u8], what: &str| {
@@ -203,11 +288,8 @@ fn spawn(
         argv: argv.pointers(),
         envp: envp.pointers(),
         cwd: &cwd_c,
-        stdio: [
-            or_null(stdin_child.as_ref(), &null),
-            or_null(stdout_child.as_ref(), &null),
-            stderr_fd,
-        ],
+        stdio,
+        controlling_terminal: slave.is_some(),
         umask: PROCESS_UMASK,
         // The guest's agent runs at a high priority (to answer the host
         // whatever its processes do); theirs is the usual one. In host
@@ -237,12 +319,22 @@ fn spawn(
     trace::record("agent: pipes, spawn and exec", spawning);
     // The child's ends of the pipes close here, so that the output pipes
     // reach end of file when the process ends.
-    drop((stdin_child, stdout_child, stderr_child));
+    drop((stdin_child, stdout_child, stderr_child, slave));
+    if master.is_some() {
+        return Ok(Spawned {
+            pid,
+            stdin: master_in,
+            stdout: master_out,
+            stderr: None,
+            master,
+        });
+    }
     Ok(Spawned {
         pid,
         stdin,
         stdout,
         stderr,
+        master: None,
     })
 }
 

@@ -98,6 +98,7 @@ mod snapshot;
 mod stream;
 mod sys;
 mod tasks;
+mod terminal;
 mod trace;
 mod transfer;
 mod users;
@@ -164,6 +165,8 @@ pub enum Ended {
 pub struct Agent {
     mode: Mode,
     reaper: Arc<Reaper>,
+    /// The terminals of running processes started with one.
+    terminals: Arc<terminal::Terminals>,
     /// How far the filesystems are set up.
     mounted: Mutex<setup::Mounted>,
     /// The root overlay's upper directory, once there is one.
@@ -196,6 +199,7 @@ impl Agent {
         Ok(Arc::new(Self {
             mode,
             reaper: Reaper::start(mode)?,
+            terminals: Arc::default(),
             mounted: Mutex::default(),
             upper: OnceLock::new(),
             current: Mutex::new(None),
@@ -465,7 +469,14 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
                 let received = Instant::now();
                 Box::new(move |agent, reply| {
                     trace::record("agent: request thread started", received);
-                    exec::run(reply, &agent.reaper, agent.mode, &exec, streams);
+                    exec::run(
+                        reply,
+                        &agent.reaper,
+                        &agent.terminals,
+                        agent.mode,
+                        &exec,
+                        streams,
+                    );
                 })
             }
             Err(e) => return reply.send(Err(e)),
@@ -486,11 +497,24 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
         Request::Signal { process, signal } => {
             let key = (conn.id(), process);
             match agent.reaper.try_signal(key, signal) {
-                Some(result) => return reply.send(result.map(|()| Response::Done)),
+                Some(result) => {
+                    if result.is_ok() {
+                        agent.terminals.signal_session(key, signal);
+                    }
+                    return reply.send(result.map(|()| Response::Done));
+                }
                 None => Box::new(move |agent, reply| {
-                    reply.send(agent.reaper.signal(key, signal).map(|()| Response::Done));
+                    let result = agent.reaper.signal(key, signal);
+                    if result.is_ok() {
+                        agent.terminals.signal_session(key, signal);
+                    }
+                    reply.send(result.map(|()| Response::Done));
                 }),
             }
+        }
+        Request::Resize { process, size } => {
+            let result = agent.terminals.resize((conn.id(), process), size);
+            return reply.send(result.map(|()| Response::Done));
         }
         Request::Shutdown => Box::new(|agent, reply| agent.shutdown(reply)),
         Request::Fs(request) => Box::new(move |_, reply| {

@@ -47,7 +47,17 @@ impl Sender {
 
     /// Like [`pump`](Self::pump), but ends the stream after at most
     /// `limit` bytes.
-    pub fn pump_some(self, mut source: File, limit: u64) {
+    pub fn pump_some(self, source: File, limit: u64) {
+        self.copy(source, limit, false);
+    }
+
+    /// Like [`pump`](Self::pump), for a terminal's master: `EIO`, which
+    /// reading it gives once no process has the terminal open, is its end.
+    pub fn pump_terminal(self, master: File) {
+        self.copy(master, u64::MAX, true);
+    }
+
+    fn copy(self, mut source: File, limit: u64, eio_ends: bool) {
         let stream = self.id;
         let mut left = limit;
         // The payload is read right after room for the frame header, so
@@ -86,6 +96,7 @@ impl Sender {
             trace::record("guest: read the file", read);
             let got = match got {
                 Ok(n) => n,
+                Err(e) if eio_ends && e.raw_os_error() == Some(libc::EIO) => 0,
                 Err(e) => {
                     log!("stream {stream}: read: {}", error::describe(&e));
                     self.reset();

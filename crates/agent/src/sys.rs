@@ -449,6 +449,9 @@ pub struct SpawnPlan<'a> {
     pub cwd: &'a CStr,
     /// What becomes the child's descriptors 0, 1 and 2.
     pub stdio: [BorrowedFd<'a>; 3],
+    /// Make the terminal on descriptor 0 the child's controlling terminal
+    /// (`TIOCSCTTY`; the child leads a new session).
+    pub controlling_terminal: bool,
     pub umask: u32,
     /// The child's nice value; `None` keeps the caller's.
     pub nice: Option<i32>,
@@ -497,7 +500,7 @@ struct SpawnShared<'a> {
 }
 
 /// The steps of a child's setup, as reported when one fails.
-const SPAWN_STEPS: [&str; 8] = [
+const SPAWN_STEPS: [&str; 9] = [
     "",
     "start a session",
     "set user and groups",
@@ -506,6 +509,7 @@ const SPAWN_STEPS: [&str; 8] = [
     "change directory",
     "reset signals",
     EXEC_STEP,
+    "set the controlling terminal",
 ];
 
 /// The last step of a spawn's child: running the program.
@@ -657,6 +661,11 @@ extern "C" fn spawn_child(arg: *mut libc::c_void) -> libc::c_int {
         .and_then(|()| rustix::stdio::dup2_stderr(stderr));
     if let Err(e) = dups {
         return fail(4, errno(e));
+    }
+    if plan.controlling_terminal {
+        if let Err(e) = rustix::process::ioctl_tiocsctty(rustix::stdio::stdin()) {
+            return fail(8, errno(e));
+        }
     }
     if let Err(e) = rustix::process::chdir(plan.cwd) {
         return fail(5, errno(e));

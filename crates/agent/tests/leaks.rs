@@ -64,6 +64,7 @@ fn a_lost_connection_leaves_no_thread_or_process_behind() {
         stdin: Some(1),
         stdout: Stdio::Stream(2),
         stderr: Stdio::Stream(3),
+        pty: None,
     };
     request(&host, 1, Request::Exec(exec));
     let Ok(Response::Started { pid }) = answer(&host, 1) else {

@@ -230,6 +230,49 @@ pub unsafe extern "C" fn cc_cmd_set_timeout(
     })
 }
 
+/// Runs the command on a pseudo-terminal of `rows` × `cols` (each 1 to
+/// 4096), before start, with `TERM` set to `term` unless it is NULL (the
+/// default is `xterm`). The terminal is its stdin, stdout and stderr: the
+/// stdout pipe or output is everything the terminal shows (echo
+/// included), the stdin pipe is what is typed; a stderr pipe is refused.
+///
+/// # Safety
+/// `term` is NULL or a NUL-terminated string; `err` is NULL or valid for
+/// writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_cmd_set_pty(
+    cmd: cc_cmd,
+    rows: u16,
+    cols: u16,
+    term: *const c_char,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        let term = match term.is_null() {
+            true => None,
+            // SAFETY: the caller passes a NUL-terminated string.
+            false => Some(unsafe { cstr(term, "term") }?),
+        };
+        with_cmd(cmd, |c| c.set_pty(rows, cols, term))
+    })
+}
+
+/// Sets the window size of the started command's terminal (see
+/// `cc_cmd_set_pty`); its foreground programs get `SIGWINCH`. A command
+/// that ended is fine; one without a terminal is `CC_ERR_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_cmd_resize(
+    cmd: cc_cmd,
+    rows: u16,
+    cols: u16,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || with_cmd(cmd, |c| c.resize(rows, cols)))
+}
+
 /// Requests the process's stdin as a writable `cc_conn` (before start);
 /// closing it sends end of file.
 ///

@@ -44,6 +44,8 @@ pub struct Cmd {
     child: Mutex<Option<Child>>,
     /// The instance's `max_result_bytes`.
     max_result: u64,
+    /// Set by [`Cmd::set_pty`].
+    pty: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) fn misuse(what: &str) -> Error {
@@ -59,6 +61,7 @@ impl Cmd {
                 pipes: [None, None, None],
             }),
             child: Mutex::new(None),
+            pty: false.into(),
         }
     }
 
@@ -126,6 +129,36 @@ impl Cmd {
         })
     }
 
+    /// Runs the command on a terminal of `rows` × `cols` (see
+    /// [`Command::pty`]), with `TERM` set to `term` when given: its stdout
+    /// pipe (or output) is everything the terminal shows, its stdin pipe
+    /// what is typed; it has no stderr pipe.
+    pub fn set_pty(&self, rows: u16, cols: u16, term: Option<&str>) -> Result<()> {
+        crate::process::check_size(rows, cols)?;
+        if let Some(term) = term {
+            self.set_env("TERM", term)?;
+        }
+        self.configure(|c| {
+            c.pty(rows, cols);
+        })?;
+        self.pty.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sets the window size of the started command's terminal (see
+    /// [`Child::resize`]); a command that ended is fine.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        if !self.pty.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(misuse("resize of a command without a terminal"));
+        }
+        crate::process::check_size(rows, cols)?;
+        match &self.state().stage {
+            Stage::Ready(_) => Err(misuse("the command was not started")),
+            Stage::Running { signaller } => signaller.resize(rows, cols),
+            Stage::Done(_) => Ok(()),
+        }
+    }
+
     fn pipe(&self, fd: usize) -> Result<Conn> {
         let mut state = self.state();
         if !matches!(state.stage, Stage::Ready(_)) {
@@ -160,6 +193,9 @@ impl Cmd {
 
     fn start_with(&self, adjust: impl FnOnce(&mut Command)) -> Result<()> {
         let mut state = self.state();
+        if self.pty.load(std::sync::atomic::Ordering::Relaxed) && state.pipes[2].is_some() {
+            return Err(misuse("a command on a terminal has no stderr pipe"));
+        }
         let Stage::Ready(cmd) = &mut state.stage else {
             return Err(misuse("the command was already started"));
         };

@@ -265,6 +265,7 @@ mod tests {
                 stdin: None,
                 stdout: cc_protocol::Stdio::Null,
                 stderr: cc_protocol::Stdio::Null,
+                pty: None,
             }),
         };
         let e = Error::from(cc_protocol::frame::encode(&msg).unwrap_err());

@@ -873,6 +873,7 @@ fn prepare_guest(
         stdin: None,
         stdout: cc_protocol::Stdio::Null,
         stderr: cc_protocol::Stdio::Null,
+        pty: None,
     };
     if let Ok(Ok(Response::Started { .. })) = channel.request(Request::Exec(warm), timeout) {
         // Its exit is the last frame the agent sends.

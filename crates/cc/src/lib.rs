@@ -87,7 +87,10 @@ pub use instance::{
 pub use net::{Exposed, Listener};
 pub use oci::*;
 pub use phases::take_host_phases;
-pub use process::{Child, ChildOutput, ChildStdin, Command, ExitStatus, Output, Signaller, Stdio};
+pub use process::{
+    Child, ChildOutput, ChildStdin, Command, ExitStatus, Output, Signaller, Stdio,
+    MAX_TERMINAL_SIZE,
+};
 pub use snapshot::Snapshot;
 
 /// The README's Rust examples, compiled as doctests so they stay true.

@@ -25,6 +25,10 @@ use crate::instance::{Inner, REQUEST_TIMEOUT};
 const KILL_ANSWER: Duration = Duration::from_secs(1);
 const KILL_REAPED: Duration = Duration::from_secs(1);
 
+/// The most rows or columns a terminal may have: more is a mistake, not a
+/// screen.
+pub const MAX_TERMINAL_SIZE: u16 = 4096;
+
 /// Where a process's standard stream goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stdio {
@@ -92,6 +96,8 @@ pub struct Command {
     user: Option<String>,
     stdio: [Stdio; 3],
     timeout: Option<Duration>,
+    /// A terminal of (rows, columns) instead of pipes.
+    pty: Option<(u16, u16)>,
 }
 
 impl Command {
@@ -116,6 +122,7 @@ impl Command {
             user,
             stdio: [Stdio::Null, Stdio::Piped, Stdio::Piped],
             timeout: None,
+            pty: None,
         }
     }
 
@@ -198,6 +205,19 @@ impl Command {
         self
     }
 
+    /// Runs the process on a new pseudo-terminal of `rows` × `cols` (each
+    /// 1 to [`MAX_TERMINAL_SIZE`]), its controlling terminal: it reads
+    /// its stdin from and writes its stdout and stderr to the terminal,
+    /// as a shell in a terminal window does. [`Child::stdin`] is what is
+    /// typed (when stdin is [`Stdio::Piped`]), [`Child::stdout`]
+    /// everything the terminal shows (echo included), [`Child::stderr`]
+    /// is `None`, and [`Child::resize`] changes the size. `TERM` is the
+    /// environment's, `xterm` by default.
+    pub fn pty(&mut self, rows: u16, cols: u16) -> &mut Command {
+        self.pty = Some((rows, cols));
+        self
+    }
+
     /// The instance's `max_result_bytes`.
     pub(crate) fn max_result(&self) -> u64 {
         self.inst.max_result
@@ -234,6 +254,9 @@ impl Command {
         {
             return Err(Error::InvalidArgument("bad user".into()));
         }
+        if let Some((rows, cols)) = self.pty {
+            check_size(rows, cols)?;
+        }
         if self.stdio[0] == Stdio::MergeIntoStdout || self.stdio[1] == Stdio::MergeIntoStdout {
             return Err(Error::InvalidArgument(
                 "only stderr can be merged into stdout".into(),
@@ -256,7 +279,9 @@ impl Command {
         let exit = ch.watch_exit(process);
         let stdin = (self.stdio[0] == Stdio::Piped).then(|| ch.open_outbound());
         let stdout = (self.stdio[1] == Stdio::Piped).then(|| ch.open_inbound());
-        let stderr = (self.stdio[2] == Stdio::Piped).then(|| ch.open_inbound());
+        // A terminal's output is one stream, stdout's.
+        let stderr =
+            (self.stdio[2] == Stdio::Piped && self.pty.is_none()).then(|| ch.open_inbound());
         let to_wire = |s: Stdio, stream: &Option<(u32, Arc<Inbound>)>| match (s, stream) {
             (Stdio::MergeIntoStdout, _) => cc_protocol::Stdio::Stdout,
             (_, Some((id, _))) => cc_protocol::Stdio::Stream(*id),
@@ -278,7 +303,13 @@ impl Command {
             user: self.user.clone(),
             stdin: stdin.as_ref().map(|(id, _)| *id),
             stdout: to_wire(self.stdio[1], &stdout),
-            stderr: to_wire(self.stdio[2], &stderr),
+            stderr: match self.pty {
+                Some(_) => cc_protocol::Stdio::Null,
+                None => to_wire(self.stdio[2], &stderr),
+            },
+            pty: self
+                .pty
+                .map(|(rows, cols)| cc_protocol::WindowSize { rows, cols }),
         };
         let mut child = Child {
             inst: self.inst.clone(),
@@ -288,6 +319,7 @@ impl Command {
             limit: self.timeout,
             started: Instant::now(),
             deadline: self.timeout.map(|t| Instant::now() + t),
+            pty: self.pty.is_some(),
             stdin: stdin.map(|(id, s)| ChildStdin {
                 inst: self.inst.clone(),
                 id,
@@ -379,6 +411,8 @@ pub struct Child {
     limit: Option<Duration>,
     started: Instant,
     deadline: Option<Instant>,
+    /// Started with [`Command::pty`].
+    pty: bool,
     pub stdin: Option<ChildStdin>,
     pub stdout: Option<ChildOutput>,
     pub stderr: Option<ChildOutput>,
@@ -460,7 +494,9 @@ impl Child {
         ))
     }
 
-    /// Sends `signal` to the process's whole process group.
+    /// Sends `signal` to the process's whole process group (on a
+    /// terminal, see [`Command::pty`], to every process of its session:
+    /// a shell's jobs have groups of their own).
     pub fn signal(&self, signal: i32) -> Result<()> {
         self.signaller().signal(signal)
     }
@@ -468,6 +504,14 @@ impl Child {
     /// Kills the process and its process group (`SIGKILL`).
     pub fn kill(&mut self) -> Result<()> {
         self.signal(libc::SIGKILL)
+    }
+
+    /// Sets the window size of the process's terminal (see
+    /// [`Command::pty`]); the programs in its foreground get `SIGWINCH`.
+    /// A process that already exited is not an error; one without a
+    /// terminal is [`Error::InvalidArgument`].
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        self.signaller().resize(rows, cols)
     }
 
     /// When the command's time limit runs out, if it has one.
@@ -481,6 +525,7 @@ impl Child {
             inst: self.inst.clone(),
             process: self.process,
             exit: self.exit.clone(),
+            pty: self.pty,
         }
     }
 
@@ -549,6 +594,17 @@ impl Child {
     }
 }
 
+/// A terminal size [`Command::pty`] and [`Child::resize`] accept.
+pub(crate) fn check_size(rows: u16, cols: u16) -> Result<()> {
+    let ok = |n: u16| (1..=MAX_TERMINAL_SIZE).contains(&n);
+    if ok(rows) && ok(cols) {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "terminal size {rows}x{cols}: rows and columns must be 1 to {MAX_TERMINAL_SIZE}"
+    )))
+}
+
 /// Why reading a captured stream stopped early.
 #[derive(Debug)]
 enum Stop {
@@ -563,9 +619,38 @@ pub struct Signaller {
     inst: Arc<Inner>,
     process: u64,
     exit: Arc<ExitSlot>,
+    pty: bool,
 }
 
 impl Signaller {
+    /// [`Child::resize`], from any thread.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        if !self.pty {
+            return Err(Error::InvalidArgument(
+                "resize of a command without a terminal".into(),
+            ));
+        }
+        check_size(rows, cols)?;
+        if self.exit.wait(Some(Instant::now()))?.is_some() {
+            return Ok(());
+        }
+        self.inst.check_running()?;
+        let size = cc_protocol::WindowSize { rows, cols };
+        let request = Request::Resize {
+            process: self.process,
+            size,
+        };
+        match self.inst.channel.request(request, REQUEST_TIMEOUT)? {
+            Ok(_) => Ok(()),
+            // It exited between our check and the request.
+            Err(e) if e.kind == ErrorKind::NoSuchProcess => Ok(()),
+            Err(e) => Err(Error::Guest {
+                op: "resize".into(),
+                message: e.message,
+            }),
+        }
+    }
+
     /// Sends `signal` to the process's whole process group; a process that
     /// already exited is not an error.
     pub fn signal(&self, signal: i32) -> Result<()> {

@@ -13,6 +13,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use cc::{ErrorCode, Instance, Options, Source, Stdio};
+use cc_testsupport::Screen;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
 fn rootfs() -> PathBuf {
@@ -263,6 +264,16 @@ fn concurrent_commands(inst: &Instance) {
     });
 }
 
+/// Kills `child` and checks that it ended by the kill.
+fn kill_and_reap(child: &mut cc::Child) {
+    child.kill().unwrap();
+    let status = child
+        .wait_timeout(Duration::from_secs(20))
+        .unwrap()
+        .expect("killed process exits");
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+}
+
 fn kill_process_group(inst: &Instance) {
     let mut child = inst
         .command("sh")
@@ -271,15 +282,172 @@ fn kill_process_group(inst: &Instance) {
         .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(child.try_wait().unwrap(), None);
-    child.kill().unwrap();
-    let status = child
-        .wait_timeout(Duration::from_secs(20))
-        .unwrap()
-        .expect("killed process exits");
-    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    kill_and_reap(&mut child);
     // The background sleep was in the same group: nothing is left.
     let left = stdout(inst, "ps -o comm | grep -c '^sleep$' || true");
     assert_eq!(left.trim(), "0", "sleeps left behind");
+}
+
+/// `sh` on a terminal of 24 × 80, prompting: the child, its screen and
+/// its keyboard.
+fn shell_on_a_terminal(inst: &Instance) -> (cc::Child, Screen, cc::ChildStdin) {
+    let mut child = inst
+        .command("sh")
+        .pty(24, 80)
+        .stdin(Stdio::Piped)
+        .spawn()
+        .unwrap();
+    assert!(child.stderr.is_none(), "a terminal has one output stream");
+    let screen = Screen::watch(child.stdout.take().expect("a terminal's output"));
+    let keys = child.stdin.take().unwrap();
+    // An interactive shell prompts.
+    screen.expect("# ");
+    (child, screen, keys)
+}
+
+fn pty_shell_is_a_terminal_resizes_and_takes_ctrl_c(inst: &Instance) {
+    let (mut child, screen, mut keys) = shell_on_a_terminal(inst);
+    // Arithmetic tells the command's output from the echo of its typing.
+    keys.write_all(b"tty; test -t 0 && echo tty_$((40+2))\n")
+        .unwrap();
+    screen.expect("tty_42");
+    assert!(screen.text().contains("/dev/pts/"), "{}", screen.text());
+    assert!(
+        screen.text().contains("echo tty_$((40+2))"),
+        "typed input is echoed: {}",
+        screen.text()
+    );
+    keys.write_all(b"echo size_$((1)) $(stty size)\n").unwrap();
+    screen.expect("size_1 24 80");
+    child.resize(30, 100).unwrap();
+    keys.write_all(b"echo size_$((2)) $(stty size)\n").unwrap();
+    screen.expect("size_2 30 100");
+    // Ctrl-C is a byte typed, which the terminal turns into SIGINT for the
+    // foreground job only.
+    let typed = Instant::now();
+    keys.write_all(b"sleep 1000\n").unwrap();
+    screen.expect("sleep 1000");
+    std::thread::sleep(Duration::from_millis(500));
+    keys.write_all(b"\x03").unwrap();
+    keys.write_all(b"echo after_$((3+4))\n").unwrap();
+    screen.expect("after_7");
+    assert!(
+        typed.elapsed() < Duration::from_secs(60),
+        "sleep not interrupted"
+    );
+    keys.write_all(b"exit 3\n").unwrap();
+    let status = child
+        .wait_timeout(Duration::from_secs(30))
+        .unwrap()
+        .expect("the shell exits");
+    assert_eq!(status.code(), Some(3));
+    drop(keys);
+    screen.finish();
+}
+
+fn pty_output_is_one_stream_and_bad_sizes_are_invalid(inst: &Instance) {
+    let out = inst
+        .command("sh")
+        .args([
+            "-c",
+            "echo out; echo err >&2; test -t 1 && test -t 2 && echo both",
+        ])
+        .pty(24, 80)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", out.status);
+    // A terminal turns "\n" into "\r\n".
+    assert_eq!(out.stdout, b"out\r\nerr\r\nboth\r\n");
+    assert!(out.stderr.is_empty());
+    // Output nobody takes is read and dropped in the guest, so a program
+    // writing more than the terminal holds still ends.
+    let status = inst
+        .command("sh")
+        .args(["-c", "yes | head -c 1000000 | cat; exit 4"])
+        .pty(24, 80)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(4));
+
+    for (rows, cols) in [
+        (0, 80),
+        (24, 0),
+        (cc::MAX_TERMINAL_SIZE + 1, 80),
+        (24, u16::MAX),
+    ] {
+        let err = inst.command("true").pty(rows, cols).spawn().unwrap_err();
+        assert_eq!(
+            err.code(),
+            ErrorCode::InvalidArgument,
+            "{rows}x{cols}: {err}"
+        );
+    }
+    let mut plain = inst.command("sleep").arg("1000").spawn().unwrap();
+    let err = plain.resize(24, 80).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    plain.kill().unwrap();
+    plain.wait().unwrap();
+    let mut term = inst
+        .command("sleep")
+        .arg("1000")
+        .pty(24, 80)
+        .spawn()
+        .unwrap();
+    let err = term.resize(0, 80).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    term.kill().unwrap();
+    term.wait().unwrap();
+}
+
+fn pty_output_keeps_flow_control(inst: &Instance) {
+    // 8 MiB of 8-byte lines, each "\n" shown as "\r\n": more than a
+    // stream's credit window, so a host that does not read stalls the
+    // writer. `cat` writes large chunks (`head` writes a tty line by line).
+    const SIZE: usize = 8 << 20;
+    let mut child = inst
+        .command("sh")
+        .args(["-c", &format!("yes xxxxxxx | head -c {SIZE} | cat")])
+        .pty(24, 80)
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        child.try_wait().unwrap(),
+        None,
+        "the writer went on while nobody read"
+    );
+    let mut shown = Vec::new();
+    out.read_to_end(&mut shown).unwrap();
+    assert_eq!(shown.len(), SIZE + SIZE / 8, "every byte, \\n as \\r\\n");
+    assert!(shown.chunks(9).all(|line| line == b"xxxxxxx\r\n"));
+    assert!(child.wait().unwrap().success());
+}
+
+fn pty_kill_leaves_no_process(inst: &Instance) {
+    let (mut child, screen, mut keys) = shell_on_a_terminal(inst);
+    // The interactive shell runs its jobs in their own process groups.
+    keys.write_all(b"sleep 1000 & sleep 1001\n").unwrap();
+    let sleeps = "ps -o comm,args | grep -c '^sleep' || true";
+    let end = Instant::now() + Duration::from_secs(30);
+    while stdout(inst, sleeps).trim() != "2" {
+        assert!(Instant::now() < end, "the sleeps never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    kill_and_reap(&mut child);
+    // The kill reaches the jobs' own groups in the session too; they go
+    // asynchronously.
+    let end = Instant::now() + Duration::from_secs(20);
+    while stdout(inst, sleeps).trim() != "0" {
+        assert!(
+            Instant::now() < end,
+            "processes left behind: {}",
+            stdout(inst, "ps -o pid,pgid,comm,args")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(keys);
+    screen.finish();
 }
 
 fn large_output_with_back_pressure(inst: &Instance) {
@@ -3104,6 +3272,10 @@ fn main() -> ExitCode {
         stdout_and_stderr_apart,
         concurrent_commands,
         kill_process_group,
+        pty_shell_is_a_terminal_resizes_and_takes_ctrl_c,
+        pty_output_is_one_stream_and_bad_sizes_are_invalid,
+        pty_output_keeps_flow_control,
+        pty_kill_leaves_no_process,
         large_output_with_back_pressure,
         stdin_eof_ends_reader,
         command_not_found_or_not_executable,

@@ -11,6 +11,7 @@ mod images;
 mod run;
 mod system;
 mod templates;
+mod terminal;
 
 use std::process::ExitCode;
 

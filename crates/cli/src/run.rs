@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use clap::Args;
 
-use crate::CliResult;
+use crate::{terminal, CliResult};
 
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
@@ -67,6 +67,15 @@ pub(crate) struct RunArgs {
     /// End the instance after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<f64>,
+    /// Keep stdin open. Accepted as `docker run -i` is: crumble always
+    /// forwards its stdin to the command.
+    #[arg(long, short = 'i')]
+    interactive: bool,
+    /// Run the command on a terminal: the host terminal is put in raw mode
+    /// (keys, Ctrl-C included, go to the command as typed) and its size
+    /// follows the host window. Needs stdin to be a terminal.
+    #[arg(long, short = 't')]
+    tty: bool,
     /// The command and its arguments; without one, an image's entrypoint
     /// runs (Entrypoint + Cmd).
     #[arg(last = true, value_name = "CMD")]
@@ -82,9 +91,14 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
         env.push((k.to_string(), v.to_string()));
     }
     let network_policy = network_policy(&args)?;
+    // Checked before anything boots, as `docker run -t` does.
+    let window = match args.tty {
+        true => Some(terminal::window_size(STDIN).ok_or("the input device is not a TTY")?),
+        false => None,
+    };
     // Signals are handled by a thread of ours (forwarded to the guest
     // process), so block them before any thread exists to inherit the mask.
-    let signals = block_signals();
+    let signals = block_signals(args.tty);
     // Until the command runs, a signal ends crumble (QEMU dies with it);
     // after, it goes to the command's process group.
     let target: Arc<Mutex<Option<cc::Signaller>>> = Arc::default();
@@ -135,6 +149,13 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
         None => inst.entrypoint_command::<&str>(&[])?,
     };
     cmd.stdin(cc::Stdio::Piped);
+    if let Some((rows, cols)) = window {
+        cmd.pty(rows, cols);
+        // The guest draws for the host's terminal.
+        if let Some(term) = std::env::var_os("TERM").filter(|t| !t.is_empty()) {
+            cmd.env("TERM", term);
+        }
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -161,6 +182,11 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
         Err(e) => return Err(e.into()),
     };
     *lock(&target) = Some(child.signaller());
+    // Restored when `run` returns, by any path (an unwinding panic too).
+    let _raw = match args.tty {
+        true => Some(terminal::RawMode::enter(STDIN)?),
+        false => None,
+    };
 
     let mut stdin = child.stdin.take();
     // Host stdin may never end (a terminal): this thread is not joined.
@@ -266,7 +292,11 @@ fn copy_thread(
     })
 }
 
-fn block_signals() -> libc::sigset_t {
+/// The descriptor `-t` needs to be a terminal.
+const STDIN: i32 = 0;
+
+/// The signals `run` handles; with a terminal also `SIGWINCH`.
+fn block_signals(tty: bool) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it
     // and pthread_sigmask only reads it.
     unsafe {
@@ -275,6 +305,9 @@ fn block_signals() -> libc::sigset_t {
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
             libc::sigaddset(&mut set, sig);
         }
+        if tty {
+            libc::sigaddset(&mut set, libc::SIGWINCH);
+        }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
@@ -282,7 +315,9 @@ fn block_signals() -> libc::sigset_t {
 
 /// Delivers terminal and termination signals to the guest process group,
 /// which then ends and lets `run` close the instance normally. Before there
-/// is a process (pulling, booting) a signal ends crumble itself.
+/// is a process (pulling, booting) a signal ends crumble itself. With `-t`
+/// the host terminal is raw, so Ctrl-C is a byte typed rather than a
+/// signal; a change of the window (`SIGWINCH`) resizes the guest's.
 fn forward_signals(set: libc::sigset_t, to: &Mutex<Option<cc::Signaller>>) {
     loop {
         let mut sig = 0;
@@ -292,6 +327,13 @@ fn forward_signals(set: libc::sigset_t, to: &Mutex<Option<cc::Signaller>>) {
         }
         let signaller = lock(to).clone();
         match signaller {
+            Some(s) if sig == libc::SIGWINCH => {
+                if let Some((rows, cols)) = terminal::window_size(STDIN) {
+                    let _ = s.resize(rows, cols);
+                }
+            }
+            // Before the command runs the window size is read at its start.
+            None if sig == libc::SIGWINCH => {}
             Some(s) => {
                 if s.signal(sig).is_err() {
                     return;

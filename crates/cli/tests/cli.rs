@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use cc_testsupport::Screen;
 use libtest_mimic::{Arguments, Completion, Trial};
 
 fn cache() -> PathBuf {
@@ -93,6 +94,196 @@ fn doctor_reports_the_accelerator() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("accelerator"), "{text}");
     assert!(text.contains("cache dir"), "{text}");
+}
+
+fn tty_without_a_terminal_is_a_clear_error() {
+    // Stdin is a pipe: refused before anything boots.
+    let out = run(&["-it", "--", "sh"], b"");
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the input device is not a TTY"), "{err}");
+}
+
+/// A pseudo-terminal of the test's, standing in for the user's terminal:
+/// crumble gets the slave as its controlling terminal, the test types
+/// into and reads from the master.
+struct HostTerminal {
+    master: std::fs::File,
+    slave: std::os::fd::OwnedFd,
+}
+
+impl HostTerminal {
+    fn open(rows: u16, cols: u16) -> HostTerminal {
+        use std::os::fd::FromRawFd;
+        let (mut master, mut slave) = (0, 0);
+        let size = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty writes two descriptors through live pointers and
+        // reads the size; no name buffer or settings are passed.
+        let r = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                &size,
+            )
+        };
+        assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors were just opened and are owned here.
+        unsafe {
+            HostTerminal {
+                master: std::fs::File::from_raw_fd(master),
+                slave: std::os::fd::OwnedFd::from_raw_fd(slave),
+            }
+        }
+    }
+
+    /// The terminal's settings, as `stty -g` shows them.
+    fn settings(&self) -> Vec<u32> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: termios is plain data, filled by tcgetattr.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: tcgetattr writes one termios through a live pointer.
+        let got = unsafe { libc::tcgetattr(self.slave.as_raw_fd(), &mut t) };
+        assert_eq!(got, 0);
+        let mut all = vec![t.c_iflag, t.c_oflag, t.c_cflag, t.c_lflag];
+        all.extend(t.c_cc.iter().map(|&c| u32::from(c)));
+        all
+    }
+
+    fn resize(&self, rows: u16, cols: u16) {
+        use std::os::fd::AsRawFd;
+        let size = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize through a live pointer.
+        let r = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+        assert_eq!(r, 0);
+    }
+
+    /// `crumble` with the slave as its controlling terminal and its
+    /// stdin, stdout and stderr.
+    fn spawn(&self, cmd: &mut Command) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let io = || Stdio::from(self.slave.try_clone().unwrap());
+        cmd.stdin(io()).stdout(io()).stderr(io());
+        // SAFETY: setsid and ioctl are async-signal-safe system calls.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() == -1 || libc::ioctl(0, libc::TIOCSCTTY, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        cmd.spawn().unwrap()
+    }
+}
+
+/// Waits for crumble to end (a bound against hangs, not a speed test).
+fn exit_of(child: &mut std::process::Child, shown: &Screen) -> std::process::ExitStatus {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < end,
+            "crumble did not end: {}",
+            shown.text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run_it_drives_a_shell_on_the_host_terminal() {
+    let term = HostTerminal::open(30, 100);
+    let before = term.settings();
+    let mut child = term.spawn(
+        crumble()
+            .args(["run", "-it", "--rootfs"])
+            .arg(rootfs())
+            .args(["--", "sh"]),
+    );
+    let shown = Screen::watch(term.master.try_clone().unwrap());
+    let mut keys = term.master.try_clone().unwrap();
+    shown.expect("# ");
+    // Raw while the command runs: the guest's terminal echoes and edits.
+    let raw = term.settings();
+    assert_eq!(raw[3] & (libc::ECHO | libc::ICANON | libc::ISIG), 0);
+    // Arithmetic tells a command's output from the echo of its typing.
+    keys.write_all(b"tty; echo cli_$((20+3)) $(stty size)\n")
+        .unwrap();
+    shown.expect("cli_23 30 100");
+    assert!(shown.text().contains("/dev/pts/"), "{}", shown.text());
+    assert!(
+        shown.text().contains("echo cli_$((20+3))"),
+        "typed input is echoed: {}",
+        shown.text()
+    );
+    // The window change reaches crumble as SIGWINCH, asynchronously: ask
+    // until the guest sees it.
+    term.resize(40, 120);
+    let end = Instant::now() + Duration::from_secs(60);
+    for i in 0.. {
+        keys.write_all(format!("echo win_$(({i}+1000)) $(stty size)\n").as_bytes())
+            .unwrap();
+        let marker = format!("win_{} ", i + 1000);
+        shown.expect(&marker);
+        if shown.text().contains(&format!("{marker}40 120")) {
+            break;
+        }
+        assert!(Instant::now() < end, "the resize never reached the guest");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Ctrl-C is a byte typed: the guest's terminal interrupts the sleep,
+    // not the shell or crumble.
+    keys.write_all(b"sleep 1000\n").unwrap();
+    shown.expect("sleep 1000");
+    std::thread::sleep(Duration::from_millis(500));
+    keys.write_all(b"\x03").unwrap();
+    keys.write_all(b"echo after_$((3+4))\n").unwrap();
+    shown.expect("after_7");
+    keys.write_all(b"exit 3\n").unwrap();
+    let status = exit_of(&mut child, &shown);
+    assert_eq!(status.code(), Some(3), "{}", shown.text());
+    assert_eq!(
+        term.settings(),
+        before,
+        "the host terminal's settings are restored"
+    );
+}
+
+fn run_it_restores_the_terminal_when_signalled() {
+    let term = HostTerminal::open(24, 80);
+    let before = term.settings();
+    let mut child = term.spawn(
+        crumble()
+            .args(["run", "-it", "--rootfs"])
+            .arg(rootfs())
+            .args(["--", "sh", "-c", "echo sleeping; exec sleep 1000"]),
+    );
+    let shown = Screen::watch(term.master.try_clone().unwrap());
+    shown.expect("sleeping");
+    assert_ne!(term.settings(), before, "raw while the command runs");
+    // SAFETY: kill(2) takes no pointers; the pid is our unreaped child's.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = exit_of(&mut child, &shown);
+    // The command got the signal and ended by it, as without -t.
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{}", shown.text());
+    assert_eq!(
+        term.settings(),
+        before,
+        "the host terminal's settings are restored"
+    );
 }
 
 fn run_forwards_output_stdin_and_status() {
@@ -879,9 +1070,12 @@ fn main() -> ExitCode {
         load_of_random_bytes_prints_text_not_binary,
         pull_follows_registries_conf,
         the_data_dir_holds_the_kernel_and_agent,
+        tty_without_a_terminal_is_a_clear_error,
     ];
     let vm: &[(&str, fn())] = named![
         run_forwards_output_stdin_and_status,
+        run_it_drives_a_shell_on_the_host_terminal,
+        run_it_restores_the_terminal_when_signalled,
         run_applies_env_workdir_user_and_resources,
         run_errors_are_clear,
         killing_the_host_process_ends_qemu_and_the_next_run_sweeps_its_dir,

@@ -327,6 +327,7 @@ mod tests {
                     stdin: Some(1),
                     stdout: Stdio::Stream(2),
                     stderr: Stdio::Stdout,
+                    pty: None,
                 }),
             },
             Message::Response {

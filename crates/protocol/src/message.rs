@@ -57,7 +57,8 @@ pub enum Request {
     Setup(Box<Setup>),
     /// Start a process; answered by `Started` or an error.
     Exec(Exec),
-    /// Send `signal` to the process group of `process`; answered by `Done`.
+    /// Send `signal` to the process group of `process` (and, for one started
+    /// with `pty`, to every process of its session); answered by `Done`.
     Signal { process: u64, signal: i32 },
     /// Answered by `Pong`; measures the channel.
     Ping,
@@ -127,6 +128,11 @@ pub enum Request {
     /// `Eof`, to open file `handle` at its offset; answered by `Done` once
     /// written. The path and flow control of `WriteFile`, for handles.
     WriteHandle { handle: u64, stream: u32 },
+    /// Set the window size of the terminal of `process` (started with
+    /// `pty`); its foreground process group gets `SIGWINCH`. Answered by
+    /// `Done`; `NoSuchProcess` once it exited, `InvalidArgument` if it has
+    /// no terminal.
+    Resize { process: u64, size: WindowSize },
 }
 
 impl Request {
@@ -161,7 +167,8 @@ impl Request {
             | Request::Listen { .. }
             | Request::Unlisten { .. }
             | Request::Prepare(_)
-            | Request::Trace { .. } => [None; 3],
+            | Request::Trace { .. }
+            | Request::Resize { .. } => [None; 3],
         };
         ids.into_iter().flatten()
     }
@@ -416,6 +423,18 @@ pub struct Exec {
     pub stdin: Option<u32>,
     pub stdout: Stdio,
     pub stderr: Stdio,
+    /// Run on a new pseudo-terminal of this size as the controlling
+    /// terminal of its session: stdin, stdout and stderr are its slave;
+    /// `stdin` feeds its master and `stdout` carries everything the
+    /// terminal prints (`stderr` must be `Null`). `TERM` comes from `env`.
+    pub pty: Option<WindowSize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowSize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 /// Where a process's output goes.

@@ -648,6 +648,7 @@ mod tests {
             stdin: Some(4),
             stdout: Stdio::Stream(5),
             stderr: Stdio::Stdout,
+            pty: None,
         });
         assert_eq!(exec.streams().collect::<Vec<_>>(), [4, 5]);
         let dial = Request::Dial {

@@ -7,15 +7,20 @@
 //!   token server of its own (as the large public registries do), that
 //!   layouts are pushed to with `skopeo`.
 //!
+//! - [`Screen`]: what a terminal's output shows, read by a thread, waited for
+//!   by text.
+//!
 //! Everything here panics with a descriptive message on failure, as test
 //! helpers do. Missing system tools (`python3`, `docker-registry`, `skopeo`,
 //! `htpasswd`, `openssl`, `zstd`, `debootstrap`) are reported, never skipped:
 //! `scripts/setup.sh` installs them (`openssl` comes with `ca-certificates`).
 
 mod registry;
+mod screen;
 mod token;
 
 pub use registry::{Auth, HttpResponse, Registry};
+pub use screen::Screen;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -175,6 +175,16 @@ def _check_str(name: str, value: object) -> str:
     return value
 
 
+def _window(name: str, value: object, op: str) -> int:
+    """A terminal dimension as the C call takes it (16 bits); the library
+    judges the range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= 0xFFFF:
+        raise InvalidArgumentError(f"{name} {value}: a terminal has 1 to 4096", op=op)
+    return value
+
+
 class Cmd(Handle):
     """A command in a guest (``Instance.command``): configured, then
     started once.
@@ -237,6 +247,19 @@ class Cmd(Handle):
                 f"timeout must be a positive number of seconds, not {seconds}", op="set_timeout"
             )
         _lib.call(_lib.native().cc_cmd_set_timeout, self._h("set_timeout"), float(seconds))
+        return self
+
+    def pty(self, rows: int = 24, cols: int = 80, term: Optional[str] = None) -> Cmd:
+        """Runs the command on a pseudo-terminal of ROWS x COLS (each 1 to
+        4096), before start, with ``TERM`` set to TERM when given (else the
+        environment's, ``xterm`` by default). The terminal is the process's
+        stdin, stdout and stderr: ``stdout_pipe``/``output`` give everything
+        it shows (the echo of typed input included, lines ending ``\\r\\n``),
+        ``stdin_pipe`` is what is typed (``b"\\x03"`` is Ctrl-C); there is no
+        ``stderr_pipe``. Returns the command."""
+        r, c = _window("rows", rows, "pty"), _window("cols", cols, "pty")
+        raw = None if term is None else _lib.encode_str(_check_str("term", term), "term")
+        _lib.call(_lib.native().cc_cmd_set_pty, self._h("pty"), r, c, raw)
         return self
 
     def get_env(self, key: str) -> Optional[str]:
@@ -383,6 +406,14 @@ class Cmd(Handle):
         written, code = result
         self._exit_code = code
         return written
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Sets the window size of the started command's terminal (see
+        ``pty``); its foreground programs get ``SIGWINCH``. A command that
+        ended is fine; one without a terminal raises
+        ``InvalidArgumentError``."""
+        r, c = _window("rows", rows, "resize"), _window("cols", cols, "resize")
+        _lib.call(_lib.native().cc_cmd_resize, self._h("resize"), r, c)
 
     def kill(self) -> None:
         """Kills the started process and its process group (SIGKILL); a

@@ -386,6 +386,8 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
         [_H, c_char_p, c_bool, POINTER(c_uint64), POINTER(c_int32), _ERR],
     ),
     "cc_cmd_kill": (_CODE, [_H, _ERR]),
+    "cc_cmd_set_pty": (_CODE, [_H, c_uint16, c_uint16, c_char_p, _ERR]),
+    "cc_cmd_resize": (_CODE, [_H, c_uint16, c_uint16, _ERR]),
     "cc_cmd_exit_code": (_CODE, [_H, POINTER(c_int32), POINTER(c_bool), _ERR]),
     "cc_cmd_free": (_CODE, [_H]),
     # connections

@@ -662,9 +662,9 @@ class Instance(_Async):
 
 class Cmd(_Async):
     """``crumblecracker.Cmd`` for asyncio: ``start``, ``wait``, ``run``,
-    ``output``, ``combined_output``, ``output_to``, ``kill`` and ``close``
-    are coroutines;
-    the setters, ``get_env``, ``environ`` and the pipes (``aio.Conn``s) are
+    ``output``, ``combined_output``, ``output_to``, ``resize``, ``kill`` and
+    ``close`` are coroutines;
+    the setters (``pty`` too), ``get_env``, ``environ`` and the pipes (``aio.Conn``s) are
     plain methods. Cancelling a task waiting for the command kills it."""
 
     _sync_type = _cmd.Cmd
@@ -674,6 +674,7 @@ class Cmd(_Async):
             "set_env",
             "set_user",
             "set_timeout",
+            "pty",
             "get_env",
             "environ",
             "stdin_pipe",
@@ -701,6 +702,10 @@ class Cmd(_Async):
         async def output(self) -> bytes: ...
 
         async def output_to(self, host_path: PathArg, merged: bool = False) -> int: ...
+
+        def pty(self, rows: int = 24, cols: int = 80, term: Optional[str] = None) -> Cmd: ...
+
+        async def resize(self, rows: int, cols: int) -> None: ...
 
         async def run(self) -> int: ...
 

@@ -341,6 +341,7 @@ pub fn exec(argv: &[&str]) -> Exec {
         stdin: None,
         stdout: Stdio::Null,
         stderr: Stdio::Null,
+        pty: None,
     }
 }
 

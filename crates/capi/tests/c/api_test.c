@@ -538,6 +538,49 @@ static void test_pipes_and_kill(cc_instance inst) {
     cc_cmd_free(cmd);
 }
 
+/* A command on a terminal: one output stream, TERM, resize, bad sizes. */
+static void test_terminal(cc_instance inst) {
+    cc_cmd cmd = 0;
+    uint8_t *data = NULL;
+    size_t len = 0;
+    int code = -100;
+
+    const char *script[] = {"-c", "echo $TERM; stty size; echo err >&2"};
+    EXPECT(CC_OK, cc_instance_command(inst, "sh", script, 2, &cmd, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_cmd_set_pty(cmd, 0, 80, NULL, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_cmd_set_pty(cmd, 24, 5000, NULL, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_cmd_resize(cmd, 24, 80, &err)); /* no terminal */
+    EXPECT(CC_OK, cc_cmd_set_pty(cmd, 24, 80, "vt100", &err));
+    EXPECT(CC_OK, cc_cmd_output(cmd, &data, &len, &code, &err));
+    const char *want = "vt100\r\n24 80\r\nerr\r\n";
+    CHECK(code == 0 && len == strlen(want) && memcmp(data, want, len) == 0,
+          "terminal output: %.*s %d", (int)len, (char *)data, code);
+    free_bytes(&data);
+    cc_cmd_free(cmd);
+
+    /* Resized while it waits for a line. */
+    const char *wait_then_size[] = {"-c", "read line; stty size"};
+    cc_conn in = 0, out = 0;
+    EXPECT(CC_OK, cc_instance_command(inst, "sh", wait_then_size, 2, &cmd, &err));
+    EXPECT(CC_OK, cc_cmd_set_pty(cmd, 24, 80, NULL, &err));
+    EXPECT(CC_OK, cc_cmd_stdin_pipe(cmd, &in, &err));
+    EXPECT(CC_OK, cc_cmd_stdout_pipe(cmd, &out, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_cmd_resize(cmd, 30, 100, &err)); /* not started */
+    EXPECT(CC_OK, cc_cmd_start(cmd, &err));
+    EXPECT(CC_OK, cc_cmd_resize(cmd, 30, 100, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_cmd_resize(cmd, 30, 0, &err));
+    EXPECT(CC_OK, cc_conn_write(in, (const uint8_t *)"\n", 1, &err));
+    EXPECT(CC_OK, cc_conn_read_all(out, &data, &len, &err));
+    CHECK(data && memmem(data, len, "30 100", 6), "resized: %.*s", (int)len, (char *)data);
+    free_bytes(&data);
+    EXPECT(CC_OK, cc_cmd_wait(cmd, &code, &err));
+    CHECK(code == 0, "exit %d", code);
+    EXPECT(CC_OK, cc_cmd_resize(cmd, 30, 100, &err)); /* ended: fine */
+    cc_conn_free(in);
+    cc_conn_free(out);
+    cc_cmd_free(cmd);
+}
+
 /* Runs a shell script in the guest; whether it exited 0. */
 static int sh_ok(cc_instance inst, const char *script) {
     const char *args[] = {"-c", script};
@@ -1113,6 +1156,7 @@ static void test_vm_in(const char *ref, const char *cache, int mounts, char *sto
 
     test_commands(inst);
     test_pipes_and_kill(inst);
+    test_terminal(inst);
     test_files(inst);
     test_file_handles(inst);
     test_wait_cancel(inst);
