@@ -64,10 +64,11 @@ if [ ${#failed[@]} -gt 0 ]; then
 fi
 # libtest and libtest-mimic end each binary with "test result: ok. N
 # passed; M failed; K ignored; ...", pytest -q with "N passed, K skipped,
-# M failed, E errors in Ts" (only the non-zero counts, in any order).
+# M failed, E errors in Ts" (only the non-zero counts, in any order: "N
+# passed in Ts" alone when all passed).
 # scripts/check-wheel.sh ends with "wheel: N passed, M failed".
 # Ignored and skipped are the same thing here: tests that did not run.
-awk '/^test result:/ || /^wheel: [0-9]+ passed, [0-9]+ failed$/ || /^=* *[0-9]+ (passed|failed|skipped|errors?|deselected|xfailed|xpassed|warnings?)[, ].* in [0-9.]+s/ {
+awk '/^test result:/ || /^wheel: [0-9]+ passed, [0-9]+ failed$/ || /^=* *[0-9]+ (passed|failed|skipped|errors?|deselected|xfailed|xpassed|warnings?)([, ].*)? in [0-9.]+s/ {
         for (i = 2; i <= NF; i++) {
             word = $(i)
             sub(/[;,]$/, "", word)
