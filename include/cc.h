@@ -292,6 +292,10 @@ typedef enum cc_start_kind {
      * Restored from an existing template.
      */
     CC_START_WARM = 2,
+    /**
+     * Restored from a parked instance (`cc_instance_restore`).
+     */
+    CC_START_RESTORED = 3,
 } cc_start_kind;
 
 /**
@@ -1710,6 +1714,43 @@ cc_error_code cc_instance_set_network_enabled(cc_instance inst, bool enabled, st
  * `err` is NULL or valid for writing.
  */
 cc_error_code cc_instance_close(cc_instance inst, struct cc_error *err);
+
+/**
+ * Saves the running instance to the new directory `path` and closes it:
+ * its VM ends and its memory is released; `cc_instance_restore` starts
+ * it again from there, processes intact. `bytes` (NULL to skip) gets the
+ * disk space the park takes. The instance must be quiet: no command
+ * still running under a `cc_cmd` that is not freed, no listener or
+ * connection open, no mounts (`CC_ERR_INVALID_ARGUMENT`; the instance
+ * runs on). Handle still needs `cc_instance_free`.
+ *
+ * # Safety
+ * `path` is a string; `bytes` is NULL or valid for writing; `err` is NULL
+ * or valid for writing.
+ */
+cc_error_code cc_instance_park(cc_instance inst,
+                               const char *path,
+                               uint64_t *bytes,
+                               struct cc_error *err);
+
+/**
+ * Starts a new, independent instance from the park at `path` (made by
+ * `cc_instance_park`), its processes, memory and files as they were
+ * parked, with a new id and hostname; it can be restored any number of
+ * times. Memory, CPUs, disk, network and user are the parked instance's.
+ * `timeout_seconds` ends the restored instance that long after the
+ * restore (0 for never). A park made by another kernel, agent or QEMU,
+ * or a path that is not a park, is `CC_ERR_INVALID_ARGUMENT` and nothing
+ * starts.
+ *
+ * # Safety
+ * `path` is a string; `out` is NULL or valid for writing; `err` is NULL
+ * or valid for writing.
+ */
+cc_error_code cc_instance_restore(const char *path,
+                                  double timeout_seconds,
+                                  cc_instance *out,
+                                  struct cc_error *err);
 
 /**
  * Closes the instance if needed and releases the handle (0, and handles

@@ -138,6 +138,8 @@ pub enum cc_start_kind {
     CC_START_BUILT = 1,
     /// Restored from an existing template.
     CC_START_WARM = 2,
+    /// Restored from a parked instance (`cc_instance_restore`).
+    CC_START_RESTORED = 3,
 }
 
 fn options(o: Option<&cc_instance_options>) -> Result<cc::Options, Failure> {
@@ -319,6 +321,7 @@ pub unsafe extern "C" fn cc_instance_start_kind(
             cc::StartKind::Cold => cc_start_kind::CC_START_COLD,
             cc::StartKind::Built => cc_start_kind::CC_START_BUILT,
             cc::StartKind::Warm => cc_start_kind::CC_START_WARM,
+            cc::StartKind::Restored => cc_start_kind::CC_START_RESTORED,
         });
         Ok(())
     })
@@ -393,6 +396,76 @@ pub unsafe extern "C" fn cc_instance_set_network_enabled(
 #[no_mangle]
 pub unsafe extern "C" fn cc_instance_close(inst: cc_instance, err: *mut cc_error) -> cc_error_code {
     entry(err, || handles::get::<Instance>(inst)?.close())
+}
+
+/// Saves the running instance to the new directory `path` and closes it:
+/// its VM ends and its memory is released; `cc_instance_restore` starts
+/// it again from there, processes intact. `bytes` (NULL to skip) gets the
+/// disk space the park takes. The instance must be quiet: no command
+/// still running under a `cc_cmd` that is not freed, no listener or
+/// connection open, no mounts (`CC_ERR_INVALID_ARGUMENT`; the instance
+/// runs on). Handle still needs `cc_instance_free`.
+///
+/// # Safety
+/// `path` is a string; `bytes` is NULL or valid for writing; `err` is NULL
+/// or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_park(
+    inst: cc_instance,
+    path: *const c_char,
+    bytes: *mut u64,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes a string and NULL or a writable slot.
+        let (path, bytes) = unsafe { (cstr(path, "path")?, Out::opt(bytes)) };
+        let parked = handles::get::<Instance>(inst)?.get()?.park(path)?;
+        if let Some(out) = bytes {
+            out.write(parked.bytes);
+        }
+        Ok(())
+    })
+}
+
+/// Starts a new, independent instance from the park at `path` (made by
+/// `cc_instance_park`), its processes, memory and files as they were
+/// parked, with a new id and hostname; it can be restored any number of
+/// times. Memory, CPUs, disk, network and user are the parked instance's.
+/// `timeout_seconds` ends the restored instance that long after the
+/// restore (0 for never). A park made by another kernel, agent or QEMU,
+/// or a path that is not a park, is `CC_ERR_INVALID_ARGUMENT` and nothing
+/// starts.
+///
+/// # Safety
+/// `path` is a string; `out` is NULL or valid for writing; `err` is NULL
+/// or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_restore(
+    path: *const c_char,
+    timeout_seconds: f64,
+    out: *mut cc_instance,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        // SAFETY: the caller passes a string and NULL or a writable slot.
+        let (path, out) = unsafe { (cstr(path, "path")?, Out::new(out, "out")?) };
+        let mut options = cc::RestoreOptions::default();
+        if timeout_seconds != 0.0 {
+            options.timeout = Some(
+                Duration::try_from_secs_f64(timeout_seconds)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| {
+                        Failure::invalid(format!(
+                            "timeout_seconds {timeout_seconds} is not a positive number of seconds"
+                        ))
+                    })?,
+            );
+        }
+        let inst = cc::Instance::restore(path, options)?;
+        out.write(handles::insert(Arc::new(Instance::new(inst)))?);
+        Ok(())
+    })
 }
 
 /// Closes the instance if needed and releases the handle (0, and handles

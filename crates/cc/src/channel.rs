@@ -884,6 +884,44 @@ impl Channel {
         }
     }
 
+    /// Holds the channel quiet while the guest is parked: no host sender
+    /// writes until the guard is dropped. Fails with
+    /// [`Error::InvalidArgument`] while anything is in flight (a request
+    /// unanswered, a stream, process or listener open), which a parked
+    /// guest could not finish.
+    pub(crate) fn hold_quiet(&self) -> Result<MutexGuard<'_, UnixStream>> {
+        let writer = lock(&self.shared.writer);
+        let t = lock(&self.shared.tables);
+        if let Some(gone) = &t.dead {
+            return Err(gone.error());
+        }
+        let (inbound, outbound) = t.streams.len();
+        let open = [
+            (t.calls.len(), "request"),
+            (t.exits.len(), "command"),
+            (t.listeners.len(), "listener"),
+            (inbound + outbound, "stream"),
+        ];
+        if let Some((n, what)) = open.into_iter().find(|(n, _)| *n > 0) {
+            return Err(Error::InvalidArgument(format!(
+                "cannot park with {n} {what}(s) in flight: wait for running commands \
+                 and close listeners and connections first"
+            )));
+        }
+        Ok(writer)
+    }
+
+    /// The next process id this channel hands out.
+    pub(crate) fn next_process_id(&self) -> u64 {
+        self.shared.next_process.load(Ordering::Relaxed)
+    }
+
+    /// Goes on numbering processes from `next`, as the channel a restored
+    /// guest's agent had before it was parked did.
+    pub(crate) fn continue_process_ids(&self, next: u64) {
+        self.shared.next_process.fetch_max(next, Ordering::Relaxed);
+    }
+
     /// Marks the channel gone (the first reason sticks), unblocks everyone,
     /// a writer stuck on a deaf guest included, and joins the reader.
     pub(crate) fn shut_down(&self, gone: Gone) {

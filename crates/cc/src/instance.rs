@@ -1,7 +1,7 @@
 //! Instances: boot, identity, lifecycle.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -293,11 +293,49 @@ pub(crate) struct Inner {
     exposed: Mutex<Vec<Arc<ExposeShared>>>,
     /// `None` once closed.
     live: Mutex<Option<Live>>,
+    /// What it was started with, to park it.
+    pub(crate) options: Options,
+    /// Its root layers, uppermost first.
+    pub(crate) lowers: Vec<PathBuf>,
+    /// Being parked: the guest stops and QEMU ends on purpose.
+    pub(crate) parking: AtomicBool,
 }
 
 impl Inner {
     fn live(&self) -> MutexGuard<'_, Option<Live>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A booted guest's state, before it is supervised.
+    pub(crate) fn new(
+        id: String,
+        channel: Channel,
+        root: RootLayers,
+        options: &Options,
+    ) -> Arc<Inner> {
+        Arc::new(Inner {
+            id,
+            channel,
+            default_user: options
+                .user
+                .clone()
+                .or_else(|| root.image_config.as_ref().and_then(|c| c.user.clone())),
+            image_config: root.image_config,
+            origin: root.origin,
+            network: options.network,
+            max_result: options.max_result_bytes,
+            next_handle: AtomicU64::new(1),
+            exposed: Mutex::default(),
+            live: Mutex::new(None),
+            options: options.clone(),
+            lowers: root.lowers,
+            parking: AtomicBool::new(false),
+        })
+    }
+
+    /// The running machine, while the instance is open.
+    pub(crate) fn machine(&self) -> Option<Arc<dyn Machine>> {
+        self.live().as_ref().map(|l| l.vm.clone())
     }
 
     pub(crate) fn exposed(&self) -> MutexGuard<'_, Vec<Arc<ExposeShared>>> {
@@ -384,29 +422,30 @@ impl Instance {
             kernel: kernel_time,
             setup: t2.elapsed(),
         };
-        let inner = Arc::new(Inner {
-            id,
-            channel,
-            default_user: options
-                .user
-                .clone()
-                .or_else(|| root.image_config.as_ref().and_then(|c| c.user.clone())),
-            image_config: root.image_config,
-            origin: root.origin,
-            network: options.network,
-            max_result: options.max_result_bytes,
-            next_handle: AtomicU64::new(1),
-            exposed: Mutex::default(),
-            live: Mutex::new(None),
-        });
+        let start_kind = started.kind;
+        let inner = Inner::new(id, channel, root, &options);
         tracing::debug_span!("cc: supervise")
             .in_scope(|| supervise(&inner, machine, &options, t0))?;
-        Ok(Instance {
+        Ok(Instance::assemble(
             inner,
             kernel_release,
             timings,
-            start_kind: started.kind,
-        })
+            start_kind,
+        ))
+    }
+
+    pub(crate) fn assemble(
+        inner: Arc<Inner>,
+        kernel_release: String,
+        timings: BootTimings,
+        start_kind: StartKind,
+    ) -> Instance {
+        Instance {
+            inner,
+            kernel_release,
+            timings,
+            start_kind,
+        }
     }
 
     pub(crate) fn inner(&self) -> &Arc<Inner> {
@@ -615,11 +654,11 @@ impl Drop for Instance {
 
 /// What an instance boots from: its root layers and what the core keeps
 /// of the source.
-struct RootLayers {
+pub(crate) struct RootLayers {
     /// Read-only root filesystem images, uppermost first.
-    lowers: Vec<PathBuf>,
-    image_config: Option<cc_image::ImageConfig>,
-    origin: Origin,
+    pub(crate) lowers: Vec<PathBuf>,
+    pub(crate) image_config: Option<cc_image::ImageConfig>,
+    pub(crate) origin: Origin,
 }
 
 impl RootLayers {
@@ -652,7 +691,7 @@ impl RootLayers {
 }
 
 /// The engine-neutral description of the guest `options` ask for.
-fn guest_spec(id: &str, root: &RootLayers, options: &Options) -> GuestSpec {
+pub(crate) fn guest_spec(id: &str, root: &RootLayers, options: &Options) -> GuestSpec {
     GuestSpec {
         id: id.to_string(),
         lowers: root.lowers.clone(),
@@ -758,7 +797,7 @@ fn boot_failed(machine: &dyn Machine, reason: String) -> Error {
 
 /// Gives the guest its identity, clock, entropy, mounts and network, and
 /// returns its kernel's release.
-fn set_up_guest(
+pub(crate) fn set_up_guest(
     channel: &Channel,
     machine: &dyn Machine,
     id: &str,
@@ -813,7 +852,7 @@ fn net_config(layout: &GuestLayout, options: &Options) -> Option<NetConfig> {
 
 /// Starts what watches a booted instance (liveness, engine events, the
 /// timeout counted from `t0`) and makes it live.
-fn supervise(
+pub(crate) fn supervise(
     inner: &Arc<Inner>,
     machine: Arc<dyn Machine>,
     options: &Options,
@@ -926,6 +965,9 @@ fn start_liveness(
                 if inner.channel.dead().is_some() {
                     return;
                 }
+                if inner.parking.load(Ordering::Acquire) {
+                    continue;
+                }
                 if let Some(status) = vm.exit_status() {
                     return inner.mark_dead(format!("QEMU exited ({status})"));
                 }
@@ -969,7 +1011,7 @@ pub(crate) fn random_bytes(n: usize) -> Vec<u8> {
     buf
 }
 
-fn random_id() -> String {
+pub(crate) fn random_id() -> String {
     rootfs::hex(&random_bytes(8))
 }
 

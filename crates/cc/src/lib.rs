@@ -50,6 +50,7 @@ mod host;
 mod instance;
 mod net;
 mod oci;
+mod park;
 mod phases;
 mod process;
 mod rootfs;
@@ -86,6 +87,7 @@ pub use instance::{
 };
 pub use net::{Exposed, Listener};
 pub use oci::*;
+pub use park::{Parked, RestoreOptions};
 pub use phases::take_host_phases;
 pub use process::{
     Child, ChildOutput, ChildStdin, Command, ExitStatus, Output, Signaller, Stdio,

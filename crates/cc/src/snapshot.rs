@@ -81,6 +81,14 @@ pub(crate) enum Origin {
     },
     Image(Box<Image>),
     Snapshot(Box<Snapshot>),
+    /// Restored from a park (see [`Instance::restore`]).
+    Restored,
+}
+
+/// Snapshots need the image an instance booted from, which a park does
+/// not keep.
+fn not_of_restored() -> Error {
+    Error::InvalidArgument("a restored instance cannot be snapshotted (not supported yet)".into())
 }
 
 static SNAPSHOT_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -99,6 +107,7 @@ impl Instance {
             Origin::Image(image) => image.client(),
             Origin::Snapshot(s) => s.image.client(),
             Origin::Dir { .. } => OciClient::new(None)?.inner().clone(),
+            Origin::Restored => return Err(not_of_restored()),
         };
         // Everything below is stored, then named: a prune in between (in
         // any process) must not take it.
@@ -117,6 +126,7 @@ impl Instance {
                 };
                 (client.erofs_image(&rootfs)?, 1)
             }
+            Origin::Restored => return Err(not_of_restored()),
         };
         let (id, stream) = inner.channel.open_inbound();
         let request = Request::SnapshotUpper {

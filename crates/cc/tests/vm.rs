@@ -590,6 +590,146 @@ fn close_leaves_nothing() {
     );
 }
 
+/// A scratch directory for parks, empty.
+fn park_scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cc-vm-park-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The counter a background guest process keeps in /tmp/c.
+fn count(inst: &Instance) -> u64 {
+    stdout(inst, "cat /tmp/c").trim().parse().unwrap()
+}
+
+const COUNTER: &str = "(i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.1; done) \
+                       </dev/null >/dev/null 2>&1 &";
+
+fn park_and_restore_continue_a_counting_process_twice() {
+    let scratch = park_scratch("counter");
+    let park = scratch.join("p");
+    let inst = boot();
+    sh(&inst, COUNTER);
+    sh(&inst, "echo kept > /etc/marker");
+    std::thread::sleep(Duration::from_millis(500));
+    let before = count(&inst);
+    let pid = inst.vm_pid().unwrap();
+    let run_dir = inst.run_dir().unwrap();
+    let parked = inst.park(&park).unwrap();
+    assert!(parked.bytes > 0 && park.join("meta.json").is_file());
+    assert!(
+        !PathBuf::from(format!("/proc/{pid}")).exists(),
+        "QEMU {pid} still running"
+    );
+    assert!(!run_dir.exists(), "run dir {run_dir:?} left behind");
+    assert!(!inst.is_running());
+    let err = inst.command("true").status().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::AlreadyClosed);
+    assert_eq!(
+        inst.park(scratch.join("again")).unwrap_err().code(),
+        ErrorCode::AlreadyClosed
+    );
+    // Only the park is left beside it.
+    assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 1);
+    // Parked time does not count: the guest sleeps through it.
+    std::thread::sleep(Duration::from_secs(2));
+    let a = Instance::restore(&park, cc::RestoreOptions::default()).unwrap();
+    let b = Instance::restore(&park, cc::RestoreOptions::default()).unwrap();
+    assert_eq!(a.start_kind(), cc::StartKind::Restored);
+    for r in [&a, &b] {
+        let now = count(r);
+        assert!(
+            now >= before && now < before + 50,
+            "counted {before} when parked, {now} after the restore"
+        );
+        assert_eq!(stdout(r, "cat /etc/marker"), "kept\n");
+        let later = Instant::now() + Duration::from_secs(10);
+        while count(r) <= now {
+            assert!(Instant::now() < later, "the counter stopped at {now}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // Independent instances with identities of their own.
+    assert_ne!(a.id(), b.id());
+    assert_ne!(stdout(&a, "hostname"), stdout(&b, "hostname"));
+    assert_ne!(
+        stdout(&a, "head -c 16 /dev/urandom | od -An -tx1"),
+        stdout(&b, "head -c 16 /dev/urandom | od -An -tx1")
+    );
+    sh(&a, "echo only-a > /etc/marker");
+    assert_eq!(stdout(&b, "cat /etc/marker"), "kept\n");
+    // A restored instance parks again.
+    let again = scratch.join("again");
+    a.park(&again).unwrap();
+    let c = Instance::restore(&again, cc::RestoreOptions::default()).unwrap();
+    assert_eq!(stdout(&c, "cat /etc/marker"), "only-a\n");
+    for inst in [b, c] {
+        let (pid, dir) = (inst.vm_pid().unwrap(), inst.run_dir().unwrap());
+        inst.close().unwrap();
+        assert!(!PathBuf::from(format!("/proc/{pid}")).exists());
+        assert!(!dir.exists());
+    }
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+fn park_refuses_what_it_cannot_keep_and_restore_a_foreign_park() {
+    let scratch = park_scratch("refuse");
+    let park = scratch.join("p");
+    let inst = boot_with(Options {
+        warm_start: false,
+        ..Options::default()
+    });
+    // A command still running under this handle cannot be parked.
+    let mut child = inst.command("sleep").arg("30").spawn().unwrap();
+    let err = inst.park(&park).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    assert!(!park.exists());
+    assert_eq!(stdout(&inst, "echo still"), "still\n");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Its output streams end with the handle.
+    drop(child);
+    // A cold-booted guest parks as well as a warm one.
+    inst.park(&park).unwrap();
+    // Not a park, or a park this host's kernel did not make: refused
+    // before any guest starts.
+    let err = Instance::restore(&scratch, cc::RestoreOptions::default()).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    let kernel = std::env::var_os("CC_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cc_testsupport::cache_dir().join("kernel/current/vmlinux"));
+    let other = scratch.join("vmlinux");
+    std::fs::copy(&kernel, &other).unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&other)
+        .unwrap()
+        .write_all(b"another build")
+        .unwrap();
+    let run_dirs = || {
+        std::fs::read_dir(cc_testsupport::cache_dir().join("run"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let runs = run_dirs();
+    let saved = std::env::var_os("CC_KERNEL");
+    std::env::set_var("CC_KERNEL", &other);
+    let err = Instance::restore(&park, cc::RestoreOptions::default()).unwrap_err();
+    match saved {
+        Some(k) => std::env::set_var("CC_KERNEL", k),
+        None => std::env::remove_var("CC_KERNEL"),
+    }
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("kernel"), "{err}");
+    assert_eq!(run_dirs(), runs, "a guest was started");
+    // The park itself is unharmed.
+    let back = Instance::restore(&park, cc::RestoreOptions::default()).unwrap();
+    assert_eq!(stdout(&back, "echo back"), "back\n");
+    back.close().unwrap();
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
 fn independent_writable_layers() {
     let (a, b) = (boot(), boot());
     sh(&a, "echo from-a > /etc/marker");
@@ -3309,6 +3449,8 @@ fn main() -> ExitCode {
     ];
     let own: &[(&str, fn())] = named![
         close_leaves_nothing,
+        park_and_restore_continue_a_counting_process_twice,
+        park_refuses_what_it_cannot_keep_and_restore_a_foreign_park,
         independent_writable_layers,
         crash_is_not_running_and_isolated,
         file_transfers_cut_by_a_dying_guest_fail_promptly,

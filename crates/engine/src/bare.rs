@@ -71,6 +71,7 @@ impl BareSpec {
             network: None,
             kernel_params: crate::clock::guest_params(self.accel, &paths::cache_dir()),
             memory_file: None,
+            named_ram: false,
             incoming: false,
             agent_port: UNUSED_PORT.into(),
             confine: ConfineMode::Off,

@@ -94,6 +94,16 @@ pub fn qemu_args(spec: &VmSpec, w: &Wiring) -> Vec<OsString> {
             );
             "microvm,acpi=off,memory-backend=mem".to_string()
         }
+        _ if spec.named_ram => {
+            push(
+                &mut a,
+                &[
+                    "-object",
+                    &format!("memory-backend-ram,id=mem,size={memory}M"),
+                ],
+            );
+            "microvm,acpi=off,memory-backend=mem".to_string()
+        }
         _ => "microvm,acpi=off".to_string(),
     };
     push(
@@ -261,6 +271,7 @@ mod tests {
             network: Some(Default::default()),
             kernel_params: vec!["cc.debug=1".into()],
             memory_file: None,
+            named_ram: false,
             incoming: false,
             agent_port: "cc.agent".into(),
             confine: crate::ConfineMode::default(),
@@ -401,6 +412,21 @@ mod tests {
         let cmd = joined(&s);
         assert!(cmd.contains("share=off,"), "{cmd}");
         assert!(cmd.contains("-m 256 -incoming defer"), "{cmd}");
+    }
+
+    #[test]
+    fn parked_guests_load_into_anonymous_ram_named_like_a_file_backed_one() {
+        let mut s = spec();
+        s.named_ram = true;
+        s.incoming = true;
+        let cmd = joined(&s);
+        assert!(
+            cmd.starts_with(
+                "-object memory-backend-ram,id=mem,size=256M \
+                 -accel tcg -cpu max,-erms -M microvm,acpi=off,memory-backend=mem -m 256 -incoming defer"
+            ),
+            "{cmd}"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::fmt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,8 +21,8 @@ use cc_netpolicy::NetworkPolicy;
 
 use crate::template::{self, StartKind};
 use crate::{
-    detect_accel, initramfs, paths, upper, ConfineMode, Confinement, Disk, Error, GuestNetwork,
-    RunDir, Share, Vm, VmSpec, GUEST_NETWORK,
+    detect_accel, files, initramfs, park, paths, upper, ConfineMode, Confinement, Disk, Error,
+    GuestNetwork, RunDir, Share, Vm, VmSpec, GUEST_NETWORK,
 };
 
 /// A guest, as the core describes it.
@@ -117,6 +118,22 @@ pub trait Engine: fmt::Debug + Send + Sync {
     /// Starts `spec` and returns as soon as the guest runs; its agent
     /// connects in the background.
     fn start(&self, spec: &GuestSpec, hooks: Hooks<'_>) -> Result<Started, Error>;
+
+    /// Starts the guest [`Machine::park`] saved in `dir` again, as `spec`
+    /// (the spec it was started with, under a new id), and resumes its
+    /// agent channel with `resume`. The directory is only read, so it can
+    /// be restored any number of times. A directory made by another
+    /// kernel, agent or QEMU, or for another guest shape, is
+    /// [`Error::Parked`] and nothing is started.
+    fn restore(
+        &self,
+        spec: &GuestSpec,
+        dir: &Path,
+        resume: &mut dyn FnMut(UnixStream) -> Result<(), String>,
+    ) -> Result<Started, Error> {
+        let _ = (spec, dir, resume);
+        Err(Error::Unsupported("restoring a parked guest"))
+    }
 }
 
 /// Why a guest ended, as its engine saw it, for [`Machine::on_death`].
@@ -148,6 +165,14 @@ pub trait Machine: fmt::Debug + Send + Sync {
     fn run_dir(&self) -> Option<&Path>;
     /// The engine's and the guest console's last words, for errors.
     fn diagnostics(&self) -> String;
+    /// Saves the running guest (memory, devices, writable disk) into the
+    /// empty directory `dir` and ends it, without a death report. The
+    /// agent channel must be quiet (nothing in flight either way). On
+    /// failure the guest runs on.
+    fn park(&self, dir: &Path) -> Result<(), Error> {
+        let _ = dir;
+        Err(Error::Unsupported("parking"))
+    }
 }
 
 /// The QEMU engine: one confined QEMU process per guest (see the crate
@@ -194,22 +219,82 @@ impl Engine for Qemu {
 
     fn start(&self, spec: &GuestSpec, hooks: Hooks<'_>) -> Result<Started, Error> {
         let span = tracing::debug_span!("engine: kernel, agent, initramfs").entered();
-        let kernel = paths::kernel()?;
-        let agent = paths::agent()?;
-        let accel = detect_accel()?;
-        let initrd = initramfs::for_agent(&agent, &self.cache)?;
+        let host = self.host_parts()?;
         drop(span);
         let span = tracing::debug_span!("engine: run dir, writable disk").entered();
         let run_dir = RunDir::create(&self.cache, &spec.id)?;
         let upper_disk = run_dir.path().join("upper.img");
         upper::create(&self.cache, &upper_disk, spec.upper_mb)?;
         drop(span);
-        let vm_spec = VmSpec {
+        let vm_spec = self.vm_spec(spec, host, upper_disk);
+        let (vm, agent, kind) =
+            template::start(&vm_spec, &run_dir, &self.cache, spec.warm_start, hooks)?;
+        tracing::debug!(id = %spec.id, accel = %vm_spec.accel, ?kind, "QEMU started");
+        Ok(Started {
+            machine: Box::new(QemuMachine::new(vm, run_dir, vm_spec, kind)),
+            agent,
+            kind,
+        })
+    }
+
+    fn restore(
+        &self,
+        spec: &GuestSpec,
+        dir: &Path,
+        resume: &mut dyn FnMut(UnixStream) -> Result<(), String>,
+    ) -> Result<Started, Error> {
+        let meta = park::read_meta(dir)?;
+        let host = self.host_parts()?;
+        let run_dir = RunDir::create(&self.cache, &spec.id)?;
+        let upper_disk = run_dir.path().join("upper.img");
+        let mut vm_spec = self.vm_spec(spec, host, upper_disk.clone());
+        park::check(&meta, &vm_spec)?;
+        files::clone_file(&park::disk(dir), &upper_disk).map_err(Error::io("copy", &upper_disk))?;
+        vm_spec.named_ram = meta.named_ram;
+        vm_spec.incoming = true;
+        let (vm, socket) = Vm::start(&vm_spec, &run_dir)?;
+        tracing::debug_span!("engine: load parked state, resume vCPUs")
+            .in_scope(|| vm.restore(&park::state(dir)))?;
+        vm_spec.incoming = false;
+        resume(socket).map_err(Error::Parked)?;
+        tracing::debug!(id = %spec.id, "QEMU restored from a park");
+        Ok(Started {
+            machine: Box::new(QemuMachine::new(vm, run_dir, vm_spec, StartKind::Restored)),
+            agent: AgentLink::Resumed,
+            kind: StartKind::Restored,
+        })
+    }
+}
+
+/// What every guest on this host runs on.
+#[derive(Debug)]
+struct HostParts {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    accel: crate::Accel,
+}
+
+impl Qemu {
+    fn host_parts(&self) -> Result<HostParts, Error> {
+        let kernel = paths::kernel()?;
+        let agent = paths::agent()?;
+        let accel = detect_accel()?.accel;
+        let initrd = initramfs::for_agent(&agent, &self.cache)?;
+        Ok(HostParts {
             kernel,
             initrd,
+            accel,
+        })
+    }
+
+    /// The VM that runs `spec` with its writable disk at `upper_disk`.
+    fn vm_spec(&self, spec: &GuestSpec, host: HostParts, upper_disk: PathBuf) -> VmSpec {
+        VmSpec {
+            kernel: host.kernel,
+            initrd: host.initrd,
             memory_mb: spec.memory_mb,
             cpus: spec.cpus,
-            accel: accel.accel,
+            accel: host.accel,
             disks: spec
                 .lowers
                 .iter()
@@ -236,21 +321,14 @@ impl Engine for Qemu {
                 })
                 .collect(),
             network: spec.network.clone(),
-            kernel_params: crate::clock::guest_params(accel.accel, &self.cache),
+            kernel_params: crate::clock::guest_params(host.accel, &self.cache),
             memory_file: None,
+            named_ram: false,
             incoming: false,
             agent_port: spec.agent_port.clone(),
             confine: spec.confine,
             console_log_max: spec.console_log_max,
-        };
-        let (vm, agent, kind) =
-            template::start(&vm_spec, &run_dir, &self.cache, spec.warm_start, hooks)?;
-        tracing::debug!(id = %spec.id, accel = %accel.accel, ?kind, "QEMU started");
-        Ok(Started {
-            machine: Box::new(QemuMachine { vm, run_dir }),
-            agent,
-            kind,
-        })
+        }
     }
 }
 
@@ -260,6 +338,24 @@ impl Engine for Qemu {
 struct QemuMachine {
     vm: Vm,
     run_dir: RunDir,
+    /// What it runs, for parking.
+    spec: VmSpec,
+    /// Its RAM is named as a file-backed VM's (see [`VmSpec::named_ram`]).
+    named_ram: bool,
+    /// Being parked: the stop and the end that follow are not deaths.
+    parking: Arc<AtomicBool>,
+}
+
+impl QemuMachine {
+    fn new(vm: Vm, run_dir: RunDir, spec: VmSpec, kind: StartKind) -> QemuMachine {
+        QemuMachine {
+            vm,
+            run_dir,
+            named_ram: spec.named_ram || matches!(kind, StartKind::Warm | StartKind::Built),
+            spec,
+            parking: Arc::default(),
+        }
+    }
 }
 
 impl Machine for QemuMachine {
@@ -284,7 +380,11 @@ impl Machine for QemuMachine {
     }
 
     fn on_death(&self, handler: DeathHandler) {
+        let parking = self.parking.clone();
         self.vm.on_event(move |event| {
+            if parking.load(Ordering::Acquire) {
+                return;
+            }
             if let Some(why) = death_of(event) {
                 handler(why);
             }
@@ -306,7 +406,41 @@ impl Machine for QemuMachine {
     fn diagnostics(&self) -> String {
         self.vm.diagnostics()
     }
+
+    fn park(&self, dir: &Path) -> Result<(), Error> {
+        // Hashed while the guest still runs.
+        let meta = park::meta_of(&self.spec, self.named_ram)?;
+        self.parking.store(true, Ordering::Release);
+        let saved = tracing::debug_span!("engine: save the running guest")
+            .in_scope(|| self.vm.save(&park::state(dir)))
+            .and_then(|()| {
+                // QEMU flushed it when it stopped the guest: the copy
+                // matches the memory just saved.
+                let _span = tracing::debug_span!("engine: copy the writable disk").entered();
+                let (_, upper) =
+                    template::writable(&self.spec)
+                        .next()
+                        .ok_or(Error::Unsupported(
+                            "parking a guest without a writable disk",
+                        ))?;
+                let copy = park::disk(dir);
+                files::clone_file(upper, &copy).map_err(Error::io("copy", &copy))
+            })
+            .and_then(|()| park::write_meta(dir, &meta));
+        if let Err(e) = saved {
+            if let Err(c) = self.vm.cont() {
+                tracing::warn!("could not resume the guest after a failed park: {c}");
+            }
+            self.parking.store(false, Ordering::Release);
+            return Err(e);
+        }
+        self.vm.terminate(PARK_QUIT_GRACE);
+        Ok(())
+    }
 }
+
+/// How long a parked QEMU gets to quit before it is killed.
+const PARK_QUIT_GRACE: Duration = Duration::from_secs(2);
 
 /// Why a QMP event means the guest is gone, if it does.
 fn death_of(event: &crate::Event) -> Option<String> {

@@ -35,6 +35,7 @@ mod error;
 pub mod files;
 pub mod initramfs;
 mod net;
+mod park;
 pub mod paths;
 mod qmp;
 mod rundir;

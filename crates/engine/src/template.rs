@@ -64,6 +64,8 @@ pub enum StartKind {
     Built,
     /// Restored from an existing template.
     Warm,
+    /// Restored from a parked instance.
+    Restored,
 }
 
 /// What a template was made from, kept next to it.
@@ -94,7 +96,7 @@ pub struct TemplateInfo {
 }
 
 /// A file's identity: changes whenever the file is replaced or rewritten.
-fn identity(path: &Path) -> String {
+pub(crate) fn identity(path: &Path) -> String {
     match fs::metadata(path) {
         Ok(m) => format!(
             "{}:{}:{}:{}.{}",
@@ -198,7 +200,7 @@ fn disk(dir: &Path, i: usize) -> PathBuf {
 }
 
 /// Indexes of `spec`'s writable disks.
-fn writable(spec: &VmSpec) -> impl Iterator<Item = (usize, &Path)> {
+pub(crate) fn writable(spec: &VmSpec) -> impl Iterator<Item = (usize, &Path)> {
     spec.disks
         .iter()
         .enumerate()
@@ -544,6 +546,7 @@ mod tests {
             network: Some(Default::default()),
             kernel_params: Vec::new(),
             memory_file: None,
+            named_ram: false,
             incoming: false,
             agent_port: "cc.agent".into(),
             confine: crate::ConfineMode::default(),

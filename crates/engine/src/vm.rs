@@ -39,6 +39,10 @@ pub struct VmSpec {
     pub kernel_params: Vec<String>,
     /// Guest RAM in a file instead of anonymous memory (templates).
     pub memory_file: Option<MemoryFile>,
+    /// Without a `memory_file`: anonymous RAM under the name a file-backed
+    /// VM gives its RAM, so that it can load a state saved by one (QEMU
+    /// matches RAM by name).
+    pub named_ram: bool,
     /// Start paused, waiting for [`Vm::restore`] to load a saved state.
     pub incoming: bool,
     /// The name of the virtio-serial port the guest agent opens.
@@ -442,6 +446,21 @@ impl Vm {
     /// either way): a restored guest finds its channel connected again and
     /// goes on reading it.
     pub fn save_template(&self, state: &Path) -> Result<(), Error> {
+        self.save(state)?;
+        // QEMU may close QMP before answering `quit`.
+        let _ = self.qmp.execute("quit", None, QMP_TIMEOUT);
+        if self.wait_timeout(QMP_TIMEOUT).is_none() {
+            self.kill();
+        }
+        Ok(())
+    }
+
+    /// Stops the guest and writes its state to `state`: the device state,
+    /// and every page of RAM that is not in a shared [`MemoryFile`]. QEMU
+    /// flushes its disks and stays, stopped; [`cont`](Self::cont) lets the
+    /// guest run on. The agent channel must be quiet, as for
+    /// [`save_template`](Self::save_template).
+    pub fn save(&self, state: &Path) -> Result<(), Error> {
         let qmp = &self.qmp;
         migration_capabilities(qmp)?;
         qmp.execute(
@@ -457,13 +476,12 @@ impl Vm {
         let mark = qmp.event_mark();
         let uri = json!({ "uri": format!("fd:{MIGRATION_FD}") });
         qmp.execute("migrate", Some(uri), QMP_TIMEOUT)?;
-        wait_migrated(qmp, mark)?;
-        // QEMU may close QMP before answering `quit`.
-        let _ = qmp.execute("quit", None, QMP_TIMEOUT);
-        if self.wait_timeout(QMP_TIMEOUT).is_none() {
-            self.kill();
-        }
-        Ok(())
+        wait_migrated(qmp, mark)
+    }
+
+    /// Lets a stopped (or saved) guest run again.
+    pub fn cont(&self) -> Result<(), Error> {
+        self.qmp.execute("cont", None, QMP_TIMEOUT).map(drop)
     }
 
     /// Loads a template's device state from `state` into this VM, started

@@ -330,6 +330,25 @@ fn null_and_bad_arguments_are_invalid_arguments() {
         let (code, _) = failing(|err| cc_instance_stat(0, c"/".as_ptr(), &mut fake_info(), err));
         assert_eq!(code, CC_ERR_INVALID_HANDLE);
 
+        // Parks: a path is needed, and what is not a park is refused.
+        let (code, e) = failing(|err| cc_instance_park(1, ptr::null(), ptr::null_mut(), err));
+        assert_eq!(
+            (code, e.message.as_str()),
+            (CC_ERR_INVALID_ARGUMENT, "`path` is NULL")
+        );
+        let (code, _) = failing(|err| cc_instance_park(0, c"/p".as_ptr(), ptr::null_mut(), err));
+        assert_eq!(code, CC_ERR_INVALID_HANDLE);
+        let (code, e) =
+            failing(|err| cc_instance_restore(c"/nonexistent".as_ptr(), 0.0, &mut 0, err));
+        assert_eq!(code, CC_ERR_INVALID_ARGUMENT);
+        assert!(
+            e.message.contains("is not a parked instance"),
+            "{}",
+            e.message
+        );
+        let (code, _) = failing(|err| cc_instance_restore(c"/".as_ptr(), -1.0, &mut 0, err));
+        assert_eq!(code, CC_ERR_INVALID_ARGUMENT);
+
         // Options: zero means default, nonsense is refused before booting.
         let mut source = 0;
         assert_eq!(

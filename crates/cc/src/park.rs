@@ -1,0 +1,502 @@
+//! Parking: [`Instance::park`] saves a running instance to a directory and
+//! ends its VM; [`Instance::restore`] starts it again from there, with its
+//! processes where they were, as many times as wanted.
+//!
+//! The directory holds what the engine saved (the guest's memory, device
+//! state and writable disk, tied to the kernel, agent and QEMU that made
+//! them) and `meta.json`, the core's part: how the instance was configured
+//! and what it booted from. It is written under a temporary name beside
+//! the target and renamed into place when complete, so a crash never
+//! leaves a half park under the name asked for.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cc_engine::{ConfineMode, Engine, Machine, Qemu};
+use cc_netpolicy::{NetworkPolicy, Rule};
+use cc_protocol::Request;
+use serde::{Deserialize, Serialize};
+
+use crate::channel::Channel;
+use crate::error::{Error, Result};
+use crate::instance::{
+    guest_spec, random_id, set_up_guest, supervise, Inner, Instance, Options, RootLayers,
+    REQUEST_TIMEOUT,
+};
+use crate::snapshot::Origin;
+
+/// Bumped when the core's part of a park changes.
+const FORMAT: u32 = 1;
+
+/// What [`Instance::park`] wrote.
+#[derive(Debug, Clone)]
+pub struct Parked {
+    /// The park directory.
+    pub path: PathBuf,
+    /// Disk space it takes (allocated, not apparent).
+    pub bytes: u64,
+    /// How long the guest was stopped before its VM ended: saving memory
+    /// and devices and copying the writable disk.
+    pub save: Duration,
+}
+
+/// How to run an instance restored from a park; everything else (memory,
+/// CPUs, disk, network and its policy, user) is as it was parked.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// How long the restored guest may take to answer (default 60 s).
+    pub boot_timeout: Duration,
+    /// Ends the restored instance this long after the restore; `None`
+    /// (the default) never ends it.
+    pub timeout: Option<Duration>,
+    /// The engine that restores it (the one that parked it).
+    pub engine: Arc<dyn Engine>,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions {
+            boot_timeout: Duration::from_secs(60),
+            timeout: None,
+            engine: Arc::new(Qemu::new()),
+        }
+    }
+}
+
+/// The core's part of a park.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Meta {
+    format: u32,
+    memory_mb: u32,
+    cpus: u32,
+    disk_mb: u32,
+    user: Option<String>,
+    network: bool,
+    allow_host: bool,
+    allow: Vec<String>,
+    deny: Vec<String>,
+    confinement: String,
+    console_log_max: u64,
+    max_result_bytes: u64,
+    lowers: Vec<PathBuf>,
+    image_config: Option<ImageConfig>,
+    /// Ids the parked agent may still know: the restored instance goes on
+    /// from them.
+    next_process: u64,
+    next_handle: u64,
+}
+
+/// [`cc_image::ImageConfig`], as the park keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ImageConfig {
+    architecture: String,
+    os: String,
+    env: Vec<String>,
+    working_dir: Option<String>,
+    entrypoint: Vec<String>,
+    cmd: Vec<String>,
+    user: Option<String>,
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+impl From<&cc_image::ImageConfig> for ImageConfig {
+    fn from(c: &cc_image::ImageConfig) -> Self {
+        ImageConfig {
+            architecture: c.architecture.clone(),
+            os: c.os.clone(),
+            env: c.env.clone(),
+            working_dir: c.working_dir.clone(),
+            entrypoint: c.entrypoint.clone(),
+            cmd: c.cmd.clone(),
+            user: c.user.clone(),
+            labels: c.labels.clone(),
+        }
+    }
+}
+
+impl From<ImageConfig> for cc_image::ImageConfig {
+    fn from(c: ImageConfig) -> Self {
+        cc_image::ImageConfig {
+            architecture: c.architecture,
+            os: c.os,
+            env: c.env,
+            working_dir: c.working_dir,
+            entrypoint: c.entrypoint,
+            cmd: c.cmd,
+            user: c.user,
+            labels: c.labels,
+        }
+    }
+}
+
+fn confinement_name(mode: ConfineMode) -> &'static str {
+    match mode {
+        ConfineMode::BestEffort => "default",
+        ConfineMode::Strict => "strict",
+        ConfineMode::Off => "off",
+    }
+}
+
+impl Meta {
+    fn of(inner: &Inner) -> Meta {
+        let o = &inner.options;
+        let rules = |r: &[Rule]| r.iter().map(Rule::to_string).collect();
+        Meta {
+            format: FORMAT,
+            memory_mb: o.memory_mb,
+            cpus: o.cpus,
+            disk_mb: o.disk_mb,
+            user: o.user.clone(),
+            network: o.network,
+            allow_host: o.network_policy.allow_host,
+            allow: rules(&o.network_policy.allow),
+            deny: rules(&o.network_policy.deny),
+            confinement: confinement_name(o.confinement).into(),
+            console_log_max: o.console_log_max,
+            max_result_bytes: o.max_result_bytes,
+            lowers: inner.lowers.clone(),
+            image_config: inner.image_config.as_ref().map(ImageConfig::from),
+            next_process: inner.channel.next_process_id(),
+            next_handle: inner.next_handle.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The options the parked instance ran with, under `restore`'s.
+    fn options(&self, restore: &RestoreOptions) -> Result<Options> {
+        let bad = |what: String| Error::InvalidArgument(format!("parked instance: {what}"));
+        let rules = |r: &[String]| -> Result<Vec<Rule>> {
+            r.iter()
+                .map(|s| s.parse().map_err(|e| bad(format!("{e}"))))
+                .collect()
+        };
+        Ok(Options {
+            memory_mb: self.memory_mb,
+            cpus: self.cpus,
+            user: self.user.clone(),
+            boot_timeout: restore.boot_timeout,
+            timeout: restore.timeout,
+            mounts: Vec::new(),
+            network: self.network,
+            network_policy: NetworkPolicy {
+                allow_host: self.allow_host,
+                allow: rules(&self.allow)?,
+                deny: rules(&self.deny)?,
+            },
+            warm_start: false,
+            confinement: self.confinement.parse().map_err(bad)?,
+            console_log_max: self.console_log_max,
+            disk_mb: self.disk_mb,
+            max_result_bytes: self.max_result_bytes,
+            engine: restore.engine.clone(),
+        })
+    }
+}
+
+fn meta_path(dir: &Path) -> PathBuf {
+    dir.join("meta.json")
+}
+
+fn read_meta(dir: &Path) -> Result<Meta> {
+    let path = meta_path(dir);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a parked instance",
+                dir.display()
+            )))
+        }
+        Err(e) => return Err(Error::io("read", &path)(e)),
+    };
+    let meta: Meta = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::InvalidArgument(format!("parked instance {}: {e}", path.display())))?;
+    if meta.format != FORMAT {
+        return Err(Error::InvalidArgument(format!(
+            "{} was parked in format {}, this build reads {FORMAT}",
+            dir.display(),
+            meta.format
+        )));
+    }
+    Ok(meta)
+}
+
+/// A park being written beside its target; removed unless published.
+struct Writing {
+    tmp: PathBuf,
+}
+
+impl Writing {
+    fn start(target: &Path) -> Result<Writing> {
+        let name = target
+            .file_name()
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("park path {} has no name", target.display()))
+            })?
+            .to_string_lossy();
+        if fs::symlink_metadata(target).is_ok() {
+            return Err(Error::InvalidArgument(format!(
+                "park path {} already exists",
+                target.display()
+            )));
+        }
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let tmp = target.with_file_name(format!(
+            ".{name}.parking-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(Error::io("create", &tmp))?;
+        Ok(Writing { tmp })
+    }
+
+    fn publish(self, target: &Path) -> Result<()> {
+        fs::rename(&self.tmp, target).map_err(Error::io("publish", target))
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.tmp);
+    }
+}
+
+/// Disk space taken by the files in `dir`.
+fn allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+impl Instance {
+    /// Saves the running instance to the new directory `path` and closes
+    /// it: its VM ends and its memory is released. [`Instance::restore`]
+    /// starts it again from there, processes intact.
+    ///
+    /// The instance must be quiet: no command still running under this
+    /// handle, no listener or connection open (`InvalidArgument`
+    /// otherwise; guest processes started in the background are fine).
+    /// Instances with mounts cannot be parked yet (`InvalidArgument`). On
+    /// an error the instance runs on, unless the VM failed while it was
+    /// being saved.
+    pub fn park(&self, path: impl AsRef<Path>) -> Result<Parked> {
+        let path = path.as_ref();
+        let inner = self.inner();
+        inner.check_running()?;
+        if !inner.options.mounts.is_empty() {
+            return Err(Error::InvalidArgument(
+                "an instance with mounts cannot be parked (not supported yet)".into(),
+            ));
+        }
+        let vm = inner.machine().ok_or(Error::AlreadyClosed)?;
+        let writing = Writing::start(path)?;
+        let meta = Meta::of(inner);
+        inner.parking.store(true, Ordering::Release);
+        let t = Instant::now();
+        let saved = save(inner, vm.as_ref(), &writing.tmp);
+        let save_time = t.elapsed();
+        inner.parking.store(false, Ordering::Release);
+        if let Err(e) = saved {
+            if vm.exit_status().is_some() {
+                self.close()?;
+            }
+            return Err(e);
+        }
+        // The VM has ended: closing only removes what is left of it.
+        self.close()?;
+        let json = serde_json::to_vec_pretty(&meta)
+            .map_err(|e| Error::io("encode", meta_path(&writing.tmp))(io::Error::other(e)))?;
+        let m = meta_path(&writing.tmp);
+        fs::write(&m, json).map_err(Error::io("write", &m))?;
+        let bytes = allocated(&writing.tmp);
+        writing.publish(path)?;
+        Ok(Parked {
+            path: path.to_path_buf(),
+            bytes,
+            save: save_time,
+        })
+    }
+
+    /// Starts a new, independent instance from the park at `path`, with
+    /// its guest processes, memory and files as they were parked, and a
+    /// new id and hostname; the clock is set from the host and the RNG
+    /// reseeded. The park is only read: it can be restored any number of
+    /// times. A park made by another kernel, agent or QEMU than this
+    /// host's, or one that is not a park, is `InvalidArgument` and nothing
+    /// starts.
+    pub fn restore(path: impl AsRef<Path>, options: RestoreOptions) -> Result<Instance> {
+        let path = path.as_ref();
+        let t0 = Instant::now();
+        let meta = read_meta(path)?;
+        let options = meta.options(&options)?;
+        let root = RootLayers {
+            lowers: meta.lowers.clone(),
+            image_config: meta.image_config.clone().map(Into::into),
+            origin: Origin::Restored,
+        };
+        for lower in &root.lowers {
+            if !lower.is_file() {
+                return Err(Error::InvalidArgument(format!(
+                    "parked instance: its root layer {} is gone",
+                    lower.display()
+                )));
+            }
+        }
+        let id = random_id();
+        let spec = guest_spec(&id, &root, &options);
+        let engine = options.engine.clone();
+        let layout = engine.layout(&spec);
+        let prepare = t0.elapsed();
+        let t1 = Instant::now();
+        let timeout = options.boot_timeout;
+        let resumed: Mutex<Option<Channel>> = Mutex::new(None);
+        let mut resume = |socket| {
+            let channel = Channel::resume(socket, timeout).map_err(|e| e.to_string())?;
+            *resumed.lock().unwrap_or_else(|e| e.into_inner()) = Some(channel);
+            Ok(())
+        };
+        let started = engine
+            .restore(&spec, path, &mut resume)
+            .map_err(|e| match e {
+                cc_engine::Error::Parked(why) => {
+                    Error::InvalidArgument(format!("parked instance: {why}"))
+                }
+                e => e.into(),
+            })?;
+        let channel = resumed
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .ok_or_else(|| {
+                Error::Protocol("the engine restored a guest without resuming its channel".into())
+            })?;
+        channel.continue_process_ids(meta.next_process);
+        let machine: Arc<dyn Machine> = Arc::from(started.machine);
+        let spawn = t1.elapsed();
+        let t2 = Instant::now();
+        let kernel_release = set_up_guest(&channel, machine.as_ref(), &id, &layout, &options)?;
+        let timings = crate::BootTimings {
+            prepare,
+            spawn,
+            kernel: Duration::ZERO,
+            setup: t2.elapsed(),
+        };
+        let inner = Inner::new(id, channel, root, &options);
+        inner
+            .next_handle
+            .fetch_max(meta.next_handle, Ordering::Relaxed);
+        supervise(&inner, machine, &options, t0)?;
+        Ok(Instance::assemble(
+            inner,
+            kernel_release,
+            timings,
+            started.kind,
+        ))
+    }
+}
+
+/// Quiets the channel and has the engine save the guest into `dir`.
+fn save(inner: &Inner, vm: &dyn Machine, dir: &Path) -> Result<()> {
+    // Once answered, everything the agent sent before is in: with nothing
+    // in flight it sends nothing more.
+    match inner.channel.request(Request::Ping, REQUEST_TIMEOUT)? {
+        Ok(_) => {}
+        Err(e) => {
+            return Err(Error::Guest {
+                op: "ping".into(),
+                message: e.message,
+            })
+        }
+    }
+    let _quiet = inner.channel.hold_quiet()?;
+    vm.park(dir)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_survive_the_meta_round_trip() {
+        let meta = Meta {
+            format: FORMAT,
+            memory_mb: 256,
+            cpus: 2,
+            disk_mb: 1024,
+            user: Some("nobody".into()),
+            network: true,
+            allow_host: true,
+            allow: vec!["10.0.0.0/8:80".into()],
+            deny: vec!["1.2.3.4".into()],
+            confinement: "strict".into(),
+            console_log_max: 8192,
+            max_result_bytes: 1 << 20,
+            lowers: vec!["/l0".into()],
+            image_config: None,
+            next_process: 7,
+            next_handle: 3,
+        };
+        let json = serde_json::to_vec(&meta).unwrap();
+        let back: Meta = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back, meta);
+        let o = back.options(&RestoreOptions::default()).unwrap();
+        assert_eq!((o.memory_mb, o.cpus, o.disk_mb), (256, 2, 1024));
+        assert_eq!(o.confinement, ConfineMode::Strict);
+        assert_eq!(o.network_policy.allow[0].to_string(), "10.0.0.0/8:80");
+        assert!(o.network_policy.allow_host && !o.warm_start && o.mounts.is_empty());
+        let mut bad = meta.clone();
+        bad.deny = vec!["not a rule".into()];
+        assert!(matches!(
+            bad.options(&RestoreOptions::default()),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn what_is_not_a_park_is_invalid_argument() {
+        let d = std::env::temp_dir().join(format!("cc-park-core-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        let err = read_meta(&d.join("nothing")).unwrap_err();
+        assert!(
+            err.to_string().contains("is not a parked instance"),
+            "{err}"
+        );
+        fs::write(meta_path(&d), b"[1, 2").unwrap();
+        assert!(matches!(read_meta(&d), Err(Error::InvalidArgument(_))));
+        // A park already there is never overwritten.
+        let err = Writing::start(&d).err().unwrap();
+        assert!(err.to_string().contains("already exists"), "{err}");
+        let target = d.join("p");
+        let w = Writing::start(&target).unwrap();
+        fs::write(w.tmp.join("x"), b"x").unwrap();
+        w.publish(&target).unwrap();
+        assert!(target.join("x").is_file());
+        // An abandoned one leaves nothing.
+        drop(Writing::start(&d.join("q")).unwrap());
+        let mut names: Vec<_> = fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["meta.json", "p"]);
+        fs::remove_dir_all(&d).unwrap();
+    }
+}
