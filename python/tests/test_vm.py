@@ -127,6 +127,35 @@ def test_warm_start_and_cold_start(source: cc.ImageSource) -> None:
         assert cold.command("echo", "ok").output() == b"ok\n"
 
 
+def test_park_and_restore_twice(source: cc.ImageSource, tmp_path: Path) -> None:
+    counter = (
+        "(i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.1; done)"
+        " </dev/null >/dev/null 2>&1 &"
+    )
+    park = tmp_path / "parked"
+    inst = cc.Instance(source, cc.InstanceOptions(memory_mb=256))
+    inst.command("sh", "-c", counter).run()
+    inst.write_file("/etc/marker", b"kept")
+    time.sleep(0.5)
+    before = int(inst.read_file("/tmp/c"))
+    assert inst.park(park) > 0
+    assert not inst.is_running
+    with pytest.raises(cc.AlreadyClosedError):
+        inst.command("true").run()
+    with cc.Instance.restore(park) as a, cc.Instance.restore(park, timeout_seconds=600) as b:
+        assert a.start_kind == cc.StartKind.RESTORED
+        assert a.id != b.id and a.id != inst.id
+        for r in (a, b):
+            assert int(r.read_file("/tmp/c")) >= before
+            assert r.read_file("/etc/marker") == b"kept"
+        a.write_file("/etc/marker", b"a")
+        assert b.read_file("/etc/marker") == b"kept"
+    with pytest.raises(cc.InvalidArgumentError, match="not a parked instance"):
+        cc.Instance.restore(tmp_path)
+    with pytest.raises(cc.InvalidArgumentError):
+        cc.Instance.restore(park, timeout_seconds=0)
+
+
 def test_network_switch(source: cc.ImageSource) -> None:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

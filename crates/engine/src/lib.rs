@@ -17,7 +17,10 @@
 //!
 //! It also owns warm start ([`template`]): saving a booted guest once per
 //! configuration and restoring later VMs from it, with a caller-supplied
-//! step (the core's `Prepare`) as the only guest conversation it needs.
+//! step (the core's `Prepare`) as the only guest conversation it needs,
+//! and parking ([`Machine::park`], [`Engine::restore`]): a running guest
+//! saved whole to a directory and started again from it, tied to the
+//! QEMU, kernel and initramfs that made it.
 //!
 //! Ownership: every QEMU process is spawned by its own supervisor thread,
 //! which waits for it and is joined when the [`Vm`] is dropped; QEMU gets

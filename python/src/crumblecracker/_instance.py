@@ -253,6 +253,62 @@ class Instance(Handle):
         finally:
             self._release()
 
+    def park(self, path: _lib.PathArg) -> int:
+        """Saves the running instance to the new directory PATH and closes
+        it: its VM ends and its memory is released. ``Instance.restore(PATH)``
+        starts it again, processes intact. Returns the disk space the park
+        takes, in bytes.
+
+        The instance must be quiet: no command still running under a
+        ``Cmd`` that is not closed, no listener or connection open
+        (``InvalidArgumentError``; the instance runs on). Instances with
+        mounts cannot be parked yet (``InvalidArgumentError``)."""
+        raw = _lib.encode_path(path, "path")
+        out = c_uint64()
+        _lib.call(_lib.native().cc_instance_park, self._h("park"), raw, byref(out))
+        self._closed = True
+        self._release()
+        return int(out.value)
+
+    @classmethod
+    def restore(cls, path: _lib.PathArg, timeout_seconds: Optional[float] = None) -> Instance:
+        """A new, independent instance started from the park at PATH (made
+        by ``park``): its processes, memory and files as they were parked,
+        with a new id and hostname, the clock set from the host and the RNG
+        reseeded. A park can be restored any number of times. Memory, CPUs,
+        disk, network and user are the parked instance's;
+        TIMEOUT_SECONDS ends the restored instance that long after the
+        restore. A park made by another kernel, agent or QEMU, or a PATH
+        that is not a park, raises ``InvalidArgumentError`` and nothing
+        starts."""
+        raw = _lib.encode_path(path, "path")
+        if timeout_seconds is None:
+            seconds = 0.0
+        elif isinstance(timeout_seconds, bool) or not isinstance(timeout_seconds, (int, float)):
+            raise TypeError(
+                f"timeout_seconds must be a number or None, not {type(timeout_seconds).__name__}"
+            )
+        elif not timeout_seconds > 0:
+            raise InvalidArgumentError(
+                f"timeout_seconds must be a positive number of seconds, not {timeout_seconds}"
+            )
+        else:
+            seconds = float(timeout_seconds)
+        lib = _lib.native()
+        out = c_uint64()
+        _lib.call(lib.cc_instance_restore, raw, seconds, byref(out))
+        inst = cls.__new__(cls)
+        Handle.__init__(inst, int(out.value))
+        inst._options = InstanceOptions()
+        try:
+            id_out = c_void_p()
+            _lib.call(lib.cc_instance_id, inst._handle, byref(id_out))
+            inst._id = _lib.take_string(id_out)
+        except BaseException:
+            inst._release()
+            raise
+        return inst
+
     # -- filesystem ------------------------------------------------------------
 
     def read_file(self, path: GuestPath, cancel: Optional[CancelToken] = None) -> bytes:

@@ -76,6 +76,7 @@ CC_SEEK_END = 2
 CC_START_COLD = 0
 CC_START_BUILT = 1
 CC_START_WARM = 2
+CC_START_RESTORED = 3
 CC_DEFAULT_MAX_RESULT_BYTES = 1 << 30
 
 # A path argument: str, bytes or os.PathLike.
@@ -299,6 +300,8 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_instance_is_running": (_CODE, [_H, POINTER(c_bool), _ERR]),
     "cc_instance_wait": (_CODE, [_H, _H, _ERR]),
     "cc_instance_close": (_CODE, [_H, _ERR]),
+    "cc_instance_park": (_CODE, [_H, c_char_p, POINTER(c_uint64), _ERR]),
+    "cc_instance_restore": (_CODE, [c_char_p, c_double, _HP, _ERR]),
     "cc_instance_set_network_enabled": (_CODE, [_H, c_bool, _ERR]),
     "cc_instance_free": (_CODE, [_H]),
     # filesystem

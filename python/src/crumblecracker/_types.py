@@ -73,6 +73,8 @@ class StartKind(enum.IntEnum):
     restored from it: the first start of a configuration."""
     WARM = _lib.CC_START_WARM
     """Restored from an existing template."""
+    RESTORED = _lib.CC_START_RESTORED
+    """Restored from a parked instance (``Instance.restore``)."""
 
 
 def _check_int(name: str, value: object, minimum: int, maximum: int) -> int:

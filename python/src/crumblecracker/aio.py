@@ -570,6 +570,13 @@ class Instance(_Async):
                 inst._booting = False
         return self
 
+    @classmethod
+    async def restore(cls, path: PathArg, timeout_seconds: Optional[float] = None) -> Instance:
+        """Coroutine: runs ``Instance.restore`` in a worker thread and
+        returns the restored instance, started (see ``Instance.restore``)."""
+        restore = functools.partial(_instance.Instance.restore, path, timeout_seconds)
+        return cls._of(await run_in_thread(restore, _instance.Instance.close))
+
     if TYPE_CHECKING:
         # -- generated from the synchronous class by `python -m crumblecracker.aio` --
         async def chmod(self, path: GuestPath, mode: int) -> None: ...
@@ -614,6 +621,8 @@ class Instance(_Async):
         async def open(self, path: GuestPath) -> File: ...
 
         async def open_file(self, path: GuestPath, flags: int = 0, mode: int = 420) -> File: ...
+
+        async def park(self, path: PathArg) -> int: ...
 
         async def read_dir(self, path: GuestPath) -> list[DirEntry]: ...
 

@@ -8,6 +8,7 @@ mod callers;
 mod exec;
 mod files;
 mod net;
+mod park;
 mod phases;
 
 use std::path::PathBuf;
@@ -91,6 +92,19 @@ pub(crate) enum What {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Parking a running instance (time, time the guest is stopped, bytes
+    /// on disk) and restoring it twice from the same park, against a warm
+    /// start measured in the same run.
+    Park {
+        #[arg(long, value_name = "DIR")]
+        rootfs: PathBuf,
+        /// Park and restore cycles (at least 3).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        memory: u32,
+    },
 }
 
 pub(crate) fn bench(what: What) -> CliResult<ExitCode> {
@@ -125,6 +139,11 @@ pub(crate) fn bench(what: What) -> CliResult<ExitCode> {
             phases,
         } => files::files(&rootfs, runs.max(3), &busybox, phases),
         What::Net { rootfs, runs } => net::net(&rootfs, runs.max(3)),
+        What::Park {
+            rootfs,
+            runs,
+            memory,
+        } => park::park(&rootfs, runs.max(3), memory),
     }
 }
 

@@ -1,0 +1,85 @@
+//! `crumble bench park`: parking a running instance and restoring it,
+//! against a warm start measured in the same run.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use super::boot::{first_echo, start_and_echo};
+use super::{ms, Samples, Table};
+use crate::CliResult;
+
+/// A guest process that keeps counting, so the park holds a live program.
+const COUNTER: &str = "(i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.1; done) \
+                       </dev/null >/dev/null 2>&1 &";
+
+pub(super) fn park(rootfs: &Path, runs: usize, memory: u32) -> CliResult<ExitCode> {
+    let source = cc::Source::Dir(rootfs.to_path_buf());
+    let warm = cc::Options {
+        memory_mb: memory,
+        ..Default::default()
+    };
+    println!("{runs} runs, {memory} MiB, 1 vCPU; the source runs a counting loop");
+    // Unmeasured: builds the root image and the template.
+    cc::Instance::new(&source, warm.clone())?.close()?;
+    let scratch = std::env::temp_dir().join(format!("cc-bench-park-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let names = [
+        "warm start → first output",
+        "park (call)",
+        "park: guest stopped",
+        "restore → first output",
+        "second restore → first output",
+    ];
+    let mut ours: Vec<Samples> = names.iter().map(|_| Samples::default()).collect();
+    let mut bytes = Vec::new();
+    for run in 0..runs {
+        let (inst, warm_started, _) = start_and_echo(&source, &warm)?;
+        let status = inst.command("sh").args(["-c", COUNTER]).status()?;
+        if !status.success() {
+            return Err(format!("the counter did not start: {status}").into());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let pid = inst.vm_pid().ok_or("instance not running")?;
+        let dir = scratch.join(format!("p{run}"));
+        let t = Instant::now();
+        let parked = inst.park(&dir)?;
+        let park_call = t.elapsed();
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            return Err("QEMU still runs after the park".into());
+        }
+        bytes.push(parked.bytes as f64 / 1e6);
+        let mut restores = Vec::new();
+        for _ in 0..2 {
+            let t = Instant::now();
+            let r = cc::Instance::restore(&dir, cc::RestoreOptions::default())?;
+            restores.push(first_echo(&r)? - t);
+            r.close()?;
+        }
+        std::fs::remove_dir_all(&dir)?;
+        for (s, d) in ours.iter_mut().zip([
+            warm_started,
+            park_call,
+            parked.save,
+            restores[0],
+            restores[1],
+        ]) {
+            s.0.push(d);
+        }
+    }
+    std::fs::remove_dir_all(&scratch)?;
+    bytes.sort_by(f64::total_cmp);
+    let table = Table::new(30, 10, 1);
+    println!();
+    table.header("phase (median)", "ms");
+    for (name, s) in names.iter().zip(&ours) {
+        table.row(name, &[ms(s.median())]);
+    }
+    table.header("park size (median)", "MB");
+    table.row("bytes on disk", &[bytes[bytes.len() / 2]]);
+    println!(
+        "\nrestore / warm start = {:.2}x (target ≤ 2x)",
+        ours[3].ratio(&ours[0])
+    );
+    Ok(ExitCode::SUCCESS)
+}
