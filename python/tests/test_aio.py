@@ -77,7 +77,11 @@ def test_aio_mirrors_the_sync_api() -> None:
                 continue
             assert hasattr(wrapper, name), f"aio.{wrapper.__name__}.{name}"
             generated = inspect.getattr_static(wrapper, name)
-            if isinstance(member, property):
+            if isinstance(inspect.getattr_static(sync, name), classmethod):
+                # A constructor: a class-level coroutine giving the wrapper.
+                assert isinstance(generated, classmethod), name
+                assert inspect.iscoroutinefunction(generated.__func__), name
+            elif isinstance(member, property):
                 assert isinstance(generated, property), name
             elif name in INLINE:
                 assert not inspect.iscoroutinefunction(generated), name
@@ -370,6 +374,21 @@ def test_aio_cancellation(inst: cc.Instance) -> None:
 
 
 @vm
+@vm
+def test_aio_park_and_restore(source: cc.ImageSource, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with aio.Instance(source, cc.InstanceOptions(memory_mb=256)) as ainst:
+            await ainst.write_file("/tmp/kept", b"yes")
+            assert await ainst.park(tmp_path / "p") > 0
+        restored = await aio.Instance.restore(tmp_path / "p")
+        async with restored:
+            assert isinstance(restored, aio.Instance)
+            assert restored.start_kind == cc.StartKind.RESTORED
+            assert await restored.read_file("/tmp/kept") == b"yes"
+
+    run(main())
+
+
 def test_aio_files_expose_and_snapshot(inst: cc.Instance, tmp_path: Path) -> None:
     async def main() -> None:
         ainst = aio.wrap(inst)
