@@ -522,7 +522,7 @@ def test_instance_options_defaults() -> None:
     assert (c.no_network, c.no_warm_start) == (False, False)
     c, _ = cc.InstanceOptions(network=False, warm_start=False)._to_c()
     assert (c.no_network, c.no_warm_start) == (True, True)
-    assert [k.name for k in cc.StartKind] == ["COLD", "BUILT", "WARM"]
+    assert [k.name for k in cc.StartKind] == ["COLD", "BUILT", "WARM", "RESTORED"]
 
 
 def test_instance_options_mounts() -> None:
