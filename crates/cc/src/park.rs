@@ -40,8 +40,9 @@ pub struct Parked {
     pub path: PathBuf,
     /// Disk space it takes (allocated, not apparent).
     pub bytes: u64,
-    /// How long the guest was stopped before its VM ended: saving memory
-    /// and devices and copying the writable disk.
+    /// How long saving took, from quieting the agent channel to the VM's
+    /// end: the guest is stopped for most of it (saving memory and
+    /// devices, copying the writable disk).
     pub save: Duration,
 }
 

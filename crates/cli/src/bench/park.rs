@@ -27,7 +27,7 @@ pub(super) fn park(rootfs: &Path, runs: usize, memory: u32) -> CliResult<ExitCod
     let names = [
         "warm start → first output",
         "park (call)",
-        "park: guest stopped",
+        "park: quiet, save, end VM",
         "restore → first output",
         "second restore → first output",
     ];
