@@ -401,10 +401,8 @@ impl Instance {
         options.validate()?;
         let t0 = Instant::now();
         let root = tracing::debug_span!("cc: root image").in_scope(|| RootLayers::of(source))?;
-        let id = random_id();
-        let spec = guest_spec(&id, &root, &options);
+        let (id, spec, layout) = plan_guest(&root, &options);
         let engine = options.engine.clone();
-        let layout = engine.layout(&spec);
         let prepare = t0.elapsed();
 
         let t1 = Instant::now();
@@ -690,8 +688,16 @@ impl RootLayers {
     }
 }
 
+/// A new guest's id, its spec and where its engine puts what it asks for.
+pub(crate) fn plan_guest(root: &RootLayers, options: &Options) -> (String, GuestSpec, GuestLayout) {
+    let id = random_id();
+    let spec = guest_spec(&id, root, options);
+    let layout = options.engine.layout(&spec);
+    (id, spec, layout)
+}
+
 /// The engine-neutral description of the guest `options` ask for.
-pub(crate) fn guest_spec(id: &str, root: &RootLayers, options: &Options) -> GuestSpec {
+fn guest_spec(id: &str, root: &RootLayers, options: &Options) -> GuestSpec {
     GuestSpec {
         id: id.to_string(),
         lowers: root.lowers.clone(),
@@ -1011,7 +1017,7 @@ pub(crate) fn random_bytes(n: usize) -> Vec<u8> {
     buf
 }
 
-pub(crate) fn random_id() -> String {
+fn random_id() -> String {
     rootfs::hex(&random_bytes(8))
 }
 

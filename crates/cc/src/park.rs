@@ -25,8 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::channel::Channel;
 use crate::error::{Error, Result};
 use crate::instance::{
-    guest_spec, random_id, set_up_guest, supervise, Inner, Instance, Options, RootLayers,
-    REQUEST_TIMEOUT,
+    plan_guest, set_up_guest, supervise, Inner, Instance, Options, RootLayers, REQUEST_TIMEOUT,
 };
 use crate::snapshot::Origin;
 
@@ -360,10 +359,8 @@ impl Instance {
                 )));
             }
         }
-        let id = random_id();
-        let spec = guest_spec(&id, &root, &options);
+        let (id, spec, layout) = plan_guest(&root, &options);
         let engine = options.engine.clone();
-        let layout = engine.layout(&spec);
         let prepare = t0.elapsed();
         let t1 = Instant::now();
         let timeout = options.boot_timeout;
