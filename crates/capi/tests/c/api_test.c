@@ -1047,6 +1047,36 @@ static void test_warm_start(cc_source src, cc_instance_options opts) {
     EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_start_kind(src, NULL, &err));
 }
 
+/* Park a running instance and restore it twice from the same park. */
+static void test_park(cc_source src, cc_instance_options opts) {
+    cc_instance inst = 0;
+    if (!EXPECT(CC_OK, cc_instance_new(src, &opts, &inst, &err)))
+        return;
+    char *dir = make_temp_dir("park");
+    char park[512];
+    snprintf(park, sizeof park, "%s/p", dir);
+    CHECK(sh_ok(inst, "echo kept > /etc/marker"), "write before the park");
+    uint64_t bytes = 0;
+    EXPECT(CC_OK, cc_instance_park(inst, park, &bytes, &err));
+    CHECK(bytes > 0, "park of %llu bytes", (unsigned long long)bytes);
+    EXPECT(CC_ERR_ALREADY_CLOSED, cc_instance_park(inst, park, NULL, &err));
+    cc_instance_free(inst);
+    for (int i = 0; i < 2; i++) {
+        cc_instance back = 0;
+        if (!EXPECT(CC_OK, cc_instance_restore(park, 0, &back, &err)))
+            continue;
+        cc_start_kind kind = (cc_start_kind)99;
+        EXPECT(CC_OK, cc_instance_start_kind(back, &kind, &err));
+        CHECK(kind == CC_START_RESTORED, "start kind %d", (int)kind);
+        CHECK(sh_ok(back, "test \"$(cat /etc/marker)\" = kept"), "the file came back");
+        cc_instance_free(back);
+    }
+    cc_instance none = 0;
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_restore(dir, 0, &none, &err));
+    remove_tree(dir);
+    free(dir);
+}
+
 /* Results are the library's buffer (moved out with cc_bytes_move), capped
  * by max_result_bytes; data of any size streams in constant memory. */
 static void test_streaming_and_caps(cc_source src, cc_instance_options opts) {
@@ -1162,6 +1192,7 @@ static void test_vm_in(const char *ref, const char *cache, int mounts, char *sto
     test_wait_cancel(inst);
     test_network(inst);
     test_warm_start(src, opts);
+    test_park(src, opts);
     test_streaming_and_caps(src, opts);
     test_snapshot(inst, cache);
     if (mounts)
