@@ -1753,6 +1753,25 @@ cc_error_code cc_instance_restore(const char *path,
                                   struct cc_error *err);
 
 /**
+ * Starts `n` (1 to 64) new instances that are copies of `inst` at the
+ * moment of the call (memory, guest processes, files), each diverging
+ * on its own, with a new id and hostname; `inst` is stopped only while
+ * it is saved, then runs on. Writes their handles to `out[0..n]` (each
+ * freed with `cc_instance_free`), all or none. Each child holds a private
+ * copy of the saved memory for now; as for `cc_instance_park`, `inst`
+ * must be quiet and have no mounts (`CC_ERR_INVALID_ARGUMENT`; it runs
+ * on). Children report `CC_START_RESTORED`.
+ *
+ * # Safety
+ * `out` is NULL or valid for writing `n` handles; `err` is NULL or valid
+ * for writing.
+ */
+cc_error_code cc_instance_branch(cc_instance inst,
+                                 size_t n,
+                                 cc_instance *out,
+                                 struct cc_error *err);
+
+/**
  * Closes the instance if needed and releases the handle (0, and handles
  * released by `cc_shutdown`, are fine).
  */

@@ -385,6 +385,10 @@ def test_aio_park_and_restore(source: cc.ImageSource, tmp_path: Path) -> None:
             assert isinstance(restored, aio.Instance)
             assert restored.start_kind == cc.StartKind.RESTORED
             assert await restored.read_file("/tmp/kept") == b"yes"
+            kids = await restored.branch(1)
+            assert [type(k) for k in kids] == [aio.Instance]
+            async with kids[0]:
+                assert await kids[0].read_file("/tmp/kept") == b"yes"
 
     run(main())
 

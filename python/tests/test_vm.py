@@ -156,6 +156,23 @@ def test_park_and_restore_twice(source: cc.ImageSource, tmp_path: Path) -> None:
         cc.Instance.restore(park, timeout_seconds=0)
 
 
+def test_branch_into_two(source: cc.ImageSource) -> None:
+    with cc.Instance(source, cc.InstanceOptions(memory_mb=256)) as inst:
+        inst.write_file("/etc/marker", b"before")
+        with pytest.raises(cc.InvalidArgumentError):
+            inst.branch(0)
+        kids = inst.branch(2)
+        try:
+            assert len(kids) == 2 and len({inst.id, kids[0].id, kids[1].id}) == 3
+            kids[0].write_file("/etc/marker", b"child")
+            assert kids[1].read_file("/etc/marker") == b"before"
+            assert inst.read_file("/etc/marker") == b"before"
+            assert kids[1].start_kind == cc.StartKind.RESTORED
+        finally:
+            for k in kids:
+                k.close()
+
+
 def test_network_switch(source: cc.ImageSource) -> None:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

@@ -468,6 +468,52 @@ pub unsafe extern "C" fn cc_instance_restore(
     })
 }
 
+/// Starts `n` (1 to 64) new instances that are copies of `inst` at the
+/// moment of the call (memory, guest processes, files), each diverging
+/// on its own, with a new id and hostname; `inst` is stopped only while
+/// it is saved, then runs on. Writes their handles to `out[0..n]` (each
+/// freed with `cc_instance_free`), all or none. Each child holds a private
+/// copy of the saved memory for now; as for `cc_instance_park`, `inst`
+/// must be quiet and have no mounts (`CC_ERR_INVALID_ARGUMENT`; it runs
+/// on). Children report `CC_START_RESTORED`.
+///
+/// # Safety
+/// `out` is NULL or valid for writing `n` handles; `err` is NULL or valid
+/// for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_branch(
+    inst: cc_instance,
+    n: usize,
+    out: *mut cc_instance,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        if out.is_null() {
+            return Err(Failure::null("out"));
+        }
+        let children = handles::get::<Instance>(inst)?.get()?.branch(n)?;
+        let mut made = Vec::with_capacity(children.len());
+        for child in children {
+            match handles::insert(Arc::new(Instance::new(child))) {
+                Ok(h) => made.push(h),
+                Err(e) => {
+                    for h in made {
+                        if let Ok(Some(i)) = handles::remove::<Instance>(h) {
+                            let _ = i.close();
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        for (i, h) in made.into_iter().enumerate() {
+            // SAFETY: the caller gave room for n handles, and i < n.
+            unsafe { out.add(i).write(h) };
+        }
+        Ok(())
+    })
+}
+
 /// Closes the instance if needed and releases the handle (0, and handles
 /// released by `cc_shutdown`, are fine).
 #[no_mangle]

@@ -310,7 +310,7 @@ impl Instance {
         let meta = Meta::of(inner);
         inner.parking.store(true, Ordering::Release);
         let t = Instant::now();
-        let saved = save(inner, vm.as_ref(), &writing.tmp);
+        let saved = save(inner, &writing.tmp, |d| vm.park(d));
         let save_time = t.elapsed();
         inner.parking.store(false, Ordering::Release);
         if let Err(e) = saved {
@@ -409,8 +409,73 @@ impl Instance {
     }
 }
 
-/// Quiets the channel and has the engine save the guest into `dir`.
-fn save(inner: &Inner, vm: &dyn Machine, dir: &Path) -> Result<()> {
+impl Instance {
+    /// Starts `n` (1 to 64) new instances that are copies of this one at
+    /// the moment of the call: its memory, guest processes and files, each
+    /// diverging on its own afterwards, with a new id and hostname, the
+    /// clock set from the host and the RNG reseeded. This instance is
+    /// stopped only while it is saved, then runs on.
+    ///
+    /// For now a branch is a park kept running: each child holds a
+    /// private copy of the saved memory (no copy-on-write sharing yet),
+    /// and the same rules apply: the instance must be quiet and have no
+    /// mounts (`InvalidArgument` otherwise; it runs on). Commands, files,
+    /// listeners and connections of this handle stay with it.
+    pub fn branch(&self, n: usize) -> Result<Vec<Instance>> {
+        if !(1..=64).contains(&n) {
+            return Err(Error::InvalidArgument(format!(
+                "branch count {n} is outside 1..=64"
+            )));
+        }
+        let inner = self.inner();
+        inner.check_running()?;
+        if !inner.options.mounts.is_empty() {
+            return Err(Error::InvalidArgument(
+                "an instance with mounts cannot be branched (not supported yet)".into(),
+            ));
+        }
+        let vm = inner.machine().ok_or(Error::AlreadyClosed)?;
+        let base = cc_engine::paths::cache_dir().join("branches");
+        fs::create_dir_all(&base).map_err(Error::io("create", &base))?;
+        // Never published: dropping it removes the saved copy.
+        let writing = Writing::start(&base.join(format!("{}-{}", inner.id, std::process::id())))?;
+        let meta = Meta::of(inner);
+        inner.parking.store(true, Ordering::Release);
+        let saved = save(inner, &writing.tmp, |d| vm.save_copy(d));
+        inner.parking.store(false, Ordering::Release);
+        saved?;
+        let json = serde_json::to_vec_pretty(&meta)
+            .map_err(|e| Error::io("encode", meta_path(&writing.tmp))(io::Error::other(e)))?;
+        let m = meta_path(&writing.tmp);
+        fs::write(&m, json).map_err(Error::io("write", &m))?;
+        let options = RestoreOptions {
+            boot_timeout: inner.options.boot_timeout,
+            timeout: inner.options.timeout,
+            engine: inner.options.engine.clone(),
+        };
+        let children: Vec<Result<Instance>> = std::thread::scope(|s| {
+            let started: Vec<_> = (0..n)
+                .map(|_| s.spawn(|| Instance::restore(&writing.tmp, options.clone())))
+                .collect();
+            started
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|_| Err(Error::Protocol("a branch panicked".into())))
+                })
+                .collect()
+        });
+        // All or nothing: the children made are closed on drop.
+        children.into_iter().collect()
+    }
+}
+
+/// Quiets the channel and has `engine_save` save the guest into `dir`.
+fn save(
+    inner: &Inner,
+    dir: &Path,
+    engine_save: impl FnOnce(&Path) -> std::result::Result<(), cc_engine::Error>,
+) -> Result<()> {
     // Once answered, everything the agent sent before is in: with nothing
     // in flight it sends nothing more.
     match inner.channel.request(Request::Ping, REQUEST_TIMEOUT)? {
@@ -423,7 +488,7 @@ fn save(inner: &Inner, vm: &dyn Machine, dir: &Path) -> Result<()> {
         }
     }
     let _quiet = inner.channel.hold_quiet()?;
-    vm.park(dir)?;
+    engine_save(dir)?;
     Ok(())
 }
 

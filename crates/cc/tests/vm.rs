@@ -613,10 +613,12 @@ fn park_and_restore_continue_a_counting_process_twice() {
     sh(&inst, COUNTER);
     sh(&inst, "echo kept > /etc/marker");
     std::thread::sleep(Duration::from_millis(500));
+    let t_before = Instant::now();
     let before = count(&inst);
     let pid = inst.vm_pid().unwrap();
     let run_dir = inst.run_dir().unwrap();
     let parked = inst.park(&park).unwrap();
+    let running_before = t_before.elapsed();
     assert!(parked.bytes > 0 && park.join("meta.json").is_file());
     assert!(
         !PathBuf::from(format!("/proc/{pid}")).exists(),
@@ -632,17 +634,24 @@ fn park_and_restore_continue_a_counting_process_twice() {
     );
     // Only the park is left beside it.
     assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 1);
-    // Parked time does not count: the guest sleeps through it.
-    std::thread::sleep(Duration::from_secs(2));
-    let a = Instance::restore(&park, cc::RestoreOptions::default()).unwrap();
-    let b = Instance::restore(&park, cc::RestoreOptions::default()).unwrap();
-    assert_eq!(a.start_kind(), cc::StartKind::Restored);
-    for r in [&a, &b] {
-        let now = count(r);
+    // Parked time does not count: the guest sleeps through it. The loop
+    // counts at most ten a second of the time the guest ran.
+    std::thread::sleep(Duration::from_secs(3));
+    let restore = || {
+        let t = Instant::now();
+        let r = Instance::restore(&park, cc::RestoreOptions::default()).unwrap();
+        let now = count(&r);
+        let ran = (running_before + t.elapsed()).as_secs_f64();
         assert!(
-            now >= before && now < before + 50,
-            "counted {before} when parked, {now} after the restore"
+            now >= before && ((now - before) as f64) <= 10.0 * ran + 5.0,
+            "counted {before} when parked, {now} after the restore; {ran:.1} s running"
         );
+        (r, now)
+    };
+    let (a, now_a) = restore();
+    let (b, now_b) = restore();
+    assert_eq!(a.start_kind(), cc::StartKind::Restored);
+    for (r, now) in [(&a, now_a), (&b, now_b)] {
         assert_eq!(stdout(r, "cat /etc/marker"), "kept\n");
         let later = Instant::now() + Duration::from_secs(10);
         while count(r) <= now {
@@ -728,6 +737,60 @@ fn park_refuses_what_it_cannot_keep_and_restore_a_foreign_park() {
     assert_eq!(stdout(&back, "echo back"), "back\n");
     back.close().unwrap();
     std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+fn branch_children_go_on_from_the_source_and_diverge() {
+    let src = boot();
+    sh(
+        &src,
+        "sh -c 'echo $$ > /tmp/pid; i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.1; done' \
+         </dev/null >/dev/null 2>&1 &",
+    );
+    sh(&src, "echo before > /etc/marker");
+    std::thread::sleep(Duration::from_millis(500));
+    let before = count(&src);
+    assert_eq!(
+        src.branch(0).unwrap_err().code(),
+        ErrorCode::InvalidArgument
+    );
+    let kids = src.branch(2).unwrap();
+    assert_eq!(kids.len(), 2);
+    assert_eq!(stdout(&src, "echo still"), "still\n");
+    let all = [&src, &kids[0], &kids[1]];
+    for k in &kids {
+        assert!(
+            count(k) >= before,
+            "a child counts from where the source was"
+        );
+        assert_eq!(stdout(k, "cat /etc/marker"), "before\n");
+    }
+    let ids: std::collections::HashSet<_> = all.iter().map(|i| i.id().to_string()).collect();
+    let hosts: std::collections::HashSet<_> = all.iter().map(|i| stdout(i, "hostname")).collect();
+    let rng: std::collections::HashSet<_> = all
+        .iter()
+        .map(|i| stdout(i, "head -c 16 /dev/urandom | od -An -tx1"))
+        .collect();
+    assert_eq!((ids.len(), hosts.len(), rng.len()), (3, 3, 3));
+    // Files and processes diverge: one child's counter stops, the others
+    // go on; one child's file is its own.
+    sh(&kids[1], "kill $(cat /tmp/pid)");
+    sh(&kids[0], "echo child > /etc/marker");
+    let stopped = count(&kids[1]);
+    let (a, b) = (count(&src), count(&kids[0]));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(count(&src) > a && count(&kids[0]) > b, "counters go on");
+    assert_eq!(count(&kids[1]), stopped, "the killed counter stays");
+    assert_eq!(stdout(&src, "cat /etc/marker"), "before\n");
+    assert_eq!(stdout(&kids[1], "cat /etc/marker"), "before\n");
+    for k in kids {
+        k.close().unwrap();
+    }
+    src.close().unwrap();
+    assert_eq!(src.branch(1).unwrap_err().code(), ErrorCode::AlreadyClosed);
+    let saved = std::fs::read_dir(cc_testsupport::cache_dir().join("branches"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(saved, 0, "a saved copy was left behind");
 }
 
 fn independent_writable_layers() {
@@ -3451,6 +3514,7 @@ fn main() -> ExitCode {
         close_leaves_nothing,
         park_and_restore_continue_a_counting_process_twice,
         park_refuses_what_it_cannot_keep_and_restore_a_foreign_park,
+        branch_children_go_on_from_the_source_and_diverge,
         independent_writable_layers,
         crash_is_not_running_and_isolated,
         file_transfers_cut_by_a_dying_guest_fail_promptly,

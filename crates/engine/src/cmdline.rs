@@ -173,12 +173,16 @@ pub fn qemu_args(spec: &VmSpec, w: &Wiring) -> Vec<OsString> {
         for fd in fds {
             push(&mut a, &["-add-fd", &format!("fd={fd},set={set}")]);
         }
+        // No image locks: every writable image is this VM's own, and QEMU
+        // 7.2 cannot take them back after an outgoing migration when the
+        // fdset holds two descriptors ("Failed to get shared \"write\"
+        // lock" on `cont`), which a branch's source needs.
         push(
             &mut a,
             &[
                 "-drive",
                 &format!(
-                    "id=d{i},file=/dev/fdset/{set},format=raw,if=none,readonly={ro},cache={cache},discard=unmap"
+                    "id=d{i},file=/dev/fdset/{set},format=raw,if=none,readonly={ro},cache={cache},discard=unmap,file.locking=off"
                 ),
             ],
         );
@@ -334,6 +338,10 @@ mod tests {
         assert!(cmd.contains(
             "-add-fd fd=11,set=2 -add-fd fd=12,set=2 -drive id=d1,file=/dev/fdset/2,format=raw,if=none,readonly=off"
         ));
+        assert!(
+            cmd.contains("discard=unmap,file.locking=off -device"),
+            "{cmd}"
+        );
         assert!(cmd.contains("virtio-blk-device,drive=d1,serial=ccupper"));
         assert!(cmd.contains("-chardev socket,id=con,fd=5 -serial chardev:con"));
         assert!(cmd.contains("-kernel /proc/self/fd/6 -initrd /proc/self/fd/7"));

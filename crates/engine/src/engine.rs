@@ -173,6 +173,12 @@ pub trait Machine: fmt::Debug + Send + Sync {
         let _ = dir;
         Err(Error::Unsupported("parking"))
     }
+    /// Saves the running guest into `dir` as [`park`](Self::park) does,
+    /// then lets it run on: `dir` restores copies of it.
+    fn save_copy(&self, dir: &Path) -> Result<(), Error> {
+        let _ = dir;
+        Err(Error::Unsupported("saving a copy of a running guest"))
+    }
 }
 
 /// The QEMU engine: one confined QEMU process per guest (see the crate
@@ -408,6 +414,24 @@ impl Machine for QemuMachine {
     }
 
     fn park(&self, dir: &Path) -> Result<(), Error> {
+        self.save_stopped(dir)?;
+        self.vm.terminate(PARK_QUIT_GRACE);
+        Ok(())
+    }
+
+    fn save_copy(&self, dir: &Path) -> Result<(), Error> {
+        self.save_stopped(dir)?;
+        let resumed = self.vm.cont();
+        self.parking.store(false, Ordering::Release);
+        resumed
+    }
+}
+
+impl QemuMachine {
+    /// Saves the guest into the park directory `dir` and leaves it
+    /// stopped, its stop and end not reported as deaths; on failure it
+    /// runs on as before.
+    fn save_stopped(&self, dir: &Path) -> Result<(), Error> {
         // Hashed while the guest still runs.
         let meta = park::meta_of(&self.spec, self.named_ram)?;
         self.parking.store(true, Ordering::Release);
@@ -429,12 +453,11 @@ impl Machine for QemuMachine {
             .and_then(|()| park::write_meta(dir, &meta));
         if let Err(e) = saved {
             if let Err(c) = self.vm.cont() {
-                tracing::warn!("could not resume the guest after a failed park: {c}");
+                tracing::warn!("could not resume the guest after a failed save: {c}");
             }
             self.parking.store(false, Ordering::Release);
             return Err(e);
         }
-        self.vm.terminate(PARK_QUIT_GRACE);
         Ok(())
     }
 }

@@ -270,6 +270,50 @@ class Instance(Handle):
         self._release()
         return int(out.value)
 
+    def branch(self, n: int = 1) -> list[Instance]:
+        """Starts N (1 to 64) new instances that are copies of this one at
+        the moment of the call (memory, guest processes, files), each
+        diverging on its own, with a new id and hostname, clock and RNG;
+        this instance is stopped only while it is saved, then runs on.
+
+        Each child holds a private copy of the saved memory for now. As for
+        ``park``, the instance must be quiet and have no mounts
+        (``InvalidArgumentError``; it runs on). Commands, files, listeners
+        and connections stay with this instance."""
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n must be an int, not {type(n).__name__}")
+        if not 1 <= n <= 64:
+            raise InvalidArgumentError(f"branch count {n} is outside 1..=64")
+        lib = _lib.native()
+        out = (c_uint64 * n)()
+        _lib.call(lib.cc_instance_branch, self._h("branch"), n, out)
+        children = []
+        try:
+            for handle in out:
+                children.append(Instance._adopt(int(handle)))
+        except BaseException:
+            for child in children:
+                child.close()
+            for handle in out[len(children) :]:
+                _lib.free("cc_instance_free", int(handle))
+            raise
+        return children
+
+    @classmethod
+    def _adopt(cls, handle: int) -> Instance:
+        """The instance of a new handle."""
+        inst = cls.__new__(cls)
+        Handle.__init__(inst, handle)
+        inst._options = InstanceOptions()
+        try:
+            id_out = c_void_p()
+            _lib.call(_lib.native().cc_instance_id, handle, byref(id_out))
+            inst._id = _lib.take_string(id_out)
+        except BaseException:
+            inst._release()
+            raise
+        return inst
+
     @classmethod
     def restore(cls, path: _lib.PathArg, timeout_seconds: Optional[float] = None) -> Instance:
         """A new, independent instance started from the park at PATH (made
@@ -294,20 +338,9 @@ class Instance(Handle):
             )
         else:
             seconds = float(timeout_seconds)
-        lib = _lib.native()
         out = c_uint64()
-        _lib.call(lib.cc_instance_restore, raw, seconds, byref(out))
-        inst = cls.__new__(cls)
-        Handle.__init__(inst, int(out.value))
-        inst._options = InstanceOptions()
-        try:
-            id_out = c_void_p()
-            _lib.call(lib.cc_instance_id, inst._handle, byref(id_out))
-            inst._id = _lib.take_string(id_out)
-        except BaseException:
-            inst._release()
-            raise
-        return inst
+        _lib.call(_lib.native().cc_instance_restore, raw, seconds, byref(out))
+        return cls._adopt(int(out.value))
 
     # -- filesystem ------------------------------------------------------------
 

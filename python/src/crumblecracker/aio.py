@@ -284,7 +284,10 @@ _WRAPPERS: dict[type[Any], type[_Async]] = {}
 
 def wrap(obj: Any) -> Any:
     """OBJ wrapped for asyncio when it is an object of the synchronous API
-    (an ``Instance``, ``Conn``, ...); anything else as it is."""
+    (an ``Instance``, ``Conn``, ...), or a list of them (``branch``);
+    anything else as it is."""
+    if isinstance(obj, list):
+        return [wrap(o) for o in obj]
     cls = _WRAPPERS.get(type(obj))
     return obj if cls is None else cls._of(obj)
 
@@ -579,6 +582,8 @@ class Instance(_Async):
 
     if TYPE_CHECKING:
         # -- generated from the synchronous class by `python -m crumblecracker.aio` --
+        async def branch(self, n: int = 1) -> list[Instance]: ...
+
         async def chmod(self, path: GuestPath, mode: int) -> None: ...
 
         async def chown(self, path: GuestPath, uid: int, gid: int) -> None: ...

@@ -1047,7 +1047,8 @@ static void test_warm_start(cc_source src, cc_instance_options opts) {
     EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_start_kind(src, NULL, &err));
 }
 
-/* Park a running instance and restore it twice from the same park. */
+/* Park a running instance and restore it twice from the same park; branch
+ * another into two. */
 static void test_park(cc_source src, cc_instance_options opts) {
     cc_instance inst = 0;
     if (!EXPECT(CC_OK, cc_instance_new(src, &opts, &inst, &err)))
@@ -1075,6 +1076,23 @@ static void test_park(cc_source src, cc_instance_options opts) {
     EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_restore(dir, 0, &none, &err));
     remove_tree(dir);
     free(dir);
+
+    /* A branch: two running copies, the source running on. */
+    cc_instance orig = 0, kids[2] = {0, 0};
+    if (!EXPECT(CC_OK, cc_instance_new(src, &opts, &orig, &err)))
+        return;
+    CHECK(sh_ok(orig, "echo branched > /etc/marker"), "write before the branch");
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_branch(orig, 0, kids, &err));
+    EXPECT(CC_ERR_INVALID_ARGUMENT, cc_instance_branch(orig, 2, NULL, &err));
+    if (EXPECT(CC_OK, cc_instance_branch(orig, 2, kids, &err))) {
+        CHECK(kids[0] != 0 && kids[1] != 0 && kids[0] != kids[1], "two children");
+        for (int i = 0; i < 2; i++) {
+            CHECK(sh_ok(kids[i], "test \"$(cat /etc/marker)\" = branched"), "child %d's file", i);
+            cc_instance_free(kids[i]);
+        }
+    }
+    CHECK(sh_ok(orig, "true"), "the source runs on");
+    cc_instance_free(orig);
 }
 
 /* Results are the library's buffer (moved out with cc_bytes_move), capped
