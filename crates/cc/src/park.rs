@@ -299,13 +299,7 @@ impl Instance {
     pub fn park(&self, path: impl AsRef<Path>) -> Result<Parked> {
         let path = path.as_ref();
         let inner = self.inner();
-        inner.check_running()?;
-        if !inner.options.mounts.is_empty() {
-            return Err(Error::InvalidArgument(
-                "an instance with mounts cannot be parked (not supported yet)".into(),
-            ));
-        }
-        let vm = inner.machine().ok_or(Error::AlreadyClosed)?;
+        let vm = saveable(inner, "parked")?;
         let writing = Writing::start(path)?;
         let meta = Meta::of(inner);
         inner.parking.store(true, Ordering::Release);
@@ -321,10 +315,7 @@ impl Instance {
         }
         // The VM has ended: closing only removes what is left of it.
         self.close()?;
-        let json = serde_json::to_vec_pretty(&meta)
-            .map_err(|e| Error::io("encode", meta_path(&writing.tmp))(io::Error::other(e)))?;
-        let m = meta_path(&writing.tmp);
-        fs::write(&m, json).map_err(Error::io("write", &m))?;
+        write_meta(&writing.tmp, &meta)?;
         let bytes = allocated(&writing.tmp);
         writing.publish(path)?;
         Ok(Parked {
@@ -428,13 +419,7 @@ impl Instance {
             )));
         }
         let inner = self.inner();
-        inner.check_running()?;
-        if !inner.options.mounts.is_empty() {
-            return Err(Error::InvalidArgument(
-                "an instance with mounts cannot be branched (not supported yet)".into(),
-            ));
-        }
-        let vm = inner.machine().ok_or(Error::AlreadyClosed)?;
+        let vm = saveable(inner, "branched")?;
         let base = cc_engine::paths::cache_dir().join("branches");
         fs::create_dir_all(&base).map_err(Error::io("create", &base))?;
         // Never published: dropping it removes the saved copy.
@@ -444,10 +429,7 @@ impl Instance {
         let saved = save(inner, &writing.tmp, |d| vm.save_copy(d));
         inner.parking.store(false, Ordering::Release);
         saved?;
-        let json = serde_json::to_vec_pretty(&meta)
-            .map_err(|e| Error::io("encode", meta_path(&writing.tmp))(io::Error::other(e)))?;
-        let m = meta_path(&writing.tmp);
-        fs::write(&m, json).map_err(Error::io("write", &m))?;
+        write_meta(&writing.tmp, &meta)?;
         let options = RestoreOptions {
             boot_timeout: inner.options.boot_timeout,
             timeout: inner.options.timeout,
@@ -468,6 +450,24 @@ impl Instance {
         // All or nothing: the children made are closed on drop.
         children.into_iter().collect()
     }
+}
+
+/// The machine of an instance that can be saved (running, no mounts).
+fn saveable(inner: &Inner, what: &str) -> Result<Arc<dyn Machine>> {
+    inner.check_running()?;
+    if !inner.options.mounts.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "an instance with mounts cannot be {what} (not supported yet)"
+        )));
+    }
+    inner.machine().ok_or(Error::AlreadyClosed)
+}
+
+fn write_meta(dir: &Path, meta: &Meta) -> Result<()> {
+    let m = meta_path(dir);
+    let json = serde_json::to_vec_pretty(meta)
+        .map_err(|e| Error::io("encode", &m)(io::Error::other(e)))?;
+    fs::write(&m, json).map_err(Error::io("write", &m))
 }
 
 /// Quiets the channel and has `engine_save` save the guest into `dir`.
