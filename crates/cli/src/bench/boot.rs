@@ -203,18 +203,22 @@ fn idle_pss(source: &cc::Source, options: &cc::Options, count: usize) -> CliResu
     std::thread::sleep(Duration::from_secs(3));
     let mut pss = Vec::new();
     for inst in &all {
-        let pid = inst.vm_pid().ok_or("instance not running")?;
-        let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
-        let kib: f64 = rollup
-            .lines()
-            .find_map(|l| l.strip_prefix("Pss:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or("no Pss in smaps_rollup")?;
-        pss.push(kib / 1024.0);
+        pss.push(pss_mib(inst.vm_pid().ok_or("instance not running")?)?);
     }
     for inst in all {
         inst.close()?;
     }
     pss.sort_by(f64::total_cmp);
     Ok(pss[pss.len() / 2])
+}
+
+/// The proportional set size of process `pid`, in MiB.
+pub(super) fn pss_mib(pid: u32) -> CliResult<f64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let kib: f64 = rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or("no Pss in smaps_rollup")?;
+    Ok(kib / 1024.0)
 }

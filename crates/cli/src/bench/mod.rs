@@ -105,6 +105,19 @@ pub(crate) enum What {
         #[arg(long, default_value_t = 512)]
         memory: u32,
     },
+    /// Branching a running instance into 1 and into 4 children (time until
+    /// every child answers), and the idle memory of each child, against a
+    /// warm start measured in the same run.
+    Branch {
+        #[arg(long, value_name = "DIR")]
+        rootfs: PathBuf,
+        /// Branch cycles (at least 3).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        memory: u32,
+    },
 }
 
 pub(crate) fn bench(what: What) -> CliResult<ExitCode> {
@@ -144,6 +157,11 @@ pub(crate) fn bench(what: What) -> CliResult<ExitCode> {
             runs,
             memory,
         } => park::park(&rootfs, runs.max(3), memory),
+        What::Branch {
+            rootfs,
+            runs,
+            memory,
+        } => park::branch(&rootfs, runs.max(3), memory),
     }
 }
 

@@ -1,5 +1,6 @@
-//! `crumble bench park`: parking a running instance and restoring it,
-//! against a warm start measured in the same run.
+//! `crumble bench park` and `crumble bench branch`: parking a running
+//! instance and restoring it, and branching one, against a warm start
+//! measured in the same run.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -81,5 +82,70 @@ pub(super) fn park(rootfs: &Path, runs: usize, memory: u32) -> CliResult<ExitCod
         "\nrestore / warm start = {:.2}x (target ≤ 2x)",
         ours[3].ratio(&ours[0])
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn branch(rootfs: &Path, runs: usize, memory: u32) -> CliResult<ExitCode> {
+    let source = cc::Source::Dir(rootfs.to_path_buf());
+    let warm = cc::Options {
+        memory_mb: memory,
+        ..Default::default()
+    };
+    println!("{runs} runs, {memory} MiB, 1 vCPU; the source runs a counting loop");
+    cc::Instance::new(&source, warm.clone())?.close()?;
+    let names = [
+        "warm start → first output",
+        "branch 1 → child's first output",
+        "branch 4 → all children's output",
+    ];
+    let mut ours: Vec<Samples> = names.iter().map(|_| Samples::default()).collect();
+    let mut pss = Vec::new();
+    for _ in 0..runs {
+        let (src, warm_started, _) = start_and_echo(&source, &warm)?;
+        let status = src.command("sh").args(["-c", COUNTER]).status()?;
+        if !status.success() {
+            return Err(format!("the counter did not start: {status}").into());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let mut times = vec![warm_started];
+        for n in [1, 4] {
+            let t = Instant::now();
+            let kids = src.branch(n)?;
+            let mut last = t;
+            for k in &kids {
+                last = last.max(first_echo(k)?);
+            }
+            times.push(last - t);
+            if n == 4 {
+                std::thread::sleep(Duration::from_secs(3));
+                let mut sum = 0.0;
+                for k in &kids {
+                    sum += super::boot::pss_mib(k.vm_pid().ok_or("child not running")?)?;
+                }
+                pss.push(sum / n as f64);
+            }
+            for k in kids {
+                k.close()?;
+            }
+        }
+        src.close()?;
+        for (s, d) in ours.iter_mut().zip(times) {
+            s.0.push(d);
+        }
+    }
+    pss.sort_by(f64::total_cmp);
+    let table = Table::new(34, 10, 1);
+    println!();
+    table.header("phase (median)", "ms");
+    for (name, s) in names.iter().zip(&ours) {
+        table.row(name, &[ms(s.median())]);
+    }
+    table.header("idle PSS per child of 4 (median)", "MiB");
+    table.row("child QEMU", &[pss[pss.len() / 2]]);
+    println!(
+        "\nbranch 1 / warm start = {:.2}x (target ≤ 2x)",
+        ours[1].ratio(&ours[0])
+    );
+    println!("(target ≤ 20 MiB extra per child; children share no memory yet)");
     Ok(ExitCode::SUCCESS)
 }
