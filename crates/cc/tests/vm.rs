@@ -793,6 +793,29 @@ fn branch_children_go_on_from_the_source_and_diverge() {
     assert_eq!(saved, 0, "a saved copy was left behind");
 }
 
+fn ten_branch_cycles_leave_nothing_behind() {
+    let cache = cc_testsupport::cache_dir();
+    let count_in = |dir: &str| {
+        std::fs::read_dir(cache.join(dir))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let src = boot();
+    let (runs, templates) = (count_in("run"), count_in("templates"));
+    for _ in 0..10 {
+        let kids = src.branch(1).unwrap();
+        let (pid, dir) = (kids[0].vm_pid().unwrap(), kids[0].run_dir().unwrap());
+        assert_eq!(stdout(&kids[0], "echo ok"), "ok\n");
+        drop(kids);
+        assert!(!PathBuf::from(format!("/proc/{pid}")).exists());
+        assert!(!dir.exists(), "run dir {dir:?} left behind");
+    }
+    assert_eq!(stdout(&src, "echo still"), "still\n");
+    assert_eq!(count_in("run"), runs, "run dirs left behind");
+    assert_eq!(count_in("templates"), templates, "templates made");
+    assert_eq!(count_in("branches"), 0, "saved copies left behind");
+}
+
 fn independent_writable_layers() {
     let (a, b) = (boot(), boot());
     sh(&a, "echo from-a > /etc/marker");
@@ -3515,6 +3538,7 @@ fn main() -> ExitCode {
         park_and_restore_continue_a_counting_process_twice,
         park_refuses_what_it_cannot_keep_and_restore_a_foreign_park,
         branch_children_go_on_from_the_source_and_diverge,
+        ten_branch_cycles_leave_nothing_behind,
         independent_writable_layers,
         crash_is_not_running_and_isolated,
         file_transfers_cut_by_a_dying_guest_fail_promptly,
