@@ -422,8 +422,14 @@ impl Instance {
         let vm = saveable(inner, "branched")?;
         let base = cc_engine::paths::cache_dir().join("branches");
         fs::create_dir_all(&base).map_err(Error::io("create", &base))?;
+        sweep_abandoned_copies(&base);
+        let tmp = base.join(cc_engine::paths::temp_name("branch"));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(Error::io("create", &tmp))?;
         // Never published: dropping it removes the saved copy.
-        let writing = Writing::start(&base.join(format!("{}-{}", inner.id, std::process::id())))?;
+        let writing = Writing { tmp };
         let meta = Meta::of(inner);
         inner.parking.store(true, Ordering::Release);
         let saved = save(inner, &writing.tmp, |d| vm.save_copy(d));
@@ -449,6 +455,20 @@ impl Instance {
         });
         // All or nothing: the children made are closed on drop.
         children.into_iter().collect()
+    }
+}
+
+/// Removes the saved copies of branches whose process died meanwhile.
+fn sweep_abandoned_copies(base: &Path) {
+    for entry in fs::read_dir(base).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let owner = name
+            .strip_prefix(".branch.")
+            .and_then(|rest| rest.rsplit_once('-'))
+            .map(|(owner, _)| owner);
+        if owner.is_some_and(|o| !cc_engine::paths::owner_alive(o)) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
     }
 }
 
@@ -560,6 +580,24 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["meta.json", "p"]);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn copies_of_dead_branchers_are_swept_and_live_ones_kept() {
+        let d = std::env::temp_dir().join(format!("cc-park-sweep-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        let mine = d.join(cc_engine::paths::temp_name("branch"));
+        // Pid 0x7ffffffe is never a live process here.
+        let dead = d.join(".branch.2147483646.1-0.tmp");
+        let other = d.join("kept");
+        for dir in [&mine, &dead, &other] {
+            fs::create_dir(dir).unwrap();
+        }
+        sweep_abandoned_copies(&d);
+        assert!(mine.is_dir() && other.is_dir());
+        assert!(!dead.exists());
         fs::remove_dir_all(&d).unwrap();
     }
 }
