@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 
 use crate::CliResult;
 
@@ -95,29 +95,24 @@ pub(crate) enum What {
     /// Parking a running instance (time, time the guest is stopped, bytes
     /// on disk) and restoring it twice from the same park, against a warm
     /// start measured in the same run.
-    Park {
-        #[arg(long, value_name = "DIR")]
-        rootfs: PathBuf,
-        /// Park and restore cycles (at least 3).
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 512)]
-        memory: u32,
-    },
+    Park(Live),
     /// Branching a running instance into 1 and into 4 children (time until
     /// every child answers), and the idle memory of each child, against a
     /// warm start measured in the same run.
-    Branch {
-        #[arg(long, value_name = "DIR")]
-        rootfs: PathBuf,
-        /// Branch cycles (at least 3).
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 512)]
-        memory: u32,
-    },
+    Branch(Live),
+}
+
+/// A benchmark of a running instance's copies.
+#[derive(Debug, Args)]
+pub(crate) struct Live {
+    #[arg(long, value_name = "DIR")]
+    rootfs: PathBuf,
+    /// Cycles (at least 3).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    memory: u32,
 }
 
 pub(crate) fn bench(what: What) -> CliResult<ExitCode> {
@@ -152,16 +147,8 @@ pub(crate) fn bench(what: What) -> CliResult<ExitCode> {
             phases,
         } => files::files(&rootfs, runs.max(3), &busybox, phases),
         What::Net { rootfs, runs } => net::net(&rootfs, runs.max(3)),
-        What::Park {
-            rootfs,
-            runs,
-            memory,
-        } => park::park(&rootfs, runs.max(3), memory),
-        What::Branch {
-            rootfs,
-            runs,
-            memory,
-        } => park::branch(&rootfs, runs.max(3), memory),
+        What::Park(l) => park::park(&l.rootfs, l.runs.max(3), l.memory),
+        What::Branch(l) => park::branch(&l.rootfs, l.runs.max(3), l.memory),
     }
 }
 

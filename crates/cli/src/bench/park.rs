@@ -14,15 +14,32 @@ use crate::CliResult;
 const COUNTER: &str = "(i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.1; done) \
                        </dev/null >/dev/null 2>&1 &";
 
-pub(super) fn park(rootfs: &Path, runs: usize, memory: u32) -> CliResult<ExitCode> {
+/// The source and options of the runs, the template made (unmeasured).
+fn prepare(rootfs: &Path, runs: usize, memory: u32) -> CliResult<(cc::Source, cc::Options)> {
     let source = cc::Source::Dir(rootfs.to_path_buf());
     let warm = cc::Options {
         memory_mb: memory,
         ..Default::default()
     };
     println!("{runs} runs, {memory} MiB, 1 vCPU; the source runs a counting loop");
-    // Unmeasured: builds the root image and the template.
     cc::Instance::new(&source, warm.clone())?.close()?;
+    Ok((source, warm))
+}
+
+/// A warm instance running the counting loop, and how long its start
+/// took to the first output.
+fn counting(source: &cc::Source, warm: &cc::Options) -> CliResult<(cc::Instance, Duration)> {
+    let (inst, warm_started, _) = start_and_echo(source, warm)?;
+    let status = inst.command("sh").args(["-c", COUNTER]).status()?;
+    if !status.success() {
+        return Err(format!("the counter did not start: {status}").into());
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    Ok((inst, warm_started))
+}
+
+pub(super) fn park(rootfs: &Path, runs: usize, memory: u32) -> CliResult<ExitCode> {
+    let (source, warm) = prepare(rootfs, runs, memory)?;
     let scratch = std::env::temp_dir().join(format!("cc-bench-park-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
     let names = [
@@ -35,12 +52,7 @@ pub(super) fn park(rootfs: &Path, runs: usize, memory: u32) -> CliResult<ExitCod
     let mut ours: Vec<Samples> = names.iter().map(|_| Samples::default()).collect();
     let mut bytes = Vec::new();
     for run in 0..runs {
-        let (inst, warm_started, _) = start_and_echo(&source, &warm)?;
-        let status = inst.command("sh").args(["-c", COUNTER]).status()?;
-        if !status.success() {
-            return Err(format!("the counter did not start: {status}").into());
-        }
-        std::thread::sleep(Duration::from_secs(1));
+        let (inst, warm_started) = counting(&source, &warm)?;
         let pid = inst.vm_pid().ok_or("instance not running")?;
         let dir = scratch.join(format!("p{run}"));
         let t = Instant::now();
@@ -86,13 +98,7 @@ pub(super) fn park(rootfs: &Path, runs: usize, memory: u32) -> CliResult<ExitCod
 }
 
 pub(super) fn branch(rootfs: &Path, runs: usize, memory: u32) -> CliResult<ExitCode> {
-    let source = cc::Source::Dir(rootfs.to_path_buf());
-    let warm = cc::Options {
-        memory_mb: memory,
-        ..Default::default()
-    };
-    println!("{runs} runs, {memory} MiB, 1 vCPU; the source runs a counting loop");
-    cc::Instance::new(&source, warm.clone())?.close()?;
+    let (source, warm) = prepare(rootfs, runs, memory)?;
     let names = [
         "warm start → first output",
         "branch 1 → child's first output",
@@ -101,12 +107,7 @@ pub(super) fn branch(rootfs: &Path, runs: usize, memory: u32) -> CliResult<ExitC
     let mut ours: Vec<Samples> = names.iter().map(|_| Samples::default()).collect();
     let mut pss = Vec::new();
     for _ in 0..runs {
-        let (src, warm_started, _) = start_and_echo(&source, &warm)?;
-        let status = src.command("sh").args(["-c", COUNTER]).status()?;
-        if !status.success() {
-            return Err(format!("the counter did not start: {status}").into());
-        }
-        std::thread::sleep(Duration::from_secs(1));
+        let (src, warm_started) = counting(&source, &warm)?;
         let mut times = vec![warm_started];
         for n in [1, 4] {
             let t = Instant::now();
