@@ -26,6 +26,8 @@ pub enum Error {
     Policy(String),
     #[error("QMP: {0}")]
     Qmp(String),
+    #[error("this engine cannot {0}")]
+    Unsupported(&'static str),
     #[error("warm-start template: {0}")]
     Template(String),
     #[error("{tool} not found: apt-get install {package}")]

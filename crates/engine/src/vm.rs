@@ -481,10 +481,24 @@ impl Vm {
         qmp.execute("migrate-incoming", Some(uri), QMP_TIMEOUT)?;
         wait_migrated(qmp, mark)?;
         // The template was saved stopped, so the guest arrives paused.
-        let mark = qmp.event_mark();
-        qmp.execute("cont", None, QMP_TIMEOUT)?;
-        qmp.wait_event(mark, "RESUME", QMP_TIMEOUT, |e| e.name == "RESUME")?;
-        Ok(())
+        self.cont()
+    }
+
+    /// Stops the guest's vCPUs (QMP `stop`): its clocks and timers stand
+    /// still and it uses no CPU; devices and the agent channel stay open.
+    /// QEMU sends a `STOP` event, which [`Vm::on_event`] handlers see.
+    pub fn stop(&self) -> Result<(), Error> {
+        self.qmp.execute("stop", None, QMP_TIMEOUT).map(drop)
+    }
+
+    /// Lets a stopped guest run again (QMP `cont`); returns once QEMU says
+    /// it runs (the `RESUME` event).
+    pub fn cont(&self) -> Result<(), Error> {
+        let mark = self.qmp.event_mark();
+        self.qmp.execute("cont", None, QMP_TIMEOUT)?;
+        self.qmp
+            .wait_event(mark, "RESUME", QMP_TIMEOUT, |e| e.name == "RESUME")
+            .map(drop)
     }
 
     /// QEMU's own messages and the tail of the guest console, for errors.
