@@ -50,6 +50,7 @@ mod host;
 mod instance;
 mod net;
 mod oci;
+mod pause;
 mod phases;
 mod process;
 mod rootfs;
