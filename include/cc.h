@@ -462,7 +462,8 @@ typedef struct cc_instance_options {
     uint32_t cpus;
     /**
      * Ends the instance this many seconds after it was created (later
-     * calls fail with `CC_ERR_NOT_RUNNING`); 0 for never.
+     * calls fail with `CC_ERR_NOT_RUNNING`), time paused not counted; 0
+     * for never.
      */
     double timeout_seconds;
     /**

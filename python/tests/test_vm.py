@@ -98,6 +98,35 @@ def test_timeout_ends_the_instance(source: cc.ImageSource) -> None:
             inst.command("true").run()
 
 
+def test_pause_freezes_the_guest_and_outlives_the_timeout(source: cc.ImageSource) -> None:
+    with cc.Instance(source, cc.InstanceOptions(memory_mb=256, timeout_seconds=3)) as inst:
+        counter = "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.1; done"
+        inst.command("sh", "-c", counter + " >/dev/null 2>&1 &").run()
+        uptime = "cut -d' ' -f1 /proc/uptime"
+        before = float(inst.command("sh", "-c", uptime).output())
+        inst.pause()
+        inst.pause()  # idempotent
+        assert inst.is_paused and inst.is_running
+        start = time.monotonic()
+        with pytest.raises(cc.PausedError) as info:
+            inst.command("true").run()
+        assert info.value.code == cc.ErrorCode.PAUSED
+        assert time.monotonic() - start < 2, "a request while paused fails at once"
+        time.sleep(4)  # longer than timeout_seconds
+        assert inst.is_running, "paused time does not count towards the timeout"
+        inst.resume()
+        assert not inst.is_paused
+        after = float(inst.command("sh", "-c", uptime).output())
+        assert after - before < 2.5, f"guest time moved {after - before:.2f} s in a 4 s pause"
+        first = int(inst.read_file("/tmp/c"))
+        time.sleep(1)
+        assert int(inst.read_file("/tmp/c")) > first, "the counter moves on after resume"
+        inst.wait()  # the time it had left runs out
+    with pytest.raises(cc.AlreadyClosedError):
+        inst.pause()
+    assert not inst.is_paused
+
+
 def test_disk_mb_bounds_the_writable_layer(source: cc.ImageSource) -> None:
     with cc.Instance(source, cc.InstanceOptions(memory_mb=256, disk_mb=96)) as inst:
         out = inst.command("sh", "-c", "dd if=/dev/zero of=/fill bs=1M 2>&1; echo status=$?")

@@ -45,7 +45,8 @@ pub struct cc_instance_options {
     /// Virtual CPUs; 0 for the default (1).
     pub cpus: u32,
     /// Ends the instance this many seconds after it was created (later
-    /// calls fail with `CC_ERR_NOT_RUNNING`); 0 for never.
+    /// calls fail with `CC_ERR_NOT_RUNNING`), time paused not counted; 0
+    /// for never.
     pub timeout_seconds: f64,
     /// Default user of commands (`name`, `uid`, `uid:gid`, `name:group`);
     /// NULL for the image's.

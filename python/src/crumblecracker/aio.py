@@ -111,6 +111,7 @@ from ._errors import (
     IOError,
     NetworkError,
     NotRunningError,
+    PausedError,
     TimeoutError,
     TooLargeError,
 )
@@ -177,6 +178,7 @@ __all__ = [
     "NetworkPolicy",
     "NotRunningError",
     "OCIClient",
+    "PausedError",
     "ProgressCallback",
     "PullOptions",
     "PullPolicy",
@@ -601,6 +603,9 @@ class Instance(_Async):
         def id(self) -> str: ...
 
         @property
+        def is_paused(self) -> bool: ...
+
+        @property
         def is_running(self) -> bool: ...
 
         async def listen(self, network: str, address: str) -> Listener: ...
@@ -614,6 +619,8 @@ class Instance(_Async):
         async def open(self, path: GuestPath) -> File: ...
 
         async def open_file(self, path: GuestPath, flags: int = 0, mode: int = 420) -> File: ...
+
+        async def pause(self) -> None: ...
 
         async def read_dir(self, path: GuestPath) -> list[DirEntry]: ...
 
@@ -632,6 +639,8 @@ class Instance(_Async):
         async def remove_all(self, path: GuestPath) -> None: ...
 
         async def rename(self, src: GuestPath, dst: GuestPath) -> None: ...
+
+        async def resume(self) -> None: ...
 
         async def set_network_enabled(self, enabled: bool) -> None: ...
 
