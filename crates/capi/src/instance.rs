@@ -336,11 +336,26 @@ pub unsafe extern "C" fn cc_instance_is_running(
     out: *mut bool,
     err: *mut cc_error,
 ) -> cc_error_code {
+    // SAFETY: the caller's promises, passed on.
+    unsafe { write_state(inst, out, err, cc::Instance::is_running) }
+}
+
+/// Writes to `out` what `state` says of the open instance, false once
+/// closed.
+///
+/// # Safety
+/// `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+unsafe fn write_state(
+    inst: cc_instance,
+    out: *mut bool,
+    err: *mut cc_error,
+    state: fn(&cc::Instance) -> bool,
+) -> cc_error_code {
     entry(err, || {
         // SAFETY: the caller passes NULL or a writable bool.
         let out = unsafe { Out::new(out, "out") }?;
         let inst = handles::get::<Instance>(inst)?;
-        out.write(inst.get().is_ok_and(|i| i.is_running()));
+        out.write(inst.get().is_ok_and(state));
         Ok(())
     })
 }
@@ -429,13 +444,8 @@ pub unsafe extern "C" fn cc_instance_is_paused(
     out: *mut bool,
     err: *mut cc_error,
 ) -> cc_error_code {
-    entry(err, || {
-        // SAFETY: the caller passes NULL or a writable bool.
-        let out = unsafe { Out::new(out, "out") }?;
-        let inst = handles::get::<Instance>(inst)?;
-        out.write(inst.get().is_ok_and(|i| i.is_paused()));
-        Ok(())
-    })
+    // SAFETY: the caller's promises, passed on.
+    unsafe { write_state(inst, out, err, cc::Instance::is_paused) }
 }
 
 /// Closes the instance: the guest syncs and powers off, nothing of it

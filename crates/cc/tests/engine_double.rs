@@ -314,6 +314,15 @@ fn boot_with(engine: &Arc<Double>, scratch: &Scratch, options: Options) -> Insta
     Instance::new(&Source::Dir(root), options).unwrap()
 }
 
+/// An instance that ends `limit` after it was created.
+fn boot_with_timeout(scratch: &Scratch, limit: Duration) -> Instance {
+    let options = Options {
+        timeout: Some(limit),
+        ..Options::default()
+    };
+    boot_with(&Arc::new(Double::default()), scratch, options)
+}
+
 fn boot(scratch: &Scratch) -> (Arc<Double>, Instance) {
     let engine = Arc::new(Double::default());
     let inst = boot_with(&engine, scratch, Options::default());
@@ -560,15 +569,7 @@ fn a_channel_that_breaks_is_noticed_without_the_engine() {
 #[test]
 fn an_instance_timeout_ends_it() {
     let s = Scratch::new("deadline");
-    let engine = Arc::new(Double::default());
-    let inst = boot_with(
-        &engine,
-        &s,
-        Options {
-            timeout: Some(Duration::from_millis(500)),
-            ..Options::default()
-        },
-    );
+    let inst = boot_with_timeout(&s, Duration::from_millis(500));
     let err = inst.command("sleep").arg("100").status().unwrap_err();
     assert_eq!(err.code(), ErrorCode::NotRunning, "{err}");
     assert!(err.to_string().contains("timed out"), "{err}");
@@ -698,15 +699,7 @@ fn paused_time_counts_towards_no_command_timeout() {
 #[test]
 fn paused_time_counts_towards_no_instance_timeout_and_is_not_silence() {
     let s = Scratch::new("pauselimit");
-    let engine = Arc::new(Double::default());
-    let inst = boot_with(
-        &engine,
-        &s,
-        Options {
-            timeout: Some(Duration::from_millis(1500)),
-            ..Options::default()
-        },
-    );
+    let inst = boot_with_timeout(&s, Duration::from_millis(1500));
     let t = Instant::now();
     pause(&inst);
     // Longer than the instance's timeout and than a liveness check waits
