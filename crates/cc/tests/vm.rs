@@ -209,7 +209,7 @@ fn agent_trace_times_command_phases(inst: &Instance) {
     // not be in yet.
     for phase in [
         "agent: pipes, spawn and exec",
-        "agent: Started sent → exit reaped",
+        "agent: Started ready → exit reaped",
     ] {
         assert!(names.contains(&phase), "{phase} missing from {names:?}");
     }
