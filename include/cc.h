@@ -263,6 +263,11 @@ enum cc_error_code
      */
     CC_ERR_TOO_LARGE = 10,
     /**
+     * The instance is paused (`cc_instance_pause`): new requests are
+     * refused until `cc_instance_resume`.
+     */
+    CC_ERR_PAUSED = 11,
+    /**
      * Anything else, including an internal error (a caught panic).
      */
     CC_ERR_UNKNOWN = 99,
@@ -461,7 +466,8 @@ typedef struct cc_instance_options {
     uint32_t cpus;
     /**
      * Ends the instance this many seconds after it was created (later
-     * calls fail with `CC_ERR_NOT_RUNNING`); 0 for never.
+     * calls fail with `CC_ERR_NOT_RUNNING`), time paused not counted; 0
+     * for never.
      */
     double timeout_seconds;
     /**
@@ -1705,9 +1711,44 @@ cc_error_code cc_instance_wait(cc_instance inst, cc_cancel_token cancel, struct 
 cc_error_code cc_instance_set_network_enabled(cc_instance inst, bool enabled, struct cc_error *err);
 
 /**
+ * Stops the guest's CPUs in place: its processes and clocks stand still
+ * and it uses no host CPU; memory, files and connections stay. Until
+ * `cc_instance_resume`, new requests (commands, file operations, signals,
+ * listen, dial, snapshots) fail at once with `CC_ERR_PAUSED`, while waits
+ * (`cc_cmd_wait`, reading output, accept, `cc_instance_wait`) keep
+ * waiting. Paused time counts towards no time limit (`timeout_seconds`,
+ * command timeouts). Pausing a paused instance is `CC_OK`; a closed one
+ * fails with `CC_ERR_ALREADY_CLOSED`, a dead one with
+ * `CC_ERR_NOT_RUNNING`. Closing a paused instance is prompt.
+ *
+ * # Safety
+ * `err` is NULL or valid for writing.
+ */
+cc_error_code cc_instance_pause(cc_instance inst, struct cc_error *err);
+
+/**
+ * Lets a paused guest run on and sets its clock from the host's. Resuming
+ * a running instance is `CC_OK`; a closed one fails with
+ * `CC_ERR_ALREADY_CLOSED`, a dead one with `CC_ERR_NOT_RUNNING`.
+ *
+ * # Safety
+ * `err` is NULL or valid for writing.
+ */
+cc_error_code cc_instance_resume(cc_instance inst, struct cc_error *err);
+
+/**
+ * Whether the instance is paused (`cc_instance_pause`); false once closed.
+ *
+ * # Safety
+ * `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+ */
+cc_error_code cc_instance_is_paused(cc_instance inst, bool *out, struct cc_error *err);
+
+/**
  * Closes the instance: the guest syncs and powers off, nothing of it
  * remains. Closing again is `CC_OK`; other calls on a closed instance
- * (except `cc_instance_id`, `cc_instance_is_running` and the free) fail
+ * (except `cc_instance_id`, `cc_instance_is_running`,
+ * `cc_instance_is_paused` and the free) fail
  * with `CC_ERR_ALREADY_CLOSED`, as do its files and commands.
  *
  * # Safety

@@ -357,6 +357,7 @@ ERRORS = [
     (cc.NetworkError, 8),
     (cc.CancelledError, 9),
     (cc.TooLargeError, 10),
+    (cc.PausedError, 11),
 ]
 
 

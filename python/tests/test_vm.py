@@ -98,6 +98,32 @@ def test_timeout_ends_the_instance(source: cc.ImageSource) -> None:
             inst.command("true").run()
 
 
+def test_pause_stops_guest_time_and_outlives_the_timeout(source: cc.ImageSource) -> None:
+    with cc.Instance(source, cc.InstanceOptions(memory_mb=256, timeout_seconds=3)) as inst:
+        uptime = "cut -d' ' -f1 /proc/uptime"
+        before = float(inst.command("sh", "-c", uptime).output())
+        inst.pause()
+        inst.pause()  # idempotent
+        assert inst.is_paused and inst.is_running
+        start = time.monotonic()
+        with pytest.raises(cc.PausedError) as info:
+            inst.command("true").run()
+        assert info.value.code == cc.ErrorCode.PAUSED
+        assert time.monotonic() - start < 2, "a request while paused fails at once"
+        time.sleep(4)  # longer than timeout_seconds
+        assert inst.is_running, "paused time does not count towards the timeout"
+        inst.resume()
+        assert not inst.is_paused
+        after = float(inst.command("sh", "-c", uptime).output())
+        assert after - before < 2.5, f"guest time moved {after - before:.2f} s in a 4 s pause"
+        start = time.monotonic()
+        inst.wait()  # the time it had left runs out
+        assert time.monotonic() - start < 10
+    with pytest.raises(cc.AlreadyClosedError):
+        inst.pause()
+    assert not inst.is_paused
+
+
 def test_disk_mb_bounds_the_writable_layer(source: cc.ImageSource) -> None:
     with cc.Instance(source, cc.InstanceOptions(memory_mb=256, disk_mb=96)) as inst:
         out = inst.command("sh", "-c", "dd if=/dev/zero of=/fill bs=1M 2>&1; echo status=$?")

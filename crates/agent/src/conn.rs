@@ -307,6 +307,16 @@ impl Conn {
         self.send_frame(&frame)
     }
 
+    /// Writes `msgs` as consecutive frames in one write, so the host gets
+    /// them together.
+    pub fn send_all(&self, msgs: &[Message]) -> io::Result<()> {
+        let mut frames = Vec::new();
+        for msg in msgs {
+            frames.extend(frame::encode(msg).map_err(io::Error::other)?);
+        }
+        self.send_frame(&frames)
+    }
+
     /// Writes one already-encoded frame.
     pub fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
         let port = lock(&self.port);
@@ -498,6 +508,12 @@ pub struct Reply {
 impl Reply {
     pub fn conn(&self) -> &Arc<Conn> {
         &self.conn
+    }
+
+    /// The answer as a message for the caller to send, e.g. together with
+    /// others through [`Conn::send_all`].
+    pub fn into_message(mut self, body: Result<Response, RemoteError>) -> Message {
+        self.message(body)
     }
 
     fn message(&mut self, body: Result<Response, RemoteError>) -> Message {

@@ -8,8 +8,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use cc_protocol::{ErrorKind, Exec, Message, RemoteError, Response, Stdio};
 use rustix::thread::{Gid, Uid};
@@ -95,23 +95,31 @@ pub fn run(
         true
     });
     let answered = Instant::now();
-    reply.send(Ok(Response::Started { pid: spawned.pid }));
-    trace::record("agent: send Started", answered);
+    let started = reply.into_message(Ok(Response::Started { pid: spawned.pid }));
     let process = exec.process;
-    let c = conn.clone();
-    let t = terminals.clone();
-    reaper.announce(
-        key,
-        Box::new(move |status| {
-            if terminal {
-                t.remove(key);
-            }
-            trace::record("agent: Started sent → exit reaped", answered);
-            let reaped = Instant::now();
-            let _ = c.send(&Message::Exited { process, status });
-            trace::record("agent: send Exited", reaped);
-        }),
-    );
+    // A process the host feeds or that has a terminal may wait for the
+    // host, which needs `Started` first; any other may end at once, and
+    // then its start and exit reach the host in one write.
+    if exec.stdin.is_some() || terminal {
+        let _ = conn.send(&started);
+        trace::record("agent: send Started", answered);
+        let c = conn.clone();
+        let t = terminals.clone();
+        reaper.announce(
+            key,
+            Box::new(move |status| {
+                if terminal {
+                    t.remove(key);
+                }
+                trace::record(EXIT_REAPED, answered);
+                let reaped = Instant::now();
+                let _ = c.send(&Message::Exited { process, status });
+                trace::record("agent: send Exited", reaped);
+            }),
+        );
+    } else {
+        announce_quick_exit(reaper, key, &conn, started, answered);
+    }
     // A thread that fails to start drops its stream, which releases it;
     // the host is then told the stream is over.
     if let (Some(input), Some(pipe)) = (streams.stdin.take(), spawned.stdin) {
@@ -147,6 +155,65 @@ pub fn run(
             }
             _ => {}
         }
+    }
+}
+
+/// The span from the `Started` answer being ready (sent, or waiting for
+/// a quick exit) to the process's exit being reaped.
+const EXIT_REAPED: &str = "agent: Started ready → exit reaped";
+
+/// How long `Started` waits for the exit of a process that cannot be
+/// waiting for the host. Its frame costs the guest about as much as the
+/// `true` it announces takes to run (0.15 of 3 ms under TCG); a process
+/// that lives longer is announced this much later.
+const QUICK_EXIT: Duration = Duration::from_millis(5);
+
+/// Sends `started` together with the process's `Exited` if it exits
+/// within [`QUICK_EXIT`], else alone once that passed (and `Exited` when
+/// it comes).
+fn announce_quick_exit(
+    reaper: &Reaper,
+    key: crate::reaper::Key,
+    conn: &Arc<Conn>,
+    started: Message,
+    since: Instant,
+) {
+    let pending = Arc::new((Mutex::new(Some(started)), Condvar::new()));
+    let (c, p) = (conn.clone(), pending.clone());
+    reaper.announce(
+        key,
+        Box::new(move |status| {
+            let exited = Message::Exited {
+                process: key.1,
+                status,
+            };
+            let reaped = Instant::now();
+            // Held while sending, so that `Started` never follows `Exited`.
+            let mut started = p.0.lock().unwrap_or_else(|e| e.into_inner());
+            match started.take() {
+                Some(started) => {
+                    let _ = c.send_all(&[started, exited]);
+                    trace::record(EXIT_REAPED, since);
+                    trace::record("agent: send Started and Exited in one write", reaped);
+                    p.1.notify_all();
+                }
+                None => {
+                    let _ = c.send(&exited);
+                    trace::record(EXIT_REAPED, since);
+                    trace::record("agent: send Exited", reaped);
+                }
+            }
+        }),
+    );
+    let (started, exited) = &*pending;
+    let started = started.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut started, _) = exited
+        .wait_timeout_while(started, QUICK_EXIT, |s| s.is_some())
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(msg) = started.take() {
+        let sending = Instant::now();
+        let _ = conn.send(&msg);
+        trace::record("agent: send Started", sending);
     }
 }
 

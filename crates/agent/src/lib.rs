@@ -464,6 +464,7 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
     let job: Job = match body {
         Request::Ping => return reply.send(Ok(Response::Pong)),
         Request::Trace { on } => return reply.send(Ok(Response::Trace(trace::take(on)))),
+        Request::SyncClock(time) => return reply.send(setup::sync_clock(agent.mode, time)),
         Request::Exec(exec) => match exec::Streams::open(conn, &exec) {
             Ok(streams) => {
                 let received = Instant::now();

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
-use cc_protocol::{NetConfig, Prepare, RemoteError, Response, RootSpec, Setup};
+use cc_protocol::{NetConfig, Prepare, RemoteError, Response, RootSpec, Setup, UnixTime};
 
 use crate::{error, mounts, net, sys, trace, Mode};
 
@@ -33,6 +33,15 @@ pub struct Mounted {
     nameservers: Option<Vec<String>>,
     loopback: bool,
     network: Option<NetConfig>,
+}
+
+/// Sets the wall clock to the host's `time` (after a resume); in host mode
+/// the clock is the host's own, already right.
+pub fn sync_clock(mode: Mode, time: UnixTime) -> Result<Response, RemoteError> {
+    if mode == Mode::Guest {
+        sys::set_realtime_clock(time.secs, time.nanos).map_err(|e| error::os("set clock", &e))?;
+    }
+    Ok(Response::Done)
 }
 
 /// Performs `setup`: filesystems as far as `mounted` says they are not yet

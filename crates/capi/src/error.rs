@@ -43,6 +43,9 @@ pub enum cc_error_code {
     /// the cap. Stream it instead (`cc_instance_copy_out`,
     /// `cc_instance_read_file_stream`, `cc_cmd_output_to_file`).
     CC_ERR_TOO_LARGE = 10,
+    /// The instance is paused (`cc_instance_pause`): new requests are
+    /// refused until `cc_instance_resume`.
+    CC_ERR_PAUSED = 11,
     /// Anything else, including an internal error (a caught panic).
     CC_ERR_UNKNOWN = 99,
 }
@@ -63,6 +66,7 @@ impl From<cc::ErrorCode> for cc_error_code {
             cc::ErrorCode::Network => CC_ERR_NETWORK,
             cc::ErrorCode::Cancelled => CC_ERR_CANCELLED,
             cc::ErrorCode::TooLarge => CC_ERR_TOO_LARGE,
+            cc::ErrorCode::Paused => CC_ERR_PAUSED,
             cc::ErrorCode::Unknown => CC_ERR_UNKNOWN,
         }
     }

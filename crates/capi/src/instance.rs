@@ -45,7 +45,8 @@ pub struct cc_instance_options {
     /// Virtual CPUs; 0 for the default (1).
     pub cpus: u32,
     /// Ends the instance this many seconds after it was created (later
-    /// calls fail with `CC_ERR_NOT_RUNNING`); 0 for never.
+    /// calls fail with `CC_ERR_NOT_RUNNING`), time paused not counted; 0
+    /// for never.
     pub timeout_seconds: f64,
     /// Default user of commands (`name`, `uid`, `uid:gid`, `name:group`);
     /// NULL for the image's.
@@ -338,11 +339,26 @@ pub unsafe extern "C" fn cc_instance_is_running(
     out: *mut bool,
     err: *mut cc_error,
 ) -> cc_error_code {
+    // SAFETY: the caller's promises, passed on.
+    unsafe { write_state(inst, out, err, cc::Instance::is_running) }
+}
+
+/// Writes to `out` what `state` says of the open instance, false once
+/// closed.
+///
+/// # Safety
+/// `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+unsafe fn write_state(
+    inst: cc_instance,
+    out: *mut bool,
+    err: *mut cc_error,
+    state: fn(&cc::Instance) -> bool,
+) -> cc_error_code {
     entry(err, || {
         // SAFETY: the caller passes NULL or a writable bool.
         let out = unsafe { Out::new(out, "out") }?;
         let inst = handles::get::<Instance>(inst)?;
-        out.write(inst.get().is_ok_and(|i| i.is_running()));
+        out.write(inst.get().is_ok_and(state));
         Ok(())
     })
 }
@@ -386,9 +402,59 @@ pub unsafe extern "C" fn cc_instance_set_network_enabled(
     })
 }
 
+/// Stops the guest's CPUs in place: its processes and clocks stand still
+/// and it uses no host CPU; memory, files and connections stay. Until
+/// `cc_instance_resume`, new requests (commands, file operations, signals,
+/// listen, dial, snapshots) fail at once with `CC_ERR_PAUSED`, while waits
+/// (`cc_cmd_wait`, reading output, accept, `cc_instance_wait`) keep
+/// waiting. Paused time counts towards no time limit (`timeout_seconds`,
+/// command timeouts). Pausing a paused instance is `CC_OK`; a closed one
+/// fails with `CC_ERR_ALREADY_CLOSED`, a dead one with
+/// `CC_ERR_NOT_RUNNING`. Closing a paused instance is prompt.
+///
+/// # Safety
+/// `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_pause(inst: cc_instance, err: *mut cc_error) -> cc_error_code {
+    entry(err, || {
+        Ok(handles::get::<Instance>(inst)?.get()?.pause()?)
+    })
+}
+
+/// Lets a paused guest run on and sets its clock from the host's. Resuming
+/// a running instance is `CC_OK`; a closed one fails with
+/// `CC_ERR_ALREADY_CLOSED`, a dead one with `CC_ERR_NOT_RUNNING`.
+///
+/// # Safety
+/// `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_resume(
+    inst: cc_instance,
+    err: *mut cc_error,
+) -> cc_error_code {
+    entry(err, || {
+        Ok(handles::get::<Instance>(inst)?.get()?.resume()?)
+    })
+}
+
+/// Whether the instance is paused (`cc_instance_pause`); false once closed.
+///
+/// # Safety
+/// `out` is NULL or valid for writing; `err` is NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn cc_instance_is_paused(
+    inst: cc_instance,
+    out: *mut bool,
+    err: *mut cc_error,
+) -> cc_error_code {
+    // SAFETY: the caller's promises, passed on.
+    unsafe { write_state(inst, out, err, cc::Instance::is_paused) }
+}
+
 /// Closes the instance: the guest syncs and powers off, nothing of it
 /// remains. Closing again is `CC_OK`; other calls on a closed instance
-/// (except `cc_instance_id`, `cc_instance_is_running` and the free) fail
+/// (except `cc_instance_id`, `cc_instance_is_running`,
+/// `cc_instance_is_paused` and the free) fail
 /// with `CC_ERR_ALREADY_CLOSED`, as do its files and commands.
 ///
 /// # Safety

@@ -29,10 +29,13 @@ use cc_cancel::CancelToken;
 
 use crate::cancel;
 use crate::error::{Error, Result};
+use crate::pause::PauseClock;
 use crate::phases::{self, Phase};
 
 type Reply = std::result::Result<Response, RemoteError>;
 
+/// A write blocked this long fails, unless the guest was paused meanwhile
+/// (a paused guest reads nothing; the write goes on after its resume).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long the first resuming ping waits before it is sent again; each
@@ -371,6 +374,8 @@ struct Shared {
     next_listener: AtomicU64,
     /// Resumed after a restore: the agent may greet again, harmlessly.
     resumed: bool,
+    /// Whether the guest is paused; time limits count only running time.
+    pause: PauseClock,
 }
 
 /// A request sent and not yet answered.
@@ -381,14 +386,24 @@ pub(crate) struct Pending {
 }
 
 impl Pending {
-    /// Waits up to `timeout` for the answer. The current call's cancel
-    /// token forgets the request, which wakes this wait.
+    /// Waits up to `timeout` of the guest's running time (paused time does
+    /// not count) for the answer. The current call's cancel token forgets
+    /// the request, which wakes this wait.
     pub(crate) fn wait(self, channel: &Channel, timeout: Duration) -> Result<Reply> {
         let id = self.id;
         let _wake = cancel::wake_on(&channel.shared, move |shared: &Shared| {
             lock(&shared.tables).calls.forget(id);
         });
-        match self.rx.recv_timeout(timeout) {
+        let clock = &channel.shared.pause;
+        let deadline = clock.deadline_in(timeout);
+        let mut answer = Err(mpsc::RecvTimeoutError::Timeout);
+        while matches!(answer, Err(mpsc::RecvTimeoutError::Timeout)) && !deadline.passed(clock) {
+            let left = deadline
+                .now(clock)
+                .saturating_duration_since(Instant::now());
+            answer = self.rx.recv_timeout(left);
+        }
+        match answer {
             Ok(reply) => Ok(reply),
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 lock(&channel.shared.tables).calls.forget(self.id);
@@ -546,6 +561,7 @@ impl Channel {
             epoch: Instant::now(),
             heard: AtomicU64::new(0),
             asked: Mutex::new(None),
+            pause: PauseClock::default(),
         });
         let shared2 = shared.clone();
         let handle = std::thread::Builder::new()
@@ -589,11 +605,16 @@ impl Channel {
     /// streaming is never pinged. Never blocks: a ping that cannot be
     /// written at once (a writer is stuck on a guest that stopped reading)
     /// is not needed to see the guest stay silent.
+    /// A paused guest answers nothing and is never asked.
     pub(crate) fn check_alive(&self) -> std::result::Result<(), String> {
         let shared = &self.shared;
+        let mut asked = lock(&shared.asked);
+        if shared.pause.is_paused() {
+            *asked = None;
+            return Ok(());
+        }
         let now = shared.epoch.elapsed().as_nanos() as u64;
         let heard = shared.heard.load(Ordering::Acquire);
-        let mut asked = lock(&shared.asked);
         match *asked {
             Some(since) if heard >= since => *asked = None,
             Some(since) if now - since >= ANSWER_TIMEOUT.as_nanos() as u64 => {
@@ -632,19 +653,42 @@ impl Channel {
         Ok(())
     }
 
+    /// The guest's pause state and paused time.
+    pub(crate) fn pause_clock(&self) -> &PauseClock {
+        &self.shared.pause
+    }
+
+    /// Counts the guest as just heard from, with no ping outstanding: after
+    /// a resume, the paused time is not silence.
+    pub(crate) fn reset_liveness(&self) {
+        let shared = &self.shared;
+        let mut asked = lock(&shared.asked);
+        *asked = None;
+        shared
+            .heard
+            .store(shared.epoch.elapsed().as_nanos() as u64, Ordering::Release);
+    }
+
     /// Sends `body` and waits up to `timeout` for its reply.
     pub(crate) fn request(&self, body: Request, timeout: Duration) -> Result<Reply> {
         self.begin(body)?.wait(self, timeout)
     }
 
     /// Sends `body` without waiting: for requests whose answer comes after
-    /// stream traffic (`WriteFile`).
+    /// stream traffic (`WriteFile`). Every request starts here, so this is
+    /// where a paused guest refuses new ones ([`Error::Paused`]).
     pub(crate) fn begin(&self, body: Request) -> Result<Pending> {
         let named = body.streams();
         let (id, rx) = {
             let mut t = lock(&self.shared.tables);
             if let Some(gone) = &t.dead {
                 return Err(gone.error());
+            }
+            if self.shared.pause.is_paused() {
+                for stream in named {
+                    t.streams.discard(stream);
+                }
+                return Err(Error::Paused);
             }
             t.calls.begin()
         };
@@ -814,11 +858,11 @@ impl Channel {
             // Header and payload go out in one system call straight from
             // where they are: the payload is never copied on the host.
             let sent = Instant::now();
-            let frame = [
+            let mut frame = [
                 IoSlice::new(&header[frame::DATA_HEADER_MAX - len..]),
                 IoSlice::new(&rest[..n]),
             ];
-            send_frame_vectored(&self.shared, frame)
+            send_frame_vectored(&self.shared, &mut frame)
                 .map_err(|()| io::Error::new(io::ErrorKind::BrokenPipe, self.gone_error()))?;
             phases::add(Phase::Send, sent);
             rest = &rest[n..];
@@ -1013,24 +1057,16 @@ fn read_loop(shared: &Shared, mut reader: FrameReader<UnixStream>) {
 
 /// Writes one frame; on failure the channel is marked dead.
 fn send_frame(shared: &Shared, bytes: &[u8]) -> std::result::Result<(), ()> {
-    let mut w = lock(&shared.writer);
-    io::Write::write_all(&mut *w, bytes).map_err(|e| {
-        drop(w);
-        mark_dead(
-            shared,
-            Gone::Dead(format!("writing to the guest agent: {e}")),
-        );
-    })
+    send_frame_vectored(shared, &mut [IoSlice::new(bytes)])
 }
 
 /// Writes one frame given in pieces, without joining them; on failure the
-/// channel is marked dead.
-fn send_frame_vectored(
-    shared: &Shared,
-    mut frame: [IoSlice<'_>; 2],
-) -> std::result::Result<(), ()> {
+/// channel is marked dead. A write that timed out while the guest was
+/// paused goes on where it stopped.
+fn send_frame_vectored(shared: &Shared, frame: &mut [IoSlice<'_>]) -> std::result::Result<(), ()> {
     let mut w = lock(&shared.writer);
-    let mut slices = &mut frame[..];
+    let mut slices = frame;
+    let mut paused_before = shared.pause.total_at(Instant::now());
     while !slices.is_empty() {
         match io::Write::write_vectored(&mut *w, slices) {
             Ok(0) => {
@@ -1043,6 +1079,13 @@ fn send_frame_vectored(
             }
             Ok(n) => IoSlice::advance_slices(&mut slices, n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    && (shared.pause.is_paused()
+                        || shared.pause.total_at(Instant::now()) > paused_before) =>
+            {
+                paused_before = shared.pause.total_at(Instant::now());
+            }
             Err(e) => {
                 drop(w);
                 mark_dead(

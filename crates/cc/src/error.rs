@@ -17,6 +17,7 @@ pub enum ErrorCode {
     Network = 8,
     Cancelled = 9,
     TooLarge = 10,
+    Paused = 11,
     Unknown = 99,
 }
 
@@ -30,6 +31,10 @@ pub enum Error {
     NotRunning(String),
     #[error("already closed")]
     AlreadyClosed,
+    /// The instance is paused ([`Instance::pause`](crate::Instance::pause)):
+    /// new requests are refused until it is resumed.
+    #[error("the instance is paused: resume it first")]
+    Paused,
     /// The caller's [`CancelToken`](crate::CancelToken) stopped `op`
     /// (`wait`, `accept`, `read_file`, `pull`, …).
     #[error("{op} cancelled")]
@@ -101,6 +106,7 @@ impl Error {
             Error::NotRunning(_) => ErrorCode::NotRunning,
             Error::Net { .. } => ErrorCode::Network,
             Error::AlreadyClosed => ErrorCode::AlreadyClosed,
+            Error::Paused => ErrorCode::Paused,
             Error::Cancelled { .. } => ErrorCode::Cancelled,
             Error::Timeout(_) => ErrorCode::Timeout,
             Error::TooLarge { .. } => ErrorCode::TooLarge,
@@ -288,6 +294,7 @@ mod tests {
             (Error::UnknownUser("bob".into()), C::InvalidArgument),
             (Error::NotRunning("gone".into()), C::NotRunning),
             (Error::AlreadyClosed, C::AlreadyClosed),
+            (Error::Paused, C::Paused),
             (Error::Timeout("exec".into()), C::Timeout),
             (Error::CommandNotFound("nope".into()), C::Io),
             (Error::PermissionDenied("/x".into()), C::Io),

@@ -65,7 +65,8 @@ pub struct Options {
     /// How long the guest may take to become ready (default 60 s).
     pub boot_timeout: Duration,
     /// Ends the instance this long after it was created; later calls fail
-    /// with [`Error::NotRunning`]. `None` (the default) never ends it.
+    /// with [`Error::NotRunning`]. Time paused ([`Instance::pause`]) does
+    /// not count. `None` (the default) never ends it.
     pub timeout: Option<Duration>,
     /// Host directories shared into the guest.
     pub mounts: Vec<Mount>,
@@ -299,11 +300,21 @@ pub(crate) struct Inner {
     pub(crate) lowers: Vec<PathBuf>,
     /// Being parked: the guest stops and QEMU ends on purpose.
     pub(crate) parking: AtomicBool,
+    /// Held while pausing or resuming, so the two never interleave.
+    pausing: Mutex<()>,
 }
 
 impl Inner {
     fn live(&self) -> MutexGuard<'_, Option<Live>> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.live)
+    }
+
+    /// The running guest's machine; [`Error::AlreadyClosed`] once closed.
+    pub(crate) fn machine(&self) -> Result<Arc<dyn Machine>> {
+        match self.live().as_ref() {
+            Some(live) => Ok(live.vm.clone()),
+            None => Err(Error::AlreadyClosed),
+        }
     }
 
     /// A booted guest's state, before it is supervised.
@@ -330,12 +341,8 @@ impl Inner {
             options: options.clone(),
             lowers: root.lowers,
             parking: AtomicBool::new(false),
+            pausing: Mutex::new(()),
         })
-    }
-
-    /// The running machine, while the instance is open.
-    pub(crate) fn machine(&self) -> Option<Arc<dyn Machine>> {
-        self.live().as_ref().map(|l| l.vm.clone())
     }
 
     pub(crate) fn exposed(&self) -> MutexGuard<'_, Vec<Arc<ExposeShared>>> {
@@ -470,9 +477,67 @@ impl Instance {
         self.timings
     }
 
-    /// Whether the instance is open and its guest alive.
+    /// Whether the instance is open and its guest alive (paused or not).
     pub fn is_running(&self) -> bool {
         self.inner.check_running().is_ok()
+    }
+
+    /// Stops the guest's CPUs in place: its processes, clocks and timers
+    /// stand still and it uses no host CPU, while its memory, files and
+    /// connections stay. Until [`resume`](Self::resume), every new request
+    /// (commands, file operations, signals, `listen`, `dial`, snapshots)
+    /// fails at once with [`Error::Paused`]; calls that only wait for the
+    /// guest (`Child::wait`, reading a command's output, `accept`,
+    /// [`wait`](Self::wait)) keep waiting. Paused time counts towards no
+    /// time limit ([`Options::timeout`], [`Command::timeout`], request
+    /// bounds). Pausing a paused instance does nothing; a closed one fails
+    /// with [`Error::AlreadyClosed`], a dead one with
+    /// [`Error::NotRunning`]. Closing a paused instance is prompt.
+    pub fn pause(&self) -> Result<()> {
+        let _serial = lock(&self.inner.pausing);
+        let vm = self.inner.machine()?;
+        self.inner.check_running()?;
+        let clock = self.inner.channel.pause_clock();
+        if !clock.pause_at(Instant::now()) {
+            return Ok(());
+        }
+        if let Err(e) = vm.pause() {
+            clock.resume_at(Instant::now());
+            return Err(e.into());
+        }
+        tracing::debug!(id = %self.inner.id, "paused");
+        Ok(())
+    }
+
+    /// Lets a paused guest run on where it stopped, and sets its clock
+    /// from the host's (it stood still while paused). Resuming a running
+    /// instance does nothing; a closed one fails with
+    /// [`Error::AlreadyClosed`], a dead one with [`Error::NotRunning`].
+    pub fn resume(&self) -> Result<()> {
+        let _serial = lock(&self.inner.pausing);
+        let vm = self.inner.machine()?;
+        self.inner.check_running()?;
+        let channel = &self.inner.channel;
+        if !channel.pause_clock().is_paused() {
+            return Ok(());
+        }
+        vm.resume()?;
+        channel.reset_liveness();
+        channel.pause_clock().resume_at(Instant::now());
+        tracing::debug!(id = %self.inner.id, "resumed");
+        match channel.request(Request::SyncClock(now()), REQUEST_TIMEOUT)? {
+            Ok(_) => Ok(()),
+            Err(e) => Err(Error::Guest {
+                op: "set the clock".into(),
+                message: e.message,
+            }),
+        }
+    }
+
+    /// Whether the instance is paused ([`pause`](Self::pause)); `false`
+    /// once closed.
+    pub fn is_paused(&self) -> bool {
+        self.inner.live().is_some() && self.inner.channel.pause_clock().is_paused()
     }
 
     /// A command to run `program` in the guest.
@@ -627,6 +692,17 @@ impl Instance {
         let exposed = std::mem::take(&mut *self.inner.exposed());
         for e in exposed {
             e.stop();
+        }
+        // A paused guest runs again to shut down as usual (syncing what its
+        // page cache holds for writable mounts); one that cannot is killed.
+        let clock = self.inner.channel.pause_clock();
+        if clock.is_paused() {
+            if let Err(e) = live.vm.resume() {
+                tracing::debug!(id = %self.inner.id, error = %e, "resume to close failed");
+                live.vm.kill();
+            }
+            self.inner.channel.reset_liveness();
+            clock.resume_at(Instant::now());
         }
         let alive = live.vm.exit_status().is_none() && self.inner.channel.dead().is_none();
         if alive && self.inner.channel.close_gracefully(SHUTDOWN_GRACE) {
@@ -927,8 +1003,8 @@ fn prepare_guest(
     Ok(channel)
 }
 
-/// Ends the instance when its time is up, unless closed first (which drops
-/// the sender and wakes the watchdog).
+/// Ends the instance when its time is up (paused time not counted),
+/// unless closed first (which drops the sender and wakes the watchdog).
 fn start_watchdog(
     inner: &Arc<Inner>,
     vm: &Arc<dyn Machine>,
@@ -936,12 +1012,27 @@ fn start_watchdog(
     limit: Duration,
 ) -> Result<(mpsc::Sender<()>, JoinHandle<()>)> {
     let (stop, stopped) = mpsc::channel::<()>();
+    let deadline = inner.channel.pause_clock().deadline_in(left);
     let (inner, vm) = (Arc::downgrade(inner), vm.clone());
     let thread = std::thread::Builder::new()
         .name("cc-timeout".into())
         .spawn(move || {
-            if stopped.recv_timeout(left) != Err(mpsc::RecvTimeoutError::Timeout) {
-                return;
+            loop {
+                let Some(inner) = inner.upgrade() else { return };
+                let clock = inner.channel.pause_clock();
+                if deadline.passed(clock) {
+                    break;
+                }
+                // While paused, the deadline moves: look again after this.
+                let left = deadline
+                    .now(clock)
+                    .saturating_duration_since(Instant::now());
+                drop(inner);
+                if stopped.recv_timeout(left.max(LIVENESS_TICK))
+                    != Err(mpsc::RecvTimeoutError::Timeout)
+                {
+                    return;
+                }
             }
             if let Some(inner) = inner.upgrade() {
                 inner.mark_dead(format!(
@@ -977,6 +1068,7 @@ fn start_liveness(
                 if let Some(status) = vm.exit_status() {
                     return inner.mark_dead(format!("QEMU exited ({status})"));
                 }
+                // A paused guest is not asked (check_alive skips it).
                 if let Err(why) = inner.channel.check_alive() {
                     return inner.mark_dead(why);
                 }
@@ -992,6 +1084,10 @@ fn kill_now(vm: &dyn Machine) {
     while vm.wait_timeout(Duration::from_secs(1)).is_none() {
         vm.kill();
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn now() -> UnixTime {

@@ -17,6 +17,11 @@
 //! # Ok::<(), cc::Error>(())
 //! ```
 //!
+//! Pause: [`Instance::pause`] stops the guest's CPUs in place and
+//! [`Instance::resume`] lets it run on. Meanwhile new requests fail with
+//! [`Error::Paused`] and waits keep waiting; paused time counts towards no
+//! time limit.
+//!
 //! Cancellation: a [`CancelToken`] stops a blocking call from any thread
 //! at once (the call waits on its real event and the token's wake-up, it
 //! never polls), and the call fails with [`Error::Cancelled`] naming the
@@ -51,6 +56,7 @@ mod instance;
 mod net;
 mod oci;
 mod park;
+mod pause;
 mod phases;
 mod process;
 mod rootfs;

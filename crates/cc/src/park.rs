@@ -480,7 +480,7 @@ fn saveable(inner: &Inner, what: &str) -> Result<Arc<dyn Machine>> {
             "an instance with mounts cannot be {what} (not supported yet)"
         )));
     }
-    inner.machine().ok_or(Error::AlreadyClosed)
+    inner.machine()
 }
 
 fn write_meta(dir: &Path, meta: &Meta) -> Result<()> {

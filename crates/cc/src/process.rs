@@ -18,6 +18,7 @@ use cc_cancel::CancelToken;
 use crate::cancel;
 use crate::error::{Error, Result};
 use crate::instance::{Inner, REQUEST_TIMEOUT};
+use crate::pause::Deadline;
 
 /// At a command's deadline, how long the agent gets to answer the kill
 /// before the instance is declared dead, and then how long the process
@@ -318,7 +319,9 @@ impl Command {
             exit,
             limit: self.timeout,
             started: Instant::now(),
-            deadline: self.timeout.map(|t| Instant::now() + t),
+            deadline: self
+                .timeout
+                .map(|t| self.inst.channel.pause_clock().deadline_in(t)),
             pty: self.pty.is_some(),
             stdin: stdin.map(|(id, s)| ChildStdin {
                 inst: self.inst.clone(),
@@ -407,10 +410,10 @@ pub struct Child {
     pid: u32,
     exit: Arc<ExitSlot>,
     /// The command's time limit, when it started and when the limit runs
-    /// out.
+    /// out (paused time not counted).
     limit: Option<Duration>,
     started: Instant,
-    deadline: Option<Instant>,
+    deadline: Option<Deadline>,
     /// Started with [`Command::pty`].
     pty: bool,
     pub stdin: Option<ChildStdin>,
@@ -457,18 +460,23 @@ impl Child {
             return Ok(Some(ExitStatus(status)));
         }
         self.inst.check_running()?;
-        let until = match (deadline, self.deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let exit = {
-            let _span = tracing::debug_span!("cc: Started → Exited").entered();
-            self.exit.wait(until)?
-        };
-        match exit {
-            Some(status) => Ok(Some(ExitStatus(status))),
-            None if self.deadline.is_some_and(|d| Instant::now() >= d) => Err(self.expire()),
-            None => Ok(None),
+        let clock = self.inst.channel.pause_clock();
+        let _span = tracing::debug_span!("cc: Started → Exited").entered();
+        loop {
+            // A pause moves the command's deadline: wait, then look again.
+            let until = match (deadline, self.deadline.map(|d| d.now(clock))) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(status) = self.exit.wait(until)? {
+                return Ok(Some(ExitStatus(status)));
+            }
+            if self.deadline.is_some_and(|d| d.passed(clock)) {
+                return Err(self.expire());
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
         }
     }
 
@@ -514,9 +522,11 @@ impl Child {
         self.signaller().resize(rows, cols)
     }
 
-    /// When the command's time limit runs out, if it has one.
+    /// When the command's time limit runs out, if it has one, as things
+    /// stand (a later pause moves it).
     pub(crate) fn deadline(&self) -> Option<Instant> {
-        self.deadline
+        let clock = self.inst.channel.pause_clock();
+        self.deadline.map(|d| d.now(clock))
     }
 
     /// A handle that signals this process from another thread.
@@ -537,7 +547,7 @@ impl Child {
     pub fn wait_with_output(mut self) -> Result<Output> {
         drop(self.stdin.take());
         let (stdout, stderr) = (self.stdout.take(), self.stderr.take());
-        let deadline = self.deadline;
+        let deadline = self.deadline();
         let limit = self.inst.max_result;
         let total = AtomicU64::new(0);
         let signaller = self.signaller();
@@ -741,7 +751,7 @@ pub struct ChildOutput {
     inst: Arc<Inner>,
     id: u32,
     stream: Arc<Inbound>,
-    deadline: Option<Instant>,
+    deadline: Option<Deadline>,
 }
 
 impl ChildOutput {
@@ -755,9 +765,11 @@ impl ChildOutput {
     }
 
     /// Bounds later reads: a read with nothing by `deadline` fails with
-    /// `ErrorKind::TimedOut`.
+    /// `ErrorKind::TimedOut`. Time the instance spends paused from now on
+    /// moves it later.
     pub fn set_deadline(&mut self, deadline: Option<Instant>) {
-        self.deadline = deadline;
+        let clock = self.inst.channel.pause_clock();
+        self.deadline = deadline.map(|at| clock.deadline_at(at));
     }
 
     /// The instance's `max_result_bytes`.
@@ -767,9 +779,18 @@ impl ChildOutput {
 
     /// Reads what is there (0 bytes at end of file), waiting for some.
     pub(crate) fn receive(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inst
-            .channel
-            .read(self.id, &self.stream, buf, self.deadline)
+        let channel = &self.inst.channel;
+        let clock = channel.pause_clock();
+        loop {
+            let until = self.deadline.map(|d| d.now(clock));
+            match channel.read(self.id, &self.stream, buf, until) {
+                // Paused meanwhile: the deadline moved on.
+                Err(e)
+                    if e.kind() == io::ErrorKind::TimedOut
+                        && self.deadline.is_some_and(|d| !d.passed(clock)) => {}
+                r => return r,
+            }
+        }
     }
 
     /// Why reading failed, when it is the instance that is gone (closed:

@@ -1,6 +1,6 @@
 //! The core against the real agent with no hypervisor: unit tests of the
 //! core's logic (commands, pipes, signals, timeouts, files and handles,
-//! warm-resume handshakes, the guest's death, closing) through an
+//! warm-resume handshakes, the guest's death, closing, pause) through an
 //! [`Engine`] test double that serves `cc_agent` in host mode in a thread
 //! of this process. Commands run on the host as the test's own user, and
 //! paths are host paths (each test works in its own scratch directory).
@@ -30,6 +30,10 @@ struct GuestState {
     death: Mutex<Option<DeathHandler>>,
     /// The agent's end of the channel it serves now, to hang up on it.
     port: Mutex<Option<UnixStream>>,
+    /// While paused, nothing crosses the channel either way: what a
+    /// stopped guest would do.
+    paused: Mutex<bool>,
+    resumed: Condvar,
 }
 
 impl std::fmt::Debug for GuestState {
@@ -58,6 +62,35 @@ impl GuestState {
             exit = self.ended.wait_timeout(exit, left).unwrap().0;
         }
         *exit
+    }
+
+    /// Waits while paused.
+    fn gate(&self) {
+        let mut paused = self.paused.lock().unwrap();
+        while *paused {
+            paused = self.resumed.wait(paused).unwrap();
+        }
+    }
+
+    fn set_paused(&self, paused: bool) {
+        *self.paused.lock().unwrap() = paused;
+        self.resumed.notify_all();
+    }
+
+    /// Copies `from` to `to` as the pause gate lets it, then ends `to`.
+    fn relay(self: &Arc<Self>, mut from: UnixStream, mut to: UnixStream) {
+        let state = self.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            while let Ok(n @ 1..) = from.read(&mut buf) {
+                state.gate();
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = to.shutdown(std::net::Shutdown::Write);
+            let _ = from.shutdown(std::net::Shutdown::Read);
+        });
     }
 
     /// The guest dies on its own: the engine reports it, then the channel
@@ -124,7 +157,11 @@ impl Engine for Double {
             })
         };
         let connect = || -> Result<UnixStream, EngineError> {
-            let (host, guest) = UnixStream::pair().map_err(io)?;
+            let (host, host_relay) = UnixStream::pair().map_err(io)?;
+            let (guest_relay, guest) = UnixStream::pair().map_err(io)?;
+            let clone = |s: &UnixStream| s.try_clone().map_err(io);
+            state.relay(clone(&host_relay)?, clone(&guest_relay)?);
+            state.relay(guest_relay, host_relay);
             ports
                 .send(guest)
                 .map_err(|_| EngineError::Template("the agent double ended".into()))?;
@@ -170,6 +207,7 @@ impl Machine for DoubleMachine {
 
     fn kill(&self) {
         self.ports.lock().unwrap().take();
+        self.state.set_paused(false);
         self.state.hang_up();
     }
 
@@ -204,6 +242,16 @@ impl Machine for DoubleMachine {
 
     fn diagnostics(&self) -> String {
         "(agent double)".into()
+    }
+
+    fn pause(&self) -> Result<(), EngineError> {
+        self.state.set_paused(true);
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), EngineError> {
+        self.state.set_paused(false);
+        Ok(())
     }
 }
 
@@ -264,6 +312,15 @@ fn boot_with(engine: &Arc<Double>, scratch: &Scratch, options: Options) -> Insta
         ..options
     };
     Instance::new(&Source::Dir(root), options).unwrap()
+}
+
+/// An instance that ends `limit` after it was created.
+fn boot_with_timeout(scratch: &Scratch, limit: Duration) -> Instance {
+    let options = Options {
+        timeout: Some(limit),
+        ..Options::default()
+    };
+    boot_with(&Arc::new(Double::default()), scratch, options)
 }
 
 fn boot(scratch: &Scratch) -> (Arc<Double>, Instance) {
@@ -512,15 +569,7 @@ fn a_channel_that_breaks_is_noticed_without_the_engine() {
 #[test]
 fn an_instance_timeout_ends_it() {
     let s = Scratch::new("deadline");
-    let engine = Arc::new(Double::default());
-    let inst = boot_with(
-        &engine,
-        &s,
-        Options {
-            timeout: Some(Duration::from_millis(500)),
-            ..Options::default()
-        },
-    );
+    let inst = boot_with_timeout(&s, Duration::from_millis(500));
     let err = inst.command("sleep").arg("100").status().unwrap_err();
     assert_eq!(err.code(), ErrorCode::NotRunning, "{err}");
     assert!(err.to_string().contains("timed out"), "{err}");
@@ -558,4 +607,145 @@ fn the_guest_is_told_the_engines_layout() {
         inst.set_network_enabled(true).is_err(),
         "created without a network"
     );
+}
+
+/// Pauses `inst`, checking it says so.
+fn pause(inst: &Instance) {
+    inst.pause().unwrap();
+    assert!(inst.is_paused() && inst.is_running());
+}
+
+#[test]
+fn a_paused_instance_refuses_new_requests_at_once_until_resumed() {
+    let s = Scratch::new("paused");
+    let (_, inst) = boot(&s);
+    let path = s.path("f");
+    inst.write_file(&path, b"x", 0o644).unwrap();
+    pause(&inst);
+    inst.pause().unwrap();
+    assert!(inst.is_paused(), "pausing again changes nothing");
+    let t = Instant::now();
+    for err in [
+        inst.command("true").status().unwrap_err(),
+        inst.read_file(&path).unwrap_err(),
+        inst.write_file(&path, b"y", 0o644).unwrap_err(),
+        inst.ping().unwrap_err(),
+    ] {
+        assert_eq!(err.code(), ErrorCode::Paused, "{err}");
+        assert!(matches!(err, cc::Error::Paused), "{err}");
+        assert!(err.to_string().contains("paused"), "{err}");
+    }
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    inst.resume().unwrap();
+    inst.resume().unwrap();
+    assert!(!inst.is_paused());
+    assert_eq!(inst.read_file(&path).unwrap(), b"x");
+    assert!(inst.command("true").status().unwrap().success());
+}
+
+#[test]
+fn waits_keep_waiting_while_paused() {
+    let s = Scratch::new("pausewait");
+    let (_, inst) = boot(&s);
+    let mut child = inst
+        .command("sh")
+        .args(["-c", "sleep 0.3; echo done"])
+        .stdout(Stdio::Piped)
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    pause(&inst);
+    // The command ends meanwhile, but a paused guest tells nothing.
+    assert_eq!(child.wait_timeout(Duration::from_secs(1)).unwrap(), None);
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).unwrap();
+        out
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!reader.is_finished(), "a read waits for the resume");
+    inst.resume().unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(reader.join().unwrap(), "done\n");
+}
+
+#[test]
+fn paused_time_counts_towards_no_command_timeout() {
+    let s = Scratch::new("pausecmd");
+    let (_, inst) = boot(&s);
+    let t = Instant::now();
+    let mut child = inst
+        .command("sleep")
+        .arg("100")
+        .timeout(Duration::from_millis(600))
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    pause(&inst);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(child.try_wait().unwrap(), None, "not over while paused");
+    inst.resume().unwrap();
+    assert_eq!(child.try_wait().unwrap(), None, "time left after resume");
+    let err = child.wait().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Timeout, "{err}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(1800),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(inst.is_running(), "only the command ends");
+}
+
+#[test]
+fn paused_time_counts_towards_no_instance_timeout_and_is_not_silence() {
+    let s = Scratch::new("pauselimit");
+    let inst = boot_with_timeout(&s, Duration::from_millis(1500));
+    let t = Instant::now();
+    pause(&inst);
+    // Longer than the instance's timeout and than a liveness check waits
+    // for an answer.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(inst.is_running(), "paused, it neither timed out nor died");
+    inst.resume().unwrap();
+    assert!(inst.command("true").status().unwrap().success());
+    inst.wait(None).unwrap();
+    assert!(!inst.is_running());
+    assert!(
+        t.elapsed() >= Duration::from_millis(3500),
+        "{:?}",
+        t.elapsed()
+    );
+    let err = inst.command("true").status().unwrap_err();
+    assert!(err.to_string().contains("timed out"), "{err}");
+}
+
+#[test]
+fn closing_a_paused_instance_is_prompt_and_ends_its_guest() {
+    let s = Scratch::new("pauseclose");
+    let (engine, inst) = boot(&s);
+    let mut child = inst.command("sleep").arg("100").spawn().unwrap();
+    pause(&inst);
+    let t = Instant::now();
+    inst.close().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(engine.last().wait(Duration::from_secs(5)).is_some());
+    assert!(!inst.is_paused());
+    assert_eq!(child.wait().unwrap_err().code(), ErrorCode::AlreadyClosed);
+    assert_eq!(inst.pause().unwrap_err().code(), ErrorCode::AlreadyClosed);
+    assert_eq!(inst.resume().unwrap_err().code(), ErrorCode::AlreadyClosed);
+}
+
+#[test]
+fn a_guest_that_dies_while_paused_is_seen_dead() {
+    let s = Scratch::new("pausedeath");
+    let (engine, inst) = boot(&s);
+    let mut child = inst.command("sleep").arg("100").spawn().unwrap();
+    pause(&inst);
+    engine.last().crash("the guest kernel panicked");
+    let err = child.wait().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NotRunning, "{err}");
+    assert!(!inst.is_running());
+    assert_eq!(inst.resume().unwrap_err().code(), ErrorCode::NotRunning);
+    assert_eq!(inst.pause().unwrap_err().code(), ErrorCode::NotRunning);
+    inst.close().unwrap();
 }

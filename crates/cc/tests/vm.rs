@@ -209,7 +209,7 @@ fn agent_trace_times_command_phases(inst: &Instance) {
     // not be in yet.
     for phase in [
         "agent: pipes, spawn and exec",
-        "agent: Started sent → exit reaped",
+        "agent: Started ready → exit reaped",
     ] {
         assert!(names.contains(&phase), "{phase} missing from {names:?}");
     }
@@ -1813,6 +1813,152 @@ fn instance_timeout_ends_it() {
     assert_eq!(err.code(), ErrorCode::NotRunning, "{err}");
     assert!(err.to_string().contains("timed out"), "{err}");
     inst.close().unwrap();
+}
+
+/// Host wall-clock time, in seconds.
+fn host_time() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// The guest's counter (see [`pause_freezes_the_guest_and_resume_moves_it_on`]),
+/// its uptime in seconds, and its `date +%s`.
+fn counter_uptime_date(inst: &Instance) -> (u64, f64, f64) {
+    let out = stdout(inst, "cat /tmp/c; cut -d' ' -f1 /proc/uptime; date +%s");
+    let v: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(v.len(), 3, "{out:?}");
+    (
+        v[0].parse().unwrap(),
+        v[1].parse().unwrap(),
+        v[2].parse().unwrap(),
+    )
+}
+
+fn pause_freezes_the_guest_and_resume_moves_it_on() {
+    let inst = boot();
+    // Each step logs the counter and the guest's date.
+    sh(
+        &inst,
+        "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; echo \"$i $(date +%s)\" >> /tmp/log; \
+         sleep 0.1; done >/dev/null 2>&1 &",
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sh(&inst, "test \"$(cat /tmp/c)\" -ge 5").status.code() != Some(0) {
+        assert!(Instant::now() < deadline, "the counter never got going");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (count_before, uptime_before, _) = counter_uptime_date(&inst);
+    let paused_at = host_time();
+    inst.pause().unwrap();
+    assert!(inst.is_paused());
+    std::thread::sleep(Duration::from_secs(3));
+    let t = Instant::now();
+    let err = inst.command("true").status().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Paused, "{err}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let resumed_at = host_time();
+    assert!(resumed_at - paused_at >= 3.0);
+    inst.resume().unwrap();
+    assert!(!inst.is_paused());
+    let (count_after, uptime_after, date_after) = counter_uptime_date(&inst);
+    // The guest's own time stood still for the 3 s the host's moved on (a
+    // little passes in the two round trips around the pause).
+    assert!(
+        uptime_after - uptime_before < 2.5,
+        "guest uptime moved {:.2} s across a 3 s pause",
+        uptime_after - uptime_before
+    );
+    // The wall clock was set from the host's on resume.
+    assert!(
+        date_after >= resumed_at.floor() - 1.0,
+        "guest date {date_after}, host {resumed_at:.2} at resume"
+    );
+    // And after the resume, both move on.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (count_later, _, date_later) = counter_uptime_date(&inst);
+    assert!(count_later > count_after, "{count_after} → {count_later}");
+    assert!(date_later > date_after, "{date_after} → {date_later}");
+    // No step of the counter ran while paused: two consecutive steps are
+    // apart by the pause in wall-clock time (one step takes 0.1 s).
+    let log = stdout(&inst, "cat /tmp/log");
+    let steps: Vec<(u64, f64)> = log
+        .lines()
+        .map(|l| {
+            let (i, d) = l.split_once(' ').unwrap();
+            (i.parse().unwrap(), d.parse().unwrap())
+        })
+        .collect();
+    let gap = steps
+        .windows(2)
+        .filter(|w| (count_before..=count_after).contains(&w[0].0))
+        .map(|w| w[1].1 - w[0].1)
+        .fold(0.0, f64::max);
+    assert!(
+        gap >= 2.0,
+        "no step paused: the largest gap is {gap} s ({count_before} → {count_after}, host {paused_at:.2} → {resumed_at:.2}):\n{log}"
+    );
+    assert!(
+        count_after - count_before < 20,
+        "the counter ran on while paused: {count_before} → {count_after}"
+    );
+    inst.close().unwrap();
+}
+
+fn a_paused_instance_outlives_its_timeout_and_liveness() {
+    let inst = boot_with(Options {
+        timeout: Some(Duration::from_secs(3)),
+        ..Options::default()
+    });
+    inst.pause().unwrap();
+    // Longer than the timeout, and than the liveness check waits for an
+    // answer to a ping.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(inst.is_running(), "paused, it neither timed out nor died");
+    inst.resume().unwrap();
+    assert_eq!(stdout(&inst, "echo alive"), "alive\n");
+    // The time it had left still runs out.
+    let started = Instant::now();
+    inst.wait(None).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let err = inst.read_file("/etc/passwd").unwrap_err();
+    assert!(err.to_string().contains("timed out"), "{err}");
+    inst.close().unwrap();
+}
+
+fn a_paused_instance_closes_promptly_and_its_death_is_seen() {
+    let inst = boot();
+    let mut sleeper = inst.command("sleep").arg("1000").spawn().unwrap();
+    let (pid, dir) = (inst.vm_pid().unwrap(), inst.run_dir().unwrap());
+    inst.pause().unwrap();
+    let t = Instant::now();
+    inst.close().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(
+        !PathBuf::from(format!("/proc/{pid}")).exists(),
+        "QEMU {pid} still running"
+    );
+    assert!(!dir.exists(), "run dir {dir:?} left behind");
+    assert!(!inst.is_paused() && !inst.is_running());
+    assert_eq!(sleeper.wait().unwrap_err().code(), ErrorCode::AlreadyClosed);
+    assert_eq!(inst.pause().unwrap_err().code(), ErrorCode::AlreadyClosed);
+    assert_eq!(inst.resume().unwrap_err().code(), ErrorCode::AlreadyClosed);
+
+    // QEMU dying while paused is seen as soon as it is running.
+    let dead = boot();
+    let mut sleeper = dead.command("sleep").arg("1000").spawn().unwrap();
+    dead.pause().unwrap();
+    let t = Instant::now();
+    // SAFETY: kill has no memory preconditions; the pid is QEMU's.
+    unsafe { libc::kill(dead.vm_pid().unwrap() as libc::pid_t, libc::SIGKILL) };
+    let err = sleeper.wait().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NotRunning, "{err}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(!dead.is_running());
+    assert_eq!(dead.pause().unwrap_err().code(), ErrorCode::NotRunning);
+    assert_eq!(dead.resume().unwrap_err().code(), ErrorCode::NotRunning);
+    dead.close().unwrap();
 }
 
 fn mounts_read_only_and_writable() {
@@ -3556,6 +3702,9 @@ fn main() -> ExitCode {
         close_under_readers_is_already_closed,
         fork_bomb_timeout_fires_on_time,
         instance_timeout_ends_it,
+        pause_freezes_the_guest_and_resume_moves_it_on,
+        a_paused_instance_outlives_its_timeout_and_liveness,
+        a_paused_instance_closes_promptly_and_its_death_is_seen,
         mounts_read_only_and_writable,
         snapshots_chain_exclude_and_export,
         snapshot_of_a_directory_instance,

@@ -13,8 +13,8 @@ use std::fmt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cc_netpolicy::NetworkPolicy;
@@ -132,7 +132,7 @@ pub trait Engine: fmt::Debug + Send + Sync {
         resume: &mut dyn FnMut(UnixStream) -> Result<(), String>,
     ) -> Result<Started, Error> {
         let _ = (spec, dir, resume);
-        Err(Error::Unsupported("restoring a parked guest"))
+        Err(Error::Unsupported("restore a parked guest"))
     }
 }
 
@@ -171,13 +171,24 @@ pub trait Machine: fmt::Debug + Send + Sync {
     /// failure the guest runs on.
     fn park(&self, dir: &Path) -> Result<(), Error> {
         let _ = dir;
-        Err(Error::Unsupported("parking"))
+        Err(Error::Unsupported("park a guest"))
     }
     /// Saves the running guest into `dir` as [`park`](Self::park) does,
     /// then lets it run on: `dir` restores copies of it.
     fn save_copy(&self, dir: &Path) -> Result<(), Error> {
         let _ = dir;
-        Err(Error::Unsupported("saving a copy of a running guest"))
+        Err(Error::Unsupported("save a copy of a running guest"))
+    }
+    /// Stops the guest's CPUs in place: its clocks and timers stand still
+    /// and it uses no CPU, while the process, memory and channel stay.
+    /// Not a death: [`Machine::on_death`] stays silent about it, but still
+    /// sees the guest's process end while paused. Idempotent.
+    fn pause(&self) -> Result<(), Error> {
+        Err(Error::Unsupported("pause a guest"))
+    }
+    /// Lets a paused guest run again; returns once it runs. Idempotent.
+    fn resume(&self) -> Result<(), Error> {
+        Err(Error::Unsupported("resume a guest"))
     }
 }
 
@@ -343,6 +354,11 @@ impl Qemu {
 #[derive(Debug)]
 struct QemuMachine {
     vm: Vm,
+    /// Whoever stops the guest on purpose holds it, so its `STOP` is not
+    /// taken for a death.
+    held: Holds,
+    /// The hold of [`Machine::pause`], while paused.
+    paused: Mutex<Option<Hold>>,
     run_dir: RunDir,
     /// What it runs, for parking.
     spec: VmSpec,
@@ -356,11 +372,41 @@ impl QemuMachine {
     fn new(vm: Vm, run_dir: RunDir, spec: VmSpec, kind: StartKind) -> QemuMachine {
         QemuMachine {
             vm,
+            held: Holds::default(),
+            paused: Mutex::new(None),
             run_dir,
             named_ram: spec.named_ram || matches!(kind, StartKind::Warm | StartKind::Built),
             spec,
             parking: Arc::default(),
         }
+    }
+}
+
+/// How many parties hold the guest stopped on purpose (a pause, a capture):
+/// while any does, QEMU's `STOP` event is expected, not a death.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Holds(Arc<AtomicUsize>);
+
+impl Holds {
+    /// Takes a hold, to keep until the guest runs again (after `cont` and
+    /// its `RESUME`), or until the `stop` failed.
+    pub(crate) fn hold(&self) -> Hold {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Hold(self.0.clone())
+    }
+
+    fn any(&self) -> bool {
+        self.0.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// One hold of [`Holds`], released on drop.
+#[derive(Debug)]
+pub(crate) struct Hold(Arc<AtomicUsize>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -387,11 +433,12 @@ impl Machine for QemuMachine {
 
     fn on_death(&self, handler: DeathHandler) {
         let parking = self.parking.clone();
+        let held = self.held.clone();
         self.vm.on_event(move |event| {
             if parking.load(Ordering::Acquire) {
                 return;
             }
-            if let Some(why) = death_of(event) {
+            if let Some(why) = death_of(event, held.any()) {
                 handler(why);
             }
         });
@@ -411,6 +458,25 @@ impl Machine for QemuMachine {
 
     fn diagnostics(&self) -> String {
         self.vm.diagnostics()
+    }
+
+    fn pause(&self) -> Result<(), Error> {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        if paused.is_none() {
+            let hold = self.held.hold();
+            self.vm.stop()?;
+            *paused = Some(hold);
+        }
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), Error> {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        if paused.is_some() {
+            self.vm.cont()?;
+            *paused = None;
+        }
+        Ok(())
     }
 
     fn park(&self, dir: &Path) -> Result<(), Error> {
@@ -441,12 +507,9 @@ impl QemuMachine {
                 // QEMU flushed it when it stopped the guest: the copy
                 // matches the memory just saved.
                 let _span = tracing::debug_span!("engine: copy the writable disk").entered();
-                let (_, upper) =
-                    template::writable(&self.spec)
-                        .next()
-                        .ok_or(Error::Unsupported(
-                            "parking a guest without a writable disk",
-                        ))?;
+                let (_, upper) = template::writable(&self.spec)
+                    .next()
+                    .ok_or(Error::Unsupported("park a guest without a writable disk"))?;
                 let copy = park::disk(dir);
                 files::clone_file(upper, &copy).map_err(Error::io("copy", &copy))
             })
@@ -465,16 +528,17 @@ impl QemuMachine {
 /// How long a parked QEMU gets to quit before it is killed.
 const PARK_QUIT_GRACE: Duration = Duration::from_secs(2);
 
-/// Why a QMP event means the guest is gone, if it does.
-fn death_of(event: &crate::Event) -> Option<String> {
+/// Why a QMP event means the guest is gone, if it does; `held` when the
+/// guest is stopped on purpose (its `STOP` is expected).
+fn death_of(event: &crate::Event, held: bool) -> Option<String> {
     let reason = event.data["reason"].as_str().unwrap_or("unknown");
     match event.name.as_str() {
         "SHUTDOWN" => Some(format!("the guest shut down ({reason})")),
         "RESET" => Some(format!("the guest reset ({reason})")),
         "GUEST_PANICKED" => Some("the guest kernel panicked".into()),
-        // Nothing here pauses a running guest: a stop is QEMU halting it
-        // (an emulation or I/O error).
-        "STOP" => Some("the hypervisor stopped the guest".into()),
+        // Unless held, a stop is QEMU halting the guest (an emulation or
+        // I/O error).
+        "STOP" if !held => Some("the hypervisor stopped the guest".into()),
         _ => None,
     }
 }
@@ -524,15 +588,15 @@ mod tests {
             serde_json::json!({"guest": true, "reason": "guest-reset"}),
         );
         assert_eq!(
-            death_of(&shutdown).as_deref(),
+            death_of(&shutdown, false).as_deref(),
             Some("the guest shut down (guest-reset)")
         );
-        assert!(death_of(&event("GUEST_PANICKED", serde_json::json!({}))).is_some());
-        assert!(death_of(&event("STOP", serde_json::Value::Null)).is_some());
-        assert!(death_of(&event(
-            "RESET",
-            serde_json::json!({"reason": "guest-reset"})
-        ))
+        assert!(death_of(&event("GUEST_PANICKED", serde_json::json!({})), false).is_some());
+        assert!(death_of(&event("STOP", serde_json::Value::Null), false).is_some());
+        assert!(death_of(
+            &event("RESET", serde_json::json!({"reason": "guest-reset"})),
+            false
+        )
         .is_some());
         for harmless in [
             "RESUME",
@@ -541,10 +605,28 @@ mod tests {
             "NIC_RX_FILTER_CHANGED",
         ] {
             assert_eq!(
-                death_of(&event(harmless, serde_json::json!({}))),
+                death_of(&event(harmless, serde_json::json!({})), false),
                 None,
                 "{harmless}"
             );
         }
+    }
+
+    #[test]
+    fn a_held_guest_may_stop_but_still_dies() {
+        let event = |name: &str| crate::Event {
+            name: name.into(),
+            data: serde_json::json!({"reason": "host-qmp-quit"}),
+        };
+        let holds = Holds::default();
+        let first = holds.hold();
+        let second = holds.hold();
+        assert_eq!(death_of(&event("STOP"), holds.any()), None);
+        assert!(death_of(&event("SHUTDOWN"), holds.any()).is_some());
+        assert!(death_of(&event("GUEST_PANICKED"), holds.any()).is_some());
+        drop(first);
+        assert_eq!(death_of(&event("STOP"), holds.any()), None);
+        drop(second);
+        assert!(death_of(&event("STOP"), holds.any()).is_some());
     }
 }

@@ -26,14 +26,14 @@ pub enum Error {
     Policy(String),
     #[error("QMP: {0}")]
     Qmp(String),
+    #[error("this engine cannot {0}")]
+    Unsupported(&'static str),
     #[error("warm-start template: {0}")]
     Template(String),
     /// A park directory that cannot be restored here (not one, or made
     /// with another kernel, agent, QEMU or guest shape).
     #[error("parked instance: {0}")]
     Parked(String),
-    #[error("{0} is not supported by this engine")]
-    Unsupported(&'static str),
     #[error("{tool} not found: apt-get install {package}")]
     ToolMissing {
         tool: &'static str,

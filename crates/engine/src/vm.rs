@@ -479,11 +479,6 @@ impl Vm {
         wait_migrated(qmp, mark)
     }
 
-    /// Lets a stopped (or saved) guest run again.
-    pub fn cont(&self) -> Result<(), Error> {
-        self.qmp.execute("cont", None, QMP_TIMEOUT).map(drop)
-    }
-
     /// Loads a template's device state from `state` into this VM, started
     /// with `incoming` and the template's RAM file mapped privately, and
     /// lets it run.
@@ -499,10 +494,24 @@ impl Vm {
         qmp.execute("migrate-incoming", Some(uri), QMP_TIMEOUT)?;
         wait_migrated(qmp, mark)?;
         // The template was saved stopped, so the guest arrives paused.
-        let mark = qmp.event_mark();
-        qmp.execute("cont", None, QMP_TIMEOUT)?;
-        qmp.wait_event(mark, "RESUME", QMP_TIMEOUT, |e| e.name == "RESUME")?;
-        Ok(())
+        self.cont()
+    }
+
+    /// Stops the guest's vCPUs (QMP `stop`): its clocks and timers stand
+    /// still and it uses no CPU; devices and the agent channel stay open.
+    /// QEMU sends a `STOP` event, which [`Vm::on_event`] handlers see.
+    pub fn stop(&self) -> Result<(), Error> {
+        self.qmp.execute("stop", None, QMP_TIMEOUT).map(drop)
+    }
+
+    /// Lets a stopped guest run again (QMP `cont`); returns once QEMU says
+    /// it runs (the `RESUME` event).
+    pub fn cont(&self) -> Result<(), Error> {
+        let mark = self.qmp.event_mark();
+        self.qmp.execute("cont", None, QMP_TIMEOUT)?;
+        self.qmp
+            .wait_event(mark, "RESUME", QMP_TIMEOUT, |e| e.name == "RESUME")
+            .map(drop)
     }
 
     /// QEMU's own messages and the tail of the guest console, for errors.

@@ -133,6 +133,9 @@ pub enum Request {
     /// `Done`; `NoSuchProcess` once it exited, `InvalidArgument` if it has
     /// no terminal.
     Resize { process: u64, size: WindowSize },
+    /// Set the guest's wall clock to this host time (after a resume: the
+    /// clock stood still while the guest was paused); answered by `Done`.
+    SyncClock(UnixTime),
 }
 
 impl Request {
@@ -168,7 +171,8 @@ impl Request {
             | Request::Unlisten { .. }
             | Request::Prepare(_)
             | Request::Trace { .. }
-            | Request::Resize { .. } => [None; 3],
+            | Request::Resize { .. }
+            | Request::SyncClock(_) => [None; 3],
         };
         ids.into_iter().flatten()
     }

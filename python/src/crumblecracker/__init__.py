@@ -60,6 +60,7 @@ from ._errors import (
     IOError,
     NetworkError,
     NotRunningError,
+    PausedError,
     TimeoutError,
     TooLargeError,
 )
@@ -129,6 +130,7 @@ __all__ = [
     "NetworkPolicy",
     "NotRunningError",
     "OCIClient",
+    "PausedError",
     "ProgressCallback",
     "PullOptions",
     "PullPolicy",

@@ -29,6 +29,7 @@ __all__ = [
     "InvalidHandleError",
     "NetworkError",
     "NotRunningError",
+    "PausedError",
     "TimeoutError",
     "TooLargeError",
     "error_for_code",
@@ -50,6 +51,7 @@ class ErrorCode(enum.IntEnum):
     NETWORK = 8
     CANCELLED = 9
     TOO_LARGE = 10
+    PAUSED = 11
     UNKNOWN = 99
 
     def __str__(self) -> str:
@@ -265,6 +267,13 @@ class TooLargeError(CCError):
     default_code = ErrorCode.TOO_LARGE
 
 
+class PausedError(CCError):
+    """The instance is paused (``Instance.pause``): new requests are refused
+    until ``Instance.resume``."""
+
+    default_code = ErrorCode.PAUSED
+
+
 _BY_CODE: dict[int, type[CCError]] = {
     cls.default_code: cls
     for cls in (
@@ -278,6 +287,7 @@ _BY_CODE: dict[int, type[CCError]] = {
         NetworkError,
         CancelledError,
         TooLargeError,
+        PausedError,
     )
 }
 

@@ -233,6 +233,34 @@ class Instance(Handle):
                     raise AlreadyClosedError("the instance is closed", op="wait") from None
                 raise
 
+    @property
+    def is_paused(self) -> bool:
+        """Whether the instance is paused (``pause``); False once closed."""
+        if self._closed:
+            return False
+        out = c_bool()
+        _lib.call(_lib.native().cc_instance_is_paused, self._handle, byref(out))
+        return bool(out.value)
+
+    def pause(self) -> None:
+        """Stops the guest's CPUs in place: its processes, clocks and timers
+        stand still and it uses no host CPU, while its memory, files and
+        connections stay. Until ``resume``, every new request (commands,
+        file operations, signals, ``listen``, ``dial``, snapshots) raises
+        ``PausedError`` at once; calls that only wait for the guest
+        (``Cmd.wait``, reading output, ``accept``, ``wait``) keep waiting.
+        Paused time counts towards no time limit (``timeout_seconds``,
+        command timeouts). Pausing a paused instance does nothing; a closed
+        one raises ``AlreadyClosedError``, a dead one ``NotRunningError``.
+        Closing a paused instance is prompt."""
+        _lib.call(_lib.native().cc_instance_pause, self._h("pause"))
+
+    def resume(self) -> None:
+        """Lets a paused guest run on where it stopped, and sets its clock
+        from the host's. Resuming a running instance does nothing; a closed
+        one raises ``AlreadyClosedError``, a dead one ``NotRunningError``."""
+        _lib.call(_lib.native().cc_instance_resume, self._h("resume"))
+
     def set_network_enabled(self, enabled: bool) -> None:
         """Connects or disconnects the guest's network interface; while
         disconnected no packet leaves the guest."""

@@ -304,6 +304,9 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "cc_instance_restore": (_CODE, [c_char_p, c_double, _HP, _ERR]),
     "cc_instance_branch": (_CODE, [_H, c_size_t, POINTER(c_uint64), _ERR]),
     "cc_instance_set_network_enabled": (_CODE, [_H, c_bool, _ERR]),
+    "cc_instance_pause": (_CODE, [_H, _ERR]),
+    "cc_instance_resume": (_CODE, [_H, _ERR]),
+    "cc_instance_is_paused": (_CODE, [_H, POINTER(c_bool), _ERR]),
     "cc_instance_free": (_CODE, [_H]),
     # filesystem
     "cc_file_info_free": (None, [POINTER(CFileInfo)]),

@@ -212,7 +212,8 @@ class InstanceOptions:
         memory_mb: guest memory in MiB.
         cpus: virtual CPUs.
         timeout_seconds: end the instance this long after it was created
-            (later calls raise ``NotRunningError``); None for never.
+            (later calls raise ``NotRunningError``), time paused not
+            counted; None for never.
         user: default user of commands (``name``, ``uid``, ``uid:gid``,
             ``name:group``); None for the image's.
         mounts: host directories to share: ``Mount`` objects or

@@ -111,6 +111,7 @@ from ._errors import (
     IOError,
     NetworkError,
     NotRunningError,
+    PausedError,
     TimeoutError,
     TooLargeError,
 )
@@ -177,6 +178,7 @@ __all__ = [
     "NetworkPolicy",
     "NotRunningError",
     "OCIClient",
+    "PausedError",
     "ProgressCallback",
     "PullOptions",
     "PullPolicy",
@@ -613,6 +615,9 @@ class Instance(_Async):
         def id(self) -> str: ...
 
         @property
+        def is_paused(self) -> bool: ...
+
+        @property
         def is_running(self) -> bool: ...
 
         async def listen(self, network: str, address: str) -> Listener: ...
@@ -628,6 +633,8 @@ class Instance(_Async):
         async def open_file(self, path: GuestPath, flags: int = 0, mode: int = 420) -> File: ...
 
         async def park(self, path: PathArg) -> int: ...
+
+        async def pause(self) -> None: ...
 
         async def read_dir(self, path: GuestPath) -> list[DirEntry]: ...
 
@@ -646,6 +653,8 @@ class Instance(_Async):
         async def remove_all(self, path: GuestPath) -> None: ...
 
         async def rename(self, src: GuestPath, dst: GuestPath) -> None: ...
+
+        async def resume(self) -> None: ...
 
         async def set_network_enabled(self, enabled: bool) -> None: ...
 

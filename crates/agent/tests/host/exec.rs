@@ -1,10 +1,14 @@
 //! `Exec` and `Signal`: exit codes and signals, the three pipes, the
 //! environment, working directory, identity, and killing.
 
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::thread;
 use std::time::Duration;
 
-use cc_protocol::{ErrorKind, ExitStatus, Message, Request, Response, Stdio, STREAM_WINDOW};
+use cc_agent::{Agent, Mode};
+use cc_protocol::{frame, ErrorKind, ExitStatus, Message, Request, Response, Stdio, STREAM_WINDOW};
 use serde_bytes::ByteBuf;
 
 use crate::common::{bytes, eventually, exec, is_root, process_gone, stream_id, Host, Scratch};
@@ -439,4 +443,84 @@ fn processes_still_running_when_the_host_hangs_up_are_killed() {
     host.hang_up();
     assert!(process_gone(pid));
     assert!(process_gone(second));
+}
+
+/// The messages in what one `read` of `socket` returns (whole frames: the
+/// agent writes each, or each group, in one write).
+fn one_read(socket: &mut UnixStream) -> Vec<Message> {
+    let mut chunk = vec![0; 1 << 16];
+    let n = socket.read(&mut chunk).unwrap();
+    let mut bytes = &chunk[..n];
+    let mut buf = Vec::new();
+    let mut messages = Vec::new();
+    while let Some(msg) = frame::read(&mut bytes, &mut buf).unwrap() {
+        messages.push(msg);
+    }
+    messages
+}
+
+#[test]
+fn a_quick_process_start_and_exit_reach_the_host_in_one_write() {
+    let agent = Agent::new(Mode::Host).unwrap();
+    let (mut socket, guest) = UnixStream::pair().unwrap();
+    let server = {
+        let agent = agent.clone();
+        thread::spawn(move || agent.serve(guest))
+    };
+    let mut buf = Vec::new();
+    let hello = frame::read(&mut socket, &mut buf).unwrap();
+    assert!(matches!(hello, Some(Message::Hello { .. })), "{hello:?}");
+    // `true` usually ends well within the agent's wait, but a loaded host
+    // may take longer now and then.
+    let mut together = 0;
+    for process in 1..=20 {
+        let mut e = exec(&["true"]);
+        e.process = process;
+        let request = Message::Request {
+            id: process,
+            body: Request::Exec(e),
+        };
+        frame::write(&mut socket, &request).unwrap();
+        let mut messages = one_read(&mut socket);
+        let started = Message::Response {
+            id: process,
+            body: Ok(Response::Started { pid: 0 }),
+        };
+        match &messages[0] {
+            Message::Response {
+                id,
+                body: Ok(Response::Started { .. }),
+            } if *id == process => {}
+            other => panic!("expected {started:?}, got {other:?}"),
+        }
+        if messages.len() == 1 {
+            messages.extend(frame::read(&mut socket, &mut buf).unwrap());
+        } else {
+            together += 1;
+        }
+        let exited = Message::Exited {
+            process,
+            status: ExitStatus::Code(0),
+        };
+        assert_eq!(messages[1..], [exited]);
+    }
+    assert!(together > 0, "never in one write");
+    drop(socket);
+    server.join().unwrap();
+}
+
+#[test]
+fn a_process_without_input_that_keeps_running_is_announced_while_it_runs() {
+    let mut host = Host::new();
+    host.start(exec(&["sleep", "60"])).unwrap();
+    assert!(!host.arrives(Duration::from_millis(200), |m| matches!(
+        m,
+        Message::Exited { .. }
+    )));
+    let kill = Request::Signal {
+        process: 1,
+        signal: libc::SIGKILL,
+    };
+    assert_eq!(host.request(kill), Ok(Response::Done));
+    assert_eq!(host.exited(1), ExitStatus::Signal(libc::SIGKILL));
 }

@@ -800,6 +800,40 @@ static void test_wait_cancel(cc_instance inst) {
     EXPECT(CC_ERR_INVALID_HANDLE, cc_instance_wait(inst, c.token, &err));
 }
 
+static double now_seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+static void test_pause(cc_instance inst) {
+    bool paused = true;
+    EXPECT(CC_OK, cc_instance_is_paused(inst, &paused, &err));
+    CHECK(!paused, "not paused after boot");
+    EXPECT(CC_OK, cc_instance_pause(inst, &err));
+    EXPECT(CC_OK, cc_instance_pause(inst, &err)); /* idempotent */
+    EXPECT(CC_OK, cc_instance_is_paused(inst, &paused, &err));
+    CHECK(paused, "paused");
+    bool running = false;
+    EXPECT(CC_OK, cc_instance_is_running(inst, &running, &err));
+    CHECK(running, "a paused instance is running");
+    cc_cmd cmd = 0;
+    EXPECT(CC_OK, cc_instance_command(inst, "true", NULL, 0, &cmd, &err));
+    double t = now_seconds();
+    expect_message(__LINE__, cc_cmd_run(cmd, NULL, &err), CC_ERR_PAUSED, "paused");
+    CHECK(now_seconds() - t < 2.0, "a request while paused fails at once, not a hang");
+    cc_cmd_free(cmd);
+    EXPECT(CC_OK, cc_instance_resume(inst, &err));
+    EXPECT(CC_OK, cc_instance_resume(inst, &err)); /* idempotent */
+    EXPECT(CC_OK, cc_instance_is_paused(inst, &paused, &err));
+    CHECK(!paused, "resumed");
+    int code = -1;
+    EXPECT(CC_OK, cc_instance_command(inst, "true", NULL, 0, &cmd, &err));
+    EXPECT(CC_OK, cc_cmd_run(cmd, &code, &err));
+    CHECK(code == 0, "a command after resume: %d", code);
+    cc_cmd_free(cmd);
+}
+
 static void test_snapshot(cc_instance inst, const char *cache) {
     (void)cache;
     EXPECT(CC_OK, cc_instance_write_file(inst, "/root/snap.txt", (const uint8_t *)"snap", 4, 0644,
@@ -1208,6 +1242,7 @@ static void test_vm_in(const char *ref, const char *cache, int mounts, char *sto
     test_files(inst);
     test_file_handles(inst);
     test_wait_cancel(inst);
+    test_pause(inst);
     test_network(inst);
     test_warm_start(src, opts);
     test_park(src, opts);
