@@ -699,6 +699,11 @@ fn park_refuses_what_it_cannot_keep_and_restore_a_foreign_park() {
     child.wait().unwrap();
     // Its output streams end with the handle.
     drop(child);
+    // A paused instance is resumed first.
+    inst.pause().unwrap();
+    assert_eq!(inst.park(&park).unwrap_err().code(), ErrorCode::Paused);
+    assert_eq!(inst.branch(1).unwrap_err().code(), ErrorCode::Paused);
+    inst.resume().unwrap();
     // A cold-booted guest parks as well as a warm one.
     inst.park(&park).unwrap();
     // Not a park, or a park this host's kernel did not make: refused
