@@ -476,7 +476,17 @@ impl Vm {
         let mark = qmp.event_mark();
         let uri = json!({ "uri": format!("fd:{MIGRATION_FD}") });
         qmp.execute("migrate", Some(uri), QMP_TIMEOUT)?;
-        wait_migrated(qmp, mark)
+        wait_migrated(qmp, mark)?;
+        // QEMU reports the migration complete a moment before it leaves
+        // `finish-migrate`, and refuses `cont` until it has.
+        let deadline = Instant::now() + QMP_TIMEOUT;
+        while qmp.execute("query-status", None, QMP_TIMEOUT)?["status"] == "finish-migrate" {
+            if Instant::now() > deadline {
+                return Err(Error::Qmp("the guest stayed in finish-migrate".into()));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// Loads a template's device state from `state` into this VM, started
