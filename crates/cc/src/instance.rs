@@ -638,8 +638,9 @@ impl Instance {
     }
 
     /// Connects or disconnects the guest from the network at run time; while
-    /// disconnected no packet leaves it. Fails for an instance created with
-    /// `network: false`.
+    /// disconnected no packet leaves it. Instances restored from a park or
+    /// branched from this one start in the same state. Fails for an
+    /// instance created with `network: false`.
     pub fn set_network_enabled(&self, enabled: bool) -> Result<()> {
         self.inner.check_running()?;
         if !self.inner.network {

@@ -2457,6 +2457,46 @@ fn allowed_host_is_reached_and_the_network_switches() {
     inst.close().unwrap();
 }
 
+/// A network switched off before a park or branch stays off in what is
+/// started from it, until switched on there.
+fn a_switched_off_network_stays_off_after_restore_and_branch() {
+    let server = HostServer::start("127.0.0.1:0");
+    let inst = boot_with(Options {
+        network_policy: cc::NetworkPolicy {
+            allow_host: true,
+            ..Default::default()
+        },
+        ..Options::default()
+    });
+    inst.set_network_enabled(false).unwrap();
+    let scratch = park_scratch("network-off");
+    let children = inst.branch(1).unwrap();
+    let parked = scratch.join("p");
+    inst.park(&parked).unwrap();
+    let restored = Instance::restore(&parked, cc::RestoreOptions::default()).unwrap();
+    for started in children.iter().chain([&restored]) {
+        let before = server.accepted();
+        assert!(
+            !got_hello(&guest_get(started, "10.0.2.2", server.port)),
+            "a request went through with the network switched off"
+        );
+        assert_eq!(
+            server.accepted(),
+            before,
+            "a connection left with the network off"
+        );
+        started.set_network_enabled(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !got_hello(&guest_get(started, "10.0.2.2", server.port)) {
+            assert!(Instant::now() < deadline, "no egress after switching it on");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        started.set_network_enabled(false).unwrap();
+        started.close().unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
 fn a_guest_connection_lasting_thirty_seconds_stays_up() {
     // Debian 12's passt, tried as the user-mode stack, reset every guest
     // connection after about 24 s.
@@ -3687,6 +3727,7 @@ fn main() -> ExitCode {
     let own: &[(&str, fn())] = named![
         close_leaves_nothing,
         park_and_restore_continue_a_counting_process_twice,
+        a_switched_off_network_stays_off_after_restore_and_branch,
         park_refuses_what_it_cannot_keep_and_restore_a_foreign_park,
         branch_children_go_on_from_the_source_and_diverge,
         ten_branch_cycles_leave_nothing_behind,

@@ -270,6 +270,9 @@ impl Engine for Qemu {
         vm_spec.named_ram = meta.named_ram;
         vm_spec.incoming = true;
         let (vm, socket) = Vm::start(&vm_spec, &run_dir)?;
+        if meta.network_off {
+            vm.set_network_link(false)?;
+        }
         tracing::debug_span!("engine: load parked state, resume vCPUs")
             .in_scope(|| vm.restore(&park::state(dir)))?;
         vm_spec.incoming = false;
@@ -499,7 +502,8 @@ impl QemuMachine {
     /// runs on as before.
     fn save_stopped(&self, dir: &Path) -> Result<(), Error> {
         // Hashed while the guest still runs.
-        let meta = park::meta_of(&self.spec, self.named_ram)?;
+        let network_off = self.spec.network.is_some() && !self.vm.network_link();
+        let meta = park::meta_of(&self.spec, self.named_ram, network_off)?;
         self.parking.store(true, Ordering::Release);
         let saved = tracing::debug_span!("engine: save the running guest")
             .in_scope(|| self.vm.save(&park::state(dir)))

@@ -195,6 +195,11 @@ impl Network {
         }
     }
 
+    /// Whether the guest is connected, as last set.
+    pub(crate) fn is_enabled(&self) -> bool {
+        self.proxy.as_ref().is_none_or(Proxy::is_enabled)
+    }
+
     /// QEMU's end of the frame socket.
     pub(crate) fn qemu_end(&self) -> Result<OwnedFd, Error> {
         let end = self

@@ -47,6 +47,10 @@ pub(crate) struct ParkMeta {
     /// The guest's RAM was file-backed (a warm start), which QEMU names
     /// differently from anonymous RAM: the restore must name it alike.
     pub named_ram: bool,
+    /// The network interface was switched off
+    /// ([`crate::Machine::set_network_enabled`]): it stays off in every
+    /// restore, from its first instruction.
+    pub network_off: bool,
     pub fingerprint: Fingerprint,
 }
 
@@ -152,10 +156,15 @@ pub(crate) fn read_meta(dir: &Path) -> Result<ParkMeta, Error> {
 }
 
 /// The meta of a park of a guest started from `spec`.
-pub(crate) fn meta_of(spec: &VmSpec, named_ram: bool) -> Result<ParkMeta, Error> {
+pub(crate) fn meta_of(
+    spec: &VmSpec,
+    named_ram: bool,
+    network_off: bool,
+) -> Result<ParkMeta, Error> {
     Ok(ParkMeta {
         format: FORMAT,
         named_ram,
+        network_off,
         fingerprint: Fingerprint::of(spec)?,
     })
 }
@@ -233,6 +242,7 @@ mod tests {
         let mut meta = ParkMeta {
             format: FORMAT + 1,
             named_ram: true,
+            network_off: false,
             fingerprint: fingerprint(),
         };
         write_meta(&d, &meta).unwrap();

@@ -431,6 +431,12 @@ impl Vm {
         }
     }
 
+    /// Whether the network interface is connected (`false` also without
+    /// one).
+    pub fn network_link(&self) -> bool {
+        self.network.as_ref().is_some_and(net::Network::is_enabled)
+    }
+
     /// Calls `handler` with every QMP event QEMU sends (at once for those
     /// already received): `SHUTDOWN`, `RESET`, `STOP`, `GUEST_PANICKED`...
     /// It runs on the QMP reader thread and must return quickly.

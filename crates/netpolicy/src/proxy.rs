@@ -185,6 +185,11 @@ impl Proxy {
         self.enabled.store(enabled, Ordering::Relaxed);
     }
 
+    /// Whether frames pass, as last set.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
     /// Whether both directions have ended.
     pub fn is_finished(&self) -> bool {
         self.threads.iter().all(JoinHandle::is_finished)
