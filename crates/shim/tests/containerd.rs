@@ -328,33 +328,8 @@ fn stdin_round_trips(c: &Containerd) {
 }
 
 fn terminal_takes_the_clients_size(c: &Containerd) {
-    use std::os::fd::{AsFd, FromRawFd};
-    let (mut master, mut slave) = (0, 0);
-    let size = libc::winsize {
-        ws_row: 30,
-        ws_col: 100,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: openpty writes two descriptors through live pointers and
-    // reads the size; no name buffer or settings are passed.
-    let r = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            &size,
-        )
-    };
-    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: both descriptors were just opened and are owned here.
-    let (master, slave) = unsafe {
-        (
-            std::fs::File::from_raw_fd(master),
-            std::os::fd::OwnedFd::from_raw_fd(slave),
-        )
-    };
+    use std::os::fd::AsFd;
+    let (master, slave) = cc_testsupport::openpty(30, 100);
     // ctr resizes the task's terminal once it started: ask until the
     // guest sees the client's size.
     let script = "for i in $(seq 40); do s=$(stty size); [ \"$s\" = \"30 100\" ] && break; \
