@@ -202,12 +202,16 @@ fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-fn assert_nothing_left(c: &Containerd, id: &str, vm_pid: u32, run_dir: &Path) {
+fn assert_no_shim(id: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while shim_pid(id).is_some() {
         assert!(Instant::now() < deadline, "the shim of {id} still runs");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn assert_nothing_left(c: &Containerd, id: &str, vm_pid: u32, run_dir: &Path) {
+    assert_no_shim(id);
     assert!(
         wait_gone(vm_pid, Duration::from_secs(10)),
         "QEMU {vm_pid} still runs"
@@ -440,9 +444,40 @@ fn unsupported_requests_are_refused_and_leave_nothing(c: &Containerd) {
             text(&out.stderr)
         );
         let _ = c.ctr(&["container", "rm", "refused"]);
+        assert_no_shim("refused");
         assert!(!c.bundle("refused").exists(), "{flags:?} left its bundle");
         assert_eq!(mounts_under(&c.dir.join("state")), Vec::<String>::new());
     }
+}
+
+/// containerd writes the bundle's config.json from a spec it parsed, so a
+/// malformed one comes from `ctr --config` with what Go's spec types take
+/// and the OCI spec does not define (an unknown rlimit).
+fn malformed_config_is_refused_and_leaves_nothing(c: &Containerd) {
+    let spec = r#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+        "process": {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+                    "rlimits": [{"type": "RLIMIT_NONSENSE", "hard": 1, "soft": 1}]},
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "mount"}]}}"#;
+    let file = c.dir.join("malformed.json");
+    std::fs::write(&file, spec).unwrap();
+    let config = file.to_str().unwrap();
+    let out = c.ctr(&[
+        "run",
+        "--runtime",
+        RUNTIME,
+        "--rm",
+        "--config",
+        config,
+        "malformed",
+    ]);
+    assert!(!out.status.success(), "a malformed spec ran");
+    let err = text(&out.stderr);
+    assert!(err.contains("config.json is malformed"), "{err}");
+    assert!(err.contains("RLIMIT_NONSENSE"), "{err}");
+    let _ = c.ctr(&["container", "rm", "malformed"]);
+    assert_no_shim("malformed");
+    assert!(!c.bundle("malformed").exists(), "the bundle was left");
+    assert_eq!(mounts_under(&c.dir.join("state")), Vec::<String>::new());
 }
 
 fn skip_reason() -> Option<&'static str> {
@@ -489,6 +524,10 @@ fn main() -> ExitCode {
         ),
         ("exec_ps_and_kill_statuses", exec_ps_and_kill_statuses),
         ("read_only_bind_mount", read_only_bind_mount),
+        (
+            "malformed_config_is_refused_and_leaves_nothing",
+            malformed_config_is_refused_and_leaves_nothing,
+        ),
         (
             "unsupported_requests_are_refused_and_leave_nothing",
             unsupported_requests_are_refused_and_leave_nothing,
