@@ -276,7 +276,7 @@ impl Service {
         let rootfs = self.mount_rootfs(bundle, &plan.root, &req.rootfs)?;
         let booted = cc::Instance::new(&cc::Source::Dir(rootfs.clone()), options);
         // The VM reads its own image of the tree from now on.
-        if !req.rootfs.is_empty() {
+        if rootfs == bundle.join("rootfs") && !req.rootfs.is_empty() {
             state::unmount(&rootfs);
         }
         let instance = booted.map_err(cc_err)?;
@@ -299,17 +299,33 @@ impl Service {
     }
 
     /// Mounts containerd's rootfs mounts at `bundle/rootfs`, or takes the
-    /// spec's root directory when there are none.
+    /// spec's root directory when there are none. A fresh snapshot (an
+    /// overlay with an empty upper) is read through its layers alone: the
+    /// VM never writes to it, and the tree's metadata (the root's mtime is
+    /// the upper's otherwise) then stays the same from one container to
+    /// the next, so the cached image and warm-start template are reused.
     fn mount_rootfs(&self, bundle: &Path, root: &Path, mounts: &[Mount]) -> TtrpcResult<PathBuf> {
         if mounts.is_empty() {
             return Ok(bundle.join(root));
         }
         let target = bundle.join("rootfs");
+        let mount_err = |e: std::io::Error| {
+            state::unmount(&target);
+            rpc_err(Code::INTERNAL, format!("mounting the rootfs: {e}"))
+        };
+        if let [m] = mounts {
+            match state::fresh_overlay_lowers(&m.type_, &m.options, state::is_empty_dir) {
+                Some(lowers) if lowers.len() == 1 => return Ok(PathBuf::from(&lowers[0])),
+                Some(lowers) => {
+                    let options = [format!("lowerdir={}", lowers.join(":")), "ro".into()];
+                    state::mount("overlay", "overlay", &options, &target).map_err(mount_err)?;
+                    return Ok(target);
+                }
+                None => {}
+            }
+        }
         for m in mounts {
-            state::mount(&m.type_, &m.source, &m.options, &target).map_err(|e| {
-                state::unmount(&target);
-                rpc_err(Code::INTERNAL, format!("mounting the rootfs: {e}"))
-            })?;
+            state::mount(&m.type_, &m.source, &m.options, &target).map_err(mount_err)?;
         }
         Ok(target)
     }

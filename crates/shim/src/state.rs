@@ -78,6 +78,31 @@ pub fn mount(typ: &str, source: &str, options: &[String], target: &Path) -> io::
     }
 }
 
+/// The layers of an overlay rootfs mount whose upper dir is empty (a
+/// container's fresh snapshot), uppermost first; `None` for anything else.
+pub fn fresh_overlay_lowers(
+    typ: &str,
+    options: &[String],
+    empty: impl Fn(&Path) -> bool,
+) -> Option<Vec<String>> {
+    if typ != "overlay" {
+        return None;
+    }
+    let value = |key: &str| options.iter().find_map(|o| o.strip_prefix(key));
+    let lowers: Vec<String> = value("lowerdir=")?
+        .split(':')
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    let upper_empty = value("upperdir=").is_none_or(|u| empty(Path::new(u)));
+    (!lowers.is_empty() && upper_empty).then_some(lowers)
+}
+
+/// Whether `dir` is a directory with nothing in it.
+pub fn is_empty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
+}
+
 /// After the shim died: ends a QEMU that is still there (it normally died
 /// with the shim) and removes the VM's run dir and the rootfs mount. Run
 /// in the bundle.
@@ -114,6 +139,35 @@ fn qemu_of(pid: u32, run_dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fresh_overlays_are_read_through_their_layers() {
+        let opts = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let snapshot = opts(&[
+            "index=off",
+            "workdir=/s/2/work",
+            "upperdir=/s/2/fs",
+            "lowerdir=/s/1/fs:/s/0/fs",
+        ]);
+        assert_eq!(
+            fresh_overlay_lowers("overlay", &snapshot, |_| true),
+            Some(vec!["/s/1/fs".to_string(), "/s/0/fs".to_string()])
+        );
+        // A snapshot with writes in it is mounted whole.
+        assert_eq!(fresh_overlay_lowers("overlay", &snapshot, |_| false), None);
+        assert_eq!(
+            fresh_overlay_lowers("bind", &opts(&["rbind"]), |_| true),
+            None
+        );
+        assert_eq!(
+            fresh_overlay_lowers("overlay", &opts(&["upperdir=/u"]), |_| true),
+            None
+        );
+        assert_eq!(
+            fresh_overlay_lowers("overlay", &opts(&["lowerdir="]), |_| true),
+            None
+        );
+    }
 
     #[test]
     fn state_round_trips_and_cleanup_removes_it() {
