@@ -25,7 +25,10 @@ packages=(qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio
           docker-registry skopeo apache2-utils zstd debootstrap valgrind
           erofs-utils python3 python3-venv
           # the test registry's token server signs with it
-          openssl)
+          openssl
+          # the containerd shim's tests start their own containerd (the
+          # package's service is a systemd unit: nothing starts it here)
+          containerd)
 sudo=""
 [ "$(id -u)" = 0 ] || sudo="sudo"
 installed() { dpkg -s "$1" >/dev/null 2>&1; }

@@ -114,33 +114,8 @@ struct HostTerminal {
 
 impl HostTerminal {
     fn open(rows: u16, cols: u16) -> HostTerminal {
-        use std::os::fd::FromRawFd;
-        let (mut master, mut slave) = (0, 0);
-        let size = libc::winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: openpty writes two descriptors through live pointers and
-        // reads the size; no name buffer or settings are passed.
-        let r = unsafe {
-            libc::openpty(
-                &mut master,
-                &mut slave,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                &size,
-            )
-        };
-        assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
-        // SAFETY: both descriptors were just opened and are owned here.
-        unsafe {
-            HostTerminal {
-                master: std::fs::File::from_raw_fd(master),
-                slave: std::os::fd::OwnedFd::from_raw_fd(slave),
-            }
-        }
+        let (master, slave) = cc_testsupport::openpty(rows, cols);
+        HostTerminal { master, slave }
     }
 
     /// The terminal's settings, as `stty -g` shows them.

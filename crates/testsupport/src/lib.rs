@@ -20,7 +20,7 @@ mod screen;
 mod token;
 
 pub use registry::{Auth, HttpResponse, Registry};
-pub use screen::Screen;
+pub use screen::{openpty, Screen};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

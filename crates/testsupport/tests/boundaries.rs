@@ -28,6 +28,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "cc-cancel",
         ],
     ),
+    // The containerd shim is a client of the core like the CLI.
+    ("containerd-shim-crumble-v1", &["crumblecracker"]),
     // The C ABI maps the core 1:1.
     ("cc-capi", &["crumblecracker"]),
     // The engine only for the benchmark's bare-QEMU baseline.

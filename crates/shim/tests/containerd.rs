@@ -1,0 +1,569 @@
+//! VM tests through a real containerd: one containerd per test binary, a
+//! child of this process with its own root, state dir and socket under a
+//! temp dir (no system service), the test image pulled into it from a
+//! loopback registry, and `ctr` driving the shim. They run when
+//! `CC_RUN_VM_TESTS=1`, as root, with `containerd` and `ctr` installed
+//! (`scripts/setup.sh`); otherwise each is reported ignored, with the
+//! reason.
+
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use cc_testsupport::{Auth, Registry};
+use libtest_mimic::{Arguments, Failed, Trial};
+
+const RUNTIME: &str = "io.containerd.crumble.v1";
+const NS: &str = "cc";
+
+/// The containerd every test talks to, and the image it holds.
+struct Containerd {
+    dir: PathBuf,
+    child: Child,
+    image: String,
+    _registry: Registry,
+}
+
+static CONTAINERD: OnceLock<Mutex<Option<Containerd>>> = OnceLock::new();
+
+fn shim_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_containerd-shim-crumble-v1"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn start_containerd() -> Containerd {
+    let dir = std::env::temp_dir().join(format!("cc-shim-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.display();
+    let config = format!(
+        "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+         disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+         [grpc]\n  address = \"{d}/c.sock\"\n[ttrpc]\n  address = \"{d}/c.sock.ttrpc\"\n"
+    );
+    std::fs::write(dir.join("config.toml"), config).unwrap();
+    let path = format!(
+        "{}:{}",
+        shim_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+    let mut cmd = Command::new("containerd");
+    cmd.arg("--config")
+        .arg(dir.join("config.toml"))
+        .env("PATH", path)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    // SAFETY: prctl is async-signal-safe; the closure touches nothing else.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("start containerd");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ctr_in(&dir, &["version"]).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "containerd did not answer: {}",
+            std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let registry = Registry::start(Auth::Anonymous);
+    registry.push(
+        &cc_testsupport::test_images().busybox,
+        "latest",
+        "busybox:latest",
+    );
+    let image = format!("{}/busybox:latest", registry.addr());
+    let pull = ctr_in(&dir, &["images", "pull", "--plain-http", &image]);
+    assert!(pull.status.success(), "pull: {}", text(&pull.stderr));
+    Containerd {
+        dir,
+        child,
+        image,
+        _registry: registry,
+    }
+}
+
+fn with_containerd<R>(f: impl FnOnce(&Containerd) -> R) -> R {
+    let m = CONTAINERD.get_or_init(|| Mutex::new(None));
+    let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+    let c = g.get_or_insert_with(start_containerd);
+    f(c)
+}
+
+fn ctr_in(dir: &Path, args: &[&str]) -> Output {
+    ctr_cmd(dir, args).output().expect("run ctr")
+}
+
+fn ctr_cmd(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new("ctr");
+    cmd.arg("-a")
+        .arg(dir.join("c.sock"))
+        .args(["-n", NS])
+        .args(args)
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+impl Containerd {
+    fn ctr(&self, args: &[&str]) -> Output {
+        ctr_in(&self.dir, args)
+    }
+
+    /// `ctr run --rm` of the test image as `id` with `extra` options.
+    fn run(&self, extra: &[&str], id: &str, argv: &[&str]) -> Output {
+        let mut args = vec!["run", "--runtime", RUNTIME, "--rm"];
+        args.extend(extra);
+        args.extend([self.image.as_str(), id]);
+        args.extend(argv);
+        self.ctr(&args)
+    }
+
+    /// `ctr run -d`: a task left running.
+    fn run_detached(&self, id: &str, argv: &[&str]) {
+        let mut args = vec!["run", "--runtime", RUNTIME, "-d", &self.image, id];
+        args.extend(argv);
+        let out = self.ctr(&args);
+        assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    }
+
+    fn bundle(&self, id: &str) -> PathBuf {
+        self.dir
+            .join("state/io.containerd.runtime.v2.task")
+            .join(NS)
+            .join(id)
+    }
+
+    /// The task's pid (QEMU's) and the VM's run dir, from the bundle.
+    fn vm_of(&self, id: &str) -> (u32, PathBuf) {
+        let json = std::fs::read(self.bundle(id).join("crumble-state.json")).expect("shim state");
+        let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        (
+            v["vm_pid"].as_u64().unwrap() as u32,
+            PathBuf::from(v["run_dir"].as_str().unwrap()),
+        )
+    }
+
+    /// Deletes the task and container (whatever state they are in).
+    fn remove(&self, id: &str) {
+        let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.ctr(&["task", "delete", id]).status.success() && Instant::now() < deadline {
+            let ls = self.ctr(&["task", "ls"]);
+            if !text(&ls.stdout).contains(id) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let rm = self.ctr(&["container", "rm", id]);
+        assert!(rm.status.success(), "container rm: {}", text(&rm.stderr));
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+fn wait_gone(pid: u32, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+/// Mount points under `dir`, from this mount namespace.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let prefix = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+fn assert_no_shim(id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shim_pid(id).is_some() {
+        assert!(Instant::now() < deadline, "the shim of {id} still runs");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn assert_nothing_left(c: &Containerd, id: &str, vm_pid: u32, run_dir: &Path) {
+    assert_no_shim(id);
+    assert!(
+        wait_gone(vm_pid, Duration::from_secs(10)),
+        "QEMU {vm_pid} still runs"
+    );
+    assert!(!run_dir.exists(), "run dir {} left", run_dir.display());
+    assert!(!c.bundle(id).exists(), "bundle left");
+    assert_eq!(mounts_under(&c.dir.join("state")), Vec::<String>::new());
+}
+
+// ---- the tests ----
+
+fn echo_prints_hi(c: &Containerd) {
+    let out = c.run(&[], "echo", &["echo", "hi"]);
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout), "hi\n");
+}
+
+fn exit_code_propagates(c: &Containerd) {
+    let out = c.run(&[], "exit7", &["sh", "-c", "echo err >&2; exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("err"));
+}
+
+fn delete_leaves_nothing(c: &Containerd) {
+    c.run_detached("del", &["sleep", "600"]);
+    let (vm_pid, run_dir) = c.vm_of("del");
+    assert!(alive(vm_pid));
+    let ls = text(&c.ctr(&["task", "ls"]).stdout);
+    assert!(
+        ls.contains(&vm_pid.to_string()) && ls.contains("RUNNING"),
+        "{ls}"
+    );
+    let busy = c.ctr(&["task", "delete", "del"]);
+    assert!(!busy.status.success(), "a running task was deleted");
+    c.remove("del");
+    assert_nothing_left(c, "del", vm_pid, &run_dir);
+}
+
+fn killing_the_shim_ends_its_vm(c: &Containerd) {
+    c.run_detached("shimkill", &["sleep", "600"]);
+    let (vm_pid, run_dir) = c.vm_of("shimkill");
+    let shim = shim_pid("shimkill").expect("the shim process");
+    // SAFETY: kill with a pid and a signal number has no memory effects.
+    unsafe { libc::kill(shim as i32, libc::SIGKILL) };
+    assert!(
+        wait_gone(vm_pid, Duration::from_secs(10)),
+        "QEMU outlived its shim"
+    );
+    c.remove("shimkill");
+    assert_nothing_left(c, "shimkill", vm_pid, &run_dir);
+}
+
+/// The shim daemon of container `id`: its command line says `-id ID` and
+/// `-socket`.
+fn shim_pid(id: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_shim = args
+            .first()
+            .is_some_and(|a| a.ends_with(b"containerd-shim-crumble-v1"));
+        let ours = args
+            .windows(2)
+            .any(|w| w[0] == b"-id" && w[1] == id.as_bytes());
+        (is_shim && ours && args.contains(&&b"-socket"[..])).then_some(pid)
+    })
+}
+
+/// Waits until `ctr task ls` shows task `id` running.
+fn wait_running(c: &Containerd, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let running = |ls: String| {
+        ls.lines()
+            .any(|l| l.starts_with(id) && l.contains("RUNNING"))
+    };
+    while !running(text(&c.ctr(&["task", "ls"]).stdout)) {
+        assert!(Instant::now() < deadline, "task {id} never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn stdin_round_trips(c: &Containerd) {
+    let mut cmd = ctr_cmd(
+        &c.dir,
+        &[
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--rm",
+            &c.image,
+            "stdin",
+            "sh",
+            "-c",
+            "cat; echo done",
+        ],
+    );
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"piped data\n").unwrap();
+    // ctr asks the shim to close the task's stdin at end of input only
+    // once the task exists: before, the end is its own.
+    wait_running(c, "stdin");
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "piped data\ndone\n");
+}
+
+fn terminal_takes_the_clients_size(c: &Containerd) {
+    use std::os::fd::AsFd;
+    let (master, slave) = cc_testsupport::openpty(30, 100);
+    // ctr resizes the task's terminal once it started: ask until the
+    // guest sees the client's size.
+    let script = "for i in $(seq 40); do s=$(stty size); [ \"$s\" = \"30 100\" ] && break; \
+                  sleep 0.25; done; echo size=$s; tty";
+    let term = |f: &std::os::fd::OwnedFd| Stdio::from(f.as_fd().try_clone_to_owned().unwrap());
+    let mut child = ctr_cmd(
+        &c.dir,
+        &[
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--rm",
+            "-t",
+            &c.image,
+            "tty",
+            "sh",
+            "-c",
+            script,
+        ],
+    )
+    .stdin(term(&slave))
+    .stdout(term(&slave))
+    .stderr(term(&slave))
+    .spawn()
+    .unwrap();
+    let shown = cc_testsupport::Screen::watch(master);
+    let status = child.wait().unwrap();
+    shown.expect("/dev/pts/");
+    assert!(status.success(), "{}", shown.text());
+    assert!(shown.text().contains("size=30 100"), "{}", shown.text());
+}
+
+fn env_and_cwd_from_image_and_flags(c: &Containerd) {
+    let script = "echo $CC_IMAGE $FOO; pwd";
+    let out = c.run(
+        &["--env", "FOO=bar", "--cwd", "/tmp"],
+        "envcwd",
+        &["sh", "-c", script],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "busybox bar\n/tmp\n");
+}
+
+fn exec_ps_and_kill_statuses(c: &Containerd) {
+    for (signal, status) in [("SIGTERM", 143), ("SIGKILL", 137)] {
+        let id = format!("kill{status}");
+        let args = [
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--rm",
+            &c.image,
+            &id,
+            "sleep",
+            "600",
+        ];
+        let mut run = ctr_cmd(&c.dir, &args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_running(c, &id);
+        if status == 143 {
+            let exec = c.ctr(&[
+                "task",
+                "exec",
+                "--exec-id",
+                "x",
+                &id,
+                "sh",
+                "-c",
+                "echo exec; exit 3",
+            ]);
+            assert_eq!(exec.status.code(), Some(3), "{}", text(&exec.stderr));
+            assert_eq!(text(&exec.stdout), "exec\n");
+            let ps = text(&c.ctr(&["task", "ps", &id]).stdout);
+            assert_eq!(ps.lines().count(), 2, "one process: {ps}");
+        }
+        // SIGKILL goes to every process of the task (`--all`).
+        let mut kill = vec!["task", "kill", "-s", signal, &id];
+        if status == 137 {
+            kill.insert(2, "--all");
+        }
+        let kill = c.ctr(&kill);
+        assert!(kill.status.success(), "{}", text(&kill.stderr));
+        let out = run.wait().unwrap();
+        assert_eq!(out.code(), Some(status), "{signal}");
+    }
+}
+
+fn read_only_bind_mount(c: &Containerd) {
+    let src = c.dir.join("bind-src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), "from host\n").unwrap();
+    let mount = format!("type=bind,src={},dst=/d,options=rbind:ro", src.display());
+    let script = "cat /d/f; touch /d/x 2>/dev/null && echo wrote || echo refused";
+    let out = c.run(&["--mount", &mount], "bind", &["sh", "-c", script]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "from host\nrefused\n");
+    assert!(!src.join("x").exists());
+}
+
+fn unsupported_requests_are_refused_and_leave_nothing(c: &Containerd) {
+    for (flags, says) in [
+        (&["--privileged"][..], "privileged"),
+        (&["--net-host"][..], "host network namespace"),
+        (&["--with-ns", "pid:/proc/1/ns/pid"][..], "/proc/1/ns/pid"),
+    ] {
+        let out = c.run(flags, "refused", &["true"]);
+        assert!(!out.status.success(), "{flags:?} ran");
+        assert!(
+            text(&out.stderr).contains(says),
+            "{flags:?}: {}",
+            text(&out.stderr)
+        );
+        let _ = c.ctr(&["container", "rm", "refused"]);
+        assert_no_shim("refused");
+        assert!(!c.bundle("refused").exists(), "{flags:?} left its bundle");
+        assert_eq!(mounts_under(&c.dir.join("state")), Vec::<String>::new());
+    }
+}
+
+/// containerd writes the bundle's config.json from a spec it parsed, so a
+/// malformed one comes from `ctr --config` with what Go's spec types take
+/// and the OCI spec does not define (an unknown rlimit).
+fn malformed_config_is_refused_and_leaves_nothing(c: &Containerd) {
+    let spec = r#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+        "process": {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+                    "rlimits": [{"type": "RLIMIT_NONSENSE", "hard": 1, "soft": 1}]},
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "mount"}]}}"#;
+    let file = c.dir.join("malformed.json");
+    std::fs::write(&file, spec).unwrap();
+    let config = file.to_str().unwrap();
+    let out = c.ctr(&[
+        "run",
+        "--runtime",
+        RUNTIME,
+        "--rm",
+        "--config",
+        config,
+        "malformed",
+    ]);
+    assert!(!out.status.success(), "a malformed spec ran");
+    let err = text(&out.stderr);
+    assert!(err.contains("config.json is malformed"), "{err}");
+    assert!(err.contains("RLIMIT_NONSENSE"), "{err}");
+    let _ = c.ctr(&["container", "rm", "malformed"]);
+    assert_no_shim("malformed");
+    assert!(!c.bundle("malformed").exists(), "the bundle was left");
+    assert_eq!(mounts_under(&c.dir.join("state")), Vec::<String>::new());
+}
+
+fn skip_reason() -> Option<&'static str> {
+    if std::env::var("CC_RUN_VM_TESTS").as_deref() != Ok("1") {
+        return Some("VM test: set CC_RUN_VM_TESTS=1 to boot real VMs");
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root: containerd mounts snapshots");
+    }
+    let found = |tool: &str| {
+        Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    };
+    if !found("containerd") || !found("ctr") {
+        return Some("needs containerd and ctr: run scripts/setup.sh");
+    }
+    None
+}
+
+fn main() -> ExitCode {
+    let mut args = Arguments::from_args();
+    // One containerd and one VM at a time: the machine's cores are few.
+    args.test_threads = Some(1);
+    let skip = skip_reason();
+    type Test = fn(&Containerd);
+    let tests: &[(&str, Test)] = &[
+        ("echo_prints_hi", echo_prints_hi),
+        ("exit_code_propagates", exit_code_propagates),
+        ("delete_leaves_nothing", delete_leaves_nothing),
+        ("killing_the_shim_ends_its_vm", killing_the_shim_ends_its_vm),
+        ("stdin_round_trips", stdin_round_trips),
+        (
+            "terminal_takes_the_clients_size",
+            terminal_takes_the_clients_size,
+        ),
+        (
+            "env_and_cwd_from_image_and_flags",
+            env_and_cwd_from_image_and_flags,
+        ),
+        ("exec_ps_and_kill_statuses", exec_ps_and_kill_statuses),
+        ("read_only_bind_mount", read_only_bind_mount),
+        (
+            "malformed_config_is_refused_and_leaves_nothing",
+            malformed_config_is_refused_and_leaves_nothing,
+        ),
+        (
+            "unsupported_requests_are_refused_and_leave_nothing",
+            unsupported_requests_are_refused_and_leave_nothing,
+        ),
+    ];
+    let trials = tests
+        .iter()
+        .map(|&(name, test)| {
+            Trial::test(name, move || {
+                with_containerd(test);
+                Ok::<(), Failed>(())
+            })
+            .with_ignored_flag(skip.is_some())
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    if let Some(m) = CONTAINERD.get() {
+        if let Some(mut c) = m.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = c.child.kill();
+            let _ = c.child.wait();
+            let left = mounts_under(&c.dir);
+            if left.is_empty() {
+                let _ = std::fs::remove_dir_all(&c.dir);
+            } else {
+                eprintln!("error: mounts left under {}: {left:?}", c.dir.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if let Some(reason) = skip {
+        eprintln!("ignored: {reason}");
+    }
+    conclusion.exit_code()
+}
