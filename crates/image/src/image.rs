@@ -5,9 +5,9 @@ use std::io::{self, BufReader, BufWriter, Read};
 use std::path::PathBuf;
 use std::thread::Scope;
 
+use crate::digest::Sha256;
 use cc_erofs::{Builder, Metadata, Tree};
 use oci_spec::image::{ImageConfiguration, ImageManifest};
-use sha2::{Digest as _, Sha256};
 
 use crate::erofs_layer;
 use crate::layers::{apply_layer_with, Limited, Whiteouts};
@@ -461,7 +461,7 @@ fn build_erofs_from<B: AsRef<[u8]> + Send>(
         if let Some(s) = &mut stream {
             s.wait_verified().map_err(Error::io("read layer", &blob))?;
         }
-        let actual = Digest::sha256(&hasher.finalize());
+        let actual = hasher.finalize();
         if let Some(expected) = diff_ids.get(i) {
             if *expected != actual.to_string() {
                 return Err(Error::DigestMismatch {
@@ -489,7 +489,7 @@ fn rootfs_key(layers: &[Digest]) -> String {
     for l in layers {
         key.update(l.to_string());
     }
-    Digest::sha256(&key.finalize()).hex()[..32].to_string()
+    key.finalize().hex()[..32].to_string()
 }
 
 pub(crate) fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
