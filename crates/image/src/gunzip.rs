@@ -1,7 +1,7 @@
 //! Gzip decompression of layers, member after member as `gunzip` reads
-//! them, with ISA-L's inflater (igzip): several times as fast as zlib here,
-//! and decompression is the one step of building a root image that has a
-//! core to itself. Member headers are parsed here; igzip inflates the
+//! them, with ISA-L's inflater (igzip): faster than zlib-rs (about 1.2× on
+//! the Debian test layer here), and decompression is the longest step of
+//! building a root image, on a core of its own. Member headers are parsed here; igzip inflates the
 //! deflate data and checks the trailer's CRC-32 and length (with
 //! carry-less multiply, a small fraction of the inflate time).
 
