@@ -19,6 +19,8 @@ packages=(qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio
           # QEMU's sandbox (namespaces)
           bubblewrap
           bison flex libelf-dev libssl-dev bc build-essential xz-utils bzip2
+          # ISA-L (the layer inflater) is built from source by isal-sys
+          nasm autoconf automake libtool
           # tests: a real registry, image tools, fsck.erofs for the erofs
           # images, the Debian test image, leak checks of the C library,
           # the Python package's venv

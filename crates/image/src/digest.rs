@@ -3,8 +3,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use sha2::{Digest as _, Sha256};
-
 use crate::Error;
 
 /// A validated sha256 content digest.
@@ -22,12 +20,38 @@ impl Digest {
 
     /// The digest of `data`.
     pub fn of(data: &[u8]) -> Digest {
-        Digest::sha256(&Sha256::digest(data))
+        Digest::sha256(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref())
     }
 
     /// The 64 hex digits.
     pub fn hex(&self) -> &str {
         &self.hex
+    }
+}
+
+/// Incremental SHA-256 of layers and blobs: aws-lc's, about half again
+/// as fast as the sha2 crate's here (both use the CPU's SHA extensions),
+/// and hashing a layer's tar stream is most of the root image builder's
+/// CPU time.
+pub(crate) struct Sha256(aws_lc_rs::digest::Context);
+
+impl fmt::Debug for Sha256 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Sha256")
+    }
+}
+
+impl Sha256 {
+    pub(crate) fn new() -> Self {
+        Sha256(aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256))
+    }
+
+    pub(crate) fn update(&mut self, data: impl AsRef<[u8]>) {
+        self.0.update(data.as_ref());
+    }
+
+    pub(crate) fn finalize(self) -> Digest {
+        Digest::sha256(self.0.finish().as_ref())
     }
 }
 

@@ -5,9 +5,9 @@ use std::io::{self, BufReader, BufWriter, Read};
 use std::path::PathBuf;
 use std::thread::Scope;
 
+use crate::digest::Sha256;
 use cc_erofs::{Builder, Metadata, Tree};
 use oci_spec::image::{ImageConfiguration, ImageManifest};
-use sha2::{Digest as _, Sha256};
 
 use crate::erofs_layer;
 use crate::layers::{apply_layer_with, Limited, Whiteouts};
@@ -411,9 +411,11 @@ fn build_erofs_from<B: AsRef<[u8]> + Send>(
     let temp_path = temp.path.clone();
     let out = BufWriter::with_capacity(
         1 << 20,
-        temp.file()
-            .try_clone()
-            .map_err(Error::io("open", &temp_path))?,
+        Writeback::new(
+            temp.file()
+                .try_clone()
+                .map_err(Error::io("open", &temp_path))?,
+        ),
     );
     let mut builder = Builder::new(out).map_err(Error::io("write", &temp_path))?;
     let mut tree = Tree::new(Metadata {
@@ -459,7 +461,7 @@ fn build_erofs_from<B: AsRef<[u8]> + Send>(
         if let Some(s) = &mut stream {
             s.wait_verified().map_err(Error::io("read layer", &blob))?;
         }
-        let actual = Digest::sha256(&hasher.finalize());
+        let actual = hasher.finalize();
         if let Some(expected) = diff_ids.get(i) {
             if *expected != actual.to_string() {
                 return Err(Error::DigestMismatch {
@@ -487,7 +489,7 @@ fn rootfs_key(layers: &[Digest]) -> String {
     for l in layers {
         key.update(l.to_string());
     }
-    Digest::sha256(&key.finalize()).hex()[..32].to_string()
+    key.finalize().hex()[..32].to_string()
 }
 
 pub(crate) fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
@@ -528,5 +530,50 @@ impl<R: Read> Read for Hashing<R> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
         Ok(n)
+    }
+}
+
+/// Bytes written between two starts of writeback.
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
+/// A file that starts the writeback of what was written to it every
+/// [`WRITEBACK_EVERY`] bytes, so the sync before publishing waits only for
+/// the last few megabytes rather than the whole root image.
+struct Writeback {
+    file: File,
+    unstarted: u64,
+}
+
+impl Writeback {
+    fn new(file: File) -> Self {
+        Writeback { file, unstarted: 0 }
+    }
+}
+
+impl io::Write for Writeback {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.unstarted += n as u64;
+        if self.unstarted >= WRITEBACK_EVERY {
+            self.unstarted = 0;
+            use std::os::fd::AsRawFd;
+            // SAFETY: a valid descriptor; offset 0 and length 0 ask for
+            // the whole file. Only a hint: a failure is not an error (the
+            // sync before publishing reports real ones).
+            unsafe {
+                libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+            };
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl io::Seek for Writeback {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        self.file.seek(pos)
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
@@ -469,11 +469,27 @@ impl<'a> Puller<'a> {
         mut tx: Option<&tokio::sync::mpsc::Sender<Chunk<Bytes>>>,
     ) -> Result<()> {
         let expected: Digest = d.digest.parse()?;
-        let mut stream = self
-            .client
-            .pull_blob_stream(self.reference, d)
-            .await
-            .map_err(|e| self.registry_error(e))?;
+        // Asked as a range from byte 0, a registry answers 206 and the
+        // client does not hash the blob a second time: the writer below
+        // checks its digest before anything is published. A registry that
+        // refuses ranges is asked again for the whole blob. (An empty blob
+        // has no range to ask for.)
+        let ranged = if d.size > 0 {
+            self.client
+                .pull_blob_stream_partial(self.reference, d, 0, None)
+                .await
+                .ok()
+        } else {
+            None
+        };
+        let mut stream = match ranged {
+            Some(BlobResponse::Full(s) | BlobResponse::Partial(s)) => s,
+            None => self
+                .client
+                .pull_blob_stream(self.reference, d)
+                .await
+                .map_err(|e| self.registry_error(e))?,
+        };
         let mut writer = self.store.blob_writer(Some(&expected))?;
         let mut written = 0u64;
         // The token's wake-up ends even a download that has stalled.

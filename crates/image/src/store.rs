@@ -13,8 +13,8 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::digest::Sha256;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
 use crate::{Digest, Error, Result};
 
@@ -311,7 +311,7 @@ impl BlobWriter {
     }
 
     pub(crate) fn finish(self) -> Result<(Digest, u64)> {
-        let digest = Digest::sha256(&self.hasher.finalize());
+        let digest = self.hasher.finalize();
         if let Some(expected) = &self.expected {
             if *expected != digest {
                 return Err(Error::DigestMismatch {
@@ -383,7 +383,7 @@ impl<W> HashingWrite<W> {
 
     /// The digest and length of everything written.
     pub(crate) fn finish(self) -> (Digest, u64) {
-        (Digest::sha256(&self.hasher.finalize()), self.len)
+        (self.hasher.finalize(), self.len)
     }
 }
 

@@ -131,7 +131,10 @@ impl ReadAhead {
     ) -> ReadAhead {
         let (full_tx, full) = std::sync::mpsc::sync_channel(AHEAD_DEPTH);
         let (empty, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(AHEAD_DEPTH + 1);
-        scope.spawn(move || loop {
+        // Named, so profiles tell it from the thread that reads from it;
+        // failing to start it is the panic `Scope::spawn` would raise.
+        let thread = std::thread::Builder::new().name("cc-image-inflate".into());
+        let started = thread.spawn_scoped(scope, move || loop {
             let mut buf = empty_rx.try_recv().unwrap_or_default();
             buf.resize(AHEAD_CHUNK, 0);
             let mut len = 0;
@@ -161,6 +164,7 @@ impl ReadAhead {
                 return;
             }
         });
+        started.expect("failed to spawn thread");
         ReadAhead {
             full,
             empty,

@@ -941,3 +941,72 @@ fn registries_conf_blocked_and_malformed_are_clear_errors() {
     assert!(client.images().unwrap().is_empty());
     fs::remove_dir_all(root).unwrap();
 }
+
+/// A loopback HTTP front for `upstream` that answers every request with a
+/// `Range` header 416, as a registry without range support may, and
+/// passes the rest through one connection each. Returns its address and
+/// how many ranged requests it refused.
+fn range_refusing_front(upstream: String) -> (String, std::sync::Arc<AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let refused = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = refused.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let upstream = upstream.clone();
+            let counter = counter.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut head = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    let lower = line.to_ascii_lowercase();
+                    if !lower.starts_with("connection:") {
+                        head.push(line);
+                    }
+                }
+                let mut conn = conn;
+                if head
+                    .iter()
+                    .any(|l| l.to_ascii_lowercase().starts_with("range:"))
+                {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 416 Range Not Satisfiable\r\n\
+                          Content-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    return;
+                }
+                let mut up = std::net::TcpStream::connect(&upstream).unwrap();
+                let request = format!("{}Connection: close\r\n\r\n", head.concat());
+                up.write_all(request.as_bytes()).unwrap();
+                let _ = std::io::copy(&mut up, &mut conn);
+            });
+        }
+    });
+    (addr, refused)
+}
+
+#[test]
+fn a_registry_refusing_ranges_still_serves_whole_blobs() {
+    let registry = Registry::start(RegistryAuth::Anonymous);
+    registry.push(&test_images().busybox, "latest", "norange/busybox:1");
+    let (front, refused) = range_refusing_front(registry.addr().to_string());
+    let (client, root) = store("norange");
+    let reference = format!("{front}/norange/busybox:1");
+    let (image, _) = pull(&client, &reference, &PullOptions::default()).unwrap();
+    assert_eq!(
+        image.digest().to_string(),
+        registry.digest("norange/busybox:1")
+    );
+    assert!(image.rootfs().unwrap().is_file());
+    assert!(
+        refused.load(Ordering::Relaxed) > 0,
+        "the pull never asked for a range"
+    );
+    fs::remove_dir_all(root).unwrap();
+}
