@@ -495,18 +495,22 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
                 &prepare,
             ));
         }),
-        Request::Signal { process, signal } => {
+        Request::Signal {
+            process,
+            signal,
+            group,
+        } => {
             let key = (conn.id(), process);
-            match agent.reaper.try_signal(key, signal) {
+            match agent.reaper.try_signal(key, signal, group) {
                 Some(result) => {
-                    if result.is_ok() {
+                    if result.is_ok() && group {
                         agent.terminals.signal_session(key, signal);
                     }
                     return reply.send(result.map(|()| Response::Done));
                 }
                 None => Box::new(move |agent, reply| {
-                    let result = agent.reaper.signal(key, signal);
-                    if result.is_ok() {
+                    let result = agent.reaper.signal(key, signal, group);
+                    if result.is_ok() && group {
                         agent.terminals.signal_session(key, signal);
                     }
                     reply.send(result.map(|()| Response::Done));

@@ -226,24 +226,35 @@ impl Reaper {
     }
 
     /// Signals the process group of `key` (its pid, as it is a session
-    /// leader), or the process alone if it moved to another group.
-    pub fn signal(&self, key: Key, signal: i32) -> Result<(), RemoteError> {
-        Self::signal_locked(&self.lock(), key, signal)
+    /// leader), or the process alone if it moved to another group; without
+    /// `group`, the process alone.
+    pub fn signal(&self, key: Key, signal: i32, group: bool) -> Result<(), RemoteError> {
+        Self::signal_locked(&self.lock(), key, signal, group)
     }
 
     /// Like [`signal`](Self::signal), but `None` at once when the registry
     /// is busy (a spawn holds it while it forks and execs), so that the
     /// channel's reader never waits for an exec.
-    pub fn try_signal(&self, key: Key, signal: i32) -> Option<Result<(), RemoteError>> {
+    pub fn try_signal(
+        &self,
+        key: Key,
+        signal: i32,
+        group: bool,
+    ) -> Option<Result<(), RemoteError>> {
         let reg = match self.registry.try_lock() {
             Ok(reg) => reg,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
             Err(TryLockError::WouldBlock) => return None,
         };
-        Some(Self::signal_locked(&reg, key, signal))
+        Some(Self::signal_locked(&reg, key, signal, group))
     }
 
-    fn signal_locked(reg: &Registry, key: Key, signal: i32) -> Result<(), RemoteError> {
+    fn signal_locked(
+        reg: &Registry,
+        key: Key,
+        signal: i32,
+        group: bool,
+    ) -> Result<(), RemoteError> {
         let Some(&pid) = reg.pids.get(&key) else {
             return Err(error::new(
                 ErrorKind::NoSuchProcess,
@@ -251,9 +262,13 @@ impl Reaper {
             ));
         };
         let pid = pid as i32;
-        let result = match sys::kill(-pid, signal) {
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => sys::kill(pid, signal),
-            other => other,
+        let result = if group {
+            match sys::kill(-pid, signal) {
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => sys::kill(pid, signal),
+                other => other,
+            }
+        } else {
+            sys::kill(pid, signal)
         };
         result.map_err(|e| match e.raw_os_error() {
             Some(libc::EINVAL) => error::invalid(format!("invalid signal {signal}")),
@@ -268,7 +283,7 @@ impl Reaper {
         let keys = reg.pids.keys();
         for &key in keys.filter(|key| connection.is_none() || connection == Some(key.0)) {
             // Gone already, or exited and not reaped yet: nothing to do.
-            let _ = Self::signal_locked(&reg, key, libc::SIGKILL);
+            let _ = Self::signal_locked(&reg, key, libc::SIGKILL, true);
         }
     }
 

@@ -664,12 +664,24 @@ impl Signaller {
     /// Sends `signal` to the process's whole process group; a process that
     /// already exited is not an error.
     pub fn signal(&self, signal: i32) -> Result<()> {
-        self.signal_within(signal, REQUEST_TIMEOUT)
+        self.send(signal, true, REQUEST_TIMEOUT)
+    }
+
+    /// Sends `signal` to the process alone, not to its children or the
+    /// rest of its group (what `kill(pid)` does, as container runtimes
+    /// signal a container's process); a process that already exited is
+    /// not an error.
+    pub fn signal_process(&self, signal: i32) -> Result<()> {
+        self.send(signal, false, REQUEST_TIMEOUT)
     }
 
     /// Like [`signal`](Self::signal), failing with [`Error::Timeout`] if
     /// the agent does not answer within `timeout`.
     pub(crate) fn signal_within(&self, signal: i32, timeout: Duration) -> Result<()> {
+        self.send(signal, true, timeout)
+    }
+
+    fn send(&self, signal: i32, group: bool, timeout: Duration) -> Result<()> {
         let exited = self.exit.wait(Some(Instant::now())).or_else(|e| {
             self.inst.check_running()?;
             Err(e)
@@ -682,6 +694,7 @@ impl Signaller {
             Request::Signal {
                 process: self.process,
                 signal,
+                group,
             },
             timeout,
         )? {

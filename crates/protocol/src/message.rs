@@ -57,9 +57,14 @@ pub enum Request {
     Setup(Box<Setup>),
     /// Start a process; answered by `Started` or an error.
     Exec(Exec),
-    /// Send `signal` to the process group of `process` (and, for one started
-    /// with `pty`, to every process of its session); answered by `Done`.
-    Signal { process: u64, signal: i32 },
+    /// Send `signal` to `process`: with `group`, to its process group (and,
+    /// for one started with `pty`, to every process of its session), else
+    /// to that process alone; answered by `Done`.
+    Signal {
+        process: u64,
+        signal: i32,
+        group: bool,
+    },
     /// Answered by `Pong`; measures the channel.
     Ping,
     /// Sync filesystems and power off; answered by `Done` just before.

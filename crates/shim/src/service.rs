@@ -598,7 +598,13 @@ impl containerd_shim::Task for Service {
             let mut signalled = false;
             for p in targets.into_iter().filter(|p| p.running()) {
                 if let Some(s) = &p.signaller {
-                    s.signal(signal).map_err(cc_err)?;
+                    // Without `all`, the process alone, as runc's kill(pid).
+                    if req.all {
+                        s.signal(signal)
+                    } else {
+                        s.signal_process(signal)
+                    }
+                    .map_err(cc_err)?;
                     signalled = true;
                 }
             }

@@ -423,6 +423,44 @@ fn exec_ps_and_kill_statuses(c: &Containerd) {
     }
 }
 
+/// A kill without `--all` reaches the task's process alone: the child of
+/// the shell that init runs sees no SIGTERM (a signal to the group would
+/// reach it too), only the USR1 its parent's trap sends it.
+fn kill_without_all_signals_the_process_alone(c: &Containerd) {
+    use std::io::{BufRead, BufReader};
+    let child = "t=; u=; trap 't=\"$t TERM\"' TERM; trap u=1 USR1; echo ready; \
+                 while [ -z \"$u\" ]; do sleep 0.1; done; echo \"child:$t\"";
+    let script = format!(
+        "sh -c '{}' & c=$!; trap 'kill -USR1 $c; wait $c; exit 3' TERM; wait",
+        child.replace('\'', "'\\''")
+    );
+    let args = [
+        "run",
+        "--runtime",
+        RUNTIME,
+        "--rm",
+        &c.image,
+        "killone",
+        "sh",
+        "-c",
+        &script,
+    ];
+    let mut run = ctr_cmd(&c.dir, &args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(run.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let kill = c.ctr(&["task", "kill", "-s", "SIGTERM", "killone"]);
+    assert!(kill.status.success(), "{}", text(&kill.stderr));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert_eq!(rest, "child:\n", "the child got the task's SIGTERM");
+    assert_eq!(run.wait().unwrap().code(), Some(3));
+}
+
 fn read_only_bind_mount(c: &Containerd) {
     let src = c.dir.join("bind-src");
     std::fs::create_dir_all(&src).unwrap();
@@ -528,6 +566,10 @@ fn main() -> ExitCode {
             env_and_cwd_from_image_and_flags,
         ),
         ("exec_ps_and_kill_statuses", exec_ps_and_kill_statuses),
+        (
+            "kill_without_all_signals_the_process_alone",
+            kill_without_all_signals_the_process_alone,
+        ),
         ("read_only_bind_mount", read_only_bind_mount),
         (
             "malformed_config_is_refused_and_leaves_nothing",

@@ -255,10 +255,38 @@ fn killing_a_process_kills_its_process_group() {
     let kill = Request::Signal {
         process: 1,
         signal: libc::SIGKILL,
+        group: true,
     };
     assert_eq!(host.request(kill), Ok(Response::Done));
     assert_eq!(host.exited(1), ExitStatus::Signal(libc::SIGKILL));
     eventually("the shell's child is gone too", || process_gone(child));
+}
+
+#[test]
+fn a_signal_without_group_reaches_the_process_alone() {
+    let mut host = Host::new();
+    let out = stream_id();
+    let mut e = exec(&["sh", "-c", "sleep 1000 & echo $!; wait"]);
+    e.stdout = Stdio::Stream(out);
+    host.start(e).unwrap();
+    let first = host.expect(
+        "the child's pid",
+        |m| matches!(m, Message::Data { stream, .. } if *stream == out),
+    );
+    let Message::Data { bytes, .. } = first else {
+        unreachable!()
+    };
+    let child: u32 = text(&bytes).trim().parse().unwrap();
+    let kill = Request::Signal {
+        process: 1,
+        signal: libc::SIGKILL,
+        group: false,
+    };
+    assert_eq!(host.request(kill), Ok(Response::Done));
+    assert_eq!(host.exited(1), ExitStatus::Signal(libc::SIGKILL));
+    assert!(!process_gone(child), "the shell's child was signalled too");
+    // SAFETY: kill(2) with a pid and a signal number touches no memory.
+    unsafe { libc::kill(child as i32, libc::SIGKILL) };
 }
 
 #[test]
@@ -279,6 +307,7 @@ fn a_signal_is_delivered_to_a_running_process() {
     let usr1 = Request::Signal {
         process: 1,
         signal: libc::SIGUSR1,
+        group: true,
     };
     assert_eq!(host.request(usr1), Ok(Response::Done));
     assert_eq!(host.exited(1), ExitStatus::Code(7));
@@ -292,6 +321,7 @@ fn signals_for_unknown_processes_and_invalid_signals_are_refused() {
         .request(Request::Signal {
             process: 42,
             signal: libc::SIGTERM,
+            group: true,
         })
         .unwrap_err();
     assert_eq!(err.kind, ErrorKind::NoSuchProcess);
@@ -301,6 +331,7 @@ fn signals_for_unknown_processes_and_invalid_signals_are_refused() {
         .request(Request::Signal {
             process: 1,
             signal: 1000,
+            group: true,
         })
         .unwrap_err();
     assert_eq!(err.kind, ErrorKind::InvalidArgument);
@@ -316,6 +347,7 @@ fn an_exited_process_can_no_longer_be_signalled() {
         .request(Request::Signal {
             process: 1,
             signal: libc::SIGTERM,
+            group: true,
         })
         .unwrap_err();
     assert_eq!(err.kind, ErrorKind::NoSuchProcess);
@@ -520,6 +552,7 @@ fn a_process_without_input_that_keeps_running_is_announced_while_it_runs() {
     let kill = Request::Signal {
         process: 1,
         signal: libc::SIGKILL,
+        group: true,
     };
     assert_eq!(host.request(kill), Ok(Response::Done));
     assert_eq!(host.exited(1), ExitStatus::Signal(libc::SIGKILL));
