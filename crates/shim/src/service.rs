@@ -32,6 +32,8 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 const VM_DIED: u32 = 255;
 /// A terminal's size when neither the spec nor a resize gave one.
 const DEFAULT_TTY: (u16, u16) = (24, 80);
+/// Where the directories of file binds are shared in the guest.
+const GUEST_FILE_BINDS: &str = "/.crumble-binds";
 
 type Event = (&'static str, Box<dyn MessageDyn>);
 
@@ -258,28 +260,35 @@ impl Service {
             ));
         }
         let mut options = cc::Options::default();
-        for m in &plan.mounts {
-            let mount = if m.read_only {
-                cc::Mount::read_only(&m.source, &m.destination)
-            } else {
-                cc::Mount::writable(&m.source, &m.destination)
-            };
-            options.mounts.push(mount);
-        }
+        let links = match self.share_mounts(bundle, &plan.mounts, &mut options) {
+            Ok(links) => links,
+            Err(e) => {
+                state::remove_staged_files(bundle);
+                return Err(e);
+            }
+        };
         // The stdio is opened before the VM boots: a bad path fails fast.
-        let init = Proc::new(
+        let booted = Proc::new(
             plan.process,
             req.stdin.clone(),
             req.stdout.clone(),
             req.stderr.clone(),
-        )?;
-        let rootfs = self.mount_rootfs(bundle, &plan.root, &req.rootfs)?;
-        let booted = cc::Instance::new(&cc::Source::Dir(rootfs.clone()), options);
-        // The VM reads its own image of the tree from now on.
-        if rootfs == bundle.join("rootfs") && !req.rootfs.is_empty() {
-            state::unmount(&rootfs);
-        }
-        let instance = booted.map_err(cc_err)?;
+        )
+        .and_then(|init| {
+            let rootfs = self.mount_rootfs(bundle, &plan.root, &req.rootfs)?;
+            let booted = cc::Instance::new(&cc::Source::Dir(rootfs.clone()), options);
+            // The VM reads its own image of the tree from now on.
+            if rootfs == bundle.join("rootfs") && !req.rootfs.is_empty() {
+                state::unmount(&rootfs);
+            }
+            let instance = booted.map_err(cc_err)?;
+            if let Err(e) = link_files(&instance, &links) {
+                let _ = instance.close();
+                return Err(e);
+            }
+            Ok((init, instance))
+        });
+        let (init, instance) = booted.inspect_err(|_| state::remove_staged_files(bundle))?;
         let vm_pid = instance.vm_pid().unwrap_or(0);
         let saved = ShimState {
             run_dir: instance.run_dir(),
@@ -296,6 +305,41 @@ impl Service {
             init,
             execs: HashMap::new(),
         })
+    }
+
+    /// Adds the bind mounts to `options`: a directory as itself, a file
+    /// through a directory of its own (see [`state::stage_file`]) shared
+    /// under [`GUEST_FILE_BINDS`]. Returns the guest links the files need:
+    /// (the staged file in the guest, the mount's destination).
+    fn share_mounts(
+        &self,
+        bundle: &Path,
+        mounts: &[spec::BindMount],
+        options: &mut cc::Options,
+    ) -> TtrpcResult<Vec<(String, String)>> {
+        let mut links = Vec::new();
+        for (i, m) in mounts.iter().enumerate() {
+            let is_dir = std::fs::metadata(&m.source).map_or(true, |md| md.is_dir());
+            let (host, guest) = if is_dir {
+                (m.source.clone(), m.destination.clone())
+            } else {
+                let (dir, name) = state::stage_file(bundle, i, &m.source).map_err(|e| {
+                    rpc_err(
+                        Code::INTERNAL,
+                        format!("staging the file bind of {}: {e}", m.destination),
+                    )
+                })?;
+                let guest = format!("{GUEST_FILE_BINDS}/{i}");
+                links.push((format!("{guest}/{name}"), m.destination.clone()));
+                (dir, guest)
+            };
+            options.mounts.push(if m.read_only {
+                cc::Mount::read_only(host, guest)
+            } else {
+                cc::Mount::writable(host, guest)
+            });
+        }
+        Ok(links)
     }
 
     /// Mounts containerd's rootfs mounts at `bundle/rootfs`, or takes the
@@ -415,6 +459,25 @@ impl Service {
             .map_err(|e| rpc_err(Code::INTERNAL, format!("wait thread: {e}")))?;
         Ok(pid)
     }
+}
+
+/// Puts each staged file at its mount's destination in the guest, as a
+/// symbolic link to the file's share (a directory of its own).
+fn link_files(inst: &cc::Instance, links: &[(String, String)]) -> TtrpcResult<()> {
+    for (target, dest) in links {
+        let fail = |e: cc::Error| rpc_err(Code::INTERNAL, format!("file bind {dest}: {e}"));
+        if let Some(parent) = Path::new(dest).parent() {
+            inst.mkdir_all(&parent.to_string_lossy(), 0o755)
+                .map_err(fail)?;
+        }
+        // An image's file at the destination is replaced, as a bind hides it.
+        match inst.remove(dest) {
+            Err(e) if e.io_kind() != Some(std::io::ErrorKind::NotFound) => return Err(fail(e)),
+            _ => {}
+        }
+        inst.symlink(target, dest).map_err(fail)?;
+    }
+    Ok(())
 }
 
 impl containerd_shim::Task for Service {
@@ -552,6 +615,7 @@ impl containerd_shim::Task for Service {
             log::warn!("closing the VM: {e}");
         }
         state::remove(Path::new(&c.bundle));
+        state::remove_staged_files(Path::new(&c.bundle));
         self.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
             Box::new(TaskDelete {

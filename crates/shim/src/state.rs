@@ -78,6 +78,50 @@ pub fn mount(typ: &str, source: &str, options: &[String], target: &Path) -> io::
     }
 }
 
+/// The bundle's directory of staged file binds, one subdirectory each.
+pub const FILE_BINDS: &str = "crumble-binds";
+
+/// Stages host file `source` as the only entry of a fresh directory
+/// `bundle/crumble-binds/<index>`, so that directory can be shared with
+/// the guest without the file's siblings: a hard link where the file's
+/// filesystem allows one, a bind of the file otherwise. Returns the
+/// directory and the file's name in it.
+pub fn stage_file(bundle: &Path, index: usize, source: &Path) -> io::Result<(PathBuf, String)> {
+    let dir = bundle.join(FILE_BINDS).join(index.to_string());
+    std::fs::create_dir_all(&dir)?;
+    let name = source
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let staged = dir.join(&name);
+    if std::fs::hard_link(source, &staged).is_err() {
+        std::fs::File::create(&staged)?;
+        let src = source.to_string_lossy();
+        mount("none", &src, &["bind".into()], &staged)?;
+    }
+    Ok((dir, name))
+}
+
+/// Removes the staged file binds: each file's bind (if any) is detached
+/// before its name is removed, so nothing is removed through a mount.
+pub fn remove_staged_files(bundle: &Path) {
+    let root = bundle.join(FILE_BINDS);
+    let Ok(dirs) = std::fs::read_dir(&root) else {
+        return;
+    };
+    for dir in dirs.flatten() {
+        for file in std::fs::read_dir(dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            unmount(&file.path());
+            let _ = std::fs::remove_file(file.path());
+        }
+        let _ = std::fs::remove_dir(dir.path());
+    }
+    let _ = std::fs::remove_dir(&root);
+}
+
 /// The layers of an overlay rootfs mount whose upper dir is empty (a
 /// container's fresh snapshot), uppermost first; `None` for anything else.
 pub fn fresh_overlay_lowers(
@@ -108,6 +152,7 @@ pub fn is_empty_dir(dir: &Path) -> bool {
 /// in the bundle.
 pub fn clean_up_after_dead_shim(bundle: &Path) -> ShimState {
     unmount(&bundle.join("rootfs"));
+    remove_staged_files(bundle);
     let Ok(st) = ShimState::load(bundle) else {
         return ShimState {
             run_dir: None,
@@ -184,5 +229,27 @@ mod tests {
         assert!(!run_dir.exists());
         assert!(ShimState::load(&bundle).is_err());
         std::fs::remove_dir_all(&bundle).unwrap();
+    }
+
+    #[test]
+    fn a_staged_file_is_alone_in_its_directory_and_removed_without_its_source() {
+        let base = std::env::temp_dir().join(format!("cc-shim-stage-{}", std::process::id()));
+        let (host, bundle) = (base.join("host"), base.join("bundle"));
+        std::fs::create_dir_all(&host).unwrap();
+        std::fs::create_dir_all(&bundle).unwrap();
+        std::fs::write(host.join("f"), "data").unwrap();
+        std::fs::write(host.join("sibling"), "private").unwrap();
+        let (dir, name) = stage_file(&bundle, 0, &host.join("f")).unwrap();
+        assert_eq!(name, "f");
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["f"]);
+        assert_eq!(std::fs::read_to_string(dir.join("f")).unwrap(), "data");
+        remove_staged_files(&bundle);
+        assert!(!bundle.join(FILE_BINDS).exists());
+        assert_eq!(std::fs::read_to_string(host.join("f")).unwrap(), "data");
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -473,6 +473,31 @@ fn read_only_bind_mount(c: &Containerd) {
     assert!(!src.join("x").exists());
 }
 
+/// A file bind reaches the guest alone (not its directory's other files),
+/// read-only, in place of the image's file at the destination.
+fn read_only_file_bind_mount(c: &Containerd) {
+    let src = c.dir.join("file-bind-src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), "file from host\n").unwrap();
+    std::fs::write(src.join("sibling"), "private\n").unwrap();
+    let mount = format!(
+        "type=bind,src={},dst=/etc/group,options=rbind:ro",
+        src.join("f").display()
+    );
+    let script =
+        "cat /etc/group; echo x >> /etc/group 2>/dev/null && echo wrote || echo refused; \
+                  ls /.crumble-binds/0";
+    let out = c.run(&["--mount", &mount], "filebind", &["sh", "-c", script]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "file from host\nrefused\nf\n");
+    assert_eq!(
+        std::fs::read_to_string(src.join("f")).unwrap(),
+        "file from host\n"
+    );
+    assert_no_shim("filebind");
+    assert!(!c.bundle("filebind").exists(), "bundle left");
+}
+
 fn unsupported_requests_are_refused_and_leave_nothing(c: &Containerd) {
     for (flags, says) in [
         (&["--privileged"][..], "privileged"),
@@ -571,6 +596,7 @@ fn main() -> ExitCode {
             kill_without_all_signals_the_process_alone,
         ),
         ("read_only_bind_mount", read_only_bind_mount),
+        ("read_only_file_bind_mount", read_only_file_bind_mount),
         (
             "malformed_config_is_refused_and_leaves_nothing",
             malformed_config_is_refused_and_leaves_nothing,
