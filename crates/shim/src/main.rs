@@ -3,6 +3,7 @@
 //! process); containerd starts the shim with the bundle as its working
 //! directory and talks to it over ttrpc (the task v2 API).
 
+mod metrics;
 mod service;
 mod spec;
 mod state;

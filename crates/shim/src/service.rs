@@ -21,6 +21,7 @@ use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 
+use crate::metrics;
 use crate::spec::{self, ProcessPlan};
 use crate::state::{self, ShimState};
 use crate::stdio;
@@ -784,6 +785,29 @@ impl containerd_shim::Task for Service {
                 exec_id: req.exec_id.clone(),
                 ..Default::default()
             })
+        })
+    }
+
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let (meminfo, stat) = self.with_container(&req.id, |c| {
+            let read = |path: &str| {
+                c.instance
+                    .read_file(path)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .map_err(cc_err)
+            };
+            Ok((read("/proc/meminfo")?, read("/proc/stat")?))
+        })?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(metrics::pack(
+                metrics::memory(&meminfo),
+                metrics::cpu(&stat),
+            )),
+            ..Default::default()
         })
     }
 

@@ -484,8 +484,7 @@ fn read_only_file_bind_mount(c: &Containerd) {
         "type=bind,src={},dst=/etc/group,options=rbind:ro",
         src.join("f").display()
     );
-    let script =
-        "cat /etc/group; echo x >> /etc/group 2>/dev/null && echo wrote || echo refused; \
+    let script = "cat /etc/group; echo x >> /etc/group 2>/dev/null && echo wrote || echo refused; \
                   ls /.crumble-binds/0";
     let out = c.run(&["--mount", &mount], "filebind", &["sh", "-c", script]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -496,6 +495,28 @@ fn read_only_file_bind_mount(c: &Containerd) {
     );
     assert_no_shim("filebind");
     assert!(!c.bundle("filebind").exists(), "bundle left");
+}
+
+/// `ctr task metrics` decodes the task's metrics (cgroup v2 ones) and
+/// shows the VM's memory in use.
+fn metrics_show_memory_in_use(c: &Containerd) {
+    c.run_detached("metrics", &["sleep", "600"]);
+    let out = c.ctr(&["task", "metrics", "metrics"]);
+    c.remove("metrics");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    let value = |name: &str| {
+        shown.lines().find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some(name)).then(|| f.next()?.parse::<u64>().ok())?
+        })
+    };
+    assert!(value("memory.usage").is_some_and(|v| v > 0), "{shown}");
+    assert!(
+        value("memory.usage_limit").is_some_and(|v| v > 0),
+        "{shown}"
+    );
+    assert!(value("cpu.usage_usec").is_some(), "{shown}");
 }
 
 fn unsupported_requests_are_refused_and_leave_nothing(c: &Containerd) {
@@ -597,6 +618,7 @@ fn main() -> ExitCode {
         ),
         ("read_only_bind_mount", read_only_bind_mount),
         ("read_only_file_bind_mount", read_only_file_bind_mount),
+        ("metrics_show_memory_in_use", metrics_show_memory_in_use),
         (
             "malformed_config_is_refused_and_leaves_nothing",
             malformed_config_is_refused_and_leaves_nothing,
