@@ -519,6 +519,58 @@ fn metrics_show_memory_in_use(c: &Containerd) {
     assert!(value("cpu.usage_usec").is_some(), "{shown}");
 }
 
+/// containerd's event stream carries the shim's TaskExit with the status.
+fn events_show_task_exit(c: &Containerd) {
+    use std::io::{BufRead, BufReader};
+    let mut events = ctr_cmd(&c.dir, &["events"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = events.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let seen = |what: &dyn Fn(&str) -> bool, within: Duration| {
+        let deadline = Instant::now() + within;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(line) if what(&line) => return Some(line),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    };
+    // Events of our own first (labelling a namespace): the stream is
+    // subscribed once one shows.
+    let probe = c.ctr(&["namespaces", "create", "cc-events-probe"]);
+    assert!(probe.status.success(), "{}", text(&probe.stderr));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in 0.. {
+        assert!(Instant::now() < deadline, "ctr events shows no event");
+        let label = format!("n={n}");
+        let _ = c.ctr(&["namespaces", "label", "cc-events-probe", &label]);
+        let probed = |l: &str| l.contains("cc-events-probe");
+        if seen(&probed, Duration::from_secs(1)).is_some() {
+            break;
+        }
+    }
+    let out = c.run(&[], "events", &["sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    let exited = |l: &str| l.contains("/tasks/exit") && l.contains("\"events\"");
+    let exit = seen(&exited, Duration::from_secs(30));
+    let _ = events.kill();
+    let _ = events.wait();
+    let _ = c.ctr(&["namespaces", "remove", "cc-events-probe"]);
+    let exit = exit.expect("no TaskExit event");
+    assert!(exit.contains("\"exit_status\":7"), "{exit}");
+}
+
 fn unsupported_requests_are_refused_and_leave_nothing(c: &Containerd) {
     for (flags, says) in [
         (&["--privileged"][..], "privileged"),
@@ -619,6 +671,7 @@ fn main() -> ExitCode {
         ("read_only_bind_mount", read_only_bind_mount),
         ("read_only_file_bind_mount", read_only_file_bind_mount),
         ("metrics_show_memory_in_use", metrics_show_memory_in_use),
+        ("events_show_task_exit", events_show_task_exit),
         (
             "malformed_config_is_refused_and_leaves_nothing",
             malformed_config_is_refused_and_leaves_nothing,
