@@ -288,6 +288,30 @@ fn kill_process_group(inst: &Instance) {
     assert_eq!(left.trim(), "0", "sleeps left behind");
 }
 
+/// `Signaller::signal_process` reaches the process alone: the shell's
+/// background child survives it.
+fn signal_process_spares_its_group(inst: &Instance) {
+    let mut child = inst
+        .command("sh")
+        .args(["-c", "sleep 1000 & wait"])
+        .spawn()
+        .unwrap();
+    let sleeps = || stdout(inst, "ps -o comm | grep -c '^sleep$' || true");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sleeps().trim() != "1" {
+        assert!(Instant::now() < deadline, "the background sleep never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.signaller().signal_process(libc::SIGKILL).unwrap();
+    let status = child
+        .wait_timeout(Duration::from_secs(20))
+        .unwrap()
+        .expect("signalled process exits");
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    assert_eq!(sleeps().trim(), "1", "the shell's child was signalled too");
+    stdout(inst, "kill $(pidof sleep)");
+}
+
 /// `sh` on a terminal of 24 × 80, prompting: the child, its screen and
 /// its keyboard.
 fn shell_on_a_terminal(inst: &Instance) -> (cc::Child, Screen, cc::ChildStdin) {
@@ -3689,6 +3713,7 @@ fn main() -> ExitCode {
         stdout_and_stderr_apart,
         concurrent_commands,
         kill_process_group,
+        signal_process_spares_its_group,
         pty_shell_is_a_terminal_resizes_and_takes_ctrl_c,
         pty_output_is_one_stream_and_bad_sizes_are_invalid,
         pty_output_keeps_flow_control,
