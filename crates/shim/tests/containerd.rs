@@ -131,6 +131,14 @@ impl Containerd {
         self.ctr(&args)
     }
 
+    /// `ctr run --rm` of the test image as `id`, to spawn with stdio of
+    /// the caller's choice.
+    fn run_cmd(&self, id: &str, argv: &[&str]) -> Command {
+        let mut args = vec!["run", "--runtime", RUNTIME, "--rm", &self.image, id];
+        args.extend(argv);
+        ctr_cmd(&self.dir, &args)
+    }
+
     /// `ctr run -d`: a task left running.
     fn run_detached(&self, id: &str, argv: &[&str]) {
         let mut args = vec!["run", "--runtime", RUNTIME, "-d", &self.image, id];
@@ -380,17 +388,8 @@ fn env_and_cwd_from_image_and_flags(c: &Containerd) {
 fn exec_ps_and_kill_statuses(c: &Containerd) {
     for (signal, status) in [("SIGTERM", 143), ("SIGKILL", 137)] {
         let id = format!("kill{status}");
-        let args = [
-            "run",
-            "--runtime",
-            RUNTIME,
-            "--rm",
-            &c.image,
-            &id,
-            "sleep",
-            "600",
-        ];
-        let mut run = ctr_cmd(&c.dir, &args)
+        let mut run = c
+            .run_cmd(&id, &["sleep", "600"])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -434,18 +433,8 @@ fn kill_without_all_signals_the_process_alone(c: &Containerd) {
         "sh -c '{}' & c=$!; trap 'kill -USR1 $c; wait $c; exit 3' TERM; wait",
         child.replace('\'', "'\\''")
     );
-    let args = [
-        "run",
-        "--runtime",
-        RUNTIME,
-        "--rm",
-        &c.image,
-        "killone",
-        "sh",
-        "-c",
-        &script,
-    ];
-    let mut run = ctr_cmd(&c.dir, &args)
+    let mut run = c
+        .run_cmd("killone", &["sh", "-c", &script])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

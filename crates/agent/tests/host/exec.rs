@@ -237,9 +237,9 @@ fn a_stream_id_names_one_stream() {
     assert_eq!(err.message, format!("stream {out} is already in use"));
 }
 
-#[test]
-fn killing_a_process_kills_its_process_group() {
-    let mut host = Host::new();
+/// Starts a shell (process 1) with a background child, then sends it
+/// SIGKILL (`group` as asked); returns the child's pid once the shell died.
+fn kill_a_shell_with_a_child(host: &mut Host, group: bool) -> u32 {
     let out = stream_id();
     let mut e = exec(&["sh", "-c", "sleep 1000 & echo $!; wait"]);
     e.stdout = Stdio::Stream(out);
@@ -255,35 +255,24 @@ fn killing_a_process_kills_its_process_group() {
     let kill = Request::Signal {
         process: 1,
         signal: libc::SIGKILL,
-        group: true,
+        group,
     };
     assert_eq!(host.request(kill), Ok(Response::Done));
     assert_eq!(host.exited(1), ExitStatus::Signal(libc::SIGKILL));
+    child
+}
+
+#[test]
+fn killing_a_process_kills_its_process_group() {
+    let mut host = Host::new();
+    let child = kill_a_shell_with_a_child(&mut host, true);
     eventually("the shell's child is gone too", || process_gone(child));
 }
 
 #[test]
 fn a_signal_without_group_reaches_the_process_alone() {
     let mut host = Host::new();
-    let out = stream_id();
-    let mut e = exec(&["sh", "-c", "sleep 1000 & echo $!; wait"]);
-    e.stdout = Stdio::Stream(out);
-    host.start(e).unwrap();
-    let first = host.expect(
-        "the child's pid",
-        |m| matches!(m, Message::Data { stream, .. } if *stream == out),
-    );
-    let Message::Data { bytes, .. } = first else {
-        unreachable!()
-    };
-    let child: u32 = text(&bytes).trim().parse().unwrap();
-    let kill = Request::Signal {
-        process: 1,
-        signal: libc::SIGKILL,
-        group: false,
-    };
-    assert_eq!(host.request(kill), Ok(Response::Done));
-    assert_eq!(host.exited(1), ExitStatus::Signal(libc::SIGKILL));
+    let child = kill_a_shell_with_a_child(&mut host, false);
     assert!(!process_gone(child), "the shell's child was signalled too");
     // SAFETY: kill(2) with a pid and a signal number touches no memory.
     unsafe { libc::kill(child as i32, libc::SIGKILL) };
