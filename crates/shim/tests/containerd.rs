@@ -463,27 +463,43 @@ fn read_only_bind_mount(c: &Containerd) {
 }
 
 /// A file bind reaches the guest alone (not its directory's other files),
-/// read-only, in place of the image's file at the destination.
-fn read_only_file_bind_mount(c: &Containerd) {
+/// read-only, in place of the image's file at the destination; a writable
+/// one from another filesystem (staged by a bind, as it cannot be
+/// hard-linked) takes writes, and its bind is gone after the run.
+fn file_bind_mounts(c: &Containerd) {
     let src = c.dir.join("file-bind-src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("f"), "file from host\n").unwrap();
     std::fs::write(src.join("sibling"), "private\n").unwrap();
-    let mount = format!(
+    let other_fs = PathBuf::from(format!("/dev/shm/cc-shim-test-{}", std::process::id()));
+    std::fs::write(&other_fs, "shm\n").unwrap();
+    let ro = format!(
         "type=bind,src={},dst=/etc/group,options=rbind:ro",
         src.join("f").display()
     );
+    let rw = format!(
+        "type=bind,src={},dst=/srv/w,options=rbind:rw",
+        other_fs.display()
+    );
     let script = "cat /etc/group; echo x >> /etc/group 2>/dev/null && echo wrote || echo refused; \
-                  ls /.crumble-binds/0";
-    let out = c.run(&["--mount", &mount], "filebind", &["sh", "-c", script]);
+                  ls /.crumble-binds/0; echo more >> /srv/w && cat /srv/w";
+    let out = c.run(
+        &["--mount", &ro, "--mount", &rw],
+        "filebind",
+        &["sh", "-c", script],
+    );
+    let written = std::fs::read_to_string(&other_fs);
+    let _ = std::fs::remove_file(&other_fs);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "file from host\nrefused\nf\n");
+    assert_eq!(text(&out.stdout), "file from host\nrefused\nf\nshm\nmore\n");
     assert_eq!(
         std::fs::read_to_string(src.join("f")).unwrap(),
         "file from host\n"
     );
+    assert_eq!(written.unwrap(), "shm\nmore\n");
     assert_no_shim("filebind");
     assert!(!c.bundle("filebind").exists(), "bundle left");
+    assert_eq!(mounts_under(&c.dir.join("state")), Vec::<String>::new());
 }
 
 /// `ctr task metrics` decodes the task's metrics (cgroup v2 ones) and
@@ -658,7 +674,7 @@ fn main() -> ExitCode {
             kill_without_all_signals_the_process_alone,
         ),
         ("read_only_bind_mount", read_only_bind_mount),
-        ("read_only_file_bind_mount", read_only_file_bind_mount),
+        ("file_bind_mounts", file_bind_mounts),
         ("metrics_show_memory_in_use", metrics_show_memory_in_use),
         ("events_show_task_exit", events_show_task_exit),
         (
