@@ -174,7 +174,8 @@ pub trait Machine: fmt::Debug + Send + Sync {
         Err(Error::Unsupported("park a guest"))
     }
     /// Saves the running guest into `dir` as [`park`](Self::park) does,
-    /// then lets it run on: `dir` restores copies of it.
+    /// then lets it run on: `dir` restores copies of it, which may share
+    /// the saved memory copy-on-write.
     fn save_copy(&self, dir: &Path) -> Result<(), Error> {
         let _ = dir;
         Err(Error::Unsupported("save a copy of a running guest"))
