@@ -1798,10 +1798,10 @@ cc_error_code cc_instance_restore(const char *path,
  * moment of the call (memory, guest processes, files), each diverging
  * on its own, with a new id and hostname; `inst` is stopped only while
  * it is saved, then runs on. Writes their handles to `out[0..n]` (each
- * freed with `cc_instance_free`), all or none. Each child holds a private
- * copy of the saved memory for now; as for `cc_instance_park`, `inst`
- * must be quiet and have no mounts (`CC_ERR_INVALID_ARGUMENT`; it runs
- * on). Children report `CC_START_RESTORED`.
+ * freed with `cc_instance_free`), all or none. The children share the
+ * saved memory copy-on-write; as for `cc_instance_park`, `inst` must be
+ * quiet and have no mounts (`CC_ERR_INVALID_ARGUMENT`; it runs on).
+ * Children report `CC_START_RESTORED`.
  *
  * # Safety
  * `out` is NULL or valid for writing `n` handles; `err` is NULL or valid

@@ -407,11 +407,11 @@ impl Instance {
     /// clock set from the host and the RNG reseeded. This instance is
     /// stopped only while it is saved, then runs on.
     ///
-    /// For now a branch is a park kept running: each child holds a
-    /// private copy of the saved memory (no copy-on-write sharing yet),
-    /// and the same rules apply: the instance must be quiet and have no
-    /// mounts (`InvalidArgument` otherwise; it runs on). Commands, files,
-    /// listeners and connections of this handle stay with it.
+    /// The children map one saved copy of the memory copy-on-write: they
+    /// share its pages until they write them. The rules of a park apply:
+    /// the instance must be quiet and have no mounts (`InvalidArgument`
+    /// otherwise; it runs on). Commands, files, listeners and connections
+    /// of this handle stay with it.
     pub fn branch(&self, n: usize) -> Result<Vec<Instance>> {
         if !(1..=64).contains(&n) {
             return Err(Error::InvalidArgument(format!(

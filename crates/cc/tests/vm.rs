@@ -822,6 +822,71 @@ fn branch_children_go_on_from_the_source_and_diverge() {
     assert_eq!(saved, 0, "a saved copy was left behind");
 }
 
+/// The guest-RAM mapping of QEMU process `pid` (the mapping `memory_mb`
+/// long): its (Rss, Pss, Shared_Clean + Shared_Dirty) in KiB.
+fn ram_mapping(pid: u32, memory_mb: u64) -> (u64, u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let (mut in_ram, mut found) = (false, None::<(u64, u64, u64)>);
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let (key, value) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        let kib: u64 = value.parse().unwrap_or(0);
+        match key {
+            "Size:" => {
+                in_ram = kib == memory_mb * 1024;
+                if in_ram {
+                    assert!(found.is_none(), "two mappings the size of the RAM");
+                    found = Some((0, 0, 0));
+                }
+            }
+            "Rss:" if in_ram => found.as_mut().unwrap().0 = kib,
+            "Pss:" if in_ram => found.as_mut().unwrap().1 = kib,
+            "Shared_Clean:" | "Shared_Dirty:" if in_ram => found.as_mut().unwrap().2 += kib,
+            _ => {}
+        }
+    }
+    found.expect("no mapping the size of the guest RAM")
+}
+
+fn branch_children_share_the_saved_memory() {
+    // Cold: its RAM has the name of anonymous RAM, which the children keep.
+    let src = boot_with(Options {
+        warm_start: false,
+        ..Options::default()
+    });
+    sh(
+        &src,
+        "dd if=/dev/urandom of=/tmp/fill bs=1M count=16 2>/dev/null",
+    );
+    let kids = src.branch(2).unwrap();
+    for k in &kids {
+        assert_eq!(stdout(k, "wc -c </tmp/fill"), "16777216\n");
+    }
+    let memory_mb = u64::from(Options::default().memory_mb);
+    let maps: Vec<_> = kids
+        .iter()
+        .map(|k| ram_mapping(k.vm_pid().unwrap(), memory_mb))
+        .collect();
+    for (rss, _, shared) in &maps {
+        // The children read the same pages of one copy: the 16 MiB file
+        // in the guest's page cache at least.
+        assert!(
+            *shared >= 16 * 1024,
+            "RAM shared {shared} KiB of {rss} KiB: {maps:?}"
+        );
+    }
+    let (rss, pss): (u64, u64) = maps
+        .iter()
+        .map(|m| (m.0, m.1))
+        .fold((0, 0), |a, m| (a.0 + m.0, a.1 + m.1));
+    assert!(
+        pss * 4 < rss * 3,
+        "children's RAM Pss {pss} KiB of Rss {rss} KiB: {maps:?}"
+    );
+    drop(kids);
+    src.close().unwrap();
+}
+
 fn ten_branch_cycles_leave_nothing_behind() {
     let cache = cc_testsupport::cache_dir();
     let count_in = |dir: &str| {
@@ -3756,6 +3821,7 @@ fn main() -> ExitCode {
         park_refuses_what_it_cannot_keep_and_restore_a_foreign_park,
         branch_children_go_on_from_the_source_and_diverge,
         ten_branch_cycles_leave_nothing_behind,
+        branch_children_share_the_saved_memory,
         independent_writable_layers,
         crash_is_not_running_and_isolated,
         file_transfers_cut_by_a_dying_guest_fail_promptly,

@@ -81,18 +81,23 @@ pub fn qemu_args(spec: &VmSpec, w: &Wiring) -> Vec<OsString> {
         (Some(file), Some(path)) => {
             // RAM in a file: a template's source shares it (its pages are
             // the template), a restore maps it privately (never written).
+            let id = if file.anonymous_name {
+                "microvm.ram"
+            } else {
+                "mem"
+            };
             push(
                 &mut a,
                 &[
                     "-object",
                     &format!(
-                        "memory-backend-file,id=mem,size={memory}M,share={},mem-path={}",
+                        "memory-backend-file,id={id},size={memory}M,share={},mem-path={}",
                         if file.shared { "on" } else { "off" },
                         opt_value(path)
                     ),
                 ],
             );
-            "microvm,acpi=off,memory-backend=mem".to_string()
+            format!("microvm,acpi=off,memory-backend={id}")
         }
         _ if spec.named_ram => {
             push(
@@ -406,6 +411,7 @@ mod tests {
         s.memory_file = Some(crate::MemoryFile {
             path: PathBuf::from("/t/k,1/ram"),
             shared: true,
+            anonymous_name: false,
         });
         let cmd = joined(&s);
         assert!(
@@ -420,6 +426,16 @@ mod tests {
         let cmd = joined(&s);
         assert!(cmd.contains("share=off,"), "{cmd}");
         assert!(cmd.contains("-m 256 -incoming defer"), "{cmd}");
+        // A branch's RAM file keeps the name of a cold source's RAM.
+        s.memory_file.as_mut().unwrap().anonymous_name = true;
+        let cmd = joined(&s);
+        assert!(
+            cmd.starts_with(
+                "-object memory-backend-file,id=microvm.ram,size=256M,share=off,mem-path=/t/k,,1/ram \
+                 -accel tcg -cpu max,-erms -M microvm,acpi=off,memory-backend=microvm.ram"
+            ),
+            "{cmd}"
+        );
     }
 
     #[test]

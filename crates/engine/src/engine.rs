@@ -22,7 +22,7 @@ use cc_netpolicy::NetworkPolicy;
 use crate::template::{self, StartKind};
 use crate::{
     detect_accel, files, initramfs, park, paths, upper, ConfineMode, Confinement, Disk, Error,
-    GuestNetwork, RunDir, Share, Vm, VmSpec, GUEST_NETWORK,
+    GuestNetwork, MemoryFile, RunDir, Share, Vm, VmSpec, GUEST_NETWORK,
 };
 
 /// A guest, as the core describes it.
@@ -174,7 +174,8 @@ pub trait Machine: fmt::Debug + Send + Sync {
         Err(Error::Unsupported("park a guest"))
     }
     /// Saves the running guest into `dir` as [`park`](Self::park) does,
-    /// then lets it run on: `dir` restores copies of it.
+    /// then lets it run on: `dir` restores copies of it, which may share
+    /// the saved memory copy-on-write.
     fn save_copy(&self, dir: &Path) -> Result<(), Error> {
         let _ = dir;
         Err(Error::Unsupported("save a copy of a running guest"))
@@ -248,7 +249,13 @@ impl Engine for Qemu {
             template::start(&vm_spec, &run_dir, &self.cache, spec.warm_start, hooks)?;
         tracing::debug!(id = %spec.id, accel = %vm_spec.accel, ?kind, "QEMU started");
         Ok(Started {
-            machine: Box::new(QemuMachine::new(vm, run_dir, vm_spec, kind)),
+            machine: Box::new(QemuMachine::new(
+                vm,
+                run_dir,
+                vm_spec,
+                kind,
+                self.cache.clone(),
+            )),
             agent,
             kind,
         })
@@ -268,6 +275,15 @@ impl Engine for Qemu {
         park::check(&meta, &vm_spec)?;
         files::clone_file(&park::disk(dir), &upper_disk).map_err(Error::io("copy", &upper_disk))?;
         vm_spec.named_ram = meta.named_ram;
+        if meta.ram_file {
+            // Mapped privately: children of one branch share its pages
+            // until they write them.
+            vm_spec.memory_file = Some(MemoryFile {
+                path: park::ram(dir),
+                shared: false,
+                anonymous_name: !meta.named_ram,
+            });
+        }
         vm_spec.incoming = true;
         let (vm, socket) = Vm::start(&vm_spec, &run_dir)?;
         if meta.network_off {
@@ -279,7 +295,13 @@ impl Engine for Qemu {
         resume(socket).map_err(Error::Parked)?;
         tracing::debug!(id = %spec.id, "QEMU restored from a park");
         Ok(Started {
-            machine: Box::new(QemuMachine::new(vm, run_dir, vm_spec, StartKind::Restored)),
+            machine: Box::new(QemuMachine::new(
+                vm,
+                run_dir,
+                vm_spec,
+                StartKind::Restored,
+                self.cache.clone(),
+            )),
             agent: AgentLink::Resumed,
             kind: StartKind::Restored,
         })
@@ -369,10 +391,12 @@ struct QemuMachine {
     named_ram: bool,
     /// Being parked: the stop and the end that follow are not deaths.
     parking: Arc<AtomicBool>,
+    /// The engine's cache directory, for the run directories of captures.
+    cache: PathBuf,
 }
 
 impl QemuMachine {
-    fn new(vm: Vm, run_dir: RunDir, spec: VmSpec, kind: StartKind) -> QemuMachine {
+    fn new(vm: Vm, run_dir: RunDir, spec: VmSpec, kind: StartKind, cache: PathBuf) -> QemuMachine {
         QemuMachine {
             vm,
             held: Holds::default(),
@@ -381,6 +405,7 @@ impl QemuMachine {
             named_ram: spec.named_ram || matches!(kind, StartKind::Warm | StartKind::Built),
             spec,
             parking: Arc::default(),
+            cache,
         }
     }
 }
@@ -483,30 +508,43 @@ impl Machine for QemuMachine {
     }
 
     fn park(&self, dir: &Path) -> Result<(), Error> {
-        self.save_stopped(dir)?;
+        self.save_stopped(dir, false)?;
         self.vm.terminate(PARK_QUIT_GRACE);
         Ok(())
     }
 
     fn save_copy(&self, dir: &Path) -> Result<(), Error> {
-        self.save_stopped(dir)?;
+        let mut meta = self.save_stopped(dir, true)?;
         let resumed = self.vm.cont();
         self.parking.store(false, Ordering::Release);
-        resumed
+        resumed?;
+        // While the guest runs on: its children map the RAM file this
+        // makes and share its pages.
+        static CAPTURES: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("capture{}", CAPTURES.fetch_add(1, Ordering::Relaxed));
+        park::into_ram_file(&self.spec, &mut meta, dir, &self.cache, &name)
     }
 }
 
 impl QemuMachine {
     /// Saves the guest into the park directory `dir` and leaves it
     /// stopped, its stop and end not reported as deaths; on failure it
-    /// runs on as before.
-    fn save_stopped(&self, dir: &Path) -> Result<(), Error> {
+    /// runs on as before. With `for_ram_file`, in the form
+    /// [`park::into_ram_file`] takes.
+    fn save_stopped(&self, dir: &Path, for_ram_file: bool) -> Result<park::ParkMeta, Error> {
         // Hashed while the guest still runs.
         let network_off = self.spec.network.is_some() && !self.vm.network_link();
         let meta = park::meta_of(&self.spec, self.named_ram, network_off)?;
         self.parking.store(true, Ordering::Release);
+        let state = park::state(dir);
         let saved = tracing::debug_span!("engine: save the running guest")
-            .in_scope(|| self.vm.save(&park::state(dir)))
+            .in_scope(|| {
+                if for_ram_file {
+                    self.vm.save_all(&state)
+                } else {
+                    self.vm.save(&state)
+                }
+            })
             .and_then(|()| {
                 // QEMU flushed it when it stopped the guest: the copy
                 // matches the memory just saved.
@@ -525,7 +563,7 @@ impl QemuMachine {
             self.parking.store(false, Ordering::Release);
             return Err(e);
         }
-        Ok(())
+        Ok(meta)
     }
 }
 

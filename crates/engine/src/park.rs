@@ -5,7 +5,10 @@
 //! A park directory holds `state` (QEMU's migration stream: the device
 //! state and every page of the guest's RAM), `disk.img` (the writable disk
 //! as it was when the guest stopped) and `engine.json` (the
-//! [`ParkMeta`]). The saved guest only runs on what made it: the same QEMU,
+//! [`ParkMeta`]). A branch's saved copy is in RAM-file form instead, as a
+//! template is: `ram` holds the guest's memory and `state` only the device
+//! state, so that its children map `ram` privately and share its pages
+//! until they write them ([`into_ram_file`]). The saved guest only runs on what made it: the same QEMU,
 //! kernel and initramfs (by content, so rebuilding caches does not matter),
 //! accelerator and CPU model, resources and device shapes, and the same
 //! read-only disks (by file identity). A restore compares them first and
@@ -21,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::template::identity;
-use crate::{paths, Error, VmSpec};
+use crate::{paths, Error, MemoryFile, RunDir, Vm, VmSpec};
 
 /// Bumped when what a park directory holds or how it is used changes.
 const FORMAT: u32 = 1;
@@ -34,6 +37,11 @@ pub(crate) fn state(dir: &Path) -> PathBuf {
 /// The writable disk.
 pub(crate) fn disk(dir: &Path) -> PathBuf {
     dir.join("disk.img")
+}
+
+/// The guest's memory, in RAM-file form.
+pub(crate) fn ram(dir: &Path) -> PathBuf {
+    dir.join("ram")
 }
 
 fn meta_path(dir: &Path) -> PathBuf {
@@ -51,6 +59,9 @@ pub(crate) struct ParkMeta {
     /// ([`crate::Machine::set_network_enabled`]): it stays off in every
     /// restore, from its first instruction.
     pub network_off: bool,
+    /// In RAM-file form: the memory is in `ram`, `state` holds the rest.
+    #[serde(default)]
+    pub ram_file: bool,
     pub fingerprint: Fingerprint,
 }
 
@@ -147,7 +158,8 @@ pub(crate) fn read_meta(dir: &Path) -> Result<ParkMeta, Error> {
             meta.format
         )));
     }
-    for file in [state(dir), disk(dir)] {
+    let ram_file = meta.ram_file.then(|| ram(dir));
+    for file in [state(dir), disk(dir)].into_iter().chain(ram_file) {
         if !file.is_file() {
             return Err(Error::Parked(format!("{} is missing", file.display())));
         }
@@ -165,8 +177,49 @@ pub(crate) fn meta_of(
         format: FORMAT,
         named_ram,
         network_off,
+        ram_file: false,
         fingerprint: Fingerprint::of(spec)?,
     })
+}
+
+/// Turns the park directory `dir`, saved by [`Vm::save_all`] from a guest
+/// run as `spec`, into RAM-file form: a capture VM, never run, loads the
+/// saved stream into `ram` (shared) and saves its device state apart, as
+/// a template is saved. Its logs go to a run directory `name`d under
+/// `cache`, removed with it.
+pub(crate) fn into_ram_file(
+    spec: &VmSpec,
+    meta: &mut ParkMeta,
+    dir: &Path,
+    cache: &Path,
+    name: &str,
+) -> Result<(), Error> {
+    let run = RunDir::create(cache, name)?;
+    let mut capture = spec.clone();
+    capture.memory_file = Some(MemoryFile {
+        path: ram(dir),
+        shared: true,
+        anonymous_name: !meta.named_ram,
+    });
+    capture.named_ram = false;
+    capture.incoming = true;
+    // The capture never runs: it may open the saved disk, not the guest's.
+    for d in capture.disks.iter_mut().filter(|d| !d.read_only) {
+        d.path = disk(dir);
+    }
+    let (vm, agent) = Vm::start(&capture, &run)?;
+    tracing::debug_span!("engine: load the saved guest into a RAM file")
+        .in_scope(|| vm.receive(&state(dir)))?;
+    let devices = dir.join("state.devices");
+    // The agent channel stays connected until the save: the saved device
+    // state says so, as the children's will.
+    tracing::debug_span!("engine: save the device state apart")
+        .in_scope(|| vm.save_template(&devices))?;
+    drop(vm);
+    drop(agent);
+    fs::rename(&devices, state(dir)).map_err(Error::io("rename", &devices))?;
+    meta.ram_file = true;
+    write_meta(dir, meta)
 }
 
 /// Fails unless a guest parked with `meta` can run as `spec` on this host.
@@ -243,6 +296,7 @@ mod tests {
             format: FORMAT + 1,
             named_ram: true,
             network_off: false,
+            ram_file: false,
             fingerprint: fingerprint(),
         };
         write_meta(&d, &meta).unwrap();
@@ -254,6 +308,12 @@ mod tests {
         assert!(err.contains("state is missing"), "{err}");
         fs::write(state(&d), b"s").unwrap();
         fs::write(disk(&d), b"d").unwrap();
+        assert_eq!(read_meta(&d).unwrap(), meta);
+        meta.ram_file = true;
+        write_meta(&d, &meta).unwrap();
+        let err = read_meta(&d).unwrap_err().to_string();
+        assert!(err.contains("ram is missing"), "{err}");
+        fs::write(ram(&d), b"r").unwrap();
         assert_eq!(read_meta(&d).unwrap(), meta);
         fs::remove_dir_all(&d).unwrap();
     }

@@ -427,6 +427,7 @@ fn build(
     source.memory_file = Some(MemoryFile {
         path: ram(&building.tmp),
         shared: true,
+        anonymous_name: false,
     });
     let (vm, socket) = Vm::start(&source, run)?;
     let channel = prepare(socket).map_err(Error::Template)?;
@@ -493,6 +494,7 @@ fn restore(
     target.memory_file = Some(MemoryFile {
         path: ram(t),
         shared: false,
+        anonymous_name: false,
     });
     target.incoming = true;
     let (vm, socket) = Vm::start(&target, run)?;

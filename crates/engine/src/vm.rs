@@ -63,6 +63,10 @@ pub struct MemoryFile {
     /// Writes go to the file (`true`, to save a template) or stay private
     /// to this VM (`false`, to restore one: the file never changes).
     pub shared: bool,
+    /// Names the RAM as QEMU names anonymous RAM (`microvm.ram`) instead
+    /// of `mem`: QEMU matches RAM by name, so a state saved by a VM with
+    /// anonymous RAM loads only into RAM named alike.
+    pub anonymous_name: bool,
 }
 
 /// A raw disk image attached as a virtio block device.
@@ -467,8 +471,19 @@ impl Vm {
     /// guest run on. The agent channel must be quiet, as for
     /// [`save_template`](Self::save_template).
     pub fn save(&self, state: &Path) -> Result<(), Error> {
+        self.save_stream(state, true)
+    }
+
+    /// Saves as [`save`](Self::save) does, but every page of RAM, in a
+    /// form only [`receive`](Self::receive) loads: into RAM in a shared
+    /// file, which turns it into a template-like RAM file and state.
+    pub fn save_all(&self, state: &Path) -> Result<(), Error> {
+        self.save_stream(state, false)
+    }
+
+    fn save_stream(&self, state: &Path, ignore_shared: bool) -> Result<(), Error> {
         let qmp = &self.qmp;
-        migration_capabilities(qmp)?;
+        migration_capabilities(qmp, ignore_shared)?;
         qmp.execute(
             "migrate-set-parameters",
             Some(json!({ "max-bandwidth": 100u64 << 30, "downtime-limit": 5000 })),
@@ -499,8 +514,21 @@ impl Vm {
     /// with `incoming` and the template's RAM file mapped privately, and
     /// lets it run.
     pub fn restore(&self, state: &Path) -> Result<(), Error> {
+        self.load(state, true)?;
+        // The template was saved stopped, so the guest arrives paused.
+        self.cont()
+    }
+
+    /// Loads a state [`save_all`](Self::save_all) wrote into this VM,
+    /// started with `incoming`, and leaves the guest paused: with its RAM
+    /// a shared [`MemoryFile`], the file then holds the guest's memory.
+    pub fn receive(&self, state: &Path) -> Result<(), Error> {
+        self.load(state, false)
+    }
+
+    fn load(&self, state: &Path, ignore_shared: bool) -> Result<(), Error> {
         let qmp = &self.qmp;
-        migration_capabilities(qmp)?;
+        migration_capabilities(qmp, ignore_shared)?;
         let file = File::open(state).map_err(Error::io("open", state))?;
         let fdname = Some(json!({ "fdname": MIGRATION_FD }));
         qmp.execute_with_fd("getfd", fdname, Some(file.as_fd()), QMP_TIMEOUT)?;
@@ -508,9 +536,7 @@ impl Vm {
         let mark = qmp.event_mark();
         let uri = json!({ "uri": format!("fd:{MIGRATION_FD}") });
         qmp.execute("migrate-incoming", Some(uri), QMP_TIMEOUT)?;
-        wait_migrated(qmp, mark)?;
-        // The template was saved stopped, so the guest arrives paused.
-        self.cont()
+        wait_migrated(qmp, mark)
     }
 
     /// Stops the guest's vCPUs (QMP `stop`): its clocks and timers stand
@@ -600,11 +626,13 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The name QEMU knows the migration stream's descriptor by.
 const MIGRATION_FD: &str = "migration";
 
-/// Skips the shared RAM file in the migration stream (it is the template's
-/// memory, on both sides) and reports progress as events.
-fn migration_capabilities(qmp: &Qmp) -> Result<(), Error> {
+/// With `ignore_shared`, skips the shared RAM file in the migration stream
+/// (it is the template's memory, on both sides); without, a receiver with
+/// shared RAM takes every page (QEMU refuses pages for RAM it ignores, and
+/// both ends must agree). Progress comes as events.
+fn migration_capabilities(qmp: &Qmp, ignore_shared: bool) -> Result<(), Error> {
     let caps = json!({ "capabilities": [
-        { "capability": "x-ignore-shared", "state": true },
+        { "capability": "x-ignore-shared", "state": ignore_shared },
         { "capability": "events", "state": true },
     ] });
     qmp.execute("migrate-set-capabilities", Some(caps), QMP_TIMEOUT)

@@ -304,7 +304,7 @@ class Instance(Handle):
         diverging on its own, with a new id and hostname, clock and RNG;
         this instance is stopped only while it is saved, then runs on.
 
-        Each child holds a private copy of the saved memory for now. As for
+        The children share the saved memory copy-on-write. As for
         ``park``, the instance must be quiet and have no mounts
         (``InvalidArgumentError``; it runs on). Commands, files, listeners
         and connections stay with this instance."""

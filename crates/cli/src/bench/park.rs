@@ -147,6 +147,6 @@ pub(super) fn branch(rootfs: &Path, runs: usize, memory: u32) -> CliResult<ExitC
         "\nbranch 1 / warm start = {:.2}x (target ≤ 2x)",
         ours[1].ratio(&ours[0])
     );
-    println!("(target ≤ 20 MiB extra per child; children share no memory yet)");
+    println!("(target ≤ 20 MiB extra per child; children share the saved memory)");
     Ok(ExitCode::SUCCESS)
 }
