@@ -210,6 +210,10 @@ pub struct Conn {
     listeners: Mutex<HashMap<u64, OwnedFd>>,
     /// The threads serving this connection's requests and streams.
     tasks: Arc<Tasks>,
+    /// How many `Started` answers are held back for a quick exit (see
+    /// [`Conn::hold_started`]).
+    held_started: Mutex<usize>,
+    held_started_sent: Condvar,
 }
 
 impl Conn {
@@ -226,7 +230,26 @@ impl Conn {
             handles: Handles::default(),
             listeners: Mutex::default(),
             tasks: Arc::default(),
+            held_started: Mutex::new(0),
+            held_started_sent: Condvar::new(),
         })
+    }
+
+    /// Counts a `Started` answer held back until the guard is dropped,
+    /// once it is sent: a goodbye waits for it (see
+    /// [`Conn::await_held_started`]).
+    pub fn hold_started(self: &Arc<Self>) -> HeldStarted {
+        *lock(&self.held_started) += 1;
+        HeldStarted(self.clone())
+    }
+
+    /// Waits up to `limit` until no `Started` is held back, so that a host
+    /// hears its command started before it hears the guest went away.
+    pub fn await_held_started(&self, limit: Duration) {
+        let held = lock(&self.held_started);
+        let _ = self
+            .held_started_sent
+            .wait_timeout_while(held, limit, |n| *n > 0);
     }
 
     /// Starts `f` on a thread of this connection's (see [`Tasks`]).
@@ -563,5 +586,16 @@ impl Read for PortReader {
                 other => return other,
             }
         }
+    }
+}
+
+/// A `Started` answer held back; see [`Conn::hold_started`].
+#[derive(Debug)]
+pub struct HeldStarted(Arc<Conn>);
+
+impl Drop for HeldStarted {
+    fn drop(&mut self) {
+        *lock(&self.0.held_started) -= 1;
+        self.0.held_started_sent.notify_all();
     }
 }

@@ -178,6 +178,7 @@ fn announce_quick_exit(
     started: Message,
     since: Instant,
 ) {
+    let _held = conn.hold_started();
     let pending = Arc::new((Mutex::new(Some(started)), Condvar::new()));
     let (c, p) = (conn.clone(), pending.clone());
     reaper.announce(

@@ -185,6 +185,11 @@ pub struct Agent {
 /// How long a goodbye may wait for room on the channel.
 const GOODBYE_GRACE: Duration = Duration::from_millis(500);
 
+/// How long a power-off waits for `Started` answers held back for a quick
+/// exit: they go out within a few milliseconds, unless the host stopped
+/// reading.
+const HELD_STARTED_GRACE: Duration = Duration::from_millis(250);
+
 /// How long the end of a host-mode connection waits for its threads: a
 /// dial in progress may need its whole connect timeout (10 s) to notice.
 const DRAIN_LIMIT: Duration = Duration::from_secs(15);
@@ -331,6 +336,7 @@ impl Agent {
             let _ = self.powered_off.set(reason.to_string());
         }
         if let Some(conn) = self.current().take() {
+            conn.await_held_started(HELD_STARTED_GRACE);
             // A host that stopped reading must not hold the power-off up.
             let _ = conn.close_after(GOODBYE_GRACE);
             let _ = conn.send(&Message::Goodbye {

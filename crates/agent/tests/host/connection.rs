@@ -12,7 +12,7 @@ use cc_protocol::{
 };
 use serde_bytes::ByteBuf;
 
-use crate::common::{exec, process_gone, stream_id, Host};
+use crate::common::{exec, process_gone, stream_id, Host, Scratch};
 
 fn setup() -> Setup {
     Setup {
@@ -411,5 +411,34 @@ fn a_port_read_and_written_as_a_plain_file_is_served_the_same() {
     assert_eq!(
         host.hang_up(),
         Ended::Lost("the host closed the port".into())
+    );
+}
+
+/// A process with nothing attached has its `Started` held back a moment
+/// in case it exits at once (its exit then goes in the same write). A
+/// power-off in that moment, as a guest's `kill -TERM 1` causes, must
+/// still let the answer out before the goodbye: else the host's `start`
+/// fails with "not running" for a command that ran.
+#[test]
+fn a_power_off_lets_a_held_back_started_out_before_the_goodbye() {
+    let mut host = Host::new();
+    let scratch = Scratch::new();
+    let ran = scratch.join("ran");
+    let script = format!(": > {}; exec sleep 1000", ran.display());
+    let id = host.begin(Request::Exec(exec(&["sh", "-c", &script])));
+    while !ran.exists() {
+        thread::yield_now();
+    }
+    host.agent.power_off("test over");
+    let said = host.until_closed();
+    let answered = said
+        .iter()
+        .position(|m| matches!(m, Message::Response { id: i, body: Ok(Response::Started { .. }) } if *i == id));
+    let goodbye = said
+        .iter()
+        .position(|m| matches!(m, Message::Goodbye { .. }));
+    assert!(
+        matches!((answered, goodbye), (Some(a), Some(g)) if a < g),
+        "Started must come before the goodbye: {said:?}"
     );
 }
