@@ -734,9 +734,7 @@ fn park_refuses_what_it_cannot_keep_and_restore_a_foreign_park() {
     // before any guest starts.
     let err = Instance::restore(&scratch, cc::RestoreOptions::default()).unwrap_err();
     assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
-    let kernel = std::env::var_os("CC_KERNEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cc_testsupport::cache_dir().join("kernel/current/vmlinux"));
+    let kernel = cc_engine::paths::kernel().unwrap();
     let other = scratch.join("vmlinux");
     std::fs::copy(&kernel, &other).unwrap();
     std::fs::OpenOptions::new()
