@@ -768,6 +768,90 @@ fn park_refuses_what_it_cannot_keep_and_restore_a_foreign_park() {
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+fn park_and_branch_keep_mounts() {
+    let base = park_scratch("mounts");
+    let (ro, rw) = (base.join("ro"), base.join("rw"));
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::write(ro.join("hello.txt"), b"from the host").unwrap();
+    let park = base.join("p");
+    let inst = boot_with(Options {
+        mounts: vec![
+            cc::Mount::read_only(&ro, "/mnt/ro"),
+            cc::Mount::writable(&rw, "/data/rw"),
+        ],
+        ..Options::default()
+    });
+    sh(&inst, COUNTER);
+    // A guest process with a file open on a mount keeps it busy: refused,
+    // and the instance runs on with both mounts as they were.
+    std::fs::write(rw.join("held"), b"").unwrap();
+    sh(
+        &inst,
+        "sh -c 'exec sleep 1000' < /data/rw/held >/dev/null 2>&1 & echo $! > /tmp/holder; sleep 0.5",
+    );
+    let err = inst.park(&park).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("/data/rw"), "{err}");
+    assert!(!park.exists());
+    assert_eq!(stdout(&inst, "cat /mnt/ro/hello.txt"), "from the host");
+    assert!(!sh(&inst, "echo x > /mnt/ro/new").status.success());
+    sh(&inst, "kill $(cat /tmp/holder); sleep 0.2");
+    sh(&inst, "echo before > /data/rw/before.txt");
+    inst.park(&park).unwrap();
+
+    let check = |r: &Instance, name: &str| {
+        assert_eq!(stdout(r, "cat /mnt/ro/hello.txt"), "from the host");
+        assert_eq!(stdout(r, "cat /data/rw/before.txt"), "before\n");
+        let denied = sh(r, "echo x > /mnt/ro/new");
+        assert!(!denied.status.success(), "read-only mount accepted a write");
+        assert!(!ro.join("new").exists());
+        sh(r, &format!("echo {name} > /data/rw/{name}.txt"));
+        assert_eq!(
+            std::fs::read(rw.join(format!("{name}.txt"))).unwrap(),
+            format!("{name}\n").as_bytes()
+        );
+        std::fs::write(rw.join(format!("host-{name}")), b"live").unwrap();
+        assert_eq!(stdout(r, &format!("cat /data/rw/host-{name}")), "live");
+        let mounts = stdout(r, "grep ' 9p ' /proc/mounts");
+        assert!(
+            mounts.contains("/mnt/ro 9p ro") && mounts.contains("/data/rw 9p rw"),
+            "{mounts}"
+        );
+        let c = count(r);
+        let later = Instant::now() + Duration::from_secs(10);
+        while count(r) <= c {
+            assert!(Instant::now() < later, "the counter stopped at {c}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let a = Instance::restore(&park, cc::RestoreOptions::default()).unwrap();
+    check(&a, "a");
+    // A branch's children and its source keep the mounts.
+    let kids = a.branch(1).unwrap();
+    check(&kids[0], "child");
+    check(&a, "source");
+    for k in kids {
+        k.close().unwrap();
+    }
+    a.close().unwrap();
+
+    // A mount source gone: refused before any guest starts.
+    let moved = base.join("rw-moved");
+    std::fs::rename(&rw, &moved).unwrap();
+    let runs = || {
+        std::fs::read_dir(cc_testsupport::cache_dir().join("run"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let before = runs();
+    let err = Instance::restore(&park, cc::RestoreOptions::default()).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("rw"), "{err}");
+    assert_eq!(runs(), before, "a guest was started");
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
 fn branch_children_go_on_from_the_source_and_diverge() {
     let src = boot();
     sh(
@@ -3820,6 +3904,7 @@ fn main() -> ExitCode {
         a_switched_off_network_stays_off_after_restore_and_branch,
         park_refuses_what_it_cannot_keep_and_restore_a_foreign_park,
         branch_children_go_on_from_the_source_and_diverge,
+        park_and_branch_keep_mounts,
         ten_branch_cycles_leave_nothing_behind,
         branch_children_share_the_saved_memory,
         independent_writable_layers,
