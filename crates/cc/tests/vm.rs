@@ -852,6 +852,49 @@ fn park_and_branch_keep_mounts() {
     std::fs::remove_dir_all(&base).unwrap();
 }
 
+/// Disk space `path` takes (allocated, not apparent).
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+fn branch_children_disks_are_cheap_and_independent() {
+    let src = boot();
+    sh(
+        &src,
+        "dd if=/dev/urandom of=/var/big bs=1M count=32 2>/dev/null && sync",
+    );
+    let sum = stdout(&src, "md5sum < /var/big");
+    let kids = src.branch(2).unwrap();
+    for k in &kids {
+        assert_eq!(stdout(k, "md5sum < /var/big"), sum);
+        let disk = k.run_dir().unwrap().join("upper.img");
+        let bytes = allocated(&disk);
+        assert!(
+            bytes < 8 << 20,
+            "a child's writable disk takes {bytes} bytes after 32 MiB were written before the branch"
+        );
+    }
+    sh(&kids[0], "echo mine > /var/only0 && sync");
+    for other in [&src, &kids[1]] {
+        assert!(!sh(other, "test -e /var/only0").status.success());
+    }
+    sh(&src, "echo source > /var/only-src");
+    assert!(!sh(&kids[0], "test -e /var/only-src").status.success());
+    // A child parks with everything it holds, the branch's and its own.
+    let scratch = park_scratch("cheap");
+    kids[0].park(scratch.join("p")).unwrap();
+    let back = Instance::restore(scratch.join("p"), cc::RestoreOptions::default()).unwrap();
+    assert_eq!(stdout(&back, "md5sum < /var/big"), sum);
+    assert_eq!(stdout(&back, "cat /var/only0"), "mine\n");
+    back.close().unwrap();
+    for k in kids.into_iter().skip(1) {
+        k.close().unwrap();
+    }
+    src.close().unwrap();
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
 fn branch_children_go_on_from_the_source_and_diverge() {
     let src = boot();
     sh(
@@ -3905,6 +3948,7 @@ fn main() -> ExitCode {
         park_refuses_what_it_cannot_keep_and_restore_a_foreign_park,
         branch_children_go_on_from_the_source_and_diverge,
         park_and_branch_keep_mounts,
+        branch_children_disks_are_cheap_and_independent,
         ten_branch_cycles_leave_nothing_behind,
         branch_children_share_the_saved_memory,
         independent_writable_layers,

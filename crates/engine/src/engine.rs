@@ -21,7 +21,7 @@ use cc_netpolicy::NetworkPolicy;
 
 use crate::template::{self, StartKind};
 use crate::{
-    detect_accel, files, initramfs, park, paths, upper, ConfineMode, Confinement, Disk, Error,
+    detect_accel, initramfs, park, paths, upper, ConfineMode, Confinement, Disk, Error,
     GuestNetwork, MemoryFile, RunDir, Share, Vm, VmSpec, GUEST_NETWORK,
 };
 
@@ -273,7 +273,11 @@ impl Engine for Qemu {
         let upper_disk = run_dir.path().join("upper.img");
         let mut vm_spec = self.vm_spec(spec, host, upper_disk.clone());
         park::check(&meta, &vm_spec)?;
-        files::clone_file(&park::disk(dir), &upper_disk).map_err(Error::io("copy", &upper_disk))?;
+        let backing = tracing::debug_span!("engine: writable disk from the park")
+            .in_scope(|| upper::from_park(&park::disk(dir), &upper_disk))?;
+        if let Some(d) = vm_spec.disks.iter_mut().find(|d| !d.read_only) {
+            d.backing = backing;
+        }
         vm_spec.named_ram = meta.named_ram;
         if meta.ram_file {
             // Mapped privately: children of one branch share its pages
@@ -345,11 +349,13 @@ impl Qemu {
                     path: path.clone(),
                     serial: lower_serial(i),
                     read_only: true,
+                    backing: None,
                 })
                 .chain([Disk {
                     path: upper_disk,
                     serial: UPPER_SERIAL.into(),
                     read_only: false,
+                    backing: None,
                 }])
                 .collect(),
             shares: spec
@@ -549,11 +555,13 @@ impl QemuMachine {
                 // QEMU flushed it when it stopped the guest: the copy
                 // matches the memory just saved.
                 let _span = tracing::debug_span!("engine: copy the writable disk").entered();
-                let (_, upper) = template::writable(&self.spec)
-                    .next()
+                let upper = self
+                    .spec
+                    .disks
+                    .iter()
+                    .find(|d| !d.read_only)
                     .ok_or(Error::Unsupported("park a guest without a writable disk"))?;
-                let copy = park::disk(dir);
-                files::clone_file(upper, &copy).map_err(Error::io("copy", &copy))
+                upper::save(&upper.path, upper.backing.as_deref(), &park::disk(dir))
             })
             .and_then(|()| park::write_meta(dir, &meta));
         if let Err(e) = saved {

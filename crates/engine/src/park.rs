@@ -206,6 +206,7 @@ pub(crate) fn into_ram_file(
     // The capture never runs: it may open the saved disk, not the guest's.
     for d in capture.disks.iter_mut().filter(|d| !d.read_only) {
         d.path = disk(dir);
+        d.backing = None;
     }
     let (vm, agent) = Vm::start(&capture, &run)?;
     tracing::debug_span!("engine: load the saved guest into a RAM file")

@@ -533,11 +533,13 @@ mod tests {
                     path: file("lower.erofs"),
                     serial: "cc-lower0".into(),
                     read_only: true,
+                    backing: None,
                 },
                 Disk {
                     path: file("upper.img"),
                     serial: "cc-upper".into(),
                     read_only: false,
+                    backing: None,
                 },
             ],
             shares: vec![Share {
