@@ -1783,7 +1783,9 @@ cc_error_code cc_instance_park(cc_instance inst,
  * `timeout_seconds` ends the restored instance that long after the
  * restore (0 for never). A park made by another kernel, agent or QEMU,
  * or a path that is not a park, is `CC_ERR_INVALID_ARGUMENT` and nothing
- * starts; so is a park whose mount source directory is gone.
+ * starts; so is a park whose mount source directory is gone, and the park
+ * of a warm-started instance whose template was removed or rebuilt since
+ * (such a park keeps only the memory pages that differ from it).
  *
  * # Safety
  * `path` is a string; `out` is NULL or valid for writing; `err` is NULL

@@ -365,8 +365,10 @@ impl Instance {
     /// new id and hostname; the clock is set from the host and the RNG
     /// reseeded. The park is only read: it can be restored any number of
     /// times. A park made by another kernel, agent or QEMU than this
-    /// host's, one that is not a park, or one whose mount source directory
-    /// is gone, is `InvalidArgument` and nothing starts.
+    /// host's, one that is not a park, one whose mount source directory is
+    /// gone, or the park of a warm-started instance whose template was
+    /// removed or rebuilt since (it keeps only the memory that differs from
+    /// the template), is `InvalidArgument` and nothing starts.
     pub fn restore(path: impl AsRef<Path>, options: RestoreOptions) -> Result<Instance> {
         let path = path.as_ref();
         let t0 = Instant::now();

@@ -895,6 +895,48 @@ fn branch_children_disks_are_cheap_and_independent() {
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+fn a_warm_park_keeps_only_what_differs_from_the_template() {
+    let scratch = park_scratch("diff");
+    let park = scratch.join("p");
+    let inst = boot_with(Options {
+        memory_mb: 512,
+        ..Options::default()
+    });
+    assert_eq!(inst.start_kind(), cc::StartKind::Warm);
+    sh(&inst, COUNTER);
+    std::thread::sleep(Duration::from_millis(300));
+    let meminfo = stdout(&inst, "cat /proc/meminfo");
+    let kib = |key: &str| -> u64 {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    let in_use = (kib("MemTotal:") - kib("MemFree:")) * 1024;
+    let before = count(&inst);
+    let parked = inst.park(&park).unwrap();
+    assert!(
+        parked.bytes < in_use / 2,
+        "the park takes {} bytes, the guest uses {in_use} bytes of RAM",
+        parked.bytes
+    );
+    for _ in 0..2 {
+        let r = Instance::restore(&park, cc::RestoreOptions::default()).unwrap();
+        let now = count(&r);
+        assert!(now >= before, "counted {before} when parked, {now} after");
+        let later = Instant::now() + Duration::from_secs(10);
+        while count(&r) <= now {
+            assert!(Instant::now() < later, "the counter stopped at {now}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(stdout(&r, "echo fine"), "fine\n");
+        r.close().unwrap();
+    }
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
 fn branch_children_go_on_from_the_source_and_diverge() {
     let src = boot();
     sh(
@@ -3948,6 +3990,7 @@ fn main() -> ExitCode {
         park_refuses_what_it_cannot_keep_and_restore_a_foreign_park,
         branch_children_go_on_from_the_source_and_diverge,
         park_and_branch_keep_mounts,
+        a_warm_park_keeps_only_what_differs_from_the_template,
         branch_children_disks_are_cheap_and_independent,
         ten_branch_cycles_leave_nothing_behind,
         branch_children_share_the_saved_memory,

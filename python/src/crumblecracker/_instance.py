@@ -353,9 +353,11 @@ class Instance(Handle):
         reseeded. A park can be restored any number of times. Memory, CPUs,
         disk, network and user are the parked instance's;
         TIMEOUT_SECONDS ends the restored instance that long after the
-        restore. A park made by another kernel, agent or QEMU, or a PATH
-        that is not a park, raises ``InvalidArgumentError`` and nothing
-        starts."""
+        restore. A park made by another kernel, agent or QEMU, a PATH that
+        is not a park, one whose mount directory is gone, or the park of a
+        warm-started instance whose template was removed or rebuilt since
+        (such a park keeps only the memory that differs from it), raises
+        ``InvalidArgumentError`` and nothing starts."""
         raw = _lib.encode_path(path, "path")
         if timeout_seconds is None:
             seconds = 0.0
