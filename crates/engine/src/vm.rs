@@ -78,7 +78,7 @@ pub struct Disk {
     pub read_only: bool,
     /// The raw image under a qcow2 overlay at `path`, read only: a
     /// restored guest's writable disk writes only what differs from its
-    /// park's (see [`crate::upper::from_park`]).
+    /// park's (a reflink is not always possible).
     pub backing: Option<PathBuf>,
 }
 
