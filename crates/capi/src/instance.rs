@@ -469,8 +469,9 @@ pub unsafe extern "C" fn cc_instance_close(inst: cc_instance, err: *mut cc_error
 /// it again from there, processes intact. `bytes` (NULL to skip) gets the
 /// disk space the park takes. The instance must be quiet: no command
 /// still running under a `cc_cmd` that is not freed, no listener or
-/// connection open, no mounts (`CC_ERR_INVALID_ARGUMENT`; the instance
-/// runs on). Handle still needs `cc_instance_free`.
+/// connection open, no guest process with a file open on a mount
+/// (`CC_ERR_INVALID_ARGUMENT`; the instance runs on). Mounts are kept:
+/// every restore shares the same host directories with the same modes. Handle still needs `cc_instance_free`.
 ///
 /// # Safety
 /// `path` is a string; `bytes` is NULL or valid for writing; `err` is NULL
@@ -500,7 +501,9 @@ pub unsafe extern "C" fn cc_instance_park(
 /// `timeout_seconds` ends the restored instance that long after the
 /// restore (0 for never). A park made by another kernel, agent or QEMU,
 /// or a path that is not a park, is `CC_ERR_INVALID_ARGUMENT` and nothing
-/// starts.
+/// starts; so is a park whose mount source directory is gone, and the park
+/// of a warm-started instance whose template was removed or rebuilt since
+/// (such a park keeps only the memory pages that differ from it).
 ///
 /// # Safety
 /// `path` is a string; `out` is NULL or valid for writing; `err` is NULL
@@ -540,7 +543,9 @@ pub unsafe extern "C" fn cc_instance_restore(
 /// it is saved, then runs on. Writes their handles to `out[0..n]` (each
 /// freed with `cc_instance_free`), all or none. The children share the
 /// saved memory copy-on-write; as for `cc_instance_park`, `inst` must be
-/// quiet and have no mounts (`CC_ERR_INVALID_ARGUMENT`; it runs on).
+/// quiet and no guest process may have a file open on a mount
+/// (`CC_ERR_INVALID_ARGUMENT`; it runs on). Source and children keep the
+/// mounts.
 /// Children report `CC_START_RESTORED`.
 ///
 /// # Safety

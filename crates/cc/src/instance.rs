@@ -774,7 +774,7 @@ pub(crate) fn plan_guest(root: &RootLayers, options: &Options) -> (String, Guest
 }
 
 /// The engine-neutral description of the guest `options` ask for.
-fn guest_spec(id: &str, root: &RootLayers, options: &Options) -> GuestSpec {
+pub(crate) fn guest_spec(id: &str, root: &RootLayers, options: &Options) -> GuestSpec {
     GuestSpec {
         id: id.to_string(),
         lowers: root.lowers.clone(),

@@ -25,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use crate::channel::Channel;
 use crate::error::{Error, Result};
 use crate::instance::{
-    plan_guest, set_up_guest, supervise, Inner, Instance, Options, RootLayers, REQUEST_TIMEOUT,
+    guest_spec, plan_guest, set_up_guest, supervise, Inner, Instance, Mount, Options, RootLayers,
+    REQUEST_TIMEOUT,
 };
 use crate::snapshot::Origin;
 
@@ -89,6 +90,18 @@ struct Meta {
     /// from them.
     next_process: u64,
     next_handle: u64,
+    /// Host directories shared in, in order: every restore shares the same
+    /// ones, with the same modes.
+    #[serde(default)]
+    mounts: Vec<MountMeta>,
+}
+
+/// A [`Mount`], as the park keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct MountMeta {
+    host_path: PathBuf,
+    guest_path: String,
+    writable: bool,
 }
 
 /// [`cc_image::ImageConfig`], as the park keeps it.
@@ -163,6 +176,15 @@ impl Meta {
             image_config: inner.image_config.as_ref().map(ImageConfig::from),
             next_process: inner.channel.next_process_id(),
             next_handle: inner.next_handle.load(Ordering::Relaxed),
+            mounts: o
+                .mounts
+                .iter()
+                .map(|m| MountMeta {
+                    host_path: m.host_path.clone(),
+                    guest_path: m.guest_path.clone(),
+                    writable: m.writable,
+                })
+                .collect(),
         }
     }
 
@@ -180,7 +202,15 @@ impl Meta {
             user: self.user.clone(),
             boot_timeout: restore.boot_timeout,
             timeout: restore.timeout,
-            mounts: Vec::new(),
+            mounts: self
+                .mounts
+                .iter()
+                .map(|m| Mount {
+                    host_path: m.host_path.clone(),
+                    guest_path: m.guest_path.clone(),
+                    writable: m.writable,
+                })
+                .collect(),
             network: self.network,
             network_policy: NetworkPolicy {
                 allow_host: self.allow_host,
@@ -293,23 +323,28 @@ impl Instance {
     /// The instance must be quiet: no command still running under this
     /// handle, no listener or connection open (`InvalidArgument`
     /// otherwise; guest processes started in the background are fine).
-    /// Instances with mounts cannot be parked yet (`InvalidArgument`). On
+    /// Mounts are released in the guest for the save (a guest process
+    /// with a file open on one is `InvalidArgument`) and every restore
+    /// has them again, with their modes. On
     /// an error the instance runs on, unless the VM failed while it was
     /// being saved.
     pub fn park(&self, path: impl AsRef<Path>) -> Result<Parked> {
         let path = path.as_ref();
         let inner = self.inner();
-        let vm = saveable(inner, "parked")?;
+        let vm = saveable(inner)?;
         let writing = Writing::start(path)?;
         let meta = Meta::of(inner);
-        inner.parking.store(true, Ordering::Release);
         let t = Instant::now();
+        unmount_shares(self)?;
+        inner.parking.store(true, Ordering::Release);
         let saved = save(inner, &writing.tmp, |d| vm.park(d));
         let save_time = t.elapsed();
         inner.parking.store(false, Ordering::Release);
         if let Err(e) = saved {
             if vm.exit_status().is_some() {
                 self.close()?;
+            } else {
+                mount_shares(self, inner.options.mounts.len())?;
             }
             return Err(e);
         }
@@ -330,13 +365,23 @@ impl Instance {
     /// new id and hostname; the clock is set from the host and the RNG
     /// reseeded. The park is only read: it can be restored any number of
     /// times. A park made by another kernel, agent or QEMU than this
-    /// host's, or one that is not a park, is `InvalidArgument` and nothing
-    /// starts.
+    /// host's, one that is not a park, one whose mount source directory is
+    /// gone, or the park of a warm-started instance whose template was
+    /// removed or rebuilt since (it keeps only the memory that differs from
+    /// the template), is `InvalidArgument` and nothing starts.
     pub fn restore(path: impl AsRef<Path>, options: RestoreOptions) -> Result<Instance> {
         let path = path.as_ref();
         let t0 = Instant::now();
         let meta = read_meta(path)?;
         let options = meta.options(&options)?;
+        for m in &options.mounts {
+            if !m.host_path.is_dir() {
+                return Err(Error::InvalidArgument(format!(
+                    "parked instance: its mount source {} is gone",
+                    m.host_path.display()
+                )));
+            }
+        }
         let root = RootLayers {
             lowers: meta.lowers.clone(),
             image_config: meta.image_config.clone().map(Into::into),
@@ -391,12 +436,10 @@ impl Instance {
             .next_handle
             .fetch_max(meta.next_handle, Ordering::Relaxed);
         supervise(&inner, machine, &options, t0)?;
-        Ok(Instance::assemble(
-            inner,
-            kernel_release,
-            timings,
-            started.kind,
-        ))
+        let restored = Instance::assemble(inner, kernel_release, timings, started.kind);
+        // Dropped (and closed) on a failure.
+        mount_shares(&restored, 0)?;
+        Ok(restored)
     }
 }
 
@@ -409,8 +452,9 @@ impl Instance {
     ///
     /// The children map one saved copy of the memory copy-on-write: they
     /// share its pages until they write them. The rules of a park apply:
-    /// the instance must be quiet and have no mounts (`InvalidArgument`
-    /// otherwise; it runs on). Commands, files, listeners and connections
+    /// the instance must be quiet and no guest process may have a file
+    /// open on a mount (`InvalidArgument` otherwise; it runs on); it and
+    /// its children keep the mounts. Commands, files, listeners and connections
     /// of this handle stay with it.
     pub fn branch(&self, n: usize) -> Result<Vec<Instance>> {
         if !(1..=64).contains(&n) {
@@ -419,7 +463,7 @@ impl Instance {
             )));
         }
         let inner = self.inner();
-        let vm = saveable(inner, "branched")?;
+        let vm = saveable(inner)?;
         let base = cc_engine::paths::cache_dir().join("branches");
         fs::create_dir_all(&base).map_err(Error::io("create", &base))?;
         sweep_abandoned_copies(&base);
@@ -431,10 +475,13 @@ impl Instance {
         // Never published: dropping it removes the saved copy.
         let writing = Writing { tmp };
         let meta = Meta::of(inner);
+        unmount_shares(self)?;
         inner.parking.store(true, Ordering::Release);
         let saved = save(inner, &writing.tmp, |d| vm.save_copy(d));
         inner.parking.store(false, Ordering::Release);
+        let remounted = mount_shares(self, 0);
         saved?;
+        remounted?;
         write_meta(&writing.tmp, &meta)?;
         let options = RestoreOptions {
             boot_timeout: inner.options.boot_timeout,
@@ -472,15 +519,88 @@ fn sweep_abandoned_copies(base: &Path) {
     }
 }
 
-/// The machine of an instance that can be saved (running, no mounts).
-fn saveable(inner: &Inner, what: &str) -> Result<Arc<dyn Machine>> {
+/// The machine of an instance that can be saved (running).
+fn saveable(inner: &Inner) -> Result<Arc<dyn Machine>> {
     inner.check_running()?;
-    if !inner.options.mounts.is_empty() {
-        return Err(Error::InvalidArgument(format!(
-            "an instance with mounts cannot be {what} (not supported yet)"
-        )));
-    }
     inner.machine()
+}
+
+/// Options of the guest's 9p mounts, as the agent mounts them at setup.
+const NINEP_OPTIONS: &str = "trans=virtio,version=9p2000.L,msize=524288,cache=none";
+
+/// Unmounts the instance's host directories in the guest, innermost
+/// first. QEMU refuses to save a guest while one is mounted (the 9p server
+/// keeps the guest's open files, which a saved state cannot carry), so
+/// they are unmounted for the save and mounted again after. One still in
+/// use (a guest process has a file or its directory open on it) is
+/// `InvalidArgument`, with the others mounted again.
+fn unmount_shares(instance: &Instance) -> Result<()> {
+    let mounts = &instance.inner().options.mounts;
+    for (done, m) in mounts.iter().enumerate().rev() {
+        let out = as_root(instance, "umount", &[&m.guest_path]);
+        if let Err(e) = out {
+            mount_shares(instance, done + 1)?;
+            return Err(match e {
+                Error::Guest { message, .. } => Error::InvalidArgument(format!(
+                    "mount {} cannot be released for the save (a guest process uses it?): {message}",
+                    m.guest_path
+                )),
+                e => e,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Mounts the instance's host directories in the guest again, from the
+/// `from`th on, with their modes.
+fn mount_shares(instance: &Instance, from: usize) -> Result<()> {
+    let inner = instance.inner();
+    let options = &inner.options;
+    if options.mounts.len() <= from {
+        return Ok(());
+    }
+    let root = RootLayers {
+        lowers: inner.lowers.clone(),
+        image_config: None,
+        origin: Origin::Restored,
+    };
+    let layout = options
+        .engine
+        .layout(&guest_spec(&inner.id, &root, options));
+    for (m, tag) in options.mounts.iter().zip(&layout.share_tags).skip(from) {
+        let mode = if m.writable { "" } else { ",ro" };
+        as_root(
+            instance,
+            "mount",
+            &[
+                "-t",
+                "9p",
+                "-o",
+                &format!("{NINEP_OPTIONS}{mode}"),
+                tag,
+                &m.guest_path,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs `program` with `args` as root in the guest; a failure is
+/// [`Error::Guest`] with what it printed.
+fn as_root(instance: &Instance, program: &str, args: &[&str]) -> Result<()> {
+    let out = instance
+        .command(program)
+        .args(args)
+        .user("0")
+        .combined_output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(Error::Guest {
+        op: program.into(),
+        message: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    })
 }
 
 fn write_meta(dir: &Path, meta: &Meta) -> Result<()> {
@@ -535,6 +655,11 @@ mod tests {
             image_config: None,
             next_process: 7,
             next_handle: 3,
+            mounts: vec![MountMeta {
+                host_path: "/srv/data".into(),
+                guest_path: "/data".into(),
+                writable: false,
+            }],
         };
         let json = serde_json::to_vec(&meta).unwrap();
         let back: Meta = serde_json::from_slice(&json).unwrap();
@@ -543,7 +668,11 @@ mod tests {
         assert_eq!((o.memory_mb, o.cpus, o.disk_mb), (256, 2, 1024));
         assert_eq!(o.confinement, ConfineMode::Strict);
         assert_eq!(o.network_policy.allow[0].to_string(), "10.0.0.0/8:80");
-        assert!(o.network_policy.allow_host && !o.warm_start && o.mounts.is_empty());
+        assert!(o.network_policy.allow_host && !o.warm_start);
+        assert_eq!(o.mounts.len(), 1);
+        let m = &o.mounts[0];
+        assert_eq!(m.host_path, PathBuf::from("/srv/data"));
+        assert!(m.guest_path == "/data" && !m.writable);
         let mut bad = meta.clone();
         bad.deny = vec!["not a rule".into()];
         assert!(matches!(

@@ -766,6 +766,175 @@ fn park_refuses_what_it_cannot_keep_and_restore_a_foreign_park() {
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+fn park_and_branch_keep_mounts() {
+    let base = park_scratch("mounts");
+    let (ro, rw) = (base.join("ro"), base.join("rw"));
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::write(ro.join("hello.txt"), b"from the host").unwrap();
+    let park = base.join("p");
+    let inst = boot_with(Options {
+        mounts: vec![
+            cc::Mount::read_only(&ro, "/mnt/ro"),
+            cc::Mount::writable(&rw, "/data/rw"),
+        ],
+        ..Options::default()
+    });
+    sh(&inst, COUNTER);
+    // A guest process with a file open on a mount keeps it busy: refused,
+    // and the instance runs on with both mounts as they were.
+    std::fs::write(rw.join("held"), b"").unwrap();
+    sh(
+        &inst,
+        "sh -c 'exec sleep 1000' < /data/rw/held >/dev/null 2>&1 & echo $! > /tmp/holder; sleep 0.5",
+    );
+    let err = inst.park(&park).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("/data/rw"), "{err}");
+    assert!(!park.exists());
+    assert_eq!(stdout(&inst, "cat /mnt/ro/hello.txt"), "from the host");
+    assert!(!sh(&inst, "echo x > /mnt/ro/new").status.success());
+    sh(&inst, "kill $(cat /tmp/holder); sleep 0.2");
+    sh(&inst, "echo before > /data/rw/before.txt");
+    inst.park(&park).unwrap();
+
+    let check = |r: &Instance, name: &str| {
+        assert_eq!(stdout(r, "cat /mnt/ro/hello.txt"), "from the host");
+        assert_eq!(stdout(r, "cat /data/rw/before.txt"), "before\n");
+        let denied = sh(r, "echo x > /mnt/ro/new");
+        assert!(!denied.status.success(), "read-only mount accepted a write");
+        assert!(!ro.join("new").exists());
+        sh(r, &format!("echo {name} > /data/rw/{name}.txt"));
+        assert_eq!(
+            std::fs::read(rw.join(format!("{name}.txt"))).unwrap(),
+            format!("{name}\n").as_bytes()
+        );
+        std::fs::write(rw.join(format!("host-{name}")), b"live").unwrap();
+        assert_eq!(stdout(r, &format!("cat /data/rw/host-{name}")), "live");
+        let mounts = stdout(r, "grep ' 9p ' /proc/mounts");
+        assert!(
+            mounts.contains("/mnt/ro 9p ro") && mounts.contains("/data/rw 9p rw"),
+            "{mounts}"
+        );
+        let c = count(r);
+        let later = Instant::now() + Duration::from_secs(10);
+        while count(r) <= c {
+            assert!(Instant::now() < later, "the counter stopped at {c}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let a = Instance::restore(&park, cc::RestoreOptions::default()).unwrap();
+    check(&a, "a");
+    // A branch's children and its source keep the mounts.
+    let kids = a.branch(1).unwrap();
+    check(&kids[0], "child");
+    check(&a, "source");
+    for k in kids {
+        k.close().unwrap();
+    }
+    a.close().unwrap();
+
+    // A mount source gone: refused before any guest starts.
+    let moved = base.join("rw-moved");
+    std::fs::rename(&rw, &moved).unwrap();
+    let runs = || {
+        std::fs::read_dir(cc_testsupport::cache_dir().join("run"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let before = runs();
+    let err = Instance::restore(&park, cc::RestoreOptions::default()).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("rw"), "{err}");
+    assert_eq!(runs(), before, "a guest was started");
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+/// Disk space `path` takes (allocated, not apparent).
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+fn branch_children_disks_are_cheap_and_independent() {
+    let src = boot();
+    sh(
+        &src,
+        "dd if=/dev/urandom of=/var/big bs=1M count=32 2>/dev/null && sync",
+    );
+    let sum = stdout(&src, "md5sum < /var/big");
+    let kids = src.branch(2).unwrap();
+    for k in &kids {
+        assert_eq!(stdout(k, "md5sum < /var/big"), sum);
+        let disk = k.run_dir().unwrap().join("upper.img");
+        let bytes = allocated(&disk);
+        assert!(
+            bytes < 8 << 20,
+            "a child's writable disk takes {bytes} bytes after 32 MiB were written before the branch"
+        );
+    }
+    sh(&kids[0], "echo mine > /var/only0 && sync");
+    for other in [&src, &kids[1]] {
+        assert!(!sh(other, "test -e /var/only0").status.success());
+    }
+    sh(&src, "echo source > /var/only-src");
+    assert!(!sh(&kids[0], "test -e /var/only-src").status.success());
+    // A child parks with everything it holds, the branch's and its own.
+    let scratch = park_scratch("cheap");
+    kids[0].park(scratch.join("p")).unwrap();
+    let back = Instance::restore(scratch.join("p"), cc::RestoreOptions::default()).unwrap();
+    assert_eq!(stdout(&back, "md5sum < /var/big"), sum);
+    assert_eq!(stdout(&back, "cat /var/only0"), "mine\n");
+    back.close().unwrap();
+    for k in kids.into_iter().skip(1) {
+        k.close().unwrap();
+    }
+    src.close().unwrap();
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+fn a_warm_park_keeps_only_what_differs_from_the_template() {
+    let scratch = park_scratch("diff");
+    let park = scratch.join("p");
+    let inst = boot_with(Options {
+        memory_mb: 512,
+        ..Options::default()
+    });
+    assert_eq!(inst.start_kind(), cc::StartKind::Warm);
+    sh(&inst, COUNTER);
+    std::thread::sleep(Duration::from_millis(300));
+    let meminfo = stdout(&inst, "cat /proc/meminfo");
+    let kib = |key: &str| -> u64 {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    let in_use = (kib("MemTotal:") - kib("MemFree:")) * 1024;
+    let before = count(&inst);
+    let parked = inst.park(&park).unwrap();
+    assert!(
+        parked.bytes < in_use / 2,
+        "the park takes {} bytes, the guest uses {in_use} bytes of RAM",
+        parked.bytes
+    );
+    for _ in 0..2 {
+        let r = Instance::restore(&park, cc::RestoreOptions::default()).unwrap();
+        let now = count(&r);
+        assert!(now >= before, "counted {before} when parked, {now} after");
+        let later = Instant::now() + Duration::from_secs(10);
+        while count(&r) <= now {
+            assert!(Instant::now() < later, "the counter stopped at {now}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(stdout(&r, "echo fine"), "fine\n");
+        r.close().unwrap();
+    }
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
 fn branch_children_go_on_from_the_source_and_diverge() {
     let src = boot();
     sh(
@@ -3818,6 +3987,9 @@ fn main() -> ExitCode {
         a_switched_off_network_stays_off_after_restore_and_branch,
         park_refuses_what_it_cannot_keep_and_restore_a_foreign_park,
         branch_children_go_on_from_the_source_and_diverge,
+        park_and_branch_keep_mounts,
+        a_warm_park_keeps_only_what_differs_from_the_template,
+        branch_children_disks_are_cheap_and_independent,
         ten_branch_cycles_leave_nothing_behind,
         branch_children_share_the_saved_memory,
         independent_writable_layers,

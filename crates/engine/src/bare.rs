@@ -85,6 +85,7 @@ impl BareSpec {
             initrd: fd_path(INITRD_FD),
             memory_file: None,
             disk_fds: Vec::new(),
+            backing_fds: Vec::new(),
             shares: Vec::new(),
             net_fd: None,
             seccomp: false,

@@ -31,6 +31,8 @@ pub struct Wiring {
     /// read-only first, and takes from its fd set the descriptor whose
     /// access mode matches).
     pub disk_fds: Vec<Vec<i32>>,
+    /// The read-only descriptor of each disk's backing image, if it has one.
+    pub backing_fds: Vec<Option<i32>>,
     /// One path per [`VmSpec::shares`] entry.
     pub shares: Vec<String>,
     /// The network backend's socket (length-prefixed Ethernet frames),
@@ -165,7 +167,13 @@ pub fn qemu_args(spec: &VmSpec, w: &Wiring) -> Vec<OsString> {
         ],
     );
     push(&mut a, &["-device", "virtio-rng-device"]);
-    for (i, (disk, fds)) in spec.disks.iter().zip(&w.disk_fds).enumerate() {
+    for (i, ((disk, fds), backing)) in spec
+        .disks
+        .iter()
+        .zip(&w.disk_fds)
+        .zip(&w.backing_fds)
+        .enumerate()
+    {
         let ro = if disk.read_only { "on" } else { "off" };
         // cache=unsafe: the writable layer dies with the instance, so its
         // flushes need not reach the host disk.
@@ -178,6 +186,16 @@ pub fn qemu_args(spec: &VmSpec, w: &Wiring) -> Vec<OsString> {
         for fd in fds {
             push(&mut a, &["-add-fd", &format!("fd={fd},set={set}")]);
         }
+        // A qcow2 overlay reads its backing image from a set of its own
+        // (sets after the disks'), never by the path its header names.
+        let format = match backing {
+            Some(fd) => {
+                let base = spec.disks.len() + 1 + i;
+                push(&mut a, &["-add-fd", &format!("fd={fd},set={base}")]);
+                format!("qcow2,backing.driver=raw,backing.file.filename=/dev/fdset/{base},backing.file.locking=off")
+            }
+            None => "raw".to_string(),
+        };
         // No image locks: every writable image is this VM's own, and QEMU
         // 7.2 cannot take them back after an outgoing migration when the
         // fdset holds two descriptors ("Failed to get shared \"write\"
@@ -187,7 +205,7 @@ pub fn qemu_args(spec: &VmSpec, w: &Wiring) -> Vec<OsString> {
             &[
                 "-drive",
                 &format!(
-                    "id=d{i},file=/dev/fdset/{set},format=raw,if=none,readonly={ro},cache={cache},discard=unmap,file.locking=off"
+                    "id=d{i},file=/dev/fdset/{set},format={format},if=none,readonly={ro},cache={cache},discard=unmap,file.locking=off"
                 ),
             ],
         );
@@ -265,11 +283,13 @@ mod tests {
                     path: PathBuf::from("/c/ro,ot.erofs"),
                     serial: "ccroot".into(),
                     read_only: true,
+                    backing: None,
                 },
                 Disk {
                     path: PathBuf::from("/r/upper.img"),
                     serial: "ccupper".into(),
                     read_only: false,
+                    backing: None,
                 },
             ],
             shares: vec![Share {
@@ -297,6 +317,7 @@ mod tests {
             initrd: fd_path(7),
             memory_file: spec.memory_file.as_ref().map(|_| "/t/k,1/ram".into()),
             disk_fds: vec![vec![10], vec![11, 12]],
+            backing_fds: vec![None, None],
             shares: spec
                 .shares
                 .iter()

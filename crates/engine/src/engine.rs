@@ -21,7 +21,7 @@ use cc_netpolicy::NetworkPolicy;
 
 use crate::template::{self, StartKind};
 use crate::{
-    detect_accel, files, initramfs, park, paths, upper, ConfineMode, Confinement, Disk, Error,
+    detect_accel, initramfs, park, paths, upper, ConfineMode, Confinement, Disk, Error,
     GuestNetwork, MemoryFile, RunDir, Share, Vm, VmSpec, GUEST_NETWORK,
 };
 
@@ -165,8 +165,9 @@ pub trait Machine: fmt::Debug + Send + Sync {
     fn run_dir(&self) -> Option<&Path>;
     /// The engine's and the guest console's last words, for errors.
     fn diagnostics(&self) -> String;
-    /// Saves the running guest (memory, devices, writable disk) into the
-    /// empty directory `dir` and ends it, without a death report. The
+    /// Saves the running guest (memory, devices, writable disk; memory
+    /// against its template's when it has one) into the empty directory
+    /// `dir` and ends it, without a death report. The
     /// agent channel must be quiet (nothing in flight either way). On
     /// failure the guest runs on.
     fn park(&self, dir: &Path) -> Result<(), Error> {
@@ -245,7 +246,7 @@ impl Engine for Qemu {
         upper::create(&self.cache, &upper_disk, spec.upper_mb)?;
         drop(span);
         let vm_spec = self.vm_spec(spec, host, upper_disk);
-        let (vm, agent, kind) =
+        let (vm, agent, kind, template) =
             template::start(&vm_spec, &run_dir, &self.cache, spec.warm_start, hooks)?;
         tracing::debug!(id = %spec.id, accel = %vm_spec.accel, ?kind, "QEMU started");
         Ok(Started {
@@ -255,6 +256,7 @@ impl Engine for Qemu {
                 vm_spec,
                 kind,
                 self.cache.clone(),
+                template,
             )),
             agent,
             kind,
@@ -273,9 +275,24 @@ impl Engine for Qemu {
         let upper_disk = run_dir.path().join("upper.img");
         let mut vm_spec = self.vm_spec(spec, host, upper_disk.clone());
         park::check(&meta, &vm_spec)?;
-        files::clone_file(&park::disk(dir), &upper_disk).map_err(Error::io("copy", &upper_disk))?;
+        let backing = tracing::debug_span!("engine: writable disk from the park")
+            .in_scope(|| upper::from_park(&park::disk(dir), &upper_disk))?;
+        if let Some(d) = vm_spec.disks.iter_mut().find(|d| !d.read_only) {
+            d.backing = backing;
+        }
         vm_spec.named_ram = meta.named_ram;
-        if meta.ram_file {
+        if let Some(t) = &meta.template {
+            // The template's pages with the park's own over them, in a
+            // file of this guest's.
+            let ram = run_dir.path().join("ram");
+            tracing::debug_span!("engine: RAM from the template and the park")
+                .in_scope(|| park::rebuild_ram(t, dir, &ram))?;
+            vm_spec.memory_file = Some(MemoryFile {
+                path: ram,
+                shared: false,
+                anonymous_name: !meta.named_ram,
+            });
+        } else if meta.ram_file {
             // Mapped privately: children of one branch share its pages
             // until they write them.
             vm_spec.memory_file = Some(MemoryFile {
@@ -301,6 +318,7 @@ impl Engine for Qemu {
                 vm_spec,
                 StartKind::Restored,
                 self.cache.clone(),
+                meta.template.map(|t| t.ram),
             )),
             agent: AgentLink::Resumed,
             kind: StartKind::Restored,
@@ -345,11 +363,13 @@ impl Qemu {
                     path: path.clone(),
                     serial: lower_serial(i),
                     read_only: true,
+                    backing: None,
                 })
                 .chain([Disk {
                     path: upper_disk,
                     serial: UPPER_SERIAL.into(),
                     read_only: false,
+                    backing: None,
                 }])
                 .collect(),
             shares: spec
@@ -393,11 +413,22 @@ struct QemuMachine {
     parking: Arc<AtomicBool>,
     /// The engine's cache directory, for the run directories of captures.
     cache: PathBuf,
+    /// The RAM file of the template its memory started from: a park keeps
+    /// only the pages that differ from it.
+    template: Option<PathBuf>,
 }
 
 impl QemuMachine {
-    fn new(vm: Vm, run_dir: RunDir, spec: VmSpec, kind: StartKind, cache: PathBuf) -> QemuMachine {
+    fn new(
+        vm: Vm,
+        run_dir: RunDir,
+        spec: VmSpec,
+        kind: StartKind,
+        cache: PathBuf,
+        template: Option<PathBuf>,
+    ) -> QemuMachine {
         QemuMachine {
+            template,
             vm,
             held: Holds::default(),
             paused: Mutex::new(None),
@@ -508,7 +539,25 @@ impl Machine for QemuMachine {
     }
 
     fn park(&self, dir: &Path) -> Result<(), Error> {
-        self.save_stopped(dir, false)?;
+        match self.template.as_deref().filter(|t| t.is_file()) {
+            Some(template) => {
+                let mut meta = self.save_stopped(dir, true)?;
+                // The guest stays stopped while its memory is compared.
+                let diffed =
+                    park::into_ram_file(&self.spec, &mut meta, dir, &self.cache, &capture_name())
+                        .and_then(|()| park::into_template_diff(&mut meta, dir, template));
+                if let Err(e) = diffed {
+                    if let Err(c) = self.vm.cont() {
+                        tracing::warn!("could not resume the guest after a failed park: {c}");
+                    }
+                    self.parking.store(false, Ordering::Release);
+                    return Err(e);
+                }
+            }
+            None => {
+                self.save_stopped(dir, false)?;
+            }
+        }
         self.vm.terminate(PARK_QUIT_GRACE);
         Ok(())
     }
@@ -520,10 +569,14 @@ impl Machine for QemuMachine {
         resumed?;
         // While the guest runs on: its children map the RAM file this
         // makes and share its pages.
-        static CAPTURES: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("capture{}", CAPTURES.fetch_add(1, Ordering::Relaxed));
-        park::into_ram_file(&self.spec, &mut meta, dir, &self.cache, &name)
+        park::into_ram_file(&self.spec, &mut meta, dir, &self.cache, &capture_name())
     }
+}
+
+/// A run directory name for a capture VM, unique in this process.
+fn capture_name() -> String {
+    static CAPTURES: AtomicUsize = AtomicUsize::new(0);
+    format!("capture{}", CAPTURES.fetch_add(1, Ordering::Relaxed))
 }
 
 impl QemuMachine {
@@ -549,11 +602,13 @@ impl QemuMachine {
                 // QEMU flushed it when it stopped the guest: the copy
                 // matches the memory just saved.
                 let _span = tracing::debug_span!("engine: copy the writable disk").entered();
-                let (_, upper) = template::writable(&self.spec)
-                    .next()
+                let upper = self
+                    .spec
+                    .disks
+                    .iter()
+                    .find(|d| !d.read_only)
                     .ok_or(Error::Unsupported("park a guest without a writable disk"))?;
-                let copy = park::disk(dir);
-                files::clone_file(upper, &copy).map_err(Error::io("copy", &copy))
+                upper::save(&upper.path, upper.backing.as_deref(), &park::disk(dir))
             })
             .and_then(|()| park::write_meta(dir, &meta));
         if let Err(e) = saved {

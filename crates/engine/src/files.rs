@@ -9,6 +9,21 @@ use std::path::Path;
 
 /// Makes `dst` (created or truncated) a copy of `src`.
 pub fn clone_file(src: &Path, dst: &Path) -> io::Result<()> {
+    let (from, to) = open_pair(src, dst)?;
+    if !reflinked(&from, &to) {
+        sparse_copy(&from, &to)?;
+    }
+    Ok(())
+}
+
+/// Makes `dst` (created or truncated) a reflink of `src`, sharing its
+/// blocks; `false` (and `dst` empty) where the filesystem has no reflinks.
+pub fn reflink(src: &Path, dst: &Path) -> io::Result<bool> {
+    let (from, to) = open_pair(src, dst)?;
+    Ok(reflinked(&from, &to))
+}
+
+fn open_pair(src: &Path, dst: &Path) -> io::Result<(File, File)> {
     let from = File::open(src)?;
     let to = File::options()
         .write(true)
@@ -16,12 +31,12 @@ pub fn clone_file(src: &Path, dst: &Path) -> io::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(dst)?;
+    Ok((from, to))
+}
+
+fn reflinked(from: &File, to: &File) -> bool {
     // SAFETY: FICLONE takes the source fd as its argument; both fds are open.
-    let cloned = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) } == 0;
-    if !cloned {
-        sparse_copy(&from, &to)?;
-    }
-    Ok(())
+    unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) == 0 }
 }
 
 fn sparse_copy(src: &File, dst: &File) -> io::Result<()> {

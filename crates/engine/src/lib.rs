@@ -19,8 +19,10 @@
 //! configuration and restoring later VMs from it, with a caller-supplied
 //! step (the core's `Prepare`) as the only guest conversation it needs,
 //! and parking ([`Machine::park`], [`Engine::restore`]): a running guest
-//! saved whole to a directory and started again from it, tied to the
-//! QEMU, kernel and initramfs that made it.
+//! saved to a directory and started again from it, tied to the QEMU,
+//! kernel and initramfs that made it (and to its template, whose memory a
+//! warm guest's park only adds its own pages to); a restored guest's
+//! writable disk is a reflink or qcow2 overlay of the park's.
 //!
 //! Ownership: every QEMU process is spawned by its own supervisor thread,
 //! which waits for it and is joined when the [`Vm`] is dropped; QEMU gets

@@ -8,7 +8,12 @@
 //! [`ParkMeta`]). A branch's saved copy is in RAM-file form instead, as a
 //! template is: `ram` holds the guest's memory and `state` only the device
 //! state, so that its children map `ram` privately and share its pages
-//! until they write them ([`into_ram_file`]). The saved guest only runs on what made it: the same QEMU,
+//! until they write them ([`into_ram_file`]). A park of a guest started
+//! from a template keeps only what differs from the template's RAM
+//! ([`into_template_diff`]): `ram.pages`, a bitmap of the pages that
+//! differ, and `ram.diff`, a sparse file holding just those pages; a
+//! restore rebuilds the RAM file from the two ([`rebuild_ram`]) and needs
+//! the template unchanged. The saved guest only runs on what made it: the same QEMU,
 //! kernel and initramfs (by content, so rebuilding caches does not matter),
 //! accelerator and CPU model, resources and device shapes, and the same
 //! read-only disks (by file identity). A restore compares them first and
@@ -17,6 +22,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -24,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::template::identity;
-use crate::{paths, Error, MemoryFile, RunDir, Vm, VmSpec};
+use crate::{files, paths, Error, MemoryFile, RunDir, Vm, VmSpec};
 
 /// Bumped when what a park directory holds or how it is used changes.
 const FORMAT: u32 = 1;
@@ -44,6 +50,20 @@ pub(crate) fn ram(dir: &Path) -> PathBuf {
     dir.join("ram")
 }
 
+/// The pages of the guest's memory that differ from its template's, at
+/// their offsets (a sparse file).
+fn ram_diff(dir: &Path) -> PathBuf {
+    dir.join("ram.diff")
+}
+
+/// One bit per page of guest memory: set where `ram.diff` holds it.
+fn ram_pages(dir: &Path) -> PathBuf {
+    dir.join("ram.pages")
+}
+
+/// The unit of comparison with the template.
+const PAGE: usize = 4096;
+
 fn meta_path(dir: &Path) -> PathBuf {
     dir.join("engine.json")
 }
@@ -62,7 +82,19 @@ pub(crate) struct ParkMeta {
     /// In RAM-file form: the memory is in `ram`, `state` holds the rest.
     #[serde(default)]
     pub ram_file: bool,
+    /// The memory is this template's with `ram.diff` over it.
+    #[serde(default)]
+    pub template: Option<TemplateRam>,
     pub fingerprint: Fingerprint,
+}
+
+/// The template RAM file a park's memory is kept against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct TemplateRam {
+    pub ram: PathBuf,
+    /// Its file identity when parked: a template rebuilt or removed since
+    /// is another file.
+    pub identity: String,
 }
 
 /// Everything the saved guest's memory and devices depend on.
@@ -158,8 +190,12 @@ pub(crate) fn read_meta(dir: &Path) -> Result<ParkMeta, Error> {
             meta.format
         )));
     }
-    let ram_file = meta.ram_file.then(|| ram(dir));
-    for file in [state(dir), disk(dir)].into_iter().chain(ram_file) {
+    let memory = match (&meta.template, meta.ram_file) {
+        (Some(_), _) => vec![ram_diff(dir), ram_pages(dir)],
+        (None, true) => vec![ram(dir)],
+        (None, false) => Vec::new(),
+    };
+    for file in [state(dir), disk(dir)].into_iter().chain(memory) {
         if !file.is_file() {
             return Err(Error::Parked(format!("{} is missing", file.display())));
         }
@@ -178,8 +214,133 @@ pub(crate) fn meta_of(
         named_ram,
         network_off,
         ram_file: false,
+        template: None,
         fingerprint: Fingerprint::of(spec)?,
     })
+}
+
+/// Turns the park directory `dir`, in RAM-file form, into a diff against
+/// the template RAM file `template`: the pages that differ go to
+/// `ram.diff` (all-zero ones stay holes) and their bits to `ram.pages`,
+/// and `ram` is removed.
+pub(crate) fn into_template_diff(
+    meta: &mut ParkMeta,
+    dir: &Path,
+    template: &Path,
+) -> Result<(), Error> {
+    let full_path = ram(dir);
+    let full = fs::File::open(&full_path).map_err(Error::io("open", &full_path))?;
+    let base = fs::File::open(template).map_err(Error::io("open", template))?;
+    let len = full
+        .metadata()
+        .map_err(Error::io("stat", &full_path))?
+        .len();
+    let base_len = base.metadata().map_err(Error::io("stat", template))?.len();
+    if len != base_len || len % PAGE as u64 != 0 {
+        return Err(Error::Parked(format!(
+            "the guest's memory ({len} bytes) does not match its template's ({base_len})"
+        )));
+    }
+    let diff_path = ram_diff(dir);
+    let diff = crate::vm::create_private(&diff_path)?;
+    diff.set_len(len).map_err(Error::io("size", &diff_path))?;
+    let pages = (len / PAGE as u64) as usize;
+    let mut bits = vec![0u8; pages.div_ceil(8)];
+    let (mut a, mut b) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    let mut offset = 0u64;
+    while offset < len {
+        let n = CHUNK.min((len - offset) as usize);
+        // Holes in both files are zeros in both: most of an idle guest's
+        // memory, skipped without reading.
+        let end = offset + n as u64;
+        if next_data(&full, offset) >= end && next_data(&base, offset) >= end {
+            offset = end;
+            continue;
+        }
+        full.read_exact_at(&mut a[..n], offset)
+            .map_err(Error::io("read", &full_path))?;
+        base.read_exact_at(&mut b[..n], offset)
+            .map_err(Error::io("read", template))?;
+        for (i, (page, was)) in a[..n].chunks(PAGE).zip(b[..n].chunks(PAGE)).enumerate() {
+            if page == was {
+                continue;
+            }
+            let at = offset + (i * PAGE) as u64;
+            let index = (at / PAGE as u64) as usize;
+            bits[index / 8] |= 1 << (index % 8);
+            if page.iter().any(|&x| x != 0) {
+                diff.write_all_at(page, at)
+                    .map_err(Error::io("write", &diff_path))?;
+            }
+        }
+        offset += n as u64;
+    }
+    let pages_path = ram_pages(dir);
+    fs::write(&pages_path, &bits).map_err(Error::io("write", &pages_path))?;
+    fs::remove_file(&full_path).map_err(Error::io("remove", &full_path))?;
+    meta.template = Some(TemplateRam {
+        ram: template.to_path_buf(),
+        identity: identity(template),
+    });
+    write_meta(dir, meta)
+}
+
+/// Bytes compared or copied per read.
+const CHUNK: usize = 1 << 20;
+
+/// The offset of the first data at or after `offset` in `file`; `u64::MAX`
+/// when only a hole follows, and `offset` when the filesystem cannot say.
+fn next_data(file: &fs::File, offset: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    let Ok(at) = i64::try_from(offset) else {
+        return offset;
+    };
+    // SAFETY: lseek on an open descriptor with a valid whence.
+    let found = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
+    if found >= 0 {
+        found as u64
+    } else if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+        u64::MAX
+    } else {
+        offset
+    }
+}
+
+/// Makes `dst` the memory of the park `dir` kept against template `t`:
+/// a copy of the template's RAM file with the park's pages written over
+/// it. A template gone or changed since the park is [`Error::Parked`].
+pub(crate) fn rebuild_ram(t: &TemplateRam, dir: &Path, dst: &Path) -> Result<(), Error> {
+    if identity(&t.ram) != t.identity {
+        return Err(Error::Parked(format!(
+            "its template {} is gone or was rebuilt",
+            t.ram.display()
+        )));
+    }
+    files::clone_file(&t.ram, dst).map_err(Error::io("copy", dst))?;
+    let out = fs::File::options()
+        .write(true)
+        .open(dst)
+        .map_err(Error::io("open", dst))?;
+    // Owned as the template's: by QEMU's own user when it runs as one,
+    // which opens the file again by its descriptor's path.
+    let owner = fs::metadata(&t.ram).map_err(Error::io("stat", &t.ram))?;
+    std::os::unix::fs::fchown(&out, Some(owner.uid()), Some(owner.gid()))
+        .map_err(Error::io("chown", dst))?;
+    let diff_path = ram_diff(dir);
+    let diff = fs::File::open(&diff_path).map_err(Error::io("open", &diff_path))?;
+    let pages_path = ram_pages(dir);
+    let bits = fs::read(&pages_path).map_err(Error::io("read", &pages_path))?;
+    let mut page = vec![0u8; PAGE];
+    for (byte, &set) in bits.iter().enumerate().filter(|(_, &b)| b != 0) {
+        for bit in (0..8).filter(|bit| set & (1 << bit) != 0) {
+            let at = ((byte * 8 + bit) * PAGE) as u64;
+            diff.read_exact_at(&mut page, at)
+                .map_err(Error::io("read", &diff_path))?;
+            out.write_all_at(&page, at)
+                .map_err(Error::io("write", dst))?;
+        }
+    }
+    Ok(())
 }
 
 /// Turns the park directory `dir`, saved by [`Vm::save_all`] from a guest
@@ -206,6 +367,7 @@ pub(crate) fn into_ram_file(
     // The capture never runs: it may open the saved disk, not the guest's.
     for d in capture.disks.iter_mut().filter(|d| !d.read_only) {
         d.path = disk(dir);
+        d.backing = None;
     }
     let (vm, agent) = Vm::start(&capture, &run)?;
     tracing::debug_span!("engine: load the saved guest into a RAM file")
@@ -284,6 +446,84 @@ mod tests {
     }
 
     #[test]
+    fn a_park_keeps_only_the_pages_that_differ_from_its_template() {
+        let d = std::env::temp_dir().join(format!("cc-park-diff-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        let template = d.join("template-ram");
+        let pages = 600;
+        let mut base = vec![0u8; pages * PAGE];
+        for (i, page) in base
+            .chunks_mut(PAGE)
+            .enumerate()
+            .filter(|(i, _)| i % 3 == 0)
+        {
+            page.fill(i as u8 | 1);
+        }
+        // Changed: a page written, one zeroed, one filled where the
+        // template has zeros.
+        let mut guest = base.clone();
+        guest[5 * PAGE + 7] = 0xee;
+        guest[3 * PAGE..4 * PAGE].fill(0);
+        guest[500 * PAGE..501 * PAGE].fill(0x42);
+        // Then a megabyte-aligned stretch of holes in both, with one page
+        // of the guest's written in it.
+        let aligned = pages.next_multiple_of(CHUNK / PAGE);
+        let total = aligned + 2 * CHUNK / PAGE;
+        let extended = |bytes: &mut Vec<u8>| bytes.resize(total * PAGE, 0);
+        extended(&mut base);
+        extended(&mut guest);
+        let late = aligned + CHUNK / PAGE + 44;
+        guest[late * PAGE..(late + 1) * PAGE].fill(0x17);
+        for (path, bytes) in [(&template, &base), (&ram(&d), &guest)] {
+            let f = fs::File::create(path).unwrap();
+            f.set_len(bytes.len() as u64).unwrap();
+            for (i, page) in bytes.chunks(PAGE).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    f.write_all_at(page, (i * PAGE) as u64).unwrap();
+                }
+            }
+        }
+        let mut meta = ParkMeta {
+            format: FORMAT,
+            named_ram: true,
+            network_off: false,
+            ram_file: true,
+            template: None,
+            fingerprint: fingerprint(),
+        };
+        into_template_diff(&mut meta, &d, &template).unwrap();
+        assert!(!ram(&d).exists());
+        let bits = fs::read(ram_pages(&d)).unwrap();
+        let set: Vec<usize> = (0..total)
+            .filter(|i| bits[i / 8] & (1 << (i % 8)) != 0)
+            .collect();
+        assert_eq!(set, [3, 5, 500, late]);
+        use std::os::unix::fs::MetadataExt;
+        let diff_bytes = fs::metadata(ram_diff(&d)).unwrap().blocks() * 512;
+        assert!(diff_bytes <= 5 * PAGE as u64, "{diff_bytes}");
+        assert_eq!(read_meta_unchecked(&d).template, meta.template);
+        let t = meta.template.clone().unwrap();
+        let rebuilt = d.join("rebuilt");
+        rebuild_ram(&t, &d, &rebuilt).unwrap();
+        assert!(
+            fs::read(&rebuilt).unwrap() == guest,
+            "rebuilt memory differs"
+        );
+        // A template rebuilt since (another file) is refused.
+        fs::remove_file(&template).unwrap();
+        fs::write(&template, &base).unwrap();
+        let err = rebuild_ram(&t, &d, &rebuilt).unwrap_err();
+        assert!(matches!(err, Error::Parked(_)), "{err}");
+        assert!(err.to_string().contains("template"), "{err}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    fn read_meta_unchecked(d: &Path) -> ParkMeta {
+        serde_json::from_slice(&fs::read(meta_path(d)).unwrap()).unwrap()
+    }
+
+    #[test]
     fn bad_park_directories_are_refused_before_anything_starts() {
         let d = std::env::temp_dir().join(format!("cc-park-meta-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
@@ -297,6 +537,7 @@ mod tests {
             named_ram: true,
             network_off: false,
             ram_file: false,
+            template: None,
             fingerprint: fingerprint(),
         };
         write_meta(&d, &meta).unwrap();

@@ -346,7 +346,7 @@ fn sweep_abandoned(base: &Path) {
 
 /// Boots `spec` in `run`, from a template when `warm` (building it first,
 /// with `hooks.prepare`, if there is none), and returns the VM, its agent
-/// channel and how it started. Any trouble with a template falls back to
+/// channel, how it started and the RAM file of the template it maps. Any trouble with a template falls back to
 /// a cold boot; only a cold boot's own failure is an error.
 pub(crate) fn start(
     spec: &VmSpec,
@@ -354,15 +354,15 @@ pub(crate) fn start(
     cache: &Path,
     warm: bool,
     hooks: Hooks<'_>,
-) -> Result<(Vm, AgentLink, StartKind), Error> {
+) -> Result<(Vm, AgentLink, StartKind, Option<PathBuf>), Error> {
     if warm && spec.memory_file.is_none() && !spec.incoming {
         match start_warm(spec, run, cache, hooks) {
-            Ok((vm, kind)) => return Ok((vm, AgentLink::Resumed, kind)),
+            Ok((vm, kind, t)) => return Ok((vm, AgentLink::Resumed, kind, Some(ram(&t)))),
             Err(e) => tracing::warn!("warm start failed, booting cold: {e}"),
         }
     }
     let (vm, socket) = Vm::start(spec, run)?;
-    Ok((vm, AgentLink::Greeting(socket), StartKind::Cold))
+    Ok((vm, AgentLink::Greeting(socket), StartKind::Cold, None))
 }
 
 fn start_warm(
@@ -370,11 +370,11 @@ fn start_warm(
     run: &RunDir,
     cache: &Path,
     hooks: Hooks<'_>,
-) -> Result<(Vm, StartKind), Error> {
+) -> Result<(Vm, StartKind, PathBuf), Error> {
     let meta = tracing::debug_span!("engine: template key").in_scope(|| key(spec))?;
     if let Some(t) = find(cache, &meta.key) {
         match restore(spec, run, &t, true, hooks.resume) {
-            Ok(vm) => return Ok((vm, StartKind::Warm)),
+            Ok(vm) => return Ok((vm, StartKind::Warm, t)),
             // The host refused before the template was read: it is as good
             // as it was.
             Err(e) if refused_before_restoring(&e) => return Err(e),
@@ -388,7 +388,7 @@ fn start_warm(
     let t = build(spec, run, cache, meta, hooks.prepare)?;
     // The writable disks are the ones the template was built with.
     match restore(spec, run, &t, false, hooks.resume) {
-        Ok(vm) => Ok((vm, StartKind::Built)),
+        Ok(vm) => Ok((vm, StartKind::Built, t)),
         Err(e) => {
             let _ = remove(cache, &key);
             Err(e)
@@ -533,11 +533,13 @@ mod tests {
                     path: file("lower.erofs"),
                     serial: "cc-lower0".into(),
                     read_only: true,
+                    backing: None,
                 },
                 Disk {
                     path: file("upper.img"),
                     serial: "cc-upper".into(),
                     read_only: false,
+                    backing: None,
                 },
             ],
             shares: vec![Share {

@@ -2,6 +2,11 @@
 //! from a cached empty image of its size (a reflink where the host
 //! filesystem has them). Only what the guest writes takes host space, and
 //! the guest gets `ENOSPC` once the disk is full.
+//!
+//! A restored guest's disk starts as its park's ([`from_park`]) without
+//! copying it: a reflink, else a qcow2 overlay over the park's raw disk
+//! that takes only what the guest writes after the restore. Saving such
+//! a guest again ([`save`]) writes the two merged into one raw disk.
 
 use std::fs;
 use std::io;
@@ -16,6 +21,82 @@ use crate::{files, paths, Error};
 pub(crate) fn create(cache: &Path, path: &Path, size_mb: u32) -> Result<(), Error> {
     let template = cached_empty(cache, size_mb)?;
     files::clone_file(&template, path).map_err(Error::io("copy writable disk to", path))
+}
+
+/// Makes `upper` the writable disk of a guest restored from the park disk
+/// `saved`, and returns the raw image under it when it is a qcow2 overlay.
+/// A reflink where the filesystem has them; else an overlay over a hard
+/// link of `saved` beside `upper` (the park may be removed while the
+/// guest runs, a branch's always is), which QEMU reads and never writes;
+/// else (the park on another filesystem) a sparse copy.
+pub(crate) fn from_park(saved: &Path, upper: &Path) -> Result<Option<PathBuf>, Error> {
+    let copy = || Error::io("copy writable disk to", upper);
+    if files::reflink(saved, upper).map_err(copy())? {
+        return Ok(None);
+    }
+    let base = upper.with_file_name("base.img");
+    match fs::hard_link(saved, &base) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            files::clone_file(saved, upper).map_err(copy())?;
+            return Ok(None);
+        }
+        Err(e) => return Err(Error::io("link", &base)(e)),
+    }
+    let size = fs::metadata(&base).map_err(Error::io("stat", &base))?.len();
+    // -u: the header only names the base; QEMU is handed it by descriptor.
+    run_qemu_img(
+        Command::new(qemu_img())
+            .args(["create", "-q", "-u", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&base)
+            .arg(upper)
+            .arg(size.to_string()),
+        upper,
+    )?;
+    Ok(Some(base))
+}
+
+/// Writes the writable disk `upper` (with its `backing` image, if it is an
+/// overlay) to `dst` as one raw, sparse disk; a raw `upper` is cloned.
+pub(crate) fn save(upper: &Path, backing: Option<&Path>, dst: &Path) -> Result<(), Error> {
+    let Some(base) = backing else {
+        return files::clone_file(upper, dst).map_err(Error::io("copy", dst));
+    };
+    let opt = |p: &Path| p.to_string_lossy().replace(',', ",,");
+    let image = format!(
+        "driver=qcow2,file.filename={},file.locking=off,backing.driver=raw,\
+         backing.file.filename={},backing.file.locking=off",
+        opt(upper),
+        opt(base)
+    );
+    run_qemu_img(
+        Command::new(qemu_img())
+            .args(["convert", "-q", "--image-opts", &image, "-O", "raw"])
+            .arg(dst),
+        dst,
+    )
+}
+
+/// QEMU's image tool, beside the QEMU binary or on `PATH`.
+fn qemu_img() -> PathBuf {
+    paths::qemu()
+        .ok()
+        .and_then(|q| q.parent().map(|d| d.join("qemu-img")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| paths::sbin_tool("qemu-img"))
+}
+
+fn run_qemu_img(cmd: &mut Command, path: &Path) -> Result<(), Error> {
+    let out = cmd.output().map_err(|source| Error::ToolMissing {
+        tool: "qemu-img",
+        package: "qemu-utils",
+        source,
+    })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    Err(Error::io("qemu-img", path)(io::Error::other(why)))
 }
 
 /// The cached empty ext4 image of `size_mb` MiB, one per size.

@@ -69,12 +69,17 @@ pub struct MemoryFile {
     pub anonymous_name: bool,
 }
 
-/// A raw disk image attached as a virtio block device.
+/// A disk image attached as a virtio block device: raw, or a qcow2
+/// overlay when it has a `backing` image.
 #[derive(Debug, Clone)]
 pub struct Disk {
     pub path: PathBuf,
     pub serial: String,
     pub read_only: bool,
+    /// The raw image under a qcow2 overlay at `path`, read only: a
+    /// restored guest's writable disk writes only what differs from its
+    /// park's (a reflink is not always possible).
+    pub backing: Option<PathBuf>,
 }
 
 /// A host directory the guest mounts by `tag`. QEMU serves it itself (no
@@ -194,12 +199,17 @@ impl Vm {
             None => None,
         };
         let mut disk_fds = Vec::new();
+        let mut backing_fds = Vec::new();
         for disk in &spec.disks {
             let mut fds = vec![inputs.open(&disk.path, &read_only())?];
             if !disk.read_only {
                 fds.push(inputs.open(&disk.path, &read_write())?);
             }
             disk_fds.push(fds);
+            backing_fds.push(match &disk.backing {
+                Some(base) => Some(inputs.open(base, &read_only())?),
+                None => None,
+            });
         }
         let mut shares = Vec::new();
         for share in &spec.shares {
@@ -229,6 +239,7 @@ impl Vm {
             initrd,
             memory_file,
             disk_fds,
+            backing_fds,
             shares,
             net_fd,
             seccomp,

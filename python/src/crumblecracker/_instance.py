@@ -289,8 +289,10 @@ class Instance(Handle):
 
         The instance must be quiet: no command still running under a
         ``Cmd`` that is not closed, no listener or connection open
-        (``InvalidArgumentError``; the instance runs on). Instances with
-        mounts cannot be parked yet (``InvalidArgumentError``)."""
+        (``InvalidArgumentError``; the instance runs on), no guest process
+        with a file open on a mount (``InvalidArgumentError``). Mounts are
+        kept: every restore shares the same host directories with the same
+        modes; one whose directory is gone is ``InvalidArgumentError``."""
         raw = _lib.encode_path(path, "path")
         out = c_uint64()
         _lib.call(_lib.native().cc_instance_park, self._h("park"), raw, byref(out))
@@ -305,8 +307,9 @@ class Instance(Handle):
         this instance is stopped only while it is saved, then runs on.
 
         The children share the saved memory copy-on-write. As for
-        ``park``, the instance must be quiet and have no mounts
-        (``InvalidArgumentError``; it runs on). Commands, files, listeners
+        ``park``, the instance must be quiet and no guest process may have
+        a file open on a mount (``InvalidArgumentError``; it runs on); the
+        source and the children keep the mounts. Commands, files, listeners
         and connections stay with this instance."""
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be an int, not {type(n).__name__}")
@@ -350,9 +353,11 @@ class Instance(Handle):
         reseeded. A park can be restored any number of times. Memory, CPUs,
         disk, network and user are the parked instance's;
         TIMEOUT_SECONDS ends the restored instance that long after the
-        restore. A park made by another kernel, agent or QEMU, or a PATH
-        that is not a park, raises ``InvalidArgumentError`` and nothing
-        starts."""
+        restore. A park made by another kernel, agent or QEMU, a PATH that
+        is not a park, one whose mount directory is gone, or the park of a
+        warm-started instance whose template was removed or rebuilt since
+        (such a park keeps only the memory that differs from it), raises
+        ``InvalidArgumentError`` and nothing starts."""
         raw = _lib.encode_path(path, "path")
         if timeout_seconds is None:
             seconds = 0.0
