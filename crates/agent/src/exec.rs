@@ -262,11 +262,23 @@ fn spawn(
         identity(exec.user.as_deref())?
     };
     let env = environ::build(who.home.as_bytes(), &exec.env).map_err(error::invalid)?;
-    let root = exec.root.as_ref().map(|r| PathBuf::from(OsStr::from_bytes(r)));
-    // Paths the process names are looked up in its root, where it runs.
-    let inside = |p: &Path| match &root {
-        Some(root) => root.join(p.strip_prefix("/").unwrap_or(p)),
-        None => p.to_path_buf(),
+    let root = exec
+        .root
+        .as_ref()
+        .map(|r| PathBuf::from(OsStr::from_bytes(r)));
+    // Paths the process names are looked up in its root, where it runs:
+    // symbolic links in them (an image's absolute ones) resolve there too.
+    let root_dir = root
+        .as_ref()
+        .map(|r| {
+            File::open(r).map_err(|e| error::os(format_args!("open root {}", r.display()), &e))
+        })
+        .transpose()?;
+    let inside = |p: &Path| -> io::Result<fs::Metadata> {
+        match &root_dir {
+            Some(dir) => sys::metadata_in_root(dir.as_fd(), p),
+            None => fs::metadata(p),
+        }
     };
     let cwd = match (&root, &exec.cwd) {
         (Some(_), None) => PathBuf::from("/"),
@@ -499,7 +511,7 @@ fn resolve_identity(user: Option<&str>) -> Result<Identity, RemoteError> {
 fn working_dir(
     cwd: Option<&[u8]>,
     home: &str,
-    inside: &dyn Fn(&Path) -> PathBuf,
+    inside: &dyn Fn(&Path) -> io::Result<fs::Metadata>,
 ) -> Result<PathBuf, RemoteError> {
     let Some(cwd) = cwd else {
         let home = Path::new(home);
@@ -516,7 +528,7 @@ fn working_dir(
         kind: ErrorKind::Io,
         ..error::os(&context, e)
     };
-    match fs::metadata(inside(&path)) {
+    match inside(&path) {
         Ok(m) if m.is_dir() => Ok(path),
         Ok(_) => Err(fail(&io::Error::from_raw_os_error(libc::ENOTDIR))),
         Err(e) => Err(fail(&e)),
@@ -530,13 +542,13 @@ fn program(
     argv0: &[u8],
     env: &Env,
     cwd: &Path,
-    inside: &dyn Fn(&Path) -> PathBuf,
+    inside: &dyn Fn(&Path) -> io::Result<fs::Metadata>,
 ) -> Result<PathBuf, RemoteError> {
     if argv0.contains(&b'/') {
         return Ok(PathBuf::from(OsStr::from_bytes(argv0)));
     }
     let path = environ::get(env, b"PATH").unwrap_or_default();
-    environ::search(argv0, path, cwd, |p| probe(&inside(p))).map_err(|e| match e {
+    environ::search(argv0, path, cwd, |p| probe(inside(p))).map_err(|e| match e {
         SearchError::NotFound => error::new(
             ErrorKind::NotFound,
             format!("executable file not found in $PATH: {:?}", lossy(argv0)),
@@ -548,8 +560,8 @@ fn program(
     })
 }
 
-fn probe(path: &Path) -> Probe {
-    match fs::metadata(path) {
+fn probe(meta: io::Result<fs::Metadata>) -> Probe {
+    match meta {
         Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Probe::Executable,
         Ok(m) if m.is_file() => Probe::NotExecutable,
         _ => Probe::Missing,

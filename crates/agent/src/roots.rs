@@ -47,7 +47,8 @@ pub fn mount(mode: Mode, dir: &[u8]) -> Result<Response, RemoteError> {
 
 fn mount_parts(dir: &str) -> Result<(), RemoteError> {
     let image_path = format!("{dir}/{IMAGE}");
-    let image = File::open(&image_path).map_err(|e| error::os(format_args!("open {image_path}"), &e))?;
+    let image =
+        File::open(&image_path).map_err(|e| error::os(format_args!("open {image_path}"), &e))?;
     let device = sys::loop_attach(image.as_fd())
         .map_err(|e| error::os(format_args!("attach {image_path} to a loop device"), &e))?;
     // The device holds the image now, and lets go when unmounted.
@@ -62,7 +63,13 @@ fn mount_parts(dir: &str) -> Result<(), RemoteError> {
     }
     let root = format!("{dir}/root");
     let options = format!("lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work");
-    mount_at("overlay", &root, "overlay", MountFlags::empty(), Some(&options))?;
+    mount_at(
+        "overlay",
+        &root,
+        "overlay",
+        MountFlags::empty(),
+        Some(&options),
+    )?;
     mount_at(
         "proc",
         &format!("{root}/proc"),
@@ -93,8 +100,13 @@ pub fn unmount(dir: &[u8]) -> Result<Response, RemoteError> {
         return Ok(Response::Done);
     }
     detach(dir);
-    fs::remove_dir_all(dir)
-        .map_err(|e| error::fs("remove", std::path::Path::new(dir).as_os_str().as_bytes(), &e))?;
+    fs::remove_dir_all(dir).map_err(|e| {
+        error::fs(
+            "remove",
+            std::path::Path::new(dir).as_os_str().as_bytes(),
+            &e,
+        )
+    })?;
     Ok(Response::Done)
 }
 

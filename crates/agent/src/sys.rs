@@ -150,6 +150,25 @@ pub fn loop_attach(image: BorrowedFd<'_>) -> io::Result<String> {
     Ok(path)
 }
 
+/// The metadata of `path` resolved with `root` as its root directory
+/// (`RESOLVE_IN_ROOT`: `..` and absolute symbolic links stay inside),
+/// following a final symbolic link.
+pub fn metadata_in_root(
+    root: BorrowedFd<'_>,
+    path: &std::path::Path,
+) -> io::Result<std::fs::Metadata> {
+    let fd = retry(|| {
+        rustix::fs::openat2(
+            root,
+            path,
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+            rustix::fs::ResolveFlags::IN_ROOT,
+        )
+    })?;
+    std::fs::File::from(fd).metadata()
+}
+
 pub fn chroot(path: &str) -> io::Result<()> {
     rustix::process::chroot(cstring(path)?)?;
     Ok(())

@@ -590,7 +590,9 @@ impl Instance {
         self.inner.check_running()?;
         match self.inner.channel.request(request, REQUEST_TIMEOUT)? {
             Ok(Response::Done) => Ok(()),
-            Ok(other) => Err(Error::Protocol(format!("unexpected answer to {op}: {other:?}"))),
+            Ok(other) => Err(Error::Protocol(format!(
+                "unexpected answer to {op}: {other:?}"
+            ))),
             Err(e) => Err(Error::Guest {
                 op: op.into(),
                 message: e.message,

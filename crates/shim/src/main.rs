@@ -50,8 +50,7 @@ impl containerd_shim::Shim for Shim {
         // one starts and its Create fails naming the missing sandbox.
         let config = std::fs::read("config.json").unwrap_or_default();
         let grouping = spec::shim_group(&config).unwrap_or_else(|| opts.id.clone());
-        let existing =
-            containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping);
+        let existing = containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping);
         let address = if grouping != opts.id && shim_listens(&existing) {
             existing
         } else {

@@ -281,7 +281,11 @@ impl Service {
                     format!("pod sandbox {sandbox} not found: create the sandbox first"),
                 )
             })?;
-        if let Some(m) = plan.mounts.iter().find(|m| std::fs::metadata(&m.source).map_or(true, |md| md.is_dir())) {
+        if let Some(m) = plan
+            .mounts
+            .iter()
+            .find(|m| std::fs::metadata(&m.source).map_or(true, |md| md.is_dir()))
+        {
             return Err(rpc_err(
                 Code::INVALID_ARGUMENT,
                 format!(
@@ -553,7 +557,8 @@ impl Service {
 /// member's root (`root`, a guest path): a copy as of Create.
 fn copy_file_binds(inst: &cc::Instance, root: &str, mounts: &[spec::BindMount]) -> TtrpcResult<()> {
     for m in mounts {
-        let fail = |e: cc::Error| rpc_err(Code::INTERNAL, format!("file bind {}: {e}", m.destination));
+        let fail =
+            |e: cc::Error| rpc_err(Code::INTERNAL, format!("file bind {}: {e}", m.destination));
         let dest = format!("{root}/{}", m.destination.trim_start_matches('/'));
         if let Some(parent) = Path::new(&dest).parent() {
             inst.mkdir_all(&parent.to_string_lossy(), 0o755)

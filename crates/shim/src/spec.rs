@@ -282,6 +282,25 @@ mod tests {
     }
 
     #[test]
+    fn cri_annotations_place_a_container_in_its_pod() {
+        let mut v = base();
+        assert_eq!(plan_of(&v).unwrap().pod, None);
+        v["annotations"] = json!({CONTAINER_TYPE: "sandbox", SANDBOX_ID: "p1"});
+        assert_eq!(plan_of(&v).unwrap().pod, Some(PodRole::Sandbox));
+        assert_eq!(shim_group(&serde_json::to_vec(&v).unwrap()), None);
+        v["annotations"] = json!({CONTAINER_TYPE: "container", SANDBOX_ID: "p1"});
+        assert_eq!(plan_of(&v).unwrap().pod, Some(PodRole::Member("p1".into())));
+        assert_eq!(
+            shim_group(&serde_json::to_vec(&v).unwrap()),
+            Some("p1".into())
+        );
+        // A member naming no sandbox is a container of its own.
+        v["annotations"] = json!({CONTAINER_TYPE: "container", SANDBOX_ID: ""});
+        assert_eq!(plan_of(&v).unwrap().pod, None);
+        assert_eq!(shim_group(b"not json"), None);
+    }
+
+    #[test]
     fn maps_process_and_skips_guest_mounts() {
         let p = plan_of(&base()).unwrap();
         assert_eq!(p.process.args, ["sh", "-c", "echo hi"]);

@@ -703,7 +703,12 @@ fn exec_in(c: &Containerd, id: &str, exec_id: &str, argv: &[&str]) -> String {
 }
 
 fn pod_containers_share_one_vm_with_separate_roots(c: &Containerd) {
-    run_detached_with(c, &pod_flags("sandbox", "podsb"), "podsb", &["sleep", "600"]);
+    run_detached_with(
+        c,
+        &pod_flags("sandbox", "podsb"),
+        "podsb",
+        &["sleep", "600"],
+    );
     let (vm_pid, run_dir) = c.vm_of("podsb");
     let member = pod_flags("container", "podsb");
     run_detached_with(c, &member, "poda", &["sleep", "600"]);
@@ -718,7 +723,12 @@ fn pod_containers_share_one_vm_with_separate_roots(c: &Containerd) {
     }
     // Separate roots: a file one writes is not in the other's (nor in the
     // sandbox's), and each has its own /proc and /tmp.
-    let wrote = exec_in(c, "poda", "w", &["sh", "-c", "echo from-a > /mine; cat /mine"]);
+    let wrote = exec_in(
+        c,
+        "poda",
+        "w",
+        &["sh", "-c", "echo from-a > /mine; cat /mine"],
+    );
     assert_eq!(wrote, "from-a\n");
     let probe = "test -e /mine && echo shared || echo separate";
     assert_eq!(exec_in(c, "podb", "r", &["sh", "-c", probe]), "separate\n");
@@ -733,7 +743,8 @@ fn pod_containers_share_one_vm_with_separate_roots(c: &Containerd) {
     assert!(alive(vm_pid), "the pod's VM ended with a member");
     let ls = text(&c.ctr(&["task", "ls"]).stdout);
     assert!(
-        ls.lines().any(|l| l.starts_with("podb") && l.contains("RUNNING")),
+        ls.lines()
+            .any(|l| l.starts_with("podb") && l.contains("RUNNING")),
         "{ls}"
     );
     // Deleting the rest, the sandbox last, leaves nothing.
