@@ -49,13 +49,14 @@ fn mount_parts(dir: &str) -> Result<(), RemoteError> {
     let image_path = format!("{dir}/{IMAGE}");
     let image =
         File::open(&image_path).map_err(|e| error::os(format_args!("open {image_path}"), &e))?;
-    let device = sys::loop_attach(image.as_fd())
+    let (device, opened) = sys::loop_attach(image.as_fd())
         .map_err(|e| error::os(format_args!("attach {image_path} to a loop device"), &e))?;
-    // The device holds the image now, and lets go when unmounted.
-    drop(image);
     let sealed = MountFlags::NOSUID | MountFlags::NODEV;
     let lower = format!("{dir}/lower");
     mount_at(&device, &lower, "erofs", MountFlags::RDONLY, None)?;
+    // The mount holds the device now, which lets go of the image when
+    // it is unmounted.
+    drop((opened, image));
     let rw = format!("{dir}/rw");
     mount_at("tmpfs", &rw, "tmpfs", sealed, Some("mode=0700"))?;
     for sub in ["upper", "work"] {

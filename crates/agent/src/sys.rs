@@ -116,8 +116,10 @@ const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 
 /// Attaches `image` read-only to a free loop device, which lets go of it
-/// when its last user closes it; returns the device's path.
-pub fn loop_attach(image: BorrowedFd<'_>) -> io::Result<String> {
+/// when its last user closes it; returns the device's path and an open
+/// descriptor of it, which must stay open until the device has another
+/// user (a mount), or the device is cleared at once.
+pub fn loop_attach(image: BorrowedFd<'_>) -> io::Result<(String, std::fs::File)> {
     let control = std::fs::File::open("/dev/loop-control")?;
     // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
     let number = check(unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE) })?;
@@ -147,7 +149,7 @@ pub fn loop_attach(image: BorrowedFd<'_>) -> io::Result<String> {
     // SAFETY: LOOP_CONFIGURE reads one `struct loop_config`, which
     // `config` is (repr(C), the kernel's layout), alive for the call.
     check(unsafe { libc::ioctl(device.as_raw_fd(), LOOP_CONFIGURE, &config) })?;
-    Ok(path)
+    Ok((path, device))
 }
 
 /// The metadata of `path` resolved with `root` as its root directory

@@ -39,8 +39,9 @@ const DEFAULT_TTY: (u16, u16) = (24, 80);
 /// Where the directories of file binds are shared in the guest.
 const GUEST_FILE_BINDS: &str = "/.crumble-binds";
 /// Where a pod's member containers get their roots in the guest, one
-/// directory per container id.
-const GUEST_POD_ROOTS: &str = "/run/crumble-pod";
+/// directory per container id: on the VM's writable disk, as the images
+/// may be larger than the guest's `/run`.
+const GUEST_POD_ROOTS: &str = "/.crumble-pod";
 
 type Event = (&'static str, Box<dyn MessageDyn>);
 

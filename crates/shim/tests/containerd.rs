@@ -657,7 +657,8 @@ fn task_pid(c: &Containerd, id: &str) -> u32 {
         .unwrap_or_else(|| panic!("no task {id}: {ls}"))
 }
 
-/// QEMU processes descending from process `ancestor`.
+/// QEMU processes running a VM (not QEMU's `-M none` helpers) that
+/// descend from process `ancestor`.
 fn qemus_under(ancestor: u32) -> Vec<u32> {
     let parent = |pid: u32| -> Option<u32> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -668,8 +669,11 @@ fn qemus_under(ancestor: u32) -> Vec<u32> {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|comm| comm.starts_with("qemu-system"))
+            let args = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = args.split(|b| *b == 0).collect();
+            args.first()
+                .is_some_and(|a| a.ends_with(b"qemu-system-x86_64"))
+                && !args.windows(2).any(|w| w == [&b"-M"[..], &b"none"[..]])
         })
         .filter(|&pid| {
             let mut p = pid;
