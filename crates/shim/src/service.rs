@@ -149,9 +149,8 @@ struct Container {
     /// sandbox and the other members).
     instance: Arc<cc::Instance>,
     /// A pod member's root in the guest: (its directory, the root).
+    /// `None`: the VM is this container's and ends with it.
     root: Option<(String, String)>,
-    /// Whether the VM ends with this container (not a pod member).
-    owns_vm: bool,
     /// QEMU's host pid: the task's pid, as VM runtimes report it.
     vm_pid: u32,
     init: Proc,
@@ -274,7 +273,7 @@ impl Service {
     ) -> TtrpcResult<Container> {
         let instance = lock(&self.inner.containers)
             .get(sandbox)
-            .filter(|c| c.owns_vm)
+            .filter(|c| c.root.is_none())
             .map(|c| c.instance.clone())
             .ok_or_else(|| {
                 rpc_err(
@@ -325,7 +324,6 @@ impl Service {
             vm_pid: instance.vm_pid().unwrap_or(0),
             instance,
             root: Some((dir, root)),
-            owns_vm: false,
             init,
             execs: HashMap::new(),
         })
@@ -389,7 +387,6 @@ impl Service {
             bundle: req.bundle.clone(),
             instance: Arc::new(instance),
             root: None,
-            owns_vm: true,
             vm_pid,
             init,
             execs: HashMap::new(),
@@ -611,7 +608,7 @@ impl containerd_shim::Task for Service {
                 ));
             }
             // Only a pod's members join a shim that has a container.
-            if containers.values().any(|c| c.owns_vm && c.root.is_none()) && !is_member(&req) {
+            if containers.values().any(|c| c.root.is_none()) && !is_member(&req) {
                 return Err(rpc_err(
                     Code::ALREADY_EXISTS,
                     "this shim already runs a container",
