@@ -744,6 +744,12 @@ fn pod_containers_share_one_vm_with_separate_roots(c: &Containerd) {
     // Killing and deleting one member leaves the other running.
     c.remove("poda");
     assert_eq!(exec_in(c, "podb", "after", &["echo", "still"]), "still\n");
+    // Its root is gone from the guest: no mount, no directory.
+    let gone = "grep -c /.crumble-pod/poda /proc/mounts; test -e /.crumble-pod/poda || echo gone";
+    assert_eq!(
+        exec_in(c, "podsb", "gone", &["sh", "-c", gone]),
+        "0\ngone\n"
+    );
     assert!(alive(vm_pid), "the pod's VM ended with a member");
     let ls = text(&c.ctr(&["task", "ls"]).stdout);
     assert!(
