@@ -263,8 +263,29 @@ fn spawn(
         identity(exec.user.as_deref())?
     };
     let env = environ::build(who.home.as_bytes(), &exec.env).map_err(error::invalid)?;
-    let cwd = working_dir(exec.cwd.as_ref().map(|c| c.as_slice()), &who.home)?;
-    let program = program(argv0, &env, &cwd)?;
+    let root = exec
+        .root
+        .as_ref()
+        .map(|r| PathBuf::from(OsStr::from_bytes(r)));
+    // Paths the process names are looked up in its root, where it runs:
+    // symbolic links in them (an image's absolute ones) resolve there too.
+    let root_dir = root
+        .as_ref()
+        .map(|r| {
+            File::open(r).map_err(|e| error::os(format_args!("open root {}", r.display()), &e))
+        })
+        .transpose()?;
+    let inside = |p: &Path| -> io::Result<fs::Metadata> {
+        match &root_dir {
+            Some(dir) => sys::metadata_in_root(dir.as_fd(), p),
+            None => fs::metadata(p),
+        }
+    };
+    let cwd = match (&root, &exec.cwd) {
+        (Some(_), None) => PathBuf::from("/"),
+        (_, cwd) => working_dir(cwd.as_ref().map(|c| c.as_slice()), &who.home, &inside)?,
+    };
+    let program = program(argv0, &env, &cwd, &inside)?;
     trace::record("agent: resolve user, environment, program", resolving);
     let spawning = Instant::now();
 
@@ -338,6 +359,10 @@ fn spawn(
     };
     let path = c(program.as_os_str().as_bytes(), "program path")?;
     let cwd_c = c(cwd.as_os_str().as_bytes(), "working directory")?;
+    let root_c = root
+        .as_ref()
+        .map(|r| c(r.as_os_str().as_bytes(), "root"))
+        .transpose()?;
     let argv = sys::CStrings::new(exec.argv.iter().map(|a| a.to_vec()))
         .map_err(|_| error::invalid("an argument contains a NUL byte"))?;
     let envp = sys::CStrings::new(
@@ -356,6 +381,7 @@ fn spawn(
         argv: argv.pointers(),
         envp: envp.pointers(),
         cwd: &cwd_c,
+        root: root_c.as_deref(),
         stdio,
         controlling_terminal: slave.is_some(),
         umask: PROCESS_UMASK,
@@ -483,7 +509,11 @@ fn resolve_identity(user: Option<&str>) -> Result<Identity, RemoteError> {
 
 /// The requested directory, which must exist, else the user's home if it
 /// exists, else `/`.
-fn working_dir(cwd: Option<&[u8]>, home: &str) -> Result<PathBuf, RemoteError> {
+fn working_dir(
+    cwd: Option<&[u8]>,
+    home: &str,
+    inside: &dyn Fn(&Path) -> io::Result<fs::Metadata>,
+) -> Result<PathBuf, RemoteError> {
     let Some(cwd) = cwd else {
         let home = Path::new(home);
         return Ok(if home.is_dir() { home } else { Path::new("/") }.to_path_buf());
@@ -499,7 +529,7 @@ fn working_dir(cwd: Option<&[u8]>, home: &str) -> Result<PathBuf, RemoteError> {
         kind: ErrorKind::Io,
         ..error::os(&context, e)
     };
-    match fs::metadata(&path) {
+    match inside(&path) {
         Ok(m) if m.is_dir() => Ok(path),
         Ok(_) => Err(fail(&io::Error::from_raw_os_error(libc::ENOTDIR))),
         Err(e) => Err(fail(&e)),
@@ -507,13 +537,19 @@ fn working_dir(cwd: Option<&[u8]>, home: &str) -> Result<PathBuf, RemoteError> {
 }
 
 /// The program to execute: `argv0` itself if it has a `/`, else its match
-/// in the command's `PATH`, searched here for a precise error.
-fn program(argv0: &[u8], env: &Env, cwd: &Path) -> Result<PathBuf, RemoteError> {
+/// in the command's `PATH`, searched here (in the process's root, through
+/// `inside`) for a precise error.
+fn program(
+    argv0: &[u8],
+    env: &Env,
+    cwd: &Path,
+    inside: &dyn Fn(&Path) -> io::Result<fs::Metadata>,
+) -> Result<PathBuf, RemoteError> {
     if argv0.contains(&b'/') {
         return Ok(PathBuf::from(OsStr::from_bytes(argv0)));
     }
     let path = environ::get(env, b"PATH").unwrap_or_default();
-    environ::search(argv0, path, cwd, probe).map_err(|e| match e {
+    environ::search(argv0, path, cwd, |p| probe(inside(p))).map_err(|e| match e {
         SearchError::NotFound => error::new(
             ErrorKind::NotFound,
             format!("executable file not found in $PATH: {:?}", lossy(argv0)),
@@ -525,8 +561,8 @@ fn program(argv0: &[u8], env: &Env, cwd: &Path) -> Result<PathBuf, RemoteError> 
     })
 }
 
-fn probe(path: &Path) -> Probe {
-    match fs::metadata(path) {
+fn probe(meta: io::Result<fs::Metadata>) -> Probe {
+    match meta {
         Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Probe::Executable,
         Ok(m) if m.is_file() => Probe::NotExecutable,
         _ => Probe::Missing,

@@ -93,6 +93,7 @@ mod mounts;
 mod net;
 pub mod pid1;
 mod reaper;
+mod roots;
 mod setup;
 mod snapshot;
 mod stream;
@@ -584,6 +585,10 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
             address,
             port,
         } => Box::new(move |_, reply| forward::listen(reply, listener, &address, port)),
+        Request::MountRoot { dir } => {
+            Box::new(move |agent, reply| reply.send(roots::mount(agent.mode, &dir)))
+        }
+        Request::UnmountRoot { dir } => Box::new(move |_, reply| reply.send(roots::unmount(&dir))),
         Request::Unlisten { listener } => {
             return reply.send(if conn.remove_listener(listener) {
                 Ok(Response::Done)

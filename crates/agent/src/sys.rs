@@ -82,6 +82,95 @@ pub fn unmount_detach(target: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// `struct loop_info64` of `<linux/loop.h>`.
+#[repr(C)]
+struct LoopInfo64 {
+    device: u64,
+    inode: u64,
+    rdevice: u64,
+    offset: u64,
+    sizelimit: u64,
+    number: u32,
+    encrypt_type: u32,
+    encrypt_key_size: u32,
+    flags: u32,
+    file_name: [u8; 64],
+    crypt_name: [u8; 64],
+    encrypt_key: [u8; 32],
+    init: [u64; 2],
+}
+
+/// `struct loop_config` of `<linux/loop.h>`.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LO_FLAGS_READ_ONLY: u32 = 1;
+/// The device lets go of its file when its last user (the mount) is gone.
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+/// Attaches `image` read-only to a free loop device, which lets go of it
+/// when its last user closes it; returns the device's path and an open
+/// descriptor of it, which must stay open until the device has another
+/// user (a mount), or the device is cleared at once.
+pub fn loop_attach(image: BorrowedFd<'_>) -> io::Result<(String, std::fs::File)> {
+    let control = std::fs::File::open("/dev/loop-control")?;
+    // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
+    let number = check(unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE) })?;
+    let path = format!("/dev/loop{number}");
+    let device = std::fs::File::options().read(true).open(&path)?;
+    let config = LoopConfig {
+        fd: u32::try_from(image.as_raw_fd())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?,
+        block_size: 0,
+        info: LoopInfo64 {
+            device: 0,
+            inode: 0,
+            rdevice: 0,
+            offset: 0,
+            sizelimit: 0,
+            number: 0,
+            encrypt_type: 0,
+            encrypt_key_size: 0,
+            flags: LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
+            file_name: [0; 64],
+            crypt_name: [0; 64],
+            encrypt_key: [0; 32],
+            init: [0; 2],
+        },
+        reserved: [0; 8],
+    };
+    // SAFETY: LOOP_CONFIGURE reads one `struct loop_config`, which
+    // `config` is (repr(C), the kernel's layout), alive for the call.
+    check(unsafe { libc::ioctl(device.as_raw_fd(), LOOP_CONFIGURE, &config) })?;
+    Ok((path, device))
+}
+
+/// The metadata of `path` resolved with `root` as its root directory
+/// (`RESOLVE_IN_ROOT`: `..` and absolute symbolic links stay inside),
+/// following a final symbolic link.
+pub fn metadata_in_root(
+    root: BorrowedFd<'_>,
+    path: &std::path::Path,
+) -> io::Result<std::fs::Metadata> {
+    let fd = retry(|| {
+        rustix::fs::openat2(
+            root,
+            path,
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+            rustix::fs::ResolveFlags::IN_ROOT,
+        )
+    })?;
+    std::fs::File::from(fd).metadata()
+}
+
 pub fn chroot(path: &str) -> io::Result<()> {
     rustix::process::chroot(cstring(path)?)?;
     Ok(())
@@ -447,6 +536,8 @@ pub struct SpawnPlan<'a> {
     pub argv: &'a [*const libc::c_char],
     pub envp: &'a [*const libc::c_char],
     pub cwd: &'a CStr,
+    /// The directory the child changes root into before `cwd`, if any.
+    pub root: Option<&'a CStr>,
     /// What becomes the child's descriptors 0, 1 and 2.
     pub stdio: [BorrowedFd<'a>; 3],
     /// Make the terminal on descriptor 0 the child's controlling terminal
@@ -500,7 +591,7 @@ struct SpawnShared<'a> {
 }
 
 /// The steps of a child's setup, as reported when one fails.
-const SPAWN_STEPS: [&str; 9] = [
+const SPAWN_STEPS: [&str; 10] = [
     "",
     "start a session",
     "set user and groups",
@@ -510,6 +601,7 @@ const SPAWN_STEPS: [&str; 9] = [
     "reset signals",
     EXEC_STEP,
     "set the controlling terminal",
+    "change root",
 ];
 
 /// The last step of a spawn's child: running the program.
@@ -640,6 +732,12 @@ extern "C" fn spawn_child(arg: *mut libc::c_void) -> libc::c_int {
     let errno = |e: rustix::io::Errno| e.raw_os_error();
     if let Err(e) = rustix::process::setsid() {
         return fail(1, errno(e));
+    }
+    // Before the ids change: changing root takes CAP_SYS_CHROOT.
+    if let Some(root) = plan.root {
+        if let Err(e) = rustix::process::chroot(root) {
+            return fail(9, errno(e));
+        }
     }
     if let Some((groups, gid, uid)) = plan.ids {
         let set = rustix::thread::set_thread_groups(groups)

@@ -65,6 +65,7 @@ fn a_lost_connection_leaves_no_thread_or_process_behind() {
         stdout: Stdio::Stream(2),
         stderr: Stdio::Stream(3),
         pty: None,
+        root: None,
     };
     request(&host, 1, Request::Exec(exec));
     let Ok(Response::Started { pid }) = answer(&host, 1) else {

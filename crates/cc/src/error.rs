@@ -272,6 +272,7 @@ mod tests {
                 stdout: cc_protocol::Stdio::Null,
                 stderr: cc_protocol::Stdio::Null,
                 pty: None,
+                root: None,
             }),
         };
         let e = Error::from(cc_protocol::frame::encode(&msg).unwrap_err());

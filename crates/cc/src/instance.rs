@@ -545,6 +545,61 @@ impl Instance {
         Command::new(self.inner.clone(), program)
     }
 
+    /// Gives the running guest a second root filesystem, as a pod's
+    /// container needs one: a read-only erofs image of host tree `tree`
+    /// (built and cached as for [`Source::Dir`]) is written into guest
+    /// directory `guest_dir` and mounted there through a loop device, with
+    /// a writable layer in guest memory and its own `/proc`, `/dev` and
+    /// `/tmp`. Returns the root's guest path, for [`Command::root`], and
+    /// the image's size in bytes (what crossed the channel).
+    /// [`unmount_root`](Self::unmount_root) removes it.
+    pub fn mount_root(&self, tree: &Path, guest_dir: &str) -> Result<(String, u64)> {
+        let image = rootfs::image_for_dir(tree, &cc_engine::paths::cache_dir())?;
+        let mut file = std::fs::File::open(&image).map_err(Error::io("open", &image))?;
+        let dir = guest_dir.trim_end_matches('/');
+        self.mkdir_all(dir, 0o700)?;
+        let mounted = self
+            .write_file_from(&format!("{dir}/root.erofs"), &mut file, 0o400)
+            .and_then(|bytes| {
+                let request = Request::MountRoot {
+                    dir: ByteBuf::from(dir.as_bytes()),
+                };
+                self.root_request("mount a container root", request)?;
+                Ok(bytes)
+            });
+        match mounted {
+            Ok(bytes) => Ok((format!("{dir}/root"), bytes)),
+            Err(e) => {
+                let _ = self.unmount_root(dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Unmounts a root [`mount_root`](Self::mount_root) made in
+    /// `guest_dir` and removes the directory with its image and writes.
+    /// Processes still running in it keep their view until they end.
+    pub fn unmount_root(&self, guest_dir: &str) -> Result<()> {
+        let request = Request::UnmountRoot {
+            dir: ByteBuf::from(guest_dir.trim_end_matches('/').as_bytes()),
+        };
+        self.root_request("unmount a container root", request)
+    }
+
+    fn root_request(&self, op: &str, request: Request) -> Result<()> {
+        self.inner.check_running()?;
+        match self.inner.channel.request(request, REQUEST_TIMEOUT)? {
+            Ok(Response::Done) => Ok(()),
+            Ok(other) => Err(Error::Protocol(format!(
+                "unexpected answer to {op}: {other:?}"
+            ))),
+            Err(e) => Err(Error::Guest {
+                op: op.into(),
+                message: e.message,
+            }),
+        }
+    }
+
     /// A [`Cmd`]: a command as one stateful object, as the C and Python
     /// faces use it.
     pub fn cmd(&self, program: &str, args: &[&str]) -> Cmd {
@@ -996,6 +1051,7 @@ fn prepare_guest(
         stdout: cc_protocol::Stdio::Null,
         stderr: cc_protocol::Stdio::Null,
         pty: None,
+        root: None,
     };
     if let Ok(Ok(Response::Started { .. })) = channel.request(Request::Exec(warm), timeout) {
         // Its exit is the last frame the agent sends.

@@ -99,6 +99,8 @@ pub struct Command {
     timeout: Option<Duration>,
     /// A terminal of (rows, columns) instead of pipes.
     pty: Option<(u16, u16)>,
+    /// Guest directory the process runs changed into as its root.
+    root: Option<String>,
 }
 
 impl Command {
@@ -124,6 +126,7 @@ impl Command {
             stdio: [Stdio::Null, Stdio::Piped, Stdio::Piped],
             timeout: None,
             pty: None,
+            root: None,
         }
     }
 
@@ -219,6 +222,14 @@ impl Command {
         self
     }
 
+    /// Runs the process with guest directory `root` as its root
+    /// filesystem (see [`Instance::mount_root`](crate::Instance::mount_root)):
+    /// the program and the working directory are looked up in it.
+    pub fn root(&mut self, root: impl Into<String>) -> &mut Command {
+        self.root = Some(root.into());
+        self
+    }
+
     /// The instance's `max_result_bytes`.
     pub(crate) fn max_result(&self) -> u64 {
         self.inst.max_result
@@ -311,6 +322,7 @@ impl Command {
             pty: self
                 .pty
                 .map(|(rows, cols)| cc_protocol::WindowSize { rows, cols }),
+            root: self.root.as_ref().map(|r| ByteBuf::from(r.as_bytes())),
         };
         let mut child = Child {
             inst: self.inst.clone(),

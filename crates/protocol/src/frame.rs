@@ -328,6 +328,7 @@ mod tests {
                     stdout: Stdio::Stream(2),
                     stderr: Stdio::Stdout,
                     pty: None,
+                    root: None,
                 }),
             },
             Message::Response {

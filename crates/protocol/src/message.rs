@@ -141,6 +141,17 @@ pub enum Request {
     /// Set the guest's wall clock to this host time (after a resume: the
     /// clock stood still while the guest was paused); answered by `Done`.
     SyncClock(UnixTime),
+    /// Mount the erofs image `dir/root.erofs` (written there before, e.g.
+    /// by `WriteFile`) read-only through a loop device at `dir/lower`, a
+    /// tmpfs at `dir/rw` for its writable layer, their overlay at
+    /// `dir/root`, and in it a `/proc`, the guest's `/dev` and a fresh
+    /// `/tmp`: a root for processes started with [`Exec::root`] (a pod's
+    /// container). Answered by `Done`; on failure nothing stays mounted.
+    MountRoot { dir: ByteBuf },
+    /// Detach everything `MountRoot` mounted under `dir` and remove `dir`
+    /// (the image, the writable layer); answered by `Done`. A missing
+    /// `dir` is no error.
+    UnmountRoot { dir: ByteBuf },
 }
 
 impl Request {
@@ -177,7 +188,9 @@ impl Request {
             | Request::Prepare(_)
             | Request::Trace { .. }
             | Request::Resize { .. }
-            | Request::SyncClock(_) => [None; 3],
+            | Request::SyncClock(_)
+            | Request::MountRoot { .. }
+            | Request::UnmountRoot { .. } => [None; 3],
         };
         ids.into_iter().flatten()
     }
@@ -437,6 +450,10 @@ pub struct Exec {
     /// `stdin` feeds its master and `stdout` carries everything the
     /// terminal prints (`stderr` must be `Null`). `TERM` comes from `env`.
     pub pty: Option<WindowSize>,
+    /// Run changed into this guest directory as its root (`chroot`, e.g.
+    /// one `MountRoot` made); `cwd` and the program are then looked up
+    /// inside it. `None` is the guest's root.
+    pub root: Option<ByteBuf>,
 }
 
 /// A terminal's size in character cells.

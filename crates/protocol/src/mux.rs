@@ -649,6 +649,7 @@ mod tests {
             stdout: Stdio::Stream(5),
             stderr: Stdio::Stdout,
             pty: None,
+            root: None,
         });
         assert_eq!(exec.streams().collect::<Vec<_>>(), [4, 5]);
         let dial = Request::Dial {

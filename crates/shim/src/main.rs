@@ -44,9 +44,18 @@ impl containerd_shim::Shim for Shim {
     }
 
     fn start_shim(&mut self, opts: StartOpts) -> Result<String, containerd_shim::Error> {
-        // One shim (one VM) per container.
-        let grouping = opts.id.clone();
-        let (_, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        // One shim (one VM) per container, or per pod: a pod's member
+        // container goes to the shim of its sandbox, whose socket is
+        // named after the sandbox's id. Without a live shim there, a new
+        // one starts and its Create fails naming the missing sandbox.
+        let config = std::fs::read("config.json").unwrap_or_default();
+        let grouping = spec::shim_group(&config).unwrap_or_else(|| opts.id.clone());
+        let existing = containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping);
+        let address = if grouping != opts.id && shim_listens(&existing) {
+            existing
+        } else {
+            containerd_shim::spawn(opts, &grouping, Vec::new())?.1
+        };
         containerd_shim::util::write_address(&address)?;
         Ok(address)
     }
@@ -76,6 +85,13 @@ impl containerd_shim::Shim for Shim {
         self.service
             .with_publisher(publisher, self.namespace.clone())
     }
+}
+
+/// Whether a shim answers on `address` (`unix://…`).
+fn shim_listens(address: &str) -> bool {
+    address
+        .strip_prefix("unix://")
+        .is_some_and(|path| std::os::unix::net::UnixStream::connect(path).is_ok())
 }
 
 fn main() {

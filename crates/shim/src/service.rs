@@ -1,5 +1,8 @@
 //! The task service: one container per shim, its VM one `cc::Instance`,
-//! its init and exec processes guest processes of that instance.
+//! its init and exec processes guest processes of that instance; or one
+//! pod per shim: the sandbox container boots the VM, and each member
+//! container gets a root of its own in that running VM
+//! ([`cc::Instance::mount_root`]) its processes run changed into.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -35,6 +38,10 @@ const VM_DIED: u32 = 255;
 const DEFAULT_TTY: (u16, u16) = (24, 80);
 /// Where the directories of file binds are shared in the guest.
 const GUEST_FILE_BINDS: &str = "/.crumble-binds";
+/// Where a pod's member containers get their roots in the guest, one
+/// directory per container id: on the VM's writable disk, as the images
+/// may be larger than the guest's `/run`.
+const GUEST_POD_ROOTS: &str = "/.crumble-pod";
 
 type Event = (&'static str, Box<dyn MessageDyn>);
 
@@ -138,7 +145,12 @@ impl Proc {
 struct Container {
     id: String,
     bundle: String,
-    instance: cc::Instance,
+    /// The VM: this container's own, or its pod's (shared with the
+    /// sandbox and the other members).
+    instance: Arc<cc::Instance>,
+    /// A pod member's root in the guest: (its directory, the root).
+    /// `None`: the VM is this container's and ends with it.
+    root: Option<(String, String)>,
     /// QEMU's host pid: the task's pid, as VM runtimes report it.
     vm_pid: u32,
     init: Proc,
@@ -175,7 +187,8 @@ impl Container {
 }
 
 struct Inner {
-    container: Mutex<Option<Container>>,
+    /// By id: one, or a pod's sandbox and members.
+    containers: Mutex<HashMap<String, Container>>,
     exit: Arc<ExitSignal>,
     events: Mutex<Option<Sender<Event>>>,
 }
@@ -183,7 +196,7 @@ struct Inner {
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inner")
-            .field("container", &self.container)
+            .field("containers", &self.containers)
             .finish_non_exhaustive()
     }
 }
@@ -198,7 +211,7 @@ impl Service {
     pub fn new(exit: Arc<ExitSignal>) -> Service {
         Service {
             inner: Arc::new(Inner {
-                container: Mutex::new(None),
+                containers: Mutex::new(HashMap::new()),
                 exit,
                 events: Mutex::new(None),
             }),
@@ -239,14 +252,81 @@ impl Service {
         id: &str,
         f: impl FnOnce(&mut Container) -> TtrpcResult<R>,
     ) -> TtrpcResult<R> {
-        let mut g = lock(&self.inner.container);
-        match g.as_mut() {
-            Some(c) if c.id == id => f(c),
-            _ => Err(rpc_err(
+        let mut g = lock(&self.inner.containers);
+        match g.get_mut(id) {
+            Some(c) => f(c),
+            None => Err(rpc_err(
                 Code::NOT_FOUND,
                 format!("container {id} not found"),
             )),
         }
+    }
+
+    /// A pod member: its root, from the rootfs containerd mounted in its
+    /// bundle, goes into the sandbox's running VM; its file binds are
+    /// copied in (the VM's shared directories are fixed at boot).
+    fn create_member(
+        &self,
+        req: &api::CreateTaskRequest,
+        plan: spec::Plan,
+        sandbox: &str,
+    ) -> TtrpcResult<Container> {
+        let instance = lock(&self.inner.containers)
+            .get(sandbox)
+            .filter(|c| c.root.is_none())
+            .map(|c| c.instance.clone())
+            .ok_or_else(|| {
+                rpc_err(
+                    Code::FAILED_PRECONDITION,
+                    format!("pod sandbox {sandbox} not found: create the sandbox first"),
+                )
+            })?;
+        if let Some(m) = plan
+            .mounts
+            .iter()
+            .find(|m| std::fs::metadata(&m.source).map_or(true, |md| md.is_dir()))
+        {
+            return Err(rpc_err(
+                Code::INVALID_ARGUMENT,
+                format!(
+                    "refused: mount {}: a pod's containers take file binds only (directories are shared at the sandbox's boot)",
+                    m.destination
+                ),
+            ));
+        }
+        let bundle = Path::new(&req.bundle);
+        let init = Proc::new(
+            plan.process,
+            req.stdin.clone(),
+            req.stdout.clone(),
+            req.stderr.clone(),
+        )?;
+        let tree = self.mount_rootfs(bundle, &plan.root, &req.rootfs)?;
+        let dir = format!("{GUEST_POD_ROOTS}/{}", req.id);
+        let started = std::time::Instant::now();
+        let mounted = instance.mount_root(&tree, &dir);
+        if tree == bundle.join("rootfs") && !req.rootfs.is_empty() {
+            state::unmount(&tree);
+        }
+        let (root, bytes) = mounted.map_err(cc_err)?;
+        log::info!(
+            "root of {} in the pod's VM: {bytes} bytes in {:?}",
+            req.id,
+            started.elapsed()
+        );
+        if let Err(e) = copy_file_binds(&instance, &root, &plan.mounts) {
+            let _ = instance.unmount_root(&dir);
+            return Err(e);
+        }
+        Ok(Container {
+            id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            vm_pid: instance.vm_pid().unwrap_or(0),
+            instance,
+            root: Some((dir, root)),
+            init,
+            execs: HashMap::new(),
+        })
     }
 
     fn create_container(&self, req: &api::CreateTaskRequest) -> TtrpcResult<Container> {
@@ -259,6 +339,10 @@ impl Service {
                 Code::INVALID_ARGUMENT,
                 "the request's terminal and config.json's process.terminal differ",
             ));
+        }
+        if let Some(spec::PodRole::Member(sandbox)) = &plan.pod {
+            let sandbox = sandbox.clone();
+            return self.create_member(req, plan, &sandbox);
         }
         let mut options = cc::Options::default();
         let links = match self.share_mounts(bundle, &plan.mounts, &mut options) {
@@ -301,7 +385,8 @@ impl Service {
         Ok(Container {
             id: req.id.clone(),
             bundle: req.bundle.clone(),
-            instance,
+            instance: Arc::new(instance),
+            root: None,
             vm_pid,
             init,
             execs: HashMap::new(),
@@ -381,6 +466,7 @@ impl Service {
     fn spawn(
         &self,
         inst: &cc::Instance,
+        root: Option<&str>,
         p: &mut Proc,
         container_id: &str,
         exec_id: &str,
@@ -391,6 +477,9 @@ impl Service {
         cmd.args(&plan.args[1..])
             .current_dir(&plan.cwd)
             .user(plan.user.clone());
+        if let Some(root) = root {
+            cmd.root(root);
+        }
         for (k, v) in &plan.env {
             cmd.env(k, v);
         }
@@ -462,6 +551,23 @@ impl Service {
     }
 }
 
+/// Copies each file bind's host file to its destination in a pod
+/// member's root (`root`, a guest path): a copy as of Create.
+fn copy_file_binds(inst: &cc::Instance, root: &str, mounts: &[spec::BindMount]) -> TtrpcResult<()> {
+    for m in mounts {
+        let fail =
+            |e: cc::Error| rpc_err(Code::INTERNAL, format!("file bind {}: {e}", m.destination));
+        let dest = format!("{root}/{}", m.destination.trim_start_matches('/'));
+        if let Some(parent) = Path::new(&dest).parent() {
+            inst.mkdir_all(&parent.to_string_lossy(), 0o755)
+                .map_err(fail)?;
+        }
+        let mode = if m.read_only { 0o444 } else { 0o644 };
+        inst.copy_in(&m.source, &dest, mode).map_err(fail)?;
+    }
+    Ok(())
+}
+
 /// Puts each staged file at its mount's destination in the guest, as a
 /// symbolic link to the file's share (a directory of its own).
 fn link_files(inst: &cc::Instance, links: &[(String, String)]) -> TtrpcResult<()> {
@@ -481,17 +587,33 @@ fn link_files(inst: &cc::Instance, links: &[(String, String)]) -> TtrpcResult<()
     Ok(())
 }
 
+/// Whether the request's bundle is a pod's member container.
+fn is_member(req: &api::CreateTaskRequest) -> bool {
+    std::fs::read(Path::new(&req.bundle).join("config.json"))
+        .is_ok_and(|json| spec::shim_group(&json).is_some())
+}
+
 impl containerd_shim::Task for Service {
     fn create(
         &self,
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        if lock(&self.inner.container).is_some() {
-            return Err(rpc_err(
-                Code::ALREADY_EXISTS,
-                "this shim already runs a container",
-            ));
+        {
+            let containers = lock(&self.inner.containers);
+            if containers.contains_key(&req.id) {
+                return Err(rpc_err(
+                    Code::ALREADY_EXISTS,
+                    format!("container {} exists", req.id),
+                ));
+            }
+            // Only a pod's members join a shim that has a container.
+            if containers.values().any(|c| c.root.is_none()) && !is_member(&req) {
+                return Err(rpc_err(
+                    Code::ALREADY_EXISTS,
+                    "this shim already runs a container",
+                ));
+            }
         }
         let c = self.create_container(&req)?;
         let pid = c.vm_pid;
@@ -512,7 +634,7 @@ impl containerd_shim::Task for Service {
                 ..Default::default()
             }),
         );
-        *lock(&self.inner.container) = Some(c);
+        lock(&self.inner.containers).insert(req.id.clone(), c);
         Ok(api::CreateTaskResponse {
             pid,
             ..Default::default()
@@ -531,8 +653,10 @@ impl containerd_shim::Task for Service {
                 init,
                 execs,
                 id,
+                root,
                 ..
             } = c;
+            let root = root.as_ref().map(|(_, r)| r.as_str());
             let (p, reported) = if req.exec_id.is_empty() {
                 (init, Some(vm_pid))
             } else {
@@ -547,7 +671,7 @@ impl containerd_shim::Task for Service {
             if p.pid.is_some() {
                 return Err(rpc_err(Code::FAILED_PRECONDITION, "already started"));
             }
-            let guest = self.spawn(instance, p, id, &req.exec_id, reported)?;
+            let guest = self.spawn(instance, root, p, id, &req.exec_id, reported)?;
             Ok(reported.unwrap_or(guest))
         })?;
         if req.exec_id.is_empty() {
@@ -581,15 +705,12 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
-        let mut g = lock(&self.inner.container);
-        let c = match g.as_mut() {
-            Some(c) if c.id == req.id => c,
-            _ => {
-                return Err(rpc_err(
-                    Code::NOT_FOUND,
-                    format!("container {} not found", req.id),
-                ))
-            }
+        let mut g = lock(&self.inner.containers);
+        let Some(c) = g.get_mut(&req.id) else {
+            return Err(rpc_err(
+                Code::NOT_FOUND,
+                format!("container {} not found", req.id),
+            ));
         };
         let p = c.proc(&req.exec_id)?;
         if p.running() {
@@ -610,9 +731,19 @@ impl containerd_shim::Task for Service {
             c.execs.remove(&req.exec_id);
             return Ok(resp);
         }
-        let c = g.take().expect("matched above");
+        let c = g.remove(&req.id).expect("found above");
         drop(g);
-        if let Err(e) = c.instance.close() {
+        if let Some((dir, _)) = &c.root {
+            // Its execs end with it, as they would with its own VM.
+            for p in c.execs.values().filter(|p| p.running()) {
+                if let Some(s) = &p.signaller {
+                    let _ = s.signal(libc::SIGKILL);
+                }
+            }
+            if let Err(e) = c.instance.unmount_root(dir) {
+                log::warn!("removing the root of {}: {e}", c.id);
+            }
+        } else if let Err(e) = c.instance.close() {
             log::warn!("closing the VM: {e}");
         }
         state::remove(Path::new(&c.bundle));
@@ -816,7 +947,10 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         _req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
-        let task_pid = lock(&self.inner.container).as_ref().map_or(0, |c| c.vm_pid);
+        let task_pid = lock(&self.inner.containers)
+            .values()
+            .next()
+            .map_or(0, |c| c.vm_pid);
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
             task_pid,
@@ -828,7 +962,7 @@ impl containerd_shim::Task for Service {
     fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
         // A shim with a container stays for it (containerd asks again
         // after Delete).
-        if lock(&self.inner.container).is_none() {
+        if lock(&self.inner.containers).is_empty() {
             self.inner.exit.signal();
         }
         Ok(api::Empty::default())

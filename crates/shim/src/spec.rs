@@ -46,6 +46,45 @@ pub struct Plan {
     /// bundle unless absolute), used when containerd passes no mounts.
     pub root: PathBuf,
     pub mounts: Vec<BindMount>,
+    /// The container's place in a pod, from CRI's annotations.
+    pub pod: Option<PodRole>,
+}
+
+/// CRI's annotation naming a container's kind: `sandbox` or `container`.
+pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// CRI's annotation naming the pod sandbox a container belongs to.
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+/// What CRI's annotations make of a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodRole {
+    /// The pod's sandbox (its pause container): it boots the pod's VM.
+    Sandbox,
+    /// A container of the pod whose sandbox has this id: it runs in the
+    /// sandbox's VM.
+    Member(String),
+}
+
+/// The pod role the annotations give; `None` outside a pod.
+pub fn pod_role(annotations: &std::collections::HashMap<String, String>) -> Option<PodRole> {
+    match annotations.get(CONTAINER_TYPE).map(String::as_str) {
+        Some("sandbox") => Some(PodRole::Sandbox),
+        Some("container") => annotations
+            .get(SANDBOX_ID)
+            .filter(|id| !id.is_empty())
+            .map(|id| PodRole::Member(id.clone())),
+        _ => None,
+    }
+}
+
+/// The sandbox id whose shim serves the bundle of `config_json` (a pod's
+/// member container), read leniently: `None` for anything else.
+pub fn shim_group(config_json: &[u8]) -> Option<String> {
+    let spec: Spec = serde_json::from_slice(config_json).ok()?;
+    match pod_role(spec.annotations().as_ref()?)? {
+        PodRole::Member(sandbox) => Some(sandbox),
+        PodRole::Sandbox => None,
+    }
 }
 
 /// Mount types the guest provides itself: skipped.
@@ -79,6 +118,7 @@ pub fn plan(config_json: &[u8]) -> Result<Plan, SpecError> {
         process: process_plan(process)?,
         root,
         mounts: bind_mounts(&spec)?,
+        pod: spec.annotations().as_ref().and_then(pod_role),
     })
 }
 
@@ -239,6 +279,25 @@ mod tests {
 
     fn plan_of(v: &Value) -> Result<Plan, SpecError> {
         plan(&serde_json::to_vec(v).unwrap())
+    }
+
+    #[test]
+    fn cri_annotations_place_a_container_in_its_pod() {
+        let mut v = base();
+        assert_eq!(plan_of(&v).unwrap().pod, None);
+        v["annotations"] = json!({CONTAINER_TYPE: "sandbox", SANDBOX_ID: "p1"});
+        assert_eq!(plan_of(&v).unwrap().pod, Some(PodRole::Sandbox));
+        assert_eq!(shim_group(&serde_json::to_vec(&v).unwrap()), None);
+        v["annotations"] = json!({CONTAINER_TYPE: "container", SANDBOX_ID: "p1"});
+        assert_eq!(plan_of(&v).unwrap().pod, Some(PodRole::Member("p1".into())));
+        assert_eq!(
+            shim_group(&serde_json::to_vec(&v).unwrap()),
+            Some("p1".into())
+        );
+        // A member naming no sandbox is a container of its own.
+        v["annotations"] = json!({CONTAINER_TYPE: "container", SANDBOX_ID: ""});
+        assert_eq!(plan_of(&v).unwrap().pod, None);
+        assert_eq!(shim_group(b"not json"), None);
     }
 
     #[test]

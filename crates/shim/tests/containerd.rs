@@ -626,6 +626,159 @@ fn malformed_config_is_refused_and_leaves_nothing(c: &Containerd) {
     assert_eq!(mounts_under(&c.dir.join("state")), Vec::<String>::new());
 }
 
+/// CRI's annotations for a pod's sandbox `sandbox`, or for a member of it.
+fn pod_flags(kind: &'static str, sandbox: &str) -> Vec<String> {
+    vec![
+        "--annotation".into(),
+        format!("io.kubernetes.cri.container-type={kind}"),
+        "--annotation".into(),
+        format!("io.kubernetes.cri.sandbox-id={sandbox}"),
+    ]
+}
+
+/// `ctr run -d` of the test image as `id` with `extra` options.
+fn run_detached_with(c: &Containerd, extra: &[String], id: &str, argv: &[&str]) {
+    let mut args = vec!["run", "--runtime", RUNTIME, "-d"];
+    args.extend(extra.iter().map(String::as_str));
+    args.extend([c.image.as_str(), id]);
+    args.extend(argv);
+    let out = c.ctr(&args);
+    assert!(out.status.success(), "run -d {id}: {}", text(&out.stderr));
+}
+
+/// The pid `ctr task ls` shows for task `id`.
+fn task_pid(c: &Containerd, id: &str) -> u32 {
+    let ls = text(&c.ctr(&["task", "ls"]).stdout);
+    ls.lines()
+        .find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.first() == Some(&id)).then(|| cols[1].parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no task {id}: {ls}"))
+}
+
+/// QEMU processes running a VM (not QEMU's `-M none` helpers) that
+/// descend from process `ancestor`.
+fn qemus_under(ancestor: u32) -> Vec<u32> {
+    let parent = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()
+    };
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            let args = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = args.split(|b| *b == 0).collect();
+            args.first()
+                .is_some_and(|a| a.ends_with(b"qemu-system-x86_64"))
+                && !args.windows(2).any(|w| w == [&b"-M"[..], &b"none"[..]])
+        })
+        .filter(|&pid| {
+            let mut p = pid;
+            while let Some(pp) = parent(p) {
+                if pp == ancestor {
+                    return true;
+                }
+                if pp <= 1 {
+                    break;
+                }
+                p = pp;
+            }
+            false
+        })
+        .collect()
+}
+
+/// `ctr task exec` of `argv` in task `id`: its stdout, after checking it
+/// succeeded.
+fn exec_in(c: &Containerd, id: &str, exec_id: &str, argv: &[&str]) -> String {
+    let mut args = vec!["task", "exec", "--exec-id", exec_id, id];
+    args.extend(argv);
+    let out = c.ctr(&args);
+    assert!(
+        out.status.success(),
+        "exec in {id}: {:?} {}",
+        out.status,
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+fn pod_containers_share_one_vm_with_separate_roots(c: &Containerd) {
+    run_detached_with(
+        c,
+        &pod_flags("sandbox", "podsb"),
+        "podsb",
+        &["sleep", "600"],
+    );
+    let (vm_pid, run_dir) = c.vm_of("podsb");
+    let member = pod_flags("container", "podsb");
+    run_detached_with(c, &member, "poda", &["sleep", "600"]);
+    run_detached_with(c, &member, "podb", &["sleep", "600"]);
+    // One shim, one QEMU: the members joined the sandbox's.
+    let shim = shim_pid("podsb").expect("the pod's shim");
+    assert_eq!(shim_pid("poda"), None, "a member got a shim of its own");
+    assert_eq!(shim_pid("podb"), None, "a member got a shim of its own");
+    assert_eq!(qemus_under(shim), vec![vm_pid]);
+    for id in ["poda", "podb"] {
+        assert_eq!(task_pid(c, id), vm_pid, "{id} runs in another VM");
+    }
+    // Separate roots: a file one writes is not in the other's (nor in the
+    // sandbox's), and each has its own /proc and /tmp.
+    let wrote = exec_in(
+        c,
+        "poda",
+        "w",
+        &["sh", "-c", "echo from-a > /mine; cat /mine"],
+    );
+    assert_eq!(wrote, "from-a\n");
+    let probe = "test -e /mine && echo shared || echo separate";
+    assert_eq!(exec_in(c, "podb", "r", &["sh", "-c", probe]), "separate\n");
+    assert_eq!(exec_in(c, "podsb", "r", &["sh", "-c", probe]), "separate\n");
+    let mounts = exec_in(c, "podb", "m", &["cat", "/proc/self/mounts"]);
+    for m in [" /proc proc ", " /tmp tmpfs ", " /dev "] {
+        assert!(mounts.contains(m), "{m} missing: {mounts}");
+    }
+    // Killing and deleting one member leaves the other running.
+    c.remove("poda");
+    assert_eq!(exec_in(c, "podb", "after", &["echo", "still"]), "still\n");
+    // Its root is gone from the guest: no mount, no directory.
+    let gone = "grep -c /.crumble-pod/poda /proc/mounts; test -e /.crumble-pod/poda || echo gone";
+    assert_eq!(
+        exec_in(c, "podsb", "gone", &["sh", "-c", gone]),
+        "0\ngone\n"
+    );
+    assert!(alive(vm_pid), "the pod's VM ended with a member");
+    let ls = text(&c.ctr(&["task", "ls"]).stdout);
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("podb") && l.contains("RUNNING")),
+        "{ls}"
+    );
+    // Deleting the rest, the sandbox last, leaves nothing.
+    c.remove("podb");
+    c.remove("podsb");
+    assert_nothing_left(c, "podsb", vm_pid, &run_dir);
+    assert!(!c.bundle("poda").exists() && !c.bundle("podb").exists());
+}
+
+fn member_without_its_sandbox_is_refused(c: &Containerd) {
+    let mut args = vec!["run", "--runtime", RUNTIME, "--rm"];
+    let flags = pod_flags("container", "nosuchpod");
+    args.extend(flags.iter().map(String::as_str));
+    args.extend([c.image.as_str(), "orphan", "true"]);
+    let out = c.ctr(&args);
+    assert!(!out.status.success(), "a member without a sandbox ran");
+    let err = text(&out.stderr);
+    assert!(err.contains("pod sandbox nosuchpod not found"), "{err}");
+    let _ = c.ctr(&["container", "rm", "orphan"]);
+    assert_no_shim("orphan");
+    assert!(!c.bundle("orphan").exists(), "the bundle was left");
+    assert_eq!(mounts_under(&c.dir.join("state")), Vec::<String>::new());
+}
+
 fn skip_reason() -> Option<&'static str> {
     if std::env::var("CC_RUN_VM_TESTS").as_deref() != Ok("1") {
         return Some("VM test: set CC_RUN_VM_TESTS=1 to boot real VMs");
@@ -684,6 +837,14 @@ fn main() -> ExitCode {
         (
             "unsupported_requests_are_refused_and_leave_nothing",
             unsupported_requests_are_refused_and_leave_nothing,
+        ),
+        (
+            "pod_containers_share_one_vm_with_separate_roots",
+            pod_containers_share_one_vm_with_separate_roots,
+        ),
+        (
+            "member_without_its_sandbox_is_refused",
+            member_without_its_sandbox_is_refused,
         ),
     ];
     let trials = tests

@@ -342,6 +342,7 @@ pub fn exec(argv: &[&str]) -> Exec {
         stdout: Stdio::Null,
         stderr: Stdio::Null,
         pty: None,
+        root: None,
     }
 }
 
