@@ -49,6 +49,17 @@
 //! | a connection ends | its processes live on, orphaned | its processes are killed, and [`Agent::serve`] returns once they and the connection's threads are gone |
 //! | log lines | on the console (stderr) | through `eprintln!`, which a test harness captures |
 //!
+//! # Saves with commands in flight
+//!
+//! Before its guest is saved the host asks for quiet (`Quiesce`): the
+//! frame being written goes out whole, the answer is the connection's
+//! last frame, and every writer waits. The guest saved goes on after
+//! `Unquiesce`. A copy restored from the save hears `Rebirth` first on its
+//! new channel: the old connection closes without a held frame going out,
+//! and a new one serves the same port; the processes keep running, their
+//! output read and dropped, their input at end of file, their exits
+//! reported to nobody.
+//!
 //! Paths in requests are paths of the machine the agent runs on: in host
 //! mode, the host's. A socket channel is written with `MSG_NOSIGNAL`, so a
 //! host that hangs up is a failed write rather than a `SIGPIPE`; writes to

@@ -287,10 +287,10 @@ class Instance(Handle):
         starts it again, processes intact. Returns the disk space the park
         takes, in bytes.
 
-        The instance must be quiet: no command still running under a
-        ``Cmd`` that is not closed, no listener or connection open
-        (``InvalidArgumentError``; the instance runs on). Instances with
-        mounts cannot be parked yet (``InvalidArgumentError``)."""
+        Commands may be running: their guest processes go on in every
+        restore, while their ``Cmd``s, listeners and connections raise
+        ``AlreadyClosedError``. Instances with mounts cannot be parked yet
+        (``InvalidArgumentError``; the instance runs on)."""
         raw = _lib.encode_path(path, "path")
         out = c_uint64()
         _lib.call(_lib.native().cc_instance_park, self._h("park"), raw, byref(out))
@@ -305,9 +305,11 @@ class Instance(Handle):
         this instance is stopped only while it is saved, then runs on.
 
         The children share the saved memory copy-on-write. As for
-        ``park``, the instance must be quiet and have no mounts
-        (``InvalidArgumentError``; it runs on). Commands, files, listeners
-        and connections stay with this instance."""
+        ``park``, the instance must have no mounts (``InvalidArgumentError``;
+        it runs on). Commands, files, listeners and connections in flight
+        stay with this instance and carry on; in the children the running
+        guest processes go on, their output dropped and their input at end
+        of file. Calls from other threads meanwhile wait for the save."""
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be an int, not {type(n).__name__}")
         if not 1 <= n <= 64:
