@@ -1046,32 +1046,31 @@ impl Quiet<'_> {
     /// reader deferred, and the waiting senders go on.
     pub(crate) fn lift(mut self) {
         self.lifted = true;
-        lift_quiet(&self.channel.shared, true);
+        lift_quiet(&self.channel.shared);
     }
 
-    /// The guest saved has ended: the channel goes down with `gone`, and
-    /// the waiting senders fail with its error.
+    /// The guest saved has ended: the channel goes down with `gone` and
+    /// stays quiet, so the waiting senders, and any later, fail with its
+    /// error.
     pub(crate) fn end(mut self, gone: Gone) {
         self.lifted = true;
         mark_dead(&self.channel.shared, gone);
-        lift_quiet(&self.channel.shared, false);
+        self.channel.shared.unquiet.notify_all();
     }
 }
 
 impl Drop for Quiet<'_> {
     fn drop(&mut self) {
         if !self.lifted {
-            lift_quiet(&self.channel.shared, true);
+            lift_quiet(&self.channel.shared);
         }
     }
 }
 
-/// Ends the quiet; with `unquiesce`, tells the agent first (on a channel
-/// still up).
-fn lift_quiet(shared: &Shared, unquiesce: bool) {
+/// Ends the quiet, telling the agent first (on a channel still up).
+fn lift_quiet(shared: &Shared) {
     let mut w = lock(&shared.writer);
-    let dead = lock(&shared.tables).dead.is_some();
-    if unquiesce && !dead {
+    if lock(&shared.tables).dead.is_none() {
         // Its answer has no waiter: the agent's senders going on is all.
         let id = lock(&shared.tables).calls.unanswered();
         let deferred = std::mem::take(&mut w.deferred);
@@ -1104,15 +1103,17 @@ fn rebirth_token() -> u64 {
 /// down meanwhile.
 const QUIET_POLL: Duration = Duration::from_millis(100);
 
-/// The writer, once the channel is not quiet; `Err` once it is gone.
+/// The writer, once the channel is not quiet; `Err` if it goes down while
+/// quiet. (A channel marked down may still write: closing sends
+/// `Shutdown` after failing every waiter.)
 fn wait_unquiet(shared: &Shared) -> std::result::Result<MutexGuard<'_, Writer>, ()> {
     let mut w = lock(&shared.writer);
     loop {
-        if lock(&shared.tables).dead.is_some() {
-            return Err(());
-        }
         if !w.quiesced {
             return Ok(w);
+        }
+        if lock(&shared.tables).dead.is_some() {
+            return Err(());
         }
         w = shared
             .unquiet
@@ -1780,6 +1781,29 @@ mod tests {
             assert_eq!(err.code(), crate::ErrorCode::AlreadyClosed, "{err}");
         });
         let _guest = agent.join().unwrap();
+        channel.shut_down(Gone::Closed);
+    }
+
+    #[test]
+    fn closing_asks_the_guest_to_shut_down_and_takes_its_answer() {
+        let (channel, guest) = connected();
+        let agent = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let Ok(Some(Message::Request {
+                id,
+                body: Request::Shutdown,
+            })) = frame::read(&mut &guest, &mut buf)
+            else {
+                return false;
+            };
+            let done = Message::Response {
+                id,
+                body: Ok(Response::Done),
+            };
+            frame::write(&mut &guest, &done).is_ok()
+        });
+        assert!(channel.close_gracefully(Duration::from_secs(5)));
+        assert!(agent.join().unwrap(), "no Shutdown came");
         channel.shut_down(Gone::Closed);
     }
 
