@@ -975,6 +975,10 @@ impl Channel {
             if let Some(gone) = &t.dead {
                 return Err(gone.error());
             }
+            // A paused guest would never answer.
+            if self.shared.pause.is_paused() {
+                return Err(Error::Paused);
+            }
             t.calls.begin()
         };
         let bytes = frame::encode(&Message::Request {
