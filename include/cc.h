@@ -1760,11 +1760,12 @@ cc_error_code cc_instance_close(cc_instance inst, struct cc_error *err);
  * Saves the running instance to the new directory `path` and closes it:
  * its VM ends and its memory is released; `cc_instance_restore` starts
  * it again from there, processes intact. `bytes` (NULL to skip) gets the
- * disk space the park takes. The instance must be quiet: no command
- * still running under a `cc_cmd` that is not freed, no listener or
- * connection open, no guest process with a file open on a mount
- * (`CC_ERR_INVALID_ARGUMENT`; the instance runs on). Mounts are kept:
- * every restore shares the same host directories with the same modes. Handle still needs `cc_instance_free`.
+ * disk space the park takes. Commands may be running: their guest
+ * processes go on in every restore, while their `cc_cmd`s, listeners and
+ * connections fail with `CC_ERR_ALREADY_CLOSED`. No guest process may
+ * have a file open on a mount (`CC_ERR_INVALID_ARGUMENT`; the instance
+ * runs on). Mounts are kept: every restore shares the same host
+ * directories with the same modes. Handle still needs `cc_instance_free`.
  *
  * # Safety
  * `path` is a string; `bytes` is NULL or valid for writing; `err` is NULL
@@ -1802,11 +1803,14 @@ cc_error_code cc_instance_restore(const char *path,
  * on its own, with a new id and hostname; `inst` is stopped only while
  * it is saved, then runs on. Writes their handles to `out[0..n]` (each
  * freed with `cc_instance_free`), all or none. The children share the
- * saved memory copy-on-write; as for `cc_instance_park`, `inst` must be
- * quiet and no guest process may have a file open on a mount
- * (`CC_ERR_INVALID_ARGUMENT`; it runs on). Source and children keep the
- * mounts.
- * Children report `CC_START_RESTORED`.
+ * saved memory copy-on-write; as for `cc_instance_park`, no guest
+ * process of `inst` may have a file open on a mount
+ * (`CC_ERR_INVALID_ARGUMENT`; it runs on), and source and children keep
+ * the mounts. Commands, listeners and connections in flight stay with
+ * `inst` and carry on; the children's copies of running processes go on
+ * with their output dropped and their input at end of file. Calls on
+ * `inst` from other threads meanwhile wait for the save. Children report
+ * `CC_START_RESTORED`.
  *
  * # Safety
  * `out` is NULL or valid for writing `n` handles; `err` is NULL or valid

@@ -190,10 +190,29 @@ impl Write for &Port {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// The port and whether it is held quiet.
+#[derive(Debug)]
+struct PortState {
+    port: Option<Port>,
+    /// The host asked for quiet (`Quiesce`): writers wait until it is
+    /// lifted or the connection closes.
+    quiesced: bool,
+}
+
 #[derive(Debug)]
 pub struct Conn {
+    /// Unique among the agent's connections; a reborn connection keeps
+    /// its predecessor's, so that the processes it leaves behind stay
+    /// keyed as they were.
     id: u64,
-    port: Mutex<Option<Port>>,
+    port: Mutex<PortState>,
+    /// Signalled when the port's quiet is lifted or the connection closes.
+    unquiet: Condvar,
+    /// Closed by a rebirth: its processes run on, their output read and
+    /// dropped rather than their pipes closed.
+    orphaned: AtomicBool,
+    /// The token of the `Rebirth` that made this connection, if one did.
+    token: Option<u64>,
     /// A socket port's second handle, shut down on close: that fails
     /// writes in progress and ends the reader's wait.
     hang_up: Option<OwnedFd>,
@@ -219,17 +238,32 @@ pub struct Conn {
 impl Conn {
     /// Takes the (non-blocking) port for writing.
     pub fn new(port: Port) -> io::Result<Self> {
+        Self::with(
+            port,
+            NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            None,
+            Arc::default(),
+        )
+    }
+
+    fn with(port: Port, id: u64, token: Option<u64>, tasks: Arc<Tasks>) -> io::Result<Self> {
         Ok(Self {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            id,
             hang_up: port.hang_up_handle()?,
-            port: Mutex::new(Some(port)),
+            port: Mutex::new(PortState {
+                port: Some(port),
+                quiesced: false,
+            }),
+            unquiet: Condvar::new(),
+            orphaned: AtomicBool::new(false),
+            token,
             closed: AtomicBool::new(false),
             gone: Mutex::new(false),
             gone_changed: Condvar::new(),
             streams: Mutex::new(Streams::new(Side::Guest)),
             handles: Handles::default(),
             listeners: Mutex::default(),
-            tasks: Arc::default(),
+            tasks,
             held_started: Mutex::new(0),
             held_started_sent: Condvar::new(),
         })
@@ -250,6 +284,82 @@ impl Conn {
         let _ = self
             .held_started_sent
             .wait_timeout_while(held, limit, |n| *n > 0);
+    }
+
+    /// The token of the `Rebirth` that made this connection.
+    pub fn token(&self) -> Option<u64> {
+        self.token
+    }
+
+    /// Whether a rebirth closed this connection (see [`Conn::reborn`]).
+    pub fn is_orphaned(&self) -> bool {
+        self.orphaned.load(Ordering::Relaxed)
+    }
+
+    /// Marks the connection's processes as living on without it: their
+    /// output is read and dropped once the connection closes.
+    pub fn orphan(&self) {
+        self.orphaned.store(true, Ordering::Relaxed);
+    }
+
+    /// Holds every later frame back, once the one being written is out,
+    /// and writes `last`, the answer to `Quiesce`, as the last frame
+    /// before the quiet is lifted.
+    pub fn quiesce(&self, last: &Message) -> io::Result<()> {
+        let frame = frame::encode(last).map_err(io::Error::other)?;
+        // Not waiting for a quiet already asked for: this runs on the
+        // reader, which must never wait for the host.
+        let mut state = lock(&self.port);
+        self.write_all_port(&state.port, &frame)?;
+        state.quiesced = true;
+        Ok(())
+    }
+
+    /// Lets the held writers go on.
+    pub fn unquiesce(&self) {
+        lock(&self.port).quiesced = false;
+        self.unquiet.notify_all();
+    }
+
+    /// Closes this connection for a rebirth and returns the new one, on
+    /// the same port: its streams, files and listeners end with it, a
+    /// frame being written goes out whole first and the held ones never
+    /// do. Its processes run on under the new connection's id, their
+    /// output read and dropped (see [`Conn::is_orphaned`]), their exits
+    /// reported to nobody.
+    pub fn reborn(&self, token: u64) -> io::Result<Arc<Conn>> {
+        let port = {
+            // Once locked, no frame is half written (a writer holds the
+            // lock for a whole frame), quiet or not.
+            let mut state = lock(&self.port);
+            state.quiesced = true;
+            state
+                .port
+                .as_ref()
+                .ok_or_else(Self::closed_error)?
+                .try_clone()?
+        };
+        self.orphan();
+        self.shut(false);
+        Ok(Arc::new(Self::with(
+            port,
+            self.id,
+            Some(token),
+            self.tasks.clone(),
+        )?))
+    }
+
+    /// The port, once it is not held quiet; fails once the connection is
+    /// closed.
+    fn port_for_writing(&self) -> io::Result<MutexGuard<'_, PortState>> {
+        let mut state = lock(&self.port);
+        while state.quiesced && !self.closed.load(Ordering::Relaxed) {
+            state = self.unquiet.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(Self::closed_error());
+        }
+        Ok(state)
     }
 
     /// Starts `f` on a thread of this connection's (see [`Tasks`]).
@@ -342,8 +452,8 @@ impl Conn {
 
     /// Writes one already-encoded frame.
     pub fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
-        let port = lock(&self.port);
-        self.write_all_port(&port, frame)
+        let state = self.port_for_writing()?;
+        self.write_all_port(&state.port, frame)
     }
 
     /// Writes a `Data` frame of `payload` on `stream`, the payload
@@ -352,11 +462,11 @@ impl Conn {
     pub fn send_data(&self, stream: u32, payload: &[u8]) -> io::Result<()> {
         let mut header = [0u8; frame::DATA_HEADER_MAX];
         let len = frame::data_header(stream, payload.len(), &mut header);
-        let port = lock(&self.port);
-        self.write_all_port(&port, &header[frame::DATA_HEADER_MAX - len..])?;
-        let sent = self.write_all_port(&port, payload);
+        let state = self.port_for_writing()?;
+        self.write_all_port(&state.port, &header[frame::DATA_HEADER_MAX - len..])?;
+        let sent = self.write_all_port(&state.port, payload);
         if sent.is_err() {
-            drop(port);
+            drop(state);
             self.close();
         }
         sent
@@ -377,9 +487,9 @@ impl Conn {
     /// failure past the header leaves a partial frame, which ends the
     /// connection.
     pub fn send_spliced(&self, header: &[u8], pipe: BorrowedFd<'_>, len: usize) -> io::Result<()> {
-        let port = lock(&self.port);
-        self.write_all_port(&port, header)?;
-        let spliced = self.write_port(&port, len, |port| {
+        let state = self.port_for_writing()?;
+        self.write_all_port(&state.port, header)?;
+        let spliced = self.write_port(&state.port, len, |port| {
             Ok(rustix::pipe::splice(
                 pipe,
                 None,
@@ -390,7 +500,7 @@ impl Conn {
             )?)
         });
         if spliced.is_err() {
-            drop(port);
+            drop(state);
             self.close();
         }
         spliced
@@ -434,8 +544,8 @@ impl Conn {
     /// frame: a blocking write to a virtio port waits for that.
     pub fn send_flushed(&self, msg: &Message) -> io::Result<()> {
         let frame = frame::encode(msg).map_err(io::Error::other)?;
-        let port = lock(&self.port);
-        let port = port.as_ref().ok_or_else(Self::closed_error)?;
+        let state = self.port_for_writing()?;
+        let port = state.port.as_ref().ok_or_else(Self::closed_error)?;
         sys::set_nonblocking(port, false)?;
         let result = (&mut &*port).write_all(&frame);
         sys::set_nonblocking(port, true)?;
@@ -503,10 +613,19 @@ impl Conn {
     /// the port is released once the current writer gives up. A socket is
     /// shut down, which the host sees as the end of the channel.
     pub fn close(&self) {
+        self.shut(true);
+    }
+
+    /// Closes the connection; `hang_up` also shuts a socket port down,
+    /// which a rebirth, going on over the same socket, must not.
+    fn shut(&self, hang_up: bool) {
         self.closed.store(true, Ordering::Relaxed);
-        if let Some(socket) = &self.hang_up {
+        if let Some(socket) = self.hang_up.as_ref().filter(|_| hang_up) {
             sys::shutdown_socket(socket.as_fd());
         }
+        // Held writers wake and fail.
+        drop(lock(&self.port));
+        self.unquiet.notify_all();
         *lock(&self.gone) = true;
         self.gone_changed.notify_all();
         lock(&self.streams).end();
@@ -514,7 +633,7 @@ impl Conn {
         for (_, fd) in lock(&self.listeners).drain() {
             sys::shutdown_socket(fd.as_fd());
         }
-        drop(lock(&self.port).take());
+        drop(lock(&self.port).port.take());
     }
 }
 

@@ -17,7 +17,7 @@ use rustix::thread::{Gid, Uid};
 use crate::conn::{Conn, Reply};
 use crate::environ::{self, Env, Probe, SearchError};
 use crate::reaper::Reaper;
-use crate::stream::{DrainError, Receiver, Sender};
+use crate::stream::{discard, DrainError, Receiver, Sender};
 use crate::terminal::{self, Terminals};
 use crate::users::{self, Identity, UserError};
 use crate::{error, sys, trace, Mode};
@@ -215,20 +215,6 @@ fn announce_quick_exit(
         let sending = Instant::now();
         let _ = conn.send(&msg);
         trace::record("agent: send Started", sending);
-    }
-}
-
-/// Reads a terminal's master until the terminal is gone (`EIO` once no
-/// process has the slave open) and forgets what it read.
-fn discard(mut master: File) {
-    let mut buf = [0; 4096];
-    loop {
-        match io::Read::read(&mut master, &mut buf) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
     }
 }
 

@@ -49,6 +49,17 @@
 //! | a connection ends | its processes live on, orphaned | its processes are killed, and [`Agent::serve`] returns once they and the connection's threads are gone |
 //! | log lines | on the console (stderr) | through `eprintln!`, which a test harness captures |
 //!
+//! # Saves with commands in flight
+//!
+//! Before its guest is saved the host asks for quiet (`Quiesce`): the
+//! frame being written goes out whole, the answer is the connection's
+//! last frame, and every writer waits. The guest saved goes on after
+//! `Unquiesce`. A copy restored from the save hears `Rebirth` first on its
+//! new channel: the old connection closes without a held frame going out,
+//! and a new one serves the same port; the processes keep running, their
+//! output read and dropped, their input at end of file, their exits
+//! reported to nobody.
+//!
 //! Paths in requests are paths of the machine the agent runs on: in host
 //! mode, the host's. A socket channel is written with `MSG_NOSIGNAL`, so a
 //! host that hangs up is a failed write rather than a `SIGPIPE`; writes to
@@ -273,10 +284,15 @@ impl Agent {
         };
         trace::record_setup("agent: serve → Hello sent", began);
         *self.current() = Some(conn.clone());
-        let why = panic::catch_unwind(AssertUnwindSafe(|| read_frames(self, &conn, reader)))
+        let mut conn = conn;
+        let why = panic::catch_unwind(AssertUnwindSafe(|| read_frames(self, &mut conn, reader)))
             .unwrap_or_else(|_| "reader panicked".into());
         log!("connection lost: {why}");
         self.current().take();
+        if self.mode == Mode::Guest {
+            // Its processes live on: their output is read and dropped.
+            conn.orphan();
+        }
         conn.close();
         self.end_connection(&conn);
         match self.powered_off.get() {
@@ -428,11 +444,16 @@ fn describe_frame_error(e: &FrameError) -> String {
 
 /// Reads and dispatches frames; returns why the connection ended. A host
 /// that breaks the protocol is told why before the connection is closed.
-fn read_frames(agent: &Arc<Agent>, conn: &Arc<Conn>, port: PortReader) -> String {
+/// A rebirth replaces `conn` with its successor.
+fn read_frames(agent: &Arc<Agent>, conn: &mut Arc<Conn>, port: PortReader) -> String {
     let mut reader = FrameReader::new(port);
     loop {
         match conn.receive(&mut reader) {
-            Ok(Some(Received::Message(msg))) => dispatch(agent, conn, msg),
+            Ok(Some(Received::Message(msg))) => {
+                if let Some(next) = dispatch(agent, conn, msg) {
+                    *conn = next;
+                }
+            }
             Ok(Some(Received::Stream)) => {}
             Ok(Some(Received::Payload { since })) => {
                 trace::record("guest: read payloads out of the port", since);
@@ -459,16 +480,66 @@ type Job = Box<dyn FnOnce(&Arc<Agent>, Reply) + Send>;
 /// other requests run on a thread of their own (an idle one reused, see
 /// [`tasks`]), so a slow one never stalls reading.
 /// Streams are registered here, before the next frame is read, so data the
-/// host sends right behind a request is kept.
-fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) {
+/// host sends right behind a request is kept. Returns the connection that
+/// replaces `conn` after a rebirth.
+fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, msg: Message) -> Option<Arc<Conn>> {
     let Message::Request { id, body } = msg else {
         // Only a guest sends the rest: harmless, and ignored.
         log!("ignoring unexpected message {msg:?}");
-        return;
+        return None;
     };
+    match body {
+        Request::Quiesce => {
+            let quiet = Message::Response {
+                id,
+                body: Ok(Response::Done),
+            };
+            if let Err(e) = conn.quiesce(&quiet) {
+                log!("quiesce: {}", error::describe(&e));
+            }
+            return None;
+        }
+        Request::Unquiesce => {
+            conn.unquiesce();
+            conn.reply(id).send(Ok(Response::Done));
+            return None;
+        }
+        Request::Rebirth { token } => return rebirth(agent, conn, id, token),
+        _ => {}
+    }
+    dispatch_request(agent, conn, id, body);
+    None
+}
+
+/// Serves the channel of a restored copy of the guest in place of `conn`
+/// (see [`Request::Rebirth`]); the answer goes out on the new connection.
+fn rebirth(agent: &Arc<Agent>, conn: &Arc<Conn>, id: u64, token: u64) -> Option<Arc<Conn>> {
+    if conn.token() == Some(token) {
+        conn.reply(id).send(Ok(Response::Done));
+        return None;
+    }
+    match conn.reborn(token) {
+        Ok(next) => {
+            *agent.current() = Some(next.clone());
+            next.reply(id).send(Ok(Response::Done));
+            Some(next)
+        }
+        Err(e) => {
+            log!("rebirth: {}", error::describe(&e));
+            None
+        }
+    }
+}
+
+/// Handles a request other than the channel's own (see [`dispatch`]).
+fn dispatch_request(agent: &Arc<Agent>, conn: &Arc<Conn>, id: u64, body: Request) {
     conn.announce(body.streams());
     let reply = conn.reply(id);
     let job: Job = match body {
+        // The channel's own, answered by `dispatch` before it gets here.
+        Request::Quiesce | Request::Unquiesce | Request::Rebirth { .. } => {
+            return reply.send(Err(error::invalid("not a request for a thread")));
+        }
         Request::Ping => return reply.send(Ok(Response::Pong)),
         Request::Trace { on } => return reply.send(Ok(Response::Trace(trace::take(on)))),
         Request::SyncClock(time) => return reply.send(setup::sync_clock(agent.mode, time)),

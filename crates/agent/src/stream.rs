@@ -41,23 +41,33 @@ impl Sender {
     /// stalls the source (a process writing a pipe) rather than growing the
     /// agent's memory. A read error resets the stream; a reset from the host
     /// stops the copy and closes `source` (a pipe's writer then gets EPIPE).
-    pub fn pump(self, source: File) {
-        self.pump_some(source, u64::MAX);
+    /// A process's output outlives a rebirth of the connection: it is
+    /// then read to its end and dropped, so the process runs on.
+    pub fn pump(self, mut source: File) {
+        let conn = self.conn.clone();
+        if !self.copy(&mut source, u64::MAX, false) && conn.is_orphaned() {
+            discard(source);
+        }
     }
 
-    /// Like [`pump`](Self::pump), but ends the stream after at most
-    /// `limit` bytes.
-    pub fn pump_some(self, source: File, limit: u64) {
-        self.copy(source, limit, false);
+    /// Like [`pump`](Self::pump) of a file (no rebirth keeps it going),
+    /// but ends the stream after at most `limit` bytes.
+    pub fn pump_some(self, mut source: File, limit: u64) {
+        self.copy(&mut source, limit, false);
     }
 
     /// Like [`pump`](Self::pump), for a terminal's master: `EIO`, which
     /// reading it gives once no process has the terminal open, is its end.
-    pub fn pump_terminal(self, master: File) {
-        self.copy(master, u64::MAX, true);
+    pub fn pump_terminal(self, mut master: File) {
+        let conn = self.conn.clone();
+        if !self.copy(&mut master, u64::MAX, true) && conn.is_orphaned() {
+            discard(master);
+        }
     }
 
-    fn copy(self, mut source: File, limit: u64, eio_ends: bool) {
+    /// `true` once `source` was copied to its end (or `limit`), `false`
+    /// if the stream or the connection ended first.
+    fn copy(self, source: &mut File, limit: u64, eio_ends: bool) -> bool {
         let stream = self.id;
         let mut left = limit;
         // The payload is read right after room for the frame header, so
@@ -68,22 +78,22 @@ impl Sender {
         loop {
             if left == 0 {
                 self.finish();
-                break;
+                return true;
             }
             let waited = Instant::now();
             let want = usize::try_from(left).unwrap_or(usize::MAX).min(DATA_CHUNK);
             let Some(credit) = self.output.acquire(want) else {
-                break;
+                return false;
             };
             trace::record("guest: wait for credit", waited);
             // Waiting here rather than in read lets a reset interrupt an idle
             // pipe; regular files are always ready.
             match self.output.wait_readable(source.as_fd()) {
                 Ok(true) => {}
-                Ok(false) => break,
+                Ok(false) => return false,
                 Err(e) => {
                     log!("stream {stream}: poll: {}", error::describe(&e));
-                    break;
+                    return false;
                 }
             }
             let read = Instant::now();
@@ -100,11 +110,11 @@ impl Sender {
                 Err(e) => {
                     log!("stream {stream}: read: {}", error::describe(&e));
                     self.reset();
-                    break;
+                    return true;
                 }
             };
             if !self.settle(credit, got) {
-                break;
+                return got == 0;
             }
             left -= got as u64;
             let mut header = [0u8; ROOM];
@@ -116,7 +126,7 @@ impl Sender {
                 .send_frame(&frame_buf[ROOM - len..ROOM + got])
                 .is_err()
             {
-                break;
+                return false;
             }
             trace::record("guest: write frames to the port", sent);
         }
@@ -218,6 +228,21 @@ impl Sender {
             let _ = self.conn.send(&Message::Reset { stream: self.id });
         }
         self.conn.release_output(self.id, &self.output);
+    }
+}
+
+/// Reads `source` (a pipe, or a terminal's master, which fails with `EIO`
+/// once no process holds the terminal) to its end and forgets what it
+/// read, so that its writer never blocks on it.
+pub fn discard(mut source: File) {
+    let mut buf = [0; 4096];
+    loop {
+        match source.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
     }
 }
 

@@ -358,9 +358,23 @@ impl Tables {
     }
 }
 
+/// The writing half of the channel, and whether it is held quiet while
+/// the guest is saved.
+#[derive(Debug)]
+struct Writer {
+    socket: UnixStream,
+    /// `Quiesce` was sent: other senders wait until [`Quiet`] ends.
+    quiesced: bool,
+    /// Frames the reader thread, which must never wait, had to send while
+    /// the channel was quiet; they follow `Unquiesce`.
+    deferred: Vec<Vec<u8>>,
+}
+
 #[derive(Debug)]
 struct Shared {
-    writer: Mutex<UnixStream>,
+    writer: Mutex<Writer>,
+    /// Notified when the quiet ends or the channel goes down.
+    unquiet: Condvar,
     tables: Mutex<Tables>,
     /// Notified, with `tables` held, when the channel goes down.
     down: Condvar,
@@ -502,23 +516,29 @@ impl Channel {
         Ok((Channel::start(socket, reader, false)?, agent))
     }
 
-    /// Resumes the conversation with an agent restored from a template:
-    /// pings are sent until one is answered, for up to `timeout`, so a
-    /// ping lost while the agent re-opens its port is simply sent again.
-    /// The greeting of an agent that did start over is accepted too.
+    /// Resumes the conversation with an agent restored from a save (a
+    /// template, a park or a branch): `Rebirth` is sent until it is
+    /// answered, for up to `timeout`, so one lost while the agent re-opens
+    /// its port is simply sent again (its token makes a repeat harmless).
+    /// The agent then serves this channel afresh, whatever it was doing on
+    /// the old one. The greeting of an agent that did start over is
+    /// accepted too.
     pub(crate) fn resume(socket: UnixStream, timeout: Duration) -> Result<Channel> {
         let reader = frame_reader(&socket)?;
         let channel = Channel::start(socket, reader, true)?;
+        let token = rebirth_token();
         let deadline = Instant::now() + timeout;
         let mut retry = PING_RETRY;
         loop {
-            let answer = channel.begin(Request::Ping)?.wait(&channel, retry);
+            let answer = channel
+                .begin(Request::Rebirth { token })?
+                .wait(&channel, retry);
             retry = (retry * 2).min(PING_RETRY_MAX);
             match answer {
-                Ok(Ok(Response::Pong)) => return Ok(channel),
+                Ok(Ok(Response::Done)) => return Ok(channel),
                 Ok(other) => {
                     return Err(Error::Protocol(format!(
-                        "unexpected answer to a ping: {other:?}"
+                        "unexpected answer to a rebirth: {other:?}"
                     )))
                 }
                 Err(Error::Timeout(_)) if Instant::now() < deadline => {}
@@ -552,7 +572,12 @@ impl Channel {
             .set_write_timeout(Some(WRITE_TIMEOUT))
             .map_err(Error::io("configure", "agent channel"))?;
         let shared = Arc::new(Shared {
-            writer: Mutex::new(writer),
+            writer: Mutex::new(Writer {
+                socket: writer,
+                quiesced: false,
+                deferred: Vec::new(),
+            }),
+            unquiet: Condvar::new(),
             tables: Mutex::new(Tables::default()),
             down: Condvar::new(),
             next_process: AtomicU64::new(1),
@@ -639,8 +664,17 @@ impl Channel {
                 id,
                 body: Request::Ping,
             }) {
-                if let Ok(mut w) = shared.writer.try_lock() {
-                    if let Err(e) = send_now(&mut w, &bytes) {
+                if let Ok(mut w) =
+                    shared
+                        .writer
+                        .try_lock()
+                        .map_err(drop)
+                        .and_then(|w| match w.quiesced {
+                            false => Ok(w),
+                            true => Err(()),
+                        })
+                {
+                    if let Err(e) = send_now(&mut w.socket, &bytes) {
                         drop(w);
                         mark_dead(
                             shared,
@@ -928,31 +962,51 @@ impl Channel {
         }
     }
 
-    /// Holds the channel quiet while the guest is parked: no host sender
-    /// writes until the guard is dropped. Fails with
-    /// [`Error::InvalidArgument`] while anything is in flight (a request
-    /// unanswered, a stream, process or listener open), which a parked
-    /// guest could not finish.
-    pub(crate) fn hold_quiet(&self) -> Result<MutexGuard<'_, UnixStream>> {
-        let writer = lock(&self.shared.writer);
-        let t = lock(&self.shared.tables);
-        if let Some(gone) = &t.dead {
-            return Err(gone.error());
+    /// Holds the channel quiet while the guest is saved: `Quiesce` is
+    /// sent and answered, after which the agent sends nothing, and every
+    /// host sender but the reader (whose frames are deferred) waits until
+    /// the returned guard ends the quiet. Everything the agent sent before
+    /// its answer has been dispatched when this returns, so no frame of
+    /// either side is in flight. Requests, streams, processes and
+    /// listeners may be open: they go on after [`Quiet::lift`].
+    pub(crate) fn quiesce(&self, timeout: Duration) -> Result<Quiet<'_>> {
+        let (id, rx) = {
+            let mut t = lock(&self.shared.tables);
+            if let Some(gone) = &t.dead {
+                return Err(gone.error());
+            }
+            // A paused guest would never answer.
+            if self.shared.pause.is_paused() {
+                return Err(Error::Paused);
+            }
+            t.calls.begin()
+        };
+        let bytes = frame::encode(&Message::Request {
+            id,
+            body: Request::Quiesce,
+        })?;
+        {
+            let mut w = wait_unquiet(&self.shared).map_err(|()| self.gone_error())?;
+            write_frame(&self.shared, &mut w, &mut [IoSlice::new(&bytes)])
+                .map_err(|()| self.gone_error())?;
+            // Nothing else goes out behind it.
+            w.quiesced = true;
         }
-        let (inbound, outbound) = t.streams.len();
-        let open = [
-            (t.calls.len(), "request"),
-            (t.exits.len(), "command"),
-            (t.listeners.len(), "listener"),
-            (inbound + outbound, "stream"),
-        ];
-        if let Some((n, what)) = open.into_iter().find(|(n, _)| *n > 0) {
-            return Err(Error::InvalidArgument(format!(
-                "cannot park with {n} {what}(s) in flight: wait for running commands \
-                 and close listeners and connections first"
-            )));
+        // From here on the guard lifts the quiet, whatever happens.
+        let quiet = Quiet {
+            channel: self,
+            lifted: false,
+        };
+        match (Pending { id, rx }).wait(self, timeout)? {
+            Ok(Response::Done) => Ok(quiet),
+            Ok(other) => Err(Error::Protocol(format!(
+                "unexpected answer to a quiesce: {other:?}"
+            ))),
+            Err(e) => Err(Error::Guest {
+                op: "quiesce".into(),
+                message: e.message,
+            }),
         }
-        Ok(writer)
     }
 
     /// The next process id this channel hands out.
@@ -980,6 +1034,96 @@ impl Channel {
 impl Drop for Channel {
     fn drop(&mut self) {
         self.shut_down(Gone::Closed);
+    }
+}
+
+/// The channel held quiet by [`Channel::quiesce`]; dropping it lifts the
+/// quiet as [`Quiet::lift`] does.
+#[derive(Debug)]
+pub(crate) struct Quiet<'a> {
+    channel: &'a Channel,
+    lifted: bool,
+}
+
+impl Quiet<'_> {
+    /// The guest saved runs on: `Unquiesce` goes out first, then what the
+    /// reader deferred, and the waiting senders go on.
+    pub(crate) fn lift(mut self) {
+        self.lifted = true;
+        lift_quiet(&self.channel.shared);
+    }
+
+    /// The guest saved has ended: the channel goes down with `gone` and
+    /// stays quiet, so the waiting senders, and any later, fail with its
+    /// error.
+    pub(crate) fn end(mut self, gone: Gone) {
+        self.lifted = true;
+        mark_dead(&self.channel.shared, gone);
+        self.channel.shared.unquiet.notify_all();
+    }
+}
+
+impl Drop for Quiet<'_> {
+    fn drop(&mut self) {
+        if !self.lifted {
+            lift_quiet(&self.channel.shared);
+        }
+    }
+}
+
+/// Ends the quiet, telling the agent first (on a channel still up).
+fn lift_quiet(shared: &Shared) {
+    let mut w = lock(&shared.writer);
+    if lock(&shared.tables).dead.is_none() {
+        // Its answer has no waiter: the agent's senders going on is all.
+        let id = lock(&shared.tables).calls.unanswered();
+        let deferred = std::mem::take(&mut w.deferred);
+        let frames = frame::encode(&Message::Request {
+            id,
+            body: Request::Unquiesce,
+        })
+        .into_iter()
+        .chain(deferred);
+        for bytes in frames {
+            if write_frame(shared, &mut w, &mut [IoSlice::new(&bytes)]).is_err() {
+                break;
+            }
+        }
+    }
+    w.deferred.clear();
+    w.quiesced = false;
+    drop(w);
+    shared.unquiet.notify_all();
+}
+
+/// A token no earlier channel to any copy of a guest used (see
+/// [`Request::Rebirth`]).
+fn rebirth_token() -> u64 {
+    let bytes = crate::instance::random_bytes(8);
+    u64::from_le_bytes(bytes.try_into().unwrap_or_default())
+}
+
+/// How often a sender waiting out a quiet checks whether the channel went
+/// down meanwhile.
+const QUIET_POLL: Duration = Duration::from_millis(100);
+
+/// The writer, once the channel is not quiet; `Err` if it goes down while
+/// quiet. (A channel marked down may still write: closing sends
+/// `Shutdown` after failing every waiter.)
+fn wait_unquiet(shared: &Shared) -> std::result::Result<MutexGuard<'_, Writer>, ()> {
+    let mut w = lock(&shared.writer);
+    loop {
+        if !w.quiesced {
+            return Ok(w);
+        }
+        if lock(&shared.tables).dead.is_some() {
+            return Err(());
+        }
+        w = shared
+            .unquiet
+            .wait_timeout(w, QUIET_POLL)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
     }
 }
 
@@ -1047,7 +1191,12 @@ fn read_loop(shared: &Shared, mut reader: FrameReader<UnixStream>) {
             let Ok(frame) = frame::encode(&Message::Reset { stream }) else {
                 continue;
             };
-            if send_frame(shared, &frame).is_err() {
+            // The reader never waits out a quiet: it must read the answer
+            // that ends it.
+            let mut w = lock(&shared.writer);
+            if w.quiesced {
+                w.deferred.push(frame);
+            } else if write_frame(shared, &mut w, &mut [IoSlice::new(&frame)]).is_err() {
                 return;
             }
         }
@@ -1063,14 +1212,24 @@ fn send_frame(shared: &Shared, bytes: &[u8]) -> std::result::Result<(), ()> {
 /// Writes one frame given in pieces, without joining them; on failure the
 /// channel is marked dead. A write that timed out while the guest was
 /// paused goes on where it stopped.
+/// A channel held quiet is waited out first.
 fn send_frame_vectored(shared: &Shared, frame: &mut [IoSlice<'_>]) -> std::result::Result<(), ()> {
-    let mut w = lock(&shared.writer);
+    let mut w = wait_unquiet(shared)?;
+    write_frame(shared, &mut w, frame)
+}
+
+/// Writes one frame with the writer held; on failure the channel is marked
+/// dead.
+fn write_frame(
+    shared: &Shared,
+    w: &mut MutexGuard<'_, Writer>,
+    frame: &mut [IoSlice<'_>],
+) -> std::result::Result<(), ()> {
     let mut slices = frame;
     let mut paused_before = shared.pause.total_at(Instant::now());
     while !slices.is_empty() {
-        match io::Write::write_vectored(&mut *w, slices) {
+        match io::Write::write_vectored(&mut w.socket, slices) {
             Ok(0) => {
-                drop(w);
                 mark_dead(
                     shared,
                     Gone::Dead("writing to the guest agent: wrote nothing".into()),
@@ -1087,7 +1246,6 @@ fn send_frame_vectored(shared: &Shared, frame: &mut [IoSlice<'_>]) -> std::resul
                 paused_before = shared.pause.total_at(Instant::now());
             }
             Err(e) => {
-                drop(w);
                 mark_dead(
                     shared,
                     Gone::Dead(format!("writing to the guest agent: {e}")),
@@ -1550,6 +1708,106 @@ mod tests {
         let mut byte = [0u8; 1];
         let read = io::Read::read(&mut &guest, &mut byte).unwrap_err();
         assert_eq!(read.kind(), io::ErrorKind::WouldBlock);
+        channel.shut_down(Gone::Closed);
+    }
+
+    #[test]
+    fn senders_wait_out_a_quiet_and_follow_the_unquiesce() {
+        let (channel, guest) = connected();
+        let agent = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let mut seen = Vec::new();
+            while let Ok(Some(msg)) = frame::read(&mut &guest, &mut buf) {
+                if let Message::Request {
+                    id,
+                    body: Request::Quiesce,
+                } = msg
+                {
+                    let done = Message::Response {
+                        id,
+                        body: Ok(Response::Done),
+                    };
+                    frame::write(&mut &guest, &done).unwrap();
+                }
+                seen.push(msg);
+            }
+            seen
+        });
+        let quiet = channel.quiesce(Duration::from_secs(5)).unwrap();
+        std::thread::scope(|s| {
+            let sender = s.spawn(|| channel.send(&Message::Eof { stream: 9 }));
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(!sender.is_finished(), "a send waits out the quiet");
+            quiet.lift();
+            sender.join().unwrap().unwrap();
+        });
+        channel.shut_down(Gone::Closed);
+        let seen = agent.join().unwrap();
+        assert!(
+            matches!(
+                &seen[..],
+                [
+                    Message::Request {
+                        body: Request::Quiesce,
+                        ..
+                    },
+                    Message::Request {
+                        body: Request::Unquiesce,
+                        ..
+                    },
+                    Message::Eof { stream: 9 },
+                ]
+            ),
+            "{seen:?}"
+        );
+    }
+
+    #[test]
+    fn a_quiet_ended_with_the_channel_fails_its_waiting_senders() {
+        let (channel, guest) = connected();
+        let agent = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Ok(Some(Message::Request { id, .. })) = frame::read(&mut &guest, &mut buf) {
+                let done = Message::Response {
+                    id,
+                    body: Ok(Response::Done),
+                };
+                frame::write(&mut &guest, &done).unwrap();
+            }
+            guest
+        });
+        let quiet = channel.quiesce(Duration::from_secs(5)).unwrap();
+        std::thread::scope(|s| {
+            let sender = s.spawn(|| channel.send(&Message::Eof { stream: 9 }));
+            std::thread::sleep(Duration::from_millis(100));
+            quiet.end(Gone::Closed);
+            let err = sender.join().unwrap().unwrap_err();
+            assert_eq!(err.code(), crate::ErrorCode::AlreadyClosed, "{err}");
+        });
+        let _guest = agent.join().unwrap();
+        channel.shut_down(Gone::Closed);
+    }
+
+    #[test]
+    fn closing_asks_the_guest_to_shut_down_and_takes_its_answer() {
+        let (channel, guest) = connected();
+        let agent = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let Ok(Some(Message::Request {
+                id,
+                body: Request::Shutdown,
+            })) = frame::read(&mut &guest, &mut buf)
+            else {
+                return false;
+            };
+            let done = Message::Response {
+                id,
+                body: Ok(Response::Done),
+            };
+            frame::write(&mut &guest, &done).is_ok()
+        });
+        assert!(channel.close_gracefully(Duration::from_secs(5)));
+        assert!(agent.join().unwrap(), "no Shutdown came");
         channel.shut_down(Gone::Closed);
     }
 

@@ -19,10 +19,9 @@ use std::time::{Duration, Instant};
 
 use cc_engine::{ConfineMode, Engine, Machine, Qemu};
 use cc_netpolicy::{NetworkPolicy, Rule};
-use cc_protocol::Request;
 use serde::{Deserialize, Serialize};
 
-use crate::channel::Channel;
+use crate::channel::{Channel, Gone};
 use crate::error::{Error, Result};
 use crate::instance::{
     guest_spec, plan_guest, set_up_guest, supervise, Inner, Instance, Mount, Options, RootLayers,
@@ -320,34 +319,36 @@ impl Instance {
     /// it: its VM ends and its memory is released. [`Instance::restore`]
     /// starts it again from there, processes intact.
     ///
-    /// The instance must be quiet: no command still running under this
-    /// handle, no listener or connection open (`InvalidArgument`
-    /// otherwise; guest processes started in the background are fine).
-    /// Mounts are released in the guest for the save (a guest process
-    /// with a file open on one is `InvalidArgument`) and every restore
-    /// has them again, with their modes. On
-    /// an error the instance runs on, unless the VM failed while it was
-    /// being saved.
+    /// Commands may be running: their guest processes go on in every
+    /// restore (output read and dropped, input at end of file), while this
+    /// handle's `Child`s, pipes, listeners and connections fail with
+    /// `AlreadyClosed`, as the instance is closed. Mounts are released in
+    /// the guest for the save (a guest process with a file open on one is
+    /// `InvalidArgument`) and every restore has them again, with their
+    /// modes. On an error the instance runs on, unless the VM failed while
+    /// it was being saved.
     pub fn park(&self, path: impl AsRef<Path>) -> Result<Parked> {
         let path = path.as_ref();
         let inner = self.inner();
         let vm = saveable(inner)?;
         let writing = Writing::start(path)?;
-        let meta = Meta::of(inner);
         let t = Instant::now();
         unmount_shares(self)?;
         inner.parking.store(true, Ordering::Release);
-        let saved = save(inner, &writing.tmp, |d| vm.park(d));
+        let saved = save(inner, &writing.tmp, After::Ends, |d| vm.park(d));
         let save_time = t.elapsed();
         inner.parking.store(false, Ordering::Release);
-        if let Err(e) = saved {
-            if vm.exit_status().is_some() {
-                self.close()?;
-            } else {
-                mount_shares(self, inner.options.mounts.len())?;
+        let meta = match saved {
+            Ok(meta) => meta,
+            Err(e) => {
+                if vm.exit_status().is_some() {
+                    self.close()?;
+                } else {
+                    mount_shares(self, 0)?;
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         // The VM has ended: closing only removes what is left of it.
         self.close()?;
         write_meta(&writing.tmp, &meta)?;
@@ -451,11 +452,14 @@ impl Instance {
     /// stopped only while it is saved, then runs on.
     ///
     /// The children map one saved copy of the memory copy-on-write: they
-    /// share its pages until they write them. The rules of a park apply:
-    /// the instance must be quiet and no guest process may have a file
-    /// open on a mount (`InvalidArgument` otherwise; it runs on); it and
-    /// its children keep the mounts. Commands, files, listeners and connections
-    /// of this handle stay with it.
+    /// share its pages until they write them. No guest process may have a
+    /// file open on a mount (`InvalidArgument` otherwise; it runs on); it
+    /// and its children keep the mounts. Commands, files, listeners and
+    /// connections in flight stay with this handle and carry on as if
+    /// nothing happened; calls made meanwhile from other threads wait for
+    /// the save. In the children the running guest processes go on, their
+    /// output read and dropped, their input at end of file and their exits
+    /// reported to nobody.
     pub fn branch(&self, n: usize) -> Result<Vec<Instance>> {
         if !(1..=64).contains(&n) {
             return Err(Error::InvalidArgument(format!(
@@ -474,13 +478,12 @@ impl Instance {
             .map_err(Error::io("create", &tmp))?;
         // Never published: dropping it removes the saved copy.
         let writing = Writing { tmp };
-        let meta = Meta::of(inner);
         unmount_shares(self)?;
         inner.parking.store(true, Ordering::Release);
-        let saved = save(inner, &writing.tmp, |d| vm.save_copy(d));
+        let saved = save(inner, &writing.tmp, After::RunsOn, |d| vm.save_copy(d));
         inner.parking.store(false, Ordering::Release);
         let remounted = mount_shares(self, 0);
-        saved?;
+        let meta = saved?;
         remounted?;
         write_meta(&writing.tmp, &meta)?;
         let options = RestoreOptions {
@@ -610,26 +613,35 @@ fn write_meta(dir: &Path, meta: &Meta) -> Result<()> {
     fs::write(&m, json).map_err(Error::io("write", &m))
 }
 
-/// Quiets the channel and has `engine_save` save the guest into `dir`.
+/// What becomes of the saved guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum After {
+    /// It runs on (a branch): its channel carries on where it stopped.
+    RunsOn,
+    /// It ended (a park): its channel closes.
+    Ends,
+}
+
+/// Quiesces the channel, so that no frame of either side is in flight,
+/// and has `engine_save` save the guest into `dir`; returns the core's
+/// part of the save. Senders meanwhile wait for the quiet to end.
 fn save(
     inner: &Inner,
     dir: &Path,
+    after: After,
     engine_save: impl FnOnce(&Path) -> std::result::Result<(), cc_engine::Error>,
-) -> Result<()> {
-    // Once answered, everything the agent sent before is in: with nothing
-    // in flight it sends nothing more.
-    match inner.channel.request(Request::Ping, REQUEST_TIMEOUT)? {
-        Ok(_) => {}
-        Err(e) => {
-            return Err(Error::Guest {
-                op: "ping".into(),
-                message: e.message,
-            })
-        }
+) -> Result<Meta> {
+    let quiet = inner.channel.quiesce(REQUEST_TIMEOUT)?;
+    // Taken in the quiet: every process id the saved agent heard of is
+    // below the next one recorded.
+    let meta = Meta::of(inner);
+    let saved = engine_save(dir);
+    match (&saved, after) {
+        (Ok(()), After::Ends) => quiet.end(Gone::Closed),
+        _ => quiet.lift(),
     }
-    let _quiet = inner.channel.hold_quiet()?;
-    engine_save(dir)?;
-    Ok(())
+    saved?;
+    Ok(meta)
 }
 
 #[cfg(test)]

@@ -713,16 +713,6 @@ fn park_refuses_what_it_cannot_keep_and_restore_a_foreign_park() {
         warm_start: false,
         ..Options::default()
     });
-    // A command still running under this handle cannot be parked.
-    let mut child = inst.command("sleep").arg("30").spawn().unwrap();
-    let err = inst.park(&park).unwrap_err();
-    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
-    assert!(!park.exists());
-    assert_eq!(stdout(&inst, "echo still"), "still\n");
-    child.kill().unwrap();
-    child.wait().unwrap();
-    // Its output streams end with the handle.
-    drop(child);
     // A paused instance is resumed first.
     inst.pause().unwrap();
     assert_eq!(inst.park(&park).unwrap_err().code(), ErrorCode::Paused);
@@ -932,6 +922,135 @@ fn a_warm_park_keeps_only_what_differs_from_the_template() {
         assert_eq!(stdout(&r, "echo fine"), "fine\n");
         r.close().unwrap();
     }
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+/// The counter of a command still running under the host's handle: it
+/// counts into /tmp/c and to its stdout, whose pipe goes to the host.
+const HELD_COUNTER: &str =
+    "echo $$ > /tmp/pid; i=0; while true; do i=$((i+1)); echo $i; echo $i > /tmp/c; sleep 0.1; done";
+
+/// Waits (10 s at most) until `inst`'s counter passes `from`.
+fn counts_on(inst: &Instance, from: u64) {
+    let later = Instant::now() + Duration::from_secs(10);
+    while count(inst) <= from {
+        assert!(Instant::now() < later, "the counter stopped at {from}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn branch_with_commands_in_flight_goes_on_in_the_source_and_four_children() {
+    let src = boot();
+    let counter = src.cmd("sh", &["-c", HELD_COUNTER]);
+    let counter_out = counter.stdout_pipe().unwrap();
+    counter.start().unwrap();
+    let mut cat = src
+        .command("cat")
+        .stdin(Stdio::Piped)
+        .stdout(Stdio::Piped)
+        .spawn()
+        .unwrap();
+    let mut cat_in = cat.stdin.take().unwrap();
+    cat_in.write_all(b"before\n").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = count(&src);
+    // Commands started from another thread while the branch is taken wait
+    // for the save and succeed.
+    let branching = std::sync::atomic::AtomicBool::new(true);
+    let (kids, during) = std::thread::scope(|s| {
+        let other = s.spawn(|| {
+            let mut ran = 0;
+            while branching.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = src.command("echo").arg("during").output().unwrap();
+                assert_eq!(out.stdout, b"during\n");
+                ran += 1;
+            }
+            ran
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let kids = src.branch(4).unwrap();
+        branching.store(false, std::sync::atomic::Ordering::Relaxed);
+        (kids, other.join().unwrap())
+    });
+    assert!(during > 0);
+    assert_eq!(kids.len(), 4);
+    // The command in flight on the source finishes with all its output.
+    cat_in.write_all(b"after\n").unwrap();
+    drop(cat_in);
+    let mut got = Vec::new();
+    cat.stdout.take().unwrap().read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"before\nafter\n");
+    assert!(cat.wait().unwrap().success());
+    // The counter goes on everywhere: the source's handle still reads it.
+    let mut line = Vec::new();
+    while !line.ends_with(b"\n") || line.len() < 2 {
+        line.extend(counter_out.read(64).unwrap());
+    }
+    assert_eq!(counter.exit_code(), None);
+    let all = [&src, &kids[0], &kids[1], &kids[2], &kids[3]];
+    for i in all {
+        assert!(count(i) >= before, "counting from where the source was");
+        counts_on(i, count(i));
+        assert_eq!(
+            stdout(i, "kill -0 $(cat /tmp/pid) && echo alive"),
+            "alive\n"
+        );
+    }
+    // Counts diverge: one child's counter stops, the others go on.
+    sh(&kids[3], "kill $(cat /tmp/pid)");
+    let stopped = count(&kids[3]);
+    let now: Vec<u64> = all[..4].iter().map(|i| count(i)).collect();
+    for (i, n) in all[..4].iter().zip(now) {
+        counts_on(i, n);
+    }
+    assert_eq!(count(&kids[3]), stopped, "the killed counter stays");
+    assert_eq!(counter.exit_code(), None, "the source's counter runs on");
+    // A file one child writes is its own.
+    sh(&kids[0], "echo child > /tmp/mine");
+    for i in [&src, &kids[1], &kids[2], &kids[3]] {
+        assert_eq!(
+            stdout(i, "cat /tmp/mine 2>/dev/null || echo none"),
+            "none\n"
+        );
+    }
+    // Identities of their own.
+    let ids: std::collections::HashSet<_> = all.iter().map(|i| i.id().to_string()).collect();
+    let hosts: std::collections::HashSet<_> = all.iter().map(|i| stdout(i, "hostname")).collect();
+    let rng: std::collections::HashSet<_> = all
+        .iter()
+        .map(|i| stdout(i, "head -c 16 /dev/urandom | od -An -tx1"))
+        .collect();
+    assert_eq!((ids.len(), hosts.len(), rng.len()), (5, 5, 5));
+    counter.kill().unwrap();
+    for k in kids {
+        k.close().unwrap();
+    }
+    src.close().unwrap();
+}
+
+fn park_with_a_running_command_goes_on_in_the_restore() {
+    let scratch = park_scratch("running");
+    let park = scratch.join("p");
+    let inst = boot();
+    let mut counter = inst
+        .command("sh")
+        .args(["-c", HELD_COUNTER])
+        .stdout(Stdio::Piped)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = count(&inst);
+    inst.park(&park).unwrap();
+    // The host's handle ends with the instance; the process does not.
+    assert_eq!(counter.wait().unwrap_err().code(), ErrorCode::AlreadyClosed);
+    let restored = Instance::restore(&park, cc::RestoreOptions::default()).unwrap();
+    assert!(count(&restored) >= before);
+    counts_on(&restored, count(&restored));
+    assert_eq!(
+        stdout(&restored, "kill -0 $(cat /tmp/pid) && echo alive"),
+        "alive\n"
+    );
+    restored.close().unwrap();
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
@@ -3990,6 +4109,8 @@ fn main() -> ExitCode {
         park_and_branch_keep_mounts,
         a_warm_park_keeps_only_what_differs_from_the_template,
         branch_children_disks_are_cheap_and_independent,
+        branch_with_commands_in_flight_goes_on_in_the_source_and_four_children,
+        park_with_a_running_command_goes_on_in_the_restore,
         ten_branch_cycles_leave_nothing_behind,
         branch_children_share_the_saved_memory,
         independent_writable_layers,

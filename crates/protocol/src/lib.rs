@@ -22,6 +22,12 @@
 //!    and answers [`Response::Ready`].
 //! 3. Requests and their responses, stream data and process exits then
 //!    interleave freely: many commands and streams share the channel.
+//! 4. Before the guest is saved (a branch or a park), the host sends
+//!    [`Request::Quiesce`] and then nothing: the agent's answer is its last
+//!    frame, so neither direction has a frame in flight while the VM is
+//!    saved. The saved guest goes on after [`Request::Unquiesce`]; each
+//!    copy restored from the save gets [`Request::Rebirth`] on its new
+//!    channel and forgets everything of the old one but its processes.
 //!
 //! # Streams and back-pressure
 //! Byte streams (a process's stdin, stdout, stderr, a forwarded connection)
@@ -43,7 +49,7 @@ pub use message::*;
 
 /// Version of this protocol. Bumped on any incompatible change; the host
 /// refuses an agent that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 12;
+pub const PROTOCOL_VERSION: u32 = 13;
 
 /// Largest frame payload either side accepts.
 pub const MAX_FRAME: usize = 4 << 20;

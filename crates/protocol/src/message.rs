@@ -152,6 +152,24 @@ pub enum Request {
     /// (the image, the writable layer); answered by `Done`. A missing
     /// `dir` is no error.
     UnmountRoot { dir: ByteBuf },
+    /// Stop sending before the guest is saved: the agent finishes the
+    /// frame it is writing, holds every later one (its writers wait), and
+    /// answers `Done` as its last frame. The host sends nothing more until
+    /// `Unquiesce` or, in a restored copy, `Rebirth`: so no frame is half
+    /// written or queued on the port when the guest is saved.
+    Quiesce,
+    /// After a save, in the guest that was saved: the held writers go on,
+    /// as if nothing happened; answered by `Done`.
+    Unquiesce,
+    /// The first request on the channel of a guest restored from a save
+    /// (a branch, a park, a template): the agent drops every stream, open
+    /// file, listener and connection of the channel it had, keeps its
+    /// processes running (their output read and dropped, their input at
+    /// end of file, their exits not reported), and serves this channel
+    /// afresh; answered by `Done` on it. A rebirth repeated with the same
+    /// `token` (the host resends it while the agent may be re-opening its
+    /// port) is answered without dropping anything again.
+    Rebirth { token: u64 },
 }
 
 impl Request {
@@ -190,7 +208,10 @@ impl Request {
             | Request::Resize { .. }
             | Request::SyncClock(_)
             | Request::MountRoot { .. }
-            | Request::UnmountRoot { .. } => [None; 3],
+            | Request::UnmountRoot { .. }
+            | Request::Quiesce
+            | Request::Unquiesce
+            | Request::Rebirth { .. } => [None; 3],
         };
         ids.into_iter().flatten()
     }

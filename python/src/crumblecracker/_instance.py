@@ -287,10 +287,10 @@ class Instance(Handle):
         starts it again, processes intact. Returns the disk space the park
         takes, in bytes.
 
-        The instance must be quiet: no command still running under a
-        ``Cmd`` that is not closed, no listener or connection open
-        (``InvalidArgumentError``; the instance runs on), no guest process
-        with a file open on a mount (``InvalidArgumentError``). Mounts are
+        Commands may be running: their guest processes go on in every
+        restore, while their ``Cmd``s, listeners and connections raise
+        ``AlreadyClosedError``. No guest process may have a file open on a
+        mount (``InvalidArgumentError``; the instance runs on). Mounts are
         kept: every restore shares the same host directories with the same
         modes; one whose directory is gone is ``InvalidArgumentError``."""
         raw = _lib.encode_path(path, "path")
@@ -307,10 +307,13 @@ class Instance(Handle):
         this instance is stopped only while it is saved, then runs on.
 
         The children share the saved memory copy-on-write. As for
-        ``park``, the instance must be quiet and no guest process may have
-        a file open on a mount (``InvalidArgumentError``; it runs on); the
-        source and the children keep the mounts. Commands, files, listeners
-        and connections stay with this instance."""
+        ``park``, no guest process may have a file open on a mount
+        (``InvalidArgumentError``; it runs on); the source and the children
+        keep the mounts. Commands, files, listeners and connections in
+        flight stay with this instance and carry on; in the children the
+        running guest processes go on, their output dropped and their input
+        at end of file. Calls from other threads meanwhile wait for the
+        save."""
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be an int, not {type(n).__name__}")
         if not 1 <= n <= 64:

@@ -177,6 +177,11 @@ impl Host {
         false
     }
 
+    /// Forgets the messages received and not asked for yet.
+    pub fn clear_backlog(&mut self) {
+        self.backlog.clear();
+    }
+
     /// Waits until the agent closes the channel; returns the messages
     /// that came before, unclaimed ones included.
     pub fn until_closed(&mut self) -> Vec<Message> {

@@ -7,5 +7,6 @@ mod connection;
 mod exec;
 mod files;
 mod forward;
+mod quiesce;
 mod snapshot;
 mod streams;
