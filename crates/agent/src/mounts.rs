@@ -34,11 +34,12 @@ fn make_dirs(path: &str) -> io::Result<()> {
     DirBuilder::new().recursive(true).mode(0o755).create(path)
 }
 
-fn mkdir(path: &str) -> Result<(), RemoteError> {
+pub(crate) fn mkdir(path: &str) -> Result<(), RemoteError> {
     make_dirs(path).map_err(|e| error::os(format_args!("mkdir {path}"), &e))
 }
 
-fn mount(
+/// Mounts `source` on `target`, made first if missing.
+pub(crate) fn mount(
     source: &str,
     target: &str,
     fstype: &str,

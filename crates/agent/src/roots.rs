@@ -14,6 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use cc_protocol::{RemoteError, Response};
 use rustix::mount::MountFlags;
 
+use crate::mounts::{mkdir, mount as mount_at};
 use crate::{error, sys, Mode};
 
 /// The image file the host writes into the root's directory.
@@ -120,20 +121,4 @@ fn detach(dir: &str) {
     for target in inner.chain(outer) {
         let _ = sys::unmount_detach(&target);
     }
-}
-
-fn mkdir(path: &str) -> Result<(), RemoteError> {
-    fs::create_dir_all(path).map_err(|e| error::os(format_args!("mkdir {path}"), &e))
-}
-
-fn mount_at(
-    source: &str,
-    target: &str,
-    fstype: &str,
-    flags: MountFlags,
-    data: Option<&str>,
-) -> Result<(), RemoteError> {
-    mkdir(target)?;
-    sys::mount(source, target, fstype, flags, data)
-        .map_err(|e| error::os(format_args!("mount {source} on {target}"), &e))
 }

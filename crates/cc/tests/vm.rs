@@ -1014,13 +1014,7 @@ fn branch_with_commands_in_flight_goes_on_in_the_source_and_four_children() {
         );
     }
     // Identities of their own.
-    let ids: std::collections::HashSet<_> = all.iter().map(|i| i.id().to_string()).collect();
-    let hosts: std::collections::HashSet<_> = all.iter().map(|i| stdout(i, "hostname")).collect();
-    let rng: std::collections::HashSet<_> = all
-        .iter()
-        .map(|i| stdout(i, "head -c 16 /dev/urandom | od -An -tx1"))
-        .collect();
-    assert_eq!((ids.len(), hosts.len(), rng.len()), (5, 5, 5));
+    assert_identities_differ(&all);
     counter.kill().unwrap();
     for k in kids {
         k.close().unwrap();
@@ -1054,6 +1048,18 @@ fn park_with_a_running_command_goes_on_in_the_restore() {
     std::fs::remove_dir_all(&scratch).unwrap();
 }
 
+/// Each of `all` has an id, a hostname and `/dev/urandom` output of its own.
+fn assert_identities_differ(all: &[&Instance]) {
+    let ids: std::collections::HashSet<_> = all.iter().map(|i| i.id().to_string()).collect();
+    let hosts: std::collections::HashSet<_> = all.iter().map(|i| stdout(i, "hostname")).collect();
+    let rng: std::collections::HashSet<_> = all
+        .iter()
+        .map(|i| stdout(i, "head -c 16 /dev/urandom | od -An -tx1"))
+        .collect();
+    let n = all.len();
+    assert_eq!((ids.len(), hosts.len(), rng.len()), (n, n, n));
+}
+
 fn branch_children_go_on_from_the_source_and_diverge() {
     let src = boot();
     sh(
@@ -1079,13 +1085,7 @@ fn branch_children_go_on_from_the_source_and_diverge() {
         );
         assert_eq!(stdout(k, "cat /etc/marker"), "before\n");
     }
-    let ids: std::collections::HashSet<_> = all.iter().map(|i| i.id().to_string()).collect();
-    let hosts: std::collections::HashSet<_> = all.iter().map(|i| stdout(i, "hostname")).collect();
-    let rng: std::collections::HashSet<_> = all
-        .iter()
-        .map(|i| stdout(i, "head -c 16 /dev/urandom | od -An -tx1"))
-        .collect();
-    assert_eq!((ids.len(), hosts.len(), rng.len()), (3, 3, 3));
+    assert_identities_differ(&all);
     // Files and processes diverge: one child's counter stops, the others
     // go on; one child's file is its own.
     sh(&kids[1], "kill $(cat /tmp/pid)");
