@@ -548,6 +548,11 @@ fn a_guest_that_dies_is_not_running_within_two_seconds() {
     assert!(!inst.is_running());
     let err = inst.command("true").status().unwrap_err();
     assert_eq!(err.code(), ErrorCode::NotRunning, "{err}");
+    // A dead guest cannot be copied or saved either (issue 18).
+    assert_eq!(inst.branch(1).unwrap_err().code(), ErrorCode::NotRunning);
+    let park = s.0.join("park");
+    assert_eq!(inst.park(&park).unwrap_err().code(), ErrorCode::NotRunning);
+    assert!(!park.exists(), "a failed park left {park:?}");
     inst.wait(None).unwrap();
     inst.close().unwrap();
 }
