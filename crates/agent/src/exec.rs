@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use cc_protocol::{ErrorKind, Exec, Message, RemoteError, Response, Stdio};
 use rustix::thread::{Gid, Uid};
 
-use crate::conn::{Conn, Reply};
+use crate::conn::{Conn, HeldStarted, Reply};
 use crate::environ::{self, Env, Probe, SearchError};
 use crate::reaper::Reaper;
 use crate::stream::{discard, DrainError, Receiver, Sender};
@@ -86,6 +86,9 @@ pub fn run(
 ) {
     let conn = reply.conn().clone();
     let key = (conn.id(), exec.process);
+    // Held from before the process exists: it may power the guest off
+    // before this thread gets on, and its answer must still go first.
+    let held = conn.hold_started();
     let mut spawned = match spawn(reaper, mode, &conn, exec, &streams) {
         Ok(s) => s,
         Err(e) => return reply.send(Err(e)),
@@ -103,6 +106,7 @@ pub fn run(
     if exec.stdin.is_some() || terminal {
         let _ = conn.send(&started);
         trace::record("agent: send Started", answered);
+        drop(held);
         let c = conn.clone();
         let t = terminals.clone();
         reaper.announce(
@@ -118,7 +122,7 @@ pub fn run(
             }),
         );
     } else {
-        announce_quick_exit(reaper, key, &conn, started, answered);
+        announce_quick_exit(reaper, key, &conn, started, answered, held);
     }
     // A thread that fails to start drops its stream, which releases it;
     // the host is then told the stream is over.
@@ -177,8 +181,8 @@ fn announce_quick_exit(
     conn: &Arc<Conn>,
     started: Message,
     since: Instant,
+    _held: HeldStarted,
 ) {
-    let _held = conn.hold_started();
     let pending = Arc::new((Mutex::new(Some(started)), Condvar::new()));
     let (c, p) = (conn.clone(), pending.clone());
     reaper.announce(
