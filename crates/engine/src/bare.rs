@@ -18,7 +18,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 
-use crate::cmdline::{fd_path, Wiring};
+use crate::cmdline::{fd_path, BootFiles, Wiring};
 use crate::confine::{self, ChildPlan, ConfineMode};
 use crate::{detect_accel, paths, qemu_args, Accel, Error, VmSpec, CONSOLE_LOG_MAX};
 
@@ -81,8 +81,10 @@ impl BareSpec {
             agent_fd: AGENT_FD,
             qmp_fd: QMP_FD,
             console_fd: CONSOLE_FD,
-            kernel: fd_path(KERNEL_FD),
-            initrd: fd_path(INITRD_FD),
+            boot: Some(BootFiles {
+                kernel: fd_path(KERNEL_FD),
+                initrd: fd_path(INITRD_FD),
+            }),
             memory_file: None,
             disk_fds: Vec::new(),
             backing_fds: Vec::new(),

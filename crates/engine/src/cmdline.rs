@@ -21,9 +21,9 @@ pub struct Wiring {
     pub qmp_fd: i32,
     /// The serial console (a connected socket the engine drains).
     pub console_fd: i32,
-    /// The guest kernel and initramfs, as paths QEMU opens.
-    pub kernel: String,
-    pub initrd: String,
+    /// The guest kernel and initramfs, as paths QEMU opens; none for a
+    /// guest that arrives by migration ([`VmSpec::incoming`]).
+    pub boot: Option<BootFiles>,
     /// The RAM file, when [`VmSpec::memory_file`] is set.
     pub memory_file: Option<String>,
     /// The descriptors of each [`VmSpec::disks`] entry: one read-only, and
@@ -40,6 +40,13 @@ pub struct Wiring {
     pub net_fd: Option<i32>,
     /// Turn on QEMU's seccomp filter.
     pub seccomp: bool,
+}
+
+/// The files a cold boot reads, as paths QEMU opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootFiles {
+    pub kernel: String,
+    pub initrd: String,
 }
 
 /// The path QEMU opens to reach inherited descriptor `fd`.
@@ -131,8 +138,12 @@ pub fn qemu_args(spec: &VmSpec, w: &Wiring) -> Vec<OsString> {
             "-no-reboot",
         ],
     );
-    push(&mut a, &["-kernel", &w.kernel, "-initrd", &w.initrd]);
-    push(&mut a, &["-append", &append]);
+    // A migrated guest's kernel is already in its RAM: reading the
+    // vmlinux again costs QEMU's start-up 5 to 10 ms for nothing.
+    if let Some(boot) = &w.boot {
+        push(&mut a, &["-kernel", &boot.kernel, "-initrd", &boot.initrd]);
+        push(&mut a, &["-append", &append]);
+    }
     push(
         &mut a,
         &[
@@ -313,8 +324,10 @@ mod tests {
             agent_fd: 3,
             qmp_fd: 4,
             console_fd: 5,
-            kernel: fd_path(6),
-            initrd: fd_path(7),
+            boot: (!spec.incoming).then(|| BootFiles {
+                kernel: fd_path(6),
+                initrd: fd_path(7),
+            }),
             memory_file: spec.memory_file.as_ref().map(|_| "/t/k,1/ram".into()),
             disk_fds: vec![vec![10], vec![11, 12]],
             backing_fds: vec![None, None],
@@ -472,6 +485,16 @@ mod tests {
             ),
             "{cmd}"
         );
+    }
+
+    #[test]
+    fn a_migrated_guest_starts_without_kernel_initramfs_or_command_line() {
+        let mut s = spec();
+        s.incoming = true;
+        let cmd = joined(&s);
+        for absent in ["-kernel", "-initrd", "-append"] {
+            assert!(!cmd.contains(absent), "{cmd}");
+        }
     }
 
     #[test]

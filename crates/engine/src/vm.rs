@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::cmdline::{fd_path, Wiring};
+use crate::cmdline::{fd_path, BootFiles, Wiring};
 use crate::confine::{self, ConfineMode, Confinement};
 use crate::qmp::{Event, Qmp};
 use crate::{console, net, paths, qemu_args, Accel, Error, RunDir};
@@ -187,13 +187,19 @@ impl Vm {
         let agent_fd = inputs.add(agent_guest);
         let qmp_fd = inputs.add(qmp_guest);
         let console_fd = inputs.add(console_guest);
-        if creds.switch {
-            for file in [&spec.kernel, &spec.initrd] {
-                readable_by_all(file)?;
+        let boot = if spec.incoming {
+            None
+        } else {
+            if creds.switch {
+                for file in [&spec.kernel, &spec.initrd] {
+                    readable_by_all(file)?;
+                }
             }
-        }
-        let kernel = fd_path(inputs.open(&spec.kernel, &read_only())?);
-        let initrd = fd_path(inputs.open(&spec.initrd, &read_only())?);
+            Some(BootFiles {
+                kernel: fd_path(inputs.open(&spec.kernel, &read_only())?),
+                initrd: fd_path(inputs.open(&spec.initrd, &read_only())?),
+            })
+        };
         let memory_file = match &spec.memory_file {
             Some(file) => Some(fd_path(open_memory_file(&mut inputs, file, creds)?)),
             None => None,
@@ -235,8 +241,7 @@ impl Vm {
             agent_fd,
             qmp_fd,
             console_fd,
-            kernel,
-            initrd,
+            boot,
             memory_file,
             disk_fds,
             backing_fds,
