@@ -491,9 +491,17 @@ impl Instance {
             timeout: inner.options.timeout,
             engine: inner.options.engine.clone(),
         };
+        // The caller's `tracing` subscriber sees the children's starts.
+        let dispatch = tracing::dispatcher::get_default(Clone::clone);
         let children: Vec<Result<Instance>> = std::thread::scope(|s| {
             let started: Vec<_> = (0..n)
-                .map(|_| s.spawn(|| Instance::restore(&writing.tmp, options.clone())))
+                .map(|_| {
+                    s.spawn(|| {
+                        tracing::dispatcher::with_default(&dispatch, || {
+                            Instance::restore(&writing.tmp, options.clone())
+                        })
+                    })
+                })
                 .collect();
             started
                 .into_iter()

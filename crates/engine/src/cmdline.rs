@@ -49,6 +49,17 @@ pub struct BootFiles {
     pub initrd: String,
 }
 
+/// The id of the guest's RAM, which names its block in a migration
+/// stream: the machine's own name for RAM it made itself (`anonymous`),
+/// else ours for a memory backend we gave it.
+pub fn ram_block_id(anonymous: bool) -> &'static str {
+    if anonymous {
+        "microvm.ram"
+    } else {
+        "mem"
+    }
+}
+
 /// The path QEMU opens to reach inherited descriptor `fd`.
 pub fn fd_path(fd: i32) -> String {
     format!("/proc/self/fd/{fd}")
@@ -90,11 +101,7 @@ pub fn qemu_args(spec: &VmSpec, w: &Wiring) -> Vec<OsString> {
         (Some(file), Some(path)) => {
             // RAM in a file: a template's source shares it (its pages are
             // the template), a restore maps it privately (never written).
-            let id = if file.anonymous_name {
-                "microvm.ram"
-            } else {
-                "mem"
-            };
+            let id = ram_block_id(file.anonymous_name);
             push(
                 &mut a,
                 &[
@@ -109,14 +116,15 @@ pub fn qemu_args(spec: &VmSpec, w: &Wiring) -> Vec<OsString> {
             format!("microvm,acpi=off,memory-backend={id}")
         }
         _ if spec.named_ram => {
+            let id = ram_block_id(false);
             push(
                 &mut a,
                 &[
                     "-object",
-                    &format!("memory-backend-ram,id=mem,size={memory}M"),
+                    &format!("memory-backend-ram,id={id},size={memory}M"),
                 ],
             );
-            "microvm,acpi=off,memory-backend=mem".to_string()
+            format!("microvm,acpi=off,memory-backend={id}")
         }
         _ => "microvm,acpi=off".to_string(),
     };

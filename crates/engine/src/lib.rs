@@ -39,6 +39,7 @@ mod engine;
 mod error;
 pub mod files;
 pub mod initramfs;
+pub mod migstream;
 mod net;
 mod park;
 pub mod paths;

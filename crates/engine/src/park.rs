@@ -29,8 +29,10 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::cmdline::ram_block_id;
+use crate::migstream::{self, SplitError};
 use crate::template::identity;
-use crate::{files, paths, Error, MemoryFile, RunDir, Vm, VmSpec};
+use crate::{confine, files, paths, Error, MemoryFile, RunDir, Vm, VmSpec};
 
 /// Bumped when what a park directory holds or how it is used changes.
 const FORMAT: u32 = 1;
@@ -344,13 +346,70 @@ pub(crate) fn rebuild_ram(t: &TemplateRam, dir: &Path, dst: &Path) -> Result<(),
 }
 
 /// Turns the park directory `dir`, saved by [`Vm::save_all`] from a guest
-/// run as `spec`, into RAM-file form: a capture VM, never run, loads the
-/// saved stream into `ram` (shared) and saves its device state apart, as
-/// a template is saved. Its logs go to a run directory `name`d under
+/// run as `spec`, into RAM-file form: `ram` holds the guest's memory
+/// (shared by whatever maps it) and `state` only the device state, as a
+/// template is saved. The stream is split here ([`migstream`]); one this
+/// cannot split is loaded by a capture VM, never run, which saves its
+/// device state apart. Its logs go to a run directory `name`d under
 /// `cache`, removed with it.
 pub(crate) fn into_ram_file(
     spec: &VmSpec,
     meta: &mut ParkMeta,
+    dir: &Path,
+    cache: &Path,
+    name: &str,
+) -> Result<(), Error> {
+    let split = tracing::debug_span!("engine: split the saved guest into a RAM file")
+        .in_scope(|| split_state(spec, meta, dir));
+    match split {
+        Ok(()) => {}
+        Err(SplitError::Unsupported(why)) => {
+            tracing::debug!("saved guest loaded by QEMU instead: {why}");
+            capture(spec, meta, dir, cache, name)?;
+        }
+        Err(e) => {
+            return Err(Error::Parked(format!(
+                "the saved guest cannot be split: {e}"
+            )))
+        }
+    }
+    meta.ram_file = true;
+    write_meta(dir, meta)
+}
+
+/// Splits `state` into `ram` and the device state, which replaces it.
+fn split_state(spec: &VmSpec, meta: &ParkMeta, dir: &Path) -> Result<(), SplitError> {
+    let state_path = state(dir);
+    let devices_path = dir.join("state.devices");
+    let ram_path = ram(dir);
+    let split = || -> Result<(), SplitError> {
+        let mut stream = io::BufReader::with_capacity(CHUNK, fs::File::open(&state_path)?);
+        let ram = crate::vm::create_private(&ram_path).map_err(io::Error::other)?;
+        // QEMU opens it again by its descriptor's path, as its own user.
+        let creds = confine::creds(spec.confine, !spec.shares.is_empty());
+        if creds.switch {
+            std::os::unix::fs::fchown(&ram, Some(creds.uid), Some(creds.gid))?;
+        }
+        let mut devices = io::BufWriter::new(fs::File::create(&devices_path)?);
+        let block = ram_block_id(!meta.named_ram);
+        migstream::split(&mut stream, block, &ram, &mut devices)?;
+        devices.into_inner().map_err(|e| e.into_error())?;
+        fs::rename(&devices_path, &state_path)?;
+        Ok(())
+    };
+    let done = split();
+    if done.is_err() {
+        let _ = fs::remove_file(&devices_path);
+        let _ = fs::remove_file(&ram_path);
+    }
+    done
+}
+
+/// Loads `state` into `ram` in a capture VM and saves its device state
+/// apart.
+fn capture(
+    spec: &VmSpec,
+    meta: &ParkMeta,
     dir: &Path,
     cache: &Path,
     name: &str,
@@ -379,9 +438,7 @@ pub(crate) fn into_ram_file(
         .in_scope(|| vm.save_template(&devices))?;
     drop(vm);
     drop(agent);
-    fs::rename(&devices, state(dir)).map_err(Error::io("rename", &devices))?;
-    meta.ram_file = true;
-    write_meta(dir, meta)
+    fs::rename(&devices, state(dir)).map_err(Error::io("rename", &devices))
 }
 
 /// Fails unless a guest parked with `meta` can run as `spec` on this host.

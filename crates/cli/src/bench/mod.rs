@@ -113,6 +113,9 @@ pub(crate) struct Live {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 512)]
     memory: u32,
+    /// Also time each phase of the park or branch on the host.
+    #[arg(long)]
+    phases: bool,
 }
 
 pub(crate) fn bench(what: What) -> CliResult<ExitCode> {
@@ -147,8 +150,8 @@ pub(crate) fn bench(what: What) -> CliResult<ExitCode> {
             phases,
         } => files::files(&rootfs, runs.max(3), &busybox, phases),
         What::Net { rootfs, runs } => net::net(&rootfs, runs.max(3)),
-        What::Park(l) => park::park(&l.rootfs, l.runs.max(3), l.memory),
-        What::Branch(l) => park::branch(&l.rootfs, l.runs.max(3), l.memory),
+        What::Park(l) => park::park(&l.rootfs, l.runs.max(3), l.memory, l.phases),
+        What::Branch(l) => park::branch(&l.rootfs, l.runs.max(3), l.memory, l.phases),
     }
 }
 

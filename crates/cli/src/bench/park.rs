@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use super::boot::{first_echo, start_and_echo};
+use super::phases::Phases;
 use super::{ms, Samples, Table};
 use crate::CliResult;
 
@@ -38,7 +39,21 @@ fn counting(source: &cc::Source, warm: &cc::Options) -> CliResult<(cc::Instance,
     Ok((inst, warm_started))
 }
 
-pub(super) fn park(rootfs: &Path, runs: usize, memory: u32) -> CliResult<ExitCode> {
+/// Runs `f` with the host's phases recorded into `phases` when shown.
+fn timed<T>(phases: &Option<Phases>, f: impl FnOnce() -> T) -> T {
+    match phases {
+        Some(p) => p.record_host(f),
+        None => f(),
+    }
+}
+
+pub(super) fn park(
+    rootfs: &Path,
+    runs: usize,
+    memory: u32,
+    show_phases: bool,
+) -> CliResult<ExitCode> {
+    let phases = show_phases.then(Phases::default);
     let (source, warm) = prepare(rootfs, runs, memory)?;
     let scratch = std::env::temp_dir().join(format!("cc-bench-park-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
@@ -56,7 +71,7 @@ pub(super) fn park(rootfs: &Path, runs: usize, memory: u32) -> CliResult<ExitCod
         let pid = inst.vm_pid().ok_or("instance not running")?;
         let dir = scratch.join(format!("p{run}"));
         let t = Instant::now();
-        let parked = inst.park(&dir)?;
+        let parked = timed(&phases, || inst.park(&dir))?;
         let park_call = t.elapsed();
         if Path::new(&format!("/proc/{pid}")).exists() {
             return Err("QEMU still runs after the park".into());
@@ -65,7 +80,9 @@ pub(super) fn park(rootfs: &Path, runs: usize, memory: u32) -> CliResult<ExitCod
         let mut restores = Vec::new();
         for _ in 0..2 {
             let t = Instant::now();
-            let r = cc::Instance::restore(&dir, cc::RestoreOptions::default())?;
+            let r = timed(&phases, || {
+                cc::Instance::restore(&dir, cc::RestoreOptions::default())
+            })?;
             restores.push(first_echo(&r)? - t);
             r.close()?;
         }
@@ -94,10 +111,19 @@ pub(super) fn park(rootfs: &Path, runs: usize, memory: u32) -> CliResult<ExitCod
         "\nrestore / warm start = {:.2}x (target ≤ 2x)",
         ours[3].ratio(&ours[0])
     );
+    if let Some(p) = phases {
+        p.print("park and restores, host phases (median)");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-pub(super) fn branch(rootfs: &Path, runs: usize, memory: u32) -> CliResult<ExitCode> {
+pub(super) fn branch(
+    rootfs: &Path,
+    runs: usize,
+    memory: u32,
+    show_phases: bool,
+) -> CliResult<ExitCode> {
+    let phases = show_phases.then(Phases::default);
     let (source, warm) = prepare(rootfs, runs, memory)?;
     let names = [
         "warm start → first output",
@@ -111,7 +137,7 @@ pub(super) fn branch(rootfs: &Path, runs: usize, memory: u32) -> CliResult<ExitC
         let mut times = vec![warm_started];
         for n in [1, 4] {
             let t = Instant::now();
-            let kids = src.branch(n)?;
+            let kids = timed(&phases, || src.branch(n))?;
             let mut last = t;
             for k in &kids {
                 last = last.max(first_echo(k)?);
@@ -148,5 +174,8 @@ pub(super) fn branch(rootfs: &Path, runs: usize, memory: u32) -> CliResult<ExitC
         ours[1].ratio(&ours[0])
     );
     println!("(target ≤ 20 MiB extra per child; children share the saved memory)");
+    if let Some(p) = phases {
+        p.print("branches, host phases (median)");
+    }
     Ok(ExitCode::SUCCESS)
 }
