@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use cc_netpolicy::NetworkPolicy;
 
+use crate::migstream::SplitError;
 use crate::template::{self, StartKind};
 use crate::{
     detect_accel, initramfs, park, paths, upper, ConfineMode, Confinement, Disk, Error,
@@ -541,11 +542,17 @@ impl Machine for QemuMachine {
     fn park(&self, dir: &Path) -> Result<(), Error> {
         match self.template.as_deref().filter(|t| t.is_file()) {
             Some(template) => {
-                let mut meta = self.save_stopped(dir, true)?;
+                let (mut meta, split) = self.save_stopped(dir, true)?;
                 // The guest stays stopped while its memory is compared.
-                let diffed =
-                    park::into_ram_file(&self.spec, &mut meta, dir, &self.cache, &capture_name())
-                        .and_then(|()| park::into_template_diff(&mut meta, dir, template));
+                let diffed = park::into_ram_file(
+                    &self.spec,
+                    &mut meta,
+                    dir,
+                    split,
+                    &self.cache,
+                    &capture_name(),
+                )
+                .and_then(|()| park::into_template_diff(&mut meta, dir, template));
                 if let Err(e) = diffed {
                     if let Err(c) = self.vm.cont() {
                         tracing::warn!("could not resume the guest after a failed park: {c}");
@@ -563,13 +570,20 @@ impl Machine for QemuMachine {
     }
 
     fn save_copy(&self, dir: &Path) -> Result<(), Error> {
-        let mut meta = self.save_stopped(dir, true)?;
+        let (mut meta, split) = self.save_stopped(dir, true)?;
         let resumed = self.vm.cont();
         self.parking.store(false, Ordering::Release);
         resumed?;
         // While the guest runs on: its children map the RAM file this
         // makes and share its pages.
-        park::into_ram_file(&self.spec, &mut meta, dir, &self.cache, &capture_name())
+        park::into_ram_file(
+            &self.spec,
+            &mut meta,
+            dir,
+            split,
+            &self.cache,
+            &capture_name(),
+        )
     }
 }
 
@@ -583,21 +597,32 @@ impl QemuMachine {
     /// Saves the guest into the park directory `dir` and leaves it
     /// stopped, its stop and end not reported as deaths; on failure it
     /// runs on as before. With `for_ram_file`, in the form
-    /// [`park::into_ram_file`] takes.
-    fn save_stopped(&self, dir: &Path, for_ram_file: bool) -> Result<park::ParkMeta, Error> {
+    /// [`park::into_ram_file`] takes, split while it is written; the
+    /// split's outcome comes with the meta.
+    fn save_stopped(
+        &self,
+        dir: &Path,
+        for_ram_file: bool,
+    ) -> Result<(park::ParkMeta, Option<Result<(), SplitError>>), Error> {
         // Hashed while the guest still runs.
         let network_off = self.spec.network.is_some() && !self.vm.network_link();
         let meta = park::meta_of(&self.spec, self.named_ram, network_off)?;
+        let splitting = if for_ram_file {
+            Some(park::Splitting::start(&self.spec, meta.named_ram, dir)?)
+        } else {
+            None
+        };
         self.parking.store(true, Ordering::Release);
         let state = park::state(dir);
-        let saved = tracing::debug_span!("engine: save the running guest")
-            .in_scope(|| {
-                if for_ram_file {
-                    self.vm.save_all(&state)
-                } else {
-                    self.vm.save(&state)
-                }
-            })
+        let saved = tracing::debug_span!("engine: save the running guest").in_scope(|| {
+            if for_ram_file {
+                self.vm.save_all(&state)
+            } else {
+                self.vm.save(&state)
+            }
+        });
+        let qemu_saved = saved.is_ok();
+        let saved = saved
             .and_then(|()| {
                 // QEMU flushed it when it stopped the guest: the copy
                 // matches the memory just saved.
@@ -611,6 +636,8 @@ impl QemuMachine {
                 upper::save(&upper.path, upper.backing.as_deref(), &park::disk(dir))
             })
             .and_then(|()| park::write_meta(dir, &meta));
+        // Last, so that the split overlaps the disk's copy too.
+        let split = splitting.map(|s| s.finish(qemu_saved));
         if let Err(e) = saved {
             if let Err(c) = self.vm.cont() {
                 tracing::warn!("could not resume the guest after a failed save: {c}");
@@ -618,7 +645,7 @@ impl QemuMachine {
             self.parking.store(false, Ordering::Release);
             return Err(e);
         }
-        Ok(meta)
+        Ok((meta, split))
     }
 }
 

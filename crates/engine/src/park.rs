@@ -24,7 +24,10 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -348,26 +351,26 @@ pub(crate) fn rebuild_ram(t: &TemplateRam, dir: &Path, dst: &Path) -> Result<(),
 /// Turns the park directory `dir`, saved by [`Vm::save_all`] from a guest
 /// run as `spec`, into RAM-file form: `ram` holds the guest's memory
 /// (shared by whatever maps it) and `state` only the device state, as a
-/// template is saved. The stream is split here ([`migstream`]); one this
-/// cannot split is loaded by a capture VM, never run, which saves its
-/// device state apart. Its logs go to a run directory `name`d under
-/// `cache`, removed with it.
+/// template is saved. `split` is how [`Splitting`] fared with the stream;
+/// one it could not read, or did not try, is loaded by a capture VM, never
+/// run, which saves its device state apart. Its logs go to a run directory `name`d
+/// under `cache`, removed with it.
 pub(crate) fn into_ram_file(
     spec: &VmSpec,
     meta: &mut ParkMeta,
     dir: &Path,
+    split: Option<Result<(), SplitError>>,
     cache: &Path,
     name: &str,
 ) -> Result<(), Error> {
-    let split = tracing::debug_span!("engine: split the saved guest into a RAM file")
-        .in_scope(|| split_state(spec, meta, dir));
     match split {
-        Ok(()) => {}
-        Err(SplitError::Unsupported(why)) => {
+        Some(Ok(())) => {}
+        None => capture(spec, meta, dir, cache, name)?,
+        Some(Err(SplitError::Unsupported(why))) => {
             tracing::debug!("saved guest loaded by QEMU instead: {why}");
             capture(spec, meta, dir, cache, name)?;
         }
-        Err(e) => {
+        Some(Err(e)) => {
             return Err(Error::Parked(format!(
                 "the saved guest cannot be split: {e}"
             )))
@@ -377,13 +380,119 @@ pub(crate) fn into_ram_file(
     write_meta(dir, meta)
 }
 
+/// A split of a park directory's `state` into `ram` and the device state
+/// ([`migstream`]), read as QEMU writes it: the save and the split overlap.
+#[derive(Debug)]
+pub(crate) struct Splitting {
+    save: Arc<SaveProgress>,
+    thread: Option<JoinHandle<Result<(), SplitError>>>,
+}
+
+/// How far the save the split follows has got.
+#[derive(Debug, Default)]
+struct SaveProgress {
+    /// 0 while QEMU writes, then [`WRITTEN`] or [`ABANDONED`].
+    state: AtomicU8,
+}
+
+const WRITTEN: u8 = 1;
+const ABANDONED: u8 = 2;
+
+impl Splitting {
+    /// Starts splitting `dir`'s `state`, about to be written by a save of
+    /// a guest run as `spec`.
+    pub(crate) fn start(spec: &VmSpec, named_ram: bool, dir: &Path) -> Result<Splitting, Error> {
+        let save = Arc::new(SaveProgress::default());
+        let (progress, spec, dir2) = (save.clone(), spec.clone(), dir.to_path_buf());
+        let dispatch = tracing::dispatcher::get_default(Clone::clone);
+        let thread = std::thread::Builder::new()
+            .name("cc-split".into())
+            .spawn(move || {
+                tracing::dispatcher::with_default(&dispatch, || {
+                    tracing::debug_span!("engine: split the saved guest into a RAM file")
+                        .in_scope(|| split_state(&spec, named_ram, &dir2, &progress))
+                })
+            })
+            .map_err(Error::io("spawn", dir))?;
+        Ok(Splitting {
+            save,
+            thread: Some(thread),
+        })
+    }
+
+    /// Waits for the split once the save ended, `saved` or not.
+    pub(crate) fn finish(mut self, saved: bool) -> Result<(), SplitError> {
+        self.end(if saved { WRITTEN } else { ABANDONED })
+    }
+
+    fn end(&mut self, how: u8) -> Result<(), SplitError> {
+        self.save.state.store(how, Ordering::Release);
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(done)) => done,
+            Some(Err(_)) => Err(SplitError::Malformed("the split panicked".into())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Splitting {
+    fn drop(&mut self) {
+        let _ = self.end(ABANDONED);
+    }
+}
+
+/// Reads a file as it is written, to its end once the writer is done.
+struct Follow<'a> {
+    file: fs::File,
+    save: &'a SaveProgress,
+}
+
+impl io::Read for Follow<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // The state is read before the file: once written, a read
+            // that finds nothing is the end.
+            let state = self.save.state.load(Ordering::Acquire);
+            let n = self.file.read(buf)?;
+            if n > 0 || state == WRITTEN {
+                return Ok(n);
+            }
+            if state == ABANDONED {
+                return Err(io::Error::other("the save failed"));
+            }
+            std::thread::sleep(FOLLOW_POLL);
+        }
+    }
+}
+
+/// How long a split waits for QEMU to write more.
+const FOLLOW_POLL: Duration = Duration::from_micros(500);
+
 /// Splits `state` into `ram` and the device state, which replaces it.
-fn split_state(spec: &VmSpec, meta: &ParkMeta, dir: &Path) -> Result<(), SplitError> {
+fn split_state(
+    spec: &VmSpec,
+    named_ram: bool,
+    dir: &Path,
+    save: &SaveProgress,
+) -> Result<(), SplitError> {
     let state_path = state(dir);
     let devices_path = dir.join("state.devices");
     let ram_path = ram(dir);
     let split = || -> Result<(), SplitError> {
-        let mut stream = io::BufReader::with_capacity(CHUNK, fs::File::open(&state_path)?);
+        // Created by the save: until then there is nothing to read.
+        let file = loop {
+            match fs::File::open(&state_path) {
+                Ok(f) => break f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if save.state.load(Ordering::Acquire) != 0 {
+                        return Err(e.into());
+                    }
+                    std::thread::sleep(FOLLOW_POLL);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut stream = io::BufReader::with_capacity(CHUNK, Follow { file, save });
         let ram = crate::vm::create_private(&ram_path).map_err(io::Error::other)?;
         // QEMU opens it again by its descriptor's path, as its own user.
         let creds = confine::creds(spec.confine, !spec.shares.is_empty());
@@ -391,8 +500,7 @@ fn split_state(spec: &VmSpec, meta: &ParkMeta, dir: &Path) -> Result<(), SplitEr
             std::os::unix::fs::fchown(&ram, Some(creds.uid), Some(creds.gid))?;
         }
         let mut devices = io::BufWriter::new(fs::File::create(&devices_path)?);
-        let block = ram_block_id(!meta.named_ram);
-        migstream::split(&mut stream, block, &ram, &mut devices)?;
+        migstream::split(&mut stream, ram_block_id(!named_ram), &ram, &mut devices)?;
         devices.into_inner().map_err(|e| e.into_error())?;
         fs::rename(&devices_path, &state_path)?;
         Ok(())
@@ -613,6 +721,59 @@ mod tests {
         assert!(err.contains("ram is missing"), "{err}");
         fs::write(ram(&d), b"r").unwrap();
         assert_eq!(read_meta(&d).unwrap(), meta);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_follow_reads_what_is_written_until_the_save_ends() {
+        use std::io::{Read, Write};
+        let d = std::env::temp_dir().join(format!("cc-follow-{}", std::process::id()));
+        fs::create_dir_all(&d).unwrap();
+        let path = d.join("state");
+        let mut writer = fs::File::create(&path).unwrap();
+        let save = Arc::new(SaveProgress::default());
+        let reader = {
+            let (save, path) = (save.clone(), path.clone());
+            std::thread::spawn(move || {
+                let file = fs::File::open(&path).unwrap();
+                let mut got = Vec::new();
+                let r = Follow { file, save: &save }.read_to_end(&mut got);
+                (r.map_err(|e| e.to_string()), got)
+            })
+        };
+        for chunk in [&b"abc"[..], b"", b"defg"] {
+            writer.write_all(chunk).unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        writer.write_all(b"h").unwrap();
+        save.state.store(WRITTEN, Ordering::Release);
+        assert_eq!(reader.join().unwrap(), (Ok(8), b"abcdefgh".to_vec()));
+
+        // An abandoned save ends the read with an error, not a hang.
+        let save = Arc::new(SaveProgress::default());
+        let waiting = {
+            let (save, path) = (save.clone(), path.clone());
+            std::thread::spawn(move || {
+                let file = fs::File::open(&path).unwrap();
+                let mut all = Vec::new();
+                Follow { file, save: &save }.read_to_end(&mut all).is_err()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(5));
+        save.state.store(ABANDONED, Ordering::Release);
+        assert!(waiting.join().unwrap());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_split_of_a_save_that_never_began_ends_when_it_is_abandoned() {
+        let d = std::env::temp_dir().join(format!("cc-split-none-{}", std::process::id()));
+        fs::create_dir_all(&d).unwrap();
+        let spec = crate::template::tests::spec(&d);
+        let splitting = Splitting::start(&spec, true, &d).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(matches!(splitting.finish(false), Err(SplitError::Io(_))));
+        assert!(!ram(&d).exists() && !d.join("state.devices").exists());
         fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -510,13 +510,14 @@ fn restore(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Keys and the directory life cycle (no QEMU: a plain file stands in
     //! for its binary).
     use super::*;
     use crate::{Accel, Disk, Share};
 
-    fn spec(dir: &Path) -> VmSpec {
+    /// A guest's spec whose files are small stand-ins made in `dir`.
+    pub(crate) fn spec(dir: &Path) -> VmSpec {
         let file = |name: &str| {
             let p = dir.join(name);
             fs::write(&p, name).unwrap();
