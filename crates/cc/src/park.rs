@@ -403,7 +403,9 @@ impl Instance {
         let timeout = options.boot_timeout;
         let resumed: Mutex<Option<Channel>> = Mutex::new(None);
         let mut resume = |socket| {
-            let channel = Channel::resume(socket, timeout).map_err(|e| e.to_string())?;
+            let channel = tracing::debug_span!("core: resume agent channel")
+                .in_scope(|| Channel::resume(socket, timeout))
+                .map_err(|e| e.to_string())?;
             *resumed.lock().unwrap_or_else(|e| e.into_inner()) = Some(channel);
             Ok(())
         };
@@ -425,7 +427,8 @@ impl Instance {
         let machine: Arc<dyn Machine> = Arc::from(started.machine);
         let spawn = t1.elapsed();
         let t2 = Instant::now();
-        let kernel_release = set_up_guest(&channel, machine.as_ref(), &id, &layout, &options)?;
+        let kernel_release = tracing::debug_span!("cc: guest setup")
+            .in_scope(|| set_up_guest(&channel, machine.as_ref(), &id, &layout, &options))?;
         let timings = crate::BootTimings {
             prepare,
             spawn,
@@ -639,7 +642,8 @@ fn save(
     after: After,
     engine_save: impl FnOnce(&Path) -> std::result::Result<(), cc_engine::Error>,
 ) -> Result<Meta> {
-    let quiet = inner.channel.quiesce(REQUEST_TIMEOUT)?;
+    let quiet = tracing::debug_span!("cc: quiesce the channel")
+        .in_scope(|| inner.channel.quiesce(REQUEST_TIMEOUT))?;
     // Taken in the quiet: every process id the saved agent heard of is
     // below the next one recorded.
     let meta = Meta::of(inner);
