@@ -33,6 +33,9 @@ enum Cmd {
     /// Boot an instance, run one command in it, exit with its status.
     // Boxed: its many flags dwarf the other variants.
     Run(Box<run::RunArgs>),
+    /// Restore an instance parked by `run --park`, run one command in it
+    /// (its background processes go on), exit with the command's status.
+    Restore(Box<run::RestoreArgs>),
     /// Pull an image from a registry into the local store.
     Pull(images::PullArgs),
     /// List stored images.
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Run(args) => run::run(*args),
+        Cmd::Restore(args) => run::restore(*args),
         Cmd::Pull(args) => images::pull(args),
         Cmd::Images => images::images(),
         Cmd::Rmi(args) => images::rmi(args),

@@ -29,15 +29,6 @@ pub(crate) struct RunArgs {
     /// Size of the writable layer in MiB (the guest gets ENOSPC beyond it).
     #[arg(long, value_name = "MB", default_value_t = cc::DEFAULT_DISK_MB)]
     disk_mb: u32,
-    /// Environment variable for the command (repeatable).
-    #[arg(long = "env", short = 'e', value_name = "K=V")]
-    env: Vec<String>,
-    /// Working directory in the guest.
-    #[arg(long, short = 'w', value_name = "DIR")]
-    workdir: Option<OsString>,
-    /// User to run as: name, uid, uid:gid or name:group.
-    #[arg(long, short = 'u')]
-    user: Option<String>,
     /// Share a host directory: HOST:GUEST (read-only) or HOST:GUEST:rw (repeatable).
     #[arg(long = "mount", short = 'v', value_name = "HOST:GUEST[:rw]", value_parser = parse_mount)]
     mounts: Vec<cc::Mount>,
@@ -67,6 +58,52 @@ pub(crate) struct RunArgs {
     /// End the instance after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<f64>,
+    /// Once the command exits, park the instance in DIR (a new directory)
+    /// instead of ending it: `crumble restore DIR -- CMD` goes on from
+    /// there, with its background processes and files.
+    #[arg(long, value_name = "DIR")]
+    park: Option<PathBuf>,
+    #[command(flatten)]
+    process: ProcessArgs,
+    /// The command and its arguments; without one, an image's entrypoint
+    /// runs (Entrypoint + Cmd).
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+/// `crumble restore`: one command in an instance restored from a park.
+#[derive(Debug, Args)]
+pub(crate) struct RestoreArgs {
+    /// A park made by `crumble run --park` (or the API's `park`); only
+    /// read, so it can be restored any number of times.
+    #[arg(value_name = "PARK")]
+    from: PathBuf,
+    /// End the instance after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
+    /// Once the command exits, park the instance again in DIR (a new
+    /// directory) instead of ending it.
+    #[arg(long, value_name = "DIR")]
+    park: Option<PathBuf>,
+    #[command(flatten)]
+    process: ProcessArgs,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+/// How the command runs, for `run` and `restore` alike.
+#[derive(Debug, Args)]
+pub(crate) struct ProcessArgs {
+    /// Environment variable for the command (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V")]
+    env: Vec<String>,
+    /// Working directory in the guest.
+    #[arg(long, short = 'w', value_name = "DIR")]
+    workdir: Option<OsString>,
+    /// User to run as: name, uid, uid:gid or name:group.
+    #[arg(long, short = 'u')]
+    user: Option<String>,
     /// Keep stdin open. Accepted as `docker run -i` is: crumble always
     /// forwards its stdin to the command.
     #[arg(long, short = 'i')]
@@ -76,36 +113,11 @@ pub(crate) struct RunArgs {
     /// follows the host window. Needs stdin to be a terminal.
     #[arg(long, short = 't')]
     tty: bool,
-    /// The command and its arguments; without one, an image's entrypoint
-    /// runs (Entrypoint + Cmd).
-    #[arg(last = true, value_name = "CMD")]
-    command: Vec<OsString>,
 }
 
 pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
-    let mut env = Vec::new();
-    for kv in &args.env {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| format!("--env {kv:?}: expected KEY=VALUE"))?;
-        env.push((k.to_string(), v.to_string()));
-    }
     let network_policy = network_policy(&args)?;
-    // Checked before anything boots, as `docker run -t` does.
-    let window = match args.tty {
-        true => Some(terminal::window_size(STDIN).ok_or("the input device is not a TTY")?),
-        false => None,
-    };
-    // Signals are handled by a thread of ours (forwarded to the guest
-    // process), so block them before any thread exists to inherit the mask.
-    let signals = block_signals(args.tty);
-    // Until the command runs, a signal ends crumble (QEMU dies with it);
-    // after, it goes to the command's process group.
-    let target: Arc<Mutex<Option<cc::Signaller>>> = Arc::default();
-    let forward_to = target.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || forward_signals(signals, &forward_to))?;
+    let session = Session::begin(args.process, args.park)?;
     let source = match (args.rootfs, &args.image) {
         // A directory has no entrypoint: say so before building anything.
         (Some(_), _) if args.command.is_empty() => {
@@ -120,18 +132,11 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
         }
         (None, None) => return Err("give an IMAGE or --rootfs DIR".into()),
     };
-    let timeout = match args.timeout {
-        Some(t) if t.is_finite() && t > 0.0 => Some(std::time::Duration::from_secs_f64(t)),
-        Some(t) => {
-            return Err(format!("--timeout {t}: expected a positive number of seconds").into())
-        }
-        None => None,
-    };
     let options = cc::Options {
         memory_mb: args.memory,
         cpus: args.cpus,
         disk_mb: args.disk_mb,
-        timeout,
+        timeout: timeout(args.timeout)?,
         mounts: args.mounts,
         network: !args.no_network,
         network_policy,
@@ -140,7 +145,7 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
         ..Default::default()
     };
     let inst = cc::Instance::new(&source, options)?;
-    let mut cmd = match args.command.split_first() {
+    let cmd = match args.command.split_first() {
         Some((program, rest)) => {
             let mut cmd = inst.command(program);
             cmd.args(rest);
@@ -148,95 +153,181 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
         }
         None => inst.entrypoint_command::<&str>(&[])?,
     };
-    cmd.stdin(cc::Stdio::Piped);
-    if let Some((rows, cols)) = window {
-        cmd.pty(rows, cols);
-        // The guest draws for the host's terminal.
-        if let Some(term) = std::env::var_os("TERM").filter(|t| !t.is_empty()) {
-            cmd.env("TERM", term);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    if let Some(dir) = args.workdir {
-        cmd.current_dir(dir);
-    }
-    if let Some(user) = args.user {
-        cmd.user(user);
-    }
-    // Like a shell: 127 when the program does not exist, 126 when it
-    // cannot be executed.
-    let mut child = match cmd.spawn() {
-        Ok(child) => child,
-        Err(e @ (cc::Error::CommandNotFound(_) | cc::Error::PermissionDenied(_))) => {
-            eprintln!("crumble: {e}");
-            let code = if matches!(e, cc::Error::CommandNotFound(_)) {
-                127
-            } else {
-                126
-            };
-            inst.close()?;
-            return Ok(ExitCode::from(code));
-        }
-        Err(e) => return Err(e.into()),
-    };
-    *lock(&target) = Some(child.signaller());
-    // Restored when `run` returns, by any path (an unwinding panic too).
-    let _raw = match args.tty {
-        true => Some(terminal::RawMode::enter(STDIN)?),
-        false => None,
-    };
+    session.run(&inst, cmd)
+}
 
-    let mut stdin = child.stdin.take();
-    // Host stdin may never end (a terminal): this thread is not joined.
-    std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            let mut buf = vec![0u8; 64 << 10];
-            let mut host = std::io::stdin().lock();
-            while let (Some(guest), Ok(n)) = (stdin.as_mut(), host.read(&mut buf)) {
-                if n == 0 || guest.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            drop(stdin);
-        })?;
-    let (done, drained) = std::sync::mpsc::channel();
-    let copies: Vec<_> = [
-        child
-            .stdout
-            .take()
-            .map(|s| copy_thread(s, std::io::stdout(), done.clone())),
-        child
-            .stderr
-            .take()
-            .map(|s| copy_thread(s, std::io::stderr(), done.clone())),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    // The run ends when the command exits, as with containers: background
-    // processes still holding its output get a moment to flush, no more.
-    let status = child.wait()?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    for _ in 0..copies.len() {
-        if drained
-            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-            .is_err()
-        {
-            break;
+pub(crate) fn restore(args: RestoreArgs) -> CliResult<ExitCode> {
+    let session = Session::begin(args.process, args.park)?;
+    let options = cc::RestoreOptions {
+        timeout: timeout(args.timeout)?,
+        ..Default::default()
+    };
+    let inst = cc::Instance::restore(&args.from, options)?;
+    let (program, rest) = args
+        .command
+        .split_first()
+        .ok_or("restore needs a command after --")?;
+    let mut cmd = inst.command(program);
+    cmd.args(rest);
+    session.run(&inst, cmd)
+}
+
+fn timeout(seconds: Option<f64>) -> CliResult<Option<std::time::Duration>> {
+    match seconds {
+        Some(t) if t.is_finite() && t > 0.0 => Ok(Some(std::time::Duration::from_secs_f64(t))),
+        Some(t) => Err(format!("--timeout {t}: expected a positive number of seconds").into()),
+        None => Ok(None),
+    }
+}
+
+/// What a run needs before its instance starts: the command's flags
+/// checked, signals handled and where to park, if asked.
+struct Session {
+    env: Vec<(String, String)>,
+    process: ProcessArgs,
+    window: Option<(u16, u16)>,
+    target: Arc<Mutex<Option<cc::Signaller>>>,
+    park: Option<PathBuf>,
+}
+
+impl Session {
+    fn begin(process: ProcessArgs, park: Option<PathBuf>) -> CliResult<Session> {
+        let mut env = Vec::new();
+        for kv in &process.env {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("--env {kv:?}: expected KEY=VALUE"))?;
+            env.push((k.to_string(), v.to_string()));
         }
+        // Checked before anything boots, as `docker run -t` does, and so
+        // is the park: the command's work is not to be lost at the end.
+        let window = match process.tty {
+            true => Some(terminal::window_size(STDIN).ok_or("the input device is not a TTY")?),
+            false => None,
+        };
+        if let Some(dir) = &park {
+            if std::fs::symlink_metadata(dir).is_ok() {
+                return Err(format!("--park {}: already exists", dir.display()).into());
+            }
+        }
+        // Signals are handled by a thread of ours (forwarded to the guest
+        // process), so block them before any thread exists to inherit the
+        // mask.
+        let signals = block_signals(process.tty);
+        // Until the command runs, a signal ends crumble (QEMU dies with
+        // it); after, it goes to the command's process group.
+        let target: Arc<Mutex<Option<cc::Signaller>>> = Arc::default();
+        let forward_to = target.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || forward_signals(signals, &forward_to))?;
+        Ok(Session {
+            env,
+            process,
+            window,
+            target,
+            park,
+        })
     }
-    inst.close()?;
-    for copy in copies {
-        let _ = copy.join();
+
+    /// Runs `cmd` in `inst` with I/O forwarded live, then ends or parks
+    /// `inst`; exits with the command's status.
+    fn run(self, inst: &cc::Instance, mut cmd: cc::Command) -> CliResult<ExitCode> {
+        let (args, window, target) = (self.process, self.window, self.target);
+        let env = self.env;
+        cmd.stdin(cc::Stdio::Piped);
+        if let Some((rows, cols)) = window {
+            cmd.pty(rows, cols);
+            // The guest draws for the host's terminal.
+            if let Some(term) = std::env::var_os("TERM").filter(|t| !t.is_empty()) {
+                cmd.env("TERM", term);
+            }
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        if let Some(dir) = args.workdir {
+            cmd.current_dir(dir);
+        }
+        if let Some(user) = args.user {
+            cmd.user(user);
+        }
+        // Like a shell: 127 when the program does not exist, 126 when it
+        // cannot be executed.
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e @ (cc::Error::CommandNotFound(_) | cc::Error::PermissionDenied(_))) => {
+                eprintln!("crumble: {e}");
+                let code = if matches!(e, cc::Error::CommandNotFound(_)) {
+                    127
+                } else {
+                    126
+                };
+                inst.close()?;
+                return Ok(ExitCode::from(code));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        *lock(&target) = Some(child.signaller());
+        // Restored when `run` returns, by any path (an unwinding panic too).
+        let _raw = match args.tty {
+            true => Some(terminal::RawMode::enter(STDIN)?),
+            false => None,
+        };
+
+        let mut stdin = child.stdin.take();
+        // Host stdin may never end (a terminal): this thread is not joined.
+        std::thread::Builder::new()
+            .name("stdin".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut host = std::io::stdin().lock();
+                while let (Some(guest), Ok(n)) = (stdin.as_mut(), host.read(&mut buf)) {
+                    if n == 0 || guest.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                drop(stdin);
+            })?;
+        let (done, drained) = std::sync::mpsc::channel();
+        let copies: Vec<_> = [
+            child
+                .stdout
+                .take()
+                .map(|s| copy_thread(s, std::io::stdout(), done.clone())),
+            child
+                .stderr
+                .take()
+                .map(|s| copy_thread(s, std::io::stderr(), done.clone())),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        // The run ends when the command exits, as with containers: background
+        // processes still holding its output get a moment to flush, no more.
+        let status = child.wait()?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        for _ in 0..copies.len() {
+            if drained
+                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                .is_err()
+            {
+                break;
+            }
+        }
+        match &self.park {
+            Some(dir) => drop(inst.park(dir)?),
+            None => inst.close()?,
+        }
+        for copy in copies {
+            let _ = copy.join();
+        }
+        Ok(match (status.code(), status.signal()) {
+            (Some(code), _) => ExitCode::from(code as u8),
+            (None, Some(sig)) => ExitCode::from(128u8.wrapping_add(sig as u8)),
+            _ => ExitCode::FAILURE,
+        })
     }
-    Ok(match (status.code(), status.signal()) {
-        (Some(code), _) => ExitCode::from(code as u8),
-        (None, Some(sig)) => ExitCode::from(128u8.wrapping_add(sig as u8)),
-        _ => ExitCode::FAILURE,
-    })
 }
 
 /// The policy the flags describe; parsed here rather than by clap so a bad

@@ -61,6 +61,80 @@ fn usage_errors_need_no_vm() {
     }
 }
 
+fn park_and_restore_usage_errors_need_no_vm() {
+    let taken = std::env::temp_dir().join(format!("cc-cli-park-taken-{}", std::process::id()));
+    std::fs::create_dir_all(&taken).unwrap();
+    // Refused before anything boots: the command's work would be lost.
+    let out = crumble()
+        .args(["run", "--rootfs"])
+        .arg(rootfs())
+        .arg("--park")
+        .arg(&taken)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already exists"), "{err}");
+    // Not a park: the directory exists but holds none.
+    let out = crumble()
+        .arg("restore")
+        .arg(&taken)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a parked instance"), "{err}");
+    let out = crumble().arg("restore").arg(&taken).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "a restore needs a command");
+    std::fs::remove_dir_all(&taken).unwrap();
+}
+
+fn run_park_and_restore_go_on_from_the_park() {
+    let dir = std::env::temp_dir().join(format!("cc-cli-park-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (first, second) = (dir.join("first"), dir.join("second"));
+    let counter = "echo kept > /root/f; \
+        (i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.1; done) \
+        </dev/null >/dev/null 2>&1 &";
+    let out = run(
+        &["--park", first.to_str().unwrap(), "--", "sh", "-c", counter],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(first.join("engine.json").is_file());
+    let restore = |park: &std::path::Path, extra: &[&str], script: &str| {
+        crumble()
+            .arg("restore")
+            .arg(park)
+            .args(extra)
+            .args(["--", "sh", "-c", script])
+            .output()
+            .unwrap()
+    };
+    // The file and the counting process are there, twice from one park.
+    for _ in 0..2 {
+        let out = restore(&first, &[], "cat /root/f; a=$(cat /tmp/c); sleep 0.5; b=$(cat /tmp/c); [ $b -gt $a ] && echo counting");
+        assert_eq!(out.stdout, b"kept\ncounting\n", "{out:?}");
+        assert_eq!(out.status.code(), Some(0));
+    }
+    // Parked again with what the command wrote; its status still counts.
+    let out = restore(
+        &first,
+        &["--park", second.to_str().unwrap()],
+        "echo more >> /root/f; exit 3",
+    );
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let out = restore(&second, &[], "cat /root/f");
+    assert_eq!(out.stdout, b"kept\nmore\n", "{out:?}");
+    // The first park is unchanged by its restores.
+    let out = restore(&first, &[], "cat /root/f");
+    assert_eq!(out.stdout, b"kept\n", "{out:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 fn bad_network_rules_need_no_vm() {
     let cases: [(&str, &str, &str); 5] = [
         ("--net-allow", "10.0.0.1/8", "host bits set"),
@@ -1038,6 +1112,7 @@ fn main() -> ExitCode {
     let args = Arguments::from_args();
     let no_vm: &[(&str, fn())] = named![
         usage_errors_need_no_vm,
+        park_and_restore_usage_errors_need_no_vm,
         bad_network_rules_need_no_vm,
         doctor_reports_the_accelerator,
         missing_pieces_name_the_fix,
@@ -1049,6 +1124,7 @@ fn main() -> ExitCode {
     ];
     let vm: &[(&str, fn())] = named![
         run_forwards_output_stdin_and_status,
+        run_park_and_restore_go_on_from_the_park,
         run_it_drives_a_shell_on_the_host_terminal,
         run_it_restores_the_terminal_when_signalled,
         run_applies_env_workdir_user_and_resources,
