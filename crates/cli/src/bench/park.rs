@@ -144,6 +144,11 @@ pub(super) fn branch(
                 last = last.max(first_echo(k)?);
             }
             times.push(last - t);
+            if let (Some(p), 1) = (&phases, n) {
+                for (name, d) in kids[0].agent_trace(false)? {
+                    p.add(&format!("child: {name}"), d);
+                }
+            }
             // Idle: the source and its children, all sharing what they can.
             std::thread::sleep(Duration::from_secs(3));
             let mut children = 0.0;
