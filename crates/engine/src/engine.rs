@@ -200,6 +200,9 @@ pub trait Machine: fmt::Debug + Send + Sync {
 #[derive(Debug, Clone)]
 pub struct Qemu {
     cache: PathBuf,
+    /// Saves for branches and parks are split by the engine, not loaded
+    /// by a capture QEMU (see [`Qemu::capturing_saves_in_qemu`]).
+    split_saves: bool,
 }
 
 impl Qemu {
@@ -208,6 +211,17 @@ impl Qemu {
     pub fn new() -> Qemu {
         Qemu {
             cache: paths::cache_dir(),
+            split_saves: true,
+        }
+    }
+
+    /// The engine, but a branch or a park of a warm-started guest has a
+    /// capture QEMU load the saved guest into its RAM file, as it does for
+    /// a stream the engine cannot split: slower, for comparison.
+    pub fn capturing_saves_in_qemu(self) -> Qemu {
+        Qemu {
+            split_saves: false,
+            ..self
         }
     }
 }
@@ -251,14 +265,7 @@ impl Engine for Qemu {
             template::start(&vm_spec, &run_dir, &self.cache, spec.warm_start, hooks)?;
         tracing::debug!(id = %spec.id, accel = %vm_spec.accel, ?kind, "QEMU started");
         Ok(Started {
-            machine: Box::new(QemuMachine::new(
-                vm,
-                run_dir,
-                vm_spec,
-                kind,
-                self.cache.clone(),
-                template,
-            )),
+            machine: Box::new(QemuMachine::new(vm, run_dir, vm_spec, kind, self, template)),
             agent,
             kind,
         })
@@ -318,7 +325,7 @@ impl Engine for Qemu {
                 run_dir,
                 vm_spec,
                 StartKind::Restored,
-                self.cache.clone(),
+                self,
                 meta.template.map(|t| t.ram),
             )),
             agent: AgentLink::Resumed,
@@ -414,6 +421,8 @@ struct QemuMachine {
     parking: Arc<AtomicBool>,
     /// The engine's cache directory, for the run directories of captures.
     cache: PathBuf,
+    /// See [`Qemu::capturing_saves_in_qemu`].
+    split_saves: bool,
     /// The RAM file of the template its memory started from: a park keeps
     /// only the pages that differ from it.
     template: Option<PathBuf>,
@@ -425,7 +434,7 @@ impl QemuMachine {
         run_dir: RunDir,
         spec: VmSpec,
         kind: StartKind,
-        cache: PathBuf,
+        engine: &Qemu,
         template: Option<PathBuf>,
     ) -> QemuMachine {
         QemuMachine {
@@ -437,7 +446,8 @@ impl QemuMachine {
             named_ram: spec.named_ram || matches!(kind, StartKind::Warm | StartKind::Built),
             spec,
             parking: Arc::default(),
-            cache,
+            cache: engine.cache.clone(),
+            split_saves: engine.split_saves,
         }
     }
 }
@@ -607,7 +617,7 @@ impl QemuMachine {
         // Hashed while the guest still runs.
         let network_off = self.spec.network.is_some() && !self.vm.network_link();
         let meta = park::meta_of(&self.spec, self.named_ram, network_off)?;
-        let splitting = if for_ram_file {
+        let splitting = if for_ram_file && self.split_saves {
             Some(park::Splitting::start(&self.spec, meta.named_ram, dir)?)
         } else {
             None
