@@ -55,14 +55,8 @@ pub(crate) struct RunArgs {
     /// Boot cold, not from a warm-start template.
     #[arg(long)]
     cold: bool,
-    /// End the instance after this many seconds.
-    #[arg(long, value_name = "SECONDS")]
-    timeout: Option<f64>,
-    /// Once the command exits, park the instance in DIR (a new directory)
-    /// instead of ending it: `crumble restore DIR -- CMD` goes on from
-    /// there, with its background processes and files.
-    #[arg(long, value_name = "DIR")]
-    park: Option<PathBuf>,
+    #[command(flatten)]
+    life: LifeArgs,
     #[command(flatten)]
     process: ProcessArgs,
     /// The command and its arguments; without one, an image's entrypoint
@@ -78,18 +72,26 @@ pub(crate) struct RestoreArgs {
     /// read, so it can be restored any number of times.
     #[arg(value_name = "PARK")]
     from: PathBuf,
-    /// End the instance after this many seconds.
-    #[arg(long, value_name = "SECONDS")]
-    timeout: Option<f64>,
-    /// Once the command exits, park the instance again in DIR (a new
-    /// directory) instead of ending it.
-    #[arg(long, value_name = "DIR")]
-    park: Option<PathBuf>,
+    #[command(flatten)]
+    life: LifeArgs,
     #[command(flatten)]
     process: ProcessArgs,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
+}
+
+/// How long the instance lives and how it ends, for `run` and `restore`.
+#[derive(Debug, Args)]
+pub(crate) struct LifeArgs {
+    /// End the instance after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
+    /// Once the command exits, park the instance in DIR (a new directory)
+    /// instead of ending it: `crumble restore DIR -- CMD` goes on from
+    /// there, with its background processes and files.
+    #[arg(long, value_name = "DIR")]
+    park: Option<PathBuf>,
 }
 
 /// How the command runs, for `run` and `restore` alike.
@@ -117,7 +119,7 @@ pub(crate) struct ProcessArgs {
 
 pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
     let network_policy = network_policy(&args)?;
-    let session = Session::begin(args.process, args.park)?;
+    let session = Session::begin(args.process, args.life.park)?;
     let source = match (args.rootfs, &args.image) {
         // A directory has no entrypoint: say so before building anything.
         (Some(_), _) if args.command.is_empty() => {
@@ -136,7 +138,7 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
         memory_mb: args.memory,
         cpus: args.cpus,
         disk_mb: args.disk_mb,
-        timeout: timeout(args.timeout)?,
+        timeout: timeout(args.life.timeout)?,
         mounts: args.mounts,
         network: !args.no_network,
         network_policy,
@@ -157,9 +159,9 @@ pub(crate) fn run(args: RunArgs) -> CliResult<ExitCode> {
 }
 
 pub(crate) fn restore(args: RestoreArgs) -> CliResult<ExitCode> {
-    let session = Session::begin(args.process, args.park)?;
+    let session = Session::begin(args.process, args.life.park)?;
     let options = cc::RestoreOptions {
-        timeout: timeout(args.timeout)?,
+        timeout: timeout(args.life.timeout)?,
         ..Default::default()
     };
     let inst = cc::Instance::restore(&args.from, options)?;

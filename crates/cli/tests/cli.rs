@@ -65,27 +65,25 @@ fn park_and_restore_usage_errors_need_no_vm() {
     let taken = std::env::temp_dir().join(format!("cc-cli-park-taken-{}", std::process::id()));
     std::fs::create_dir_all(&taken).unwrap();
     // Refused before anything boots: the command's work would be lost.
-    let out = crumble()
-        .args(["run", "--rootfs"])
-        .arg(rootfs())
-        .arg("--park")
-        .arg(&taken)
-        .args(["--", "true"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(125));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("already exists"), "{err}");
+    let fails_saying = |cmd: &mut Command, what: &str| {
+        let out = cmd.args(["--", "true"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(125));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(what), "{err}");
+    };
+    fails_saying(
+        crumble()
+            .args(["run", "--rootfs"])
+            .arg(rootfs())
+            .arg("--park")
+            .arg(&taken),
+        "already exists",
+    );
     // Not a park: the directory exists but holds none.
-    let out = crumble()
-        .arg("restore")
-        .arg(&taken)
-        .args(["--", "true"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(125));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not a parked instance"), "{err}");
+    fails_saying(
+        crumble().arg("restore").arg(&taken),
+        "not a parked instance",
+    );
     let out = crumble().arg("restore").arg(&taken).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "a restore needs a command");
     std::fs::remove_dir_all(&taken).unwrap();

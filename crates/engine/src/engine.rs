@@ -554,15 +554,9 @@ impl Machine for QemuMachine {
             Some(template) => {
                 let (mut meta, split) = self.save_stopped(dir, true)?;
                 // The guest stays stopped while its memory is compared.
-                let diffed = park::into_ram_file(
-                    &self.spec,
-                    &mut meta,
-                    dir,
-                    split,
-                    &self.cache,
-                    &capture_name(),
-                )
-                .and_then(|()| park::into_template_diff(&mut meta, dir, template));
+                let diffed = self
+                    .make_ram_file(&mut meta, dir, split)
+                    .and_then(|()| park::into_template_diff(&mut meta, dir, template));
                 if let Err(e) = diffed {
                     if let Err(c) = self.vm.cont() {
                         tracing::warn!("could not resume the guest after a failed park: {c}");
@@ -586,14 +580,7 @@ impl Machine for QemuMachine {
         resumed?;
         // While the guest runs on: its children map the RAM file this
         // makes and share its pages.
-        park::into_ram_file(
-            &self.spec,
-            &mut meta,
-            dir,
-            split,
-            &self.cache,
-            &capture_name(),
-        )
+        self.make_ram_file(&mut meta, dir, split)
     }
 }
 
@@ -604,6 +591,16 @@ fn capture_name() -> String {
 }
 
 impl QemuMachine {
+    /// [`park::into_ram_file`] for this guest's save in `dir`.
+    fn make_ram_file(
+        &self,
+        meta: &mut park::ParkMeta,
+        dir: &Path,
+        split: Option<Result<(), SplitError>>,
+    ) -> Result<(), Error> {
+        park::into_ram_file(&self.spec, meta, dir, split, &self.cache, &capture_name())
+    }
+
     /// Saves the guest into the park directory `dir` and leaves it
     /// stopped, its stop and end not reported as deaths; on failure it
     /// runs on as before. With `for_ram_file`, in the form

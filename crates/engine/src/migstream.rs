@@ -480,23 +480,26 @@ mod tests {
             };
             e.u64(FLAG_EOS).footer(2)
         }
+        /// A page record's head: named by `block`, else continuing.
+        fn record(self, offset: u64, kind: u64, block: Option<&[u8]>) -> Self {
+            match block {
+                Some(b) => self.u64(offset | kind).name(b),
+                None => self.u64(offset | kind | FLAG_CONTINUE),
+            }
+        }
+        /// The end of a `ram` section part (section id 2).
+        fn eos(self) -> Self {
+            self.u64(FLAG_EOS).footer(2)
+        }
+        /// The `ram` section's end, empty, and the device state.
+        fn ram_end_and_devices(self) -> Self {
+            self.section(SECTION_END, 2).eos().raw(DEVICES)
+        }
         fn page(self, offset: u64, block: Option<&[u8]>, fill: u8) -> Self {
-            let flags = if block.is_some() { 0 } else { FLAG_CONTINUE };
-            let e = self.u64(offset | FLAG_PAGE | flags);
-            let e = match block {
-                Some(b) => e.name(b),
-                None => e,
-            };
-            e.raw(&[fill; PAGE])
+            self.record(offset, FLAG_PAGE, block).raw(&[fill; PAGE])
         }
         fn zero(self, offset: u64, block: Option<&[u8]>, fill: u8) -> Self {
-            let flags = if block.is_some() { 0 } else { FLAG_CONTINUE };
-            let e = self.u64(offset | FLAG_ZERO | flags);
-            let e = match block {
-                Some(b) => e.name(b),
-                None => e,
-            };
-            e.u8(fill)
+            self.record(offset, FLAG_ZERO, block).u8(fill)
         }
     }
 
@@ -515,12 +518,8 @@ mod tests {
             .page(0, Some(BIOS), 9)
             .zero(2 * PAGE as u64, Some(b"mem"), 0xab)
             .zero(0, Some(BIOS), 3)
-            .u64(FLAG_EOS)
-            .footer(2)
-            .section(SECTION_END, 2)
-            .u64(FLAG_EOS)
-            .footer(2)
-            .raw(DEVICES)
+            .eos()
+            .ram_end_and_devices()
             .0
     }
 
@@ -578,12 +577,8 @@ mod tests {
             .section(SECTION_PART, 2)
             .page(0, Some(BIOS), 9)
             .zero(0, None, 3)
-            .u64(FLAG_EOS)
-            .footer(2)
-            .section(SECTION_END, 2)
-            .u64(FLAG_EOS)
-            .footer(2)
-            .raw(DEVICES)
+            .eos()
+            .ram_end_and_devices()
             .0;
         assert_eq!(out, want);
     }

@@ -150,8 +150,8 @@ pub(crate) fn bench(what: What) -> CliResult<ExitCode> {
             phases,
         } => files::files(&rootfs, runs.max(3), &busybox, phases),
         What::Net { rootfs, runs } => net::net(&rootfs, runs.max(3)),
-        What::Park(l) => park::park(&l.rootfs, l.runs.max(3), l.memory, l.phases),
-        What::Branch(l) => park::branch(&l.rootfs, l.runs.max(3), l.memory, l.phases),
+        What::Park(l) => park::park(&l),
+        What::Branch(l) => park::branch(&l),
     }
 }
 

@@ -8,23 +8,28 @@ use std::time::{Duration, Instant};
 
 use super::boot::{first_echo, start_and_echo};
 use super::phases::Phases;
-use super::{ms, Samples, Table};
+use super::{ms, Live, Samples, Table};
 use crate::CliResult;
 
 /// A guest process that keeps counting, so the park holds a live program.
 const COUNTER: &str = "(i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.1; done) \
                        </dev/null >/dev/null 2>&1 &";
 
-/// The source and options of the runs, the template made (unmeasured).
-fn prepare(rootfs: &Path, runs: usize, memory: u32) -> CliResult<(cc::Source, cc::Options)> {
-    let source = cc::Source::Dir(rootfs.to_path_buf());
+/// The source and options of the runs (the template made, unmeasured)
+/// and the phases to record, if shown.
+fn prepare(l: &Live) -> CliResult<(cc::Source, cc::Options, Option<Phases>)> {
+    let runs = l.runs.max(3);
+    let source = cc::Source::Dir(l.rootfs.clone());
     let warm = cc::Options {
-        memory_mb: memory,
+        memory_mb: l.memory,
         ..Default::default()
     };
-    println!("{runs} runs, {memory} MiB, 1 vCPU; the source runs a counting loop");
+    println!(
+        "{runs} runs, {} MiB, 1 vCPU; the source runs a counting loop",
+        l.memory
+    );
     cc::Instance::new(&source, warm.clone())?.close()?;
-    Ok((source, warm))
+    Ok((source, warm, l.phases.then(Phases::default)))
 }
 
 /// A warm instance running the counting loop, and how long its start
@@ -47,14 +52,9 @@ fn timed<T>(phases: &Option<Phases>, f: impl FnOnce() -> T) -> T {
     }
 }
 
-pub(super) fn park(
-    rootfs: &Path,
-    runs: usize,
-    memory: u32,
-    show_phases: bool,
-) -> CliResult<ExitCode> {
-    let phases = show_phases.then(Phases::default);
-    let (source, warm) = prepare(rootfs, runs, memory)?;
+pub(super) fn park(l: &Live) -> CliResult<ExitCode> {
+    let (source, warm, phases) = prepare(l)?;
+    let runs = l.runs.max(3);
     let scratch = std::env::temp_dir().join(format!("cc-bench-park-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
     let names = [
@@ -117,14 +117,9 @@ pub(super) fn park(
     Ok(ExitCode::SUCCESS)
 }
 
-pub(super) fn branch(
-    rootfs: &Path,
-    runs: usize,
-    memory: u32,
-    show_phases: bool,
-) -> CliResult<ExitCode> {
-    let phases = show_phases.then(Phases::default);
-    let (source, warm) = prepare(rootfs, runs, memory)?;
+pub(super) fn branch(l: &Live) -> CliResult<ExitCode> {
+    let (source, warm, phases) = prepare(l)?;
+    let runs = l.runs.max(3);
     let names = [
         "warm start → first output",
         "branch 1 → child's first output",
