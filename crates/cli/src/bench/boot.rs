@@ -136,15 +136,14 @@ pub(super) fn boot(
             phases.print(&format!("{kind} start, host phases (median)"));
         }
     }
-    println!("\nidle PSS per instance, MiB: alone, and median of {PSS_INSTANCES} side by side");
+    println!(
+        "\nidle PSS per instance, MiB: of QEMU alone, and median of {PSS_INSTANCES} side by \
+         side; of all its host processes alone (QEMU, network relay, sandbox)"
+    );
     for (name, options) in [("cold", &cold), ("warm", &warm)] {
-        table.row(
-            name,
-            &[
-                idle_pss(&source, options, 1)?,
-                idle_pss(&source, options, PSS_INSTANCES)?,
-            ],
-        );
+        let (alone, all_alone) = idle_pss(&source, options, 1)?;
+        let (side_by_side, _) = idle_pss(&source, options, PSS_INSTANCES)?;
+        table.row(name, &[alone, side_by_side, all_alone]);
     }
     println!("(target for warm ≤ 45 MiB)");
     println!(
@@ -195,8 +194,9 @@ pub(super) fn first_echo(inst: &cc::Instance) -> CliResult<Instant> {
 const PSS_INSTANCES: usize = 4;
 
 /// Median proportional set size of QEMU, in MiB, over `count` instances
-/// idling side by side (pages they share are split between them).
-fn idle_pss(source: &cc::Source, options: &cc::Options, count: usize) -> CliResult<f64> {
+/// idling side by side (pages they share are split between them), and
+/// that of all their host processes over `count`.
+fn idle_pss(source: &cc::Source, options: &cc::Options, count: usize) -> CliResult<(f64, f64)> {
     let all = (0..count)
         .map(|_| start_and_echo(source, options).map(|(inst, ..)| inst))
         .collect::<CliResult<Vec<_>>>()?;
@@ -205,11 +205,43 @@ fn idle_pss(source: &cc::Source, options: &cc::Options, count: usize) -> CliResu
     for inst in &all {
         pss.push(pss_mib(inst.vm_pid().ok_or("instance not running")?)?);
     }
+    let host = host_pss_mib()? / count as f64;
     for inst in all {
         inst.close()?;
     }
     pss.sort_by(f64::total_cmp);
-    Ok(pss[pss.len() / 2])
+    Ok((pss[pss.len() / 2], host))
+}
+
+/// The proportional set size of every process this one started, and
+/// theirs (QEMUs, network relays, bubblewrap), in MiB.
+pub(super) fn host_pss_mib() -> CliResult<f64> {
+    let me = std::process::id();
+    let parent_of = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The name is in parentheses and may hold spaces: the parent is
+        // the second field after it.
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let procs: Vec<(u32, u32)> = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| Some((pid, parent_of(pid)?)))
+        .collect();
+    let (mut total, mut parents) = (0.0, vec![me]);
+    while let Some(parent) = parents.pop() {
+        for &(pid, _) in procs.iter().filter(|(_, ppid)| *ppid == parent) {
+            // One that ended meanwhile holds no memory.
+            total += pss_mib(pid).unwrap_or(0.0);
+            parents.push(pid);
+        }
+    }
+    Ok(total)
 }
 
 /// The proportional set size of process `pid`, in MiB.

@@ -144,15 +144,15 @@ pub(super) fn branch(l: &Live) -> CliResult<ExitCode> {
                     p.add(&format!("child: {name}"), d);
                 }
             }
-            // Idle: the source and its children, all sharing what they can.
+            // Idle: the source and its children, all sharing what they
+            // can; every host process of theirs counts.
             std::thread::sleep(Duration::from_secs(3));
-            let mut children = 0.0;
-            for k in &kids {
-                children += super::boot::pss_mib(k.vm_pid().ok_or("child not running")?)?;
-            }
-            let source = super::boot::pss_mib(src.vm_pid().ok_or("source not running")?)?;
-            family.push(source + children);
+            family.push(super::boot::host_pss_mib()?);
             if n == 4 {
+                let mut children = 0.0;
+                for k in &kids {
+                    children += super::boot::pss_mib(k.vm_pid().ok_or("child not running")?)?;
+                }
                 pss.push(children / n as f64);
             }
             for k in kids {
@@ -175,15 +175,16 @@ pub(super) fn branch(l: &Live) -> CliResult<ExitCode> {
         table.row(name, &[ms(s.median())]);
     }
     table.header("idle PSS (median)", "MiB");
-    table.row("per child of 4", &[pss[pss.len() / 2]]);
+    table.row("child's QEMU, per child of 4", &[pss[pss.len() / 2]]);
     table.row("extra per child: (4 - 1) / 3", &[extra[extra.len() / 2]]);
     println!(
         "\nbranch 1 / warm start = {:.2}x (target ≤ 2x)",
         ours[1].ratio(&ours[0])
     );
     println!(
-        "extra PSS per child = {:.1} MiB (target ≤ 20 MiB): the source's and \
-         children's PSS after a branch into 4, less after a branch into 1, over 3",
+        "extra PSS per child = {:.1} MiB (target ≤ 20 MiB): the PSS of every host \
+         process (QEMUs, network relays, sandboxes) after a branch into 4, less after \
+         a branch into 1, over 3",
         extra[extra.len() / 2]
     );
     if let Some(p) = phases {
