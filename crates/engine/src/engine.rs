@@ -284,7 +284,7 @@ impl Engine for Qemu {
         let mut vm_spec = self.vm_spec(spec, host, upper_disk.clone());
         park::check(&meta, &vm_spec)?;
         let backing = tracing::debug_span!("engine: writable disk from the park")
-            .in_scope(|| upper::from_park(&park::disk(dir), &upper_disk))?;
+            .in_scope(|| upper::from_park(&self.cache, &park::disk(dir), &upper_disk))?;
         if let Some(d) = vm_spec.disks.iter_mut().find(|d| !d.read_only) {
             d.backing = backing;
         }

@@ -5,7 +5,8 @@
 //!
 //! A restored guest's disk starts as its park's ([`from_park`]) without
 //! copying it: a reflink, else a qcow2 overlay over the park's raw disk
-//! that takes only what the guest writes after the restore. Saving such
+//! that takes only what the guest writes after the restore (a copy of an
+//! empty one cached per size). Saving such
 //! a guest again ([`save`]) writes the two merged into one raw disk.
 
 use std::fs;
@@ -29,12 +30,16 @@ pub(crate) fn create(cache: &Path, path: &Path, size_mb: u32) -> Result<(), Erro
 /// link of `saved` beside `upper` (the park may be removed while the
 /// guest runs, a branch's always is), which QEMU reads and never writes;
 /// else (the park on another filesystem) a sparse copy.
-pub(crate) fn from_park(saved: &Path, upper: &Path) -> Result<Option<PathBuf>, Error> {
+pub(crate) fn from_park(
+    cache: &Path,
+    saved: &Path,
+    upper: &Path,
+) -> Result<Option<PathBuf>, Error> {
     let copy = || Error::io("copy writable disk to", upper);
     if files::reflink(saved, upper).map_err(copy())? {
         return Ok(None);
     }
-    let base = upper.with_file_name("base.img");
+    let base = upper.with_file_name(OVERLAY_BASE);
     match fs::hard_link(saved, &base) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
@@ -44,16 +49,49 @@ pub(crate) fn from_park(saved: &Path, upper: &Path) -> Result<Option<PathBuf>, E
         Err(e) => return Err(Error::io("link", &base)(e)),
     }
     let size = fs::metadata(&base).map_err(Error::io("stat", &base))?.len();
-    // -u: the header only names the base; QEMU is handed it by descriptor.
-    run_qemu_img(
-        Command::new(qemu_img())
-            .args(["create", "-q", "-u", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&base)
-            .arg(upper)
-            .arg(size.to_string()),
-        upper,
-    )?;
+    let empty = cached_overlay(cache, size)?;
+    files::clone_file(&empty, upper).map_err(copy())?;
     Ok(Some(base))
+}
+
+/// The name of an overlay's base beside it, which its header names.
+const OVERLAY_BASE: &str = "base.img";
+
+/// An empty qcow2 overlay of a raw base of `size` bytes, made once per
+/// size: every overlay starts the same, and `qemu-img` costs each start
+/// 10 to 20 ms of a process. Its header names its base relatively,
+/// [`OVERLAY_BASE`] beside it, but QEMU is handed the base by descriptor.
+fn cached_overlay(cache: &Path, size: u64) -> Result<PathBuf, Error> {
+    let dir = cache.join("upper");
+    let overlay = dir.join(format!("qcow2-over-raw-{size}.img"));
+    if overlay.is_file() {
+        return Ok(overlay);
+    }
+    private_dirs(&dir)?;
+    let tmp = dir.join(paths::temp_name("qcow2"));
+    // -u: the base is not there to check.
+    let made = run_qemu_img(
+        Command::new(qemu_img())
+            .args([
+                "create",
+                "-q",
+                "-u",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                "-b",
+                OVERLAY_BASE,
+            ])
+            .arg(&tmp)
+            .arg(size.to_string()),
+        &tmp,
+    )
+    .and_then(|()| fs::rename(&tmp, &overlay).map_err(Error::io("rename", &overlay)));
+    if made.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    made.map(|()| overlay)
 }
 
 /// Writes the writable disk `upper` (with its `backing` image, if it is an
@@ -156,6 +194,49 @@ mod tests {
         assert_eq!(cached.len(), 2, "one empty image per size: {cached:?}");
         assert!(cached.iter().all(|p| mode(p) == 0o600));
         assert_eq!(mode(&cache.join("upper")), 0o700);
+        fs::remove_dir_all(&cache).unwrap();
+    }
+
+    #[test]
+    fn restored_disks_are_overlays_copied_from_one_cached_empty_one_per_size() {
+        let cache = std::env::temp_dir().join(format!("cc-overlay-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&cache);
+        fs::create_dir_all(cache.join("park")).unwrap();
+        let saved = cache.join("park/disk.img");
+        fs::File::create(&saved).unwrap().set_len(8 << 20).unwrap();
+        let info = |p: &Path| {
+            let out = Command::new(qemu_img())
+                .args(["info", "--output=json", "-U"])
+                .arg(p)
+                .output()
+                .unwrap();
+            String::from_utf8(out.stdout).unwrap()
+        };
+        for child in ["a", "b"] {
+            let run = cache.join(child);
+            fs::create_dir_all(&run).unwrap();
+            let upper = run.join("upper.img");
+            let base = from_park(&cache, &saved, &upper).unwrap();
+            // No reflinks (a tmpfs or ext4 temp dir): an overlay.
+            if let Some(base) = base {
+                assert_eq!(base, run.join(OVERLAY_BASE));
+                let json = info(&upper);
+                assert!(json.contains("\"format\": \"qcow2\""), "{json}");
+                assert!(json.contains("\"virtual-size\": 8388608"), "{json}");
+                assert!(
+                    json.contains("\"backing-filename\": \"base.img\""),
+                    "{json}"
+                );
+                assert!(
+                    json.contains("\"backing-filename-format\": \"raw\""),
+                    "{json}"
+                );
+            }
+        }
+        let cached = fs::read_dir(cache.join("upper"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert!(cached <= 1, "one empty overlay for the size");
         fs::remove_dir_all(&cache).unwrap();
     }
 }
