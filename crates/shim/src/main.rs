@@ -4,6 +4,7 @@
 //! directory and talks to it over ttrpc (the task v2 API).
 
 mod metrics;
+mod oom;
 mod service;
 mod spec;
 mod state;
@@ -19,7 +20,7 @@ use containerd_shim::{Config, DeleteResponse, ExitSignal, Flags, StartOpts};
 use service::Service;
 
 /// The status containerd reports for a task whose shim died: killed.
-const DEAD_SHIM_STATUS: u32 = 128 + libc::SIGKILL as u32;
+const DEAD_SHIM_STATUS: u32 = oom::KILLED;
 
 struct Shim {
     exit: Arc<ExitSignal>,

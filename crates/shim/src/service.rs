@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use containerd_shim::api::{self, Status as TaskStatus};
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
@@ -25,6 +25,7 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 
 use crate::metrics;
+use crate::oom::{self, OomCount};
 use crate::spec::{self, ProcessPlan};
 use crate::state::{self, ShimState};
 use crate::stdio;
@@ -153,6 +154,8 @@ struct Container {
     root: Option<(String, String)>,
     /// QEMU's host pid: the task's pid, as VM runtimes report it.
     vm_pid: u32,
+    /// The VM's OOM kills accounted for: shared as the VM is.
+    oom: Arc<OomCount>,
     init: Proc,
     execs: HashMap<String, Proc>,
 }
@@ -271,10 +274,10 @@ impl Service {
         plan: spec::Plan,
         sandbox: &str,
     ) -> TtrpcResult<Container> {
-        let instance = lock(&self.inner.containers)
+        let (instance, oom) = lock(&self.inner.containers)
             .get(sandbox)
             .filter(|c| c.root.is_none())
-            .map(|c| c.instance.clone())
+            .map(|c| (c.instance.clone(), c.oom.clone()))
             .ok_or_else(|| {
                 rpc_err(
                     Code::FAILED_PRECONDITION,
@@ -324,6 +327,7 @@ impl Service {
             vm_pid: instance.vm_pid().unwrap_or(0),
             instance,
             root: Some((dir, root)),
+            oom,
             init,
             execs: HashMap::new(),
         })
@@ -388,6 +392,7 @@ impl Service {
             instance: Arc::new(instance),
             root: None,
             vm_pid,
+            oom: Arc::default(),
             init,
             execs: HashMap::new(),
         })
@@ -462,10 +467,14 @@ impl Service {
 
     /// Starts `p` in `inst`: the copies between its FIFOs and the guest
     /// process, and a thread that waits for its exit, lets the output
-    /// drain, then records and publishes the exit.
+    /// drain, publishes a TaskOOM for the container if the exit was the
+    /// guest's OOM killer's (counted in `oom`), then records and publishes
+    /// the exit.
+    #[allow(clippy::too_many_arguments)]
     fn spawn(
         &self,
-        inst: &cc::Instance,
+        inst: &Arc<cc::Instance>,
+        oom: &Arc<OomCount>,
         root: Option<&str>,
         p: &mut Proc,
         container_id: &str,
@@ -514,6 +523,7 @@ impl Service {
         p.signaller = Some(child.signaller());
         p.pid = Some(pid);
         let exit = p.exit.clone();
+        let (inst, oom) = (inst.clone(), oom.clone());
         let this = self.clone();
         let (cid, eid) = (container_id.to_string(), exec_id.to_string());
         let event_pid = reported_pid.unwrap_or(pid);
@@ -532,6 +542,23 @@ impl Service {
                     }
                 };
                 stdio::drain(copies);
+                let oom_killed = oom.claim(status, || {
+                    let vmstat = inst
+                        .read_file(oom::VMSTAT)
+                        .inspect_err(|e| log::warn!("reading the guest's OOM kills: {e}"))
+                        .ok()?;
+                    oom::oom_kills(&String::from_utf8_lossy(&vmstat))
+                });
+                if oom_killed {
+                    // Before the exit: a client has the cause when the exit arrives.
+                    this.publish(
+                        topics::TASK_OOM_EVENT_TOPIC,
+                        Box::new(TaskOOM {
+                            container_id: cid.clone(),
+                            ..Default::default()
+                        }),
+                    );
+                }
                 exit.set(status);
                 let (_, at) = exit.get().expect("just set");
                 this.publish(
@@ -650,6 +677,7 @@ impl containerd_shim::Task for Service {
             let vm_pid = c.vm_pid;
             let Container {
                 instance,
+                oom,
                 init,
                 execs,
                 id,
@@ -671,7 +699,7 @@ impl containerd_shim::Task for Service {
             if p.pid.is_some() {
                 return Err(rpc_err(Code::FAILED_PRECONDITION, "already started"));
             }
-            let guest = self.spawn(instance, root, p, id, &req.exec_id, reported)?;
+            let guest = self.spawn(instance, oom, root, p, id, &req.exec_id, reported)?;
             Ok(reported.unwrap_or(guest))
         })?;
         if req.exec_id.is_empty() {

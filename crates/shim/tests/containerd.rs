@@ -524,56 +524,140 @@ fn metrics_show_memory_in_use(c: &Containerd) {
     assert!(value("cpu.usage_usec").is_some(), "{shown}");
 }
 
-/// containerd's event stream carries the shim's TaskExit with the status.
-fn events_show_task_exit(c: &Containerd) {
-    use std::io::{BufRead, BufReader};
-    let mut events = ctr_cmd(&c.dir, &["events"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = events.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
+/// `ctr events`, subscribed: its lines as they come.
+struct Events {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Events {
+    fn subscribe(c: &Containerd) -> Events {
+        use std::io::{BufRead, BufReader};
+        let mut child = ctr_cmd(&c.dir, &["events"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut events = Events { child, lines };
+        // Events of our own first (labelling a namespace): the stream is
+        // subscribed once one shows.
+        let probe = c.ctr(&["namespaces", "create", "cc-events-probe"]);
+        assert!(probe.status.success(), "{}", text(&probe.stderr));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for n in 0.. {
+            assert!(Instant::now() < deadline, "ctr events shows no event");
+            let label = format!("n={n}");
+            let _ = c.ctr(&["namespaces", "label", "cc-events-probe", &label]);
+            let probed = |l: &str| l.contains("cc-events-probe");
+            if events.until(&probed, Duration::from_secs(1)).is_some() {
                 break;
             }
         }
-    });
-    let seen = |what: &dyn Fn(&str) -> bool, within: Duration| {
+        let _ = c.ctr(&["namespaces", "remove", "cc-events-probe"]);
+        events
+    }
+
+    /// The lines up to and with the first that `what` matches, within
+    /// `within`; `None` when none did.
+    fn until(&mut self, what: &dyn Fn(&str) -> bool, within: Duration) -> Option<Vec<String>> {
         let deadline = Instant::now() + within;
+        let mut lines = Vec::new();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match rx.recv_timeout(left) {
-                Ok(line) if what(&line) => return Some(line),
-                Ok(_) => {}
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = what(&line);
+                    lines.push(line);
+                    if found {
+                        return Some(lines);
+                    }
+                }
                 Err(_) => return None,
             }
         }
         None
-    };
-    // Events of our own first (labelling a namespace): the stream is
-    // subscribed once one shows.
-    let probe = c.ctr(&["namespaces", "create", "cc-events-probe"]);
-    assert!(probe.status.success(), "{}", text(&probe.stderr));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for n in 0.. {
-        assert!(Instant::now() < deadline, "ctr events shows no event");
-        let label = format!("n={n}");
-        let _ = c.ctr(&["namespaces", "label", "cc-events-probe", &label]);
-        let probed = |l: &str| l.contains("cc-events-probe");
-        if seen(&probed, Duration::from_secs(1)).is_some() {
-            break;
-        }
     }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether `line` of `ctr events` is an event of `topic` for container `id`.
+fn event_of(line: &str, topic: &str, id: &str) -> bool {
+    line.contains(&format!(" {topic} ")) && line.contains(&format!("\"container_id\":\"{id}\""))
+}
+
+/// containerd's event stream carries the shim's TaskExit with the status.
+fn events_show_task_exit(c: &Containerd) {
+    let mut events = Events::subscribe(c);
     let out = c.run(&[], "events", &["sh", "-c", "exit 7"]);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
-    let exited = |l: &str| l.contains("/tasks/exit") && l.contains("\"events\"");
-    let exit = seen(&exited, Duration::from_secs(30));
-    let _ = events.kill();
-    let _ = events.wait();
-    let _ = c.ctr(&["namespaces", "remove", "cc-events-probe"]);
-    let exit = exit.expect("no TaskExit event");
+    let exited = |l: &str| event_of(l, "/tasks/exit", "events");
+    let seen = events.until(&exited, Duration::from_secs(30));
+    let exit = seen
+        .and_then(|l| l.last().cloned())
+        .expect("no TaskExit event");
     assert!(exit.contains("\"exit_status\":7"), "{exit}");
+}
+
+/// An awk program that outgrows the VM's default 512 MiB in 2 MiB
+/// strings, so the kernel's OOM killer ends it (no allocation is too
+/// large to fail instead).
+const MEMORY_HOG: &str =
+    "BEGIN { s = \"x\"; for (i = 0; i < 20; i++) s = s s; while (1) a[n++] = s s }";
+
+/// A task the guest kernel's OOM killer ends shows a TaskOOM before its
+/// TaskExit (status 137); one killed by `ctr task kill -s SIGKILL` shows
+/// none.
+fn events_show_task_oom_before_exit(c: &Containerd) {
+    let mut events = Events::subscribe(c);
+    let out = c.run(&[], "oom", &["awk", MEMORY_HOG]);
+    assert_eq!(out.status.code(), Some(137), "{}", text(&out.stderr));
+    let exited = |l: &str| event_of(l, "/tasks/exit", "oom");
+    let seen = events
+        .until(&exited, Duration::from_secs(60))
+        .expect("no TaskExit event");
+    let exit = seen.last().unwrap();
+    assert!(exit.contains("\"exit_status\":137"), "{exit}");
+    assert!(
+        seen.iter().any(|l| event_of(l, "/tasks/oom", "oom")),
+        "no TaskOOM before the TaskExit: {seen:#?}"
+    );
+
+    c.run_detached("sigkill", &["sleep", "600"]);
+    let kill = c.ctr(&["task", "kill", "-s", "SIGKILL", "sigkill"]);
+    assert!(kill.status.success(), "{}", text(&kill.stderr));
+    let exited = |l: &str| event_of(l, "/tasks/exit", "sigkill");
+    let seen = events.until(&exited, Duration::from_secs(30));
+    c.remove("sigkill");
+    let seen = seen.expect("no TaskExit event");
+    assert!(
+        seen.last().unwrap().contains("\"exit_status\":137"),
+        "{seen:#?}"
+    );
+    assert!(
+        !seen.iter().any(|l| l.contains("/tasks/oom")),
+        "a plain SIGKILL showed a TaskOOM: {seen:#?}"
+    );
+    // Nor after its exit, up to its delete.
+    let deleted = |l: &str| event_of(l, "/tasks/delete", "sigkill");
+    let seen = events.until(&deleted, Duration::from_secs(30));
+    let seen = seen.expect("no TaskDelete event");
+    assert!(
+        !seen.iter().any(|l| l.contains("/tasks/oom")),
+        "a plain SIGKILL showed a TaskOOM: {seen:#?}"
+    );
 }
 
 fn unsupported_requests_are_refused_and_leave_nothing(c: &Containerd) {
@@ -764,6 +848,42 @@ fn pod_containers_share_one_vm_with_separate_roots(c: &Containerd) {
     assert!(!c.bundle("poda").exists() && !c.bundle("podb").exists());
 }
 
+/// In a pod's VM the OOM kill is the member's whose process it killed,
+/// not the sandbox's. The hog runs from a copy of busybox in the member's
+/// `/tmp` (guest memory): run from the member's image (erofs on a loop
+/// device over a file on the VM's disk), the guest took ten minutes in a
+/// trial to kill it, reclaiming and rereading busybox's pages meanwhile.
+fn pod_member_oom_is_its_own(c: &Containerd) {
+    let mut events = Events::subscribe(c);
+    run_detached_with(
+        c,
+        &pod_flags("sandbox", "oomsb"),
+        "oomsb",
+        &["sleep", "600"],
+    );
+    let (vm_pid, run_dir) = c.vm_of("oomsb");
+    let member = pod_flags("container", "oomsb");
+    let mut args = vec!["run", "--runtime", RUNTIME, "--rm"];
+    args.extend(member.iter().map(String::as_str));
+    let hog = "cp /bin/busybox /tmp/busybox && exec /tmp/busybox awk \"$0\"";
+    args.extend([c.image.as_str(), "oomhog", "sh", "-c", hog, MEMORY_HOG]);
+    let out = c.ctr(&args);
+    assert_eq!(out.status.code(), Some(137), "{}", text(&out.stderr));
+    let exited = |l: &str| event_of(l, "/tasks/exit", "oomhog");
+    let seen = events.until(&exited, Duration::from_secs(60));
+    c.remove("oomsb");
+    assert_nothing_left(c, "oomsb", vm_pid, &run_dir);
+    let seen = seen.expect("no TaskExit event");
+    assert!(
+        seen.iter().any(|l| event_of(l, "/tasks/oom", "oomhog")),
+        "no TaskOOM for the member: {seen:#?}"
+    );
+    assert!(
+        !seen.iter().any(|l| event_of(l, "/tasks/oom", "oomsb")),
+        "a TaskOOM for the sandbox: {seen:#?}"
+    );
+}
+
 fn member_without_its_sandbox_is_refused(c: &Containerd) {
     let mut args = vec!["run", "--runtime", RUNTIME, "--rm"];
     let flags = pod_flags("container", "nosuchpod");
@@ -831,6 +951,10 @@ fn main() -> ExitCode {
         ("metrics_show_memory_in_use", metrics_show_memory_in_use),
         ("events_show_task_exit", events_show_task_exit),
         (
+            "events_show_task_oom_before_exit",
+            events_show_task_oom_before_exit,
+        ),
+        (
             "malformed_config_is_refused_and_leaves_nothing",
             malformed_config_is_refused_and_leaves_nothing,
         ),
@@ -842,6 +966,7 @@ fn main() -> ExitCode {
             "pod_containers_share_one_vm_with_separate_roots",
             pod_containers_share_one_vm_with_separate_roots,
         ),
+        ("pod_member_oom_is_its_own", pod_member_oom_is_its_own),
         (
             "member_without_its_sandbox_is_refused",
             member_without_its_sandbox_is_refused,
