@@ -287,12 +287,12 @@ impl Service {
         if let Some(m) = plan
             .mounts
             .iter()
-            .find(|m| std::fs::metadata(&m.source).map_or(true, |md| md.is_dir()))
+            .find(|m| !m.read_only && std::fs::metadata(&m.source).map_or(true, |md| md.is_dir()))
         {
             return Err(rpc_err(
                 Code::INVALID_ARGUMENT,
                 format!(
-                    "refused: mount {}: a pod's containers take file binds only (directories are shared at the sandbox's boot)",
+                    "refused: mount {}: a pod's containers cannot share a writable host directory (the VM's shares are fixed at the sandbox's boot); read-only directories and files are copied in",
                     m.destination
                 ),
             ));
@@ -317,7 +317,7 @@ impl Service {
             req.id,
             started.elapsed()
         );
-        if let Err(e) = copy_file_binds(&instance, &root, &plan.mounts) {
+        if let Err(e) = copy_binds(&instance, &root, &plan.mounts) {
             let _ = instance.unmount_root(&dir);
             return Err(e);
         }
@@ -578,19 +578,93 @@ impl Service {
     }
 }
 
-/// Copies each file bind's host file to its destination in a pod
-/// member's root (`root`, a guest path): a copy as of Create.
-fn copy_file_binds(inst: &cc::Instance, root: &str, mounts: &[spec::BindMount]) -> TtrpcResult<()> {
+/// Copies each bind's host file or read-only directory to its
+/// destination in a pod member's root (`root`, a guest path): a copy as of
+/// Create, read-only by its modes.
+fn copy_binds(inst: &cc::Instance, root: &str, mounts: &[spec::BindMount]) -> TtrpcResult<()> {
     for m in mounts {
-        let fail =
-            |e: cc::Error| rpc_err(Code::INTERNAL, format!("file bind {}: {e}", m.destination));
+        let fail = |e: String| rpc_err(Code::INTERNAL, format!("bind {}: {e}", m.destination));
         let dest = format!("{root}/{}", m.destination.trim_start_matches('/'));
         if let Some(parent) = Path::new(&dest).parent() {
             inst.mkdir_all(&parent.to_string_lossy(), 0o755)
-                .map_err(fail)?;
+                .map_err(|e| fail(e.to_string()))?;
         }
-        let mode = if m.read_only { 0o444 } else { 0o644 };
-        inst.copy_in(&m.source, &dest, mode).map_err(fail)?;
+        let is_dir = std::fs::metadata(&m.source).is_ok_and(|md| md.is_dir());
+        if is_dir {
+            let mut budget = CopyBudget::default();
+            copy_tree(inst, &m.source, &dest, &mut budget).map_err(fail)?;
+        } else {
+            let mode = if m.read_only { 0o444 } else { 0o644 };
+            inst.copy_in(&m.source, &dest, mode)
+                .map_err(|e| fail(e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+/// How much of a host directory a member's read-only bind may copy: what
+/// Kubernetes mounts this way (secrets, config maps, service account
+/// tokens) is small, and the copy lives in guest memory.
+#[derive(Debug)]
+struct CopyBudget {
+    entries: usize,
+    bytes: u64,
+}
+
+impl Default for CopyBudget {
+    fn default() -> Self {
+        CopyBudget {
+            entries: 10_000,
+            bytes: 64 << 20,
+        }
+    }
+}
+
+/// Copies host directory `from` to guest path `to`: directories, regular
+/// files (without write permission) and symbolic links as they are;
+/// anything else, or more than the budget, fails naming the path.
+fn copy_tree(
+    inst: &cc::Instance,
+    from: &Path,
+    to: &str,
+    budget: &mut CopyBudget,
+) -> Result<(), String> {
+    let io = |e: std::io::Error| format!("{}: {e}", from.display());
+    inst.mkdir_all(to, 0o555).map_err(|e| e.to_string())?;
+    let mut entries: Vec<_> = std::fs::read_dir(from)
+        .map_err(io)?
+        .collect::<Result<_, _>>()
+        .map_err(io)?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let host = entry.path();
+        let guest = format!("{to}/{}", entry.file_name().to_string_lossy());
+        let md = std::fs::symlink_metadata(&host).map_err(io)?;
+        budget.entries = budget
+            .entries
+            .checked_sub(1)
+            .ok_or_else(|| format!("{}: more entries than a copy takes", from.display()))?;
+        let kind = md.file_type();
+        if kind.is_dir() {
+            copy_tree(inst, &host, &guest, budget)?;
+        } else if kind.is_symlink() {
+            let target = std::fs::read_link(&host).map_err(io)?;
+            inst.symlink(&target.to_string_lossy(), &guest)
+                .map_err(|e| e.to_string())?;
+        } else if kind.is_file() {
+            budget.bytes = budget
+                .bytes
+                .checked_sub(md.len())
+                .ok_or_else(|| format!("{}: more bytes than a copy takes", host.display()))?;
+            let mode = std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o555;
+            inst.copy_in(&host, &guest, mode)
+                .map_err(|e| e.to_string())?;
+        } else {
+            return Err(format!(
+                "{}: a special file, which cannot be copied",
+                host.display()
+            ));
+        }
     }
     Ok(())
 }

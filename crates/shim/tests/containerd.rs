@@ -884,6 +884,53 @@ fn pod_member_oom_is_its_own(c: &Containerd) {
     );
 }
 
+/// A pod member's read-only directory bind (a Kubernetes secret or
+/// config map, say) is copied into its root as of create, symbolic links
+/// kept; a writable one, which could not be shared, is refused and leaves
+/// nothing.
+fn member_directory_binds(c: &Containerd) {
+    let host = c.dir.join("volume");
+    std::fs::create_dir_all(host.join("..data/sub")).unwrap();
+    std::fs::write(host.join("..data/token"), "secret\n").unwrap();
+    std::fs::write(host.join("..data/sub/deep"), "deep\n").unwrap();
+    std::os::unix::fs::symlink("..data/token", host.join("token")).unwrap();
+    run_detached_with(
+        c,
+        &pod_flags("sandbox", "volsb"),
+        "volsb",
+        &["sleep", "600"],
+    );
+    let (vm_pid, run_dir) = c.vm_of("volsb");
+    let bind = |options: &str| {
+        format!(
+            "type=bind,src={},dst=/var/run/secrets/vol,options=rbind:{options}",
+            host.display()
+        )
+    };
+    let mut member = pod_flags("container", "volsb");
+    member.extend(["--mount".to_string(), bind("ro")]);
+    run_detached_with(c, &member, "volro", &["sleep", "600"]);
+    let script = "cd /var/run/secrets/vol && cat token ..data/sub/deep && readlink token";
+    assert_eq!(
+        exec_in(c, "volro", "r", &["sh", "-c", script]),
+        "secret\ndeep\n..data/token\n"
+    );
+    let mut writable = pod_flags("container", "volsb");
+    writable.extend(["--mount".to_string(), bind("rw")]);
+    let mut args = vec!["run", "--runtime", RUNTIME, "--rm"];
+    args.extend(writable.iter().map(String::as_str));
+    args.extend([c.image.as_str(), "volrw", "true"]);
+    let out = c.ctr(&args);
+    assert!(!out.status.success(), "a writable directory bind ran");
+    let err = text(&out.stderr);
+    assert!(err.contains("writable host directory"), "{err}");
+    let _ = c.ctr(&["container", "rm", "volrw"]);
+    assert!(!c.bundle("volrw").exists(), "the bundle was left");
+    c.remove("volro");
+    c.remove("volsb");
+    assert_nothing_left(c, "volsb", vm_pid, &run_dir);
+}
+
 fn member_without_its_sandbox_is_refused(c: &Containerd) {
     let mut args = vec!["run", "--runtime", RUNTIME, "--rm"];
     let flags = pod_flags("container", "nosuchpod");
@@ -967,6 +1014,7 @@ fn main() -> ExitCode {
             pod_containers_share_one_vm_with_separate_roots,
         ),
         ("pod_member_oom_is_its_own", pod_member_oom_is_its_own),
+        ("member_directory_binds", member_directory_binds),
         (
             "member_without_its_sandbox_is_refused",
             member_without_its_sandbox_is_refused,
