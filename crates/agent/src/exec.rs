@@ -366,6 +366,7 @@ fn spawn(
     // Unchecked: an id of -1 then fails in the kernel (EINVAL), as any
     // other id it refuses.
     let groups: Vec<Gid> = groups.into_iter().map(Gid::from_raw_unchecked).collect();
+    let rlimits = rlimits(&exec.rlimits)?;
     let plan = sys::SpawnPlan {
         program: &path,
         argv: argv.pointers(),
@@ -385,6 +386,7 @@ fn spawn(
             Gid::from_raw_unchecked(gid),
             Uid::from_raw_unchecked(uid),
         )),
+        rlimits: &rlimits,
     };
     let key = (conn.id(), exec.process);
     let pid = reaper.spawn(key, conn.tasks(), || {
@@ -420,6 +422,27 @@ fn spawn(
         stderr,
         master: None,
     })
+}
+
+/// The limits to set in the child; a resource Linux does not know is
+/// refused here, where it can be named.
+fn rlimits(limits: &[cc_protocol::Rlimit]) -> Result<Vec<(u32, libc::rlimit)>, RemoteError> {
+    limits
+        .iter()
+        .map(|l| match cc_protocol::rlimit_name(l.resource) {
+            Some(_) => Ok((
+                l.resource,
+                libc::rlimit {
+                    rlim_cur: l.soft,
+                    rlim_max: l.hard,
+                },
+            )),
+            None => Err(error::invalid(format!(
+                "unknown resource limit {}",
+                l.resource
+            ))),
+        })
+        .collect()
 }
 
 fn or_null<'a>(fd: Option<&'a OwnedFd>, null: &'a File) -> BorrowedFd<'a> {

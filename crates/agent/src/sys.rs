@@ -548,6 +548,8 @@ pub struct SpawnPlan<'a> {
     pub nice: Option<i32>,
     /// Supplementary groups, group and user; `None` keeps the caller's.
     pub ids: Option<(&'a [Gid], Gid, Uid)>,
+    /// Resource limits (`RLIMIT_*` number, limits) set in this order.
+    pub rlimits: &'a [(u32, libc::rlimit)],
 }
 
 /// Owned C strings and the null-terminated pointer array `execve` wants.
@@ -588,10 +590,12 @@ struct SpawnShared<'a> {
     /// The step that failed and its errno; 0 while none has.
     step: std::sync::atomic::AtomicU8,
     errno: std::sync::atomic::AtomicI32,
+    /// The index in `plan.rlimits` of the limit that failed to be set.
+    rlimit: std::sync::atomic::AtomicUsize,
 }
 
 /// The steps of a child's setup, as reported when one fails.
-const SPAWN_STEPS: [&str; 10] = [
+const SPAWN_STEPS: [&str; 11] = [
     "",
     "start a session",
     "set user and groups",
@@ -602,7 +606,11 @@ const SPAWN_STEPS: [&str; 10] = [
     EXEC_STEP,
     "set the controlling terminal",
     "change root",
+    "set resource limit",
 ];
+
+/// The step of a spawn's child that sets its resource limits.
+const RLIMIT_STEP: u8 = 10;
 
 /// The last step of a spawn's child: running the program.
 pub const EXEC_STEP: &str = "exec";
@@ -633,6 +641,7 @@ pub fn spawn(plan: &SpawnPlan<'_>) -> io::Result<u32> {
         plan,
         step: 0.into(),
         errno: 0.into(),
+        rlimit: 0.into(),
     };
     let mut stack = vec![0u8; SPAWN_STACK];
     // The stack grows down from its (16-byte aligned) end.
@@ -675,19 +684,40 @@ pub fn spawn(plan: &SpawnPlan<'_>) -> io::Result<u32> {
         let _ = retry(|| rustix::process::waitpid(Some(child), WaitOptions::empty()));
     }
     let errno = io::Error::from_raw_os_error(shared.errno.load(Ordering::Acquire));
-    Err(io::Error::new(
-        errno.kind(),
-        SpawnError {
-            step: SPAWN_STEPS.get(step).copied().unwrap_or("set up"),
-            errno,
-        },
-    ))
+    let step = match (
+        step,
+        plan.rlimits.get(shared.rlimit.load(Ordering::Acquire)),
+    ) {
+        (s, Some((resource, limit))) if s == usize::from(RLIMIT_STEP) => {
+            let name = cc_protocol::rlimit_name(*resource)
+                .map_or_else(|| format!("resource {resource}"), str::to_owned);
+            format!(
+                "set {name} to soft {} hard {}",
+                limit_text(limit.rlim_cur),
+                limit_text(limit.rlim_max)
+            )
+        }
+        _ => SPAWN_STEPS
+            .get(step)
+            .copied()
+            .unwrap_or("set up")
+            .to_owned(),
+    };
+    Err(io::Error::new(errno.kind(), SpawnError { step, errno }))
+}
+
+/// A resource limit as `ulimit` prints it.
+fn limit_text(limit: libc::rlim_t) -> String {
+    match limit {
+        libc::RLIM_INFINITY => "unlimited".to_owned(),
+        n => n.to_string(),
+    }
 }
 
 /// A failure of the child of [`spawn`] before its program ran.
 #[derive(Debug)]
 pub struct SpawnError {
-    pub step: &'static str,
+    pub step: String,
     pub errno: io::Error,
 }
 
@@ -737,6 +767,17 @@ extern "C" fn spawn_child(arg: *mut libc::c_void) -> libc::c_int {
     if let Some(root) = plan.root {
         if let Err(e) = rustix::process::chroot(root) {
             return fail(9, errno(e));
+        }
+    }
+    // Before the ids change too: raising a hard limit takes
+    // CAP_SYS_RESOURCE, which a user other than root does not have.
+    for (i, (resource, limit)) in plan.rlimits.iter().enumerate() {
+        // SAFETY: setrlimit(2) reads the one `rlimit` passed, prepared
+        // before the clone; glibc's wrapper is the bare system call.
+        if unsafe { libc::setrlimit(*resource, limit) } == -1 {
+            shared.rlimit.store(i, Ordering::Release);
+            let e = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            return fail(RLIMIT_STEP, e);
         }
     }
     if let Some((groups, gid, uid)) = plan.ids {

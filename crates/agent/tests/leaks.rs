@@ -66,6 +66,7 @@ fn a_lost_connection_leaves_no_thread_or_process_behind() {
         stderr: Stdio::Stream(3),
         pty: None,
         root: None,
+        rlimits: Vec::new(),
     };
     request(&host, 1, Request::Exec(exec));
     let Ok(Response::Started { pid }) = answer(&host, 1) else {

@@ -273,6 +273,7 @@ mod tests {
                 stderr: cc_protocol::Stdio::Null,
                 pty: None,
                 root: None,
+                rlimits: Vec::new(),
             }),
         };
         let e = Error::from(cc_protocol::frame::encode(&msg).unwrap_err());

@@ -1052,6 +1052,7 @@ fn prepare_guest(
         stderr: cc_protocol::Stdio::Null,
         pty: None,
         root: None,
+        rlimits: Vec::new(),
     };
     if let Ok(Ok(Response::Started { .. })) = channel.request(Request::Exec(warm), timeout) {
         // Its exit is the last frame the agent sends.

@@ -101,6 +101,8 @@ pub struct Command {
     pty: Option<(u16, u16)>,
     /// Guest directory the process runs changed into as its root.
     root: Option<String>,
+    /// Resource limits as (OCI name, soft, hard), checked at spawn.
+    rlimits: Vec<(String, u64, u64)>,
 }
 
 impl Command {
@@ -127,6 +129,7 @@ impl Command {
             timeout: None,
             pty: None,
             root: None,
+            rlimits: Vec::new(),
         }
     }
 
@@ -230,6 +233,22 @@ impl Command {
         self
     }
 
+    /// Limits the process's use of `resource` (`setrlimit(2)`): `resource`
+    /// is the Linux name as OCI writes it (`"RLIMIT_NOFILE"`,
+    /// `"RLIMIT_NPROC"`, ...), `soft` the limit the process meets and
+    /// `hard` the ceiling up to which it may raise it; [`u64::MAX`] is
+    /// unlimited. Set again for the same resource, the last one holds.
+    /// An unknown resource or `soft` above `hard` fails [`Command::spawn`]
+    /// with [`Error::InvalidArgument`] before the guest is asked; a limit
+    /// the guest's kernel refuses (a hard limit above the current one for a
+    /// process that may not raise it) fails the spawn naming the resource.
+    pub fn rlimit(&mut self, resource: impl Into<String>, soft: u64, hard: u64) -> &mut Command {
+        let resource = resource.into();
+        self.rlimits.retain(|(r, _, _)| *r != resource);
+        self.rlimits.push((resource, soft, hard));
+        self
+    }
+
     /// The instance's `max_result_bytes`.
     pub(crate) fn max_result(&self) -> u64 {
         self.inst.max_result
@@ -269,6 +288,7 @@ impl Command {
         if let Some((rows, cols)) = self.pty {
             check_size(rows, cols)?;
         }
+        self.wire_rlimits()?;
         if self.stdio[0] == Stdio::MergeIntoStdout || self.stdio[1] == Stdio::MergeIntoStdout {
             return Err(Error::InvalidArgument(
                 "only stderr can be merged into stdout".into(),
@@ -280,6 +300,13 @@ impl Command {
             ));
         }
         Ok(())
+    }
+
+    fn wire_rlimits(&self) -> Result<Vec<cc_protocol::Rlimit>> {
+        self.rlimits
+            .iter()
+            .map(|(name, soft, hard)| rlimit(name, *soft, *hard))
+            .collect()
     }
 
     /// Starts the process.
@@ -323,6 +350,7 @@ impl Command {
                 .pty
                 .map(|(rows, cols)| cc_protocol::WindowSize { rows, cols }),
             root: self.root.as_ref().map(|r| ByteBuf::from(r.as_bytes())),
+            rlimits: self.wire_rlimits()?,
         };
         let mut child = Child {
             inst: self.inst.clone(),
@@ -617,6 +645,22 @@ impl Child {
 }
 
 /// A terminal size [`Command::pty`] and [`Child::resize`] accept.
+/// The limit of resource `name` (`RLIMIT_NOFILE`) as the guest takes it.
+fn rlimit(name: &str, soft: u64, hard: u64) -> Result<cc_protocol::Rlimit> {
+    let resource = cc_protocol::rlimit_resource(name)
+        .ok_or_else(|| Error::InvalidArgument(format!("unknown resource limit {name:?}")))?;
+    if soft > hard {
+        return Err(Error::InvalidArgument(format!(
+            "{name}: soft limit {soft} is above hard limit {hard}"
+        )));
+    }
+    Ok(cc_protocol::Rlimit {
+        resource,
+        soft,
+        hard,
+    })
+}
+
 pub(crate) fn check_size(rows: u16, cols: u16) -> Result<()> {
     let ok = |n: u16| (1..=MAX_TERMINAL_SIZE).contains(&n);
     if ok(rows) && ok(cols) {
@@ -840,5 +884,37 @@ impl Read for ChildOutput {
 impl Drop for ChildOutput {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resource_limit_is_checked_on_the_host() {
+        assert_eq!(
+            rlimit("RLIMIT_NOFILE", 100, 200).unwrap(),
+            cc_protocol::Rlimit {
+                resource: libc::RLIMIT_NOFILE,
+                soft: 100,
+                hard: 200,
+            }
+        );
+        assert_eq!(
+            rlimit("RLIMIT_CORE", 0, u64::MAX).unwrap().resource,
+            libc::RLIMIT_CORE
+        );
+        for (name, soft, hard) in [
+            ("RLIMIT_NOPE", 1, 1),
+            ("nofile", 1, 1),
+            ("", 1, 1),
+            ("RLIMIT_NOFILE", 300, 200),
+        ] {
+            let e = rlimit(name, soft, hard).unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{name}: {e}");
+        }
+        let e = rlimit("RLIMIT_NOFILE", 300, 200).unwrap_err();
+        assert!(e.to_string().contains("RLIMIT_NOFILE"), "{e}");
     }
 }

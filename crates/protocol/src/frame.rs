@@ -329,6 +329,11 @@ mod tests {
                     stderr: Stdio::Stdout,
                     pty: None,
                     root: None,
+                    rlimits: vec![Rlimit {
+                        resource: 7,
+                        soft: 100,
+                        hard: u64::MAX,
+                    }],
                 }),
             },
             Message::Response {

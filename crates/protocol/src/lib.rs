@@ -49,7 +49,7 @@ pub use message::*;
 
 /// Version of this protocol. Bumped on any incompatible change; the host
 /// refuses an agent that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 13;
+pub const PROTOCOL_VERSION: u32 = 14;
 
 /// Largest frame payload either side accepts.
 pub const MAX_FRAME: usize = 4 << 20;

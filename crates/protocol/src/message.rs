@@ -475,6 +475,51 @@ pub struct Exec {
     /// one `MountRoot` made); `cwd` and the program are then looked up
     /// inside it. `None` is the guest's root.
     pub root: Option<ByteBuf>,
+    /// Resource limits set in the process before it runs, in order; one
+    /// the kernel refuses fails the start.
+    pub rlimits: Vec<Rlimit>,
+}
+
+/// One resource limit of a process (`setrlimit(2)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// The Linux `RLIMIT_*` number (x86_64 numbering, the guest's).
+    pub resource: u32,
+    /// `u64::MAX` is unlimited (`RLIM_INFINITY`).
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// The OCI (and C) names of the Linux resource limits, indexed by their
+/// `RLIMIT_*` number.
+pub const RLIMIT_NAMES: [&str; 16] = [
+    "RLIMIT_CPU",
+    "RLIMIT_FSIZE",
+    "RLIMIT_DATA",
+    "RLIMIT_STACK",
+    "RLIMIT_CORE",
+    "RLIMIT_RSS",
+    "RLIMIT_NPROC",
+    "RLIMIT_NOFILE",
+    "RLIMIT_MEMLOCK",
+    "RLIMIT_AS",
+    "RLIMIT_LOCKS",
+    "RLIMIT_SIGPENDING",
+    "RLIMIT_MSGQUEUE",
+    "RLIMIT_NICE",
+    "RLIMIT_RTPRIO",
+    "RLIMIT_RTTIME",
+];
+
+/// The name of resource limit number `resource`, if Linux has one.
+pub fn rlimit_name(resource: u32) -> Option<&'static str> {
+    RLIMIT_NAMES.get(usize::try_from(resource).ok()?).copied()
+}
+
+/// The number of the resource limit named `name` (`RLIMIT_NOFILE`).
+pub fn rlimit_resource(name: &str) -> Option<u32> {
+    let i = RLIMIT_NAMES.iter().position(|n| *n == name)?;
+    u32::try_from(i).ok()
 }
 
 /// A terminal's size in character cells.
@@ -530,3 +575,23 @@ impl std::fmt::Display for RemoteError {
 }
 
 impl std::error::Error for RemoteError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_limit_names_and_numbers_match_linux() {
+        for (n, name) in [
+            (0, "RLIMIT_CPU"),
+            (7, "RLIMIT_NOFILE"),
+            (15, "RLIMIT_RTTIME"),
+        ] {
+            assert_eq!(rlimit_name(n), Some(name));
+            assert_eq!(rlimit_resource(name), Some(n));
+        }
+        assert_eq!(rlimit_name(16), None);
+        assert_eq!(rlimit_resource("RLIMIT_NONSENSE"), None);
+        assert_eq!(rlimit_resource("nofile"), None);
+    }
+}

@@ -650,6 +650,7 @@ mod tests {
             stderr: Stdio::Stdout,
             pty: None,
             root: None,
+            rlimits: Vec::new(),
         });
         assert_eq!(exec.streams().collect::<Vec<_>>(), [4, 5]);
         let dial = Request::Dial {

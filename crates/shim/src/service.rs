@@ -492,6 +492,9 @@ impl Service {
         for (k, v) in &plan.env {
             cmd.env(k, v);
         }
+        for (resource, soft, hard) in &plan.rlimits {
+            cmd.rlimit(resource, *soft, *hard);
+        }
         let mut fifos = p.fifos.take().unwrap_or_default();
         let piped = |on: bool| {
             if on {

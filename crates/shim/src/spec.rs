@@ -28,6 +28,8 @@ pub struct ProcessPlan {
     pub terminal: bool,
     /// Initial terminal size (rows, columns), when the spec gives one.
     pub console: Option<(u16, u16)>,
+    /// `process.rlimits` as (`RLIMIT_*` name, soft, hard), in order.
+    pub rlimits: Vec<(String, u64, u64)>,
 }
 
 /// A host directory bound into the guest.
@@ -154,6 +156,12 @@ fn process_plan(p: &Process) -> Result<ProcessPlan, SpecError> {
         user,
         terminal: p.terminal().unwrap_or(false),
         console,
+        rlimits: p
+            .rlimits()
+            .iter()
+            .flatten()
+            .map(|r| (r.typ().to_string(), r.soft(), r.hard()))
+            .collect(),
     })
 }
 
@@ -402,6 +410,20 @@ mod tests {
             .unwrap();
         assert_eq!(p.args, ["ls"]);
         assert!(p.terminal);
+        assert!(p.rlimits.is_empty());
+        let p = exec_plan(
+            br#"{"args":["ls"],"cwd":"/","user":{"uid":0,"gid":0},
+                "rlimits":[{"type":"RLIMIT_NOFILE","soft":100,"hard":200},
+                           {"type":"RLIMIT_CORE","soft":0,"hard":0}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            p.rlimits,
+            [
+                ("RLIMIT_NOFILE".to_string(), 100, 200),
+                ("RLIMIT_CORE".to_string(), 0, 0)
+            ]
+        );
         assert!(matches!(exec_plan(b"nope"), Err(SpecError::Malformed(_))));
     }
 }

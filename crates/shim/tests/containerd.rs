@@ -710,6 +710,35 @@ fn malformed_config_is_refused_and_leaves_nothing(c: &Containerd) {
     assert_eq!(mounts_under(&c.dir.join("state")), Vec::<String>::new());
 }
 
+/// `ctr run` has no rlimit flag, so the spec comes from `ctr --config`,
+/// its root a host directory holding a static busybox.
+fn rlimits_of_the_spec_apply(c: &Containerd) {
+    let root = c.dir.join("rlimit-root");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    let spec = format!(
+        r#"{{"ociVersion": "1.0.2", "root": {{"path": {root:?}}},
+        "process": {{"args": ["/bin/busybox", "sh", "-c", "ulimit -Sn; ulimit -Hn"],
+                    "cwd": "/", "user": {{"uid": 0, "gid": 0}},
+                    "rlimits": [{{"type": "RLIMIT_NOFILE", "hard": 456, "soft": 123}}]}},
+        "linux": {{"namespaces": [{{"type": "pid"}}, {{"type": "network"}}, {{"type": "ipc"}}, {{"type": "mount"}}]}}}}"#,
+        root = root.to_str().unwrap()
+    );
+    let file = c.dir.join("rlimit.json");
+    std::fs::write(&file, spec).unwrap();
+    let out = c.ctr(&[
+        "run",
+        "--runtime",
+        RUNTIME,
+        "--rm",
+        "--config",
+        file.to_str().unwrap(),
+        "rlimit",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "123\n456\n");
+}
+
 /// CRI's annotations for a pod's sandbox `sandbox`, or for a member of it.
 fn pod_flags(kind: &'static str, sandbox: &str) -> Vec<String> {
     vec![
@@ -1005,6 +1034,7 @@ fn main() -> ExitCode {
             "malformed_config_is_refused_and_leaves_nothing",
             malformed_config_is_refused_and_leaves_nothing,
         ),
+        ("rlimits_of_the_spec_apply", rlimits_of_the_spec_apply),
         (
             "unsupported_requests_are_refused_and_leave_nothing",
             unsupported_requests_are_refused_and_leave_nothing,

@@ -348,6 +348,7 @@ pub fn exec(argv: &[&str]) -> Exec {
         stderr: Stdio::Null,
         pty: None,
         root: None,
+        rlimits: Vec::new(),
     }
 }
 

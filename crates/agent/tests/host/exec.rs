@@ -8,7 +8,9 @@ use std::thread;
 use std::time::Duration;
 
 use cc_agent::{Agent, Mode};
-use cc_protocol::{frame, ErrorKind, ExitStatus, Message, Request, Response, Stdio, STREAM_WINDOW};
+use cc_protocol::{
+    frame, ErrorKind, ExitStatus, Message, Request, Response, Rlimit, Stdio, STREAM_WINDOW,
+};
 use serde_bytes::ByteBuf;
 
 use crate::common::{bytes, eventually, exec, is_root, process_gone, stream_id, Host, Scratch};
@@ -545,4 +547,35 @@ fn a_process_without_input_that_keeps_running_is_announced_while_it_runs() {
     };
     assert_eq!(host.request(kill), Ok(Response::Done));
     assert_eq!(host.exited(1), ExitStatus::Signal(libc::SIGKILL));
+}
+
+#[test]
+fn a_process_runs_with_the_resource_limits_asked_for() {
+    let mut host = Host::new();
+    let mut e = exec(&["sh", "-c", "ulimit -Sn; ulimit -Hn"]);
+    e.rlimits = vec![Rlimit {
+        resource: libc::RLIMIT_NOFILE,
+        soft: 100,
+        hard: 200,
+    }];
+    let (status, out, _) = host.run_exec(e);
+    assert_eq!(status, ExitStatus::Code(0));
+    assert_eq!(text(&out), "100\n200\n");
+}
+
+#[test]
+fn a_resource_limit_the_kernel_refuses_fails_the_start_naming_it() {
+    let mut host = Host::new();
+    let mut e = exec(&["true"]);
+    e.rlimits = vec![Rlimit {
+        resource: libc::RLIMIT_NOFILE,
+        soft: 300,
+        hard: 200,
+    }];
+    let err = host.start(e).unwrap_err();
+    assert_eq!(err.errno, Some(libc::EINVAL), "{}", err.message);
+    assert!(err.message.contains("RLIMIT_NOFILE"), "{}", err.message);
+    // No process was started, so none ever exits.
+    host.start(exec(&["true"])).unwrap();
+    assert_eq!(host.exited(1), ExitStatus::Code(0));
 }
