@@ -131,6 +131,14 @@ impl Containerd {
         self.ctr(&args)
     }
 
+    /// `ctr run --rm --config` of the OCI spec `spec` (JSON) as `id`.
+    fn run_spec(&self, spec: &str, id: &str) -> Output {
+        let file = self.dir.join(format!("{id}.json"));
+        std::fs::write(&file, spec).unwrap();
+        let config = file.to_str().unwrap();
+        self.ctr(&["run", "--runtime", RUNTIME, "--rm", "--config", config, id])
+    }
+
     /// `ctr run --rm` of the test image as `id`, to spawn with stdio of
     /// the caller's choice.
     fn run_cmd(&self, id: &str, argv: &[&str]) -> Command {
@@ -688,18 +696,7 @@ fn malformed_config_is_refused_and_leaves_nothing(c: &Containerd) {
         "process": {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0},
                     "rlimits": [{"type": "RLIMIT_NONSENSE", "hard": 1, "soft": 1}]},
         "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "mount"}]}}"#;
-    let file = c.dir.join("malformed.json");
-    std::fs::write(&file, spec).unwrap();
-    let config = file.to_str().unwrap();
-    let out = c.ctr(&[
-        "run",
-        "--runtime",
-        RUNTIME,
-        "--rm",
-        "--config",
-        config,
-        "malformed",
-    ]);
+    let out = c.run_spec(spec, "malformed");
     assert!(!out.status.success(), "a malformed spec ran");
     let err = text(&out.stderr);
     assert!(err.contains("config.json is malformed"), "{err}");
@@ -724,17 +721,7 @@ fn rlimits_of_the_spec_apply(c: &Containerd) {
         "linux": {{"namespaces": [{{"type": "pid"}}, {{"type": "network"}}, {{"type": "ipc"}}, {{"type": "mount"}}]}}}}"#,
         root = root.to_str().unwrap()
     );
-    let file = c.dir.join("rlimit.json");
-    std::fs::write(&file, spec).unwrap();
-    let out = c.ctr(&[
-        "run",
-        "--runtime",
-        RUNTIME,
-        "--rm",
-        "--config",
-        file.to_str().unwrap(),
-        "rlimit",
-    ]);
+    let out = c.run_spec(&spec, "rlimit");
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "123\n456\n");
 }
@@ -747,6 +734,26 @@ fn pod_flags(kind: &'static str, sandbox: &str) -> Vec<String> {
         "--annotation".into(),
         format!("io.kubernetes.cri.sandbox-id={sandbox}"),
     ]
+}
+
+/// Starts pod sandbox `sandbox` (a `sleep`); returns its VM's QEMU pid
+/// and run dir.
+fn start_pod(c: &Containerd, sandbox: &str) -> (u32, PathBuf) {
+    run_detached_with(
+        c,
+        &pod_flags("sandbox", sandbox),
+        sandbox,
+        &["sleep", "600"],
+    );
+    c.vm_of(sandbox)
+}
+
+/// `ctr run --rm` of `argv` as `id`, a member of pod `sandbox` with
+/// `extra` options too.
+fn run_member(c: &Containerd, sandbox: &str, extra: &[String], id: &str, argv: &[&str]) -> Output {
+    let flags = pod_flags("container", sandbox);
+    let all: Vec<&str> = flags.iter().chain(extra).map(String::as_str).collect();
+    c.run(&all, id, argv)
 }
 
 /// `ctr run -d` of the test image as `id` with `extra` options.
@@ -820,13 +827,7 @@ fn exec_in(c: &Containerd, id: &str, exec_id: &str, argv: &[&str]) -> String {
 }
 
 fn pod_containers_share_one_vm_with_separate_roots(c: &Containerd) {
-    run_detached_with(
-        c,
-        &pod_flags("sandbox", "podsb"),
-        "podsb",
-        &["sleep", "600"],
-    );
-    let (vm_pid, run_dir) = c.vm_of("podsb");
+    let (vm_pid, run_dir) = start_pod(c, "podsb");
     let member = pod_flags("container", "podsb");
     run_detached_with(c, &member, "poda", &["sleep", "600"]);
     run_detached_with(c, &member, "podb", &["sleep", "600"]);
@@ -884,19 +885,9 @@ fn pod_containers_share_one_vm_with_separate_roots(c: &Containerd) {
 /// trial to kill it, reclaiming and rereading busybox's pages meanwhile.
 fn pod_member_oom_is_its_own(c: &Containerd) {
     let mut events = Events::subscribe(c);
-    run_detached_with(
-        c,
-        &pod_flags("sandbox", "oomsb"),
-        "oomsb",
-        &["sleep", "600"],
-    );
-    let (vm_pid, run_dir) = c.vm_of("oomsb");
-    let member = pod_flags("container", "oomsb");
-    let mut args = vec!["run", "--runtime", RUNTIME, "--rm"];
-    args.extend(member.iter().map(String::as_str));
+    let (vm_pid, run_dir) = start_pod(c, "oomsb");
     let hog = "cp /bin/busybox /tmp/busybox && exec /tmp/busybox awk \"$0\"";
-    args.extend([c.image.as_str(), "oomhog", "sh", "-c", hog, MEMORY_HOG]);
-    let out = c.ctr(&args);
+    let out = run_member(c, "oomsb", &[], "oomhog", &["sh", "-c", hog, MEMORY_HOG]);
     assert_eq!(out.status.code(), Some(137), "{}", text(&out.stderr));
     let exited = |l: &str| event_of(l, "/tasks/exit", "oomhog");
     let seen = events.until(&exited, Duration::from_secs(60));
@@ -923,13 +914,7 @@ fn member_directory_binds(c: &Containerd) {
     std::fs::write(host.join("..data/token"), "secret\n").unwrap();
     std::fs::write(host.join("..data/sub/deep"), "deep\n").unwrap();
     std::os::unix::fs::symlink("..data/token", host.join("token")).unwrap();
-    run_detached_with(
-        c,
-        &pod_flags("sandbox", "volsb"),
-        "volsb",
-        &["sleep", "600"],
-    );
-    let (vm_pid, run_dir) = c.vm_of("volsb");
+    let (vm_pid, run_dir) = start_pod(c, "volsb");
     let bind = |options: &str| {
         format!(
             "type=bind,src={},dst=/var/run/secrets/vol,options=rbind:{options}",
@@ -944,12 +929,8 @@ fn member_directory_binds(c: &Containerd) {
         exec_in(c, "volro", "r", &["sh", "-c", script]),
         "secret\ndeep\n..data/token\n"
     );
-    let mut writable = pod_flags("container", "volsb");
-    writable.extend(["--mount".to_string(), bind("rw")]);
-    let mut args = vec!["run", "--runtime", RUNTIME, "--rm"];
-    args.extend(writable.iter().map(String::as_str));
-    args.extend([c.image.as_str(), "volrw", "true"]);
-    let out = c.ctr(&args);
+    let writable = ["--mount".to_string(), bind("rw")];
+    let out = run_member(c, "volsb", &writable, "volrw", &["true"]);
     assert!(!out.status.success(), "a writable directory bind ran");
     let err = text(&out.stderr);
     assert!(err.contains("writable host directory"), "{err}");
@@ -961,11 +942,7 @@ fn member_directory_binds(c: &Containerd) {
 }
 
 fn member_without_its_sandbox_is_refused(c: &Containerd) {
-    let mut args = vec!["run", "--runtime", RUNTIME, "--rm"];
-    let flags = pod_flags("container", "nosuchpod");
-    args.extend(flags.iter().map(String::as_str));
-    args.extend([c.image.as_str(), "orphan", "true"]);
-    let out = c.ctr(&args);
+    let out = run_member(c, "nosuchpod", &[], "orphan", &["true"]);
     assert!(!out.status.success(), "a member without a sandbox ran");
     let err = text(&out.stderr);
     assert!(err.contains("pod sandbox nosuchpod not found"), "{err}");
