@@ -684,11 +684,11 @@ pub fn spawn(plan: &SpawnPlan<'_>) -> io::Result<u32> {
         let _ = retry(|| rustix::process::waitpid(Some(child), WaitOptions::empty()));
     }
     let errno = io::Error::from_raw_os_error(shared.errno.load(Ordering::Acquire));
-    let step = match (
-        step,
-        plan.rlimits.get(shared.rlimit.load(Ordering::Acquire)),
-    ) {
-        (s, Some((resource, limit))) if s == usize::from(RLIMIT_STEP) => {
+    let failed_limit = (step == usize::from(RLIMIT_STEP))
+        .then(|| plan.rlimits.get(shared.rlimit.load(Ordering::Acquire)))
+        .flatten();
+    let step = match failed_limit {
+        Some((resource, limit)) => {
             let name = cc_protocol::rlimit_name(*resource)
                 .map_or_else(|| format!("resource {resource}"), str::to_owned);
             format!(
@@ -697,7 +697,7 @@ pub fn spawn(plan: &SpawnPlan<'_>) -> io::Result<u32> {
                 limit_text(limit.rlim_max)
             )
         }
-        _ => SPAWN_STEPS
+        None => SPAWN_STEPS
             .get(step)
             .copied()
             .unwrap_or("set up")

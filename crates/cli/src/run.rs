@@ -235,8 +235,13 @@ impl Session {
     /// Runs `cmd` in `inst` with I/O forwarded live, then ends or parks
     /// `inst`; exits with the command's status.
     fn run(self, inst: &cc::Instance, mut cmd: cc::Command) -> CliResult<ExitCode> {
-        let (args, window, target) = (self.process, self.window, self.target);
-        let env = self.env;
+        let Session {
+            env,
+            process: args,
+            window,
+            target,
+            park,
+        } = self;
         cmd.stdin(cc::Stdio::Piped);
         if let Some((rows, cols)) = window {
             cmd.pty(rows, cols);
@@ -317,7 +322,7 @@ impl Session {
                 break;
             }
         }
-        match &self.park {
+        match &park {
             Some(dir) => drop(inst.park(dir)?),
             None => inst.close()?,
         }

@@ -8,12 +8,18 @@ use cc_protocol::{Message, Request, Response, Stdio};
 use crate::common::*;
 
 /// A shell counting to `file` and to its stdout, a line every 20 ms.
-fn counter(file: &std::path::Path) -> Vec<String> {
+/// Starts a shell counting into `file`, its output on stream `out`, and
+/// waits for its first output; returns its pid.
+fn start_counter(host: &mut Host, file: &std::path::Path, out: u32) -> u32 {
     let script = format!(
         "i=0; while :; do i=$((i+1)); echo $i; echo $i > {}.tmp; mv {0}.tmp {0}; sleep 0.02; done",
         file.display()
     );
-    vec!["sh".into(), "-c".into(), script]
+    let mut e = exec(&["sh", "-c", &script]);
+    e.stdout = Stdio::Stream(out);
+    let pid = host.start(e).unwrap();
+    host.expect("counter output", is_output_of(out));
+    pid
 }
 
 fn count(file: &std::path::Path) -> u64 {
@@ -33,11 +39,7 @@ fn a_quiesced_agent_sends_nothing_until_unquiesced_then_goes_on() {
     let file = scratch.join("count");
     let mut host = Host::new();
     let out = stream_id();
-    let mut e = exec(&[]);
-    e.argv = counter(&file).into_iter().map(bytes).collect();
-    e.stdout = Stdio::Stream(out);
-    let pid = host.start(e).unwrap();
-    host.expect("counter output", is_output_of(out));
+    let pid = start_counter(&mut host, &file, out);
     let id = host.begin(Request::Quiesce);
     assert_eq!(host.answer(id), Ok(Response::Done));
     // The answer was the last frame: the counter's output waits.
@@ -56,10 +58,7 @@ fn a_rebirth_drops_the_old_channel_and_keeps_its_processes_running() {
     let file = scratch.join("count");
     let mut host = Host::new();
     let (out, input, cat_out) = (stream_id(), stream_id(), stream_id());
-    let mut e = exec(&[]);
-    e.argv = counter(&file).into_iter().map(bytes).collect();
-    e.stdout = Stdio::Stream(out);
-    let counter_pid = host.start(e).unwrap();
+    let counter_pid = start_counter(&mut host, &file, out);
     let mut e = exec(&["cat"]);
     e.process = 2;
     e.stdin = Some(input);
