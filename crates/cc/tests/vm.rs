@@ -2013,6 +2013,69 @@ fn halt_force_is_noticed() {
     deaf_after("halt -f");
 }
 
+/// Set in the process [`no_orphan_is_left_for_a_subreaper`] runs itself in.
+const AS_SUBREAPER: &str = "CC_TEST_AS_SUBREAPER";
+
+/// A program that is a child subreaper (a containerd shim is one) inherits
+/// every orphan of its descendants and must reap it itself. Ending a VM
+/// must orphan nothing: neither on a graceful close nor when a deaf guest's
+/// QEMU is killed. The test runs in a process of its own, since the setting
+/// would hand this one every orphan of the other tests.
+fn no_orphan_is_left_for_a_subreaper() {
+    const NAME: &str = "no_orphan_is_left_for_a_subreaper";
+    if std::env::var_os(AS_SUBREAPER).is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([NAME, "--exact"])
+            .env(AS_SUBREAPER, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag and no pointers.
+    let set = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+    let inst = boot();
+    assert!(inst.confinement().is_some_and(|c| c.namespaces));
+    inst.close().unwrap();
+    assert_eq!(adopted(), Vec::<String>::new(), "after a graceful close");
+    let inst = boot();
+    let _halt = inst.command("halt").arg("-f").spawn().unwrap();
+    let deadline = Instant::now() + 2 * NOTICED;
+    while inst.is_running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!inst.is_running(), "the halted guest was not noticed");
+    inst.close().unwrap();
+    assert_eq!(adopted(), Vec::<String>::new(), "after a kill");
+}
+
+/// Processes whose parent is this one, other than its own threads' (a
+/// subreaper sees its adopted orphans here), as `pid comm state`.
+fn adopted() -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; comm may hold spaces.
+        let Some((head, tail)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = tail.split_whitespace().collect();
+        if fields.get(1) == Some(&me.as_str()) {
+            found.push(format!("{head}) {}", fields[0]));
+        }
+    }
+    found
+}
+
 fn unbinding_the_agent_port_is_noticed() {
     deaf_after(
         "cd /sys/bus/virtio/drivers/virtio_console && for d in virtio*; do echo $d > unbind; done",
@@ -4151,6 +4214,7 @@ fn main() -> ExitCode {
         wait_returns_when_the_guest_powers_off,
         poweroff_force_is_noticed,
         halt_force_is_noticed,
+        no_orphan_is_left_for_a_subreaper,
         unbinding_the_agent_port_is_noticed,
         agent_shutdown_is_not_running_not_success,
         close_under_readers_is_already_closed,

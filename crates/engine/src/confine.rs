@@ -226,10 +226,14 @@ fn probe() -> HostSupport {
 fn userns_probe(bwrap: &Path) -> Result<(), String> {
     let creds = creds(ConfineMode::BestEffort, false);
     let mut cmd = Command::new(bwrap);
+    // `--as-pid-1` as for QEMU: without it bubblewrap puts an init of its
+    // own in the namespace, which outlives the outer bubblewrap and would
+    // be left to a subreaper (or the host's init) to reap.
     cmd.args([
         "--unshare-all",
         "--unshare-user",
         "--die-with-parent",
+        "--as-pid-1",
         "--ro-bind",
         "/",
         "/",
@@ -392,12 +396,12 @@ pub(crate) fn bwrap_args(
 /// Bubblewrap's arguments for the network relay: QEMU's own view, plus the
 /// host's network (the relay connects out for the guest) and the host's
 /// resolver configuration (its DNS forwarder reads it).
-pub(crate) fn relay_bwrap_args(files: &QemuFiles, creds: Creds) -> Vec<OsString> {
+pub(crate) fn relay_bwrap_args(files: &QemuFiles, creds: Creds, info_fd: i32) -> Vec<OsString> {
     let mut extra = Vec::new();
     if let Ok(resolv) = std::fs::canonicalize("/etc/resolv.conf") {
         extra.push((resolv, PathBuf::from("/etc/resolv.conf")));
     }
-    let mut a = sandbox_args(files, creds, false, None, &extra);
+    let mut a = sandbox_args(files, creds, false, Some(info_fd), &extra);
     a.insert(1, "--share-net".into());
     a
 }

@@ -54,6 +54,9 @@ pub const GUEST_NETWORK: GuestNetwork = GuestNetwork {
 /// The descriptor number the relay sees its frame socket as.
 const RELAY_FD: i32 = 3;
 
+/// Where bubblewrap writes the relay's host pid.
+const INFO_FD: i32 = 4;
+
 /// The relay's arguments: a hub joining the frame socket on
 /// [`RELAY_FD`] and the user-mode stack, under QEMU's seccomp filter.
 fn relay_args() -> Vec<String> {
@@ -91,6 +94,8 @@ pub(crate) struct Network {
     /// (its `PR_SET_PDEATHSIG` follows that thread, so it lives as long as
     /// the relay).
     relay: OwnedFd,
+    /// The relay itself, when `relay` is the bubblewrap around it.
+    inner: Option<OwnedFd>,
     supervisor: Option<JoinHandle<()>>,
     proxy: Option<Proxy>,
     /// QEMU's end, until it is handed over.
@@ -111,35 +116,40 @@ impl Network {
         let (stack_side, relay_end) = pair()?;
         let log = run.path().join("relay.log");
         let stderr = crate::vm::create_private(&log)?;
-        let mut cmd = match (&confine::host_support().bwrap, namespaces) {
+        let fd: OwnedFd = relay_end.into();
+        let mut fds = vec![(fd.as_raw_fd(), RELAY_FD)];
+        let (info, mut cmd) = match (&confine::host_support().bwrap, namespaces) {
             (Some(bwrap), true) => {
+                let (info_host, info_relay) = pair()?;
+                let info_relay: OwnedFd = info_relay.into();
+                fds.push((info_relay.as_raw_fd(), INFO_FD));
                 let mut cmd = Command::new(bwrap);
-                cmd.args(confine::relay_bwrap_args(confine::qemu_files(&qemu), creds))
+                let files = confine::qemu_files(&qemu);
+                cmd.args(confine::relay_bwrap_args(files, creds, INFO_FD))
                     .arg("--")
                     .arg(&qemu);
-                cmd
+                (Some((info_host, info_relay)), cmd)
             }
-            _ => Command::new(&qemu),
+            _ => (None, Command::new(&qemu)),
         };
         cmd.args(relay_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .process_group(0);
-        let fd: OwnedFd = relay_end.into();
-        let mut plan =
-            confine::ChildPlan::new(creds, vec![(fd.as_raw_fd(), RELAY_FD)], Some(libc::SIGKILL));
+        let mut plan = confine::ChildPlan::new(creds, fds, Some(libc::SIGKILL));
         // SAFETY: ChildPlan::apply runs between fork and exec and only makes
         // async-signal-safe system calls on memory allocated before the fork.
         unsafe {
             cmd.pre_exec(move || plan.apply());
         }
+        let (info_host, info_relay) = info.unzip();
         let (tx, rx) = mpsc::channel();
         let supervisor = std::thread::Builder::new()
             .name("cc-net-relay".into())
             .spawn(move || {
                 let spawned = cmd.spawn();
-                drop(fd);
+                drop((fd, info_relay));
                 let mut child = match spawned {
                     Ok(child) => child,
                     Err(e) => {
@@ -173,8 +183,13 @@ impl Network {
                 return Err(Error::Qmp("the network relay's thread ended".into()));
             }
         };
+        // Bubblewrap reports the relay's host pid once the sandbox stands.
+        let inner = info_host
+            .and_then(crate::vm::read_child_pid)
+            .and_then(|pid| crate::vm::pidfd_open(pid).ok());
         let mut network = Network {
             relay,
+            inner,
             supervisor: Some(supervisor),
             proxy: None,
             qemu_end: Some(qemu_end),
@@ -216,7 +231,7 @@ impl Drop for Network {
     fn drop(&mut self) {
         drop(self.qemu_end.take());
         drop(self.proxy.take());
-        crate::vm::kill_pidfd(&self.relay);
+        crate::vm::kill_sandboxed(&self.relay, self.inner.as_ref());
         if let Some(t) = self.supervisor.take() {
             let _ = t.join();
         }

@@ -403,9 +403,7 @@ impl Vm {
     /// Sends SIGKILL to QEMU. Safe after it exited: the pidfd never names
     /// another process.
     pub fn kill(&self) {
-        for fd in std::iter::once(&self.pidfd).chain(&self.qemu_pidfd) {
-            kill_pidfd(fd);
-        }
+        kill_sandboxed(&self.pidfd, self.qemu_pidfd.as_ref());
     }
 
     /// Asks QEMU to quit over QMP, killing it if it has not exited after
@@ -609,6 +607,48 @@ impl Drop for Vm {
     }
 }
 
+/// How long bubblewrap may take to exit once the process it runs is killed.
+const BWRAP_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Kills a spawned process (`outer`), the process it runs inside its
+/// sandbox (`inner`) first: bubblewrap then reaps it and exits on its own.
+/// Killing bubblewrap first would orphan the inner process, and a zombie
+/// would stay until the host's init, or a subreaper such as a containerd
+/// shim, reaped it. Bubblewrap is killed too if it lingers. Safe after
+/// either exited.
+pub(crate) fn kill_sandboxed(outer: &OwnedFd, inner: Option<&OwnedFd>) {
+    if let Some(inner) = inner {
+        kill_pidfd(inner);
+        if exits_within(outer, BWRAP_PATIENCE) {
+            return;
+        }
+    }
+    kill_pidfd(outer);
+}
+
+/// Whether the process behind `pidfd` exits (or has exited) within
+/// `timeout`.
+fn exits_within(pidfd: &OwnedFd, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut poll = libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: `poll` is one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut poll, 1, ms) };
+        if ready >= 0 {
+            return ready > 0;
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
+}
+
 /// Sends SIGKILL through a pidfd: safe after the process exited, since a
 /// pidfd never names another process.
 pub(crate) fn kill_pidfd(fd: &OwnedFd) {
@@ -722,7 +762,7 @@ fn readable_by_all(path: &Path) -> Result<(), Error> {
 }
 
 /// Reads QEMU's host pid from bubblewrap's info JSON.
-fn read_child_pid(info: UnixStream) -> Option<u32> {
+pub(crate) fn read_child_pid(info: UnixStream) -> Option<u32> {
     info.set_read_timeout(Some(QMP_TIMEOUT)).ok()?;
     let mut text = Vec::new();
     let mut buf = [0u8; 512];
