@@ -2042,9 +2042,15 @@ fn no_orphan_is_left_for_a_subreaper() {
     assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
     let inst = boot();
     assert!(inst.confinement().is_some_and(|c| c.namespaces));
+    // Only QEMU's sandbox until the guest sends something out: then the
+    // network relay starts, in a sandbox of its own.
+    assert_eq!(adopted().len(), 1, "{:?}", adopted());
+    reach_out(&inst);
+    assert_eq!(adopted().len(), 2, "{:?}", adopted());
     inst.close().unwrap();
     assert_eq!(adopted(), Vec::<String>::new(), "after a graceful close");
     let inst = boot();
+    reach_out(&inst);
     let _halt = inst.command("halt").arg("-f").spawn().unwrap();
     let deadline = Instant::now() + 2 * NOTICED;
     while inst.is_running() && Instant::now() < deadline {
@@ -2053,6 +2059,12 @@ fn no_orphan_is_left_for_a_subreaper() {
     assert!(!inst.is_running(), "the halted guest was not noticed");
     inst.close().unwrap();
     assert_eq!(adopted(), Vec::<String>::new(), "after a kill");
+}
+
+/// Sends a frame out of the guest's network interface (an ARP request
+/// and a ping the user-mode stack does not answer).
+fn reach_out(inst: &Instance) {
+    sh(inst, "ping -c 1 -W 1 10.0.2.3");
 }
 
 /// Processes whose parent is this one, other than its own threads' (a

@@ -242,9 +242,16 @@ pub fn qemu_args(spec: &VmSpec, w: &Wiring) -> Vec<OsString> {
     if let Some(fd) = w.net_fd {
         let netdev = crate::vm::NETDEV_ID;
         push(&mut a, &["-netdev", &format!("socket,id={netdev},fd={fd}")]);
+        // No self-announcement after a restore: the gratuitous ARPs it
+        // has the guest send would start the network relay of every
+        // instance that never uses the network, and cost the restored
+        // guest a wake-up per round.
         push(
             &mut a,
-            &["-device", &format!("virtio-net-device,netdev={netdev}")],
+            &[
+                "-device",
+                &format!("virtio-net-device,netdev={netdev},guest_announce=off"),
+            ],
         );
     }
     for (i, (share, path)) in spec.shares.iter().zip(&w.shares).enumerate() {
@@ -431,7 +438,9 @@ mod tests {
     fn network_is_a_frame_socket_on_virtio_net() {
         let cmd = joined(&spec());
         assert!(
-            cmd.contains("-netdev socket,id=net0,fd=8 -device virtio-net-device,netdev=net0"),
+            cmd.contains(
+                "-netdev socket,id=net0,fd=8 -device virtio-net-device,netdev=net0,guest_announce=off"
+            ),
             "{cmd}"
         );
         let mut s = spec();

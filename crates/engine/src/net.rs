@@ -12,17 +12,22 @@
 //! services (and off link-local addresses), per the instance's
 //! [`NetworkPolicy`]. The relay is confined like the VM's QEMU (seccomp,
 //! no privileges, the sandbox uid, bubblewrap's namespaces) except that it
-//! shares the host's network and sees the host's `resolv.conf`.
+//! shares the host's network and sees the host's `resolv.conf`. It starts
+//! with the first frame the filter lets out, so an instance that never
+//! reaches out costs no relay; QEMU's virtio-net does not self-announce
+//! after a restore, or its gratuitous ARPs would start every relay.
 //!
 //! (passt, Debian 12's other user-mode stack, was tried first: its build
 //! there resets every guest TCP connection after about 24 s.)
 
+use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use cc_netpolicy::{Filter, NetworkPolicy, Proxy};
@@ -87,22 +92,20 @@ fn relay_args() -> Vec<String> {
     .collect()
 }
 
-/// A running relay and filter for one VM.
+/// The filter for one VM, and the relay behind it once the guest has sent
+/// something the filter lets out.
 #[derive(Debug)]
 pub(crate) struct Network {
-    /// The relay's pidfd, and the thread that spawned it and waits for it
-    /// (its `PR_SET_PDEATHSIG` follows that thread, so it lives as long as
-    /// the relay).
-    relay: OwnedFd,
-    /// The relay itself, when `relay` is the bubblewrap around it.
-    inner: Option<OwnedFd>,
-    supervisor: Option<JoinHandle<()>>,
+    relay: Arc<Mutex<Option<Relay>>>,
     proxy: Option<Proxy>,
     /// QEMU's end, until it is handed over.
     qemu_end: Option<UnixStream>,
 }
 
 impl Network {
+    /// Sets up the filter. The relay starts with the first frame the
+    /// filter passes (its QEMU costs about 8 MiB and a start-up beside the
+    /// VM's): an instance that never reaches out has none.
     pub(crate) fn start(
         run: &RunDir,
         creds: Creds,
@@ -110,96 +113,30 @@ impl Network {
         policy: &NetworkPolicy,
     ) -> Result<Network, Error> {
         let filter = Filter::new(policy.clone()).map_err(|e| Error::Policy(e.to_string()))?;
-        let qemu = paths::qemu()?;
         let pair = || UnixStream::pair().map_err(Error::io("socketpair", run.path()));
         let (qemu_end, guest_side) = pair()?;
         let (stack_side, relay_end) = pair()?;
-        let log = run.path().join("relay.log");
-        let stderr = crate::vm::create_private(&log)?;
-        let fd: OwnedFd = relay_end.into();
-        let mut fds = vec![(fd.as_raw_fd(), RELAY_FD)];
-        let (info, mut cmd) = match (&confine::host_support().bwrap, namespaces) {
-            (Some(bwrap), true) => {
-                let (info_host, info_relay) = pair()?;
-                let info_relay: OwnedFd = info_relay.into();
-                fds.push((info_relay.as_raw_fd(), INFO_FD));
-                let mut cmd = Command::new(bwrap);
-                let files = confine::qemu_files(&qemu);
-                cmd.args(confine::relay_bwrap_args(files, creds, INFO_FD))
-                    .arg("--")
-                    .arg(&qemu);
-                (Some((info_host, info_relay)), cmd)
-            }
-            _ => (None, Command::new(&qemu)),
+        let plan = RelayPlan {
+            qemu: paths::qemu()?,
+            creds,
+            namespaces,
+            log: crate::vm::create_private(&run.path().join("relay.log"))?,
+            socket: relay_end.into(),
         };
-        cmd.args(relay_args())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .process_group(0);
-        let mut plan = confine::ChildPlan::new(creds, fds, Some(libc::SIGKILL));
-        // SAFETY: ChildPlan::apply runs between fork and exec and only makes
-        // async-signal-safe system calls on memory allocated before the fork.
-        unsafe {
-            cmd.pre_exec(move || plan.apply());
-        }
-        let (info_host, info_relay) = info.unzip();
-        let (tx, rx) = mpsc::channel();
-        let supervisor = std::thread::Builder::new()
-            .name("cc-net-relay".into())
-            .spawn(move || {
-                let spawned = cmd.spawn();
-                drop((fd, info_relay));
-                let mut child = match spawned {
-                    Ok(child) => child,
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                };
-                match crate::vm::pidfd_open(child.id()) {
-                    Ok(pidfd) => {
-                        let _ = tx.send(Ok(pidfd));
-                    }
-                    Err(e) => {
-                        let _ = child.kill();
-                        let _ = tx.send(Err(e));
-                    }
-                }
-                let _ = child.wait();
-            })
-            .map_err(Error::io(
-                "spawn the network relay's thread for",
-                run.path(),
-            ))?;
-        let relay = match rx.recv() {
-            Ok(Ok(pidfd)) => pidfd,
-            Ok(Err(e)) => {
-                let _ = supervisor.join();
-                return Err(Error::io("start the network relay", &qemu)(e));
-            }
-            Err(_) => {
-                let _ = supervisor.join();
-                return Err(Error::Qmp("the network relay's thread ended".into()));
-            }
+        let relay = Arc::new(Mutex::new(None));
+        let slot = relay.clone();
+        let connect = move || {
+            let started = plan.spawn()?;
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(started);
+            Ok(())
         };
-        // Bubblewrap reports the relay's host pid once the sandbox stands.
-        let inner = info_host
-            .and_then(crate::vm::read_child_pid)
-            .and_then(|pid| crate::vm::pidfd_open(pid).ok());
-        let mut network = Network {
+        let proxy = Proxy::start_lazy(guest_side, stack_side, filter, connect)
+            .map_err(Error::io("start the network filter for", run.path()))?;
+        Ok(Network {
             relay,
-            inner,
-            supervisor: Some(supervisor),
-            proxy: None,
+            proxy: Some(proxy),
             qemu_end: Some(qemu_end),
-        };
-        // On failure, dropping `network` ends the relay.
-        network.proxy = Some(
-            Proxy::start(guest_side, stack_side, filter)
-                .map_err(Error::io("start the network filter for", run.path()))?,
-        );
-        Ok(network)
+        })
     }
 
     /// Connects (`true`) or disconnects the guest: while disconnected no
@@ -230,8 +167,127 @@ impl Network {
 impl Drop for Network {
     fn drop(&mut self) {
         drop(self.qemu_end.take());
+        // Joins the thread that may be starting the relay.
         drop(self.proxy.take());
-        crate::vm::kill_sandboxed(&self.relay, self.inner.as_ref());
+        drop(
+            self.relay
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+    }
+}
+
+/// What starting the relay takes, prepared with the VM.
+#[derive(Debug)]
+struct RelayPlan {
+    qemu: PathBuf,
+    creds: Creds,
+    namespaces: bool,
+    log: File,
+    /// The relay's end of the frame socket.
+    socket: OwnedFd,
+}
+
+impl RelayPlan {
+    fn spawn(self) -> std::io::Result<Relay> {
+        let RelayPlan {
+            qemu,
+            creds,
+            namespaces,
+            log,
+            socket,
+        } = self;
+        let mut fds = vec![(socket.as_raw_fd(), RELAY_FD)];
+        let (info, mut cmd) = match (&confine::host_support().bwrap, namespaces) {
+            (Some(bwrap), true) => {
+                let (info_host, info_relay) = UnixStream::pair()?;
+                let info_relay: OwnedFd = info_relay.into();
+                fds.push((info_relay.as_raw_fd(), INFO_FD));
+                let mut cmd = Command::new(bwrap);
+                let files = confine::qemu_files(&qemu);
+                cmd.args(confine::relay_bwrap_args(files, creds, INFO_FD))
+                    .arg("--")
+                    .arg(&qemu);
+                (Some((info_host, info_relay)), cmd)
+            }
+            _ => (None, Command::new(&qemu)),
+        };
+        cmd.args(relay_args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0);
+        let mut plan = confine::ChildPlan::new(creds, fds, Some(libc::SIGKILL));
+        // SAFETY: ChildPlan::apply runs between fork and exec and only makes
+        // async-signal-safe system calls on memory allocated before the fork.
+        unsafe {
+            cmd.pre_exec(move || plan.apply());
+        }
+        let (info_host, info_relay) = info.unzip();
+        let (tx, rx) = mpsc::channel();
+        // PR_SET_PDEATHSIG follows the thread that forks, so the thread
+        // that spawns the relay is the one that waits for it.
+        let supervisor = std::thread::Builder::new()
+            .name("cc-net-relay".into())
+            .spawn(move || {
+                let spawned = cmd.spawn();
+                drop((socket, info_relay));
+                let mut child = match spawned {
+                    Ok(child) => child,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                match crate::vm::pidfd_open(child.id()) {
+                    Ok(pidfd) => {
+                        let _ = tx.send(Ok(pidfd));
+                    }
+                    Err(e) => {
+                        let _ = child.kill();
+                        let _ = tx.send(Err(e));
+                    }
+                }
+                let _ = child.wait();
+            })?;
+        let outer = match rx.recv() {
+            Ok(Ok(pidfd)) => pidfd,
+            Ok(Err(e)) => {
+                let _ = supervisor.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = supervisor.join();
+                return Err(std::io::Error::other("the network relay's thread ended"));
+            }
+        };
+        // Bubblewrap reports the relay's host pid once the sandbox stands.
+        let inner = info_host
+            .and_then(crate::vm::read_child_pid)
+            .and_then(|pid| crate::vm::pidfd_open(pid).ok());
+        Ok(Relay {
+            outer,
+            inner,
+            supervisor: Some(supervisor),
+        })
+    }
+}
+
+/// A running relay. Dropping it ends it.
+#[derive(Debug)]
+struct Relay {
+    /// The spawned process: bubblewrap, or the relay itself.
+    outer: OwnedFd,
+    /// The relay itself, when `outer` is the bubblewrap around it.
+    inner: Option<OwnedFd>,
+    /// The thread that spawned the relay and waits for it.
+    supervisor: Option<JoinHandle<()>>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        crate::vm::kill_sandboxed(&self.outer, self.inner.as_ref());
         if let Some(t) = self.supervisor.take() {
             let _ = t.join();
         }

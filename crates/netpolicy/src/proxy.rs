@@ -124,7 +124,21 @@ pub struct Proxy {
 impl Proxy {
     /// Starts copying between `guest` (QEMU's end) and `stack` (the
     /// user-mode stack's end), filtering what the guest sends.
-    pub fn start(guest: UnixStream, stack: UnixStream, mut filter: Filter) -> io::Result<Proxy> {
+    pub fn start(guest: UnixStream, stack: UnixStream, filter: Filter) -> io::Result<Proxy> {
+        Proxy::start_lazy(guest, stack, filter, || Ok(()))
+    }
+
+    /// As [`start`](Self::start), but calls `connect` (on the proxy's own
+    /// thread) just before the first frame the filter lets through reaches
+    /// `stack`: a guest that never sends one costs no user-mode stack. What
+    /// the stack sends meanwhile waits in its socket. If `connect` fails,
+    /// the proxy ends.
+    pub fn start_lazy(
+        guest: UnixStream,
+        stack: UnixStream,
+        mut filter: Filter,
+        connect: impl FnOnce() -> io::Result<()> + Send + 'static,
+    ) -> io::Result<Proxy> {
         let ends = Arc::new(Ends {
             guest: guest.try_clone()?,
             stack: stack.try_clone()?,
@@ -144,9 +158,17 @@ impl Proxy {
             .name("cc-net-egress".into())
             .spawn(move || {
                 let mut reader = FrameReader::new(guest);
+                let mut connect = Some(connect);
                 let result = pump(&mut reader, &to_stack, |frame| match filter.check(frame) {
                     _ if !on.load(Ordering::Relaxed) => Ok(false),
-                    Verdict::Pass => Ok(true),
+                    Verdict::Pass => {
+                        if let Some(connect) = connect.take() {
+                            connect().inspect_err(|e| {
+                                tracing::warn!(error = %e, "network: the user-mode stack did not start")
+                            })?;
+                        }
+                        Ok(true)
+                    }
                     Verdict::Drop => Ok(false),
                     Verdict::Refuse(reply) => write_frame(&replies, &reply, true).map(|()| false),
                 });
@@ -348,6 +370,55 @@ mod tests {
         send(&stack_peer, b"inbound");
         assert_eq!(recv(&qemu), b"inbound");
         proxy.close();
+    }
+
+    #[test]
+    fn a_lazy_stack_is_connected_once_by_the_first_frame_let_through() {
+        let (guest, qemu) = UnixStream::pair().unwrap();
+        let (stack, stack_peer) = UnixStream::pair().unwrap();
+        for s in [&qemu, &stack_peer] {
+            s.set_read_timeout(Some(WAIT)).unwrap();
+        }
+        let filter = Filter::with_host_addrs(NetworkPolicy::default(), || Ok(vec![])).unwrap();
+        let (called, calls) = std::sync::mpsc::channel();
+        let proxy = Proxy::start_lazy(guest, stack, filter, move || {
+            called.send(()).unwrap();
+            Ok(())
+        })
+        .unwrap();
+        // Neither a refused frame, nor what the stack sends, nor a frame
+        // sent while switched off, starts it.
+        let refused = syn(Ipv4Addr::new(10, 0, 2, 2), 5077);
+        send(&qemu, &refused);
+        recv(&qemu);
+        send(&stack_peer, b"inbound");
+        assert_eq!(recv(&qemu), b"inbound");
+        proxy.set_enabled(false);
+        send(&qemu, &syn(OUTSIDE, 443));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(calls.try_recv().is_err(), "connected before a frame passed");
+        proxy.set_enabled(true);
+        for port in [80, 81] {
+            let out = syn(OUTSIDE, port);
+            send(&qemu, &out);
+            assert_eq!(recv(&stack_peer), out);
+        }
+        assert_eq!(calls.try_iter().count(), 1);
+        proxy.close();
+    }
+
+    #[test]
+    fn a_lazy_stack_that_fails_to_start_ends_the_proxy() {
+        let (guest, qemu) = UnixStream::pair().unwrap();
+        let (stack, stack_peer) = UnixStream::pair().unwrap();
+        qemu.set_read_timeout(Some(WAIT)).unwrap();
+        let filter = Filter::with_host_addrs(NetworkPolicy::default(), || Ok(vec![])).unwrap();
+        let proxy =
+            Proxy::start_lazy(guest, stack, filter, || Err(io::Error::other("no stack"))).unwrap();
+        send(&qemu, &syn(OUTSIDE, 443));
+        assert!(closed(&qemu));
+        wait_finished(&proxy);
+        drop(stack_peer);
     }
 
     #[test]
