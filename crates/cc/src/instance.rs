@@ -730,10 +730,13 @@ impl Instance {
     }
 
     /// Ends the instance: every call waiting on it fails with
-    /// [`Error::AlreadyClosed`] at once, the agent syncs and powers off the
-    /// guest, and QEMU is killed if it does not exit in time (at once if the
-    /// guest was already dead or stops answering). Nothing of the instance
-    /// remains afterwards. Closing again does nothing.
+    /// [`Error::AlreadyClosed`] at once, and QEMU ends. With a writable
+    /// mount, the agent first syncs and powers off the guest, so that what
+    /// it wrote there reaches the host (QEMU is killed if it does not exit
+    /// in time, at once if the guest was already dead or stops answering);
+    /// without one, QEMU is killed at once, as nothing the guest wrote
+    /// outlives it. Nothing of the instance remains afterwards. Closing
+    /// again does nothing.
     pub fn close(&self) -> Result<()> {
         let Some(mut live) = self.inner.live().take() else {
             return Ok(());
@@ -761,7 +764,14 @@ impl Instance {
             clock.resume_at(Instant::now());
         }
         let alive = live.vm.exit_status().is_none() && self.inner.channel.dead().is_none();
-        if alive && self.inner.channel.close_gracefully(SHUTDOWN_GRACE) {
+        // Only a writable mount keeps anything of the guest's (in its page
+        // cache until synced); without one, all it wrote goes with it, and
+        // there is nothing to wait for.
+        let keeps = self.inner.options.mounts.iter().any(|m| m.writable);
+        if alive && !keeps {
+            self.inner.channel.shut_down(Gone::Closed);
+            kill_now(live.vm.as_ref());
+        } else if alive && self.inner.channel.close_gracefully(SHUTDOWN_GRACE) {
             if live.vm.wait_timeout(SHUTDOWN_GRACE).is_none() {
                 tracing::warn!(id = %self.inner.id, "guest did not power off; ending QEMU");
                 live.vm.terminate(QUIT_GRACE);

@@ -2018,9 +2018,10 @@ const AS_SUBREAPER: &str = "CC_TEST_AS_SUBREAPER";
 
 /// A program that is a child subreaper (a containerd shim is one) inherits
 /// every orphan of its descendants and must reap it itself. Ending a VM
-/// must orphan nothing: neither on a graceful close nor when a deaf guest's
-/// QEMU is killed. The test runs in a process of its own, since the setting
-/// would hand this one every orphan of the other tests.
+/// must orphan nothing: neither on a graceful close (an instance with a
+/// writable mount) nor when QEMU is killed (one without, and a deaf
+/// guest). The test runs in a process of its own, since the setting would
+/// hand this one every orphan of the other tests.
 fn no_orphan_is_left_for_a_subreaper() {
     const NAME: &str = "no_orphan_is_left_for_a_subreaper";
     if std::env::var_os(AS_SUBREAPER).is_none() {
@@ -2040,7 +2041,12 @@ fn no_orphan_is_left_for_a_subreaper() {
     // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag and no pointers.
     let set = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
-    let inst = boot();
+    let shared = std::env::temp_dir().join(format!("cc-vm-orphans-{}", std::process::id()));
+    std::fs::create_dir_all(&shared).unwrap();
+    let inst = boot_with(Options {
+        mounts: vec![cc::Mount::writable(&shared, "/data")],
+        ..Options::default()
+    });
     assert!(inst.confinement().is_some_and(|c| c.namespaces));
     // Only QEMU's sandbox until the guest sends something out: then the
     // network relay starts, in a sandbox of its own.
@@ -2049,6 +2055,11 @@ fn no_orphan_is_left_for_a_subreaper() {
     assert_eq!(adopted().len(), 2, "{:?}", adopted());
     inst.close().unwrap();
     assert_eq!(adopted(), Vec::<String>::new(), "after a graceful close");
+    std::fs::remove_dir_all(&shared).unwrap();
+    let inst = boot();
+    reach_out(&inst);
+    inst.close().unwrap();
+    assert_eq!(adopted(), Vec::<String>::new(), "after a close that kills");
     let inst = boot();
     reach_out(&inst);
     let _halt = inst.command("halt").arg("-f").spawn().unwrap();
@@ -2058,7 +2069,7 @@ fn no_orphan_is_left_for_a_subreaper() {
     }
     assert!(!inst.is_running(), "the halted guest was not noticed");
     inst.close().unwrap();
-    assert_eq!(adopted(), Vec::<String>::new(), "after a kill");
+    assert_eq!(adopted(), Vec::<String>::new(), "after a deaf guest's close");
 }
 
 /// Sends a frame out of the guest's network interface (an ARP request
