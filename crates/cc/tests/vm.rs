@@ -2069,7 +2069,11 @@ fn no_orphan_is_left_for_a_subreaper() {
     }
     assert!(!inst.is_running(), "the halted guest was not noticed");
     inst.close().unwrap();
-    assert_eq!(adopted(), Vec::<String>::new(), "after a deaf guest's close");
+    assert_eq!(
+        adopted(),
+        Vec::<String>::new(),
+        "after a deaf guest's close"
+    );
 }
 
 /// Sends a frame out of the guest's network interface (an ARP request

@@ -32,7 +32,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-use crate::Error;
+use crate::template::identity;
+use crate::{hostfacts, Error};
 
 /// The uid and gid QEMU (and its network relay) run as when the caller is root:
 /// `CC_SANDBOX_UID` (and `CC_SANDBOX_GID`, default the same number), else
@@ -191,12 +192,20 @@ fn probe() -> HostSupport {
     }
     let seccomp = match crate::paths::qemu() {
         Ok(qemu) => {
-            let help = Command::new(&qemu)
-                .arg("-help")
-                .stdin(Stdio::null())
-                .stderr(Stdio::null())
-                .output();
-            let has = help.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("-sandbox"));
+            let has = hostfacts::remembered(
+                &hostfacts::dir(),
+                "qemu-sandbox",
+                &[qemu.display().to_string(), identity(&qemu)],
+                || {
+                    let help = Command::new(&qemu)
+                        .arg("-help")
+                        .stdin(Stdio::null())
+                        .stderr(Stdio::null())
+                        .output();
+                    help.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("-sandbox"))
+                },
+                |_| true,
+            );
             if !has {
                 notes.push(format!("{} was built without seccomp", qemu.display()));
             }
@@ -205,7 +214,15 @@ fn probe() -> HostSupport {
         Err(_) => false,
     };
     let user_namespaces = match &bwrap {
-        Some(bwrap) => match userns_probe(bwrap) {
+        // Only a success is kept: a failure may be mended (a sysctl, a
+        // profile) without anything in the key changing.
+        Some(bwrap) => match hostfacts::remembered(
+            &hostfacts::dir(),
+            "bwrap-userns",
+            &userns_depends_on(bwrap),
+            || userns_probe(bwrap),
+            Result::is_ok,
+        ) {
             Ok(()) => true,
             Err(why) => {
                 notes.push(format!("bubblewrap cannot create namespaces here: {why}"));
@@ -220,6 +237,27 @@ fn probe() -> HostSupport {
         user_namespaces,
         notes,
     }
+}
+
+/// What decides whether bubblewrap can make namespaces here: the binary,
+/// this boot, who asks, and the sysctls that allow or restrict them.
+fn userns_depends_on(bwrap: &Path) -> Vec<String> {
+    let read = |f: &str| std::fs::read_to_string(f).unwrap_or_default();
+    let mut facts = vec![
+        bwrap.display().to_string(),
+        identity(bwrap),
+        read("/proc/sys/kernel/random/boot_id"),
+        // SAFETY: geteuid has no preconditions.
+        format!("euid {}", unsafe { libc::geteuid() }),
+    ];
+    for sysctl in [
+        "/proc/sys/user/max_user_namespaces",
+        "/proc/sys/kernel/unprivileged_userns_clone",
+        "/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
+    ] {
+        facts.push(format!("{sysctl} {}", read(sysctl)));
+    }
+    facts
 }
 
 /// Runs `true` in the same kind of sandbox QEMU gets, as the same uid.
@@ -275,7 +313,7 @@ fn tool(var: &str, name: &str) -> Option<PathBuf> {
 
 /// The files QEMU needs in its sandbox: its binary, the directories of the
 /// libraries it links, its modules and firmware (probed once with `ldd`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct QemuFiles {
     /// Read-only binds, each at the same path inside.
     pub binds: BTreeSet<PathBuf>,
@@ -285,21 +323,62 @@ pub(crate) struct QemuFiles {
 
 pub(crate) fn qemu_files(qemu: &Path) -> &'static QemuFiles {
     static FILES: OnceLock<QemuFiles> = OnceLock::new();
-    FILES.get_or_init(|| collect_qemu_files(qemu))
+    FILES.get_or_init(|| {
+        hostfacts::remembered(
+            &hostfacts::dir(),
+            "qemu-files",
+            &qemu_files_depend_on(qemu),
+            || collect_qemu_files(qemu),
+            |_| true,
+        )
+    })
 }
+
+/// What [`collect_qemu_files`] reads: QEMU, the loader's cache (which
+/// changes whenever libraries are installed), and the directories it
+/// looks for modules and data in.
+fn qemu_files_depend_on(qemu: &Path) -> Vec<String> {
+    let mut facts = vec![qemu.display().to_string(), identity(qemu)];
+    for path in std::iter::once("/etc/ld.so.cache")
+        .chain(MODULE_DIRS)
+        .chain(DATA_DIRS)
+        .chain(TOP_LINKS)
+    {
+        let link = std::fs::read_link(path).unwrap_or_default();
+        facts.push(format!(
+            "{path} {} {}",
+            identity(Path::new(path)),
+            link.display()
+        ));
+    }
+    facts
+}
+
+/// Where Debian, Fedora and others keep QEMU's loadable modules.
+const MODULE_DIRS: [&str; 3] = [
+    "/usr/lib/x86_64-linux-gnu/qemu",
+    "/usr/lib64/qemu",
+    "/usr/lib/qemu",
+];
+
+/// QEMU's firmware and option ROMs.
+const DATA_DIRS: [&str; 3] = [
+    "/usr/share/qemu",
+    "/usr/share/seabios",
+    "/usr/lib/ipxe/qemu",
+];
+
+/// Top-level directories that are symlinks on merged-usr systems.
+const TOP_LINKS: [&str; 6] = ["/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin"];
 
 fn collect_qemu_files(qemu: &Path) -> QemuFiles {
     let mut files = QemuFiles::default();
     files.binds.insert(qemu.to_path_buf());
-    let module_dirs: Vec<PathBuf> = [
-        "/usr/lib/x86_64-linux-gnu/qemu",
-        "/usr/lib64/qemu",
-        "/usr/lib/qemu",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .filter(|d| d.is_dir())
-    .collect();
+    let module_dirs: Vec<PathBuf> = MODULE_DIRS
+        .iter()
+        .map(PathBuf::from)
+        .filter(|d| d.is_dir())
+        .collect();
     let mut linked = vec![qemu.to_path_buf()];
     for dir in &module_dirs {
         files.binds.insert(dir.clone());
@@ -323,17 +402,13 @@ fn collect_qemu_files(qemu: &Path) -> QemuFiles {
             }
         }
     }
-    for data in [
-        "/usr/share/qemu",
-        "/usr/share/seabios",
-        "/usr/lib/ipxe/qemu",
-    ] {
+    for data in DATA_DIRS {
         let data = PathBuf::from(data);
         if data.is_dir() {
             files.binds.insert(data);
         }
     }
-    for top in ["/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin"] {
+    for top in TOP_LINKS {
         if let Ok(target) = std::fs::read_link(top) {
             files.symlinks.push((target, PathBuf::from(top)));
         }

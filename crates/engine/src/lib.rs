@@ -38,6 +38,7 @@ mod console;
 mod engine;
 mod error;
 pub mod files;
+mod hostfacts;
 pub mod initramfs;
 pub mod migstream;
 mod net;
