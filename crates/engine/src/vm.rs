@@ -228,7 +228,7 @@ impl Vm {
         }
         let network = match &spec.network {
             Some(policy) => Some(
-                tracing::debug_span!("engine: start network relay")
+                tracing::debug_span!("engine: network filter")
                     .in_scope(|| net::Network::start(dir, creds, namespaces, policy))?,
             ),
             None => None,
