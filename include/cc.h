@@ -1745,8 +1745,8 @@ cc_error_code cc_instance_resume(cc_instance inst, struct cc_error *err);
 cc_error_code cc_instance_is_paused(cc_instance inst, bool *out, struct cc_error *err);
 
 /**
- * Closes the instance: the guest syncs and powers off, nothing of it
- * remains. Closing again is `CC_OK`; other calls on a closed instance
+ * Closes the instance: with a writable mount the guest syncs and powers
+ * off first, without one the VM ends at once; nothing of it remains. Closing again is `CC_OK`; other calls on a closed instance
  * (except `cc_instance_id`, `cc_instance_is_running`,
  * `cc_instance_is_paused` and the free) fail
  * with `CC_ERR_ALREADY_CLOSED`, as do its files and commands.
@@ -1754,7 +1754,8 @@ cc_error_code cc_instance_is_paused(cc_instance inst, bool *out, struct cc_error
  * # Safety
  * `err` is NULL or valid for writing.
  */
-cc_error_code cc_instance_close(cc_instance inst, struct cc_error *err);
+cc_error_code cc_instance_close(cc_instance inst,
+                                struct cc_error *err);
 
 /**
  * Saves the running instance to the new directory `path` and closes it:

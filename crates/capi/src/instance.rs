@@ -451,8 +451,8 @@ pub unsafe extern "C" fn cc_instance_is_paused(
     unsafe { write_state(inst, out, err, cc::Instance::is_paused) }
 }
 
-/// Closes the instance: the guest syncs and powers off, nothing of it
-/// remains. Closing again is `CC_OK`; other calls on a closed instance
+/// Closes the instance: with a writable mount the guest syncs and powers
+/// off first, without one the VM ends at once; nothing of it remains. Closing again is `CC_OK`; other calls on a closed instance
 /// (except `cc_instance_id`, `cc_instance_is_running`,
 /// `cc_instance_is_paused` and the free) fail
 /// with `CC_ERR_ALREADY_CLOSED`, as do its files and commands.

@@ -271,7 +271,8 @@ class Instance(Handle):
         )
 
     def close(self) -> None:
-        """Closes the instance: the guest syncs and powers off. Closing again
+        """Closes the instance: with a writable mount the guest syncs and
+        powers off first, without one the VM ends at once. Closing again
         does nothing."""
         if self._closed:
             return
