@@ -436,7 +436,13 @@ fn killing_the_host_process_ends_qemu_and_the_next_run_sweeps_its_dir() {
         .arg("run")
         .arg("--rootfs")
         .arg(rootfs())
-        .args(["--", "sh", "-c", "echo started; sleep 1000"])
+        // The ping sends a frame out, which starts the network relay.
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "ping -c 1 -W 1 10.0.2.3 >/dev/null; echo started; sleep 1000",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
