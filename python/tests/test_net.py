@@ -177,10 +177,23 @@ def test_ctrl_c_during_accept(inst: cc.Instance, listener: cc.Listener) -> None:
     with Interrupt(0.5) as intr, pytest.raises(KeyboardInterrupt):
         listener.accept()
     assert time.monotonic() - intr.sent_at < 3
-    # Only the accept stopped: the listener still works.
-    cmd = inst.command("sh", "-c", f"echo again | nc host.internal {listener.port}")
+    # Only the accept stopped: the listener still works. The accept is
+    # bounded, so a connection that never comes fails the test, with what
+    # the guest's nc said, instead of hanging it.
+    cmd = inst.command("sh", "-c", f"echo again | nc host.internal {listener.port} 2>&1")
+    out = cmd.stdout_pipe()
     cmd.start()
-    with listener.accept() as conn:
+    token = cc.CancelToken()
+    bound = threading.Timer(30, token.cancel)
+    bound.start()
+    try:
+        conn = listener.accept(cancel=token)
+    except cc.CancelledError:
+        cmd.kill()
+        pytest.fail(f"no connection within 30 s; nc said {out.read(-1)!r}")
+    finally:
+        bound.cancel()
+    with conn:
         assert conn.read(-1) == b"again\n"
     assert cmd.wait() == 0
 
