@@ -89,8 +89,13 @@ impl Log {
         let mut buf = vec![0u8; 64 << 10];
         loop {
             let n = match from.read(&mut buf) {
-                Ok(0) | Err(_) => return,
+                Ok(0) => return,
                 Ok(n) => n,
+                // The host program's signal handlers (Python's SIGINT one
+                // among them) may land on this thread without SA_RESTART;
+                // stopping here would leave QEMU's console undrained.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
             };
             if self.write(&buf[..n]).is_err() {
                 // Keep draining: QEMU must never block on its console.
@@ -170,6 +175,40 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Reads that are interrupted once between two chunks, as a signal
+    /// landing on the drain thread makes them.
+    struct Interrupting(Vec<std::io::Result<&'static [u8]>>);
+
+    impl Read for Interrupting {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            match self.0.pop() {
+                None => Ok(0),
+                Some(Err(e)) => Err(e),
+                Some(Ok(bytes)) => {
+                    buf[..bytes.len()].copy_from_slice(bytes);
+                    Ok(bytes.len())
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_interrupted_read_does_not_end_the_drain() {
+        let dir = std::env::temp_dir().join(format!("cc-console-eintr-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.log");
+        let mut log = Log::open(&path, 1 << 20).unwrap();
+        let interrupted = std::io::Error::from(std::io::ErrorKind::Interrupted);
+        log.drain(Interrupting(vec![
+            Ok(b"after\n"),
+            Err(interrupted),
+            Ok(b"before\n"),
+        ]));
+        assert_eq!(fs::read(&path).unwrap(), b"before\nafter\n");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

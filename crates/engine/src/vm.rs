@@ -769,8 +769,12 @@ pub(crate) fn read_child_pid(info: UnixStream) -> Option<u32> {
     let mut reader = &info;
     while !text.contains(&b'}') && text.len() < 4096 {
         match std::io::Read::read(&mut reader, &mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break,
             Ok(n) => text.extend_from_slice(&buf[..n]),
+            // A signal meant for the host program (its Ctrl-C, say) may
+            // land on this thread.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
         }
     }
     let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
