@@ -39,6 +39,12 @@ REGISTRY_BIN = os.environ.get("CC_REGISTRY_BIN", "/usr/bin/docker-registry")
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm: boots real VMs; runs only with CC_RUN_VM_TESTS=1")
+    # A shell without job control starts a background program (`cmd &`)
+    # with SIGINT ignored, and Python then installs no handler for it: the
+    # Ctrl-C tests would wait forever for a KeyboardInterrupt. Python's own
+    # handler is put back (the programs they start get the default then).
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
