@@ -77,6 +77,17 @@ pub fn cpu_model(accel: Accel) -> &'static str {
     }
 }
 
+/// The kernel command line `spec` boots with (QEMU appends its devices).
+/// A template keeps a guest booted with it, so it is part of the key.
+pub(crate) fn kernel_command_line(spec: &VmSpec) -> String {
+    let mut append = KERNEL_PARAMS.to_string();
+    for extra in &spec.kernel_params {
+        append.push(' ');
+        append.push_str(extra);
+    }
+    append
+}
+
 /// Arguments for `qemu-system-x86_64` to boot `spec` wired as `w`. Nothing
 /// listens on a path: nothing can connect first, and no guest byte is lost
 /// before the host is there.
@@ -89,11 +100,7 @@ pub fn qemu_args(spec: &VmSpec, w: &Wiring) -> Vec<OsString> {
     let cpu = cpu_model(spec.accel);
     let memory = spec.memory_mb.to_string();
     let cpus = spec.cpus.to_string();
-    let mut append = KERNEL_PARAMS.to_string();
-    for extra in &spec.kernel_params {
-        append.push(' ');
-        append.push_str(extra);
-    }
+    let append = kernel_command_line(spec);
     if w.seccomp {
         push(&mut a, &["-sandbox", crate::confine::SANDBOX_ARG]);
     }

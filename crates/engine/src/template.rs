@@ -136,32 +136,7 @@ fn key_with(spec: &VmSpec, qemu: PathBuf) -> TemplateMeta {
         })
         .collect();
     let mut h = Sha256::new();
-    // QEMU re-opens the RAM file as the uid it runs as, which owns it.
-    let uid = crate::confine::creds(spec.confine, !spec.shares.is_empty()).uid;
-    h.update(format!(
-        "format {FORMAT}\naccel {:?}\ncpu {}\nmemory {}\ncpus {}\nnetwork {}\nparams {:?}\nuid {uid}\n",
-        spec.accel,
-        crate::cmdline::cpu_model(spec.accel),
-        spec.memory_mb,
-        spec.cpus,
-        spec.network.is_some(),
-        spec.kernel_params
-    ));
-    for (path, id) in &files {
-        h.update(format!("file {} {id}\n", path.display()));
-    }
-    for d in &spec.disks {
-        // Writable disks are per instance: only their size and place count.
-        let size = if d.read_only {
-            0
-        } else {
-            fs::metadata(&d.path).map(|m| m.len()).unwrap_or(0)
-        };
-        h.update(format!("disk {} {} {size}\n", d.serial, d.read_only));
-    }
-    for s in &spec.shares {
-        h.update(format!("share {} {}\n", s.tag, s.read_only));
-    }
+    h.update(key_text(spec, &files));
     let key: String = h.finalize()[..16]
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -175,6 +150,38 @@ fn key_with(spec: &VmSpec, qemu: PathBuf) -> TemplateMeta {
         shares: spec.shares.len(),
         files,
     }
+}
+
+/// What a template key hashes: everything that shapes the saved guest.
+fn key_text(spec: &VmSpec, files: &[(PathBuf, String)]) -> String {
+    use std::fmt::Write;
+    // QEMU re-opens the RAM file as the uid it runs as, which owns it.
+    let uid = crate::confine::creds(spec.confine, !spec.shares.is_empty()).uid;
+    let mut text = format!(
+        "format {FORMAT}\naccel {:?}\ncpu {}\nmemory {}\ncpus {}\nnetwork {}\nkernel {:?}\nuid {uid}\n",
+        spec.accel,
+        crate::cmdline::cpu_model(spec.accel),
+        spec.memory_mb,
+        spec.cpus,
+        spec.network.is_some(),
+        crate::cmdline::kernel_command_line(spec)
+    );
+    for (path, id) in files {
+        let _ = writeln!(text, "file {} {id}", path.display());
+    }
+    for d in &spec.disks {
+        // Writable disks are per instance: only their size and place count.
+        let size = if d.read_only {
+            0
+        } else {
+            fs::metadata(&d.path).map(|m| m.len()).unwrap_or(0)
+        };
+        let _ = writeln!(text, "disk {} {} {size}", d.serial, d.read_only);
+    }
+    for s in &spec.shares {
+        let _ = writeln!(text, "share {} {}", s.tag, s.read_only);
+    }
+    text
 }
 
 /// Where templates live.
@@ -587,6 +594,9 @@ pub(crate) mod tests {
         assert_ne!(changed(&|c| c.memory_mb = 512), k);
         assert_ne!(changed(&|c| c.cpus = 2), k);
         assert_ne!(changed(&|c| c.network = None), k);
+        assert_ne!(changed(&|c| c.kernel_params.push("x=1".into())), k);
+        // A restored guest keeps the command line it booted with.
+        assert!(key_text(&s, &[]).contains(crate::KERNEL_PARAMS));
         assert_ne!(changed(&|c| c.shares.clear()), k);
         assert_ne!(changed(&|c| c.shares[0].read_only = false), k);
         assert_ne!(
