@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Build the minimal guest kernel from kernel/microvm.config and cache it by
-# content hash: $CACHE/kernel/<hash>/{vmlinux,config,kernel.json}, with
+# Build the minimal guest kernel from kernel/microvm.config, with
+# kernel/patches/*.patch applied, and cache it by content hash: $CACHE/kernel/<hash>/{vmlinux,config,kernel.json}, with
 # $CACHE/kernel/current pointing at the newest build. A cached build is
 # reused (seconds). This is a build cache: scripts/setup.sh and
 # scripts/build-wheel.sh install the kernel from it, and instances boot the
 # installed copy. kernel.json records the hash: {"hash": ..., "source": ...}.
 #
 #   CC_KERNEL_SRC   kernel source: a tree or a .tar.xz (default: Debian's
-#                   /usr/src/linux-source-6.1.tar.xz)
+#                   /usr/src/linux-source-6.1.tar.xz). A tree is built as
+#                   it is: the patches only save guest memory, and a tree
+#                   is not ours to change.
 #   CC_CACHE_DIR    cache root (default: ${XDG_CACHE_HOME:-~/.cache}/crumblecracker)
 set -euo pipefail
 
@@ -25,7 +27,11 @@ if [ -f "$src" ]; then
 else
     src_id="$(realpath "$src") $(make -s -C "$src" kernelversion 2>/dev/null) $(git -C "$src" rev-parse HEAD 2>/dev/null || true)"
 fi
-hash=$( { cat "$config"; echo "$src_id"; } | sha256sum | cut -c1-16)
+patches=()
+if [ -f "$src" ]; then
+    for p in "$here"/kernel/patches/*.patch; do [ -e "$p" ] && patches+=("$p"); done
+fi
+hash=$( { cat "$config"; echo "$src_id"; [ ${#patches[@]} -eq 0 ] || cat "${patches[@]}"; } | sha256sum | cut -c1-16)
 out="$cache/kernel/$hash"
 
 # The hash and source as JSON (the source id escaped for a JSON string).
@@ -47,7 +53,12 @@ if [ -f "$src" ]; then
     echo "unpacking $src ..." >&2
     tar -xf "$src" -C "$work"
     tree=$(find "$work" -mindepth 1 -maxdepth 1 -type d | head -1)
+    for p in "${patches[@]}"; do
+        echo "applying $(basename "$p") ..." >&2
+        patch -s -p1 -d "$tree" < "$p" >&2
+    done
 else
+    echo "building the tree $src as it is, without kernel/patches" >&2
     tree="$src"
 fi
 build="$work/build"

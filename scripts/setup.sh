@@ -15,7 +15,7 @@ target="${CARGO_TARGET_DIR:-$here/target}"
 data="${CC_DATA_DIR:-$target/share/crumblecracker}"
 step() { printf '\n==> %s\n' "$*" >&2; }
 
-packages=(qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio
+packages=(qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio patch
           # QEMU's sandbox (namespaces)
           bubblewrap
           bison flex libelf-dev libssl-dev bc build-essential xz-utils bzip2

@@ -38,7 +38,7 @@ use crate::template::identity;
 use crate::{confine, files, paths, Error, MemoryFile, RunDir, Vm, VmSpec};
 
 /// Bumped when what a park directory holds or how it is used changes.
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 
 /// The migration stream.
 pub(crate) fn state(dir: &Path) -> PathBuf {

@@ -36,7 +36,7 @@ use crate::engine::{AgentLink, Hooks};
 use crate::{files, paths, Error, MemoryFile, RunDir, Vm, VmSpec};
 
 /// Bumped when what a template holds or how it is used changes.
-const FORMAT: u32 = 5;
+const FORMAT: u32 = 6;
 
 /// Templates kept at most; building one more removes the least recently
 /// used.
