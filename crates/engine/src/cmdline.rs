@@ -6,8 +6,11 @@ use crate::{Accel, VmSpec};
 
 /// Kernel parameters every guest gets. `reboot=t` makes a guest reboot a
 /// triple fault, which `-no-reboot` turns into an immediate QEMU exit;
-/// `panic=-1` reboots (so exits) at once on a kernel panic.
-pub const KERNEL_PARAMS: &str = "console=ttyS0 quiet reboot=t panic=-1";
+/// `panic=-1` reboots (so exits) at once on a kernel panic. A disk's
+/// request pool is as deep as its ring, 1024 on virtio-mmio, where 128
+/// requests in flight are more than a guest vCPU issues and hold 0.35 MiB
+/// less guest RAM per disk.
+pub const KERNEL_PARAMS: &str = "console=ttyS0 quiet reboot=t panic=-1 virtio_blk.queue_depth=128";
 
 /// Where QEMU finds each of its inputs. Every host file reaches it as a
 /// descriptor the engine opened and QEMU inherited, so a confined QEMU
@@ -387,7 +390,9 @@ mod tests {
         );
         assert!(cmd.contains("-m 256 -smp 2"));
         assert!(cmd.contains("-no-reboot"));
-        assert!(cmd.contains("-append console=ttyS0 quiet reboot=t panic=-1 cc.debug=1"));
+        assert!(cmd.contains(
+            "-append console=ttyS0 quiet reboot=t panic=-1 virtio_blk.queue_depth=128 cc.debug=1"
+        ));
         assert!(cmd.contains("-chardev socket,id=agent,fd=3"));
         assert!(cmd.contains("-chardev socket,id=qmp,fd=4 -mon chardev=qmp,mode=control"));
         assert!(
