@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the minimal guest kernel from kernel/microvm.config, with
-# kernel/patches/*.patch applied, and cache it by content hash: $CACHE/kernel/<hash>/{vmlinux,config,kernel.json}, with
+# kernel/patches/*.patch applied, and cache it by content hash:
+# $CACHE/kernel/<hash>/{vmlinux,config,kernel.json}, with
 # $CACHE/kernel/current pointing at the newest build. A cached build is
 # reused (seconds). This is a build cache: scripts/setup.sh and
 # scripts/build-wheel.sh install the kernel from it, and instances boot the

@@ -7,9 +7,9 @@ use crate::{Accel, VmSpec};
 /// Kernel parameters every guest gets. `reboot=t` makes a guest reboot a
 /// triple fault, which `-no-reboot` turns into an immediate QEMU exit;
 /// `panic=-1` reboots (so exits) at once on a kernel panic. A disk's
-/// request pool is as deep as its ring, 1024 on virtio-mmio, where 128
-/// requests in flight are more than a guest vCPU issues and hold 0.35 MiB
-/// less guest RAM per disk.
+/// request pool is as deep as its ring, 1024 on virtio-mmio; 128 requests
+/// in flight are more than a guest vCPU issues, in about 0.3 MiB less guest
+/// RAM per disk.
 pub const KERNEL_PARAMS: &str = "console=ttyS0 quiet reboot=t panic=-1 virtio_blk.queue_depth=128";
 
 /// Where QEMU finds each of its inputs. Every host file reaches it as a
